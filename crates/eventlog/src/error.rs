@@ -1,0 +1,70 @@
+use crate::ExpectedVersion;
+
+/// Everything the event store can refuse or fail with. Messages never contain event payloads
+/// (payloads are not secret, but they can be large and are not the caller's business here).
+#[derive(Debug, thiserror::Error)]
+pub enum EventLogError {
+    /// Optimistic concurrency: another writer appended to the aggregate since it was loaded.
+    /// Nothing was written; reload the aggregate, decide again and retry.
+    #[error(
+        "conflict on {subject}: expected {expected}, but the aggregate is at {}; reload and retry",
+        actual.map_or_else(|| "an unknown version".to_owned(), |v| format!("version {v}"))
+    )]
+    Conflict {
+        subject: String,
+        expected: ExpectedVersion,
+        actual: Option<u64>,
+    },
+
+    #[error("invalid subject {subject:?}: {reason}")]
+    InvalidSubject { subject: String, reason: String },
+
+    #[error("invalid event: {reason}")]
+    InvalidEvent { reason: String },
+
+    /// A stored record could not be decoded. The record is kept; readers report it.
+    #[error("corrupt record at {location}: {reason}")]
+    Corrupt { location: String, reason: String },
+
+    /// The configured nats-server is older than Switchboard supports.
+    #[error(
+        "nats-server {found} is too old: Switchboard needs nats-server 2.11 or newer \
+         (install it with scripts/install-nats-server.sh or from nats.io)"
+    )]
+    ServerTooOld { found: String },
+
+    /// The store could not be reached or refused the operation; the append may be retried
+    /// with the same event ids (it is stored at most once).
+    #[error("event store unavailable: {reason}")]
+    Unavailable { reason: String },
+
+    #[error("event log file error: {context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The store is shut down (or its writer task ended).
+    #[error("event store is closed")]
+    Closed,
+}
+
+impl EventLogError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, EventLogError::Conflict { .. })
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        EventLogError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn unavailable(reason: impl std::fmt::Display) -> Self {
+        EventLogError::Unavailable {
+            reason: reason.to_string(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! JetStream adapter (distributed deployment). Being written.

@@ -1,0 +1,1 @@
+//! JSONL file adapter (embedded default). Being written.

@@ -1,0 +1,412 @@
+//! Projections: folds of a log into in-memory state, kept current by a live subscription and
+//! resumable from a checkpoint (a snapshot of the state and the log position it reflects), so a
+//! restart does not replay from zero.
+//!
+//! A projection is described by a [`ProjectionSpec`]: a name, the log it reads, an optional
+//! subject filter and a pure `apply` function. The fold logic itself lives in `domain` (which
+//! knows no IO); the runner here feeds it.
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{EventLog, EventLogError, LogKind, RecordedEvent, SubjectFilter};
+
+/// A projection's saved progress: the last applied log sequence and the state at that point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub position: u64,
+    pub snapshot: Bytes,
+}
+
+/// Where checkpoints are kept: a file per projection (embedded) or a JetStream KV bucket.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + fmt::Debug + 'static {
+    async fn load(&self, name: &str) -> Result<Option<Checkpoint>, EventLogError>;
+    async fn save(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), EventLogError>;
+}
+
+/// What a projection is: which events it folds and how.
+pub struct ProjectionSpec<P> {
+    /// Stable name, the checkpoint key. Change it when the snapshot's shape changes, so an old
+    /// snapshot is not restored into a new shape (the projection then rebuilds from zero).
+    pub name: &'static str,
+    pub log: LogKind,
+    pub filter: Option<SubjectFilter>,
+    /// Pure fold step. Must tolerate events it does not know (newer writers).
+    pub apply: fn(&mut P, &RecordedEvent),
+}
+
+impl<P> Clone for ProjectionSpec<P> {
+    fn clone(&self) -> Self {
+        ProjectionSpec {
+            name: self.name,
+            log: self.log,
+            filter: self.filter.clone(),
+            apply: self.apply,
+        }
+    }
+}
+
+impl<P> fmt::Debug for ProjectionSpec<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProjectionSpec")
+            .field("name", &self.name)
+            .field("log", &self.log)
+            .field("filter", &self.filter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// When the runner saves a checkpoint: after this many applied events, or this long after the
+/// first unsaved event, whichever comes first; and always at shutdown.
+#[derive(Debug, Clone)]
+pub struct CheckpointPolicy {
+    pub every_events: u64,
+    pub every: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy {
+            every_events: 10_000,
+            every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Folds `log` events `1..=until` into `initial`: the state "as of position N", for audits.
+pub async fn fold_until<P>(
+    log: &dyn EventLog,
+    spec: &ProjectionSpec<P>,
+    mut state: P,
+    until: u64,
+) -> Result<P, EventLogError> {
+    let mut events = log.read_from(spec.log, 1, spec.filter.as_ref()).await?;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        if event.sequence > until {
+            break;
+        }
+        (spec.apply)(&mut state, &event);
+    }
+    Ok(state)
+}
+
+struct Shared<P> {
+    state: RwLock<P>,
+    /// Last applied sequence; watchers wait on it for read-your-writes.
+    position: watch::Sender<u64>,
+}
+
+/// Keeps one projection current. Cheap to clone; readers never wait for the writer longer than
+/// one batch of applies.
+pub struct ProjectionRunner<P> {
+    shared: Arc<Shared<P>>,
+    spec: ProjectionSpec<P>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    task: Arc<JoinHandle<()>>,
+}
+
+impl<P> Clone for ProjectionRunner<P> {
+    fn clone(&self) -> Self {
+        ProjectionRunner {
+            shared: self.shared.clone(),
+            spec: self.spec.clone(),
+            checkpoints: self.checkpoints.clone(),
+            task: self.task.clone(),
+        }
+    }
+}
+
+impl<P> fmt::Debug for ProjectionRunner<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProjectionRunner")
+            .field("spec", &self.spec)
+            .field("position", &*self.shared.position.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> ProjectionRunner<P>
+where
+    P: Default + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Restores the projection from its checkpoint (or starts empty), catches up to the end of
+    /// the log as it is now, and keeps following it in the background. Returns once caught up.
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        spec: ProjectionSpec<P>,
+        policy: CheckpointPolicy,
+    ) -> Result<Self, EventLogError> {
+        let (mut state, mut position) = match checkpoints.load(spec.name).await? {
+            Some(checkpoint) => match serde_json::from_slice::<P>(&checkpoint.snapshot) {
+                Ok(state) => (state, checkpoint.position),
+                Err(error) => {
+                    tracing::warn!(
+                        projection = spec.name,
+                        %error,
+                        "checkpoint snapshot unreadable; rebuilding the projection from the start"
+                    );
+                    (P::default(), 0)
+                }
+            },
+            None => (P::default(), 0),
+        };
+        // Catch up in the foreground up to the end of the log as it is now, so the returned
+        // runner already reflects everything written before start. The position then means
+        // "log read through here", also for filtered projections that skipped events.
+        let end = log.last_sequence(spec.log).await?;
+        if end > position {
+            let mut events = log.read_from(spec.log, position + 1, spec.filter.as_ref()).await?;
+            while let Some(event) = events.next().await {
+                let event = event?;
+                if event.sequence > end {
+                    break;
+                }
+                (spec.apply)(&mut state, &event);
+            }
+            position = end;
+        }
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+            position: watch::Sender::new(position),
+        });
+        let task = tokio::spawn(follow(
+            log,
+            checkpoints.clone(),
+            spec.clone(),
+            policy,
+            shared.clone(),
+        ));
+        Ok(ProjectionRunner {
+            shared,
+            spec,
+            checkpoints,
+            task: Arc::new(task),
+        })
+    }
+
+    /// Reads the current state. Do not block inside `read`.
+    pub fn read<R>(&self, read: impl FnOnce(&P) -> R) -> R {
+        let state = self
+            .shared
+            .state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        read(&state)
+    }
+
+    /// The last log sequence the state reflects.
+    pub fn position(&self) -> u64 {
+        *self.shared.position.borrow()
+    }
+
+    /// Waits until the projection has seen the log up to `sequence` (e.g. the sequence an
+    /// append just returned), so a caller reads its own writes. With a subject filter, wait
+    /// only for sequences of events the projection folds: skipped events do not move it.
+    pub async fn wait_for(&self, sequence: u64) {
+        let mut position = self.shared.position.subscribe();
+        // The sender lives as long as `self`, so this only ends when the position is reached.
+        let _ = position.wait_for(|p| *p >= sequence).await;
+    }
+
+    /// Saves a checkpoint of the current state now.
+    pub async fn save_checkpoint(&self) -> Result<(), EventLogError> {
+        let checkpoint = snapshot(&self.shared)?;
+        self.checkpoints.save(self.spec.name, &checkpoint).await
+    }
+
+    /// Stops following the log and saves a final checkpoint.
+    pub async fn shutdown(self) -> Result<(), EventLogError> {
+        self.task.abort();
+        self.save_checkpoint().await
+    }
+}
+
+fn snapshot<P: Serialize>(shared: &Shared<P>) -> Result<Checkpoint, EventLogError> {
+    let state = shared
+        .state
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let position = *shared.position.borrow();
+    let snapshot = serde_json::to_vec(&*state).map_err(|e| EventLogError::InvalidEvent {
+        reason: format!("projection snapshot could not be encoded: {e}"),
+    })?;
+    Ok(Checkpoint {
+        position,
+        snapshot: snapshot.into(),
+    })
+}
+
+/// How many ready events are applied under one write lock.
+const APPLY_BATCH: usize = 512;
+
+async fn follow<P>(
+    log: Arc<dyn EventLog>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    spec: ProjectionSpec<P>,
+    policy: CheckpointPolicy,
+    shared: Arc<Shared<P>>,
+) where
+    P: Serialize + Send + Sync + 'static,
+{
+    let mut unsaved = 0u64;
+    let mut first_unsaved_at: Option<tokio::time::Instant> = None;
+    let mut retry_delay = Duration::from_millis(50);
+    loop {
+        let from = *shared.position.borrow() + 1;
+        let events = match log.subscribe(spec.log, from, spec.filter.as_ref()).await {
+            Ok(events) => events,
+            Err(error) => {
+                tracing::warn!(projection = spec.name, %error, "cannot follow the log; retrying");
+                tokio::time::sleep(retry_delay).await;
+                retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut batches = events.ready_chunks(APPLY_BATCH);
+        while let Some(batch) = batches.next().await {
+            retry_delay = Duration::from_millis(50);
+            let mut last = None;
+            let mut failed = None;
+            {
+                let mut state = shared
+                    .state
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                for item in batch {
+                    match item {
+                        Ok(event) => {
+                            (spec.apply)(&mut state, &event);
+                            last = Some(event.sequence);
+                        }
+                        Err(error) => {
+                            failed = Some(error);
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(sequence) = last {
+                unsaved += 1;
+                first_unsaved_at.get_or_insert_with(tokio::time::Instant::now);
+                shared.position.send_replace(sequence);
+            }
+            if let Some(error) = failed {
+                tracing::warn!(projection = spec.name, %error, "log subscription failed; resuming");
+                break;
+            }
+            let due = unsaved >= policy.every_events
+                || first_unsaved_at.is_some_and(|t| t.elapsed() >= policy.every);
+            if due {
+                match snapshot(&shared) {
+                    Ok(checkpoint) => {
+                        if let Err(error) = checkpoints.save(spec.name, &checkpoint).await {
+                            tracing::warn!(projection = spec.name, %error, "checkpoint not saved");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(projection = spec.name, %error, "checkpoint not taken")
+                    }
+                }
+                unsaved = 0;
+                first_unsaved_at = None;
+            }
+        }
+    }
+}
+
+/// Checkpoints as files in a directory (embedded default): `<name>.checkpoint`, written to a
+/// temporary file, fsynced and renamed into place, so a crash leaves the old or the new one.
+#[derive(Debug, Clone)]
+pub struct FileCheckpointStore {
+    dir: PathBuf,
+}
+
+impl FileCheckpointStore {
+    pub fn open(dir: &Path) -> Result<Self, EventLogError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EventLogError::io(format!("creating {}", dir.display()), e))?;
+        Ok(FileCheckpointStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, name: &str) -> Result<PathBuf, EventLogError> {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(EventLogError::InvalidSubject {
+                subject: name.to_owned(),
+                reason: "projection names use only A-Z a-z 0-9 _ -".to_owned(),
+            });
+        }
+        Ok(self.dir.join(format!("{name}.checkpoint")))
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for FileCheckpointStore {
+    async fn load(&self, name: &str) -> Result<Option<Checkpoint>, EventLogError> {
+        let path = self.path(name)?;
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(EventLogError::io(format!("reading {}", path.display()), e)),
+        };
+        decode_checkpoint(&bytes).map(Some).ok_or_else(|| EventLogError::Corrupt {
+            location: path.display().to_string(),
+            reason: "checkpoint shorter than its 8-byte position".to_owned(),
+        })
+    }
+
+    async fn save(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), EventLogError> {
+        let path = self.path(name)?;
+        let bytes = encode_checkpoint(checkpoint);
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&dir, &path, &bytes))
+            .await
+            .map_err(|e| EventLogError::unavailable(format!("checkpoint writer failed: {e}")))?
+    }
+}
+
+/// `position` as 8 bytes big-endian, then the snapshot.
+pub(crate) fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + checkpoint.snapshot.len());
+    bytes.extend_from_slice(&checkpoint.position.to_be_bytes());
+    bytes.extend_from_slice(&checkpoint.snapshot);
+    bytes
+}
+
+pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
+    let (position, snapshot) = bytes.split_first_chunk::<8>()?;
+    Some(Checkpoint {
+        position: u64::from_be_bytes(*position),
+        snapshot: Bytes::copy_from_slice(snapshot),
+    })
+}
+
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), EventLogError> {
+    use std::io::Write;
+    let tmp = path.with_extension("checkpoint.tmp");
+    let io = |what: &str, e| EventLogError::io(format!("{what} {}", tmp.display()), e);
+    let mut file = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+    file.write_all(bytes).map_err(|e| io("writing", e))?;
+    file.sync_data().map_err(|e| io("syncing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming", e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| EventLogError::io(format!("syncing {}", dir.display()), e))
+}

@@ -1,0 +1,321 @@
+//! The behaviour every `EventLog` adapter must have. Each function is one rule; the
+//! `conformance_suite!` macro instantiates all of them for an adapter.
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use eventlog::{EventLog, EventLogError, ExpectedVersion, LogKind, SubjectFilter};
+use futures_util::StreamExt;
+
+use crate::support::{event, subject};
+
+/// Generous guard so a broken adapter fails the test instead of hanging CI; never used to
+/// wait for something to happen.
+const GUARD: Duration = Duration::from_secs(30);
+
+pub async fn appended_events_read_back_in_order_with_their_version(log: Arc<dyn EventLog>) {
+    let s = subject("server.s1");
+    let first = log
+        .append(&s, ExpectedVersion::NoEvents, &[event("s1")])
+        .await
+        .expect("first append");
+    assert!(!first.duplicate);
+    assert_eq!(first.first_sequence, first.last_sequence);
+    let batch = [event("s1"), event("s1"), event("s1")];
+    let second = log
+        .append(&s, ExpectedVersion::At(first.last_sequence), &batch)
+        .await
+        .expect("batch append");
+    assert_eq!(second.last_sequence - second.first_sequence, 2, "a batch is contiguous");
+
+    let history = log.read_aggregate(&s).await.expect("read");
+    assert_eq!(history.version, second.last_sequence);
+    assert_eq!(history.events.len(), 4);
+    let ids: Vec<_> = history.events.iter().map(|e| e.envelope.event_id.clone()).collect();
+    let mut expected = vec![];
+    expected.push(ids[0].clone());
+    expected.extend(batch.iter().map(|e| e.event_id.clone()));
+    assert_eq!(ids, expected);
+    for e in &history.events {
+        assert_eq!(e.subject, s);
+        assert_eq!(e.event_type, "ServerEnabled");
+        assert_eq!(e.log, LogKind::Config);
+        assert!(e.unknown_body.is_none());
+    }
+    assert_eq!(history.events[0].envelope, {
+        let mut first = history.events[0].envelope.clone();
+        first.event_id = ids[0].clone();
+        first
+    });
+}
+
+pub async fn an_unknown_aggregate_has_no_events_and_version_zero(log: Arc<dyn EventLog>) {
+    let history = log
+        .read_aggregate(&subject("server.nobody"))
+        .await
+        .expect("read");
+    assert_eq!(history.version, 0);
+    assert!(history.events.is_empty());
+}
+
+pub async fn conflicting_expected_version_is_refused_and_writes_nothing(log: Arc<dyn EventLog>) {
+    let s = subject("server.s2");
+    let v1 = log
+        .append(&s, ExpectedVersion::NoEvents, &[event("s2")])
+        .await
+        .expect("append")
+        .last_sequence;
+
+    let err = log
+        .append(&s, ExpectedVersion::NoEvents, &[event("s2")])
+        .await
+        .expect_err("NoEvents on an existing aggregate");
+    assert!(err.is_conflict(), "{err}");
+
+    let err = log
+        .append(&s, ExpectedVersion::At(v1 + 7), &[event("s2"), event("s2")])
+        .await
+        .expect_err("wrong version");
+    match err {
+        EventLogError::Conflict { actual, .. } => assert_eq!(actual, Some(v1)),
+        other => panic!("expected Conflict, got {other}"),
+    }
+
+    let history = log.read_aggregate(&s).await.expect("read");
+    assert_eq!(history.events.len(), 1, "nothing written by refused appends");
+    assert_eq!(history.version, v1);
+    assert_eq!(log.last_sequence(LogKind::Config).await.expect("last"), v1);
+}
+
+pub async fn concurrent_writers_at_the_same_version_have_exactly_one_winner(
+    log: Arc<dyn EventLog>,
+) {
+    let s = subject("server.race");
+    let v = log
+        .append(&s, ExpectedVersion::NoEvents, &[event("race")])
+        .await
+        .expect("append")
+        .last_sequence;
+    let mut tasks = vec![];
+    for _ in 0..8 {
+        let log = log.clone();
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            log.append(&s, ExpectedVersion::At(v), &[event("race")]).await
+        }));
+    }
+    let mut won = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => won += 1,
+            Err(e) => assert!(e.is_conflict(), "{e}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(log.read_aggregate(&s).await.expect("read").events.len(), 2);
+}
+
+pub async fn a_retried_append_with_the_same_event_ids_is_stored_once(log: Arc<dyn EventLog>) {
+    let s = subject("server.s3");
+    let batch = [event("s3"), event("s3")];
+    let original = log
+        .append(&s, ExpectedVersion::NoEvents, &batch)
+        .await
+        .expect("append");
+    // The retry a writer makes after a lost acknowledgement: same ids, same (now stale)
+    // expected version. It must be recognised as a duplicate, not a conflict.
+    let retried = log
+        .append(&s, ExpectedVersion::NoEvents, &batch)
+        .await
+        .expect("retry is not an error");
+    assert!(retried.duplicate);
+    assert_eq!(retried.first_sequence, original.first_sequence);
+    assert_eq!(retried.last_sequence, original.last_sequence);
+    let single = log
+        .append(&s, ExpectedVersion::Any, &batch[..1])
+        .await
+        .expect("retry of a single event");
+    assert!(single.duplicate);
+    assert_eq!(single.first_sequence, original.first_sequence);
+
+    let history = log.read_aggregate(&s).await.expect("read");
+    assert_eq!(history.events.len(), 2);
+    assert_eq!(log.last_sequence(LogKind::Config).await.expect("last"), original.last_sequence);
+}
+
+pub async fn replay_returns_every_event_in_log_order_with_its_sequence(log: Arc<dyn EventLog>) {
+    let mut appended = vec![];
+    for i in 0..30 {
+        let s = subject(&format!("server.r{}", i % 4));
+        let e = event("r");
+        let outcome = log
+            .append(&s, ExpectedVersion::Any, std::slice::from_ref(&e))
+            .await
+            .expect("append");
+        appended.push((outcome.first_sequence, s, e.event_id));
+    }
+    // An invocation event goes to the other log and must not show up here.
+    let inv = log
+        .append(&subject("invocation.u_alice"), ExpectedVersion::Any, &[event("x")])
+        .await
+        .expect("append invocation");
+    assert_eq!(inv.first_sequence, 1, "each log has its own sequence");
+
+    let replayed: Vec<_> = log
+        .read_from(LogKind::Config, 0, None)
+        .await
+        .expect("read_from")
+        .map(|r| r.expect("event"))
+        .collect()
+        .await;
+    let got: Vec<_> = replayed
+        .iter()
+        .map(|e| (e.sequence, e.subject.clone(), e.envelope.event_id.clone()))
+        .collect();
+    assert_eq!(got, appended);
+
+    let tail: Vec<_> = log
+        .read_from(LogKind::Config, 11, None)
+        .await
+        .expect("read_from mid")
+        .map(|r| r.expect("event").sequence)
+        .collect()
+        .await;
+    assert_eq!(tail, (11..=30).collect::<Vec<_>>());
+
+    let filter = SubjectFilter::parse("server.r1").expect("filter");
+    let filtered: Vec<_> = log
+        .read_from(LogKind::Config, 0, Some(&filter))
+        .await
+        .expect("filtered")
+        .map(|r| r.expect("event").subject.to_string())
+        .collect()
+        .await;
+    assert_eq!(filtered.len(), appended.iter().filter(|a| a.1.as_str() == "server.r1").count());
+    assert!(filtered.iter().all(|s| s == "server.r1"));
+
+    let invocations: Vec<_> = log
+        .read_from(LogKind::Invocations, 0, None)
+        .await
+        .expect("invocations")
+        .map(|r| r.expect("event"))
+        .collect()
+        .await;
+    assert_eq!(invocations.len(), 1);
+    assert_eq!(invocations[0].log, LogKind::Invocations);
+    assert_eq!(log.last_sequence(LogKind::Invocations).await.expect("last"), 1);
+}
+
+pub async fn a_subscriber_started_mid_stream_sees_every_later_event_exactly_once(
+    log: Arc<dyn EventLog>,
+) {
+    for _ in 0..50 {
+        log.append(&subject("server.live"), ExpectedVersion::Any, &[event("live")])
+            .await
+            .expect("append");
+    }
+    let mut live = log
+        .subscribe(LogKind::Config, 26, None)
+        .await
+        .expect("subscribe");
+    let writer = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            for i in 0..50 {
+                let s = subject(&format!("server.live{}", i % 3));
+                log.append(&s, ExpectedVersion::Any, &[event("live")])
+                    .await
+                    .expect("append while subscribed");
+            }
+        })
+    };
+    let mut seen = vec![];
+    let mut ids = HashSet::new();
+    while seen.len() < 75 {
+        let next = tokio::time::timeout(GUARD, live.next())
+            .await
+            .expect("subscriber stalled")
+            .expect("stream ended")
+            .expect("event");
+        assert!(ids.insert(next.envelope.event_id.clone()), "an event seen twice");
+        seen.push(next.sequence);
+    }
+    writer.await.expect("writer");
+    assert_eq!(seen, (26..=100).collect::<Vec<_>>());
+
+    // Nothing more arrives until something is appended, and then exactly that.
+    let more = log
+        .append(&subject("server.live"), ExpectedVersion::Any, &[event("live")])
+        .await
+        .expect("append");
+    let next = tokio::time::timeout(GUARD, live.next())
+        .await
+        .expect("subscriber stalled")
+        .expect("stream ended")
+        .expect("event");
+    assert_eq!(next.sequence, more.first_sequence);
+}
+
+pub async fn a_filtered_subscription_sees_only_matching_subjects(log: Arc<dyn EventLog>) {
+    let filter = SubjectFilter::parse("connection.*.u_bob").expect("filter");
+    let mut live = log
+        .subscribe(LogKind::Config, 0, Some(&filter))
+        .await
+        .expect("subscribe");
+    log.append(&subject("connection.s1.u_alice"), ExpectedVersion::Any, &[event("a")])
+        .await
+        .expect("append");
+    let bob = log
+        .append(&subject("connection.s1.u_bob"), ExpectedVersion::Any, &[event("b")])
+        .await
+        .expect("append");
+    let next = tokio::time::timeout(GUARD, live.next())
+        .await
+        .expect("subscriber stalled")
+        .expect("stream ended")
+        .expect("event");
+    assert_eq!(next.sequence, bob.first_sequence);
+    assert_eq!(next.subject.as_str(), "connection.s1.u_bob");
+}
+
+pub async fn events_that_are_not_valid_are_refused(log: Arc<dyn EventLog>) {
+    let mut bad = event("s");
+    bad.event_id = "not-a-uuid".to_owned();
+    let err = log
+        .append(&subject("server.bad"), ExpectedVersion::Any, &[bad])
+        .await
+        .expect_err("event id must be a UUID");
+    assert!(matches!(err, EventLogError::InvalidEvent { .. }), "{err}");
+    let err = log
+        .append(&subject("server.bad"), ExpectedVersion::Any, &[])
+        .await
+        .expect_err("empty append");
+    assert!(matches!(err, EventLogError::InvalidEvent { .. }), "{err}");
+    assert_eq!(log.read_aggregate(&subject("server.bad")).await.expect("read").version, 0);
+}
+
+/// Instantiates every conformance rule as a `#[tokio::test]` for one adapter. `$open` is an
+/// async expression yielding a fresh `support::TestLog`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($open:expr) => {
+        $crate::conformance_suite!(@tests $open;
+            appended_events_read_back_in_order_with_their_version,
+            an_unknown_aggregate_has_no_events_and_version_zero,
+            conflicting_expected_version_is_refused_and_writes_nothing,
+            concurrent_writers_at_the_same_version_have_exactly_one_winner,
+            a_retried_append_with_the_same_event_ids_is_stored_once,
+            replay_returns_every_event_in_log_order_with_its_sequence,
+            a_subscriber_started_mid_stream_sees_every_later_event_exactly_once,
+            a_filtered_subscription_sees_only_matching_subjects,
+            events_that_are_not_valid_are_refused,
+        );
+    };
+    (@tests $open:expr; $($rule:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $rule() {
+                let test_log: $crate::support::TestLog = $open.await;
+                $crate::conformance::$rule(test_log.log.clone()).await;
+            }
+        )*
+    };
+}
