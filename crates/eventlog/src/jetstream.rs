@@ -1,1 +1,417 @@
-//! JetStream adapter (distributed deployment). Being written.
+//! JetStream adapter (distributed deployment).
+//!
+//! Layout on the server, for a deployment prefix `sb`:
+//! - stream `SB_CONFIG` holds `sb.evt.server.>`, `sb.evt.connection.>` and `sb.evt.policy.>`
+//!   and keeps them forever; stream `SB_INVOCATIONS` holds `sb.evt.invocation.>` for the
+//!   configured retention. A log's sequence is its stream sequence; an aggregate's version is
+//!   the stream sequence of its last event.
+//! - Both streams are `deny_delete` and `deny_purge`, so no client can remove events. Deleting a
+//!   whole stream stays possible for an administrator with access to the JetStream API (it is an
+//!   account-level operation, not something Switchboard ever does); restrict `$JS.API.STREAM.DELETE.*`
+//!   in the account's permissions where that matters.
+//!
+//! Writes: one event is one message, published with `Nats-Msg-Id` = event id (server dedupe) and
+//! `Nats-Expected-Last-Subject-Sequence` = expected version; several events are one atomic batch
+//! (ADR-50, nats-server 2.12+). See [`append`](self) for retries and duplicate detection.
+//!
+//! Reads use ordered push consumers (recreated by async-nats after a gap or a reconnect) that end
+//! at the log's last sequence as it was when the read started.
+//!
+//! [`KvCheckpointStore`] keeps projection checkpoints in a JetStream KV bucket.
+mod append;
+mod checkpoints;
+mod read;
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use proto::v1::Envelope;
+
+use crate::{
+    AggregateHistory, AppendOutcome, DEDUPE_WINDOW, EventLog, EventLogError, EventStream,
+    ExpectedVersion, LogKind, Subject, SubjectFilter,
+};
+
+pub use checkpoints::{KvCheckpointStore, MAX_CHECKPOINT_VALUE_SIZE};
+
+/// Header carrying the event's type name (`ServerAdded`), so readers that do not know the type
+/// can still name it.
+pub const EVENT_TYPE_HEADER: &str = "Sb-Event-Type";
+/// Content type of the message body: the protobuf encoding of the envelope.
+pub const CONTENT_TYPE: &str = "application/protobuf";
+
+/// Oldest nats-server this adapter accepts.
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
+
+/// How the adapter lays out and talks to JetStream.
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    /// Subject prefix and stream-name base: subjects `<prefix>.evt.<aggregate subject>`,
+    /// streams `<PREFIX>_CONFIG` and `<PREFIX>_INVOCATIONS`. Tokens of `[A-Za-z0-9_-]`
+    /// separated by dots (dots become `_` in stream names).
+    pub prefix: String,
+    /// Stream replicas: 1 on a single server, 3 in a cluster.
+    pub replicas: usize,
+    /// How long invocation events are kept (`max_age` of the invocations stream). The
+    /// configuration stream keeps everything forever.
+    pub invocation_retention: Duration,
+    /// The streams' dedupe window: how long an event id is remembered.
+    pub duplicate_window: Duration,
+    /// How long one publish attempt waits for the server's acknowledgement before it is
+    /// retried (with the same event ids, so a retry never writes twice).
+    pub ack_timeout: Duration,
+    /// Publish attempts per append before it fails with `Unavailable`.
+    pub max_append_attempts: u32,
+    /// Pause before the second attempt; doubles per attempt, capped at two seconds.
+    pub retry_backoff: Duration,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            prefix: "sb".to_owned(),
+            replicas: 1,
+            invocation_retention: Duration::from_secs(400 * 24 * 60 * 60),
+            duplicate_window: DEDUPE_WINDOW,
+            ack_timeout: Duration::from_secs(5),
+            max_append_attempts: 6,
+            retry_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+impl JetStreamConfig {
+    /// The defaults with another prefix.
+    pub fn with_prefix(prefix: impl Into<String>) -> Self {
+        JetStreamConfig {
+            prefix: prefix.into(),
+            ..JetStreamConfig::default()
+        }
+    }
+
+    /// The stream that holds `log`: `<PREFIX>_CONFIG` or `<PREFIX>_INVOCATIONS`.
+    pub fn stream_name(&self, log: LogKind) -> String {
+        let base = self.prefix.to_uppercase().replace('.', "_");
+        match log {
+            LogKind::Config => format!("{base}_CONFIG"),
+            LogKind::Invocations => format!("{base}_INVOCATIONS"),
+        }
+    }
+
+    /// The KV bucket for projection checkpoints: `<PREFIX>_checkpoints`.
+    pub fn checkpoint_bucket(&self) -> String {
+        format!(
+            "{}_checkpoints",
+            self.prefix.to_uppercase().replace('.', "_")
+        )
+    }
+
+    fn validate(&self) -> Result<(), EventLogError> {
+        let valid = !self.prefix.is_empty()
+            && self.prefix.len() <= 64
+            && self.prefix.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+        if !valid {
+            return Err(EventLogError::InvalidSubject {
+                subject: self.prefix.chars().take(64).collect(),
+                reason: "the JetStream prefix is 1 to 64 bytes of dot-separated tokens of \
+                         A-Z a-z 0-9 _ -"
+                    .to_owned(),
+            });
+        }
+        if self.replicas == 0 || self.replicas > 5 {
+            return Err(EventLogError::Unavailable {
+                reason: format!("stream replicas must be 1 to 5, not {}", self.replicas),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The event store on NATS JetStream. Cheap to clone: clones share one client.
+#[derive(Debug, Clone)]
+pub struct JetStreamLog {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: JetStreamConfig,
+    /// `<prefix>.evt.`
+    subject_root: String,
+    /// Indexed by [`log_index`].
+    stream_names: [String; 2],
+    /// Whether the server accepted `allow_atomic_publish` (2.12+); multi-event appends need it.
+    atomic_batches: bool,
+}
+
+fn log_index(log: LogKind) -> usize {
+    match log {
+        LogKind::Config => 0,
+        LogKind::Invocations => 1,
+    }
+}
+
+impl JetStreamLog {
+    /// Checks that the server is recent enough and creates both streams, or brings an existing
+    /// pair up to `config` (idempotent: every process of a deployment calls this at start-up).
+    pub async fn connect(
+        client: async_nats::Client,
+        config: JetStreamConfig,
+    ) -> Result<JetStreamLog, EventLogError> {
+        config.validate()?;
+        check_server_version(&client.server_info().version)?;
+        let js = jetstream::new(client.clone());
+        let mut atomic_batches = true;
+        for log in LogKind::ALL {
+            let wanted = stream_config(&config, log);
+            let info = js.create_or_update_stream(wanted).await.map_err(|err| {
+                EventLogError::unavailable(format!(
+                    "cannot create or update stream {} (is JetStream enabled on the server, \
+                     and was the stream created with compatible settings?): {err}",
+                    config.stream_name(log)
+                ))
+            })?;
+            if !info.config.deny_delete || !info.config.deny_purge {
+                return Err(EventLogError::unavailable(format!(
+                    "stream {} does not deny delete and purge; the audit history must be \
+                     append-only",
+                    info.config.name
+                )));
+            }
+            atomic_batches &= info.config.allow_atomic_publish;
+        }
+        if !atomic_batches {
+            tracing::warn!(
+                version = %client.server_info().version,
+                "nats-server does not support atomic batch publish (2.12+): appends of several \
+                 events at once will be refused"
+            );
+        }
+        let subject_root = format!("{}.evt.", config.prefix);
+        let stream_names = [
+            config.stream_name(LogKind::Config),
+            config.stream_name(LogKind::Invocations),
+        ];
+        Ok(JetStreamLog {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                config,
+                subject_root,
+                stream_names,
+                atomic_batches,
+            }),
+        })
+    }
+
+    /// The name of the stream that holds `log`.
+    pub fn stream_name(&self, log: LogKind) -> String {
+        self.inner.stream_names[log_index(log)].clone()
+    }
+
+    /// The NATS subject an aggregate's events are published on: `<prefix>.evt.<subject>`.
+    pub fn nats_subject(&self, subject: &Subject) -> String {
+        format!("{}{}", self.inner.subject_root, subject)
+    }
+
+    pub fn config(&self) -> &JetStreamConfig {
+        &self.inner.config
+    }
+
+    /// The JetStream context this log uses (for opening KV buckets next to it).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// The checkpoint store of this deployment: KV bucket `<PREFIX>_checkpoints`, with the
+    /// streams' replica count.
+    pub async fn checkpoint_store(&self) -> Result<KvCheckpointStore, EventLogError> {
+        KvCheckpointStore::open_with_replicas(
+            &self.inner.js,
+            &self.inner.config.checkpoint_bucket(),
+            self.inner.config.replicas,
+        )
+        .await
+    }
+
+    fn stream_of(&self, log: LogKind) -> &str {
+        &self.inner.stream_names[log_index(log)]
+    }
+}
+
+/// The stream configuration for `log`.
+fn stream_config(config: &JetStreamConfig, log: LogKind) -> stream::Config {
+    let root = format!("{}.evt", config.prefix);
+    let (subjects, max_age, description) = match log {
+        LogKind::Config => (
+            vec![
+                format!("{root}.server.>"),
+                format!("{root}.connection.>"),
+                format!("{root}.policy.>"),
+            ],
+            Duration::ZERO,
+            "Switchboard configuration events (servers, connections, tool policy); append-only",
+        ),
+        LogKind::Invocations => (
+            vec![format!("{root}.invocation.>")],
+            config.invocation_retention,
+            "Switchboard invocation events; append-only, kept for the configured retention",
+        ),
+    };
+    stream::Config {
+        name: config.stream_name(log),
+        description: Some(description.to_owned()),
+        subjects,
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        discard: stream::DiscardPolicy::Old,
+        max_age,
+        max_messages: -1,
+        max_bytes: -1,
+        max_messages_per_subject: -1,
+        duplicate_window: config.duplicate_window,
+        deny_delete: true,
+        deny_purge: true,
+        allow_rollup: false,
+        allow_direct: false,
+        allow_atomic_publish: true,
+        ..Default::default()
+    }
+}
+
+/// Refuses nats-server versions older than 2.11 (Debian's 2.9 silently ignores several stream
+/// settings and breaks the KV client). `version` is what the server reports in its INFO.
+pub fn check_server_version(version: &str) -> Result<(), EventLogError> {
+    let unreadable = || EventLogError::Unavailable {
+        reason: format!(
+            "cannot read the nats-server version {:?}; Switchboard needs nats-server {}.{} or \
+             newer",
+            version.chars().take(40).collect::<String>(),
+            MIN_SERVER_VERSION.0,
+            MIN_SERVER_VERSION.1
+        ),
+    };
+    let trimmed = version.trim();
+    let trimmed = trimmed.strip_prefix('v').unwrap_or(trimmed);
+    // "2.12.0-RC.1" and "2.11.3+build" count as their release numbers.
+    let release = trimmed.split(['-', '+']).next().unwrap_or_default();
+    let mut parts = release.split('.');
+    let mut number = || -> Option<u64> {
+        let part = parts.next()?;
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    let major = number().ok_or_else(unreadable)?;
+    let minor = number().ok_or_else(unreadable)?;
+    if (major, minor) < MIN_SERVER_VERSION {
+        return Err(EventLogError::ServerTooOld {
+            found: trimmed.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl EventLog for JetStreamLog {
+    async fn append(
+        &self,
+        subject: &Subject,
+        expected: ExpectedVersion,
+        events: &[Envelope],
+    ) -> Result<AppendOutcome, EventLogError> {
+        self.append_events(subject, expected, events).await
+    }
+
+    async fn read_aggregate(&self, subject: &Subject) -> Result<AggregateHistory, EventLogError> {
+        self.read_aggregate_events(subject).await
+    }
+
+    async fn read_from(
+        &self,
+        log: LogKind,
+        from: u64,
+        filter: Option<&SubjectFilter>,
+    ) -> Result<EventStream, EventLogError> {
+        self.open_events(log, from, filter, true).await
+    }
+
+    async fn subscribe(
+        &self,
+        log: LogKind,
+        from: u64,
+        filter: Option<&SubjectFilter>,
+    ) -> Result<EventStream, EventLogError> {
+        self.open_events(log, from, filter, false).await
+    }
+
+    async fn last_sequence(&self, log: LogKind) -> Result<u64, EventLogError> {
+        self.stream_last_sequence(log).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_2_11_are_refused_with_a_clear_message() {
+        let err = check_server_version("2.9.25").expect_err("2.9 is too old");
+        assert!(matches!(err, EventLogError::ServerTooOld { .. }), "{err}");
+        assert!(err.to_string().contains("2.11 or newer"), "{err}");
+        assert!(err.to_string().contains("2.9.25"), "{err}");
+        assert!(check_server_version("2.10.22").is_err());
+        assert!(check_server_version("1.4.0").is_err());
+    }
+
+    #[test]
+    fn servers_from_2_11_on_are_accepted() {
+        for ok in ["2.11.0", "2.15.1", "v2.12.3", "2.12.0-RC.1", "3.0.0", "2.11"] {
+            check_server_version(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn an_unreadable_version_is_a_clear_error() {
+        for garbage in ["", "garbage", "2", "2.x.1", "two.eleven", ".11.0"] {
+            let err = check_server_version(garbage).expect_err(garbage);
+            let text = err.to_string();
+            assert!(text.contains("cannot read the nats-server version"), "{text}");
+            assert!(text.contains("2.11 or newer"), "{text}");
+        }
+    }
+
+    #[test]
+    fn stream_names_and_subjects_follow_the_prefix() {
+        let config = JetStreamConfig::with_prefix("acme.sb");
+        assert_eq!(config.stream_name(LogKind::Config), "ACME_SB_CONFIG");
+        assert_eq!(config.stream_name(LogKind::Invocations), "ACME_SB_INVOCATIONS");
+        let streams = stream_config(&config, LogKind::Config);
+        assert_eq!(
+            streams.subjects,
+            [
+                "acme.sb.evt.server.>",
+                "acme.sb.evt.connection.>",
+                "acme.sb.evt.policy.>"
+            ]
+        );
+        assert!(streams.deny_delete && streams.deny_purge && !streams.allow_rollup);
+        assert_eq!(streams.max_age, Duration::ZERO);
+        let invocations = stream_config(&config, LogKind::Invocations);
+        assert_eq!(invocations.subjects, ["acme.sb.evt.invocation.>"]);
+        assert_eq!(invocations.max_age, config.invocation_retention);
+        assert!(JetStreamConfig::with_prefix("a b").validate().is_err());
+        assert!(JetStreamConfig::with_prefix("sb.>").validate().is_err());
+        assert!(JetStreamConfig::with_prefix("").validate().is_err());
+    }
+}

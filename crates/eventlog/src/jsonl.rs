@@ -1,1 +1,410 @@
-//! JSONL file adapter (embedded default). Being written.
+//! JSONL file adapter, the embedded default: one append-only file per log
+//! (`<dir>/config.jsonl`, `<dir>/invocations.jsonl`), one JSON record per line (format in
+//! [`record`]).
+//!
+//! - **Appends** go to one writer thread per file, which commits them in groups with one
+//!   write and one `fdatasync` per group and answers only after the sync ([`writer`]).
+//! - **Reads** use an in-memory index of record offsets and of each aggregate's sequences,
+//!   covering acknowledged records only, and positioned reads of the file ([`reader`]).
+//! - **Start-up** rebuilds the index and cuts off an append a crash left unfinished
+//!   ([`recovery`]).
+//! - Only one `JsonlLog` may have a directory open at a time (an exclusive lock on
+//!   `<dir>/eventlog.lock`), across processes and within one.
+use std::{
+    fmt,
+    fs::{File, OpenOptions, TryLockError},
+    io,
+    ops::Range,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    thread::JoinHandle,
+    time::Instant,
+};
+
+use async_trait::async_trait;
+use proto::v1::Envelope;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    AggregateHistory, AppendOutcome, EventLog, EventLogError, EventStream, ExpectedVersion,
+    LogKind, Subject, SubjectFilter,
+};
+
+mod index;
+mod reader;
+mod record;
+mod recovery;
+mod writer;
+
+use index::Index;
+use writer::{AppendRequest, Command, Dedupe, PreparedEvent, Writer};
+
+const LOCK_FILE: &str = "eventlog.lock";
+
+/// Tuning of a [`JsonlLog`].
+#[derive(Debug, Clone)]
+pub struct JsonlOptions {
+    /// Most events written and synced together in one group commit. Larger groups amortise
+    /// the sync over more events; an append is never split, so one larger than this is a
+    /// group of its own.
+    pub max_batch_events: usize,
+    /// Appends that may wait for a log's writer before `append` itself waits (back-pressure).
+    pub queue_capacity: usize,
+    /// How many of the most recent event ids per log are reloaded into the dedupe memory at
+    /// open, so that a retry of an append made just before a restart is still recognised.
+    /// (Records do not carry their append time, so the window is rebuilt by count.)
+    pub dedupe_ids_on_open: usize,
+}
+
+impl Default for JsonlOptions {
+    fn default() -> Self {
+        JsonlOptions {
+            max_batch_events: 4096,
+            queue_capacity: 8192,
+            dedupe_ids_on_open: 100_000,
+        }
+    }
+}
+
+/// The JSONL event log. Cheap to clone; the files are closed when the last clone is dropped
+/// (or on [`JsonlLog::close`]). Nothing acknowledged can be lost either way: an append is
+/// acknowledged only after it is synced.
+#[derive(Clone)]
+pub struct JsonlLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    config: LogHandle,
+    invocations: LogHandle,
+}
+
+/// One log file: what readers share, and the way to its writer.
+struct LogHandle {
+    shared: Arc<LogShared>,
+    // Field order matters: the sender is dropped before the writer thread is joined, so the
+    // thread sees its queue close and ends.
+    commands: mpsc::Sender<Command>,
+    _writer: WriterThread,
+}
+
+/// What readers of one log file share with its writer.
+pub(super) struct LogShared {
+    kind: LogKind,
+    path: PathBuf,
+    /// A read-only handle for positioned reads.
+    read_file: File,
+    index: RwLock<Index>,
+    /// The last committed sequence, and whether the writer has stopped.
+    head: watch::Sender<Head>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Head {
+    last: u64,
+    closed: bool,
+}
+
+impl LogShared {
+    fn read_index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_index(&self) -> RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_bytes(&self, range: Range<u64>) -> Result<Vec<u8>, EventLogError> {
+        let mut bytes = vec![0; (range.end - range.start) as usize];
+        read_exact_at(&self.read_file, &mut bytes, range.start)
+            .map_err(|e| EventLogError::io(format!("reading {}", self.path.display()), e))?;
+        Ok(bytes)
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Joins the writer thread when the log is dropped, so that the file is closed and the
+/// directory unlocked by the time the drop returns.
+struct WriterThread(Mutex<Option<JoinHandle<()>>>);
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        let handle = self
+            .0
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl JsonlLog {
+    /// Opens (creating if needed) the logs in `dir`, recovering from an unfinished last
+    /// append. Fails if another `JsonlLog` has the directory open, or if a file is corrupt
+    /// anywhere but in its last append.
+    pub async fn open(dir: &Path, options: JsonlOptions) -> Result<JsonlLog, EventLogError> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || open_blocking(dir, &options))
+            .await
+            .map_err(|e| EventLogError::unavailable(format!("opening the event log failed: {e}")))?
+    }
+
+    /// The directory the logs are in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Finishes the appends already queued, then stops the writers and closes the files
+    /// (releasing the directory lock). Later appends fail with `Closed`; subscriptions end
+    /// with `Closed` once they have delivered every stored event; reads keep working.
+    pub async fn close(&self) {
+        for log in [&self.inner.config, &self.inner.invocations] {
+            let (reply, done) = oneshot::channel();
+            if log.commands.send(Command::Close(reply)).await.is_ok() {
+                let _ = done.await;
+            }
+        }
+    }
+
+    fn log(&self, kind: LogKind) -> &LogHandle {
+        match kind {
+            LogKind::Config => &self.inner.config,
+            LogKind::Invocations => &self.inner.invocations,
+        }
+    }
+}
+
+impl fmt::Debug for JsonlLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JsonlLog")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_blocking(dir: PathBuf, options: &JsonlOptions) -> Result<JsonlLog, EventLogError> {
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| EventLogError::io(format!("creating {}", dir.display()), e))?;
+    let lock = Arc::new(lock_dir(&dir)?);
+    let config = open_log(&dir, LogKind::Config, options, &lock)?;
+    let invocations = open_log(&dir, LogKind::Invocations, options, &lock)?;
+    Ok(JsonlLog {
+        inner: Arc::new(Inner {
+            dir,
+            config,
+            invocations,
+        }),
+    })
+}
+
+fn lock_dir(dir: &Path) -> Result<File, EventLogError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| EventLogError::io(format!("opening {}", path.display()), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(EventLogError::Io {
+            context: format!(
+                "the event log in {} is already open (by another Switchboard process, or \
+                 another handle in this one); only one may use it at a time",
+                dir.display()
+            ),
+            source: io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is locked", path.display()),
+            ),
+        }),
+        Err(TryLockError::Error(e)) => {
+            Err(EventLogError::io(format!("locking {}", path.display()), e))
+        }
+    }
+}
+
+fn open_log(
+    dir: &Path,
+    kind: LogKind,
+    options: &JsonlOptions,
+    lock: &Arc<File>,
+) -> Result<LogHandle, EventLogError> {
+    let path = dir.join(format!("{}.jsonl", kind.as_str()));
+    let recovered = recovery::recover(&path, kind, options.dedupe_ids_on_open)?;
+    let read_file = File::open(&path)
+        .map_err(|e| EventLogError::io(format!("opening {}", path.display()), e))?;
+    let versions = recovered
+        .index
+        .versions()
+        .map(|(subject, version)| (subject.into(), version))
+        .collect();
+    let now = Instant::now();
+    let mut dedupe = Dedupe::default();
+    for (id, sequence) in recovered.recent_ids {
+        dedupe.remember(id, sequence, now);
+    }
+    let last = recovered.index.last_sequence();
+    let file_len = recovered.index.end();
+    let (head, _) = watch::channel(Head {
+        last,
+        closed: false,
+    });
+    let shared = Arc::new(LogShared {
+        kind,
+        path: path.clone(),
+        read_file,
+        index: RwLock::new(recovered.index),
+        head,
+    });
+    let (commands, rx) = mpsc::channel(options.queue_capacity.max(1));
+    let writer = Writer {
+        shared: shared.clone(),
+        file: recovered.file,
+        _lock: lock.clone(),
+        rx,
+        max_batch_events: options.max_batch_events.max(1),
+        file_len,
+        next_sequence: last + 1,
+        versions,
+        dedupe,
+        poisoned: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name(writer::thread_name(&path))
+        .spawn(move || writer.run())
+        .map_err(|e| EventLogError::io(format!("starting the writer of {}", path.display()), e))?;
+    Ok(LogHandle {
+        shared,
+        commands,
+        _writer: WriterThread(Mutex::new(Some(thread))),
+    })
+}
+
+/// Checks the events and does the costly part of an append (serialising the envelopes) on
+/// the caller's task, so that the writer thread only decides and copies bytes.
+fn prepare(events: &[Envelope]) -> Result<(Vec<PreparedEvent>, Vec<u8>), EventLogError> {
+    let invalid = |reason: String| EventLogError::InvalidEvent { reason };
+    if events.is_empty() {
+        return Err(invalid("an append needs at least one event".to_owned()));
+    }
+    let mut prepared = Vec::with_capacity(events.len());
+    let mut json = Vec::with_capacity(events.len() * 320);
+    for envelope in events {
+        let shown_id = || envelope.event_id.chars().take(64).collect::<String>();
+        let id = uuid::Uuid::parse_str(&envelope.event_id)
+            .map_err(|_| invalid(format!("event id {:?} is not a UUID", shown_id())))?
+            .as_u128();
+        let event_type = envelope
+            .event
+            .as_ref()
+            .map(|event| event.type_name())
+            .ok_or_else(|| invalid(format!("event {} has no event body", shown_id())))?;
+        serde_json::to_writer(&mut json, envelope).map_err(|e| {
+            invalid(format!(
+                "event {} cannot be written as JSON: {e}",
+                shown_id()
+            ))
+        })?;
+        prepared.push(PreparedEvent {
+            id,
+            event_type,
+            json_end: json.len(),
+        });
+    }
+    if prepared.len() > 1 {
+        let mut ids: Vec<u128> = prepared.iter().map(|e| e.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|pair| pair[0] == pair[1]) {
+            return Err(invalid(
+                "the same event id appears twice in one append".to_owned(),
+            ));
+        }
+    }
+    Ok((prepared, json))
+}
+
+#[async_trait]
+impl EventLog for JsonlLog {
+    async fn append(
+        &self,
+        subject: &Subject,
+        expected: ExpectedVersion,
+        events: &[Envelope],
+    ) -> Result<AppendOutcome, EventLogError> {
+        let (events, json) = prepare(events)?;
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            subject: subject.clone(),
+            expected,
+            events,
+            json,
+            reply,
+        };
+        self.log(subject.log())
+            .commands
+            .send(Command::Append(request))
+            .await
+            .map_err(|_| EventLogError::Closed)?;
+        answer.await.map_err(|_| EventLogError::Closed)?
+    }
+
+    async fn read_aggregate(&self, subject: &Subject) -> Result<AggregateHistory, EventLogError> {
+        reader::read_aggregate(self.log(subject.log()).shared.clone(), subject).await
+    }
+
+    async fn read_from(
+        &self,
+        log: LogKind,
+        from: u64,
+        filter: Option<&SubjectFilter>,
+    ) -> Result<EventStream, EventLogError> {
+        let shared = self.log(log).shared.clone();
+        let last = shared.read_index().last_sequence();
+        Ok(reader::read_range(
+            shared,
+            from.max(1),
+            last,
+            filter.cloned(),
+        ))
+    }
+
+    async fn subscribe(
+        &self,
+        log: LogKind,
+        from: u64,
+        filter: Option<&SubjectFilter>,
+    ) -> Result<EventStream, EventLogError> {
+        let shared = self.log(log).shared.clone();
+        Ok(reader::subscribe(shared, from.max(1), filter.cloned()))
+    }
+
+    async fn last_sequence(&self, log: LogKind) -> Result<u64, EventLogError> {
+        Ok(self.log(log).shared.read_index().last_sequence())
+    }
+}

@@ -83,7 +83,9 @@ pub struct Subject {
     kind: AggregateKind,
 }
 
-const MAX_SUBJECT_LEN: usize = 200;
+/// Room for the longest `UserKey` (a 256-character user id, each byte escaped) plus ids, and
+/// still well inside nats-server's 4 KiB control line with the `<prefix>.evt.` prefix.
+const MAX_SUBJECT_LEN: usize = 2048;
 
 impl Subject {
     pub fn parse(value: &str) -> Result<Self, EventLogError> {
@@ -92,7 +94,7 @@ impl Subject {
             reason: reason.to_owned(),
         };
         if value.len() > MAX_SUBJECT_LEN {
-            return Err(invalid("longer than 200 bytes"));
+            return Err(invalid("longer than 2048 bytes"));
         }
         let mut tokens = value.split('.');
         let first = tokens.next().unwrap_or_default();
@@ -163,7 +165,7 @@ impl SubjectFilter {
             reason: reason.to_owned(),
         };
         if value.is_empty() || value.len() > MAX_SUBJECT_LEN {
-            return Err(invalid("a filter is 1 to 200 bytes"));
+            return Err(invalid("a filter is 1 to 2048 bytes"));
         }
         let tokens: Vec<&str> = value.split('.').collect();
         for (i, token) in tokens.iter().enumerate() {

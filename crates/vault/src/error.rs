@@ -114,10 +114,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn backend(
-        operation: &'static str,
-        source: impl Into<BoxError>,
-    ) -> StoreError {
+    pub(crate) fn backend(operation: &'static str, source: impl Into<BoxError>) -> StoreError {
         StoreError::Backend {
             operation,
             source: source.into(),

@@ -1,22 +1,4 @@
 //! The embedded default store: one file per entry in a private directory.
-//!
-//! Layout of the directory (mode 0700):
-//! - `.lock`: held with an exclusive `flock` while a [`FileStore`] is open, so one process
-//!   owns the directory. Compare-and-swap is made safe inside that process by a mutex that
-//!   every write takes.
-//! - `<sha256(name) hex>.entry` (mode 0600): one per entry. The entry name is hashed, never
-//!   used as a path, so no name can reach outside the directory and long names fit.
-//! - `<…>.entry.tmp`: a write in progress. A write goes temp file → fsync → rename →
-//!   fsync(directory), so after a crash a file holds the old or the new value, and leftover
-//!   temporary files are deleted when the store is opened.
-//!
-//! An entry file is `"SBVE"`, a version byte (1), the revision (u64, big endian), the name
-//! length (u16, big endian), the name, then the sealed value (ciphertext, see the crate
-//! docs). The name is stored so that [`SecretStore::names`] can list entries.
-//!
-//! Revisions come from one counter for the whole directory, starting above the highest
-//! revision on disk, so a deleted and re-created entry never repeats a revision while the
-//! store is open.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
@@ -39,8 +21,26 @@ const ENTRY_SUFFIX: &str = ".entry";
 const TMP_SUFFIX: &str = ".entry.tmp";
 const LOCK_FILE: &str = ".lock";
 
-/// A vault store in a local directory. Cheap to clone (shared state). See the
-/// [module docs](self) for the layout and the guarantees.
+/// The embedded default store: one file per entry in a private directory. Cheap to clone
+/// (shared state).
+///
+/// Layout of the directory (mode 0700):
+/// - `.lock`: held with an exclusive `flock` while a [`FileStore`] is open, so one process
+///   owns the directory. Compare-and-swap is made safe inside that process by a mutex that
+///   every write takes.
+/// - `<sha256(name) hex>.entry` (mode 0600): one per entry. The entry name is hashed, never
+///   used as a path, so no name can reach outside the directory and long names fit.
+/// - `<…>.entry.tmp`: a write in progress. A write goes temp file → fsync → rename →
+///   fsync(directory), so after a crash a file holds the old or the new value, and leftover
+///   temporary files are deleted when the store is opened.
+///
+/// An entry file is `"SBVE"`, a version byte (1), the revision (u64, big endian), the name
+/// length (u16, big endian), the name, then the sealed value (ciphertext, see the crate
+/// docs). The name is stored so that [`SecretStore::names`](crate::SecretStore::names) can list entries.
+///
+/// Revisions come from one counter for the whole directory, starting above the highest
+/// revision on disk, so a deleted and re-created entry never repeats a revision while the
+/// store is open.
 #[derive(Clone)]
 pub struct FileStore {
     inner: Arc<Inner>,
@@ -365,6 +365,9 @@ impl SecretStore for FileStore {
                     }
                 }
             }
+            // A file replaced by a rename while the directory is read can be listed twice.
+            names.sort_unstable();
+            names.dedup();
             Ok(names)
         })
         .await

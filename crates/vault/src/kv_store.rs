@@ -1,16 +1,4 @@
 //! The distributed store: a JetStream key-value bucket.
-//!
-//! - Entry names are KV keys as they are ([`SecretName`] is a subset of valid keys).
-//! - Revisions are stream sequences; compare-and-swap and create-only writes are publishes
-//!   with `Nats-Expected-Last-Subject-Sequence`, so the server decides who wins.
-//! - The bucket keeps one message per key (history 1): an overwritten ciphertext (say, one
-//!   under a retired master key) is gone from the stream, not only hidden.
-//! - The bucket is created with per-message TTLs and delete-marker TTLs (nats-server 2.11+).
-//!   A time-to-live entry is published with a `Nats-TTL` so the server drops it by itself
-//!   once it has expired (the expiry sealed in the value is what the vault enforces), and a
-//!   delete leaves a purge marker that also expires: short-lived entries such as OAuth
-//!   `state` do not leave a subject behind forever. On a bucket made without TTL support
-//!   the store works the same, without server-side clean-up.
 
 use std::fmt;
 use std::time::Duration;
@@ -19,11 +7,14 @@ use async_nats::header::{self, HeaderMap, HeaderValue};
 use async_nats::jetstream::{self, context::PublishErrorKind, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::TryStreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use crate::error::StoreError;
 use crate::name::SecretName;
 use crate::store::{Revision, SecretStore, StoredValue};
+
+/// Reads in flight at once while listing names.
+const LISTING_CONCURRENCY: usize = 16;
 
 /// Bucket name used when none is configured.
 pub const DEFAULT_BUCKET: &str = "switchboard_vault";
@@ -63,7 +54,19 @@ impl Default for KvStoreConfig {
     }
 }
 
-/// A vault store in a JetStream KV bucket. Cheap to clone. See the [module docs](self).
+/// The distributed store: a JetStream key-value bucket. Cheap to clone.
+///
+/// - Entry names are KV keys as they are ([`SecretName`] is a subset of valid keys).
+/// - Revisions are stream sequences; compare-and-swap and create-only writes are publishes
+///   with `Nats-Expected-Last-Subject-Sequence`, so the server decides who wins.
+/// - The bucket keeps one message per key (history 1): an overwritten ciphertext (say, one
+///   under a retired master key) is gone from the stream, not only hidden.
+/// - The bucket is created with per-message TTLs and delete-marker TTLs (nats-server 2.11+).
+///   A time-to-live entry is published with a `Nats-TTL` so the server drops it by itself
+///   once it has expired (the expiry sealed in the value is what the vault enforces), and a
+///   delete leaves a purge marker that also expires: short-lived entries such as OAuth
+///   `state` do not leave a subject behind forever. On a bucket made without TTL support
+///   the store works the same, without server-side clean-up.
 #[derive(Clone)]
 pub struct KvStore {
     js: jetstream::Context,
@@ -165,7 +168,10 @@ impl KvStore {
             HeaderValue::from(expected),
         );
         if let Some(ttl) = ttl.filter(|_| self.server_ttl) {
-            headers.insert(header::NATS_MESSAGE_TTL, HeaderValue::from(server_secs(ttl)));
+            headers.insert(
+                header::NATS_MESSAGE_TTL,
+                HeaderValue::from(server_secs(ttl)),
+            );
         }
         let subject = format!("{}{}", self.subject_prefix, name.as_str());
         let ack = self
@@ -296,23 +302,44 @@ impl SecretStore for KvStore {
 
     async fn names(&self) -> Result<Vec<SecretName>, StoreError> {
         const OPERATION: &str = "listing the vault KV bucket";
-        let keys: Vec<String> = self
+        // Not `kv::Store::keys`: its consumer can report "nothing pending" too early while
+        // keys are being written, and end the listing with keys missing; a rotation would
+        // then skip entries. The stream's subject list is a snapshot in one response (up to
+        // 100,000 keys per page), complete for every key that had a message at that moment,
+        // delete markers included.
+        let subjects: Vec<(String, usize)> = self
             .kv
-            .keys()
+            .stream
+            .info_with_subjects(format!("{}>", self.kv.prefix))
             .await
             .map_err(|e| StoreError::backend(OPERATION, e))?
             .try_collect()
             .await
             .map_err(|e| StoreError::backend(OPERATION, e))?;
-        Ok(keys
+        let candidates: Vec<SecretName> = subjects
             .into_iter()
-            .filter_map(|key| match SecretName::parse(key) {
-                Ok(name) => Some(name),
-                Err(_) => {
-                    tracing::warn!("skipping a key in the vault KV bucket that is not a valid entry name");
-                    None
+            .filter_map(|(subject, _)| {
+                let name = SecretName::parse(subject.strip_prefix(&self.kv.prefix)?);
+                if name.is_err() {
+                    tracing::warn!(
+                        "skipping a key in the vault KV bucket that is not a valid entry name"
+                    );
                 }
+                name.ok()
             })
-            .collect())
+            .collect();
+        // Drop keys whose last message is a delete marker.
+        let mut names: Vec<SecretName> = futures_util::stream::iter(candidates)
+            .map(|name| async move {
+                let entry = self.entry(&name).await?;
+                let live = entry.is_some_and(|e| e.operation == kv::Operation::Put);
+                Ok::<_, StoreError>(live.then_some(name))
+            })
+            .buffer_unordered(LISTING_CONCURRENCY)
+            .try_filter_map(|name| async move { Ok(name) })
+            .try_collect()
+            .await?;
+        names.sort_unstable();
+        Ok(names)
     }
 }

@@ -70,6 +70,25 @@
 //!   buffer. Key material read from files or the environment is wiped after parsing. Errors
 //!   and reports carry names, key ids and causes, never values or keys. Entry names are not
 //!   secret: never put a token into a name.
+//!
+//! # Sealed value format
+//!
+//! What a store holds for one entry (format version 1):
+//!
+//! ```text
+//! offset  size  field
+//! 0       2     magic "SV"
+//! 2       1     format version (1)
+//! 3       1     key id length L (1..=64)
+//! 4       L     key id (ASCII)
+//! 4+L     12    nonce (random per write)
+//! 16+L    1     flags: bit 0 = an expiry follows
+//! 17+L    8     expires at, unix milliseconds, big endian (only with flag bit 0)
+//! ...     n+16  AES-256-GCM ciphertext of the n plaintext bytes, then the 16-byte tag
+//! ```
+//!
+//! Associated data: the entry name's length (u16, big endian), the name, then the whole
+//! header above (magic through expiry).
 
 mod clock;
 mod error;
@@ -91,6 +110,4 @@ pub use kv_store::{DEFAULT_BUCKET, KvStore, KvStoreConfig};
 pub use name::SecretName;
 pub use secret::Secret;
 pub use store::{Revision, SecretStore, StoredValue};
-pub use vault::{
-    CheckReport, DEFAULT_STATE_TTL, EntryProblem, RotationReport, Vault,
-};
+pub use vault::{CheckReport, DEFAULT_STATE_TTL, EntryProblem, RotationReport, Vault};

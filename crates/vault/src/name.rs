@@ -124,10 +124,7 @@ mod tests {
             &"x".repeat(MAX_NAME_LEN + 1),
         ] {
             assert!(
-                matches!(
-                    SecretName::parse(name),
-                    Err(VaultError::InvalidName { .. })
-                ),
+                matches!(SecretName::parse(name), Err(VaultError::InvalidName { .. })),
                 "{name:?}"
             );
         }

@@ -1,16 +1,6 @@
 //! The sealed value: the bytes a store holds for one entry.
 //!
-//! ```text
-//! offset  size  field
-//! 0       2     magic "SV"
-//! 2       1     format version (1)
-//! 3       1     key id length L (1..=64)
-//! 4       L     key id (ASCII)
-//! 4+L     12    nonce (random per write)
-//! 16+L    1     flags: bit 0 = an expiry follows
-//! 17+L    8     expires at, unix milliseconds, big endian (only with flag bit 0)
-//! ...     n+16  AES-256-GCM ciphertext of the n plaintext bytes, then the 16-byte tag
-//! ```
+//! Layout: see the crate docs ("Sealed value format").
 //!
 //! The associated data is the entry name (length-prefixed) followed by the whole header
 //! (magic through expiry). So a value copied under another name fails to open, and so does
@@ -110,11 +100,7 @@ pub(crate) fn parse_header(sealed: &[u8]) -> Result<Header<'_>, String> {
 }
 
 /// Fills `buf` with the associated data for `name` + `header_bytes`; returns its length.
-fn associated_data(
-    buf: &mut [u8; MAX_AAD_LEN],
-    name: &SecretName,
-    header_bytes: &[u8],
-) -> usize {
+fn associated_data(buf: &mut [u8; MAX_AAD_LEN], name: &SecretName, header_bytes: &[u8]) -> usize {
     let name = name.as_str().as_bytes();
     // Both lengths are bounded by construction (validated name, bounded header).
     let name_len = u16::try_from(name.len()).unwrap_or(u16::MAX);
@@ -252,10 +238,7 @@ mod tests {
             copy[index] ^= 0x01;
             let opened = header_of(&name("n"), &copy)
                 .and_then(|header| open(&ring, &name("n"), &copy, &header));
-            assert!(
-                opened.is_err(),
-                "flip at {index} was accepted"
-            );
+            assert!(opened.is_err(), "flip at {index} was accepted");
         }
     }
 

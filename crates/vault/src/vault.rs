@@ -159,7 +159,11 @@ impl Vault {
     pub fn set_keyring(&self, keyring: KeyRing) {
         let keyring = Arc::new(keyring);
         tracing::info!(current_key = %keyring.current_key_id(), "vault master keys replaced");
-        *self.inner.keyring.write().unwrap_or_else(|e| e.into_inner()) = keyring;
+        *self
+            .inner
+            .keyring
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = keyring;
     }
 
     /// The store underneath (it holds only sealed values).

@@ -1,0 +1,877 @@
+//! The Invocation aggregate: one tool call request, identified by its invocation id. Its
+//! events live on the bounded subject `invocation.<user_key>` (one per user, not one per
+//! invocation), so a user's invocations share a subject: fold one with
+//! [`InvocationState::replay`], which picks its events out.
+//!
+//! The state machine:
+//! ```text
+//! Request ─┬─ rejected (tool_blocked, server_disabled, not_connected, unknown_tool)   [terminal]
+//!          ├─ awaiting approval ─┬─ Approve ──→ ready
+//!          │                     ├─ Deny ─────→ denied                                 [terminal]
+//!          │                     └─ Expire ───→ expired                                [terminal]
+//!          └─ ready ── Start ──→ running ─┬─ Complete → completed                       [terminal]
+//!                                         └─ Fail ────→ failed                          [terminal]
+//! ```
+//! `Fail` also closes an invocation that never started (e.g. its token could not be loaded).
+//! Start is accepted once: at most one call to the MCP server per invocation id. Exactly one
+//! terminal event; after it, every command is refused with `invocation_finished` (a request
+//! replayed with identical content records nothing instead, so a retried publish is harmless).
+use std::time::{Duration, SystemTime};
+
+use proto::v1::{self as pb, envelope::Event};
+
+use crate::time::{from_timestamp, to_timestamp};
+use crate::{Aggregate, DomainError, InvocationId, ServerId, ToolName, ToolState, UserId};
+
+/// The subject a user's invocation events go to, relative to the deployment's prefix.
+pub fn subject(user: &UserId) -> String {
+    format!("invocation.{}", user.key())
+}
+
+/// The invocation an event belongs to, if it is an invocation event.
+pub fn invocation_id_of(event: &Event) -> Option<&str> {
+    Some(match event {
+        Event::InvocationRequested(e) => &e.invocation_id,
+        Event::InvocationRejected(e) => &e.invocation_id,
+        Event::InvocationAwaitingApproval(e) => &e.invocation_id,
+        Event::InvocationApproved(e) => &e.invocation_id,
+        Event::InvocationDenied(e) => &e.invocation_id,
+        Event::InvocationExpired(e) => &e.invocation_id,
+        Event::InvocationStarted(e) => &e.invocation_id,
+        Event::InvocationCompleted(e) => &e.invocation_id,
+        Event::InvocationFailed(e) => &e.invocation_id,
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum InvocationStatus {
+    /// No `InvocationRequested` yet.
+    #[default]
+    NotRequested,
+    AwaitingApproval {
+        expires_at: SystemTime,
+    },
+    /// Allowed to start: by an *Always allow* setting, or approved by the user.
+    Ready {
+        approved_by: Option<String>,
+    },
+    Running,
+    Rejected {
+        reason_code: String,
+    },
+    Denied,
+    Expired,
+    Completed {
+        is_error: bool,
+    },
+    Failed {
+        error_code: String,
+    },
+}
+
+impl InvocationStatus {
+    /// Whether the invocation has its one terminal event.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            InvocationStatus::Rejected { .. }
+                | InvocationStatus::Denied
+                | InvocationStatus::Expired
+                | InvocationStatus::Completed { .. }
+                | InvocationStatus::Failed { .. }
+        )
+    }
+}
+
+/// One invocation as its events describe it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InvocationState {
+    request: Option<pb::InvocationRequested>,
+    status: InvocationStatus,
+}
+
+impl InvocationState {
+    /// Folds the events of invocation `id` out of a stream that may hold other invocations'
+    /// events too (a user's invocation subject).
+    pub fn replay<'a>(id: InvocationId, events: impl IntoIterator<Item = &'a Event>) -> Self {
+        let id = id.to_string();
+        let mut state = InvocationState::default();
+        for event in events {
+            if invocation_id_of(event) == Some(id.as_str()) {
+                state.apply(event);
+            }
+        }
+        state
+    }
+
+    pub fn status(&self) -> &InvocationStatus {
+        &self.status
+    }
+
+    /// The request, once recorded.
+    pub fn request(&self) -> Option<&pb::InvocationRequested> {
+        self.request.as_ref()
+    }
+}
+
+impl Aggregate for InvocationState {
+    /// Events of another invocation than the one requested first are ignored, and so is
+    /// anything after the terminal event. Use [`InvocationState::replay`] on a shared subject.
+    fn apply(&mut self, event: &Event) {
+        let Some(event_id) = invocation_id_of(event) else {
+            return;
+        };
+        if let Event::InvocationRequested(requested) = event {
+            if self.request.is_none() {
+                self.request = Some(requested.clone());
+                self.status = InvocationStatus::Ready { approved_by: None };
+            }
+            return;
+        }
+        let ours = self
+            .request
+            .as_ref()
+            .is_some_and(|request| request.invocation_id == event_id);
+        if !ours || self.status.is_terminal() {
+            return;
+        }
+        self.status = match event {
+            Event::InvocationRejected(e) => InvocationStatus::Rejected {
+                reason_code: e.reason_code.clone(),
+            },
+            Event::InvocationAwaitingApproval(e) => InvocationStatus::AwaitingApproval {
+                expires_at: e
+                    .approval_expires_at
+                    .as_ref()
+                    .map_or(SystemTime::UNIX_EPOCH, from_timestamp),
+            },
+            Event::InvocationApproved(e) => InvocationStatus::Ready {
+                approved_by: Some(e.approved_by.clone()),
+            },
+            Event::InvocationDenied(_) => InvocationStatus::Denied,
+            Event::InvocationExpired(_) => InvocationStatus::Expired,
+            Event::InvocationStarted(_) => InvocationStatus::Running,
+            Event::InvocationCompleted(e) => InvocationStatus::Completed {
+                is_error: e.is_error,
+            },
+            Event::InvocationFailed(e) => InvocationStatus::Failed {
+                error_code: e.error_code.clone(),
+            },
+            _ => return,
+        };
+    }
+}
+
+/// What the invoker found for the tool name the AI used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTool {
+    pub server_id: ServerId,
+    pub tool: ToolName,
+    pub server_enabled: bool,
+    /// Whether the user's connection to the server can be used.
+    pub connected: bool,
+    /// The user's setting for the tool.
+    pub tool_state: ToolState,
+}
+
+/// A tool call request, with the facts the invoker resolved for it.
+#[derive(Debug, Clone)]
+pub struct InvocationRequest {
+    pub user_id: UserId,
+    /// The name the AI used (`<slug>__<tool>`), as it sent it; recorded (cut to 256
+    /// characters) even when it names no tool.
+    pub exposed_tool_name: String,
+    /// Tool arguments as JSON text (the invoker caps their size).
+    pub arguments_json: String,
+    /// `None`: the exposed name names no tool of this user.
+    pub resolved: Option<ResolvedTool>,
+    /// How long a *Needs approval* invocation waits for the user.
+    pub approval_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum InvocationCommand {
+    Request(InvocationRequest),
+    Approve {
+        by: UserId,
+    },
+    Deny {
+        by: UserId,
+        reason: String,
+    },
+    /// The approval deadline passed.
+    Expire,
+    /// The invoker is about to call the MCP server.
+    Start,
+    /// The MCP server answered (`is_error`: MCP `isError`, the tool reported a failure).
+    Complete {
+        is_error: bool,
+        duration_ms: u64,
+        result_size_bytes: u64,
+        result_sha256: String,
+        truncated: bool,
+    },
+    /// The call could not be made or did not return a result.
+    Fail {
+        error_code: String,
+        message: String,
+        duration_ms: u64,
+    },
+}
+
+const MAX_RECORDED_EXPOSED_NAME_CHARS: usize = 256;
+
+/// Decides a command for invocation `id` at time `now`.
+pub fn decide(
+    state: &InvocationState,
+    id: InvocationId,
+    command: InvocationCommand,
+    now: SystemTime,
+) -> Result<Vec<Event>, DomainError> {
+    let invocation_id = || id.to_string();
+    if let InvocationCommand::Request(request) = command {
+        return request_invocation(state, invocation_id(), request, now);
+    }
+    let Some(request) = &state.request else {
+        return Err(DomainError::InvocationNotFound);
+    };
+    if state.status.is_terminal() {
+        return Err(DomainError::InvocationFinished);
+    }
+    match command {
+        InvocationCommand::Request(_) => Ok(vec![]), // handled above
+        InvocationCommand::Approve { by } => {
+            if by.as_str() != request.user_id {
+                return Err(DomainError::ApprovalNotYours);
+            }
+            match &state.status {
+                InvocationStatus::AwaitingApproval { expires_at } => {
+                    if now >= *expires_at {
+                        return Err(DomainError::ApprovalExpired);
+                    }
+                    Ok(vec![Event::InvocationApproved(pb::InvocationApproved {
+                        invocation_id: invocation_id(),
+                        approved_by: by.as_str().to_owned(),
+                    })])
+                }
+                // A replayed approval.
+                InvocationStatus::Ready {
+                    approved_by: Some(approver),
+                } if approver == by.as_str() => Ok(vec![]),
+                _ => Err(DomainError::InvocationNotAwaitingApproval),
+            }
+        }
+        InvocationCommand::Deny { by, reason } => {
+            if by.as_str() != request.user_id {
+                return Err(DomainError::ApprovalNotYours);
+            }
+            match &state.status {
+                InvocationStatus::AwaitingApproval { .. } => {
+                    Ok(vec![Event::InvocationDenied(pb::InvocationDenied {
+                        invocation_id: invocation_id(),
+                        denied_by: by.as_str().to_owned(),
+                        reason,
+                    })])
+                }
+                _ => Err(DomainError::InvocationNotAwaitingApproval),
+            }
+        }
+        InvocationCommand::Expire => match &state.status {
+            InvocationStatus::AwaitingApproval { expires_at } if now >= *expires_at => {
+                Ok(vec![Event::InvocationExpired(pb::InvocationExpired {
+                    invocation_id: invocation_id(),
+                })])
+            }
+            InvocationStatus::AwaitingApproval { .. } => Err(DomainError::ApprovalNotExpired),
+            _ => Err(DomainError::InvocationNotAwaitingApproval),
+        },
+        InvocationCommand::Start => match &state.status {
+            InvocationStatus::Ready { .. } => {
+                Ok(vec![Event::InvocationStarted(pb::InvocationStarted {
+                    invocation_id: invocation_id(),
+                })])
+            }
+            InvocationStatus::AwaitingApproval { .. } => {
+                Err(DomainError::InvocationAwaitingApproval)
+            }
+            _ => Err(DomainError::InvocationAlreadyStarted),
+        },
+        InvocationCommand::Complete {
+            is_error,
+            duration_ms,
+            result_size_bytes,
+            result_sha256,
+            truncated,
+        } => match &state.status {
+            InvocationStatus::Running => {
+                Ok(vec![Event::InvocationCompleted(pb::InvocationCompleted {
+                    invocation_id: invocation_id(),
+                    is_error,
+                    duration_ms,
+                    result_size_bytes,
+                    result_sha256,
+                    truncated,
+                })])
+            }
+            _ => Err(DomainError::InvocationNotStarted),
+        },
+        InvocationCommand::Fail {
+            error_code,
+            message,
+            duration_ms,
+        } => Ok(vec![Event::InvocationFailed(pb::InvocationFailed {
+            invocation_id: invocation_id(),
+            error_code,
+            message,
+            duration_ms,
+        })]),
+    }
+}
+
+fn request_invocation(
+    state: &InvocationState,
+    invocation_id: String,
+    request: InvocationRequest,
+    now: SystemTime,
+) -> Result<Vec<Event>, DomainError> {
+    let exposed_tool_name =
+        if request.exposed_tool_name.chars().count() > MAX_RECORDED_EXPOSED_NAME_CHARS {
+            request
+                .exposed_tool_name
+                .chars()
+                .take(MAX_RECORDED_EXPOSED_NAME_CHARS)
+                .collect()
+        } else {
+            request.exposed_tool_name
+        };
+    let requested = pb::InvocationRequested {
+        invocation_id,
+        user_id: request.user_id.as_str().to_owned(),
+        server_id: request
+            .resolved
+            .as_ref()
+            .map(|r| r.server_id.to_string())
+            .unwrap_or_default(),
+        tool_name: request
+            .resolved
+            .as_ref()
+            .map(|r| r.tool.as_str().to_owned())
+            .unwrap_or_default(),
+        exposed_tool_name,
+        arguments_json: request.arguments_json,
+    };
+    if let Some(recorded) = &state.request {
+        return if *recorded == requested {
+            Ok(vec![])
+        } else {
+            Err(DomainError::InvocationIdReused)
+        };
+    }
+
+    let rejection = match &request.resolved {
+        None => Some(DomainError::UnknownTool),
+        Some(tool) if !tool.server_enabled => Some(DomainError::ServerDisabled),
+        Some(tool) if !tool.connected => Some(DomainError::NotConnected),
+        Some(tool) if tool.tool_state == ToolState::Blocked => Some(DomainError::ToolBlocked),
+        Some(_) => None,
+    };
+    let needs_approval = request
+        .resolved
+        .as_ref()
+        .is_some_and(|tool| tool.tool_state == ToolState::NeedsApproval);
+    // Checked before anything is recorded, so a bad time-out records nothing.
+    let approval_expires_at = if rejection.is_none() && needs_approval {
+        if request.approval_timeout.is_zero() {
+            return Err(DomainError::ApprovalTimeoutInvalid);
+        }
+        Some(
+            now.checked_add(request.approval_timeout)
+                .ok_or(DomainError::ApprovalTimeoutInvalid)?,
+        )
+    } else {
+        None
+    };
+
+    let invocation_id = requested.invocation_id.clone();
+    let mut events = Vec::with_capacity(2);
+    events.push(Event::InvocationRequested(requested));
+    if let Some(reason) = rejection {
+        events.push(Event::InvocationRejected(pb::InvocationRejected {
+            invocation_id,
+            reason_code: reason.code().to_owned(),
+            message: reason.to_string(),
+        }));
+    } else if let Some(expires_at) = approval_expires_at {
+        events.push(Event::InvocationAwaitingApproval(
+            pb::InvocationAwaitingApproval {
+                invocation_id,
+                approval_expires_at: Some(to_timestamp(expires_at)),
+            },
+        ));
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::testing::Scenario;
+
+    const INVOCATION: &str = "0190f3c4-a8b2-7c3d-9e1f-00000000000a";
+    const SERVER: &str = "0190f3c4-a8b2-7c3d-9e1f-0123456789ab";
+
+    fn id() -> InvocationId {
+        InvocationId::parse(INVOCATION).unwrap()
+    }
+
+    fn at(seconds: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    fn alice() -> UserId {
+        UserId::parse("alice@example.com").unwrap()
+    }
+
+    fn resolved(tool_state: ToolState) -> ResolvedTool {
+        ResolvedTool {
+            server_id: ServerId::parse(SERVER).unwrap(),
+            tool: ToolName::parse("create_issue").unwrap(),
+            server_enabled: true,
+            connected: true,
+            tool_state,
+        }
+    }
+
+    fn request_with(resolved: Option<ResolvedTool>) -> InvocationCommand {
+        InvocationCommand::Request(InvocationRequest {
+            user_id: alice(),
+            exposed_tool_name: "github__create_issue".into(),
+            arguments_json: r#"{"title":"Bug"}"#.into(),
+            resolved,
+            approval_timeout: Duration::from_secs(300),
+        })
+    }
+
+    fn request(tool_state: ToolState) -> InvocationCommand {
+        request_with(Some(resolved(tool_state)))
+    }
+
+    fn requested() -> Event {
+        Event::InvocationRequested(pb::InvocationRequested {
+            invocation_id: INVOCATION.into(),
+            user_id: "alice@example.com".into(),
+            server_id: SERVER.into(),
+            tool_name: "create_issue".into(),
+            exposed_tool_name: "github__create_issue".into(),
+            arguments_json: r#"{"title":"Bug"}"#.into(),
+        })
+    }
+
+    fn rejected(error: DomainError) -> Event {
+        Event::InvocationRejected(pb::InvocationRejected {
+            invocation_id: INVOCATION.into(),
+            reason_code: error.code().into(),
+            message: error.to_string(),
+        })
+    }
+
+    fn awaiting(expires: u64) -> Event {
+        Event::InvocationAwaitingApproval(pb::InvocationAwaitingApproval {
+            invocation_id: INVOCATION.into(),
+            approval_expires_at: Some(to_timestamp(at(expires))),
+        })
+    }
+
+    fn approved() -> Event {
+        Event::InvocationApproved(pb::InvocationApproved {
+            invocation_id: INVOCATION.into(),
+            approved_by: "alice@example.com".into(),
+        })
+    }
+
+    fn started() -> Event {
+        Event::InvocationStarted(pb::InvocationStarted {
+            invocation_id: INVOCATION.into(),
+        })
+    }
+
+    fn completed() -> Event {
+        Event::InvocationCompleted(pb::InvocationCompleted {
+            invocation_id: INVOCATION.into(),
+            is_error: false,
+            duration_ms: 120,
+            result_size_bytes: 512,
+            result_sha256: "ab".repeat(32),
+            truncated: false,
+        })
+    }
+
+    fn complete() -> InvocationCommand {
+        InvocationCommand::Complete {
+            is_error: false,
+            duration_ms: 120,
+            result_size_bytes: 512,
+            result_sha256: "ab".repeat(32),
+            truncated: false,
+        }
+    }
+
+    fn fail() -> InvocationCommand {
+        InvocationCommand::Fail {
+            error_code: "mcp_timeout".into(),
+            message: "the server did not answer in 30 s".into(),
+            duration_ms: 30_000,
+        }
+    }
+
+    fn failed() -> Event {
+        Event::InvocationFailed(pb::InvocationFailed {
+            invocation_id: INVOCATION.into(),
+            error_code: "mcp_timeout".into(),
+            message: "the server did not answer in 30 s".into(),
+            duration_ms: 30_000,
+        })
+    }
+
+    fn decide_at(
+        seconds: u64,
+        command: InvocationCommand,
+    ) -> impl FnOnce(&InvocationState) -> Result<Vec<Event>, DomainError> {
+        move |state| decide(state, id(), command, at(seconds))
+    }
+
+    #[test]
+    fn always_allowed_tool_is_ready_to_start() {
+        let state = Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, request(ToolState::AlwaysAllow)))
+            .then([requested()]);
+        assert_eq!(
+            state.status(),
+            &InvocationStatus::Ready { approved_by: None }
+        );
+    }
+
+    #[test]
+    fn blocked_tool_is_rejected() {
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, request(ToolState::Blocked)))
+            .then([requested(), rejected(DomainError::ToolBlocked)]);
+    }
+
+    #[test]
+    fn disabled_server_rejects_invocations() {
+        let tool = ResolvedTool {
+            server_enabled: false,
+            ..resolved(ToolState::AlwaysAllow)
+        };
+        let state = Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, request_with(Some(tool))))
+            .then([requested(), rejected(DomainError::ServerDisabled)]);
+        assert!(state.status().is_terminal());
+    }
+
+    #[test]
+    fn invocation_without_a_connection_is_rejected() {
+        let tool = ResolvedTool {
+            connected: false,
+            ..resolved(ToolState::AlwaysAllow)
+        };
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, request_with(Some(tool))))
+            .then([requested(), rejected(DomainError::NotConnected)]);
+    }
+
+    #[test]
+    fn unknown_tool_is_rejected_and_the_name_the_ai_used_is_recorded() {
+        let unknown = Event::InvocationRequested(pb::InvocationRequested {
+            server_id: String::new(),
+            tool_name: String::new(),
+            ..match requested() {
+                Event::InvocationRequested(r) => r,
+                _ => unreachable!(),
+            }
+        });
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, request_with(None)))
+            .then([unknown, rejected(DomainError::UnknownTool)]);
+    }
+
+    #[test]
+    fn needs_approval_tool_waits_for_the_user_until_the_timeout() {
+        let state = Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, request(ToolState::NeedsApproval)))
+            .then([requested(), awaiting(1_300)]);
+        assert_eq!(
+            state.status(),
+            &InvocationStatus::AwaitingApproval {
+                expires_at: at(1_300)
+            }
+        );
+    }
+
+    #[test]
+    fn approval_timeout_must_be_usable() {
+        let InvocationCommand::Request(mut zero) = request(ToolState::NeedsApproval) else {
+            unreachable!()
+        };
+        zero.approval_timeout = Duration::ZERO;
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, InvocationCommand::Request(zero)))
+            .then_error("approval_timeout_invalid");
+        let InvocationCommand::Request(mut huge) = request(ToolState::NeedsApproval) else {
+            unreachable!()
+        };
+        huge.approval_timeout = Duration::MAX;
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, InvocationCommand::Request(huge)))
+            .then_error("approval_timeout_invalid");
+    }
+
+    #[test]
+    fn the_user_approves_and_the_invocation_becomes_ready() {
+        let state = Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(1_100, InvocationCommand::Approve { by: alice() }))
+            .then([approved()]);
+        assert_eq!(
+            state.status(),
+            &InvocationStatus::Ready {
+                approved_by: Some("alice@example.com".into())
+            }
+        );
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300), approved()])
+            .when(decide_at(1_101, InvocationCommand::Start))
+            .then([started()]);
+    }
+
+    #[test]
+    fn replayed_approval_records_nothing() {
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300), approved()])
+            .when(decide_at(1_101, InvocationCommand::Approve { by: alice() }))
+            .then_nothing();
+    }
+
+    #[test]
+    fn only_the_invocations_user_can_approve_or_deny() {
+        let mallory = UserId::parse("mallory@example.com").unwrap();
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(
+                1_100,
+                InvocationCommand::Approve {
+                    by: mallory.clone(),
+                },
+            ))
+            .then_error("approval_not_yours");
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(
+                1_100,
+                InvocationCommand::Deny {
+                    by: mallory,
+                    reason: String::new(),
+                },
+            ))
+            .then_error("approval_not_yours");
+    }
+
+    #[test]
+    fn approval_after_the_deadline_is_refused() {
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(1_300, InvocationCommand::Approve { by: alice() }))
+            .then_error("approval_expired");
+    }
+
+    #[test]
+    fn only_an_awaiting_invocation_can_be_approved() {
+        Scenario::<InvocationState>::given([requested()])
+            .when(decide_at(1_100, InvocationCommand::Approve { by: alice() }))
+            .then_error("invocation_not_awaiting_approval");
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(1_100, InvocationCommand::Approve { by: alice() }))
+            .then_error("invocation_not_found");
+    }
+
+    #[test]
+    fn the_user_denies_and_the_invocation_ends() {
+        let state = Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(
+                1_100,
+                InvocationCommand::Deny {
+                    by: alice(),
+                    reason: "not now".into(),
+                },
+            ))
+            .then([Event::InvocationDenied(pb::InvocationDenied {
+                invocation_id: INVOCATION.into(),
+                denied_by: "alice@example.com".into(),
+                reason: "not now".into(),
+            })]);
+        assert_eq!(state.status(), &InvocationStatus::Denied);
+    }
+
+    #[test]
+    fn an_unanswered_approval_expires_only_after_its_deadline() {
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(1_299, InvocationCommand::Expire))
+            .then_error("approval_not_expired");
+        let state = Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(1_300, InvocationCommand::Expire))
+            .then([Event::InvocationExpired(pb::InvocationExpired {
+                invocation_id: INVOCATION.into(),
+            })]);
+        assert_eq!(state.status(), &InvocationStatus::Expired);
+        Scenario::<InvocationState>::given([requested()])
+            .when(decide_at(1_300, InvocationCommand::Expire))
+            .then_error("invocation_not_awaiting_approval");
+    }
+
+    #[test]
+    fn an_invocation_awaiting_approval_cannot_start() {
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(1_100, InvocationCommand::Start))
+            .then_error("invocation_awaiting_approval");
+    }
+
+    #[test]
+    fn an_invocation_starts_at_most_once() {
+        Scenario::<InvocationState>::given([requested()])
+            .when(decide_at(1_001, InvocationCommand::Start))
+            .then([started()]);
+        Scenario::<InvocationState>::given([requested(), started()])
+            .when(decide_at(1_002, InvocationCommand::Start))
+            .then_error("invocation_already_started");
+    }
+
+    #[test]
+    fn a_started_invocation_completes_with_exactly_one_terminal_event() {
+        let state = Scenario::<InvocationState>::given([requested(), started()])
+            .when(decide_at(1_002, complete()))
+            .then([completed()]);
+        assert_eq!(
+            state.status(),
+            &InvocationStatus::Completed { is_error: false }
+        );
+        for command in [complete(), fail(), InvocationCommand::Start] {
+            Scenario::<InvocationState>::given([requested(), started(), completed()])
+                .when(decide_at(1_003, command))
+                .then_error("invocation_finished");
+        }
+    }
+
+    #[test]
+    fn a_result_cannot_be_recorded_before_the_start() {
+        Scenario::<InvocationState>::given([requested()])
+            .when(decide_at(1_001, complete()))
+            .then_error("invocation_not_started");
+    }
+
+    #[test]
+    fn a_started_invocation_can_fail() {
+        let state = Scenario::<InvocationState>::given([requested(), started()])
+            .when(decide_at(1_031, fail()))
+            .then([failed()]);
+        assert!(state.status().is_terminal());
+    }
+
+    #[test]
+    fn an_invocation_can_fail_before_it_starts() {
+        Scenario::<InvocationState>::given([requested()])
+            .when(decide_at(1_001, fail()))
+            .then([failed()]);
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(1_001, fail()))
+            .then([failed()]);
+    }
+
+    #[test]
+    fn every_command_after_a_terminal_event_is_refused() {
+        let terminal_histories = [
+            vec![requested(), rejected(DomainError::ToolBlocked)],
+            vec![requested(), awaiting(1_300), {
+                Event::InvocationExpired(pb::InvocationExpired {
+                    invocation_id: INVOCATION.into(),
+                })
+            }],
+            vec![requested(), started(), failed()],
+        ];
+        for history in terminal_histories {
+            for command in [
+                InvocationCommand::Approve { by: alice() },
+                InvocationCommand::Deny {
+                    by: alice(),
+                    reason: String::new(),
+                },
+                InvocationCommand::Expire,
+                InvocationCommand::Start,
+                complete(),
+                fail(),
+            ] {
+                Scenario::<InvocationState>::given(history.clone())
+                    .when(decide_at(2_000, command))
+                    .then_error("invocation_finished");
+            }
+        }
+    }
+
+    #[test]
+    fn replayed_request_records_nothing_and_a_reused_id_is_refused() {
+        for history in [vec![requested()], vec![requested(), started(), completed()]] {
+            Scenario::<InvocationState>::given(history)
+                .when(decide_at(1_001, request(ToolState::AlwaysAllow)))
+                .then_nothing();
+        }
+        let InvocationCommand::Request(mut other) = request(ToolState::AlwaysAllow) else {
+            unreachable!()
+        };
+        other.arguments_json = r#"{"title":"Other"}"#.into();
+        Scenario::<InvocationState>::given([requested()])
+            .when(decide_at(1_001, InvocationCommand::Request(other)))
+            .then_error("invocation_id_reused");
+    }
+
+    #[test]
+    fn replay_picks_one_invocation_out_of_a_shared_subject() {
+        let other = "0190f3c4-a8b2-7c3d-9e1f-00000000000b";
+        let other_requested = Event::InvocationRequested(pb::InvocationRequested {
+            invocation_id: other.into(),
+            ..match requested() {
+                Event::InvocationRequested(r) => r,
+                _ => unreachable!(),
+            }
+        });
+        let other_started = Event::InvocationStarted(pb::InvocationStarted {
+            invocation_id: other.into(),
+        });
+        let stream = [other_requested, requested(), other_started, started()];
+        let state = InvocationState::replay(id(), &stream);
+        assert_eq!(state.status(), &InvocationStatus::Running);
+        assert_eq!(
+            state.request().map(|r| r.invocation_id.as_str()),
+            Some(INVOCATION)
+        );
+        // A plain fold keeps the first invocation and ignores the others' events.
+        let plain = InvocationState::from_events(&stream[1..]);
+        assert_eq!(plain.status(), &InvocationStatus::Running);
+        assert_eq!(invocation_id_of(&started()), Some(INVOCATION));
+        assert_eq!(subject(&alice()), "invocation.alice_40example_2Ecom");
+    }
+
+    #[test]
+    fn a_very_long_tool_name_from_the_ai_is_recorded_cut() {
+        let command = InvocationCommand::Request(InvocationRequest {
+            user_id: alice(),
+            exposed_tool_name: "x".repeat(10_000),
+            arguments_json: "{}".into(),
+            resolved: None,
+            approval_timeout: Duration::from_secs(300),
+        });
+        let (events, _) = Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, command))
+            .then_events();
+        let Some(Event::InvocationRequested(requested)) = events.first() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(requested.exposed_tool_name.len(), 256);
+    }
+}

@@ -1,0 +1,45 @@
+//! Switchboard's pure model: no IO, no clock, no async.
+//!
+//! - Validated newtypes ([`ServerName`], [`ServerUrl`], [`UserId`], [`UserKey`],
+//!   [`ExposedToolName`], …): once a value has the type, it is valid.
+//! - The aggregates, one module each: [`server`], [`connection`], [`tool_policy`],
+//!   [`invocation`]. Each has a state (`Default` = no events, folded with
+//!   [`Aggregate::apply`]), a command enum, and `decide(state, …, command, …) ->
+//!   Result<Vec<Event>, DomainError>`, where `Event` is the proto event body
+//!   (`proto::v1::envelope::Event`); services wrap the events in envelopes.
+//! - [`projections`]: read models folded across aggregates (the server directory).
+//! - [`DomainError`]: every refusal, with a stable machine code.
+//! - `testing` (tests, or the `testing` feature): the given/when/then helper.
+//!
+//! Time is always passed in (`now: SystemTime`); [`time`] converts to and from the protobuf
+//! `Timestamp` events carry.
+mod aggregate;
+pub mod connection;
+mod errors;
+mod ids;
+pub mod invocation;
+mod names;
+mod oauth;
+pub mod projections;
+pub mod server;
+mod server_url;
+pub mod time;
+pub mod tool_policy;
+mod tools;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use aggregate::Aggregate;
+pub use errors::DomainError;
+pub use ids::{InvocationId, ServerId, UserId, UserKey};
+pub use names::{ExposedToolMap, ExposedToolName, ServerDescription, ServerName, Slug, ToolName};
+pub use oauth::{
+    AuthorizationServer, ClientId, OAuthSettings, RegistrationMode, SecretRef, TokenFingerprint,
+};
+pub use projections::ServerDirectory;
+pub use server_url::{ServerUrl, UrlPolicy};
+pub use tools::{ToolCategory, ToolState, tool_definition_hash};
+
+/// The event bodies aggregates decide and fold (the `oneof` of the envelope).
+pub use proto::v1::envelope::Event;

@@ -1,0 +1,199 @@
+//! Projections: read models folded from events across aggregates. Pure `apply`; the runner in
+//! `eventlog` feeds them and keeps their checkpoints.
+use std::collections::{BTreeMap, HashMap};
+
+use proto::v1::{Envelope, envelope::Event};
+
+use crate::ServerId;
+
+/// One server as the server list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSummary {
+    pub id: ServerId,
+    pub name: String,
+    pub slug: String,
+    pub description: String,
+    pub url: String,
+    pub catalog_entry_id: String,
+    pub enabled: bool,
+}
+
+/// Every server that exists (deleted ones are dropped), by id and by slug. The Server
+/// aggregate's `decide` uses it for the unique-name rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerDirectory {
+    servers: BTreeMap<ServerId, ServerSummary>,
+    by_slug: HashMap<String, ServerId>,
+}
+
+impl ServerDirectory {
+    pub fn apply(&mut self, envelope: &Envelope) {
+        if let Some(event) = &envelope.event {
+            self.apply_event(event);
+        }
+    }
+
+    /// Folds one event in; events that are not about servers are ignored, and so are events
+    /// with a malformed server id (this version never writes one).
+    pub fn apply_event(&mut self, event: &Event) {
+        match event {
+            Event::ServerAdded(added) => {
+                let Ok(id) = ServerId::parse(&added.server_id) else {
+                    return;
+                };
+                if let Some(previous) = self.servers.get(&id) {
+                    self.by_slug.remove(&previous.slug);
+                }
+                self.by_slug.insert(added.slug.clone(), id);
+                self.servers.insert(
+                    id,
+                    ServerSummary {
+                        id,
+                        name: added.name.clone(),
+                        slug: added.slug.clone(),
+                        description: added.description.clone(),
+                        url: added.url.clone(),
+                        catalog_entry_id: added.catalog_entry_id.clone(),
+                        enabled: added.enabled,
+                    },
+                );
+            }
+            Event::ServerUpdated(updated) => {
+                let Some(server) = self.server_mut(&updated.server_id) else {
+                    return;
+                };
+                if let Some(name) = &updated.name {
+                    server.name.clone_from(name);
+                }
+                if let Some(description) = &updated.description {
+                    server.description.clone_from(description);
+                }
+                if let Some(url) = &updated.url {
+                    server.url.clone_from(url);
+                }
+                if let Some(slug) = &updated.slug {
+                    let id = server.id;
+                    let previous = std::mem::replace(&mut server.slug, slug.clone());
+                    self.by_slug.remove(&previous);
+                    self.by_slug.insert(slug.clone(), id);
+                }
+            }
+            Event::ServerEnabled(enabled) => {
+                if let Some(server) = self.server_mut(&enabled.server_id) {
+                    server.enabled = true;
+                }
+            }
+            Event::ServerDisabled(disabled) => {
+                if let Some(server) = self.server_mut(&disabled.server_id) {
+                    server.enabled = false;
+                }
+            }
+            Event::ServerDeleted(deleted) => {
+                let Ok(id) = ServerId::parse(&deleted.server_id) else {
+                    return;
+                };
+                if let Some(server) = self.servers.remove(&id) {
+                    self.by_slug.remove(&server.slug);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn server_mut(&mut self, id: &str) -> Option<&mut ServerSummary> {
+        let id = ServerId::parse(id).ok()?;
+        self.servers.get_mut(&id)
+    }
+
+    /// The server whose slug is `slug`, if one exists.
+    pub fn slug_owner(&self, slug: &str) -> Option<ServerId> {
+        self.by_slug.get(slug).copied()
+    }
+
+    pub fn get(&self, id: ServerId) -> Option<&ServerSummary> {
+        self.servers.get(&id)
+    }
+
+    pub fn by_slug(&self, slug: &str) -> Option<&ServerSummary> {
+        self.slug_owner(slug).and_then(|id| self.servers.get(&id))
+    }
+
+    /// Every server, oldest first (ids are UUIDv7).
+    pub fn iter(&self) -> impl Iterator<Item = &ServerSummary> {
+        self.servers.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::v1 as pb;
+
+    use super::*;
+
+    fn added(id: ServerId, slug: &str) -> Event {
+        Event::ServerAdded(pb::ServerAdded {
+            server_id: id.to_string(),
+            name: slug.to_uppercase(),
+            slug: slug.into(),
+            enabled: true,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn directory_follows_adds_renames_disables_and_deletes() {
+        let github = ServerId::new();
+        let jira = ServerId::new();
+        let mut directory = ServerDirectory::default();
+        for event in [
+            added(github, "github"),
+            added(jira, "jira"),
+            Event::ServerUpdated(pb::ServerUpdated {
+                server_id: github.to_string(),
+                name: Some("GitHub Prod".into()),
+                slug: Some("github_prod".into()),
+                ..Default::default()
+            }),
+            Event::ServerDisabled(pb::ServerDisabled {
+                server_id: jira.to_string(),
+                reason: String::new(),
+            }),
+        ] {
+            directory.apply(&Envelope {
+                event: Some(event),
+                ..Default::default()
+            });
+        }
+        assert_eq!(directory.slug_owner("github"), None);
+        assert_eq!(directory.slug_owner("github_prod"), Some(github));
+        assert_eq!(
+            directory.get(github).map(|s| s.name.as_str()),
+            Some("GitHub Prod")
+        );
+        assert_eq!(directory.by_slug("jira").map(|s| s.enabled), Some(false));
+        let ids: Vec<ServerId> = directory.iter().map(|s| s.id).collect();
+        assert_eq!(ids, [github, jira], "oldest first");
+
+        directory.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
+            server_id: jira.to_string(),
+        }));
+        assert_eq!(directory.slug_owner("jira"), None);
+        assert_eq!(directory.len(), 1);
+        // Events for unknown or malformed ids change nothing.
+        directory.apply_event(&Event::ServerEnabled(pb::ServerEnabled {
+            server_id: "nope".into(),
+        }));
+        directory.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
+            server_id: jira.to_string(),
+        }));
+        assert_eq!(directory.len(), 1);
+    }
+}

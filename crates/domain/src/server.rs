@@ -1,0 +1,678 @@
+//! The Server aggregate: one configured MCP server (subject `server.<server_id>`).
+//!
+//! Rules: a name is unique across servers (after slugging); an update records only what
+//! changed; enabling an enabled (disabling a disabled) server records nothing; a deleted server
+//! refuses every command; a client registration records a vault reference, never a secret.
+use std::time::SystemTime;
+
+use proto::v1::{self as pb, envelope::Event};
+
+use crate::projections::ServerDirectory;
+use crate::time::to_timestamp;
+use crate::{
+    Aggregate, AuthorizationServer, ClientId, DomainError, OAuthSettings, RegistrationMode,
+    SecretRef, ServerDescription, ServerId, ServerName, ServerUrl,
+};
+
+/// Where a server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerLifecycle {
+    /// No events yet.
+    #[default]
+    Absent,
+    Active,
+    Deleted,
+}
+
+/// A server as its events describe it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerState {
+    lifecycle: ServerLifecycle,
+    /// The current configuration, in the shape of `ServerAdded` with every update applied.
+    current: pb::ServerAdded,
+    client: Option<pb::ServerClientRegistered>,
+}
+
+impl ServerState {
+    pub fn lifecycle(&self) -> ServerLifecycle {
+        self.lifecycle
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.lifecycle == ServerLifecycle::Active && self.current.enabled
+    }
+
+    pub fn name(&self) -> &str {
+        &self.current.name
+    }
+
+    pub fn slug(&self) -> &str {
+        &self.current.slug
+    }
+
+    pub fn description(&self) -> &str {
+        &self.current.description
+    }
+
+    pub fn url(&self) -> &str {
+        &self.current.url
+    }
+
+    pub fn catalog_entry_id(&self) -> &str {
+        &self.current.catalog_entry_id
+    }
+
+    pub fn oauth(&self) -> Option<&pb::OAuthSettings> {
+        self.current.oauth.as_ref()
+    }
+
+    /// The OAuth client Switchboard has at the server's authorization server, if any.
+    pub fn client_registration(&self) -> Option<&pb::ServerClientRegistered> {
+        self.client.as_ref()
+    }
+}
+
+impl Aggregate for ServerState {
+    fn apply(&mut self, event: &Event) {
+        match event {
+            Event::ServerAdded(added) => {
+                self.lifecycle = ServerLifecycle::Active;
+                self.current = added.clone();
+            }
+            Event::ServerUpdated(updated) => {
+                let current = &mut self.current;
+                if let Some(name) = &updated.name {
+                    current.name.clone_from(name);
+                }
+                if let Some(slug) = &updated.slug {
+                    current.slug.clone_from(slug);
+                }
+                if let Some(description) = &updated.description {
+                    current.description.clone_from(description);
+                }
+                if let Some(url) = &updated.url {
+                    current.url.clone_from(url);
+                }
+                if let Some(oauth) = &updated.oauth {
+                    current.oauth = Some(oauth.clone());
+                }
+            }
+            Event::ServerEnabled(_) => self.current.enabled = true,
+            Event::ServerDisabled(_) => self.current.enabled = false,
+            Event::ServerDeleted(_) => self.lifecycle = ServerLifecycle::Deleted,
+            Event::ServerClientRegistered(registered) => self.client = Some(registered.clone()),
+            _ => {}
+        }
+    }
+}
+
+/// What an admin (or the catalog service) asks of a server.
+#[derive(Debug, Clone)]
+pub enum ServerCommand {
+    AddServer(AddServer),
+    UpdateServer(UpdateServer),
+    EnableServer,
+    DisableServer {
+        reason: String,
+    },
+    DeleteServer,
+    /// Boxed: it is by far the largest command.
+    RecordClientRegistration(Box<ClientRegistration>),
+}
+
+#[derive(Debug, Clone)]
+pub struct AddServer {
+    pub name: ServerName,
+    pub description: ServerDescription,
+    pub url: ServerUrl,
+    /// The catalog entry the server was created from; `None` for a custom URL.
+    pub catalog_entry_id: Option<String>,
+    pub oauth: OAuthSettings,
+    pub enabled: bool,
+}
+
+/// The fields to set; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct UpdateServer {
+    pub name: Option<ServerName>,
+    pub description: Option<ServerDescription>,
+    pub url: Option<ServerUrl>,
+    pub oauth: Option<OAuthSettings>,
+}
+
+/// An OAuth client obtained at the server's authorization server. It has no field for the
+/// client secret: the secret goes to the vault, and only its vault name comes here.
+#[derive(Debug, Clone)]
+pub struct ClientRegistration {
+    pub registration_mode: RegistrationMode,
+    pub client_id: ClientId,
+    pub client_secret_ref: Option<SecretRef>,
+    pub client_secret_expires_at: Option<SystemTime>,
+    pub authorization_server: AuthorizationServer,
+    /// RFC 9728 protected resource identifier (the RFC 8707 `resource` parameter).
+    pub resource: String,
+}
+
+/// Decides a command for the server `id`. `directory` is the current server list, for the
+/// unique-name rule.
+pub fn decide(
+    state: &ServerState,
+    id: ServerId,
+    command: ServerCommand,
+    directory: &ServerDirectory,
+) -> Result<Vec<Event>, DomainError> {
+    let server_id = || id.to_string();
+    match (state.lifecycle, command) {
+        (ServerLifecycle::Active, ServerCommand::AddServer(_)) => {
+            Err(DomainError::ServerAlreadyExists)
+        }
+        (ServerLifecycle::Deleted, _) => Err(DomainError::ServerDeleted),
+        (ServerLifecycle::Absent, ServerCommand::AddServer(add)) => {
+            let slug = add.name.slug();
+            ensure_slug_free(directory, &slug, id)?;
+            Ok(vec![Event::ServerAdded(pb::ServerAdded {
+                server_id: server_id(),
+                name: add.name.as_str().to_owned(),
+                slug: slug.as_str().to_owned(),
+                description: add.description.as_str().to_owned(),
+                url: add.url.as_str().to_owned(),
+                catalog_entry_id: add.catalog_entry_id.unwrap_or_default(),
+                oauth: Some(add.oauth.to_proto()),
+                enabled: add.enabled,
+            })])
+        }
+        (ServerLifecycle::Absent, _) => Err(DomainError::ServerNotFound),
+        (ServerLifecycle::Active, ServerCommand::UpdateServer(update)) => {
+            let current = &state.current;
+            let mut changed = pb::ServerUpdated {
+                server_id: server_id(),
+                ..Default::default()
+            };
+            if let Some(name) = update.name.filter(|n| n.as_str() != current.name) {
+                let slug = name.slug();
+                if slug.as_str() != current.slug {
+                    ensure_slug_free(directory, &slug, id)?;
+                    changed.slug = Some(slug.as_str().to_owned());
+                }
+                changed.name = Some(name.as_str().to_owned());
+            }
+            changed.description = update
+                .description
+                .filter(|d| d.as_str() != current.description)
+                .map(|d| d.as_str().to_owned());
+            changed.url = update
+                .url
+                .filter(|u| u.as_str() != current.url)
+                .map(|u| u.as_str().to_owned());
+            changed.oauth = update
+                .oauth
+                .map(|o| o.to_proto())
+                .filter(|o| Some(o) != current.oauth.as_ref());
+            let nothing_changed = changed.name.is_none()
+                && changed.description.is_none()
+                && changed.url.is_none()
+                && changed.oauth.is_none();
+            if nothing_changed {
+                Ok(vec![])
+            } else {
+                Ok(vec![Event::ServerUpdated(changed)])
+            }
+        }
+        (ServerLifecycle::Active, ServerCommand::EnableServer) => {
+            if state.current.enabled {
+                Ok(vec![])
+            } else {
+                Ok(vec![Event::ServerEnabled(pb::ServerEnabled {
+                    server_id: server_id(),
+                })])
+            }
+        }
+        (ServerLifecycle::Active, ServerCommand::DisableServer { reason }) => {
+            if state.current.enabled {
+                Ok(vec![Event::ServerDisabled(pb::ServerDisabled {
+                    server_id: server_id(),
+                    reason,
+                })])
+            } else {
+                Ok(vec![])
+            }
+        }
+        (ServerLifecycle::Active, ServerCommand::DeleteServer) => {
+            Ok(vec![Event::ServerDeleted(pb::ServerDeleted {
+                server_id: server_id(),
+            })])
+        }
+        (ServerLifecycle::Active, ServerCommand::RecordClientRegistration(registration)) => {
+            let registered = pb::ServerClientRegistered {
+                server_id: server_id(),
+                registration_mode: registration.registration_mode.to_proto() as i32,
+                client_id: registration.client_id.as_str().to_owned(),
+                client_secret_ref: registration
+                    .client_secret_ref
+                    .map(|r| r.as_str().to_owned())
+                    .unwrap_or_default(),
+                client_secret_expires_at: registration.client_secret_expires_at.map(to_timestamp),
+                authorization_server: Some(registration.authorization_server.to_proto()),
+                resource: registration.resource,
+            };
+            if state.client.as_ref() == Some(&registered) {
+                Ok(vec![])
+            } else {
+                Ok(vec![Event::ServerClientRegistered(registered)])
+            }
+        }
+    }
+}
+
+fn ensure_slug_free(
+    directory: &ServerDirectory,
+    slug: &crate::Slug,
+    id: ServerId,
+) -> Result<(), DomainError> {
+    match directory.slug_owner(slug.as_str()) {
+        Some(owner) if owner != id => Err(DomainError::ServerNameTaken {
+            slug: slug.as_str().to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::testing::Scenario;
+    use crate::{UrlPolicy, server_url::ServerUrl};
+
+    fn add(name: &str) -> AddServer {
+        AddServer {
+            name: ServerName::parse(name).unwrap(),
+            description: ServerDescription::parse("Issues and pull requests").unwrap(),
+            url: ServerUrl::parse("https://api.githubcopilot.com/mcp", UrlPolicy::STRICT).unwrap(),
+            catalog_entry_id: Some("github".into()),
+            oauth: OAuthSettings::new(["repo"], RegistrationMode::DynamicRegistration, None)
+                .unwrap(),
+            enabled: true,
+        }
+    }
+
+    fn added(id: ServerId, name: &str, slug: &str) -> Event {
+        Event::ServerAdded(pb::ServerAdded {
+            server_id: id.to_string(),
+            name: name.into(),
+            slug: slug.into(),
+            description: "Issues and pull requests".into(),
+            url: "https://api.githubcopilot.com/mcp".into(),
+            catalog_entry_id: "github".into(),
+            oauth: Some(pb::OAuthSettings {
+                scopes: vec!["repo".into()],
+                registration_mode: pb::RegistrationMode::Dynamic as i32,
+                client_id: String::new(),
+            }),
+            enabled: true,
+        })
+    }
+
+    fn directory(events: &[Event]) -> ServerDirectory {
+        let mut directory = ServerDirectory::default();
+        for event in events {
+            directory.apply_event(event);
+        }
+        directory
+    }
+
+    fn no_directory() -> ServerDirectory {
+        ServerDirectory::default()
+    }
+
+    fn update() -> UpdateServer {
+        UpdateServer::default()
+    }
+
+    #[test]
+    fn adding_a_server_records_its_configuration() {
+        let id = ServerId::new();
+        let state = Scenario::<ServerState>::given([])
+            .when(|s| {
+                decide(
+                    s,
+                    id,
+                    ServerCommand::AddServer(add("Production GitHub")),
+                    &no_directory(),
+                )
+            })
+            .then([added(id, "Production GitHub", "production_github")]);
+        assert_eq!(state.lifecycle(), ServerLifecycle::Active);
+        assert!(state.is_enabled());
+        assert_eq!(state.slug(), "production_github");
+    }
+
+    #[test]
+    fn server_name_must_be_unique_across_servers() {
+        let other = ServerId::new();
+        let directory = directory(&[added(other, "GitHub", "github")]);
+        let id = ServerId::new();
+        Scenario::<ServerState>::given([])
+            .when(|s| decide(s, id, ServerCommand::AddServer(add("GitHub")), &directory))
+            .then_error("server_name_taken");
+    }
+
+    #[test]
+    fn server_name_uniqueness_is_case_insensitive_after_slugging() {
+        let other = ServerId::new();
+        let directory = directory(&[added(other, "Production GitHub", "production_github")]);
+        let id = ServerId::new();
+        for name in [
+            "production github",
+            "PRODUCTION-GITHUB",
+            "Production_GitHub",
+        ] {
+            Scenario::<ServerState>::given([])
+                .when(|s| decide(s, id, ServerCommand::AddServer(add(name)), &directory))
+                .then_error("server_name_taken");
+        }
+    }
+
+    #[test]
+    fn a_deleted_servers_name_can_be_used_again() {
+        let other = ServerId::new();
+        let directory = directory(&[
+            added(other, "GitHub", "github"),
+            Event::ServerDeleted(pb::ServerDeleted {
+                server_id: other.to_string(),
+            }),
+        ]);
+        let id = ServerId::new();
+        Scenario::<ServerState>::given([])
+            .when(|s| decide(s, id, ServerCommand::AddServer(add("GitHub")), &directory))
+            .then([added(id, "GitHub", "github")]);
+    }
+
+    #[test]
+    fn adding_an_existing_server_is_refused() {
+        let id = ServerId::new();
+        Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| {
+                decide(
+                    s,
+                    id,
+                    ServerCommand::AddServer(add("GitHub")),
+                    &no_directory(),
+                )
+            })
+            .then_error("server_already_exists");
+    }
+
+    #[test]
+    fn commands_for_an_unknown_server_are_refused() {
+        let id = ServerId::new();
+        for command in [
+            ServerCommand::EnableServer,
+            ServerCommand::DisableServer { reason: "x".into() },
+            ServerCommand::DeleteServer,
+            ServerCommand::UpdateServer(update()),
+        ] {
+            Scenario::<ServerState>::given([])
+                .when(|s| decide(s, id, command, &no_directory()))
+                .then_error("server_not_found");
+        }
+    }
+
+    #[test]
+    fn update_records_only_the_fields_that_changed() {
+        let id = ServerId::new();
+        let command = UpdateServer {
+            name: Some(ServerName::parse("GitHub").unwrap()),
+            description: Some(ServerDescription::parse("Code, issues and PRs").unwrap()),
+            url: Some(
+                ServerUrl::parse("https://api.githubcopilot.com/mcp", UrlPolicy::STRICT).unwrap(),
+            ),
+            oauth: Some(
+                OAuthSettings::new(["repo"], RegistrationMode::DynamicRegistration, None).unwrap(),
+            ),
+        };
+        let state = Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| decide(s, id, ServerCommand::UpdateServer(command), &no_directory()))
+            .then([Event::ServerUpdated(pb::ServerUpdated {
+                server_id: id.to_string(),
+                description: Some("Code, issues and PRs".into()),
+                ..Default::default()
+            })]);
+        assert_eq!(state.description(), "Code, issues and PRs");
+        assert_eq!(state.name(), "GitHub");
+    }
+
+    #[test]
+    fn renaming_records_the_new_slug_only_when_it_changes() {
+        let id = ServerId::new();
+        let rename = |name: &str| {
+            ServerCommand::UpdateServer(UpdateServer {
+                name: Some(ServerName::parse(name).unwrap()),
+                ..update()
+            })
+        };
+        // Same slug, different spelling: only the name.
+        Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| decide(s, id, rename("Github"), &no_directory()))
+            .then([Event::ServerUpdated(pb::ServerUpdated {
+                server_id: id.to_string(),
+                name: Some("Github".into()),
+                ..Default::default()
+            })]);
+        let state = Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| decide(s, id, rename("GitHub Prod"), &no_directory()))
+            .then([Event::ServerUpdated(pb::ServerUpdated {
+                server_id: id.to_string(),
+                name: Some("GitHub Prod".into()),
+                slug: Some("github_prod".into()),
+                ..Default::default()
+            })]);
+        assert_eq!(state.slug(), "github_prod");
+    }
+
+    #[test]
+    fn renaming_to_a_taken_name_is_refused_but_keeping_ones_own_is_not() {
+        let id = ServerId::new();
+        let other = ServerId::new();
+        let history = [added(id, "GitHub", "github")];
+        let directory = directory(&[history[0].clone(), added(other, "Jira", "jira")]);
+        let rename = |name: &str| {
+            ServerCommand::UpdateServer(UpdateServer {
+                name: Some(ServerName::parse(name).unwrap()),
+                ..update()
+            })
+        };
+        Scenario::<ServerState>::given(history.clone())
+            .when(|s| decide(s, id, rename("JIRA"), &directory))
+            .then_error("server_name_taken");
+        Scenario::<ServerState>::given(history)
+            .when(|s| decide(s, id, rename("GITHUB"), &directory))
+            .then([Event::ServerUpdated(pb::ServerUpdated {
+                server_id: id.to_string(),
+                name: Some("GITHUB".into()),
+                ..Default::default()
+            })]);
+    }
+
+    #[test]
+    fn update_without_changes_records_nothing() {
+        let id = ServerId::new();
+        Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| {
+                decide(
+                    s,
+                    id,
+                    ServerCommand::UpdateServer(update()),
+                    &no_directory(),
+                )
+            })
+            .then_nothing();
+        let same = UpdateServer {
+            name: Some(ServerName::parse("GitHub").unwrap()),
+            url: Some(
+                ServerUrl::parse("https://api.githubcopilot.com/mcp", UrlPolicy::STRICT).unwrap(),
+            ),
+            ..update()
+        };
+        Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| decide(s, id, ServerCommand::UpdateServer(same), &no_directory()))
+            .then_nothing();
+    }
+
+    #[test]
+    fn enabling_and_disabling_are_idempotent() {
+        let id = ServerId::new();
+        let enabled = [added(id, "GitHub", "github")];
+        Scenario::<ServerState>::given(enabled.clone())
+            .when(|s| decide(s, id, ServerCommand::EnableServer, &no_directory()))
+            .then_nothing();
+        let state = Scenario::<ServerState>::given(enabled.clone())
+            .when(|s| {
+                let reason = "maintenance".to_owned();
+                decide(
+                    s,
+                    id,
+                    ServerCommand::DisableServer { reason },
+                    &no_directory(),
+                )
+            })
+            .then([Event::ServerDisabled(pb::ServerDisabled {
+                server_id: id.to_string(),
+                reason: "maintenance".into(),
+            })]);
+        assert!(!state.is_enabled());
+
+        let disabled = [
+            enabled[0].clone(),
+            Event::ServerDisabled(pb::ServerDisabled {
+                server_id: id.to_string(),
+                reason: String::new(),
+            }),
+        ];
+        Scenario::<ServerState>::given(disabled.clone())
+            .when(|s| {
+                let reason = "again".to_owned();
+                decide(
+                    s,
+                    id,
+                    ServerCommand::DisableServer { reason },
+                    &no_directory(),
+                )
+            })
+            .then_nothing();
+        let state = Scenario::<ServerState>::given(disabled)
+            .when(|s| decide(s, id, ServerCommand::EnableServer, &no_directory()))
+            .then([Event::ServerEnabled(pb::ServerEnabled {
+                server_id: id.to_string(),
+            })]);
+        assert!(state.is_enabled());
+    }
+
+    #[test]
+    fn deleted_server_refuses_every_command() {
+        let id = ServerId::new();
+        let state = Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| decide(s, id, ServerCommand::DeleteServer, &no_directory()))
+            .then([Event::ServerDeleted(pb::ServerDeleted {
+                server_id: id.to_string(),
+            })]);
+        assert_eq!(state.lifecycle(), ServerLifecycle::Deleted);
+        assert!(!state.is_enabled());
+
+        let history = [
+            added(id, "GitHub", "github"),
+            Event::ServerDeleted(pb::ServerDeleted {
+                server_id: id.to_string(),
+            }),
+        ];
+        for command in [
+            ServerCommand::AddServer(add("GitHub")),
+            ServerCommand::UpdateServer(update()),
+            ServerCommand::EnableServer,
+            ServerCommand::DisableServer { reason: "x".into() },
+            ServerCommand::DeleteServer,
+            ServerCommand::RecordClientRegistration(Box::new(registration())),
+        ] {
+            Scenario::<ServerState>::given(history.clone())
+                .when(|s| decide(s, id, command, &no_directory()))
+                .then_error("server_deleted");
+        }
+    }
+
+    fn registration() -> ClientRegistration {
+        let url = |u: &str| ServerUrl::parse(u, UrlPolicy::STRICT).unwrap();
+        ClientRegistration {
+            registration_mode: RegistrationMode::DynamicRegistration,
+            client_id: ClientId::parse("client-123").unwrap(),
+            client_secret_ref: Some(SecretRef::parse("client_secret/github").unwrap()),
+            client_secret_expires_at: Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+            authorization_server: AuthorizationServer {
+                issuer: "https://github.com/login/oauth".into(),
+                authorization_endpoint: url("https://github.com/login/oauth/authorize"),
+                token_endpoint: url("https://github.com/login/oauth/access_token"),
+                revocation_endpoint: None,
+                registration_endpoint: Some(url("https://github.com/login/oauth/register")),
+                scopes_supported: vec!["repo".into()],
+                code_challenge_methods_supported: vec!["S256".into()],
+                authorization_response_iss_parameter_supported: false,
+            },
+            resource: "https://api.githubcopilot.com/mcp".into(),
+        }
+    }
+
+    #[test]
+    fn client_registration_records_a_vault_reference_never_a_secret() {
+        let id = ServerId::new();
+        let (events, state) = Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| {
+                let command = ServerCommand::RecordClientRegistration(Box::new(registration()));
+                decide(s, id, command, &no_directory())
+            })
+            .then_events();
+        let [Event::ServerClientRegistered(registered)] = events.as_slice() else {
+            panic!("expected one ServerClientRegistered, got {events:?}");
+        };
+        assert_eq!(registered.client_id, "client-123");
+        assert_eq!(registered.client_secret_ref, "client_secret/github");
+        assert_eq!(
+            registered.client_secret_expires_at.map(|t| t.seconds),
+            Some(1_800_000_000)
+        );
+        assert_eq!(
+            registered
+                .authorization_server
+                .as_ref()
+                .map(|a| a.token_endpoint.as_str()),
+            Some("https://github.com/login/oauth/access_token")
+        );
+        assert_eq!(state.client_registration(), Some(registered));
+    }
+
+    #[test]
+    fn replayed_client_registration_records_nothing() {
+        let id = ServerId::new();
+        let (events, _) = Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| {
+                let command = ServerCommand::RecordClientRegistration(Box::new(registration()));
+                decide(s, id, command, &no_directory())
+            })
+            .then_events();
+        let history = [added(id, "GitHub", "github"), events[0].clone()];
+        Scenario::<ServerState>::given(history.clone())
+            .when(|s| {
+                let command = ServerCommand::RecordClientRegistration(Box::new(registration()));
+                decide(s, id, command, &no_directory())
+            })
+            .then_nothing();
+        let mut renewed = registration();
+        renewed.client_id = ClientId::parse("client-456").unwrap();
+        let (events, _) = Scenario::<ServerState>::given(history)
+            .when(|s| {
+                let command = ServerCommand::RecordClientRegistration(Box::new(renewed));
+                decide(s, id, command, &no_directory())
+            })
+            .then_events();
+        assert_eq!(events.len(), 1, "a new client is recorded");
+    }
+}

@@ -1,0 +1,545 @@
+//! The ToolPolicy aggregate: what one user lets the AI do with one server's tools (subject
+//! `policy.<user_key>.<server_id>`).
+//!
+//! Rules:
+//! - Every tool without an explicit setting is [`ToolState::Blocked`].
+//! - A setting remembers the definition hash the user saw. When a tool's definition changes,
+//!   `ToolDefinitionChanged` is recorded, and an *Always allow* tool drops to *Needs approval*
+//!   until the user sets it again (a "rug pull" cannot inherit a blanket allow).
+//! - A category setting applies to the tools of that category *at the time*; a tool that
+//!   appears later is blocked like any other. Categories come from the `readOnlyHint`
+//!   annotation, which only groups tools (see [`ToolCategory`]).
+//!
+//! A category setting is recorded as one `CategoryPermissionSet` (the user's act, listing the
+//! tools it applied to) followed by a `ToolPermissionSet` per tool whose setting it changed:
+//! `CategoryPermissionSet` has no field for the definition hashes, and the per-tool events
+//! carry them. Folding reads the per-tool events only.
+use std::collections::BTreeMap;
+
+use proto::v1::{self as pb, envelope::Event};
+
+use crate::{Aggregate, DomainError, ServerId, ToolCategory, ToolName, ToolState, UserId};
+
+/// Which policy: one user × one server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PolicyId {
+    pub user_id: UserId,
+    pub server_id: ServerId,
+}
+
+impl PolicyId {
+    /// The aggregate's subject, relative to the deployment's prefix.
+    pub fn subject(&self) -> String {
+        format!("policy.{}.{}", self.user_id.key(), self.server_id)
+    }
+}
+
+/// A user's explicit setting for one tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolSetting {
+    pub state: ToolState,
+    /// The definition the setting was made for (or, after a change, last recorded).
+    pub definition_hash: String,
+}
+
+/// One user's settings for one server's tools.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToolPolicyState {
+    settings: BTreeMap<String, ToolSetting>,
+}
+
+impl ToolPolicyState {
+    /// The state of `tool`: its explicit setting, or `Blocked`.
+    pub fn tool_state(&self, tool: &str) -> ToolState {
+        self.settings
+            .get(tool)
+            .map_or(ToolState::Blocked, |setting| setting.state)
+    }
+
+    /// The explicit setting of `tool`, if the user made one.
+    pub fn setting(&self, tool: &str) -> Option<&ToolSetting> {
+        self.settings.get(tool)
+    }
+
+    /// Every explicit setting, in tool name order.
+    pub fn settings(&self) -> impl Iterator<Item = (&str, &ToolSetting)> {
+        self.settings.iter().map(|(tool, s)| (tool.as_str(), s))
+    }
+}
+
+/// The state of `tool` under `policy`: its explicit setting, or `Blocked`.
+pub fn tool_state(policy: &ToolPolicyState, tool: &str) -> ToolState {
+    policy.tool_state(tool)
+}
+
+impl Aggregate for ToolPolicyState {
+    fn apply(&mut self, event: &Event) {
+        match event {
+            Event::ToolPermissionSet(set) => {
+                self.settings.insert(
+                    set.tool_name.clone(),
+                    ToolSetting {
+                        state: ToolState::from_event(set.state),
+                        definition_hash: set.definition_hash.clone(),
+                    },
+                );
+            }
+            Event::ToolDefinitionChanged(changed) => {
+                self.settings.insert(
+                    changed.tool_name.clone(),
+                    ToolSetting {
+                        state: ToolState::from_event(changed.state),
+                        definition_hash: changed.definition_hash.clone(),
+                    },
+                );
+            }
+            // The per-tool events that follow it carry the change (see the module docs).
+            Event::CategoryPermissionSet(_) => {}
+            _ => {}
+        }
+    }
+}
+
+/// What a user (or the policy service) asks of a policy.
+#[derive(Debug, Clone)]
+pub enum ToolPolicyCommand {
+    /// The user sets one tool, having seen the definition `definition_hash`. Blocking needs no
+    /// hash (a tool can be blocked after it disappeared); allowing does.
+    SetToolPermission {
+        tool: ToolName,
+        state: ToolState,
+        definition_hash: String,
+    },
+    /// The user sets every tool of `category` among the server's current tools.
+    SetCategoryPermission {
+        category: ToolCategory,
+        state: ToolState,
+        current_tools: Vec<pb::ToolDefinition>,
+    },
+    /// The server's current tool definitions (after a discovery): notices changed definitions.
+    ObserveDefinitions {
+        current_tools: Vec<pb::ToolDefinition>,
+    },
+}
+
+/// Decides a command for the policy `id`.
+pub fn decide(
+    state: &ToolPolicyState,
+    id: &PolicyId,
+    command: ToolPolicyCommand,
+) -> Result<Vec<Event>, DomainError> {
+    match command {
+        ToolPolicyCommand::SetToolPermission {
+            tool,
+            state: tool_state,
+            definition_hash,
+        } => {
+            if tool_state != ToolState::Blocked && definition_hash.is_empty() {
+                return Err(DomainError::ToolDefinitionHashMissing {
+                    tool: tool.as_str().to_owned(),
+                });
+            }
+            if is_unchanged(state, tool.as_str(), tool_state, &definition_hash) {
+                return Ok(vec![]);
+            }
+            Ok(vec![permission_set(
+                id,
+                tool.as_str().to_owned(),
+                tool_state,
+                definition_hash,
+            )])
+        }
+        ToolPolicyCommand::SetCategoryPermission {
+            category,
+            state: tool_state,
+            current_tools,
+        } => {
+            let mut tool_names = Vec::new();
+            let mut changes = Vec::new();
+            for tool in current_tools
+                .into_iter()
+                .filter(|tool| ToolCategory::of(tool) == category)
+            {
+                ToolName::parse(&tool.name)?;
+                if tool.definition_hash.is_empty() {
+                    return Err(DomainError::ToolDefinitionHashMissing { tool: tool.name });
+                }
+                if !is_unchanged(state, &tool.name, tool_state, &tool.definition_hash) {
+                    changes.push(permission_set(
+                        id,
+                        tool.name.clone(),
+                        tool_state,
+                        tool.definition_hash,
+                    ));
+                }
+                tool_names.push(tool.name);
+            }
+            if changes.is_empty() {
+                return Ok(vec![]);
+            }
+            let mut events = Vec::with_capacity(1 + changes.len());
+            events.push(Event::CategoryPermissionSet(pb::CategoryPermissionSet {
+                user_id: id.user_id.as_str().to_owned(),
+                server_id: id.server_id.to_string(),
+                category: category.to_proto() as i32,
+                state: tool_state.to_proto() as i32,
+                tool_names,
+            }));
+            events.extend(changes);
+            Ok(events)
+        }
+        ToolPolicyCommand::ObserveDefinitions { current_tools } => {
+            let mut events = Vec::new();
+            for tool in current_tools {
+                let Some(setting) = state.settings.get(&tool.name) else {
+                    continue; // no explicit setting: blocked whatever its definition
+                };
+                if tool.definition_hash.is_empty()
+                    || tool.definition_hash == setting.definition_hash
+                {
+                    continue;
+                }
+                let new_state = match setting.state {
+                    ToolState::AlwaysAllow => ToolState::NeedsApproval,
+                    other => other,
+                };
+                events.push(Event::ToolDefinitionChanged(pb::ToolDefinitionChanged {
+                    user_id: id.user_id.as_str().to_owned(),
+                    server_id: id.server_id.to_string(),
+                    tool_name: tool.name,
+                    previous_definition_hash: setting.definition_hash.clone(),
+                    definition_hash: tool.definition_hash,
+                    previous_state: setting.state.to_proto() as i32,
+                    state: new_state.to_proto() as i32,
+                }));
+            }
+            Ok(events)
+        }
+    }
+}
+
+fn is_unchanged(state: &ToolPolicyState, tool: &str, tool_state: ToolState, hash: &str) -> bool {
+    state
+        .settings
+        .get(tool)
+        .is_some_and(|setting| setting.state == tool_state && setting.definition_hash == hash)
+}
+
+fn permission_set(id: &PolicyId, tool: String, state: ToolState, definition_hash: String) -> Event {
+    Event::ToolPermissionSet(pb::ToolPermissionSet {
+        user_id: id.user_id.as_str().to_owned(),
+        server_id: id.server_id.to_string(),
+        tool_name: tool,
+        state: state.to_proto() as i32,
+        definition_hash,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Scenario;
+
+    fn id() -> PolicyId {
+        PolicyId {
+            user_id: UserId::parse("alice@example.com").unwrap(),
+            server_id: ServerId::parse("0190f3c4-a8b2-7c3d-9e1f-0123456789ab").unwrap(),
+        }
+    }
+
+    fn set(tool: &str, state: ToolState, hash: &str) -> ToolPolicyCommand {
+        ToolPolicyCommand::SetToolPermission {
+            tool: ToolName::parse(tool).unwrap(),
+            state,
+            definition_hash: hash.into(),
+        }
+    }
+
+    fn permission_was_set(tool: &str, state: ToolState, hash: &str) -> Event {
+        permission_set(&id(), tool.into(), state, hash.into())
+    }
+
+    fn definition(name: &str, hash: &str, read_only: Option<bool>) -> pb::ToolDefinition {
+        pb::ToolDefinition {
+            name: name.into(),
+            definition_hash: hash.into(),
+            annotations: Some(pb::ToolAnnotations {
+                read_only_hint: read_only,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn definition_changed(
+        tool: &str,
+        previous_hash: &str,
+        hash: &str,
+        previous_state: ToolState,
+        state: ToolState,
+    ) -> Event {
+        Event::ToolDefinitionChanged(pb::ToolDefinitionChanged {
+            user_id: "alice@example.com".into(),
+            server_id: id().server_id.to_string(),
+            tool_name: tool.into(),
+            previous_definition_hash: previous_hash.into(),
+            definition_hash: hash.into(),
+            previous_state: previous_state.to_proto() as i32,
+            state: state.to_proto() as i32,
+        })
+    }
+
+    fn decide_policy(
+        command: ToolPolicyCommand,
+    ) -> impl FnOnce(&ToolPolicyState) -> Result<Vec<Event>, DomainError> {
+        move |state| decide(state, &id(), command)
+    }
+
+    #[test]
+    fn subject_uses_the_user_key() {
+        assert_eq!(
+            id().subject(),
+            "policy.alice_40example_2Ecom.0190f3c4-a8b2-7c3d-9e1f-0123456789ab"
+        );
+    }
+
+    #[test]
+    fn every_tool_without_a_setting_is_blocked() {
+        let state = ToolPolicyState::default();
+        assert_eq!(tool_state(&state, "anything"), ToolState::Blocked);
+        let state = Scenario::<ToolPolicyState>::given([permission_was_set(
+            "search",
+            ToolState::AlwaysAllow,
+            "h1",
+        )])
+        .state()
+        .clone();
+        assert_eq!(tool_state(&state, "search"), ToolState::AlwaysAllow);
+        assert_eq!(tool_state(&state, "delete_repo"), ToolState::Blocked);
+    }
+
+    #[test]
+    fn setting_a_tool_records_the_definition_the_user_saw() {
+        let state = Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(set("search", ToolState::AlwaysAllow, "h1")))
+            .then([permission_was_set("search", ToolState::AlwaysAllow, "h1")]);
+        assert_eq!(
+            state.setting("search"),
+            Some(&ToolSetting {
+                state: ToolState::AlwaysAllow,
+                definition_hash: "h1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn setting_a_tool_to_its_current_setting_records_nothing() {
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "search",
+            ToolState::NeedsApproval,
+            "h1",
+        )])
+        .when(decide_policy(set("search", ToolState::NeedsApproval, "h1")))
+        .then_nothing();
+    }
+
+    #[test]
+    fn allowing_a_tool_needs_its_definition_hash_but_blocking_does_not() {
+        Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(set("search", ToolState::AlwaysAllow, "")))
+            .then_error("tool_definition_hash_missing");
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "gone",
+            ToolState::AlwaysAllow,
+            "h1",
+        )])
+        .when(decide_policy(set("gone", ToolState::Blocked, "")))
+        .then([permission_was_set("gone", ToolState::Blocked, "")]);
+    }
+
+    #[test]
+    fn always_allow_tool_with_changed_definition_needs_approval() {
+        let state = Scenario::<ToolPolicyState>::given([permission_was_set(
+            "search",
+            ToolState::AlwaysAllow,
+            "h1",
+        )])
+        .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
+            current_tools: vec![definition("search", "h2", Some(true))],
+        }))
+        .then([definition_changed(
+            "search",
+            "h1",
+            "h2",
+            ToolState::AlwaysAllow,
+            ToolState::NeedsApproval,
+        )]);
+        assert_eq!(state.tool_state("search"), ToolState::NeedsApproval);
+    }
+
+    #[test]
+    fn a_changed_definition_is_recorded_once() {
+        Scenario::<ToolPolicyState>::given([
+            permission_was_set("search", ToolState::AlwaysAllow, "h1"),
+            definition_changed(
+                "search",
+                "h1",
+                "h2",
+                ToolState::AlwaysAllow,
+                ToolState::NeedsApproval,
+            ),
+        ])
+        .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
+            current_tools: vec![definition("search", "h2", None)],
+        }))
+        .then_nothing();
+    }
+
+    #[test]
+    fn the_user_confirms_a_changed_tool_by_setting_it_again() {
+        let state = Scenario::<ToolPolicyState>::given([
+            permission_was_set("search", ToolState::AlwaysAllow, "h1"),
+            definition_changed(
+                "search",
+                "h1",
+                "h2",
+                ToolState::AlwaysAllow,
+                ToolState::NeedsApproval,
+            ),
+        ])
+        .when(decide_policy(set("search", ToolState::AlwaysAllow, "h2")))
+        .then([permission_was_set("search", ToolState::AlwaysAllow, "h2")]);
+        assert_eq!(state.tool_state("search"), ToolState::AlwaysAllow);
+    }
+
+    #[test]
+    fn changed_definitions_of_other_tools_keep_their_state_but_are_noticed() {
+        Scenario::<ToolPolicyState>::given([
+            permission_was_set("create", ToolState::NeedsApproval, "c1"),
+            permission_was_set("delete", ToolState::Blocked, "d1"),
+            permission_was_set("search", ToolState::AlwaysAllow, "s1"),
+        ])
+        .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
+            current_tools: vec![
+                definition("create", "c2", None),
+                definition("delete", "d2", None),
+                definition("search", "s1", Some(true)),
+                definition("unset", "u1", None),
+            ],
+        }))
+        .then([
+            definition_changed(
+                "create",
+                "c1",
+                "c2",
+                ToolState::NeedsApproval,
+                ToolState::NeedsApproval,
+            ),
+            definition_changed("delete", "d1", "d2", ToolState::Blocked, ToolState::Blocked),
+        ]);
+    }
+
+    #[test]
+    fn category_setting_applies_to_the_tools_of_that_category_at_the_time() {
+        let tools = vec![
+            definition("list", "l1", Some(true)),
+            definition("get", "g1", Some(true)),
+            definition("create", "c1", Some(false)),
+            definition("unhinted", "u1", None),
+        ];
+        let state = Scenario::<ToolPolicyState>::given([permission_was_set(
+            "get",
+            ToolState::AlwaysAllow,
+            "g1",
+        )])
+        .when(decide_policy(ToolPolicyCommand::SetCategoryPermission {
+            category: ToolCategory::ReadOnly,
+            state: ToolState::AlwaysAllow,
+            current_tools: tools,
+        }))
+        .then([
+            Event::CategoryPermissionSet(pb::CategoryPermissionSet {
+                user_id: "alice@example.com".into(),
+                server_id: id().server_id.to_string(),
+                category: pb::ToolCategory::ReadOnly as i32,
+                state: pb::ToolState::AlwaysAllow as i32,
+                tool_names: vec!["list".into(), "get".into()],
+            }),
+            permission_was_set("list", ToolState::AlwaysAllow, "l1"),
+        ]);
+        assert_eq!(state.tool_state("list"), ToolState::AlwaysAllow);
+        assert_eq!(state.tool_state("create"), ToolState::Blocked);
+        assert_eq!(state.tool_state("unhinted"), ToolState::Blocked);
+        assert_eq!(
+            state.tool_state("later_read_only_tool"),
+            ToolState::Blocked,
+            "a tool that appears later is not covered"
+        );
+    }
+
+    #[test]
+    fn read_only_hint_alone_never_allows_a_tool() {
+        let state = Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
+                current_tools: vec![definition("list", "l1", Some(true))],
+            }))
+            .then_nothing();
+        assert_eq!(state.tool_state("list"), ToolState::Blocked);
+    }
+
+    #[test]
+    fn write_category_includes_tools_without_a_read_only_hint() {
+        let (events, state) = Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(ToolPolicyCommand::SetCategoryPermission {
+                category: ToolCategory::Write,
+                state: ToolState::NeedsApproval,
+                current_tools: vec![
+                    definition("list", "l1", Some(true)),
+                    definition("create", "c1", Some(false)),
+                    definition("unhinted", "u1", None),
+                ],
+            }))
+            .then_events();
+        assert_eq!(events.len(), 3);
+        assert_eq!(state.tool_state("create"), ToolState::NeedsApproval);
+        assert_eq!(state.tool_state("unhinted"), ToolState::NeedsApproval);
+        assert_eq!(state.tool_state("list"), ToolState::Blocked);
+    }
+
+    #[test]
+    fn category_setting_that_changes_nothing_records_nothing() {
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "list",
+            ToolState::AlwaysAllow,
+            "l1",
+        )])
+        .when(decide_policy(ToolPolicyCommand::SetCategoryPermission {
+            category: ToolCategory::ReadOnly,
+            state: ToolState::AlwaysAllow,
+            current_tools: vec![definition("list", "l1", Some(true))],
+        }))
+        .then_nothing();
+        Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(ToolPolicyCommand::SetCategoryPermission {
+                category: ToolCategory::ReadOnly,
+                state: ToolState::AlwaysAllow,
+                current_tools: vec![],
+            }))
+            .then_nothing();
+    }
+
+    #[test]
+    fn unknown_tool_states_in_recorded_events_read_as_blocked() {
+        let state =
+            Scenario::<ToolPolicyState>::given([Event::ToolPermissionSet(pb::ToolPermissionSet {
+                user_id: "alice@example.com".into(),
+                server_id: id().server_id.to_string(),
+                tool_name: "search".into(),
+                state: 42,
+                definition_hash: "h1".into(),
+            })])
+            .state()
+            .clone();
+        assert_eq!(state.tool_state("search"), ToolState::Blocked);
+    }
+}

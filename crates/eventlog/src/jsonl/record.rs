@@ -1,0 +1,191 @@
+//! The line format of a JSONL log file.
+//!
+//! One record per line, fields always in this order:
+//!
+//! ```text
+//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{…proto3 JSON…}}
+//! ```
+//!
+//! - `seq`: the record's log sequence, 1 for the first line, one more for every line.
+//! - `subject`: the aggregate subject (subject tokens never need JSON escaping).
+//! - `type`: the event type name as the writer knew it, so a reader that does not know the
+//!   type can still say what it is.
+//! - `batch`: `[i, n]`, the record is the i-th (1-based) of an atomic append of n events;
+//!   omitted when n is 1. Recovery uses it to drop a batch whose tail never reached the disk.
+//! - `envelope`: the event envelope in the proto3 JSON mapping.
+use std::borrow::Cow;
+
+use proto::v1::Envelope;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
+
+use crate::{EventLogError, LogKind, RecordedEvent, Subject, SubjectFilter, UnknownBody};
+
+/// Appends one record line (with its `\n`) to `buf`. `envelope_json` is the proto3 JSON of the
+/// envelope; serde_json never emits a raw newline inside it.
+pub(super) fn encode_line(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    subject: &str,
+    event_type: &str,
+    batch: Option<(usize, usize)>,
+    envelope_json: &[u8],
+) {
+    buf.extend_from_slice(b"{\"seq\":");
+    push_decimal(buf, seq);
+    // Subject tokens are [A-Za-z0-9_-] and type names are identifiers: no escaping needed.
+    buf.extend_from_slice(b",\"subject\":\"");
+    buf.extend_from_slice(subject.as_bytes());
+    buf.extend_from_slice(b"\",\"type\":\"");
+    buf.extend_from_slice(event_type.as_bytes());
+    buf.push(b'"');
+    if let Some((index, count)) = batch {
+        buf.extend_from_slice(b",\"batch\":[");
+        push_decimal(buf, index as u64);
+        buf.push(b',');
+        push_decimal(buf, count as u64);
+        buf.push(b']');
+    }
+    buf.extend_from_slice(b",\"envelope\":");
+    buf.extend_from_slice(envelope_json);
+    buf.extend_from_slice(b"}\n");
+}
+
+fn push_decimal(buf: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+}
+
+/// What start-up needs from a line: it validates the whole line as JSON but only keeps the
+/// fields the index and the dedupe memory are built from.
+#[derive(Deserialize)]
+pub(super) struct ScannedLine<'a> {
+    pub seq: u64,
+    #[serde(borrow)]
+    pub subject: Cow<'a, str>,
+    #[serde(rename = "type")]
+    _event_type: IgnoredAny,
+    #[serde(default)]
+    pub batch: Option<(u64, u64)>,
+    #[serde(borrow)]
+    pub envelope: EnvelopeId<'a>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct EnvelopeId<'a> {
+    #[serde(rename = "eventId", alias = "event_id", borrow, default)]
+    pub event_id: Cow<'a, str>,
+}
+
+pub(super) fn scan_line(line: &[u8]) -> Result<ScannedLine<'_>, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// A line as readers see it: the envelope stays raw until the subject filter has passed.
+#[derive(Deserialize)]
+struct StoredLine<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    subject: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(borrow)]
+    envelope: &'a RawValue,
+}
+
+/// Decodes one line (without its `\n`) into a [`RecordedEvent`], or `None` if its subject does
+/// not match `filter`. `location` names the line in a `Corrupt` error.
+pub(super) fn decode_line(
+    log: LogKind,
+    line: &[u8],
+    filter: Option<&SubjectFilter>,
+    location: impl FnOnce() -> String,
+) -> Result<Option<RecordedEvent>, EventLogError> {
+    match decode(log, line, filter) {
+        Ok(event) => Ok(event),
+        Err(reason) => Err(EventLogError::Corrupt {
+            location: location(),
+            reason,
+        }),
+    }
+}
+
+fn decode(
+    log: LogKind,
+    line: &[u8],
+    filter: Option<&SubjectFilter>,
+) -> Result<Option<RecordedEvent>, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
+    let stored: StoredLine<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if let Some(filter) = filter
+        && !filter.matches(&stored.subject)
+    {
+        return Ok(None);
+    }
+    let subject = Subject::parse(&stored.subject).map_err(|e| e.to_string())?;
+    let envelope: Envelope =
+        serde_json::from_str(stored.envelope.get()).map_err(|e| format!("envelope: {e}"))?;
+    let (event_type, unknown_body) = match &envelope.event {
+        Some(event) => (Cow::Borrowed(event.type_name()), None),
+        None => (
+            Cow::Owned(stored.event_type.into_owned()),
+            Some(UnknownBody::Json(stored.envelope.get().into())),
+        ),
+    };
+    Ok(Some(RecordedEvent {
+        log,
+        sequence: stored.seq,
+        subject,
+        event_type,
+        envelope,
+        unknown_body,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encoded_line_scans_back() {
+        let mut buf = vec![];
+        encode_line(
+            &mut buf,
+            1234567,
+            "server.s1",
+            "ServerEnabled",
+            Some((2, 3)),
+            br#"{"eventId":"x"}"#,
+        );
+        assert_eq!(
+            buf,
+            br#"{"seq":1234567,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{"eventId":"x"}}
+"#
+        );
+        let line = scan_line(&buf[..buf.len() - 1]).expect("scan");
+        assert_eq!(line.seq, 1234567);
+        assert_eq!(line.subject, "server.s1");
+        assert_eq!(line.batch, Some((2, 3)));
+        assert_eq!(line.envelope.event_id, "x");
+    }
+
+    #[test]
+    fn decimals_are_written_in_full() {
+        for value in [0, 9, 10, 99, 100, u64::MAX] {
+            let mut buf = vec![];
+            push_decimal(&mut buf, value);
+            assert_eq!(buf, value.to_string().as_bytes());
+        }
+    }
+}

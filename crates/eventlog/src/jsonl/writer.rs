@@ -1,0 +1,334 @@
+//! The writer of one log file: a dedicated thread that owns the file and commits appends in
+//! groups.
+//!
+//! Group commit: the thread takes everything queued (up to `max_batch_events`), decides each
+//! append in order against its in-memory versions and event ids (a refused append writes
+//! nothing; the ones after it still go ahead and see the earlier ones' effects), serialises
+//! the accepted ones into one buffer, and makes one `write` and one `fdatasync`. Only then are
+//! the new records published to readers and subscribers and the callers answered. One sync
+//! for many appends is what makes a durable log fast.
+//!
+//! A failed write or sync leaves the file in an unknown state (after a failed `fsync` the
+//! kernel may already have dropped the dirty pages). The writer then answers every append of
+//! the group with `Unavailable`, tries to cut the file back to its last acknowledged length,
+//! and refuses all further appends: the log is read-only until it is reopened, when recovery
+//! checks the file again. The failed appends may or may not be in the file; retrying them with
+//! the same event ids after the reopen stores them at most once.
+use std::{
+    collections::{HashMap, VecDeque},
+    fs::File,
+    io::Write,
+    sync::Arc,
+    time::Instant,
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{AppendOutcome, DEDUPE_WINDOW, EventLogError, ExpectedVersion, Subject};
+
+use super::{LogShared, record};
+
+/// What a caller asks of the writer.
+pub(super) enum Command {
+    Append(AppendRequest),
+    /// Finish what is queued before this, stop, and close the file.
+    Close(oneshot::Sender<()>),
+}
+
+/// An append, prepared by the caller: ids parsed and envelopes already serialised, so that
+/// the writer thread only copies bytes.
+pub(super) struct AppendRequest {
+    pub subject: Subject,
+    pub expected: ExpectedVersion,
+    pub events: Vec<PreparedEvent>,
+    /// The envelopes' proto3 JSON, one after the other.
+    pub json: Vec<u8>,
+    pub reply: oneshot::Sender<Result<AppendOutcome, EventLogError>>,
+}
+
+pub(super) struct PreparedEvent {
+    pub id: u128,
+    pub event_type: &'static str,
+    /// End of this envelope's JSON in `AppendRequest::json` (it starts where the previous ends).
+    pub json_end: usize,
+}
+
+pub(super) struct Writer {
+    pub shared: Arc<LogShared>,
+    pub file: File,
+    /// Keeps the directory lock for as long as any writer runs.
+    pub _lock: Arc<File>,
+    pub rx: mpsc::Receiver<Command>,
+    pub max_batch_events: usize,
+    /// Length of the file up to the last acknowledged record.
+    pub file_len: u64,
+    pub next_sequence: u64,
+    /// Each aggregate's version, including appends of the group being decided.
+    pub versions: HashMap<Box<str>, u64>,
+    pub dedupe: Dedupe,
+    /// Why the log refuses appends after a failed write.
+    pub poisoned: Option<String>,
+}
+
+/// Event ids stored within the dedupe window, with their sequences.
+#[derive(Default)]
+pub(super) struct Dedupe {
+    ids: HashMap<u128, u64>,
+    /// Ids in the order they were stored, to forget them when the window has passed.
+    order: VecDeque<(Instant, u128)>,
+}
+
+impl Dedupe {
+    pub fn remember(&mut self, id: u128, sequence: u64, at: Instant) {
+        self.ids.insert(id, sequence);
+        self.order.push_back((at, id));
+    }
+
+    fn forget_older_than_window(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.order.front() {
+            if now.duration_since(at) <= DEDUPE_WINDOW {
+                break;
+            }
+            self.order.pop_front();
+            self.ids.remove(&id);
+        }
+    }
+}
+
+/// One decided append of the group, waiting for the sync.
+struct Decided {
+    reply: oneshot::Sender<Result<AppendOutcome, EventLogError>>,
+    outcome: Result<AppendOutcome, EventLogError>,
+    /// For an append that wrote records: its subject and the range of `Writer::offsets` and
+    /// the buffer end that belong to it.
+    written: Option<(Subject, std::ops::Range<usize>, u64)>,
+}
+
+impl Writer {
+    /// Runs until the log is closed or every handle is dropped, then closes the file.
+    pub fn run(mut self) {
+        let close_reply = self.serve();
+        let shared = self.shared.clone();
+        // Dropping the writer closes the file, releases its share of the directory lock and
+        // answers queued appends with `Closed` (their reply senders are dropped).
+        drop(self);
+        shared.head.send_modify(|head| head.closed = true);
+        if let Some(reply) = close_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn serve(&mut self) -> Option<oneshot::Sender<()>> {
+        let mut carried: Option<Command> = None;
+        let mut group: Vec<AppendRequest> = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut offsets: Vec<u64> = Vec::new();
+        loop {
+            let first = match carried.take() {
+                Some(command) => command,
+                None => self.rx.blocking_recv()?,
+            };
+            let mut close = None;
+            let mut events = 0;
+            match first {
+                Command::Append(request) => {
+                    events += request.events.len();
+                    group.push(request);
+                }
+                Command::Close(reply) => close = Some(reply),
+            }
+            while close.is_none() && events < self.max_batch_events {
+                match self.rx.try_recv() {
+                    Ok(Command::Append(request)) => {
+                        if events + request.events.len() > self.max_batch_events {
+                            carried = Some(Command::Append(request));
+                            break;
+                        }
+                        events += request.events.len();
+                        group.push(request);
+                    }
+                    Ok(Command::Close(reply)) => close = Some(reply),
+                    Err(_) => break,
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(&mut group, &mut buf, &mut offsets);
+            }
+            if close.is_some() {
+                return close;
+            }
+            // A huge append should not pin its buffer for the life of the log.
+            if buf.capacity() > 64 << 20 {
+                buf = Vec::new();
+            }
+        }
+    }
+
+    fn commit_group(
+        &mut self,
+        group: &mut Vec<AppendRequest>,
+        buf: &mut Vec<u8>,
+        offsets: &mut Vec<u64>,
+    ) {
+        let now = Instant::now();
+        self.dedupe.forget_older_than_window(now);
+        buf.clear();
+        offsets.clear();
+        let first_sequence = self.next_sequence;
+        let mut decided = Vec::with_capacity(group.len());
+        for request in group.drain(..) {
+            let start = offsets.len();
+            let outcome = self.decide(&request, now, buf, offsets);
+            let written = (offsets.len() > start).then(|| {
+                (
+                    request.subject,
+                    start..offsets.len(),
+                    self.file_len + buf.len() as u64,
+                )
+            });
+            decided.push(Decided {
+                reply: request.reply,
+                outcome,
+                written,
+            });
+        }
+
+        if !buf.is_empty()
+            && let Err(error) = self.write_and_sync(buf)
+        {
+            let reason = format!(
+                "writing to {} failed ({error}); the log refuses appends until it is \
+                 reopened, and the failed appends may be retried with the same event ids then",
+                self.shared.path.display()
+            );
+            tracing::error!(file = %self.shared.path.display(), %error, "event log write failed");
+            // Best effort: the file should not keep records nobody was told about.
+            let _ = self.file.set_len(self.file_len);
+            self.poisoned = Some(reason.clone());
+            for d in decided {
+                let _ = d.reply.send(Err(EventLogError::Unavailable {
+                    reason: reason.clone(),
+                }));
+            }
+            return;
+        }
+
+        if self.next_sequence > first_sequence {
+            let base = self.file_len;
+            let absolute: Vec<u64> = offsets.iter().map(|o| base + o).collect();
+            {
+                let mut index = self.shared.write_index();
+                for d in &decided {
+                    if let Some((subject, range, end)) = &d.written {
+                        index.push(subject.as_str(), &absolute[range.clone()], *end);
+                    }
+                }
+            }
+            self.file_len += buf.len() as u64;
+            let last = self.next_sequence - 1;
+            self.shared.head.send_modify(|head| head.last = last);
+        }
+        for d in decided {
+            let _ = d.reply.send(d.outcome);
+        }
+    }
+
+    /// Decides one append of the group and, if it is accepted, serialises its records into
+    /// `buf` (with their offsets relative to the buffer start).
+    fn decide(
+        &mut self,
+        request: &AppendRequest,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        offsets: &mut Vec<u64>,
+    ) -> Result<AppendOutcome, EventLogError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(EventLogError::Unavailable {
+                reason: reason.clone(),
+            });
+        }
+        let known = request
+            .events
+            .iter()
+            .filter(|e| self.dedupe.ids.contains_key(&e.id))
+            .count();
+        if known == request.events.len() {
+            // A retry: answer what the original append got, whatever version it expected.
+            let sequence_of = |e: Option<&PreparedEvent>| {
+                e.and_then(|e| self.dedupe.ids.get(&e.id).copied())
+                    .unwrap_or_default()
+            };
+            return Ok(AppendOutcome {
+                first_sequence: sequence_of(request.events.first()),
+                last_sequence: sequence_of(request.events.last()),
+                duplicate: true,
+            });
+        }
+        if known > 0 {
+            return Err(EventLogError::InvalidEvent {
+                reason: format!(
+                    "{known} of these {} event ids are already stored and the others are not; \
+                     a retry must resend exactly the events of the original append",
+                    request.events.len()
+                ),
+            });
+        }
+        let subject = request.subject.as_str();
+        let actual = self.versions.get(subject).copied().unwrap_or(0);
+        if !request.expected.admits(actual) {
+            return Err(EventLogError::Conflict {
+                subject: subject.to_owned(),
+                expected: request.expected,
+                actual: Some(actual),
+            });
+        }
+
+        let count = request.events.len();
+        let first = self.next_sequence;
+        let mut json_start = 0;
+        for (i, event) in request.events.iter().enumerate() {
+            let sequence = first + i as u64;
+            offsets.push(buf.len() as u64);
+            record::encode_line(
+                buf,
+                sequence,
+                subject,
+                event.event_type,
+                (count > 1).then_some((i + 1, count)),
+                request
+                    .json
+                    .get(json_start..event.json_end)
+                    .unwrap_or_default(),
+            );
+            json_start = event.json_end;
+            self.dedupe.remember(event.id, sequence, now);
+        }
+        let last = first + count as u64 - 1;
+        self.next_sequence = last + 1;
+        match self.versions.get_mut(subject) {
+            Some(version) => *version = last,
+            None => {
+                self.versions.insert(subject.into(), last);
+            }
+        }
+        Ok(AppendOutcome {
+            first_sequence: first,
+            last_sequence: last,
+            duplicate: false,
+        })
+    }
+
+    fn write_and_sync(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(buf)?;
+        self.file.sync_data()
+    }
+}
+
+/// Where the writer thread's file lives, for messages.
+pub(super) fn thread_name(path: &std::path::Path) -> String {
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("jsonl-{name}")
+}

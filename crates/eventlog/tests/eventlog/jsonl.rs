@@ -1,0 +1,349 @@
+//! The JSONL file adapter: the conformance suite, plus what only a file can get wrong —
+//! torn tails after a crash, corruption, reopening, and two processes on one directory.
+use std::{path::Path, sync::Arc, time::Duration};
+
+use eventlog::{
+    EventLog, EventLogError, ExpectedVersion, LogKind, RecordedEvent, UnknownBody,
+    jsonl::{JsonlLog, JsonlOptions},
+};
+use futures_util::StreamExt;
+
+use crate::support::{TestLog, event, subject};
+
+/// Guard against a hang; never used to wait for something to happen.
+const GUARD: Duration = Duration::from_secs(30);
+
+async fn open_jsonl() -> TestLog {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open(dir.path()).await;
+    TestLog {
+        log: Arc::new(log),
+        _guard: Box::new(dir),
+    }
+}
+
+crate::conformance_suite!(open_jsonl());
+
+async fn open(dir: &Path) -> JsonlLog {
+    JsonlLog::open(dir, JsonlOptions::default())
+        .await
+        .expect("open the JSONL log")
+}
+
+async fn replay(log: &JsonlLog, kind: LogKind) -> Vec<RecordedEvent> {
+    let stream = log.read_from(kind, 0, None).await.expect("read_from");
+    tokio::time::timeout(GUARD, stream.map(|r| r.expect("event")).collect::<Vec<_>>())
+        .await
+        .expect("replay stalled")
+}
+
+fn ids_and_sequences(events: &[RecordedEvent]) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .map(|e| (e.sequence, e.envelope.event_id.clone()))
+        .collect()
+}
+
+fn config_file(dir: &Path) -> std::path::PathBuf {
+    dir.join("config.jsonl")
+}
+
+/// Writes `records` through the adapter and returns the file's bytes, the byte offset where
+/// the last append starts, and what was stored before it.
+async fn file_ending_in(last_append: usize) -> (Vec<u8>, usize, Vec<(u64, String)>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open(dir.path()).await;
+    let s = subject("server.torn");
+    for _ in 0..3 {
+        log.append(&s, ExpectedVersion::Any, &[event("torn")])
+            .await
+            .expect("append");
+    }
+    let kept = ids_and_sequences(&replay(&log, LogKind::Config).await);
+    let before = std::fs::read(config_file(dir.path()))
+        .expect("read file")
+        .len();
+    let batch: Vec<_> = (0..last_append).map(|_| event("torn")).collect();
+    log.append(&s, ExpectedVersion::Any, &batch)
+        .await
+        .expect("last append");
+    log.close().await;
+    let bytes = std::fs::read(config_file(dir.path())).expect("read file");
+    (bytes, before, kept)
+}
+
+/// For every cut inside the last append: start-up keeps exactly the earlier records, and the
+/// log takes the next append at the next sequence, which a further reopen still sees.
+async fn every_cut_inside_the_last_append_recovers(last_append: usize) {
+    let (bytes, last_start, kept) = file_ending_in(last_append).await;
+    assert!(
+        bytes.len() > last_start + 100,
+        "the last append has some size"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    for cut in last_start + 1..bytes.len() {
+        std::fs::write(config_file(dir.path()), &bytes[..cut]).expect("write cut file");
+        let log = open(dir.path()).await;
+        let recovered = replay(&log, LogKind::Config).await;
+        assert_eq!(ids_and_sequences(&recovered), kept, "cut at byte {cut}");
+        assert_eq!(
+            std::fs::metadata(config_file(dir.path()))
+                .expect("metadata")
+                .len(),
+            last_start as u64,
+            "the unfinished append is cut off the file (cut at byte {cut})"
+        );
+
+        let next = event("torn");
+        let outcome = log
+            .append(
+                &subject("server.torn"),
+                ExpectedVersion::At(kept.len() as u64),
+                std::slice::from_ref(&next),
+            )
+            .await
+            .expect("the recovered log is appendable");
+        assert_eq!(outcome.first_sequence, kept.len() as u64 + 1);
+        log.close().await;
+        drop(log);
+
+        let reopened = open(dir.path()).await;
+        let after = ids_and_sequences(&replay(&reopened, LogKind::Config).await);
+        let mut expected = kept.clone();
+        expected.push((kept.len() as u64 + 1, next.event_id.clone()));
+        assert_eq!(after, expected, "cut at byte {cut}, after reopening");
+        reopened.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_record_is_dropped_at_start_up_and_the_log_stays_appendable() {
+    every_cut_inside_the_last_append_recovers(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_last_batch_is_dropped_whole_at_start_up() {
+    every_cut_inside_the_last_append_recovers(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_line_in_the_middle_fails_the_open_and_names_the_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open(dir.path()).await;
+    for _ in 0..5 {
+        log.append(&subject("server.c"), ExpectedVersion::Any, &[event("c")])
+            .await
+            .expect("append");
+    }
+    log.close().await;
+    drop(log);
+
+    let path = config_file(dir.path());
+    let original = std::fs::read(&path).expect("read");
+    let mut lines: Vec<Vec<u8>> = original
+        .split_inclusive(|b| *b == b'\n')
+        .map(<[u8]>::to_vec)
+        .collect();
+    assert_eq!(lines.len(), 5);
+    let middle = lines[2].len() / 2;
+    lines[2][middle..middle + 4].copy_from_slice(b"\x00#!{");
+    let damaged = lines.concat();
+    std::fs::write(&path, &damaged).expect("write");
+
+    let err = JsonlLog::open(dir.path(), JsonlOptions::default())
+        .await
+        .expect_err("a corrupt middle line fails the open");
+    match &err {
+        EventLogError::Corrupt { location, .. } => {
+            assert!(location.contains("config.jsonl"), "{err}");
+            assert!(location.ends_with("line 3"), "{err}");
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        damaged,
+        "nothing is dropped"
+    );
+
+    // The same damage in the last line is what a crash mid-write leaves: that line is cut.
+    let mut lines = lines;
+    lines.truncate(3);
+    std::fs::write(&path, lines.concat()).expect("write");
+    let log = open(dir.path()).await;
+    assert_eq!(log.last_sequence(LogKind::Config).await.expect("last"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_events_versions_and_event_ids_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = subject("server.keep");
+    let first_batch = [event("keep"), event("keep")];
+    let (original, invocation) = {
+        let log = open(dir.path()).await;
+        let original = log
+            .append(&s, ExpectedVersion::NoEvents, &first_batch)
+            .await
+            .expect("append");
+        let invocation = log
+            .append(
+                &subject("invocation.u_a"),
+                ExpectedVersion::Any,
+                &[event("x")],
+            )
+            .await
+            .expect("append invocation");
+        log.close().await;
+        (original, invocation)
+    };
+
+    let log = open(dir.path()).await;
+    assert_eq!(log.last_sequence(LogKind::Config).await.expect("last"), 2);
+    assert_eq!(
+        log.last_sequence(LogKind::Invocations).await.expect("last"),
+        1
+    );
+    assert_eq!(invocation.first_sequence, 1);
+    let history = log.read_aggregate(&s).await.expect("read");
+    assert_eq!(history.version, original.last_sequence);
+    let ids: Vec<_> = history
+        .events
+        .iter()
+        .map(|e| e.envelope.event_id.clone())
+        .collect();
+    assert_eq!(
+        ids,
+        first_batch
+            .iter()
+            .map(|e| e.event_id.clone())
+            .collect::<Vec<_>>()
+    );
+
+    // A retry of the append made before the restart is still recognised.
+    let retried = log
+        .append(&s, ExpectedVersion::NoEvents, &first_batch)
+        .await
+        .expect("retry");
+    assert!(retried.duplicate);
+    assert_eq!(
+        (retried.first_sequence, retried.last_sequence),
+        (original.first_sequence, original.last_sequence)
+    );
+    // Optimistic concurrency goes on from the stored versions.
+    let err = log
+        .append(&s, ExpectedVersion::NoEvents, &[event("keep")])
+        .await
+        .expect_err("stale version");
+    assert!(err.is_conflict(), "{err}");
+    let next = log
+        .append(&s, ExpectedVersion::At(history.version), &[event("keep")])
+        .await
+        .expect("append at the stored version");
+    assert_eq!(next.first_sequence, 3);
+    let next = log
+        .append(
+            &subject("invocation.u_a"),
+            ExpectedVersion::At(1),
+            &[event("x")],
+        )
+        .await
+        .expect("append invocation");
+    assert_eq!(next.first_sequence, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = open(dir.path()).await;
+    let err = JsonlLog::open(dir.path(), JsonlOptions::default())
+        .await
+        .expect_err("the directory is in use");
+    assert!(err.to_string().contains("already open"), "{err}");
+
+    // Once the first handle is gone, the directory can be opened again.
+    drop(first);
+    let again = open(dir.path()).await;
+    again
+        .append(&subject("server.x"), ExpectedVersion::Any, &[event("x")])
+        .await
+        .expect("append");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_an_unknown_type_is_read_back_as_stored() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let id = uuid::Uuid::now_v7().to_string();
+    let envelope = format!(
+        r#"{{"eventId":"{id}","occurredAt":"2025-11-24T16:00:00Z","schemaVersion":2,"someFutureEvent":{{"x":1}}}}"#
+    );
+    let line = format!(
+        r#"{{"seq":1,"subject":"server.future","type":"SomeFutureEvent","envelope":{envelope}}}"#
+    );
+    std::fs::write(config_file(dir.path()), format!("{line}\n")).expect("write");
+
+    let log = open(dir.path()).await;
+    let events = replay(&log, LogKind::Config).await;
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
+    assert_eq!(event.sequence, 1);
+    assert_eq!(event.subject.as_str(), "server.future");
+    assert_eq!(event.event_type, "SomeFutureEvent");
+    assert_eq!(event.envelope.event_id, id);
+    assert_eq!(event.envelope.schema_version, 2);
+    assert!(event.envelope.event.is_none());
+    assert_eq!(event.unknown_body, Some(UnknownBody::Json(envelope.into())));
+
+    let history = log
+        .read_aggregate(&subject("server.future"))
+        .await
+        .expect("read");
+    assert_eq!(history.events, events);
+    let next = log
+        .append(
+            &subject("server.future"),
+            ExpectedVersion::At(1),
+            &[crate::support::event("f")],
+        )
+        .await
+        .expect("append after it");
+    assert_eq!(next.first_sequence, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_ends_subscriptions_after_every_stored_event_and_refuses_appends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open(dir.path()).await;
+    let mut live = log
+        .subscribe(LogKind::Config, 0, None)
+        .await
+        .expect("subscribe");
+    let stored = log
+        .append(&subject("server.z"), ExpectedVersion::Any, &[event("z")])
+        .await
+        .expect("append");
+    log.close().await;
+
+    let next = tokio::time::timeout(GUARD, live.next())
+        .await
+        .expect("subscriber stalled")
+        .expect("an item")
+        .expect("the stored event");
+    assert_eq!(next.sequence, stored.first_sequence);
+    let end = tokio::time::timeout(GUARD, live.next())
+        .await
+        .expect("subscriber stalled")
+        .expect("an item");
+    assert!(matches!(end, Err(EventLogError::Closed)), "{end:?}");
+    assert!(live.next().await.is_none());
+
+    let err = log
+        .append(&subject("server.z"), ExpectedVersion::Any, &[event("z")])
+        .await
+        .expect_err("closed");
+    assert!(matches!(err, EventLogError::Closed), "{err}");
+    assert_eq!(
+        replay(&log, LogKind::Config).await.len(),
+        1,
+        "reads still work"
+    );
+}

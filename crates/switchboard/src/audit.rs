@@ -1,0 +1,213 @@
+//! `switchboard audit replay`: the event history as JSON lines or a table, filtered by subject,
+//! type and time. Events of types this version does not know are shown raw, never dropped.
+use std::io::Write;
+
+use anyhow::Context;
+use base64::Engine;
+use chrono::{DateTime, SecondsFormat, Utc};
+use eventlog::{EventLog, EventStream, LogKind, RecordedEvent, SubjectFilter, UnknownBody};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::{
+    cli::{LogChoice, OutputFormat, ReplayArgs},
+    configuration::StoreOptions,
+};
+
+/// Which events to show.
+#[derive(Debug, Default)]
+pub struct AuditFilter {
+    pub subject: Option<SubjectFilter>,
+    pub types: Vec<String>,
+    /// Inclusive lower bound, seconds and nanos since the epoch.
+    pub since: Option<(i64, i32)>,
+    /// Exclusive upper bound.
+    pub until: Option<(i64, i32)>,
+}
+
+impl AuditFilter {
+    pub fn from_args(args: &ReplayArgs) -> anyhow::Result<Self> {
+        let subject = args
+            .subject
+            .as_deref()
+            .map(SubjectFilter::parse)
+            .transpose()
+            .context("--subject")?;
+        Ok(AuditFilter {
+            subject,
+            types: args.types.iter().map(|t| t.trim().to_owned()).collect(),
+            since: args.since.as_deref().map(parse_time).transpose().context("--since")?,
+            until: args.until.as_deref().map(parse_time).transpose().context("--until")?,
+        })
+    }
+
+    /// Subject filtering happens in the store; this checks the rest.
+    pub fn admits(&self, event: &RecordedEvent) -> bool {
+        if !self.types.is_empty() && !self.types.iter().any(|t| *t == event.event_type) {
+            return false;
+        }
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        let at = occurred_at(event);
+        self.since.is_none_or(|since| at >= since) && self.until.is_none_or(|until| at < until)
+    }
+}
+
+fn parse_time(text: &str) -> anyhow::Result<(i64, i32)> {
+    let time = DateTime::parse_from_rfc3339(text).with_context(|| {
+        format!("{text:?} is not an RFC 3339 time such as 2026-11-25T12:00:00Z")
+    })?;
+    Ok((time.timestamp(), time.timestamp_subsec_nanos() as i32))
+}
+
+fn occurred_at(event: &RecordedEvent) -> (i64, i32) {
+    event
+        .envelope
+        .occurred_at
+        .as_ref()
+        .map_or((0, 0), |t| (t.seconds, t.nanos))
+}
+
+pub async fn replay(store: &StoreOptions, args: &ReplayArgs) -> anyhow::Result<()> {
+    let filter = AuditFilter::from_args(args)?;
+    let log = store.open_event_log_for_reading().await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    write_history(log.as_ref(), args.log, &filter, args.format, &mut out).await?;
+    out.flush().context("writing to standard output")?;
+    Ok(())
+}
+
+/// Writes the history of the chosen logs; with both logs, events are merged by the time they
+/// occurred (each log is in its own order).
+pub async fn write_history(
+    log: &dyn EventLog,
+    choice: LogChoice,
+    filter: &AuditFilter,
+    format: OutputFormat,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let wanted: &[LogKind] = match choice {
+        LogChoice::All => filter.subject.as_ref().map_or(&LogKind::ALL, |s| s.logs()),
+        LogChoice::Config => &[LogKind::Config],
+        LogChoice::Invocations => &[LogKind::Invocations],
+    };
+    let mut streams: Vec<(EventStream, Option<RecordedEvent>)> = Vec::new();
+    for kind in wanted {
+        let mut stream = log.read_from(*kind, 1, filter.subject.as_ref()).await?;
+        let head = next_admitted(&mut stream, filter).await?;
+        streams.push((stream, head));
+    }
+    if format == OutputFormat::Table {
+        writeln!(out, "{:<5} {:>8}  {:<24}  {:<26}  {:<40}  DETAILS", "LOG", "SEQ", "OCCURRED", "TYPE", "SUBJECT")?;
+    }
+    loop {
+        let earliest = streams
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, head))| head.as_ref().map(|e| (occurred_at(e), i)))
+            .min();
+        let Some((_, index)) = earliest else {
+            break;
+        };
+        let (stream, head) = &mut streams[index];
+        let next = next_admitted(stream, filter).await?;
+        if let Some(event) = std::mem::replace(head, next) {
+            match format {
+                OutputFormat::Json => writeln!(out, "{}", event_json(&event))?,
+                OutputFormat::Table => write_table_row(&event, out)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn next_admitted(
+    stream: &mut EventStream,
+    filter: &AuditFilter,
+) -> anyhow::Result<Option<RecordedEvent>> {
+    while let Some(event) = stream.next().await {
+        let event = event?;
+        if filter.admits(&event) {
+            return Ok(Some(event));
+        }
+    }
+    Ok(None)
+}
+
+/// `{"log","seq","subject","type","occurredAt","envelope"}`; for an event this version does not
+/// know, `"known": false` and the stored envelope as it is (JSON) or in base64 (protobuf).
+pub fn event_json(event: &RecordedEvent) -> Value {
+    let mut line = json!({
+        "log": event.log.as_str(),
+        "seq": event.sequence,
+        "subject": event.subject.as_str(),
+        "type": event.event_type,
+        "occurredAt": format_time(event),
+        "known": event.envelope.event.is_some(),
+    });
+    let envelope = match &event.unknown_body {
+        None => serde_json::to_value(&event.envelope).unwrap_or(Value::Null),
+        Some(UnknownBody::Json(raw)) => serde_json::from_str(raw).unwrap_or(Value::Null),
+        Some(UnknownBody::Protobuf(bytes)) => {
+            line["envelopeProtobufBase64"] =
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+            serde_json::to_value(&event.envelope).unwrap_or(Value::Null)
+        }
+    };
+    line["envelope"] = envelope;
+    line
+}
+
+fn format_time(event: &RecordedEvent) -> String {
+    let (seconds, nanos) = occurred_at(event);
+    DateTime::<Utc>::from_timestamp(seconds, nanos.max(0) as u32)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+const ENVELOPE_FIELDS: [&str; 6] = [
+    "eventId",
+    "occurredAt",
+    "actor",
+    "correlationId",
+    "causationId",
+    "schemaVersion",
+];
+
+fn write_table_row(event: &RecordedEvent, out: &mut impl Write) -> std::io::Result<()> {
+    let details = match &event.envelope.event {
+        // The body is the one envelope field that is not metadata.
+        Some(_) => match serde_json::to_value(&event.envelope) {
+            Ok(Value::Object(fields)) => fields
+                .into_iter()
+                .find(|(key, _)| !ENVELOPE_FIELDS.contains(&key.as_str()))
+                .map(|(_, body)| body.to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        },
+        None => "(event type unknown to this version; see --format json)".to_owned(),
+    };
+    let log = match event.log {
+        LogKind::Config => "cfg",
+        LogKind::Invocations => "inv",
+    };
+    writeln!(
+        out,
+        "{:<5} {:>8}  {:<24}  {:<26}  {:<40}  {}",
+        log,
+        event.sequence,
+        format_time(event),
+        event.event_type,
+        event.subject.as_str(),
+        truncate(&details, 160)
+    )
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((index, _)) => &text[..index],
+        None => text,
+    }
+}
