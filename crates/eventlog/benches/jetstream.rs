@@ -1,13 +1,20 @@
 //! JetStream adapter throughput against the raw async-nats ceiling, measured in the same run on
-//! the same nats-server (started by testkit, file storage).
+//! the same nats-server (started by testkit, file storage, 300-byte events).
 //!
-//! Run: `cargo bench -p eventlog --bench jetstream`. Figures for 300-byte events:
-//! (a) raw pipelined JetStream publish — the ceiling for (b);
-//! (b) adapter appends, pipelined (a window of appends in flight, `ExpectedVersion::Any`), and
-//!     per-aggregate expected-version appends from 64 writers;
-//! (c) raw ordered-consumer replay — the ceiling for (d);
-//! (d) adapter `read_from` replay.
-//! Plus the latency of one acknowledged append and of `read_aggregate`, one at a time.
+//! Run: `cargo bench -p eventlog --bench jetstream` (about half a minute).
+//! - (a) raw pipelined JetStream publish, plain and with the adapter's headers (a fresh
+//!   `Nats-Msg-Id` each, so the server's dedupe bookkeeping is in the baseline): the ceilings
+//!   for (b);
+//! - (b) adapter appends: pipelined (a window of appends in flight, `ExpectedVersion::Any`), and
+//!   per-aggregate expected-version appends from 64 writers (with its raw equivalent);
+//! - (c) raw ordered-consumer replay, of a header-less stream and of the adapter's own stream
+//!   (same messages as (d)): the ceilings for (d);
+//! - (d) adapter `read_from` replay;
+//! - latencies, one operation at a time: append (single event, atomic batch), `read_aggregate`
+//!   by direct get and by ordered consumer.
+//!
+//! A 2-core machine shared with other work is noisy, so each throughput is measured in
+//! [`ROUNDS`] rounds (raw and adapter interleaved) and reported as best and median.
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -17,7 +24,7 @@ use async_nats::jetstream::{self, consumer::push::OrderedConfig, stream};
 use bytes::Bytes;
 use eventlog::{
     EventLog, ExpectedVersion, LogKind, Subject,
-    jetstream::{JetStreamConfig, JetStreamLog},
+    jetstream::{AggregateReads, JetStreamConfig, JetStreamLog},
 };
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use proto::{
@@ -26,8 +33,9 @@ use proto::{
 };
 
 const EVENT_SIZE: usize = 300;
-const RAW_MESSAGES: usize = 200_000;
-const ADAPTER_EVENTS: usize = 200_000;
+const ROUNDS: usize = 3;
+/// Messages per round for each pipelined publish measurement.
+const MESSAGES: usize = 100_000;
 const WINDOW: usize = 2048;
 const SUBJECTS: usize = 256;
 const VERSIONED_WRITERS: usize = 64;
@@ -73,18 +81,30 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[((samples.len() as f64 - 1.0) * p) as usize]
 }
 
-/// (a) Raw JetStream publishes of 300-byte payloads with `window` acknowledgements pending.
-async fn raw_publish(js: &jetstream::Context, count: usize, window: usize) -> f64 {
+/// (a) Raw JetStream publishes of 300-byte payloads with `window` acknowledgements pending;
+/// with `headers`, each carries the headers the adapter sets (a fresh `Nats-Msg-Id`, so the
+/// server's dedupe bookkeeping is included).
+async fn raw_publish(js: &jetstream::Context, prefix: &str, count: usize, headers: bool) -> f64 {
     let payload = Bytes::from(vec![b'x'; EVENT_SIZE]);
+    let ids: Vec<String> = (0..if headers { count } else { 0 })
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
     for i in 0..count {
-        let ack = js
-            .publish(format!("raw.s{}", i % SUBJECTS), payload.clone())
-            .await
-            .expect("publish");
+        let subject = format!("{prefix}.s{}", i % SUBJECTS);
+        let ack = if let Some(id) = ids.get(i) {
+            let mut map = async_nats::HeaderMap::new();
+            map.insert("Nats-Msg-Id", id.as_str());
+            map.insert("Sb-Event-Type", "ServerDisabled");
+            map.insert("Content-Type", "application/protobuf");
+            js.publish_with_headers(subject, map, payload.clone()).await
+        } else {
+            js.publish(subject, payload.clone()).await
+        }
+        .expect("publish");
         pending.push(ack.into_future());
-        if pending.len() >= window {
+        if pending.len() >= WINDOW {
             pending.next().await.expect("pending").expect("ack");
         }
     }
@@ -94,10 +114,53 @@ async fn raw_publish(js: &jetstream::Context, count: usize, window: usize) -> f6
     rate(count, started.elapsed())
 }
 
-/// (c) Raw ordered push consumer over the whole stream.
-async fn raw_replay(js: &jetstream::Context, client: &async_nats::Client, count: usize) -> f64 {
+/// (b) baseline: 64 tasks, each publishing to its own subject with
+/// `Nats-Expected-Last-Subject-Sequence` and `Nats-Msg-Id`, one at a time.
+async fn raw_versioned(js: &jetstream::Context, round: usize) -> f64 {
+    let payload = Bytes::from(vec![b'x'; EVENT_SIZE]);
     let started = Instant::now();
-    let stream = js.get_stream("RAW").await.expect("stream");
+    let writers: Vec<_> = (0..VERSIONED_WRITERS)
+        .map(|w| {
+            let js = js.clone();
+            let payload = payload.clone();
+            tokio::spawn(async move {
+                let mut version = 0u64;
+                for _ in 0..VERSIONED_APPENDS_PER_WRITER {
+                    let mut map = async_nats::HeaderMap::new();
+                    map.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+                    map.insert(
+                        "Nats-Expected-Last-Subject-Sequence",
+                        version.to_string().as_str(),
+                    );
+                    version = js
+                        .publish_with_headers(format!("raw.r{round}w{w}"), map, payload.clone())
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("ack")
+                        .sequence;
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    rate(
+        VERSIONED_WRITERS * VERSIONED_APPENDS_PER_WRITER,
+        started.elapsed(),
+    )
+}
+
+/// (c) Raw ordered push consumer over a whole stream.
+async fn raw_replay(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    name: &str,
+) -> (usize, f64) {
+    let started = Instant::now();
+    let stream = js.get_stream(name).await.expect("stream");
+    let count = stream.cached_info().state.messages as usize;
     let consumer = stream
         .create_consumer(OrderedConfig {
             deliver_subject: client.new_inbox(),
@@ -112,7 +175,7 @@ async fn raw_replay(js: &jetstream::Context, client: &async_nats::Client, count:
         std::hint::black_box(&message.payload);
         seen += 1;
     }
-    rate(count, started.elapsed())
+    (count, rate(count, started.elapsed()))
 }
 
 /// (b) Adapter appends of single events with `ExpectedVersion::Any`, `window` in flight.
@@ -136,13 +199,13 @@ async fn adapter_append(log: &JetStreamLog, events: &[Envelope], subjects: &[Sub
 }
 
 /// (b) 64 writers, each appending to its own aggregate with the version it last saw.
-async fn adapter_versioned(log: Arc<JetStreamLog>) -> f64 {
+async fn adapter_versioned(log: Arc<JetStreamLog>, round: usize) -> f64 {
     let started = Instant::now();
     let writers: Vec<_> = (0..VERSIONED_WRITERS)
         .map(|w| {
             let log = log.clone();
             tokio::spawn(async move {
-                let s = Subject::parse(&format!("server.writer{w}")).expect("subject");
+                let s = Subject::parse(&format!("server.r{round}w{w}")).expect("subject");
                 let events: Vec<_> = (0..VERSIONED_APPENDS_PER_WRITER)
                     .map(|_| event("writer"))
                     .collect();
@@ -185,37 +248,82 @@ async fn adapter_replay(log: &JetStreamLog) -> (usize, f64) {
     (count, rate(count, started.elapsed()))
 }
 
-async fn latencies(log: &JetStreamLog) -> (Duration, Duration, Duration, Duration) {
-    let s = Subject::parse("server.latency").expect("subject");
-    let mut appends = Vec::with_capacity(LATENCY_SAMPLES);
+/// p50 and p99 of `samples`.
+fn p50_p99(mut samples: Vec<Duration>) -> String {
+    format!(
+        "p50 {:>7.1} µs  p99 {:>7.1} µs",
+        percentile(&mut samples, 0.5).as_secs_f64() * 1e6,
+        percentile(&mut samples, 0.99).as_secs_f64() * 1e6
+    )
+}
+
+/// One expected-version append at a time.
+async fn append_latency(log: &JetStreamLog, batch: usize) -> String {
+    let s = Subject::parse(&format!("server.latency{batch}")).expect("subject");
+    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
     let mut version = 0;
-    for _ in 0..LATENCY_SAMPLES {
-        let e = event("latency");
+    for _ in 0..if batch == 1 {
+        LATENCY_SAMPLES
+    } else {
+        LATENCY_SAMPLES / 10
+    } {
+        let events: Vec<_> = (0..batch).map(|_| event("latency")).collect();
         let started = Instant::now();
         version = log
-            .append(&s, ExpectedVersion::from_loaded(version), &[e])
+            .append(&s, ExpectedVersion::from_loaded(version), &events)
             .await
             .expect("append")
             .last_sequence;
-        appends.push(started.elapsed());
+        samples.push(started.elapsed());
     }
-    let small = Subject::parse("server.small").expect("subject");
-    let batch: Vec<_> = (0..10).map(|_| event("small")).collect();
-    log.append(&small, ExpectedVersion::NoEvents, &batch)
-        .await
-        .expect("batch");
-    let mut reads = Vec::with_capacity(LATENCY_SAMPLES);
+    p50_p99(samples)
+}
+
+/// `read_aggregate` of a 10-event aggregate, one at a time.
+async fn read_latency(log: &JetStreamLog, small: &Subject) -> String {
+    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
     for _ in 0..LATENCY_SAMPLES {
         let started = Instant::now();
-        let history = log.read_aggregate(&small).await.expect("read");
+        let history = log.read_aggregate(small).await.expect("read");
         assert_eq!(history.events.len(), 10);
-        reads.push(started.elapsed());
+        samples.push(started.elapsed());
     }
-    (
-        percentile(&mut appends, 0.5),
-        percentile(&mut appends, 0.99),
-        percentile(&mut reads, 0.5),
-        percentile(&mut reads, 0.99),
+    p50_p99(samples)
+}
+
+/// Best and median of one measurement's rounds.
+#[derive(Default)]
+struct Rounds(Vec<f64>);
+
+impl Rounds {
+    fn add(&mut self, rate: f64) {
+        self.0.push(rate);
+    }
+
+    fn best(&self) -> f64 {
+        self.0.iter().copied().fold(0.0, f64::max)
+    }
+
+    fn median(&self) -> f64 {
+        let mut sorted = self.0.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+    }
+
+    fn line(&self, label: &str, unit: &str) -> String {
+        format!(
+            "{label:<52} best {:>8.0} {unit}/s  median {:>8.0}",
+            self.best(),
+            self.median()
+        )
+    }
+}
+
+fn ratio(adapter: &Rounds, raw: &Rounds) -> String {
+    format!(
+        "{:.0}% (best/best), {:.0}% (median/median)",
+        100.0 * adapter.best() / raw.best(),
+        100.0 * adapter.median() / raw.median()
     )
 }
 
@@ -224,23 +332,25 @@ async fn main() {
     let server = testkit::NatsServer::start();
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = jetstream::new(client.clone());
-    js.create_stream(stream::Config {
-        name: "RAW".to_owned(),
-        subjects: vec!["raw.>".to_owned()],
-        storage: stream::StorageType::File,
-        deny_delete: true,
-        deny_purge: true,
-        ..Default::default()
-    })
-    .await
-    .expect("raw stream");
+    for (name, subject) in [("RAW", "raw.>"), ("RAWH", "rawh.>")] {
+        js.create_stream(stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subject.to_owned()],
+            storage: stream::StorageType::File,
+            deny_delete: true,
+            deny_purge: true,
+            ..Default::default()
+        })
+        .await
+        .expect("raw stream");
+    }
     let log = Arc::new(
         JetStreamLog::connect(client.clone(), JetStreamConfig::with_prefix("bench"))
             .await
             .expect("log"),
     );
     println!(
-        "JetStream, {EVENT_SIZE}-byte events, nats-server {} (file storage), {} CPUs",
+        "JetStream, {EVENT_SIZE}-byte events, nats-server {} (file storage), {} CPUs, {ROUNDS} rounds",
         client.server_info().version,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
@@ -248,38 +358,124 @@ async fn main() {
     let subjects: Vec<Subject> = (0..SUBJECTS)
         .map(|i| Subject::parse(&format!("server.bench{i}")).expect("subject"))
         .collect();
-    let events: Vec<Envelope> = (0..ADAPTER_EVENTS).map(|_| event("bench")).collect();
-    assert_eq!(events[0].encoded_len(), EVENT_SIZE);
+    let mut raw_pub = Rounds::default();
+    let mut raw_pub_headers = Rounds::default();
+    let mut append = Rounds::default();
+    let mut raw_versioned_rounds = Rounds::default();
+    let mut versioned = Rounds::default();
+    for round in 0..ROUNDS {
+        let events: Vec<Envelope> = (0..MESSAGES).map(|_| event("bench")).collect();
+        assert_eq!(events[0].encoded_len(), EVENT_SIZE);
+        raw_pub.add(raw_publish(&js, "raw", MESSAGES, false).await);
+        raw_pub_headers.add(raw_publish(&js, "rawh", MESSAGES, true).await);
+        append.add(adapter_append(&log, &events, &subjects).await);
+        raw_versioned_rounds.add(raw_versioned(&js, round).await);
+        versioned.add(adapter_versioned(log.clone(), round).await);
+    }
+    println!(
+        "{}",
+        raw_pub.line(&format!("(a) raw publish, {WINDOW} in flight"), "msgs")
+    );
+    println!(
+        "{}",
+        raw_pub_headers.line("(a) raw publish, adapter's headers + msg id", "msgs")
+    );
+    println!(
+        "{}",
+        append.line(
+            &format!("(b) adapter append, {WINDOW} in flight, Any"),
+            "events"
+        )
+    );
+    println!(
+        "    = {} of raw with headers, {} of plain raw; target 100k/s",
+        ratio(&append, &raw_pub_headers),
+        ratio(&append, &raw_pub)
+    );
+    println!(
+        "{}",
+        raw_versioned_rounds.line(
+            &format!("(a) raw expected-sequence publish, {VERSIONED_WRITERS} writers"),
+            "msgs"
+        )
+    );
+    println!(
+        "{}",
+        versioned.line(
+            &format!("(b) adapter expected-version append, {VERSIONED_WRITERS} writers"),
+            "events"
+        )
+    );
+    println!("    = {} of raw", ratio(&versioned, &raw_versioned_rounds));
 
-    let raw_pub = raw_publish(&js, RAW_MESSAGES, WINDOW).await;
-    println!("(a) raw pipelined publish, window {WINDOW}:      {raw_pub:>10.0} msgs/s");
-    let append = adapter_append(&log, &events, &subjects).await;
+    let mut raw_read = Rounds::default();
+    let mut raw_config_read = Rounds::default();
+    let mut replay = Rounds::default();
+    let (mut raw_count, mut config_count, mut count) = (0, 0, 0);
+    for _ in 0..ROUNDS {
+        let (n, rate) = raw_replay(&js, &client, "RAW").await;
+        raw_read.add(rate);
+        raw_count = n;
+        let (n, rate) = raw_replay(&js, &client, &log.stream_name(LogKind::Config)).await;
+        raw_config_read.add(rate);
+        config_count = n;
+        let (n, rate) = adapter_replay(&log).await;
+        replay.add(rate);
+        count = n;
+    }
     println!(
-        "(b) adapter append, {WINDOW} in flight, Any:    {append:>10.0} events/s  ({:.0}% of raw; target 100k)",
-        100.0 * append / raw_pub
-    );
-    let versioned = adapter_versioned(log.clone()).await;
-    println!(
-        "(b) adapter append, {VERSIONED_WRITERS} writers, expected version: {versioned:>10.0} events/s  ({:.0}% of raw)",
-        100.0 * versioned / raw_pub
-    );
-    let raw_read = raw_replay(&js, &client, RAW_MESSAGES).await;
-    println!("(c) raw ordered-consumer replay:             {raw_read:>10.0} msgs/s");
-    let (count, replay) = adapter_replay(&log).await;
-    println!(
-        "(d) adapter read_from replay ({count} events): {replay:>10.0} events/s  ({:.0}% of raw; target 300k)",
-        100.0 * replay / raw_read
-    );
-    let (append_p50, append_p99, read_p50, read_p99) = latencies(&log).await;
-    println!(
-        "one acknowledged expected-version append:   p50 {:>7.1} µs  p99 {:>7.1} µs",
-        append_p50.as_secs_f64() * 1e6,
-        append_p99.as_secs_f64() * 1e6
+        "{}",
+        raw_read.line(
+            &format!("(c) raw ordered replay, no headers ({raw_count})"),
+            "msgs"
+        )
     );
     println!(
-        "read_aggregate of 10 events:                p50 {:>7.1} µs  p99 {:>7.1} µs",
-        read_p50.as_secs_f64() * 1e6,
-        read_p99.as_secs_f64() * 1e6
+        "{}",
+        raw_config_read.line(
+            &format!("(c) raw ordered replay, adapter's stream ({config_count})"),
+            "msgs"
+        )
+    );
+    println!(
+        "{}",
+        replay.line(&format!("(d) adapter read_from replay ({count})"), "events")
+    );
+    println!(
+        "    = {} of raw on the same stream, {} of raw without headers; target 300k/s",
+        ratio(&replay, &raw_config_read),
+        ratio(&replay, &raw_read)
+    );
+
+    println!(
+        "one expected-version append of 1 event:             {}",
+        append_latency(&log, 1).await
+    );
+    println!(
+        "one expected-version append of 3 (atomic batch):    {}",
+        append_latency(&log, 3).await
+    );
+    let small = Subject::parse("server.small").expect("subject");
+    let batch: Vec<_> = (0..10).map(|_| event("small")).collect();
+    log.append(&small, ExpectedVersion::NoEvents, &batch)
+        .await
+        .expect("batch");
+    println!(
+        "read_aggregate of 10 events, direct get:            {}",
+        read_latency(&log, &small).await
+    );
+    let by_consumer = JetStreamLog::connect(
+        client.clone(),
+        JetStreamConfig {
+            aggregate_reads: AggregateReads::OrderedConsumer,
+            ..JetStreamConfig::with_prefix("bench")
+        },
+    )
+    .await
+    .expect("log");
+    println!(
+        "read_aggregate of 10 events, ordered consumer:      {}",
+        read_latency(&by_consumer, &small).await
     );
     drop(server);
 }

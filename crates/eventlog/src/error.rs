@@ -45,6 +45,14 @@ pub enum EventLogError {
         source: std::io::Error,
     },
 
+    /// The store was opened read-only (`JsonlLog::open_read_only`, for auditing): it takes no
+    /// appends. Append through the Switchboard process that has the store open.
+    #[error(
+        "the event log in {dir} was opened read-only (for auditing); appends go through the \
+         running Switchboard"
+    )]
+    ReadOnly { dir: String },
+
     /// The store is shut down (or its writer task ended).
     #[error("event store is closed")]
     Closed,

@@ -6,16 +6,19 @@
 //!   configured retention. A log's sequence is its stream sequence; an aggregate's version is
 //!   the stream sequence of its last event.
 //! - Both streams are `deny_delete` and `deny_purge`, so no client can remove events. Deleting a
-//!   whole stream stays possible for an administrator with access to the JetStream API (it is an
-//!   account-level operation, not something Switchboard ever does); restrict `$JS.API.STREAM.DELETE.*`
-//!   in the account's permissions where that matters.
+//!   whole stream stays possible for an administrator with access to the JetStream API (an
+//!   account-level operation Switchboard never performs); deny `$JS.API.STREAM.DELETE.*` in the
+//!   account's permissions where that matters.
 //!
 //! Writes: one event is one message, published with `Nats-Msg-Id` = event id (server dedupe) and
 //! `Nats-Expected-Last-Subject-Sequence` = expected version; several events are one atomic batch
-//! (ADR-50, nats-server 2.12+). See [`append`](self) for retries and duplicate detection.
+//! (ADR-50, nats-server 2.12+). Unacknowledged publishes are retried with the same ids; a retry
+//! whose first attempt was stored returns the original outcome with `duplicate: true` (details
+//! in `jetstream/append.rs`).
 //!
 //! Reads use ordered push consumers (recreated by async-nats after a gap or a reconnect) that end
-//! at the log's last sequence as it was when the read started.
+//! at the log's last sequence as it was when the read started; `read_aggregate` uses a batched
+//! direct get on a single replica (see [`AggregateReads`]).
 //!
 //! [`KvCheckpointStore`] keeps projection checkpoints in a JetStream KV bucket.
 mod append;
@@ -59,12 +62,34 @@ pub struct JetStreamConfig {
     /// The streams' dedupe window: how long an event id is remembered.
     pub duplicate_window: Duration,
     /// How long one publish attempt waits for the server's acknowledgement before it is
-    /// retried (with the same event ids, so a retry never writes twice).
+    /// retried (with the same event ids, so a retry never writes twice). Also bounds every
+    /// JetStream API request and each direct-get answer.
     pub ack_timeout: Duration,
     /// Publish attempts per append before it fails with `Unavailable`.
     pub max_append_attempts: u32,
     /// Pause before the second attempt; doubles per attempt, capped at two seconds.
     pub retry_backoff: Duration,
+    /// How `read_aggregate` reads an aggregate's events.
+    pub aggregate_reads: AggregateReads,
+}
+
+/// How `read_aggregate` reads. Both give the same result on a single server; they differ in
+/// cost and in who answers in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AggregateReads {
+    /// Direct get with one replica (one round trip, no server-side state), an ordered consumer
+    /// with several.
+    #[default]
+    Auto,
+    /// Batched direct get (`$JS.API.DIRECT.GET`, nats-server 2.11+): one request per 1,000
+    /// events. With several replicas any replica may answer, possibly one that lags behind the
+    /// leader: the version read can be stale, and the append that follows then fails with
+    /// `Conflict` (and is retried by the service), so use it on replicated streams only if
+    /// that trade is wanted.
+    DirectGet,
+    /// An ordered consumer, served by the stream leader: always current, but a consumer is
+    /// created (and deleted) per read.
+    OrderedConsumer,
 }
 
 impl Default for JetStreamConfig {
@@ -77,6 +102,7 @@ impl Default for JetStreamConfig {
             ack_timeout: Duration::from_secs(5),
             max_append_attempts: 6,
             retry_backoff: Duration::from_millis(50),
+            aggregate_reads: AggregateReads::Auto,
         }
     }
 }
@@ -150,6 +176,8 @@ struct Inner {
     stream_names: [String; 2],
     /// Whether the server accepted `allow_atomic_publish` (2.12+); multi-event appends need it.
     atomic_batches: bool,
+    /// `read_aggregate` by direct get (else by ordered consumer).
+    direct_reads: bool,
 }
 
 fn log_index(log: LogKind) -> usize {
@@ -168,7 +196,10 @@ impl JetStreamLog {
     ) -> Result<JetStreamLog, EventLogError> {
         config.validate()?;
         check_server_version(&client.server_info().version)?;
-        let js = jetstream::new(client.clone());
+        // The timeout bounds each publish (sending and awaiting the ack) and each API request.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .build(client.clone());
         let mut atomic_batches = true;
         for log in LogKind::ALL {
             let wanted = stream_config(&config, log);
@@ -200,6 +231,11 @@ impl JetStreamLog {
             config.stream_name(LogKind::Config),
             config.stream_name(LogKind::Invocations),
         ];
+        let direct_reads = match config.aggregate_reads {
+            AggregateReads::Auto => config.replicas == 1,
+            AggregateReads::DirectGet => true,
+            AggregateReads::OrderedConsumer => false,
+        };
         Ok(JetStreamLog {
             inner: Arc::new(Inner {
                 client,
@@ -208,6 +244,7 @@ impl JetStreamLog {
                 subject_root,
                 stream_names,
                 atomic_batches,
+                direct_reads,
             }),
         })
     }
@@ -282,7 +319,8 @@ fn stream_config(config: &JetStreamConfig, log: LogKind) -> stream::Config {
         deny_delete: true,
         deny_purge: true,
         allow_rollup: false,
-        allow_direct: false,
+        // Direct get: read_aggregate on one replica, and auditors' tools.
+        allow_direct: true,
         allow_atomic_publish: true,
         ..Default::default()
     }
@@ -376,7 +414,14 @@ mod tests {
 
     #[test]
     fn servers_from_2_11_on_are_accepted() {
-        for ok in ["2.11.0", "2.15.1", "v2.12.3", "2.12.0-RC.1", "3.0.0", "2.11"] {
+        for ok in [
+            "2.11.0",
+            "2.15.1",
+            "v2.12.3",
+            "2.12.0-RC.1",
+            "3.0.0",
+            "2.11",
+        ] {
             check_server_version(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
     }
@@ -386,7 +431,10 @@ mod tests {
         for garbage in ["", "garbage", "2", "2.x.1", "two.eleven", ".11.0"] {
             let err = check_server_version(garbage).expect_err(garbage);
             let text = err.to_string();
-            assert!(text.contains("cannot read the nats-server version"), "{text}");
+            assert!(
+                text.contains("cannot read the nats-server version"),
+                "{text}"
+            );
             assert!(text.contains("2.11 or newer"), "{text}");
         }
     }
@@ -395,7 +443,10 @@ mod tests {
     fn stream_names_and_subjects_follow_the_prefix() {
         let config = JetStreamConfig::with_prefix("acme.sb");
         assert_eq!(config.stream_name(LogKind::Config), "ACME_SB_CONFIG");
-        assert_eq!(config.stream_name(LogKind::Invocations), "ACME_SB_INVOCATIONS");
+        assert_eq!(
+            config.stream_name(LogKind::Invocations),
+            "ACME_SB_INVOCATIONS"
+        );
         let streams = stream_config(&config, LogKind::Config);
         assert_eq!(
             streams.subjects,

@@ -1,15 +1,25 @@
 //! JSONL file adapter, the embedded default: one append-only file per log
-//! (`<dir>/config.jsonl`, `<dir>/invocations.jsonl`), one JSON record per line (format in
-//! [`record`]).
+//! (`<dir>/config.jsonl`, `<dir>/invocations.jsonl`), one JSON record per line:
+//!
+//! ```text
+//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{…proto3 JSON…}}
+//! ```
+//!
+//! `seq` is the log sequence (1 for the first line), `type` the event type name as written,
+//! `batch: [i, n]` marks the i-th of the n events of one atomic append (left out when n is 1),
+//! and `envelope` is the event envelope in the proto3 JSON mapping.
 //!
 //! - **Appends** go to one writer thread per file, which commits them in groups with one
-//!   write and one `fdatasync` per group and answers only after the sync ([`writer`]).
+//!   write and one `fdatasync` per group and answers only after the sync (`writer`).
 //! - **Reads** use an in-memory index of record offsets and of each aggregate's sequences,
-//!   covering acknowledged records only, and positioned reads of the file ([`reader`]).
-//! - **Start-up** rebuilds the index and cuts off an append a crash left unfinished
-//!   ([`recovery`]).
+//!   covering acknowledged records only, and positioned reads of the file (`reader`).
+//! - **Start-up** rebuilds the index and cuts off an append a crash left unfinished; damage
+//!   anywhere else fails the open with `Corrupt` (`recovery`).
 //! - Only one `JsonlLog` may have a directory open at a time (an exclusive lock on
 //!   `<dir>/eventlog.lock`), across processes and within one.
+//! - **Auditing** ([`JsonlLog::open_read_only`]) reads a directory without the lock, while
+//!   the Switchboard process that holds it keeps appending: a snapshot of the complete
+//!   records, with no writer and without changing any file.
 use std::{
     fmt,
     fs::{File, OpenOptions, TryLockError},
@@ -83,18 +93,24 @@ struct Inner {
 /// One log file: what readers share, and the way to its writer.
 struct LogHandle {
     shared: Arc<LogShared>,
+    /// `None` when the log was opened read-only.
+    writer: Option<WriterLink>,
+}
+
+struct WriterLink {
     // Field order matters: the sender is dropped before the writer thread is joined, so the
     // thread sees its queue close and ends.
     commands: mpsc::Sender<Command>,
-    _writer: WriterThread,
+    _thread: WriterThread,
 }
 
 /// What readers of one log file share with its writer.
 pub(super) struct LogShared {
     kind: LogKind,
     path: PathBuf,
-    /// A read-only handle for positioned reads.
-    read_file: File,
+    /// A read-only handle for positioned reads (`None` for a read-only log whose file did not
+    /// exist when it was opened; its index is empty, so nothing is ever read).
+    read_file: Option<File>,
     index: RwLock<Index>,
     /// The last committed sequence, and whether the writer has stopped.
     head: watch::Sender<Head>,
@@ -115,11 +131,18 @@ impl LogShared {
         self.index.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn read_bytes(&self, range: Range<u64>) -> Result<Vec<u8>, EventLogError> {
-        let mut bytes = vec![0; (range.end - range.start) as usize];
-        read_exact_at(&self.read_file, &mut bytes, range.start)
-            .map_err(|e| EventLogError::io(format!("reading {}", self.path.display()), e))?;
-        Ok(bytes)
+    /// Reads the bytes in `range` into `bytes` (replacing what it held).
+    fn read_into(&self, range: Range<u64>, bytes: &mut Vec<u8>) -> Result<(), EventLogError> {
+        // Only newly grown capacity is zeroed; a reused buffer is overwritten as it is.
+        bytes.resize((range.end - range.start) as usize, 0);
+        let context = || format!("reading {}", self.path.display());
+        let Some(file) = &self.read_file else {
+            return Err(EventLogError::io(
+                context(),
+                io::Error::new(io::ErrorKind::NotFound, "the file did not exist at open"),
+            ));
+        };
+        read_exact_at(file, bytes, range.start).map_err(|e| EventLogError::io(context(), e))
     }
 }
 
@@ -173,6 +196,37 @@ impl JsonlLog {
             .map_err(|e| EventLogError::unavailable(format!("opening the event log failed: {e}")))?
     }
 
+    /// Opens the logs in `dir` for reading only, for auditing, also (and especially) while a
+    /// running Switchboard has them open with [`JsonlLog::open`] and keeps appending.
+    ///
+    /// - Takes no lock and changes nothing: no file or directory is created, written or
+    ///   truncated, and no writer is started. [`EventLog::append`] fails with
+    ///   [`EventLogError::ReadOnly`].
+    /// - The log is a snapshot of each file's complete records at open. An unfinished tail
+    ///   (a torn last line, or a batch whose last lines are missing) may be an append in
+    ///   flight in the other process: it is left out, not reported and not cut off. Damage
+    ///   before the tail fails the open with `Corrupt`, as in [`JsonlLog::open`].
+    /// - A log file that does not exist yet reads as an empty log; a missing `dir` is an
+    ///   error.
+    /// - `read_from`, `read_aggregate` and `last_sequence` answer from the snapshot.
+    ///   `subscribe` does not follow the files: it delivers the snapshot's events from its
+    ///   start position, then ends with one `Closed` error, as on a closed log.
+    ///
+    /// The snapshot may include the records of an append the other process has written and
+    /// is still syncing; in the rare case that sync fails, that process cuts them off again
+    /// (and a later read of them through this handle fails).
+    pub async fn open_read_only(dir: &Path) -> Result<JsonlLog, EventLogError> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || open_read_only_blocking(dir))
+            .await
+            .map_err(|e| EventLogError::unavailable(format!("opening the event log failed: {e}")))?
+    }
+
+    /// Whether this handle was opened with [`JsonlLog::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.inner.config.writer.is_none()
+    }
+
     /// The directory the logs are in.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
@@ -181,10 +235,14 @@ impl JsonlLog {
     /// Finishes the appends already queued, then stops the writers and closes the files
     /// (releasing the directory lock). Later appends fail with `Closed`; subscriptions end
     /// with `Closed` once they have delivered every stored event; reads keep working.
+    /// (Nothing to do on a read-only log.)
     pub async fn close(&self) {
         for log in [&self.inner.config, &self.inner.invocations] {
+            let Some(writer) = &log.writer else {
+                continue;
+            };
             let (reply, done) = oneshot::channel();
-            if log.commands.send(Command::Close(reply)).await.is_ok() {
+            if writer.commands.send(Command::Close(reply)).await.is_ok() {
                 let _ = done.await;
             }
         }
@@ -207,8 +265,25 @@ impl fmt::Debug for JsonlLog {
 }
 
 fn open_blocking(dir: PathBuf, options: &JsonlOptions) -> Result<JsonlLog, EventLogError> {
+    let existed = dir
+        .try_exists()
+        .map_err(|e| EventLogError::io(format!("checking {}", dir.display()), e))?;
     std::fs::create_dir_all(&dir)
         .map_err(|e| EventLogError::io(format!("creating {}", dir.display()), e))?;
+    if !existed {
+        // The files' directory entries are synced as they are created; the directory's own
+        // entry must be durable too, or a crash could lose the whole log.
+        let parent = match dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        recovery::sync_dir(parent).map_err(|e| {
+            EventLogError::io(
+                format!("syncing the parent directory of {}", dir.display()),
+                e,
+            )
+        })?;
+    }
     let lock = Arc::new(lock_dir(&dir)?);
     let config = open_log(&dir, LogKind::Config, options, &lock)?;
     let invocations = open_log(&dir, LogKind::Invocations, options, &lock)?;
@@ -218,6 +293,52 @@ fn open_blocking(dir: PathBuf, options: &JsonlOptions) -> Result<JsonlLog, Event
             config,
             invocations,
         }),
+    })
+}
+
+fn open_read_only_blocking(dir: PathBuf) -> Result<JsonlLog, EventLogError> {
+    let is_dir = std::fs::metadata(&dir)
+        .map_err(|e| EventLogError::io(format!("opening the event log in {}", dir.display()), e))?
+        .is_dir();
+    if !is_dir {
+        return Err(EventLogError::io(
+            format!("opening the event log in {}", dir.display()),
+            io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+        ));
+    }
+    let config = snapshot_log(&dir, LogKind::Config)?;
+    let invocations = snapshot_log(&dir, LogKind::Invocations)?;
+    Ok(JsonlLog {
+        inner: Arc::new(Inner {
+            dir,
+            config,
+            invocations,
+        }),
+    })
+}
+
+fn log_path(dir: &Path, kind: LogKind) -> PathBuf {
+    dir.join(format!("{}.jsonl", kind.as_str()))
+}
+
+/// A log of a read-only open: its snapshot, and no writer (its head is closed from the start,
+/// so subscriptions end after the snapshot).
+fn snapshot_log(dir: &Path, kind: LogKind) -> Result<LogHandle, EventLogError> {
+    let path = log_path(dir, kind);
+    let snapshot = recovery::snapshot(&path, kind)?;
+    let (head, _) = watch::channel(Head {
+        last: snapshot.index.last_sequence(),
+        closed: true,
+    });
+    Ok(LogHandle {
+        shared: Arc::new(LogShared {
+            kind,
+            path,
+            read_file: snapshot.file,
+            index: RwLock::new(snapshot.index),
+            head,
+        }),
+        writer: None,
     })
 }
 
@@ -255,7 +376,7 @@ fn open_log(
     options: &JsonlOptions,
     lock: &Arc<File>,
 ) -> Result<LogHandle, EventLogError> {
-    let path = dir.join(format!("{}.jsonl", kind.as_str()));
+    let path = log_path(dir, kind);
     let recovered = recovery::recover(&path, kind, options.dedupe_ids_on_open)?;
     let read_file = File::open(&path)
         .map_err(|e| EventLogError::io(format!("opening {}", path.display()), e))?;
@@ -278,7 +399,7 @@ fn open_log(
     let shared = Arc::new(LogShared {
         kind,
         path: path.clone(),
-        read_file,
+        read_file: Some(read_file),
         index: RwLock::new(recovered.index),
         head,
     });
@@ -301,8 +422,10 @@ fn open_log(
         .map_err(|e| EventLogError::io(format!("starting the writer of {}", path.display()), e))?;
     Ok(LogHandle {
         shared,
-        commands,
-        _writer: WriterThread(Mutex::new(Some(thread))),
+        writer: Some(WriterLink {
+            commands,
+            _thread: WriterThread(Mutex::new(Some(thread))),
+        }),
     })
 }
 
@@ -357,6 +480,11 @@ impl EventLog for JsonlLog {
         expected: ExpectedVersion,
         events: &[Envelope],
     ) -> Result<AppendOutcome, EventLogError> {
+        let Some(writer) = &self.log(subject.log()).writer else {
+            return Err(EventLogError::ReadOnly {
+                dir: self.inner.dir.display().to_string(),
+            });
+        };
         let (events, json) = prepare(events)?;
         let (reply, answer) = oneshot::channel();
         let request = AppendRequest {
@@ -366,7 +494,7 @@ impl EventLog for JsonlLog {
             json,
             reply,
         };
-        self.log(subject.log())
+        writer
             .commands
             .send(Command::Append(request))
             .await

@@ -1,10 +1,117 @@
-//! `switchboard vault …` (wired once the vault crate lands).
+//! `switchboard vault rotate` and `switchboard vault check`, and opening the vault for `up`.
+use std::sync::Arc;
+
+use anyhow::Context;
+use vault::{FileStore, KeyFile, KeyId, KeyRing, KvStore, SecretStore, Vault};
+
 use crate::{cli::VaultCommand, configuration::StoreOptions};
 
-pub async fn open_vault(_store: &StoreOptions, _create_key_file: bool) -> anyhow::Result<vault::Vault> {
-    anyhow::bail!("the vault is not wired yet")
+/// Opens the vault: the file store under the data directory, or the JetStream KV bucket with
+/// `--nats`. Master keys come from `SWITCHBOARD_VAULT_KEYS` or the key file; `up` on the
+/// embedded default generates the key file on first start (and says so loudly).
+pub async fn open_vault(store: &StoreOptions, generate_key_file: bool) -> anyhow::Result<Vault> {
+    let key_file = store.key_file();
+    let keys = if generate_key_file && std::env::var_os(vault::KEYS_ENV_VAR).is_none() {
+        KeyRing::load_or_generate(&key_file)
+    } else {
+        KeyRing::load_from_env_or_file(&key_file)
+    }
+    .with_context(|| format!("cannot load the vault's master keys ({})", key_file.display()))?;
+    let secrets: Arc<dyn SecretStore> = match store.connect_nats().await? {
+        Some(client) => {
+            let bucket = format!("{}_vault", store.nats_prefix);
+            Arc::new(
+                KvStore::open(async_nats::jetstream::new(client), &bucket)
+                    .await
+                    .with_context(|| format!("cannot open the vault bucket {bucket}"))?,
+            )
+        }
+        None => {
+            let dir = store.vault_dir();
+            Arc::new(FileStore::open(&dir).with_context(|| {
+                format!(
+                    "cannot open the vault in {} (a running `switchboard up` owns it: stop it \
+                     first, or use --nats where every replica shares the KV bucket)",
+                    dir.display()
+                )
+            })?)
+        }
+    };
+    Ok(Vault::new(secrets, keys))
 }
 
-pub async fn run(_store: &StoreOptions, _command: VaultCommand) -> anyhow::Result<()> {
-    anyhow::bail!("the vault is not wired yet")
+pub async fn run(store: &StoreOptions, command: VaultCommand) -> anyhow::Result<()> {
+    let vault = open_vault(store, false).await?;
+    match command {
+        VaultCommand::Check => check(&vault).await,
+        VaultCommand::Rotate { new_key, retire } => rotate(store, &vault, new_key, retire).await,
+    }
+}
+
+async fn check(vault: &Vault) -> anyhow::Result<()> {
+    let report = vault.check().await?;
+    eprintln!(
+        "vault check: {} entries examined, {} opened, {} expired",
+        report.examined, report.opened, report.expired
+    );
+    for (key, count) in &report.by_key {
+        eprintln!("  key {key}: {count} entries");
+    }
+    for problem in &report.problems {
+        eprintln!("  cannot open {}: {}", problem.name, problem.error);
+    }
+    anyhow::ensure!(
+        report.is_healthy(),
+        "{} vault entries cannot be opened",
+        report.problems.len()
+    );
+    Ok(())
+}
+
+async fn rotate(
+    store: &StoreOptions,
+    vault: &Vault,
+    new_key: bool,
+    retire: Option<String>,
+) -> anyhow::Result<()> {
+    let mut key_file = if new_key || retire.is_some() {
+        anyhow::ensure!(
+            std::env::var_os(vault::KEYS_ENV_VAR).is_none(),
+            "--new-key and --retire edit the key file, but the keys come from {}; \
+             change that variable instead",
+            vault::KEYS_ENV_VAR
+        );
+        Some(KeyFile::load(store.key_file())?)
+    } else {
+        None
+    };
+    if new_key && let Some(key_file) = key_file.as_mut() {
+        let id = key_file.add_new_key(true)?;
+        key_file.save()?;
+        vault.set_keyring(key_file.keyring()?);
+        eprintln!("added master key {id} to {} and made it current", key_file.path().display());
+    }
+    let report = vault.rotate().await?;
+    eprintln!(
+        "vault rotate: {} entries examined, {} re-encrypted under {}, {} already current, {} expired removed",
+        report.examined,
+        report.reencrypted,
+        report.current_key,
+        report.already_current,
+        report.expired_removed
+    );
+    for problem in &report.problems {
+        eprintln!("  not re-encrypted {}: {}", problem.name, problem.error);
+    }
+    anyhow::ensure!(
+        report.is_complete(),
+        "{} entries were not re-encrypted; run `switchboard vault check`",
+        report.problems.len()
+    );
+    if let (Some(id), Some(key_file)) = (retire, key_file.as_mut()) {
+        let id = KeyId::parse(id)?;
+        vault.retire_key(key_file, &id).await?;
+        eprintln!("retired master key {id}");
+    }
+    Ok(())
 }

@@ -59,7 +59,8 @@ pub struct EntryProblem {
 
 impl fmt::Display for EntryProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.name, self.error)
+        // The error names the entry already.
+        write!(f, "{}", self.error)
     }
 }
 

@@ -68,9 +68,9 @@ impl KvCheckpointStore {
             && name.len() <= 200
             && !name.starts_with('.')
             && !name.ends_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'/' | b'=' | b'.'));
+            && name.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'/' | b'=' | b'.')
+            });
         if valid {
             Ok(())
         } else {
@@ -101,7 +101,10 @@ impl CheckpointStore for KvCheckpointStore {
         if value.len() < POSITION_LEN {
             return Err(EventLogError::Corrupt {
                 location: format!("checkpoint {name} in bucket {}", self.bucket),
-                reason: format!("value of {} bytes is shorter than its position", value.len()),
+                reason: format!(
+                    "value of {} bytes is shorter than its position",
+                    value.len()
+                ),
             });
         }
         let mut position = [0u8; POSITION_LEN];

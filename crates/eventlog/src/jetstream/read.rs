@@ -16,6 +16,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{
     self,
     consumer::{
@@ -23,6 +24,7 @@ use async_nats::jetstream::{
         push::{Ordered, OrderedConfig, OrderedErrorKind},
     },
 };
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use proto::{Message as _, v1::Envelope};
 
@@ -31,6 +33,9 @@ use crate::{
     AggregateHistory, EventLogError, EventStream, LogKind, RecordedEvent, Subject, SubjectFilter,
     UnknownBody,
 };
+
+/// Events asked for per direct-get request.
+const DIRECT_GET_BATCH: u64 = 1000;
 
 /// Where a consumer starts.
 pub(super) enum Start {
@@ -200,10 +205,33 @@ impl Stream for EventsStream {
     }
 }
 
+/// Turns a delivered message into a [`RecordedEvent`].
+fn decode(
+    inner: &Inner,
+    log: LogKind,
+    delivered: Delivered,
+) -> Result<RecordedEvent, EventLogError> {
+    let Delivered { sequence, message } = delivered;
+    decode_parts(
+        inner,
+        log,
+        sequence,
+        message.subject.as_str(),
+        message.headers.as_ref(),
+        message.payload,
+    )
+}
+
 /// Turns a stored message into a [`RecordedEvent`]; a message that cannot be read is reported
 /// as `Corrupt` (it stays in the stream).
-fn decode(inner: &Inner, log: LogKind, delivered: Delivered) -> Result<RecordedEvent, EventLogError> {
-    let Delivered { sequence, message } = delivered;
+fn decode_parts(
+    inner: &Inner,
+    log: LogKind,
+    sequence: u64,
+    nats_subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+) -> Result<RecordedEvent, EventLogError> {
     let corrupt = |reason: String| EventLogError::Corrupt {
         location: format!(
             "stream {} sequence {sequence}",
@@ -211,25 +239,26 @@ fn decode(inner: &Inner, log: LogKind, delivered: Delivered) -> Result<RecordedE
         ),
         reason,
     };
-    let relative = message
-        .subject
-        .as_str()
+    let relative = nats_subject
         .strip_prefix(inner.subject_root.as_str())
-        .ok_or_else(|| corrupt(format!("subject {} is outside {}", message.subject, inner.subject_root)))?;
+        .ok_or_else(|| {
+            corrupt(format!(
+                "subject {nats_subject} is outside {}",
+                inner.subject_root
+            ))
+        })?;
     let subject = Subject::parse(relative).map_err(|err| corrupt(err.to_string()))?;
-    let envelope = Envelope::decode(message.payload.clone())
+    let envelope = Envelope::decode(payload.clone())
         .map_err(|err| corrupt(format!("not a protobuf envelope: {err}")))?;
     let (event_type, unknown_body) = match &envelope.event {
         Some(event) => (Cow::Borrowed(event.type_name()), None),
         None => {
-            let recorded = message
-                .headers
-                .as_ref()
+            let recorded = headers
                 .and_then(|headers| headers.get(EVENT_TYPE_HEADER))
                 .map(|value| value.as_str().to_owned());
             (
                 recorded.map_or(Cow::Borrowed("Unknown"), Cow::Owned),
-                Some(UnknownBody::Protobuf(message.payload)),
+                Some(UnknownBody::Protobuf(payload)),
             )
         }
     };
@@ -326,7 +355,9 @@ impl JetStreamLog {
         } else {
             End::Never
         };
-        let reader = self.open_raw(log, Start::Sequence(from), filter, end).await?;
+        let reader = self
+            .open_raw(log, Start::Sequence(from), filter, end)
+            .await?;
         Ok(Box::pin(EventsStream {
             reader,
             inner: self.inner.clone(),
@@ -338,6 +369,9 @@ impl JetStreamLog {
         &self,
         subject: &Subject,
     ) -> Result<AggregateHistory, EventLogError> {
+        if self.inner.direct_reads {
+            return self.read_aggregate_direct(subject).await;
+        }
         let log = subject.log();
         let filter = SubjectFilter::exact(subject);
         let mut reader = self
@@ -347,6 +381,101 @@ impl JetStreamLog {
         while let Some(delivered) = reader.next_message().await? {
             events.push(decode(&self.inner, log, delivered)?);
         }
+        Ok(AggregateHistory {
+            version: events.last().map_or(0, |e| e.sequence),
+            events,
+        })
+    }
+
+    /// `read_aggregate` by batched direct get: `{"seq", "next_by_subj", "batch"}` answered by
+    /// up to `batch` messages and an end-of-batch status (204) that says how many are left;
+    /// 404 when nothing (more) matches.
+    async fn read_aggregate_direct(
+        &self,
+        subject: &Subject,
+    ) -> Result<AggregateHistory, EventLogError> {
+        let log = subject.log();
+        let stream_name = self.stream_of(log);
+        let nats_subject = self.nats_subject(subject);
+        let unavailable = |err: &dyn std::fmt::Display| {
+            EventLogError::unavailable(format!("cannot read {subject} from {stream_name}: {err}"))
+        };
+        let client = &self.inner.client;
+        let inbox = client.new_inbox();
+        let mut replies = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let api = format!("$JS.API.DIRECT.GET.{stream_name}");
+        let mut events = Vec::new();
+        let mut next = 1;
+        'pages: loop {
+            let request = serde_json::json!({
+                "seq": next,
+                "next_by_subj": nats_subject,
+                "batch": DIRECT_GET_BATCH,
+            });
+            client
+                .publish_with_reply(api.clone(), inbox.clone(), request.to_string().into())
+                .await
+                .map_err(|e| unavailable(&e))?;
+            loop {
+                let reply = tokio::time::timeout(self.inner.config.ack_timeout, replies.next())
+                    .await
+                    .map_err(|_| unavailable(&"no answer in time"))?
+                    .ok_or_else(|| unavailable(&"subscription closed"))?;
+                match reply.status.map(|status| status.as_u16()) {
+                    None => {
+                        let header = |name: &str| {
+                            reply
+                                .headers
+                                .as_ref()
+                                .and_then(|h| h.get(name))
+                                .map(|v| v.as_str())
+                        };
+                        let sequence = header("Nats-Sequence")
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .ok_or_else(|| unavailable(&"direct get answer without a sequence"))?;
+                        let stored_subject = header("Nats-Subject").unwrap_or_default().to_owned();
+                        next = sequence + 1;
+                        events.push(decode_parts(
+                            &self.inner,
+                            log,
+                            sequence,
+                            &stored_subject,
+                            reply.headers.as_ref(),
+                            reply.payload,
+                        )?);
+                    }
+                    // End of this batch: ask for the next one if the server says more match.
+                    Some(204) => {
+                        let pending = reply
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get("Nats-Num-Pending"))
+                            .and_then(|v| v.as_str().parse::<u64>().ok())
+                            .unwrap_or(0);
+                        if pending == 0 {
+                            break 'pages;
+                        }
+                        continue 'pages;
+                    }
+                    Some(404) => break 'pages,
+                    Some(503) => {
+                        return Err(unavailable(
+                            &"no responders for direct get (is allow_direct set on the stream?)",
+                        ));
+                    }
+                    Some(status) => {
+                        return Err(unavailable(&format!(
+                            "direct get answered {status} {}",
+                            reply.description.as_deref().unwrap_or_default()
+                        )));
+                    }
+                }
+            }
+        }
+        drop(replies);
         Ok(AggregateHistory {
             version: events.last().map_or(0, |e| e.sequence),
             events,

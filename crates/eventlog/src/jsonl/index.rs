@@ -49,10 +49,15 @@ impl Index {
             .filter_map(|(subject, list)| Some((&**subject, *list.last()?)))
     }
 
-    /// The bytes of records `first..=last` (both within `1..=last_sequence()`).
+    /// The bytes of records `first..=last` (both within `1..=last_sequence()`; outside it the
+    /// range is cut to what exists, possibly to nothing).
     pub fn byte_range(&self, first: u64, last: u64) -> Range<u64> {
-        let start = self.offsets[(first - 1) as usize];
-        let end = self.offsets.get(last as usize).copied().unwrap_or(self.end);
+        let at = |sequence: u64| {
+            let index = usize::try_from(sequence.saturating_sub(1)).unwrap_or(usize::MAX);
+            self.offsets.get(index).copied().unwrap_or(self.end)
+        };
+        let start = at(first.max(1));
+        let end = at(last.saturating_add(1)).max(start);
         start..end
     }
 
@@ -97,6 +102,8 @@ mod tests {
         assert_eq!(index.pieces(10, 10, 25), vec![90..100]);
         assert_eq!(index.pieces(2, 3, 1), vec![10..20, 20..30]);
         assert_eq!(index.aggregate("server.a").len(), 10);
+        assert_eq!(index.byte_range(11, 12), 100..100);
+        assert_eq!(index.byte_range(0, 1), 0..10);
         assert!(index.aggregate("server.b").is_empty());
     }
 }

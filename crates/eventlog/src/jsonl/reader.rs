@@ -5,9 +5,17 @@
 //! A replay is cut into pieces of about 1 MiB at record boundaries; a few pieces are read and
 //! parsed at once on the blocking pool and handed out in order, so parsing (the costly part)
 //! runs on every core while the consumer works through the previous piece.
-use std::{collections::VecDeque, ops::Range, sync::Arc};
+use std::{
+    cell::RefCell,
+    collections::VecDeque,
+    future::Future,
+    ops::Range,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
 
-use futures_util::stream;
+use futures_util::{Stream, StreamExt, future::Either, stream};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{AggregateHistory, EventLogError, EventStream, RecordedEvent, Subject, SubjectFilter};
@@ -27,12 +35,11 @@ pub(super) fn read_range(
     last: u64,
     filter: Option<SubjectFilter>,
 ) -> EventStream {
-    let reader = RangeReader::new(shared, first, last, filter);
-    Box::pin(stream::unfold(reader, |mut reader| async move {
-        reader.next().await.map(|item| (item, reader))
-    }))
+    Box::pin(RangeReader::new(shared, first, last, filter))
 }
 
+/// A stream over committed records. Written as a plain `Stream` (no per-event future): a
+/// replay hands out a million events a second, and each is a 500-byte value.
 struct RangeReader {
     shared: Arc<LogShared>,
     filter: Option<SubjectFilter>,
@@ -57,32 +64,45 @@ impl RangeReader {
         }
     }
 
-    async fn next(&mut self) -> Option<Result<RecordedEvent, EventLogError>> {
+    fn start_pieces(&mut self) {
+        while self.in_flight.len() < PIECES_IN_FLIGHT
+            && let Some(piece) = self.pieces.pop_front()
+        {
+            let shared = self.shared.clone();
+            let filter = self.filter.clone();
+            self.in_flight
+                .push_back(tokio::task::spawn_blocking(move || {
+                    read_piece(&shared, piece, filter.as_ref())
+                }));
+        }
+    }
+}
+
+impl Stream for RangeReader {
+    type Item = Result<RecordedEvent, EventLogError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
         loop {
-            if let Some(item) = self.current.next() {
-                return Some(item);
+            if let Some(item) = this.current.next() {
+                return Poll::Ready(Some(item));
             }
-            while self.in_flight.len() < PIECES_IN_FLIGHT
-                && let Some(piece) = self.pieces.pop_front()
-            {
-                let shared = self.shared.clone();
-                let filter = self.filter.clone();
-                self.in_flight
-                    .push_back(tokio::task::spawn_blocking(move || {
-                        read_piece(&shared, piece, filter.as_ref())
-                    }));
-            }
-            let job = self.in_flight.pop_front()?;
-            match job.await {
-                Ok(events) => self.current = events.into_iter(),
+            this.start_pieces();
+            let Some(job) = this.in_flight.front_mut() else {
+                return Poll::Ready(None);
+            };
+            let result = ready!(Pin::new(job).poll(cx));
+            this.in_flight.pop_front();
+            match result {
+                Ok(events) => this.current = events.into_iter(),
                 Err(error) => {
                     // The pieces after a lost one cannot be handed out without a gap.
-                    self.pieces.clear();
-                    self.in_flight.clear();
-                    return Some(Err(EventLogError::unavailable(format!(
+                    this.pieces.clear();
+                    this.in_flight.clear();
+                    return Poll::Ready(Some(Err(EventLogError::unavailable(format!(
                         "reading {} failed: {error}",
-                        self.shared.path.display()
-                    ))));
+                        this.shared.path.display()
+                    )))));
                 }
             }
         }
@@ -90,11 +110,21 @@ impl RangeReader {
 }
 
 fn read_piece(shared: &LogShared, range: Range<u64>, filter: Option<&SubjectFilter>) -> Piece {
-    let mut out = Vec::new();
-    match shared.read_bytes(range.clone()) {
-        Ok(bytes) => parse_lines(shared, range.start, &bytes, filter, &mut out),
-        Err(error) => out.push(Err(error)),
+    thread_local! {
+        // Each blocking thread keeps its read buffer, so a replay does not allocate (and
+        // zero) a fresh megabyte per piece.
+        static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
+    let mut out = Vec::new();
+    BUFFER.with_borrow_mut(|bytes| {
+        match shared.read_into(range.clone(), bytes) {
+            Ok(()) => parse_lines(shared, range.start, bytes, filter, &mut out),
+            Err(error) => out.push(Err(error)),
+        }
+        if bytes.capacity() > 4 * PIECE_BYTES as usize {
+            *bytes = Vec::new();
+        }
+    });
     out
 }
 
@@ -152,8 +182,9 @@ pub(super) async fn read_aggregate(
     let reader = shared.clone();
     let events = tokio::task::spawn_blocking(move || {
         let mut events = Vec::new();
+        let mut bytes = Vec::new();
         for run in runs {
-            let bytes = reader.read_bytes(run.clone())?;
+            reader.read_into(run.clone(), &mut bytes)?;
             parse_lines(&reader, run.start, &bytes, None, &mut events);
         }
         events.into_iter().collect::<Result<Vec<_>, _>>()
@@ -182,12 +213,13 @@ pub(super) fn subscribe(
         shared,
         next: from,
         filter,
-        current: None,
         ended: false,
     };
-    Box::pin(stream::unfold(tail, |mut tail| async move {
-        tail.next().await.map(|item| (item, tail))
-    }))
+    let ranges = stream::unfold(tail, |mut tail| async move {
+        let range = tail.next_range().await?;
+        Some((range, tail))
+    });
+    Box::pin(ranges.flatten())
 }
 
 struct Tail {
@@ -196,36 +228,35 @@ struct Tail {
     /// The first sequence not yet read.
     next: u64,
     filter: Option<SubjectFilter>,
-    current: Option<RangeReader>,
     ended: bool,
 }
 
+type Closing = stream::Iter<std::option::IntoIter<Result<RecordedEvent, EventLogError>>>;
+
 impl Tail {
-    async fn next(&mut self) -> Option<Result<RecordedEvent, EventLogError>> {
+    /// Waits until there are records past those read, and reads them. After the writer has
+    /// stopped and every record is read: one `Closed` error, then the end.
+    async fn next_range(&mut self) -> Option<Either<RangeReader, Closing>> {
+        if self.ended {
+            return None;
+        }
         loop {
-            if self.ended {
-                return None;
-            }
-            if let Some(current) = &mut self.current {
-                if let Some(item) = current.next().await {
-                    return Some(item);
-                }
-                self.current = None;
-            }
             let head = *self.head.borrow_and_update();
             if head.last >= self.next {
-                self.current = Some(RangeReader::new(
+                let range = RangeReader::new(
                     self.shared.clone(),
                     self.next,
                     head.last,
                     self.filter.clone(),
-                ));
+                );
                 self.next = head.last + 1;
-                continue;
+                return Some(Either::Left(range));
             }
             if head.closed || self.head.changed().await.is_err() {
                 self.ended = true;
-                return Some(Err(EventLogError::Closed));
+                return Some(Either::Right(stream::iter(Some(Err(
+                    EventLogError::Closed,
+                )))));
             }
         }
     }

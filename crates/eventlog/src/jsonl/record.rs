@@ -13,11 +13,14 @@
 //! - `batch`: `[i, n]`, the record is the i-th (1-based) of an atomic append of n events;
 //!   omitted when n is 1. Recovery uses it to drop a batch whose tail never reached the disk.
 //! - `envelope`: the event envelope in the proto3 JSON mapping.
-use std::borrow::Cow;
+use std::{borrow::Cow, fmt};
 
 use proto::v1::Envelope;
-use serde::Deserialize;
-use serde::de::IgnoredAny;
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, DeserializeSeed, Error as _, IgnoredAny, MapAccess, Visitor},
+};
 use serde_json::value::RawValue;
 
 use crate::{EventLogError, LogKind, RecordedEvent, Subject, SubjectFilter, UnknownBody};
@@ -92,14 +95,10 @@ pub(super) fn scan_line(line: &[u8]) -> Result<ScannedLine<'_>, String> {
     serde_json::from_str(text).map_err(|e| e.to_string())
 }
 
-/// A line as readers see it: the envelope stays raw until the subject filter has passed.
+/// A line as readers see it when it holds an event this version does not know: the envelope
+/// is kept as it was stored.
 #[derive(Deserialize)]
-struct StoredLine<'a> {
-    seq: u64,
-    #[serde(borrow)]
-    subject: Cow<'a, str>,
-    #[serde(rename = "type", borrow)]
-    event_type: Cow<'a, str>,
+struct RawLine<'a> {
     #[serde(borrow)]
     envelope: &'a RawValue,
 }
@@ -127,30 +126,150 @@ fn decode(
     filter: Option<&SubjectFilter>,
 ) -> Result<Option<RecordedEvent>, String> {
     let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
-    let stored: StoredLine<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let decoded = LineSeed { filter }
+        .deserialize(&mut deserializer)
+        .and_then(|decoded| deserializer.end().map(|()| decoded))
+        .map_err(|e| e.to_string())?;
+    let Some(line) = decoded else {
+        return Ok(None);
+    };
     if let Some(filter) = filter
-        && !filter.matches(&stored.subject)
+        && !filter.matches(&line.subject)
     {
         return Ok(None);
     }
-    let subject = Subject::parse(&stored.subject).map_err(|e| e.to_string())?;
-    let envelope: Envelope =
-        serde_json::from_str(stored.envelope.get()).map_err(|e| format!("envelope: {e}"))?;
+    let subject = Subject::parse(&line.subject).map_err(|e| e.to_string())?;
+    let envelope = line.envelope;
     let (event_type, unknown_body) = match &envelope.event {
         Some(event) => (Cow::Borrowed(event.type_name()), None),
-        None => (
-            Cow::Owned(stored.event_type.into_owned()),
-            Some(UnknownBody::Json(stored.envelope.get().into())),
-        ),
+        None => {
+            // Rare: an event type from a newer version. Read the line again to keep the
+            // envelope as stored.
+            let raw: RawLine<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            (
+                Cow::Owned(line.event_type.into_owned()),
+                Some(UnknownBody::Json(raw.envelope.get().into())),
+            )
+        }
     };
     Ok(Some(RecordedEvent {
         log,
-        sequence: stored.seq,
+        sequence: line.seq,
         subject,
         event_type,
         envelope,
         unknown_body,
     }))
+}
+
+/// A decoded line, its strings borrowed from the line where possible.
+struct DecodedLine<'a> {
+    seq: u64,
+    subject: Cow<'a, str>,
+    event_type: Cow<'a, str>,
+    envelope: Envelope,
+}
+
+/// Decodes a line in one pass; the envelope, the costly part, is skipped rather than parsed
+/// when the subject (which the writer puts before it) does not match the filter.
+struct LineSeed<'f> {
+    filter: Option<&'f SubjectFilter>,
+}
+
+impl<'de> DeserializeSeed<'de> for LineSeed<'_> {
+    type Value = Option<DecodedLine<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LineSeed<'_> {
+    type Value = Option<DecodedLine<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an event log record")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seq = None;
+        let mut subject: Option<Cow<'de, str>> = None;
+        let mut event_type: Option<Cow<'de, str>> = None;
+        let mut envelope = None;
+        let mut skipped = false;
+        while let Some(key) = map.next_key::<LineKey>()? {
+            match key {
+                LineKey::Seq => seq = Some(map.next_value::<u64>()?),
+                LineKey::Subject => subject = Some(map.next_value::<Text<'de>>()?.0),
+                LineKey::Type => event_type = Some(map.next_value::<Text<'de>>()?.0),
+                LineKey::Envelope => {
+                    let unwanted = match (self.filter, &subject) {
+                        (Some(filter), Some(subject)) => !filter.matches(subject),
+                        _ => false,
+                    };
+                    if unwanted {
+                        map.next_value::<IgnoredAny>()?;
+                        skipped = true;
+                    } else {
+                        envelope = Some(map.next_value::<Envelope>()?);
+                    }
+                }
+                LineKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let seq = seq.ok_or_else(|| A::Error::missing_field("seq"))?;
+        let subject = subject.ok_or_else(|| A::Error::missing_field("subject"))?;
+        let event_type = event_type.ok_or_else(|| A::Error::missing_field("type"))?;
+        if skipped {
+            return Ok(None);
+        }
+        let envelope = envelope.ok_or_else(|| A::Error::missing_field("envelope"))?;
+        Ok(Some(DecodedLine {
+            seq,
+            subject,
+            event_type,
+            envelope,
+        }))
+    }
+}
+
+/// A string borrowed from the line unless it had to be unescaped.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+enum LineKey {
+    Seq,
+    Subject,
+    Type,
+    Envelope,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for LineKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = LineKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<LineKey, E> {
+                Ok(match key {
+                    "seq" => LineKey::Seq,
+                    "subject" => LineKey::Subject,
+                    "type" => LineKey::Type,
+                    "envelope" => LineKey::Envelope,
+                    _ => LineKey::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
 }
 
 #[cfg(test)]

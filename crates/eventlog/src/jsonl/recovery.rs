@@ -1,12 +1,18 @@
-//! Start-up: read a log file once, rebuild its index and recent event ids, and cut off an
-//! append that never completed.
+//! Start-up: read a log file once and rebuild its index (and recent event ids) from its
+//! complete records. One scanner serves both ways of opening a log:
 //!
-//! An append is acknowledged only after its whole batch is written and fsynced, so whatever a
-//! crash leaves at the end of the file (a torn last line, the first lines of a batch whose
-//! other lines are missing, a last line garbled by a partial write) was never acknowledged:
-//! recovery truncates the file back to the start of that append, says so (`warn`), and keeps
-//! every complete record before it. Damage anywhere else is not a crash artefact; it fails the
-//! open with `Corrupt`, naming the file and line, and nothing is dropped.
+//! - [`recover`] (the writer's open, under the directory lock) cuts off an append that never
+//!   completed. An append is acknowledged only after its whole batch is written and fsynced,
+//!   so whatever a crash leaves at the end of the file (a torn last line, the first lines of a
+//!   batch whose other lines are missing, a last line garbled by a partial write) was never
+//!   acknowledged: recovery truncates the file back to the start of that append, says so
+//!   (`warn`), and keeps every complete record before it.
+//! - [`snapshot`] (the read-only open, without the lock, while another process may be
+//!   appending) leaves the file alone: such a tail may be an append being written right now,
+//!   so it is simply not part of the snapshot.
+//!
+//! Damage anywhere else is not a crash artefact; it fails either open with `Corrupt`, naming
+//! the file and line, and nothing is dropped.
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
@@ -28,6 +34,27 @@ pub(super) struct Recovered {
     pub recent_ids: VecDeque<(u128, u64)>,
 }
 
+/// A log file as a read-only open found it.
+pub(super) struct Snapshot {
+    /// A read-only handle, or `None` if the file does not exist (yet).
+    pub file: Option<File>,
+    /// The complete records (an empty index for a missing file).
+    pub index: Index,
+}
+
+/// What a scan found.
+struct Scanned {
+    index: Index,
+    recent_ids: VecDeque<(u128, u64)>,
+    /// How many bytes were scanned (the file's length when the scan began).
+    len: u64,
+    /// Bytes after the last complete record that are no complete append: where they start and
+    /// what they are.
+    unfinished: Option<(u64, String)>,
+}
+
+/// Opens (creating it if needed) the log file at `path` for writing, rebuilds its index and
+/// truncates an unfinished last append.
 pub(super) fn recover(
     path: &Path,
     log: LogKind,
@@ -47,6 +74,72 @@ pub(super) fn recover(
         sync_dir(dir).map_err(|e| io_error("syncing the directory of", e))?;
     }
 
+    let scanned = scan(&file, path, log, keep_ids)?;
+    if let Some((cut, why)) = &scanned.unfinished {
+        tracing::warn!(
+            file = %path.display(),
+            dropped_bytes = scanned.len - cut,
+            kept_records = scanned.index.last_sequence(),
+            "event log ended in an append that never completed ({why}); it was never \
+             acknowledged, truncating it"
+        );
+        file.set_len(*cut).map_err(|e| io_error("truncating", e))?;
+        file.sync_all().map_err(|e| io_error("syncing", e))?;
+    }
+    let end = scanned.index.end();
+    file.seek(SeekFrom::Start(end))
+        .map_err(|e| io_error("seeking in", e))?;
+    Ok(Recovered {
+        file,
+        index: scanned.index,
+        recent_ids: scanned.recent_ids,
+    })
+}
+
+/// Indexes the complete records of the log file at `path` as it is now, changing nothing: an
+/// unfinished tail is left out of the index (and in the file). A missing file is an empty log.
+pub(super) fn snapshot(path: &Path, log: LogKind) -> Result<Snapshot, EventLogError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Snapshot {
+                file: None,
+                index: Index::default(),
+            });
+        }
+        Err(e) => return Err(EventLogError::io(format!("opening {}", path.display()), e)),
+    };
+    let scanned = scan(&file, path, log, 0)?;
+    if let Some((start, why)) = &scanned.unfinished {
+        tracing::debug!(
+            file = %path.display(),
+            left_out_bytes = scanned.len - start,
+            records = scanned.index.last_sequence(),
+            "the event log ends in an unfinished append ({why}); it is not part of the \
+             read-only snapshot"
+        );
+    }
+    Ok(Snapshot {
+        file: Some(file),
+        index: scanned.index,
+    })
+}
+
+/// Reads `file` from its start up to the length it has when the scan begins (bytes appended
+/// meanwhile are not looked at), and indexes every complete record. Damage followed by a
+/// complete line is `Corrupt`; an unfinished tail is reported in `unfinished`.
+fn scan(file: &File, path: &Path, log: LogKind, keep_ids: usize) -> Result<Scanned, EventLogError> {
+    let io_error = |what: &str, e| EventLogError::io(format!("{what} {}", path.display()), e);
+    let len = file
+        .metadata()
+        .map_err(|e| io_error("checking", e))?
+        .len();
+    let mut reader = file;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| io_error("seeking in", e))?;
+    let mut reader = reader.take(len);
+
     let mut scan = Scan {
         log,
         path,
@@ -63,7 +156,8 @@ pub(super) fn recover(
     loop {
         let filled = buf.len();
         buf.resize(filled + READ_CHUNK, 0);
-        let read = read_some(&mut file, &mut buf[filled..]).map_err(|e| io_error("reading", e))?;
+        let read =
+            read_some(&mut reader, &mut buf[filled..]).map_err(|e| io_error("reading", e))?;
         buf.truncate(filled + read);
         if read == 0 {
             break;
@@ -76,13 +170,14 @@ pub(super) fn recover(
         buf.drain(..start);
         buf_offset += start as u64;
     }
-    let file_len = buf_offset + buf.len() as u64;
+    // Less than `len` if the file was cut meanwhile.
+    let scanned_len = buf_offset + buf.len() as u64;
 
     let torn = (!buf.is_empty()).then_some(buf_offset);
     let damaged = scan.damaged.as_ref().map(|d| d.offset);
     let unfinished = scan.batch.as_ref().map(|b| b.start);
     let cut = [torn, damaged, unfinished].into_iter().flatten().min();
-    if let Some(cut) = cut {
+    let unfinished = cut.map(|cut| {
         let why = if let Some(batch) = &scan.batch {
             format!(
                 "an atomic append of {} events of which only {} complete lines were written",
@@ -94,30 +189,20 @@ pub(super) fn recover(
         } else {
             "a torn last line".to_owned()
         };
-        tracing::warn!(
-            file = %path.display(),
-            dropped_bytes = file_len - cut,
-            kept_records = scan.index.last_sequence(),
-            "event log ended in an append that never completed ({why}); it was never \
-             acknowledged, truncating it"
-        );
-        file.set_len(cut).map_err(|e| io_error("truncating", e))?;
-        file.sync_all().map_err(|e| io_error("syncing", e))?;
-    }
-    let end = cut.unwrap_or(file_len);
-    file.seek(SeekFrom::Start(end))
-        .map_err(|e| io_error("seeking in", e))?;
-    debug_assert_eq!(end, scan.index.end());
-    Ok(Recovered {
-        file,
+        (cut, why)
+    });
+    debug_assert_eq!(cut.unwrap_or(scanned_len), scan.index.end());
+    Ok(Scanned {
         index: scan.index,
         recent_ids: scan.recent_ids,
+        len: scanned_len,
+        unfinished,
     })
 }
 
-fn read_some(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+fn read_some(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
-        match file.read(buf) {
+        match reader.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             result => return result,
         }

@@ -99,8 +99,8 @@ impl Dedupe {
 struct Decided {
     reply: oneshot::Sender<Result<AppendOutcome, EventLogError>>,
     outcome: Result<AppendOutcome, EventLogError>,
-    /// For an append that wrote records: its subject and the range of `Writer::offsets` and
-    /// the buffer end that belong to it.
+    /// For an append that wrote records: its subject, which of the group's record offsets
+    /// are its records', and the file offset where its last record ends.
     written: Option<(Subject, std::ops::Range<usize>, u64)>,
 }
 
@@ -214,13 +214,11 @@ impl Writer {
         }
 
         if self.next_sequence > first_sequence {
-            let base = self.file_len;
-            let absolute: Vec<u64> = offsets.iter().map(|o| base + o).collect();
             {
                 let mut index = self.shared.write_index();
                 for d in &decided {
                     if let Some((subject, range, end)) = &d.written {
-                        index.push(subject.as_str(), &absolute[range.clone()], *end);
+                        index.push(subject.as_str(), &offsets[range.clone()], *end);
                     }
                 }
             }
@@ -234,7 +232,7 @@ impl Writer {
     }
 
     /// Decides one append of the group and, if it is accepted, serialises its records into
-    /// `buf` (with their offsets relative to the buffer start).
+    /// `buf` and notes where in the file each will start.
     fn decide(
         &mut self,
         request: &AppendRequest,
@@ -288,7 +286,7 @@ impl Writer {
         let mut json_start = 0;
         for (i, event) in request.events.iter().enumerate() {
             let sequence = first + i as u64;
-            offsets.push(buf.len() as u64);
+            offsets.push(self.file_len + buf.len() as u64);
             record::encode_line(
                 buf,
                 sequence,

@@ -167,7 +167,6 @@ async fn a_corrupt_line_in_the_middle_fails_the_open_and_names_the_line() {
     );
 
     // The same damage in the last line is what a crash mid-write leaves: that line is cut.
-    let mut lines = lines;
     lines.truncate(3);
     std::fs::write(&path, lines.concat()).expect("write");
     let log = open(dir.path()).await;
@@ -249,6 +248,29 @@ async fn stored_events_versions_and_event_ids_survive_a_reopen() {
         .await
         .expect("append invocation");
     assert_eq!(next.first_sequence, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_repeating_only_some_stored_event_ids_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = open(dir.path()).await;
+    let s = subject("server.partial");
+    let stored = event("p");
+    log.append(&s, ExpectedVersion::NoEvents, std::slice::from_ref(&stored))
+        .await
+        .expect("append");
+    let err = log
+        .append(&s, ExpectedVersion::Any, &[stored, event("p")])
+        .await
+        .expect_err("a batch mixing a stored and a new event id");
+    assert!(matches!(err, EventLogError::InvalidEvent { .. }), "{err}");
+    let twice = event("p");
+    let err = log
+        .append(&s, ExpectedVersion::Any, &[twice.clone(), twice])
+        .await
+        .expect_err("one event id twice in an append");
+    assert!(matches!(err, EventLogError::InvalidEvent { .. }), "{err}");
+    assert_eq!(log.read_aggregate(&s).await.expect("read").version, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

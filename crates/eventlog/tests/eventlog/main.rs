@@ -3,4 +3,5 @@
 mod conformance;
 mod jetstream;
 mod jsonl;
+mod projection;
 mod support;

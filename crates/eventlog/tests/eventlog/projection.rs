@@ -79,18 +79,22 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() {
     let checkpoints: Arc<dyn CheckpointStore> =
         Arc::new(FileCheckpointStore::open(&dir.path().join("checkpoints")).expect("store"));
     {
-        let log: Arc<dyn EventLog> =
-            Arc::new(JsonlLog::open(&events_dir, JsonlOptions::default()).await.expect("open"));
+        let jsonl = JsonlLog::open(&events_dir, JsonlOptions::default())
+            .await
+            .expect("open");
+        let log: Arc<dyn EventLog> = Arc::new(jsonl.clone());
         append_n(log.as_ref(), "server.a", 100).await;
-        let runner =
-            ProjectionRunner::start(log.clone(), checkpoints.clone(), spec(), CheckpointPolicy::default())
-                .await
-                .expect("start");
+        let runner = ProjectionRunner::start(
+            log.clone(),
+            checkpoints.clone(),
+            spec(),
+            CheckpointPolicy::default(),
+        )
+        .await
+        .expect("start");
         runner.shutdown().await.expect("final checkpoint");
         append_n(log.as_ref(), "server.a", 10).await;
-        if let Ok(log) = Arc::try_unwrap(log) {
-            drop(log);
-        }
+        jsonl.close().await;
     }
     let saved = checkpoints
         .load("events_per_subject")

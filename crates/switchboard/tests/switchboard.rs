@@ -1,0 +1,233 @@
+//! The binary end to end: `audit replay` over a real event log, `vault rotate` and `vault check`
+//! over a real vault.
+use std::{path::Path, process::Command, sync::Arc};
+
+use eventlog::{
+    EventLog, ExpectedVersion, Subject,
+    jsonl::{JsonlLog, JsonlOptions},
+};
+use proto::v1::{Envelope, ServerAdded, ServerDisabled, envelope::Event};
+
+fn switchboard(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("SWITCHBOARD_VAULT_KEYS")
+        .env_remove("SWITCHBOARD_NATS_URL")
+        .output()
+        .expect("run switchboard")
+}
+
+fn envelope(seconds: i64, event: Event) -> Envelope {
+    Envelope {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at: Some(proto::Timestamp { seconds, nanos: 0 }),
+        actor: None,
+        correlation_id: String::new(),
+        causation_id: String::new(),
+        schema_version: proto::SCHEMA_VERSION,
+        event: Some(event),
+    }
+}
+
+/// 2026-11-01T00:00:00Z
+const NOV_1: i64 = 1_761_955_200;
+
+async fn write_history(data_dir: &Path) {
+    let log: Arc<dyn EventLog> = Arc::new(
+        JsonlLog::open(&data_dir.join("events"), JsonlOptions::default())
+            .await
+            .expect("open log"),
+    );
+    for (i, server) in ["s1", "s2"].iter().enumerate() {
+        let subject = Subject::parse(&format!("server.{server}")).expect("subject");
+        log.append(
+            &subject,
+            ExpectedVersion::NoEvents,
+            &[envelope(
+                NOV_1 + i as i64 * 86_400,
+                Event::ServerAdded(ServerAdded {
+                    server_id: (*server).to_owned(),
+                    name: format!("Server {server}"),
+                    ..Default::default()
+                }),
+            )],
+        )
+        .await
+        .expect("append");
+    }
+    log.append(
+        &Subject::parse("server.s1").expect("subject"),
+        ExpectedVersion::Any,
+        &[envelope(
+            NOV_1 + 3 * 86_400,
+            Event::ServerDisabled(ServerDisabled {
+                server_id: "s1".to_owned(),
+                reason: "maintenance".to_owned(),
+            }),
+        )],
+    )
+    .await
+    .expect("append");
+}
+
+fn json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        output.status.success(),
+        "switchboard failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test]
+async fn audit_replay_prints_the_history_filtered_by_subject_type_and_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_history(dir.path()).await;
+
+    let all = json_lines(&switchboard(dir.path(), &["audit", "replay"]));
+    let types: Vec<_> = all.iter().map(|l| l["type"].as_str().unwrap_or("")).collect();
+    assert_eq!(types, ["ServerAdded", "ServerAdded", "ServerDisabled"]);
+    assert_eq!(all[0]["seq"], 1);
+    assert_eq!(all[0]["subject"], "server.s1");
+    assert_eq!(all[0]["envelope"]["serverAdded"]["name"], "Server s1");
+    assert_eq!(all[2]["occurredAt"], "2026-11-04T00:00:00.000Z");
+
+    let s1 = json_lines(&switchboard(dir.path(), &["audit", "replay", "--subject", "server.s1"]));
+    assert_eq!(s1.len(), 2);
+    assert!(s1.iter().all(|l| l["subject"] == "server.s1"));
+
+    let disabled = json_lines(&switchboard(dir.path(), &["audit", "replay", "--type", "ServerDisabled"]));
+    assert_eq!(disabled.len(), 1);
+
+    let window = json_lines(&switchboard(
+        dir.path(),
+        &["audit", "replay", "--since", "2026-11-02T00:00:00Z", "--until", "2026-11-04T00:00:00Z"],
+    ));
+    assert_eq!(window.len(), 1);
+    assert_eq!(window[0]["subject"], "server.s2");
+
+    let table = switchboard(dir.path(), &["audit", "replay", "--format", "table"]);
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(table.lines().count(), 4, "a header and three rows:\n{table}");
+    assert!(table.contains("ServerDisabled") && table.contains("maintenance"), "{table}");
+}
+
+#[tokio::test]
+async fn audit_replay_shows_events_of_unknown_types() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_history(dir.path()).await;
+    // An event written by a newer Switchboard, appended as that version would write it.
+    let future = serde_json::json!({
+        "seq": 4,
+        "subject": "server.s1",
+        "type": "ServerRenamedByRobots",
+        "envelope": {
+            "eventId": uuid::Uuid::now_v7().to_string(),
+            "occurredAt": "2026-11-05T00:00:00Z",
+            "schemaVersion": 2,
+            "serverRenamedByRobots": {"serverId": "s1", "robot": "r2"}
+        }
+    });
+    let path = dir.path().join("events").join("config.jsonl");
+    let mut content = std::fs::read_to_string(&path).expect("read log");
+    content.push_str(&future.to_string());
+    content.push('\n');
+    std::fs::write(&path, content).expect("write log");
+
+    let lines = json_lines(&switchboard(dir.path(), &["audit", "replay"]));
+    assert_eq!(lines.len(), 4, "the unknown event is shown, not dropped");
+    assert_eq!(lines[3]["type"], "ServerRenamedByRobots");
+    assert_eq!(lines[3]["known"], false);
+    assert_eq!(lines[3]["envelope"]["serverRenamedByRobots"]["robot"], "r2");
+
+    let table = switchboard(dir.path(), &["audit", "replay", "--format", "table"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("ServerRenamedByRobots"));
+}
+
+#[test]
+fn audit_replay_explains_bad_filters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("events")).expect("mkdir");
+    let output = switchboard(dir.path(), &["audit", "replay", "--since", "yesterday"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("RFC 3339"));
+    let output = switchboard(dir.path(), &["audit", "replay", "--subject", "server.a b"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("invalid subject"));
+}
+
+#[tokio::test]
+async fn vault_rotate_reencrypts_everything_and_retires_the_old_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("vault.keys");
+    let secret_text = "gho_plaintext_token_that_must_not_leak";
+    let old_key = {
+        let keys = vault::KeyRing::load_or_generate(&key_file).expect("key file");
+        let old_key = keys.current_key_id().to_string();
+        let store = vault::FileStore::open(dir.path().join("vault")).expect("store");
+        let v = vault::Vault::new(Arc::new(store), keys);
+        for i in 0..5 {
+            let name = vault::SecretName::parse(format!("token/s1/user{i}")).expect("name");
+            v.put(&name, &vault::Secret::from(secret_text.to_owned()))
+                .await
+                .expect("put");
+        }
+        old_key
+    };
+
+    let check = switchboard(dir.path(), &["vault", "check"]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    let rotate = switchboard(dir.path(), &["vault", "rotate", "--new-key", "--retire", &old_key]);
+    let stderr = String::from_utf8_lossy(&rotate.stderr);
+    assert!(rotate.status.success(), "{stderr}");
+    assert!(stderr.contains("5 re-encrypted"), "{stderr}");
+    assert!(!stderr.contains(secret_text));
+    let keys = std::fs::read_to_string(&key_file).expect("key file");
+    assert!(!keys.contains(&old_key), "the old key is gone from the key file");
+
+    let check = switchboard(dir.path(), &["vault", "check"]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "{stderr}");
+    assert!(stderr.contains("5 opened"), "{stderr}");
+}
+
+#[test]
+fn vault_check_reports_an_entry_that_cannot_be_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let keys = vault::KeyRing::load_or_generate(&dir.path().join("vault.keys")).expect("keys");
+        let store = vault::FileStore::open(dir.path().join("vault")).expect("store");
+        let v = vault::Vault::new(Arc::new(store), keys);
+        let name = vault::SecretName::parse("token/s1/alice").expect("name");
+        v.put(&name, &vault::Secret::from("x".repeat(40))).await.expect("put");
+    });
+    // Flip one byte of the sealed value at rest.
+    let entry = std::fs::read_dir(dir.path().join("vault"))
+        .expect("vault dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| !n.starts_with('.') && !n.ends_with(".tmp"))
+        })
+        .expect("an entry file");
+    let mut bytes = std::fs::read(&entry).expect("read entry");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&entry, bytes).expect("write entry");
+
+    let check = switchboard(dir.path(), &["vault", "check"]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success());
+    assert!(stderr.contains("token/s1/alice"), "the entry is named: {stderr}");
+}
