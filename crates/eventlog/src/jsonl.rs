@@ -15,7 +15,7 @@
 //!   covering acknowledged records only, and positioned reads of the file (`reader`).
 //! - **Start-up** rebuilds the index and cuts off an append a crash left unfinished; damage
 //!   anywhere else fails the open with `Corrupt` (`recovery`).
-//! - Only one `JsonlLog` may have a directory open at a time (an exclusive lock on
+//! - Only one writable `JsonlLog` may have a directory open at a time (an exclusive lock on
 //!   `<dir>/eventlog.lock`), across processes and within one.
 //! - **Auditing** ([`JsonlLog::open_read_only`]) reads a directory without the lock, while
 //!   the Switchboard process that holds it keeps appending: a snapshot of the complete

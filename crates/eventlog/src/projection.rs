@@ -167,7 +167,9 @@ where
         // "log read through here", also for filtered projections that skipped events.
         let end = log.last_sequence(spec.log).await?;
         if end > position {
-            let mut events = log.read_from(spec.log, position + 1, spec.filter.as_ref()).await?;
+            let mut events = log
+                .read_from(spec.log, position + 1, spec.filter.as_ref())
+                .await?;
             while let Some(event) = events.next().await {
                 let event = event?;
                 if event.sequence > end {
@@ -366,10 +368,12 @@ impl CheckpointStore for FileCheckpointStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(EventLogError::io(format!("reading {}", path.display()), e)),
         };
-        decode_checkpoint(&bytes).map(Some).ok_or_else(|| EventLogError::Corrupt {
-            location: path.display().to_string(),
-            reason: "checkpoint shorter than its 8-byte position".to_owned(),
-        })
+        decode_checkpoint(&bytes)
+            .map(Some)
+            .ok_or_else(|| EventLogError::Corrupt {
+                location: path.display().to_string(),
+                reason: "checkpoint shorter than its 8-byte position".to_owned(),
+            })
     }
 
     async fn save(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), EventLogError> {

@@ -109,7 +109,9 @@ impl Subject {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
             {
-                return Err(invalid("tokens must be non-empty and use only A-Z a-z 0-9 _ -"));
+                return Err(invalid(
+                    "tokens must be non-empty and use only A-Z a-z 0-9 _ -",
+                ));
             }
         }
         if count == 0 {
@@ -253,9 +255,21 @@ mod tests {
 
     #[test]
     fn malformed_subjects_are_refused_with_a_reason() {
-        for bad in ["", "server", "server.", "server..x", "other.x", "server.a b", "server.*", "server.>"] {
+        for bad in [
+            "",
+            "server",
+            "server.",
+            "server..x",
+            "other.x",
+            "server.a b",
+            "server.*",
+            "server.>",
+        ] {
             let err = Subject::parse(bad).expect_err(bad);
-            assert!(matches!(err, EventLogError::InvalidSubject { .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, EventLogError::InvalidSubject { .. }),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -5,7 +5,11 @@ use std::io::Write;
 use anyhow::Context;
 use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
-use eventlog::{EventLog, EventStream, LogKind, RecordedEvent, SubjectFilter, UnknownBody};
+use domain::projections::ServerDirectory;
+use eventlog::{
+    AggregateKind, EventLog, EventStream, LogKind, RecordedEvent, SubjectFilter, UnknownBody,
+    projection::{ProjectionSpec, fold_until},
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -36,8 +40,18 @@ impl AuditFilter {
         Ok(AuditFilter {
             subject,
             types: args.types.iter().map(|t| t.trim().to_owned()).collect(),
-            since: args.since.as_deref().map(parse_time).transpose().context("--since")?,
-            until: args.until.as_deref().map(parse_time).transpose().context("--until")?,
+            since: args
+                .since
+                .as_deref()
+                .map(parse_time)
+                .transpose()
+                .context("--since")?,
+            until: args
+                .until
+                .as_deref()
+                .map(parse_time)
+                .transpose()
+                .context("--until")?,
         })
     }
 
@@ -79,6 +93,42 @@ pub async fn replay(store: &StoreOptions, args: &ReplayArgs) -> anyhow::Result<(
     Ok(())
 }
 
+/// `switchboard audit servers --at N`: the server directory folded from the config log up to
+/// position N (inclusive), as JSON lines, one per server.
+pub async fn servers(store: &StoreOptions, at: Option<u64>) -> anyhow::Result<()> {
+    let log = store.open_event_log_for_reading().await?;
+    let until = match at {
+        Some(at) => at,
+        None => log.last_sequence(LogKind::Config).await?,
+    };
+    let spec = ProjectionSpec {
+        name: "audit_server_directory",
+        log: LogKind::Config,
+        filter: Some(SubjectFilter::kind(AggregateKind::Server)),
+        apply: |directory: &mut ServerDirectory, event: &RecordedEvent| {
+            directory.apply(&event.envelope)
+        },
+    };
+    let directory = fold_until(log.as_ref(), &spec, ServerDirectory::default(), until).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for server in directory.iter() {
+        let line = json!({
+            "asOfSeq": until,
+            "serverId": server.id.to_string(),
+            "name": server.name,
+            "slug": server.slug,
+            "description": server.description,
+            "url": server.url,
+            "catalogEntryId": server.catalog_entry_id,
+            "enabled": server.enabled,
+        });
+        writeln!(out, "{line}")?;
+    }
+    out.flush().context("writing to standard output")?;
+    Ok(())
+}
+
 /// Writes the history of the chosen logs; with both logs, events are merged by the time they
 /// occurred (each log is in its own order).
 pub async fn write_history(
@@ -100,7 +150,11 @@ pub async fn write_history(
         streams.push((stream, head));
     }
     if format == OutputFormat::Table {
-        writeln!(out, "{:<5} {:>8}  {:<24}  {:<26}  {:<40}  DETAILS", "LOG", "SEQ", "OCCURRED", "TYPE", "SUBJECT")?;
+        writeln!(
+            out,
+            "{:<5} {:>8}  {:<24}  {:<26}  {:<40}  DETAILS",
+            "LOG", "SEQ", "OCCURRED", "TYPE", "SUBJECT"
+        )?;
     }
     loop {
         let earliest = streams

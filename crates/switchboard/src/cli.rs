@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{audit, configuration::StoreOptions, up, vault_cmd};
 
 #[derive(Debug, Parser)]
-#[command(name = "switchboard", version, about = "Lets an AI act in remote MCP servers on behalf of each user, safely.")]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Lets an AI act in remote MCP servers on behalf of each user, safely."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub store: StoreOptions,
@@ -36,6 +40,12 @@ pub enum Command {
 pub enum AuditCommand {
     /// Print the event history, oldest first.
     Replay(ReplayArgs),
+    /// Print the configured servers as they were at a position of the config log.
+    Servers {
+        /// Config log sequence to stop at (inclusive); the latest state if left out.
+        #[arg(long)]
+        at: Option<u64>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +111,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up => up::run(&cli.store).await,
         Command::Audit(AuditCommand::Replay(args)) => audit::replay(&cli.store, &args).await,
+        Command::Audit(AuditCommand::Servers { at }) => audit::servers(&cli.store, at).await,
         Command::Vault(command) => vault_cmd::run(&cli.store, command).await,
     }
 }

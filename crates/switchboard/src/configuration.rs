@@ -19,7 +19,12 @@ pub struct StoreOptions {
     #[arg(long, global = true, env = "SWITCHBOARD_NATS_URL")]
     pub nats: Option<String>,
     /// Prefix of Switchboard's subjects, streams and buckets on NATS.
-    #[arg(long, global = true, env = "SWITCHBOARD_NATS_PREFIX", default_value = "sb")]
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHBOARD_NATS_PREFIX",
+        default_value = "sb"
+    )]
     pub nats_prefix: String,
 }
 
@@ -34,10 +39,6 @@ impl StoreOptions {
 
     pub fn key_file(&self) -> PathBuf {
         self.data_dir.join("vault.keys")
-    }
-
-    pub fn checkpoints_dir(&self) -> PathBuf {
-        self.data_dir.join("checkpoints")
     }
 
     pub async fn connect_nats(&self) -> anyhow::Result<Option<async_nats::Client>> {

@@ -10,7 +10,10 @@ mod vault_cmd;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     configuration::init_tracing(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("switchboard: cannot start the async runtime: {error}");

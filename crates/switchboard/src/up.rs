@@ -15,13 +15,25 @@ pub async fn run(store: &StoreOptions) -> anyhow::Result<()> {
     }
     let entries = vault.names().await.context("listing vault entries")?.len();
     match &store.nats {
-        Some(url) => tracing::info!(%url, prefix = %store.nats_prefix, "switchboard is up on JetStream"),
-        None => tracing::info!(data_dir = %store.data_dir.display(), "switchboard is up on the embedded default"),
+        Some(url) => {
+            tracing::info!(%url, prefix = %store.nats_prefix, "switchboard is up on JetStream")
+        }
+        None => {
+            tracing::info!(data_dir = %store.data_dir.display(), "switchboard is up on the embedded default")
+        }
     }
-    tracing::info!(events = %positions.join(", "), vault_entries = entries, "stores open; Ctrl-C stops");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    tracing::info!(events = %positions.join(", "), vault_entries = entries, "stores open; Ctrl-C or SIGTERM stops");
+    shutdown_signal().await?;
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what service managers and container runtimes send).
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("listening for Ctrl-C"),
+        _ = terminate.recv() => Ok(()),
+    }
 }

@@ -16,7 +16,12 @@ pub async fn open_vault(store: &StoreOptions, generate_key_file: bool) -> anyhow
     } else {
         KeyRing::load_from_env_or_file(&key_file)
     }
-    .with_context(|| format!("cannot load the vault's master keys ({})", key_file.display()))?;
+    .with_context(|| {
+        format!(
+            "cannot load the vault's master keys ({})",
+            key_file.display()
+        )
+    })?;
     let secrets: Arc<dyn SecretStore> = match store.connect_nats().await? {
         Some(client) => {
             let bucket = format!("{}_vault", store.nats_prefix);
@@ -89,7 +94,10 @@ async fn rotate(
         let id = key_file.add_new_key(true)?;
         key_file.save()?;
         vault.set_keyring(key_file.keyring()?);
-        eprintln!("added master key {id} to {} and made it current", key_file.path().display());
+        eprintln!(
+            "added master key {id} to {} and made it current",
+            key_file.path().display()
+        );
     }
     let report = vault.rotate().await?;
     eprintln!(

@@ -90,23 +90,39 @@ async fn audit_replay_prints_the_history_filtered_by_subject_type_and_time() {
     write_history(dir.path()).await;
 
     let all = json_lines(&switchboard(dir.path(), &["audit", "replay"]));
-    let types: Vec<_> = all.iter().map(|l| l["type"].as_str().unwrap_or("")).collect();
+    let types: Vec<_> = all
+        .iter()
+        .map(|l| l["type"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(types, ["ServerAdded", "ServerAdded", "ServerDisabled"]);
     assert_eq!(all[0]["seq"], 1);
     assert_eq!(all[0]["subject"], "server.s1");
     assert_eq!(all[0]["envelope"]["serverAdded"]["name"], "Server s1");
     assert_eq!(all[2]["occurredAt"], "2026-11-04T00:00:00.000Z");
 
-    let s1 = json_lines(&switchboard(dir.path(), &["audit", "replay", "--subject", "server.s1"]));
+    let s1 = json_lines(&switchboard(
+        dir.path(),
+        &["audit", "replay", "--subject", "server.s1"],
+    ));
     assert_eq!(s1.len(), 2);
     assert!(s1.iter().all(|l| l["subject"] == "server.s1"));
 
-    let disabled = json_lines(&switchboard(dir.path(), &["audit", "replay", "--type", "ServerDisabled"]));
+    let disabled = json_lines(&switchboard(
+        dir.path(),
+        &["audit", "replay", "--type", "ServerDisabled"],
+    ));
     assert_eq!(disabled.len(), 1);
 
     let window = json_lines(&switchboard(
         dir.path(),
-        &["audit", "replay", "--since", "2026-11-02T00:00:00Z", "--until", "2026-11-04T00:00:00Z"],
+        &[
+            "audit",
+            "replay",
+            "--since",
+            "2026-11-02T00:00:00Z",
+            "--until",
+            "2026-11-04T00:00:00Z",
+        ],
     ));
     assert_eq!(window.len(), 1);
     assert_eq!(window[0]["subject"], "server.s2");
@@ -114,8 +130,15 @@ async fn audit_replay_prints_the_history_filtered_by_subject_type_and_time() {
     let table = switchboard(dir.path(), &["audit", "replay", "--format", "table"]);
     assert!(table.status.success());
     let table = String::from_utf8_lossy(&table.stdout);
-    assert_eq!(table.lines().count(), 4, "a header and three rows:\n{table}");
-    assert!(table.contains("ServerDisabled") && table.contains("maintenance"), "{table}");
+    assert_eq!(
+        table.lines().count(),
+        4,
+        "a header and three rows:\n{table}"
+    );
+    assert!(
+        table.contains("ServerDisabled") && table.contains("maintenance"),
+        "{table}"
+    );
 }
 
 #[tokio::test]
@@ -182,15 +205,25 @@ async fn vault_rotate_reencrypts_everything_and_retires_the_old_key() {
     };
 
     let check = switchboard(dir.path(), &["vault", "check"]);
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
-    let rotate = switchboard(dir.path(), &["vault", "rotate", "--new-key", "--retire", &old_key]);
+    let rotate = switchboard(
+        dir.path(),
+        &["vault", "rotate", "--new-key", "--retire", &old_key],
+    );
     let stderr = String::from_utf8_lossy(&rotate.stderr);
     assert!(rotate.status.success(), "{stderr}");
     assert!(stderr.contains("5 re-encrypted"), "{stderr}");
     assert!(!stderr.contains(secret_text));
     let keys = std::fs::read_to_string(&key_file).expect("key file");
-    assert!(!keys.contains(&old_key), "the old key is gone from the key file");
+    assert!(
+        !keys.contains(&old_key),
+        "the old key is gone from the key file"
+    );
 
     let check = switchboard(dir.path(), &["vault", "check"]);
     let stderr = String::from_utf8_lossy(&check.stderr);
@@ -207,7 +240,9 @@ fn vault_check_reports_an_entry_that_cannot_be_opened() {
         let store = vault::FileStore::open(dir.path().join("vault")).expect("store");
         let v = vault::Vault::new(Arc::new(store), keys);
         let name = vault::SecretName::parse("token/s1/alice").expect("name");
-        v.put(&name, &vault::Secret::from("x".repeat(40))).await.expect("put");
+        v.put(&name, &vault::Secret::from("x".repeat(40)))
+            .await
+            .expect("put");
     });
     // Flip one byte of the sealed value at rest.
     let entry = std::fs::read_dir(dir.path().join("vault"))
@@ -229,5 +264,113 @@ fn vault_check_reports_an_entry_that_cannot_be_opened() {
     let check = switchboard(dir.path(), &["vault", "check"]);
     let stderr = String::from_utf8_lossy(&check.stderr);
     assert!(!check.status.success());
-    assert!(stderr.contains("token/s1/alice"), "the entry is named: {stderr}");
+    assert!(
+        stderr.contains("token/s1/alice"),
+        "the entry is named: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn audit_servers_shows_the_server_list_as_of_a_position() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (kept, deleted) = (
+        uuid::Uuid::now_v7().to_string(),
+        uuid::Uuid::now_v7().to_string(),
+    );
+    {
+        let log = JsonlLog::open(&dir.path().join("events"), JsonlOptions::default())
+            .await
+            .expect("open log");
+        for (i, (id, name)) in [(&kept, "Kept"), (&deleted, "Deleted later")]
+            .into_iter()
+            .enumerate()
+        {
+            log.append(
+                &Subject::parse(&format!("server.{id}")).expect("subject"),
+                ExpectedVersion::NoEvents,
+                &[envelope(
+                    NOV_1 + i as i64,
+                    Event::ServerAdded(ServerAdded {
+                        server_id: id.clone(),
+                        name: name.to_owned(),
+                        slug: name.to_lowercase().replace(' ', "_"),
+                        enabled: true,
+                        ..Default::default()
+                    }),
+                )],
+            )
+            .await
+            .expect("append");
+        }
+        log.append(
+            &Subject::parse(&format!("server.{deleted}")).expect("subject"),
+            ExpectedVersion::Any,
+            &[envelope(
+                NOV_1 + 10,
+                Event::ServerDeleted(proto::v1::ServerDeleted {
+                    server_id: deleted.clone(),
+                }),
+            )],
+        )
+        .await
+        .expect("append");
+        log.close().await;
+    }
+
+    let before = json_lines(&switchboard(dir.path(), &["audit", "servers", "--at", "2"]));
+    let mut names: Vec<_> = before
+        .iter()
+        .map(|l| l["name"].as_str().unwrap_or(""))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["Deleted later", "Kept"]);
+    assert!(before.iter().all(|l| l["asOfSeq"] == 2));
+
+    let now = json_lines(&switchboard(dir.path(), &["audit", "servers"]));
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0]["serverId"], kept.as_str());
+    assert_eq!(now[0]["asOfSeq"], 3);
+}
+
+#[test]
+fn up_on_the_embedded_default_creates_its_key_file_and_says_so() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("up")
+        .env_remove("SWITCHBOARD_VAULT_KEYS")
+        .env_remove("SWITCHBOARD_NATS_URL")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start switchboard up");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = String::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("read stderr");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("stores open") {
+            break;
+        }
+    }
+    child.kill().expect("stop switchboard");
+    let _ = child.wait();
+    assert!(seen.contains("stores open"), "up did not come up:\n{seen}");
+
+    let key_file = dir.path().join("vault.keys");
+    let mode = std::fs::metadata(&key_file)
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        seen.to_lowercase().contains("generated") || seen.to_lowercase().contains("new master key"),
+        "the first start says loudly that it made a key:\n{seen}"
+    );
+    assert!(dir.path().join("events").join("config.jsonl").exists());
 }

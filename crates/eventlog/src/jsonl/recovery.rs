@@ -130,10 +130,7 @@ pub(super) fn snapshot(path: &Path, log: LogKind) -> Result<Snapshot, EventLogEr
 /// complete line is `Corrupt`; an unfinished tail is reported in `unfinished`.
 fn scan(file: &File, path: &Path, log: LogKind, keep_ids: usize) -> Result<Scanned, EventLogError> {
     let io_error = |what: &str, e| EventLogError::io(format!("{what} {}", path.display()), e);
-    let len = file
-        .metadata()
-        .map_err(|e| io_error("checking", e))?
-        .len();
+    let len = file.metadata().map_err(|e| io_error("checking", e))?.len();
     let mut reader = file;
     reader
         .seek(SeekFrom::Start(0))

@@ -24,12 +24,20 @@ pub async fn appended_events_read_back_in_order_with_their_version(log: Arc<dyn 
         .append(&s, ExpectedVersion::At(first.last_sequence), &batch)
         .await
         .expect("batch append");
-    assert_eq!(second.last_sequence - second.first_sequence, 2, "a batch is contiguous");
+    assert_eq!(
+        second.last_sequence - second.first_sequence,
+        2,
+        "a batch is contiguous"
+    );
 
     let history = log.read_aggregate(&s).await.expect("read");
     assert_eq!(history.version, second.last_sequence);
     assert_eq!(history.events.len(), 4);
-    let ids: Vec<_> = history.events.iter().map(|e| e.envelope.event_id.clone()).collect();
+    let ids: Vec<_> = history
+        .events
+        .iter()
+        .map(|e| e.envelope.event_id.clone())
+        .collect();
     let mut expected = vec![];
     expected.push(ids[0].clone());
     expected.extend(batch.iter().map(|e| e.event_id.clone()));
@@ -80,7 +88,11 @@ pub async fn conflicting_expected_version_is_refused_and_writes_nothing(log: Arc
     }
 
     let history = log.read_aggregate(&s).await.expect("read");
-    assert_eq!(history.events.len(), 1, "nothing written by refused appends");
+    assert_eq!(
+        history.events.len(),
+        1,
+        "nothing written by refused appends"
+    );
     assert_eq!(history.version, v1);
     assert_eq!(log.last_sequence(LogKind::Config).await.expect("last"), v1);
 }
@@ -99,7 +111,8 @@ pub async fn concurrent_writers_at_the_same_version_have_exactly_one_winner(
         let log = log.clone();
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            log.append(&s, ExpectedVersion::At(v), &[event("race")]).await
+            log.append(&s, ExpectedVersion::At(v), &[event("race")])
+                .await
         }));
     }
     let mut won = 0;
@@ -138,7 +151,10 @@ pub async fn a_retried_append_with_the_same_event_ids_is_stored_once(log: Arc<dy
 
     let history = log.read_aggregate(&s).await.expect("read");
     assert_eq!(history.events.len(), 2);
-    assert_eq!(log.last_sequence(LogKind::Config).await.expect("last"), original.last_sequence);
+    assert_eq!(
+        log.last_sequence(LogKind::Config).await.expect("last"),
+        original.last_sequence
+    );
 }
 
 pub async fn replay_returns_every_event_in_log_order_with_its_sequence(log: Arc<dyn EventLog>) {
@@ -154,7 +170,11 @@ pub async fn replay_returns_every_event_in_log_order_with_its_sequence(log: Arc<
     }
     // An invocation event goes to the other log and must not show up here.
     let inv = log
-        .append(&subject("invocation.u_alice"), ExpectedVersion::Any, &[event("x")])
+        .append(
+            &subject("invocation.u_alice"),
+            ExpectedVersion::Any,
+            &[event("x")],
+        )
         .await
         .expect("append invocation");
     assert_eq!(inv.first_sequence, 1, "each log has its own sequence");
@@ -189,7 +209,13 @@ pub async fn replay_returns_every_event_in_log_order_with_its_sequence(log: Arc<
         .map(|r| r.expect("event").subject.to_string())
         .collect()
         .await;
-    assert_eq!(filtered.len(), appended.iter().filter(|a| a.1.as_str() == "server.r1").count());
+    assert_eq!(
+        filtered.len(),
+        appended
+            .iter()
+            .filter(|a| a.1.as_str() == "server.r1")
+            .count()
+    );
     assert!(filtered.iter().all(|s| s == "server.r1"));
 
     let invocations: Vec<_> = log
@@ -201,16 +227,23 @@ pub async fn replay_returns_every_event_in_log_order_with_its_sequence(log: Arc<
         .await;
     assert_eq!(invocations.len(), 1);
     assert_eq!(invocations[0].log, LogKind::Invocations);
-    assert_eq!(log.last_sequence(LogKind::Invocations).await.expect("last"), 1);
+    assert_eq!(
+        log.last_sequence(LogKind::Invocations).await.expect("last"),
+        1
+    );
 }
 
 pub async fn a_subscriber_started_mid_stream_sees_every_later_event_exactly_once(
     log: Arc<dyn EventLog>,
 ) {
     for _ in 0..50 {
-        log.append(&subject("server.live"), ExpectedVersion::Any, &[event("live")])
-            .await
-            .expect("append");
+        log.append(
+            &subject("server.live"),
+            ExpectedVersion::Any,
+            &[event("live")],
+        )
+        .await
+        .expect("append");
     }
     let mut live = log
         .subscribe(LogKind::Config, 26, None)
@@ -235,7 +268,10 @@ pub async fn a_subscriber_started_mid_stream_sees_every_later_event_exactly_once
             .expect("subscriber stalled")
             .expect("stream ended")
             .expect("event");
-        assert!(ids.insert(next.envelope.event_id.clone()), "an event seen twice");
+        assert!(
+            ids.insert(next.envelope.event_id.clone()),
+            "an event seen twice"
+        );
         seen.push(next.sequence);
     }
     writer.await.expect("writer");
@@ -243,7 +279,11 @@ pub async fn a_subscriber_started_mid_stream_sees_every_later_event_exactly_once
 
     // Nothing more arrives until something is appended, and then exactly that.
     let more = log
-        .append(&subject("server.live"), ExpectedVersion::Any, &[event("live")])
+        .append(
+            &subject("server.live"),
+            ExpectedVersion::Any,
+            &[event("live")],
+        )
         .await
         .expect("append");
     let next = tokio::time::timeout(GUARD, live.next())
@@ -260,11 +300,19 @@ pub async fn a_filtered_subscription_sees_only_matching_subjects(log: Arc<dyn Ev
         .subscribe(LogKind::Config, 0, Some(&filter))
         .await
         .expect("subscribe");
-    log.append(&subject("connection.s1.u_alice"), ExpectedVersion::Any, &[event("a")])
-        .await
-        .expect("append");
+    log.append(
+        &subject("connection.s1.u_alice"),
+        ExpectedVersion::Any,
+        &[event("a")],
+    )
+    .await
+    .expect("append");
     let bob = log
-        .append(&subject("connection.s1.u_bob"), ExpectedVersion::Any, &[event("b")])
+        .append(
+            &subject("connection.s1.u_bob"),
+            ExpectedVersion::Any,
+            &[event("b")],
+        )
         .await
         .expect("append");
     let next = tokio::time::timeout(GUARD, live.next())
@@ -289,7 +337,13 @@ pub async fn events_that_are_not_valid_are_refused(log: Arc<dyn EventLog>) {
         .await
         .expect_err("empty append");
     assert!(matches!(err, EventLogError::InvalidEvent { .. }), "{err}");
-    assert_eq!(log.read_aggregate(&subject("server.bad")).await.expect("read").version, 0);
+    assert_eq!(
+        log.read_aggregate(&subject("server.bad"))
+            .await
+            .expect("read")
+            .version,
+        0
+    );
 }
 
 /// Instantiates every conformance rule as a `#[tokio::test]` for one adapter. `$open` is an

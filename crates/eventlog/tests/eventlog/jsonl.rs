@@ -369,3 +369,344 @@ async fn closing_ends_subscriptions_after_every_stored_event_and_refuses_appends
         "reads still work"
     );
 }
+
+async fn open_read_only(dir: &Path) -> JsonlLog {
+    JsonlLog::open_read_only(dir)
+        .await
+        .expect("open the JSONL log read-only")
+}
+
+fn assert_read_only_error(err: &EventLogError) {
+    assert!(matches!(err, EventLogError::ReadOnly { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("read-only"), "{message}");
+    assert!(message.contains("running Switchboard"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_reads_what_the_running_writer_has_appended() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let writer = open(dir.path()).await;
+    let s = subject("server.audit");
+    writer
+        .append(&s, ExpectedVersion::NoEvents, &[event("a"), event("a")])
+        .await
+        .expect("append a batch");
+    writer
+        .append(
+            &subject("server.other"),
+            ExpectedVersion::Any,
+            &[event("b")],
+        )
+        .await
+        .expect("append");
+    writer
+        .append(
+            &subject("invocation.u_a"),
+            ExpectedVersion::Any,
+            &[event("x")],
+        )
+        .await
+        .expect("append invocation");
+
+    // The writer holds the directory; the auditor gets in anyway.
+    let auditor = open_read_only(dir.path()).await;
+    assert!(auditor.is_read_only());
+    assert!(!writer.is_read_only());
+    let stored = replay(&writer, LogKind::Config).await;
+    let seen = replay(&auditor, LogKind::Config).await;
+    assert_eq!(ids_and_sequences(&seen), ids_and_sequences(&stored));
+    assert_eq!(
+        seen.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(seen, stored);
+    assert_eq!(
+        auditor.last_sequence(LogKind::Config).await.expect("last"),
+        3
+    );
+    assert_eq!(
+        ids_and_sequences(&replay(&auditor, LogKind::Invocations).await),
+        ids_and_sequences(&replay(&writer, LogKind::Invocations).await)
+    );
+    let history = auditor.read_aggregate(&s).await.expect("read aggregate");
+    assert_eq!(history.version, 2);
+    assert_eq!(history, writer.read_aggregate(&s).await.expect("read"));
+
+    // Appends through the auditor are refused, and write nothing.
+    let err = auditor
+        .append(&s, ExpectedVersion::At(2), &[event("a")])
+        .await
+        .expect_err("a read-only log takes no appends");
+    assert_read_only_error(&err);
+    let err = auditor
+        .append(
+            &subject("invocation.u_a"),
+            ExpectedVersion::Any,
+            &[event("x")],
+        )
+        .await
+        .expect_err("a read-only log takes no appends");
+    assert_read_only_error(&err);
+    auditor.close().await;
+
+    // The writer is undisturbed: it still holds the lock and appends at the next sequence.
+    let err = JsonlLog::open(dir.path(), JsonlOptions::default())
+        .await
+        .expect_err("the writer still holds the directory");
+    assert!(err.to_string().contains("already open"), "{err}");
+    let next = writer
+        .append(&s, ExpectedVersion::At(2), &[event("a")])
+        .await
+        .expect("the writer appends on");
+    assert_eq!(next.first_sequence, 4);
+
+    // The auditor's log is a snapshot; a new read-only open sees the new event.
+    assert_eq!(
+        auditor.last_sequence(LogKind::Config).await.expect("last"),
+        3
+    );
+    assert_eq!(replay(&auditor, LogKind::Config).await.len(), 3);
+    let later = open_read_only(dir.path()).await;
+    assert_eq!(later.last_sequence(LogKind::Config).await.expect("last"), 4);
+    assert_eq!(
+        ids_and_sequences(&replay(&later, LogKind::Config).await),
+        ids_and_sequences(&replay(&writer, LogKind::Config).await)
+    );
+
+    // A subscription on the snapshot delivers it from its start position, then ends.
+    let live = auditor
+        .subscribe(LogKind::Config, 2, None)
+        .await
+        .expect("subscribe");
+    let items = tokio::time::timeout(GUARD, live.collect::<Vec<_>>())
+        .await
+        .expect("a read-only subscription ends");
+    assert_eq!(items.len(), 3, "{items:?}");
+    let sequences: Vec<_> = items[..2]
+        .iter()
+        .map(|item| item.as_ref().expect("event").sequence)
+        .collect();
+    assert_eq!(sequences, [2, 3]);
+    assert!(matches!(items[2], Err(EventLogError::Closed)), "{items:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_sees_only_complete_appends_while_the_writer_appends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let writer = Arc::new(open(dir.path()).await);
+    let appender = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            for _ in 0..300 {
+                let batch: Vec<_> = (0..3).map(|_| event("busy")).collect();
+                writer
+                    .append(&subject("server.busy"), ExpectedVersion::Any, &batch)
+                    .await
+                    .expect("append");
+            }
+        })
+    };
+    let mut seen = 0;
+    while !appender.is_finished() {
+        let auditor = open_read_only(dir.path()).await;
+        let events = replay(&auditor, LogKind::Config).await;
+        let last = auditor.last_sequence(LogKind::Config).await.expect("last");
+        assert_eq!(events.len() as u64, last);
+        assert!(
+            events.iter().zip(1..).all(|(e, n)| e.sequence == n),
+            "sequences are contiguous"
+        );
+        assert_eq!(last % 3, 0, "only whole batches are in a snapshot");
+        assert!(last >= seen, "a later snapshot has no fewer events");
+        seen = last;
+    }
+    appender.await.expect("appender");
+    let auditor = open_read_only(dir.path()).await;
+    assert_eq!(
+        auditor.last_sequence(LogKind::Config).await.expect("last"),
+        900
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_leaves_an_unfinished_tail_out_and_the_file_alone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = config_file(dir.path());
+    let s = subject("server.tail");
+    let (kept, kept_len) = {
+        let writer = open(dir.path()).await;
+        for _ in 0..2 {
+            writer
+                .append(&s, ExpectedVersion::Any, &[event("t")])
+                .await
+                .expect("append");
+        }
+        let kept = ids_and_sequences(&replay(&writer, LogKind::Config).await);
+        let kept_len = std::fs::read(&path).expect("read").len();
+        writer
+            .append(
+                &s,
+                ExpectedVersion::Any,
+                &[event("t"), event("t"), event("t")],
+            )
+            .await
+            .expect("append a batch");
+        writer.close().await;
+        (kept, kept_len)
+    };
+    let full = std::fs::read(&path).expect("read");
+    let batch_lines: Vec<usize> = full[kept_len..]
+        .split_inclusive(|b| *b == b'\n')
+        .map(<[u8]>::len)
+        .collect();
+    assert_eq!(batch_lines.len(), 3);
+    let cuts = [
+        // Half of the batch's first line: a torn last line.
+        kept_len + batch_lines[0] / 2,
+        // The first line of the batch: an incomplete batch.
+        kept_len + batch_lines[0],
+        // One line and a half of it: both.
+        kept_len + batch_lines[0] + batch_lines[1] / 2,
+    ];
+    for cut in cuts {
+        let tail = &full[..cut];
+        std::fs::write(&path, tail).expect("write the torn file");
+
+        let auditor = open_read_only(dir.path()).await;
+        assert_eq!(
+            ids_and_sequences(&replay(&auditor, LogKind::Config).await),
+            kept,
+            "cut at byte {cut}"
+        );
+        assert_eq!(
+            auditor.last_sequence(LogKind::Config).await.expect("last"),
+            2
+        );
+        assert_eq!(auditor.read_aggregate(&s).await.expect("read").version, 2);
+        drop(auditor);
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            tail,
+            "a read-only open changes nothing (cut at byte {cut})"
+        );
+
+        // A normal open still recovers the same file.
+        let writer = open(dir.path()).await;
+        assert_eq!(
+            writer.last_sequence(LogKind::Config).await.expect("last"),
+            2
+        );
+        assert_eq!(
+            std::fs::metadata(&path).expect("metadata").len(),
+            kept_len as u64,
+            "the writer's open cuts the unfinished append off (cut at byte {cut})"
+        );
+        writer.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_fails_on_damage_in_the_middle() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let writer = open(dir.path()).await;
+    for _ in 0..3 {
+        writer
+            .append(&subject("server.c"), ExpectedVersion::Any, &[event("c")])
+            .await
+            .expect("append");
+    }
+    writer.close().await;
+    drop(writer);
+    let path = config_file(dir.path());
+    let mut lines: Vec<Vec<u8>> = std::fs::read(&path)
+        .expect("read")
+        .split_inclusive(|b| *b == b'\n')
+        .map(<[u8]>::to_vec)
+        .collect();
+    let middle = lines[1].len() / 2;
+    lines[1][middle..middle + 4].copy_from_slice(b"\x00#!{");
+    let damaged = lines.concat();
+    std::fs::write(&path, &damaged).expect("write");
+
+    let err = JsonlLog::open_read_only(dir.path())
+        .await
+        .expect_err("a corrupt middle line fails the read-only open too");
+    match &err {
+        EventLogError::Corrupt { location, .. } => {
+            assert!(location.ends_with("config.jsonl line 2"), "{err}");
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+    assert_eq!(std::fs::read(&path).expect("read"), damaged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_open_reads_missing_log_files_as_empty_and_creates_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let auditor = open_read_only(dir.path()).await;
+    for kind in [LogKind::Config, LogKind::Invocations] {
+        assert_eq!(auditor.last_sequence(kind).await.expect("last"), 0);
+        assert!(replay(&auditor, kind).await.is_empty());
+        let live = auditor.subscribe(kind, 0, None).await.expect("subscribe");
+        let items = tokio::time::timeout(GUARD, live.collect::<Vec<_>>())
+            .await
+            .expect("a read-only subscription ends");
+        assert!(
+            matches!(items.as_slice(), [Err(EventLogError::Closed)]),
+            "{items:?}"
+        );
+    }
+    let history = auditor
+        .read_aggregate(&subject("server.none"))
+        .await
+        .expect("read");
+    assert_eq!(history.version, 0);
+    assert!(history.events.is_empty());
+    let err = auditor
+        .append(&subject("server.none"), ExpectedVersion::Any, &[event("n")])
+        .await
+        .expect_err("read-only");
+    assert_read_only_error(&err);
+    drop(auditor);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("list").count(),
+        0,
+        "no lock file, no log file"
+    );
+
+    // One log file there, the other not (yet).
+    let s = subject("server.one");
+    {
+        let writer = open(dir.path()).await;
+        writer
+            .append(&s, ExpectedVersion::Any, &[event("one")])
+            .await
+            .expect("append");
+        writer.close().await;
+    }
+    std::fs::remove_file(dir.path().join("invocations.jsonl")).expect("remove");
+    let auditor = open_read_only(dir.path()).await;
+    assert_eq!(
+        auditor.last_sequence(LogKind::Config).await.expect("last"),
+        1
+    );
+    assert_eq!(auditor.read_aggregate(&s).await.expect("read").version, 1);
+    assert_eq!(
+        auditor
+            .last_sequence(LogKind::Invocations)
+            .await
+            .expect("last"),
+        0
+    );
+    assert!(replay(&auditor, LogKind::Invocations).await.is_empty());
+    assert!(!dir.path().join("invocations.jsonl").exists());
+
+    // A directory that is not there at all is an error, and is not created.
+    let missing = dir.path().join("no-such-dir");
+    let err = JsonlLog::open_read_only(&missing)
+        .await
+        .expect_err("no directory");
+    assert!(matches!(err, EventLogError::Io { .. }), "{err}");
+    assert!(!missing.exists());
+}

@@ -61,9 +61,14 @@ async fn a_projection_catches_up_then_follows_the_log() {
         Arc::new(FileCheckpointStore::open(&dir.path().join("checkpoints")).expect("store"));
     append_n(log.as_ref(), "server.a", 5).await;
 
-    let runner = ProjectionRunner::start(log.clone(), checkpoints, spec(), CheckpointPolicy::default())
-        .await
-        .expect("start");
+    let runner = ProjectionRunner::start(
+        log.clone(),
+        checkpoints,
+        spec(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .expect("start");
     assert_eq!(runner.position(), 5, "caught up before start returns");
     assert_eq!(runner.read(|s| s.counts.get("server.a").copied()), Some(5));
 
@@ -103,13 +108,19 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() {
         .expect("a checkpoint");
     assert_eq!(saved.position, 100);
 
-    let log: Arc<dyn EventLog> =
-        Arc::new(JsonlLog::open(&events_dir, JsonlOptions::default()).await.expect("reopen"));
+    let log: Arc<dyn EventLog> = Arc::new(
+        JsonlLog::open(&events_dir, JsonlOptions::default())
+            .await
+            .expect("reopen"),
+    );
     let runner = ProjectionRunner::start(log, checkpoints, spec(), CheckpointPolicy::default())
         .await
         .expect("restart");
     assert_eq!(runner.position(), 110);
-    assert_eq!(runner.read(|s| s.counts.get("server.a").copied()), Some(110));
+    assert_eq!(
+        runner.read(|s| s.counts.get("server.a").copied()),
+        Some(110)
+    );
     assert_eq!(
         runner.read(|s| s.applied_since_start),
         10,
@@ -120,7 +131,9 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() {
 #[tokio::test]
 async fn state_as_of_a_position_folds_only_up_to_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = JsonlLog::open(dir.path(), JsonlOptions::default()).await.expect("open");
+    let log = JsonlLog::open(dir.path(), JsonlOptions::default())
+        .await
+        .expect("open");
     append_n(&log, "server.a", 4).await;
     append_n(&log, "server.b", 4).await;
     let state = fold_until(&log, &spec(), EventsPerSubject::default(), 6)
@@ -142,5 +155,8 @@ async fn checkpoints_survive_reopening_the_store() {
     store.save("p", &checkpoint).await.expect("save");
     let reopened = FileCheckpointStore::open(dir.path()).expect("reopen");
     assert_eq!(reopened.load("p").await.expect("load"), Some(checkpoint));
-    assert!(store.load("../etc").await.is_err(), "names cannot escape the directory");
+    assert!(
+        store.load("../etc").await.is_err(),
+        "names cannot escape the directory"
+    );
 }
