@@ -8,4 +8,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # an older nats-server on PATH (Debian ships 2.9) is never picked up.
 export NATS_SERVER_BIN="${NATS_SERVER_BIN:-$root/.tools/bin/nats-server}"
 cd "$root"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"

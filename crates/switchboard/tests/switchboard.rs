@@ -32,7 +32,7 @@ fn envelope(seconds: i64, event: Event) -> Envelope {
 }
 
 /// 2026-11-01T00:00:00Z
-const NOV_1: i64 = 1_761_955_200;
+const NOV_1: i64 = 1_793_491_200;
 
 async fn write_history(data_dir: &Path) {
     let log: Arc<dyn EventLog> = Arc::new(
