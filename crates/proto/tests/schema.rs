@@ -56,7 +56,10 @@ fn json_follows_the_proto3_mapping() {
         json["serverAdded"]["oauth"]["registrationMode"],
         "REGISTRATION_MODE_DYNAMIC"
     );
-    assert!(json.get("causationId").is_none(), "default values are left out");
+    assert!(
+        json.get("causationId").is_none(),
+        "default values are left out"
+    );
 
     let completed = Envelope {
         event: Some(Event::InvocationCompleted(InvocationCompleted {
@@ -87,7 +90,10 @@ fn json_from_a_newer_writer_is_read_without_its_unknown_parts() {
     });
     let envelope: Envelope = serde_json::from_value(json).expect("newer JSON still reads");
     assert_eq!(envelope.schema_version, 2);
-    assert!(envelope.event.is_none(), "an unknown event type leaves the body empty");
+    assert!(
+        envelope.event.is_none(),
+        "an unknown event type leaves the body empty"
+    );
 
     let json = serde_json::json!({
         "eventId": "e",

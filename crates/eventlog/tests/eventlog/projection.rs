@@ -160,3 +160,51 @@ async fn checkpoints_survive_reopening_the_store() {
         "names cannot escape the directory"
     );
 }
+
+#[tokio::test]
+async fn a_restarted_projection_resumes_from_its_kv_checkpoint_on_jetstream() {
+    use eventlog::jetstream::{JetStreamConfig, JetStreamLog};
+
+    let config = JetStreamConfig::with_prefix(testkit::unique_name("p"));
+    let connect = || async {
+        let client = async_nats::connect(testkit::shared_nats().url())
+            .await
+            .expect("connect");
+        JetStreamLog::connect(client, config.clone())
+            .await
+            .expect("jetstream log")
+    };
+    let first = connect().await;
+    let log: Arc<dyn EventLog> = Arc::new(first.clone());
+    let checkpoints: Arc<dyn CheckpointStore> =
+        Arc::new(first.checkpoint_store().await.expect("kv checkpoints"));
+    append_n(log.as_ref(), "server.a", 30).await;
+    let runner = ProjectionRunner::start(
+        log.clone(),
+        checkpoints.clone(),
+        spec(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .expect("start");
+    let last = append_n(log.as_ref(), "server.b", 5).await;
+    runner.wait_for(last).await;
+    runner.shutdown().await.expect("final checkpoint");
+    append_n(log.as_ref(), "server.b", 7).await;
+
+    // A new process: new connection, same streams and bucket.
+    let second = connect().await;
+    let checkpoints: Arc<dyn CheckpointStore> =
+        Arc::new(second.checkpoint_store().await.expect("kv checkpoints"));
+    let runner = ProjectionRunner::start(
+        Arc::new(second),
+        checkpoints,
+        spec(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .expect("restart");
+    assert_eq!(runner.position(), 42);
+    assert_eq!(runner.read(|s| s.counts.get("server.b").copied()), Some(12));
+    assert_eq!(runner.read(|s| s.applied_since_start), 7);
+}
