@@ -374,3 +374,73 @@ fn up_on_the_embedded_default_creates_its_key_file_and_says_so() {
     );
     assert!(dir.path().join("events").join("config.jsonl").exists());
 }
+
+#[tokio::test]
+async fn audit_replay_reads_the_history_from_jetstream() {
+    use eventlog::jetstream::{JetStreamConfig, JetStreamLog};
+
+    let nats = testkit::shared_nats();
+    let prefix = testkit::unique_name("a");
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let log = JetStreamLog::connect(client, JetStreamConfig::with_prefix(&prefix))
+        .await
+        .expect("jetstream log");
+    for (i, server) in ["s1", "s2"].iter().enumerate() {
+        log.append(
+            &Subject::parse(&format!("server.{server}")).expect("subject"),
+            ExpectedVersion::NoEvents,
+            &[envelope(
+                NOV_1 + i as i64,
+                Event::ServerAdded(ServerAdded {
+                    server_id: (*server).to_owned(),
+                    ..Default::default()
+                }),
+            )],
+        )
+        .await
+        .expect("append");
+    }
+    log.append(
+        &Subject::parse("invocation.u_alice").expect("subject"),
+        ExpectedVersion::Any,
+        &[envelope(
+            NOV_1 + 5,
+            Event::InvocationStarted(proto::v1::InvocationStarted {
+                invocation_id: "i1".to_owned(),
+            }),
+        )],
+    )
+    .await
+    .expect("append");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = json_lines(&switchboard(
+        dir.path(),
+        &[
+            "--nats",
+            &nats.url(),
+            "--nats-prefix",
+            &prefix,
+            "audit",
+            "replay",
+        ],
+    ));
+    let got: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["log"].as_str().unwrap_or(""),
+                l["seq"].as_u64().unwrap_or(0),
+                l["type"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("config", 1, "ServerAdded"),
+            ("config", 2, "ServerAdded"),
+            ("invocations", 1, "InvocationStarted")
+        ]
+    );
+}
