@@ -97,7 +97,6 @@ async fn raw_publish(js: &jetstream::Context, prefix: &str, count: usize, header
             let mut map = async_nats::HeaderMap::new();
             map.insert("Nats-Msg-Id", id.as_str());
             map.insert("Sb-Event-Type", "ServerDisabled");
-            map.insert("Content-Type", "application/protobuf");
             js.publish_with_headers(subject, map, payload.clone()).await
         } else {
             js.publish(subject, payload.clone()).await

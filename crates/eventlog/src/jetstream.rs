@@ -41,8 +41,6 @@ pub use checkpoints::{KvCheckpointStore, MAX_CHECKPOINT_VALUE_SIZE};
 /// Header carrying the event's type name (`ServerAdded`), so readers that do not know the type
 /// can still name it.
 pub const EVENT_TYPE_HEADER: &str = "Sb-Event-Type";
-/// Content type of the message body: the protobuf encoding of the envelope.
-pub const CONTENT_TYPE: &str = "application/protobuf";
 
 /// Oldest nats-server this adapter accepts.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);

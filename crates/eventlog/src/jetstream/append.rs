@@ -47,7 +47,7 @@ use bytes::Bytes;
 use proto::{Message as _, v1::Envelope};
 
 use super::{
-    CONTENT_TYPE, EVENT_TYPE_HEADER, JetStreamLog,
+    EVENT_TYPE_HEADER, JetStreamLog,
     read::{End, Start},
 };
 use crate::{AppendOutcome, EventLogError, ExpectedVersion, Subject, SubjectFilter};
@@ -60,7 +60,6 @@ const LOOKUP_MARGIN: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 const EVENT_TYPE: HeaderName = HeaderName::from_static(EVENT_TYPE_HEADER);
-const CONTENT_TYPE_HEADER: HeaderName = HeaderName::from_static("Content-Type");
 
 /// A JetStream error answer: its code and its text (with the description).
 struct Refusal {
@@ -445,7 +444,6 @@ fn event_headers(event: &Envelope, expected: ExpectedVersion) -> HeaderMap {
     if let Some(type_name) = crate::event_type_of(event) {
         headers.insert(EVENT_TYPE, type_name);
     }
-    headers.insert(CONTENT_TYPE_HEADER, CONTENT_TYPE);
     headers
 }
 

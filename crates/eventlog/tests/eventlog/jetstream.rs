@@ -187,7 +187,6 @@ async fn an_event_of_an_unknown_type_reads_back_with_its_name_and_bytes() {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", id.as_str());
     headers.insert("Sb-Event-Type", "FutureEvent");
-    headers.insert("Content-Type", "application/protobuf");
     log.jetstream()
         .publish_with_headers(log.nats_subject(&s), headers, bytes.clone())
         .await
