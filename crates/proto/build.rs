@@ -20,6 +20,10 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let descriptors = protox::compile(files, [&proto_root])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out_dir.join("field_numbers.txt"),
+        field_numbers(&descriptors).join("\n"),
+    )?;
     let descriptor_path = out_dir.join("switchboard_descriptor.bin");
     fs::write(&descriptor_path, descriptors.encode_to_vec())?;
 
@@ -38,4 +42,47 @@ fn main() -> Result<(), Box<dyn Error>> {
         .ignore_unknown_enum_variants()
         .build(&[".switchboard"])?;
     Ok(())
+}
+
+/// Every field and enum value of the `switchboard` packages as `Type.name = number`, sorted:
+/// the schema's wire contract, checked against `proto/field_numbers.lock` by the tests so that
+/// nothing is ever renumbered or reused.
+fn field_numbers(descriptors: &prost_types::FileDescriptorSet) -> Vec<String> {
+    fn message(prefix: &str, m: &prost_types::DescriptorProto, out: &mut Vec<String>) {
+        let name = format!("{prefix}.{}", m.name());
+        for field in &m.field {
+            out.push(format!("{name}.{} = {}", field.name(), field.number()));
+        }
+        for nested in &m.nested_type {
+            message(&name, nested, out);
+        }
+        for e in &m.enum_type {
+            enumeration(&name, e, out);
+        }
+    }
+    fn enumeration(prefix: &str, e: &prost_types::EnumDescriptorProto, out: &mut Vec<String>) {
+        for value in &e.value {
+            out.push(format!(
+                "{prefix}.{}.{} = {}",
+                e.name(),
+                value.name(),
+                value.number()
+            ));
+        }
+    }
+    let mut out = Vec::new();
+    for file in descriptors
+        .file
+        .iter()
+        .filter(|f| f.package().starts_with("switchboard"))
+    {
+        for m in &file.message_type {
+            message(file.package(), m, &mut out);
+        }
+        for e in &file.enum_type {
+            enumeration(file.package(), e, &mut out);
+        }
+    }
+    out.sort();
+    out
 }

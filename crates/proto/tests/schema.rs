@@ -117,3 +117,27 @@ fn every_event_knows_its_schema_name() {
     .expect("to json");
     assert!(json.get("invocationCompleted").is_some());
 }
+
+#[test]
+fn no_field_is_ever_renumbered_or_removed() {
+    let generated: std::collections::BTreeSet<&str> =
+        include_str!(concat!(env!("OUT_DIR"), "/field_numbers.txt"))
+            .lines()
+            .collect();
+    let locked: std::collections::BTreeSet<&str> =
+        include_str!("../../../proto/field_numbers.lock")
+            .lines()
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .collect();
+    let gone: Vec<_> = locked.difference(&generated).collect();
+    assert!(
+        gone.is_empty(),
+        "fields were renumbered, renamed or removed; the wire contract forbids it \
+         (add new fields with new numbers instead): {gone:#?}"
+    );
+    let new: Vec<_> = generated.difference(&locked).collect();
+    assert!(
+        new.is_empty(),
+        "new fields: append these lines to proto/field_numbers.lock: {new:#?}"
+    );
+}
