@@ -262,13 +262,16 @@ async fn follow<P>(
 ) where
     P: Serialize + Send + Sync + 'static,
 {
+    const FIRST_RETRY: Duration = Duration::from_millis(50);
     let mut unsaved = 0u64;
-    let mut first_unsaved_at: Option<tokio::time::Instant> = None;
-    let mut retry_delay = Duration::from_millis(50);
+    // When the oldest unsaved event must be checkpointed at the latest.
+    let mut save_by: Option<tokio::time::Instant> = None;
+    let mut retry_delay = FIRST_RETRY;
     loop {
         let from = *shared.position.borrow() + 1;
-        let events = match log.subscribe(spec.log, from, spec.filter.as_ref()).await {
-            Ok(events) => events,
+        let mut batches = match log.subscribe(spec.log, from, spec.filter.as_ref()).await {
+            Ok(events) => events.ready_chunks(APPLY_BATCH),
+            Err(EventLogError::Closed) => return,
             Err(error) => {
                 tracing::warn!(projection = spec.name, %error, "cannot follow the log; retrying");
                 tokio::time::sleep(retry_delay).await;
@@ -276,11 +279,23 @@ async fn follow<P>(
                 continue;
             }
         };
-        let mut batches = events.ready_chunks(APPLY_BATCH);
-        while let Some(batch) = batches.next().await {
-            retry_delay = Duration::from_millis(50);
+        let failure = loop {
+            let deadline = save_by;
+            let batch = tokio::select! {
+                batch = batches.next() => batch,
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    save_checkpoint(&spec, &shared, checkpoints.as_ref()).await;
+                    unsaved = 0;
+                    save_by = None;
+                    continue;
+                }
+            };
+            let Some(batch) = batch else {
+                break None;
+            };
+            let mut applied = 0u64;
             let mut last = None;
-            let mut failed = None;
+            let mut failure = None;
             {
                 let mut state = shared
                     .state
@@ -290,41 +305,72 @@ async fn follow<P>(
                     match item {
                         Ok(event) => {
                             (spec.apply)(&mut state, &event);
+                            applied += 1;
                             last = Some(event.sequence);
                         }
+                        // An unreadable record cannot be folded by any version; the stream
+                        // goes on past it and the audit shows it.
+                        Err(error @ EventLogError::Corrupt { .. }) => {
+                            tracing::error!(projection = spec.name, %error, "skipping an unreadable event");
+                        }
                         Err(error) => {
-                            failed = Some(error);
+                            failure = Some(error);
                             break;
                         }
                     }
                 }
             }
             if let Some(sequence) = last {
-                unsaved += 1;
-                first_unsaved_at.get_or_insert_with(tokio::time::Instant::now);
+                retry_delay = FIRST_RETRY;
+                unsaved += applied;
+                save_by.get_or_insert_with(|| tokio::time::Instant::now() + policy.every);
                 shared.position.send_replace(sequence);
             }
-            if let Some(error) = failed {
-                tracing::warn!(projection = spec.name, %error, "log subscription failed; resuming");
-                break;
-            }
-            let due = unsaved >= policy.every_events
-                || first_unsaved_at.is_some_and(|t| t.elapsed() >= policy.every);
-            if due {
-                match snapshot(&shared) {
-                    Ok(checkpoint) => {
-                        if let Err(error) = checkpoints.save(spec.name, &checkpoint).await {
-                            tracing::warn!(projection = spec.name, %error, "checkpoint not saved");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(projection = spec.name, %error, "checkpoint not taken")
-                    }
-                }
+            if unsaved >= policy.every_events {
+                save_checkpoint(&spec, &shared, checkpoints.as_ref()).await;
                 unsaved = 0;
-                first_unsaved_at = None;
+                save_by = None;
+            }
+            if failure.is_some() {
+                break failure;
+            }
+        };
+        match failure {
+            Some(EventLogError::Closed) => {
+                save_checkpoint(&spec, &shared, checkpoints.as_ref()).await;
+                return;
+            }
+            Some(error) => {
+                tracing::warn!(projection = spec.name, %error, "log subscription failed; resuming")
+            }
+            None => tracing::warn!(projection = spec.name, "log subscription ended; resuming"),
+        }
+        tokio::time::sleep(retry_delay).await;
+        retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Saves a checkpoint now; a failure is logged, not fatal: the projection keeps working and
+/// the next checkpoint tries again (a restart then replays a little more).
+async fn save_checkpoint<P: Serialize>(
+    spec: &ProjectionSpec<P>,
+    shared: &Shared<P>,
+    checkpoints: &dyn CheckpointStore,
+) {
+    match snapshot(shared) {
+        Ok(checkpoint) => {
+            if let Err(error) = checkpoints.save(spec.name, &checkpoint).await {
+                tracing::warn!(projection = spec.name, %error, "checkpoint not saved");
             }
         }
+        Err(error) => tracing::warn!(projection = spec.name, %error, "checkpoint not taken"),
     }
 }
 
@@ -339,6 +385,15 @@ impl FileCheckpointStore {
     pub fn open(dir: &Path) -> Result<Self, EventLogError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| EventLogError::io(format!("creating {}", dir.display()), e))?;
+        // Temporary files of saves a crash interrupted; the checkpoints they were to replace
+        // are intact.
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| EventLogError::io(format!("listing {}", dir.display()), e))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(FileCheckpointStore {
             dir: dir.to_path_buf(),
         })
@@ -404,7 +459,11 @@ pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
 
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), EventLogError> {
     use std::io::Write;
-    let tmp = path.with_extension("checkpoint.tmp");
+    // Unique per write: a save still running in an aborted follower must not share its
+    // temporary file with the final save at shutdown.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("checkpoint.{}.{n}.tmp", std::process::id()));
     let io = |what: &str, e| EventLogError::io(format!("{what} {}", tmp.display()), e);
     let mut file = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
     file.write_all(bytes).map_err(|e| io("writing", e))?;
