@@ -166,6 +166,18 @@ where
         // runner already reflects everything written before start. The position then means
         // "log read through here", also for filtered projections that skipped events.
         let end = log.last_sequence(spec.log).await?;
+        if position > end {
+            // A checkpoint past the end of the log belongs to another log (the store was
+            // recreated, or the checkpoint is damaged): resuming from it would skip every
+            // event up to its position.
+            tracing::warn!(
+                projection = spec.name,
+                checkpoint = position,
+                log_end = end,
+                "checkpoint is ahead of the log; rebuilding the projection from the start"
+            );
+            (state, position) = (P::default(), 0);
+        }
         if end > position {
             let mut events = log
                 .read_from(spec.log, position + 1, spec.filter.as_ref())

@@ -229,6 +229,10 @@ impl Inner {
         value: &[u8],
     ) -> Result<Revision, StoreError> {
         let revision = *last_revision + 1;
+        // Spent before writing: a write that fails after its rename (a failed directory
+        // fsync) leaves this revision on disk, and handing it out again would let a stale
+        // compare-and-swap or take match a different value.
+        *last_revision = revision;
         let path = self.entry_path(name);
         let mut tmp = path.clone().into_os_string();
         tmp.push(".tmp");
@@ -241,7 +245,6 @@ impl Inner {
         header[13..15].copy_from_slice(&name_len.to_be_bytes());
         fsutil::write_atomically(&path, Path::new(&tmp), &[&header, name_bytes, value])
             .map_err(|e| StoreError::backend("writing a vault entry file", e))?;
-        *last_revision = revision;
         Ok(Revision::new(revision))
     }
 

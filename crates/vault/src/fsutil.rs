@@ -34,16 +34,11 @@ pub(crate) fn restrict_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Opens `path` for writing with mode 0600, truncating it (or failing if it exists and
-/// `create_new`).
-pub(crate) fn open_private_file(path: &Path, create_new: bool) -> io::Result<File> {
+/// Creates `path` for writing with mode 0600; fails if it exists (also as a symlink), so the
+/// file is always a new one, owned by us, with that mode.
+pub(crate) fn open_private_file(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
-    options.write(true);
-    if create_new {
-        options.create_new(true);
-    } else {
-        options.create(true).truncate(true);
-    }
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -69,7 +64,14 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// caller makes sure no two writers use the same one at once.
 pub(crate) fn write_atomically(path: &Path, tmp_path: &Path, parts: &[&[u8]]) -> io::Result<()> {
     let result = (|| {
-        let mut file = open_private_file(tmp_path, false)?;
+        // Never reuse an existing temporary file: opening it would keep its owner and mode
+        // (which the rename then gives `path`) and follow it if it is a symlink, writing the
+        // content wherever it points. Remove it and create a fresh one exclusively.
+        match fs::remove_file(tmp_path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = open_private_file(tmp_path)?;
         for part in parts {
             file.write_all(part)?;
         }

@@ -141,7 +141,7 @@ impl ConsumerReader {
                         End::AtSequence(last) => pending == 0 || sequence == last,
                         End::CaughtUp => pending == 0,
                     };
-                    self.next_min = sequence + 1;
+                    self.next_min = sequence.saturating_add(1);
                     if caught_up {
                         self.finish();
                     }
@@ -410,6 +410,7 @@ impl JetStreamLog {
         let mut events = Vec::new();
         let mut next = 1;
         'pages: loop {
+            let page_start = next;
             let request = serde_json::json!({
                 "seq": next,
                 "next_by_subj": nats_subject,
@@ -437,7 +438,15 @@ impl JetStreamLog {
                             .and_then(|v| v.parse::<u64>().ok())
                             .ok_or_else(|| unavailable(&"direct get answer without a sequence"))?;
                         let stored_subject = header("Nats-Subject").unwrap_or_default().to_owned();
-                        next = sequence + 1;
+                        if sequence < next {
+                            // Answers go forward; one that does not would repeat events, or
+                            // (with the paging below) ask for the same page forever.
+                            return Err(unavailable(&format!(
+                                "direct get answered sequence {sequence} where {next} or later \
+                                 was asked for"
+                            )));
+                        }
+                        next = sequence.saturating_add(1);
                         events.push(decode_parts(
                             &self.inner,
                             log,
@@ -457,6 +466,11 @@ impl JetStreamLog {
                             .unwrap_or(0);
                         if pending == 0 {
                             break 'pages;
+                        }
+                        if next == page_start {
+                            return Err(unavailable(&format!(
+                                "direct get reported {pending} more events but sent none"
+                            )));
                         }
                         continue 'pages;
                     }

@@ -208,3 +208,43 @@ async fn a_restarted_projection_resumes_from_its_kv_checkpoint_on_jetstream() {
     assert_eq!(runner.read(|s| s.counts.get("server.b").copied()), Some(12));
     assert_eq!(runner.read(|s| s.applied_since_start), 7);
 }
+
+#[tokio::test]
+async fn a_checkpoint_ahead_of_the_log_is_not_trusted_and_the_projection_rebuilds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log: Arc<dyn EventLog> = Arc::new(
+        JsonlLog::open(&dir.path().join("events"), JsonlOptions::default())
+            .await
+            .expect("open"),
+    );
+    let checkpoints: Arc<dyn CheckpointStore> =
+        Arc::new(FileCheckpointStore::open(&dir.path().join("checkpoints")).expect("store"));
+    // A checkpoint left over from another log (e.g. the event store was recreated).
+    checkpoints
+        .save(
+            "events_per_subject",
+            &eventlog::projection::Checkpoint {
+                position: 1_000,
+                snapshot: bytes::Bytes::from_static(b"{\"counts\":{\"server.gone\":1000}}"),
+            },
+        )
+        .await
+        .expect("save");
+    append_n(log.as_ref(), "server.a", 5).await;
+
+    let runner = ProjectionRunner::start(
+        log.clone(),
+        checkpoints,
+        spec(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .expect("start");
+    assert_eq!(runner.position(), 5);
+    assert_eq!(runner.read(|s| s.counts.get("server.a").copied()), Some(5));
+    assert_eq!(runner.read(|s| s.counts.get("server.gone").copied()), None);
+
+    let last = append_n(log.as_ref(), "server.b", 2).await;
+    runner.wait_for(last).await;
+    assert_eq!(runner.read(|s| s.counts.get("server.b").copied()), Some(2));
+}
