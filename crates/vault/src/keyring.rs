@@ -46,6 +46,16 @@ pub const MAX_KEY_ID_LEN: usize = 64;
 /// Raw key material, wiped on drop.
 type KeyBytes = Zeroizing<[u8; KEY_LEN]>;
 
+/// The comment at the top of a rendered key file.
+const RENDERED_PREAMBLE: &str = "# Switchboard vault master keys. Anyone with this file can read every stored token:\n\
+     # keep it private (mode 0600) and back it up; without it the vault cannot be opened.\n\
+     # Format: `key <key-id> <base64 32-byte key>` lines and one `current <key-id>` line.\n";
+/// Longest `key <id> <base64>\n` line of a rendered key file.
+const RENDERED_KEY_LINE_MAX: usize =
+    "key ".len() + MAX_KEY_ID_LEN + 1 + KEY_LEN.div_ceil(3) * 4 + 1;
+/// Longest `current <id>\n` line of a rendered key file.
+const RENDERED_CURRENT_LINE_MAX: usize = "current ".len() + MAX_KEY_ID_LEN + 1;
+
 /// The id of a master key, e.g. `k20260425-9f3a1c0e`. Recorded in every sealed value so the
 /// vault knows which key opens it.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -164,14 +174,14 @@ impl KeyRing {
     /// Reads `SWITCHBOARD_VAULT_KEYS` if it is set and not empty, else the key file at
     /// `path`. Fails with [`VaultError::KeyConfig`] if neither exists.
     pub fn load_from_env_or_file(path: &Path) -> Result<KeyRing, VaultError> {
-        load(env_keys(), path, false)
+        load(env_keys()?, path, false)
     }
 
     /// The embedded default: like [`KeyRing::load_from_env_or_file`], but when neither the
     /// variable nor the file exists, generates the key file (see
     /// [`KeyRing::generate_key_file`]).
     pub fn load_or_generate(path: &Path) -> Result<KeyRing, VaultError> {
-        load(env_keys(), path, true)
+        load(env_keys()?, path, true)
     }
 
     /// Creates a key file at `path` (mode 0600; missing parent directories are created with
@@ -215,11 +225,22 @@ impl fmt::Debug for KeyRing {
     }
 }
 
-fn env_keys() -> Option<Zeroizing<String>> {
-    std::env::var(KEYS_ENV_VAR)
-        .ok()
-        .map(Zeroizing::new)
-        .filter(|value| !value.trim().is_empty())
+fn env_keys() -> Result<Option<Zeroizing<String>>, VaultError> {
+    env_value(std::env::var(KEYS_ENV_VAR))
+}
+
+/// The variable's value if it is set and not blank. A value that is set but not UTF-8 is an
+/// error: ignoring it would fall back to the key file, or even generate a new key.
+fn env_value(
+    value: Result<String, std::env::VarError>,
+) -> Result<Option<Zeroizing<String>>, VaultError> {
+    match value {
+        Ok(value) => Ok(Some(Zeroizing::new(value)).filter(|value| !value.trim().is_empty())),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(VaultError::key_config(format!(
+            "{KEYS_ENV_VAR} is set but is not valid UTF-8"
+        ))),
+    }
 }
 
 fn load(
@@ -344,12 +365,17 @@ impl KeySet {
         Ok(KeySet { keys, current })
     }
 
+    /// An upper bound of the rendered length, reserved up front: a growing String reallocates,
+    /// and the buffer it leaves behind (holding the keys written so far) is freed unwiped.
+    fn render_capacity(&self) -> usize {
+        RENDERED_PREAMBLE.len()
+            + self.keys.len() * RENDERED_KEY_LINE_MAX
+            + RENDERED_CURRENT_LINE_MAX
+    }
+
     fn render(&self) -> Zeroizing<String> {
-        let mut text = Zeroizing::new(String::from(
-            "# Switchboard vault master keys. Anyone with this file can read every stored token:\n\
-             # keep it private (mode 0600) and back it up; without it the vault cannot be opened.\n\
-             # Format: `key <key-id> <base64 32-byte key>` lines and one `current <key-id>` line.\n",
-        ));
+        let mut text = Zeroizing::new(String::with_capacity(self.render_capacity()));
+        text.push_str(RENDERED_PREAMBLE);
         for (id, key) in &self.keys {
             let encoded = Zeroizing::new(BASE64.encode(key.as_ref()));
             text.push_str("key ");
@@ -499,9 +525,17 @@ impl KeyFile {
         }
         let written = (|| {
             use std::io::Write as _;
-            let mut out = fsutil::open_private_file(&file.path, true)?;
-            out.write_all(file.keys.render().as_bytes())?;
-            out.sync_all()?;
+            let mut out = fsutil::open_private_file(&file.path)?;
+            let filled = out
+                .write_all(file.keys.render().as_bytes())
+                .and_then(|()| out.sync_all());
+            if filled.is_err() {
+                // A half-written key file would stop every later start with a parse error
+                // instead of generating a new one; the file is ours, created just now.
+                drop(out);
+                let _ = std::fs::remove_file(&file.path);
+            }
+            filled?;
             fsutil::sync_dir(file.path.parent().unwrap_or(Path::new(".")))
         })();
         written.map_err(io_error)?;
@@ -656,6 +690,39 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn an_env_value_that_is_not_utf8_is_refused_not_ignored() {
+        use std::os::unix::ffi::OsStringExt as _;
+        let not_utf8 = std::env::VarError::NotUnicode(std::ffi::OsString::from_vec(vec![0xff]));
+        let error = env_value(Err(not_utf8)).unwrap_err();
+        assert!(matches!(error, VaultError::KeyConfig { .. }), "{error}");
+        assert!(error.to_string().contains(KEYS_ENV_VAR), "{error}");
+        assert!(
+            env_value(Err(std::env::VarError::NotPresent))
+                .unwrap()
+                .is_none()
+        );
+        assert!(env_value(Ok(" \n".to_owned())).unwrap().is_none());
+    }
+
+    #[test]
+    fn rendering_never_outgrows_its_reserved_buffer() {
+        // Longest ids everywhere: if the text outgrew the reservation, the String would
+        // reallocate and free a copy of the keys without wiping it.
+        let id = |i: usize| KeyId::parse(format!("{i:0>width$}", width = MAX_KEY_ID_LEN)).unwrap();
+        let mut keys = KeySet {
+            keys: Vec::new(),
+            current: id(0),
+        };
+        for i in 0..20 {
+            keys.keys.push((id(i), random_key().unwrap()));
+            let text = keys.render();
+            assert!(text.len() <= keys.render_capacity(), "{} keys", i + 1);
+            assert!(KeySet::parse(&text).is_ok());
+        }
+    }
+
     #[test]
     fn generated_key_ids_are_valid_and_dated() {
         let id = KeyId::generate().unwrap();
@@ -689,6 +756,37 @@ mod tests {
         assert_eq!(reloaded.key_ids(), vec![first.clone(), second.clone()]);
         let ring = load(None, &path, false).unwrap();
         assert_eq!(ring.current_key_id(), &second);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn save_never_writes_through_a_planted_temporary_file() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.keys");
+        let tmp = dir.path().join("vault.keys.tmp");
+        let file = KeyFile::create(&path).unwrap();
+
+        // A symlink where the temporary file goes: the keys must not land at its target.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"victim").unwrap();
+        symlink(&victim, &tmp).unwrap();
+        file.save().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_file(), "the key file is not a symlink");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+        // A readable leftover: its mode must not become the key file's.
+        std::fs::write(&tmp, b"leftover").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        file.save().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            KeyFile::load(&path).unwrap().current_key_id(),
+            file.current_key_id()
+        );
     }
 
     #[test]

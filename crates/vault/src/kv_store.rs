@@ -127,7 +127,17 @@ impl KvStore {
                 "a JetStream context with a custom API prefix or domain is not supported by the vault",
             ));
         }
-        let server_ttl = kv.stream.cached_info().config.allow_message_ttl;
+        let stream_config = &kv.stream.cached_info().config;
+        if stream_config.max_messages_per_subject != 1 {
+            tracing::warn!(
+                bucket = %kv.name,
+                history = stream_config.max_messages_per_subject,
+                "the vault KV bucket keeps more than one revision per entry: overwritten \
+                 ciphertexts (also those under retired master keys) stay in the stream; \
+                 recreate it with history 1"
+            );
+        }
+        let server_ttl = stream_config.allow_message_ttl;
         if !server_ttl {
             tracing::warn!(
                 bucket = %kv.name,
