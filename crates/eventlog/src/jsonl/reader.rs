@@ -35,7 +35,24 @@ pub(super) fn read_range(
     last: u64,
     filter: Option<SubjectFilter>,
 ) -> EventStream {
-    Box::pin(RangeReader::new(shared, first, last, filter))
+    end_after_failure(RangeReader::new(shared, first, last, filter))
+}
+
+/// Ends a stream after its first error other than `Corrupt`: a failed read leaves a gap, and
+/// handing out the events after it would let a consumer that logs and carries on miss events
+/// silently (the JetStream adapter's streams end the same way). A `Corrupt` record is one
+/// unreadable line; the stream goes on past it.
+fn end_after_failure(
+    events: impl futures_util::Stream<Item = Result<RecordedEvent, EventLogError>> + Send + 'static,
+) -> EventStream {
+    Box::pin(events.scan(false, |failed, item| {
+        let item = (!*failed).then(|| {
+            *failed =
+                matches!(&item, Err(error) if !matches!(error, EventLogError::Corrupt { .. }));
+            item
+        });
+        std::future::ready(item)
+    }))
 }
 
 /// A stream over committed records. Written as a plain `Stream` (no per-event future): a
@@ -219,7 +236,7 @@ pub(super) fn subscribe(
         let range = tail.next_range().await?;
         Some((range, tail))
     });
-    Box::pin(ranges.flatten())
+    end_after_failure(ranges.flatten())
 }
 
 struct Tail {
