@@ -2,7 +2,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use vault::{FileStore, KeyFile, KeyId, KeyRing, KvStore, SecretStore, Vault};
+use vault::{FileStore, KeyFile, KeyId, KeyRing, KvStore, SecretStore, StoreError, Vault};
 
 use crate::{cli::VaultCommand, configuration::StoreOptions};
 
@@ -33,24 +33,73 @@ pub async fn open_vault(store: &StoreOptions, generate_key_file: bool) -> anyhow
         }
         None => {
             let dir = store.vault_dir();
-            Arc::new(FileStore::open(&dir).with_context(|| {
-                format!(
-                    "cannot open the vault in {} (a running `switchboard up` owns it: stop it \
-                     first, or use --nats where every replica shares the KV bucket)",
-                    dir.display()
-                )
-            })?)
+            Arc::new(
+                FileStore::open(&dir)
+                    .with_context(|| format!("cannot open the vault in {}", dir.display()))?,
+            )
         }
     };
     Ok(Vault::new(secrets, keys))
 }
 
 pub async fn run(store: &StoreOptions, command: VaultCommand) -> anyhow::Result<()> {
-    let vault = open_vault(store, false).await?;
+    let vault = match open_vault(store, false).await {
+        Ok(vault) => vault,
+        Err(error) if is_locked(&error) => {
+            if let VaultCommand::Rotate {
+                new_key: true,
+                retire: None,
+            } = command
+            {
+                return add_key_for_running_instance(store);
+            }
+            return Err(error.context(
+                "the vault belongs to a running `switchboard up`: rotate it live with \
+                 `switchboard vault rotate --new-key` followed by SIGHUP to that process, and \
+                 retire or check keys once it is stopped",
+            ));
+        }
+        Err(error) => return Err(error),
+    };
     match command {
         VaultCommand::Check => check(&vault).await,
         VaultCommand::Rotate { new_key, retire } => rotate(store, &vault, new_key, retire).await,
     }
+}
+
+/// Whether opening failed because a running `switchboard up` owns the vault directory.
+fn is_locked(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<StoreError>(),
+            Some(StoreError::Locked { .. })
+        )
+    })
+}
+
+/// The embedded vault is open in a running `switchboard up`: add the new current key to the
+/// key file, and let that process re-encrypt on SIGHUP, so services never stop.
+fn add_key_for_running_instance(store: &StoreOptions) -> anyhow::Result<()> {
+    let mut key_file = load_key_file(store)?;
+    let id = key_file.add_new_key(true)?;
+    key_file.save()?;
+    eprintln!(
+        "added master key {id} to {} and made it current; the vault is open in a running \
+         `switchboard up`: send it SIGHUP (kill -HUP <pid>, the pid is in its start-up log) to \
+         re-encrypt every entry while it keeps serving",
+        key_file.path().display()
+    );
+    Ok(())
+}
+
+fn load_key_file(store: &StoreOptions) -> anyhow::Result<KeyFile> {
+    anyhow::ensure!(
+        std::env::var_os(vault::KEYS_ENV_VAR).is_none(),
+        "--new-key and --retire edit the key file, but the keys come from {}; \
+         change that variable instead",
+        vault::KEYS_ENV_VAR
+    );
+    Ok(KeyFile::load(store.key_file())?)
 }
 
 async fn check(vault: &Vault) -> anyhow::Result<()> {
@@ -80,13 +129,7 @@ async fn rotate(
     retire: Option<String>,
 ) -> anyhow::Result<()> {
     let mut key_file = if new_key || retire.is_some() {
-        anyhow::ensure!(
-            std::env::var_os(vault::KEYS_ENV_VAR).is_none(),
-            "--new-key and --retire edit the key file, but the keys come from {}; \
-             change that variable instead",
-            vault::KEYS_ENV_VAR
-        );
-        Some(KeyFile::load(store.key_file())?)
+        Some(load_key_file(store)?)
     } else {
         None
     };

@@ -444,3 +444,82 @@ async fn audit_replay_reads_the_history_from_jetstream() {
         ]
     );
 }
+
+/// The embedded vault belongs to the running `up`; rotation reaches it through the key file
+/// and SIGHUP, and services keep running meanwhile.
+#[tokio::test]
+async fn a_running_embedded_instance_rotates_its_vault_on_sighup() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_text = "xoxb-a-slack-token-that-must-not-leak";
+    let old_key = {
+        let keys = vault::KeyRing::load_or_generate(&dir.path().join("vault.keys")).expect("keys");
+        let old_key = keys.current_key_id().to_string();
+        let store = vault::FileStore::open(dir.path().join("vault")).expect("store");
+        let v = vault::Vault::new(Arc::new(store), keys);
+        for i in 0..4 {
+            let name = vault::SecretName::parse(format!("token/s1/user{i}")).expect("name");
+            v.put(&name, &vault::Secret::from(secret_text.to_owned()))
+                .await
+                .expect("put");
+        }
+        old_key
+    };
+
+    let mut up = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("up")
+        .env_remove("SWITCHBOARD_VAULT_KEYS")
+        .env_remove("SWITCHBOARD_NATS_URL")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start switchboard up");
+    let mut log = BufReader::new(up.stderr.take().expect("stderr")).lines();
+    let mut wait_for = |needle: &str| {
+        let mut seen = String::new();
+        for line in log.by_ref() {
+            let line = line.expect("read stderr");
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(needle) {
+                return seen;
+            }
+        }
+        panic!("switchboard up never logged {needle:?}:\n{seen}");
+    };
+    wait_for("stores open");
+
+    // While up runs: check and retire are refused with a way forward, --new-key works.
+    let check = switchboard(dir.path(), &["vault", "check"]);
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stderr).contains("SIGHUP"));
+    let rotate = switchboard(dir.path(), &["vault", "rotate", "--new-key"]);
+    let stderr = String::from_utf8_lossy(&rotate.stderr);
+    assert!(rotate.status.success(), "{stderr}");
+    assert!(stderr.contains("SIGHUP"), "{stderr}");
+
+    let hup = Command::new("kill")
+        .args(["-HUP", &up.id().to_string()])
+        .status()
+        .expect("send SIGHUP");
+    assert!(hup.success());
+    let rotated = wait_for("re-encrypted");
+    assert!(rotated.contains("reencrypted=4"), "{rotated}");
+    assert!(!rotated.contains(secret_text));
+    up.kill().expect("stop switchboard up");
+    let _ = up.wait();
+
+    let retire = switchboard(dir.path(), &["vault", "rotate", "--retire", &old_key]);
+    assert!(
+        retire.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retire.stderr)
+    );
+    let check = switchboard(dir.path(), &["vault", "check"]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "{stderr}");
+    assert!(stderr.contains("4 opened"), "{stderr}");
+}
