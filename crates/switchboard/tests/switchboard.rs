@@ -19,6 +19,49 @@ fn switchboard(data_dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("run switchboard")
 }
 
+/// Starts `switchboard up` on `data_dir` and returns it with its log lines, after it has
+/// logged that its stores are open (synchronising on its output, not on time); the lines read
+/// so far come back too.
+fn start_up(
+    data_dir: &Path,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+    String,
+) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("up")
+        .env_remove("SWITCHBOARD_VAULT_KEYS")
+        .env_remove("SWITCHBOARD_NATS_URL")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start switchboard up");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let seen = read_until(&mut lines, "stores open");
+    (child, lines, seen)
+}
+
+/// Reads log lines until one contains `needle`; returns everything read.
+fn read_until(
+    lines: &mut std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+    needle: &str,
+) -> String {
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("read stderr");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(needle) {
+            return seen;
+        }
+    }
+    panic!("switchboard up never logged {needle:?}:\n{seen}");
+}
+
 fn envelope(seconds: i64, event: Event) -> Envelope {
     Envelope {
         event_id: uuid::Uuid::now_v7().to_string(),
@@ -334,33 +377,12 @@ async fn audit_servers_shows_the_server_list_as_of_a_position() {
 
 #[test]
 fn up_on_the_embedded_default_creates_its_key_file_and_says_so() {
-    use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .arg("up")
-        .env_remove("SWITCHBOARD_VAULT_KEYS")
-        .env_remove("SWITCHBOARD_NATS_URL")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start switchboard up");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut seen = String::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.expect("read stderr");
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("stores open") {
-            break;
-        }
-    }
+    let (mut child, _lines, seen) = start_up(dir.path());
     child.kill().expect("stop switchboard");
     let _ = child.wait();
-    assert!(seen.contains("stores open"), "up did not come up:\n{seen}");
 
     let key_file = dir.path().join("vault.keys");
     let mode = std::fs::metadata(&key_file)
@@ -449,8 +471,6 @@ async fn audit_replay_reads_the_history_from_jetstream() {
 /// and SIGHUP, and services keep running meanwhile.
 #[tokio::test]
 async fn a_running_embedded_instance_rotates_its_vault_on_sighup() {
-    use std::io::{BufRead, BufReader};
-
     let dir = tempfile::tempdir().expect("tempdir");
     let secret_text = "xoxb-a-slack-token-that-must-not-leak";
     let old_key = {
@@ -467,30 +487,7 @@ async fn a_running_embedded_instance_rotates_its_vault_on_sighup() {
         old_key
     };
 
-    let mut up = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .arg("up")
-        .env_remove("SWITCHBOARD_VAULT_KEYS")
-        .env_remove("SWITCHBOARD_NATS_URL")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start switchboard up");
-    let mut log = BufReader::new(up.stderr.take().expect("stderr")).lines();
-    let mut wait_for = |needle: &str| {
-        let mut seen = String::new();
-        for line in log.by_ref() {
-            let line = line.expect("read stderr");
-            seen.push_str(&line);
-            seen.push('\n');
-            if line.contains(needle) {
-                return seen;
-            }
-        }
-        panic!("switchboard up never logged {needle:?}:\n{seen}");
-    };
-    wait_for("stores open");
+    let (mut up, mut log, _) = start_up(dir.path());
 
     // While up runs: check and retire are refused with a way forward, --new-key works.
     let check = switchboard(dir.path(), &["vault", "check"]);
@@ -506,7 +503,7 @@ async fn a_running_embedded_instance_rotates_its_vault_on_sighup() {
         .status()
         .expect("send SIGHUP");
     assert!(hup.success());
-    let rotated = wait_for("re-encrypted");
+    let rotated = read_until(&mut log, "re-encrypted");
     assert!(rotated.contains("reencrypted=4"), "{rotated}");
     assert!(!rotated.contains(secret_text));
     up.kill().expect("stop switchboard up");
