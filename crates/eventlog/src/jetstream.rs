@@ -185,12 +185,36 @@ fn log_index(log: LogKind) -> usize {
     }
 }
 
+/// Whether opening the log may create or change its streams.
+#[derive(Debug, Clone, Copy)]
+enum Streams {
+    CreateOrUpdate,
+    Existing,
+}
+
 impl JetStreamLog {
     /// Checks that the server is recent enough and creates both streams, or brings an existing
     /// pair up to `config` (idempotent: every process of a deployment calls this at start-up).
     pub async fn connect(
         client: async_nats::Client,
         config: JetStreamConfig,
+    ) -> Result<JetStreamLog, EventLogError> {
+        Self::open(client, config, Streams::CreateOrUpdate).await
+    }
+
+    /// Like [`JetStreamLog::connect`], but only uses streams that already exist and changes
+    /// nothing: for auditors, who must not create an empty history under a mistyped prefix.
+    pub async fn connect_existing(
+        client: async_nats::Client,
+        config: JetStreamConfig,
+    ) -> Result<JetStreamLog, EventLogError> {
+        Self::open(client, config, Streams::Existing).await
+    }
+
+    async fn open(
+        client: async_nats::Client,
+        config: JetStreamConfig,
+        streams: Streams,
     ) -> Result<JetStreamLog, EventLogError> {
         config.validate()?;
         check_server_version(&client.server_info().version)?;
@@ -200,14 +224,35 @@ impl JetStreamLog {
             .build(client.clone());
         let mut atomic_batches = true;
         for log in LogKind::ALL {
-            let wanted = stream_config(&config, log);
-            let info = js.create_or_update_stream(wanted).await.map_err(|err| {
-                EventLogError::unavailable(format!(
-                    "cannot create or update stream {} (is JetStream enabled on the server, \
-                     and was the stream created with compatible settings?): {err}",
-                    config.stream_name(log)
-                ))
-            })?;
+            let info = match streams {
+                Streams::CreateOrUpdate => js
+                    .create_or_update_stream(stream_config(&config, log))
+                    .await
+                    .map_err(|err| {
+                        EventLogError::unavailable(format!(
+                            "cannot create or update stream {} (is JetStream enabled on the \
+                             server, and was the stream created with compatible settings?): {err}",
+                            config.stream_name(log)
+                        ))
+                    })?,
+                Streams::Existing => {
+                    let name = config.stream_name(log);
+                    let mut stream = js.get_stream(&name).await.map_err(|err| {
+                        EventLogError::unavailable(format!(
+                            "cannot open stream {name}: {err} (no Switchboard history under the \
+                             prefix {:?} on this server? check --nats-prefix)",
+                            config.prefix
+                        ))
+                    })?;
+                    stream
+                        .info()
+                        .await
+                        .map_err(|err| {
+                            EventLogError::unavailable(format!("cannot read stream {name}: {err}"))
+                        })?
+                        .clone()
+                }
+            };
             if !info.config.deny_delete || !info.config.deny_purge {
                 return Err(EventLogError::unavailable(format!(
                     "stream {} does not deny delete and purge; the audit history must be \

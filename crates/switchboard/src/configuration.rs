@@ -74,7 +74,7 @@ impl StoreOptions {
     /// Opens the event log to read it, alongside a running Switchboard.
     pub async fn open_event_log_for_reading(&self) -> anyhow::Result<Arc<dyn EventLog>> {
         if let Some(client) = self.connect_nats().await? {
-            let log = JetStreamLog::connect(client, self.jetstream_config()).await?;
+            let log = JetStreamLog::connect_existing(client, self.jetstream_config()).await?;
             return Ok(Arc::new(log));
         }
         let dir = self.events_dir();

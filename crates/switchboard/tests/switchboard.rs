@@ -520,3 +520,33 @@ async fn a_running_embedded_instance_rotates_its_vault_on_sighup() {
     assert!(check.status.success(), "{stderr}");
     assert!(stderr.contains("4 opened"), "{stderr}");
 }
+
+#[tokio::test]
+async fn audit_under_a_mistyped_prefix_says_so_and_creates_nothing() {
+    let nats = testkit::shared_nats();
+    let prefix = testkit::unique_name("missing");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = switchboard(
+        dir.path(),
+        &[
+            "--nats",
+            &nats.url(),
+            "--nats-prefix",
+            &prefix,
+            "audit",
+            "replay",
+        ],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--nats-prefix"), "{stderr}");
+
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let stream = eventlog::jetstream::JetStreamConfig::with_prefix(&prefix)
+        .stream_name(eventlog::LogKind::Config);
+    assert!(
+        js.get_stream(&stream).await.is_err(),
+        "the auditor created stream {stream}"
+    );
+}
