@@ -15,6 +15,36 @@ pub use prost::Message;
 pub const SCHEMA_VERSION: u32 = 1;
 
 impl v1::envelope::Event {
+    /// Every event type this version knows, by schema name.
+    pub const TYPE_NAMES: [&'static str; 26] = [
+        "ServerAdded",
+        "ServerUpdated",
+        "ServerEnabled",
+        "ServerDisabled",
+        "ServerDeleted",
+        "ServerClientRegistered",
+        "ConnectionStarted",
+        "ConnectionEstablished",
+        "TokensRefreshed",
+        "ConnectionAuthFailed",
+        "ConnectionUnreachable",
+        "ConnectionRecovered",
+        "ToolsDiscovered",
+        "ConnectionDisconnected",
+        "ToolPermissionSet",
+        "CategoryPermissionSet",
+        "ToolDefinitionChanged",
+        "InvocationRequested",
+        "InvocationRejected",
+        "InvocationAwaitingApproval",
+        "InvocationApproved",
+        "InvocationDenied",
+        "InvocationExpired",
+        "InvocationStarted",
+        "InvocationCompleted",
+        "InvocationFailed",
+    ];
+
     /// The event's type name as written in the schema, e.g. `ServerAdded`.
     pub fn type_name(&self) -> &'static str {
         use v1::envelope::Event;

@@ -141,3 +141,25 @@ fn no_field_is_ever_renumbered_or_removed() {
         "new fields: append these lines to proto/field_numbers.lock: {new:#?}"
     );
 }
+
+#[test]
+fn the_list_of_type_names_is_the_schema() {
+    let oneof_fields = include_str!(concat!(env!("OUT_DIR"), "/field_numbers.txt"))
+        .lines()
+        .filter(|line| line.starts_with("switchboard.v1.Envelope."))
+        .filter(|line| {
+            line.rsplit(" = ")
+                .next()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n >= 20)
+        })
+        .count();
+    assert_eq!(Event::TYPE_NAMES.len(), oneof_fields);
+    for name in Event::TYPE_NAMES {
+        // proto3 JSON names the oneof field in lowerCamelCase of its message.
+        let key = format!("{}{}", name[..1].to_lowercase(), &name[1..]);
+        let envelope: Envelope =
+            serde_json::from_value(serde_json::json!({ key: {} })).expect("known type");
+        assert_eq!(envelope.event.map(|e| e.type_name()), Some(name));
+    }
+}

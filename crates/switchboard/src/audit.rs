@@ -85,6 +85,18 @@ fn occurred_at(event: &RecordedEvent) -> (i64, i32) {
 
 pub async fn replay(store: &StoreOptions, args: &ReplayArgs) -> anyhow::Result<()> {
     let filter = AuditFilter::from_args(args)?;
+    for unknown in filter
+        .types
+        .iter()
+        .filter(|t| !proto::v1::envelope::Event::TYPE_NAMES.contains(&t.as_str()))
+    {
+        // Not an error: a newer Switchboard may have written events of that type.
+        eprintln!(
+            "note: {unknown:?} is not an event type this version knows; only events recorded \
+             under exactly that name are shown (known types: {})",
+            proto::v1::envelope::Event::TYPE_NAMES.join(", ")
+        );
+    }
     let log = store.open_event_log_for_reading().await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -155,6 +155,13 @@ async fn audit_replay_prints_the_history_filtered_by_subject_type_and_time() {
         &["audit", "replay", "--type", "ServerDisabled"],
     ));
     assert_eq!(disabled.len(), 1);
+    let typo = switchboard(dir.path(), &["audit", "replay", "--type", "ServerDisabeld"]);
+    assert!(
+        typo.status.success(),
+        "an unknown type may be a newer version's"
+    );
+    assert!(typo.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&typo.stderr).contains("not an event type this version knows"));
 
     let window = json_lines(&switchboard(
         dir.path(),
