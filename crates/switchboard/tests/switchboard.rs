@@ -24,6 +24,7 @@ fn switchboard(data_dir: &Path, args: &[&str]) -> std::process::Output {
 /// so far come back too.
 fn start_up(
     data_dir: &Path,
+    extra_args: &[&str],
 ) -> (
     std::process::Child,
     std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
@@ -33,6 +34,7 @@ fn start_up(
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("--data-dir")
         .arg(data_dir)
+        .args(extra_args)
         .arg("up")
         .env_remove("SWITCHBOARD_VAULT_KEYS")
         .env_remove("SWITCHBOARD_NATS_URL")
@@ -387,7 +389,7 @@ fn up_on_the_embedded_default_creates_its_key_file_and_says_so() {
     use std::os::unix::fs::PermissionsExt;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, _lines, seen) = start_up(dir.path());
+    let (mut child, _lines, seen) = start_up(dir.path(), &[]);
     child.kill().expect("stop switchboard");
     let _ = child.wait();
 
@@ -494,7 +496,7 @@ async fn a_running_embedded_instance_rotates_its_vault_on_sighup() {
         old_key
     };
 
-    let (mut up, mut log, _) = start_up(dir.path());
+    let (mut up, mut log, _) = start_up(dir.path(), &[]);
 
     // While up runs: check and retire are refused with a way forward, --new-key works.
     let check = switchboard(dir.path(), &["vault", "check"]);
@@ -556,4 +558,33 @@ async fn audit_under_a_mistyped_prefix_says_so_and_creates_nothing() {
         js.get_stream(&stream).await.is_err(),
         "the auditor created stream {stream}"
     );
+}
+
+#[tokio::test]
+async fn up_on_jetstream_creates_its_streams_and_vault_bucket() {
+    let nats = testkit::shared_nats();
+    let prefix = testkit::unique_name("up");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut up, _lines, seen) = start_up(
+        dir.path(),
+        &["--nats", &nats.url(), "--nats-prefix", &prefix],
+    );
+    up.kill().expect("stop switchboard up");
+    let _ = up.wait();
+    assert!(seen.contains("switchboard is up on JetStream"), "{seen}");
+
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let config = eventlog::jetstream::JetStreamConfig::with_prefix(&prefix);
+    for log in eventlog::LogKind::ALL {
+        let mut stream = js
+            .get_stream(config.stream_name(log))
+            .await
+            .expect("stream exists");
+        let info = stream.info().await.expect("stream info");
+        assert!(info.config.deny_delete && info.config.deny_purge);
+    }
+    js.get_key_value(format!("{prefix}_vault"))
+        .await
+        .expect("the vault bucket exists");
 }
