@@ -113,7 +113,16 @@ pub struct ProjectionRunner<P> {
     shared: Arc<Shared<P>>,
     spec: ProjectionSpec<P>,
     checkpoints: Arc<dyn CheckpointStore>,
-    task: Arc<JoinHandle<()>>,
+    task: Arc<Follower>,
+}
+
+/// The task that follows the log; it stops when the last clone of its runner is dropped.
+struct Follower(JoinHandle<()>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl<P> Clone for ProjectionRunner<P> {
@@ -183,7 +192,14 @@ where
                 .read_from(spec.log, position + 1, spec.filter.as_ref())
                 .await?;
             while let Some(event) = events.next().await {
-                let event = event?;
+                let event = match event {
+                    Ok(event) => event,
+                    Err(error @ EventLogError::Corrupt { .. }) => {
+                        tracing::error!(projection = spec.name, %error, "skipping an unreadable event");
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
                 if event.sequence > end {
                     break;
                 }
@@ -206,7 +222,7 @@ where
             shared,
             spec,
             checkpoints,
-            task: Arc::new(task),
+            task: Arc::new(Follower(task)),
         })
     }
 
@@ -242,7 +258,7 @@ where
 
     /// Stops following the log and saves a final checkpoint.
     pub async fn shutdown(self) -> Result<(), EventLogError> {
-        self.task.abort();
+        self.task.0.abort();
         self.save_checkpoint().await
     }
 }
