@@ -114,10 +114,13 @@ async fn check(vault: &Vault) -> anyhow::Result<()> {
     for problem in &report.problems {
         eprintln!("  cannot open {}: {}", problem.name, problem.error);
     }
+    for location in &report.unreadable {
+        eprintln!("  cannot read {location}: too damaged to tell which entry it was");
+    }
     anyhow::ensure!(
         report.is_healthy(),
         "{} vault entries cannot be opened",
-        report.problems.len()
+        report.problems.len() + report.unreadable.len()
     );
     Ok(())
 }

@@ -339,39 +339,58 @@ impl SecretStore for FileStore {
     }
 
     async fn names(&self) -> Result<Vec<SecretName>, StoreError> {
+        Ok(self.scan().await?.names)
+    }
+
+    async fn unreadable(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.scan().await?.unreadable)
+    }
+}
+
+/// What a walk over the directory found.
+struct Scan {
+    names: Vec<SecretName>,
+    /// Entry files whose header or name cannot be read, by file name.
+    unreadable: Vec<String>,
+}
+
+impl FileStore {
+    async fn scan(&self) -> Result<Scan, StoreError> {
         self.blocking("listing vault entries", |inner| {
-            let mut names = Vec::new();
+            let mut scan = Scan {
+                names: Vec::new(),
+                unreadable: Vec::new(),
+            };
             let listing = fs::read_dir(&inner.dir)
                 .map_err(|e| StoreError::backend("listing the vault directory", e))?;
             for entry in listing {
                 let entry =
                     entry.map_err(|e| StoreError::backend("listing the vault directory", e))?;
-                let is_entry = entry
-                    .file_name()
-                    .to_str()
-                    .is_some_and(|n| n.ends_with(ENTRY_SUFFIX));
-                if !is_entry {
+                let file_name = entry.file_name().to_string_lossy().into_owned();
+                if !file_name.ends_with(ENTRY_SUFFIX) {
                     continue;
                 }
                 match read_entry_file(&entry.path()) {
                     Ok(Some(file)) => match SecretName::parse(file.name) {
-                        Ok(name) => names.push(name),
-                        Err(_) => tracing::warn!(
-                            path = %entry.path().display(),
-                            "skipping a vault entry file with an invalid entry name"
-                        ),
+                        Ok(name) => scan.names.push(name),
+                        Err(_) => {
+                            tracing::warn!(file = %file_name, "vault entry file with an invalid entry name");
+                            scan.unreadable.push(file_name);
+                        }
                     },
                     // Deleted between listing and reading.
                     Ok(None) => {}
                     Err(error) => {
-                        tracing::warn!(%error, "skipping an unreadable vault entry file");
+                        tracing::warn!(file = %file_name, %error, "unreadable vault entry file");
+                        scan.unreadable.push(file_name);
                     }
                 }
             }
             // A file replaced by a rename while the directory is read can be listed twice.
-            names.sort_unstable();
-            names.dedup();
-            Ok(names)
+            scan.names.sort_unstable();
+            scan.names.dedup();
+            scan.unreadable.sort_unstable();
+            Ok(scan)
         })
         .await
     }

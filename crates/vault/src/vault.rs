@@ -105,12 +105,15 @@ pub struct CheckReport {
     pub by_key: BTreeMap<String, usize>,
     /// Entries that could not be opened.
     pub problems: Vec<EntryProblem>,
+    /// Stored items so damaged that their entry name is unknown (see
+    /// [`SecretStore::unreadable`]), by location.
+    pub unreadable: Vec<String>,
 }
 
 impl CheckReport {
     /// Whether every entry opened.
     pub fn is_healthy(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.is_empty() && self.unreadable.is_empty()
     }
 
     /// How many entries are sealed under `key`.
@@ -493,6 +496,12 @@ impl Vault {
                 Err(error) => report.problems.push(EntryProblem { name, error }),
             }
         }
+        report.unreadable = self
+            .inner
+            .store
+            .unreadable()
+            .await
+            .map_err(VaultError::Store)?;
         Ok(report)
     }
 

@@ -999,3 +999,37 @@ async fn kv_store_hands_expiry_and_delete_markers_to_the_server() {
         Some("900")
     );
 }
+
+#[tokio::test]
+async fn check_reports_an_entry_file_too_damaged_to_name() {
+    let h = Harness::file().await;
+    let Backend::File { dir } = &h.backend else {
+        unreachable!()
+    };
+    h.vault
+        .put(&name("token/damaged"), &secret("x"))
+        .await
+        .unwrap();
+    h.vault
+        .put(&name("token/fine"), &secret("y"))
+        .await
+        .unwrap();
+    let damaged = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "entry")
+                && contains(&std::fs::read(p).unwrap(), b"token/damaged")
+        })
+        .expect("the entry file");
+    // Overwrite the file's own header (magic and version), so its name cannot be read.
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    bytes[..5].copy_from_slice(b"XXXXX");
+    std::fs::write(&damaged, bytes).unwrap();
+
+    let report = h.vault.check().await.unwrap();
+    assert!(!report.is_healthy());
+    assert_eq!(report.opened, 1);
+    let file_name = damaged.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(report.unreadable, [file_name]);
+}
