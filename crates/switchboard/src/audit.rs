@@ -1,6 +1,6 @@
 //! `switchboard audit replay`: the event history as JSON lines or a table, filtered by subject,
 //! type and time. Events of types this version does not know are shown raw, never dropped.
-use std::io::Write;
+use std::{io::Write, sync::Arc};
 
 use anyhow::Context;
 use base64::Engine;
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::{
     cli::{LogChoice, OutputFormat, ReplayArgs},
-    configuration::StoreOptions,
+    configuration::{Access, StoreOptions},
 };
 
 /// Which events to show.
@@ -97,7 +97,7 @@ pub async fn replay(store: &StoreOptions, args: &ReplayArgs) -> anyhow::Result<(
             proto::v1::envelope::Event::TYPE_NAMES.join(", ")
         );
     }
-    let log = store.open_event_log_for_reading().await?;
+    let log = open_for_reading(store).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     write_history(log.as_ref(), args.log, &filter, args.format, &mut out).await?;
@@ -105,10 +105,15 @@ pub async fn replay(store: &StoreOptions, args: &ReplayArgs) -> anyhow::Result<(
     Ok(())
 }
 
+async fn open_for_reading(store: &StoreOptions) -> anyhow::Result<Arc<dyn EventLog>> {
+    let nats = store.connect_nats().await?;
+    store.open_event_log(nats.as_ref(), Access::ReadOnly).await
+}
+
 /// `switchboard audit servers --at N`: the server directory folded from the config log up to
 /// position N (inclusive), as JSON lines, one per server.
 pub async fn servers(store: &StoreOptions, at: Option<u64>) -> anyhow::Result<()> {
-    let log = store.open_event_log_for_reading().await?;
+    let log = open_for_reading(store).await?;
     let until = match at {
         Some(at) => at,
         None => log.last_sequence(LogKind::Config).await?,

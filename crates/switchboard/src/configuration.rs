@@ -58,39 +58,51 @@ impl StoreOptions {
         }
     }
 
-    /// Opens the event log for writing (the running service).
-    pub async fn open_event_log(&self) -> anyhow::Result<Arc<dyn EventLog>> {
-        if let Some(client) = self.connect_nats().await? {
-            let log = JetStreamLog::connect(client, self.jetstream_config()).await?;
+    /// Opens the event log: on JetStream when `nats` is given, else the JSONL files under the
+    /// data directory. A reader (an auditor beside a running Switchboard) takes no lock and
+    /// creates nothing.
+    pub async fn open_event_log(
+        &self,
+        nats: Option<&async_nats::Client>,
+        access: Access,
+    ) -> anyhow::Result<Arc<dyn EventLog>> {
+        if let Some(client) = nats {
+            let (client, config) = (client.clone(), self.jetstream_config());
+            let log = match access {
+                Access::ReadWrite => JetStreamLog::connect(client, config).await?,
+                Access::ReadOnly => JetStreamLog::connect_existing(client, config).await?,
+            };
             return Ok(Arc::new(log));
         }
         let dir = self.events_dir();
-        let log = JsonlLog::open(&dir, JsonlOptions::default())
-            .await
-            .with_context(|| format!("cannot open the event log in {}", dir.display()))?;
-        Ok(Arc::new(log))
-    }
-
-    /// Opens the event log to read it, alongside a running Switchboard.
-    pub async fn open_event_log_for_reading(&self) -> anyhow::Result<Arc<dyn EventLog>> {
-        if let Some(client) = self.connect_nats().await? {
-            let log = JetStreamLog::connect_existing(client, self.jetstream_config()).await?;
-            return Ok(Arc::new(log));
-        }
-        let dir = self.events_dir();
-        anyhow::ensure!(
-            dir.is_dir(),
-            "no event log in {} (set --data-dir, or --nats for JetStream)",
-            dir.display()
-        );
-        let log = JsonlLog::open_read_only(&dir)
-            .await
-            .with_context(|| format!("cannot read the event log in {}", dir.display()))?;
+        let log = match access {
+            Access::ReadWrite => JsonlLog::open(&dir, JsonlOptions::default())
+                .await
+                .with_context(|| format!("cannot open the event log in {}", dir.display()))?,
+            Access::ReadOnly => {
+                anyhow::ensure!(
+                    dir.is_dir(),
+                    "no event log in {} (set --data-dir, or --nats for JetStream)",
+                    dir.display()
+                );
+                JsonlLog::open_read_only(&dir)
+                    .await
+                    .with_context(|| format!("cannot read the event log in {}", dir.display()))?
+            }
+        };
         Ok(Arc::new(log))
     }
 }
 
+/// Whether a command writes to the stores (a running service) or only reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
 pub fn init_tracing(verbose: u8) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
         0 => "info",
@@ -98,7 +110,6 @@ pub fn init_tracing(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -9,11 +9,15 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use vault::{KeyRing, Vault};
 
-use crate::configuration::StoreOptions;
+use crate::configuration::{Access, StoreOptions};
 
 pub async fn run(store: &StoreOptions) -> anyhow::Result<()> {
-    let log = store.open_event_log().await?;
-    let vault = crate::vault_cmd::open_vault(store, true).await?;
+    // One connection for both stores on JetStream.
+    let nats = store.connect_nats().await?;
+    let log = store
+        .open_event_log(nats.as_ref(), Access::ReadWrite)
+        .await?;
+    let vault = crate::vault_cmd::open_vault(store, nats.as_ref(), true).await?;
     let mut positions = Vec::new();
     for kind in eventlog::LogKind::ALL {
         positions.push(format!("{kind}: {}", log.last_sequence(kind).await?));

@@ -9,7 +9,11 @@ use crate::{cli::VaultCommand, configuration::StoreOptions};
 /// Opens the vault: the file store under the data directory, or the JetStream KV bucket with
 /// `--nats`. Master keys come from `SWITCHBOARD_VAULT_KEYS` or the key file; `up` on the
 /// embedded default generates the key file on first start (and says so loudly).
-pub async fn open_vault(store: &StoreOptions, generate_key_file: bool) -> anyhow::Result<Vault> {
+pub async fn open_vault(
+    store: &StoreOptions,
+    nats: Option<&async_nats::Client>,
+    generate_key_file: bool,
+) -> anyhow::Result<Vault> {
     let key_file = store.key_file();
     let keys = if generate_key_file && std::env::var_os(vault::KEYS_ENV_VAR).is_none() {
         KeyRing::load_or_generate(&key_file)
@@ -22,11 +26,11 @@ pub async fn open_vault(store: &StoreOptions, generate_key_file: bool) -> anyhow
             key_file.display()
         )
     })?;
-    let secrets: Arc<dyn SecretStore> = match store.connect_nats().await? {
+    let secrets: Arc<dyn SecretStore> = match nats {
         Some(client) => {
             let bucket = format!("{}_vault", store.nats_prefix);
             Arc::new(
-                KvStore::open(async_nats::jetstream::new(client), &bucket)
+                KvStore::open(async_nats::jetstream::new(client.clone()), &bucket)
                     .await
                     .with_context(|| format!("cannot open the vault bucket {bucket}"))?,
             )
@@ -43,7 +47,8 @@ pub async fn open_vault(store: &StoreOptions, generate_key_file: bool) -> anyhow
 }
 
 pub async fn run(store: &StoreOptions, command: VaultCommand) -> anyhow::Result<()> {
-    let vault = match open_vault(store, false).await {
+    let nats = store.connect_nats().await?;
+    let vault = match open_vault(store, nats.as_ref(), false).await {
         Ok(vault) => vault,
         Err(error) if is_locked(&error) => {
             if let VaultCommand::Rotate {
@@ -80,13 +85,20 @@ fn is_locked(error: &anyhow::Error) -> bool {
 /// The embedded vault is open in a running `switchboard up`: add the new current key to the
 /// key file, and let that process re-encrypt on SIGHUP, so services never stop.
 fn add_key_for_running_instance(store: &StoreOptions) -> anyhow::Result<()> {
-    let mut key_file = load_key_file(store)?;
+    add_current_key(&mut load_key_file(store)?)?;
+    eprintln!(
+        "the vault is open in a running `switchboard up`: send it SIGHUP (kill -HUP <pid>, the \
+         pid is in its start-up log) to re-encrypt every entry while it keeps serving"
+    );
+    Ok(())
+}
+
+/// Adds a new master key to the key file, makes it current and saves the file.
+fn add_current_key(key_file: &mut KeyFile) -> anyhow::Result<()> {
     let id = key_file.add_new_key(true)?;
     key_file.save()?;
     eprintln!(
-        "added master key {id} to {} and made it current; the vault is open in a running \
-         `switchboard up`: send it SIGHUP (kill -HUP <pid>, the pid is in its start-up log) to \
-         re-encrypt every entry while it keeps serving",
+        "added master key {id} to {} and made it current",
         key_file.path().display()
     );
     Ok(())
@@ -131,19 +143,12 @@ async fn rotate(
     new_key: bool,
     retire: Option<String>,
 ) -> anyhow::Result<()> {
-    let mut key_file = if new_key || retire.is_some() {
-        Some(load_key_file(store)?)
-    } else {
-        None
-    };
+    let mut key_file = (new_key || retire.is_some())
+        .then(|| load_key_file(store))
+        .transpose()?;
     if new_key && let Some(key_file) = key_file.as_mut() {
-        let id = key_file.add_new_key(true)?;
-        key_file.save()?;
+        add_current_key(key_file)?;
         vault.set_keyring(key_file.keyring()?);
-        eprintln!(
-            "added master key {id} to {} and made it current",
-            key_file.path().display()
-        );
     }
     let report = vault.rotate().await?;
     eprintln!(
