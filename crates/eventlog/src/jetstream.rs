@@ -134,12 +134,7 @@ impl JetStreamConfig {
     fn validate(&self) -> Result<(), EventLogError> {
         let valid = !self.prefix.is_empty()
             && self.prefix.len() <= 64
-            && self.prefix.split('.').all(|token| {
-                !token.is_empty()
-                    && token
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            });
+            && self.prefix.split('.').all(crate::subject::is_token);
         if !valid {
             return Err(EventLogError::InvalidSubject {
                 subject: self.prefix.chars().take(64).collect(),

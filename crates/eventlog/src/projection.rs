@@ -428,11 +428,7 @@ impl FileCheckpointStore {
     }
 
     fn path(&self, name: &str) -> Result<PathBuf, EventLogError> {
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
+        if !crate::subject::is_token(name) {
             return Err(EventLogError::InvalidSubject {
                 subject: name.to_owned(),
                 reason: "projection names use only A-Z a-z 0-9 _ -".to_owned(),

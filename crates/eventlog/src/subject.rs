@@ -30,6 +30,15 @@ impl fmt::Display for LogKind {
     }
 }
 
+/// Whether `token` is one non-empty subject token of `A-Z a-z 0-9 _ -`: valid in a NATS
+/// subject without escaping, never a wildcard, and safe in a file or bucket key name.
+pub(crate) fn is_token(token: &str) -> bool {
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// The kinds of aggregate, each the first token of its subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AggregateKind {
@@ -104,11 +113,7 @@ impl Subject {
         let mut count = 0;
         for token in tokens {
             count += 1;
-            if token.is_empty()
-                || !token
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
+            if !is_token(token) {
                 return Err(invalid(
                     "tokens must be non-empty and use only A-Z a-z 0-9 _ -",
                 ));
@@ -174,11 +179,7 @@ impl SubjectFilter {
             let ok = match *token {
                 "*" => true,
                 ">" => i == tokens.len() - 1,
-                t => {
-                    !t.is_empty()
-                        && t.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-                }
+                t => is_token(t),
             };
             if !ok {
                 return Err(invalid(
