@@ -55,18 +55,8 @@ pub(super) fn encode_line(
     buf.extend_from_slice(b"}\n");
 }
 
-fn push_decimal(buf: &mut Vec<u8>, mut value: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[at..]);
+fn push_decimal(buf: &mut Vec<u8>, value: u64) {
+    buf.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// What start-up needs from a line: it validates the whole line as JSON but only keeps the
