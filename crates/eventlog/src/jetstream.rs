@@ -320,6 +320,18 @@ impl JetStreamLog {
     fn stream_of(&self, log: LogKind) -> &str {
         &self.inner.stream_names[log_index(log)]
     }
+
+    /// A handle on the stream that holds `log` (no request is made).
+    async fn stream_handle(
+        &self,
+        log: LogKind,
+    ) -> Result<jetstream::stream::Stream<()>, EventLogError> {
+        self.inner
+            .js
+            .get_stream_no_info(self.stream_of(log))
+            .await
+            .map_err(EventLogError::unavailable)
+    }
 }
 
 /// The stream configuration for `log`.

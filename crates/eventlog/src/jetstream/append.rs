@@ -262,12 +262,7 @@ impl JetStreamLog {
 
     /// The stream sequence of the aggregate's last event, 0 if none.
     async fn subject_version(&self, subject: &Subject) -> Result<u64, EventLogError> {
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(self.stream_of(subject.log()))
-            .await
-            .map_err(EventLogError::unavailable)?;
+        let stream = self.stream_handle(subject.log()).await?;
         match stream
             .get_last_raw_message_by_subject(&self.nats_subject(subject))
             .await
@@ -362,12 +357,7 @@ impl JetStreamLog {
         subject: &Subject,
         sequence: u64,
     ) -> Result<Option<String>, EventLogError> {
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(self.stream_of(subject.log()))
-            .await
-            .map_err(EventLogError::unavailable)?;
+        let stream = self.stream_handle(subject.log()).await?;
         match stream.get_raw_message(sequence).await {
             Ok(message) if message.subject.as_str() == self.nats_subject(subject) => Ok(message
                 .headers

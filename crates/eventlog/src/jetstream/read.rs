@@ -306,12 +306,7 @@ impl JetStreamLog {
         let unavailable = |err: &dyn std::fmt::Display| {
             EventLogError::unavailable(format!("cannot read stream {stream_name}: {err}"))
         };
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(&stream_name)
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let stream = self.stream_handle(log).await?;
         let consumer = stream
             .create_consumer(OrderedConfig {
                 deliver_subject: self.inner.client.new_inbox(),
@@ -498,12 +493,7 @@ impl JetStreamLog {
 
     pub(super) async fn stream_last_sequence(&self, log: LogKind) -> Result<u64, EventLogError> {
         let stream_name = self.stream_of(log);
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(stream_name)
-            .await
-            .map_err(EventLogError::unavailable)?;
+        let stream = self.stream_handle(log).await?;
         let info = stream.get_info().await.map_err(|err| {
             EventLogError::unavailable(format!("cannot read stream {stream_name}: {err}"))
         })?;
