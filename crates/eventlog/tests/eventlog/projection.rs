@@ -49,16 +49,19 @@ async fn append_n(log: &dyn EventLog, subject_name: &str, n: usize) -> u64 {
     last
 }
 
+/// The embedded default's stores: a JSONL log and file checkpoints under `dir`.
+async fn open_embedded(dir: &std::path::Path) -> (Arc<dyn EventLog>, Arc<dyn CheckpointStore>) {
+    let log = JsonlLog::open(&dir.join("events"), JsonlOptions::default())
+        .await
+        .expect("open");
+    let checkpoints = FileCheckpointStore::open(&dir.join("checkpoints")).expect("store");
+    (Arc::new(log), Arc::new(checkpoints))
+}
+
 #[tokio::test]
 async fn a_projection_catches_up_then_follows_the_log() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log: Arc<dyn EventLog> = Arc::new(
-        JsonlLog::open(&dir.path().join("events"), JsonlOptions::default())
-            .await
-            .expect("open"),
-    );
-    let checkpoints: Arc<dyn CheckpointStore> =
-        Arc::new(FileCheckpointStore::open(&dir.path().join("checkpoints")).expect("store"));
+    let (log, checkpoints) = open_embedded(dir.path()).await;
     append_n(log.as_ref(), "server.a", 5).await;
 
     let runner = ProjectionRunner::start(
@@ -212,13 +215,7 @@ async fn a_restarted_projection_resumes_from_its_kv_checkpoint_on_jetstream() {
 #[tokio::test]
 async fn a_checkpoint_ahead_of_the_log_is_not_trusted_and_the_projection_rebuilds() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log: Arc<dyn EventLog> = Arc::new(
-        JsonlLog::open(&dir.path().join("events"), JsonlOptions::default())
-            .await
-            .expect("open"),
-    );
-    let checkpoints: Arc<dyn CheckpointStore> =
-        Arc::new(FileCheckpointStore::open(&dir.path().join("checkpoints")).expect("store"));
+    let (log, checkpoints) = open_embedded(dir.path()).await;
     // A checkpoint left over from another log (e.g. the event store was recreated).
     checkpoints
         .save(
