@@ -76,45 +76,47 @@ fn envelope(seconds: i64, event: Event) -> Envelope {
     }
 }
 
+/// Appends one event at `seconds` to the aggregate `subject`.
+async fn append_one(log: &dyn EventLog, subject: &str, seconds: i64, event: Event) {
+    log.append(
+        &Subject::parse(subject).expect("subject"),
+        ExpectedVersion::Any,
+        &[envelope(seconds, event)],
+    )
+    .await
+    .expect("append");
+}
+
 /// 2026-11-01T00:00:00Z
 const NOV_1: i64 = 1_793_491_200;
 
 async fn write_history(data_dir: &Path) {
-    let log: Arc<dyn EventLog> = Arc::new(
-        JsonlLog::open(&data_dir.join("events"), JsonlOptions::default())
-            .await
-            .expect("open log"),
-    );
-    for (i, server) in ["s1", "s2"].iter().enumerate() {
-        let subject = Subject::parse(&format!("server.{server}")).expect("subject");
-        log.append(
-            &subject,
-            ExpectedVersion::NoEvents,
-            &[envelope(
-                NOV_1 + i as i64 * 86_400,
-                Event::ServerAdded(ServerAdded {
-                    server_id: (*server).to_owned(),
-                    name: format!("Server {server}"),
-                    ..Default::default()
-                }),
-            )],
-        )
+    let log = JsonlLog::open(&data_dir.join("events"), JsonlOptions::default())
         .await
-        .expect("append");
-    }
-    log.append(
-        &Subject::parse("server.s1").expect("subject"),
-        ExpectedVersion::Any,
-        &[envelope(
-            NOV_1 + 3 * 86_400,
-            Event::ServerDisabled(ServerDisabled {
-                server_id: "s1".to_owned(),
-                reason: "maintenance".to_owned(),
+        .expect("open log");
+    for (i, server) in ["s1", "s2"].iter().enumerate() {
+        append_one(
+            &log,
+            &format!("server.{server}"),
+            NOV_1 + i as i64 * 86_400,
+            Event::ServerAdded(ServerAdded {
+                server_id: (*server).to_owned(),
+                name: format!("Server {server}"),
+                ..Default::default()
             }),
-        )],
+        )
+        .await;
+    }
+    append_one(
+        &log,
+        "server.s1",
+        NOV_1 + 3 * 86_400,
+        Event::ServerDisabled(ServerDisabled {
+            server_id: "s1".to_owned(),
+            reason: "maintenance".to_owned(),
+        }),
     )
-    .await
-    .expect("append");
+    .await;
 }
 
 fn json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
@@ -337,35 +339,29 @@ async fn audit_servers_shows_the_server_list_as_of_a_position() {
             .into_iter()
             .enumerate()
         {
-            log.append(
-                &Subject::parse(&format!("server.{id}")).expect("subject"),
-                ExpectedVersion::NoEvents,
-                &[envelope(
-                    NOV_1 + i as i64,
-                    Event::ServerAdded(ServerAdded {
-                        server_id: id.clone(),
-                        name: name.to_owned(),
-                        slug: name.to_lowercase().replace(' ', "_"),
-                        enabled: true,
-                        ..Default::default()
-                    }),
-                )],
-            )
-            .await
-            .expect("append");
-        }
-        log.append(
-            &Subject::parse(&format!("server.{deleted}")).expect("subject"),
-            ExpectedVersion::Any,
-            &[envelope(
-                NOV_1 + 10,
-                Event::ServerDeleted(proto::v1::ServerDeleted {
-                    server_id: deleted.clone(),
+            append_one(
+                &log,
+                &format!("server.{id}"),
+                NOV_1 + i as i64,
+                Event::ServerAdded(ServerAdded {
+                    server_id: id.clone(),
+                    name: name.to_owned(),
+                    slug: name.to_lowercase().replace(' ', "_"),
+                    enabled: true,
+                    ..Default::default()
                 }),
-            )],
+            )
+            .await;
+        }
+        append_one(
+            &log,
+            &format!("server.{deleted}"),
+            NOV_1 + 10,
+            Event::ServerDeleted(proto::v1::ServerDeleted {
+                server_id: deleted.clone(),
+            }),
         )
-        .await
-        .expect("append");
+        .await;
         log.close().await;
     }
 
@@ -417,32 +413,26 @@ async fn audit_replay_reads_the_history_from_jetstream() {
         .await
         .expect("jetstream log");
     for (i, server) in ["s1", "s2"].iter().enumerate() {
-        log.append(
-            &Subject::parse(&format!("server.{server}")).expect("subject"),
-            ExpectedVersion::NoEvents,
-            &[envelope(
-                NOV_1 + i as i64,
-                Event::ServerAdded(ServerAdded {
-                    server_id: (*server).to_owned(),
-                    ..Default::default()
-                }),
-            )],
-        )
-        .await
-        .expect("append");
-    }
-    log.append(
-        &Subject::parse("invocation.u_alice").expect("subject"),
-        ExpectedVersion::Any,
-        &[envelope(
-            NOV_1 + 5,
-            Event::InvocationStarted(proto::v1::InvocationStarted {
-                invocation_id: "i1".to_owned(),
+        append_one(
+            &log,
+            &format!("server.{server}"),
+            NOV_1 + i as i64,
+            Event::ServerAdded(ServerAdded {
+                server_id: (*server).to_owned(),
+                ..Default::default()
             }),
-        )],
+        )
+        .await;
+    }
+    append_one(
+        &log,
+        "invocation.u_alice",
+        NOV_1 + 5,
+        Event::InvocationStarted(proto::v1::InvocationStarted {
+            invocation_id: "i1".to_owned(),
+        }),
     )
-    .await
-    .expect("append");
+    .await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let lines = json_lines(&switchboard(
