@@ -74,6 +74,7 @@ uuid_id!(
 /// address). Opaque: compared byte for byte, never trimmed or case-folded.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UserId(String);
+string_newtype_impls!(UserId);
 
 impl UserId {
     pub const MAX_CHARS: usize = 256;
@@ -95,31 +96,9 @@ impl UserId {
         Ok(UserId(text.to_owned()))
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// The subject-safe form of this id.
     pub fn key(&self) -> UserKey {
         UserKey::encode(self)
-    }
-}
-
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "UserId({:?})", self.0)
-    }
-}
-
-impl AsRef<str> for UserId {
-    fn as_ref(&self) -> &str {
-        &self.0
     }
 }
 
@@ -131,6 +110,7 @@ impl AsRef<str> for UserId {
 /// lowercase hex, no needlessly escaped byte), so one user has exactly one key.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UserKey(String);
+string_newtype_impls!(UserKey);
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
@@ -197,27 +177,11 @@ impl UserKey {
         UserKey::decode(key)?;
         Ok(UserKey(key.to_owned()))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 impl From<&UserId> for UserKey {
     fn from(user: &UserId) -> Self {
         UserKey::encode(user)
-    }
-}
-
-impl fmt::Display for UserKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for UserKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "UserKey({:?})", self.0)
     }
 }
 

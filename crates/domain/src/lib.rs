@@ -13,6 +13,36 @@
 //!
 //! Time is always passed in (`now: SystemTime`); [`time`] converts to and from the protobuf
 //! `Timestamp` events carry.
+/// `as_str`, `Display`, `Debug` (`Name("text")`) and `AsRef<str>` for a `struct Name(String)`
+/// newtype. Defined before the modules so that all of them can use it.
+macro_rules! string_newtype_impls {
+    ($name:ident) => {
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
 mod aggregate;
 pub mod connection;
 mod errors;

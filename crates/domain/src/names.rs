@@ -1,37 +1,8 @@
 //! Names: server names and their slugs, server descriptions, tool names, and the exposed tool
 //! names the AI sees (`<slug>__<tool>`).
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 
 use crate::DomainError;
-
-macro_rules! string_newtype_impls {
-    ($name:ident) => {
-        impl $name {
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($name), self.0)
-            }
-        }
-
-        impl AsRef<str> for $name {
-            fn as_ref(&self) -> &str {
-                &self.0
-            }
-        }
-    };
-}
 
 /// A server's display name: 1–24 characters, ASCII letters, digits, spaces, `_` and `-`,
 /// trimmed. ASCII only so that its [`Slug`] is always a valid tool-name prefix.

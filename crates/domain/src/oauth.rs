@@ -1,7 +1,6 @@
 //! OAuth facts the domain records: a server's OAuth settings, its registered client, and the
 //! non-secret traces of secrets (vault references, token fingerprints). No type here can hold
 //! a token or a client secret.
-use std::fmt;
 
 use proto::v1 as pb;
 
@@ -46,6 +45,7 @@ impl RegistrationMode {
 /// An OAuth client id (not a secret): 1–1024 printable ASCII characters (RFC 6749 VSCHAR).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ClientId(String);
+string_newtype_impls!(ClientId);
 
 impl ClientId {
     pub const MAX_CHARS: usize = 1024;
@@ -60,16 +60,6 @@ impl ClientId {
             });
         }
         Ok(ClientId(text.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ClientId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ClientId({:?})", self.0)
     }
 }
 
@@ -155,6 +145,7 @@ impl OAuthSettings {
 /// `[A-Za-z0-9_\-=./]`, not starting or ending with `.` or `/`, no `..`).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct SecretRef(String);
+string_newtype_impls!(SecretRef);
 
 impl SecretRef {
     pub const MAX_CHARS: usize = 255;
@@ -174,22 +165,13 @@ impl SecretRef {
             Err(DomainError::SecretRefInvalid)
         }
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretRef({:?})", self.0)
-    }
 }
 
 /// The first 8 bytes of SHA-256 of an access token, in hex: lets an auditor tell tokens apart
 /// without learning anything usable about them.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TokenFingerprint(String);
+string_newtype_impls!(TokenFingerprint);
 
 impl TokenFingerprint {
     /// Fingerprints a token. The token itself is not kept.
@@ -211,16 +193,6 @@ impl TokenFingerprint {
         } else {
             Err(DomainError::TokenFingerprintInvalid)
         }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for TokenFingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TokenFingerprint({:?})", self.0)
     }
 }
 

@@ -41,8 +41,8 @@ impl ServerDirectory {
                 let Ok(id) = ServerId::parse(&added.server_id) else {
                     return;
                 };
-                if let Some(previous) = self.servers.get(&id) {
-                    self.by_slug.remove(&previous.slug);
+                if let Some(previous) = self.servers.get(&id).map(|s| s.slug.clone()) {
+                    self.release_slug(&previous, id);
                 }
                 self.by_slug.insert(added.slug.clone(), id);
                 self.servers.insert(
@@ -74,7 +74,7 @@ impl ServerDirectory {
                 if let Some(slug) = &updated.slug {
                     let id = server.id;
                     let previous = std::mem::replace(&mut server.slug, slug.clone());
-                    self.by_slug.remove(&previous);
+                    self.release_slug(&previous, id);
                     self.by_slug.insert(slug.clone(), id);
                 }
             }
@@ -93,10 +93,26 @@ impl ServerDirectory {
                     return;
                 };
                 if let Some(server) = self.servers.remove(&id) {
-                    self.by_slug.remove(&server.slug);
+                    self.release_slug(&server.slug, id);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Server `id` no longer holds `slug`. If another server holds it too (two adds that raced
+    /// past the unique-name check), the slug stays taken, by that server.
+    fn release_slug(&mut self, slug: &str, id: ServerId) {
+        if self.by_slug.get(slug) != Some(&id) {
+            return;
+        }
+        self.by_slug.remove(slug);
+        if let Some(other) = self
+            .servers
+            .values()
+            .find(|server| server.id != id && server.slug == slug)
+        {
+            self.by_slug.insert(slug.to_owned(), other.id);
         }
     }
 
@@ -195,5 +211,36 @@ mod tests {
             server_id: jira.to_string(),
         }));
         assert_eq!(directory.len(), 1);
+    }
+
+    #[test]
+    fn a_slug_stays_taken_while_any_server_holds_it() {
+        // Adds that raced past the unique-name check (the directory lags the log) leave two
+        // servers with one slug; the slug is free only once neither holds it.
+        let [first, second, third, fourth] = [(); 4].map(|()| ServerId::new());
+        let mut directory = ServerDirectory::default();
+        for (id, slug) in [
+            (first, "github"),
+            (second, "github"),
+            (third, "jira"),
+            (fourth, "jira"),
+        ] {
+            directory.apply_event(&added(id, slug));
+        }
+        directory.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
+            server_id: first.to_string(),
+        }));
+        assert_eq!(directory.slug_owner("github"), Some(second));
+        directory.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
+            server_id: second.to_string(),
+        }));
+        assert_eq!(directory.slug_owner("github"), None);
+        directory.apply_event(&Event::ServerUpdated(pb::ServerUpdated {
+            server_id: fourth.to_string(),
+            slug: Some("gitlab".into()),
+            ..Default::default()
+        }));
+        assert_eq!(directory.slug_owner("jira"), Some(third));
+        assert_eq!(directory.slug_owner("gitlab"), Some(fourth));
     }
 }

@@ -74,29 +74,20 @@ pub fn tool_state(policy: &ToolPolicyState, tool: &str) -> ToolState {
 
 impl Aggregate for ToolPolicyState {
     fn apply(&mut self, event: &Event) {
-        match event {
-            Event::ToolPermissionSet(set) => {
-                self.settings.insert(
-                    set.tool_name.clone(),
-                    ToolSetting {
-                        state: ToolState::from_event(set.state),
-                        definition_hash: set.definition_hash.clone(),
-                    },
-                );
-            }
-            Event::ToolDefinitionChanged(changed) => {
-                self.settings.insert(
-                    changed.tool_name.clone(),
-                    ToolSetting {
-                        state: ToolState::from_event(changed.state),
-                        definition_hash: changed.definition_hash.clone(),
-                    },
-                );
-            }
-            // The per-tool events that follow it carry the change (see the module docs).
-            Event::CategoryPermissionSet(_) => {}
-            _ => {}
-        }
+        let (tool, state, definition_hash) = match event {
+            Event::ToolPermissionSet(e) => (&e.tool_name, e.state, &e.definition_hash),
+            Event::ToolDefinitionChanged(e) => (&e.tool_name, e.state, &e.definition_hash),
+            // `CategoryPermissionSet`: the per-tool events that follow it carry the change
+            // (see the module docs).
+            _ => return,
+        };
+        self.settings.insert(
+            tool.clone(),
+            ToolSetting {
+                state: ToolState::from_event(state),
+                definition_hash: definition_hash.clone(),
+            },
+        );
     }
 }
 
