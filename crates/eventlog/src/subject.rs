@@ -92,9 +92,10 @@ pub struct Subject {
     kind: AggregateKind,
 }
 
-/// Room for the longest `UserKey` (a 256-character user id, each byte escaped) plus ids, and
-/// still well inside nats-server's 4 KiB control line with the `<prefix>.evt.` prefix.
-const MAX_SUBJECT_LEN: usize = 2048;
+/// Room for the longest `UserKey` (a 256-character user id of 4-byte characters, each byte
+/// escaped as `_XX`: 3,072 bytes) with the aggregate kind and a server id, still inside
+/// nats-server's 4 KiB protocol control line with the `<prefix>.evt.` prefix and a reply inbox.
+const MAX_SUBJECT_LEN: usize = 3200;
 
 impl Subject {
     pub fn parse(value: &str) -> Result<Self, EventLogError> {
@@ -103,7 +104,7 @@ impl Subject {
             reason: reason.to_owned(),
         };
         if value.len() > MAX_SUBJECT_LEN {
-            return Err(invalid("longer than 2048 bytes"));
+            return Err(invalid("longer than 3200 bytes"));
         }
         let mut tokens = value.split('.');
         let first = tokens.next().unwrap_or_default();
@@ -172,7 +173,7 @@ impl SubjectFilter {
             reason: reason.to_owned(),
         };
         if value.is_empty() || value.len() > MAX_SUBJECT_LEN {
-            return Err(invalid("a filter is 1 to 2048 bytes"));
+            return Err(invalid("a filter is 1 to 3200 bytes"));
         }
         let tokens: Vec<&str> = value.split('.').collect();
         for (i, token) in tokens.iter().enumerate() {
@@ -252,6 +253,20 @@ mod tests {
         let s = Subject::parse("connection.srv1.u_alice").expect("valid");
         assert_eq!(s.log(), LogKind::Config);
         assert_eq!(s.kind(), AggregateKind::Connection);
+    }
+
+    #[test]
+    fn the_longest_user_key_fits_in_every_subject() {
+        // 256 four-byte characters, every byte escaped as `_XX` (domain::UserKey).
+        let user_key = "_F0_9F_98_80".repeat(256);
+        let server_id = "0193a5b2-7c1e-7000-8000-000000000001";
+        for subject in [
+            format!("connection.{server_id}.{user_key}"),
+            format!("policy.{user_key}.{server_id}"),
+            format!("invocation.{user_key}"),
+        ] {
+            Subject::parse(&subject).expect("the longest user key fits");
+        }
     }
 
     #[test]

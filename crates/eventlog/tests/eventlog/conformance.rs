@@ -346,6 +346,18 @@ pub async fn events_that_are_not_valid_are_refused(log: Arc<dyn EventLog>) {
     );
 }
 
+pub async fn the_longest_user_key_fits_in_a_subject(log: Arc<dyn EventLog>) {
+    // A 256-character user id of 4-byte characters, every byte escaped (domain::UserKey).
+    let s = subject(&format!("invocation.{}", "_F0_9F_98_80".repeat(256)));
+    let outcome = log
+        .append(&s, ExpectedVersion::NoEvents, &[event("long")])
+        .await
+        .expect("append under the longest subject");
+    let history = log.read_aggregate(&s).await.expect("read");
+    assert_eq!(history.version, outcome.last_sequence);
+    assert_eq!(history.events[0].subject, s);
+}
+
 /// Instantiates every conformance rule as a `#[tokio::test]` for one adapter. `$open` is an
 /// async expression yielding a fresh `support::TestLog`.
 #[macro_export]
@@ -361,6 +373,7 @@ macro_rules! conformance_suite {
             a_subscriber_started_mid_stream_sees_every_later_event_exactly_once,
             a_filtered_subscription_sees_only_matching_subjects,
             events_that_are_not_valid_are_refused,
+            the_longest_user_key_fits_in_a_subject,
         );
     };
     (@tests $open:expr; $($rule:ident),* $(,)?) => {
