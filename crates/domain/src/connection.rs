@@ -55,7 +55,9 @@ impl ConnectionStatus {
         }
     }
 
-    /// Whether Switchboard holds tokens for the connection (it may still be unreachable).
+    /// Whether the connection can hold tokens in this status (it may still be unreachable).
+    /// `AuthError` can also follow a first authorization that failed, before any token:
+    /// [`ConnectionState::token_fingerprint`] is empty then.
     pub fn has_tokens(self) -> bool {
         matches!(
             self,
@@ -278,7 +280,8 @@ pub fn decide(
             token_fingerprint,
             refresh_token_rotated,
         } => {
-            if !state.status.has_tokens() {
+            // An auth error after a failed *first* authorization holds no tokens to refresh.
+            if !state.status.has_tokens() || state.token_fingerprint.is_empty() {
                 return Err(DomainError::NotConnected);
             }
             if state.status != Status::AuthError
@@ -633,6 +636,21 @@ mod tests {
 
         Scenario::<ConnectionState>::given([])
             .when(decide_at(4_000, refresh("token-2")))
+            .then_error("not_connected");
+    }
+
+    #[test]
+    fn a_refresh_without_tokens_after_a_failed_first_authorization_is_refused() {
+        Scenario::<ConnectionState>::given([started(1_600), auth_failed("access_denied")])
+            .when(decide_at(
+                1_000,
+                ConnectionCommand::RecordTokensRefreshed {
+                    granted_scopes: vec!["repo".into()],
+                    access_token_expires_at: None,
+                    token_fingerprint: fingerprint("token-1"),
+                    refresh_token_rotated: false,
+                },
+            ))
             .then_error("not_connected");
     }
 
