@@ -7,7 +7,7 @@ use proto::v1::{Envelope, envelope::Event};
 use crate::ServerId;
 
 /// One server as the server list shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServerSummary {
     pub id: ServerId,
     pub name: String,
@@ -19,8 +19,9 @@ pub struct ServerSummary {
 }
 
 /// Every server that exists (deleted ones are dropped), by id and by slug. The Server
-/// aggregate's `decide` uses it for the unique-name rule.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// aggregate's `decide` uses it for the unique-name rule. Serialisable as a projection
+/// checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServerDirectory {
     servers: BTreeMap<ServerId, ServerSummary>,
     by_slug: HashMap<String, ServerId>,
@@ -211,6 +212,18 @@ mod tests {
             server_id: jira.to_string(),
         }));
         assert_eq!(directory.len(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_same_directory() {
+        let mut directory = ServerDirectory::default();
+        let [first, second] = [(); 2].map(|()| ServerId::new());
+        directory.apply_event(&added(first, "github"));
+        directory.apply_event(&added(second, "github"));
+        let snapshot = serde_json::to_vec(&directory).expect("encodes");
+        let restored: ServerDirectory = serde_json::from_slice(&snapshot).expect("decodes");
+        assert_eq!(restored, directory);
+        assert_eq!(restored.slug_owner("github"), Some(second));
     }
 
     #[test]

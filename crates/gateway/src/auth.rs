@@ -1,0 +1,436 @@
+//! Sign-in and permissions: a bearer JWT becomes a [`Caller`] (the user and what they may do),
+//! and [`ROUTES`](crate::routes::ROUTES) — the one permission table — says what each route
+//! needs.
+use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
+
+use domain::UserId;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, jwk::JwkSet};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ApiError;
+
+/// What a caller may do. The names are a public contract: configuration and tokens use them.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    /// Manage MCP Servers: add, edit, enable, disable, delete servers.
+    ManageServers,
+    /// View & Connect to MCP Servers: see servers, connect, disconnect, own tool settings and
+    /// approvals.
+    ViewAndConnect,
+    /// Read the audit log (every event).
+    ReadAuditLog,
+    /// An orchestrator lists tools and invokes them for any user it names.
+    InvokeForUsers,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 4] = [
+        Permission::ManageServers,
+        Permission::ViewAndConnect,
+        Permission::ReadAuditLog,
+        Permission::InvokeForUsers,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::ManageServers => "manage_servers",
+            Permission::ViewAndConnect => "view_and_connect",
+            Permission::ReadAuditLog => "read_audit_log",
+            Permission::InvokeForUsers => "invoke_for_users",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Permission> {
+        Permission::ALL.into_iter().find(|p| p.as_str() == text)
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of permissions.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Permissions(u8);
+
+impl Permissions {
+    pub const NONE: Permissions = Permissions(0);
+
+    pub fn of(permissions: &[Permission]) -> Self {
+        Permissions(permissions.iter().fold(0, |bits, p| bits | p.bit()))
+    }
+
+    pub fn contains(self, permission: Permission) -> bool {
+        self.0 & permission.bit() != 0
+    }
+
+    pub fn union(self, other: Permissions) -> Self {
+        Permissions(self.0 | other.0)
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Permission> {
+        Permission::ALL.into_iter().filter(move |p| self.contains(*p))
+    }
+}
+
+impl fmt::Debug for Permissions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+/// Role name → permissions: the default roles, plus custom roles from the configuration (which
+/// may also redefine a default role). A role the table does not know grants nothing.
+#[derive(Debug, Clone)]
+pub struct RoleTable(BTreeMap<String, Permissions>);
+
+impl RoleTable {
+    pub fn defaults() -> Self {
+        use Permission::*;
+        let mut roles = BTreeMap::new();
+        roles.insert(
+            "admin".to_owned(),
+            Permissions::of(&[ManageServers, ViewAndConnect, ReadAuditLog]),
+        );
+        roles.insert("analyst".to_owned(), Permissions::of(&[ViewAndConnect]));
+        roles.insert(
+            "analyst_read_only".to_owned(),
+            Permissions::of(&[ViewAndConnect]),
+        );
+        roles.insert("orchestrator".to_owned(), Permissions::of(&[InvokeForUsers]));
+        RoleTable(roles)
+    }
+
+    /// The defaults with `custom` added over them. Unknown permission names are refused with
+    /// the role and the name, so a typo never silently grants less (or more) than meant.
+    pub fn with_custom<'a>(
+        custom: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    ) -> Result<Self, String> {
+        let mut table = RoleTable::defaults();
+        for (role, names) in custom {
+            let mut permissions = Vec::new();
+            for name in names {
+                let permission = Permission::parse(name).ok_or_else(|| {
+                    format!(
+                        "role {role:?} names the unknown permission {name:?}; the permissions are {}",
+                        Permission::ALL.map(Permission::as_str).join(", ")
+                    )
+                })?;
+                permissions.push(permission);
+            }
+            table.0.insert(role.to_owned(), Permissions::of(&permissions));
+        }
+        Ok(table)
+    }
+
+    pub fn permissions_of<'a>(&self, roles: impl IntoIterator<Item = &'a str>) -> Permissions {
+        roles
+            .into_iter()
+            .filter_map(|role| self.0.get(role))
+            .fold(Permissions::NONE, |all, p| all.union(*p))
+    }
+}
+
+/// Who is calling: the signed-in user, their roles and what those grant.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: UserId,
+    pub roles: Vec<String>,
+    pub permissions: Permissions,
+}
+
+impl Caller {
+    pub fn may(&self, permission: Permission) -> bool {
+        self.permissions.contains(permission)
+    }
+}
+
+/// How tokens are checked.
+#[derive(Clone)]
+pub struct AuthSettings {
+    pub keys: VerificationKeys,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// The claim that holds the caller's roles (a list of strings).
+    pub roles_claim: String,
+    pub leeway: Duration,
+    pub roles: RoleTable,
+}
+
+impl fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("keys", &self.keys)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("roles_claim", &self.roles_claim)
+            .field("leeway", &self.leeway)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The keys tokens are verified with.
+#[derive(Clone)]
+pub enum VerificationKeys {
+    /// HS256 with a shared secret (the embedded default generates one).
+    SharedSecret(Vec<u8>),
+    /// Public keys (RS256, ES256, EdDSA) from a JWKS document.
+    Jwks(Vec<JwksKey>),
+}
+
+impl fmt::Debug for VerificationKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerificationKeys::SharedSecret(_) => f.write_str("SharedSecret(<redacted>)"),
+            VerificationKeys::Jwks(keys) => write!(f, "Jwks({} keys)", keys.len()),
+        }
+    }
+}
+
+/// One public key from a JWKS document.
+#[derive(Clone)]
+pub struct JwksKey {
+    pub kid: Option<String>,
+    pub algorithm: Algorithm,
+    pub key: DecodingKey,
+}
+
+impl fmt::Debug for JwksKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwksKey")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VerificationKeys {
+    /// Reads a JWKS file (`{"keys": [...]}`); every key must say its algorithm or be of a type
+    /// that has one (RSA → RS256, EC P-256 → ES256, OKP Ed25519 → EdDSA).
+    pub fn from_jwks_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the JWKS file {}: {e}", path.display()))?;
+        Self::from_jwks(&text).map_err(|e| format!("JWKS file {}: {e}", path.display()))
+    }
+
+    pub fn from_jwks(text: &str) -> Result<Self, String> {
+        use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
+        let set: JwkSet =
+            serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let mut keys = Vec::new();
+        for (index, jwk) in set.keys.iter().enumerate() {
+            let algorithm = match (jwk.common.key_algorithm, &jwk.algorithm) {
+                (Some(KeyAlgorithm::RS256), _) => Algorithm::RS256,
+                (Some(KeyAlgorithm::ES256), _) => Algorithm::ES256,
+                (Some(KeyAlgorithm::EdDSA), _) => Algorithm::EdDSA,
+                (Some(other), _) => {
+                    return Err(format!(
+                        "key {index} uses {other:?}; supported: RS256, ES256, EdDSA"
+                    ));
+                }
+                (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
+                (None, AlgorithmParameters::EllipticCurve(ec)) if ec.curve == EllipticCurve::P256 => {
+                    Algorithm::ES256
+                }
+                (None, AlgorithmParameters::OctetKeyPair(_)) => Algorithm::EdDSA,
+                (None, _) => {
+                    return Err(format!(
+                        "key {index} is of a type without a supported algorithm (RSA, EC P-256, Ed25519)"
+                    ));
+                }
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {index}: {e}"))?;
+            keys.push(JwksKey {
+                kid: jwk.common.key_id.clone(),
+                algorithm,
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err("the JWKS document has no keys".to_owned());
+        }
+        Ok(VerificationKeys::Jwks(keys))
+    }
+}
+
+/// Checks bearer tokens.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    settings: AuthSettings,
+    shared: Option<(DecodingKey, Validation)>,
+}
+
+impl Authenticator {
+    pub fn new(settings: AuthSettings) -> Self {
+        let shared = match &settings.keys {
+            VerificationKeys::SharedSecret(secret) => Some((
+                DecodingKey::from_secret(secret),
+                validation(&settings, Algorithm::HS256),
+            )),
+            VerificationKeys::Jwks(_) => None,
+        };
+        Authenticator { settings, shared }
+    }
+
+    /// The caller a bearer token stands for, or why it does not stand for anyone.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
+        let Some(header) = authorization else {
+            return Err(ApiError::unauthenticated(
+                "sign in: send `Authorization: Bearer <token>`",
+            ));
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthenticated(
+                    "the Authorization header must be `Bearer <token>`",
+                )
+            })?;
+        let claims = self.verify(token)?;
+        let user = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::unauthenticated("the token has no `sub` (user) claim"))
+            .and_then(|sub| {
+                UserId::parse(sub).map_err(|e| {
+                    ApiError::unauthenticated(format!("the token's `sub` claim is not a user id: {e}"))
+                })
+            })?;
+        let roles: Vec<String> = match claims.get(&self.settings.roles_claim) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect(),
+            // One role as a string is common enough in identity providers to accept.
+            Some(Value::String(role)) => vec![role.clone()],
+            Some(_) => {
+                return Err(ApiError::unauthenticated(format!(
+                    "the token's `{}` claim must be a list of role names",
+                    self.settings.roles_claim
+                )));
+            }
+        };
+        let permissions = self
+            .settings
+            .roles
+            .permissions_of(roles.iter().map(String::as_str));
+        Ok(Caller {
+            user,
+            roles,
+            permissions,
+        })
+    }
+
+    fn verify(&self, token: &str) -> Result<serde_json::Map<String, Value>, ApiError> {
+        let invalid = |e: jsonwebtoken::errors::Error| {
+            use jsonwebtoken::errors::ErrorKind;
+            let why = match e.kind() {
+                ErrorKind::ExpiredSignature => "the token has expired; sign in again",
+                ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
+                ErrorKind::InvalidIssuer => "the token was issued by an issuer this server does not accept",
+                ErrorKind::InvalidAudience => "the token is for another audience",
+                ErrorKind::InvalidSignature => "the token's signature does not verify",
+                ErrorKind::InvalidAlgorithm => "the token is signed with an algorithm this server does not accept",
+                ErrorKind::MissingRequiredClaim(_) => "the token lacks a required claim (exp, sub)",
+                _ => "the token is not a valid JWT",
+            };
+            ApiError::unauthenticated(why)
+        };
+        if let Some((key, validation)) = &self.shared {
+            return jsonwebtoken::decode(token, key, validation)
+                .map(|data| data.claims)
+                .map_err(invalid);
+        }
+        let VerificationKeys::Jwks(keys) = &self.settings.keys else {
+            return Err(ApiError::unauthenticated("no verification key is configured"));
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+        let candidates = keys.iter().filter(|k| {
+            k.algorithm == header.alg
+                && match (&header.kid, &k.kid) {
+                    (Some(wanted), Some(kid)) => wanted == kid,
+                    _ => true,
+                }
+        });
+        let mut last = None;
+        for candidate in candidates {
+            let validation = validation(&self.settings, candidate.algorithm);
+            match jsonwebtoken::decode(token, &candidate.key, &validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map(invalid).unwrap_or_else(|| {
+            ApiError::unauthenticated("no configured key matches the token's algorithm and key id")
+        }))
+    }
+}
+
+fn validation(settings: &AuthSettings, algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = settings.leeway.as_secs();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    match &settings.issuer {
+        Some(issuer) => validation.set_issuer(&[issuer]),
+        None => validation.iss = None,
+    }
+    match &settings.audience {
+        Some(audience) => validation.set_audience(&[audience]),
+        None => validation.validate_aud = false,
+    }
+    validation
+}
+
+/// What `switchboard token` signs.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRequest<'a> {
+    pub user: &'a str,
+    pub roles: &'a [String],
+    pub ttl: Duration,
+    pub issuer: Option<&'a str>,
+    pub audience: Option<&'a str>,
+    pub roles_claim: &'a str,
+}
+
+/// Signs an HS256 token with the shared secret (development and the demo; production tokens
+/// come from the identity provider).
+pub fn mint_token(secret: &[u8], request: &TokenRequest<'_>) -> Result<String, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| "the system clock is before 1970".to_owned())?
+        .as_secs();
+    let mut claims = serde_json::Map::new();
+    claims.insert("sub".into(), Value::from(request.user));
+    claims.insert(request.roles_claim.into(), Value::from(request.roles.to_vec()));
+    claims.insert("iat".into(), Value::from(now));
+    claims.insert("nbf".into(), Value::from(now));
+    claims.insert("exp".into(), Value::from(now + request.ttl.as_secs()));
+    if let Some(issuer) = request.issuer {
+        claims.insert("iss".into(), Value::from(issuer));
+    }
+    if let Some(audience) = request.audience {
+        claims.insert("aud".into(), Value::from(audience));
+    }
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| format!("cannot sign the token: {e}"))
+}

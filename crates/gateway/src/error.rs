@@ -1,0 +1,190 @@
+//! Every error the API answers with: `{"error": {"code", "message", "request_id"}}`, and the one
+//! place where each domain and service error becomes a status.
+use std::borrow::Cow;
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use domain::DomainError;
+use eventlog::EventLogError;
+use serde::Serialize;
+use service_kit::CommandError;
+
+tokio::task_local! {
+    /// The id of the request being answered, set by the request-context middleware so that an
+    /// error built anywhere below it carries the id.
+    pub(crate) static REQUEST_ID: std::sync::Arc<str>;
+}
+
+/// The request id of the request this task is answering.
+pub(crate) fn current_request_id() -> std::sync::Arc<str> {
+    REQUEST_ID
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| std::sync::Arc::from("-"))
+}
+
+/// An error answer. Internal failures carry their cause for the log, never for the caller.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: Cow<'static, str>,
+    pub message: Cow<'static, str>,
+    /// Logged with the request id when the status is a 5xx; never sent.
+    internal: Option<String>,
+}
+
+/// The error body, as the OpenAPI document shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine code, e.g. `server_name_taken`.
+    pub code: String,
+    /// What went wrong and what to do, for a person.
+    pub message: String,
+    /// The id of the request (also the `x-request-id` header), for support and the log.
+    pub request_id: String,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        ApiError {
+            status,
+            code: code.into(),
+            message: message.into(),
+            internal: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthenticated(message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+    }
+
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// A failure that is ours, not the caller's: the caller gets the request id, the log gets
+    /// `cause`.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal".into(),
+            message: "something went wrong on our side; quote the request id when reporting it"
+                .into(),
+            internal: Some(cause.to_string()),
+        }
+    }
+
+    pub fn body(&self, request_id: &str) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.to_string(),
+                request_id: request_id.to_owned(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let request_id = current_request_id();
+        if let Some(cause) = &self.internal {
+            tracing::error!(request_id = %request_id, cause = %cause, "internal error");
+        }
+        let body = serde_json::to_vec(&self.body(&request_id)).unwrap_or_default();
+        let mut response = (self.status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// Every domain refusal, by kind: the one place a domain code gets its status.
+impl From<DomainError> for ApiError {
+    fn from(error: DomainError) -> Self {
+        use DomainError as E;
+        let status = match &error {
+            E::ServerNotFound | E::InvocationNotFound => StatusCode::NOT_FOUND,
+            E::ServerNameTaken { .. }
+            | E::ServerAlreadyExists
+            | E::ServerDeleted
+            | E::AlreadyConnected
+            | E::InvocationIdReused
+            | E::InvocationNotAwaitingApproval
+            | E::InvocationAwaitingApproval
+            | E::InvocationAlreadyStarted
+            | E::InvocationNotStarted
+            | E::InvocationFinished
+            | E::ConnectionNotAuthorizing => StatusCode::CONFLICT,
+            E::ApprovalNotYours | E::ToolBlocked => StatusCode::FORBIDDEN,
+            E::AuthorizationExpired | E::ApprovalExpired => StatusCode::GONE,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, error.code(), error.to_string())
+    }
+}
+
+impl From<EventLogError> for ApiError {
+    fn from(error: EventLogError) -> Self {
+        match error {
+            EventLogError::Conflict { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "someone else changed this at the same time; reload and try again",
+            ),
+            EventLogError::Unavailable { .. } | EventLogError::Closed => {
+                tracing::warn!(%error, "event store unavailable");
+                ApiError::unavailable("the event store is unavailable; try again shortly")
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Domain(error) => error.into(),
+            CommandError::EventLog(error) => error.into(),
+            error @ CommandError::TooManyConflicts { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", error.to_string())
+            }
+        }
+    }
+}

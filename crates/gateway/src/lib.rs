@@ -1,0 +1,151 @@
+//! Switchboard's HTTP API: the front door a console, the OAuth redirect, an orchestrator and
+//! people trying Switchboard use.
+//!
+//! - [`auth`]: bearer JWT → [`Caller`]; permissions and roles.
+//! - [`routes`]: one module per capability and the one permission table ([`routes::table`]).
+//! - [`ApiError`]: every error as `{"error": {"code", "message", "request_id"}}`.
+//! - [`server`]: the HTTP(S) server with graceful shutdown.
+//!
+//! A handler extracts (typed, validated), calls a service and shapes the reply; no business
+//! rule lives here.
+pub mod auth;
+mod error;
+mod extract;
+mod metrics;
+mod middleware;
+pub mod openapi;
+pub mod routes;
+pub mod server;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{Router, extract::DefaultBodyLimit, http::Method};
+use eventlog::EventLog;
+use service_kit::{EnvelopeBuilder, ReadModels};
+use tokio_util::sync::CancellationToken;
+
+pub use auth::{Authenticator, Caller, Permission, Permissions, RoleTable};
+pub use error::{ApiError, ErrorBody};
+pub use extract::{ApiJson, ApiPath, ApiQuery};
+pub use metrics::Metrics;
+pub use routes::{Access, RouteSpec};
+
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// The base of every URL Switchboard hands out (OAuth redirect, links).
+    pub public_url: String,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// How long a call that changed something waits for the read models to show the change
+    /// before it answers anyway.
+    pub read_your_writes_timeout: Duration,
+    /// Events buffered for one live-update client; a client further behind is disconnected.
+    pub stream_buffer: usize,
+    /// Interval of keep-alive comments on live-update streams.
+    pub stream_keep_alive: Duration,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            public_url: "http://127.0.0.1:8080".to_owned(),
+            body_limit: 1024 * 1024,
+            read_your_writes_timeout: Duration::from_secs(5),
+            stream_buffer: 1024,
+            stream_keep_alive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<AppInner>);
+
+#[derive(Debug)]
+pub struct AppInner {
+    pub log: Arc<dyn EventLog>,
+    pub vault: vault::Vault,
+    pub read_models: ReadModels,
+    pub envelopes: EnvelopeBuilder,
+    pub auth: Authenticator,
+    pub metrics: Metrics,
+    pub settings: GatewaySettings,
+    /// Cancelled when the process shuts down: live-update streams end on it.
+    pub shutdown: CancellationToken,
+    access: HashMap<(Method, &'static str), Access>,
+    paths: HashMap<&'static str, &'static str>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+/// What the API is built on.
+#[derive(Debug)]
+pub struct AppParts {
+    pub log: Arc<dyn EventLog>,
+    pub vault: vault::Vault,
+    pub read_models: ReadModels,
+    pub envelopes: EnvelopeBuilder,
+    pub auth: Authenticator,
+    pub metrics: Metrics,
+    pub settings: GatewaySettings,
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(parts: AppParts) -> Self {
+        let table = routes::table();
+        let access = table
+            .iter()
+            .map(|route| ((route.method.clone(), route.path), route.access))
+            .collect();
+        let paths = table.iter().map(|route| (route.path, route.path)).collect();
+        AppState(Arc::new(AppInner {
+            log: parts.log,
+            vault: parts.vault,
+            read_models: parts.read_models,
+            envelopes: parts.envelopes,
+            auth: parts.auth,
+            metrics: parts.metrics,
+            settings: parts.settings,
+            shutdown: parts.shutdown,
+            access,
+            paths,
+        }))
+    }
+
+    /// The access the permission table declares for a route, if it declares one.
+    pub(crate) fn access(&self, method: &Method, path: &str) -> Option<Access> {
+        let path = *self.paths.get(path)?;
+        self.access.get(&(method.clone(), path)).copied()
+    }
+
+    /// The route's path as a `'static` label, for metrics without an allocation per request.
+    pub(crate) fn route_label(&self, path: &str) -> &'static str {
+        self.paths.get(path).copied().unwrap_or("unmatched")
+    }
+}
+
+/// The whole API: every capability's routes, the permission check, request ids, errors and
+/// metrics.
+pub fn app(state: AppState) -> Router {
+    let (router, _) = routes::router().split_for_parts();
+    let body_limit = state.settings.body_limit;
+    router
+        .fallback(middleware::not_found)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::authorize,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::request_context,
+        ))
+        .with_state(state)
+}

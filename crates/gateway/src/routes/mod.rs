@@ -1,0 +1,56 @@
+//! The routes, one module per capability, and the one permission table every route declares
+//! its access in. The authorization middleware and the permission test read the same table.
+use axum::http::Method;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::{AppState, Permission};
+
+pub mod audit;
+pub mod me;
+pub mod stream;
+pub mod system;
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, signed in or not (health, metrics, the OpenAPI document, OAuth redirects).
+    Public,
+    /// Any signed-in caller.
+    SignedIn,
+    /// A signed-in caller with at least one of these permissions. What a caller sees through
+    /// the route (only their own resources, unless a permission says otherwise) is the
+    /// handler's business.
+    AnyOf(&'static [Permission]),
+}
+
+/// One route: method, path (axum syntax, as `MatchedPath` reports it) and access.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+impl RouteSpec {
+    pub const fn new(method: Method, path: &'static str, access: Access) -> Self {
+        RouteSpec {
+            method,
+            path,
+            access,
+        }
+    }
+}
+
+/// Every route the API serves, with its access. A capability adds its module's table here.
+pub fn table() -> Vec<RouteSpec> {
+    [system::ROUTES, me::ROUTES, audit::ROUTES, stream::ROUTES].concat()
+}
+
+/// Every capability's routes, with their OpenAPI entries.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .merge(system::router())
+        .merge(me::router())
+        .merge(audit::router())
+        .merge(stream::router())
+}

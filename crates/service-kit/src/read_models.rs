@@ -1,0 +1,171 @@
+//! The read models the API answers from: projections kept current by the projection runner,
+//! resumed from checkpoints at start.
+//!
+//! Every read model here folds a whole log (no subject filter), so its position is a position
+//! of that log: readiness and lag compare it with the log's end, and read-your-writes waits for
+//! the sequence an append returned whatever its subject.
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use domain::ServerDirectory;
+use eventlog::{
+    EventLog, EventLogError, LogKind, RecordedEvent,
+    projection::{CheckpointPolicy, CheckpointStore, ProjectionRunner, ProjectionSpec},
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::Written;
+
+/// The server list: every server that exists, by id and slug.
+pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
+    ProjectionSpec {
+        // Bump the suffix when the snapshot's shape changes.
+        name: "server_directory_v1",
+        log: LogKind::Config,
+        filter: None,
+        apply: |directory: &mut ServerDirectory, event: &RecordedEvent| {
+            directory.apply(&event.envelope)
+        },
+    }
+}
+
+/// Where one read model is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    pub name: &'static str,
+    pub log: LogKind,
+    /// The last log sequence the read model reflects.
+    pub position: u64,
+}
+
+/// The read models of one Switchboard process.
+#[derive(Debug, Clone)]
+pub struct ReadModels {
+    pub servers: ProjectionRunner<ServerDirectory>,
+    all: Arc<[Arc<dyn ReadModel>]>,
+}
+
+impl ReadModels {
+    /// Restores every read model from its checkpoint and catches it up with the logs; returns
+    /// once all of them reflect everything written before the call.
+    pub async fn start(
+        log: Arc<dyn EventLog>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        policy: CheckpointPolicy,
+    ) -> Result<Self, EventLogError> {
+        let spec = server_directory_spec();
+        let servers = ProjectionRunner::start(log, checkpoints, spec.clone(), policy).await?;
+        let all: Vec<Arc<dyn ReadModel>> = vec![Model::new(&spec, servers.clone())];
+        Ok(ReadModels {
+            servers,
+            all: all.into(),
+        })
+    }
+
+    /// Waits until every read model of the written log reflects the write (read-your-writes),
+    /// at most `limit`; returns whether they did. A command that wrote nothing returns at once.
+    pub async fn wait_for(&self, written: &Written, limit: Duration) -> bool {
+        if !written.changed_anything() {
+            return true;
+        }
+        self.wait_for_position(written.log, written.version, limit)
+            .await
+    }
+
+    /// Waits until every read model of `log` has reached `sequence`, at most `limit`.
+    pub async fn wait_for_position(&self, log: LogKind, sequence: u64, limit: Duration) -> bool {
+        let waits = self
+            .all
+            .iter()
+            .filter(|model| model.log() == log)
+            .map(|model| model.wait_for(sequence));
+        tokio::time::timeout(limit, futures_join_all(waits))
+            .await
+            .is_ok()
+    }
+
+    pub fn statuses(&self) -> Vec<ProjectionStatus> {
+        self.all
+            .iter()
+            .map(|model| ProjectionStatus {
+                name: model.name(),
+                log: model.log(),
+                position: model.position(),
+            })
+            .collect()
+    }
+
+    /// Saves a final checkpoint of every read model.
+    pub async fn save_checkpoints(&self) -> Result<(), EventLogError> {
+        for model in self.all.iter() {
+            model.save_checkpoint().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the futures one after another: each completes when its projection reaches the
+/// position, so the total wait is that of the slowest.
+async fn futures_join_all<F: Future<Output = ()>>(waits: impl Iterator<Item = F>) {
+    for wait in waits {
+        wait.await;
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A read model of any state type, for waiting and reporting.
+trait ReadModel: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    fn log(&self) -> LogKind;
+    fn position(&self) -> u64;
+    fn wait_for(&self, sequence: u64) -> BoxFuture<'_, ()>;
+    fn save_checkpoint(&self) -> BoxFuture<'_, Result<(), EventLogError>>;
+}
+
+/// A runner with the name and log of its spec.
+struct Model<P> {
+    name: &'static str,
+    log: LogKind,
+    runner: ProjectionRunner<P>,
+}
+
+impl<P> std::fmt::Debug for Model<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> Model<P> {
+    fn new(spec: &ProjectionSpec<P>, runner: ProjectionRunner<P>) -> Arc<Self> {
+        Arc::new(Model {
+            name: spec.name,
+            log: spec.log,
+            runner,
+        })
+    }
+}
+
+impl<P> ReadModel for Model<P>
+where
+    P: Default + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn log(&self) -> LogKind {
+        self.log
+    }
+    fn position(&self) -> u64 {
+        self.runner.position()
+    }
+    fn wait_for(&self, sequence: u64) -> BoxFuture<'_, ()> {
+        Box::pin(self.runner.wait_for(sequence))
+    }
+    fn save_checkpoint(&self) -> BoxFuture<'_, Result<(), EventLogError>> {
+        Box::pin(self.runner.save_checkpoint())
+    }
+}
