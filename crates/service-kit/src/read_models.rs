@@ -95,10 +95,19 @@ impl ReadModels {
             .collect()
     }
 
-    /// Saves a final checkpoint of every read model.
+    /// Saves a checkpoint of every read model now.
     pub async fn save_checkpoints(&self) -> Result<(), EventLogError> {
         for model in self.all.iter() {
             model.save_checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    /// Stops following the logs and saves a final checkpoint of every read model (before the
+    /// logs are closed, so that no follower is left saving while the process exits).
+    pub async fn shutdown(&self) -> Result<(), EventLogError> {
+        for model in self.all.iter() {
+            model.shutdown().await?;
         }
         Ok(())
     }
@@ -121,6 +130,7 @@ trait ReadModel: Send + Sync + std::fmt::Debug {
     fn position(&self) -> u64;
     fn wait_for(&self, sequence: u64) -> BoxFuture<'_, ()>;
     fn save_checkpoint(&self) -> BoxFuture<'_, Result<(), EventLogError>>;
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), EventLogError>>;
 }
 
 /// A runner with the name and log of its spec.
@@ -167,5 +177,8 @@ where
     }
     fn save_checkpoint(&self) -> BoxFuture<'_, Result<(), EventLogError>> {
         Box::pin(self.runner.save_checkpoint())
+    }
+    fn shutdown(&self) -> BoxFuture<'_, Result<(), EventLogError>> {
+        Box::pin(self.runner.clone().shutdown())
     }
 }

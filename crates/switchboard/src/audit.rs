@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::{
     cli::{LogChoice, OutputFormat, ReplayArgs},
-    configuration::{Access, StoreOptions},
+    configuration::StoreOptions,
 };
 
 /// Which events to show.
@@ -107,7 +107,7 @@ pub async fn replay(store: &StoreOptions, args: &ReplayArgs) -> anyhow::Result<(
 
 async fn open_for_reading(store: &StoreOptions) -> anyhow::Result<Arc<dyn EventLog>> {
     let nats = store.connect_nats().await?;
-    store.open_event_log(nats.as_ref(), Access::ReadOnly).await
+    store.open_event_log_for_reading(nats.as_ref()).await
 }
 
 /// `switchboard audit servers --at N`: the server directory folded from the config log up to

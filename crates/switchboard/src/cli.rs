@@ -3,7 +3,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{audit, configuration::StoreOptions, up, vault_cmd};
+use crate::{
+    audit,
+    configuration::{GlobalArgs, Settings},
+    token, up, vault_cmd,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -13,7 +17,7 @@ use crate::{audit, configuration::StoreOptions, up, vault_cmd};
 )]
 pub struct Cli {
     #[command(flatten)]
-    pub store: StoreOptions,
+    pub global: GlobalArgs,
 
     /// More log output (repeat for more). RUST_LOG overrides it.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -26,14 +30,48 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run Switchboard: on the embedded default (JSONL event log and file vault under the data
-    /// directory), or on JetStream with --nats.
-    Up,
+    /// directory), or on JetStream with --nats. Serves the HTTP API.
+    Up(UpArgs),
+    /// Print a signed development token (HS256, with the configured or generated secret).
+    Token(TokenArgs),
+    /// Print the effective configuration (file, environment and flags merged), secrets
+    /// redacted.
+    Config,
     /// Read the audit history (the event stream).
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Manage the secrets vault.
     #[command(subcommand)]
     Vault(VaultCommand),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct UpArgs {
+    /// Address the HTTP API listens on [env: SWITCHBOARD_LISTEN] [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Base of every URL Switchboard hands out [env: SWITCHBOARD_PUBLIC_URL].
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user the token is for (its `sub`).
+    #[arg(long)]
+    pub user: String,
+    /// A role (repeatable): admin, analyst, analyst_read_only, orchestrator, or a custom one.
+    #[arg(long = "role", required = true)]
+    pub roles: Vec<String>,
+    /// How long the token is valid: e.g. 30m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = token::parse_ttl)]
+    pub ttl: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,16 +140,17 @@ pub enum VaultCommand {
     Check,
 }
 
-/// Where the embedded default keeps its files unless told otherwise.
-pub fn default_data_dir() -> PathBuf {
-    PathBuf::from("switchboard-data")
-}
-
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Up => up::run(&cli.store).await,
-        Command::Audit(AuditCommand::Replay(args)) => audit::replay(&cli.store, &args).await,
-        Command::Audit(AuditCommand::Servers { at }) => audit::servers(&cli.store, at).await,
-        Command::Vault(command) => vault_cmd::run(&cli.store, command).await,
+pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    let store = settings.store();
+    match command {
+        Command::Up(_) => up::run(settings).await,
+        Command::Token(args) => token::print(&settings, &args),
+        Command::Config => {
+            print!("{}", settings.redacted_toml()?);
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Replay(args)) => audit::replay(&store, &args).await,
+        Command::Audit(AuditCommand::Servers { at }) => audit::servers(&store, at).await,
+        Command::Vault(command) => vault_cmd::run(&store, command).await,
     }
 }

@@ -4,12 +4,25 @@ use clap::Parser;
 mod audit;
 mod cli;
 mod configuration;
+mod token;
 mod up;
 mod vault_cmd;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    configuration::init_tracing(cli.verbose);
+    let settings = match configuration::Settings::load(&cli.global) {
+        Ok(mut settings) => {
+            if let cli::Command::Up(up) = &cli.command {
+                up::apply_flags(&mut settings, up);
+            }
+            settings
+        }
+        Err(error) => {
+            eprintln!("switchboard: {error:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    configuration::init_tracing(cli.verbose, settings.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -20,7 +33,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    match runtime.block_on(cli::run(cli.command, settings)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("switchboard: {error:#}");

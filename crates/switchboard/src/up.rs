@@ -1,57 +1,187 @@
-//! `switchboard up`: opens the event log and the vault and keeps them open until Ctrl-C or
-//! SIGTERM. SIGHUP reloads the vault's master keys and re-encrypts every entry under the
-//! current one, while the process keeps serving (how `vault rotate` reaches a running embedded
-//! instance, whose vault directory only this process may open).
-//!
-//! The services and the HTTP API (catalog, connection, policy, invoker, gateway) are wired in
-//! here as their issues land; today `up` prepares and checks the stores the services run on.
+//! `switchboard up`: opens the stores, starts the read models and serves the HTTP API until
+//! Ctrl-C or SIGTERM; then stops accepting, lets in-flight requests finish (bounded), ends
+//! live-update streams, saves checkpoints and closes the logs. SIGHUP reloads the vault's
+//! master keys and re-encrypts every entry under the current one while the process keeps
+//! serving (how `vault rotate` reaches a running embedded instance, whose vault directory only
+//! this process may open).
+use std::{sync::Arc, time::Duration};
+
 use anyhow::Context;
+use eventlog::projection::CheckpointPolicy;
+use gateway::{
+    AppParts, AppState, Authenticator, GatewaySettings, Metrics, RoleTable,
+    auth::{AuthSettings, VerificationKeys},
+};
+use service_kit::{EnvelopeBuilder, ReadModels, SystemClock};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use vault::{KeyRing, Vault};
 
-use crate::configuration::{Access, StoreOptions};
+use crate::{
+    cli::UpArgs,
+    configuration::{Settings, StoreOptions},
+    token::{SharedSecret, shared_secret},
+};
 
-pub async fn run(store: &StoreOptions) -> anyhow::Result<()> {
+/// `up`'s own flags win over the file and the environment.
+pub fn apply_flags(settings: &mut Settings, args: &UpArgs) {
+    if let Some(listen) = &args.listen {
+        settings.listen.clone_from(listen);
+    }
+    if let Some(url) = &args.public_url {
+        settings.public_url = Some(url.clone());
+    }
+    if let Some(cert) = &args.tls_cert {
+        settings.tls.cert_file = Some(cert.clone());
+    }
+    if let Some(key) = &args.tls_key {
+        settings.tls.key_file = Some(key.clone());
+    }
+}
+
+/// How tokens are verified, from the settings; the shared secret too when there is one (so
+/// `up` can say how to mint a token with it).
+fn authenticator(settings: &Settings) -> anyhow::Result<(Authenticator, Option<SharedSecret>)> {
+    let secret = shared_secret(settings, true)?;
+    let keys = match (&secret, &settings.auth.jwks_file) {
+        (Some(secret), _) => VerificationKeys::SharedSecret(secret.bytes.clone()),
+        (None, Some(file)) => VerificationKeys::from_jwks_file(file).map_err(|e| anyhow::anyhow!(e))?,
+        (None, None) => anyhow::bail!("no way to verify tokens is configured"),
+    };
+    let roles = RoleTable::with_custom(
+        settings
+            .roles
+            .iter()
+            .map(|(name, role)| (name.as_str(), role.permissions.as_slice())),
+    )
+    .map_err(|e| anyhow::anyhow!("roles: {e}"))?;
+    let auth = Authenticator::new(AuthSettings {
+        keys,
+        issuer: settings.auth.issuer.clone(),
+        audience: settings.auth.audience.clone(),
+        roles_claim: settings.auth.roles_claim.clone(),
+        leeway: Duration::from_secs(settings.auth.leeway_secs),
+        roles,
+    });
+    Ok((auth, secret))
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let store = settings.store();
+    let (auth, secret) = authenticator(&settings)?;
+    let tls = match (&settings.tls.cert_file, &settings.tls.key_file) {
+        (Some(cert), Some(key)) => Some(gateway::server::tls_acceptor(cert, key)?),
+        (None, None) => None,
+        _ => anyhow::bail!("tls.cert_file and tls.key_file go together"),
+    };
     // One connection for both stores on JetStream.
     let nats = store.connect_nats().await?;
-    let log = store
-        .open_event_log(nats.as_ref(), Access::ReadWrite)
-        .await?;
-    let vault = crate::vault_cmd::open_vault(store, nats.as_ref(), true).await?;
-    let mut positions = Vec::new();
-    for kind in eventlog::LogKind::ALL {
-        positions.push(format!("{kind}: {}", log.last_sequence(kind).await?));
-    }
-    let entries = vault.names().await.context("listing vault entries")?.len();
-    match &store.nats {
+    let stores = store.open_stores(nats.as_ref()).await?;
+    let metrics = Metrics::new();
+    let log = metrics.metered(stores.log.clone());
+    let vault = crate::vault_cmd::open_vault(&store, nats.as_ref(), true).await?;
+    let read_models = ReadModels::start(
+        log.clone(),
+        stores.checkpoints.clone(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .context("starting the read models")?;
+
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let local = listener.local_addr().context("reading the listen address")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let public_url = settings
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    let shutdown = CancellationToken::new();
+    let state = AppState::new(AppParts {
+        log: log.clone(),
+        vault: vault.clone(),
+        read_models: read_models.clone(),
+        envelopes: EnvelopeBuilder::new(Arc::new(SystemClock)),
+        auth,
+        metrics,
+        settings: GatewaySettings {
+            public_url: public_url.clone(),
+            body_limit: settings.http.body_limit,
+            stream_buffer: settings.http.stream_buffer,
+            ..GatewaySettings::default()
+        },
+        shutdown: shutdown.clone(),
+    });
+    let server = tokio::spawn(gateway::server::serve(
+        listener,
+        gateway::app(state),
+        tls,
+        shutdown.clone(),
+        settings.shutdown_grace(),
+    ));
+
+    match store.nats_display() {
         Some(url) => {
-            tracing::info!(%url, prefix = %store.nats_prefix, "switchboard is up on JetStream")
+            tracing::info!(%url, prefix = %store.nats_prefix(), "switchboard is up on JetStream")
         }
         None => {
             tracing::info!(data_dir = %store.data_dir.display(), "switchboard is up on the embedded default")
         }
     }
-
-    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    let positions: Vec<String> = read_models
+        .statuses()
+        .iter()
+        .map(|s| format!("{}@{}:{}", s.name, s.log, s.position))
+        .collect();
     tracing::info!(
         pid = std::process::id(),
-        events = %positions.join(", "),
-        vault_entries = entries,
+        read_models = %positions.join(", "),
         "stores open; Ctrl-C or SIGTERM stops, SIGHUP reloads the vault keys and re-encrypts"
     );
+    if let Some(SharedSecret { generated: Some(path), .. }) = &secret {
+        tracing::warn!(
+            secret_file = %path.display(),
+            "generated a JWT signing secret for this data directory; mint a token with \
+             `switchboard --data-dir {} token --user you@example.com --role admin`",
+            store.data_dir.display()
+        );
+    }
+    tracing::info!(listen = %local, url = %public_url, "listening on {public_url}");
+
+    wait_for_signals(&store, &vault).await?;
+
+    tracing::info!("shutting down: no new requests; letting in-flight ones finish");
+    shutdown.cancel();
+    if let Err(error) = server.await {
+        tracing::error!(%error, "the HTTP server task failed");
+    }
+    if let Err(error) = read_models.shutdown().await {
+        tracing::warn!(%error, "checkpoints not saved; the next start replays a little more");
+    }
+    if let Some(jsonl) = &stores.jsonl {
+        jsonl.close().await;
+    }
+    if let Some(client) = nats {
+        let _ = client.flush().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signals(store: &StoreOptions, vault: &Vault) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
     loop {
         tokio::select! {
             result = tokio::signal::ctrl_c() => {
                 result.context("listening for Ctrl-C")?;
-                break;
+                return Ok(());
             }
-            _ = terminate.recv() => break,
-            _ = hangup.recv() => reload_keys_and_rotate(store, &vault).await,
+            _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => reload_keys_and_rotate(store, vault).await,
         }
     }
-    tracing::info!("shutting down");
-    Ok(())
 }
 
 /// Loads the master keys again and re-encrypts every entry not sealed under the current key.

@@ -28,7 +28,7 @@ pub async fn open_vault(
     })?;
     let secrets: Arc<dyn SecretStore> = match nats {
         Some(client) => {
-            let bucket = format!("{}_vault", store.nats_prefix);
+            let bucket = format!("{}_vault", store.nats_prefix());
             Arc::new(
                 KvStore::open(async_nats::jetstream::new(client.clone()), &bucket)
                     .await

@@ -38,6 +38,7 @@ fn start_up(
         .arg("up")
         .env_remove("SWITCHBOARD_VAULT_KEYS")
         .env_remove("SWITCHBOARD_NATS_URL")
+        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
         .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .spawn()
