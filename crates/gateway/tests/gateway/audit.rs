@@ -1,0 +1,135 @@
+//! The audit log over HTTP: paging while events are appended hands out every event exactly
+//! once; filters narrow it.
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use crate::support::{Store, TestApp, server_enabled};
+
+const SERVER: &str = "0190f3c4-0000-7000-8000-0000000000bb";
+
+async fn page(app: &TestApp, token: &str, query: &str) -> Value {
+    let response = app.get(&format!("/api/v1/audit/events?{query}"), Some(token)).await;
+    assert_eq!(response.status(), 200, "{query}");
+    response.json().await.expect("JSON")
+}
+
+async fn paging_returns_every_event_exactly_once_while_appends_continue(store: Store) {
+    let app = TestApp::start(store).await;
+    let auditor = app.token("auditor@example.com", &["auditor"]);
+    let invocations = format!(
+        "invocation.{}",
+        domain::UserId::parse("alice@example.com").expect("user").key()
+    );
+    const EVENTS: usize = 240;
+    let appender = {
+        let log = app.log.clone();
+        let invocations = invocations.clone();
+        tokio::spawn(async move {
+            let mut appended = BTreeSet::new();
+            for i in 0..EVENTS {
+                let (subject, event, log_name) = if i % 3 == 0 {
+                    (
+                        invocations.clone(),
+                        proto::v1::envelope::Event::InvocationRequested(Default::default()),
+                        "invocations",
+                    )
+                } else {
+                    (format!("server.{SERVER}"), server_enabled(SERVER), "config")
+                };
+                let subject = eventlog::Subject::parse(&subject).expect("subject");
+                let outcome = log
+                    .append(
+                        &subject,
+                        eventlog::ExpectedVersion::Any,
+                        &[crate::support::envelope(event)],
+                    )
+                    .await
+                    .expect("append");
+                appended.insert((log_name.to_owned(), outcome.last_sequence));
+                tokio::task::yield_now().await;
+            }
+            appended
+        })
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let finished = appender.is_finished();
+        let query = match &cursor {
+            Some(cursor) => format!("limit=7&cursor={cursor}"),
+            None => "limit=7".to_owned(),
+        };
+        let body = page(&app, &auditor, &query).await;
+        pages += 1;
+        let events = body["events"].as_array().expect("events");
+        for event in events {
+            seen.push((
+                event["log"].as_str().expect("log").to_owned(),
+                event["position"].as_u64().expect("position"),
+            ));
+        }
+        cursor = Some(body["next"].as_str().expect("next").to_owned());
+        // Done once a page comes back empty after the appends had finished.
+        if events.is_empty() && finished {
+            break;
+        }
+        assert!(pages < 10_000, "paging does not end");
+    }
+    let appended = appender.await.expect("appender");
+    let unique: BTreeSet<(String, u64)> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "an event came twice");
+    assert_eq!(unique, appended, "every appended event exactly once");
+    assert_eq!(seen.len(), EVENTS);
+    assert!(pages > EVENTS / 7, "{pages} pages");
+}
+
+#[tokio::test]
+async fn paging_returns_every_event_exactly_once_while_appends_continue_on_jsonl() {
+    paging_returns_every_event_exactly_once_while_appends_continue(Store::Jsonl).await;
+}
+
+#[tokio::test]
+async fn paging_returns_every_event_exactly_once_while_appends_continue_on_jetstream() {
+    paging_returns_every_event_exactly_once_while_appends_continue(Store::JetStream).await;
+}
+
+#[tokio::test]
+async fn filters_narrow_the_history_by_type_subject_server_and_user() {
+    let app = TestApp::start(Store::Jsonl).await;
+    let admin = app.token("admin@example.com", &["admin"]);
+    let other = "0190f3c4-0000-7000-8000-0000000000cc";
+    let alice = domain::UserId::parse("alice@example.com").expect("user").key();
+    app.append(&format!("server.{SERVER}"), server_enabled(SERVER)).await;
+    app.append(&format!("server.{other}"), server_enabled(other)).await;
+    app.append(
+        &format!("server.{SERVER}"),
+        proto::v1::envelope::Event::ServerDeleted(proto::v1::ServerDeleted {
+            server_id: SERVER.to_owned(),
+        }),
+    )
+    .await;
+    app.append(
+        &format!("invocation.{alice}"),
+        proto::v1::envelope::Event::InvocationRequested(proto::v1::InvocationRequested {
+            server_id: SERVER.to_owned(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let count = |body: &Value| body["events"].as_array().map_or(0, Vec::len);
+    assert_eq!(count(&page(&app, &admin, "").await), 4);
+    assert_eq!(count(&page(&app, &admin, "type=ServerDeleted").await), 1);
+    assert_eq!(count(&page(&app, &admin, "type=ServerDeleted,ServerEnabled").await), 3);
+    assert_eq!(count(&page(&app, &admin, &format!("subject=server.{other}")).await), 1);
+    assert_eq!(count(&page(&app, &admin, &format!("server={SERVER}")).await), 3);
+    assert_eq!(count(&page(&app, &admin, "user=alice%40example.com").await), 1);
+    assert_eq!(count(&page(&app, &admin, "log=invocations").await), 1);
+    assert_eq!(count(&page(&app, &admin, "log=config&from=2").await), 2);
+    assert_eq!(count(&page(&app, &admin, "until=2000-01-01T00:00:00Z").await), 0);
+    assert_eq!(count(&page(&app, &admin, "since=2000-01-01T00:00:00Z").await), 4);
+    let first = page(&app, &admin, "limit=1").await;
+    assert_eq!(first["events"][0]["type"], "ServerEnabled");
+    assert_eq!(first["events"][0]["envelope"]["serverEnabled"]["serverId"], SERVER);
+}

@@ -1,0 +1,186 @@
+//! The permission table test: every route × every kind of caller → the expected status. The
+//! routes come from the same table the authorization middleware reads; a route without an
+//! example request below fails the test, so every route added later joins it.
+use axum::http::Method;
+use gateway::{Access, Permission, routes};
+use serde_json::Value;
+
+use crate::support::{SECRET, Store, TestApp, expired_token, token_for};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Admin,
+    Analyst,
+    AnalystReadOnly,
+    /// A custom role from the configuration (`auditor` = read_audit_log).
+    CustomRole,
+    Orchestrator,
+    /// Roles this server does not know grant nothing.
+    UnknownRole,
+    NoToken,
+    ExpiredToken,
+    SignedWithAnotherKey,
+}
+
+const EVERYONE: [Who; 9] = [
+    Who::Admin,
+    Who::Analyst,
+    Who::AnalystReadOnly,
+    Who::CustomRole,
+    Who::Orchestrator,
+    Who::UnknownRole,
+    Who::NoToken,
+    Who::ExpiredToken,
+    Who::SignedWithAnotherKey,
+];
+
+impl Who {
+    /// What each role grants, written out here rather than read from the code under test.
+    fn permissions(self) -> &'static [Permission] {
+        use Permission::*;
+        match self {
+            Who::Admin => &[ManageServers, ViewAndConnect, ReadAuditLog],
+            Who::Analyst | Who::AnalystReadOnly => &[ViewAndConnect],
+            Who::CustomRole => &[ReadAuditLog],
+            Who::Orchestrator => &[InvokeForUsers],
+            _ => &[],
+        }
+    }
+
+    fn token(self) -> Option<String> {
+        let user = "caller@example.com";
+        match self {
+            Who::Admin => Some(token_for(user, &["admin"], SECRET)),
+            Who::Analyst => Some(token_for(user, &["analyst"], SECRET)),
+            Who::AnalystReadOnly => Some(token_for(user, &["analyst_read_only"], SECRET)),
+            Who::CustomRole => Some(token_for(user, &["auditor"], SECRET)),
+            Who::Orchestrator => Some(token_for(user, &["orchestrator"], SECRET)),
+            Who::UnknownRole => Some(token_for(user, &["superuser"], SECRET)),
+            Who::NoToken => None,
+            Who::ExpiredToken => Some(expired_token(user, &["admin"])),
+            Who::SignedWithAnotherKey => Some(token_for(user, &["admin"], b"another-key-entirely")),
+        }
+    }
+
+    fn signed_in(self) -> bool {
+        !matches!(self, Who::NoToken | Who::ExpiredToken | Who::SignedWithAnotherKey)
+    }
+}
+
+/// A request that succeeds for a caller the route admits.
+struct Example {
+    path: String,
+    body: Option<Value>,
+    /// The status of success.
+    ok: u16,
+}
+
+fn example(method: &Method, path: &str) -> Example {
+    let get = |path: &str| Example {
+        path: path.to_owned(),
+        body: None,
+        ok: 200,
+    };
+    match (method.as_str(), path) {
+        ("GET", "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/api/v1/me") => get(path),
+        ("GET", "/api/v1/audit/events") => get("/api/v1/audit/events?limit=5"),
+        ("GET", "/api/v1/stream") => get(path),
+        _ => panic!("add an example request for {method} {path} to the permission test"),
+    }
+}
+
+fn expected(access: Access, who: Who) -> Option<u16> {
+    match access {
+        Access::Public => None,
+        _ if !who.signed_in() => Some(401),
+        Access::SignedIn => None,
+        Access::AnyOf(needed) => {
+            if needed.iter().any(|p| who.permissions().contains(p)) {
+                None
+            } else {
+                Some(403)
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_route_admits_exactly_the_callers_its_permission_names() {
+    let app = TestApp::start(Store::Jsonl).await;
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for route in routes::table() {
+        let example = example(&route.method, route.path);
+        for who in EVERYONE {
+            let mut request = app
+                .client
+                .request(route.method.clone(), format!("{}{}", app.url, example.path));
+            if let Some(token) = who.token() {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = &example.body {
+                request = request.json(body);
+            }
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let want = expected(route.access, who).unwrap_or(example.ok);
+            if status != want {
+                failures.push(format!(
+                    "{} {} as {who:?}: got {status}, expected {want}",
+                    route.method, route.path
+                ));
+            }
+            if status >= 400 {
+                let body: Value = response.json().await.expect("error body is JSON");
+                let code = body["error"]["code"].as_str().unwrap_or_default().to_owned();
+                let expected_code = match status {
+                    401 => "unauthenticated",
+                    403 => "forbidden",
+                    _ => code.as_str(),
+                };
+                if code != expected_code || body["error"]["request_id"].as_str().is_none() {
+                    failures.push(format!("{} {} as {who:?}: error body {body}", route.method, route.path));
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(checked, routes::table().len() * EVERYONE.len());
+    assert!(checked >= 7 * 9, "the table lost routes: {checked} checks");
+}
+
+#[tokio::test]
+async fn an_unauthenticated_answer_says_why_and_asks_for_a_bearer_token() {
+    let app = TestApp::start(Store::Jsonl).await;
+    let response = app
+        .get("/api/v1/me", Some(&expired_token("a@example.com", &["admin"])))
+        .await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers().get("www-authenticate").map(|v| v.as_bytes()),
+        Some(&b"Bearer"[..])
+    );
+    let body: Value = response.json().await.expect("JSON");
+    assert!(
+        body["error"]["message"].as_str().unwrap_or_default().contains("expired"),
+        "{body}"
+    );
+    let response = app
+        .client
+        .get(format!("{}/api/v1/me", app.url))
+        .header("authorization", "Basic YWxpY2U6cHc=")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 401);
+}
+
+#[tokio::test]
+async fn a_token_names_the_user_and_roles_the_caller_has() {
+    let app = TestApp::start(Store::Jsonl).await;
+    let token = app.token("alice@example.com", &["analyst", "auditor", "nonsense"]);
+    let me: Value = app.get("/api/v1/me", Some(&token)).await.json().await.expect("JSON");
+    assert_eq!(me["user"], "alice@example.com");
+    assert_eq!(me["permissions"], serde_json::json!(["view_and_connect", "read_audit_log"]));
+}

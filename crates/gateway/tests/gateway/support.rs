@@ -1,0 +1,267 @@
+//! A running API on a fresh store, tokens for it, and helpers to append events and read
+//! server-sent events.
+use std::{any::Any, sync::Arc, time::Duration};
+
+use eventlog::{
+    EventLog, ExpectedVersion, Subject,
+    jetstream::{JetStreamConfig, JetStreamLog},
+    jsonl::{JsonlLog, JsonlOptions},
+    projection::{CheckpointPolicy, CheckpointStore, FileCheckpointStore},
+};
+use futures_util::StreamExt;
+use gateway::{
+    AppParts, AppState, Authenticator, GatewaySettings, Metrics, RoleTable,
+    auth::{AuthSettings, TokenRequest, VerificationKeys, mint_token},
+};
+use proto::v1::{Envelope, envelope::Event};
+use service_kit::{EnvelopeBuilder, ReadModels, SystemClock};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &[u8] = b"test-secret-test-secret-test-secret";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Jsonl,
+    JetStream,
+}
+
+pub const STORES: [Store; 2] = [Store::Jsonl, Store::JetStream];
+
+pub struct TestApp {
+    pub url: String,
+    pub client: reqwest::Client,
+    pub log: Arc<dyn EventLog>,
+    pub shutdown: CancellationToken,
+    pub server: Option<tokio::task::JoinHandle<()>>,
+    _guard: Box<dyn Any + Send>,
+}
+
+impl TestApp {
+    pub async fn start(store: Store) -> TestApp {
+        Self::start_with(store, GatewaySettings::default()).await
+    }
+
+    pub async fn start_with(store: Store, settings: GatewaySettings) -> TestApp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (log, checkpoints): (Arc<dyn EventLog>, Arc<dyn CheckpointStore>) = match store {
+            Store::Jsonl => (
+                Arc::new(
+                    JsonlLog::open(&dir.path().join("events"), JsonlOptions::default())
+                        .await
+                        .expect("open JSONL log"),
+                ),
+                Arc::new(
+                    FileCheckpointStore::open(&dir.path().join("checkpoints"))
+                        .expect("checkpoints"),
+                ),
+            ),
+            Store::JetStream => {
+                let client = async_nats::connect(testkit::shared_nats().url())
+                    .await
+                    .expect("connect to nats");
+                let log = JetStreamLog::connect(
+                    client,
+                    JetStreamConfig {
+                        prefix: testkit::unique_name("gw"),
+                        ..JetStreamConfig::default()
+                    },
+                )
+                .await
+                .expect("open JetStream log");
+                let checkpoints = log.checkpoint_store().await.expect("checkpoint bucket");
+                (Arc::new(log), Arc::new(checkpoints))
+            }
+        };
+        let keys = vault::KeyRing::load_or_generate(&dir.path().join("vault.keys")).expect("keys");
+        let vault = vault::Vault::new(
+            Arc::new(vault::FileStore::open(dir.path().join("vault")).expect("vault")),
+            keys,
+        );
+        let metrics = Metrics::new();
+        let log = metrics.metered(log);
+        let read_models = ReadModels::start(log.clone(), checkpoints, CheckpointPolicy::default())
+            .await
+            .expect("read models");
+        let custom = vec!["read_audit_log".to_owned()];
+        let roles = RoleTable::with_custom([("auditor", custom.as_slice())]).expect("roles");
+        let auth = Authenticator::new(AuthSettings {
+            keys: VerificationKeys::SharedSecret(SECRET.to_vec()),
+            issuer: None,
+            audience: None,
+            roles_claim: "roles".into(),
+            leeway: Duration::from_secs(5),
+            roles,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let shutdown = CancellationToken::new();
+        let state = AppState::new(AppParts {
+            log: log.clone(),
+            vault,
+            read_models,
+            envelopes: EnvelopeBuilder::new(Arc::new(SystemClock)),
+            auth,
+            metrics,
+            settings: GatewaySettings {
+                public_url: url.clone(),
+                ..settings
+            },
+            shutdown: shutdown.clone(),
+        });
+        let server = tokio::spawn(gateway::server::serve(
+            listener,
+            gateway::app(state),
+            None,
+            shutdown.clone(),
+            Duration::from_secs(5),
+        ));
+        TestApp {
+            url,
+            client: reqwest::Client::new(),
+            log,
+            shutdown,
+            server: Some(server),
+            _guard: Box::new(dir),
+        }
+    }
+
+    pub fn token(&self, user: &str, roles: &[&str]) -> String {
+        token_for(user, roles, SECRET)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.client.get(format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("request")
+    }
+
+    /// Appends one event to `subject`; returns its log position.
+    pub async fn append(&self, subject: &str, event: Event) -> u64 {
+        let subject = Subject::parse(subject).expect("subject");
+        self.log
+            .append(&subject, ExpectedVersion::Any, &[envelope(event)])
+            .await
+            .expect("append")
+            .last_sequence
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn token_for(user: &str, roles: &[&str], secret: &[u8]) -> String {
+    let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+    mint_token(
+        secret,
+        &TokenRequest {
+            user,
+            roles: &roles,
+            ttl: Duration::from_secs(600),
+            issuer: None,
+            audience: None,
+            roles_claim: "roles",
+        },
+    )
+    .expect("token")
+}
+
+/// A token that expired an hour ago (well past the leeway).
+pub fn expired_token(user: &str, roles: &[&str]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({"sub": user, "roles": roles, "exp": now - 3600, "iat": now - 7200});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET),
+    )
+    .expect("token")
+}
+
+pub fn envelope(event: Event) -> Envelope {
+    Envelope {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at: Some(domain::time::to_timestamp(std::time::SystemTime::now())),
+        actor: None,
+        correlation_id: String::new(),
+        causation_id: String::new(),
+        schema_version: proto::SCHEMA_VERSION,
+        event: Some(event),
+    }
+}
+
+pub fn server_enabled(server_id: &str) -> Event {
+    Event::ServerEnabled(proto::v1::ServerEnabled {
+        server_id: server_id.to_owned(),
+    })
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub id: String,
+    pub event: String,
+    pub data: serde_json::Value,
+}
+
+/// Reads server-sent events from a response, one at a time.
+pub struct SseReader {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), 200, "stream refused");
+        SseReader {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped), or `None` when the stream ends. Fails the test
+    /// after 10 s without one.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    id: String::new(),
+                    event: String::new(),
+                    data: serde_json::Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("id:") {
+                        event.id = value.trim().to_owned();
+                    } else if let Some(value) = line.strip_prefix("event:") {
+                        event.event = value.trim().to_owned();
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        data.push_str(value.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                event.data = serde_json::from_str(&data).expect("event data is JSON");
+                return Some(event);
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(10), self.body.next())
+                .await
+                .expect("no server-sent event within 10 s");
+            match chunk {
+                Some(Ok(bytes)) => self.buffer.push_str(std::str::from_utf8(&bytes).expect("UTF-8")),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}
