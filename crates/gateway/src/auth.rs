@@ -12,7 +12,17 @@ use crate::ApiError;
 
 /// What a caller may do. The names are a public contract: configuration and tokens use them.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Permission {
@@ -79,7 +89,9 @@ impl Permissions {
     }
 
     pub fn iter(self) -> impl Iterator<Item = Permission> {
-        Permission::ALL.into_iter().filter(move |p| self.contains(*p))
+        Permission::ALL
+            .into_iter()
+            .filter(move |p| self.contains(*p))
     }
 }
 
@@ -107,7 +119,10 @@ impl RoleTable {
             "analyst_read_only".to_owned(),
             Permissions::of(&[ViewAndConnect]),
         );
-        roles.insert("orchestrator".to_owned(), Permissions::of(&[InvokeForUsers]));
+        roles.insert(
+            "orchestrator".to_owned(),
+            Permissions::of(&[InvokeForUsers]),
+        );
         RoleTable(roles)
     }
 
@@ -128,7 +143,9 @@ impl RoleTable {
                 })?;
                 permissions.push(permission);
             }
-            table.0.insert(role.to_owned(), Permissions::of(&permissions));
+            table
+                .0
+                .insert(role.to_owned(), Permissions::of(&permissions));
         }
         Ok(table)
     }
@@ -239,7 +256,9 @@ impl VerificationKeys {
                     ));
                 }
                 (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
-                (None, AlgorithmParameters::EllipticCurve(ec)) if ec.curve == EllipticCurve::P256 => {
+                (None, AlgorithmParameters::EllipticCurve(ec))
+                    if ec.curve == EllipticCurve::P256 =>
+                {
                     Algorithm::ES256
                 }
                 (None, AlgorithmParameters::OctetKeyPair(_)) => Algorithm::EdDSA,
@@ -295,9 +314,7 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
-                ApiError::unauthenticated(
-                    "the Authorization header must be `Bearer <token>`",
-                )
+                ApiError::unauthenticated("the Authorization header must be `Bearer <token>`")
             })?;
         let claims = self.verify(token)?;
         let user = claims
@@ -306,7 +323,9 @@ impl Authenticator {
             .ok_or_else(|| ApiError::unauthenticated("the token has no `sub` (user) claim"))
             .and_then(|sub| {
                 UserId::parse(sub).map_err(|e| {
-                    ApiError::unauthenticated(format!("the token's `sub` claim is not a user id: {e}"))
+                    ApiError::unauthenticated(format!(
+                        "the token's `sub` claim is not a user id: {e}"
+                    ))
                 })
             })?;
         let roles: Vec<String> = match claims.get(&self.settings.roles_claim) {
@@ -341,10 +360,14 @@ impl Authenticator {
             let why = match e.kind() {
                 ErrorKind::ExpiredSignature => "the token has expired; sign in again",
                 ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
-                ErrorKind::InvalidIssuer => "the token was issued by an issuer this server does not accept",
+                ErrorKind::InvalidIssuer => {
+                    "the token was issued by an issuer this server does not accept"
+                }
                 ErrorKind::InvalidAudience => "the token is for another audience",
                 ErrorKind::InvalidSignature => "the token's signature does not verify",
-                ErrorKind::InvalidAlgorithm => "the token is signed with an algorithm this server does not accept",
+                ErrorKind::InvalidAlgorithm => {
+                    "the token is signed with an algorithm this server does not accept"
+                }
                 ErrorKind::MissingRequiredClaim(_) => "the token lacks a required claim (exp, sub)",
                 _ => "the token is not a valid JWT",
             };
@@ -356,7 +379,9 @@ impl Authenticator {
                 .map_err(invalid);
         }
         let VerificationKeys::Jwks(keys) = &self.settings.keys else {
-            return Err(ApiError::unauthenticated("no verification key is configured"));
+            return Err(ApiError::unauthenticated(
+                "no verification key is configured",
+            ));
         };
         let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
         let candidates = keys.iter().filter(|k| {
@@ -417,7 +442,10 @@ pub fn mint_token(secret: &[u8], request: &TokenRequest<'_>) -> Result<String, S
         .as_secs();
     let mut claims = serde_json::Map::new();
     claims.insert("sub".into(), Value::from(request.user));
-    claims.insert(request.roles_claim.into(), Value::from(request.roles.to_vec()));
+    claims.insert(
+        request.roles_claim.into(),
+        Value::from(request.roles.to_vec()),
+    );
     claims.insert("iat".into(), Value::from(now));
     claims.insert("nbf".into(), Value::from(now));
     claims.insert("exp".into(), Value::from(now + request.ttl.as_secs()));

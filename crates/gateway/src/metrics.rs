@@ -50,6 +50,12 @@ pub struct Metrics(Arc<Inner>);
 
 struct Inner {
     registry: Registry,
+    /// Requests that reached the API, and those answered (response head produced); their
+    /// difference is the in-flight gauge. Kept as plain atomics too so that shutdown can report
+    /// them.
+    started: Counter,
+    answered: Counter,
+    in_flight: Gauge,
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
     events_appended: Family<EventTypeLabels, Counter>,
@@ -82,6 +88,12 @@ impl Metrics {
         let events_appended = Family::<EventTypeLabels, Counter>::default();
         let projection_position = Family::<ProjectionLabels, Gauge>::default();
         let projection_lag = Family::<ProjectionLabels, Gauge>::default();
+        let in_flight = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being answered now",
+            in_flight.clone(),
+        );
         registry.register(
             "http_requests",
             "HTTP requests answered, by route, method and status",
@@ -109,12 +121,25 @@ impl Metrics {
         );
         Metrics(Arc::new(Inner {
             registry,
+            started: Counter::default(),
+            answered: Counter::default(),
+            in_flight,
             requests,
             latency,
             events_appended,
             projection_position,
             projection_lag,
         }))
+    }
+
+    pub(crate) fn request_started(&self) {
+        self.0.started.inc();
+        self.0.in_flight.inc();
+    }
+
+    /// Requests that reached the API and requests answered, since start.
+    pub fn request_counts(&self) -> (u64, u64) {
+        (self.0.started.get(), self.0.answered.get())
     }
 
     pub(crate) fn observe_request(
@@ -124,6 +149,8 @@ impl Metrics {
         status: u16,
         seconds: f64,
     ) {
+        self.0.answered.inc();
+        self.0.in_flight.dec();
         self.0
             .requests
             .get_or_create(&RequestLabels {
@@ -138,7 +165,13 @@ impl Metrics {
             .observe(seconds);
     }
 
-    pub(crate) fn set_projection(&self, projection: &'static str, log: LogKind, position: u64, lag: u64) {
+    pub(crate) fn set_projection(
+        &self,
+        projection: &'static str,
+        log: LogKind,
+        position: u64,
+        lag: u64,
+    ) {
         let labels = ProjectionLabels {
             projection,
             log: log.as_str(),

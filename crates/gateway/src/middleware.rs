@@ -21,9 +21,7 @@ fn request_id_from(request: &Request) -> Arc<str> {
         .headers()
         .get(&X_REQUEST_ID)
         .and_then(|value| value.to_str().ok())
-        .filter(|id| {
-            !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
-        })
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(Arc::from)
         .unwrap_or_else(|| Arc::from(uuid::Uuid::now_v7().hyphenated().to_string()))
 }
@@ -47,6 +45,7 @@ pub(crate) async fn request_context(
     next: Next,
 ) -> Response {
     let started = Instant::now();
+    state.metrics.request_started();
     let request_id = request_id_from(&request);
     let method = method_label(request.method());
     let route = request
@@ -65,11 +64,18 @@ pub(crate) async fn request_context(
         response.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }
     let status = response.status();
-    state
-        .metrics
-        .observe_request(route, method, status.as_u16(), started.elapsed().as_secs_f64());
+    state.metrics.observe_request(
+        route,
+        method,
+        status.as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     span.in_scope(|| {
-        tracing::debug!(status = status.as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "answered")
+        tracing::debug!(
+            status = status.as_u16(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "answered"
+        )
     });
     response
 }
@@ -94,15 +100,19 @@ fn in_api_shape(response: Response) -> Response {
             "method_not_allowed",
             "this route does not take that method; see /openapi.json",
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            crate::extract::body_rejection(status, String::new())
+        StatusCode::PAYLOAD_TOO_LARGE => crate::extract::body_rejection(status, String::new()),
+        StatusCode::NOT_FOUND => {
+            ApiError::not_found("not_found", "no such route; see /openapi.json")
         }
-        StatusCode::NOT_FOUND => ApiError::not_found("not_found", "no such route; see /openapi.json"),
-        status if status.is_server_error() => ApiError::internal(format!("unshaped {status} answer")),
+        status if status.is_server_error() => {
+            ApiError::internal(format!("unshaped {status} answer"))
+        }
         status => ApiError::new(
             status,
             "bad_request",
-            status.canonical_reason().unwrap_or("the request was refused"),
+            status
+                .canonical_reason()
+                .unwrap_or("the request was refused"),
         ),
     };
     let allow = response.headers().get(header::ALLOW).cloned();

@@ -8,9 +8,7 @@ pub enum CommandError {
     #[error(transparent)]
     Domain(#[from] DomainError),
     /// Other writers kept changing the aggregate between load and append; nothing was written.
-    #[error(
-        "{subject} changed {attempts} times while this command was being decided; try again"
-    )]
+    #[error("{subject} changed {attempts} times while this command was being decided; try again")]
     TooManyConflicts { subject: String, attempts: u32 },
     /// The event store failed; the command may or may not have been written only if the error
     /// says the store was unavailable during the append (a retry with the same request is safe

@@ -44,7 +44,12 @@ where
     let mut attempts = 0;
     loop {
         let history = log.read_aggregate(subject).await?;
-        let state = S::from_events(history.events.iter().filter_map(|e| e.envelope.event.as_ref()));
+        let state = S::from_events(
+            history
+                .events
+                .iter()
+                .filter_map(|e| e.envelope.event.as_ref()),
+        );
         let events = decide(&state)?;
         if events.is_empty() {
             return Ok(Written {
@@ -56,7 +61,11 @@ where
         }
         let envelopes = envelopes.wrap(context, events);
         match log
-            .append(subject, ExpectedVersion::from_loaded(history.version), &envelopes)
+            .append(
+                subject,
+                ExpectedVersion::from_loaded(history.version),
+                &envelopes,
+            )
             .await
         {
             Ok(outcome) => {
@@ -75,7 +84,11 @@ where
                         attempts,
                     });
                 }
-                tracing::debug!(subject = subject.as_str(), attempts, "conflict; deciding again");
+                tracing::debug!(
+                    subject = subject.as_str(),
+                    attempts,
+                    "conflict; deciding again"
+                );
             }
             Err(error) => return Err(error.into()),
         }

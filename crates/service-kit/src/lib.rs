@@ -17,5 +17,5 @@ mod read_models;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use envelope::{Actor, CommandContext, EnvelopeBuilder};
 pub use error::CommandError;
-pub use execute::{Written, execute, MAX_CONFLICT_RETRIES};
+pub use execute::{MAX_CONFLICT_RETRIES, Written, execute};
 pub use read_models::{ProjectionStatus, ReadModels, server_directory_spec};

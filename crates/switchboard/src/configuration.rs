@@ -219,7 +219,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("SWITCHBOARD_TLS_CERT_FILE", "tls.cert_file"),
     ("SWITCHBOARD_TLS_KEY_FILE", "tls.key_file"),
     ("SWITCHBOARD_BODY_LIMIT", "http.body_limit"),
-    ("SWITCHBOARD_SHUTDOWN_GRACE_SECS", "http.shutdown_grace_secs"),
+    (
+        "SWITCHBOARD_SHUTDOWN_GRACE_SECS",
+        "http.shutdown_grace_secs",
+    ),
     ("SWITCHBOARD_STREAM_BUFFER", "http.stream_buffer"),
     ("SWITCHBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("SWITCHBOARD_JWT_SECRET_FILE", "auth.jwt_secret_file"),
@@ -264,10 +267,7 @@ impl Settings {
     }
 
     /// The merge, with the environment passed in (tests).
-    pub fn figment(
-        args: &GlobalArgs,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Figment {
+    pub fn figment(args: &GlobalArgs, env: impl IntoIterator<Item = (String, String)>) -> Figment {
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         if let Some(file) = &args.config {
             figment = figment.merge(Toml::file_exact(file));
@@ -304,7 +304,9 @@ impl Settings {
             let mut table = &mut value;
             let mut parts = key.split('.').peekable();
             while let Some(part) = parts.next() {
-                let Some(inner) = table.as_table_mut() else { break };
+                let Some(inner) = table.as_table_mut() else {
+                    break;
+                };
                 if parts.peek().is_none() {
                     if inner.contains_key(part) {
                         inner.insert(part.to_owned(), toml::Value::String("<redacted>".into()));
@@ -317,10 +319,11 @@ impl Settings {
                 }
             }
         }
-        if let Some(url) = self.nats.url.as_deref() {
-            if let Some(nats) = value.get_mut("nats").and_then(toml::Value::as_table_mut) {
-                nats.insert("url".into(), toml::Value::String(redact_url(url)));
-            }
+        if let (Some(url), Some(nats)) = (
+            self.nats.url.as_deref(),
+            value.get_mut("nats").and_then(toml::Value::as_table_mut),
+        ) {
+            nats.insert("url".into(), toml::Value::String(redact_url(url)));
         }
         toml::to_string_pretty(&value).context("rendering the configuration")
     }
@@ -376,7 +379,11 @@ pub fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the {what} from {}", path.display()))?;
     let text = text.trim_end_matches(['\n', '\r']).to_owned();
-    anyhow::ensure!(!text.is_empty(), "the {what} file {} is empty", path.display());
+    anyhow::ensure!(
+        !text.is_empty(),
+        "the {what} file {} is empty",
+        path.display()
+    );
     Ok(text)
 }
 
@@ -444,7 +451,9 @@ impl StoreOptions {
             let password = match (&settings.password, &settings.password_file) {
                 (Some(password), _) => password.clone(),
                 (None, Some(file)) => read_secret_file(file, "NATS password")?,
-                (None, None) => anyhow::bail!("nats.user is set without nats.password or nats.password_file"),
+                (None, None) => {
+                    anyhow::bail!("nats.user is set without nats.password or nats.password_file")
+                }
             };
             options = options.user_and_password(user.clone(), password);
         }
@@ -457,10 +466,9 @@ impl StoreOptions {
             options = options.nkey(read_secret_file(file, "NATS NKey seed")?);
         }
         if let Some(file) = &settings.creds_file {
-            options = options
-                .credentials_file(file)
-                .await
-                .with_context(|| format!("cannot read the NATS credentials file {}", file.display()))?;
+            options = options.credentials_file(file).await.with_context(|| {
+                format!("cannot read the NATS credentials file {}", file.display())
+            })?;
         }
         if let Some(ca) = &settings.ca_file {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -496,7 +504,8 @@ impl StoreOptions {
         nats: Option<&async_nats::Client>,
     ) -> anyhow::Result<Arc<dyn EventLog>> {
         if let Some(client) = nats {
-            let log = JetStreamLog::connect_existing(client.clone(), self.jetstream_config()).await?;
+            let log =
+                JetStreamLog::connect_existing(client.clone(), self.jetstream_config()).await?;
             return Ok(Arc::new(log));
         }
         let dir = self.events_dir();
@@ -533,7 +542,10 @@ impl StoreOptions {
         );
         let checkpoints_dir = self.checkpoints_dir();
         let checkpoints = FileCheckpointStore::open(&checkpoints_dir).with_context(|| {
-            format!("cannot open the checkpoints in {}", checkpoints_dir.display())
+            format!(
+                "cannot open the checkpoints in {}",
+                checkpoints_dir.display()
+            )
         })?;
         Ok(Stores {
             log: log.clone(),
@@ -545,9 +557,7 @@ impl StoreOptions {
 
 /// Takes `user:password@` or `token@` out of each server URL.
 #[allow(clippy::type_complexity)]
-fn split_credentials(
-    urls: &str,
-) -> anyhow::Result<(String, Option<(String, Option<String>)>)> {
+fn split_credentials(urls: &str) -> anyhow::Result<(String, Option<(String, Option<String>)>)> {
     let mut credentials = None;
     let mut servers = Vec::new();
     for one in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
@@ -602,7 +612,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -621,12 +634,19 @@ mod tests {
         };
         let settings: Settings = Settings::figment(
             &args,
-            env(&[("SWITCHBOARD_PUBLIC_URL", "https://env.example"), ("SWITCHBOARD_BODY_LIMIT", "2048")]),
+            env(&[
+                ("SWITCHBOARD_PUBLIC_URL", "https://env.example"),
+                ("SWITCHBOARD_BODY_LIMIT", "2048"),
+            ]),
         )
         .extract()
         .expect("valid");
         assert_eq!(settings.listen, "127.0.0.1:9000", "from the file");
-        assert_eq!(settings.public_url.as_deref(), Some("https://env.example"), "env over file");
+        assert_eq!(
+            settings.public_url.as_deref(),
+            Some("https://env.example"),
+            "env over file"
+        );
         assert_eq!(settings.nats.prefix, "fromflag", "flag over file");
         assert_eq!(settings.http.body_limit, 2048, "env, parsed as a number");
         assert_eq!(settings.auth.roles_claim, "roles", "default");
@@ -650,10 +670,12 @@ mod tests {
 
     #[test]
     fn a_secret_that_looks_like_a_number_stays_text() {
-        let settings: Settings =
-            Settings::figment(&GlobalArgs::default(), env(&[("SWITCHBOARD_JWT_SECRET", "12345")]))
-                .extract()
-                .expect("valid");
+        let settings: Settings = Settings::figment(
+            &GlobalArgs::default(),
+            env(&[("SWITCHBOARD_JWT_SECRET", "12345")]),
+        )
+        .extract()
+        .expect("valid");
         assert_eq!(settings.auth.jwt_secret.as_deref(), Some("12345"));
     }
 
@@ -663,7 +685,10 @@ mod tests {
             &GlobalArgs::default(),
             env(&[
                 ("SWITCHBOARD_JWT_SECRET", "s3cret-jwt"),
-                ("SWITCHBOARD_NATS_URL", "nats://alice:hunter2@127.0.0.1:4222"),
+                (
+                    "SWITCHBOARD_NATS_URL",
+                    "nats://alice:hunter2@127.0.0.1:4222",
+                ),
                 ("SWITCHBOARD_NATS_TOKEN", "tok-123"),
             ]),
         )
@@ -684,28 +709,44 @@ mod tests {
         assert_eq!(credentials, Some(("alice".into(), Some("pw".into()))));
         let (_, token) = split_credentials("nats://tok@a:4222").expect("parses");
         assert_eq!(token, Some(("tok".into(), None)));
-        assert_eq!(redact_url("nats://alice:pw@a:4222"), "nats://<redacted>@a:4222");
+        assert_eq!(
+            redact_url("nats://alice:pw@a:4222"),
+            "nats://<redacted>@a:4222"
+        );
     }
 
     #[test]
     fn every_setting_and_variable_is_documented() {
         let doc = include_str!("../../../docs/configuration.md");
         for (var, key) in ENV_VARS {
-            assert!(doc.contains(var), "{var} missing from docs/configuration.md");
-            assert!(doc.contains(&format!("`{key}`")), "{key} missing from docs/configuration.md");
+            assert!(
+                doc.contains(var),
+                "{var} missing from docs/configuration.md"
+            );
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "{key} missing from docs/configuration.md"
+            );
         }
         let value = toml::Value::try_from(Settings::default()).expect("renders");
         let mut keys = Vec::new();
         collect_keys(&value, "", &mut keys);
         for key in keys {
-            assert!(doc.contains(&format!("`{key}`")), "{key} missing from docs/configuration.md");
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "{key} missing from docs/configuration.md"
+            );
         }
     }
 
     fn collect_keys(value: &toml::Value, prefix: &str, keys: &mut Vec<String>) {
         if let Some(table) = value.as_table() {
             for (key, value) in table {
-                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
                 if value.is_table() && path != "roles" {
                     collect_keys(value, &path, keys);
                 } else {

@@ -25,8 +25,15 @@ pub fn shared_secret(settings: &Settings, generate: bool) -> anyhow::Result<Opti
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let secret = text.trim().as_bytes().to_vec();
-            anyhow::ensure!(!secret.is_empty(), "{} is empty; delete it to get a new one", path.display());
-            return Ok(Some(SharedSecret { bytes: secret, generated: None }));
+            anyhow::ensure!(
+                !secret.is_empty(),
+                "{} is empty; delete it to get a new one",
+                path.display()
+            );
+            return Ok(Some(SharedSecret {
+                bytes: secret,
+                generated: None,
+            }));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && generate => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
@@ -52,20 +59,25 @@ pub struct SharedSecret {
 
 impl std::fmt::Debug for SharedSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedSecret").field("generated", &self.generated).finish_non_exhaustive()
+        f.debug_struct("SharedSecret")
+            .field("generated", &self.generated)
+            .finish_non_exhaustive()
     }
 }
 
 impl SharedSecret {
     fn configured(bytes: Vec<u8>) -> Self {
-        SharedSecret { bytes, generated: None }
+        SharedSecret {
+            bytes,
+            generated: None,
+        }
     }
 }
 
 /// 32 random bytes, base64url, in a new 0600 file (the data directory 0700).
 fn generate_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     use ring::rand::SecureRandom;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -118,7 +130,10 @@ pub fn print(settings: &Settings, args: &TokenArgs) -> anyhow::Result<()> {
 /// `30s`, `15m`, `1h`, `7d` (or plain seconds).
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
     let number: u64 = number
         .parse()
         .map_err(|_| format!("{text:?} is not a duration such as 30m, 1h or 7d"))?;

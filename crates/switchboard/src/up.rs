@@ -45,7 +45,9 @@ fn authenticator(settings: &Settings) -> anyhow::Result<(Authenticator, Option<S
     let secret = shared_secret(settings, true)?;
     let keys = match (&secret, &settings.auth.jwks_file) {
         (Some(secret), _) => VerificationKeys::SharedSecret(secret.bytes.clone()),
-        (None, Some(file)) => VerificationKeys::from_jwks_file(file).map_err(|e| anyhow::anyhow!(e))?,
+        (None, Some(file)) => {
+            VerificationKeys::from_jwks_file(file).map_err(|e| anyhow::anyhow!(e))?
+        }
         (None, None) => anyhow::bail!("no way to verify tokens is configured"),
     };
     let roles = RoleTable::with_custom(
@@ -91,7 +93,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let local = listener.local_addr().context("reading the listen address")?;
+    let local = listener
+        .local_addr()
+        .context("reading the listen address")?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public_url = settings
         .public_url
@@ -104,7 +108,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         read_models: read_models.clone(),
         envelopes: EnvelopeBuilder::new(Arc::new(SystemClock)),
         auth,
-        metrics,
+        metrics: metrics.clone(),
         settings: GatewaySettings {
             public_url: public_url.clone(),
             body_limit: settings.http.body_limit,
@@ -139,7 +143,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         read_models = %positions.join(", "),
         "stores open; Ctrl-C or SIGTERM stops, SIGHUP reloads the vault keys and re-encrypts"
     );
-    if let Some(SharedSecret { generated: Some(path), .. }) = &secret {
+    if let Some(SharedSecret {
+        generated: Some(path),
+        ..
+    }) = &secret
+    {
         tracing::warn!(
             secret_file = %path.display(),
             "generated a JWT signing secret for this data directory; mint a token with \
@@ -156,6 +164,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Err(error) = server.await {
         tracing::error!(%error, "the HTTP server task failed");
     }
+    let (started, answered) = metrics.request_counts();
+    tracing::info!(
+        started,
+        answered,
+        "HTTP server stopped: requests started {started}, answered {answered}"
+    );
     if let Err(error) = read_models.shutdown().await {
         tracing::warn!(%error, "checkpoints not saved; the next start replays a little more");
     }

@@ -2,11 +2,15 @@
 //! loopback port and a throw-away store directory.
 //!
 //! - [`NatsServer::start`] gives a test its own server, which it may stop, kill and restart.
+//! - [`TestCa`] is a throw-away certificate authority for real TLS on loopback.
 //! - [`shared_nats`] gives every test of a test binary the same server; tests isolate themselves
 //!   with [`unique_name`]s for streams, subjects and buckets.
 //!
 //! Every server is spawned from one long-lived thread with `PR_SET_PDEATHSIG = SIGKILL`, so no
 //! nats-server outlives the test binary that started it, even when the binary is killed.
+
+mod tls;
+pub use tls::{ServerCert, TestCa};
 
 use std::collections::hash_map::RandomState;
 use std::fs::{self, OpenOptions};

@@ -172,14 +172,18 @@ impl Filter {
         }
         if self.since.is_some() || self.until.is_some() {
             let at = occurred_at(event);
-            if self.since.is_some_and(|since| at < since) || self.until.is_some_and(|until| at >= until) {
+            if self.since.is_some_and(|since| at < since)
+                || self.until.is_some_and(|until| at >= until)
+            {
                 return false;
             }
         }
-        if let Some(server) = &self.server {
-            if !is_about_server(event, server) {
-                return false;
-            }
+        if self
+            .server
+            .as_ref()
+            .is_some_and(|server| !is_about_server(event, server))
+        {
+            return false;
         }
         if let Some((user, key)) = &self.user {
             let acted = matches!(
@@ -257,14 +261,30 @@ async fn audit_events(
         types: query
             .r#type
             .as_deref()
-            .map(|t| t.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect())
+            .map(|t| {
+                t.split(',')
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty())
+                    .collect()
+            })
             .unwrap_or_default(),
-        since: query.since.as_deref().map(|t| parse_time("since", t)).transpose()?,
-        until: query.until.as_deref().map(|t| parse_time("until", t)).transpose()?,
+        since: query
+            .since
+            .as_deref()
+            .map(|t| parse_time("since", t))
+            .transpose()?,
+        until: query
+            .until
+            .as_deref()
+            .map(|t| parse_time("until", t))
+            .transpose()?,
         server: query
             .server
             .as_deref()
-            .map(|s| ServerId::parse(s).map_err(|e| ApiError::bad_request("invalid_query", format!("`server`: {e}"))))
+            .map(|s| {
+                ServerId::parse(s)
+                    .map_err(|e| ApiError::bad_request("invalid_query", format!("`server`: {e}")))
+            })
             .transpose()?,
         user: query
             .user
@@ -287,7 +307,10 @@ async fn audit_events(
     };
     let mut done = match query.cursor.as_deref() {
         Some(cursor) => Positions::parse(cursor).ok_or_else(|| {
-            ApiError::bad_request("invalid_query", "`cursor` must be the `next` of a previous page")
+            ApiError::bad_request(
+                "invalid_query",
+                "`cursor` must be the `next` of a previous page",
+            )
         })?,
         None => Positions::default(),
     };

@@ -65,14 +65,24 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
         (status = 503, description = "Not ready, with the reason", body = crate::ErrorBody),
     ))]
 async fn readyz(state: axum::extract::State<AppState>) -> Result<axum::Json<Readiness>, ApiError> {
-    let not_ready = |reason: String| ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason);
+    let not_ready = |reason: String| {
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            reason,
+        )
+    };
     for log in LogKind::ALL {
         let end = state
             .log
             .last_sequence(log)
             .await
             .map_err(|e| not_ready(format!("the {log} event log does not answer: {e}")))?;
-        if !state.read_models.wait_for_position(log, end, CATCH_UP_WAIT).await {
+        if !state
+            .read_models
+            .wait_for_position(log, end, CATCH_UP_WAIT)
+            .await
+        {
             return Err(not_ready(format!(
                 "the read models of the {log} log have not caught up with position {end}"
             )));

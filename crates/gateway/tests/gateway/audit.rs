@@ -9,7 +9,9 @@ use crate::support::{Store, TestApp, server_enabled};
 const SERVER: &str = "0190f3c4-0000-7000-8000-0000000000bb";
 
 async fn page(app: &TestApp, token: &str, query: &str) -> Value {
-    let response = app.get(&format!("/api/v1/audit/events?{query}"), Some(token)).await;
+    let response = app
+        .get(&format!("/api/v1/audit/events?{query}"), Some(token))
+        .await;
     assert_eq!(response.status(), 200, "{query}");
     response.json().await.expect("JSON")
 }
@@ -19,7 +21,9 @@ async fn paging_returns_every_event_exactly_once_while_appends_continue(store: S
     let auditor = app.token("auditor@example.com", &["auditor"]);
     let invocations = format!(
         "invocation.{}",
-        domain::UserId::parse("alice@example.com").expect("user").key()
+        domain::UserId::parse("alice@example.com")
+            .expect("user")
+            .key()
     );
     const EVENTS: usize = 240;
     let appender = {
@@ -100,9 +104,13 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
     let app = TestApp::start(Store::Jsonl).await;
     let admin = app.token("admin@example.com", &["admin"]);
     let other = "0190f3c4-0000-7000-8000-0000000000cc";
-    let alice = domain::UserId::parse("alice@example.com").expect("user").key();
-    app.append(&format!("server.{SERVER}"), server_enabled(SERVER)).await;
-    app.append(&format!("server.{other}"), server_enabled(other)).await;
+    let alice = domain::UserId::parse("alice@example.com")
+        .expect("user")
+        .key();
+    app.append(&format!("server.{SERVER}"), server_enabled(SERVER))
+        .await;
+    app.append(&format!("server.{other}"), server_enabled(other))
+        .await;
     app.append(
         &format!("server.{SERVER}"),
         proto::v1::envelope::Event::ServerDeleted(proto::v1::ServerDeleted {
@@ -121,15 +129,36 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
     let count = |body: &Value| body["events"].as_array().map_or(0, Vec::len);
     assert_eq!(count(&page(&app, &admin, "").await), 4);
     assert_eq!(count(&page(&app, &admin, "type=ServerDeleted").await), 1);
-    assert_eq!(count(&page(&app, &admin, "type=ServerDeleted,ServerEnabled").await), 3);
-    assert_eq!(count(&page(&app, &admin, &format!("subject=server.{other}")).await), 1);
-    assert_eq!(count(&page(&app, &admin, &format!("server={SERVER}")).await), 3);
-    assert_eq!(count(&page(&app, &admin, "user=alice%40example.com").await), 1);
+    assert_eq!(
+        count(&page(&app, &admin, "type=ServerDeleted,ServerEnabled").await),
+        3
+    );
+    assert_eq!(
+        count(&page(&app, &admin, &format!("subject=server.{other}")).await),
+        1
+    );
+    assert_eq!(
+        count(&page(&app, &admin, &format!("server={SERVER}")).await),
+        3
+    );
+    assert_eq!(
+        count(&page(&app, &admin, "user=alice%40example.com").await),
+        1
+    );
     assert_eq!(count(&page(&app, &admin, "log=invocations").await), 1);
     assert_eq!(count(&page(&app, &admin, "log=config&from=2").await), 2);
-    assert_eq!(count(&page(&app, &admin, "until=2000-01-01T00:00:00Z").await), 0);
-    assert_eq!(count(&page(&app, &admin, "since=2000-01-01T00:00:00Z").await), 4);
+    assert_eq!(
+        count(&page(&app, &admin, "until=2000-01-01T00:00:00Z").await),
+        0
+    );
+    assert_eq!(
+        count(&page(&app, &admin, "since=2000-01-01T00:00:00Z").await),
+        4
+    );
     let first = page(&app, &admin, "limit=1").await;
     assert_eq!(first["events"][0]["type"], "ServerEnabled");
-    assert_eq!(first["events"][0]["envelope"]["serverEnabled"]["serverId"], SERVER);
+    assert_eq!(
+        first["events"][0]["envelope"]["serverEnabled"]["serverId"],
+        SERVER
+    );
 }

@@ -20,51 +20,84 @@ async fn bad_input_on_every_route_is_a_4xx_that_says_what_was_wrong() {
     let app = TestApp::start(Store::Jsonl).await;
     let admin = app.token("admin@example.com", &["admin"]);
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
-        (app.client.get(format!("{}/nope", app.url)), 404, "not_found"),
-        (app.client.delete(format!("{}/healthz", app.url)), 405, "method_not_allowed"),
-        (app.client.post(format!("{}/api/v1/me", app.url)).bearer_auth(&admin), 405, "method_not_allowed"),
         (
-            app.client.get(format!("{}/api/v1/audit/events?limit=abc", app.url)).bearer_auth(&admin),
+            app.client.get(format!("{}/nope", app.url)),
+            404,
+            "not_found",
+        ),
+        (
+            app.client.delete(format!("{}/healthz", app.url)),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            app.client
+                .post(format!("{}/api/v1/me", app.url))
+                .bearer_auth(&admin),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            app.client
+                .get(format!("{}/api/v1/audit/events?limit=abc", app.url))
+                .bearer_auth(&admin),
             400,
             "invalid_query",
         ),
         (
-            app.client.get(format!("{}/api/v1/audit/events?limit=0", app.url)).bearer_auth(&admin),
+            app.client
+                .get(format!("{}/api/v1/audit/events?limit=0", app.url))
+                .bearer_auth(&admin),
             400,
             "invalid_query",
         ),
         (
-            app.client.get(format!("{}/api/v1/audit/events?colour=red", app.url)).bearer_auth(&admin),
+            app.client
+                .get(format!("{}/api/v1/audit/events?colour=red", app.url))
+                .bearer_auth(&admin),
             400,
             "invalid_query",
         ),
         (
-            app.client.get(format!("{}/api/v1/audit/events?since=yesterday", app.url)).bearer_auth(&admin),
+            app.client
+                .get(format!("{}/api/v1/audit/events?since=yesterday", app.url))
+                .bearer_auth(&admin),
             400,
             "invalid_query",
         ),
         (
-            app.client.get(format!("{}/api/v1/audit/events?subject=server..x", app.url)).bearer_auth(&admin),
+            app.client
+                .get(format!("{}/api/v1/audit/events?subject=server..x", app.url))
+                .bearer_auth(&admin),
             400,
             "invalid_query",
         ),
         (
-            app.client.get(format!("{}/api/v1/audit/events?cursor=zzz", app.url)).bearer_auth(&admin),
+            app.client
+                .get(format!("{}/api/v1/audit/events?cursor=zzz", app.url))
+                .bearer_auth(&admin),
             400,
             "invalid_query",
         ),
         (
-            app.client.get(format!("{}/api/v1/audit/events?from=3", app.url)).bearer_auth(&admin),
+            app.client
+                .get(format!("{}/api/v1/audit/events?from=3", app.url))
+                .bearer_auth(&admin),
             400,
             "invalid_query",
         ),
         (
-            app.client.get(format!("{}/api/v1/audit/events?server=not-a-uuid", app.url)).bearer_auth(&admin),
+            app.client
+                .get(format!("{}/api/v1/audit/events?server=not-a-uuid", app.url))
+                .bearer_auth(&admin),
             400,
             "invalid_query",
         ),
         (
-            app.client.get(format!("{}/api/v1/stream", app.url)).bearer_auth(&admin).header("last-event-id", "x"),
+            app.client
+                .get(format!("{}/api/v1/stream", app.url))
+                .bearer_auth(&admin)
+                .header("last-event-id", "x"),
             400,
             "invalid_last_event_id",
         ),
@@ -90,10 +123,17 @@ async fn bad_input_on_every_route_is_a_4xx_that_says_what_was_wrong() {
         assert_eq!(got, status, "{what}: {body}");
         assert_eq!(body["error"]["code"], code, "{what}: {body}");
         assert!(
-            !body["error"]["message"].as_str().unwrap_or_default().is_empty(),
+            !body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
             "{what}: {body}"
         );
-        assert_eq!(body["error"]["request_id"].as_str(), header.as_deref(), "{what}");
+        assert_eq!(
+            body["error"]["request_id"].as_str(),
+            header.as_deref(),
+            "{what}"
+        );
     }
 }
 
@@ -130,17 +170,36 @@ async fn metrics_count_requests_by_route_and_status_and_events_by_type() {
         assert_eq!(app.get("/api/v1/me", Some(&admin)).await.status(), 200);
     }
     assert_eq!(app.get("/api/v1/me", None).await.status(), 401);
-    app.append("server.0190f3c4-0000-7000-8000-000000000001", crate::support::server_enabled("0190f3c4-0000-7000-8000-000000000001")).await;
+    app.append(
+        "server.0190f3c4-0000-7000-8000-000000000001",
+        crate::support::server_enabled("0190f3c4-0000-7000-8000-000000000001"),
+    )
+    .await;
     let text = app.get("/metrics", None).await.text().await.expect("text");
     assert!(
-        text.contains(r#"switchboard_http_requests_total{route="/api/v1/me",method="GET",status="200"} 3"#),
+        text.contains(
+            r#"switchboard_http_requests_total{route="/api/v1/me",method="GET",status="200"} 3"#
+        ),
         "{text}"
     );
     assert!(
-        text.contains(r#"switchboard_http_requests_total{route="/api/v1/me",method="GET",status="401"} 1"#),
+        text.contains(
+            r#"switchboard_http_requests_total{route="/api/v1/me",method="GET",status="401"} 1"#
+        ),
         "{text}"
     );
-    assert!(text.contains(r#"switchboard_events_appended_total{type="ServerEnabled"} 1"#), "{text}");
-    assert!(text.contains("switchboard_projection_position{projection=\"server_directory_v1\",log=\"config\"}"), "{text}");
-    assert!(text.contains("switchboard_http_request_duration_seconds_bucket"), "{text}");
+    assert!(
+        text.contains(r#"switchboard_events_appended_total{type="ServerEnabled"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "switchboard_projection_position{projection=\"server_directory_v1\",log=\"config\"}"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("switchboard_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
 }

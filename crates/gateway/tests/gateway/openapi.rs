@@ -24,10 +24,15 @@ async fn the_document_lists_exactly_the_routes_served() {
         .iter()
         .map(|route| format!("{} {}", route.method, route.path))
         .collect();
-    assert_eq!(documented, declared, "OpenAPI document and route table differ");
+    assert_eq!(
+        documented, declared,
+        "OpenAPI document and route table differ"
+    );
     // And every declared route is really served: its method is not refused as unknown.
     for route in routes::table() {
-        let path = route.path.replace("{id}", "00000000-0000-7000-8000-000000000001");
+        let path = route
+            .path
+            .replace("{id}", "00000000-0000-7000-8000-000000000001");
         let status = app
             .client
             .request(route.method.clone(), format!("{}{path}", app.url))

@@ -63,7 +63,10 @@ impl Who {
     }
 
     fn signed_in(self) -> bool {
-        !matches!(self, Who::NoToken | Who::ExpiredToken | Who::SignedWithAnotherKey)
+        !matches!(
+            self,
+            Who::NoToken | Who::ExpiredToken | Who::SignedWithAnotherKey
+        )
     }
 }
 
@@ -132,14 +135,20 @@ async fn every_route_admits_exactly_the_callers_its_permission_names() {
             }
             if status >= 400 {
                 let body: Value = response.json().await.expect("error body is JSON");
-                let code = body["error"]["code"].as_str().unwrap_or_default().to_owned();
+                let code = body["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
                 let expected_code = match status {
                     401 => "unauthenticated",
                     403 => "forbidden",
                     _ => code.as_str(),
                 };
                 if code != expected_code || body["error"]["request_id"].as_str().is_none() {
-                    failures.push(format!("{} {} as {who:?}: error body {body}", route.method, route.path));
+                    failures.push(format!(
+                        "{} {} as {who:?}: error body {body}",
+                        route.method, route.path
+                    ));
                 }
             }
             checked += 1;
@@ -154,16 +163,25 @@ async fn every_route_admits_exactly_the_callers_its_permission_names() {
 async fn an_unauthenticated_answer_says_why_and_asks_for_a_bearer_token() {
     let app = TestApp::start(Store::Jsonl).await;
     let response = app
-        .get("/api/v1/me", Some(&expired_token("a@example.com", &["admin"])))
+        .get(
+            "/api/v1/me",
+            Some(&expired_token("a@example.com", &["admin"])),
+        )
         .await;
     assert_eq!(response.status(), 401);
     assert_eq!(
-        response.headers().get("www-authenticate").map(|v| v.as_bytes()),
+        response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.as_bytes()),
         Some(&b"Bearer"[..])
     );
     let body: Value = response.json().await.expect("JSON");
     assert!(
-        body["error"]["message"].as_str().unwrap_or_default().contains("expired"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired"),
         "{body}"
     );
     let response = app
@@ -180,7 +198,15 @@ async fn an_unauthenticated_answer_says_why_and_asks_for_a_bearer_token() {
 async fn a_token_names_the_user_and_roles_the_caller_has() {
     let app = TestApp::start(Store::Jsonl).await;
     let token = app.token("alice@example.com", &["analyst", "auditor", "nonsense"]);
-    let me: Value = app.get("/api/v1/me", Some(&token)).await.json().await.expect("JSON");
+    let me: Value = app
+        .get("/api/v1/me", Some(&token))
+        .await
+        .json()
+        .await
+        .expect("JSON");
     assert_eq!(me["user"], "alice@example.com");
-    assert_eq!(me["permissions"], serde_json::json!(["view_and_connect", "read_audit_log"]));
+    assert_eq!(
+        me["permissions"],
+        serde_json::json!(["view_and_connect", "read_audit_log"])
+    );
 }

@@ -6,7 +6,11 @@ use crate::support::{STORES, SseReader, Store, TestApp, server_enabled};
 const SERVER: &str = "0190f3c4-0000-7000-8000-0000000000aa";
 
 fn user_key(user: &str) -> String {
-    domain::UserId::parse(user).expect("user").key().as_str().to_owned()
+    domain::UserId::parse(user)
+        .expect("user")
+        .key()
+        .as_str()
+        .to_owned()
 }
 
 async fn subscribe(app: &TestApp, token: &str, last_event_id: Option<&str>) -> SseReader {
@@ -24,9 +28,12 @@ async fn an_event_appended_after_subscribing_arrives(store: Store) {
     let app = TestApp::start(store).await;
     let admin = app.token("admin@example.com", &["admin"]);
     // Events before the subscription are not replayed to a new client.
-    app.append(&format!("server.{SERVER}"), server_enabled(SERVER)).await;
+    app.append(&format!("server.{SERVER}"), server_enabled(SERVER))
+        .await;
     let mut stream = subscribe(&app, &admin, None).await;
-    let position = app.append(&format!("server.{SERVER}"), server_enabled(SERVER)).await;
+    let position = app
+        .append(&format!("server.{SERVER}"), server_enabled(SERVER))
+        .await;
     let event = stream.next().await.expect("an event");
     assert_eq!(event.event, "ServerEnabled");
     assert_eq!(event.data["subject"], format!("server.{SERVER}"));
@@ -123,19 +130,36 @@ async fn a_user_never_receives_another_users_events(store: Store) {
     };
     let permission = || Event::ToolPermissionSet(ToolPermissionSet::default());
     let mut visible = Vec::new();
-    app.append(&format!("connection.{SERVER}.{bob_key}"), disconnected()).await;
-    app.append(&format!("policy.{bob_key}.{SERVER}"), permission()).await;
-    app.append(&format!("invocation.{bob_key}"), invocation(SERVER)).await;
-    visible.push(app.append(&format!("server.{SERVER}"), server_enabled(SERVER)).await);
-    visible.push(app.append(&format!("connection.{SERVER}.{alice_key}"), disconnected()).await);
-    visible.push(app.append(&format!("policy.{alice_key}.{SERVER}"), permission()).await);
-    let alice_invocation = app.append(&format!("invocation.{alice_key}"), invocation(SERVER)).await;
+    app.append(&format!("connection.{SERVER}.{bob_key}"), disconnected())
+        .await;
+    app.append(&format!("policy.{bob_key}.{SERVER}"), permission())
+        .await;
+    app.append(&format!("invocation.{bob_key}"), invocation(SERVER))
+        .await;
+    visible.push(
+        app.append(&format!("server.{SERVER}"), server_enabled(SERVER))
+            .await,
+    );
+    visible.push(
+        app.append(&format!("connection.{SERVER}.{alice_key}"), disconnected())
+            .await,
+    );
+    visible.push(
+        app.append(&format!("policy.{alice_key}.{SERVER}"), permission())
+            .await,
+    );
+    let alice_invocation = app
+        .append(&format!("invocation.{alice_key}"), invocation(SERVER))
+        .await;
     let mut received = Vec::new();
     let mut saw_invocation = false;
     for _ in 0..4 {
         let event = stream.next().await.expect("an event");
         let subject = event.data["subject"].as_str().expect("subject").to_owned();
-        assert!(!subject.contains(&bob_key), "alice received bob's event {subject}");
+        assert!(
+            !subject.contains(&bob_key),
+            "alice received bob's event {subject}"
+        );
         if event.data["log"] == "invocations" {
             assert_eq!(event.data["position"], alice_invocation);
             saw_invocation = true;

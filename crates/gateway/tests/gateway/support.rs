@@ -178,7 +178,8 @@ pub fn expired_token(user: &str, roles: &[&str]) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs();
-    let claims = serde_json::json!({"sub": user, "roles": roles, "exp": now - 3600, "iat": now - 7200});
+    let claims =
+        serde_json::json!({"sub": user, "roles": roles, "exp": now - 3600, "iat": now - 7200});
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
@@ -259,7 +260,9 @@ impl SseReader {
                 .await
                 .expect("no server-sent event within 10 s");
             match chunk {
-                Some(Ok(bytes)) => self.buffer.push_str(std::str::from_utf8(&bytes).expect("UTF-8")),
+                Some(Ok(bytes)) => self
+                    .buffer
+                    .push_str(std::str::from_utf8(&bytes).expect("UTF-8")),
                 Some(Err(_)) | None => return None,
             }
         }

@@ -8,6 +8,8 @@ use eventlog::{
 };
 use proto::v1::{Envelope, ServerAdded, ServerDisabled, envelope::Event};
 
+mod http;
+
 fn switchboard(data_dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("--data-dir")
@@ -39,6 +41,7 @@ fn start_up(
         .env_remove("SWITCHBOARD_VAULT_KEYS")
         .env_remove("SWITCHBOARD_NATS_URL")
         .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD_LOG_FORMAT", "text")
         .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .spawn()
