@@ -1,7 +1,13 @@
 //! Sign-in and permissions: a bearer JWT becomes a [`Caller`] (the user and what they may do),
 //! and [`ROUTES`](crate::routes::ROUTES) — the one permission table — says what each route
 //! needs.
-use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use domain::UserId;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, jwk::JwkSet};
@@ -158,17 +164,77 @@ impl RoleTable {
     }
 }
 
-/// Who is calling: the signed-in user, their roles and what those grant.
+/// Who is calling: the signed-in user, their roles and what those grant. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub struct Caller(Arc<CallerInner>);
+
+#[derive(Debug)]
+pub struct CallerInner {
     pub user: UserId,
     pub roles: Vec<String>,
     pub permissions: Permissions,
 }
 
+impl std::ops::Deref for Caller {
+    type Target = CallerInner;
+    fn deref(&self) -> &CallerInner {
+        &self.0
+    }
+}
+
 impl Caller {
+    pub fn new(user: UserId, roles: Vec<String>, permissions: Permissions) -> Self {
+        Caller(Arc::new(CallerInner {
+            user,
+            roles,
+            permissions,
+        }))
+    }
+
     pub fn may(&self, permission: Permission) -> bool {
         self.permissions.contains(permission)
+    }
+}
+
+/// Tokens already verified, so that an orchestrator or console sending the same token on
+/// every request pays for the signature check once. The key is the whole token (signature
+/// included), so a hit is the very token that verified; its time window is checked again on
+/// every hit. Bounded: when full it is emptied, which costs a re-verification, never a wrong
+/// answer.
+#[derive(Debug, Default)]
+struct VerifiedTokens(RwLock<HashMap<Box<str>, Verified>>);
+
+#[derive(Debug, Clone)]
+struct Verified {
+    caller: Caller,
+    /// Unix seconds: valid while `not_before - leeway <= now < expires + leeway`.
+    not_before: u64,
+    expires: u64,
+}
+
+const VERIFIED_TOKENS_MAX: usize = 10_000;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl VerifiedTokens {
+    fn get(&self, token: &str, leeway: u64) -> Option<Caller> {
+        let tokens = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let verified = tokens.get(token)?;
+        let now = unix_now();
+        (now + leeway >= verified.not_before && now < verified.expires.saturating_add(leeway))
+            .then(|| verified.caller.clone())
+    }
+
+    fn insert(&self, token: &str, verified: Verified) {
+        let mut tokens = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if tokens.len() >= VERIFIED_TOKENS_MAX {
+            tokens.clear();
+        }
+        tokens.insert(token.into(), verified);
     }
 }
 
@@ -282,23 +348,28 @@ impl VerificationKeys {
     }
 }
 
-/// Checks bearer tokens.
+/// Checks bearer tokens. Cheap to clone (clones share the verified-token cache).
 #[derive(Debug, Clone)]
 pub struct Authenticator {
-    settings: AuthSettings,
-    shared: Option<(DecodingKey, Validation)>,
+    settings: Arc<AuthSettings>,
+    shared: Option<Arc<(DecodingKey, Validation)>>,
+    verified: Arc<VerifiedTokens>,
 }
 
 impl Authenticator {
     pub fn new(settings: AuthSettings) -> Self {
         let shared = match &settings.keys {
-            VerificationKeys::SharedSecret(secret) => Some((
+            VerificationKeys::SharedSecret(secret) => Some(Arc::new((
                 DecodingKey::from_secret(secret),
                 validation(&settings, Algorithm::HS256),
-            )),
+            ))),
             VerificationKeys::Jwks(_) => None,
         };
-        Authenticator { settings, shared }
+        Authenticator {
+            settings: Arc::new(settings),
+            shared,
+            verified: Arc::default(),
+        }
     }
 
     /// The caller a bearer token stands for, or why it does not stand for anyone.
@@ -316,6 +387,10 @@ impl Authenticator {
             .ok_or_else(|| {
                 ApiError::unauthenticated("the Authorization header must be `Bearer <token>`")
             })?;
+        let leeway = self.settings.leeway.as_secs();
+        if let Some(caller) = self.verified.get(token, leeway) {
+            return Ok(caller);
+        }
         let claims = self.verify(token)?;
         let user = claims
             .get("sub")
@@ -347,11 +422,19 @@ impl Authenticator {
             .settings
             .roles
             .permissions_of(roles.iter().map(String::as_str));
-        Ok(Caller {
-            user,
-            roles,
-            permissions,
-        })
+        let caller = Caller::new(user, roles, permissions);
+        let seconds = |name: &str| claims.get(name).and_then(Value::as_u64);
+        if let Some(expires) = seconds("exp") {
+            self.verified.insert(
+                token,
+                Verified {
+                    caller: caller.clone(),
+                    not_before: seconds("nbf").unwrap_or(0),
+                    expires,
+                },
+            );
+        }
+        Ok(caller)
     }
 
     fn verify(&self, token: &str) -> Result<serde_json::Map<String, Value>, ApiError> {
@@ -373,7 +456,8 @@ impl Authenticator {
             };
             ApiError::unauthenticated(why)
         };
-        if let Some((key, validation)) = &self.shared {
+        if let Some(shared) = &self.shared {
+            let (key, validation) = shared.as_ref();
             return jsonwebtoken::decode(token, key, validation)
                 .map(|data| data.claims)
                 .map_err(invalid);
@@ -461,4 +545,100 @@ pub fn mint_token(secret: &[u8], request: &TokenRequest<'_>) -> Result<String, S
         &EncodingKey::from_secret(secret),
     )
     .map_err(|e| format!("cannot sign the token: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller() -> Caller {
+        Caller::new(
+            UserId::parse("alice@example.com").expect("user"),
+            vec!["admin".into()],
+            Permissions::of(&[Permission::ManageServers]),
+        )
+    }
+
+    #[test]
+    fn a_remembered_token_is_honoured_only_inside_its_time_window() {
+        let tokens = VerifiedTokens::default();
+        let now = unix_now();
+        tokens.insert(
+            "valid",
+            Verified {
+                caller: caller(),
+                not_before: now - 10,
+                expires: now + 600,
+            },
+        );
+        tokens.insert(
+            "expired",
+            Verified {
+                caller: caller(),
+                not_before: now - 900,
+                expires: now - 60,
+            },
+        );
+        tokens.insert(
+            "early",
+            Verified {
+                caller: caller(),
+                not_before: now + 600,
+                expires: now + 900,
+            },
+        );
+        tokens.insert(
+            "in_leeway",
+            Verified {
+                caller: caller(),
+                not_before: now - 900,
+                expires: now - 2,
+            },
+        );
+        assert!(tokens.get("valid", 5).is_some());
+        assert!(
+            tokens.get("expired", 5).is_none(),
+            "expired beyond the leeway"
+        );
+        assert!(tokens.get("early", 5).is_none(), "not valid yet");
+        assert!(
+            tokens.get("in_leeway", 5).is_some(),
+            "expired within the leeway"
+        );
+        assert!(tokens.get("unknown", 5).is_none());
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let tokens = VerifiedTokens::default();
+        let now = unix_now();
+        for i in 0..VERIFIED_TOKENS_MAX + 10 {
+            tokens.insert(
+                &format!("t{i}"),
+                Verified {
+                    caller: caller(),
+                    not_before: 0,
+                    expires: now + 60,
+                },
+            );
+        }
+        assert!(tokens.0.read().expect("lock").len() <= VERIFIED_TOKENS_MAX);
+    }
+
+    #[test]
+    fn unknown_permission_names_in_custom_roles_are_refused() {
+        let names = vec!["view_everything".to_owned()];
+        let error = RoleTable::with_custom([("support", names.as_slice())]).expect_err("refused");
+        assert!(
+            error.contains("view_everything") && error.contains("support"),
+            "{error}"
+        );
+        let table = RoleTable::defaults();
+        assert_eq!(table.permissions_of(["nonsense"]), Permissions::NONE);
+        assert!(
+            table
+                .permissions_of(["analyst", "orchestrator"])
+                .contains(Permission::InvokeForUsers)
+        );
+    }
 }

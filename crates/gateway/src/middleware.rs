@@ -23,7 +23,36 @@ fn request_id_from(request: &Request) -> Arc<str> {
         .and_then(|value| value.to_str().ok())
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(Arc::from)
-        .unwrap_or_else(|| Arc::from(uuid::Uuid::now_v7().hyphenated().to_string()))
+        .unwrap_or_else(new_request_id)
+}
+
+/// A UUIDv7 without a system call per request: the time, then random bits drawn once per
+/// process mixed with a counter, so ids are unique within the process and unguessable across
+/// processes.
+fn new_request_id() -> Arc<str> {
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    };
+    static SEED: OnceLock<[u8; 10]> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = SEED.get_or_init(|| {
+        let random = uuid::Uuid::now_v7();
+        let mut seed = [0u8; 10];
+        seed.copy_from_slice(&random.as_bytes()[6..16]);
+        seed
+    });
+    let mut bits = *seed;
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    for (bit, byte) in bits[2..].iter_mut().zip(count) {
+        *bit ^= byte;
+    }
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &bits).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    Arc::from(&*id.hyphenated().encode_lower(&mut text))
 }
 
 fn method_label(method: &Method) -> &'static str {

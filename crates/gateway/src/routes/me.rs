@@ -30,7 +30,7 @@ pub struct Me {
 async fn me(caller: Caller) -> axum::Json<Me> {
     axum::Json(Me {
         user: caller.user.as_str().to_owned(),
-        roles: caller.roles,
+        roles: caller.roles.clone(),
         permissions: caller.permissions.iter().collect(),
     })
 }
