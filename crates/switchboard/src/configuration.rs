@@ -598,7 +598,11 @@ pub fn init_tracing(verbose: u8, format: LogFormat) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // When stderr goes away (a closed pipe, a restarted log collector) the subscriber would
+        // report the failed write with `eprintln!`, which panics on the same closed stderr and
+        // takes the whole process down. Losing log lines is better than losing the service.
+        .log_internal_errors(false);
     if json {
         builder.json().with_current_span(true).init();
     } else {

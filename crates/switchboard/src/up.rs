@@ -69,6 +69,9 @@ fn authenticator(settings: &Settings) -> anyhow::Result<(Authenticator, Option<S
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Listen for signals before anything else: a SIGTERM that arrives while starting must
+    // shut down gracefully, not kill the process with its default action.
+    let signals = Signals::listen()?;
     let store = settings.store();
     let (auth, secret) = authenticator(&settings)?;
     let tls = match (&settings.tls.cert_file, &settings.tls.key_file) {
@@ -157,7 +160,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     tracing::info!(listen = %local, url = %public_url, "listening on {public_url}");
 
-    wait_for_signals(&store, &vault).await?;
+    signals.wait(&store, &vault).await?;
 
     tracing::info!("shutting down: no new requests; letting in-flight ones finish");
     shutdown.cancel();
@@ -183,17 +186,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signals(store: &StoreOptions, vault: &Vault) -> anyhow::Result<()> {
-    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
-    loop {
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => {
-                result.context("listening for Ctrl-C")?;
-                return Ok(());
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("listening for Ctrl-C")?,
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            hangup: signal(SignalKind::hangup()).context("listening for SIGHUP")?,
+        })
+    }
+
+    /// Returns on Ctrl-C or SIGTERM; SIGHUP reloads the vault keys meanwhile.
+    async fn wait(mut self, store: &StoreOptions, vault: &Vault) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.interrupt.recv() => return Ok(()),
+                _ = self.terminate.recv() => return Ok(()),
+                _ = self.hangup.recv() => reload_keys_and_rotate(store, vault).await,
             }
-            _ = terminate.recv() => return Ok(()),
-            _ = hangup.recv() => reload_keys_and_rotate(store, vault).await,
         }
     }
 }

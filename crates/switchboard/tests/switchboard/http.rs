@@ -366,3 +366,17 @@ async fn shutdown_under_load_finishes_in_flight_requests_and_restarts_from_check
     assert_eq!(ready["projections"][0]["position"], EVENTS);
     assert!(terminate(&mut again).success());
 }
+
+#[tokio::test]
+async fn up_keeps_serving_and_stops_cleanly_after_its_log_output_goes_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut up, log, url) = serve(dir.path(), &[], &[]);
+    // The reading end of stderr closes: every later log line fails to write.
+    drop(log);
+    for _ in 0..3 {
+        let health = reqwest::get(format!("{url}/healthz")).await.expect("still serving");
+        assert_eq!(health.status(), 200);
+    }
+    let status = tokio::task::spawn_blocking(move || terminate(&mut up)).await.expect("join");
+    assert!(status.success(), "a closed stderr must not crash the process: {status:?}");
+}

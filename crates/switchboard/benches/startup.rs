@@ -1,0 +1,194 @@
+//! `switchboard up` from start to ready (`/readyz` answers 200) with 100,000 events in the
+//! log: from a checkpoint and from none, against an empty log in the same run.
+//!
+//! `cargo bench -p switchboard --bench startup`
+use std::{
+    io::BufRead,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use eventlog::{
+    EventLog, ExpectedVersion, Subject,
+    jsonl::{JsonlLog, JsonlOptions},
+};
+use proto::v1::{Envelope, ServerAdded, ServerUpdated, ToolPermissionSet, envelope::Event};
+
+const EVENTS: usize = 100_000;
+const SERVERS: usize = 1_000;
+const ROUNDS: usize = 5;
+
+fn envelope(event: Event) -> Envelope {
+    Envelope {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at: Some(domain::time::to_timestamp(std::time::SystemTime::now())),
+        actor: Some(proto::v1::Actor {
+            kind: Some(proto::v1::actor::Kind::UserId("alice@example.com".into())),
+        }),
+        correlation_id: uuid::Uuid::now_v7().to_string(),
+        causation_id: String::new(),
+        schema_version: proto::SCHEMA_VERSION,
+        event: Some(event),
+    }
+}
+
+/// 1,000 servers added, 9,000 server edits and 90,000 tool permission changes: the shape of a
+/// configuration log where users mostly change tool settings.
+async fn write_events(dir: &Path) {
+    let log: Arc<dyn EventLog> = Arc::new(
+        JsonlLog::open(&dir.join("events"), JsonlOptions::default())
+            .await
+            .expect("open log"),
+    );
+    let servers: Vec<String> = (0..SERVERS).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    for (i, id) in servers.iter().enumerate() {
+        let subject = Subject::parse(&format!("server.{id}")).expect("subject");
+        let added = Event::ServerAdded(ServerAdded {
+            server_id: id.clone(),
+            name: format!("Server {i}"),
+            slug: format!("server_{i}"),
+            description: "Issue tracker of the platform team".into(),
+            url: format!("https://mcp{i}.example.com/mcp"),
+            enabled: true,
+            ..Default::default()
+        });
+        log.append(&subject, ExpectedVersion::Any, &[envelope(added)]).await.expect("append");
+    }
+    let servers = Arc::new(servers);
+    let writers = 64;
+    let per_writer = (EVENTS - SERVERS) / writers + 1;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (log, servers) = (log.clone(), servers.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_writer {
+                let n = w * per_writer + i;
+                if n + SERVERS >= EVENTS {
+                    break;
+                }
+                let server = &servers[n % SERVERS];
+                let (subject, event) = if n % 10 == 0 {
+                    (
+                        format!("server.{server}"),
+                        Event::ServerUpdated(ServerUpdated {
+                            server_id: server.clone(),
+                            description: Some(format!("Edited {n}")),
+                            ..Default::default()
+                        }),
+                    )
+                } else {
+                    (
+                        format!("policy.user{}_40example_2Ecom.{server}", n % 500),
+                        Event::ToolPermissionSet(ToolPermissionSet {
+                            server_id: server.clone(),
+                            tool_name: format!("tool_{}", n % 40),
+                            definition_hash: "9f2c4e1b7a3d5f60".repeat(4),
+                            ..Default::default()
+                        }),
+                    )
+                };
+                let subject = Subject::parse(&subject).expect("subject");
+                log.append(&subject, ExpectedVersion::Any, &[envelope(event)]).await.expect("append");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    assert_eq!(log.last_sequence(eventlog::LogKind::Config).await.expect("end"), EVENTS as u64);
+}
+
+/// Starts `up`, waits for `/readyz` to answer 200; returns the process and the time it took.
+fn start_until_ready(dir: &Path) -> (Child, Duration) {
+    let begun = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("up")
+        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD_LOG_FORMAT", "text")
+        .env("NO_COLOR", "1")
+        .env_remove("SWITCHBOARD_VAULT_KEYS")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start up");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut url = None;
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.expect("log line");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            url = rest.split_whitespace().next().map(str::to_owned);
+            break;
+        }
+    }
+    let url = url.expect("up logged its URL");
+    // The API only listens once the read models have caught up; /readyz confirms it.
+    let address = url.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    use std::io::{Read, Write};
+    stream
+        .write_all(format!("GET /readyz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").as_bytes())
+        .expect("request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    (child, begun.elapsed())
+}
+
+fn stop(mut child: Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn main() {
+    let empty = tempfile::tempdir().expect("temp dir");
+    let full = tempfile::tempdir().expect("temp dir");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let begun = Instant::now();
+    runtime.block_on(write_events(full.path()));
+    println!("wrote {EVENTS} events in {:.2} s", begun.elapsed().as_secs_f64());
+    let bytes = std::fs::metadata(full.path().join("events/config.jsonl")).map_or(0, |m| m.len());
+    println!("config log: {:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+    // First starts create the key file and JWT secret; not measured.
+    for dir in [empty.path(), full.path()] {
+        stop(start_until_ready(dir).0);
+    }
+    let (mut baseline, mut from_none, mut from_checkpoint) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let (child, took) = start_until_ready(empty.path());
+        baseline.push(took);
+        stop(child);
+        std::fs::remove_dir_all(full.path().join("checkpoints")).expect("remove checkpoints");
+        let (child, took) = start_until_ready(full.path());
+        from_none.push(took);
+        stop(child);
+        let (child, took) = start_until_ready(full.path());
+        from_checkpoint.push(took);
+        stop(child);
+    }
+    let (baseline, from_none, from_checkpoint) = (median(baseline), median(from_none), median(from_checkpoint));
+    println!("start to ready, median of {ROUNDS}:");
+    println!("  empty log                      {:>8.1} ms", baseline.as_secs_f64() * 1e3);
+    println!(
+        "  {EVENTS} events, no checkpoint {:>8.1} ms  ({:.1}x empty)",
+        from_none.as_secs_f64() * 1e3,
+        from_none.as_secs_f64() / baseline.as_secs_f64()
+    );
+    println!(
+        "  {EVENTS} events, checkpoint    {:>8.1} ms  ({:.1}x empty)",
+        from_checkpoint.as_secs_f64() * 1e3,
+        from_checkpoint.as_secs_f64() / baseline.as_secs_f64()
+    );
+}
