@@ -9,12 +9,14 @@
 //! `batch: [i, n]` marks the i-th of the n events of one atomic append (left out when n is 1),
 //! and `envelope` is the event envelope in the proto3 JSON mapping.
 //!
-//! - **Appends** go to one writer thread per file, which commits them in groups with one
-//!   write and one `fdatasync` per group and answers only after the sync (`writer`).
+//! - **Appends** go to one writer thread per file, which commits them in groups: the group's
+//!   records are written and synced, then a commit mark line (`{"commit":N}`) is written and
+//!   synced, and only then are the appends answered (`writer`).
 //! - **Reads** use an in-memory index of record offsets and of each aggregate's sequences,
 //!   covering acknowledged records only, and positioned reads of the file (`reader`).
-//! - **Start-up** rebuilds the index and cuts off an append a crash left unfinished; damage
-//!   anywhere else fails the open with `Corrupt` (`recovery`).
+//! - **Start-up** rebuilds the index and cuts off whatever follows the last commit mark (a
+//!   write group a crash left unfinished, in any shape); damage before it fails the open with
+//!   `Corrupt` (`recovery`, which also states the rule for files without marks).
 //! - Only one writable `JsonlLog` may have a directory open at a time (an exclusive lock on
 //!   `<dir>/eventlog.lock`), across processes and within one.
 //! - **Auditing** ([`JsonlLog::open_read_only`]) reads a directory without the lock, while
@@ -47,9 +49,13 @@ mod recovery;
 mod writer;
 
 use index::Index;
+pub use writer::LogFile;
 use writer::{AppendRequest, Command, Dedupe, PreparedEvent, Writer};
 
 const LOCK_FILE: &str = "eventlog.lock";
+
+/// Turns a log's file into what its writer writes through (see [`JsonlLog::open_with_files`]).
+pub type LogFileWrapper = Arc<dyn Fn(LogKind, File) -> Box<dyn LogFile> + Send + Sync>;
 
 /// Tuning of a [`JsonlLog`].
 #[derive(Debug, Clone)]
@@ -190,8 +196,19 @@ impl JsonlLog {
     /// append. Fails if another `JsonlLog` has the directory open, or if a file is corrupt
     /// anywhere but in its last append.
     pub async fn open(dir: &Path, options: JsonlOptions) -> Result<JsonlLog, EventLogError> {
+        Self::open_with_files(dir, options, Arc::new(|_, file| Box::new(file))).await
+    }
+
+    /// [`JsonlLog::open`], with each log's writer going through `wrap(log, file)` instead of
+    /// the file itself: the seam tests use to watch writes and syncs or make them fail.
+    /// Recovery at open still reads and repairs the real file.
+    pub async fn open_with_files(
+        dir: &Path,
+        options: JsonlOptions,
+        wrap: LogFileWrapper,
+    ) -> Result<JsonlLog, EventLogError> {
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || open_blocking(dir, &options))
+        tokio::task::spawn_blocking(move || open_blocking(dir, &options, &wrap))
             .await
             .map_err(|e| EventLogError::unavailable(format!("opening the event log failed: {e}")))?
     }
@@ -264,7 +281,11 @@ impl fmt::Debug for JsonlLog {
     }
 }
 
-fn open_blocking(dir: PathBuf, options: &JsonlOptions) -> Result<JsonlLog, EventLogError> {
+fn open_blocking(
+    dir: PathBuf,
+    options: &JsonlOptions,
+    wrap: &LogFileWrapper,
+) -> Result<JsonlLog, EventLogError> {
     let existed = dir
         .try_exists()
         .map_err(|e| EventLogError::io(format!("checking {}", dir.display()), e))?;
@@ -285,8 +306,8 @@ fn open_blocking(dir: PathBuf, options: &JsonlOptions) -> Result<JsonlLog, Event
         })?;
     }
     let lock = Arc::new(lock_dir(&dir)?);
-    let config = open_log(&dir, LogKind::Config, options, &lock)?;
-    let invocations = open_log(&dir, LogKind::Invocations, options, &lock)?;
+    let config = open_log(&dir, LogKind::Config, options, &lock, wrap)?;
+    let invocations = open_log(&dir, LogKind::Invocations, options, &lock, wrap)?;
     Ok(JsonlLog {
         inner: Arc::new(Inner {
             dir,
@@ -375,6 +396,7 @@ fn open_log(
     kind: LogKind,
     options: &JsonlOptions,
     lock: &Arc<File>,
+    wrap: &LogFileWrapper,
 ) -> Result<LogHandle, EventLogError> {
     let path = log_path(dir, kind);
     let recovered = recovery::recover(&path, kind, options.dedupe_ids_on_open)?;
@@ -391,7 +413,7 @@ fn open_log(
         dedupe.remember(id, sequence, now);
     }
     let last = recovered.index.last_sequence();
-    let file_len = recovered.index.end();
+    let file_len = recovered.file_len;
     let (head, _) = watch::channel(Head {
         last,
         closed: false,
@@ -406,7 +428,7 @@ fn open_log(
     let (commands, rx) = mpsc::channel(options.queue_capacity.max(1));
     let writer = Writer {
         shared: shared.clone(),
-        file: recovered.file,
+        file: wrap(kind, recovered.file),
         _lock: lock.clone(),
         rx,
         max_batch_events: options.max_batch_events.max(1),

@@ -18,10 +18,6 @@ impl Index {
         self.offsets.len() as u64
     }
 
-    pub fn end(&self) -> u64 {
-        self.end
-    }
-
     /// Adds the records of one append (or one recovered record): their start offsets, in
     /// sequence order, all of `subject`.
     pub fn push(&mut self, subject: &str, offsets: &[u64], end: u64) {

@@ -13,6 +13,22 @@
 //! - `batch`: `[i, n]`, the record is the i-th (1-based) of an atomic append of n events;
 //!   omitted when n is 1. Recovery uses it to drop a batch whose tail never reached the disk.
 //! - `envelope`: the event envelope in the proto3 JSON mapping.
+//!
+//! Every write group ends with a **commit mark**, a line of its own after an empty line:
+//!
+//! ```text
+//!
+//! {"commit":9}
+//! ```
+//!
+//! (The empty line keeps the mark a line of its own even when the end of the record before
+//! it, newline included, is damaged; readers and recovery skip empty lines.)
+//!
+//! where the number is the last sequence in the file when the mark was written (0 for the mark
+//! that starts a new file). The writer writes a mark only after the group's records are
+//! synced, and acknowledges the group only after the mark is synced too, so a record before a
+//! mark was durable when the mark was written, and anything after the last mark was never
+//! acknowledged (see `recovery`). Readers skip marks.
 use std::{borrow::Cow, fmt};
 
 use proto::v1::Envelope;
@@ -53,6 +69,36 @@ pub(super) fn encode_line(
     buf.extend_from_slice(b",\"envelope\":");
     buf.extend_from_slice(envelope_json);
     buf.extend_from_slice(b"}\n");
+}
+
+/// Appends a commit mark line (with its `\n`) to `buf`: the records up to sequence `last` are
+/// durable.
+pub(super) fn encode_mark(buf: &mut Vec<u8>, last: u64) {
+    buf.push(b'\n');
+    buf.extend_from_slice(MARK_PREFIX);
+    push_decimal(buf, last);
+    buf.extend_from_slice(b"}\n");
+}
+
+/// How every commit mark line starts; a record line starts with `{"seq":`.
+const MARK_PREFIX: &[u8] = b"{\"commit\":";
+
+/// Whether a line (without its `\n`) is meant as a commit mark (it may still be damaged).
+pub(super) fn is_mark(line: &[u8]) -> bool {
+    line.starts_with(MARK_PREFIX)
+}
+
+/// The sequence a commit mark line (without its `\n`) names, or why it is not a valid mark.
+pub(super) fn scan_mark(line: &[u8]) -> Result<u64, String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Mark {
+        commit: u64,
+    }
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
+    serde_json::from_str::<Mark>(text)
+        .map(|mark| mark.commit)
+        .map_err(|e| format!("damaged commit mark: {e}"))
 }
 
 fn push_decimal(buf: &mut Vec<u8>, value: u64) {
@@ -287,6 +333,19 @@ mod tests {
         assert_eq!(line.subject, "server.s1");
         assert_eq!(line.batch, Some((2, 3)));
         assert_eq!(line.envelope.event_id, "x");
+    }
+
+    #[test]
+    fn a_commit_mark_scans_back_and_is_told_from_a_record() {
+        let mut buf = vec![];
+        encode_mark(&mut buf, 42);
+        assert_eq!(buf, b"\n{\"commit\":42}\n");
+        let line = &buf[1..buf.len() - 1];
+        assert!(is_mark(line));
+        assert_eq!(scan_mark(line), Ok(42));
+        assert!(scan_mark(b"{\"commit\":4\x002}").is_err());
+        assert!(scan_mark(b"{\"commit\":42,\"x\":1}").is_err());
+        assert!(!is_mark(br#"{"seq":1,"subject":"server.s1"}"#));
     }
 
     #[test]

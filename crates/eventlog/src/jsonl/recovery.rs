@@ -1,22 +1,35 @@
 //! Start-up: read a log file once and rebuild its index (and recent event ids) from its
-//! complete records. One scanner serves both ways of opening a log:
+//! acknowledged records. One scanner serves both ways of opening a log.
 //!
-//! - [`recover`] (the writer's open, under the directory lock) cuts off an append that never
-//!   completed. An append is acknowledged only after its whole batch is written and fsynced,
-//!   so whatever a crash leaves at the end of the file (a torn last line, the first lines of a
-//!   batch whose other lines are missing, a last line garbled by a partial write) was never
-//!   acknowledged: recovery truncates the file back to the start of that append, says so
-//!   (`warn`), and keeps every complete record before it.
+//! **The recovery rule.** The writer ends every write group with a commit mark, written only
+//! after the group's records are synced, and acknowledges the group only after the mark is
+//! synced as well (`record`). So:
+//!
+//! - Everything up to the last valid commit mark was durable before that mark was written.
+//!   Damage there (a line that does not parse, a gap, a sequence out of order, a mark that
+//!   does not match the records before it) is damage to acknowledged records: the open fails
+//!   with `Corrupt`, naming the file and the first damaged line, and the file is left alone.
+//! - Everything after the last valid commit mark belongs to the one group that was being
+//!   written when the process or the machine stopped, and was never acknowledged, whatever
+//!   shape a crash or a power loss left it in: cut short, a zero-filled gap or garbage
+//!   followed by complete lines, complete records whose mark is missing or torn. It is
+//!   dropped as a whole.
+//! - A file without any commit mark was written by an older version, which acknowledged each
+//!   append on its own. There the old rule holds: a torn last line, an incomplete last batch
+//!   or a damaged *last* line is an unfinished append and is dropped; damage followed by a
+//!   complete line is `Corrupt`. The writer's open then ends the file with a commit mark (a
+//!   new file starts with one), so from then on the file follows the rule above.
+//!
+//! The two ways of opening:
+//! - [`recover`] (the writer's open, under the directory lock) truncates the unacknowledged
+//!   tail, says so (`warn`), and makes sure the file ends with a commit mark.
 //! - [`snapshot`] (the read-only open, without the lock, while another process may be
-//!   appending) leaves the file alone: such a tail may be an append being written right now,
+//!   appending) leaves the file alone: such a tail may be a group being written right now,
 //!   so it is simply not part of the snapshot.
-//!
-//! Damage anywhere else is not a crash artefact; it fails either open with `Corrupt`, naming
-//! the file and line, and nothing is dropped.
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
-    io::{self, Read, Seek, SeekFrom},
+    io::{self, Read, Seek, SeekFrom, Write},
     path::Path,
 };
 
@@ -29,6 +42,8 @@ const READ_CHUNK: usize = 1 << 20;
 /// A log file ready for the writer: positioned at the end of its last complete record.
 pub(super) struct Recovered {
     pub file: File,
+    /// The file's length: the end of its last commit mark.
+    pub file_len: u64,
     pub index: Index,
     /// The most recent event ids with their sequences, oldest first.
     pub recent_ids: VecDeque<(u128, u64)>,
@@ -48,6 +63,10 @@ struct Scanned {
     recent_ids: VecDeque<(u128, u64)>,
     /// How many bytes were scanned (the file's length when the scan began).
     len: u64,
+    /// Where the acknowledged part of the file ends (the cut point for an unfinished tail).
+    committed_end: u64,
+    /// Whether the acknowledged part ends with a commit mark.
+    ends_with_mark: bool,
     /// Bytes after the last complete record that are no complete append: where they start and
     /// what they are.
     unfinished: Option<(u64, String)>,
@@ -80,17 +99,29 @@ pub(super) fn recover(
             file = %path.display(),
             dropped_bytes = scanned.len - cut,
             kept_records = scanned.index.last_sequence(),
-            "event log ended in an append that never completed ({why}); it was never \
+            "event log ended in a write group that never completed ({why}); it was never \
              acknowledged, truncating it"
         );
         file.set_len(*cut).map_err(|e| io_error("truncating", e))?;
         file.sync_all().map_err(|e| io_error("syncing", e))?;
     }
-    let end = scanned.index.end();
+    let mut end = scanned.committed_end;
     file.seek(SeekFrom::Start(end))
         .map_err(|e| io_error("seeking in", e))?;
+    if !scanned.ends_with_mark {
+        // A new file, or one written by a version without commit marks (its records were
+        // each acknowledged on their own and have just been checked): a mark now makes every
+        // record before it acknowledged under the commit-mark rule.
+        let mut mark = Vec::new();
+        record::encode_mark(&mut mark, scanned.index.last_sequence());
+        file.write_all(&mark)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| io_error("writing a commit mark to", e))?;
+        end += mark.len() as u64;
+    }
     Ok(Recovered {
         file,
+        file_len: end,
         index: scanned.index,
         recent_ids: scanned.recent_ids,
     })
@@ -115,8 +146,8 @@ pub(super) fn snapshot(path: &Path, log: LogKind) -> Result<Snapshot, EventLogEr
             file = %path.display(),
             left_out_bytes = scanned.len - start,
             records = scanned.index.last_sequence(),
-            "the event log ends in an unfinished append ({why}); it is not part of the \
-             read-only snapshot"
+            "the event log ends in an unfinished write group ({why}); it is not part of \
+             the read-only snapshot"
         );
     }
     Ok(Snapshot {
@@ -126,8 +157,9 @@ pub(super) fn snapshot(path: &Path, log: LogKind) -> Result<Snapshot, EventLogEr
 }
 
 /// Reads `file` from its start up to the length it has when the scan begins (bytes appended
-/// meanwhile are not looked at), and indexes every complete record. Damage followed by a
-/// complete line is `Corrupt`; an unfinished tail is reported in `unfinished`.
+/// meanwhile are not looked at), and indexes every acknowledged record (see the recovery rule
+/// above). Damage to acknowledged records is `Corrupt`; an unacknowledged tail is reported in
+/// `unfinished`.
 fn scan(file: &File, path: &Path, log: LogKind, keep_ids: usize) -> Result<Scanned, EventLogError> {
     let io_error = |what: &str, e| EventLogError::io(format!("{what} {}", path.display()), e);
     let len = file.metadata().map_err(|e| io_error("checking", e))?.len();
@@ -144,8 +176,13 @@ fn scan(file: &File, path: &Path, log: LogKind, keep_ids: usize) -> Result<Scann
         index: Index::default(),
         recent_ids: VecDeque::new(),
         line_number: 0,
+        pending: Vec::new(),
         batch: None,
+        marked: false,
+        committed_end: 0,
+        ends_with_mark: false,
         damaged: None,
+        lines_after_damage: 0,
     };
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     // File offset of `buf[0]`; `buf` holds at most one incomplete line between reads.
@@ -169,31 +206,15 @@ fn scan(file: &File, path: &Path, log: LogKind, keep_ids: usize) -> Result<Scann
     }
     // Less than `len` if the file was cut meanwhile.
     let scanned_len = buf_offset + buf.len() as u64;
-
-    let torn = (!buf.is_empty()).then_some(buf_offset);
-    let damaged = scan.damaged.as_ref().map(|d| d.offset);
-    let unfinished = scan.batch.as_ref().map(|b| b.start);
-    let cut = [torn, damaged, unfinished].into_iter().flatten().min();
-    let unfinished = cut.map(|cut| {
-        let why = if let Some(batch) = &scan.batch {
-            format!(
-                "an atomic append of {} events of which only {} complete lines were written",
-                batch.count,
-                batch.records.len()
-            )
-        } else if let Some(damage) = &scan.damaged {
-            format!("a damaged last line ({})", damage.reason)
-        } else {
-            "a torn last line".to_owned()
-        };
-        (cut, why)
-    });
-    debug_assert_eq!(cut.unwrap_or(scanned_len), scan.index.end());
+    let torn = !buf.is_empty();
+    let unfinished = scan.finish(torn)?;
     Ok(Scanned {
         index: scan.index,
         recent_ids: scan.recent_ids,
         len: scanned_len,
-        unfinished,
+        committed_end: scan.committed_end,
+        ends_with_mark: scan.ends_with_mark,
+        unfinished: unfinished.map(|why| (scan.committed_end, why)),
     })
 }
 
@@ -223,18 +244,29 @@ struct Scan<'a> {
     log: LogKind,
     path: &'a Path,
     keep_ids: usize,
+    /// The acknowledged records.
     index: Index,
     recent_ids: VecDeque<(u128, u64)>,
     line_number: u64,
+    /// Complete appends read since the last commit mark, not yet known to be acknowledged.
+    pending: Vec<PendingRecord>,
+    /// A multi-event append whose lines are still being read.
     batch: Option<OpenBatch>,
-    /// A line that could not be accepted. Fatal unless it turns out to be the last one.
+    /// Whether a commit mark has been seen: from then on the commit-mark rule holds.
+    marked: bool,
+    /// End of the acknowledged part: the last valid commit mark (or, in a file of an older
+    /// version, the last complete append).
+    committed_end: u64,
+    ends_with_mark: bool,
+    /// The first line since the last commit mark that could not be accepted.
     damaged: Option<Damage>,
+    /// Complete lines read after `damaged`.
+    lines_after_damage: u64,
 }
 
-/// A multi-event append whose lines are still being read; committed to the index only once
-/// all its lines are there.
+/// A multi-event append whose lines are still being read; it joins `pending` only once all
+/// its lines are there.
 struct OpenBatch {
-    start: u64,
     count: u64,
     records: Vec<PendingRecord>,
 }
@@ -247,7 +279,6 @@ struct PendingRecord {
 }
 
 struct Damage {
-    offset: u64,
     line_number: u64,
     reason: String,
 }
@@ -255,32 +286,133 @@ struct Damage {
 impl Scan<'_> {
     fn line(&mut self, offset: u64, line: &[u8]) -> Result<(), EventLogError> {
         self.line_number += 1;
-        if let Some(damage) = self.damaged.take() {
-            // A complete line follows the damaged one: not a torn tail but real corruption.
-            return Err(EventLogError::Corrupt {
-                location: format!("{} line {}", self.path.display(), damage.line_number),
-                reason: format!(
-                    "{} (the file is left as it is; repair or restore it)",
-                    damage.reason
-                ),
-            });
+        let end = offset + line.len() as u64 + 1;
+        if line.is_empty() {
+            // The empty line before each commit mark; it holds nothing to check.
+            return Ok(());
         }
-        if let Err(reason) = self.accept(offset, line) {
-            self.damaged = Some(Damage {
-                offset,
-                line_number: self.line_number,
-                reason,
-            });
+        if record::is_mark(line) {
+            match record::scan_mark(line) {
+                Ok(last) => return self.mark(last, end),
+                Err(reason) => self.damage(reason),
+            }
+            return Ok(());
+        }
+        if self.damaged.is_some() {
+            // Lines after damage cannot be checked against the ones before it; what matters
+            // is only whether a commit mark follows.
+            self.lines_after_damage += 1;
+            return Ok(());
+        }
+        if let Err(reason) = self.accept(offset, end, line) {
+            self.damage(reason);
         }
         Ok(())
     }
 
-    /// Checks one line and adds it to the index (or to the open batch). Changes nothing when
-    /// the line is refused.
-    fn accept(&mut self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+    fn damage(&mut self, reason: String) {
+        if self.damaged.is_some() {
+            self.lines_after_damage += 1;
+        } else {
+            self.damaged = Some(Damage {
+                line_number: self.line_number,
+                reason,
+            });
+        }
+    }
+
+    /// A well-formed commit mark naming sequence `last`, ending at `end`.
+    fn mark(&mut self, last: u64, end: u64) -> Result<(), EventLogError> {
+        if let Some(damage) = self.damaged.take() {
+            // The writer writes a mark only after the records before it are synced: this
+            // damage is in records that were durable, and perhaps acknowledged.
+            return Err(self.corrupt(
+                &damage,
+                &format!(
+                    "a commit mark follows at line {}, so the damaged records had been \
+                     acknowledged",
+                    self.line_number
+                ),
+            ));
+        }
+        let expected = self.index.last_sequence() + self.pending.len() as u64;
+        if self.batch.is_some() || last != expected {
+            let reason = match &self.batch {
+                Some(batch) => format!(
+                    "a commit mark inside an atomic append of {} events ({} lines written)",
+                    batch.count,
+                    batch.records.len()
+                ),
+                None => format!("a commit mark for sequence {last} after sequence {expected}"),
+            };
+            self.damage(reason);
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.commit(&pending);
+        self.marked = true;
+        self.committed_end = end;
+        self.ends_with_mark = true;
+        Ok(())
+    }
+
+    /// Decides what the end of the file means: `Corrupt` for damage to acknowledged records,
+    /// else why the bytes after `committed_end` (if any) are an unfinished write.
+    fn finish(&mut self, torn: bool) -> Result<Option<String>, EventLogError> {
+        if !self.marked {
+            // A file of an older version: each complete append was acknowledged on its own.
+            if let Some(damage) = &self.damaged
+                && self.lines_after_damage > 0
+            {
+                return Err(self.corrupt(damage, "complete lines follow it"));
+            }
+            let pending = std::mem::take(&mut self.pending);
+            self.commit(&pending);
+            if let Some(last) = pending.last() {
+                self.committed_end = last.end;
+                self.ends_with_mark = false;
+            }
+        }
+        let why = if let Some(damage) = &self.damaged {
+            format!(
+                "line {} is damaged ({}), {} lines after it",
+                damage.line_number, damage.reason, self.lines_after_damage
+            )
+        } else if let Some(batch) = &self.batch {
+            format!(
+                "an atomic append of {} events of which only {} complete lines were written",
+                batch.count,
+                batch.records.len()
+            )
+        } else if torn {
+            "a torn last line".to_owned()
+        } else if !self.pending.is_empty() {
+            format!(
+                "{} complete records without their commit mark",
+                self.pending.len()
+            )
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(why))
+    }
+
+    fn corrupt(&self, damage: &Damage, why: &str) -> EventLogError {
+        EventLogError::Corrupt {
+            location: format!("{} line {}", self.path.display(), damage.line_number),
+            reason: format!(
+                "{}; {why} (the file is left as it is; repair or restore it)",
+                damage.reason
+            ),
+        }
+    }
+
+    /// Checks one record line and adds it to `pending` (or to the open batch). Changes
+    /// nothing when the line is refused.
+    fn accept(&mut self, offset: u64, end: u64, bytes: &[u8]) -> Result<(), String> {
         let line = record::scan_line(bytes)?;
-        let pending = self.batch.as_ref().map_or(0, |b| b.records.len() as u64);
-        let expected = self.index.last_sequence() + pending + 1;
+        let in_batch = self.batch.as_ref().map_or(0, |b| b.records.len() as u64);
+        let expected = self.index.last_sequence() + self.pending.len() as u64 + in_batch + 1;
         if line.seq != expected {
             return Err(format!(
                 "sequence {} where {expected} was expected",
@@ -302,7 +434,7 @@ impl Scan<'_> {
             .map(|id| id.as_u128());
         let record = PendingRecord {
             offset,
-            end: offset + bytes.len() as u64 + 1,
+            end,
             subject: subject.as_str().into(),
             event_id,
         };
@@ -315,7 +447,7 @@ impl Scan<'_> {
                         batch.count
                     ));
                 }
-                self.commit(&[record]);
+                self.pending.push(record);
             }
             Some((position, count)) => {
                 if count < 2 || position < 1 || position > count {
@@ -334,7 +466,6 @@ impl Scan<'_> {
                     ));
                 }
                 let batch = self.batch.get_or_insert_with(|| OpenBatch {
-                    start: offset,
                     count,
                     records: Vec::with_capacity(count.min(4096) as usize),
                 });
@@ -342,7 +473,7 @@ impl Scan<'_> {
                 if position == count
                     && let Some(batch) = self.batch.take()
                 {
-                    self.commit(&batch.records);
+                    self.pending.extend(batch.records);
                 }
             }
         }

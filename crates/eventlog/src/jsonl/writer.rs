@@ -4,9 +4,11 @@
 //! Group commit: the thread takes everything queued (up to `max_batch_events`), decides each
 //! append in order against its in-memory versions and event ids (a refused append writes
 //! nothing; the ones after it still go ahead and see the earlier ones' effects), serialises
-//! the accepted ones into one buffer, and makes one `write` and one `fdatasync`. Only then are
-//! the new records published to readers and subscribers and the callers answered. One sync
-//! for many appends is what makes a durable log fast.
+//! the accepted ones into one buffer, and makes one `write` and one `fdatasync`; then it
+//! writes the group's commit mark and syncs again (the mark says the records before it are
+//! durable, which is what lets recovery tell an unacknowledged tail from damage, see
+//! `recovery`). Only then are the new records published to readers and subscribers and the
+//! callers answered. One pair of syncs for many appends is what makes a durable log fast.
 //!
 //! A failed write or sync leaves the file in an unknown state (after a failed `fsync` the
 //! kernel may already have dropped the dirty pages). The writer then answers every append of
@@ -17,7 +19,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     fs::File,
-    io::Write,
+    io::{self, Write},
     sync::Arc,
     time::Instant,
 };
@@ -53,14 +55,40 @@ pub(super) struct PreparedEvent {
     pub json_end: usize,
 }
 
+/// What the writer needs of its file: a seam, so that tests can watch the writes and syncs
+/// or make them fail (see [`JsonlLog::open_with_files`](super::JsonlLog::open_with_files)).
+/// The writer only ever appends: each `write_all` continues where the last one ended.
+pub trait LogFile: Send {
+    /// Writes all of `bytes` at the current end of the file.
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes everything written so far durable (`fdatasync`).
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes (after a failed write; the log refuses appends then).
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl LogFile for File {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        Write::write_all(self, bytes)
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+}
+
 pub(super) struct Writer {
     pub shared: Arc<LogShared>,
-    pub file: File,
+    pub file: Box<dyn LogFile>,
     /// Keeps the directory lock for as long as any writer runs.
     pub _lock: Arc<File>,
     pub rx: mpsc::Receiver<Command>,
     pub max_batch_events: usize,
-    /// Length of the file up to the last acknowledged record.
+    /// Length of the file up to the commit mark of the last acknowledged group.
     pub file_len: u64,
     pub next_sequence: u64,
     /// Each aggregate's version, including appends of the group being decided.
@@ -193,24 +221,15 @@ impl Writer {
             });
         }
 
-        if !buf.is_empty()
-            && let Err(error) = self.write_and_sync(buf)
-        {
-            let reason = format!(
-                "writing to {} failed ({error}); the log refuses appends until it is \
-                 reopened, and the failed appends may be retried with the same event ids then",
-                self.shared.path.display()
-            );
-            tracing::error!(file = %self.shared.path.display(), %error, "event log write failed");
-            // Best effort: the file should not keep records nobody was told about.
-            let _ = self.file.set_len(self.file_len);
-            self.poisoned = Some(reason.clone());
-            for d in decided {
-                let _ = d.reply.send(Err(EventLogError::Unavailable {
-                    reason: reason.clone(),
-                }));
+        let mut mark_len = 0;
+        if !buf.is_empty() {
+            let mut mark = Vec::with_capacity(24);
+            record::encode_mark(&mut mark, self.next_sequence - 1);
+            mark_len = mark.len() as u64;
+            if let Err(error) = self.write_and_sync(buf, &mark) {
+                self.fail_group(decided, &error);
+                return;
             }
-            return;
         }
 
         if self.next_sequence > first_sequence {
@@ -222,12 +241,33 @@ impl Writer {
                     }
                 }
             }
-            self.file_len += buf.len() as u64;
+            self.file_len += buf.len() as u64 + mark_len;
             let last = self.next_sequence - 1;
             self.shared.head.send_modify(|head| head.last = last);
         }
         for d in decided {
             let _ = d.reply.send(d.outcome);
+        }
+    }
+
+    /// After a failed write or sync: fails every append of the group, including the ones
+    /// that were refused or duplicates (their answer may rest on records of this group), and
+    /// poisons the log.
+    fn fail_group(&mut self, decided: Vec<Decided>, error: &io::Error) {
+        let reason = format!(
+            "writing to {} failed ({error}); the log refuses appends until it is \
+             reopened, and the failed appends may be retried with the same event ids then",
+            self.shared.path.display()
+        );
+        tracing::error!(file = %self.shared.path.display(), %error, "event log write failed");
+        // Best effort: the file should not keep records nobody was told about. If this fails
+        // too, recovery drops them at the next open (they have no commit mark).
+        let _ = self.file.set_len(self.file_len);
+        self.poisoned = Some(reason.clone());
+        for d in decided {
+            let _ = d.reply.send(Err(EventLogError::Unavailable {
+                reason: reason.clone(),
+            }));
         }
     }
 
@@ -316,8 +356,13 @@ impl Writer {
         })
     }
 
-    fn write_and_sync(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(buf)?;
+    /// Writes a group's records, makes them durable, then writes and syncs its commit mark.
+    /// The mark must not reach the disk before the records: recovery trusts every record
+    /// before a mark.
+    fn write_and_sync(&mut self, records: &[u8], mark: &[u8]) -> io::Result<()> {
+        self.file.write_all(records)?;
+        self.file.sync_data()?;
+        self.file.write_all(mark)?;
         self.file.sync_data()
     }
 }

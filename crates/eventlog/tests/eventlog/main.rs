@@ -3,5 +3,6 @@
 mod conformance;
 mod jetstream;
 mod jsonl;
+mod jsonl_recovery;
 mod projection;
 mod support;
