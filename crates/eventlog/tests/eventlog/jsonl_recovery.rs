@@ -1,11 +1,24 @@
 //! Crash recovery of the JSONL log: every shape a crash or a power loss can leave the last
 //! (unacknowledged) write group in is recovered, damage to acknowledged records is refused.
-use eventlog::{
-    EventLogError,
-    jsonl::{JsonlLog, JsonlOptions},
+use std::{
+    future::Future,
+    io,
+    path::Path,
+    pin::Pin,
+    sync::{Arc, Condvar, Mutex, PoisonError},
 };
 
-use crate::jsonl::{assert_recovers, config_file, file_ending_in};
+use eventlog::{
+    AppendOutcome, EventLog, EventLogError, ExpectedVersion, LogKind,
+    jsonl::{JsonlLog, JsonlOptions, LogFile, LogFileWrapper},
+};
+use futures_util::FutureExt;
+use proto::v1::Envelope;
+
+use crate::{
+    jsonl::{GUARD, assert_recovers, config_file, file_ending_in, replay},
+    support::{event, subject},
+};
 
 /// Events in the last write group (one atomic append): about 13 KiB, room for whole 4 KiB
 /// pages inside it.
@@ -180,7 +193,7 @@ async fn garbage_in_the_last_group_is_recovered() {
 
 /// Opens the log in `dir` holding `file` and expects `Corrupt` naming a line, with the file
 /// left as it was (by the read-only open as well).
-async fn assert_refused(dir: &std::path::Path, file: &[u8], what: &str) {
+async fn assert_refused(dir: &Path, file: &[u8], what: &str) {
     let path = config_file(dir);
     std::fs::write(&path, file).expect("write the damaged file");
     for read_only in [true, false] {
@@ -270,12 +283,7 @@ async fn a_log_written_without_commit_marks_still_opens_and_gets_one() {
         let opened = JsonlLog::open(dir.path(), JsonlOptions::default())
             .await
             .expect("a file without marks opens");
-        assert_eq!(
-            crate::jsonl::replay(&opened, eventlog::LogKind::Config)
-                .await
-                .len(),
-            records
-        );
+        assert_eq!(replay(&opened, LogKind::Config).await.len(), records);
         opened.close().await;
     }
     let marked = std::fs::read(&path).expect("read");
@@ -294,4 +302,360 @@ async fn a_log_written_without_commit_marks_still_opens_and_gets_one() {
     let mut damaged = marked.clone();
     zero(&mut damaged, legacy.len() / 2, 100);
     assert_refused(dir.path(), &damaged, "old records damaged before the mark").await;
+}
+
+/// A log file whose writes and syncs a test can watch, hold and make fail: the writer's seam
+/// ([`JsonlLog::open_with_files`]) around the real file.
+struct ScriptedFile {
+    file: std::fs::File,
+    script: Arc<Script>,
+}
+
+#[derive(Default)]
+struct Script {
+    state: Mutex<ScriptState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ScriptState {
+    /// While set, a sync waits for a permit.
+    hold: bool,
+    permits: usize,
+    syncs_entered: usize,
+    /// Bytes written, and bytes made durable by a sync that succeeded.
+    written: u64,
+    durable: u64,
+    /// The next fault to inject, counted in calls of its kind from when it was set.
+    fault: Option<(Fault, usize)>,
+    cut_fails: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// A write that stores only half of its bytes and fails.
+    Write,
+    Sync,
+}
+
+impl Script {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ScriptState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn hold(&self) {
+        self.lock().hold = true;
+    }
+
+    /// Lets `n` held syncs go ahead.
+    fn release(&self, n: usize) {
+        self.lock().permits += n;
+        self.changed.notify_all();
+    }
+
+    fn stop_holding(&self) {
+        self.lock().hold = false;
+        self.changed.notify_all();
+    }
+
+    /// Fails the `nth` (1-based) call of `fault`'s kind from now on.
+    fn fail(&self, fault: Fault, nth: usize, cut_fails: bool) {
+        let mut state = self.lock();
+        state.fault = Some((fault, nth));
+        state.cut_fails = cut_fails;
+    }
+
+    fn take_fault(&self, kind: Fault) -> bool {
+        let mut state = self.lock();
+        match &mut state.fault {
+            Some((fault, nth)) if *fault == kind => {
+                *nth -= 1;
+                if *nth == 0 {
+                    state.fault = None;
+                    return true;
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits (on a blocking thread) until `n` syncs have started.
+    async fn syncs_entered(self: &Arc<Self>, n: usize) {
+        let script = self.clone();
+        let wait = tokio::task::spawn_blocking(move || {
+            let mut state = script.lock();
+            while state.syncs_entered < n {
+                state = script
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        });
+        tokio::time::timeout(GUARD, wait)
+            .await
+            .expect("the writer never synced")
+            .expect("wait");
+    }
+
+    fn durable(&self) -> u64 {
+        self.lock().durable
+    }
+}
+
+/// Stops holding syncs when a test ends, also by a failed assertion, so that dropping the log
+/// (which joins its writer thread) cannot hang.
+struct StopHoldingOnDrop(Arc<Script>);
+
+impl Drop for StopHoldingOnDrop {
+    fn drop(&mut self) {
+        self.0.stop_holding();
+    }
+}
+
+impl LogFile for ScriptedFile {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.script.take_fault(Fault::Write) {
+            let half = &bytes[..bytes.len() / 2];
+            std::io::Write::write_all(&mut self.file, half)?;
+            self.script.lock().written += half.len() as u64;
+            return Err(io::Error::other("injected write failure"));
+        }
+        std::io::Write::write_all(&mut self.file, bytes)?;
+        self.script.lock().written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        {
+            let mut state = self.script.lock();
+            state.syncs_entered += 1;
+            self.script.changed.notify_all();
+            while state.hold && state.permits == 0 {
+                state = self
+                    .script
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if state.hold {
+                state.permits -= 1;
+            }
+        }
+        if self.script.take_fault(Fault::Sync) {
+            return Err(io::Error::other("injected sync failure"));
+        }
+        self.file.sync_data()?;
+        let mut state = self.script.lock();
+        state.durable = state.written;
+        Ok(())
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        if self.script.lock().cut_fails {
+            return Err(io::Error::other("injected truncate failure"));
+        }
+        self.file.set_len(len)?;
+        let mut state = self.script.lock();
+        state.written = state.written.min(len);
+        Ok(())
+    }
+}
+
+/// Opens the log in `dir` with the config log's writer going through a [`ScriptedFile`].
+async fn open_scripted(dir: &Path) -> (JsonlLog, Arc<Script>) {
+    let script = Arc::new(Script::default());
+    let start = std::fs::metadata(config_file(dir)).map_or(0, |m| m.len());
+    let for_wrapper = script.clone();
+    let wrap: LogFileWrapper = Arc::new(move |kind, file| match kind {
+        LogKind::Config => {
+            // What is in the file at open has been synced by recovery.
+            let mut state = for_wrapper.lock();
+            let len = file.metadata().map_or(start, |m| m.len());
+            state.written = len;
+            state.durable = len;
+            drop(state);
+            Box::new(ScriptedFile {
+                file,
+                script: for_wrapper.clone(),
+            })
+        }
+        LogKind::Invocations => Box::new(file),
+    });
+    let log = JsonlLog::open_with_files(dir, JsonlOptions::default(), wrap)
+        .await
+        .expect("open");
+    (log, script)
+}
+
+type PendingAppend<'a> =
+    Pin<Box<dyn Future<Output = Result<AppendOutcome, EventLogError>> + Send + 'a>>;
+
+/// Starts an append and hands it to the writer (its request is queued once this returns).
+fn start_append<'a>(log: &'a JsonlLog, events: &'a [Envelope]) -> PendingAppend<'a> {
+    let mut append: PendingAppend<'a> =
+        Box::pin(log.append(&SUBJECT, ExpectedVersion::Any, events));
+    assert!(append.as_mut().now_or_never().is_none(), "answered at once");
+    append
+}
+
+static SUBJECT: std::sync::LazyLock<eventlog::Subject> =
+    std::sync::LazyLock::new(|| subject("server.seam"));
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_append_is_acknowledged_before_its_records_and_commit_mark_are_synced() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, script) = open_scripted(dir.path()).await;
+    let _stop_holding = StopHoldingOnDrop(script.clone());
+    script.hold();
+    let events = [event("seam"), event("seam")];
+    let mut append = start_append(&log, &events);
+
+    // The records' sync has started and is held: no answer yet.
+    script.syncs_entered(1).await;
+    assert!(
+        append.as_mut().now_or_never().is_none(),
+        "answered before the records were synced"
+    );
+    // The records are synced; the commit mark's sync is held: still no answer.
+    script.release(1);
+    script.syncs_entered(2).await;
+    assert!(
+        append.as_mut().now_or_never().is_none(),
+        "answered before the commit mark was synced"
+    );
+    script.release(1);
+    let outcome = tokio::time::timeout(GUARD, append)
+        .await
+        .expect("append stalled")
+        .expect("append");
+    assert_eq!((outcome.first_sequence, outcome.last_sequence), (1, 2));
+    let on_disk = std::fs::metadata(config_file(dir.path()))
+        .expect("metadata")
+        .len();
+    assert_eq!(
+        script.durable(),
+        on_disk,
+        "everything written was synced before the answer"
+    );
+    script.stop_holding();
+    log.close().await;
+}
+
+/// One write group fails at `fault` (the `nth` call of its kind within the group): every
+/// append of the group fails, the log refuses appends until reopened, and after reopening
+/// every acknowledged append is there and the failed ones are not (and can be retried).
+async fn a_failed_group(fault: Fault, nth: usize, cut_fails: bool) {
+    let what = format!("{fault:?} #{nth} fails, cutting back fails: {cut_fails}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, script) = open_scripted(dir.path()).await;
+    let _stop_holding = StopHoldingOnDrop(script.clone());
+    let first = [event("seam")];
+    log.append(&SUBJECT, ExpectedVersion::Any, &first)
+        .await
+        .expect("first append");
+
+    // Hold the next group's syncs so that two more appends queue up behind it and are
+    // written as one group.
+    script.hold();
+    let acknowledged = [event("seam")];
+    // The held group makes two writes and two syncs before the failing group's.
+    script.fail(fault, nth + 2, cut_fails);
+    let entered = script.lock().syncs_entered;
+    let mut held = start_append(&log, &acknowledged);
+    script.syncs_entered(entered + 1).await;
+    let failing_a = [event("seam"), event("seam")];
+    let failing_b = [event("seam")];
+    let a = start_append(&log, &failing_a);
+    let b = start_append(&log, &failing_b);
+    assert!(held.as_mut().now_or_never().is_none());
+    script.release(2);
+    tokio::time::timeout(GUARD, held)
+        .await
+        .expect("stalled")
+        .expect("the held append succeeds");
+    // The failing group's records may be written already, but not synced: its syncs are
+    // still held.
+    let kept_len = script.durable();
+    script.stop_holding();
+
+    for (append, name) in [(a, "first"), (b, "second")] {
+        let err = tokio::time::timeout(GUARD, append)
+            .await
+            .expect("stalled")
+            .expect_err(&format!("{what}: the {name} append of the failed group"));
+        assert!(
+            matches!(err, EventLogError::Unavailable { .. }),
+            "{what}: {err}"
+        );
+    }
+    let err = log
+        .append(&SUBJECT, ExpectedVersion::Any, &[event("seam")])
+        .await
+        .expect_err("appends are refused after a failed write");
+    assert!(
+        matches!(err, EventLogError::Unavailable { .. }),
+        "{what}: {err}"
+    );
+    if !cut_fails {
+        assert_eq!(
+            std::fs::metadata(config_file(dir.path()))
+                .expect("metadata")
+                .len(),
+            kept_len,
+            "{what}: the file is cut back to the last acknowledged group"
+        );
+    }
+    log.close().await;
+    drop(log);
+
+    let reopened = JsonlLog::open(dir.path(), JsonlOptions::default())
+        .await
+        .expect("reopen");
+    let stored: Vec<String> = replay(&reopened, LogKind::Config)
+        .await
+        .into_iter()
+        .map(|e| e.envelope.event_id)
+        .collect();
+    let ids = |events: &[Envelope]| {
+        events
+            .iter()
+            .map(|e| e.event_id.clone())
+            .collect::<Vec<_>>()
+    };
+    let acknowledged_ids = [ids(&first), ids(&acknowledged)].concat();
+    assert_eq!(stored[..2], acknowledged_ids[..], "{what}");
+    // The failed group is gone, except when its commit mark was written and could not be
+    // cut off again: then it is whole (its callers were told it may or may not be stored).
+    let failed_ids = [ids(&failing_a), ids(&failing_b)].concat();
+    assert!(
+        stored.len() == 2 || (cut_fails && stored[2..] == failed_ids[..]),
+        "{what}: {stored:?}"
+    );
+    // The failed appends can be retried with the same ids, and are stored once.
+    for events in [&failing_a[..], &failing_b[..]] {
+        let outcome = reopened
+            .append(&SUBJECT, ExpectedVersion::Any, events)
+            .await
+            .expect("retry");
+        assert_eq!(outcome.duplicate, stored.len() > 2, "{what}");
+    }
+    let after: Vec<String> = replay(&reopened, LogKind::Config)
+        .await
+        .into_iter()
+        .map(|e| e.envelope.event_id)
+        .collect();
+    assert_eq!(after, [acknowledged_ids, failed_ids].concat(), "{what}");
+    reopened.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_or_sync_fails_the_whole_group_and_loses_nothing_acknowledged() {
+    for cut_fails in [false, true] {
+        // The records' write, the records' sync, the mark's write, the mark's sync.
+        a_failed_group(Fault::Write, 1, cut_fails).await;
+        a_failed_group(Fault::Sync, 1, cut_fails).await;
+        a_failed_group(Fault::Write, 2, cut_fails).await;
+        a_failed_group(Fault::Sync, 2, cut_fails).await;
+    }
 }
