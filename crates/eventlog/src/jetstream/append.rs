@@ -407,6 +407,13 @@ fn validate(events: &[Envelope]) -> Result<(), EventLogError> {
                 ),
             });
         }
+        if event.event.is_none() {
+            // The same rule as the JSONL log: no event type could be recorded for it and no
+            // reader could fold it (only events of a newer type read back without a body).
+            return Err(EventLogError::InvalidEvent {
+                reason: format!("event {} has no event body", event.event_id),
+            });
+        }
         if events[..i].iter().any(|e| e.event_id == event.event_id) {
             return Err(EventLogError::InvalidEvent {
                 reason: format!("event id {} appears twice in one append", event.event_id),
