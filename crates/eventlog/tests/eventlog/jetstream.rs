@@ -3,7 +3,7 @@
 //! wrote, checkpoints in KV).
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -385,6 +385,7 @@ async fn acknowledged_appends_survive_a_server_kill_exactly_once() {
     const APPENDS_PER_WRITER: usize = 100;
     let server = testkit::NatsServer::start();
     let client = async_nats::connect(server.url()).await.expect("connect");
+    let sent = client.statistics();
     let config = JetStreamConfig {
         ack_timeout: Duration::from_secs(1),
         max_append_attempts: 30,
@@ -410,6 +411,31 @@ async fn acknowledged_appends_survive_a_server_kill_exactly_once() {
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| tokio::spawn(write(log.clone(), w, APPENDS_PER_WRITER, acked_tx.clone())))
         .collect();
+
+    // Lost acknowledgements, forced: once a tenth of the appends were acknowledged, freeze
+    // the server while appends are in flight, until the writers have timed out and sent their
+    // retries. Resumed, the server stores each original and then sees its retry, whose
+    // answer must be the original outcome marked as a duplicate.
+    tokio::time::timeout(
+        GUARD,
+        acked_rx.wait_for(|n| *n >= WRITERS * APPENDS_PER_WRITER / 10),
+    )
+    .await
+    .expect("writers stalled before the pause")
+    .expect("watch");
+    server.pause();
+    let sent_before = sent.out_messages.load(Ordering::Relaxed);
+    tokio::time::timeout(GUARD, async {
+        // Every writer has one append in flight; 3 messages per writer means retries went out
+        // (an attempt sends one message, two for a batch). Polled: the client offers no
+        // notification for messages sent.
+        while sent.out_messages.load(Ordering::Relaxed) < sent_before + 3 * WRITERS as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the writers sent no retries while the server was frozen");
+    server.resume();
 
     // Kill the server mid-run, once a quarter of the appends were acknowledged.
     tokio::time::timeout(
@@ -443,6 +469,10 @@ async fn acknowledged_appends_survive_a_server_kill_exactly_once() {
         acked.sequences.len(),
         acked.duplicates,
         acked.repeated
+    );
+    assert!(
+        acked.duplicates > 0,
+        "the lost-acknowledgement path ran: some retry found its original stored"
     );
 
     let stored = collect_ids(&log, LogKind::Config).await;
