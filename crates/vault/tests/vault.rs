@@ -672,6 +672,8 @@ async fn check_reports_unopenable_entries_by_name(h: Harness) {
 
 async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
     const ENTRIES: usize = 24;
+    /// Entries no writer touches: the rotation must re-seal each of them.
+    const UNTOUCHED: usize = 6;
     const WRITERS: usize = 3;
     let key_path = h.tmp.path().join("vault.keys");
     let mut key_file = KeyFile::create(&key_path).unwrap();
@@ -681,7 +683,10 @@ async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
     let names: Vec<SecretName> = (0..ENTRIES)
         .map(|i| name(&format!("token/rot/u{i}")))
         .collect();
-    for n in &names {
+    let untouched: Vec<SecretName> = (0..UNTOUCHED)
+        .map(|i| name(&format!("token/rot/idle{i}")))
+        .collect();
+    for n in names.iter().chain(&untouched) {
         h.vault
             .put(n, &Secret::from(format!("{n}#0")))
             .await
@@ -702,21 +707,30 @@ async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
         "{refused:?}"
     );
     h.vault.set_keyring(key_file.keyring().unwrap());
+    // Every entry is still under the old key when the rotation starts.
+    assert_eq!(
+        h.vault.check().await.unwrap().entries_using(&old_key),
+        ENTRIES + UNTOUCHED + 1
+    );
 
-    // Writers each own a slice of the entries and keep rewriting them; readers read all.
+    // Writers each own a slice of the entries and keep rewriting them from the moment the
+    // rotation starts until it ends, so the rotation's re-seal races their writes: a writer's
+    // compare-and-swap can lose to the re-seal, and the re-seal's to a writer. Readers read
+    // all of them meanwhile.
     let rotating = Arc::new(AtomicBool::new(true));
-    let started = Arc::new(tokio::sync::Barrier::new(WRITERS + 1));
+    let start = Arc::new(tokio::sync::Barrier::new(WRITERS + 1));
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let vault = h.vault.clone();
             let rotating = Arc::clone(&rotating);
-            let started = Arc::clone(&started);
+            let start = Arc::clone(&start);
             let mine: Vec<SecretName> = names.iter().skip(w).step_by(WRITERS).cloned().collect();
             tokio::spawn(async move {
                 let mut last = HashMap::new();
+                let mut writes_during_rotation = 0;
                 let mut round = 1;
-                // At least a few rounds, and until the rotation is over.
-                while round <= 3 || rotating.load(Ordering::SeqCst) {
+                start.wait().await;
+                while round <= 2 || rotating.load(Ordering::SeqCst) {
                     for n in &mine {
                         let value = format!("{n}#{round}");
                         if round % 2 == 0 {
@@ -740,14 +754,14 @@ async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
                                 }
                             }
                         }
+                        if rotating.load(Ordering::SeqCst) {
+                            writes_during_rotation += 1;
+                        }
                         last.insert(n.clone(), value);
-                    }
-                    if round == 1 {
-                        started.wait().await;
                     }
                     round += 1;
                 }
-                last
+                (last, writes_during_rotation)
             })
         })
         .collect();
@@ -766,25 +780,55 @@ async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
         })
     };
 
-    // Rotate only once every writer is under way, so rotation and writes overlap.
-    started.wait().await;
+    start.wait().await;
     let report = h.vault.rotate().await.unwrap();
     rotating.store(false, Ordering::SeqCst);
-    assert!(report.is_complete(), "{report:?}");
-    assert_eq!(report.current_key, new_key);
-    assert_eq!(report.examined, ENTRIES + 1);
     reader.await.unwrap();
     let mut expected = HashMap::new();
+    let mut writes_during_rotation = 0;
     for writer in writers {
-        expected.extend(writer.await.unwrap());
+        let (last, writes) = writer.await.unwrap();
+        expected.extend(last);
+        writes_during_rotation += writes;
     }
     assert_eq!(expected.len(), ENTRIES);
+    assert!(
+        writes_during_rotation > 0,
+        "the writers wrote while the rotation ran"
+    );
+
+    // The report accounts for every entry: each was re-sealed by the rotation or had already
+    // been rewritten under the new key by a writer; none is missing or left behind.
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.current_key, new_key);
+    assert_eq!(report.examined, ENTRIES + UNTOUCHED + 1, "{report:?}");
+    assert_eq!(
+        report.reencrypted + report.already_current,
+        report.examined,
+        "{report:?}"
+    );
+    assert!(
+        report.reencrypted >= UNTOUCHED + 1,
+        "the untouched and the time-to-live entries were re-sealed: {report:?}"
+    );
+    assert_eq!(
+        (
+            report.expired_removed,
+            report.vanished,
+            report.problems.len()
+        ),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    for n in &untouched {
+        expected.insert(n.clone(), format!("{n}#0"));
+    }
 
     // Every entry holds its last write, all under the new key.
     let check = h.vault.check().await.unwrap();
     assert!(check.is_healthy(), "{check:?}");
     assert_eq!(check.entries_using(&old_key), 0);
-    assert_eq!(check.entries_using(&new_key), ENTRIES + 1);
+    assert_eq!(check.entries_using(&new_key), ENTRIES + UNTOUCHED + 1);
 
     // The old key can go; everything still opens, also for a vault that never had it.
     h.vault.retire_key(&mut key_file, &old_key).await.unwrap();
