@@ -649,10 +649,37 @@ async fn check_reports_unopenable_entries_by_name(h: Harness) {
         .await
         .unwrap();
 
+    // And one whose key id was damaged in the store: it names a key nobody has.
+    let flipped = name("token/bad/flipped-key-id");
+    h.vault
+        .put(&flipped, &secret("CHECK-PLAINTEXT"))
+        .await
+        .unwrap();
+    let mut sealed = h.store.get(&flipped).await.unwrap().unwrap().value.to_vec();
+    // "SV", format version, key id length, then the key id.
+    sealed[4] = if sealed[4] == b'z' { b'y' } else { b'z' };
+    h.store.put(&flipped, Bytes::from(sealed)).await.unwrap();
+
     let report = h.vault.check().await.unwrap();
     assert!(!report.is_healthy());
-    assert_eq!((report.examined, report.opened), (4, 2));
-    assert_eq!(report.by_key.get("elsewhere"), Some(&1));
+    assert_eq!((report.examined, report.opened), (5, 2));
+    // Keys that are not loaded are not counted: one is real but missing here, the other is
+    // a damaged header; both entries are reported.
+    assert_eq!(report.by_key.get("elsewhere"), None);
+    assert_eq!(
+        report.by_key.keys().collect::<Vec<_>>(),
+        [&h.vault.keyring().current_key_id().to_string()]
+    );
+    let unknown = report
+        .problems
+        .iter()
+        .find(|p| p.name == flipped)
+        .expect("the damaged key id is reported");
+    assert!(
+        unknown.error.to_string().contains("damaged"),
+        "{}",
+        unknown.error
+    );
     let mut problems: Vec<(String, &'static str)> = report
         .problems
         .iter()
@@ -662,6 +689,7 @@ async fn check_reports_unopenable_entries_by_name(h: Harness) {
     assert_eq!(
         problems,
         [
+            ("token/bad/flipped-key-id".to_owned(), "vault_unknown_key"),
             ("token/bad/foreign-key".to_owned(), "vault_unknown_key"),
             ("token/bad/tampered".to_owned(), "vault_entry_tampered"),
         ]
@@ -1075,5 +1103,124 @@ async fn check_reports_an_entry_file_too_damaged_to_name() {
     assert!(!report.is_healthy());
     assert_eq!(report.opened, 1);
     let file_name = damaged.file_name().unwrap().to_string_lossy().into_owned();
-    assert_eq!(report.unreadable, [file_name]);
+    assert_eq!(report.unreadable.len(), 1, "{report:?}");
+    assert!(report.unreadable[0].starts_with(&file_name), "{report:?}");
+}
+
+/// One byte flipped in each of several entry files, in each part of the file: the check
+/// accounts for every file, reports every damaged one, and counts no key that does not exist.
+#[tokio::test]
+async fn check_accounts_for_every_damaged_entry_file() {
+    const ENTRIES: usize = 10;
+    let h = Harness::file().await;
+    let Backend::File { dir } = &h.backend else {
+        unreachable!()
+    };
+    let names: Vec<SecretName> = (0..ENTRIES)
+        .map(|i| name(&format!("token/dmg/u{i}")))
+        .collect();
+    for n in &names {
+        h.vault.put(n, &secret("DAMAGE-PLAINTEXT")).await.unwrap();
+    }
+    let key_id = h.vault.keyring().current_key_id().to_string();
+    let file_of = |n: &SecretName| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "entry")
+                    && contains(&std::fs::read(p).unwrap(), n.as_str().as_bytes())
+            })
+            .expect("the entry file")
+    };
+    // Layout: "SBVE", version, revision (8), name length (2), name, sealed value, checksum.
+    let name_start = 4 + 1 + 8 + 2;
+    let flip = |n: &SecretName, at: &dyn Fn(&[u8]) -> usize| {
+        let path = file_of(n);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let i = at(&bytes);
+        bytes[i] = match bytes[i] {
+            b'0'..=b'8' => bytes[i] + 1,
+            b'a'..=b'y' => bytes[i] + 1,
+            other => other ^ 0x01,
+        };
+        std::fs::write(&path, bytes).unwrap();
+        path.file_name().unwrap().to_string_lossy().into_owned()
+    };
+    let value_start = |n: &SecretName| name_start + n.as_str().len();
+    // The name's length byte, a digit of the name, and the magic: the entry is unknown.
+    let unnamed = [
+        flip(&names[1], &|_| name_start - 1),
+        flip(&names[2], &|_| value_start(&names[2]) - 1),
+        flip(&names[6], &|_| 0),
+    ];
+    // The revision, the sealed value's key id, its ciphertext: reported by name.
+    flip(&names[3], &|_| 12);
+    flip(&names[4], &|_| value_start(&names[4]) + 4);
+    flip(&names[5], &|bytes| bytes.len() - 16 - 3);
+    // And the checksum itself.
+    flip(&names[7], &|bytes| bytes.len() - 1);
+
+    let report = h.vault.check().await.unwrap();
+    assert!(!report.is_healthy());
+    assert_eq!(
+        report.examined + report.unreadable.len(),
+        ENTRIES,
+        "every file is accounted for: {report:?}"
+    );
+    assert_eq!(report.opened, ENTRIES - 7, "{report:?}");
+    let mut problems: Vec<String> = report.problems.iter().map(|p| p.name.to_string()).collect();
+    problems.sort();
+    assert_eq!(
+        problems,
+        [
+            "token/dmg/u3",
+            "token/dmg/u4",
+            "token/dmg/u5",
+            "token/dmg/u7"
+        ]
+    );
+    let mut unreadable = report.unreadable.clone();
+    unreadable.sort();
+    let mut expected = unnamed.to_vec();
+    expected.sort();
+    assert_eq!(unreadable.len(), 3, "{report:?}");
+    for (reported, file) in unreadable.iter().zip(&expected) {
+        assert!(reported.starts_with(file.as_str()), "{reported} / {file}");
+    }
+    assert_eq!(
+        report.by_key.keys().collect::<Vec<_>>(),
+        [&key_id],
+        "no key is invented from a damaged header"
+    );
+    let printed = format!("{report:?}");
+    assert!(!printed.contains("DAMAGE-PLAINTEXT"));
+}
+
+/// Files written before entry files had a checksum (version 1) still open, and get one when
+/// they are next written.
+#[tokio::test]
+async fn an_entry_file_without_a_checksum_still_opens() {
+    let h = Harness::file().await;
+    let Backend::File { dir } = &h.backend else {
+        unreachable!()
+    };
+    let n = name("token/old/format");
+    h.vault.put(&n, &secret("old")).await.unwrap();
+    let path = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "entry"))
+        .expect("the entry file");
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes[4], 2);
+    bytes[4] = 1;
+    bytes.truncate(bytes.len() - 16);
+    std::fs::write(&path, &bytes).unwrap();
+
+    assert_eq!(text(&h.vault.get(&n).await.unwrap().unwrap().0), "old");
+    assert!(h.vault.check().await.unwrap().is_healthy());
+    h.vault.put(&n, &secret("new")).await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap()[4], 2);
+    assert_eq!(text(&h.vault.get(&n).await.unwrap().unwrap().0), "new");
 }
