@@ -24,7 +24,7 @@
 //!   records, with no writer and without changing any file.
 use std::{
     fmt,
-    fs::{File, OpenOptions, TryLockError},
+    fs::{File, TryLockError},
     io,
     ops::Range,
     path::{Path, PathBuf},
@@ -289,7 +289,7 @@ fn open_blocking(
     let existed = dir
         .try_exists()
         .map_err(|e| EventLogError::io(format!("checking {}", dir.display()), e))?;
-    std::fs::create_dir_all(&dir)
+    crate::private_fs::create_dir_all(&dir)
         .map_err(|e| EventLogError::io(format!("creating {}", dir.display()), e))?;
     if !existed {
         // The files' directory entries are synced as they are created; the directory's own
@@ -365,13 +365,15 @@ fn snapshot_log(dir: &Path, kind: LogKind) -> Result<LogHandle, EventLogError> {
 
 fn lock_dir(dir: &Path) -> Result<File, EventLogError> {
     let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
+    let file = crate::private_fs::open_options()
         .create(true)
         .read(true)
         .write(true)
         .truncate(false)
         .open(&path)
         .map_err(|e| EventLogError::io(format!("opening {}", path.display()), e))?;
+    crate::private_fs::restrict(&file)
+        .map_err(|e| EventLogError::io(format!("restricting {}", path.display()), e))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(EventLogError::Io {

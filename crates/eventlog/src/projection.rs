@@ -434,8 +434,10 @@ pub struct FileCheckpointStore {
 }
 
 impl FileCheckpointStore {
+    /// Opens (creating it with mode 0700 if needed, and tightening it to 0700) the
+    /// checkpoint directory; checkpoint files are written with mode 0600.
     pub fn open(dir: &Path) -> Result<Self, EventLogError> {
-        std::fs::create_dir_all(dir)
+        crate::private_fs::create_dir_all(dir)
             .map_err(|e| EventLogError::io(format!("creating {}", dir.display()), e))?;
         // Temporary files of saves a crash interrupted; the checkpoints they were to replace
         // are intact.
@@ -513,7 +515,11 @@ fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), EventLo
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = path.with_extension(format!("checkpoint.{}.{n}.tmp", std::process::id()));
     let io = |what: &str, e| EventLogError::io(format!("{what} {}", tmp.display()), e);
-    let mut file = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+    let mut file = crate::private_fs::open_options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io("creating", e))?;
     file.write_all(bytes).map_err(|e| io("writing", e))?;
     file.sync_data().map_err(|e| io("syncing", e))?;
     std::fs::rename(&tmp, path).map_err(|e| io("renaming", e))?;

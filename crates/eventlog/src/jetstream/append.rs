@@ -88,7 +88,7 @@ impl JetStreamLog {
     ) -> Result<AppendOutcome, EventLogError> {
         validate(events)?;
         if events.len() > 1 && !self.inner.atomic_batches {
-            return Err(EventLogError::unavailable(
+            return Err(EventLogError::refused(
                 "appending several events at once needs atomic batch publish, which this \
                  nats-server does not support; upgrade to nats-server 2.12 or newer",
             ));
@@ -230,7 +230,9 @@ impl JetStreamLog {
         if code != ErrorCode::STREAM_WRONG_LAST_SEQUENCE
             && code != ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE
         {
-            return Err(EventLogError::unavailable(format!(
+            // `classify` already passed on the answers worth retrying (503, too many batches
+            // in flight, a clustered write still in progress).
+            return Err(EventLogError::refused(format!(
                 "append to {subject} refused by JetStream: {}",
                 error.text
             )));

@@ -28,7 +28,7 @@
 //!   so it is simply not part of the snapshot.
 use std::{
     collections::VecDeque,
-    fs::{File, OpenOptions},
+    fs::File,
     io::{self, Read, Seek, SeekFrom, Write},
     path::Path,
 };
@@ -81,13 +81,14 @@ pub(super) fn recover(
 ) -> Result<Recovered, EventLogError> {
     let io_error = |what: &str, e| EventLogError::io(format!("{what} {}", path.display()), e);
     let existed = path.try_exists().map_err(|e| io_error("checking", e))?;
-    let mut file = OpenOptions::new()
+    let mut file = crate::private_fs::open_options()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)
         .map_err(|e| io_error("opening", e))?;
+    crate::private_fs::restrict(&file).map_err(|e| io_error("restricting to its owner", e))?;
     if !existed && let Some(dir) = path.parent() {
         // A new file is durable only once its directory entry is.
         sync_dir(dir).map_err(|e| io_error("syncing the directory of", e))?;

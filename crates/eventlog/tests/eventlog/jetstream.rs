@@ -505,3 +505,67 @@ async fn acknowledged_appends_survive_a_server_kill_exactly_once() {
     subscriber.abort();
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_prefixes_that_name_streams_of_their_own_are_accepted() {
+    let url = testkit::shared_nats().url();
+    let base = testkit::unique_name("pfx");
+    // Each of these would share streams with `base` (or another valid prefix) if the
+    // stream-name mapping (upper-casing, dots as `_`) merged them.
+    for prefix in [
+        base.to_uppercase(),
+        format!("{base}.x"),
+        format!("{}.{}", &base[..2], &base[2..]),
+        String::new(),
+        "a".repeat(65),
+    ] {
+        let client = async_nats::connect(&url).await.expect("connect");
+        let err = JetStreamLog::connect(client, JetStreamConfig::with_prefix(&prefix))
+            .await
+            .expect_err("a prefix that could share streams");
+        assert!(
+            matches!(err, EventLogError::InvalidSubject { .. }),
+            "{prefix}: {err}"
+        );
+    }
+    let log = connect(&url, JetStreamConfig::with_prefix(format!("{base}_x-1"))).await;
+    assert_eq!(
+        log.stream_name(LogKind::Config),
+        format!("{}_X-1_CONFIG", base.to_uppercase())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_that_retrying_cannot_fix_are_not_reported_as_unavailable() {
+    let url = testkit::shared_nats().url();
+    // Three replicas on a single server: the server refuses the stream.
+    let client = async_nats::connect(&url).await.expect("connect");
+    let config = JetStreamConfig {
+        replicas: 3,
+        ..JetStreamConfig::with_prefix(testkit::unique_name("t"))
+    };
+    let err = JetStreamLog::connect(client, config)
+        .await
+        .expect_err("three replicas on one server");
+    assert!(matches!(err, EventLogError::Refused { .. }), "{err}");
+
+    let client = async_nats::connect(&url).await.expect("connect");
+    let config = JetStreamConfig {
+        replicas: 0,
+        ..JetStreamConfig::with_prefix(testkit::unique_name("t"))
+    };
+    let err = JetStreamLog::connect(client, config)
+        .await
+        .expect_err("no replicas");
+    assert!(matches!(err, EventLogError::Refused { .. }), "{err}");
+
+    // An auditor's prefix without streams.
+    let client = async_nats::connect(&url).await.expect("connect");
+    let err = JetStreamLog::connect_existing(
+        client,
+        JetStreamConfig::with_prefix(testkit::unique_name("t")),
+    )
+    .await
+    .expect_err("no streams under this prefix");
+    assert!(matches!(err, EventLogError::Refused { .. }), "{err}");
+}

@@ -744,3 +744,49 @@ async fn a_read_only_open_reads_missing_log_files_as_empty_and_creates_nothing()
     assert!(matches!(err, EventLogError::Io { .. }), "{err}");
     assert!(!missing.exists());
 }
+
+#[cfg(unix)]
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Invocation events hold tool arguments: the log's directory and files are the owner's
+/// alone, also when an earlier version created them with the default umask.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_directory_and_files_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data").join("events");
+    let files = ["config.jsonl", "invocations.jsonl", "eventlog.lock"];
+    let log = open(&dir).await;
+    log.close().await;
+    drop(log);
+    assert_eq!(mode_of(&dir), 0o700, "the log directory");
+    assert_eq!(
+        mode_of(&tmp.path().join("data")),
+        0o700,
+        "a parent it created"
+    );
+    for file in files {
+        assert_eq!(mode_of(&dir.join(file)), 0o600, "{file}");
+    }
+
+    // Made readable by others (as an earlier version left them), they are tightened at open.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for file in files {
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+    }
+    let log = open(&dir).await;
+    assert_eq!(mode_of(&dir), 0o700);
+    for file in files {
+        assert_eq!(mode_of(&dir.join(file)), 0o600, "{file}, reopened");
+    }
+    log.close().await;
+}

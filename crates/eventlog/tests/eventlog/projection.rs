@@ -416,3 +416,29 @@ async fn a_checkpoint_taken_while_events_are_applied_pairs_the_state_with_its_po
         assert_eq!(restored.read(|s| s.events), TOTAL);
     }
 }
+
+/// Checkpoints hold the projections' state: their directory and files are the owner's alone.
+#[cfg(unix)]
+#[tokio::test]
+async fn checkpoint_files_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("checkpoints");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let store = FileCheckpointStore::open(&dir).expect("store");
+    let checkpoint = eventlog::projection::Checkpoint {
+        position: 1,
+        snapshot: bytes::Bytes::from_static(b"{}"),
+    };
+    store.save("p", &checkpoint).await.expect("save");
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("p.checkpoint")), 0o600);
+}
