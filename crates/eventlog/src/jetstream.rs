@@ -149,6 +149,21 @@ impl JetStreamConfig {
     }
 }
 
+/// Longest pause between two reconnection attempts with [`reconnect_promptly`].
+pub const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(250);
+
+/// Connection options for a client the event log uses: reconnect attempts at most
+/// [`MAX_RECONNECT_DELAY`] apart. async-nats' default backs off to 4 seconds between attempts,
+/// so after an outage of a few seconds a restarted server could wait that long for the client
+/// — and every append with it. An append waiting for its acknowledgement is retried as soon
+/// as the client has reconnected.
+pub fn reconnect_promptly(options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+    options.reconnect_delay_callback(|attempts| {
+        let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+        (Duration::from_millis(10).saturating_mul(attempts)).min(MAX_RECONNECT_DELAY)
+    })
+}
+
 /// Whether `prefix` is a valid deployment prefix: 1 to 64 of `a-z 0-9 _ -`. The set leaves
 /// nothing for the stream-name mapping (upper-casing) to merge.
 pub fn is_valid_prefix(prefix: &str) -> bool {

@@ -569,3 +569,122 @@ async fn refusals_that_retrying_cannot_fix_are_not_reported_as_unavailable() {
     .expect_err("no streams under this prefix");
     assert!(matches!(err, EventLogError::Refused { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_resume_within_a_second_of_a_restarted_server_answering() {
+    // As many versioned writers as the outside fault runs used.
+    const WRITERS: usize = 64;
+    let mut server = testkit::NatsServer::start();
+    let options = eventlog::jetstream::reconnect_promptly(async_nats::ConnectOptions::new());
+    let client = options.connect(server.url()).await.expect("connect");
+    let log = Arc::new(
+        JetStreamLog::connect(
+            client,
+            JetStreamConfig::with_prefix(testkit::unique_name("t")),
+        )
+        .await
+        .expect("log"),
+    );
+
+    // Each writer appends to its own aggregate at the version it last saw, until told to stop,
+    // and records when each acknowledged append started and ended.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0usize);
+    let acked_tx = Arc::new(acked_tx);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let log = log.clone();
+            let stop = stop.clone();
+            let acked_tx = acked_tx.clone();
+            tokio::spawn(async move {
+                let s = subject(&format!("server.restart{w}"));
+                let mut version = 0;
+                let mut acked = vec![];
+                while !stop.load(Ordering::Relaxed) {
+                    let e = event("restart");
+                    let started = std::time::Instant::now();
+                    let outcome = log
+                        .append(
+                            &s,
+                            ExpectedVersion::from_loaded(version),
+                            std::slice::from_ref(&e),
+                        )
+                        .await
+                        .unwrap_or_else(|err| panic!("writer {w}: {err}"));
+                    version = outcome.last_sequence;
+                    acked.push((started, std::time::Instant::now(), e.event_id, version));
+                    acked_tx.send_modify(|n| *n += 1);
+                }
+                acked
+            })
+        })
+        .collect();
+
+    tokio::time::timeout(GUARD, acked_rx.wait_for(|n| *n >= 2_000))
+        .await
+        .expect("writers stalled before the kill")
+        .expect("watch");
+    let (server, answering_again) = tokio::task::spawn_blocking(move || {
+        server.kill();
+        server.restart();
+        // `restart` returns once the server accepts clients again.
+        let answering_again = std::time::Instant::now();
+        (server, answering_again)
+    })
+    .await
+    .expect("restart");
+    let before = *acked_rx.borrow();
+    tokio::time::timeout(GUARD, acked_rx.wait_for(|n| *n >= before + 2_000))
+        .await
+        .expect("writers stalled after the restart")
+        .expect("watch");
+    stop.store(true, Ordering::Relaxed);
+
+    let mut acked = vec![];
+    for writer in writers {
+        acked.extend(
+            tokio::time::timeout(GUARD, writer)
+                .await
+                .expect("writer stalled")
+                .expect("writer"),
+        );
+    }
+    // The appends that were waiting when the server came back, and the first one after it.
+    let waiting_then: Vec<_> = acked
+        .iter()
+        .filter(|(started, ended, ..)| *started < answering_again && *ended > answering_again)
+        .map(|(_, ended, ..)| ended.duration_since(answering_again))
+        .collect();
+    let slowest = waiting_then.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} appends were waiting when the server answered again; the last was acknowledged \
+         {slowest:?} later",
+        waiting_then.len()
+    );
+    assert!(
+        !waiting_then.is_empty(),
+        "appends were in flight across the restart"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "an append waited {slowest:?} after the server answered again"
+    );
+
+    // Every acknowledged event is stored, once, where it was acknowledged.
+    let stored = collect_ids(&log, LogKind::Config).await;
+    let mut ids = HashSet::new();
+    for (sequence, id) in &stored {
+        assert!(
+            ids.insert(id.clone()),
+            "event {id} stored twice (again at {sequence})"
+        );
+    }
+    let stored: HashSet<_> = stored.into_iter().collect();
+    for (_, _, id, sequence) in &acked {
+        assert!(
+            stored.contains(&(*sequence, id.clone())),
+            "acknowledged event {id} is not at sequence {sequence}"
+        );
+    }
+    drop(server);
+}
