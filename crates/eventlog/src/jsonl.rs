@@ -30,7 +30,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
     thread::JoinHandle,
-    time::Instant,
+    time::{Duration, Instant, SystemTime},
 };
 
 use async_trait::async_trait;
@@ -46,9 +46,11 @@ mod index;
 mod reader;
 mod record;
 mod recovery;
+mod segments;
 mod writer;
 
 use index::Index;
+use segments::Segment;
 pub use writer::LogFile;
 use writer::{AppendRequest, Command, Dedupe, PreparedEvent, Writer};
 
@@ -56,6 +58,9 @@ const LOCK_FILE: &str = "eventlog.lock";
 
 /// Turns a log's file into what its writer writes through (see [`JsonlLog::open_with_files`]).
 pub type LogFileWrapper = Arc<dyn Fn(LogKind, File) -> Box<dyn LogFile> + Send + Sync>;
+
+/// How long invocation events are kept by default: 400 days, as on JetStream.
+pub const DEFAULT_INVOCATION_RETENTION: Duration = Duration::from_secs(400 * 24 * 60 * 60);
 
 /// Tuning of a [`JsonlLog`].
 #[derive(Debug, Clone)]
@@ -70,6 +75,12 @@ pub struct JsonlOptions {
     /// open, so that a retry of an append made just before a restart is still recognised.
     /// (Records do not carry their append time, so the window is rebuilt by count.)
     pub dedupe_ids_on_open: usize,
+    /// How long invocation events are kept (`None`: forever). The invocations log is split
+    /// into monthly segment files, and a segment is dropped whole once every event it can
+    /// hold is older than this (see `segments`). The configuration log keeps everything.
+    pub invocation_retention: Option<Duration>,
+    /// The clock that decides segments and retention (a seam for tests).
+    pub now: fn() -> SystemTime,
 }
 
 impl Default for JsonlOptions {
@@ -78,6 +89,8 @@ impl Default for JsonlOptions {
             max_batch_events: 4096,
             queue_capacity: 8192,
             dedupe_ids_on_open: 100_000,
+            invocation_retention: Some(DEFAULT_INVOCATION_RETENTION),
+            now: SystemTime::now,
         }
     }
 }
@@ -110,13 +123,14 @@ struct WriterLink {
     _thread: WriterThread,
 }
 
-/// What readers of one log file share with its writer.
+/// What readers of one log share with its writer.
 pub(super) struct LogShared {
     kind: LogKind,
+    /// The active file, for messages.
     path: PathBuf,
-    /// A read-only handle for positioned reads (`None` for a read-only log whose file did not
-    /// exist when it was opened; its index is empty, so nothing is ever read).
-    read_file: Option<File>,
+    /// The log's segments, oldest first, with read handles (none for a read-only log whose
+    /// file did not exist when it was opened; its index is empty, so nothing is ever read).
+    segments: RwLock<Vec<Arc<Segment>>>,
     index: RwLock<Index>,
     /// The last committed sequence, and whether the writer has stopped.
     head: watch::Sender<Head>,
@@ -137,18 +151,69 @@ impl LogShared {
         self.index.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reads the bytes in `range` into `bytes` (replacing what it held).
+    fn read_segments(&self) -> RwLockReadGuard<'_, Vec<Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_segments(&self) -> RwLockWriteGuard<'_, Vec<Arc<Segment>>> {
+        self.segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the bytes in `range` of the log's virtual byte space (its segments one after
+    /// the other) into `bytes` (replacing what it held).
     fn read_into(&self, range: Range<u64>, bytes: &mut Vec<u8>) -> Result<(), EventLogError> {
         // Only newly grown capacity is zeroed; a reused buffer is overwritten as it is.
         bytes.resize((range.end - range.start) as usize, 0);
+        if range.is_empty() {
+            return Ok(());
+        }
         let context = || format!("reading {}", self.path.display());
-        let Some(file) = &self.read_file else {
+        // The segments the range covers, with where each ends; the lock is not held during
+        // the reads.
+        let parts: Vec<(Arc<Segment>, u64)> = {
+            let segments = self.read_segments();
+            let from = segments
+                .partition_point(|segment| segment.base <= range.start)
+                .saturating_sub(1);
+            segments[from.min(segments.len())..]
+                .iter()
+                .enumerate()
+                .take_while(|(_, segment)| segment.base < range.end)
+                .map(|(i, segment)| {
+                    let end = segments
+                        .get(from + i + 1)
+                        .map_or(u64::MAX, |next| next.base);
+                    (segment.clone(), end)
+                })
+                .collect()
+        };
+        if parts.is_empty() {
             return Err(EventLogError::io(
                 context(),
                 io::Error::new(io::ErrorKind::NotFound, "the file did not exist at open"),
             ));
-        };
-        read_exact_at(file, bytes, range.start).map_err(|e| EventLogError::io(context(), e))
+        }
+        let mut at = range.start;
+        for (segment, segment_end) in parts {
+            if at >= range.end {
+                break;
+            }
+            let end = range.end.min(segment_end);
+            let filled = (at - range.start) as usize;
+            let part = &mut bytes[filled..filled + (end - at) as usize];
+            read_exact_at(&segment.file, part, at - segment.base)
+                .map_err(|e| EventLogError::io(format!("reading {}", segment.path.display()), e))?;
+            at = end;
+        }
+        if at < range.end {
+            return Err(EventLogError::io(
+                context(),
+                io::Error::new(io::ErrorKind::UnexpectedEof, "past the last segment"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -346,7 +411,7 @@ fn log_path(dir: &Path, kind: LogKind) -> PathBuf {
 /// so subscriptions end after the snapshot).
 fn snapshot_log(dir: &Path, kind: LogKind) -> Result<LogHandle, EventLogError> {
     let path = log_path(dir, kind);
-    let snapshot = recovery::snapshot(&path, kind)?;
+    let snapshot = recovery::snapshot(dir, kind)?;
     let (head, _) = watch::channel(Head {
         last: snapshot.index.last_sequence(),
         closed: true,
@@ -355,7 +420,7 @@ fn snapshot_log(dir: &Path, kind: LogKind) -> Result<LogHandle, EventLogError> {
         shared: Arc::new(LogShared {
             kind,
             path,
-            read_file: snapshot.file,
+            segments: RwLock::new(snapshot.segments.into_iter().map(Arc::new).collect()),
             index: RwLock::new(snapshot.index),
             head,
         }),
@@ -401,9 +466,17 @@ fn open_log(
     wrap: &LogFileWrapper,
 ) -> Result<LogHandle, EventLogError> {
     let path = log_path(dir, kind);
-    let recovered = recovery::recover(&path, kind, options.dedupe_ids_on_open)?;
-    let read_file = File::open(&path)
-        .map_err(|e| EventLogError::io(format!("opening {}", path.display()), e))?;
+    // Only the invocations log is kept for a limited time (and so split into segments).
+    let retention = match kind {
+        LogKind::Invocations => options.invocation_retention,
+        LogKind::Config => None,
+    };
+    let recovered = recovery::recover(
+        dir,
+        kind,
+        options.dedupe_ids_on_open,
+        retention.map(|keep| (keep, (options.now)())),
+    )?;
     let versions = recovered
         .index
         .versions()
@@ -420,10 +493,23 @@ fn open_log(
         last,
         closed: false,
     });
+    let segment_base = recovered.segments.last().map_or(0, |segment| segment.base);
+    let active_first_sequence = recovered
+        .segments
+        .last()
+        .map_or(last + 1, |segment| segment.first_sequence);
+    let rotation = retention.map(|retention| writer::Rotation {
+        dir: dir.to_path_buf(),
+        wrap: wrap.clone(),
+        retention,
+        now: options.now,
+        active_month: segments::Month::of(recovered.active_written),
+        active_first_sequence,
+    });
     let shared = Arc::new(LogShared {
         kind,
         path: path.clone(),
-        read_file: Some(read_file),
+        segments: RwLock::new(recovered.segments.into_iter().map(Arc::new).collect()),
         index: RwLock::new(recovered.index),
         head,
     });
@@ -435,6 +521,8 @@ fn open_log(
         rx,
         max_batch_events: options.max_batch_events.max(1),
         file_len,
+        segment_base,
+        rotation,
         next_sequence: last + 1,
         versions,
         dedupe,

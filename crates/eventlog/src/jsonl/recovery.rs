@@ -31,28 +31,38 @@ use std::{
     fs::File,
     io::{self, Read, Seek, SeekFrom, Write},
     path::Path,
+    time::{Duration, SystemTime},
 };
 
 use crate::{EventLogError, LogKind, Subject};
 
-use super::{index::Index, record};
+use super::{
+    index::Index,
+    record,
+    segments::{self, ClosedSegment, Segment},
+};
 
 const READ_CHUNK: usize = 1 << 20;
 
-/// A log file ready for the writer: positioned at the end of its last complete record.
+/// A log ready for the writer: its active file positioned at the end of its last commit
+/// mark, and its closed segments.
 pub(super) struct Recovered {
     pub file: File,
-    /// The file's length: the end of its last commit mark.
+    /// The active file's length: the end of its last commit mark.
     pub file_len: u64,
     pub index: Index,
     /// The most recent event ids with their sequences, oldest first.
     pub recent_ids: VecDeque<(u128, u64)>,
+    /// Every segment, the active file last.
+    pub segments: Vec<Segment>,
+    /// When the active file was last written before this open (now, for a new one).
+    pub active_written: SystemTime,
 }
 
-/// A log file as a read-only open found it.
+/// A log as a read-only open found it.
 pub(super) struct Snapshot {
-    /// A read-only handle, or `None` if the file does not exist (yet).
-    pub file: Option<File>,
+    /// Its segments (none if the log has no file yet).
+    pub segments: Vec<Segment>,
     /// The complete records (an empty index for a missing file).
     pub index: Index,
 }
@@ -72,14 +82,108 @@ struct Scanned {
     unfinished: Option<(u64, String)>,
 }
 
-/// Opens (creating it if needed) the log file at `path` for writing, rebuilds its index and
-/// truncates an unfinished last append.
-pub(super) fn recover(
-    path: &Path,
+/// Where a scan continues: the index and ids of the segments before, and where the scanned
+/// file starts in the log's virtual byte space.
+struct Continue {
+    index: Index,
+    recent_ids: VecDeque<(u128, u64)>,
+    base: u64,
+    /// The first file read: it may begin with a commit mark naming a later sequence (the
+    /// segments before it were dropped for retention).
+    first_file: bool,
+}
+
+impl Continue {
+    fn new() -> Continue {
+        Continue {
+            index: Index::default(),
+            recent_ids: VecDeque::new(),
+            base: 0,
+            first_file: true,
+        }
+    }
+}
+
+/// Scans the closed segments of `log` in `dir` in order: they were finished before the next
+/// one began, so anything unfinished in them is damage.
+fn scan_closed(
+    closed: &[ClosedSegment],
     log: LogKind,
     keep_ids: usize,
+    at: &mut Continue,
+    segments: &mut Vec<Segment>,
+) -> Result<(), EventLogError> {
+    for closed in closed {
+        let file = File::open(&closed.path)
+            .map_err(|e| EventLogError::io(format!("opening {}", closed.path.display()), e))?;
+        let before = at.index.last_sequence();
+        let scanned = scan(&file, &closed.path, log, keep_ids, at)?;
+        if let Some((_, why)) = &scanned.unfinished {
+            return Err(EventLogError::Corrupt {
+                location: closed.path.display().to_string(),
+                reason: format!(
+                    "a closed segment ends in an unfinished write ({why}); the file is left as \
+                     it is; repair or restore it"
+                ),
+            });
+        }
+        let first_sequence = if before == 0 {
+            scanned.index.first_sequence()
+        } else {
+            before + 1
+        };
+        segments.push(Segment {
+            base: at.base,
+            first_sequence,
+            month: Some(closed.month),
+            path: closed.path.clone(),
+            file,
+        });
+        at.base += scanned.len;
+        at.index = scanned.index;
+        at.recent_ids = scanned.recent_ids;
+        at.first_file = false;
+    }
+    Ok(())
+}
+
+/// Opens (creating it if needed) the log `log` in `dir` for writing: drops the closed
+/// segments past `retention` (oldest first, without reading them), rebuilds the index from
+/// the others and the active file, and truncates an unfinished last write group.
+pub(super) fn recover(
+    dir: &Path,
+    log: LogKind,
+    keep_ids: usize,
+    retention: Option<(Duration, SystemTime)>,
 ) -> Result<Recovered, EventLogError> {
+    let path = &segments::active_path(dir, log);
     let io_error = |what: &str, e| EventLogError::io(format!("{what} {}", path.display()), e);
+    let mut closed = segments::closed_segments(dir, log)
+        .map_err(|e| EventLogError::io(format!("listing {}", dir.display()), e))?;
+    if let Some((keep, now)) = retention {
+        // A prefix only: the sequences of what is kept stay contiguous.
+        let expired = closed
+            .iter()
+            .take_while(|segment| segment.expired(keep, now))
+            .count();
+        for segment in closed.drain(..expired) {
+            tracing::info!(
+                file = %segment.path.display(),
+                month = %segment.month,
+                "dropping an event log segment past retention"
+            );
+            std::fs::remove_file(&segment.path).map_err(|e| {
+                EventLogError::io(format!("removing {}", segment.path.display()), e)
+            })?;
+        }
+        if expired > 0 {
+            sync_dir(dir).map_err(|e| io_error("syncing the directory of", e))?;
+        }
+    }
+    let mut at = Continue::new();
+    let mut segments = Vec::new();
+    scan_closed(&closed, log, keep_ids, &mut at, &mut segments)?;
+
     let existed = path.try_exists().map_err(|e| io_error("checking", e))?;
     let mut file = crate::private_fs::open_options()
         .read(true)
@@ -89,12 +193,21 @@ pub(super) fn recover(
         .open(path)
         .map_err(|e| io_error("opening", e))?;
     crate::private_fs::restrict(&file).map_err(|e| io_error("restricting to its owner", e))?;
-    if !existed && let Some(dir) = path.parent() {
+    if !existed {
         // A new file is durable only once its directory entry is.
         sync_dir(dir).map_err(|e| io_error("syncing the directory of", e))?;
     }
+    let active_written = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .filter(|_| existed)
+        .unwrap_or_else(SystemTime::now);
 
-    let scanned = scan(&file, path, log, keep_ids)?;
+    let first_sequence = at.index.last_sequence() + 1;
+    let base = at.base;
+    let first_file = at.first_file;
+    let scanned = scan(&file, path, log, keep_ids, &mut at)?;
     if let Some((cut, why)) = &scanned.unfinished {
         tracing::warn!(
             file = %path.display(),
@@ -112,7 +225,8 @@ pub(super) fn recover(
     if !scanned.ends_with_mark {
         // A new file, or one written by a version without commit marks (its records were
         // each acknowledged on their own and have just been checked): a mark now makes every
-        // record before it acknowledged under the commit-mark rule.
+        // record before it acknowledged under the commit-mark rule. A new active file after
+        // closed segments starts with the mark that carries their sequence on.
         let mut mark = Vec::new();
         record::encode_mark(&mut mark, scanned.index.last_sequence());
         file.write_all(&mark)
@@ -120,28 +234,66 @@ pub(super) fn recover(
             .map_err(|e| io_error("writing a commit mark to", e))?;
         end += mark.len() as u64;
     }
+    let read_file = File::open(path).map_err(|e| io_error("opening", e))?;
+    segments.push(Segment {
+        base,
+        first_sequence: if first_file {
+            scanned.index.first_sequence()
+        } else {
+            first_sequence
+        },
+        month: None,
+        path: path.clone(),
+        file: read_file,
+    });
     Ok(Recovered {
         file,
         file_len: end,
         index: scanned.index,
         recent_ids: scanned.recent_ids,
+        segments,
+        active_written,
     })
 }
 
-/// Indexes the complete records of the log file at `path` as it is now, changing nothing: an
-/// unfinished tail is left out of the index (and in the file). A missing file is an empty log.
-pub(super) fn snapshot(path: &Path, log: LogKind) -> Result<Snapshot, EventLogError> {
+/// Indexes the complete records of the log `log` in `dir` as it is now, changing nothing: an
+/// unfinished tail is left out of the index (and in the file). A log without files is empty.
+pub(super) fn snapshot(dir: &Path, log: LogKind) -> Result<Snapshot, EventLogError> {
+    // The writer may rotate or drop a segment between the listing and the reads; a second
+    // look then sees the new layout.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match snapshot_once(dir, log) {
+            Err(EventLogError::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && attempts < 3 => {}
+            Err(EventLogError::Corrupt { .. }) if attempts < 3 => {}
+            result => return result,
+        }
+    }
+}
+
+fn snapshot_once(dir: &Path, log: LogKind) -> Result<Snapshot, EventLogError> {
+    let path = &segments::active_path(dir, log);
+    let closed = segments::closed_segments(dir, log)
+        .map_err(|e| EventLogError::io(format!("listing {}", dir.display()), e))?;
+    let mut at = Continue::new();
+    let mut segments = Vec::new();
+    scan_closed(&closed, log, 0, &mut at, &mut segments)?;
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && closed.is_empty() => {
             return Ok(Snapshot {
-                file: None,
-                index: Index::default(),
+                segments,
+                index: at.index,
             });
         }
         Err(e) => return Err(EventLogError::io(format!("opening {}", path.display()), e)),
     };
-    let scanned = scan(&file, path, log, 0)?;
+    let first_sequence = at.index.last_sequence() + 1;
+    let base = at.base;
+    let first_file = at.first_file;
+    let scanned = scan(&file, path, log, 0, &mut at)?;
     if let Some((start, why)) = &scanned.unfinished {
         tracing::debug!(
             file = %path.display(),
@@ -151,8 +303,19 @@ pub(super) fn snapshot(path: &Path, log: LogKind) -> Result<Snapshot, EventLogEr
              the read-only snapshot"
         );
     }
+    segments.push(Segment {
+        base,
+        first_sequence: if first_file {
+            scanned.index.first_sequence()
+        } else {
+            first_sequence
+        },
+        month: None,
+        path: path.clone(),
+        file,
+    });
     Ok(Snapshot {
-        file: Some(file),
+        segments,
         index: scanned.index,
     })
 }
@@ -161,7 +324,13 @@ pub(super) fn snapshot(path: &Path, log: LogKind) -> Result<Snapshot, EventLogEr
 /// meanwhile are not looked at), and indexes every acknowledged record (see the recovery rule
 /// above). Damage to acknowledged records is `Corrupt`; an unacknowledged tail is reported in
 /// `unfinished`.
-fn scan(file: &File, path: &Path, log: LogKind, keep_ids: usize) -> Result<Scanned, EventLogError> {
+fn scan(
+    file: &File,
+    path: &Path,
+    log: LogKind,
+    keep_ids: usize,
+    at: &mut Continue,
+) -> Result<Scanned, EventLogError> {
     let io_error = |what: &str, e| EventLogError::io(format!("{what} {}", path.display()), e);
     let len = file.metadata().map_err(|e| io_error("checking", e))?.len();
     let mut reader = file;
@@ -174,8 +343,10 @@ fn scan(file: &File, path: &Path, log: LogKind, keep_ids: usize) -> Result<Scann
         log,
         path,
         keep_ids,
-        index: Index::default(),
-        recent_ids: VecDeque::new(),
+        index: std::mem::take(&mut at.index),
+        recent_ids: std::mem::take(&mut at.recent_ids),
+        base: at.base,
+        may_start_later: at.first_file,
         line_number: 0,
         pending: Vec::new(),
         batch: None,
@@ -248,6 +419,11 @@ struct Scan<'a> {
     /// The acknowledged records.
     index: Index,
     recent_ids: VecDeque<(u128, u64)>,
+    /// Where the file starts in the log's virtual byte space (offsets in the index are there).
+    base: u64,
+    /// Whether the file's first commit mark may name a sequence past the index's end: the
+    /// first file of a log whose older segments were dropped.
+    may_start_later: bool,
     line_number: u64,
     /// Complete appends read since the last commit mark, not yet known to be acknowledged.
     pending: Vec<PendingRecord>,
@@ -337,7 +513,17 @@ impl Scan<'_> {
             ));
         }
         let expected = self.index.last_sequence() + self.pending.len() as u64;
-        if self.batch.is_some() || last != expected {
+        if self.may_start_later
+            && !self.marked
+            && self.index.is_empty()
+            && self.pending.is_empty()
+            && self.batch.is_none()
+            && last > expected
+        {
+            // The segments before this file were dropped for retention: its first mark says
+            // where its sequences start.
+            self.index.start_at(last + 1);
+        } else if self.batch.is_some() || last != expected {
             let reason = match &self.batch {
                 Some(batch) => format!(
                     "a commit mark inside an atomic append of {} events ({} lines written)",
@@ -483,8 +669,11 @@ impl Scan<'_> {
 
     fn commit(&mut self, records: &[PendingRecord]) {
         for record in records {
-            self.index
-                .push(&record.subject, &[record.offset], record.end);
+            self.index.push(
+                &record.subject,
+                &[self.base + record.offset],
+                self.base + record.end,
+            );
             if let Some(id) = record.event_id {
                 if self.recent_ids.len() >= self.keep_ids {
                     self.recent_ids.pop_front();

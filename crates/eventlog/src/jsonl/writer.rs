@@ -20,15 +20,19 @@ use std::{
     collections::{HashMap, VecDeque},
     fs::File,
     io::{self, Write},
+    path::PathBuf,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{AppendOutcome, DEDUPE_WINDOW, EventLogError, ExpectedVersion, Subject};
 
-use super::{LogShared, record};
+use super::{
+    LogFileWrapper, LogShared, record,
+    segments::{self, Month, Segment},
+};
 
 /// What a caller asks of the writer.
 pub(super) enum Command {
@@ -88,14 +92,30 @@ pub(super) struct Writer {
     pub _lock: Arc<File>,
     pub rx: mpsc::Receiver<Command>,
     pub max_batch_events: usize,
-    /// Length of the file up to the commit mark of the last acknowledged group.
+    /// Length of the active file up to the commit mark of the last acknowledged group.
     pub file_len: u64,
+    /// Where the active file starts in the log's virtual byte space (the index's offsets).
+    pub segment_base: u64,
+    /// Monthly segments and retention (the invocations log), or `None`.
+    pub rotation: Option<Rotation>,
     pub next_sequence: u64,
     /// Each aggregate's version, including appends of the group being decided.
     pub versions: HashMap<Box<str>, u64>,
     pub dedupe: Dedupe,
     /// Why the log refuses appends after a failed write.
     pub poisoned: Option<String>,
+}
+
+/// What the writer of a segmented log needs (see `segments`).
+pub(super) struct Rotation {
+    pub dir: PathBuf,
+    pub wrap: LogFileWrapper,
+    pub retention: Duration,
+    pub now: fn() -> SystemTime,
+    /// The month the active file was last written in.
+    pub active_month: Month,
+    /// The sequence of the active file's first record (or of the next, if it has none).
+    pub active_first_sequence: u64,
 }
 
 /// Event ids stored within the dedupe window, with their sequences.
@@ -200,6 +220,18 @@ impl Writer {
     ) {
         let now = Instant::now();
         self.dedupe.forget_older_than_window(now);
+        if self.poisoned.is_none()
+            && let Err(error) = self.maintain_segments()
+        {
+            // The active file may have been renamed without a new one in its place: like a
+            // failed write, only a reopen (and its recovery) sets this right.
+            tracing::error!(file = %self.shared.path.display(), %error, "event log segment rotation failed");
+            self.poisoned = Some(format!(
+                "starting a new segment of {} failed ({error}); the log refuses appends until \
+                 it is reopened",
+                self.shared.path.display()
+            ));
+        }
         buf.clear();
         offsets.clear();
         let first_sequence = self.next_sequence;
@@ -211,7 +243,7 @@ impl Writer {
                 (
                     request.subject,
                     start..offsets.len(),
-                    self.file_len + buf.len() as u64,
+                    self.segment_base + self.file_len + buf.len() as u64,
                 )
             });
             decided.push(Decided {
@@ -247,6 +279,107 @@ impl Writer {
         }
         for d in decided {
             let _ = d.reply.send(d.outcome);
+        }
+    }
+
+    /// For a segmented log, before a group is written: starts a new active file when the
+    /// month has changed since the active one was last written, and drops closed segments
+    /// past retention.
+    fn maintain_segments(&mut self) -> io::Result<()> {
+        let Some(rotation) = &mut self.rotation else {
+            return Ok(());
+        };
+        let now = (rotation.now)();
+        let month = Month::of(now);
+        let last = self.next_sequence - 1;
+        if month != rotation.active_month {
+            if rotation.active_first_sequence <= last {
+                let shared = &self.shared;
+                let active = shared.path.clone();
+                let closed = segments::closed_path(
+                    &rotation.dir,
+                    shared.kind,
+                    rotation.active_month,
+                    rotation.active_first_sequence,
+                );
+                // The renamed file keeps its inode: the writer's and the readers' handles
+                // stay valid.
+                std::fs::rename(&active, &closed)?;
+                let mut file = crate::private_fs::open_options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&active)?;
+                let mut mark = Vec::with_capacity(24);
+                record::encode_mark(&mut mark, last);
+                Write::write_all(&mut file, &mark)?;
+                file.sync_data()?;
+                super::recovery::sync_dir(&rotation.dir)?;
+                let read_file = File::open(&active)?;
+                let base = self.segment_base + self.file_len;
+                {
+                    let mut segments = shared.write_segments();
+                    if let Some(previous) = segments.pop() {
+                        segments.push(Arc::new(Segment {
+                            base: previous.base,
+                            first_sequence: previous.first_sequence,
+                            month: Some(rotation.active_month),
+                            path: closed,
+                            file: previous.file.try_clone()?,
+                        }));
+                    }
+                    segments.push(Arc::new(Segment {
+                        base,
+                        first_sequence: last + 1,
+                        month: None,
+                        path: active,
+                        file: read_file,
+                    }));
+                }
+                self.file = (rotation.wrap)(shared.kind, file);
+                self.segment_base = base;
+                self.file_len = mark.len() as u64;
+                rotation.active_first_sequence = last + 1;
+            }
+            rotation.active_month = month;
+        }
+        self.drop_expired_segments(now);
+        Ok(())
+    }
+
+    /// Drops the oldest closed segments past retention. A failure is logged and tried again
+    /// at the next group: nothing depends on it.
+    fn drop_expired_segments(&mut self, now: SystemTime) {
+        let Some(rotation) = &self.rotation else {
+            return;
+        };
+        loop {
+            let (path, next_first) = {
+                let segments = self.shared.read_segments();
+                let (Some(oldest), Some(next)) = (segments.first(), segments.get(1)) else {
+                    return;
+                };
+                match oldest.month {
+                    Some(month) if segments::expired(month, rotation.retention, now) => {
+                        (oldest.path.clone(), next.first_sequence)
+                    }
+                    _ => return,
+                }
+            };
+            if let Err(error) =
+                std::fs::remove_file(&path).and_then(|()| super::recovery::sync_dir(&rotation.dir))
+            {
+                tracing::warn!(file = %path.display(), %error, "cannot drop an event log segment past retention");
+                return;
+            }
+            tracing::info!(file = %path.display(), "dropped an event log segment past retention");
+            self.shared.write_segments().remove(0);
+            let emptied = self.shared.write_index().drop_before(next_first);
+            // An aggregate whose every event is gone starts again from version 0, as on
+            // JetStream when a subject's messages have all expired.
+            for subject in emptied {
+                self.versions.remove(&subject);
+            }
         }
     }
 
@@ -326,7 +459,7 @@ impl Writer {
         let mut json_start = 0;
         for (i, event) in request.events.iter().enumerate() {
             let sequence = first + i as u64;
-            offsets.push(self.file_len + buf.len() as u64);
+            offsets.push(self.segment_base + self.file_len + buf.len() as u64);
             record::encode_line(
                 buf,
                 sequence,
