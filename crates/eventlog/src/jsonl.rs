@@ -55,6 +55,9 @@ pub use writer::LogFile;
 use writer::{AppendRequest, Command, Dedupe, PreparedEvent, Writer};
 
 const LOCK_FILE: &str = "eventlog.lock";
+/// How often, and how far apart, a held directory lock is asked again (see `lock_dir`).
+const LOCK_RETRIES: usize = 20;
+const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Turns a log's file into what its writer writes through (see [`JsonlLog::open_with_files`]).
 pub type LogFileWrapper = Arc<dyn Fn(LogKind, File) -> Box<dyn LogFile> + Send + Sync>;
@@ -439,7 +442,18 @@ fn lock_dir(dir: &Path) -> Result<File, EventLogError> {
         .map_err(|e| EventLogError::io(format!("opening {}", path.display()), e))?;
     crate::private_fs::restrict(&file)
         .map_err(|e| EventLogError::io(format!("restricting {}", path.display()), e))?;
-    match file.try_lock() {
+    // A lock released a moment ago can still be held for a moment: a child process forked
+    // meanwhile (to run any program) shares the lock file's descriptor until it execs. So a
+    // held lock is asked again for a short while before it counts as another owner.
+    let mut result = file.try_lock();
+    for _ in 0..LOCK_RETRIES {
+        if !matches!(result, Err(TryLockError::WouldBlock)) {
+            break;
+        }
+        std::thread::sleep(LOCK_RETRY_PAUSE);
+        result = file.try_lock();
+    }
+    match result {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(EventLogError::Io {
             context: format!(
@@ -503,7 +517,7 @@ fn open_log(
         wrap: wrap.clone(),
         retention,
         now: options.now,
-        active_month: segments::Month::of(recovered.active_written),
+        active_month: recovered.active_month,
         active_first_sequence,
     });
     let shared = Arc::new(LogShared {

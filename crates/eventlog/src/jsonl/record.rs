@@ -80,6 +80,18 @@ pub(super) fn encode_mark(buf: &mut Vec<u8>, last: u64) {
     buf.extend_from_slice(b"}\n");
 }
 
+/// Appends the commit mark that starts a segment file of a segmented log: it also names the
+/// month (UTC, `YYYY-MM`) the file was started in, which decides when it is closed and when
+/// it is dropped for retention (see `segments`).
+pub(super) fn encode_segment_mark(buf: &mut Vec<u8>, last: u64, month: &str) {
+    buf.push(b'\n');
+    buf.extend_from_slice(MARK_PREFIX);
+    push_decimal(buf, last);
+    buf.extend_from_slice(b",\"month\":\"");
+    buf.extend_from_slice(month.as_bytes());
+    buf.extend_from_slice(b"\"}\n");
+}
+
 /// How every commit mark line starts; a record line starts with `{"seq":`.
 const MARK_PREFIX: &[u8] = b"{\"commit\":";
 
@@ -88,17 +100,21 @@ pub(super) fn is_mark(line: &[u8]) -> bool {
     line.starts_with(MARK_PREFIX)
 }
 
-/// The sequence a commit mark line (without its `\n`) names, or why it is not a valid mark.
-pub(super) fn scan_mark(line: &[u8]) -> Result<u64, String> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Mark {
-        commit: u64,
-    }
+/// A commit mark as read back.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Mark {
+    /// The last sequence before the mark.
+    pub commit: u64,
+    /// The month a segment file was started in (its first mark only).
+    #[serde(default)]
+    pub month: Option<String>,
+}
+
+/// The commit mark a line (without its `\n`) holds, or why it is not a valid mark.
+pub(super) fn scan_mark(line: &[u8]) -> Result<Mark, String> {
     let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
-    serde_json::from_str::<Mark>(text)
-        .map(|mark| mark.commit)
-        .map_err(|e| format!("damaged commit mark: {e}"))
+    serde_json::from_str::<Mark>(text).map_err(|e| format!("damaged commit mark: {e}"))
 }
 
 fn push_decimal(buf: &mut Vec<u8>, value: u64) {
@@ -342,7 +358,17 @@ mod tests {
         assert_eq!(buf, b"\n{\"commit\":42}\n");
         let line = &buf[1..buf.len() - 1];
         assert!(is_mark(line));
-        assert_eq!(scan_mark(line), Ok(42));
+        assert_eq!(scan_mark(line).map(|mark| mark.commit), Ok(42));
+        let mut buf = vec![];
+        encode_segment_mark(&mut buf, 7, "2026-12");
+        assert_eq!(buf, b"\n{\"commit\":7,\"month\":\"2026-12\"}\n");
+        assert_eq!(
+            scan_mark(&buf[1..buf.len() - 1]),
+            Ok(Mark {
+                commit: 7,
+                month: Some("2026-12".to_owned())
+            })
+        );
         assert!(scan_mark(b"{\"commit\":4\x002}").is_err());
         assert!(scan_mark(b"{\"commit\":42,\"x\":1}").is_err());
         assert!(!is_mark(br#"{"seq":1,"subject":"server.s1"}"#));

@@ -39,7 +39,7 @@ use crate::{EventLogError, LogKind, Subject};
 use super::{
     index::Index,
     record,
-    segments::{self, ClosedSegment, Segment},
+    segments::{self, ClosedSegment, Month, Segment},
 };
 
 const READ_CHUNK: usize = 1 << 20;
@@ -55,8 +55,8 @@ pub(super) struct Recovered {
     pub recent_ids: VecDeque<(u128, u64)>,
     /// Every segment, the active file last.
     pub segments: Vec<Segment>,
-    /// When the active file was last written before this open (now, for a new one).
-    pub active_written: SystemTime,
+    /// The month the active file was started in (see `segments`).
+    pub active_month: Month,
 }
 
 /// A log as a read-only open found it.
@@ -69,6 +69,8 @@ pub(super) struct Snapshot {
 
 /// What a scan found.
 struct Scanned {
+    /// The month named by the file's first commit mark (a segment file's start month).
+    first_mark_month: Option<String>,
     index: Index,
     recent_ids: VecDeque<(u128, u64)>,
     /// How many bytes were scanned (the file's length when the scan began).
@@ -197,12 +199,15 @@ pub(super) fn recover(
         // A new file is durable only once its directory entry is.
         sync_dir(dir).map_err(|e| io_error("syncing the directory of", e))?;
     }
-    let active_written = file
+    let now = retention.map_or_else(SystemTime::now, |(_, now)| now);
+    // For an active file that does not name its month (written before segments existed),
+    // the month it was last written in stands in.
+    let last_written = file
         .metadata()
         .and_then(|m| m.modified())
         .ok()
         .filter(|_| existed)
-        .unwrap_or_else(SystemTime::now);
+        .unwrap_or(now);
 
     let first_sequence = at.index.last_sequence() + 1;
     let base = at.base;
@@ -222,13 +227,28 @@ pub(super) fn recover(
     let mut end = scanned.committed_end;
     file.seek(SeekFrom::Start(end))
         .map_err(|e| io_error("seeking in", e))?;
+    let mut active_month = scanned
+        .first_mark_month
+        .as_deref()
+        .and_then(Month::parse)
+        .unwrap_or_else(|| Month::of(last_written));
     if !scanned.ends_with_mark {
         // A new file, or one written by a version without commit marks (its records were
         // each acknowledged on their own and have just been checked): a mark now makes every
         // record before it acknowledged under the commit-mark rule. A new active file after
-        // closed segments starts with the mark that carries their sequence on.
+        // closed segments starts with the mark that carries their sequence on, and a new
+        // file of a segmented log names the month it was started in.
         let mut mark = Vec::new();
-        record::encode_mark(&mut mark, scanned.index.last_sequence());
+        if end == 0 && retention.is_some() {
+            active_month = Month::of(now);
+            record::encode_segment_mark(
+                &mut mark,
+                scanned.index.last_sequence(),
+                &active_month.to_string(),
+            );
+        } else {
+            record::encode_mark(&mut mark, scanned.index.last_sequence());
+        }
         file.write_all(&mark)
             .and_then(|()| file.sync_data())
             .map_err(|e| io_error("writing a commit mark to", e))?;
@@ -252,7 +272,7 @@ pub(super) fn recover(
         index: scanned.index,
         recent_ids: scanned.recent_ids,
         segments,
-        active_written,
+        active_month,
     })
 }
 
@@ -339,6 +359,7 @@ fn scan(
         .map_err(|e| io_error("seeking in", e))?;
     let mut reader = reader.take(len);
 
+    let index_len_at_start = at.index.last_sequence();
     let mut scan = Scan {
         log,
         path,
@@ -347,6 +368,8 @@ fn scan(
         recent_ids: std::mem::take(&mut at.recent_ids),
         base: at.base,
         may_start_later: at.first_file,
+        index_len_at_start,
+        first_mark_month: None,
         line_number: 0,
         pending: Vec::new(),
         batch: None,
@@ -381,6 +404,7 @@ fn scan(
     let torn = !buf.is_empty();
     let unfinished = scan.finish(torn)?;
     Ok(Scanned {
+        first_mark_month: scan.first_mark_month.take(),
         index: scan.index,
         recent_ids: scan.recent_ids,
         len: scanned_len,
@@ -424,6 +448,10 @@ struct Scan<'a> {
     /// Whether the file's first commit mark may name a sequence past the index's end: the
     /// first file of a log whose older segments were dropped.
     may_start_later: bool,
+    /// The index's last sequence when this file's scan began.
+    index_len_at_start: u64,
+    /// The month named by the file's first commit mark (a segment file's start month).
+    first_mark_month: Option<String>,
     line_number: u64,
     /// Complete appends read since the last commit mark, not yet known to be acknowledged.
     pending: Vec<PendingRecord>,
@@ -470,7 +498,12 @@ impl Scan<'_> {
         }
         if record::is_mark(line) {
             match record::scan_mark(line) {
-                Ok(last) => return self.mark(last, end),
+                Ok(mark) => {
+                    if !self.marked && self.index_len_at_start == self.index.last_sequence() {
+                        self.first_mark_month = mark.month;
+                    }
+                    return self.mark(mark.commit, end);
+                }
                 Err(reason) => self.damage(reason),
             }
             return Ok(());

@@ -56,7 +56,7 @@ impl Month {
     }
 
     /// `YYYY-MM`.
-    fn parse(text: &str) -> Option<Month> {
+    pub fn parse(text: &str) -> Option<Month> {
         let (year, month) = text.split_once('-')?;
         if year.len() != 4 || month.len() != 2 {
             return None;

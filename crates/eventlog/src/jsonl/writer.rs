@@ -310,8 +310,8 @@ impl Writer {
                     .write(true)
                     .create_new(true)
                     .open(&active)?;
-                let mut mark = Vec::with_capacity(24);
-                record::encode_mark(&mut mark, last);
+                let mut mark = Vec::with_capacity(48);
+                record::encode_segment_mark(&mut mark, last, &month.to_string());
                 Write::write_all(&mut file, &mark)?;
                 file.sync_data()?;
                 super::recovery::sync_dir(&rotation.dir)?;

@@ -4,5 +4,6 @@ mod conformance;
 mod jetstream;
 mod jsonl;
 mod jsonl_recovery;
+mod jsonl_retention;
 mod projection;
 mod support;
