@@ -302,7 +302,9 @@ fn snapshot_once(dir: &Path, log: LogKind) -> Result<Snapshot, EventLogError> {
     scan_closed(&closed, log, 0, &mut at, &mut segments)?;
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound && closed.is_empty() => {
+        // No file yet; or the writer stopped between renaming the active file and creating
+        // the next one (its next open creates it): the closed segments are the whole log.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Ok(Snapshot {
                 segments,
                 index: at.index,
