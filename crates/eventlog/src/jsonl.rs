@@ -2,12 +2,14 @@
 //! (`<dir>/config.jsonl`, `<dir>/invocations.jsonl`), one JSON record per line:
 //!
 //! ```text
-//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{…proto3 JSON…}}
+//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"group":5,"envelope":{…proto3 JSON…}}
 //! ```
 //!
 //! `seq` is the log sequence (1 for the first line), `type` the event type name as written,
 //! `batch: [i, n]` marks the i-th of the n events of one atomic append (left out when n is 1),
-//! and `envelope` is the event envelope in the proto3 JSON mapping.
+//! `group` is the first sequence of the record's write group, and `envelope` is the event
+//! envelope in the proto3 JSON mapping. Each write group ends with a commit mark line (see
+//! `record`).
 //!
 //! - **Appends** go to one writer thread per file, which commits them in groups: the group's
 //!   records are written and synced, then a commit mark line (`{"commit":N}`) is written and

@@ -3,7 +3,7 @@
 //! One record per line, fields always in this order:
 //!
 //! ```text
-//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{…proto3 JSON…}}
+//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"group":5,"envelope":{…proto3 JSON…}}
 //! ```
 //!
 //! - `seq`: the record's log sequence, 1 for the first line, one more for every line.
@@ -12,6 +12,10 @@
 //!   type can still say what it is.
 //! - `batch`: `[i, n]`, the record is the i-th (1-based) of an atomic append of n events;
 //!   omitted when n is 1. Recovery uses it to drop a batch whose tail never reached the disk.
+//! - `group`: the first sequence of the write group the record was written in (absent in
+//!   files of earlier versions). When damage has destroyed a commit mark, a record of a later
+//!   group after it still shows that the damaged group was followed by another one, and so
+//!   had been acknowledged (see `recovery`).
 //! - `envelope`: the event envelope in the proto3 JSON mapping.
 //!
 //! Every write group ends with a **commit mark**, a line of its own after an empty line:
@@ -49,6 +53,7 @@ pub(super) fn encode_line(
     subject: &str,
     event_type: &str,
     batch: Option<(usize, usize)>,
+    group: u64,
     envelope_json: &[u8],
 ) {
     buf.extend_from_slice(b"{\"seq\":");
@@ -66,6 +71,8 @@ pub(super) fn encode_line(
         push_decimal(buf, count as u64);
         buf.push(b']');
     }
+    buf.extend_from_slice(b",\"group\":");
+    push_decimal(buf, group);
     buf.extend_from_slice(b",\"envelope\":");
     buf.extend_from_slice(envelope_json);
     buf.extend_from_slice(b"}\n");
@@ -132,6 +139,8 @@ pub(super) struct ScannedLine<'a> {
     _event_type: IgnoredAny,
     #[serde(default)]
     pub batch: Option<(u64, u64)>,
+    #[serde(default)]
+    pub group: Option<u64>,
     #[serde(borrow)]
     pub envelope: EnvelopeId<'a>,
 }
@@ -337,17 +346,19 @@ mod tests {
             "server.s1",
             "ServerEnabled",
             Some((2, 3)),
+            1234566,
             br#"{"eventId":"x"}"#,
         );
         assert_eq!(
             buf,
-            br#"{"seq":1234567,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{"eventId":"x"}}
+            br#"{"seq":1234567,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"group":1234566,"envelope":{"eventId":"x"}}
 "#
         );
         let line = scan_line(&buf[..buf.len() - 1]).expect("scan");
         assert_eq!(line.seq, 1234567);
         assert_eq!(line.subject, "server.s1");
         assert_eq!(line.batch, Some((2, 3)));
+        assert_eq!(line.group, Some(1234566));
         assert_eq!(line.envelope.event_id, "x");
     }
 

@@ -9,6 +9,9 @@
 //!   Damage there (a line that does not parse, a gap, a sequence out of order, a mark that
 //!   does not match the records before it) is damage to acknowledged records: the open fails
 //!   with `Corrupt`, naming the file and the first damaged line, and the file is left alone.
+//!   So does damage followed by a complete record of a *later* write group (each record names
+//!   its group's first sequence): that group was written only after the damaged one was
+//!   acknowledged, even if the damage destroyed the mark between them.
 //! - Everything after the last valid commit mark belongs to the one group that was being
 //!   written when the process or the machine stopped, and was never acknowledged, whatever
 //!   shape a crash or a power loss left it in: cut short, a zero-filled gap or garbage
@@ -510,10 +513,25 @@ impl Scan<'_> {
             }
             return Ok(());
         }
-        if self.damaged.is_some() {
+        if let Some(damage) = &self.damaged {
             // Lines after damage cannot be checked against the ones before it; what matters
-            // is only whether a commit mark follows.
+            // is whether they show a later write group: a commit mark (above), or a record
+            // naming a later group even though the damage destroyed the mark between.
             self.lines_after_damage += 1;
+            let group = self.group_start();
+            if let Ok(record) = record::scan_line(line)
+                && let Some(later) = record.group.filter(|&g| g > group)
+            {
+                return Err(self.corrupt(
+                    damage,
+                    &format!(
+                        "line {} holds a record of the write group that starts at sequence \
+                         {later}, so the damaged group (from sequence {group}) had been \
+                         acknowledged",
+                        self.line_number
+                    ),
+                ));
+            }
             return Ok(());
         }
         if let Err(reason) = self.accept(offset, end, line) {
@@ -629,10 +647,24 @@ impl Scan<'_> {
         }
     }
 
+    /// The first sequence of the write group being read (the one after the last mark).
+    fn group_start(&self) -> u64 {
+        self.index.last_sequence() + 1
+    }
+
     /// Checks one record line and adds it to `pending` (or to the open batch). Changes
     /// nothing when the line is refused.
     fn accept(&mut self, offset: u64, end: u64, bytes: &[u8]) -> Result<(), String> {
         let line = record::scan_line(bytes)?;
+        if let Some(group) = line.group
+            && group != self.group_start()
+        {
+            return Err(format!(
+                "a record of the write group from sequence {group} where the group from {} \
+                 was expected (a commit mark is missing)",
+                self.group_start()
+            ));
+        }
         let in_batch = self.batch.as_ref().map_or(0, |b| b.records.len() as u64);
         let expected = self.index.last_sequence() + self.pending.len() as u64 + in_batch + 1;
         if line.seq != expected {

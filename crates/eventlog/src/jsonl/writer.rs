@@ -238,7 +238,7 @@ impl Writer {
         let mut decided = Vec::with_capacity(group.len());
         for request in group.drain(..) {
             let start = offsets.len();
-            let outcome = self.decide(&request, now, buf, offsets);
+            let outcome = self.decide(&request, first_sequence, now, buf, offsets);
             let written = (offsets.len() > start).then(|| {
                 (
                     request.subject,
@@ -409,6 +409,7 @@ impl Writer {
     fn decide(
         &mut self,
         request: &AppendRequest,
+        group: u64,
         now: Instant,
         buf: &mut Vec<u8>,
         offsets: &mut Vec<u64>,
@@ -466,6 +467,7 @@ impl Writer {
                 subject,
                 event.event_type,
                 (count > 1).then_some((i + 1, count)),
+                group,
                 request
                     .json
                     .get(json_start..event.json_end)
