@@ -481,11 +481,14 @@ impl Vault {
                 // Deleted since it was listed.
                 Ok(None) => continue,
                 // A damaged stored item is this entry's problem, not the end of the check.
-                Err(error @ StoreError::Corrupt { .. }) => {
+                Err(StoreError::Corrupt { reason, .. }) => {
                     report.examined += 1;
                     report.problems.push(EntryProblem {
+                        error: VaultError::Malformed {
+                            name: name.clone(),
+                            reason,
+                        },
                         name,
-                        error: VaultError::Store(error),
                     });
                     continue;
                 }

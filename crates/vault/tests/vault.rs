@@ -1169,7 +1169,11 @@ async fn check_accounts_for_every_damaged_entry_file() {
         "every file is accounted for: {report:?}"
     );
     assert_eq!(report.opened, ENTRIES - 7, "{report:?}");
-    let mut problems: Vec<String> = report.problems.iter().map(|p| p.name.to_string()).collect();
+    let mut problems: Vec<(String, &str)> = report
+        .problems
+        .iter()
+        .map(|p| (p.name.to_string(), p.error.code()))
+        .collect();
     problems.sort();
     assert_eq!(
         problems,
@@ -1179,6 +1183,7 @@ async fn check_accounts_for_every_damaged_entry_file() {
             "token/dmg/u5",
             "token/dmg/u7"
         ]
+        .map(|n| (n.to_owned(), "vault_entry_malformed"))
     );
     let mut unreadable = report.unreadable.clone();
     unreadable.sort();
