@@ -33,10 +33,17 @@ pub enum EventLogError {
     )]
     ServerTooOld { found: String },
 
-    /// The store could not be reached or refused the operation; the append may be retried
-    /// with the same event ids (it is stored at most once).
+    /// The store could not be reached or did not answer; the append may be retried with the
+    /// same event ids (it is stored at most once).
     #[error("event store unavailable: {reason}")]
     Unavailable { reason: String },
+
+    /// The store refused the request for a reason retrying cannot fix (a replica count the
+    /// cluster cannot place, a stream configuration it refuses, streams that are missing or
+    /// not append-only, a feature the server lacks). Fix the configuration or the server;
+    /// do not retry.
+    #[error("event store refused the request: {reason}")]
+    Refused { reason: String },
 
     #[error("event log file error: {context}")]
     Io {
@@ -67,6 +74,12 @@ impl EventLogError {
         EventLogError::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    pub(crate) fn refused(reason: impl std::fmt::Display) -> Self {
+        EventLogError::Refused {
+            reason: reason.to_string(),
         }
     }
 

@@ -49,8 +49,10 @@ pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
 #[derive(Debug, Clone)]
 pub struct JetStreamConfig {
     /// Subject prefix and stream-name base: subjects `<prefix>.evt.<aggregate subject>`,
-    /// streams `<PREFIX>_CONFIG` and `<PREFIX>_INVOCATIONS`. Tokens of `[A-Za-z0-9_-]`
-    /// separated by dots (dots become `_` in stream names).
+    /// streams `<PREFIX>_CONFIG` and `<PREFIX>_INVOCATIONS`, checkpoint bucket
+    /// `<PREFIX>_checkpoints`. 1 to 64 of `a-z 0-9 _ -`: lowercase and no dots, so that the
+    /// upper-cased stream names are one-to-one with prefixes (with `A-Z` or `.` allowed,
+    /// `sb`/`SB` and `a.b`/`a_b` would share, and rewrite, each other's streams).
     pub prefix: String,
     /// Stream replicas: 1 on a single server, 3 in a cluster.
     pub replicas: usize,
@@ -116,7 +118,7 @@ impl JetStreamConfig {
 
     /// The stream that holds `log`: `<PREFIX>_CONFIG` or `<PREFIX>_INVOCATIONS`.
     pub fn stream_name(&self, log: LogKind) -> String {
-        let base = self.prefix.to_uppercase().replace('.', "_");
+        let base = self.prefix.to_uppercase();
         match log {
             LogKind::Config => format!("{base}_CONFIG"),
             LogKind::Invocations => format!("{base}_INVOCATIONS"),
@@ -125,31 +127,51 @@ impl JetStreamConfig {
 
     /// The KV bucket for projection checkpoints: `<PREFIX>_checkpoints`.
     pub fn checkpoint_bucket(&self) -> String {
-        format!(
-            "{}_checkpoints",
-            self.prefix.to_uppercase().replace('.', "_")
-        )
+        format!("{}_checkpoints", self.prefix.to_uppercase())
     }
 
     fn validate(&self) -> Result<(), EventLogError> {
-        let valid = !self.prefix.is_empty()
-            && self.prefix.len() <= 64
-            && self.prefix.split('.').all(crate::subject::is_token);
-        if !valid {
+        if !is_valid_prefix(&self.prefix) {
             return Err(EventLogError::InvalidSubject {
                 subject: self.prefix.chars().take(64).collect(),
-                reason: "the JetStream prefix is 1 to 64 bytes of dot-separated tokens of \
-                         A-Z a-z 0-9 _ -"
+                reason: "the JetStream prefix is 1 to 64 characters of a-z 0-9 _ - (lowercase, \
+                         no dots: each prefix must name streams of its own)"
                     .to_owned(),
             });
         }
         if self.replicas == 0 || self.replicas > 5 {
-            return Err(EventLogError::Unavailable {
-                reason: format!("stream replicas must be 1 to 5, not {}", self.replicas),
-            });
+            return Err(EventLogError::refused(format!(
+                "stream replicas must be 1 to 5, not {}",
+                self.replicas
+            )));
         }
         Ok(())
     }
+}
+
+/// Longest pause between two reconnection attempts with [`reconnect_promptly`].
+pub const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(250);
+
+/// Connection options for a client the event log uses: reconnect attempts at most
+/// [`MAX_RECONNECT_DELAY`] apart. async-nats' default backs off to 4 seconds between attempts,
+/// so after an outage of a few seconds a restarted server could wait that long for the client
+/// — and every append with it. An append waiting for its acknowledgement is retried as soon
+/// as the client has reconnected.
+pub fn reconnect_promptly(options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+    options.reconnect_delay_callback(|attempts| {
+        let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+        (Duration::from_millis(10).saturating_mul(attempts)).min(MAX_RECONNECT_DELAY)
+    })
+}
+
+/// Whether `prefix` is a valid deployment prefix: 1 to 64 of `a-z 0-9 _ -`. The set leaves
+/// nothing for the stream-name mapping (upper-casing) to merge.
+pub fn is_valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// The event store on NATS JetStream. Cheap to clone: clones share one client.
@@ -224,20 +246,39 @@ impl JetStreamLog {
                     .create_or_update_stream(stream_config(&config, log))
                     .await
                     .map_err(|err| {
-                        EventLogError::unavailable(format!(
+                        let message = format!(
                             "cannot create or update stream {} (is JetStream enabled on the \
                              server, and was the stream created with compatible settings?): {err}",
                             config.stream_name(log)
-                        ))
+                        );
+                        // The server's own answer (a bad replica count, a setting it will
+                        // not change) stays the same however often it is asked; no answer
+                        // may be a restart.
+                        match err.kind() {
+                            jetstream::context::CreateStreamErrorKind::JetStream(api)
+                                if api.code() != 503 =>
+                            {
+                                EventLogError::refused(message)
+                            }
+                            _ => EventLogError::unavailable(message),
+                        }
                     })?,
                 Streams::Existing => {
                     let name = config.stream_name(log);
                     let mut stream = js.get_stream(&name).await.map_err(|err| {
-                        EventLogError::unavailable(format!(
+                        let message = format!(
                             "cannot open stream {name}: {err} (no Switchboard history under the \
                              prefix {:?} on this server? check --nats-prefix)",
                             config.prefix
-                        ))
+                        );
+                        match err.kind() {
+                            jetstream::context::GetStreamErrorKind::JetStream(api)
+                                if api.code() != 503 =>
+                            {
+                                EventLogError::refused(message)
+                            }
+                            _ => EventLogError::unavailable(message),
+                        }
                     })?;
                     stream
                         .info()
@@ -249,7 +290,7 @@ impl JetStreamLog {
                 }
             };
             if !info.config.deny_delete || !info.config.deny_purge {
-                return Err(EventLogError::unavailable(format!(
+                return Err(EventLogError::refused(format!(
                     "stream {} does not deny delete and purge; the audit history must be \
                      append-only",
                     info.config.name
@@ -491,28 +532,35 @@ mod tests {
 
     #[test]
     fn stream_names_and_subjects_follow_the_prefix() {
-        let config = JetStreamConfig::with_prefix("acme.sb");
-        assert_eq!(config.stream_name(LogKind::Config), "ACME_SB_CONFIG");
+        let config = JetStreamConfig::with_prefix("acme-sb_2");
+        assert_eq!(config.stream_name(LogKind::Config), "ACME-SB_2_CONFIG");
         assert_eq!(
             config.stream_name(LogKind::Invocations),
-            "ACME_SB_INVOCATIONS"
+            "ACME-SB_2_INVOCATIONS"
         );
+        assert_eq!(config.checkpoint_bucket(), "ACME-SB_2_checkpoints");
         let streams = stream_config(&config, LogKind::Config);
         assert_eq!(
             streams.subjects,
             [
-                "acme.sb.evt.server.>",
-                "acme.sb.evt.connection.>",
-                "acme.sb.evt.policy.>"
+                "acme-sb_2.evt.server.>",
+                "acme-sb_2.evt.connection.>",
+                "acme-sb_2.evt.policy.>"
             ]
         );
         assert!(streams.deny_delete && streams.deny_purge && !streams.allow_rollup);
         assert_eq!(streams.max_age, Duration::ZERO);
         let invocations = stream_config(&config, LogKind::Invocations);
-        assert_eq!(invocations.subjects, ["acme.sb.evt.invocation.>"]);
+        assert_eq!(invocations.subjects, ["acme-sb_2.evt.invocation.>"]);
         assert_eq!(invocations.max_age, config.invocation_retention);
-        assert!(JetStreamConfig::with_prefix("a b").validate().is_err());
-        assert!(JetStreamConfig::with_prefix("sb.>").validate().is_err());
-        assert!(JetStreamConfig::with_prefix("").validate().is_err());
+        assert!(config.validate().is_ok());
+        // Refused: what is no subject token, and what would share streams with another
+        // prefix once upper-cased (case, dots).
+        for prefix in ["a b", "sb.>", "", "acme.sb", "Sb", "SB"] {
+            assert!(
+                JetStreamConfig::with_prefix(prefix).validate().is_err(),
+                "{prefix}"
+            );
+        }
     }
 }

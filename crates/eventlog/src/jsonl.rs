@@ -2,19 +2,23 @@
 //! (`<dir>/config.jsonl`, `<dir>/invocations.jsonl`), one JSON record per line:
 //!
 //! ```text
-//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{…proto3 JSON…}}
+//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"group":5,"envelope":{…proto3 JSON…}}
 //! ```
 //!
 //! `seq` is the log sequence (1 for the first line), `type` the event type name as written,
 //! `batch: [i, n]` marks the i-th of the n events of one atomic append (left out when n is 1),
-//! and `envelope` is the event envelope in the proto3 JSON mapping.
+//! `group` is the first sequence of the record's write group, and `envelope` is the event
+//! envelope in the proto3 JSON mapping. Each write group ends with a commit mark line (see
+//! `record`).
 //!
-//! - **Appends** go to one writer thread per file, which commits them in groups with one
-//!   write and one `fdatasync` per group and answers only after the sync (`writer`).
+//! - **Appends** go to one writer thread per file, which commits them in groups: the group's
+//!   records are written and synced, then a commit mark line (`{"commit":N}`) is written and
+//!   synced, and only then are the appends answered (`writer`).
 //! - **Reads** use an in-memory index of record offsets and of each aggregate's sequences,
 //!   covering acknowledged records only, and positioned reads of the file (`reader`).
-//! - **Start-up** rebuilds the index and cuts off an append a crash left unfinished; damage
-//!   anywhere else fails the open with `Corrupt` (`recovery`).
+//! - **Start-up** rebuilds the index and cuts off whatever follows the last commit mark (a
+//!   write group a crash left unfinished, in any shape); damage before it fails the open with
+//!   `Corrupt` (`recovery`, which also states the rule for files without marks).
 //! - Only one writable `JsonlLog` may have a directory open at a time (an exclusive lock on
 //!   `<dir>/eventlog.lock`), across processes and within one.
 //! - **Auditing** ([`JsonlLog::open_read_only`]) reads a directory without the lock, while
@@ -22,13 +26,13 @@
 //!   records, with no writer and without changing any file.
 use std::{
     fmt,
-    fs::{File, OpenOptions, TryLockError},
+    fs::{File, TryLockError},
     io,
     ops::Range,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
     thread::JoinHandle,
-    time::Instant,
+    time::{Duration, Instant, SystemTime},
 };
 
 use async_trait::async_trait;
@@ -44,12 +48,24 @@ mod index;
 mod reader;
 mod record;
 mod recovery;
+mod segments;
 mod writer;
 
 use index::Index;
+use segments::Segment;
+pub use writer::LogFile;
 use writer::{AppendRequest, Command, Dedupe, PreparedEvent, Writer};
 
 const LOCK_FILE: &str = "eventlog.lock";
+/// How often, and how far apart, a held directory lock is asked again (see `lock_dir`).
+const LOCK_RETRIES: usize = 20;
+const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Turns a log's file into what its writer writes through (see [`JsonlLog::open_with_files`]).
+pub type LogFileWrapper = Arc<dyn Fn(LogKind, File) -> Box<dyn LogFile> + Send + Sync>;
+
+/// How long invocation events are kept by default: 400 days, as on JetStream.
+pub const DEFAULT_INVOCATION_RETENTION: Duration = Duration::from_secs(400 * 24 * 60 * 60);
 
 /// Tuning of a [`JsonlLog`].
 #[derive(Debug, Clone)]
@@ -64,6 +80,12 @@ pub struct JsonlOptions {
     /// open, so that a retry of an append made just before a restart is still recognised.
     /// (Records do not carry their append time, so the window is rebuilt by count.)
     pub dedupe_ids_on_open: usize,
+    /// How long invocation events are kept (`None`: forever). The invocations log is split
+    /// into monthly segment files, and a segment is dropped whole once every event it can
+    /// hold is older than this (see `segments`). The configuration log keeps everything.
+    pub invocation_retention: Option<Duration>,
+    /// The clock that decides segments and retention (a seam for tests).
+    pub now: fn() -> SystemTime,
 }
 
 impl Default for JsonlOptions {
@@ -72,6 +94,8 @@ impl Default for JsonlOptions {
             max_batch_events: 4096,
             queue_capacity: 8192,
             dedupe_ids_on_open: 100_000,
+            invocation_retention: Some(DEFAULT_INVOCATION_RETENTION),
+            now: SystemTime::now,
         }
     }
 }
@@ -104,13 +128,14 @@ struct WriterLink {
     _thread: WriterThread,
 }
 
-/// What readers of one log file share with its writer.
+/// What readers of one log share with its writer.
 pub(super) struct LogShared {
     kind: LogKind,
+    /// The active file, for messages.
     path: PathBuf,
-    /// A read-only handle for positioned reads (`None` for a read-only log whose file did not
-    /// exist when it was opened; its index is empty, so nothing is ever read).
-    read_file: Option<File>,
+    /// The log's segments, oldest first, with read handles (none for a read-only log whose
+    /// file did not exist when it was opened; its index is empty, so nothing is ever read).
+    segments: RwLock<Vec<Arc<Segment>>>,
     index: RwLock<Index>,
     /// The last committed sequence, and whether the writer has stopped.
     head: watch::Sender<Head>,
@@ -131,18 +156,69 @@ impl LogShared {
         self.index.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reads the bytes in `range` into `bytes` (replacing what it held).
+    fn read_segments(&self) -> RwLockReadGuard<'_, Vec<Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_segments(&self) -> RwLockWriteGuard<'_, Vec<Arc<Segment>>> {
+        self.segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the bytes in `range` of the log's virtual byte space (its segments one after
+    /// the other) into `bytes` (replacing what it held).
     fn read_into(&self, range: Range<u64>, bytes: &mut Vec<u8>) -> Result<(), EventLogError> {
         // Only newly grown capacity is zeroed; a reused buffer is overwritten as it is.
         bytes.resize((range.end - range.start) as usize, 0);
+        if range.is_empty() {
+            return Ok(());
+        }
         let context = || format!("reading {}", self.path.display());
-        let Some(file) = &self.read_file else {
+        // The segments the range covers, with where each ends; the lock is not held during
+        // the reads.
+        let parts: Vec<(Arc<Segment>, u64)> = {
+            let segments = self.read_segments();
+            let from = segments
+                .partition_point(|segment| segment.base <= range.start)
+                .saturating_sub(1);
+            segments[from.min(segments.len())..]
+                .iter()
+                .enumerate()
+                .take_while(|(_, segment)| segment.base < range.end)
+                .map(|(i, segment)| {
+                    let end = segments
+                        .get(from + i + 1)
+                        .map_or(u64::MAX, |next| next.base);
+                    (segment.clone(), end)
+                })
+                .collect()
+        };
+        if parts.is_empty() {
             return Err(EventLogError::io(
                 context(),
                 io::Error::new(io::ErrorKind::NotFound, "the file did not exist at open"),
             ));
-        };
-        read_exact_at(file, bytes, range.start).map_err(|e| EventLogError::io(context(), e))
+        }
+        let mut at = range.start;
+        for (segment, segment_end) in parts {
+            if at >= range.end {
+                break;
+            }
+            let end = range.end.min(segment_end);
+            let filled = (at - range.start) as usize;
+            let part = &mut bytes[filled..filled + (end - at) as usize];
+            read_exact_at(&segment.file, part, at - segment.base)
+                .map_err(|e| EventLogError::io(format!("reading {}", segment.path.display()), e))?;
+            at = end;
+        }
+        if at < range.end {
+            return Err(EventLogError::io(
+                context(),
+                io::Error::new(io::ErrorKind::UnexpectedEof, "past the last segment"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -190,8 +266,19 @@ impl JsonlLog {
     /// append. Fails if another `JsonlLog` has the directory open, or if a file is corrupt
     /// anywhere but in its last append.
     pub async fn open(dir: &Path, options: JsonlOptions) -> Result<JsonlLog, EventLogError> {
+        Self::open_with_files(dir, options, Arc::new(|_, file| Box::new(file))).await
+    }
+
+    /// [`JsonlLog::open`], with each log's writer going through `wrap(log, file)` instead of
+    /// the file itself: the seam tests use to watch writes and syncs or make them fail.
+    /// Recovery at open still reads and repairs the real file.
+    pub async fn open_with_files(
+        dir: &Path,
+        options: JsonlOptions,
+        wrap: LogFileWrapper,
+    ) -> Result<JsonlLog, EventLogError> {
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || open_blocking(dir, &options))
+        tokio::task::spawn_blocking(move || open_blocking(dir, &options, &wrap))
             .await
             .map_err(|e| EventLogError::unavailable(format!("opening the event log failed: {e}")))?
     }
@@ -264,11 +351,15 @@ impl fmt::Debug for JsonlLog {
     }
 }
 
-fn open_blocking(dir: PathBuf, options: &JsonlOptions) -> Result<JsonlLog, EventLogError> {
+fn open_blocking(
+    dir: PathBuf,
+    options: &JsonlOptions,
+    wrap: &LogFileWrapper,
+) -> Result<JsonlLog, EventLogError> {
     let existed = dir
         .try_exists()
         .map_err(|e| EventLogError::io(format!("checking {}", dir.display()), e))?;
-    std::fs::create_dir_all(&dir)
+    crate::private_fs::create_dir_all(&dir)
         .map_err(|e| EventLogError::io(format!("creating {}", dir.display()), e))?;
     if !existed {
         // The files' directory entries are synced as they are created; the directory's own
@@ -285,8 +376,8 @@ fn open_blocking(dir: PathBuf, options: &JsonlOptions) -> Result<JsonlLog, Event
         })?;
     }
     let lock = Arc::new(lock_dir(&dir)?);
-    let config = open_log(&dir, LogKind::Config, options, &lock)?;
-    let invocations = open_log(&dir, LogKind::Invocations, options, &lock)?;
+    let config = open_log(&dir, LogKind::Config, options, &lock, wrap)?;
+    let invocations = open_log(&dir, LogKind::Invocations, options, &lock, wrap)?;
     Ok(JsonlLog {
         inner: Arc::new(Inner {
             dir,
@@ -325,7 +416,7 @@ fn log_path(dir: &Path, kind: LogKind) -> PathBuf {
 /// so subscriptions end after the snapshot).
 fn snapshot_log(dir: &Path, kind: LogKind) -> Result<LogHandle, EventLogError> {
     let path = log_path(dir, kind);
-    let snapshot = recovery::snapshot(&path, kind)?;
+    let snapshot = recovery::snapshot(dir, kind)?;
     let (head, _) = watch::channel(Head {
         last: snapshot.index.last_sequence(),
         closed: true,
@@ -334,7 +425,7 @@ fn snapshot_log(dir: &Path, kind: LogKind) -> Result<LogHandle, EventLogError> {
         shared: Arc::new(LogShared {
             kind,
             path,
-            read_file: snapshot.file,
+            segments: RwLock::new(snapshot.segments.into_iter().map(Arc::new).collect()),
             index: RwLock::new(snapshot.index),
             head,
         }),
@@ -344,14 +435,27 @@ fn snapshot_log(dir: &Path, kind: LogKind) -> Result<LogHandle, EventLogError> {
 
 fn lock_dir(dir: &Path) -> Result<File, EventLogError> {
     let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
+    let file = crate::private_fs::open_options()
         .create(true)
         .read(true)
         .write(true)
         .truncate(false)
         .open(&path)
         .map_err(|e| EventLogError::io(format!("opening {}", path.display()), e))?;
-    match file.try_lock() {
+    crate::private_fs::restrict(&file)
+        .map_err(|e| EventLogError::io(format!("restricting {}", path.display()), e))?;
+    // A lock released a moment ago can still be held for a moment: a child process forked
+    // meanwhile (to run any program) shares the lock file's descriptor until it execs. So a
+    // held lock is asked again for a short while before it counts as another owner.
+    let mut result = file.try_lock();
+    for _ in 0..LOCK_RETRIES {
+        if !matches!(result, Err(TryLockError::WouldBlock)) {
+            break;
+        }
+        std::thread::sleep(LOCK_RETRY_PAUSE);
+        result = file.try_lock();
+    }
+    match result {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(EventLogError::Io {
             context: format!(
@@ -375,11 +479,20 @@ fn open_log(
     kind: LogKind,
     options: &JsonlOptions,
     lock: &Arc<File>,
+    wrap: &LogFileWrapper,
 ) -> Result<LogHandle, EventLogError> {
     let path = log_path(dir, kind);
-    let recovered = recovery::recover(&path, kind, options.dedupe_ids_on_open)?;
-    let read_file = File::open(&path)
-        .map_err(|e| EventLogError::io(format!("opening {}", path.display()), e))?;
+    // Only the invocations log is kept for a limited time (and so split into segments).
+    let retention = match kind {
+        LogKind::Invocations => options.invocation_retention,
+        LogKind::Config => None,
+    };
+    let recovered = recovery::recover(
+        dir,
+        kind,
+        options.dedupe_ids_on_open,
+        retention.map(|keep| (keep, (options.now)())),
+    )?;
     let versions = recovered
         .index
         .versions()
@@ -391,26 +504,41 @@ fn open_log(
         dedupe.remember(id, sequence, now);
     }
     let last = recovered.index.last_sequence();
-    let file_len = recovered.index.end();
+    let file_len = recovered.file_len;
     let (head, _) = watch::channel(Head {
         last,
         closed: false,
     });
+    let segment_base = recovered.segments.last().map_or(0, |segment| segment.base);
+    let active_first_sequence = recovered
+        .segments
+        .last()
+        .map_or(last + 1, |segment| segment.first_sequence);
+    let rotation = retention.map(|retention| writer::Rotation {
+        dir: dir.to_path_buf(),
+        wrap: wrap.clone(),
+        retention,
+        now: options.now,
+        active_month: recovered.active_month,
+        active_first_sequence,
+    });
     let shared = Arc::new(LogShared {
         kind,
         path: path.clone(),
-        read_file: Some(read_file),
+        segments: RwLock::new(recovered.segments.into_iter().map(Arc::new).collect()),
         index: RwLock::new(recovered.index),
         head,
     });
     let (commands, rx) = mpsc::channel(options.queue_capacity.max(1));
     let writer = Writer {
         shared: shared.clone(),
-        file: recovered.file,
+        file: wrap(kind, recovered.file),
         _lock: lock.clone(),
         rx,
         max_batch_events: options.max_batch_events.max(1),
         file_len,
+        segment_base,
+        rotation,
         next_sequence: last + 1,
         versions,
         dedupe,

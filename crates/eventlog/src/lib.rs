@@ -10,6 +10,7 @@ mod error;
 pub mod jetstream;
 pub mod jsonl;
 mod port;
+mod private_fs;
 pub mod projection;
 mod subject;
 

@@ -102,9 +102,18 @@ pub async fn fold_until<P>(
 }
 
 struct Shared<P> {
-    state: RwLock<P>,
-    /// Last applied sequence; watchers wait on it for read-your-writes.
+    /// The state together with the position it reflects: one lock, so a checkpoint can never
+    /// pair a state with the position of another moment (events would be applied twice or
+    /// skipped after a restart from it).
+    state: RwLock<Projected<P>>,
+    /// The same position, published after the state: watchers wait on it for
+    /// read-your-writes (a reader that saw position N finds at least N in the state).
     position: watch::Sender<u64>,
+}
+
+struct Projected<P> {
+    state: P,
+    position: u64,
 }
 
 /// Keeps one projection current. Cheap to clone; readers never wait for the writer longer than
@@ -208,7 +217,7 @@ where
             position = end;
         }
         let shared = Arc::new(Shared {
-            state: RwLock::new(state),
+            state: RwLock::new(Projected { state, position }),
             position: watch::Sender::new(position),
         });
         let task = tokio::spawn(follow(
@@ -233,7 +242,18 @@ where
             .state
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        read(&state)
+        read(&state.state)
+    }
+
+    /// Reads the current state together with the log sequence it reflects (taken under the
+    /// same lock, so they always belong together).
+    pub fn read_at<R>(&self, read: impl FnOnce(&P, u64) -> R) -> R {
+        let state = self
+            .shared
+            .state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        read(&state.state, state.position)
     }
 
     /// The last log sequence the state reflects.
@@ -264,14 +284,15 @@ where
 }
 
 fn snapshot<P: Serialize>(shared: &Shared<P>) -> Result<Checkpoint, EventLogError> {
-    let state = shared
+    let projected = shared
         .state
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let position = *shared.position.borrow();
-    let snapshot = serde_json::to_vec(&*state).map_err(|e| EventLogError::InvalidEvent {
-        reason: format!("projection snapshot could not be encoded: {e}"),
-    })?;
+    let position = projected.position;
+    let snapshot =
+        serde_json::to_vec(&projected.state).map_err(|e| EventLogError::InvalidEvent {
+            reason: format!("projection snapshot could not be encoded: {e}"),
+        })?;
     Ok(Checkpoint {
         position,
         snapshot: snapshot.into(),
@@ -325,14 +346,14 @@ async fn follow<P>(
             let mut last = None;
             let mut failure = None;
             {
-                let mut state = shared
+                let mut projected = shared
                     .state
                     .write()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 for item in batch {
                     match item {
                         Ok(event) => {
-                            (spec.apply)(&mut state, &event);
+                            (spec.apply)(&mut projected.state, &event);
                             applied += 1;
                             last = Some(event.sequence);
                         }
@@ -346,6 +367,9 @@ async fn follow<P>(
                             break;
                         }
                     }
+                }
+                if let Some(sequence) = last {
+                    projected.position = sequence;
                 }
             }
             if let Some(sequence) = last {
@@ -410,8 +434,10 @@ pub struct FileCheckpointStore {
 }
 
 impl FileCheckpointStore {
+    /// Opens (creating it with mode 0700 if needed, and tightening it to 0700) the
+    /// checkpoint directory; checkpoint files are written with mode 0600.
     pub fn open(dir: &Path) -> Result<Self, EventLogError> {
-        std::fs::create_dir_all(dir)
+        crate::private_fs::create_dir_all(dir)
             .map_err(|e| EventLogError::io(format!("creating {}", dir.display()), e))?;
         // Temporary files of saves a crash interrupted; the checkpoints they were to replace
         // are intact.
@@ -489,7 +515,11 @@ fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), EventLo
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = path.with_extension(format!("checkpoint.{}.{n}.tmp", std::process::id()));
     let io = |what: &str, e| EventLogError::io(format!("{what} {}", tmp.display()), e);
-    let mut file = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+    let mut file = crate::private_fs::open_options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io("creating", e))?;
     file.write_all(bytes).map_err(|e| io("writing", e))?;
     file.sync_data().map_err(|e| io("syncing", e))?;
     std::fs::rename(&tmp, path).map_err(|e| io("renaming", e))?;

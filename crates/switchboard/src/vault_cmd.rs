@@ -127,7 +127,7 @@ async fn check(vault: &Vault) -> anyhow::Result<()> {
         eprintln!("  cannot open {}: {}", problem.name, problem.error);
     }
     for location in &report.unreadable {
-        eprintln!("  cannot read {location}: too damaged to tell which entry it was");
+        eprintln!("  damaged {location}: cannot tell which entry it holds");
     }
     anyhow::ensure!(
         report.is_healthy(),

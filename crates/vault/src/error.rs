@@ -27,8 +27,9 @@ pub enum VaultError {
 
     /// The entry names a master key id that is not loaded.
     #[error(
-        "vault entry `{name}` is sealed under master key `{key_id}`, which is not loaded; \
-         add that key to the vault key file or SWITCHBOARD_VAULT_KEYS"
+        "vault entry `{name}` names master key `{key_id}`, which is not loaded; \
+         add that key to the vault key file or SWITCHBOARD_VAULT_KEYS, or, if no key of that \
+         id ever existed, the entry is damaged: delete it (the user reconnects) or restore it"
     )]
     UnknownKey { name: SecretName, key_id: String },
 

@@ -15,7 +15,12 @@ use crate::name::SecretName;
 use crate::store::{Revision, SecretStore, StoredValue};
 
 const MAGIC: [u8; 4] = *b"SBVE";
-const FILE_VERSION: u8 = 1;
+/// Version 2 adds the checksum; version 1 files (without it) are still read, and become
+/// version 2 when they are next written (a rotation rewrites every entry).
+const FILE_VERSION: u8 = 2;
+const FILE_VERSION_WITHOUT_CHECKSUM: u8 = 1;
+/// Bytes of SHA-256 kept as the file's checksum.
+const CHECKSUM_LEN: usize = 16;
 const FIXED_HEADER_LEN: usize = 4 + 1 + 8 + 2;
 const ENTRY_SUFFIX: &str = ".entry";
 const TMP_SUFFIX: &str = ".entry.tmp";
@@ -34,9 +39,13 @@ const LOCK_FILE: &str = ".lock";
 ///   fsync(directory), so after a crash a file holds the old or the new value, and leftover
 ///   temporary files are deleted when the store is opened.
 ///
-/// An entry file is `"SBVE"`, a version byte (1), the revision (u64, big endian), the name
-/// length (u16, big endian), the name, then the sealed value (ciphertext, see the crate
-/// docs). The name is stored so that [`SecretStore::names`](crate::SecretStore::names) can list entries.
+/// An entry file is `"SBVE"`, a version byte (2), the revision (u64, big endian), the name
+/// length (u16, big endian), the name, the sealed value (ciphertext, see the crate docs), then
+/// a checksum: the first 16 bytes of SHA-256 over everything before it. The name is stored so
+/// that [`SecretStore::names`](crate::SecretStore::names) can list entries. The sealed value
+/// authenticates itself, but the revision and the name around it do not: the checksum is what
+/// shows a damaged revision or name (a damaged name would otherwise list an entry that does
+/// not exist, and a damaged revision would go unnoticed).
 ///
 /// Revisions come from one counter for the whole directory, starting above the highest
 /// revision on disk, so a deleted and re-created entry never repeats a revision while the
@@ -112,8 +121,9 @@ impl FileStore {
                 removed_temporaries = true;
             } else if file_name.ends_with(ENTRY_SUFFIX) {
                 match read_entry_file(&entry.path()) {
-                    Ok(Some(file)) => highest = highest.max(file.revision),
-                    Ok(None) => {}
+                    // A damaged revision must not move the counter.
+                    Ok(Some(file)) if file.intact => highest = highest.max(file.revision),
+                    Ok(_) => {}
                     Err(error) => {
                         tracing::warn!(%error, "skipping an unreadable vault entry file");
                     }
@@ -156,6 +166,9 @@ struct EntryFile {
     revision: u64,
     name: String,
     value: Bytes,
+    /// False if the checksum does not match: some byte of the file is damaged, and nothing
+    /// in it can be trusted (the name is still shown, so that the damage can be reported).
+    intact: bool,
 }
 
 /// Reads an entry file; `None` if it does not exist.
@@ -172,8 +185,19 @@ fn read_entry_file(path: &Path) -> Result<Option<EntryFile>, StoreError> {
     if bytes.len() < FIXED_HEADER_LEN || bytes[..4] != MAGIC {
         return Err(corrupt("it is not a vault entry file"));
     }
-    if bytes[4] != FILE_VERSION {
-        return Err(corrupt("its entry file version is unknown to this build"));
+    let (bytes, intact) = match bytes[4] {
+        FILE_VERSION_WITHOUT_CHECKSUM => (bytes, true),
+        FILE_VERSION => {
+            let Some(body_len) = bytes.len().checked_sub(CHECKSUM_LEN) else {
+                return Err(corrupt("it is too short for its checksum"));
+            };
+            let intact = checksum(&bytes[..body_len]) == bytes[body_len..];
+            (bytes.slice(..body_len), intact)
+        }
+        _ => return Err(corrupt("its entry file version is unknown to this build")),
+    };
+    if bytes.len() < FIXED_HEADER_LEN {
+        return Err(corrupt("it is not a vault entry file"));
     }
     let revision = u64::from_be_bytes(bytes[5..13].try_into().map_err(|_| corrupt("short"))?);
     let name_len = usize::from(u16::from_be_bytes(
@@ -189,19 +213,32 @@ fn read_entry_file(path: &Path) -> Result<Option<EntryFile>, StoreError> {
         revision,
         name,
         value: bytes.slice(name_end..),
+        intact,
     }))
+}
+
+fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut sum = [0; CHECKSUM_LEN];
+    sum.copy_from_slice(&digest.as_ref()[..CHECKSUM_LEN]);
+    sum
+}
+
+/// The file name (without directory) of the entry `name`: the hex SHA-256 of the name.
+fn entry_file_name(name: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+    let mut file_name = String::with_capacity(64 + TMP_SUFFIX.len());
+    for byte in digest.as_ref() {
+        file_name.push(char::from(HEX[usize::from(byte >> 4)]));
+        file_name.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    file_name.push_str(ENTRY_SUFFIX);
+    file_name
 }
 
 impl Inner {
     fn entry_path(&self, name: &SecretName) -> PathBuf {
-        let digest = ring::digest::digest(&ring::digest::SHA256, name.as_str().as_bytes());
-        let mut file_name = String::with_capacity(64 + TMP_SUFFIX.len());
-        for byte in digest.as_ref() {
-            file_name.push(char::from(HEX[usize::from(byte >> 4)]));
-            file_name.push(char::from(HEX[usize::from(byte & 0x0f)]));
-        }
-        file_name.push_str(ENTRY_SUFFIX);
-        self.dir.join(file_name)
+        self.dir.join(entry_file_name(name.as_str()))
     }
 
     fn read(&self, name: &SecretName) -> Result<Option<StoredValue>, StoreError> {
@@ -209,6 +246,14 @@ impl Inner {
         let Some(file) = read_entry_file(&path)? else {
             return Ok(None);
         };
+        if !file.intact {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: "its checksum does not match: the file is damaged (its revision, name \
+                         or sealed value)"
+                    .to_owned(),
+            });
+        }
         if file.name != name.as_str() {
             return Err(StoreError::Corrupt {
                 path,
@@ -243,7 +288,13 @@ impl Inner {
         header[4] = FILE_VERSION;
         header[5..13].copy_from_slice(&revision.to_be_bytes());
         header[13..15].copy_from_slice(&name_len.to_be_bytes());
-        fsutil::write_atomically(&path, Path::new(&tmp), &[&header, name_bytes, value])
+        let mut summed = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [&header[..], name_bytes, value] {
+            summed.update(part);
+        }
+        let digest = summed.finish();
+        let sum = &digest.as_ref()[..CHECKSUM_LEN];
+        fsutil::write_atomically(&path, Path::new(&tmp), &[&header, name_bytes, value, sum])
             .map_err(|e| StoreError::backend("writing a vault entry file", e))?;
         Ok(Revision::new(revision))
     }
@@ -363,26 +414,54 @@ impl FileStore {
             };
             let listing = fs::read_dir(&inner.dir)
                 .map_err(|e| StoreError::backend("listing the vault directory", e))?;
+            // Every file is accounted for: an entry (listed by name, and then opened by
+            // `Vault::check`), the lock, a write in progress, or something reported here.
             for entry in listing {
                 let entry =
                     entry.map_err(|e| StoreError::backend("listing the vault directory", e))?;
                 let file_name = entry.file_name().to_string_lossy().into_owned();
+                if file_name == LOCK_FILE || file_name.ends_with(TMP_SUFFIX) {
+                    continue;
+                }
                 if !file_name.ends_with(ENTRY_SUFFIX) {
+                    scan.unreadable
+                        .push(format!("{file_name} (not a vault entry file)"));
                     continue;
                 }
                 match read_entry_file(&entry.path()) {
-                    Ok(Some(file)) => match SecretName::parse(file.name) {
-                        Ok(name) => scan.names.push(name),
-                        Err(_) => {
-                            tracing::warn!(file = %file_name, "vault entry file with an invalid entry name");
-                            scan.unreadable.push(file_name);
+                    Ok(Some(file)) => {
+                        // A file holds the entry whose name hashes to its file name; any
+                        // other name is a damaged one (and would list an entry that is not
+                        // there, or one that lives in another file).
+                        if entry_file_name(&file.name) != file_name {
+                            tracing::warn!(file = %file_name, "vault entry file whose entry name is damaged");
+                            scan.unreadable.push(format!(
+                                "{file_name} (its entry name is damaged: it reads `{}`, \
+                                 which belongs in another file)",
+                                file.name.escape_debug()
+                            ));
+                            continue;
                         }
-                    },
+                        match SecretName::parse(file.name) {
+                            // Listed even if its checksum fails: opening it then reports the
+                            // damage by name.
+                            Ok(name) => scan.names.push(name),
+                            Err(_) => {
+                                tracing::warn!(file = %file_name, "vault entry file with an invalid entry name");
+                                scan.unreadable
+                                    .push(format!("{file_name} (its entry name is invalid)"));
+                            }
+                        }
+                    }
                     // Deleted between listing and reading.
                     Ok(None) => {}
                     Err(error) => {
                         tracing::warn!(file = %file_name, %error, "unreadable vault entry file");
-                        scan.unreadable.push(file_name);
+                        let reason = match &error {
+                            StoreError::Corrupt { reason, .. } => reason.clone(),
+                            other => other.to_string(),
+                        };
+                        scan.unreadable.push(format!("{file_name} ({reason})"));
                     }
                 }
             }

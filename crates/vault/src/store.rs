@@ -84,9 +84,10 @@ pub trait SecretStore: Send + Sync + fmt::Debug {
     /// Names of all existing entries, in no particular order.
     async fn names(&self) -> Result<Vec<SecretName>, StoreError>;
 
-    /// Stored items that cannot be read as entries at all, so that not even their entry name
-    /// is known (e.g. a file store entry whose own header is damaged), described by where they
-    /// are, never by their content. `names` skips them; `Vault::check` reports them.
+    /// Stored items that cannot be read as entries at all, so that their entry name is not
+    /// known or not to be trusted (e.g. a file store entry whose own header or name is
+    /// damaged), described by where they are and what is wrong, never by their content.
+    /// `names` skips them; `Vault::check` reports them.
     async fn unreadable(&self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
     }

@@ -101,12 +101,14 @@ pub struct CheckReport {
     pub opened: usize,
     /// Entries that opened but have expired (they read as absent).
     pub expired: usize,
-    /// How many entries each key id seals (from the entries' headers, opened or not).
+    /// How many entries each loaded key seals (from the entries' headers, opened or not).
+    /// An entry naming a key id that is not loaded is not counted: it is reported in
+    /// `problems` (the key is missing, or the header is damaged).
     pub by_key: BTreeMap<String, usize>,
     /// Entries that could not be opened.
     pub problems: Vec<EntryProblem>,
-    /// Stored items so damaged that their entry name is unknown (see
-    /// [`SecretStore::unreadable`]), by location.
+    /// Stored items so damaged that their entry name is unknown or wrong (see
+    /// [`SecretStore::unreadable`]), by location and what is wrong with them.
     pub unreadable: Vec<String>,
 }
 
@@ -474,8 +476,23 @@ impl Vault {
         let keyring = self.keyring();
         let mut report = CheckReport::default();
         for name in self.names().await? {
-            let Some(stored) = self.store_get(&name).await? else {
-                continue;
+            let stored = match self.inner.store.get(&name).await {
+                Ok(Some(stored)) => stored,
+                // Deleted since it was listed.
+                Ok(None) => continue,
+                // A damaged stored item is this entry's problem, not the end of the check.
+                Err(StoreError::Corrupt { reason, .. }) => {
+                    report.examined += 1;
+                    report.problems.push(EntryProblem {
+                        error: VaultError::Malformed {
+                            name: name.clone(),
+                            reason,
+                        },
+                        name,
+                    });
+                    continue;
+                }
+                Err(error) => return Err(VaultError::from_store(&name, error)),
             };
             report.examined += 1;
             let header = match seal::header_of(&name, &stored.value) {
@@ -485,7 +502,11 @@ impl Vault {
                     continue;
                 }
             };
-            *report.by_key.entry(header.key_id.to_owned()).or_default() += 1;
+            // Only keys this vault has are counted: an id no loaded key has may be a damaged
+            // header, and counting it would invent a key (the entry is reported below).
+            if keyring.contains(header.key_id) {
+                *report.by_key.entry(header.key_id.to_owned()).or_default() += 1;
+            }
             match seal::open(&keyring, &name, &stored.value, &header) {
                 Ok(_) => {
                     report.opened += 1;

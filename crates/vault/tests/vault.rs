@@ -649,10 +649,37 @@ async fn check_reports_unopenable_entries_by_name(h: Harness) {
         .await
         .unwrap();
 
+    // And one whose key id was damaged in the store: it names a key nobody has.
+    let flipped = name("token/bad/flipped-key-id");
+    h.vault
+        .put(&flipped, &secret("CHECK-PLAINTEXT"))
+        .await
+        .unwrap();
+    let mut sealed = h.store.get(&flipped).await.unwrap().unwrap().value.to_vec();
+    // "SV", format version, key id length, then the key id.
+    sealed[4] = if sealed[4] == b'z' { b'y' } else { b'z' };
+    h.store.put(&flipped, Bytes::from(sealed)).await.unwrap();
+
     let report = h.vault.check().await.unwrap();
     assert!(!report.is_healthy());
-    assert_eq!((report.examined, report.opened), (4, 2));
-    assert_eq!(report.by_key.get("elsewhere"), Some(&1));
+    assert_eq!((report.examined, report.opened), (5, 2));
+    // Keys that are not loaded are not counted: one is real but missing here, the other is
+    // a damaged header; both entries are reported.
+    assert_eq!(report.by_key.get("elsewhere"), None);
+    assert_eq!(
+        report.by_key.keys().collect::<Vec<_>>(),
+        [&h.vault.keyring().current_key_id().to_string()]
+    );
+    let unknown = report
+        .problems
+        .iter()
+        .find(|p| p.name == flipped)
+        .expect("the damaged key id is reported");
+    assert!(
+        unknown.error.to_string().contains("damaged"),
+        "{}",
+        unknown.error
+    );
     let mut problems: Vec<(String, &'static str)> = report
         .problems
         .iter()
@@ -662,6 +689,7 @@ async fn check_reports_unopenable_entries_by_name(h: Harness) {
     assert_eq!(
         problems,
         [
+            ("token/bad/flipped-key-id".to_owned(), "vault_unknown_key"),
             ("token/bad/foreign-key".to_owned(), "vault_unknown_key"),
             ("token/bad/tampered".to_owned(), "vault_entry_tampered"),
         ]
@@ -672,6 +700,8 @@ async fn check_reports_unopenable_entries_by_name(h: Harness) {
 
 async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
     const ENTRIES: usize = 24;
+    /// Entries no writer touches: the rotation must re-seal each of them.
+    const UNTOUCHED: usize = 6;
     const WRITERS: usize = 3;
     let key_path = h.tmp.path().join("vault.keys");
     let mut key_file = KeyFile::create(&key_path).unwrap();
@@ -681,7 +711,10 @@ async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
     let names: Vec<SecretName> = (0..ENTRIES)
         .map(|i| name(&format!("token/rot/u{i}")))
         .collect();
-    for n in &names {
+    let untouched: Vec<SecretName> = (0..UNTOUCHED)
+        .map(|i| name(&format!("token/rot/idle{i}")))
+        .collect();
+    for n in names.iter().chain(&untouched) {
         h.vault
             .put(n, &Secret::from(format!("{n}#0")))
             .await
@@ -702,21 +735,30 @@ async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
         "{refused:?}"
     );
     h.vault.set_keyring(key_file.keyring().unwrap());
+    // Every entry is still under the old key when the rotation starts.
+    assert_eq!(
+        h.vault.check().await.unwrap().entries_using(&old_key),
+        ENTRIES + UNTOUCHED + 1
+    );
 
-    // Writers each own a slice of the entries and keep rewriting them; readers read all.
+    // Writers each own a slice of the entries and keep rewriting them from the moment the
+    // rotation starts until it ends, so the rotation's re-seal races their writes: a writer's
+    // compare-and-swap can lose to the re-seal, and the re-seal's to a writer. Readers read
+    // all of them meanwhile.
     let rotating = Arc::new(AtomicBool::new(true));
-    let started = Arc::new(tokio::sync::Barrier::new(WRITERS + 1));
+    let start = Arc::new(tokio::sync::Barrier::new(WRITERS + 1));
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let vault = h.vault.clone();
             let rotating = Arc::clone(&rotating);
-            let started = Arc::clone(&started);
+            let start = Arc::clone(&start);
             let mine: Vec<SecretName> = names.iter().skip(w).step_by(WRITERS).cloned().collect();
             tokio::spawn(async move {
                 let mut last = HashMap::new();
+                let mut writes_during_rotation = 0;
                 let mut round = 1;
-                // At least a few rounds, and until the rotation is over.
-                while round <= 3 || rotating.load(Ordering::SeqCst) {
+                start.wait().await;
+                while round <= 2 || rotating.load(Ordering::SeqCst) {
                     for n in &mine {
                         let value = format!("{n}#{round}");
                         if round % 2 == 0 {
@@ -740,14 +782,14 @@ async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
                                 }
                             }
                         }
+                        if rotating.load(Ordering::SeqCst) {
+                            writes_during_rotation += 1;
+                        }
                         last.insert(n.clone(), value);
-                    }
-                    if round == 1 {
-                        started.wait().await;
                     }
                     round += 1;
                 }
-                last
+                (last, writes_during_rotation)
             })
         })
         .collect();
@@ -766,25 +808,55 @@ async fn rotation_under_concurrent_reads_and_writes_loses_nothing(h: Harness) {
         })
     };
 
-    // Rotate only once every writer is under way, so rotation and writes overlap.
-    started.wait().await;
+    start.wait().await;
     let report = h.vault.rotate().await.unwrap();
     rotating.store(false, Ordering::SeqCst);
-    assert!(report.is_complete(), "{report:?}");
-    assert_eq!(report.current_key, new_key);
-    assert_eq!(report.examined, ENTRIES + 1);
     reader.await.unwrap();
     let mut expected = HashMap::new();
+    let mut writes_during_rotation = 0;
     for writer in writers {
-        expected.extend(writer.await.unwrap());
+        let (last, writes) = writer.await.unwrap();
+        expected.extend(last);
+        writes_during_rotation += writes;
     }
     assert_eq!(expected.len(), ENTRIES);
+    assert!(
+        writes_during_rotation > 0,
+        "the writers wrote while the rotation ran"
+    );
+
+    // The report accounts for every entry: each was re-sealed by the rotation or had already
+    // been rewritten under the new key by a writer; none is missing or left behind.
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.current_key, new_key);
+    assert_eq!(report.examined, ENTRIES + UNTOUCHED + 1, "{report:?}");
+    assert_eq!(
+        report.reencrypted + report.already_current,
+        report.examined,
+        "{report:?}"
+    );
+    assert!(
+        report.reencrypted > UNTOUCHED,
+        "the untouched and the time-to-live entries were re-sealed: {report:?}"
+    );
+    assert_eq!(
+        (
+            report.expired_removed,
+            report.vanished,
+            report.problems.len()
+        ),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    for n in &untouched {
+        expected.insert(n.clone(), format!("{n}#0"));
+    }
 
     // Every entry holds its last write, all under the new key.
     let check = h.vault.check().await.unwrap();
     assert!(check.is_healthy(), "{check:?}");
     assert_eq!(check.entries_using(&old_key), 0);
-    assert_eq!(check.entries_using(&new_key), ENTRIES + 1);
+    assert_eq!(check.entries_using(&new_key), ENTRIES + UNTOUCHED + 1);
 
     // The old key can go; everything still opens, also for a vault that never had it.
     h.vault.retire_key(&mut key_file, &old_key).await.unwrap();
@@ -1031,5 +1103,129 @@ async fn check_reports_an_entry_file_too_damaged_to_name() {
     assert!(!report.is_healthy());
     assert_eq!(report.opened, 1);
     let file_name = damaged.file_name().unwrap().to_string_lossy().into_owned();
-    assert_eq!(report.unreadable, [file_name]);
+    assert_eq!(report.unreadable.len(), 1, "{report:?}");
+    assert!(report.unreadable[0].starts_with(&file_name), "{report:?}");
+}
+
+/// One byte flipped in each of several entry files, in each part of the file: the check
+/// accounts for every file, reports every damaged one, and counts no key that does not exist.
+#[tokio::test]
+async fn check_accounts_for_every_damaged_entry_file() {
+    const ENTRIES: usize = 10;
+    let h = Harness::file().await;
+    let Backend::File { dir } = &h.backend else {
+        unreachable!()
+    };
+    let names: Vec<SecretName> = (0..ENTRIES)
+        .map(|i| name(&format!("token/dmg/u{i}")))
+        .collect();
+    for n in &names {
+        h.vault.put(n, &secret("DAMAGE-PLAINTEXT")).await.unwrap();
+    }
+    let key_id = h.vault.keyring().current_key_id().to_string();
+    let file_of = |n: &SecretName| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "entry")
+                    && contains(&std::fs::read(p).unwrap(), n.as_str().as_bytes())
+            })
+            .expect("the entry file")
+    };
+    // Layout: "SBVE", version, revision (8), name length (2), name, sealed value, checksum.
+    let name_start = 4 + 1 + 8 + 2;
+    let flip = |n: &SecretName, at: &dyn Fn(&[u8]) -> usize| {
+        let path = file_of(n);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let i = at(&bytes);
+        bytes[i] = match bytes[i] {
+            b'0'..=b'8' => bytes[i] + 1,
+            b'a'..=b'y' => bytes[i] + 1,
+            other => other ^ 0x01,
+        };
+        std::fs::write(&path, bytes).unwrap();
+        path.file_name().unwrap().to_string_lossy().into_owned()
+    };
+    let value_start = |n: &SecretName| name_start + n.as_str().len();
+    // The name's length byte, a digit of the name, and the magic: the entry is unknown.
+    let unnamed = [
+        flip(&names[1], &|_| name_start - 1),
+        flip(&names[2], &|_| value_start(&names[2]) - 1),
+        flip(&names[6], &|_| 0),
+    ];
+    // The revision, the sealed value's key id, its ciphertext: reported by name.
+    flip(&names[3], &|_| 12);
+    flip(&names[4], &|_| value_start(&names[4]) + 4);
+    flip(&names[5], &|bytes| bytes.len() - 16 - 3);
+    // And the checksum itself.
+    flip(&names[7], &|bytes| bytes.len() - 1);
+
+    let report = h.vault.check().await.unwrap();
+    assert!(!report.is_healthy());
+    assert_eq!(
+        report.examined + report.unreadable.len(),
+        ENTRIES,
+        "every file is accounted for: {report:?}"
+    );
+    assert_eq!(report.opened, ENTRIES - 7, "{report:?}");
+    let mut problems: Vec<(String, &str)> = report
+        .problems
+        .iter()
+        .map(|p| (p.name.to_string(), p.error.code()))
+        .collect();
+    problems.sort();
+    assert_eq!(
+        problems,
+        [
+            "token/dmg/u3",
+            "token/dmg/u4",
+            "token/dmg/u5",
+            "token/dmg/u7"
+        ]
+        .map(|n| (n.to_owned(), "vault_entry_malformed"))
+    );
+    let mut unreadable = report.unreadable.clone();
+    unreadable.sort();
+    let mut expected = unnamed.to_vec();
+    expected.sort();
+    assert_eq!(unreadable.len(), 3, "{report:?}");
+    for (reported, file) in unreadable.iter().zip(&expected) {
+        assert!(reported.starts_with(file.as_str()), "{reported} / {file}");
+    }
+    assert_eq!(
+        report.by_key.keys().collect::<Vec<_>>(),
+        [&key_id],
+        "no key is invented from a damaged header"
+    );
+    let printed = format!("{report:?}");
+    assert!(!printed.contains("DAMAGE-PLAINTEXT"));
+}
+
+/// Files written before entry files had a checksum (version 1) still open, and get one when
+/// they are next written.
+#[tokio::test]
+async fn an_entry_file_without_a_checksum_still_opens() {
+    let h = Harness::file().await;
+    let Backend::File { dir } = &h.backend else {
+        unreachable!()
+    };
+    let n = name("token/old/format");
+    h.vault.put(&n, &secret("old")).await.unwrap();
+    let path = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "entry"))
+        .expect("the entry file");
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes[4], 2);
+    bytes[4] = 1;
+    bytes.truncate(bytes.len() - 16);
+    std::fs::write(&path, &bytes).unwrap();
+
+    assert_eq!(text(&h.vault.get(&n).await.unwrap().unwrap().0), "old");
+    assert!(h.vault.check().await.unwrap().is_healthy());
+    h.vault.put(&n, &secret("new")).await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap()[4], 2);
+    assert_eq!(text(&h.vault.get(&n).await.unwrap().unwrap().0), "new");
 }

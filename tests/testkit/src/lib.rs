@@ -135,6 +135,8 @@ impl NatsServer {
         };
         if let Ok(None) = child.try_wait() {
             send_sigterm(&child);
+            // A paused server would only act on the SIGTERM once resumed.
+            send_signal(&child, libc::SIGCONT);
             let deadline = Instant::now() + STOP_TIMEOUT;
             let mut backoff = Duration::from_millis(5);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -174,6 +176,23 @@ impl NatsServer {
                 }
                 Err(not_ready) => panic!("{}", self.failure("restart", &not_ready)),
             }
+        }
+    }
+
+    /// Freezes the server (SIGSTOP) without closing its connections: clients keep sending into
+    /// their sockets and get no answer, as across a stalled network, until [`Self::resume`].
+    /// The server then reads and handles everything sent meanwhile, in order — so a publish
+    /// whose acknowledgement its client stopped waiting for is stored after all.
+    pub fn pause(&self) {
+        if let Some(child) = self.child_slot().as_ref() {
+            send_signal(child, libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a [`Self::pause`]d server run again (SIGCONT). Does nothing to a running one.
+    pub fn resume(&self) {
+        if let Some(child) = self.child_slot().as_ref() {
+            send_signal(child, libc::SIGCONT);
         }
     }
 
@@ -490,15 +509,19 @@ fn spawn_with_death_signal(command: &mut Command) -> io::Result<Child> {
     command.spawn()
 }
 
-#[allow(unsafe_code)]
 fn send_sigterm(child: &Child) {
+    send_signal(child, libc::SIGTERM);
+}
+
+#[allow(unsafe_code)]
+fn send_signal(child: &Child, signal: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(child.id()) else {
         return;
     };
     // SAFETY: kill(2) has no memory-safety preconditions. The pid is our own child, not reaped
     // yet, so it cannot have been reused by another process.
     unsafe {
-        libc::kill(pid, libc::SIGTERM);
+        libc::kill(pid, signal);
     }
 }
 

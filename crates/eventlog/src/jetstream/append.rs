@@ -29,7 +29,7 @@
 //! (a directory with files, created and removed per batch), so a multi-event append takes
 //! milliseconds where a single event takes about 0.1 ms. Decide functions that emit several
 //! events are fine; a hot path should emit one.
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, future::Future, sync::atomic::Ordering, time::Duration};
 
 use async_nats::{
     HeaderMap, HeaderName, HeaderValue,
@@ -77,7 +77,22 @@ enum Attempt {
     NoAnswer(String),
     /// The message does not fit the server's `max_payload`; nothing was sent.
     TooLarge(String),
+    /// The client reconnected while the attempt waited: the connection it went out on is
+    /// gone, and with it any answer. Retried at once (with the same ids), instead of after
+    /// the rest of the acknowledgement time-out.
+    Reconnected,
 }
+
+/// How often an attempt that is still waiting for its answer checks whether the client has
+/// reconnected meanwhile (async-nats offers a counter of connections, not a notification).
+/// Answers normally come within a millisecond, so the check costs nothing then.
+const RECONNECT_CHECK: Duration = Duration::from_millis(20);
+
+/// How long the look-up of an earlier attempt (after a refusal that may be its echo) may
+/// take before the append is retried instead. Right after a server restart, the look-up's
+/// consumer can stall until a missed heartbeat recreates it (seconds); a fresh attempt is
+/// quicker.
+const LOOKUP_BOUND: Duration = Duration::from_secs(1);
 
 impl JetStreamLog {
     pub(super) async fn append_events(
@@ -88,7 +103,7 @@ impl JetStreamLog {
     ) -> Result<AppendOutcome, EventLogError> {
         validate(events)?;
         if events.len() > 1 && !self.inner.atomic_batches {
-            return Err(EventLogError::unavailable(
+            return Err(EventLogError::refused(
                 "appending several events at once needs atomic batch publish, which this \
                  nats-server does not support; upgrade to nats-server 2.12 or newer",
             ));
@@ -106,15 +121,24 @@ impl JetStreamLog {
         for attempt in 1..=attempts {
             let result = if events.len() == 1 {
                 // Bounded by the context's timeout (= ack_timeout), both sending and the ack.
-                self.publish_one(&nats_subject, expected, &events[0], &bodies[0])
-                    .await
+                self.unless_reconnected(self.publish_one(
+                    &nats_subject,
+                    expected,
+                    &events[0],
+                    &bodies[0],
+                ))
+                .await
             } else {
-                tokio::time::timeout(
+                let batch = tokio::time::timeout(
                     config.ack_timeout,
                     Box::pin(self.publish_batch(&nats_subject, expected, events, &bodies, attempt)),
-                )
+                );
+                self.unless_reconnected(async {
+                    batch.await.unwrap_or_else(|_| {
+                        Attempt::NoAnswer("no acknowledgement in time".to_owned())
+                    })
+                })
                 .await
-                .unwrap_or_else(|_| Attempt::NoAnswer("no acknowledgement in time".to_owned()))
             };
             match result {
                 Attempt::Acked(ack) => {
@@ -128,7 +152,21 @@ impl JetStreamLog {
                 Attempt::Refused(error) => {
                     // Boxed: the look-up is rare and large, and would otherwise bloat every
                     // append's future.
-                    return Box::pin(self.refused(subject, expected, events, error)).await;
+                    let lookup = Box::pin(self.refused(subject, expected, events, error));
+                    match tokio::time::timeout(LOOKUP_BOUND, lookup).await {
+                        // The look-up could not read the stream: the question is still open,
+                        // and the next attempt asks it again.
+                        Ok(Err(EventLogError::Unavailable { reason })) => {
+                            tracing::debug!(%subject, attempt, %reason, "duplicate look-up failed; retrying");
+                            last_failure = reason;
+                        }
+                        Ok(result) => return result,
+                        Err(_) => {
+                            tracing::debug!(%subject, attempt, "duplicate look-up too slow; retrying");
+                            last_failure =
+                                "looking for an earlier attempt took too long".to_owned();
+                        }
+                    }
                 }
                 Attempt::TooLarge(reason) => {
                     return Err(EventLogError::InvalidEvent { reason });
@@ -136,6 +174,12 @@ impl JetStreamLog {
                 Attempt::NoAnswer(reason) => {
                     tracing::debug!(%subject, attempt, %reason, "append not acknowledged; retrying");
                     last_failure = reason;
+                }
+                Attempt::Reconnected => {
+                    tracing::debug!(%subject, attempt, "reconnected while waiting for the acknowledgement; retrying");
+                    last_failure = "the connection was lost while waiting".to_owned();
+                    // The server is answering again: no backoff.
+                    continue;
                 }
             }
             if attempt < attempts {
@@ -147,6 +191,30 @@ impl JetStreamLog {
             "append to {subject} not acknowledged after {attempts} attempts ({last_failure}); \
              it may or may not be stored: retry with the same event ids"
         )))
+    }
+
+    /// Runs one publish attempt, but gives up on it as soon as the client has reconnected
+    /// since it began (see [`Attempt::Reconnected`]).
+    async fn unless_reconnected(&self, attempt: impl Future<Output = Attempt>) -> Attempt {
+        let statistics = self.inner.client.statistics();
+        let connects = statistics.connects.load(Ordering::Relaxed);
+        let reconnected = async {
+            let mut check = tokio::time::interval_at(
+                tokio::time::Instant::now() + RECONNECT_CHECK,
+                RECONNECT_CHECK,
+            );
+            loop {
+                check.tick().await;
+                if statistics.connects.load(Ordering::Relaxed) != connects {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            result = attempt => result,
+            () = reconnected => Attempt::Reconnected,
+        }
     }
 
     async fn publish_one(
@@ -230,7 +298,9 @@ impl JetStreamLog {
         if code != ErrorCode::STREAM_WRONG_LAST_SEQUENCE
             && code != ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE
         {
-            return Err(EventLogError::unavailable(format!(
+            // `classify` already passed on the answers worth retrying (503, too many batches
+            // in flight, a clustered write still in progress).
+            return Err(EventLogError::refused(format!(
                 "append to {subject} refused by JetStream: {}",
                 error.text
             )));
@@ -405,6 +475,13 @@ fn validate(events: &[Envelope]) -> Result<(), EventLogError> {
                     "event id {:?} is not a UUID",
                     event.event_id.chars().take(64).collect::<String>()
                 ),
+            });
+        }
+        if event.event.is_none() {
+            // The same rule as the JSONL log: no event type could be recorded for it and no
+            // reader could fold it (only events of a newer type read back without a body).
+            return Err(EventLogError::InvalidEvent {
+                reason: format!("event {} has no event body", event.event_id),
             });
         }
         if events[..i].iter().any(|e| e.event_id == event.event_id) {

@@ -3,9 +3,14 @@
 //! append before it is durable.
 use std::{collections::HashMap, ops::Range};
 
-#[derive(Debug, Default)]
+/// Offsets are positions in the log's *virtual* byte space: its segment files one after the
+/// other (see `LogShared::read_into`). A log whose oldest segments were dropped for retention
+/// starts at a later sequence (`first`).
+#[derive(Debug)]
 pub(super) struct Index {
-    /// `offsets[i]` is the byte offset of the record with sequence `i + 1`.
+    /// The sequence of `offsets[0]` (1 unless older records were dropped).
+    first: u64,
+    /// `offsets[i]` is the byte offset of the record with sequence `first + i`.
     offsets: Vec<u64>,
     /// Byte length of the committed part of the file (the end of the last record).
     end: u64,
@@ -13,13 +18,57 @@ pub(super) struct Index {
     subjects: HashMap<Box<str>, Vec<u64>>,
 }
 
+impl Default for Index {
+    fn default() -> Self {
+        Index {
+            first: 1,
+            offsets: Vec::new(),
+            end: 0,
+            subjects: HashMap::new(),
+        }
+    }
+}
+
 impl Index {
     pub fn last_sequence(&self) -> u64 {
-        self.offsets.len() as u64
+        self.first + self.offsets.len() as u64 - 1
     }
 
-    pub fn end(&self) -> u64 {
-        self.end
+    /// The first sequence the index holds (the one after the last if it holds none).
+    pub fn first_sequence(&self) -> u64 {
+        self.first
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// For an index that holds nothing yet: the records before `first` are gone (dropped for
+    /// retention), the next one pushed has sequence `first`.
+    pub fn start_at(&mut self, first: u64) {
+        debug_assert!(self.offsets.is_empty());
+        self.first = first.max(1);
+    }
+
+    /// Forgets the records before `sequence` (a segment dropped for retention). Returns the
+    /// subjects that have no record left.
+    pub fn drop_before(&mut self, sequence: u64) -> Vec<Box<str>> {
+        let drop = usize::try_from(sequence.saturating_sub(self.first))
+            .unwrap_or(usize::MAX)
+            .min(self.offsets.len());
+        self.offsets.drain(..drop);
+        self.first += drop as u64;
+        let first = self.first;
+        let mut emptied = Vec::new();
+        self.subjects.retain(|subject, list| {
+            let gone = list.partition_point(|&s| s < first);
+            list.drain(..gone);
+            if list.is_empty() {
+                emptied.push(subject.clone());
+            }
+            !list.is_empty()
+        });
+        emptied
     }
 
     /// Adds the records of one append (or one recovered record): their start offsets, in
@@ -49,14 +98,14 @@ impl Index {
             .filter_map(|(subject, list)| Some((&**subject, *list.last()?)))
     }
 
-    /// The bytes of records `first..=last` (both within `1..=last_sequence()`; outside it the
-    /// range is cut to what exists, possibly to nothing).
+    /// The bytes of records `first..=last` (both within `first_sequence()..=last_sequence()`;
+    /// outside it the range is cut to what exists, possibly to nothing).
     pub fn byte_range(&self, first: u64, last: u64) -> Range<u64> {
         let at = |sequence: u64| {
-            let index = usize::try_from(sequence.saturating_sub(1)).unwrap_or(usize::MAX);
+            let index = usize::try_from(sequence.saturating_sub(self.first)).unwrap_or(usize::MAX);
             self.offsets.get(index).copied().unwrap_or(self.end)
         };
-        let start = at(first.max(1));
+        let start = at(first.max(self.first));
         let end = at(last.saturating_add(1)).max(start);
         start..end
     }
@@ -105,5 +154,35 @@ mod tests {
         assert_eq!(index.byte_range(11, 12), 100..100);
         assert_eq!(index.byte_range(0, 1), 0..10);
         assert!(index.aggregate("server.b").is_empty());
+    }
+
+    #[test]
+    fn dropping_a_prefix_keeps_sequences_and_offsets() {
+        let mut index = Index::default();
+        for i in 0..10u64 {
+            let subject = if i < 4 {
+                "invocation.a"
+            } else {
+                "invocation.b"
+            };
+            index.push(subject, &[i * 10], i * 10 + 10);
+        }
+        let emptied = index.drop_before(6);
+        assert_eq!(emptied, vec![Box::from("invocation.a")]);
+        assert_eq!((index.first_sequence(), index.last_sequence()), (6, 10));
+        assert_eq!(index.aggregate("invocation.b"), &[6, 7, 8, 9, 10]);
+        assert_eq!(
+            index.byte_range(1, 7),
+            50..70,
+            "before the first is cut off"
+        );
+        assert_eq!(index.pieces(1, 10, 1000), vec![50..100]);
+
+        let mut later = Index::default();
+        later.start_at(42);
+        assert_eq!(later.last_sequence(), 41);
+        later.push("invocation.c", &[500], 510);
+        assert_eq!(later.aggregate("invocation.c"), &[42]);
+        assert_eq!(later.byte_range(42, 42), 500..510);
     }
 }

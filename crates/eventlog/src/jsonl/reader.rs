@@ -157,8 +157,15 @@ fn parse_lines(
     let mut start = 0;
     while start < bytes.len() {
         let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |n| start + n);
+        let line = &bytes[start..end];
+        if line.is_empty() || record::is_mark(line) {
+            // Commit marks (after an empty line) sit between the records of a range; they
+            // carry no event.
+            start = end + 1;
+            continue;
+        }
         let location = || format!("{} byte {}", shared.path.display(), base + start as u64);
-        match record::decode_line(shared.kind, &bytes[start..end], filter, location) {
+        match record::decode_line(shared.kind, line, filter, location) {
             Ok(Some(event)) => out.push(Ok(event)),
             Ok(None) => {}
             Err(error) => out.push(Err(error)),

@@ -3,7 +3,7 @@
 //! One record per line, fields always in this order:
 //!
 //! ```text
-//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{…proto3 JSON…}}
+//! {"seq":7,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"group":5,"envelope":{…proto3 JSON…}}
 //! ```
 //!
 //! - `seq`: the record's log sequence, 1 for the first line, one more for every line.
@@ -12,7 +12,27 @@
 //!   type can still say what it is.
 //! - `batch`: `[i, n]`, the record is the i-th (1-based) of an atomic append of n events;
 //!   omitted when n is 1. Recovery uses it to drop a batch whose tail never reached the disk.
+//! - `group`: the first sequence of the write group the record was written in (absent in
+//!   files of earlier versions). When damage has destroyed a commit mark, a record of a later
+//!   group after it still shows that the damaged group was followed by another one, and so
+//!   had been acknowledged (see `recovery`).
 //! - `envelope`: the event envelope in the proto3 JSON mapping.
+//!
+//! Every write group ends with a **commit mark**, a line of its own after an empty line:
+//!
+//! ```text
+//!
+//! {"commit":9}
+//! ```
+//!
+//! (The empty line keeps the mark a line of its own even when the end of the record before
+//! it, newline included, is damaged; readers and recovery skip empty lines.)
+//!
+//! where the number is the last sequence in the file when the mark was written (0 for the mark
+//! that starts a new file). The writer writes a mark only after the group's records are
+//! synced, and acknowledges the group only after the mark is synced too, so a record before a
+//! mark was durable when the mark was written, and anything after the last mark was never
+//! acknowledged (see `recovery`). Readers skip marks.
 use std::{borrow::Cow, fmt};
 
 use proto::v1::Envelope;
@@ -33,6 +53,7 @@ pub(super) fn encode_line(
     subject: &str,
     event_type: &str,
     batch: Option<(usize, usize)>,
+    group: u64,
     envelope_json: &[u8],
 ) {
     buf.extend_from_slice(b"{\"seq\":");
@@ -50,9 +71,57 @@ pub(super) fn encode_line(
         push_decimal(buf, count as u64);
         buf.push(b']');
     }
+    buf.extend_from_slice(b",\"group\":");
+    push_decimal(buf, group);
     buf.extend_from_slice(b",\"envelope\":");
     buf.extend_from_slice(envelope_json);
     buf.extend_from_slice(b"}\n");
+}
+
+/// Appends a commit mark line (with its `\n`) to `buf`: the records up to sequence `last` are
+/// durable.
+pub(super) fn encode_mark(buf: &mut Vec<u8>, last: u64) {
+    buf.push(b'\n');
+    buf.extend_from_slice(MARK_PREFIX);
+    push_decimal(buf, last);
+    buf.extend_from_slice(b"}\n");
+}
+
+/// Appends the commit mark that starts a segment file of a segmented log: it also names the
+/// month (UTC, `YYYY-MM`) the file was started in, which decides when it is closed and when
+/// it is dropped for retention (see `segments`).
+pub(super) fn encode_segment_mark(buf: &mut Vec<u8>, last: u64, month: &str) {
+    buf.push(b'\n');
+    buf.extend_from_slice(MARK_PREFIX);
+    push_decimal(buf, last);
+    buf.extend_from_slice(b",\"month\":\"");
+    buf.extend_from_slice(month.as_bytes());
+    buf.extend_from_slice(b"\"}\n");
+}
+
+/// How every commit mark line starts; a record line starts with `{"seq":`.
+const MARK_PREFIX: &[u8] = b"{\"commit\":";
+
+/// Whether a line (without its `\n`) is meant as a commit mark (it may still be damaged).
+pub(super) fn is_mark(line: &[u8]) -> bool {
+    line.starts_with(MARK_PREFIX)
+}
+
+/// A commit mark as read back.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Mark {
+    /// The last sequence before the mark.
+    pub commit: u64,
+    /// The month a segment file was started in (its first mark only).
+    #[serde(default)]
+    pub month: Option<String>,
+}
+
+/// The commit mark a line (without its `\n`) holds, or why it is not a valid mark.
+pub(super) fn scan_mark(line: &[u8]) -> Result<Mark, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
+    serde_json::from_str::<Mark>(text).map_err(|e| format!("damaged commit mark: {e}"))
 }
 
 fn push_decimal(buf: &mut Vec<u8>, value: u64) {
@@ -70,6 +139,8 @@ pub(super) struct ScannedLine<'a> {
     _event_type: IgnoredAny,
     #[serde(default)]
     pub batch: Option<(u64, u64)>,
+    #[serde(default)]
+    pub group: Option<u64>,
     #[serde(borrow)]
     pub envelope: EnvelopeId<'a>,
 }
@@ -275,18 +346,43 @@ mod tests {
             "server.s1",
             "ServerEnabled",
             Some((2, 3)),
+            1234566,
             br#"{"eventId":"x"}"#,
         );
         assert_eq!(
             buf,
-            br#"{"seq":1234567,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"envelope":{"eventId":"x"}}
+            br#"{"seq":1234567,"subject":"server.s1","type":"ServerEnabled","batch":[2,3],"group":1234566,"envelope":{"eventId":"x"}}
 "#
         );
         let line = scan_line(&buf[..buf.len() - 1]).expect("scan");
         assert_eq!(line.seq, 1234567);
         assert_eq!(line.subject, "server.s1");
         assert_eq!(line.batch, Some((2, 3)));
+        assert_eq!(line.group, Some(1234566));
         assert_eq!(line.envelope.event_id, "x");
+    }
+
+    #[test]
+    fn a_commit_mark_scans_back_and_is_told_from_a_record() {
+        let mut buf = vec![];
+        encode_mark(&mut buf, 42);
+        assert_eq!(buf, b"\n{\"commit\":42}\n");
+        let line = &buf[1..buf.len() - 1];
+        assert!(is_mark(line));
+        assert_eq!(scan_mark(line).map(|mark| mark.commit), Ok(42));
+        let mut buf = vec![];
+        encode_segment_mark(&mut buf, 7, "2026-12");
+        assert_eq!(buf, b"\n{\"commit\":7,\"month\":\"2026-12\"}\n");
+        assert_eq!(
+            scan_mark(&buf[1..buf.len() - 1]),
+            Ok(Mark {
+                commit: 7,
+                month: Some("2026-12".to_owned())
+            })
+        );
+        assert!(scan_mark(b"{\"commit\":4\x002}").is_err());
+        assert!(scan_mark(b"{\"commit\":42,\"x\":1}").is_err());
+        assert!(!is_mark(br#"{"seq":1,"subject":"server.s1"}"#));
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! Group commit: the thread takes everything queued (up to `max_batch_events`), decides each
 //! append in order against its in-memory versions and event ids (a refused append writes
 //! nothing; the ones after it still go ahead and see the earlier ones' effects), serialises
-//! the accepted ones into one buffer, and makes one `write` and one `fdatasync`. Only then are
-//! the new records published to readers and subscribers and the callers answered. One sync
-//! for many appends is what makes a durable log fast.
+//! the accepted ones into one buffer, and makes one `write` and one `fdatasync`; then it
+//! writes the group's commit mark and syncs again (the mark says the records before it are
+//! durable, which is what lets recovery tell an unacknowledged tail from damage, see
+//! `recovery`). Only then are the new records published to readers and subscribers and the
+//! callers answered. One pair of syncs for many appends is what makes a durable log fast.
 //!
 //! A failed write or sync leaves the file in an unknown state (after a failed `fsync` the
 //! kernel may already have dropped the dirty pages). The writer then answers every append of
@@ -17,16 +19,20 @@
 use std::{
     collections::{HashMap, VecDeque},
     fs::File,
-    io::Write,
+    io::{self, Write},
+    path::PathBuf,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{AppendOutcome, DEDUPE_WINDOW, EventLogError, ExpectedVersion, Subject};
 
-use super::{LogShared, record};
+use super::{
+    LogFileWrapper, LogShared, record,
+    segments::{self, Month, Segment},
+};
 
 /// What a caller asks of the writer.
 pub(super) enum Command {
@@ -53,21 +59,63 @@ pub(super) struct PreparedEvent {
     pub json_end: usize,
 }
 
+/// What the writer needs of its file: a seam, so that tests can watch the writes and syncs
+/// or make them fail (see [`JsonlLog::open_with_files`](super::JsonlLog::open_with_files)).
+/// The writer only ever appends: each `write_all` continues where the last one ended.
+pub trait LogFile: Send {
+    /// Writes all of `bytes` at the current end of the file.
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes everything written so far durable (`fdatasync`).
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes (after a failed write; the log refuses appends then).
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl LogFile for File {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        Write::write_all(self, bytes)
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+}
+
 pub(super) struct Writer {
     pub shared: Arc<LogShared>,
-    pub file: File,
+    pub file: Box<dyn LogFile>,
     /// Keeps the directory lock for as long as any writer runs.
     pub _lock: Arc<File>,
     pub rx: mpsc::Receiver<Command>,
     pub max_batch_events: usize,
-    /// Length of the file up to the last acknowledged record.
+    /// Length of the active file up to the commit mark of the last acknowledged group.
     pub file_len: u64,
+    /// Where the active file starts in the log's virtual byte space (the index's offsets).
+    pub segment_base: u64,
+    /// Monthly segments and retention (the invocations log), or `None`.
+    pub rotation: Option<Rotation>,
     pub next_sequence: u64,
     /// Each aggregate's version, including appends of the group being decided.
     pub versions: HashMap<Box<str>, u64>,
     pub dedupe: Dedupe,
     /// Why the log refuses appends after a failed write.
     pub poisoned: Option<String>,
+}
+
+/// What the writer of a segmented log needs (see `segments`).
+pub(super) struct Rotation {
+    pub dir: PathBuf,
+    pub wrap: LogFileWrapper,
+    pub retention: Duration,
+    pub now: fn() -> SystemTime,
+    /// The month the active file was last written in.
+    pub active_month: Month,
+    /// The sequence of the active file's first record (or of the next, if it has none).
+    pub active_first_sequence: u64,
 }
 
 /// Event ids stored within the dedupe window, with their sequences.
@@ -172,18 +220,30 @@ impl Writer {
     ) {
         let now = Instant::now();
         self.dedupe.forget_older_than_window(now);
+        if self.poisoned.is_none()
+            && let Err(error) = self.maintain_segments()
+        {
+            // The active file may have been renamed without a new one in its place: like a
+            // failed write, only a reopen (and its recovery) sets this right.
+            tracing::error!(file = %self.shared.path.display(), %error, "event log segment rotation failed");
+            self.poisoned = Some(format!(
+                "starting a new segment of {} failed ({error}); the log refuses appends until \
+                 it is reopened",
+                self.shared.path.display()
+            ));
+        }
         buf.clear();
         offsets.clear();
         let first_sequence = self.next_sequence;
         let mut decided = Vec::with_capacity(group.len());
         for request in group.drain(..) {
             let start = offsets.len();
-            let outcome = self.decide(&request, now, buf, offsets);
+            let outcome = self.decide(&request, first_sequence, now, buf, offsets);
             let written = (offsets.len() > start).then(|| {
                 (
                     request.subject,
                     start..offsets.len(),
-                    self.file_len + buf.len() as u64,
+                    self.segment_base + self.file_len + buf.len() as u64,
                 )
             });
             decided.push(Decided {
@@ -193,24 +253,15 @@ impl Writer {
             });
         }
 
-        if !buf.is_empty()
-            && let Err(error) = self.write_and_sync(buf)
-        {
-            let reason = format!(
-                "writing to {} failed ({error}); the log refuses appends until it is \
-                 reopened, and the failed appends may be retried with the same event ids then",
-                self.shared.path.display()
-            );
-            tracing::error!(file = %self.shared.path.display(), %error, "event log write failed");
-            // Best effort: the file should not keep records nobody was told about.
-            let _ = self.file.set_len(self.file_len);
-            self.poisoned = Some(reason.clone());
-            for d in decided {
-                let _ = d.reply.send(Err(EventLogError::Unavailable {
-                    reason: reason.clone(),
-                }));
+        let mut mark_len = 0;
+        if !buf.is_empty() {
+            let mut mark = Vec::with_capacity(24);
+            record::encode_mark(&mut mark, self.next_sequence - 1);
+            mark_len = mark.len() as u64;
+            if let Err(error) = self.write_and_sync(buf, &mark) {
+                self.fail_group(decided, &error);
+                return;
             }
-            return;
         }
 
         if self.next_sequence > first_sequence {
@@ -222,7 +273,7 @@ impl Writer {
                     }
                 }
             }
-            self.file_len += buf.len() as u64;
+            self.file_len += buf.len() as u64 + mark_len;
             let last = self.next_sequence - 1;
             self.shared.head.send_modify(|head| head.last = last);
         }
@@ -231,11 +282,134 @@ impl Writer {
         }
     }
 
+    /// For a segmented log, before a group is written: starts a new active file when the
+    /// month has changed since the active one was last written, and drops closed segments
+    /// past retention.
+    fn maintain_segments(&mut self) -> io::Result<()> {
+        let Some(rotation) = &mut self.rotation else {
+            return Ok(());
+        };
+        let now = (rotation.now)();
+        let month = Month::of(now);
+        let last = self.next_sequence - 1;
+        if month != rotation.active_month {
+            if rotation.active_first_sequence <= last {
+                let shared = &self.shared;
+                let active = shared.path.clone();
+                let closed = segments::closed_path(
+                    &rotation.dir,
+                    shared.kind,
+                    rotation.active_month,
+                    rotation.active_first_sequence,
+                );
+                // The renamed file keeps its inode: the writer's and the readers' handles
+                // stay valid.
+                std::fs::rename(&active, &closed)?;
+                let mut file = crate::private_fs::open_options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&active)?;
+                let mut mark = Vec::with_capacity(48);
+                record::encode_segment_mark(&mut mark, last, &month.to_string());
+                Write::write_all(&mut file, &mark)?;
+                file.sync_data()?;
+                super::recovery::sync_dir(&rotation.dir)?;
+                let read_file = File::open(&active)?;
+                let base = self.segment_base + self.file_len;
+                {
+                    let mut segments = shared.write_segments();
+                    if let Some(previous) = segments.pop() {
+                        segments.push(Arc::new(Segment {
+                            base: previous.base,
+                            first_sequence: previous.first_sequence,
+                            month: Some(rotation.active_month),
+                            path: closed,
+                            file: previous.file.try_clone()?,
+                        }));
+                    }
+                    segments.push(Arc::new(Segment {
+                        base,
+                        first_sequence: last + 1,
+                        month: None,
+                        path: active,
+                        file: read_file,
+                    }));
+                }
+                self.file = (rotation.wrap)(shared.kind, file);
+                self.segment_base = base;
+                self.file_len = mark.len() as u64;
+                rotation.active_first_sequence = last + 1;
+            }
+            rotation.active_month = month;
+        }
+        self.drop_expired_segments(now);
+        Ok(())
+    }
+
+    /// Drops the oldest closed segments past retention. A failure is logged and tried again
+    /// at the next group: nothing depends on it.
+    fn drop_expired_segments(&mut self, now: SystemTime) {
+        let Some(rotation) = &self.rotation else {
+            return;
+        };
+        loop {
+            let (path, next_first) = {
+                let segments = self.shared.read_segments();
+                let (Some(oldest), Some(next)) = (segments.first(), segments.get(1)) else {
+                    return;
+                };
+                match oldest.month {
+                    Some(month) if segments::expired(month, rotation.retention, now) => {
+                        (oldest.path.clone(), next.first_sequence)
+                    }
+                    _ => return,
+                }
+            };
+            if let Err(error) =
+                std::fs::remove_file(&path).and_then(|()| super::recovery::sync_dir(&rotation.dir))
+            {
+                tracing::warn!(file = %path.display(), %error, "cannot drop an event log segment past retention");
+                return;
+            }
+            tracing::info!(file = %path.display(), "dropped an event log segment past retention");
+            self.shared.write_segments().remove(0);
+            let emptied = self.shared.write_index().drop_before(next_first);
+            // An aggregate whose every event is gone starts again from version 0, as on
+            // JetStream when a subject's messages have all expired.
+            for subject in emptied {
+                self.versions.remove(&subject);
+            }
+        }
+    }
+
+    /// After a failed write or sync: fails every append of the group, including the ones
+    /// that were refused or duplicates (their answer may rest on records of this group), and
+    /// poisons the log.
+    fn fail_group(&mut self, decided: Vec<Decided>, error: &io::Error) {
+        let reason = format!(
+            "writing to {} failed ({error}); the log refuses appends until it is \
+             reopened, and the failed appends may be retried with the same event ids then",
+            self.shared.path.display()
+        );
+        tracing::error!(file = %self.shared.path.display(), %error, "event log write failed");
+        // Best effort: the file should not keep records nobody was told about. If this fails
+        // too, recovery drops them at the next open (they have no commit mark).
+        let _ = self.file.set_len(self.file_len);
+        self.poisoned = Some(reason.clone());
+        for d in decided {
+            let _ = d.reply.send(Err(EventLogError::Unavailable {
+                reason: reason.clone(),
+            }));
+        }
+    }
+
     /// Decides one append of the group and, if it is accepted, serialises its records into
     /// `buf` and notes where in the file each will start.
     fn decide(
         &mut self,
         request: &AppendRequest,
+        group: u64,
         now: Instant,
         buf: &mut Vec<u8>,
         offsets: &mut Vec<u64>,
@@ -286,13 +460,14 @@ impl Writer {
         let mut json_start = 0;
         for (i, event) in request.events.iter().enumerate() {
             let sequence = first + i as u64;
-            offsets.push(self.file_len + buf.len() as u64);
+            offsets.push(self.segment_base + self.file_len + buf.len() as u64);
             record::encode_line(
                 buf,
                 sequence,
                 subject,
                 event.event_type,
                 (count > 1).then_some((i + 1, count)),
+                group,
                 request
                     .json
                     .get(json_start..event.json_end)
@@ -316,8 +491,13 @@ impl Writer {
         })
     }
 
-    fn write_and_sync(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(buf)?;
+    /// Writes a group's records, makes them durable, then writes and syncs its commit mark.
+    /// The mark must not reach the disk before the records: recovery trusts every record
+    /// before a mark.
+    fn write_and_sync(&mut self, records: &[u8], mark: &[u8]) -> io::Result<()> {
+        self.file.write_all(records)?;
+        self.file.sync_data()?;
+        self.file.write_all(mark)?;
         self.file.sync_data()
     }
 }

@@ -4,6 +4,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use eventlog::{EventLog, EventLogError, ExpectedVersion, LogKind, SubjectFilter};
 use futures_util::StreamExt;
+use proto::v1::{Actor, Envelope, ServerAdded, ServerEnabled, actor, envelope::Event};
 
 use crate::support::{event, subject};
 
@@ -48,11 +49,226 @@ pub async fn appended_events_read_back_in_order_with_their_version(log: Arc<dyn 
         assert_eq!(e.log, LogKind::Config);
         assert!(e.unknown_body.is_none());
     }
-    assert_eq!(history.events[0].envelope, {
-        let mut first = history.events[0].envelope.clone();
-        first.event_id = ids[0].clone();
-        first
+}
+
+/// An envelope with every field set, unlike `support::event`.
+fn full_envelope(server_id: &str) -> Envelope {
+    Envelope {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at: Some(proto::Timestamp {
+            seconds: 1_764_000_123,
+            nanos: 456_789_012,
+        }),
+        actor: Some(Actor {
+            kind: Some(actor::Kind::UserId("alice@example.com".to_owned())),
+        }),
+        correlation_id: uuid::Uuid::now_v7().to_string(),
+        causation_id: uuid::Uuid::now_v7().to_string(),
+        schema_version: proto::SCHEMA_VERSION,
+        event: Some(Event::ServerAdded(ServerAdded {
+            server_id: server_id.to_owned(),
+            name: "Production \"GitHub\" — ünïcode".to_owned(),
+            slug: "production_github".to_owned(),
+            description: "line one\nline two\t{\"json\": true}".to_owned(),
+            url: "https://mcp.example.com/mcp?x=1&y=2".to_owned(),
+            catalog_entry_id: "github".to_owned(),
+            oauth: None,
+            enabled: true,
+        })),
+    }
+}
+
+pub async fn a_stored_event_reads_back_equal_to_what_was_appended(log: Arc<dyn EventLog>) {
+    let s = subject("server.full");
+    let single = full_envelope("full");
+    let mut by_service = full_envelope("full");
+    by_service.actor = Some(Actor {
+        kind: Some(actor::Kind::Service("connection".to_owned())),
     });
+    by_service.event = Some(Event::ServerEnabled(ServerEnabled {
+        server_id: "full".to_owned(),
+    }));
+    let batch = [by_service, full_envelope("full")];
+    log.append(&s, ExpectedVersion::NoEvents, std::slice::from_ref(&single))
+        .await
+        .expect("append");
+    let outcome = log
+        .append(&s, ExpectedVersion::Any, &batch)
+        .await
+        .expect("append a batch");
+    let appended = [single.clone(), batch[0].clone(), batch[1].clone()];
+
+    let history = log.read_aggregate(&s).await.expect("read");
+    let envelopes: Vec<Envelope> = history.events.iter().map(|e| e.envelope.clone()).collect();
+    assert_eq!(envelopes, appended, "read_aggregate");
+    let event_types: Vec<&str> = history.events.iter().map(|e| &*e.event_type).collect();
+    assert_eq!(event_types, ["ServerAdded", "ServerEnabled", "ServerAdded"]);
+
+    let replayed: Vec<Envelope> = log
+        .read_from(LogKind::Config, 0, None)
+        .await
+        .expect("read_from")
+        .map(|r| r.expect("event").envelope)
+        .collect()
+        .await;
+    assert_eq!(replayed, appended, "read_from");
+
+    let mut live = log
+        .subscribe(LogKind::Config, 0, None)
+        .await
+        .expect("subscribe");
+    let mut delivered = vec![];
+    while delivered.len() < appended.len() {
+        let next = tokio::time::timeout(GUARD, live.next())
+            .await
+            .expect("subscriber stalled")
+            .expect("stream ended")
+            .expect("event");
+        delivered.push(next.envelope);
+    }
+    assert_eq!(delivered, appended, "subscribe");
+    assert_eq!(outcome.last_sequence, 3);
+}
+
+/// One rule for both adapters: an envelope without an event body is refused (no event type
+/// could be recorded for it, and no reader could fold it). Only events of a type this version
+/// does not know read back without a body.
+pub async fn an_envelope_without_a_body_is_refused(log: Arc<dyn EventLog>) {
+    let s = subject("server.nobody");
+    let mut empty = event("nobody");
+    empty.event = None;
+    let err = log
+        .append(&s, ExpectedVersion::Any, std::slice::from_ref(&empty))
+        .await
+        .expect_err("an envelope without a body");
+    assert!(matches!(err, EventLogError::InvalidEvent { .. }), "{err}");
+    let err = log
+        .append(&s, ExpectedVersion::Any, &[event("nobody"), empty])
+        .await
+        .expect_err("a batch with an envelope without a body");
+    assert!(matches!(err, EventLogError::InvalidEvent { .. }), "{err}");
+    assert_eq!(log.read_aggregate(&s).await.expect("read").version, 0);
+    assert_eq!(log.last_sequence(LogKind::Config).await.expect("last"), 0);
+}
+
+pub async fn a_single_event_retried_at_its_expected_version_after_a_lost_ack_is_a_duplicate(
+    log: Arc<dyn EventLog>,
+) {
+    let s = subject("server.retry1");
+    let v = log
+        .append(&s, ExpectedVersion::NoEvents, &[event("retry1")])
+        .await
+        .expect("append")
+        .last_sequence;
+    let e = event("retry1");
+    let original = log
+        .append(&s, ExpectedVersion::At(v), std::slice::from_ref(&e))
+        .await
+        .expect("append at the version");
+    // The acknowledgement was lost; the writer retries exactly what it sent.
+    let retried = log
+        .append(&s, ExpectedVersion::At(v), std::slice::from_ref(&e))
+        .await
+        .expect("the retry is not a conflict");
+    assert!(retried.duplicate);
+    assert_eq!(
+        (retried.first_sequence, retried.last_sequence),
+        (original.first_sequence, original.last_sequence)
+    );
+    // A different event at the same stale version is a conflict.
+    let err = log
+        .append(&s, ExpectedVersion::At(v), &[event("retry1")])
+        .await
+        .expect_err("stale version");
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(log.read_aggregate(&s).await.expect("read").events.len(), 2);
+}
+
+pub async fn a_retry_after_another_writer_appended_is_still_a_duplicate(log: Arc<dyn EventLog>) {
+    let s = subject("server.retry2");
+    let v = log
+        .append(&s, ExpectedVersion::NoEvents, &[event("retry2")])
+        .await
+        .expect("append")
+        .last_sequence;
+    let single = event("retry2");
+    let batch = [event("retry2"), event("retry2")];
+    let single_outcome = log
+        .append(&s, ExpectedVersion::At(v), std::slice::from_ref(&single))
+        .await
+        .expect("append one");
+    let batch_outcome = log
+        .append(
+            &s,
+            ExpectedVersion::At(single_outcome.last_sequence),
+            &batch,
+        )
+        .await
+        .expect("append a batch");
+    // Another writer appends to the same aggregate before the retries arrive, so the retried
+    // events are no longer the aggregate's latest.
+    let other = log
+        .append(
+            &s,
+            ExpectedVersion::At(batch_outcome.last_sequence),
+            &[event("retry2")],
+        )
+        .await
+        .expect("another writer");
+
+    let retried = log
+        .append(&s, ExpectedVersion::At(v), std::slice::from_ref(&single))
+        .await
+        .expect("retry of the single event");
+    assert!(retried.duplicate);
+    assert_eq!(retried.first_sequence, single_outcome.first_sequence);
+    let retried = log
+        .append(
+            &s,
+            ExpectedVersion::At(single_outcome.last_sequence),
+            &batch,
+        )
+        .await
+        .expect("retry of the batch");
+    assert!(retried.duplicate);
+    assert_eq!(
+        (retried.first_sequence, retried.last_sequence),
+        (batch_outcome.first_sequence, batch_outcome.last_sequence)
+    );
+    let history = log.read_aggregate(&s).await.expect("read");
+    assert_eq!(history.events.len(), 5);
+    assert_eq!(history.version, other.last_sequence);
+}
+
+pub async fn an_append_repeating_only_some_stored_event_ids_is_refused(log: Arc<dyn EventLog>) {
+    let s = subject("server.partial");
+    let stored = event("partial");
+    let v = log
+        .append(&s, ExpectedVersion::NoEvents, std::slice::from_ref(&stored))
+        .await
+        .expect("append")
+        .last_sequence;
+    for expected in [ExpectedVersion::Any, ExpectedVersion::At(v)] {
+        let err = log
+            .append(&s, expected, &[stored.clone(), event("partial")])
+            .await
+            .expect_err("a batch mixing a stored and a new event id");
+        assert!(
+            matches!(err, EventLogError::InvalidEvent { .. }),
+            "{expected:?}: {err}"
+        );
+        let err = log
+            .append(&s, expected, &[event("partial"), stored.clone()])
+            .await
+            .expect_err("a batch ending in a stored event id");
+        assert!(
+            matches!(err, EventLogError::InvalidEvent { .. }),
+            "{expected:?}: {err}"
+        );
+    }
+    let history = log.read_aggregate(&s).await.expect("read");
+    assert_eq!(history.events.len(), 1, "nothing of the refused batches");
+    assert_eq!(log.last_sequence(LogKind::Config).await.expect("last"), v);
 }
 
 pub async fn an_unknown_aggregate_has_no_events_and_version_zero(log: Arc<dyn EventLog>) {
@@ -374,6 +590,11 @@ macro_rules! conformance_suite {
             a_filtered_subscription_sees_only_matching_subjects,
             events_that_are_not_valid_are_refused,
             the_longest_user_key_fits_in_a_subject,
+            a_stored_event_reads_back_equal_to_what_was_appended,
+            an_envelope_without_a_body_is_refused,
+            a_single_event_retried_at_its_expected_version_after_a_lost_ack_is_a_duplicate,
+            a_retry_after_another_writer_appended_is_still_a_duplicate,
+            an_append_repeating_only_some_stored_event_ids_is_refused,
         );
     };
     (@tests $open:expr; $($rule:ident),* $(,)?) => {

@@ -3,7 +3,7 @@
 //! wrote, checkpoints in KV).
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -385,6 +385,7 @@ async fn acknowledged_appends_survive_a_server_kill_exactly_once() {
     const APPENDS_PER_WRITER: usize = 100;
     let server = testkit::NatsServer::start();
     let client = async_nats::connect(server.url()).await.expect("connect");
+    let sent = client.statistics();
     let config = JetStreamConfig {
         ack_timeout: Duration::from_secs(1),
         max_append_attempts: 30,
@@ -410,6 +411,31 @@ async fn acknowledged_appends_survive_a_server_kill_exactly_once() {
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| tokio::spawn(write(log.clone(), w, APPENDS_PER_WRITER, acked_tx.clone())))
         .collect();
+
+    // Lost acknowledgements, forced: once a tenth of the appends were acknowledged, freeze
+    // the server while appends are in flight, until the writers have timed out and sent their
+    // retries. Resumed, the server stores each original and then sees its retry, whose
+    // answer must be the original outcome marked as a duplicate.
+    tokio::time::timeout(
+        GUARD,
+        acked_rx.wait_for(|n| *n >= WRITERS * APPENDS_PER_WRITER / 10),
+    )
+    .await
+    .expect("writers stalled before the pause")
+    .expect("watch");
+    server.pause();
+    let sent_before = sent.out_messages.load(Ordering::Relaxed);
+    tokio::time::timeout(GUARD, async {
+        // Every writer has one append in flight; 3 messages per writer means retries went out
+        // (an attempt sends one message, two for a batch). Polled: the client offers no
+        // notification for messages sent.
+        while sent.out_messages.load(Ordering::Relaxed) < sent_before + 3 * WRITERS as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the writers sent no retries while the server was frozen");
+    server.resume();
 
     // Kill the server mid-run, once a quarter of the appends were acknowledged.
     tokio::time::timeout(
@@ -444,6 +470,10 @@ async fn acknowledged_appends_survive_a_server_kill_exactly_once() {
         acked.duplicates,
         acked.repeated
     );
+    assert!(
+        acked.duplicates > 0,
+        "the lost-acknowledgement path ran: some retry found its original stored"
+    );
 
     let stored = collect_ids(&log, LogKind::Config).await;
     let mut seen = HashSet::new();
@@ -473,5 +503,188 @@ async fn acknowledged_appends_survive_a_server_kill_exactly_once() {
         "the subscriber saw every event once, in order"
     );
     subscriber.abort();
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_prefixes_that_name_streams_of_their_own_are_accepted() {
+    let url = testkit::shared_nats().url();
+    let base = testkit::unique_name("pfx");
+    // Each of these would share streams with `base` (or another valid prefix) if the
+    // stream-name mapping (upper-casing, dots as `_`) merged them.
+    for prefix in [
+        base.to_uppercase(),
+        format!("{base}.x"),
+        format!("{}.{}", &base[..2], &base[2..]),
+        String::new(),
+        "a".repeat(65),
+    ] {
+        let client = async_nats::connect(&url).await.expect("connect");
+        let err = JetStreamLog::connect(client, JetStreamConfig::with_prefix(&prefix))
+            .await
+            .expect_err("a prefix that could share streams");
+        assert!(
+            matches!(err, EventLogError::InvalidSubject { .. }),
+            "{prefix}: {err}"
+        );
+    }
+    let log = connect(&url, JetStreamConfig::with_prefix(format!("{base}_x-1"))).await;
+    assert_eq!(
+        log.stream_name(LogKind::Config),
+        format!("{}_X-1_CONFIG", base.to_uppercase())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_that_retrying_cannot_fix_are_not_reported_as_unavailable() {
+    let url = testkit::shared_nats().url();
+    // Three replicas on a single server: the server refuses the stream.
+    let client = async_nats::connect(&url).await.expect("connect");
+    let config = JetStreamConfig {
+        replicas: 3,
+        ..JetStreamConfig::with_prefix(testkit::unique_name("t"))
+    };
+    let err = JetStreamLog::connect(client, config)
+        .await
+        .expect_err("three replicas on one server");
+    assert!(matches!(err, EventLogError::Refused { .. }), "{err}");
+
+    let client = async_nats::connect(&url).await.expect("connect");
+    let config = JetStreamConfig {
+        replicas: 0,
+        ..JetStreamConfig::with_prefix(testkit::unique_name("t"))
+    };
+    let err = JetStreamLog::connect(client, config)
+        .await
+        .expect_err("no replicas");
+    assert!(matches!(err, EventLogError::Refused { .. }), "{err}");
+
+    // An auditor's prefix without streams.
+    let client = async_nats::connect(&url).await.expect("connect");
+    let err = JetStreamLog::connect_existing(
+        client,
+        JetStreamConfig::with_prefix(testkit::unique_name("t")),
+    )
+    .await
+    .expect_err("no streams under this prefix");
+    assert!(matches!(err, EventLogError::Refused { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_resume_within_a_second_of_a_restarted_server_answering() {
+    // As many versioned writers as the outside fault runs used.
+    const WRITERS: usize = 64;
+    let mut server = testkit::NatsServer::start();
+    let options = eventlog::jetstream::reconnect_promptly(async_nats::ConnectOptions::new());
+    let client = options.connect(server.url()).await.expect("connect");
+    let log = Arc::new(
+        JetStreamLog::connect(
+            client,
+            JetStreamConfig::with_prefix(testkit::unique_name("t")),
+        )
+        .await
+        .expect("log"),
+    );
+
+    // Each writer appends to its own aggregate at the version it last saw, until told to stop,
+    // and records when each acknowledged append started and ended.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0usize);
+    let acked_tx = Arc::new(acked_tx);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let log = log.clone();
+            let stop = stop.clone();
+            let acked_tx = acked_tx.clone();
+            tokio::spawn(async move {
+                let s = subject(&format!("server.restart{w}"));
+                let mut version = 0;
+                let mut acked = vec![];
+                while !stop.load(Ordering::Relaxed) {
+                    let e = event("restart");
+                    let started = std::time::Instant::now();
+                    let outcome = log
+                        .append(
+                            &s,
+                            ExpectedVersion::from_loaded(version),
+                            std::slice::from_ref(&e),
+                        )
+                        .await
+                        .unwrap_or_else(|err| panic!("writer {w}: {err}"));
+                    version = outcome.last_sequence;
+                    acked.push((started, std::time::Instant::now(), e.event_id, version));
+                    acked_tx.send_modify(|n| *n += 1);
+                }
+                acked
+            })
+        })
+        .collect();
+
+    tokio::time::timeout(GUARD, acked_rx.wait_for(|n| *n >= 2_000))
+        .await
+        .expect("writers stalled before the kill")
+        .expect("watch");
+    let (server, answering_again) = tokio::task::spawn_blocking(move || {
+        server.kill();
+        server.restart();
+        // `restart` returns once the server accepts clients again.
+        let answering_again = std::time::Instant::now();
+        (server, answering_again)
+    })
+    .await
+    .expect("restart");
+    let before = *acked_rx.borrow();
+    tokio::time::timeout(GUARD, acked_rx.wait_for(|n| *n >= before + 2_000))
+        .await
+        .expect("writers stalled after the restart")
+        .expect("watch");
+    stop.store(true, Ordering::Relaxed);
+
+    let mut acked = vec![];
+    for writer in writers {
+        acked.extend(
+            tokio::time::timeout(GUARD, writer)
+                .await
+                .expect("writer stalled")
+                .expect("writer"),
+        );
+    }
+    // The appends that were waiting when the server came back, and the first one after it.
+    let waiting_then: Vec<_> = acked
+        .iter()
+        .filter(|(started, ended, ..)| *started < answering_again && *ended > answering_again)
+        .map(|(_, ended, ..)| ended.duration_since(answering_again))
+        .collect();
+    let slowest = waiting_then.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} appends were waiting when the server answered again; the last was acknowledged \
+         {slowest:?} later",
+        waiting_then.len()
+    );
+    assert!(
+        !waiting_then.is_empty(),
+        "appends were in flight across the restart"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "an append waited {slowest:?} after the server answered again"
+    );
+
+    // Every acknowledged event is stored, once, where it was acknowledged.
+    let stored = collect_ids(&log, LogKind::Config).await;
+    let mut ids = HashSet::new();
+    for (sequence, id) in &stored {
+        assert!(
+            ids.insert(id.clone()),
+            "event {id} stored twice (again at {sequence})"
+        );
+    }
+    let stored: HashSet<_> = stored.into_iter().collect();
+    for (_, _, id, sequence) in &acked {
+        assert!(
+            stored.contains(&(*sequence, id.clone())),
+            "acknowledged event {id} is not at sequence {sequence}"
+        );
+    }
     drop(server);
 }

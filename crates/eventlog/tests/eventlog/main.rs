@@ -3,5 +3,7 @@
 mod conformance;
 mod jetstream;
 mod jsonl;
+mod jsonl_recovery;
+mod jsonl_retention;
 mod projection;
 mod support;

@@ -1,6 +1,13 @@
 //! The projection runner: catches up, follows live, checkpoints, resumes without replaying
 //! from zero, and folds "as of position N".
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use eventlog::{
     EventLog, ExpectedVersion, LogKind, RecordedEvent,
@@ -13,6 +20,24 @@ use eventlog::{
 use serde::{Deserialize, Serialize};
 
 use crate::support::{event, subject};
+
+/// Guard against a hang; never used to wait for something to happen.
+const GUARD: Duration = Duration::from_secs(30);
+
+/// `runner.wait_for(sequence)`, failing the test instead of hanging it if the follower broke.
+async fn wait_for<P>(runner: &ProjectionRunner<P>, sequence: u64)
+where
+    P: Default + Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    tokio::time::timeout(GUARD, runner.wait_for(sequence))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the projection never reached {sequence} (it is at {})",
+                runner.position()
+            )
+        });
+}
 
 /// Counts events per subject; `applied_since_start` is not saved, so it shows how much a
 /// runner replayed after a restart.
@@ -76,7 +101,7 @@ async fn a_projection_catches_up_then_follows_the_log() {
     assert_eq!(runner.read(|s| s.counts.get("server.a").copied()), Some(5));
 
     let last = append_n(log.as_ref(), "server.b", 3).await;
-    runner.wait_for(last).await;
+    wait_for(&runner, last).await;
     assert_eq!(runner.read(|s| s.counts.get("server.b").copied()), Some(3));
 }
 
@@ -191,7 +216,7 @@ async fn a_restarted_projection_resumes_from_its_kv_checkpoint_on_jetstream() {
     .await
     .expect("start");
     let last = append_n(log.as_ref(), "server.b", 5).await;
-    runner.wait_for(last).await;
+    wait_for(&runner, last).await;
     runner.shutdown().await.expect("final checkpoint");
     append_n(log.as_ref(), "server.b", 7).await;
 
@@ -242,6 +267,178 @@ async fn a_checkpoint_ahead_of_the_log_is_not_trusted_and_the_projection_rebuild
     assert_eq!(runner.read(|s| s.counts.get("server.gone").copied()), None);
 
     let last = append_n(log.as_ref(), "server.b", 2).await;
-    runner.wait_for(last).await;
+    wait_for(&runner, last).await;
     assert_eq!(runner.read(|s| s.counts.get("server.b").copied()), Some(2));
+}
+
+/// Counts every event of the config log: after a checkpoint at position N it must be N.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+struct EventCount {
+    events: u64,
+}
+
+fn count(state: &mut EventCount, _: &RecordedEvent) {
+    state.events += 1;
+}
+
+fn counting_spec() -> ProjectionSpec<EventCount> {
+    ProjectionSpec {
+        name: "event_count",
+        log: LogKind::Config,
+        filter: None,
+        apply: count,
+    }
+}
+
+/// Keeps every checkpoint saved, and restores a chosen one.
+#[derive(Debug, Default)]
+struct RecordingStore {
+    saved: Mutex<Vec<eventlog::projection::Checkpoint>>,
+    restore: Option<eventlog::projection::Checkpoint>,
+}
+
+#[async_trait::async_trait]
+impl CheckpointStore for RecordingStore {
+    async fn load(
+        &self,
+        _: &str,
+    ) -> Result<Option<eventlog::projection::Checkpoint>, eventlog::EventLogError> {
+        Ok(self.restore.clone())
+    }
+
+    async fn save(
+        &self,
+        _: &str,
+        checkpoint: &eventlog::projection::Checkpoint,
+    ) -> Result<(), eventlog::EventLogError> {
+        self.saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(checkpoint.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_taken_while_events_are_applied_pairs_the_state_with_its_position() {
+    const APPENDERS: u64 = 4;
+    const APPENDS: u64 = 60;
+    const EVENTS_PER_APPEND: u64 = 20;
+    const TOTAL: u64 = APPENDERS * APPENDS * EVENTS_PER_APPEND;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log: Arc<dyn EventLog> = Arc::new(
+        JsonlLog::open(dir.path(), JsonlOptions::default())
+            .await
+            .expect("open"),
+    );
+    let store = Arc::new(RecordingStore::default());
+    let runner = ProjectionRunner::start(
+        log.clone(),
+        store.clone(),
+        counting_spec(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .expect("start");
+
+    // Checkpoints are taken all the time while the follower applies events.
+    let done = Arc::new(AtomicBool::new(false));
+    let checkpointers: Vec<_> = (0..3)
+        .map(|_| {
+            let runner = runner.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                while !done.load(Ordering::Relaxed) {
+                    runner.save_checkpoint().await.expect("checkpoint");
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let appenders: Vec<_> = (0..APPENDERS)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let s = subject(&format!("server.c{i}"));
+                let mut last = 0;
+                for _ in 0..APPENDS {
+                    let events: Vec<_> = (0..EVENTS_PER_APPEND).map(|_| event("c")).collect();
+                    last = log
+                        .append(&s, ExpectedVersion::Any, &events)
+                        .await
+                        .expect("append")
+                        .last_sequence;
+                }
+                last
+            })
+        })
+        .collect();
+    for appender in appenders {
+        appender.await.expect("appender");
+    }
+    wait_for(&runner, TOTAL).await;
+    runner.read_at(|state, position| assert_eq!((state.events, position), (TOTAL, TOTAL)));
+    done.store(true, Ordering::Relaxed);
+    for checkpointer in checkpointers {
+        checkpointer.await.expect("checkpointer");
+    }
+    runner.save_checkpoint().await.expect("last checkpoint");
+
+    let saved = std::mem::take(&mut *store.saved.lock().unwrap_or_else(PoisonError::into_inner));
+    assert!(saved.len() > 10, "only {} checkpoints", saved.len());
+    let mut restarts = 0;
+    let mut last_restarted = None;
+    for checkpoint in &saved {
+        let state: EventCount = serde_json::from_slice(&checkpoint.snapshot).expect("snapshot");
+        assert_eq!(
+            state.events, checkpoint.position,
+            "a checkpoint paired a state of {} events with position {}",
+            state.events, checkpoint.position
+        );
+        // A restart from it (from every distinct position, up to a few dozen) counts each
+        // event once.
+        if last_restarted == Some(checkpoint.position) || restarts >= 40 {
+            continue;
+        }
+        last_restarted = Some(checkpoint.position);
+        restarts += 1;
+        let restored = ProjectionRunner::start(
+            log.clone(),
+            Arc::new(RecordingStore {
+                restore: Some(checkpoint.clone()),
+                ..RecordingStore::default()
+            }),
+            counting_spec(),
+            CheckpointPolicy::default(),
+        )
+        .await
+        .expect("restart");
+        assert_eq!(restored.read(|s| s.events), TOTAL);
+    }
+}
+
+/// Checkpoints hold the projections' state: their directory and files are the owner's alone.
+#[cfg(unix)]
+#[tokio::test]
+async fn checkpoint_files_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("checkpoints");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let store = FileCheckpointStore::open(&dir).expect("store");
+    let checkpoint = eventlog::projection::Checkpoint {
+        position: 1,
+        snapshot: bytes::Bytes::from_static(b"{}"),
+    };
+    store.save("p", &checkpoint).await.expect("save");
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("p.checkpoint")), 0o600);
 }

@@ -218,7 +218,8 @@ async fn audit_replay_shows_events_of_unknown_types() {
     let path = dir.path().join("events").join("config.jsonl");
     let mut content = std::fs::read_to_string(&path).expect("read log");
     content.push_str(&future.to_string());
-    content.push('\n');
+    // Its write group's commit mark: without it the record would be an unfinished write.
+    content.push_str("\n\n{\"commit\":4}\n");
     std::fs::write(&path, content).expect("write log");
 
     let lines = json_lines(&switchboard(dir.path(), &["audit", "replay"]));
