@@ -42,7 +42,9 @@ async fn write_events(dir: &Path) {
             .await
             .expect("open log"),
     );
-    let servers: Vec<String> = (0..SERVERS).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let servers: Vec<String> = (0..SERVERS)
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
     for (i, id) in servers.iter().enumerate() {
         let subject = Subject::parse(&format!("server.{id}")).expect("subject");
         let added = Event::ServerAdded(ServerAdded {
@@ -54,7 +56,9 @@ async fn write_events(dir: &Path) {
             enabled: true,
             ..Default::default()
         });
-        log.append(&subject, ExpectedVersion::Any, &[envelope(added)]).await.expect("append");
+        log.append(&subject, ExpectedVersion::Any, &[envelope(added)])
+            .await
+            .expect("append");
     }
     let servers = Arc::new(servers);
     let writers = 64;
@@ -69,7 +73,7 @@ async fn write_events(dir: &Path) {
                     break;
                 }
                 let server = &servers[n % SERVERS];
-                let (subject, event) = if n % 10 == 0 {
+                let (subject, event) = if n.is_multiple_of(10) {
                     (
                         format!("server.{server}"),
                         Event::ServerUpdated(ServerUpdated {
@@ -90,14 +94,21 @@ async fn write_events(dir: &Path) {
                     )
                 };
                 let subject = Subject::parse(&subject).expect("subject");
-                log.append(&subject, ExpectedVersion::Any, &[envelope(event)]).await.expect("append");
+                log.append(&subject, ExpectedVersion::Any, &[envelope(event)])
+                    .await
+                    .expect("append");
             }
         }));
     }
     for task in tasks {
         task.await.expect("writer");
     }
-    assert_eq!(log.last_sequence(eventlog::LogKind::Config).await.expect("end"), EVENTS as u64);
+    assert_eq!(
+        log.last_sequence(eventlog::LogKind::Config)
+            .await
+            .expect("end"),
+        EVENTS as u64
+    );
 }
 
 /// Starts `up`, waits for `/readyz` to answer 200; returns the process and the time it took.
@@ -129,7 +140,10 @@ fn start_until_ready(dir: &Path) -> (Child, Duration) {
     let mut stream = std::net::TcpStream::connect(&address).expect("connect");
     use std::io::{Read, Write};
     stream
-        .write_all(format!("GET /readyz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET /readyz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .expect("request");
     let mut answer = String::new();
     stream.read_to_string(&mut answer).expect("answer");
@@ -155,10 +169,16 @@ fn median(mut times: Vec<Duration>) -> Duration {
 fn main() {
     let empty = tempfile::tempdir().expect("temp dir");
     let full = tempfile::tempdir().expect("temp dir");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let begun = Instant::now();
     runtime.block_on(write_events(full.path()));
-    println!("wrote {EVENTS} events in {:.2} s", begun.elapsed().as_secs_f64());
+    println!(
+        "wrote {EVENTS} events in {:.2} s",
+        begun.elapsed().as_secs_f64()
+    );
     let bytes = std::fs::metadata(full.path().join("events/config.jsonl")).map_or(0, |m| m.len());
     println!("config log: {:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
     // First starts create the key file and JWT secret; not measured.
@@ -178,9 +198,13 @@ fn main() {
         from_checkpoint.push(took);
         stop(child);
     }
-    let (baseline, from_none, from_checkpoint) = (median(baseline), median(from_none), median(from_checkpoint));
+    let (baseline, from_none, from_checkpoint) =
+        (median(baseline), median(from_none), median(from_checkpoint));
     println!("start to ready, median of {ROUNDS}:");
-    println!("  empty log                      {:>8.1} ms", baseline.as_secs_f64() * 1e3);
+    println!(
+        "  empty log                      {:>8.1} ms",
+        baseline.as_secs_f64() * 1e3
+    );
     println!(
         "  {EVENTS} events, no checkpoint {:>8.1} ms  ({:.1}x empty)",
         from_none.as_secs_f64() * 1e3,

@@ -58,6 +58,7 @@ pub struct Settings {
     pub nats: NatsSettings,
     pub log: LogSettings,
     pub console: ConsoleSettings,
+    pub events: EventSettings,
 }
 
 impl Default for Settings {
@@ -73,7 +74,31 @@ impl Default for Settings {
             nats: NatsSettings::default(),
             log: LogSettings::default(),
             console: ConsoleSettings::default(),
+            events: EventSettings::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventSettings {
+    /// Days invocation events are kept, on both stores (0: forever). The configuration log
+    /// keeps everything.
+    pub invocation_retention_days: u64,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        EventSettings {
+            invocation_retention_days: 400,
+        }
+    }
+}
+
+impl EventSettings {
+    pub fn invocation_retention(&self) -> Option<Duration> {
+        (self.invocation_retention_days > 0)
+            .then(|| Duration::from_secs(self.invocation_retention_days.saturating_mul(86_400)))
     }
 }
 
@@ -245,6 +270,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("SWITCHBOARD_NATS_CLIENT_KEY_FILE", "nats.client_key_file"),
     ("SWITCHBOARD_LOG_FORMAT", "log.format"),
     ("SWITCHBOARD_CONSOLE_URL", "console.url"),
+    (
+        "SWITCHBOARD_INVOCATION_RETENTION_DAYS",
+        "events.invocation_retention_days",
+    ),
 ];
 
 /// The settings whose environment variable holds a number.
@@ -253,6 +282,7 @@ const NUMERIC_KEYS: &[&str] = &[
     "http.shutdown_grace_secs",
     "http.stream_buffer",
     "auth.leeway_secs",
+    "events.invocation_retention_days",
 ];
 
 /// The settings that hold secrets: never printed, never logged.
@@ -332,6 +362,7 @@ impl Settings {
         StoreOptions {
             data_dir: self.data_dir.clone(),
             nats: self.nats.clone(),
+            invocation_retention: self.events.invocation_retention(),
         }
     }
 
@@ -392,6 +423,8 @@ pub fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
 pub struct StoreOptions {
     pub data_dir: PathBuf,
     pub nats: NatsSettings,
+    /// How long invocation events are kept (`None`: forever).
+    pub invocation_retention: Option<Duration>,
 }
 
 /// The opened stores.
@@ -440,7 +473,9 @@ impl StoreOptions {
         let (servers, from_url) = split_credentials(url)
             .with_context(|| format!("the NATS URL {shown} could not be read"))?;
         let settings = &self.nats;
-        let mut options = async_nats::ConnectOptions::new();
+        // Reconnect attempts stay close together, so appends resume promptly after a restart.
+        let mut options =
+            eventlog::jetstream::reconnect_promptly(async_nats::ConnectOptions::new());
         if let Some((user, password)) = from_url {
             options = match password {
                 Some(password) => options.user_and_password(user, password),
@@ -490,9 +525,12 @@ impl StoreOptions {
     }
 
     fn jetstream_config(&self) -> JetStreamConfig {
+        let defaults = JetStreamConfig::default();
         JetStreamConfig {
             prefix: self.nats.prefix.clone(),
-            ..JetStreamConfig::default()
+            // JetStream's max_age 0 keeps messages forever.
+            invocation_retention: self.invocation_retention.unwrap_or(Duration::ZERO),
+            ..defaults
         }
     }
 
@@ -536,9 +574,15 @@ impl StoreOptions {
         }
         let dir = self.events_dir();
         let log = Arc::new(
-            JsonlLog::open(&dir, JsonlOptions::default())
-                .await
-                .with_context(|| format!("cannot open the event log in {}", dir.display()))?,
+            JsonlLog::open(
+                &dir,
+                JsonlOptions {
+                    invocation_retention: self.invocation_retention,
+                    ..JsonlOptions::default()
+                },
+            )
+            .await
+            .with_context(|| format!("cannot open the event log in {}", dir.display()))?,
         );
         let checkpoints_dir = self.checkpoints_dir();
         let checkpoints = FileCheckpointStore::open(&checkpoints_dir).with_context(|| {

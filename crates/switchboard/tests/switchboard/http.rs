@@ -374,9 +374,16 @@ async fn up_keeps_serving_and_stops_cleanly_after_its_log_output_goes_away() {
     // The reading end of stderr closes: every later log line fails to write.
     drop(log);
     for _ in 0..3 {
-        let health = reqwest::get(format!("{url}/healthz")).await.expect("still serving");
+        let health = reqwest::get(format!("{url}/healthz"))
+            .await
+            .expect("still serving");
         assert_eq!(health.status(), 200);
     }
-    let status = tokio::task::spawn_blocking(move || terminate(&mut up)).await.expect("join");
-    assert!(status.success(), "a closed stderr must not crash the process: {status:?}");
+    let status = tokio::task::spawn_blocking(move || terminate(&mut up))
+        .await
+        .expect("join");
+    assert!(
+        status.success(),
+        "a closed stderr must not crash the process: {status:?}"
+    );
 }
