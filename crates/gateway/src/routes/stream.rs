@@ -169,3 +169,51 @@ async fn relay(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{borrow::Cow, time::Duration};
+
+    use eventlog::Subject;
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn recorded(sequence: u64) -> Result<RecordedEvent, EventLogError> {
+        Ok(RecordedEvent {
+            log: LogKind::Config,
+            sequence,
+            subject: Subject::parse("server.s1").expect("subject"),
+            event_type: Cow::Borrowed("ServerEnabled"),
+            envelope: proto::v1::Envelope::default(),
+            unknown_body: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_is_disconnected_not_buffered() {
+        let config: EventStream = stream::iter((1..=50).map(recorded)).boxed();
+        // The other log never ends: only the full buffer can end the relay.
+        let invocations: EventStream = stream::pending().boxed();
+        let (sender, mut receiver) = mpsc::channel(4);
+        let relayed = tokio::time::timeout(
+            Duration::from_secs(10),
+            relay(
+                stream::select(config, invocations),
+                Visibility::Everything,
+                Positions::default(),
+                sender,
+                tokio_util::sync::CancellationToken::new(),
+            ),
+        )
+        .await;
+        assert!(relayed.is_ok(), "the relay gave up on the slow client");
+        // The client gets what was buffered, in order, then the end of its stream: it
+        // reconnects from the last id it saw.
+        let mut ids = Vec::new();
+        while let Some(_event) = receiver.recv().await {
+            ids.push(ids.len());
+        }
+        assert_eq!(ids.len(), 4, "exactly the buffer, nothing more held");
+    }
+}
