@@ -121,6 +121,10 @@ pub enum DomainError {
     TokenFingerprintInvalid,
 
     // ---- server ----------------------------------------------------------------------------
+    #[error(
+        "a server's URL never changes after it is added (its connections, tokens and tool settings belong to that URL); add a new server for the other URL"
+    )]
+    ServerUrlImmutable,
     #[error("there is no such server; list the servers and use one of their ids")]
     ServerNotFound,
     #[error("the server has been deleted; add it again to use it")]
@@ -213,6 +217,7 @@ impl DomainError {
             DomainError::RegistrationModeUnspecified => "registration_mode_unspecified",
             DomainError::SecretRefInvalid => "secret_ref_invalid",
             DomainError::TokenFingerprintInvalid => "token_fingerprint_invalid",
+            DomainError::ServerUrlImmutable => "server_url_immutable",
             DomainError::ServerNotFound => "server_not_found",
             DomainError::ServerDeleted => "server_deleted",
             DomainError::ServerAlreadyExists => "server_already_exists",

@@ -131,12 +131,14 @@ pub struct AddServer {
     pub enabled: bool,
 }
 
-/// The fields to set; `None` leaves a field as it is.
+/// The fields to set; `None` leaves a field as it is. There is no URL: a server's URL never
+/// changes after it is added (its connections, tokens and tool settings belong to that URL,
+/// the RFC 8707 `resource` its tokens were issued for). A request to change it is refused with
+/// [`DomainError::ServerUrlImmutable`]; older `ServerUpdated` events that carry a URL still fold.
 #[derive(Debug, Clone, Default)]
 pub struct UpdateServer {
     pub name: Option<ServerName>,
     pub description: Option<ServerDescription>,
-    pub url: Option<ServerUrl>,
     pub oauth: Option<OAuthSettings>,
 }
 
@@ -200,17 +202,12 @@ pub fn decide(
                 .description
                 .filter(|d| d.as_str() != current.description)
                 .map(|d| d.as_str().to_owned());
-            changed.url = update
-                .url
-                .filter(|u| u.as_str() != current.url)
-                .map(|u| u.as_str().to_owned());
             changed.oauth = update
                 .oauth
                 .map(|o| o.to_proto())
                 .filter(|o| Some(o) != current.oauth.as_ref());
             let nothing_changed = changed.name.is_none()
                 && changed.description.is_none()
-                && changed.url.is_none()
                 && changed.oauth.is_none();
             if nothing_changed {
                 Ok(vec![])
@@ -425,9 +422,6 @@ mod tests {
         let command = UpdateServer {
             name: Some(ServerName::parse("GitHub").unwrap()),
             description: Some(ServerDescription::parse("Code, issues and PRs").unwrap()),
-            url: Some(
-                ServerUrl::parse("https://api.githubcopilot.com/mcp", UrlPolicy::STRICT).unwrap(),
-            ),
             oauth: Some(
                 OAuthSettings::new(["repo"], RegistrationMode::DynamicRegistration, None).unwrap(),
             ),
@@ -510,14 +504,27 @@ mod tests {
             .then_nothing();
         let same = UpdateServer {
             name: Some(ServerName::parse("GitHub").unwrap()),
-            url: Some(
-                ServerUrl::parse("https://api.githubcopilot.com/mcp", UrlPolicy::STRICT).unwrap(),
-            ),
             ..update()
         };
         Scenario::<ServerState>::given([added(id, "GitHub", "github")])
             .when(|s| decide(s, id, ServerCommand::UpdateServer(same), &no_directory()))
             .then_nothing();
+    }
+
+    #[test]
+    fn a_url_change_recorded_by_an_older_version_still_folds() {
+        // Earlier versions could record a URL change; history keeps its meaning.
+        let id = ServerId::new();
+        let state = ServerState::from_events(&[
+            added(id, "GitHub", "github"),
+            Event::ServerUpdated(pb::ServerUpdated {
+                server_id: id.to_string(),
+                url: Some("https://mcp.example.com/v2".into()),
+                ..Default::default()
+            }),
+        ]);
+        assert_eq!(state.url(), "https://mcp.example.com/v2");
+        assert_eq!(DomainError::ServerUrlImmutable.code(), "server_url_immutable");
     }
 
     #[test]
