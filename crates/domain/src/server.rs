@@ -206,9 +206,8 @@ pub fn decide(
                 .oauth
                 .map(|o| o.to_proto())
                 .filter(|o| Some(o) != current.oauth.as_ref());
-            let nothing_changed = changed.name.is_none()
-                && changed.description.is_none()
-                && changed.oauth.is_none();
+            let nothing_changed =
+                changed.name.is_none() && changed.description.is_none() && changed.oauth.is_none();
             if nothing_changed {
                 Ok(vec![])
             } else {
@@ -524,7 +523,10 @@ mod tests {
             }),
         ]);
         assert_eq!(state.url(), "https://mcp.example.com/v2");
-        assert_eq!(DomainError::ServerUrlImmutable.code(), "server_url_immutable");
+        assert_eq!(
+            DomainError::ServerUrlImmutable.code(),
+            "server_url_immutable"
+        );
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //! loopback port and a throw-away store directory.
 //!
 //! - [`NatsServer::start`] gives a test its own server, which it may stop, kill and restart.
-//! - [`TestCa`] is a throw-away certificate authority for real TLS on loopback.
+//! - [`TestCa`] is a throw-away certificate authority for real TLS on loopback;
+//!   [`serve_https`] and [`serve_http`] run fixture servers (an axum router) on loopback.
 //! - [`shared_nats`] gives every test of a test binary the same server; tests isolate themselves
 //!   with [`unique_name`]s for streams, subjects and buckets.
 //!
 //! Every server is spawned from one long-lived thread with `PR_SET_PDEATHSIG = SIGKILL`, so no
 //! nats-server outlives the test binary that started it, even when the binary is killed.
 
+mod https;
 mod tls;
+pub use https::{FixtureServer, serve_http, serve_https};
 pub use tls::{ServerCert, TestCa};
 
 use std::collections::hash_map::RandomState;

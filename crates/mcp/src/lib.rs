@@ -1,0 +1,14 @@
+//! Switchboard's outbound side. Every request Switchboard makes — OAuth discovery and
+//! registration, token requests, MCP calls — goes through [`OutboundClient`], which enforces
+//! the outbound rules: HTTPS only (plain HTTP only to loopback, and only when allowed), every
+//! resolved address checked and the connection made to the checked address (no DNS
+//! rebinding), redirects followed hop by hop under the same rules, time-outs and a response
+//! size cap.
+//!
+//! The MCP client and OAuth flows on `rmcp` are built on this client as their issues land.
+mod outbound;
+
+pub use outbound::{
+    AddressClass, OutboundClient, OutboundError, OutboundPolicy, OutboundRequest, OutboundResponse,
+    Resolver, SystemResolver, classify,
+};
