@@ -7,7 +7,8 @@ use proto::v1 as pb;
 use crate::{DomainError, ServerUrl};
 
 /// How Switchboard obtains an OAuth client at a server's authorization server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RegistrationMode {
     /// RFC 7591 dynamic client registration.
     DynamicRegistration,
@@ -18,6 +19,15 @@ pub enum RegistrationMode {
 }
 
 impl RegistrationMode {
+    /// The API's name for the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegistrationMode::DynamicRegistration => "dynamic_registration",
+            RegistrationMode::Preconfigured => "preconfigured",
+            RegistrationMode::ClientMetadataDocument => "client_metadata_document",
+        }
+    }
+
     pub fn from_proto(value: i32) -> Result<RegistrationMode, DomainError> {
         match pb::RegistrationMode::try_from(value) {
             Ok(pb::RegistrationMode::Dynamic) => Ok(RegistrationMode::DynamicRegistration),

@@ -16,6 +16,14 @@ pub struct ServerSummary {
     pub url: String,
     pub catalog_entry_id: String,
     pub enabled: bool,
+    /// How Switchboard's OAuth client at the server's authorization server was obtained.
+    pub registration_mode: Option<crate::RegistrationMode>,
+    /// Who added the server (a user id, or a service name) and when.
+    pub created_by: String,
+    pub created_at: Option<std::time::SystemTime>,
+    /// Who changed it last and when (the add, until something changes).
+    pub updated_by: String,
+    pub updated_at: Option<std::time::SystemTime>,
 }
 
 /// Every server that exists (deleted ones are dropped), by id and by slug. The Server
@@ -29,9 +37,37 @@ pub struct ServerDirectory {
 
 impl ServerDirectory {
     pub fn apply(&mut self, envelope: &Envelope) {
-        if let Some(event) = &envelope.event {
-            self.apply_event(event);
+        let Some(event) = &envelope.event else {
+            return;
+        };
+        self.apply_event(event);
+        // Who and when, from the envelope.
+        let server_id = match event {
+            Event::ServerAdded(e) => &e.server_id,
+            Event::ServerUpdated(e) => &e.server_id,
+            Event::ServerEnabled(e) => &e.server_id,
+            Event::ServerDisabled(e) => &e.server_id,
+            Event::ServerClientRegistered(e) => &e.server_id,
+            _ => return,
+        };
+        let Some(server) = self.server_mut(server_id) else {
+            return;
+        };
+        let actor = match envelope.actor.as_ref().and_then(|a| a.kind.as_ref()) {
+            Some(proto::v1::actor::Kind::UserId(user)) => user.clone(),
+            Some(proto::v1::actor::Kind::Service(service)) => service.clone(),
+            None => String::new(),
+        };
+        let at = envelope
+            .occurred_at
+            .as_ref()
+            .map(crate::time::from_timestamp);
+        if matches!(event, Event::ServerAdded(_)) {
+            server.created_by.clone_from(&actor);
+            server.created_at = at;
         }
+        server.updated_by = actor;
+        server.updated_at = at;
     }
 
     /// Folds one event in; events that are not about servers are ignored, and so are events
@@ -56,6 +92,13 @@ impl ServerDirectory {
                         url: added.url.clone(),
                         catalog_entry_id: added.catalog_entry_id.clone(),
                         enabled: added.enabled,
+                        registration_mode: added.oauth.as_ref().and_then(|oauth| {
+                            crate::RegistrationMode::from_proto(oauth.registration_mode).ok()
+                        }),
+                        created_by: String::new(),
+                        created_at: None,
+                        updated_by: String::new(),
+                        updated_at: None,
                     },
                 );
             }
@@ -68,6 +111,10 @@ impl ServerDirectory {
                 }
                 if let Some(description) = &updated.description {
                     server.description.clone_from(description);
+                }
+                if let Some(oauth) = &updated.oauth {
+                    server.registration_mode =
+                        crate::RegistrationMode::from_proto(oauth.registration_mode).ok();
                 }
                 if let Some(url) = &updated.url {
                     server.url.clone_from(url);
@@ -82,6 +129,12 @@ impl ServerDirectory {
             Event::ServerEnabled(enabled) => {
                 if let Some(server) = self.server_mut(&enabled.server_id) {
                     server.enabled = true;
+                }
+            }
+            Event::ServerClientRegistered(registered) => {
+                if let Some(server) = self.server_mut(&registered.server_id) {
+                    server.registration_mode =
+                        crate::RegistrationMode::from_proto(registered.registration_mode).ok();
                 }
             }
             Event::ServerDisabled(disabled) => {
@@ -212,6 +265,51 @@ mod tests {
             server_id: jira.to_string(),
         }));
         assert_eq!(directory.len(), 1);
+    }
+
+    #[test]
+    fn the_directory_records_who_added_and_changed_a_server_and_when() {
+        let id = ServerId::new();
+        let by = |user: &str, seconds: i64, event: Event| Envelope {
+            actor: Some(pb::Actor {
+                kind: Some(pb::actor::Kind::UserId(user.into())),
+            }),
+            occurred_at: Some(proto::Timestamp { seconds, nanos: 0 }),
+            event: Some(event),
+            ..Default::default()
+        };
+        let mut directory = ServerDirectory::default();
+        let mut first = added(id, "github");
+        if let Event::ServerAdded(added) = &mut first {
+            added.oauth = Some(pb::OAuthSettings {
+                registration_mode: pb::RegistrationMode::Dynamic as i32,
+                ..Default::default()
+            });
+        }
+        directory.apply(&by("ada@example.com", 100, first));
+        directory.apply(&by(
+            "bob@example.com",
+            200,
+            Event::ServerDisabled(pb::ServerDisabled {
+                server_id: id.to_string(),
+                reason: String::new(),
+            }),
+        ));
+        let server = directory.get(id).expect("server");
+        let at = |s: u64| Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(
+            (server.created_by.as_str(), server.created_at),
+            ("ada@example.com", at(100))
+        );
+        assert_eq!(
+            (server.updated_by.as_str(), server.updated_at),
+            ("bob@example.com", at(200))
+        );
+        assert_eq!(
+            server.registration_mode,
+            Some(crate::RegistrationMode::DynamicRegistration)
+        );
+        assert!(!server.enabled);
     }
 
     #[test]

@@ -122,6 +122,7 @@ fn main() {
             metrics: Metrics::new(),
             settings: GatewaySettings::default(),
             shutdown: CancellationToken::new(),
+            catalog: Arc::new(catalog::Catalog::standard()),
         });
         let token = mint_token(
             SECRET,

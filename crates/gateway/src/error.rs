@@ -148,7 +148,6 @@ impl From<DomainError> for ApiError {
             E::ServerNotFound | E::InvocationNotFound => StatusCode::NOT_FOUND,
             E::ServerNameTaken { .. }
             | E::ServerAlreadyExists
-            | E::ServerDeleted
             | E::AlreadyConnected
             | E::InvocationIdReused
             | E::InvocationNotAwaitingApproval
@@ -158,7 +157,7 @@ impl From<DomainError> for ApiError {
             | E::InvocationFinished
             | E::ConnectionNotAuthorizing => StatusCode::CONFLICT,
             E::ApprovalNotYours | E::ToolBlocked => StatusCode::FORBIDDEN,
-            E::AuthorizationExpired | E::ApprovalExpired => StatusCode::GONE,
+            E::AuthorizationExpired | E::ApprovalExpired | E::ServerDeleted => StatusCode::GONE,
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError::new(status, error.code(), error.to_string())

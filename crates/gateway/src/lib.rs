@@ -73,6 +73,8 @@ pub struct AppInner {
     pub settings: GatewaySettings,
     /// Cancelled when the process shuts down: live-update streams end on it.
     pub shutdown: CancellationToken,
+    /// The catalog service.
+    pub servers: catalog::ServerCommands,
     access: HashMap<(Method, &'static str), Access>,
     paths: HashMap<&'static str, &'static str>,
 }
@@ -95,6 +97,7 @@ pub struct AppParts {
     pub metrics: Metrics,
     pub settings: GatewaySettings,
     pub shutdown: CancellationToken,
+    pub catalog: Arc<catalog::Catalog>,
 }
 
 impl AppState {
@@ -105,7 +108,14 @@ impl AppState {
             .map(|route| ((route.method.clone(), route.path), route.access))
             .collect();
         let paths = table.iter().map(|route| (route.path, route.path)).collect();
+        let servers = catalog::ServerCommands::new(
+            parts.log.clone(),
+            parts.envelopes.clone(),
+            parts.read_models.clone(),
+            parts.catalog,
+        );
         AppState(Arc::new(AppInner {
+            servers,
             log: parts.log,
             vault: parts.vault,
             read_models: parts.read_models,
@@ -123,6 +133,28 @@ impl AppState {
     pub(crate) fn access(&self, method: &Method, path: &str) -> Option<Access> {
         let path = *self.paths.get(path)?;
         self.access.get(&(method.clone(), path)).copied()
+    }
+
+    /// The context of a command a signed-in user sends in the request being answered.
+    pub fn command_context(&self, caller: &Caller) -> service_kit::CommandContext {
+        service_kit::CommandContext::user(caller.user.clone(), &*error::current_request_id())
+    }
+
+    /// Waits until the read models show what a command wrote (read-your-writes), so that a GET
+    /// right after the answer sees the change. Bounded: a late read model is logged, and the
+    /// answer goes out anyway (the change is stored).
+    pub async fn settle(&self, written: &service_kit::Written) {
+        if !self
+            .read_models
+            .wait_for(written, self.settings.read_your_writes_timeout)
+            .await
+        {
+            tracing::warn!(
+                subject = written.subject.as_str(),
+                version = written.version,
+                "read models did not show the change in time"
+            );
+        }
     }
 
     /// The route's path as a `'static` label, for metrics without an allocation per request.

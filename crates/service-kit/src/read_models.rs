@@ -20,7 +20,7 @@ use crate::Written;
 pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
     ProjectionSpec {
         // Bump the suffix when the snapshot's shape changes.
-        name: "server_directory_v1",
+        name: "server_directory_v2",
         log: LogKind::Config,
         filter: None,
         apply: |directory: &mut ServerDirectory, event: &RecordedEvent| {

@@ -119,6 +119,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             ..GatewaySettings::default()
         },
         shutdown: shutdown.clone(),
+        catalog: Arc::new(catalog::Catalog::standard()),
     });
     let server = tokio::spawn(gateway::server::serve(
         listener,

@@ -7,6 +7,7 @@ use crate::{AppState, Permission};
 
 pub mod audit;
 pub mod me;
+pub mod servers;
 pub mod stream;
 pub mod system;
 
@@ -43,7 +44,14 @@ impl RouteSpec {
 
 /// Every route the API serves, with its access. A capability adds its module's table here.
 pub fn table() -> Vec<RouteSpec> {
-    [system::ROUTES, me::ROUTES, audit::ROUTES, stream::ROUTES].concat()
+    [
+        system::ROUTES,
+        me::ROUTES,
+        servers::ROUTES,
+        audit::ROUTES,
+        stream::ROUTES,
+    ]
+    .concat()
 }
 
 /// Every capability's routes, with their OpenAPI entries.
@@ -51,6 +59,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(system::router())
         .merge(me::router())
+        .merge(servers::router())
         .merge(audit::router())
         .merge(stream::router())
 }

@@ -194,7 +194,7 @@ async fn metrics_count_requests_by_route_and_status_and_events_by_type() {
     );
     assert!(
         text.contains(
-            "switchboard_projection_position{projection=\"server_directory_v1\",log=\"config\"}"
+            "switchboard_projection_position{projection=\"server_directory_v2\",log=\"config\"}"
         ),
         "{text}"
     );

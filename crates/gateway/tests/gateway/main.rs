@@ -4,5 +4,6 @@ mod audit;
 mod errors;
 mod openapi;
 mod permissions;
+mod servers;
 mod stream;
 mod support;

@@ -109,6 +109,7 @@ impl TestApp {
                 ..settings
             },
             shutdown: shutdown.clone(),
+            catalog: Arc::new(catalog::Catalog::standard()),
         });
         let server = tokio::spawn(gateway::server::serve(
             listener,
@@ -137,6 +138,31 @@ impl TestApp {
             request = request.bearer_auth(token);
         }
         request.send().await.expect("request")
+    }
+
+    /// Adds a server by appending its `ServerAdded` (as an admin's add would); returns its id.
+    pub async fn seed_server(&self, name: &str) -> String {
+        let id = domain::ServerId::new().to_string();
+        let slug = domain::ServerName::parse(name)
+            .expect("name")
+            .slug()
+            .as_str()
+            .to_owned();
+        self.append(
+            &format!("server.{id}"),
+            Event::ServerAdded(proto::v1::ServerAdded {
+                server_id: id.clone(),
+                name: name.to_owned(),
+                slug,
+                description: "Issues of the platform team".into(),
+                url: "https://mcp.example.com/mcp".into(),
+                catalog_entry_id: String::new(),
+                oauth: None,
+                enabled: true,
+            }),
+        )
+        .await;
+        id
     }
 
     /// Appends one event to `subject`; returns its log position.

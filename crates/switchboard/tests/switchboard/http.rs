@@ -349,7 +349,7 @@ async fn shutdown_under_load_finishes_in_flight_requests_and_restarts_from_check
     // The checkpoint saved at shutdown holds the whole log; a restart resumes from it.
     let checkpoint = std::fs::read(
         dir.path()
-            .join("checkpoints/server_directory_v1.checkpoint"),
+            .join("checkpoints/server_directory_v2.checkpoint"),
     )
     .expect("checkpoint saved at shutdown");
     assert_eq!(

@@ -1,0 +1,218 @@
+//! The catalog: the five provider templates and Custom MCP Server.
+//!
+//! Each provider template carries its provider profile: the named allowances for where that
+//! provider's OAuth departs from the MCP specification (public reports as of 2026). An
+//! allowance applies only to servers added from its template; Custom MCP Server has none and
+//! is held to the specification.
+use serde::Serialize;
+
+/// The id of the Custom MCP Server tile (the admin gives the URL).
+pub const CUSTOM_TEMPLATE: &str = "custom";
+
+/// One departure from the specification that a provider is known for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Allowance {
+    /// No protected-resource metadata on the MCP endpoint; the root authorization-server
+    /// metadata is used.
+    NoProtectedResourceMetadata,
+    /// The metadata's `issuer` is on another host than the one it was fetched from.
+    IssuerOnAnotherHost,
+    /// Dynamic registration silently drops the requested `scope`.
+    RegistrationDropsScope,
+    /// Redirect URIs are matched exactly (no port or path variation).
+    ExactRedirectUriMatch,
+    /// No dynamic registration: a pre-registered client with a secret is needed.
+    NoDynamicRegistration,
+    /// The issuer has a path (`https://github.com/login/oauth`).
+    PathIssuer,
+    /// Tokens are revoked through the provider's REST API, not RFC 7009.
+    RevocationThroughRestApi,
+    /// Dynamic registration yields a public client (`token_endpoint_auth_method` `none`).
+    PublicClientRegistration,
+    /// Refresh tokens rotate with two live at once.
+    OverlappingRefreshTokens,
+    /// Only OpenID Connect discovery is published.
+    OpenIdConnectDiscoveryOnly,
+    /// The client secret is also needed on refresh.
+    SecretOnRefresh,
+    /// The well-known metadata URL answers with a 302.
+    RedirectedWellKnown,
+    /// Tokens are revoked through `auth.revoke`.
+    RevocationThroughAuthRevoke,
+}
+
+/// One tile of the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Template {
+    pub id: &'static str,
+    pub name: &'static str,
+    /// The MCP endpoint; `None` for Custom MCP Server (the admin gives it).
+    pub url: Option<String>,
+    /// What the server's tools cover, for the console.
+    pub description: &'static str,
+    /// Where the provider departs from the specification; empty for Custom.
+    pub allowances: &'static [Allowance],
+}
+
+/// The templates an admin can add servers from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalog {
+    templates: Vec<Template>,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog::standard()
+    }
+}
+
+impl Catalog {
+    /// The catalog users get: the providers' real endpoints.
+    pub fn standard() -> Self {
+        use Allowance::*;
+        let template = |id, name, url: &str, description, allowances| Template {
+            id,
+            name,
+            url: Some(url.to_owned()),
+            description,
+            allowances,
+        };
+        Catalog {
+            templates: vec![
+                template(
+                    "atlassian",
+                    "Atlassian",
+                    "https://mcp.atlassian.com/v1/mcp",
+                    "Jira, Confluence and Compass tools",
+                    &[
+                        NoProtectedResourceMetadata,
+                        IssuerOnAnotherHost,
+                        RegistrationDropsScope,
+                        ExactRedirectUriMatch,
+                    ],
+                ),
+                template(
+                    "github",
+                    "GitHub",
+                    "https://api.githubcopilot.com/mcp",
+                    "Repository, issue, pull request and Actions tools",
+                    &[NoDynamicRegistration, PathIssuer, RevocationThroughRestApi],
+                ),
+                template(
+                    "notion",
+                    "Notion",
+                    "https://mcp.notion.com/mcp",
+                    "Page, database and workspace tools",
+                    &[PublicClientRegistration, OverlappingRefreshTokens],
+                ),
+                template(
+                    "pagerduty",
+                    "PagerDuty",
+                    "https://mcp.pagerduty.com/mcp",
+                    "Incident, service and schedule tools",
+                    &[
+                        OpenIdConnectDiscoveryOnly,
+                        PathIssuer,
+                        NoDynamicRegistration,
+                        SecretOnRefresh,
+                    ],
+                ),
+                template(
+                    "slack",
+                    "Slack",
+                    "https://mcp.slack.com/mcp",
+                    "Message, channel, canvas and user tools",
+                    &[
+                        RedirectedWellKnown,
+                        NoDynamicRegistration,
+                        RevocationThroughAuthRevoke,
+                    ],
+                ),
+                Template {
+                    id: CUSTOM_TEMPLATE,
+                    name: "Custom MCP Server",
+                    url: None,
+                    description: "Any remote MCP server by its https:// URL, held to the MCP specification",
+                    allowances: &[],
+                },
+            ],
+        }
+    }
+
+    /// The standard catalog with some templates pointed elsewhere: how tests point a template
+    /// at its fixture. Not reachable from configuration, so users cannot repoint a provider.
+    pub fn with_urls<'a>(overrides: impl IntoIterator<Item = (&'a str, String)>) -> Self {
+        let mut catalog = Catalog::standard();
+        for (id, url) in overrides {
+            if let Some(template) = catalog
+                .templates
+                .iter_mut()
+                .find(|t| t.id == id && t.url.is_some())
+            {
+                template.url = Some(url);
+            }
+        }
+        catalog
+    }
+
+    pub fn templates(&self) -> &[Template] {
+        &self.templates
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Template> {
+        self.templates.iter().find(|t| t.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalog_has_five_providers_and_custom() {
+        let catalog = Catalog::standard();
+        let ids: Vec<&str> = catalog.templates().iter().map(|t| t.id).collect();
+        assert_eq!(
+            ids,
+            [
+                "atlassian",
+                "github",
+                "notion",
+                "pagerduty",
+                "slack",
+                "custom"
+            ]
+        );
+        for template in catalog.templates() {
+            match template.id {
+                CUSTOM_TEMPLATE => {
+                    assert!(template.url.is_none());
+                    assert!(template.allowances.is_empty(), "Custom is strict");
+                }
+                _ => {
+                    let url = template.url.as_deref().expect("provider URL");
+                    assert!(url.starts_with("https://"), "{url}");
+                    assert!(!template.allowances.is_empty());
+                }
+            }
+        }
+        assert_eq!(
+            catalog.get("github").and_then(|t| t.url.as_deref()),
+            Some("https://api.githubcopilot.com/mcp")
+        );
+    }
+
+    #[test]
+    fn tests_repoint_provider_templates_but_never_give_custom_a_url() {
+        let catalog = Catalog::with_urls([
+            ("notion", "https://notion.test:8443/mcp".to_owned()),
+            ("custom", "https://evil.test/".to_owned()),
+        ]);
+        assert_eq!(
+            catalog.get("notion").and_then(|t| t.url.as_deref()),
+            Some("https://notion.test:8443/mcp")
+        );
+        assert_eq!(catalog.get("custom").and_then(|t| t.url.as_deref()), None);
+    }
+}

@@ -1,0 +1,317 @@
+//! The catalog and the configured servers: everyone with `view_and_connect` sees them; admins
+//! with `manage_servers` edit, enable, disable and delete them. (Adding a server comes with
+//! OAuth discovery and registration.)
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{Method, StatusCode},
+};
+use chrono::{DateTime, SecondsFormat, Utc};
+use domain::{
+    DomainError, ServerDescription, ServerId, ServerName, projections::ServerSummary,
+    server::UpdateServer,
+};
+use serde::{Deserialize, Serialize};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{Access, ApiError, ApiJson, ApiPath, AppState, Caller, Permission, RouteSpec};
+
+const SEE: Access = Access::AnyOf(&[Permission::ViewAndConnect, Permission::ManageServers]);
+const MANAGE: Access = Access::AnyOf(&[Permission::ManageServers]);
+
+pub const ROUTES: &[RouteSpec] = &[
+    RouteSpec::new(Method::GET, "/api/v1/catalog", SEE),
+    RouteSpec::new(Method::GET, "/api/v1/servers", SEE),
+    RouteSpec::new(Method::GET, "/api/v1/servers/{id}", SEE),
+    RouteSpec::new(Method::PATCH, "/api/v1/servers/{id}", MANAGE),
+    RouteSpec::new(Method::DELETE, "/api/v1/servers/{id}", MANAGE),
+    RouteSpec::new(Method::POST, "/api/v1/servers/{id}/enable", MANAGE),
+    RouteSpec::new(Method::POST, "/api/v1/servers/{id}/disable", MANAGE),
+];
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(catalog))
+        .routes(routes!(list_servers))
+        .routes(routes!(get_server, edit_server, delete_server))
+        .routes(routes!(enable_server))
+        .routes(routes!(disable_server))
+}
+
+/// One catalog tile.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TemplateView {
+    /// `atlassian`, `github`, `notion`, `pagerduty`, `slack` or `custom`.
+    pub id: &'static str,
+    pub name: &'static str,
+    /// The MCP endpoint; absent for `custom` (the admin gives it).
+    pub url: Option<String>,
+    pub description: &'static str,
+    /// Where the provider's OAuth departs from the MCP specification, allowed for servers
+    /// added from this template only.
+    #[schema(value_type = Vec<String>)]
+    pub allowances: &'static [catalog::Allowance],
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CatalogView {
+    pub templates: Vec<TemplateView>,
+}
+
+/// The templates servers are added from.
+#[utoipa::path(get, path = "/api/v1/catalog", tag = "servers", security(("bearer" = [])),
+    responses((status = 200, description = "The catalog", body = CatalogView)))]
+async fn catalog(State(state): State<AppState>) -> axum::Json<CatalogView> {
+    let templates = state
+        .servers
+        .catalog()
+        .templates()
+        .iter()
+        .map(|t| TemplateView {
+            id: t.id,
+            name: t.name,
+            url: t.url.clone(),
+            description: t.description,
+            allowances: t.allowances,
+        })
+        .collect();
+    axum::Json(CatalogView { templates })
+}
+
+/// A configured server.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerView {
+    pub id: String,
+    pub name: String,
+    /// Prefixes the server's tools: `<slug>__<tool>`.
+    pub slug: String,
+    pub url: String,
+    /// Handed to the AI as context.
+    pub description: String,
+    /// The catalog template it was added from (`custom` for a URL).
+    pub template: String,
+    pub enabled: bool,
+    /// `dynamic_registration`, `preconfigured` or `client_metadata_document`.
+    pub registration_mode: Option<&'static str>,
+    pub created_by: String,
+    pub created_at: Option<String>,
+    pub updated_by: String,
+    pub updated_at: Option<String>,
+}
+
+fn rfc3339(time: Option<std::time::SystemTime>) -> Option<String> {
+    time.map(|t| DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+impl ServerView {
+    fn of(server: &ServerSummary) -> Self {
+        ServerView {
+            id: server.id.to_string(),
+            name: server.name.clone(),
+            slug: server.slug.clone(),
+            url: server.url.clone(),
+            description: server.description.clone(),
+            template: if server.catalog_entry_id.is_empty() {
+                catalog::CUSTOM_TEMPLATE.to_owned()
+            } else {
+                server.catalog_entry_id.clone()
+            },
+            enabled: server.enabled,
+            registration_mode: server.registration_mode.map(|m| m.as_str()),
+            created_by: server.created_by.clone(),
+            created_at: rfc3339(server.created_at),
+            updated_by: server.updated_by.clone(),
+            updated_at: rfc3339(server.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerList {
+    pub servers: Vec<ServerView>,
+    /// Paging cursor; absent: this is the whole list.
+    pub next: Option<String>,
+}
+
+/// Every configured server, oldest first.
+#[utoipa::path(get, path = "/api/v1/servers", tag = "servers", security(("bearer" = [])),
+    responses((status = 200, description = "The servers", body = ServerList)))]
+async fn list_servers(State(state): State<AppState>) -> axum::Json<ServerList> {
+    let servers = state
+        .read_models
+        .servers
+        .read(|directory| directory.iter().map(ServerView::of).collect());
+    axum::Json(ServerList {
+        servers,
+        next: None,
+    })
+}
+
+fn server_id(text: &str) -> Result<ServerId, ApiError> {
+    ServerId::parse(text)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+}
+
+fn view(state: &AppState, id: ServerId) -> Result<ServerView, ApiError> {
+    state
+        .read_models
+        .servers
+        .read(|directory| directory.get(id).map(ServerView::of))
+        .ok_or_else(|| DomainError::ServerNotFound.into())
+}
+
+/// One server.
+#[utoipa::path(get, path = "/api/v1/servers/{id}", tag = "servers", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The server's id")),
+    responses(
+        (status = 200, description = "The server", body = ServerView),
+        (status = 404, description = "No such server", body = crate::ErrorBody),
+    ))]
+async fn get_server(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<ServerView>, ApiError> {
+    Ok(axum::Json(view(&state, server_id(&id)?)?))
+}
+
+/// What an edit may change. The URL never changes; sending one is refused with
+/// `server_url_immutable`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditServer {
+    /// 1–24 letters, digits, spaces, `_` and `-`; unique after slugging.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Refused: a server's URL never changes.
+    #[schema(value_type = Option<String>)]
+    pub url: Option<serde_json::Value>,
+}
+
+/// Renames a server or changes its description.
+#[utoipa::path(patch, path = "/api/v1/servers/{id}", tag = "servers", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The server's id")),
+    request_body = EditServer,
+    responses(
+        (status = 200, description = "The server as changed", body = ServerView),
+        (status = 404, description = "No such server", body = crate::ErrorBody),
+        (status = 409, description = "The name is taken", body = crate::ErrorBody),
+        (status = 422, description = "A value is not valid, or the URL was sent", body = crate::ErrorBody),
+    ))]
+async fn edit_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(edit): ApiJson<EditServer>,
+) -> Result<axum::Json<ServerView>, ApiError> {
+    let id = server_id(&id)?;
+    if edit.url.is_some() {
+        return Err(DomainError::ServerUrlImmutable.into());
+    }
+    let update = UpdateServer {
+        name: edit.name.as_deref().map(ServerName::parse).transpose()?,
+        description: edit
+            .description
+            .as_deref()
+            .map(ServerDescription::parse)
+            .transpose()?,
+        oauth: None,
+    };
+    let written = state
+        .servers
+        .update_server(&state.command_context(&caller), id, update)
+        .await?;
+    state.settle(&written).await;
+    Ok(axum::Json(view(&state, id)?))
+}
+
+/// Deletes a server for everyone.
+#[utoipa::path(delete, path = "/api/v1/servers/{id}", tag = "servers", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The server's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such server", body = crate::ErrorBody),
+        (status = 410, description = "Already deleted", body = crate::ErrorBody),
+    ))]
+async fn delete_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = server_id(&id)?;
+    let written = state
+        .servers
+        .delete_server(&state.command_context(&caller), id)
+        .await?;
+    state.settle(&written).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Makes a server's tools available again.
+#[utoipa::path(post, path = "/api/v1/servers/{id}/enable", tag = "servers", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The server's id")),
+    responses(
+        (status = 200, description = "The server, enabled", body = ServerView),
+        (status = 404, description = "No such server", body = crate::ErrorBody),
+    ))]
+async fn enable_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<ServerView>, ApiError> {
+    let id = server_id(&id)?;
+    let written = state
+        .servers
+        .enable_server(&state.command_context(&caller), id)
+        .await?;
+    state.settle(&written).await;
+    Ok(axum::Json(view(&state, id)?))
+}
+
+/// Why a server is disabled (optional body).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisableServer {
+    /// Shown to users and recorded in the audit log.
+    #[serde(default)]
+    pub reason: String,
+}
+
+const MAX_REASON_CHARS: usize = 500;
+
+/// Keeps the server visible and makes its tools unavailable.
+#[utoipa::path(post, path = "/api/v1/servers/{id}/disable", tag = "servers", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The server's id")),
+    request_body(content = Option<DisableServer>, description = "Optional"),
+    responses(
+        (status = 200, description = "The server, disabled", body = ServerView),
+        (status = 404, description = "No such server", body = crate::ErrorBody),
+    ))]
+async fn disable_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    body: Bytes,
+) -> Result<axum::Json<ServerView>, ApiError> {
+    let id = server_id(&id)?;
+    let disable: DisableServer = if body.iter().all(u8::is_ascii_whitespace) {
+        DisableServer::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?
+    };
+    if disable.reason.chars().count() > MAX_REASON_CHARS
+        || disable.reason.chars().any(|c| c.is_control() && c != '\n')
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "disable_reason_invalid",
+            format!("a reason has at most {MAX_REASON_CHARS} characters and no control characters"),
+        ));
+    }
+    let written = state
+        .servers
+        .disable_server(&state.command_context(&caller), id, disable.reason)
+        .await?;
+    state.settle(&written).await;
+    Ok(axum::Json(view(&state, id)?))
+}
