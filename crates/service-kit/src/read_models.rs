@@ -63,9 +63,11 @@ impl ReadModels {
     }
 
     /// Waits until every read model of the written log reflects the write (read-your-writes),
-    /// at most `limit`; returns whether they did. A command that wrote nothing returns at once.
+    /// at most `limit`; returns whether they did. A command that wrote nothing still waits for
+    /// the version it decided on: the answer describes that state, which the read models may
+    /// not show yet (an event another process appended).
     pub async fn wait_for(&self, written: &Written, limit: Duration) -> bool {
-        if !written.changed_anything() {
+        if written.version == 0 {
             return true;
         }
         self.wait_for_position(written.log, written.version, limit)

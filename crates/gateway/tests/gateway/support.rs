@@ -29,6 +29,7 @@ pub const STORES: [Store; 2] = [Store::Jsonl, Store::JetStream];
 
 pub struct TestApp {
     pub url: String,
+    pub read_models: ReadModels,
     pub client: reqwest::Client,
     pub log: Arc<dyn EventLog>,
     pub shutdown: CancellationToken,
@@ -100,7 +101,7 @@ impl TestApp {
         let state = AppState::new(AppParts {
             log: log.clone(),
             vault,
-            read_models,
+            read_models: read_models.clone(),
             envelopes: EnvelopeBuilder::new(Arc::new(SystemClock)),
             auth,
             metrics,
@@ -120,6 +121,7 @@ impl TestApp {
         ));
         TestApp {
             url,
+            read_models,
             client: reqwest::Client::new(),
             log,
             shutdown,
@@ -140,7 +142,8 @@ impl TestApp {
         request.send().await.expect("request")
     }
 
-    /// Adds a server by appending its `ServerAdded` (as an admin's add would); returns its id.
+    /// Adds a server by appending its `ServerAdded` (as an admin's add would) and waits until
+    /// the read models show it; returns its id.
     pub async fn seed_server(&self, name: &str) -> String {
         let id = domain::ServerId::new().to_string();
         let slug = domain::ServerName::parse(name)
@@ -148,20 +151,27 @@ impl TestApp {
             .slug()
             .as_str()
             .to_owned();
-        self.append(
-            &format!("server.{id}"),
-            Event::ServerAdded(proto::v1::ServerAdded {
-                server_id: id.clone(),
-                name: name.to_owned(),
-                slug,
-                description: "Issues of the platform team".into(),
-                url: "https://mcp.example.com/mcp".into(),
-                catalog_entry_id: String::new(),
-                oauth: None,
-                enabled: true,
-            }),
-        )
-        .await;
+        let position = self
+            .append(
+                &format!("server.{id}"),
+                Event::ServerAdded(proto::v1::ServerAdded {
+                    server_id: id.clone(),
+                    name: name.to_owned(),
+                    slug,
+                    description: "Issues of the platform team".into(),
+                    url: "https://mcp.example.com/mcp".into(),
+                    catalog_entry_id: String::new(),
+                    oauth: None,
+                    enabled: true,
+                }),
+            )
+            .await;
+        assert!(
+            self.read_models
+                .wait_for_position(eventlog::LogKind::Config, position, Duration::from_secs(10))
+                .await,
+            "the read models never showed the seeded server"
+        );
         id
     }
 
