@@ -32,7 +32,7 @@ struct Figures {
 }
 
 async fn load(url: String, token: Option<String>) -> Figures {
-    let client = reqwest::Client::builder()
+    let client = testkit::http_client()
         .pool_max_idle_per_host(IN_FLIGHT)
         .build()
         .expect("client");

@@ -330,6 +330,9 @@ fn host_of(url: &Url) -> String {
 
 impl OutboundClient {
     pub fn new(policy: OutboundPolicy, resolver: Arc<dyn Resolver>) -> Result<Self, OutboundError> {
+        // reqwest is built without a bundled crypto provider; Switchboard uses ring. Installing
+        // fails harmlessly when it is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         if policy.allow_loopback {
             tracing::warn!(
                 "outbound.allow_loopback is on: Switchboard will connect to loopback addresses \
@@ -367,9 +370,7 @@ impl OutboundClient {
                     reason: e.to_string(),
                 }
             })?;
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
+            builder = builder.tls_certs_merge(certificates);
         }
         let http = builder
             .build()

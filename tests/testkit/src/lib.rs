@@ -11,6 +11,18 @@
 //! nats-server outlives the test binary that started it, even when the binary is killed.
 
 mod https;
+
+/// Installs ring as the process's TLS crypto provider (Switchboard's choice; reqwest is built
+/// without one). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A reqwest client builder for tests, with the crypto provider installed.
+pub fn http_client() -> reqwest::ClientBuilder {
+    install_crypto_provider();
+    reqwest::Client::builder()
+}
 mod tls;
 pub use https::{FixtureServer, serve_http, serve_https};
 pub use tls::{ServerCert, TestCa};

@@ -122,7 +122,7 @@ impl TestApp {
         TestApp {
             url,
             read_models,
-            client: reqwest::Client::new(),
+            client: testkit::http_client().build().expect("client"),
             log,
             shutdown,
             server: Some(server),

@@ -84,7 +84,7 @@ async fn up_serves_the_api_and_token_signs_with_the_generated_secret() {
         0o600
     );
     let token = token(dir.path(), "alice@example.com", "admin");
-    let client = reqwest::Client::new();
+    let client = testkit::http_client().build().expect("client");
     let me: serde_json::Value = client
         .get(format!("{url}/api/v1/me"))
         .bearer_auth(&token)
@@ -141,8 +141,8 @@ async fn up_serves_https_with_a_certificate_and_key() {
         ],
     );
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("CA"))
+    let client = testkit::http_client()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).expect("CA")])
         .build()
         .expect("client");
     let health = client
@@ -152,8 +152,9 @@ async fn up_serves_https_with_a_certificate_and_key() {
         .expect("HTTPS request");
     assert_eq!(health.status(), 200);
     // A client that does not trust the CA cannot talk to it; neither can plain HTTP.
-    let untrusting = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
+    let other = testkit::TestCa::new();
+    let untrusting = testkit::http_client()
+        .tls_certs_only([reqwest::Certificate::from_pem(other.cert_pem().as_bytes()).expect("CA")])
         .build()
         .expect("client");
     assert!(
@@ -164,7 +165,7 @@ async fn up_serves_https_with_a_certificate_and_key() {
             .is_err()
     );
     let plain = url.replacen("https://", "http://", 1);
-    assert!(reqwest::get(format!("{plain}/healthz")).await.is_err());
+    assert!(client.get(format!("{plain}/healthz")).send().await.is_err());
     assert!(terminate(&mut up).success());
 }
 
@@ -270,7 +271,7 @@ async fn shutdown_under_load_finishes_in_flight_requests_and_restarts_from_check
     let token = token(dir.path(), "auditor@example.com", "admin");
     // A new connection per request: once the server stops accepting, a new request is
     // refused at connect; a request the server accepted must get its whole answer.
-    let client = reqwest::Client::builder()
+    let client = testkit::http_client()
         .pool_max_idle_per_host(0)
         .build()
         .expect("client");
@@ -357,7 +358,11 @@ async fn shutdown_under_load_finishes_in_flight_requests_and_restarts_from_check
         EVENTS as u64
     );
     let (mut again, _log, url) = serve(dir.path(), &[], &[]);
-    let ready: serde_json::Value = reqwest::get(format!("{url}/readyz"))
+    let ready: serde_json::Value = testkit::http_client()
+        .build()
+        .expect("client")
+        .get(format!("{url}/readyz"))
+        .send()
         .await
         .expect("request")
         .json()
@@ -374,7 +379,11 @@ async fn up_keeps_serving_and_stops_cleanly_after_its_log_output_goes_away() {
     // The reading end of stderr closes: every later log line fails to write.
     drop(log);
     for _ in 0..3 {
-        let health = reqwest::get(format!("{url}/healthz"))
+        let health = testkit::http_client()
+            .build()
+            .expect("client")
+            .get(format!("{url}/healthz"))
+            .send()
             .await
             .expect("still serving");
         assert_eq!(health.status(), 200);
