@@ -6,9 +6,14 @@
 //! size cap.
 //!
 //! The MCP client and OAuth flows on `rmcp` are built on this client as their issues land.
+mod discovery;
+mod oauth_http;
 mod outbound;
 
+pub use discovery::{Discovered, DiscoveryError, RegistrationPlan, discover};
+pub use oauth_http::GuardedOAuthHttp;
 pub use outbound::{
     AddressClass, OutboundClient, OutboundError, OutboundPolicy, OutboundRequest, OutboundResponse,
-    Resolver, SystemResolver, classify,
+    Resolver, StaticResolver, SystemResolver, classify,
 };
+pub use rmcp::transport::auth::AuthorizationManager;

@@ -226,6 +226,50 @@ impl Resolver for SystemResolver {
     }
 }
 
+/// Fixed host names → addresses, and another resolver (or none) for every other name: the
+/// demo's in-process servers, and tests' stand-ins for hosts on private addresses.
+#[derive(Debug, Default)]
+pub struct StaticResolver {
+    names: std::collections::HashMap<String, Vec<IpAddr>>,
+    fallback: Option<Arc<dyn Resolver>>,
+}
+
+impl StaticResolver {
+    pub fn new() -> Self {
+        StaticResolver::default()
+    }
+
+    /// `name` resolves to `addresses`.
+    pub fn with(mut self, name: &str, addresses: &[IpAddr]) -> Self {
+        self.names
+            .insert(name.to_ascii_lowercase(), addresses.to_vec());
+        self
+    }
+
+    /// Names not given here are asked of `resolver`.
+    pub fn falling_back_to(mut self, resolver: Arc<dyn Resolver>) -> Self {
+        self.fallback = Some(resolver);
+        self
+    }
+}
+
+impl Resolver for StaticResolver {
+    fn resolve<'a>(&'a self, host: &'a str) -> BoxFuture<'a, std::io::Result<Vec<IpAddr>>> {
+        Box::pin(async move {
+            if let Some(addresses) = self.names.get(&host.to_ascii_lowercase()) {
+                return Ok(addresses.clone());
+            }
+            match &self.fallback {
+                Some(resolver) => resolver.resolve(host).await,
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such host",
+                )),
+            }
+        })
+    }
+}
+
 /// Checks addresses against the policy: every one must be admitted, or the host is refused
 /// (a name with one private address among public ones is as dangerous as one private).
 fn check_addresses(
@@ -294,6 +338,8 @@ pub struct OutboundRequest {
     pub url: Url,
     pub headers: HeaderMap,
     pub body: Option<Bytes>,
+    /// Follow redirects (hop by hop, each checked); `false` returns the redirect itself.
+    pub follow_redirects: bool,
 }
 
 impl OutboundRequest {
@@ -303,6 +349,7 @@ impl OutboundRequest {
             url,
             headers: HeaderMap::new(),
             body: None,
+            follow_redirects: true,
         }
     }
 }
@@ -385,6 +432,27 @@ impl OutboundClient {
         &self.policy
     }
 
+    /// The scheme rule alone: https, or plain http to a loopback host when loopback is allowed.
+    pub fn check_scheme(&self, url: &Url) -> Result<(), OutboundError> {
+        let host = url.host().ok_or(OutboundError::NoHost)?;
+        match url.scheme() {
+            "https" => Ok(()),
+            "http" if self.policy.allow_loopback => {
+                let loopback = match &host {
+                    Host::Ipv4(v4) => v4.is_loopback(),
+                    Host::Ipv6(v6) => v6.is_loopback(),
+                    Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
+                };
+                if loopback {
+                    Ok(())
+                } else {
+                    Err(OutboundError::NotHttps { host: host_of(url) })
+                }
+            }
+            _ => Err(OutboundError::NotHttps { host: host_of(url) }),
+        }
+    }
+
     /// Checks a URL before any connection: the scheme, and a host given as an address (the
     /// resolver is not asked about those).
     pub fn check_url(&self, url: &Url) -> Result<(), OutboundError> {
@@ -444,7 +512,10 @@ impl OutboundClient {
                 .await
                 .map_err(|e| self.explain(&request.url, e))?;
             let status = response.status();
-            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+            if request.follow_redirects
+                && status.is_redirection()
+                && status != StatusCode::NOT_MODIFIED
+            {
                 hops += 1;
                 if hops > self.policy.max_redirects {
                     return Err(OutboundError::TooManyRedirects {

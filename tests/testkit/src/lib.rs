@@ -11,6 +11,8 @@
 //! nats-server outlives the test binary that started it, even when the binary is killed.
 
 mod https;
+mod oauth;
+pub use oauth::OAuthFixture;
 
 /// Installs ring as the process's TLS crypto provider (Switchboard's choice; reqwest is built
 /// without one). Idempotent.
