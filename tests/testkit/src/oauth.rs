@@ -61,7 +61,6 @@ fn origin(headers: &HeaderMap) -> String {
 
 impl OAuthFixture {
     /// The fixture as a router: `/mcp`, the metadata documents and `/register`.
-    #[must_use]
     pub fn router(self) -> Router {
         let mut router = Router::new();
         let fixture = self.clone();
