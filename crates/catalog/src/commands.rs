@@ -10,18 +10,21 @@ use domain::{
 use eventlog::{EventLog, Subject};
 use service_kit::{CommandContext, CommandError, EnvelopeBuilder, ReadModels, Written, execute};
 
-use crate::Catalog;
+use crate::{Catalog, OAuthClientSettings};
 
 /// The catalog service's commands. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ServerCommands {
-    log: Arc<dyn EventLog>,
-    envelopes: EnvelopeBuilder,
-    read_models: ReadModels,
-    catalog: Arc<Catalog>,
+    pub(crate) log: Arc<dyn EventLog>,
+    pub(crate) envelopes: EnvelopeBuilder,
+    pub(crate) read_models: ReadModels,
+    pub(crate) catalog: Arc<Catalog>,
+    pub(crate) outbound: mcp::OutboundClient,
+    pub(crate) vault: vault::Vault,
+    pub(crate) oauth: OAuthClientSettings,
 }
 
-fn subject_of(id: ServerId) -> Result<Subject, CommandError> {
+pub(crate) fn subject_of(id: ServerId) -> Result<Subject, CommandError> {
     Ok(Subject::for_aggregate(
         eventlog::AggregateKind::Server,
         &[&id.to_string()],
@@ -34,13 +37,23 @@ impl ServerCommands {
         envelopes: EnvelopeBuilder,
         read_models: ReadModels,
         catalog: Arc<Catalog>,
+        outbound: mcp::OutboundClient,
+        vault: vault::Vault,
+        oauth: OAuthClientSettings,
     ) -> Self {
         ServerCommands {
             log,
             envelopes,
             read_models,
             catalog,
+            outbound,
+            vault,
+            oauth,
         }
+    }
+
+    pub fn oauth(&self) -> &OAuthClientSettings {
+        &self.oauth
     }
 
     pub fn catalog(&self) -> &Catalog {

@@ -123,6 +123,12 @@ fn main() {
             settings: GatewaySettings::default(),
             shutdown: CancellationToken::new(),
             catalog: Arc::new(catalog::Catalog::standard()),
+            outbound: mcp::OutboundClient::new(
+                mcp::OutboundPolicy::default(),
+                Arc::new(mcp::SystemResolver),
+            )
+            .expect("outbound client"),
+            client_metadata_url: None,
         });
         let token = mint_token(
             SECRET,

@@ -192,3 +192,30 @@ impl From<CommandError> for ApiError {
         }
     }
 }
+
+impl From<catalog::AddServerError> for ApiError {
+    fn from(error: catalog::AddServerError) -> Self {
+        use catalog::AddServerError as E;
+        use mcp::{DiscoveryError as D, OutboundError as O};
+        let code = error.code();
+        let status = match &error {
+            E::Domain(domain) => return domain.clone().into(),
+            E::Command(_) => {
+                if let E::Command(command) = error {
+                    return command.into();
+                }
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            E::Vault(cause) => return ApiError::internal(format!("vault: {cause}")),
+            E::Discovery(D::Outbound(
+                O::AddressRefused { .. } | O::NotHttps { .. } | O::NoHost,
+            )) => StatusCode::UNPROCESSABLE_ENTITY,
+            E::Discovery(
+                D::Outbound(_) | D::AuthorizationServersUnavailable | D::Failed { .. },
+            )
+            | E::RegistrationFailed { .. } => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, code, error.to_string())
+    }
+}

@@ -98,6 +98,11 @@ pub struct AppParts {
     pub settings: GatewaySettings,
     pub shutdown: CancellationToken,
     pub catalog: Arc<catalog::Catalog>,
+    /// The one client for every request Switchboard makes to servers and providers.
+    pub outbound: mcp::OutboundClient,
+    /// Where client ID metadata documents say Switchboard's document is
+    /// (`oauth.client_metadata_url`); `None`: `<public_url>/oauth/client-metadata.json`.
+    pub client_metadata_url: Option<String>,
 }
 
 impl AppState {
@@ -108,11 +113,22 @@ impl AppState {
             .map(|route| ((route.method.clone(), route.path), route.access))
             .collect();
         let paths = table.iter().map(|route| (route.path, route.path)).collect();
+        let public_url = parts.settings.public_url.trim_end_matches('/').to_owned();
+        let oauth = catalog::OAuthClientSettings {
+            redirect_url: format!("{public_url}/oauth/callback"),
+            client_metadata_url: parts
+                .client_metadata_url
+                .unwrap_or_else(|| format!("{public_url}/oauth/client-metadata.json")),
+            client_name: "Switchboard".to_owned(),
+        };
         let servers = catalog::ServerCommands::new(
             parts.log.clone(),
             parts.envelopes.clone(),
             parts.read_models.clone(),
             parts.catalog,
+            parts.outbound,
+            parts.vault.clone(),
+            oauth,
         );
         AppState(Arc::new(AppInner {
             servers,

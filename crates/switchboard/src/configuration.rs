@@ -59,6 +59,26 @@ pub struct Settings {
     pub log: LogSettings,
     pub console: ConsoleSettings,
     pub events: EventSettings,
+    pub outbound: OutboundSettings,
+    pub oauth: OAuthSettings,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundSettings {
+    /// Allow requests to loopback addresses, and plain http:// to loopback hosts. For
+    /// development and tests only: logged loudly when on.
+    pub allow_loopback: bool,
+    /// Extra trust anchors (PEM) for outbound TLS, besides the system's.
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthSettings {
+    /// The URL Switchboard presents as its client id where client ID metadata documents are
+    /// supported; by default `<public_url>/oauth/client-metadata.json`, which it serves.
+    pub client_metadata_url: Option<String>,
 }
 
 impl Default for Settings {
@@ -75,6 +95,8 @@ impl Default for Settings {
             log: LogSettings::default(),
             console: ConsoleSettings::default(),
             events: EventSettings::default(),
+            outbound: OutboundSettings::default(),
+            oauth: OAuthSettings::default(),
         }
     }
 }
@@ -274,10 +296,17 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "SWITCHBOARD_INVOCATION_RETENTION_DAYS",
         "events.invocation_retention_days",
     ),
+    ("SWITCHBOARD_ALLOW_LOOPBACK", "outbound.allow_loopback"),
+    ("SWITCHBOARD_EXTRA_CA_FILE", "outbound.extra_ca_file"),
+    (
+        "SWITCHBOARD_CLIENT_METADATA_URL",
+        "oauth.client_metadata_url",
+    ),
 ];
 
-/// The settings whose environment variable holds a number.
+/// The settings whose environment variable holds a number or a boolean.
 const NUMERIC_KEYS: &[&str] = &[
+    "outbound.allow_loopback",
     "http.body_limit",
     "http.shutdown_grace_secs",
     "http.stream_buffer",
@@ -305,8 +334,8 @@ impl Settings {
         let env: Vec<(String, String)> = env.into_iter().collect();
         for (var, key) in ENV_VARS {
             if let Some((_, value)) = env.iter().find(|(name, _)| name == var) {
-                // Numbers are parsed; everything else stays text, so that a secret or a name
-                // that looks like a number is not turned into one.
+                // Numbers and booleans are parsed; everything else stays text, so that a
+                // secret or a name that looks like a number is not turned into one.
                 let value: figment::value::Value = if NUMERIC_KEYS.contains(key) {
                     value.parse().unwrap_or_else(|_| value.as_str().into())
                 } else {

@@ -105,6 +105,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local}"));
     let shutdown = CancellationToken::new();
+    let outbound = mcp::OutboundClient::new(
+        mcp::OutboundPolicy {
+            allow_loopback: settings.outbound.allow_loopback,
+            extra_ca_file: settings.outbound.extra_ca_file.clone(),
+            ..mcp::OutboundPolicy::default()
+        },
+        Arc::new(mcp::SystemResolver),
+    )
+    .context("setting up the outbound HTTP client")?;
     let state = AppState::new(AppParts {
         log: log.clone(),
         vault: vault.clone(),
@@ -120,6 +129,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         shutdown: shutdown.clone(),
         catalog: Arc::new(catalog::Catalog::standard()),
+        outbound,
+        client_metadata_url: settings.oauth.client_metadata_url.clone(),
     });
     let server = tokio::spawn(gateway::server::serve(
         listener,

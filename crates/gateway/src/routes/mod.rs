@@ -7,6 +7,7 @@ use crate::{AppState, Permission};
 
 pub mod audit;
 pub mod me;
+pub mod oauth;
 pub mod servers;
 pub mod stream;
 pub mod system;
@@ -48,6 +49,7 @@ pub fn table() -> Vec<RouteSpec> {
         system::ROUTES,
         me::ROUTES,
         servers::ROUTES,
+        oauth::ROUTES,
         audit::ROUTES,
         stream::ROUTES,
     ]
@@ -60,6 +62,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(system::router())
         .merge(me::router())
         .merge(servers::router())
+        .merge(oauth::router())
         .merge(audit::router())
         .merge(stream::router())
 }

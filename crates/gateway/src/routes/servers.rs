@@ -21,6 +21,8 @@ const MANAGE: Access = Access::AnyOf(&[Permission::ManageServers]);
 
 pub const ROUTES: &[RouteSpec] = &[
     RouteSpec::new(Method::GET, "/api/v1/catalog", SEE),
+    RouteSpec::new(Method::POST, "/api/v1/servers/discover", MANAGE),
+    RouteSpec::new(Method::POST, "/api/v1/servers", MANAGE),
     RouteSpec::new(Method::GET, "/api/v1/servers", SEE),
     RouteSpec::new(Method::GET, "/api/v1/servers/{id}", SEE),
     RouteSpec::new(Method::PATCH, "/api/v1/servers/{id}", MANAGE),
@@ -32,7 +34,8 @@ pub const ROUTES: &[RouteSpec] = &[
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(catalog))
-        .routes(routes!(list_servers))
+        .routes(routes!(discover_server))
+        .routes(routes!(list_servers, add_server))
         .routes(routes!(get_server, edit_server, delete_server))
         .routes(routes!(enable_server))
         .routes(routes!(disable_server))
@@ -131,6 +134,120 @@ pub struct ServerList {
     pub servers: Vec<ServerView>,
     /// Paging cursor; absent: this is the whole list.
     pub next: Option<String>,
+}
+
+/// A server to add: a catalog template, or `custom` (or no template) with its URL.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewServer {
+    /// 1–24 letters, digits, spaces, `_` and `-`; unique after slugging (it prefixes tools).
+    pub name: String,
+    /// A catalog template id (`github`, …, `custom`).
+    pub template: Option<String>,
+    /// The MCP endpoint (`https://`); fixed by a provider template.
+    pub url: Option<String>,
+    /// Handed to the AI as context.
+    pub description: Option<String>,
+    /// A client registered with the provider beforehand.
+    pub client_id: Option<String>,
+    /// Its secret; stored in the vault, never in an event.
+    pub client_secret: Option<String>,
+}
+
+/// What to discover: a template or a URL (and whether a pre-registered client will be given).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverServer {
+    pub template: Option<String>,
+    pub url: Option<String>,
+    /// A pre-registered client id the admin will give (makes the mode `preconfigured`).
+    pub client_id: Option<String>,
+}
+
+/// The OAuth set-up discovery found.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DiscoveryView {
+    /// The protected resource: the RFC 8707 `resource` tokens are asked for.
+    pub resource: String,
+    pub issuer: String,
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub registration_endpoint: Option<String>,
+    pub revocation_endpoint: Option<String>,
+    /// The scopes a connection asks for.
+    pub scopes: Vec<String>,
+    /// `preconfigured`, `client_metadata_document`, `dynamic_registration` or
+    /// `manual_credentials_required`.
+    #[schema(value_type = String)]
+    pub registration_mode: mcp::RegistrationPlan,
+    /// The redirect URL to register with the provider (when credentials are needed).
+    pub redirect_url: Option<String>,
+    /// Found through protected-resource metadata (`false`: an older server's root metadata).
+    pub via_protected_resource_metadata: bool,
+}
+
+/// Finds a server's OAuth set-up (the console's "Next" step). Changes nothing.
+#[utoipa::path(post, path = "/api/v1/servers/discover", tag = "servers", security(("bearer" = [])),
+    request_body = DiscoverServer,
+    responses(
+        (status = 200, description = "What was found", body = DiscoveryView),
+        (status = 422, description = "The server is refused, with the rule", body = crate::ErrorBody),
+        (status = 502, description = "The server or its authorization server did not answer", body = crate::ErrorBody),
+    ))]
+async fn discover_server(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<DiscoverServer>,
+) -> Result<axum::Json<DiscoveryView>, ApiError> {
+    let input = catalog::AddServerInput {
+        template: request.template,
+        url: request.url,
+        client_id: request.client_id,
+        ..catalog::AddServerInput::default()
+    };
+    let found = state.servers.discover(&input).await?;
+    let manual = found.registration == mcp::RegistrationPlan::ManualCredentialsRequired;
+    Ok(axum::Json(DiscoveryView {
+        resource: found.resource,
+        issuer: found.issuer,
+        authorization_endpoint: found.authorization_endpoint,
+        token_endpoint: found.token_endpoint,
+        registration_endpoint: found.registration_endpoint,
+        revocation_endpoint: found.revocation_endpoint,
+        scopes: found.scopes,
+        registration_mode: found.registration,
+        redirect_url: manual.then(|| state.servers.oauth().redirect_url.clone()),
+        via_protected_resource_metadata: found.via_protected_resource_metadata,
+    }))
+}
+
+/// Adds a server: OAuth discovery and client registration, bound to the discovered issuer.
+#[utoipa::path(post, path = "/api/v1/servers", tag = "servers", security(("bearer" = [])),
+    request_body = NewServer,
+    responses(
+        (status = 201, description = "The server", body = ServerView),
+        (status = 409, description = "The name is taken", body = crate::ErrorBody),
+        (status = 422, description = "A value or the server is refused, with the rule", body = crate::ErrorBody),
+        (status = 502, description = "The server or its authorization server did not answer", body = crate::ErrorBody),
+    ))]
+async fn add_server(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(request): ApiJson<NewServer>,
+) -> Result<(StatusCode, axum::Json<ServerView>), ApiError> {
+    let input = catalog::AddServerInput {
+        name: request.name,
+        template: request.template,
+        url: request.url,
+        description: request.description,
+        client_id: request.client_id,
+        client_secret: request.client_secret,
+    };
+    let (id, written) = state
+        .servers
+        .add_server(&state.command_context(&caller), input)
+        .await?;
+    state.settle(&written).await;
+    Ok((StatusCode::CREATED, axum::Json(view(&state, id)?)))
 }
 
 /// Every configured server, oldest first.

@@ -5,5 +5,6 @@ mod errors;
 mod openapi;
 mod permissions;
 mod servers;
+mod servers_add;
 mod stream;
 mod support;

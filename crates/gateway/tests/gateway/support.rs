@@ -19,6 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &[u8] = b"test-secret-test-secret-test-secret";
 
+/// How a test app differs from the default.
+#[derive(Default)]
+pub struct Options {
+    pub settings: GatewaySettings,
+    pub catalog: catalog::Catalog,
+    /// Default: no resolvable names and the loopback-only safety net on.
+    pub outbound: Option<mcp::OutboundClient>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Store {
     Jsonl,
@@ -29,6 +38,7 @@ pub const STORES: [Store; 2] = [Store::Jsonl, Store::JetStream];
 
 pub struct TestApp {
     pub url: String,
+    pub vault: vault::Vault,
     pub read_models: ReadModels,
     pub client: reqwest::Client,
     pub log: Arc<dyn EventLog>,
@@ -43,6 +53,18 @@ impl TestApp {
     }
 
     pub async fn start_with(store: Store, settings: GatewaySettings) -> TestApp {
+        Self::start_with_options(
+            store,
+            Options {
+                settings,
+                ..Options::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_with_options(store: Store, options: Options) -> TestApp {
+        let settings = options.settings.clone();
         let dir = tempfile::tempdir().expect("temp dir");
         let (log, checkpoints): (Arc<dyn EventLog>, Arc<dyn CheckpointStore>) = match store {
             Store::Jsonl => (
@@ -100,7 +122,7 @@ impl TestApp {
         let shutdown = CancellationToken::new();
         let state = AppState::new(AppParts {
             log: log.clone(),
-            vault,
+            vault: vault.clone(),
             read_models: read_models.clone(),
             envelopes: EnvelopeBuilder::new(Arc::new(SystemClock)),
             auth,
@@ -110,7 +132,18 @@ impl TestApp {
                 ..settings
             },
             shutdown: shutdown.clone(),
-            catalog: Arc::new(catalog::Catalog::standard()),
+            catalog: Arc::new(options.catalog),
+            outbound: options.outbound.unwrap_or_else(|| {
+                mcp::OutboundClient::new(
+                    mcp::OutboundPolicy {
+                        loopback_only_safety_net: true,
+                        ..mcp::OutboundPolicy::default()
+                    },
+                    Arc::new(mcp::StaticResolver::new()),
+                )
+                .expect("outbound client")
+            }),
+            client_metadata_url: None,
         });
         let server = tokio::spawn(gateway::server::serve(
             listener,
@@ -121,6 +154,7 @@ impl TestApp {
         ));
         TestApp {
             url,
+            vault,
             read_models,
             client: testkit::http_client().build().expect("client"),
             log,
@@ -189,6 +223,49 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// An OAuth/MCP fixture over HTTPS at `fixture.test` (mapped to loopback by the app's
+/// resolver), and an app whose outbound client trusts it. `private.test` resolves to a private
+/// address; the loopback-only safety net is on.
+pub struct WithFixture {
+    pub app: TestApp,
+    pub fixture_url: String,
+    _server: testkit::FixtureServer,
+}
+
+pub async fn app_with_fixture(store: Store, fixture: testkit::OAuthFixture) -> WithFixture {
+    let ca = testkit::TestCa::new();
+    let server = testkit::serve_https(fixture.router(), &ca.issue(&["fixture.test"])).await;
+    let fixture_url = format!("{}/mcp", server.https_url("fixture.test"));
+    let resolver = mcp::StaticResolver::new()
+        .with("fixture.test", &["127.0.0.1".parse().expect("address")])
+        .with("private.test", &["10.11.12.13".parse().expect("address")]);
+    let outbound = mcp::OutboundClient::new(
+        mcp::OutboundPolicy {
+            allow_loopback: true,
+            extra_ca_pem: vec![ca.cert_pem().to_owned()],
+            request_timeout: Duration::from_secs(5),
+            loopback_only_safety_net: true,
+            ..mcp::OutboundPolicy::default()
+        },
+        Arc::new(resolver),
+    )
+    .expect("outbound client");
+    let app = TestApp::start_with_options(
+        store,
+        Options {
+            catalog: catalog::Catalog::with_urls([("github", fixture_url.clone())]),
+            outbound: Some(outbound),
+            ..Options::default()
+        },
+    )
+    .await;
+    WithFixture {
+        app,
+        fixture_url,
+        _server: server,
     }
 }
 

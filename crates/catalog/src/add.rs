@@ -1,0 +1,287 @@
+//! Adding a server: the template or URL, OAuth discovery, the OAuth client (pre-registered,
+//! client ID metadata document, or dynamic registration) bound to the discovered issuer, the
+//! client secret into the vault, and one atomic append of `ServerAdded` and
+//! `ServerClientRegistered` — a crash leaves no server without its client.
+use domain::{
+    Aggregate, AuthorizationServer, ClientId, DomainError, OAuthSettings, RegistrationMode,
+    SecretRef, ServerDescription, ServerId, ServerName, ServerUrl, UrlPolicy,
+    server::{AddServer, ClientRegistration, ServerCommand, ServerState, decide},
+};
+use mcp::{Discovered, DiscoveryError, RegistrationPlan};
+use service_kit::{CommandContext, CommandError, Written, execute};
+use url::Url;
+
+use crate::{CUSTOM_TEMPLATE, ServerCommands, commands::subject_of};
+
+/// Switchboard's own OAuth client settings.
+#[derive(Debug, Clone)]
+pub struct OAuthClientSettings {
+    /// `<public_url>/oauth/callback`: the redirect URL registered with every provider.
+    pub redirect_url: String,
+    /// The URL presented as client id where client ID metadata documents are supported
+    /// (`oauth.client_metadata_url`, by default `<public_url>/oauth/client-metadata.json`).
+    pub client_metadata_url: String,
+    /// The client name given at dynamic registration.
+    pub client_name: String,
+}
+
+/// What an admin asks for.
+#[derive(Debug, Clone, Default)]
+pub struct AddServerInput {
+    pub name: String,
+    /// A catalog template id; `custom` (or none) with `url`.
+    pub template: Option<String>,
+    pub url: Option<String>,
+    pub description: Option<String>,
+    /// A pre-registered client.
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+}
+
+/// Why a server was not added (or discovered). Each has a stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum AddServerError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("there is no catalog template {0:?}; see GET /api/v1/catalog")]
+    UnknownTemplate(String),
+    #[error("give the server's URL (or choose a catalog template)")]
+    UrlMissing,
+    #[error("the {template} template fixes the URL; leave `url` out")]
+    TemplateUrlFixed { template: String },
+    #[error("a client secret needs its client id")]
+    SecretWithoutClientId,
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error(
+        "the authorization server offers no automatic registration: register Switchboard with the provider using the redirect URL {redirect_url}, then add the server again with its client_id (and client_secret)"
+    )]
+    ManualCredentialsRequired { redirect_url: String },
+    #[error("dynamic client registration failed: {reason}")]
+    RegistrationFailed { reason: String },
+    #[error("the client secret could not be stored in the vault")]
+    Vault(#[source] vault::VaultError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+impl AddServerError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AddServerError::Domain(error) => error.code(),
+            AddServerError::UnknownTemplate(_) => "template_unknown",
+            AddServerError::UrlMissing => "url_missing",
+            AddServerError::TemplateUrlFixed { .. } => "template_url_fixed",
+            AddServerError::SecretWithoutClientId => "client_id_missing",
+            AddServerError::Discovery(error) => error.code(),
+            AddServerError::ManualCredentialsRequired { .. } => "manual_credentials_required",
+            AddServerError::RegistrationFailed { .. } => "registration_failed",
+            AddServerError::Vault(_) => "vault_unavailable",
+            AddServerError::Command(CommandError::Domain(error)) => error.code(),
+            AddServerError::Command(_) => "command_failed",
+        }
+    }
+}
+
+/// The template and URL an input names, checked.
+struct Target {
+    template: Option<String>,
+    url: ServerUrl,
+    parsed: Url,
+}
+
+impl ServerCommands {
+    fn url_policy(&self) -> UrlPolicy {
+        UrlPolicy {
+            allow_loopback_http: self.outbound.policy().allow_loopback,
+        }
+    }
+
+    fn target(&self, input: &AddServerInput) -> Result<Target, AddServerError> {
+        let template = match input.template.as_deref() {
+            None | Some(CUSTOM_TEMPLATE) => None,
+            Some(id) => Some(
+                self.catalog
+                    .get(id)
+                    .ok_or_else(|| AddServerError::UnknownTemplate(id.to_owned()))?,
+            ),
+        };
+        let text = match (template, input.url.as_deref()) {
+            (Some(template), Some(url)) if Some(url) != template.url.as_deref() => {
+                return Err(AddServerError::TemplateUrlFixed {
+                    template: template.id.to_owned(),
+                });
+            }
+            (Some(template), _) => template.url.clone().ok_or(AddServerError::UrlMissing)?,
+            (None, Some(url)) => url.to_owned(),
+            (None, None) => return Err(AddServerError::UrlMissing),
+        };
+        let url = ServerUrl::parse(&text, self.url_policy())?;
+        let parsed = Url::parse(url.as_str()).map_err(|e| DomainError::UrlInvalid {
+            reason: e.to_string(),
+        })?;
+        Ok(Target {
+            template: template.map(|t| t.id.to_owned()),
+            url,
+            parsed,
+        })
+    }
+
+    /// OAuth discovery for a server an admin is about to add; changes nothing.
+    pub async fn discover(&self, input: &AddServerInput) -> Result<Discovered, AddServerError> {
+        let target = self.target(input)?;
+        let (found, _) =
+            mcp::discover(&self.outbound, &target.parsed, input.client_id.is_some()).await?;
+        Ok(found)
+    }
+
+    /// Adds a server: discovery, its OAuth client, then `ServerAdded` and
+    /// `ServerClientRegistered` in one append.
+    pub async fn add_server(
+        &self,
+        context: &CommandContext,
+        input: AddServerInput,
+    ) -> Result<(ServerId, Written), AddServerError> {
+        let name = ServerName::parse(&input.name)?;
+        let description = ServerDescription::parse(input.description.as_deref().unwrap_or(""))?;
+        if input.client_secret.is_some() && input.client_id.is_none() {
+            return Err(AddServerError::SecretWithoutClientId);
+        }
+        let client_id = input
+            .client_id
+            .as_deref()
+            .map(ClientId::parse)
+            .transpose()?;
+        let target = self.target(&input)?;
+        // Fail fast on a taken name, before any request leaves; decide checks again.
+        let slug = name.slug();
+        if self
+            .read_models
+            .servers
+            .read(|d| d.slug_owner(slug.as_str()).is_some())
+        {
+            return Err(DomainError::ServerNameTaken {
+                slug: slug.as_str().to_owned(),
+            }
+            .into());
+        }
+
+        let (found, mut manager) =
+            mcp::discover(&self.outbound, &target.parsed, client_id.is_some()).await?;
+        let id = ServerId::new();
+        let scopes: Vec<&str> = found.scopes.iter().map(String::as_str).collect();
+        let (mode, client_id, secret) = match found.registration {
+            RegistrationPlan::Preconfigured => (
+                RegistrationMode::Preconfigured,
+                client_id.ok_or(AddServerError::SecretWithoutClientId)?,
+                input.client_secret,
+            ),
+            RegistrationPlan::ClientMetadataDocument => (
+                RegistrationMode::ClientMetadataDocument,
+                ClientId::parse(&self.oauth.client_metadata_url)?,
+                None,
+            ),
+            RegistrationPlan::DynamicRegistration => {
+                let registered = manager
+                    .register_client(&self.oauth.client_name, &self.oauth.redirect_url, &scopes)
+                    .await
+                    .map_err(|e| AddServerError::RegistrationFailed {
+                        reason: e.to_string().chars().take(300).collect(),
+                    })?;
+                (
+                    RegistrationMode::DynamicRegistration,
+                    ClientId::parse(&registered.client_id)?,
+                    registered.client_secret,
+                )
+            }
+            RegistrationPlan::ManualCredentialsRequired => {
+                return Err(AddServerError::ManualCredentialsRequired {
+                    redirect_url: self.oauth.redirect_url.clone(),
+                });
+            }
+        };
+        let secret_ref = match secret {
+            Some(secret) => Some(self.store_client_secret(id, secret).await?),
+            None => None,
+        };
+        let endpoint = |url: &str| ServerUrl::parse(url, self.url_policy());
+        let registration = ClientRegistration {
+            registration_mode: mode,
+            client_id: client_id.clone(),
+            client_secret_ref: secret_ref,
+            client_secret_expires_at: None,
+            authorization_server: AuthorizationServer {
+                issuer: found.issuer.clone(),
+                authorization_endpoint: endpoint(&found.authorization_endpoint)?,
+                token_endpoint: endpoint(&found.token_endpoint)?,
+                revocation_endpoint: found
+                    .revocation_endpoint
+                    .as_deref()
+                    .map(endpoint)
+                    .transpose()?,
+                registration_endpoint: found
+                    .registration_endpoint
+                    .as_deref()
+                    .map(endpoint)
+                    .transpose()?,
+                scopes_supported: found.scopes_supported.clone(),
+                code_challenge_methods_supported: found.code_challenge_methods_supported.clone(),
+                authorization_response_iss_parameter_supported: found
+                    .authorization_response_iss_parameter_supported,
+            },
+            resource: found.resource.clone(),
+        };
+        let add = AddServer {
+            name,
+            description,
+            url: target.url,
+            catalog_entry_id: target.template,
+            oauth: OAuthSettings::new(
+                &found.scopes,
+                mode,
+                (mode == RegistrationMode::Preconfigured).then_some(client_id.as_str()),
+            )?,
+            enabled: true,
+        };
+        let directory = &self.read_models.servers;
+        let written = execute::<ServerState, _>(
+            self.log.as_ref(),
+            &self.envelopes,
+            &subject_of(id)?,
+            context,
+            |state| {
+                directory.read(|directory| {
+                    let mut events =
+                        decide(state, id, ServerCommand::AddServer(add.clone()), directory)?;
+                    let added = events.iter().fold(state.clone(), |s, e| s.evolve(e));
+                    events.extend(decide(
+                        &added,
+                        id,
+                        ServerCommand::RecordClientRegistration(Box::new(registration.clone())),
+                        directory,
+                    )?);
+                    Ok(events)
+                })
+            },
+        )
+        .await?;
+        tracing::info!(server = %id, issuer = %found.issuer, mode = mode.as_str(), "server added");
+        Ok((id, written))
+    }
+
+    /// The client secret goes to the vault; events carry only its vault name. The name is
+    /// built from the server id, so it always fits the vault's 255 bytes.
+    async fn store_client_secret(
+        &self,
+        id: ServerId,
+        secret: String,
+    ) -> Result<SecretRef, AddServerError> {
+        let name = format!("server/{id}/client_secret");
+        let vault_name = vault::SecretName::parse(name.clone()).map_err(AddServerError::Vault)?;
+        self.vault
+            .put(&vault_name, &vault::Secret::from(secret))
+            .await
+            .map_err(AddServerError::Vault)?;
+        Ok(SecretRef::parse(&name)?)
+    }
+}

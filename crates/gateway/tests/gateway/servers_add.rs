@@ -1,0 +1,335 @@
+//! Adding servers over HTTP against fixture OAuth/MCP servers over real TLS: each
+//! registration mode, each refusal with its code, the secret kept out of events and answers.
+use serde_json::{Value, json};
+
+use crate::support::{STORES, Store, WithFixture, app_with_fixture};
+use testkit::OAuthFixture;
+
+const SECRET: &str = "fixture-secret-do-not-leak";
+
+async fn post(setup: &WithFixture, path: &str, body: Value) -> (u16, Value) {
+    let admin = setup.app.token("ada@example.com", &["admin"]);
+    let response = setup
+        .app
+        .client
+        .post(format!("{}{path}", setup.app.url))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON"))
+}
+
+/// Every stored event of the config log, as proto3 JSON text.
+async fn history(setup: &WithFixture) -> Vec<(String, Value)> {
+    use futures_util::StreamExt;
+    let mut events = setup
+        .app
+        .log
+        .read_from(eventlog::LogKind::Config, 1, None)
+        .await
+        .expect("read");
+    let mut out = Vec::new();
+    while let Some(event) = events.next().await {
+        let event = event.expect("event");
+        out.push((
+            event.event_type.to_string(),
+            serde_json::to_value(&event.envelope).expect("JSON"),
+        ));
+    }
+    out
+}
+
+async fn dynamic_registration_records_the_client_and_keeps_the_secret_in_the_vault(store: Store) {
+    let setup = app_with_fixture(store, OAuthFixture::default()).await;
+    let (status, server) = post(
+        &setup,
+        "/api/v1/servers",
+        json!({"name": "Team Issues", "url": setup.fixture_url, "description": "The team's tracker"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{server}");
+    assert_eq!(server["registration_mode"], "dynamic_registration");
+    assert_eq!(server["template"], "custom");
+    assert_eq!(server["slug"], "team_issues");
+    assert_eq!(server["created_by"], "ada@example.com");
+    let id = server["id"].as_str().expect("id").to_owned();
+
+    let events = history(&setup).await;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        ["ServerAdded", "ServerClientRegistered"],
+        "one atomic add"
+    );
+    let registered = &events[1].1["serverClientRegistered"];
+    assert_eq!(registered["clientId"], "fixture-client-1");
+    assert_eq!(
+        registered["clientSecretRef"],
+        format!("server/{id}/client_secret")
+    );
+    let origin = setup.fixture_url.trim_end_matches("/mcp");
+    assert_eq!(registered["authorizationServer"]["issuer"], origin);
+    assert_eq!(registered["resource"], setup.fixture_url);
+    let everything = format!("{events:?}{server}");
+    assert!(
+        !everything.contains(SECRET),
+        "the client secret leaked into an event or answer"
+    );
+    let name = vault::SecretName::parse(format!("server/{id}/client_secret")).expect("name");
+    let (secret, _) = setup
+        .app
+        .vault
+        .get(&name)
+        .await
+        .expect("vault")
+        .expect("stored");
+    assert_eq!(secret.expose_str(), Some(SECRET));
+}
+
+#[tokio::test]
+async fn dynamic_registration_records_the_client_and_keeps_the_secret_in_the_vault_on_jsonl() {
+    dynamic_registration_records_the_client_and_keeps_the_secret_in_the_vault(Store::Jsonl).await;
+}
+
+#[tokio::test]
+async fn dynamic_registration_records_the_client_and_keeps_the_secret_in_the_vault_on_jetstream() {
+    dynamic_registration_records_the_client_and_keeps_the_secret_in_the_vault(Store::JetStream)
+        .await;
+}
+
+#[tokio::test]
+async fn preconfigured_and_metadata_document_clients() {
+    let setup = app_with_fixture(Store::Jsonl, OAuthFixture::default()).await;
+    let (status, server) = post(
+        &setup,
+        "/api/v1/servers",
+        json!({"name": "Pre", "url": setup.fixture_url, "client_id": "given-id", "client_secret": "given-secret"}),
+    )
+    .await;
+    assert_eq!(
+        (status, server["registration_mode"].as_str()),
+        (201, Some("preconfigured")),
+        "{server}"
+    );
+
+    let cimd = app_with_fixture(
+        Store::Jsonl,
+        OAuthFixture {
+            client_id_metadata_document: true,
+            ..OAuthFixture::default()
+        },
+    )
+    .await;
+    let (status, server) = post(
+        &cimd,
+        "/api/v1/servers",
+        json!({"name": "Docs", "url": cimd.fixture_url}),
+    )
+    .await;
+    assert_eq!(
+        (status, server["registration_mode"].as_str()),
+        (201, Some("client_metadata_document")),
+        "{server}"
+    );
+    let document: Value = cimd
+        .app
+        .get("/oauth/client-metadata.json", None)
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    let events = history(&cimd).await;
+    assert_eq!(
+        events[1].1["serverClientRegistered"]["clientId"],
+        document["client_id"]
+    );
+    assert_eq!(
+        document["client_id"],
+        format!("{}/oauth/client-metadata.json", cimd.app.url)
+    );
+    assert_eq!(
+        document["redirect_uris"],
+        json!([format!("{}/oauth/callback", cimd.app.url)])
+    );
+}
+
+#[tokio::test]
+async fn discovery_tells_the_mode_and_the_redirect_url_when_credentials_are_needed() {
+    let setup = app_with_fixture(
+        Store::Jsonl,
+        OAuthFixture {
+            dynamic_registration: false,
+            ..OAuthFixture::default()
+        },
+    )
+    .await;
+    let (status, found) = post(
+        &setup,
+        "/api/v1/servers/discover",
+        json!({"url": setup.fixture_url}),
+    )
+    .await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["registration_mode"], "manual_credentials_required");
+    assert_eq!(
+        found["redirect_url"],
+        format!("{}/oauth/callback", setup.app.url)
+    );
+    let (status, refused) = post(
+        &setup,
+        "/api/v1/servers",
+        json!({"name": "Manual", "url": setup.fixture_url}),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (422, Some("manual_credentials_required"))
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/oauth/callback")
+    );
+    assert!(
+        history(&setup).await.is_empty(),
+        "discovery and a refused add change nothing"
+    );
+}
+
+#[tokio::test]
+async fn templates_fix_the_url_and_refusals_carry_their_codes() {
+    for store in STORES {
+        let setup = app_with_fixture(store, OAuthFixture::default()).await;
+        let (status, server) = post(
+            &setup,
+            "/api/v1/servers",
+            json!({"name": "GitHub", "template": "github"}),
+        )
+        .await;
+        assert_eq!(
+            (status, server["template"].as_str()),
+            (201, Some("github")),
+            "{server}"
+        );
+        assert_eq!(server["url"], setup.fixture_url);
+        for (body, status, code) in [
+            (
+                json!({"name": "Other", "template": "github", "url": "https://elsewhere.test/mcp"}),
+                422,
+                "template_url_fixed",
+            ),
+            (
+                json!({"name": "Other", "template": "gitlab"}),
+                422,
+                "template_unknown",
+            ),
+            (
+                json!({"name": "Other", "template": "custom"}),
+                422,
+                "url_missing",
+            ),
+            (
+                json!({"name": "GITHUB", "template": "github"}),
+                409,
+                "server_name_taken",
+            ),
+            (
+                json!({"name": "Other", "url": "http://fixture.test/mcp"}),
+                422,
+                "url_not_https",
+            ),
+            (
+                json!({"name": "Other", "url": "https://private.test/mcp"}),
+                422,
+                "address_refused",
+            ),
+            (
+                json!({"name": "Other", "url": setup.fixture_url, "client_secret": "s"}),
+                422,
+                "client_id_missing",
+            ),
+            (
+                json!({"name": "Other/1", "url": setup.fixture_url}),
+                422,
+                "server_name_invalid_character",
+            ),
+            (
+                json!({"name": "Other", "url": setup.fixture_url, "colour": 1}),
+                400,
+                "invalid_body",
+            ),
+        ] {
+            let (got, answer) = post(&setup, "/api/v1/servers", body.clone()).await;
+            assert_eq!(
+                (got, answer["error"]["code"].as_str()),
+                (status, Some(code)),
+                "{store:?} {body}: {answer}"
+            );
+        }
+        assert_eq!(
+            history(&setup).await.len(),
+            2,
+            "only the one add was written"
+        );
+    }
+}
+
+#[tokio::test]
+async fn servers_whose_oauth_breaks_the_rules_are_refused() {
+    for (fixture, code) in [
+        (
+            OAuthFixture {
+                wrong_issuer: true,
+                ..OAuthFixture::default()
+            },
+            "issuer_mismatch",
+        ),
+        (
+            OAuthFixture {
+                pkce_s256: false,
+                ..OAuthFixture::default()
+            },
+            "pkce_s256_unsupported",
+        ),
+        (
+            OAuthFixture {
+                http_token_endpoint: true,
+                ..OAuthFixture::default()
+            },
+            "endpoint_not_https",
+        ),
+        (
+            OAuthFixture {
+                requires_oauth: false,
+                ..OAuthFixture::default()
+            },
+            "server_not_oauth",
+        ),
+        (
+            OAuthFixture {
+                redirect_mcp_to: Some("https://private.test/mcp"),
+                ..OAuthFixture::default()
+            },
+            "address_refused",
+        ),
+    ] {
+        let what = format!("{fixture:?}");
+        let setup = app_with_fixture(Store::Jsonl, fixture).await;
+        let (status, answer) = post(
+            &setup,
+            "/api/v1/servers",
+            json!({"name": "Refused", "url": setup.fixture_url}),
+        )
+        .await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (422, Some(code)),
+            "{what}: {answer}"
+        );
+        assert!(history(&setup).await.is_empty());
+    }
+}
