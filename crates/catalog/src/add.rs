@@ -86,6 +86,7 @@ impl AddServerError {
 /// The template and URL an input names, checked.
 struct Target {
     template: Option<String>,
+    allowances: &'static [mcp::Allowance],
     url: ServerUrl,
     parsed: Url,
 }
@@ -122,6 +123,7 @@ impl ServerCommands {
         })?;
         Ok(Target {
             template: template.map(|t| t.id.to_owned()),
+            allowances: template.map_or(&[][..], |t| t.allowances),
             url,
             parsed,
         })
@@ -130,8 +132,13 @@ impl ServerCommands {
     /// OAuth discovery for a server an admin is about to add; changes nothing.
     pub async fn discover(&self, input: &AddServerInput) -> Result<Discovered, AddServerError> {
         let target = self.target(input)?;
-        let (found, _) =
-            mcp::discover(&self.outbound, &target.parsed, input.client_id.is_some()).await?;
+        let (found, _) = mcp::discover(
+            &self.outbound,
+            &target.parsed,
+            input.client_id.is_some(),
+            target.allowances,
+        )
+        .await?;
         Ok(found)
     }
 
@@ -166,8 +173,13 @@ impl ServerCommands {
             .into());
         }
 
-        let (found, mut manager) =
-            mcp::discover(&self.outbound, &target.parsed, client_id.is_some()).await?;
+        let (found, mut manager) = mcp::discover(
+            &self.outbound,
+            &target.parsed,
+            client_id.is_some(),
+            target.allowances,
+        )
+        .await?;
         let id = ServerId::new();
         let scopes: Vec<&str> = found.scopes.iter().map(String::as_str).collect();
         let (mode, client_id, secret) = match found.registration {

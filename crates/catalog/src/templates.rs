@@ -6,41 +6,10 @@
 //! is held to the specification.
 use serde::Serialize;
 
+pub use mcp::Allowance;
+
 /// The id of the Custom MCP Server tile (the admin gives the URL).
 pub const CUSTOM_TEMPLATE: &str = "custom";
-
-/// One departure from the specification that a provider is known for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Allowance {
-    /// No protected-resource metadata on the MCP endpoint; the root authorization-server
-    /// metadata is used.
-    NoProtectedResourceMetadata,
-    /// The metadata's `issuer` is on another host than the one it was fetched from.
-    IssuerOnAnotherHost,
-    /// Dynamic registration silently drops the requested `scope`.
-    RegistrationDropsScope,
-    /// Redirect URIs are matched exactly (no port or path variation).
-    ExactRedirectUriMatch,
-    /// No dynamic registration: a pre-registered client with a secret is needed.
-    NoDynamicRegistration,
-    /// The issuer has a path (`https://github.com/login/oauth`).
-    PathIssuer,
-    /// Tokens are revoked through the provider's REST API, not RFC 7009.
-    RevocationThroughRestApi,
-    /// Dynamic registration yields a public client (`token_endpoint_auth_method` `none`).
-    PublicClientRegistration,
-    /// Refresh tokens rotate with two live at once.
-    OverlappingRefreshTokens,
-    /// Only OpenID Connect discovery is published.
-    OpenIdConnectDiscoveryOnly,
-    /// The client secret is also needed on refresh.
-    SecretOnRefresh,
-    /// The well-known metadata URL answers with a 302.
-    RedirectedWellKnown,
-    /// Tokens are revoked through `auth.revoke`.
-    RevocationThroughAuthRevoke,
-}
 
 /// One tile of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -12,6 +12,41 @@ use url::Url;
 
 use crate::{GuardedOAuthHttp, OutboundClient, OutboundError, OutboundRequest};
 
+/// One departure from the specification that a provider is known for. A server gets the
+/// allowances of the catalog template it was added from, and no others; each is logged when
+/// it changes an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Allowance {
+    /// No protected-resource metadata on the MCP endpoint; the root authorization-server
+    /// metadata is used.
+    NoProtectedResourceMetadata,
+    /// The metadata's `issuer` is on another host than the one it was fetched from.
+    IssuerOnAnotherHost,
+    /// Dynamic registration silently drops the requested `scope`.
+    RegistrationDropsScope,
+    /// Redirect URIs are matched exactly (no port or path variation).
+    ExactRedirectUriMatch,
+    /// No dynamic registration: a pre-registered client with a secret is needed.
+    NoDynamicRegistration,
+    /// The issuer has a path (`https://github.com/login/oauth`).
+    PathIssuer,
+    /// Tokens are revoked through the provider's REST API, not RFC 7009.
+    RevocationThroughRestApi,
+    /// Dynamic registration yields a public client (`token_endpoint_auth_method` `none`).
+    PublicClientRegistration,
+    /// Refresh tokens rotate with two live at once.
+    OverlappingRefreshTokens,
+    /// Only OpenID Connect discovery is published.
+    OpenIdConnectDiscoveryOnly,
+    /// The client secret is also needed on refresh.
+    SecretOnRefresh,
+    /// The well-known metadata URL answers with a 302.
+    RedirectedWellKnown,
+    /// Tokens are revoked through `auth.revoke`.
+    RevocationThroughAuthRevoke,
+}
+
 /// How Switchboard gets its OAuth client at the server's authorization server, in the order
 /// the MCP specification gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -76,6 +111,10 @@ pub enum DiscoveryError {
     InvalidResourceMetadata { reason: String },
     #[error("none of the authorization servers the resource names answered with usable metadata")]
     AuthorizationServersUnavailable,
+    /// A metadata request was refused by the discovery rules (e.g. a redirect to another
+    /// origin), not failed by the network.
+    #[error("OAuth discovery refused the server's metadata: {reason}")]
+    Refused { reason: String },
     #[error("OAuth discovery failed: {reason}")]
     Failed { reason: String },
 }
@@ -94,6 +133,7 @@ impl DiscoveryError {
             DiscoveryError::EndpointNotHttps { .. } => "endpoint_not_https",
             DiscoveryError::InvalidResourceMetadata { .. } => "resource_metadata_invalid",
             DiscoveryError::AuthorizationServersUnavailable => "authorization_server_unavailable",
+            DiscoveryError::Refused { .. } => "oauth_discovery_refused",
             DiscoveryError::Failed { .. } => "oauth_discovery_failed",
         }
     }
@@ -152,6 +192,18 @@ fn from_auth_error(error: AuthError) -> DiscoveryError {
         AuthError::AuthorizationServersUnavailable { .. } => {
             DiscoveryError::AuthorizationServersUnavailable
         }
+        // Without an outbound cause (handled above), a failed discovery request is one the
+        // discovery rules refused: a redirect to another origin, too many redirects.
+        AuthError::DiscoveryRequestFailed { .. } => {
+            let mut reason = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                reason.push_str(": ");
+                reason.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            DiscoveryError::Refused { reason }
+        }
         other => DiscoveryError::Failed {
             reason: other.to_string(),
         },
@@ -168,11 +220,13 @@ pub async fn discover(
     outbound: &OutboundClient,
     server_url: &Url,
     preconfigured: bool,
+    allowances: &[Allowance],
 ) -> Result<(Discovered, AuthorizationManager), DiscoveryError> {
     let challenge = unauthenticated_challenge(outbound, server_url).await?;
+    let http = GuardedOAuthHttp::with_allowances(outbound.clone(), allowances);
     let manager = AuthorizationManager::new_with_oauth_http_client(
         server_url.clone(),
-        Arc::new(GuardedOAuthHttp(outbound.clone())),
+        Arc::new(http.clone()),
     )
     .await
     .map_err(from_auth_error)?;
@@ -224,18 +278,24 @@ pub async fn discover(
     if !methods.iter().any(|m| m == "S256") {
         return Err(DiscoveryError::PkceS256Unsupported);
     }
-    let issuer = metadata
-        .issuer
-        .clone()
-        .ok_or_else(|| DiscoveryError::IssuerMissing {
-            expected: String::new(),
-        })?;
+    // Under the `IssuerOnAnotherHost` allowance the issuer is the one the server named (the
+    // one its `iss` answers will carry); otherwise rmcp has checked it.
+    let issuer = match http.accepted_issuer() {
+        Some(issuer) => issuer,
+        None => metadata
+            .issuer
+            .clone()
+            .ok_or_else(|| DiscoveryError::IssuerMissing {
+                expected: String::new(),
+            })?,
+    };
     let client_id_metadata_document_supported = extra_flag("client_id_metadata_document_supported");
+    let no_dynamic_registration = allowances.contains(&Allowance::NoDynamicRegistration);
     let registration = if preconfigured {
         RegistrationPlan::Preconfigured
     } else if client_id_metadata_document_supported {
         RegistrationPlan::ClientMetadataDocument
-    } else if registration_endpoint.is_some() {
+    } else if registration_endpoint.is_some() && !no_dynamic_registration {
         RegistrationPlan::DynamicRegistration
     } else {
         RegistrationPlan::ManualCredentialsRequired

@@ -10,7 +10,7 @@ mod discovery;
 mod oauth_http;
 mod outbound;
 
-pub use discovery::{Discovered, DiscoveryError, RegistrationPlan, discover};
+pub use discovery::{Allowance, Discovered, DiscoveryError, RegistrationPlan, discover};
 pub use oauth_http::GuardedOAuthHttp;
 pub use outbound::{
     AddressClass, OutboundClient, OutboundError, OutboundPolicy, OutboundRequest, OutboundResponse,

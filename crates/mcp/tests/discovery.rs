@@ -18,12 +18,13 @@ struct Setup {
 
 async fn setup(fixture: OAuthFixture) -> Setup {
     let ca = testkit::TestCa::new();
-    let cert = ca.issue(&["fixture.test"]);
+    let cert = ca.issue(&["fixture.test", "alt.fixture.test"]);
     let server = testkit::serve_https(fixture.router(), &cert).await;
     let loopback: IpAddr = "127.0.0.1".parse().expect("address");
     let private: IpAddr = "10.11.12.13".parse().expect("address");
     let resolver = StaticResolver::new()
         .with("fixture.test", &[loopback])
+        .with("alt.fixture.test", &[loopback])
         .with("private.test", &[private]);
     let client = OutboundClient::new(
         OutboundPolicy {
@@ -49,7 +50,7 @@ async fn discovered(
     preconfigured: bool,
 ) -> Result<mcp::Discovered, DiscoveryError> {
     let setup = setup(fixture).await;
-    discover(&setup.client, &setup.url, preconfigured)
+    discover(&setup.client, &setup.url, preconfigured, &[])
         .await
         .map(|(found, _)| found)
 }
@@ -190,7 +191,7 @@ async fn servers_that_break_the_rules_are_refused_with_their_own_code() {
 async fn a_host_on_a_private_address_is_refused_before_any_connection() {
     let setup = setup(OAuthFixture::default()).await;
     let url = Url::parse("https://private.test/mcp").expect("url");
-    let error = discover(&setup.client, &url, false)
+    let error = discover(&setup.client, &url, false, &[])
         .await
         .map(|(found, _)| found)
         .expect_err("refused");

@@ -32,6 +32,11 @@ pub struct OAuthFixture {
     pub client_id_metadata_document: bool,
     /// Redirect the MCP endpoint here (a full URL).
     pub redirect_mcp_to: Option<&'static str>,
+    /// Name an issuer on this other host in the metadata (Atlassian).
+    pub issuer_host: Option<&'static str>,
+    /// Answer the authorization-server metadata URL with a 302 to this other host (Slack),
+    /// which serves the document.
+    pub well_known_redirect_host: Option<&'static str>,
 }
 
 impl Default for OAuthFixture {
@@ -47,6 +52,58 @@ impl Default for OAuthFixture {
             dynamic_registration: true,
             client_id_metadata_document: false,
             redirect_mcp_to: None,
+            issuer_host: None,
+            well_known_redirect_host: None,
+        }
+    }
+}
+
+/// Fixtures that reproduce each catalog provider's OAuth profile (public reports as of 2026).
+impl OAuthFixture {
+    /// No protected-resource metadata; root metadata naming an issuer on another host.
+    #[must_use]
+    pub fn atlassian() -> Self {
+        OAuthFixture {
+            protected_resource_metadata: false,
+            issuer_host: Some("auth.fixture.test"),
+            ..OAuthFixture::default()
+        }
+    }
+
+    /// No dynamic registration; a path issuer.
+    #[must_use]
+    pub fn github() -> Self {
+        OAuthFixture {
+            dynamic_registration: false,
+            issuer_path: "/login/oauth",
+            ..OAuthFixture::default()
+        }
+    }
+
+    /// Dynamic registration of a public client.
+    #[must_use]
+    pub fn notion() -> Self {
+        OAuthFixture::default()
+    }
+
+    /// OpenID Connect discovery only, with a path issuer; a pre-registered client.
+    #[must_use]
+    pub fn pagerduty() -> Self {
+        OAuthFixture {
+            openid_connect_only: true,
+            issuer_path: "/oauth",
+            dynamic_registration: false,
+            ..OAuthFixture::default()
+        }
+    }
+
+    /// The metadata URL answers with a 302 to another host; a pre-registered client.
+    #[must_use]
+    pub fn slack() -> Self {
+        OAuthFixture {
+            well_known_redirect_host: Some("alt.fixture.test"),
+            dynamic_registration: false,
+            ..OAuthFixture::default()
         }
     }
 }
@@ -97,7 +154,37 @@ impl OAuthFixture {
                 &metadata_path,
                 get(move |headers: HeaderMap| {
                     let fixture = fixture.clone();
-                    async move { Json(fixture.authorization_server_metadata(&headers)) }
+                    async move {
+                        match fixture.well_known_redirect_host {
+                            Some(host) => {
+                                let origin = origin(&headers);
+                                let port = origin.rsplit(':').next().unwrap_or("443");
+                                let target =
+                                    format!("https://{host}:{port}/moved/metadata?origin={origin}");
+                                (StatusCode::FOUND, [(header::LOCATION, target)]).into_response()
+                            }
+                            None => Json(fixture.authorization_server_metadata(&origin(&headers)))
+                                .into_response(),
+                        }
+                    }
+                }),
+            );
+        }
+        if self.well_known_redirect_host.is_some() {
+            let fixture = self.clone();
+            router = router.route(
+                "/moved/metadata",
+                get(move |query: axum::extract::RawQuery| {
+                    let fixture = fixture.clone();
+                    async move {
+                        let origin = query
+                            .0
+                            .as_deref()
+                            .and_then(|q| q.strip_prefix("origin="))
+                            .unwrap_or("https://fixture.test")
+                            .to_owned();
+                        Json(fixture.authorization_server_metadata(&origin))
+                    }
                 }),
             );
         }
@@ -139,10 +226,11 @@ impl OAuthFixture {
         })
     }
 
-    fn authorization_server_metadata(&self, headers: &HeaderMap) -> Value {
-        let origin = origin(headers);
+    fn authorization_server_metadata(&self, origin: &str) -> Value {
         let issuer = if self.wrong_issuer {
             "https://someone-else.test".to_owned()
+        } else if let Some(host) = self.issuer_host {
+            format!("https://{host}{}", self.issuer_path)
         } else {
             format!("{origin}{}", self.issuer_path)
         };

@@ -113,7 +113,7 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
         ("GET", "/oauth/client-metadata.json") => get(path),
         ("POST", "/api/v1/servers/discover") => Example {
             path: path.to_owned(),
-            body: Some(serde_json::json!({"template": "github"})),
+            body: Some(serde_json::json!({"template": "notion"})),
             ok: 200,
         },
         ("POST", "/api/v1/servers") => {
@@ -121,7 +121,7 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
             let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Example {
                 path: path.to_owned(),
-                body: Some(serde_json::json!({"name": format!("Added {n}"), "template": "github"})),
+                body: Some(serde_json::json!({"name": format!("Added {n}"), "template": "notion"})),
                 ok: 201,
             }
         }
@@ -146,7 +146,7 @@ fn expected(access: Access, who: Who) -> Option<u16> {
 
 #[tokio::test]
 async fn every_route_admits_exactly_the_callers_its_permission_names() {
-    // The catalog's GitHub template points at a fixture, so adds and discovery succeed.
+    // The catalog's Notion template points at a fixture, so adds and discovery succeed.
     let fixture =
         crate::support::app_with_fixture(Store::Jsonl, testkit::OAuthFixture::default()).await;
     let app = &fixture.app;

@@ -2,7 +2,7 @@
 //! registration mode, each refusal with its code, the secret kept out of events and answers.
 use serde_json::{Value, json};
 
-use crate::support::{STORES, Store, WithFixture, app_with_fixture};
+use crate::support::{STORES, Store, WithFixture, app_with_fixture, app_with_fixture_for};
 use testkit::OAuthFixture;
 
 const SECRET: &str = "fixture-secret-do-not-leak";
@@ -207,18 +207,18 @@ async fn templates_fix_the_url_and_refusals_carry_their_codes() {
         let (status, server) = post(
             &setup,
             "/api/v1/servers",
-            json!({"name": "GitHub", "template": "github"}),
+            json!({"name": "Notion", "template": "notion"}),
         )
         .await;
         assert_eq!(
             (status, server["template"].as_str()),
-            (201, Some("github")),
+            (201, Some("notion")),
             "{server}"
         );
         assert_eq!(server["url"], setup.fixture_url);
         for (body, status, code) in [
             (
-                json!({"name": "Other", "template": "github", "url": "https://elsewhere.test/mcp"}),
+                json!({"name": "Other", "template": "notion", "url": "https://elsewhere.test/mcp"}),
                 422,
                 "template_url_fixed",
             ),
@@ -233,7 +233,7 @@ async fn templates_fix_the_url_and_refusals_carry_their_codes() {
                 "url_missing",
             ),
             (
-                json!({"name": "GITHUB", "template": "github"}),
+                json!({"name": "NOTION", "template": "notion"}),
                 409,
                 "server_name_taken",
             ),
@@ -332,4 +332,103 @@ async fn servers_whose_oauth_breaks_the_rules_are_refused() {
         );
         assert!(history(&setup).await.is_empty());
     }
+}
+
+/// Each catalog provider's template against a fixture reproducing its profile, and the same
+/// fixture added as a Custom MCP Server, which stays strict where the provider departs from
+/// the specification.
+#[tokio::test]
+async fn each_provider_template_works_against_its_profile_and_custom_stays_strict() {
+    let cases: [(&str, OAuthFixture, Value, &str, Option<&str>); 5] = [
+        (
+            "atlassian",
+            OAuthFixture::atlassian(),
+            json!({}),
+            "dynamic_registration",
+            Some("issuer_mismatch"),
+        ),
+        (
+            "github",
+            OAuthFixture::github(),
+            json!({"client_id": "gh-app"}),
+            "preconfigured",
+            None,
+        ),
+        (
+            "notion",
+            OAuthFixture::notion(),
+            json!({}),
+            "dynamic_registration",
+            None,
+        ),
+        (
+            "pagerduty",
+            OAuthFixture::pagerduty(),
+            json!({"client_id": "pd-app", "client_secret": "pd-secret"}),
+            "preconfigured",
+            None,
+        ),
+        (
+            "slack",
+            OAuthFixture::slack(),
+            json!({"client_id": "slack-app"}),
+            "preconfigured",
+            Some("oauth_discovery_refused"),
+        ),
+    ];
+    for (template, fixture, client, mode, custom_refusal) in cases {
+        let setup = app_with_fixture_for(Store::Jsonl, fixture, template).await;
+        let mut body = json!({"name": template, "template": template});
+        let mut custom = json!({"name": format!("{template} custom"), "url": setup.fixture_url});
+        for (key, value) in client.as_object().expect("object") {
+            body[key] = value.clone();
+            custom[key] = value.clone();
+        }
+        let (status, server) = post(&setup, "/api/v1/servers", body).await;
+        assert_eq!(
+            (status, server["registration_mode"].as_str()),
+            (201, Some(mode)),
+            "{template}: {server}"
+        );
+        assert_eq!(server["template"], template);
+        let (status, answer) = post(&setup, "/api/v1/servers", custom).await;
+        match custom_refusal {
+            Some(code) => assert_eq!(
+                (status, answer["error"]["code"].as_str()),
+                (422, Some(code)),
+                "{template} as custom: {answer}"
+            ),
+            None => assert_eq!(status, 201, "{template} as custom: {answer}"),
+        }
+    }
+    // GitHub without a client: its template knows there is no dynamic registration.
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::github(), "github").await;
+    let (status, answer) = post(
+        &setup,
+        "/api/v1/servers",
+        json!({"name": "GitHub", "template": "github"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (422, Some("manual_credentials_required")),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn the_atlassian_template_binds_the_client_to_the_issuer_the_server_names() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::atlassian(), "atlassian").await;
+    let (status, server) = post(
+        &setup,
+        "/api/v1/servers",
+        json!({"name": "Jira", "template": "atlassian"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{server}");
+    let events = history(&setup).await;
+    assert_eq!(
+        events[1].1["serverClientRegistered"]["authorizationServer"]["issuer"],
+        "https://auth.fixture.test"
+    );
 }

@@ -236,11 +236,25 @@ pub struct WithFixture {
 }
 
 pub async fn app_with_fixture(store: Store, fixture: testkit::OAuthFixture) -> WithFixture {
+    app_with_fixture_for(store, fixture, "notion").await
+}
+
+/// Like [`app_with_fixture`], with the catalog's `template` pointed at the fixture.
+pub async fn app_with_fixture_for(
+    store: Store,
+    fixture: testkit::OAuthFixture,
+    template: &str,
+) -> WithFixture {
     let ca = testkit::TestCa::new();
-    let server = testkit::serve_https(fixture.router(), &ca.issue(&["fixture.test"])).await;
+    let server = testkit::serve_https(
+        fixture.router(),
+        &ca.issue(&["fixture.test", "alt.fixture.test"]),
+    )
+    .await;
     let fixture_url = format!("{}/mcp", server.https_url("fixture.test"));
     let resolver = mcp::StaticResolver::new()
         .with("fixture.test", &["127.0.0.1".parse().expect("address")])
+        .with("alt.fixture.test", &["127.0.0.1".parse().expect("address")])
         .with("private.test", &["10.11.12.13".parse().expect("address")]);
     let outbound = mcp::OutboundClient::new(
         mcp::OutboundPolicy {
@@ -256,7 +270,7 @@ pub async fn app_with_fixture(store: Store, fixture: testkit::OAuthFixture) -> W
     let app = TestApp::start_with_options(
         store,
         Options {
-            catalog: catalog::Catalog::with_urls([("github", fixture_url.clone())]),
+            catalog: catalog::Catalog::with_urls([(template, fixture_url.clone())]),
             outbound: Some(outbound),
             ..Options::default()
         },
