@@ -38,7 +38,17 @@ pub struct AddServerInput {
     pub client_secret: Option<String>,
 }
 
-/// Why a server was not added (or discovered). Each has a stable code.
+/// What an admin changes of a server: its name, its description, and (for a pre-registered
+/// client only) its client id and secret. The URL never changes.
+#[derive(Debug, Clone, Default)]
+pub struct EditServerInput {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+}
+
+/// Why a server was not added, discovered or changed. Each has a stable code.
 #[derive(Debug, thiserror::Error)]
 pub enum AddServerError {
     #[error(transparent)]
@@ -281,6 +291,126 @@ impl ServerCommands {
         Ok((id, written))
     }
 
+    /// Edits a server: name and description, and the credentials of a pre-registered client,
+    /// decided together and appended atomically. A new secret goes to a fresh vault entry, so
+    /// that the recorded `ServerClientRegistered` names it (the replacement is in the audit
+    /// log, the secret is not); the old entry is removed once the change is stored.
+    pub async fn edit_server(
+        &self,
+        context: &CommandContext,
+        id: ServerId,
+        input: EditServerInput,
+    ) -> Result<Written, AddServerError> {
+        let name = input.name.as_deref().map(ServerName::parse).transpose()?;
+        let description = input
+            .description
+            .as_deref()
+            .map(ServerDescription::parse)
+            .transpose()?;
+        let client_id = input
+            .client_id
+            .as_deref()
+            .map(ClientId::parse)
+            .transpose()?;
+        let credentials = client_id.is_some() || input.client_secret.is_some();
+        let new_secret = match input.client_secret {
+            Some(secret) => {
+                let name = format!("server/{id}/client_secret/{}", uuid::Uuid::now_v7());
+                Some(self.store_secret(name, secret).await?)
+            }
+            None => None,
+        };
+        let policy = self.url_policy();
+        let directory = &self.read_models.servers;
+        let mut replaced_secret: Option<String> = None;
+        let result = execute::<ServerState, _>(
+            self.log.as_ref(),
+            &self.envelopes,
+            &subject_of(id)?,
+            context,
+            |state| {
+                let mut oauth = None;
+                let mut registration = None;
+                if credentials && state.lifecycle() == domain::server::ServerLifecycle::Active {
+                    let current = state
+                        .client_registration()
+                        .filter(|c| {
+                            RegistrationMode::from_proto(c.registration_mode).ok()
+                                == Some(RegistrationMode::Preconfigured)
+                        })
+                        .ok_or(DomainError::ClientCredentialsNotEditable)?;
+                    let client_id = match &client_id {
+                        Some(id) => id.clone(),
+                        None => ClientId::parse(&current.client_id)?,
+                    };
+                    let scopes = state.oauth().map(|o| o.scopes.clone()).unwrap_or_default();
+                    oauth = Some(OAuthSettings::new(
+                        &scopes,
+                        RegistrationMode::Preconfigured,
+                        Some(client_id.as_str()),
+                    )?);
+                    let kept_secret = Some(current.client_secret_ref.as_str())
+                        .filter(|r| !r.is_empty())
+                        .map(SecretRef::parse)
+                        .transpose()?;
+                    if new_secret.is_some() {
+                        replaced_secret = kept_secret.as_ref().map(|r| r.as_str().to_owned());
+                    }
+                    let metadata = current
+                        .authorization_server
+                        .as_ref()
+                        .ok_or(DomainError::ClientCredentialsNotEditable)?;
+                    registration = Some(ClientRegistration {
+                        registration_mode: RegistrationMode::Preconfigured,
+                        client_id,
+                        client_secret_ref: new_secret.clone().or(kept_secret),
+                        client_secret_expires_at: None,
+                        authorization_server: AuthorizationServer::from_proto(metadata, policy)?,
+                        resource: current.resource.clone(),
+                    });
+                }
+                directory.read(|directory| {
+                    let update = domain::server::UpdateServer {
+                        name: name.clone(),
+                        description: description.clone(),
+                        oauth: oauth.clone(),
+                    };
+                    let mut events =
+                        decide(state, id, ServerCommand::UpdateServer(update), directory)?;
+                    if let Some(registration) = &registration {
+                        let updated = events.iter().fold(state.clone(), |s, e| s.evolve(e));
+                        events.extend(decide(
+                            &updated,
+                            id,
+                            ServerCommand::RecordClientRegistration(Box::new(registration.clone())),
+                            directory,
+                        )?);
+                    }
+                    Ok(events)
+                })
+            },
+        )
+        .await;
+        // The entry no longer (or never) referenced by an event goes.
+        let unreferenced = match &result {
+            Ok(_) => replaced_secret,
+            Err(_) => new_secret.map(|r| r.as_str().to_owned()),
+        };
+        if let Some(name) = unreferenced {
+            self.forget_secret(&name).await;
+        }
+        Ok(result?)
+    }
+
+    async fn forget_secret(&self, name: &str) {
+        let Ok(vault_name) = vault::SecretName::parse(name.to_owned()) else {
+            return;
+        };
+        if let Err(error) = self.vault.delete(&vault_name).await {
+            tracing::warn!(entry = name, %error, "an unreferenced client secret stays in the vault");
+        }
+    }
+
     /// The client secret goes to the vault; events carry only its vault name. The name is
     /// built from the server id, so it always fits the vault's 255 bytes.
     async fn store_client_secret(
@@ -288,7 +418,15 @@ impl ServerCommands {
         id: ServerId,
         secret: String,
     ) -> Result<SecretRef, AddServerError> {
-        let name = format!("server/{id}/client_secret");
+        self.store_secret(format!("server/{id}/client_secret"), secret)
+            .await
+    }
+
+    async fn store_secret(
+        &self,
+        name: String,
+        secret: String,
+    ) -> Result<SecretRef, AddServerError> {
         let vault_name = vault::SecretName::parse(name.clone()).map_err(AddServerError::Vault)?;
         self.vault
             .put(&vault_name, &vault::Secret::from(secret))

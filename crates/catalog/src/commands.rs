@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use domain::{
     ServerId,
-    server::{ServerCommand, ServerState, UpdateServer, decide},
+    server::{ServerCommand, ServerState, decide},
 };
 use eventlog::{EventLog, Subject};
 use service_kit::{CommandContext, CommandError, EnvelopeBuilder, ReadModels, Written, execute};
@@ -75,17 +75,6 @@ impl ServerCommands {
             |state| directory.read(|directory| decide(state, id, command.clone(), directory)),
         )
         .await
-    }
-
-    /// Changes the name and/or the description (the URL never changes).
-    pub async fn update_server(
-        &self,
-        context: &CommandContext,
-        id: ServerId,
-        update: UpdateServer,
-    ) -> Result<Written, CommandError> {
-        self.run(context, id, ServerCommand::UpdateServer(update))
-            .await
     }
 
     pub async fn enable_server(

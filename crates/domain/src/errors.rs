@@ -122,6 +122,10 @@ pub enum DomainError {
 
     // ---- server ----------------------------------------------------------------------------
     #[error(
+        "only the credentials of a pre-registered client can be edited; this server's client was registered automatically"
+    )]
+    ClientCredentialsNotEditable,
+    #[error(
         "a server's URL never changes after it is added (its connections, tokens and tool settings belong to that URL); add a new server for the other URL"
     )]
     ServerUrlImmutable,
@@ -218,6 +222,7 @@ impl DomainError {
             DomainError::SecretRefInvalid => "secret_ref_invalid",
             DomainError::TokenFingerprintInvalid => "token_fingerprint_invalid",
             DomainError::ServerUrlImmutable => "server_url_immutable",
+            DomainError::ClientCredentialsNotEditable => "client_credentials_not_editable",
             DomainError::ServerNotFound => "server_not_found",
             DomainError::ServerDeleted => "server_deleted",
             DomainError::ServerAlreadyExists => "server_already_exists",

@@ -7,10 +7,7 @@ use axum::{
     http::{Method, StatusCode},
 };
 use chrono::{DateTime, SecondsFormat, Utc};
-use domain::{
-    DomainError, ServerDescription, ServerId, ServerName, projections::ServerSummary,
-    server::UpdateServer,
-};
+use domain::{DomainError, ServerId, projections::ServerSummary};
 use serde::{Deserialize, Serialize};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -299,12 +296,16 @@ pub struct EditServer {
     /// 1–24 letters, digits, spaces, `_` and `-`; unique after slugging.
     pub name: Option<String>,
     pub description: Option<String>,
+    /// A pre-registered client's new client id (other registrations cannot be edited).
+    pub client_id: Option<String>,
+    /// A pre-registered client's new secret; stored in the vault, never in an event.
+    pub client_secret: Option<String>,
     /// Refused: a server's URL never changes.
     #[schema(value_type = Option<String>)]
     pub url: Option<serde_json::Value>,
 }
 
-/// Renames a server or changes its description.
+/// Renames a server, changes its description, or replaces a pre-registered client's credentials.
 #[utoipa::path(patch, path = "/api/v1/servers/{id}", tag = "servers", security(("bearer" = [])),
     params(("id" = String, Path, description = "The server's id")),
     request_body = EditServer,
@@ -324,18 +325,15 @@ async fn edit_server(
     if edit.url.is_some() {
         return Err(DomainError::ServerUrlImmutable.into());
     }
-    let update = UpdateServer {
-        name: edit.name.as_deref().map(ServerName::parse).transpose()?,
-        description: edit
-            .description
-            .as_deref()
-            .map(ServerDescription::parse)
-            .transpose()?,
-        oauth: None,
+    let input = catalog::EditServerInput {
+        name: edit.name,
+        description: edit.description,
+        client_id: edit.client_id,
+        client_secret: edit.client_secret,
     };
     let written = state
         .servers
-        .update_server(&state.command_context(&caller), id, update)
+        .edit_server(&state.command_context(&caller), id, input)
         .await?;
     state.settle(&written).await;
     Ok(axum::Json(view(&state, id)?))

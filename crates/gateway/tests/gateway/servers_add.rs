@@ -432,3 +432,129 @@ async fn the_atlassian_template_binds_the_client_to_the_issuer_the_server_names(
         "https://auth.fixture.test"
     );
 }
+
+async fn patch(setup: &WithFixture, id: &str, body: Value) -> (u16, Value) {
+    let admin = setup.app.token("ada@example.com", &["admin"]);
+    let response = setup
+        .app
+        .client
+        .patch(format!("{}/api/v1/servers/{id}", setup.app.url))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON"))
+}
+
+async fn vault_entries(setup: &WithFixture) -> Vec<String> {
+    let mut names: Vec<String> = setup
+        .app
+        .vault
+        .names()
+        .await
+        .expect("names")
+        .iter()
+        .map(|n| n.as_str().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_pre_registered_clients_credentials_are_replaced_and_only_theirs() {
+    let setup = app_with_fixture(Store::Jsonl, OAuthFixture::default()).await;
+    let (_, server) = post(
+        &setup,
+        "/api/v1/servers",
+        json!({"name": "Pre", "url": setup.fixture_url, "client_id": "first-id", "client_secret": "first-secret"}),
+    )
+    .await;
+    let id = server["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        vault_entries(&setup).await,
+        [format!("server/{id}/client_secret")]
+    );
+
+    let (status, answer) = patch(
+        &setup,
+        &id,
+        json!({"client_id": "second-id", "client_secret": "second-secret"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let events = history(&setup).await;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "ServerAdded",
+            "ServerClientRegistered",
+            "ServerUpdated",
+            "ServerClientRegistered"
+        ]
+    );
+    let registered = &events[3].1["serverClientRegistered"];
+    assert_eq!(registered["clientId"], "second-id");
+    let secret_ref = registered["clientSecretRef"]
+        .as_str()
+        .expect("ref")
+        .to_owned();
+    assert!(
+        secret_ref.starts_with(&format!("server/{id}/client_secret/")),
+        "{secret_ref}"
+    );
+    assert_eq!(
+        events[2].1["serverUpdated"]["oauth"]["clientId"],
+        "second-id"
+    );
+    // The new secret is in the vault under the recorded name; the old entry is gone.
+    assert_eq!(
+        vault_entries(&setup).await,
+        std::slice::from_ref(&secret_ref)
+    );
+    let name = vault::SecretName::parse(secret_ref).expect("name");
+    let (secret, _) = setup
+        .app
+        .vault
+        .get(&name)
+        .await
+        .expect("vault")
+        .expect("stored");
+    assert_eq!(secret.expose_str(), Some("second-secret"));
+    let everything = format!("{events:?}{answer}");
+    assert!(!everything.contains("second-secret") && !everything.contains("first-secret"));
+
+    // A dynamically registered client's credentials are not the admin's to edit; nothing
+    // is written and no secret is left behind.
+    let (_, dynamic) = post(
+        &setup,
+        "/api/v1/servers",
+        json!({"name": "Dyn", "url": setup.fixture_url}),
+    )
+    .await;
+    let dynamic_id = dynamic["id"].as_str().expect("id").to_owned();
+    let entries = vault_entries(&setup).await;
+    let end = setup
+        .app
+        .log
+        .last_sequence(eventlog::LogKind::Config)
+        .await
+        .expect("end");
+    let (status, refused) = patch(&setup, &dynamic_id, json!({"client_secret": "nope"})).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (422, Some("client_credentials_not_editable"))
+    );
+    assert_eq!(vault_entries(&setup).await, entries);
+    assert_eq!(
+        setup
+            .app
+            .log
+            .last_sequence(eventlog::LogKind::Config)
+            .await
+            .expect("end"),
+        end
+    );
+}
