@@ -197,25 +197,22 @@ impl From<catalog::AddServerError> for ApiError {
     fn from(error: catalog::AddServerError) -> Self {
         use catalog::AddServerError as E;
         use mcp::{DiscoveryError as D, OutboundError as O};
-        let code = error.code();
-        let status = match &error {
-            E::Domain(domain) => return domain.clone().into(),
-            E::Command(_) => {
-                if let E::Command(command) = error {
-                    return command.into();
-                }
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+        let error = match error {
+            E::Domain(domain) => return domain.into(),
+            E::Command(command) => return command.into(),
             E::Vault(cause) => return ApiError::internal(format!("vault: {cause}")),
+            other => other,
+        };
+        let status = match &error {
+            // The server or its provider did not answer (or failed): not the caller's fault.
             E::Discovery(D::Outbound(
-                O::AddressRefused { .. } | O::NotHttps { .. } | O::NoHost,
-            )) => StatusCode::UNPROCESSABLE_ENTITY,
-            E::Discovery(
-                D::Outbound(_) | D::AuthorizationServersUnavailable | D::Failed { .. },
-            )
+                O::Resolve { .. } | O::Timeout { .. } | O::Connect { .. } | O::Client(_),
+            ))
+            | E::Discovery(D::AuthorizationServersUnavailable | D::Failed { .. })
             | E::RegistrationFailed { .. } => StatusCode::BAD_GATEWAY,
+            // Everything else is a rule the server or the request breaks.
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
-        ApiError::new(status, code, error.to_string())
+        ApiError::new(status, error.code(), error.to_string())
     }
 }
