@@ -1,7 +1,8 @@
 //! `switchboard up` from start to ready (`/readyz` answers 200) with 100,000 events in the
-//! log: from a checkpoint and from none, against an empty log in the same run.
+//! log: from a checkpoint and from none, against an empty log in the same run; on the embedded
+//! default and on JetStream (a nats-server started by the testkit).
 //!
-//! `cargo bench -p switchboard --bench startup`
+//! `cargo bench -p switchboard --bench startup` (JetStream needs `scripts/install-nats-server.sh`)
 use std::{
     io::BufRead,
     path::Path,
@@ -36,12 +37,7 @@ fn envelope(event: Event) -> Envelope {
 
 /// 1,000 servers added, 9,000 server edits and 90,000 tool permission changes: the shape of a
 /// configuration log where users mostly change tool settings.
-async fn write_events(dir: &Path) {
-    let log: Arc<dyn EventLog> = Arc::new(
-        JsonlLog::open(&dir.join("events"), JsonlOptions::default())
-            .await
-            .expect("open log"),
-    );
+async fn write_events(log: Arc<dyn EventLog>) {
     let servers: Vec<String> = (0..SERVERS)
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();
@@ -111,12 +107,22 @@ async fn write_events(dir: &Path) {
     );
 }
 
+/// Where `up` keeps its state in one measurement.
+struct Target<'a> {
+    dir: &'a Path,
+    /// `(url, prefix)` on JetStream.
+    nats: Option<(String, String)>,
+}
+
 /// Starts `up`, waits for `/readyz` to answer 200; returns the process and the time it took.
-fn start_until_ready(dir: &Path) -> (Child, Duration) {
+fn start_until_ready(target: &Target<'_>) -> (Child, Duration) {
     let begun = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("--data-dir")
-        .arg(dir)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    command.arg("--data-dir").arg(target.dir);
+    if let Some((url, prefix)) = &target.nats {
+        command.args(["--nats", url, "--nats-prefix", prefix]);
+    }
+    let mut child = command
         .arg("up")
         .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
         .env("SWITCHBOARD_LOG_FORMAT", "text")
@@ -166,41 +172,27 @@ fn median(mut times: Vec<Duration>) -> Duration {
     times[times.len() / 2]
 }
 
-fn main() {
-    let empty = tempfile::tempdir().expect("temp dir");
-    let full = tempfile::tempdir().expect("temp dir");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let begun = Instant::now();
-    runtime.block_on(write_events(full.path()));
-    println!(
-        "wrote {EVENTS} events in {:.2} s",
-        begun.elapsed().as_secs_f64()
-    );
-    let bytes = std::fs::metadata(full.path().join("events/config.jsonl")).map_or(0, |m| m.len());
-    println!("config log: {:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+fn measure(name: &str, empty: Target<'_>, full: Target<'_>, forget_checkpoint: &dyn Fn()) {
     // First starts create the key file and JWT secret; not measured.
-    for dir in [empty.path(), full.path()] {
-        stop(start_until_ready(dir).0);
+    for target in [&empty, &full] {
+        stop(start_until_ready(target).0);
     }
     let (mut baseline, mut from_none, mut from_checkpoint) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let (child, took) = start_until_ready(empty.path());
+        let (child, took) = start_until_ready(&empty);
         baseline.push(took);
         stop(child);
-        std::fs::remove_dir_all(full.path().join("checkpoints")).expect("remove checkpoints");
-        let (child, took) = start_until_ready(full.path());
+        forget_checkpoint();
+        let (child, took) = start_until_ready(&full);
         from_none.push(took);
         stop(child);
-        let (child, took) = start_until_ready(full.path());
+        let (child, took) = start_until_ready(&full);
         from_checkpoint.push(took);
         stop(child);
     }
     let (baseline, from_none, from_checkpoint) =
         (median(baseline), median(from_none), median(from_checkpoint));
-    println!("start to ready, median of {ROUNDS}:");
+    println!("{name}: start to ready, median of {ROUNDS}:");
     println!(
         "  empty log                      {:>8.1} ms",
         baseline.as_secs_f64() * 1e3
@@ -214,5 +206,93 @@ fn main() {
         "  {EVENTS} events, checkpoint    {:>8.1} ms  ({:.1}x empty)",
         from_checkpoint.as_secs_f64() * 1e3,
         from_checkpoint.as_secs_f64() / baseline.as_secs_f64()
+    );
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    // Embedded default.
+    let empty = tempfile::tempdir().expect("temp dir");
+    let full = tempfile::tempdir().expect("temp dir");
+    let begun = Instant::now();
+    runtime.block_on(async {
+        let log: Arc<dyn EventLog> = Arc::new(
+            JsonlLog::open(&full.path().join("events"), JsonlOptions::default())
+                .await
+                .expect("open log"),
+        );
+        write_events(log).await;
+    });
+    println!(
+        "wrote {EVENTS} events in {:.2} s",
+        begun.elapsed().as_secs_f64()
+    );
+    let bytes = std::fs::metadata(full.path().join("events/config.jsonl")).map_or(0, |m| m.len());
+    println!("config log: {:.1} MiB", bytes as f64 / (1024.0 * 1024.0));
+    let checkpoints = full.path().join("checkpoints");
+    measure(
+        "embedded default",
+        Target {
+            dir: empty.path(),
+            nats: None,
+        },
+        Target {
+            dir: full.path(),
+            nats: None,
+        },
+        &|| {
+            let _ = std::fs::remove_dir_all(&checkpoints);
+        },
+    );
+
+    // JetStream.
+    let nats = testkit::NatsServer::start();
+    let (empty_prefix, full_prefix) = ("benchempty".to_owned(), "benchfull".to_owned());
+    let client = runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let config = eventlog::jetstream::JetStreamConfig {
+            prefix: full_prefix.clone(),
+            ..Default::default()
+        };
+        let log: Arc<dyn EventLog> = Arc::new(
+            eventlog::jetstream::JetStreamLog::connect(client.clone(), config)
+                .await
+                .expect("log"),
+        );
+        let begun = Instant::now();
+        write_events(log).await;
+        println!(
+            "wrote {EVENTS} events to JetStream in {:.2} s",
+            begun.elapsed().as_secs_f64()
+        );
+        client
+    });
+    let bucket = format!("{}_checkpoints", full_prefix.to_uppercase());
+    let (empty_dir, full_dir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    measure(
+        "JetStream",
+        Target {
+            dir: empty_dir.path(),
+            nats: Some((nats.url(), empty_prefix)),
+        },
+        Target {
+            dir: full_dir.path(),
+            nats: Some((nats.url(), full_prefix)),
+        },
+        &|| {
+            runtime.block_on(async {
+                let js = async_nats::jetstream::new(client.clone());
+                if let Ok(store) = js.get_key_value(&bucket).await {
+                    let _ = store.purge("server_directory_v2").await;
+                }
+            });
+        },
     );
 }
