@@ -170,7 +170,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             store.data_dir.display()
         );
     }
-    tracing::info!(listen = %local, url = %public_url, "listening on {public_url}");
+    tracing::info!(listen = %local, public_url = %public_url, "listening on {scheme}://{local}");
 
     signals.wait(&store, &vault).await?;
 
