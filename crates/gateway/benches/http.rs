@@ -80,7 +80,7 @@ async fn serve(app: Router) -> (String, CancellationToken) {
         app,
         None,
         shutdown.clone(),
-        Duration::from_secs(1),
+        gateway::server::ServeLimits::default(),
     ));
     (url, shutdown)
 }

@@ -3,7 +3,11 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use axum::Router;
-use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown, service::TowerToHyperService};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::net::TcpListener;
 use tokio_rustls::{TlsAcceptor, rustls};
@@ -52,15 +56,35 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Se
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bounds the server keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// How long in-flight requests get to finish at shutdown.
+    pub grace: Duration,
+    /// How long a client may take to send a request's head: a client that trickles its
+    /// headers (slowloris) cannot hold a connection open for ever.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` is cancelled; then stops accepting, asks every
-/// connection to finish after its current request, and waits up to `grace` for them.
+/// connection to finish after its current request, and waits up to `limits.grace` for them.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
-    grace: Duration,
+    limits: ServeLimits,
 ) {
+    let grace = limits.grace;
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, _peer) = tokio::select! {
@@ -81,7 +105,10 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let builder = hyper::server::conn::http1::Builder::new();
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
             match tls {
                 None => {
                     let connection = builder.serve_connection(TokioIo::new(stream), service);

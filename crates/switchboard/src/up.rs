@@ -137,7 +137,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         gateway::app(state),
         tls,
         shutdown.clone(),
-        settings.shutdown_grace(),
+        gateway::server::ServeLimits {
+            grace: settings.shutdown_grace(),
+            ..gateway::server::ServeLimits::default()
+        },
     ));
 
     match store.nats_display() {

@@ -203,3 +203,37 @@ async fn metrics_count_requests_by_route_and_status_and_events_by_type() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_trickles_its_request_head_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start_with_options(
+        Store::Jsonl,
+        crate::support::Options {
+            limits: gateway::server::ServeLimits {
+                header_read_timeout: std::time::Duration::from_millis(300),
+                ..gateway::server::ServeLimits::default()
+            },
+            ..crate::support::Options::default()
+        },
+    )
+    .await;
+    let address = app.url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("partial head");
+    // The head never ends: the server must close the connection on its own.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(read.is_ok(), "the server kept a trickling connection open");
+    // A well-behaved request on a new connection is answered as usual.
+    assert_eq!(app.get("/healthz", None).await.status(), 200);
+}

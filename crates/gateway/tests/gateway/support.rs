@@ -23,6 +23,7 @@ pub const SECRET: &[u8] = b"test-secret-test-secret-test-secret";
 #[derive(Default)]
 pub struct Options {
     pub settings: GatewaySettings,
+    pub limits: gateway::server::ServeLimits,
     pub catalog: catalog::Catalog,
     /// Default: no resolvable names and the loopback-only safety net on.
     pub outbound: Option<mcp::OutboundClient>,
@@ -150,7 +151,7 @@ impl TestApp {
             gateway::app(state),
             None,
             shutdown.clone(),
-            Duration::from_secs(5),
+            options.limits,
         ));
         TestApp {
             url,
