@@ -202,3 +202,41 @@ async fn streams_end_when_the_server_shuts_down() {
         server.await.expect("server stopped");
     }
 }
+
+#[tokio::test]
+async fn an_idle_stream_sends_keep_alive_comments() {
+    use futures_util::StreamExt;
+    let app = TestApp::start_with(
+        Store::Jsonl,
+        gateway::GatewaySettings {
+            stream_keep_alive: std::time::Duration::from_millis(100),
+            ..gateway::GatewaySettings::default()
+        },
+    )
+    .await;
+    let admin = app.token("admin@example.com", &["admin"]);
+    let response = app
+        .client
+        .get(format!("{}/api/v1/stream", app.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("subscribe");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"].to_str().expect("ASCII"),
+        "text/event-stream"
+    );
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    // Nothing is appended: what arrives can only be keep-alive comments.
+    while !seen.lines().any(|line| line.starts_with(':')) {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), body.next())
+            .await
+            .expect("a keep-alive within 10 s")
+            .expect("the stream is open")
+            .expect("bytes");
+        seen.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+    }
+    assert!(!seen.contains("data:"), "{seen}");
+}
