@@ -625,6 +625,122 @@ mod tests {
         assert!(tokens.0.read().expect("lock").len() <= VERIFIED_TOKENS_MAX);
     }
 
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn jwks_authenticator(jwks: &str) -> Authenticator {
+        Authenticator::new(AuthSettings {
+            keys: VerificationKeys::from_jwks(jwks).expect("JWKS"),
+            issuer: Some("https://login.example.com/".into()),
+            audience: Some("switchboard".into()),
+            roles_claim: "groups".into(),
+            leeway: Duration::from_secs(5),
+            roles: RoleTable::defaults(),
+        })
+    }
+
+    fn claims(issuer: &str, audience: &str) -> serde_json::Value {
+        let now = unix_now();
+        serde_json::json!({
+            "sub": "alice@example.com", "groups": ["analyst"], "iss": issuer, "aud": audience,
+            "iat": now, "nbf": now, "exp": now + 600,
+        })
+    }
+
+    #[test]
+    fn tokens_signed_with_es256_and_eddsa_keys_from_a_jwks_verify() {
+        use ring::signature::{
+            ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair,
+        };
+        let random = ring::rand::SystemRandom::new();
+        let ec_pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &random)
+            .expect("EC key");
+        let ec =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, ec_pkcs8.as_ref(), &random)
+                .expect("EC key");
+        let point = ec.public_key().as_ref(); // 0x04 || x || y
+        let ed_pkcs8 = Ed25519KeyPair::generate_pkcs8(&random).expect("Ed25519 key");
+        let ed = Ed25519KeyPair::from_pkcs8(ed_pkcs8.as_ref()).expect("Ed25519 key");
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "use": "sig",
+             "x": b64(&point[1..33]), "y": b64(&point[33..65])},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "ed-1", "x": b64(ed.public_key().as_ref())},
+        ]})
+        .to_string();
+        let auth = jwks_authenticator(&jwks);
+        let sign = |alg: Algorithm, kid: &str, key: &EncodingKey, claims: &serde_json::Value| {
+            let mut header = Header::new(alg);
+            header.kid = Some(kid.to_owned());
+            jsonwebtoken::encode(&header, claims, key).expect("sign")
+        };
+        let ec_key = EncodingKey::from_ec_der(ec_pkcs8.as_ref());
+        let ed_key = EncodingKey::from_ed_der(ed_pkcs8.as_ref());
+        let good = claims("https://login.example.com/", "switchboard");
+        for token in [
+            sign(Algorithm::ES256, "ec-1", &ec_key, &good),
+            sign(Algorithm::EdDSA, "ed-1", &ed_key, &good),
+        ] {
+            let caller = auth
+                .authenticate(Some(&format!("Bearer {token}")))
+                .expect("verifies");
+            assert_eq!(caller.user.as_str(), "alice@example.com");
+            assert!(
+                caller.may(Permission::ViewAndConnect),
+                "roles from the configured claim"
+            );
+        }
+        // Another issuer, another audience, a key the JWKS does not have, HS256 with the
+        // public key's bytes: all refused.
+        let other_issuer = sign(
+            Algorithm::ES256,
+            "ec-1",
+            &ec_key,
+            &claims("https://evil.example.com/", "switchboard"),
+        );
+        let other_audience = sign(
+            Algorithm::ES256,
+            "ec-1",
+            &ec_key,
+            &claims("https://login.example.com/", "other"),
+        );
+        let stranger_pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &random).expect("key");
+        let stranger = sign(
+            Algorithm::ES256,
+            "ec-1",
+            &EncodingKey::from_ec_der(stranger_pkcs8.as_ref()),
+            &good,
+        );
+        let confused = sign(
+            Algorithm::HS256,
+            "ec-1",
+            &EncodingKey::from_secret(point),
+            &good,
+        );
+        for (token, why) in [
+            (other_issuer, "issuer"),
+            (other_audience, "audience"),
+            (stranger, "signature"),
+            (confused, "algorithm"),
+        ] {
+            let error = auth
+                .authenticate(Some(&format!("Bearer {token}")))
+                .expect_err(why);
+            assert_eq!(error.status, axum::http::StatusCode::UNAUTHORIZED, "{why}");
+        }
+    }
+
+    #[test]
+    fn a_jwks_without_usable_keys_is_refused_at_start() {
+        assert!(VerificationKeys::from_jwks("{\"keys\": []}").is_err());
+        assert!(VerificationKeys::from_jwks("not json").is_err());
+        assert!(
+            VerificationKeys::from_jwks(r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err()
+        );
+    }
+
     #[test]
     fn unknown_permission_names_in_custom_roles_are_refused() {
         let names = vec!["view_everything".to_owned()];
