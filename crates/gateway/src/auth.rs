@@ -733,6 +733,38 @@ mod tests {
     }
 
     #[test]
+    fn tokens_signed_with_an_rs256_key_from_a_jwks_verify() {
+        let modulus = include_str!("../testdata/rsa-test-key.n").trim();
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "n": modulus, "e": "AQAB"},
+        ]})
+        .to_string();
+        let auth = jwks_authenticator(&jwks);
+        let key = EncodingKey::from_rsa_der(include_bytes!("../testdata/rsa-test-key.der"));
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("rsa-1".into());
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims("https://login.example.com/", "switchboard"),
+            &key,
+        )
+        .expect("sign");
+        let caller = auth
+            .authenticate(Some(&format!("Bearer {token}")))
+            .expect("verifies");
+        assert_eq!(caller.user.as_str(), "alice@example.com");
+        // One character changed inside the signature (not its last, which carries padding bits).
+        let mut tampered: Vec<char> = token.chars().collect();
+        let at = tampered.len() - 10;
+        tampered[at] = if tampered[at] == 'A' { 'B' } else { 'A' };
+        let tampered: String = tampered.into_iter().collect();
+        assert!(
+            auth.authenticate(Some(&format!("Bearer {tampered}")))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn a_jwks_without_usable_keys_is_refused_at_start() {
         assert!(VerificationKeys::from_jwks("{\"keys\": []}").is_err());
         assert!(VerificationKeys::from_jwks("not json").is_err());
