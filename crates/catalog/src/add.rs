@@ -320,7 +320,6 @@ impl ServerCommands {
             }
             None => None,
         };
-        let policy = self.url_policy();
         let directory = &self.read_models.servers;
         let mut replaced_secret: Option<String> = None;
         let result = execute::<ServerState, _>(
@@ -329,62 +328,26 @@ impl ServerCommands {
             &subject_of(id)?,
             context,
             |state| {
-                let mut oauth = None;
-                let mut registration = None;
-                if credentials && state.lifecycle() == domain::server::ServerLifecycle::Active {
-                    let current = state
-                        .client_registration()
-                        .filter(|c| {
-                            RegistrationMode::from_proto(c.registration_mode).ok()
-                                == Some(RegistrationMode::Preconfigured)
-                        })
-                        .ok_or(DomainError::ClientCredentialsNotEditable)?;
-                    let client_id = match &client_id {
-                        Some(id) => id.clone(),
-                        None => ClientId::parse(&current.client_id)?,
-                    };
-                    let scopes = state.oauth().map(|o| o.scopes.clone()).unwrap_or_default();
-                    oauth = Some(OAuthSettings::new(
-                        &scopes,
-                        RegistrationMode::Preconfigured,
-                        Some(client_id.as_str()),
-                    )?);
-                    let kept_secret = Some(current.client_secret_ref.as_str())
-                        .filter(|r| !r.is_empty())
-                        .map(SecretRef::parse)
-                        .transpose()?;
-                    if new_secret.is_some() {
-                        replaced_secret = kept_secret.as_ref().map(|r| r.as_str().to_owned());
-                    }
-                    let metadata = current
-                        .authorization_server
-                        .as_ref()
-                        .ok_or(DomainError::ClientCredentialsNotEditable)?;
-                    registration = Some(ClientRegistration {
-                        registration_mode: RegistrationMode::Preconfigured,
-                        client_id,
-                        client_secret_ref: new_secret.clone().or(kept_secret),
-                        client_secret_expires_at: None,
-                        authorization_server: AuthorizationServer::from_proto(metadata, policy)?,
-                        resource: current.resource.clone(),
-                    });
-                }
                 directory.read(|directory| {
-                    let update = domain::server::UpdateServer {
+                    let update = ServerCommand::UpdateServer(domain::server::UpdateServer {
                         name: name.clone(),
                         description: description.clone(),
-                        oauth: oauth.clone(),
-                    };
-                    let mut events =
-                        decide(state, id, ServerCommand::UpdateServer(update), directory)?;
-                    if let Some(registration) = &registration {
+                        oauth: None,
+                    });
+                    let mut events = decide(state, id, update, directory)?;
+                    if credentials {
                         let updated = events.iter().fold(state.clone(), |s, e| s.evolve(e));
-                        events.extend(decide(
-                            &updated,
-                            id,
-                            ServerCommand::RecordClientRegistration(Box::new(registration.clone())),
-                            directory,
-                        )?);
+                        let replace = ServerCommand::ReplaceClientCredentials {
+                            client_id: client_id.clone(),
+                            client_secret_ref: new_secret.clone(),
+                        };
+                        events.extend(decide(&updated, id, replace, directory)?);
+                        replaced_secret = new_secret.as_ref().and(
+                            state
+                                .client_registration()
+                                .map(|c| c.client_secret_ref.clone())
+                                .filter(|r| !r.is_empty()),
+                        );
                     }
                     Ok(events)
                 })

@@ -221,29 +221,6 @@ pub struct AuthorizationServer {
 }
 
 impl AuthorizationServer {
-    /// Reads recorded metadata back (its URLs were checked when they were recorded).
-    pub fn from_proto(
-        metadata: &pb::AuthorizationServerMetadata,
-        policy: crate::UrlPolicy,
-    ) -> Result<AuthorizationServer, DomainError> {
-        let optional = |url: &str| {
-            (!url.is_empty())
-                .then(|| ServerUrl::parse(url, policy))
-                .transpose()
-        };
-        Ok(AuthorizationServer {
-            issuer: metadata.issuer.clone(),
-            authorization_endpoint: ServerUrl::parse(&metadata.authorization_endpoint, policy)?,
-            token_endpoint: ServerUrl::parse(&metadata.token_endpoint, policy)?,
-            revocation_endpoint: optional(&metadata.revocation_endpoint)?,
-            registration_endpoint: optional(&metadata.registration_endpoint)?,
-            scopes_supported: metadata.scopes_supported.clone(),
-            code_challenge_methods_supported: metadata.code_challenge_methods_supported.clone(),
-            authorization_response_iss_parameter_supported: metadata
-                .authorization_response_iss_parameter_supported,
-        })
-    }
-
     pub fn to_proto(&self) -> pb::AuthorizationServerMetadata {
         let optional = |url: &Option<ServerUrl>| {
             url.as_ref()

@@ -118,6 +118,12 @@ pub enum ServerCommand {
     DeleteServer,
     /// Boxed: it is by far the largest command.
     RecordClientRegistration(Box<ClientRegistration>),
+    /// An admin replaces a pre-registered client's id and/or secret (the secret's new vault
+    /// reference). Clients registered automatically are not the admin's to edit.
+    ReplaceClientCredentials {
+        client_id: Option<ClientId>,
+        client_secret_ref: Option<SecretRef>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +244,13 @@ pub fn decide(
                 server_id: server_id(),
             })])
         }
+        (
+            ServerLifecycle::Active,
+            ServerCommand::ReplaceClientCredentials {
+                client_id,
+                client_secret_ref,
+            },
+        ) => replace_client_credentials(state, server_id(), client_id, client_secret_ref),
         (ServerLifecycle::Active, ServerCommand::RecordClientRegistration(registration)) => {
             let registered = pb::ServerClientRegistered {
                 server_id: server_id(),
@@ -258,6 +271,43 @@ pub fn decide(
             }
         }
     }
+}
+
+/// A pre-registered client's new credentials: `ServerUpdated` with the client id its OAuth
+/// settings carry (when the id changes), and the registration with the new id and secret
+/// reference (when anything changes).
+fn replace_client_credentials(
+    state: &ServerState,
+    server_id: String,
+    client_id: Option<ClientId>,
+    client_secret_ref: Option<SecretRef>,
+) -> Result<Vec<Event>, DomainError> {
+    let current = state
+        .client
+        .as_ref()
+        .filter(|c| c.registration_mode == pb::RegistrationMode::Preconfigured as i32)
+        .ok_or(DomainError::ClientCredentialsNotEditable)?;
+    let mut registered = current.clone();
+    if let Some(client_id) = client_id {
+        registered.client_id = client_id.as_str().to_owned();
+    }
+    if let Some(secret_ref) = client_secret_ref {
+        registered.client_secret_ref = secret_ref.as_str().to_owned();
+    }
+    let mut events = Vec::new();
+    if registered.client_id != current.client_id {
+        let mut oauth = state.current.oauth.clone().unwrap_or_default();
+        oauth.client_id.clone_from(&registered.client_id);
+        events.push(Event::ServerUpdated(pb::ServerUpdated {
+            server_id,
+            oauth: Some(oauth),
+            ..Default::default()
+        }));
+    }
+    if registered != *current {
+        events.push(Event::ServerClientRegistered(registered));
+    }
+    Ok(events)
 }
 
 fn ensure_slug_free(
@@ -602,6 +652,10 @@ mod tests {
             ServerCommand::DisableServer { reason: "x".into() },
             ServerCommand::DeleteServer,
             ServerCommand::RecordClientRegistration(Box::new(registration())),
+            ServerCommand::ReplaceClientCredentials {
+                client_id: None,
+                client_secret_ref: None,
+            },
         ] {
             Scenario::<ServerState>::given(history.clone())
                 .when(|s| decide(s, id, command, &no_directory()))
@@ -656,6 +710,86 @@ mod tests {
             Some("https://github.com/login/oauth/access_token")
         );
         assert_eq!(state.client_registration(), Some(registered));
+    }
+
+    #[test]
+    fn only_a_pre_registered_clients_credentials_are_replaced() {
+        let id = ServerId::new();
+        let registered = |mode: RegistrationMode| {
+            let mut registration = registration();
+            registration.registration_mode = mode;
+            let command = ServerCommand::RecordClientRegistration(Box::new(registration));
+            decide(
+                &ServerState::from_events(&[added(id, "GitHub", "github")]),
+                id,
+                command,
+                &no_directory(),
+            )
+            .unwrap()
+        };
+        let replace = |client_id: Option<&str>, secret: Option<&str>| {
+            ServerCommand::ReplaceClientCredentials {
+                client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
+                client_secret_ref: secret.map(|r| SecretRef::parse(r).unwrap()),
+            }
+        };
+        let dynamic = [
+            vec![added(id, "GitHub", "github")],
+            registered(RegistrationMode::DynamicRegistration),
+        ]
+        .concat();
+        Scenario::<ServerState>::given(dynamic)
+            .when(|s| decide(s, id, replace(Some("mine"), None), &no_directory()))
+            .then_error("client_credentials_not_editable");
+        Scenario::<ServerState>::given([added(id, "GitHub", "github")])
+            .when(|s| decide(s, id, replace(Some("mine"), None), &no_directory()))
+            .then_error("client_credentials_not_editable");
+
+        let preconfigured = [
+            vec![added(id, "GitHub", "github")],
+            registered(RegistrationMode::Preconfigured),
+        ]
+        .concat();
+        // A new secret only: the registration names its new vault entry.
+        let (events, _) = Scenario::<ServerState>::given(preconfigured.clone())
+            .when(|s| decide(s, id, replace(None, Some("server/x/2")), &no_directory()))
+            .then_events();
+        let [Event::ServerClientRegistered(registered)] = events.as_slice() else {
+            panic!("expected one ServerClientRegistered, got {events:?}");
+        };
+        assert_eq!(
+            (
+                registered.client_id.as_str(),
+                registered.client_secret_ref.as_str()
+            ),
+            ("client-123", "server/x/2")
+        );
+        // A new client id: the OAuth settings and the registration both change.
+        let (events, state) = Scenario::<ServerState>::given(preconfigured.clone())
+            .when(|s| decide(s, id, replace(Some("client-789"), None), &no_directory()))
+            .then_events();
+        assert!(
+            matches!(
+                &events[..],
+                [Event::ServerUpdated(_), Event::ServerClientRegistered(_)]
+            ),
+            "{events:?}"
+        );
+        assert_eq!(
+            state.oauth().map(|o| o.client_id.as_str()),
+            Some("client-789")
+        );
+        // The same credentials again: nothing.
+        Scenario::<ServerState>::given(preconfigured)
+            .when(|s| {
+                decide(
+                    s,
+                    id,
+                    replace(Some("client-123"), Some("client_secret/github")),
+                    &no_directory(),
+                )
+            })
+            .then_nothing();
     }
 
     #[test]
