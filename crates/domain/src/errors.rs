@@ -122,6 +122,10 @@ pub enum DomainError {
 
     // ---- server ----------------------------------------------------------------------------
     #[error(
+        "a reason for disabling a server has at most {max} characters and no control characters"
+    )]
+    DisableReasonInvalid { max: usize },
+    #[error(
         "only the credentials of a pre-registered client can be edited; this server's client was registered automatically"
     )]
     ClientCredentialsNotEditable,
@@ -223,6 +227,7 @@ impl DomainError {
             DomainError::TokenFingerprintInvalid => "token_fingerprint_invalid",
             DomainError::ServerUrlImmutable => "server_url_immutable",
             DomainError::ClientCredentialsNotEditable => "client_credentials_not_editable",
+            DomainError::DisableReasonInvalid { .. } => "disable_reason_invalid",
             DomainError::ServerNotFound => "server_not_found",
             DomainError::ServerDeleted => "server_deleted",
             DomainError::ServerAlreadyExists => "server_already_exists",

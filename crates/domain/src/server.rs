@@ -161,6 +161,9 @@ pub struct ClientRegistration {
     pub resource: String,
 }
 
+/// Longest reason an admin may give for disabling a server (users see it).
+pub const MAX_DISABLE_REASON_CHARS: usize = 500;
+
 /// Decides a command for the server `id`. `directory` is the current server list, for the
 /// unique-name rule.
 pub fn decide(
@@ -230,6 +233,13 @@ pub fn decide(
             }
         }
         (ServerLifecycle::Active, ServerCommand::DisableServer { reason }) => {
+            if reason.chars().count() > MAX_DISABLE_REASON_CHARS
+                || reason.chars().any(|c| c.is_control() && c != '\n')
+            {
+                return Err(DomainError::DisableReasonInvalid {
+                    max: MAX_DISABLE_REASON_CHARS,
+                });
+            }
             if state.current.enabled {
                 Ok(vec![Event::ServerDisabled(pb::ServerDisabled {
                     server_id: server_id(),

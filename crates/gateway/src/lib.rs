@@ -75,8 +75,8 @@ pub struct AppInner {
     pub shutdown: CancellationToken,
     /// The catalog service.
     pub servers: catalog::ServerCommands,
-    access: HashMap<(Method, &'static str), Access>,
-    paths: HashMap<&'static str, &'static str>,
+    /// The permission table by path: each method the path serves, with its access.
+    routes: HashMap<&'static str, Vec<(Method, Access)>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -107,12 +107,13 @@ pub struct AppParts {
 
 impl AppState {
     pub fn new(parts: AppParts) -> Self {
-        let table = routes::table();
-        let access = table
-            .iter()
-            .map(|route| ((route.method.clone(), route.path), route.access))
-            .collect();
-        let paths = table.iter().map(|route| (route.path, route.path)).collect();
+        let mut routes: HashMap<&'static str, Vec<(Method, Access)>> = HashMap::new();
+        for route in routes::table() {
+            routes
+                .entry(route.path)
+                .or_default()
+                .push((route.method, route.access));
+        }
         let public_url = parts.settings.public_url.trim_end_matches('/').to_owned();
         let oauth = catalog::OAuthClientSettings {
             redirect_url: format!("{public_url}/oauth/callback"),
@@ -140,15 +141,17 @@ impl AppState {
             metrics: parts.metrics,
             settings: parts.settings,
             shutdown: parts.shutdown,
-            access,
-            paths,
+            routes,
         }))
     }
 
     /// The access the permission table declares for a route, if it declares one.
     pub(crate) fn access(&self, method: &Method, path: &str) -> Option<Access> {
-        let path = *self.paths.get(path)?;
-        self.access.get(&(method.clone(), path)).copied()
+        self.routes
+            .get(path)?
+            .iter()
+            .find(|(declared, _)| declared == method)
+            .map(|(_, access)| *access)
     }
 
     /// The context of a command a signed-in user sends in the request being answered.
@@ -175,7 +178,9 @@ impl AppState {
 
     /// The route's path as a `'static` label, for metrics without an allocation per request.
     pub(crate) fn route_label(&self, path: &str) -> &'static str {
-        self.paths.get(path).copied().unwrap_or("unmatched")
+        self.routes
+            .get_key_value(path)
+            .map_or("unmatched", |(path, _)| *path)
     }
 }
 

@@ -243,8 +243,7 @@ async fn add_server(
         .servers
         .add_server(&state.command_context(&caller), input)
         .await?;
-    state.settle(&written).await;
-    Ok((StatusCode::CREATED, axum::Json(view(&state, id)?)))
+    Ok((StatusCode::CREATED, view_after(&state, id, &written).await?))
 }
 
 /// Every configured server, oldest first.
@@ -264,6 +263,16 @@ async fn list_servers(State(state): State<AppState>) -> axum::Json<ServerList> {
 fn server_id(text: &str) -> Result<ServerId, ApiError> {
     ServerId::parse(text)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+}
+
+/// The server as the read models show it once they reflect `written` (read-your-writes).
+async fn view_after(
+    state: &AppState,
+    id: ServerId,
+    written: &service_kit::Written,
+) -> Result<axum::Json<ServerView>, ApiError> {
+    state.settle(written).await;
+    Ok(axum::Json(view(state, id)?))
 }
 
 fn view(state: &AppState, id: ServerId) -> Result<ServerView, ApiError> {
@@ -335,8 +344,7 @@ async fn edit_server(
         .servers
         .edit_server(&state.command_context(&caller), id, input)
         .await?;
-    state.settle(&written).await;
-    Ok(axum::Json(view(&state, id)?))
+    view_after(&state, id, &written).await
 }
 
 /// Deletes a server for everyone.
@@ -378,8 +386,7 @@ async fn enable_server(
         .servers
         .enable_server(&state.command_context(&caller), id)
         .await?;
-    state.settle(&written).await;
-    Ok(axum::Json(view(&state, id)?))
+    view_after(&state, id, &written).await
 }
 
 /// Why a server is disabled (optional body).
@@ -390,8 +397,6 @@ pub struct DisableServer {
     #[serde(default)]
     pub reason: String,
 }
-
-const MAX_REASON_CHARS: usize = 500;
 
 /// Keeps the server visible and makes its tools unavailable.
 #[utoipa::path(post, path = "/api/v1/servers/{id}/disable", tag = "servers", security(("bearer" = [])),
@@ -414,19 +419,9 @@ async fn disable_server(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?
     };
-    if disable.reason.chars().count() > MAX_REASON_CHARS
-        || disable.reason.chars().any(|c| c.is_control() && c != '\n')
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "disable_reason_invalid",
-            format!("a reason has at most {MAX_REASON_CHARS} characters and no control characters"),
-        ));
-    }
     let written = state
         .servers
         .disable_server(&state.command_context(&caller), id, disable.reason)
         .await?;
-    state.settle(&written).await;
-    Ok(axum::Json(view(&state, id)?))
+    view_after(&state, id, &written).await
 }
