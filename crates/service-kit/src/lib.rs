@@ -7,7 +7,9 @@
 //! - [`execute`]: the command path — load the aggregate, decide, append with the loaded
 //!   version, and on a conflict reload and decide again, a bounded number of times;
 //! - [`ReadModels`]: the projections the API reads, kept by the projection runner, with
-//!   [`ReadModels::wait_for`] for read-your-writes.
+//!   [`ReadModels::wait_for`] for read-your-writes;
+//! - [`audit`]: reading the audit history, for the CLI and the API alike.
+pub mod audit;
 mod clock;
 mod envelope;
 mod error;

@@ -7,84 +7,48 @@ use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
 use domain::projections::ServerDirectory;
 use eventlog::{
-    AggregateKind, EventLog, EventStream, LogKind, RecordedEvent, SubjectFilter, UnknownBody,
+    AggregateKind, EventLog, LogKind, RecordedEvent, SubjectFilter, UnknownBody,
     projection::{ProjectionSpec, fold_until},
 };
-use futures_util::StreamExt;
 use serde_json::{Value, json};
+use service_kit::audit::{self, AuditFilter, MergedHistory, UnreadableRecords};
 
 use crate::{
     cli::{LogChoice, OutputFormat, ReplayArgs},
     configuration::StoreOptions,
 };
 
-/// Which events to show.
-#[derive(Debug, Default)]
-pub struct AuditFilter {
-    pub subject: Option<SubjectFilter>,
-    pub types: Vec<String>,
-    /// Inclusive lower bound, seconds and nanos since the epoch.
-    pub since: Option<(i64, i32)>,
-    /// Exclusive upper bound.
-    pub until: Option<(i64, i32)>,
-}
-
-impl AuditFilter {
-    pub fn from_args(args: &ReplayArgs) -> anyhow::Result<Self> {
-        let subject = args
+/// The filter of `audit replay`'s flags.
+fn filter_from_args(args: &ReplayArgs) -> anyhow::Result<AuditFilter> {
+    let time = |text: &str, flag: &str| {
+        audit::parse_time(text).with_context(|| {
+            format!("{flag}: {text:?} is not an RFC 3339 time such as 2026-11-25T12:00:00Z")
+        })
+    };
+    Ok(AuditFilter {
+        subject: args
             .subject
             .as_deref()
             .map(SubjectFilter::parse)
             .transpose()
-            .context("--subject")?;
-        Ok(AuditFilter {
-            subject,
-            types: args.types.iter().map(|t| t.trim().to_owned()).collect(),
-            since: args
-                .since
-                .as_deref()
-                .map(parse_time)
-                .transpose()
-                .context("--since")?,
-            until: args
-                .until
-                .as_deref()
-                .map(parse_time)
-                .transpose()
-                .context("--until")?,
-        })
-    }
-
-    /// Subject filtering happens in the store; this checks the rest.
-    pub fn admits(&self, event: &RecordedEvent) -> bool {
-        if !self.types.is_empty() && !self.types.iter().any(|t| *t == event.event_type) {
-            return false;
-        }
-        if self.since.is_none() && self.until.is_none() {
-            return true;
-        }
-        let at = occurred_at(event);
-        self.since.is_none_or(|since| at >= since) && self.until.is_none_or(|until| at < until)
-    }
-}
-
-fn parse_time(text: &str) -> anyhow::Result<(i64, i32)> {
-    let time = DateTime::parse_from_rfc3339(text).with_context(|| {
-        format!("{text:?} is not an RFC 3339 time such as 2026-11-25T12:00:00Z")
-    })?;
-    Ok((time.timestamp(), time.timestamp_subsec_nanos() as i32))
-}
-
-fn occurred_at(event: &RecordedEvent) -> (i64, i32) {
-    event
-        .envelope
-        .occurred_at
-        .as_ref()
-        .map_or((0, 0), |t| (t.seconds, t.nanos))
+            .context("--subject")?,
+        types: args.types.iter().map(|t| t.trim().to_owned()).collect(),
+        since: args
+            .since
+            .as_deref()
+            .map(|t| time(t, "--since"))
+            .transpose()?,
+        until: args
+            .until
+            .as_deref()
+            .map(|t| time(t, "--until"))
+            .transpose()?,
+        ..AuditFilter::default()
+    })
 }
 
 pub async fn replay(store: &StoreOptions, args: &ReplayArgs) -> anyhow::Result<()> {
-    let filter = AuditFilter::from_args(args)?;
+    let filter = filter_from_args(args)?;
     for unknown in filter
         .types
         .iter()
@@ -160,12 +124,8 @@ pub async fn write_history(
         LogChoice::Config => &[LogKind::Config],
         LogChoice::Invocations => &[LogKind::Invocations],
     };
-    let mut streams: Vec<(EventStream, Option<RecordedEvent>)> = Vec::new();
-    for kind in wanted {
-        let mut stream = log.read_from(*kind, 1, filter.subject.as_ref()).await?;
-        let head = next_admitted(&mut stream, filter).await?;
-        streams.push((stream, head));
-    }
+    let mut history =
+        MergedHistory::open(log, wanted, |_| 1, filter, UnreadableRecords::Fail).await?;
     if format == OutputFormat::Table {
         writeln!(
             out,
@@ -173,38 +133,13 @@ pub async fn write_history(
             "LOG", "SEQ", "OCCURRED", "TYPE", "SUBJECT"
         )?;
     }
-    loop {
-        let earliest = streams
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (_, head))| head.as_ref().map(|e| (occurred_at(e), i)))
-            .min();
-        let Some((_, index)) = earliest else {
-            break;
-        };
-        let (stream, head) = &mut streams[index];
-        let next = next_admitted(stream, filter).await?;
-        if let Some(event) = std::mem::replace(head, next) {
-            match format {
-                OutputFormat::Json => writeln!(out, "{}", event_json(&event))?,
-                OutputFormat::Table => write_table_row(&event, out)?,
-            }
+    while let Some(event) = history.next().await? {
+        match format {
+            OutputFormat::Json => writeln!(out, "{}", event_json(&event))?,
+            OutputFormat::Table => write_table_row(&event, out)?,
         }
     }
     Ok(())
-}
-
-async fn next_admitted(
-    stream: &mut EventStream,
-    filter: &AuditFilter,
-) -> anyhow::Result<Option<RecordedEvent>> {
-    while let Some(event) = stream.next().await {
-        let event = event?;
-        if filter.admits(&event) {
-            return Ok(Some(event));
-        }
-    }
-    Ok(None)
 }
 
 /// `{"log","seq","subject","type","occurredAt","envelope"}`; for an event this version does not
@@ -232,7 +167,7 @@ pub fn event_json(event: &RecordedEvent) -> Value {
 }
 
 fn format_time(event: &RecordedEvent) -> String {
-    let (seconds, nanos) = occurred_at(event);
+    let (seconds, nanos) = audit::occurred_at(event);
     DateTime::<Utc>::from_timestamp(seconds, nanos.max(0) as u32)
         .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
         .unwrap_or_else(|| "-".to_owned())

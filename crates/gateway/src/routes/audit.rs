@@ -2,12 +2,11 @@
 //! plus `server` and `user`, in pages that never show an event twice or skip one, even while
 //! events are appended.
 use axum::{extract::State, http::Method};
-use chrono::DateTime;
-use domain::{ServerId, UserId, UserKey};
-use eventlog::{EventLogError, EventStream, LogKind, RecordedEvent, SubjectFilter, UnknownBody};
-use futures_util::StreamExt;
+use domain::{ServerId, UserId};
+use eventlog::{LogKind, RecordedEvent, SubjectFilter, UnknownBody};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use service_kit::audit::{self, AuditFilter, MergedHistory, UnreadableRecords};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{Access, ApiError, ApiQuery, AppState, Permission, RouteSpec};
@@ -137,99 +136,13 @@ impl Positions {
     }
 }
 
-/// What the audit shows, besides the subject filter the store applies.
-#[derive(Debug, Default)]
-struct Filter {
-    types: Vec<String>,
-    since: Option<(i64, i32)>,
-    until: Option<(i64, i32)>,
-    server: Option<ServerId>,
-    user: Option<(UserId, UserKey)>,
-}
-
 fn parse_time(name: &str, text: &str) -> Result<(i64, i32), ApiError> {
-    let time = DateTime::parse_from_rfc3339(text).map_err(|_| {
+    audit::parse_time(text).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_query",
             format!("`{name}` must be an RFC 3339 time such as 2026-11-25T12:00:00Z"),
         )
-    })?;
-    Ok((time.timestamp(), time.timestamp_subsec_nanos() as i32))
-}
-
-fn occurred_at(event: &RecordedEvent) -> (i64, i32) {
-    event
-        .envelope
-        .occurred_at
-        .as_ref()
-        .map_or((0, 0), |t| (t.seconds, t.nanos))
-}
-
-impl Filter {
-    fn admits(&self, event: &RecordedEvent) -> bool {
-        if !self.types.is_empty() && !self.types.iter().any(|t| *t == event.event_type) {
-            return false;
-        }
-        if self.since.is_some() || self.until.is_some() {
-            let at = occurred_at(event);
-            if self.since.is_some_and(|since| at < since)
-                || self.until.is_some_and(|until| at >= until)
-            {
-                return false;
-            }
-        }
-        if self
-            .server
-            .as_ref()
-            .is_some_and(|server| !is_about_server(event, server))
-        {
-            return false;
-        }
-        if let Some((user, key)) = &self.user {
-            let acted = matches!(
-                event.envelope.actor.as_ref().and_then(|a| a.kind.as_ref()),
-                Some(proto::v1::actor::Kind::UserId(id)) if id == user.as_str()
-            );
-            if !acted && user_key_of(event.subject.as_str()) != Some(key.as_str()) {
-                return false;
-            }
-        }
-        true
-    }
-}
-
-/// The user key in a subject: `connection.<server>.<user>`, `policy.<user>.<server>`,
-/// `invocation.<user>`.
-pub(crate) fn user_key_of(subject: &str) -> Option<&str> {
-    let mut tokens = subject.split('.');
-    match tokens.next()? {
-        "connection" => tokens.nth(1),
-        "policy" | "invocation" => tokens.next(),
-        _ => None,
-    }
-}
-
-/// The server id in a subject: `server.<server>`, `connection.<server>.<user>`,
-/// `policy.<user>.<server>`.
-fn server_of(subject: &str) -> Option<&str> {
-    let mut tokens = subject.split('.');
-    match tokens.next()? {
-        "server" | "connection" => tokens.next(),
-        "policy" => tokens.nth(1),
-        _ => None,
-    }
-}
-
-/// Invocation subjects are per user; the server an invocation is for is in its request.
-fn is_about_server(event: &RecordedEvent, server: &ServerId) -> bool {
-    let id = server.to_string();
-    if let Some(token) = server_of(event.subject.as_str()) {
-        return token == id;
-    }
-    matches!(
-        &event.envelope.event,
-        Some(domain::Event::InvocationRequested(requested)) if requested.server_id == id
-    )
+    })
 }
 
 /// The event history, oldest first within each log, merged across logs by time.
@@ -257,7 +170,8 @@ async fn audit_events(
         .map(SubjectFilter::parse)
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_query", format!("`subject`: {e}")))?;
-    let filter = Filter {
+    let filter = AuditFilter {
+        subject,
         types: query
             .r#type
             .as_deref()
@@ -301,7 +215,7 @@ async fn audit_events(
     };
     let choice = query.log.unwrap_or_default();
     let logs: &[LogKind] = match choice {
-        LogChoice::All => subject.as_ref().map_or(&LogKind::ALL, |s| s.logs()),
+        LogChoice::All => filter.subject.as_ref().map_or(&LogKind::ALL, |s| s.logs()),
         LogChoice::Config => &[LogKind::Config],
         LogChoice::Invocations => &[LogKind::Invocations],
     };
@@ -326,52 +240,24 @@ async fn audit_events(
         }
     }
 
-    let mut heads: Vec<(LogKind, EventStream, Option<RecordedEvent>)> = Vec::new();
-    for log in logs {
-        let mut stream = state
-            .log
-            .read_from(*log, done.get(*log) + 1, subject.as_ref())
-            .await?;
-        let head = next_admitted(&mut stream, &filter).await?;
-        heads.push((*log, stream, head));
-    }
+    let mut history = MergedHistory::open(
+        state.log.as_ref(),
+        logs,
+        |log| done.get(log) + 1,
+        &filter,
+        UnreadableRecords::Skip,
+    )
+    .await?;
     let mut events = Vec::with_capacity(limit.min(64));
     while events.len() < limit {
-        let earliest = heads
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (_, _, head))| head.as_ref().map(|e| (occurred_at(e), i)))
-            .min();
-        let Some((_, index)) = earliest else {
+        let Some(event) = history.next().await? else {
             break;
         };
-        let (log, stream, head) = &mut heads[index];
-        let next = next_admitted(stream, &filter).await?;
-        if let Some(event) = std::mem::replace(head, next) {
-            done.set(*log, event.sequence);
-            events.push(EventItem::of(&event));
-        }
+        done.set(event.log, event.sequence);
+        events.push(EventItem::of(&event));
     }
     Ok(axum::Json(EventPage {
         events,
         next: done.encode(),
     }))
-}
-
-async fn next_admitted(
-    stream: &mut EventStream,
-    filter: &Filter,
-) -> Result<Option<RecordedEvent>, ApiError> {
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(event) if filter.admits(&event) => return Ok(Some(event)),
-            Ok(_) => {}
-            // An unreadable record is reported by `switchboard audit` and skipped here.
-            Err(EventLogError::Corrupt { location, reason }) => {
-                tracing::warn!(%location, %reason, "skipping an unreadable event in the audit")
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Ok(None)
 }

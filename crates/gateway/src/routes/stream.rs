@@ -14,7 +14,9 @@ use futures_util::{Stream, StreamExt, stream};
 use tokio::sync::mpsc;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::audit::{EventItem, Positions, user_key_of};
+use service_kit::audit::user_key_of;
+
+use super::audit::{EventItem, Positions};
 use crate::{Access, ApiError, AppState, Caller, Permission, RouteSpec};
 
 pub const ROUTES: &[RouteSpec] = &[RouteSpec::new(

@@ -1,0 +1,191 @@
+//! Reading the audit history, shared by `switchboard audit replay` and the HTTP audit route:
+//! which events to show ([`AuditFilter`]), and the logs merged by the time events occurred
+//! ([`MergedHistory`]), each log in its own order.
+use domain::{ServerId, UserId, UserKey};
+use eventlog::{EventLog, EventLogError, EventStream, LogKind, RecordedEvent, SubjectFilter};
+use futures_util::StreamExt;
+
+/// Which events to show. The subject filter is applied by the store; the rest here.
+#[derive(Debug, Default)]
+pub struct AuditFilter {
+    pub subject: Option<SubjectFilter>,
+    /// Event type names; empty: every type.
+    pub types: Vec<String>,
+    /// Inclusive lower bound, seconds and nanos since the epoch.
+    pub since: Option<(i64, i32)>,
+    /// Exclusive upper bound.
+    pub until: Option<(i64, i32)>,
+    /// Events about this server.
+    pub server: Option<ServerId>,
+    /// Events about this user (their subjects) or caused by them.
+    pub user: Option<(UserId, UserKey)>,
+}
+
+/// An RFC 3339 time as seconds and nanos since the epoch.
+pub fn parse_time(text: &str) -> Option<(i64, i32)> {
+    let time = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    Some((time.timestamp(), time.timestamp_subsec_nanos() as i32))
+}
+
+/// When an event occurred, as seconds and nanos (0 when it carries no time).
+pub fn occurred_at(event: &RecordedEvent) -> (i64, i32) {
+    event
+        .envelope
+        .occurred_at
+        .as_ref()
+        .map_or((0, 0), |t| (t.seconds, t.nanos))
+}
+
+/// The user key in a subject: `connection.<server>.<user>`, `policy.<user>.<server>`,
+/// `invocation.<user>`.
+pub fn user_key_of(subject: &str) -> Option<&str> {
+    let mut tokens = subject.split('.');
+    match tokens.next()? {
+        "connection" => tokens.nth(1),
+        "policy" | "invocation" => tokens.next(),
+        _ => None,
+    }
+}
+
+/// The server id in a subject: `server.<server>`, `connection.<server>.<user>`,
+/// `policy.<user>.<server>`.
+fn server_of(subject: &str) -> Option<&str> {
+    let mut tokens = subject.split('.');
+    match tokens.next()? {
+        "server" | "connection" => tokens.next(),
+        "policy" => tokens.nth(1),
+        _ => None,
+    }
+}
+
+/// Invocation subjects are per user; the server an invocation is for is in its request.
+fn is_about_server(event: &RecordedEvent, server: &ServerId) -> bool {
+    let id = server.to_string();
+    if let Some(token) = server_of(event.subject.as_str()) {
+        return token == id;
+    }
+    matches!(
+        &event.envelope.event,
+        Some(domain::Event::InvocationRequested(requested)) if requested.server_id == id
+    )
+}
+
+impl AuditFilter {
+    pub fn admits(&self, event: &RecordedEvent) -> bool {
+        if !self.types.is_empty() && !self.types.iter().any(|t| *t == event.event_type) {
+            return false;
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let at = occurred_at(event);
+            if self.since.is_some_and(|since| at < since)
+                || self.until.is_some_and(|until| at >= until)
+            {
+                return false;
+            }
+        }
+        if self
+            .server
+            .as_ref()
+            .is_some_and(|server| !is_about_server(event, server))
+        {
+            return false;
+        }
+        if let Some((user, key)) = &self.user {
+            let acted = matches!(
+                event.envelope.actor.as_ref().and_then(|a| a.kind.as_ref()),
+                Some(proto::v1::actor::Kind::UserId(id)) if id == user.as_str()
+            );
+            if !acted && user_key_of(event.subject.as_str()) != Some(key.as_str()) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// What to do with a record no version can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnreadableRecords {
+    /// Stop with the `Corrupt` error (the CLI: an auditor must see the damage).
+    Fail,
+    /// Log it and go on (the API: one damaged record must not hide the rest).
+    Skip,
+}
+
+/// The admitted events of several logs, merged by the time they occurred.
+pub struct MergedHistory<'f> {
+    filter: &'f AuditFilter,
+    unreadable: UnreadableRecords,
+    heads: Vec<(LogKind, EventStream, Option<RecordedEvent>)>,
+}
+
+impl std::fmt::Debug for MergedHistory<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergedHistory")
+            .field("logs", &self.heads.iter().map(|h| h.0).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'f> MergedHistory<'f> {
+    /// Reads each of `logs` from the position `from` gives it (inclusive).
+    pub async fn open(
+        log: &dyn EventLog,
+        logs: &[LogKind],
+        from: impl Fn(LogKind) -> u64,
+        filter: &'f AuditFilter,
+        unreadable: UnreadableRecords,
+    ) -> Result<Self, EventLogError> {
+        let mut heads = Vec::new();
+        for kind in logs {
+            let mut stream = log
+                .read_from(*kind, from(*kind), filter.subject.as_ref())
+                .await?;
+            let head = next_admitted(filter, unreadable, &mut stream).await?;
+            heads.push((*kind, stream, head));
+        }
+        Ok(MergedHistory {
+            filter,
+            unreadable,
+            heads,
+        })
+    }
+
+    /// The next event, the earliest of the logs' next ones.
+    pub async fn next(&mut self) -> Result<Option<RecordedEvent>, EventLogError> {
+        let earliest = self
+            .heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, _, head))| head.as_ref().map(|e| (occurred_at(e), i)))
+            .min();
+        let Some((_, index)) = earliest else {
+            return Ok(None);
+        };
+        let (filter, unreadable) = (self.filter, self.unreadable);
+        let next = next_admitted(filter, unreadable, &mut self.heads[index].1).await?;
+        Ok(std::mem::replace(&mut self.heads[index].2, next))
+    }
+}
+
+/// The next event of `stream` the filter admits. A free function: the stream is borrowed
+/// alone, so the history need not be shared across an await.
+async fn next_admitted(
+    filter: &AuditFilter,
+    unreadable: UnreadableRecords,
+    stream: &mut EventStream,
+) -> Result<Option<RecordedEvent>, EventLogError> {
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) if filter.admits(&event) => return Ok(Some(event)),
+            Ok(_) => {}
+            Err(EventLogError::Corrupt { location, reason })
+                if unreadable == UnreadableRecords::Skip =>
+            {
+                tracing::warn!(%location, %reason, "skipping an unreadable event in the audit")
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(None)
+}
