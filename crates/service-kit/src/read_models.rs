@@ -76,14 +76,13 @@ impl ReadModels {
 
     /// Waits until every read model of `log` has reached `sequence`, at most `limit`.
     pub async fn wait_for_position(&self, log: LogKind, sequence: u64, limit: Duration) -> bool {
-        let waits = self
-            .all
-            .iter()
-            .filter(|model| model.log() == log)
-            .map(|model| model.wait_for(sequence));
-        tokio::time::timeout(limit, futures_join_all(waits))
-            .await
-            .is_ok()
+        // One after another: the total is the wait for the slowest.
+        let all_reached = async {
+            for model in self.all.iter().filter(|model| model.log() == log) {
+                model.wait_for(sequence).await;
+            }
+        };
+        tokio::time::timeout(limit, all_reached).await.is_ok()
     }
 
     pub fn statuses(&self) -> Vec<ProjectionStatus> {
@@ -97,14 +96,6 @@ impl ReadModels {
             .collect()
     }
 
-    /// Saves a checkpoint of every read model now.
-    pub async fn save_checkpoints(&self) -> Result<(), EventLogError> {
-        for model in self.all.iter() {
-            model.save_checkpoint().await?;
-        }
-        Ok(())
-    }
-
     /// Stops following the logs and saves a final checkpoint of every read model (before the
     /// logs are closed, so that no follower is left saving while the process exits).
     pub async fn shutdown(&self) -> Result<(), EventLogError> {
@@ -112,14 +103,6 @@ impl ReadModels {
             model.shutdown().await?;
         }
         Ok(())
-    }
-}
-
-/// Runs the futures one after another: each completes when its projection reaches the
-/// position, so the total wait is that of the slowest.
-async fn futures_join_all<F: Future<Output = ()>>(waits: impl Iterator<Item = F>) {
-    for wait in waits {
-        wait.await;
     }
 }
 
@@ -131,7 +114,6 @@ trait ReadModel: Send + Sync + std::fmt::Debug {
     fn log(&self) -> LogKind;
     fn position(&self) -> u64;
     fn wait_for(&self, sequence: u64) -> BoxFuture<'_, ()>;
-    fn save_checkpoint(&self) -> BoxFuture<'_, Result<(), EventLogError>>;
     fn shutdown(&self) -> BoxFuture<'_, Result<(), EventLogError>>;
 }
 
@@ -176,9 +158,6 @@ where
     }
     fn wait_for(&self, sequence: u64) -> BoxFuture<'_, ()> {
         Box::pin(self.runner.wait_for(sequence))
-    }
-    fn save_checkpoint(&self) -> BoxFuture<'_, Result<(), EventLogError>> {
-        Box::pin(self.runner.save_checkpoint())
     }
     fn shutdown(&self) -> BoxFuture<'_, Result<(), EventLogError>> {
         Box::pin(self.runner.clone().shutdown())
