@@ -154,16 +154,9 @@ fn outbound_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'
 fn from_auth_error(error: AuthError) -> DiscoveryError {
     if let Some(outbound) = outbound_cause(&error) {
         return DiscoveryError::Outbound(match outbound {
-            OutboundError::AddressRefused {
-                host,
-                address,
-                class,
-            } => OutboundError::AddressRefused {
-                host: host.clone(),
-                address: *address,
-                class: *class,
-            },
-            OutboundError::NotHttps { host } => OutboundError::NotHttps { host: host.clone() },
+            OutboundError::AddressRefused { .. } | OutboundError::NotHttps { .. } => {
+                outbound.clone()
+            }
             other => OutboundError::Connect {
                 host: String::new(),
                 reason: other.to_string(),

@@ -169,7 +169,7 @@ impl OutboundPolicy {
 
 /// Why an outbound request was refused or failed. Messages name hosts, never whole URLs
 /// (a URL may carry a secret in its query).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum OutboundError {
     #[error(
         "{host}: only https:// is allowed (plain http:// only to loopback, with outbound.allow_loopback)"
@@ -595,26 +595,9 @@ impl OutboundClient {
     fn explain(&self, url: &Url, error: reqwest::Error) -> OutboundError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
         while let Some(cause) = source {
+            // The guarded resolver refuses with an address refusal or a failed lookup.
             if let Some(refusal) = cause.downcast_ref::<OutboundError>() {
-                return match refusal {
-                    OutboundError::AddressRefused {
-                        host,
-                        address,
-                        class,
-                    } => OutboundError::AddressRefused {
-                        host: host.clone(),
-                        address: *address,
-                        class: *class,
-                    },
-                    OutboundError::Resolve { host, reason } => OutboundError::Resolve {
-                        host: host.clone(),
-                        reason: reason.clone(),
-                    },
-                    other => OutboundError::Connect {
-                        host: host_of(url),
-                        reason: other.to_string(),
-                    },
-                };
+                return refusal.clone();
             }
             source = cause.source();
         }
