@@ -50,7 +50,7 @@ pub struct EditServerInput {
 
 /// Why a server was not added, discovered or changed. Each has a stable code.
 #[derive(Debug, thiserror::Error)]
-pub enum AddServerError {
+pub enum ServerChangeError {
     #[error(transparent)]
     Domain(#[from] DomainError),
     #[error("there is no catalog template {0:?}; see GET /api/v1/catalog")]
@@ -75,20 +75,20 @@ pub enum AddServerError {
     Command(#[from] CommandError),
 }
 
-impl AddServerError {
+impl ServerChangeError {
     pub fn code(&self) -> &'static str {
         match self {
-            AddServerError::Domain(error) => error.code(),
-            AddServerError::UnknownTemplate(_) => "template_unknown",
-            AddServerError::UrlMissing => "url_missing",
-            AddServerError::TemplateUrlFixed { .. } => "template_url_fixed",
-            AddServerError::SecretWithoutClientId => "client_id_missing",
-            AddServerError::Discovery(error) => error.code(),
-            AddServerError::ManualCredentialsRequired { .. } => "manual_credentials_required",
-            AddServerError::RegistrationFailed { .. } => "registration_failed",
-            AddServerError::Vault(_) => "vault_unavailable",
-            AddServerError::Command(CommandError::Domain(error)) => error.code(),
-            AddServerError::Command(_) => "command_failed",
+            ServerChangeError::Domain(error) => error.code(),
+            ServerChangeError::UnknownTemplate(_) => "template_unknown",
+            ServerChangeError::UrlMissing => "url_missing",
+            ServerChangeError::TemplateUrlFixed { .. } => "template_url_fixed",
+            ServerChangeError::SecretWithoutClientId => "client_id_missing",
+            ServerChangeError::Discovery(error) => error.code(),
+            ServerChangeError::ManualCredentialsRequired { .. } => "manual_credentials_required",
+            ServerChangeError::RegistrationFailed { .. } => "registration_failed",
+            ServerChangeError::Vault(_) => "vault_unavailable",
+            ServerChangeError::Command(CommandError::Domain(error)) => error.code(),
+            ServerChangeError::Command(_) => "command_failed",
         }
     }
 }
@@ -108,24 +108,24 @@ impl ServerCommands {
         }
     }
 
-    fn target(&self, input: &AddServerInput) -> Result<Target, AddServerError> {
+    fn target(&self, input: &AddServerInput) -> Result<Target, ServerChangeError> {
         let template = match input.template.as_deref() {
             None | Some(CUSTOM_TEMPLATE) => None,
             Some(id) => Some(
                 self.catalog
                     .get(id)
-                    .ok_or_else(|| AddServerError::UnknownTemplate(id.to_owned()))?,
+                    .ok_or_else(|| ServerChangeError::UnknownTemplate(id.to_owned()))?,
             ),
         };
         let text = match (template, input.url.as_deref()) {
             (Some(template), Some(url)) if Some(url) != template.url.as_deref() => {
-                return Err(AddServerError::TemplateUrlFixed {
+                return Err(ServerChangeError::TemplateUrlFixed {
                     template: template.id.to_owned(),
                 });
             }
-            (Some(template), _) => template.url.clone().ok_or(AddServerError::UrlMissing)?,
+            (Some(template), _) => template.url.clone().ok_or(ServerChangeError::UrlMissing)?,
             (None, Some(url)) => url.to_owned(),
-            (None, None) => return Err(AddServerError::UrlMissing),
+            (None, None) => return Err(ServerChangeError::UrlMissing),
         };
         let url = ServerUrl::parse(&text, self.url_policy())?;
         let parsed = Url::parse(url.as_str()).map_err(|e| DomainError::UrlInvalid {
@@ -140,7 +140,7 @@ impl ServerCommands {
     }
 
     /// OAuth discovery for a server an admin is about to add; changes nothing.
-    pub async fn discover(&self, input: &AddServerInput) -> Result<Discovered, AddServerError> {
+    pub async fn discover(&self, input: &AddServerInput) -> Result<Discovered, ServerChangeError> {
         let target = self.target(input)?;
         let (found, _) = mcp::discover(
             &self.outbound,
@@ -158,11 +158,11 @@ impl ServerCommands {
         &self,
         context: &CommandContext,
         input: AddServerInput,
-    ) -> Result<(ServerId, Written), AddServerError> {
+    ) -> Result<(ServerId, Written), ServerChangeError> {
         let name = ServerName::parse(&input.name)?;
         let description = ServerDescription::parse(input.description.as_deref().unwrap_or(""))?;
         if input.client_secret.is_some() && input.client_id.is_none() {
-            return Err(AddServerError::SecretWithoutClientId);
+            return Err(ServerChangeError::SecretWithoutClientId);
         }
         let client_id = input
             .client_id
@@ -195,7 +195,7 @@ impl ServerCommands {
         let (mode, client_id, secret) = match found.registration {
             RegistrationPlan::Preconfigured => (
                 RegistrationMode::Preconfigured,
-                client_id.ok_or(AddServerError::SecretWithoutClientId)?,
+                client_id.ok_or(ServerChangeError::SecretWithoutClientId)?,
                 input.client_secret,
             ),
             RegistrationPlan::ClientMetadataDocument => (
@@ -207,7 +207,7 @@ impl ServerCommands {
                 let registered = manager
                     .register_client(&self.oauth.client_name, &self.oauth.redirect_url, &scopes)
                     .await
-                    .map_err(|e| AddServerError::RegistrationFailed {
+                    .map_err(|e| ServerChangeError::RegistrationFailed {
                         reason: e.to_string().chars().take(300).collect(),
                     })?;
                 (
@@ -217,7 +217,7 @@ impl ServerCommands {
                 )
             }
             RegistrationPlan::ManualCredentialsRequired => {
-                return Err(AddServerError::ManualCredentialsRequired {
+                return Err(ServerChangeError::ManualCredentialsRequired {
                     redirect_url: self.oauth.redirect_url.clone(),
                 });
             }
@@ -300,7 +300,7 @@ impl ServerCommands {
         context: &CommandContext,
         id: ServerId,
         input: EditServerInput,
-    ) -> Result<Written, AddServerError> {
+    ) -> Result<Written, ServerChangeError> {
         let name = input.name.as_deref().map(ServerName::parse).transpose()?;
         let description = input
             .description
@@ -380,7 +380,7 @@ impl ServerCommands {
         &self,
         id: ServerId,
         secret: String,
-    ) -> Result<SecretRef, AddServerError> {
+    ) -> Result<SecretRef, ServerChangeError> {
         self.store_secret(format!("server/{id}/client_secret"), secret)
             .await
     }
@@ -389,12 +389,13 @@ impl ServerCommands {
         &self,
         name: String,
         secret: String,
-    ) -> Result<SecretRef, AddServerError> {
-        let vault_name = vault::SecretName::parse(name.clone()).map_err(AddServerError::Vault)?;
+    ) -> Result<SecretRef, ServerChangeError> {
+        let vault_name =
+            vault::SecretName::parse(name.clone()).map_err(ServerChangeError::Vault)?;
         self.vault
             .put(&vault_name, &vault::Secret::from(secret))
             .await
-            .map_err(AddServerError::Vault)?;
+            .map_err(ServerChangeError::Vault)?;
         Ok(SecretRef::parse(&name)?)
     }
 }

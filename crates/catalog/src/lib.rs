@@ -5,6 +5,6 @@ mod add;
 mod commands;
 mod templates;
 
-pub use add::{AddServerError, AddServerInput, EditServerInput, OAuthClientSettings};
+pub use add::{AddServerInput, EditServerInput, OAuthClientSettings, ServerChangeError};
 pub use commands::ServerCommands;
 pub use templates::{Allowance, CUSTOM_TEMPLATE, Catalog, Template};

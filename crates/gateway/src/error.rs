@@ -193,9 +193,9 @@ impl From<CommandError> for ApiError {
     }
 }
 
-impl From<catalog::AddServerError> for ApiError {
-    fn from(error: catalog::AddServerError) -> Self {
-        use catalog::AddServerError as E;
+impl From<catalog::ServerChangeError> for ApiError {
+    fn from(error: catalog::ServerChangeError) -> Self {
+        use catalog::ServerChangeError as E;
         use mcp::{DiscoveryError as D, OutboundError as O};
         let error = match error {
             E::Domain(domain) => return domain.into(),
