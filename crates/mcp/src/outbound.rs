@@ -456,30 +456,13 @@ impl OutboundClient {
     /// Checks a URL before any connection: the scheme, and a host given as an address (the
     /// resolver is not asked about those).
     pub fn check_url(&self, url: &Url) -> Result<(), OutboundError> {
-        let host = url.host().ok_or(OutboundError::NoHost)?;
-        let literal = match &host {
-            Host::Ipv4(v4) => Some(IpAddr::V4(*v4)),
-            Host::Ipv6(v6) => Some(IpAddr::V6(*v6)),
-            Host::Domain(_) => None,
+        self.check_scheme(url)?;
+        let literal = match url.host() {
+            Some(Host::Ipv4(v4)) => IpAddr::V4(v4),
+            Some(Host::Ipv6(v6)) => IpAddr::V6(v6),
+            _ => return Ok(()),
         };
-        match url.scheme() {
-            "https" => {}
-            "http" if self.policy.allow_loopback => {
-                let loopback_host = match (&host, literal) {
-                    (_, Some(ip)) => ip.is_loopback(),
-                    (Host::Domain(name), None) => name.eq_ignore_ascii_case("localhost"),
-                    _ => false,
-                };
-                if !loopback_host {
-                    return Err(OutboundError::NotHttps { host: host_of(url) });
-                }
-            }
-            _ => return Err(OutboundError::NotHttps { host: host_of(url) }),
-        }
-        if let Some(ip) = literal {
-            check_addresses(&self.policy, &host_of(url), &[ip])?;
-        }
-        Ok(())
+        check_addresses(&self.policy, &host_of(url), &[literal])
     }
 
     /// Sends `request`, following redirects hop by hop (each hop checked like the first),
