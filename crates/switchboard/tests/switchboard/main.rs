@@ -583,3 +583,49 @@ async fn up_on_jetstream_creates_its_streams_and_vault_bucket() {
         .await
         .expect("the vault bucket exists");
 }
+
+/// Credentials written into the NATS URL never reach a log line, the NATS client library's own
+/// debug lines included (they go through the connect options, not the URL).
+#[test]
+fn credentials_in_the_nats_url_never_appear_in_the_log() {
+    use std::io::BufRead;
+    let nats = testkit::shared_nats();
+    let prefix = testkit::unique_name("cred");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = nats.url().replacen("nats://", "nats://ops:pa55-w0rd-x@", 1);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--nats", &url, "--nats-prefix", &prefix, "-vv", "up"])
+        .env_remove("SWITCHBOARD_VAULT_KEYS")
+        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD_LOG_FORMAT", "text")
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start switchboard up");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = read_until(&mut lines, "listening on ");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    for line in lines.map_while(Result::ok) {
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    assert!(child.wait().expect("wait").success());
+    assert!(seen.contains("switchboard is up on JetStream"), "{seen}");
+    assert!(
+        seen.to_lowercase().contains("nats"),
+        "debug lines of the NATS client are on"
+    );
+    for secret in ["pa55-w0rd-x", "ops:"] {
+        assert!(
+            !seen.contains(secret),
+            "{secret} appears in the log:\n{seen}"
+        );
+    }
+}
