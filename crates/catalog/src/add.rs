@@ -222,6 +222,7 @@ impl ServerCommands {
                 });
             }
         };
+        let auth_method = found.client_authentication_method(secret.is_some());
         let secret_ref = match secret {
             Some(secret) => Some(self.store_client_secret(id, secret).await?),
             None => None,
@@ -252,6 +253,7 @@ impl ServerCommands {
                     .authorization_response_iss_parameter_supported,
             },
             resource: found.resource.clone(),
+            token_endpoint_auth_method: auth_method.to_owned(),
         };
         let add = AddServer {
             name,

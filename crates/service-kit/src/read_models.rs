@@ -6,7 +6,7 @@
 //! the sequence an append returned whatever its subject.
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use domain::ServerDirectory;
+use domain::{ConnectionDirectory, ServerDirectory};
 use eventlog::{
     EventLog, EventLogError, LogKind, RecordedEvent,
     projection::{CheckpointPolicy, CheckpointStore, ProjectionRunner, ProjectionSpec},
@@ -29,6 +29,18 @@ pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
     }
 }
 
+/// Every user's connection to every server, as the API shows it.
+pub fn connection_directory_spec() -> ProjectionSpec<ConnectionDirectory> {
+    ProjectionSpec {
+        name: "connection_directory_v1",
+        log: LogKind::Config,
+        filter: None,
+        apply: |directory: &mut ConnectionDirectory, event: &RecordedEvent| {
+            directory.apply(&event.envelope)
+        },
+    }
+}
+
 /// Where one read model is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectionStatus {
@@ -42,6 +54,7 @@ pub struct ProjectionStatus {
 #[derive(Debug, Clone)]
 pub struct ReadModels {
     pub servers: ProjectionRunner<ServerDirectory>,
+    pub connections: ProjectionRunner<ConnectionDirectory>,
     all: Arc<[Arc<dyn ReadModel>]>,
 }
 
@@ -54,10 +67,23 @@ impl ReadModels {
         policy: CheckpointPolicy,
     ) -> Result<Self, EventLogError> {
         let spec = server_directory_spec();
-        let servers = ProjectionRunner::start(log, checkpoints, spec.clone(), policy).await?;
-        let all: Vec<Arc<dyn ReadModel>> = vec![Model::new(&spec, servers.clone())];
+        let servers = ProjectionRunner::start(
+            log.clone(),
+            checkpoints.clone(),
+            spec.clone(),
+            policy.clone(),
+        )
+        .await?;
+        let connection_spec = connection_directory_spec();
+        let connections =
+            ProjectionRunner::start(log, checkpoints, connection_spec.clone(), policy).await?;
+        let all: Vec<Arc<dyn ReadModel>> = vec![
+            Model::new(&spec, servers.clone()),
+            Model::new(&connection_spec, connections.clone()),
+        ];
         Ok(ReadModels {
             servers,
+            connections,
             all: all.into(),
         })
     }
