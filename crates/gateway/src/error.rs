@@ -193,6 +193,35 @@ impl From<CommandError> for ApiError {
     }
 }
 
+impl From<connection::ConnectionError> for ApiError {
+    fn from(error: connection::ConnectionError) -> Self {
+        use connection::ConnectionError as E;
+        let status = match &error {
+            E::Domain(_) | E::Command(_) | E::Vault(_) => {
+                return match error {
+                    E::Domain(domain) => domain.into(),
+                    E::Command(command) => command.into(),
+                    E::Vault(cause) => ApiError::internal(format!("vault: {cause}")),
+                    _ => unreachable!("matched above"),
+                };
+            }
+            E::ServerNotFound | E::NotConnected => StatusCode::NOT_FOUND,
+            E::ServerDisabled | E::ServerNotRegistered | E::ReauthorizationRequired { .. } => {
+                StatusCode::CONFLICT
+            }
+            E::StateInvalid | E::IssuerMismatch { .. } | E::AuthorizationDenied { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            E::StateNotYours => StatusCode::FORBIDDEN,
+            E::TokenExchangeFailed { .. }
+            | E::RefreshUnavailable { .. }
+            | E::Upstream(_)
+            | E::OAuthClient { .. } => StatusCode::BAD_GATEWAY,
+        };
+        ApiError::new(status, error.code(), error.to_string())
+    }
+}
+
 impl From<catalog::ServerChangeError> for ApiError {
     fn from(error: catalog::ServerChangeError) -> Self {
         use catalog::ServerChangeError as E;

@@ -71,7 +71,7 @@ pub async fn revoke_tokens(
             if client.method == "client_secret_post" || client.method == "none" {
                 oauth = oauth.set_auth_type(AuthType::RequestBody);
             }
-            let http = |request: oauth2::HttpRequest| send_oauth2(outbound, request);
+            let http = Oauth2Http(outbound);
             let mut revoked_any = false;
             let refresh = tokens
                 .refresh_token
@@ -214,7 +214,26 @@ fn url_path_segment(text: &str) -> String {
         .collect()
 }
 
-/// The outbound client as `oauth2`'s HTTP client.
+/// The outbound client as `oauth2`'s HTTP client. A type rather than a closure: its future
+/// is `Send` for every lifetime, which a closure's is not proven to be.
+struct Oauth2Http<'a>(&'a OutboundClient);
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Oauth2Http<'_> {
+    type Error = OutboundError;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<oauth2::HttpResponse, OutboundError>>
+                + Send
+                + 'c,
+        >,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(send_oauth2(self.0, request))
+    }
+}
+
+/// Sends an `oauth2` request through the outbound guard.
 async fn send_oauth2(
     outbound: &OutboundClient,
     request: oauth2::HttpRequest,

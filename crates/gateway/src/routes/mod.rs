@@ -6,6 +6,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::{AppState, Permission};
 
 pub mod audit;
+pub mod connections;
 pub mod me;
 pub mod oauth;
 pub mod servers;
@@ -49,6 +50,7 @@ pub fn table() -> Vec<RouteSpec> {
         system::ROUTES,
         me::ROUTES,
         servers::ROUTES,
+        connections::ROUTES,
         oauth::ROUTES,
         audit::ROUTES,
         stream::ROUTES,
@@ -62,6 +64,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(system::router())
         .merge(me::router())
         .merge(servers::router())
+        .merge(connections::router())
         .merge(oauth::router())
         .merge(audit::router())
         .merge(stream::router())

@@ -145,6 +145,7 @@ impl TestApp {
                 .expect("outbound client")
             }),
             client_metadata_url: None,
+            connection_settings: None,
         });
         let server = tokio::spawn(gateway::server::serve(
             listener,
