@@ -211,6 +211,38 @@ impl TestApp {
         id
     }
 
+    /// A server with an OAuth client at a (never contacted) authorization server: enough to
+    /// start connecting, which builds the authorization URL without a request.
+    pub async fn seed_registered_server(&self, name: &str) -> String {
+        let id = self.seed_server(name).await;
+        let position = self
+            .append(
+                &format!("server.{id}"),
+                Event::ServerClientRegistered(proto::v1::ServerClientRegistered {
+                    server_id: id.clone(),
+                    registration_mode: proto::v1::RegistrationMode::Dynamic as i32,
+                    client_id: "seeded-client".into(),
+                    authorization_server: Some(proto::v1::AuthorizationServerMetadata {
+                        issuer: "https://auth.example.com".into(),
+                        authorization_endpoint: "https://auth.example.com/authorize".into(),
+                        token_endpoint: "https://auth.example.com/token".into(),
+                        code_challenge_methods_supported: vec!["S256".into()],
+                        ..Default::default()
+                    }),
+                    resource: "https://mcp.example.com/mcp".into(),
+                    token_endpoint_auth_method: "none".into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert!(
+            self.read_models
+                .wait_for_position(eventlog::LogKind::Config, position, Duration::from_secs(10))
+                .await
+        );
+        id
+    }
+
     /// Appends one event to `subject`; returns its log position.
     pub async fn append(&self, subject: &str, event: Event) -> u64 {
         let subject = Subject::parse(subject).expect("subject");
