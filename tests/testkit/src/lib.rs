@@ -33,7 +33,7 @@ pub fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 mod tls;
-pub use https::{FixtureServer, serve_http, serve_https};
+pub use https::{FixtureServer, serve_http, serve_https, serve_https_on};
 pub use tls::{ServerCert, TestCa};
 
 use std::collections::hash_map::RandomState;

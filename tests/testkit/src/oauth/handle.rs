@@ -7,7 +7,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{ClientAuthMethod, RevocationStyle, Shared};
+use super::{ClientAuthMethod, OAuthFixture, RevocationStyle, Shared};
 use crate::mcp_fixture::FixtureTool;
 
 /// A handle on a started fixture's state (see [`super::OAuthFixture::start`]); cheap to clone.
@@ -91,6 +91,12 @@ pub struct McpRequestSeen {
 impl FixtureHandle {
     pub(crate) fn new(shared: Arc<Shared>) -> FixtureHandle {
         FixtureHandle { shared }
+    }
+
+    /// The configuration the fixture was started with.
+    #[must_use]
+    pub fn fixture(&self) -> OAuthFixture {
+        self.shared.config.clone()
     }
 
     /// Every `POST /token`, any grant (also those refused).
