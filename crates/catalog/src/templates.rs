@@ -25,6 +25,10 @@ pub struct Template {
     /// Where tokens are revoked when the provider does not do RFC 7009 (GitHub's REST API,
     /// Slack's `auth.revoke`); `None`: the authorization server's `revocation_endpoint`.
     pub revocation_api: Option<RevocationApi>,
+    /// How a client registered with the provider by hand authenticates at its token
+    /// endpoint, when the provider documents one way (GitHub and PagerDuty take the client
+    /// secret in the request body); `None`: as the authorization server's metadata says.
+    pub preregistered_auth_method: Option<&'static str>,
 }
 
 /// A provider's own token revocation API.
@@ -60,6 +64,7 @@ impl Catalog {
             description,
             allowances,
             revocation_api: None,
+            preregistered_auth_method: None,
         };
         Catalog {
             templates: vec![
@@ -79,6 +84,7 @@ impl Catalog {
                     revocation_api: Some(RevocationApi::GitHubApplications {
                         base: "https://api.github.com/".to_owned(),
                     }),
+                    preregistered_auth_method: Some("client_secret_post"),
                     ..template(
                         "github",
                         "GitHub",
@@ -94,18 +100,21 @@ impl Catalog {
                     "Page, database and workspace tools",
                     &[PublicClientRegistration, OverlappingRefreshTokens],
                 ),
-                template(
-                    "pagerduty",
-                    "PagerDuty",
-                    "https://mcp.pagerduty.com/mcp",
-                    "Incident, service and schedule tools",
-                    &[
-                        OpenIdConnectDiscoveryOnly,
-                        PathIssuer,
-                        NoDynamicRegistration,
-                        SecretOnRefresh,
-                    ],
-                ),
+                Template {
+                    preregistered_auth_method: Some("client_secret_post"),
+                    ..template(
+                        "pagerduty",
+                        "PagerDuty",
+                        "https://mcp.pagerduty.com/mcp",
+                        "Incident, service and schedule tools",
+                        &[
+                            OpenIdConnectDiscoveryOnly,
+                            PathIssuer,
+                            NoDynamicRegistration,
+                            SecretOnRefresh,
+                        ],
+                    )
+                },
                 Template {
                     revocation_api: Some(RevocationApi::SlackAuthRevoke {
                         url: "https://slack.com/api/auth.revoke".to_owned(),
@@ -129,6 +138,7 @@ impl Catalog {
                     description: "Any remote MCP server by its https:// URL, held to the MCP specification",
                     allowances: &[],
                     revocation_api: None,
+                    preregistered_auth_method: None,
                 },
             ],
         }

@@ -170,6 +170,21 @@ impl ConnectionService {
         }
     }
 
+    /// Another instance over the same stores and settings, sharing nothing in memory: what a
+    /// second process is to this one (tests of cross-process coordination use it).
+    pub fn another_instance(&self) -> ConnectionService {
+        let inner = &self.inner;
+        ConnectionService::new(
+            inner.log.clone(),
+            inner.vault.clone(),
+            inner.read_models.clone(),
+            inner.envelopes.clone(),
+            inner.outbound.clone(),
+            inner.catalog.clone(),
+            inner.settings.clone(),
+        )
+    }
+
     pub fn settings(&self) -> &ConnectionSettings {
         &self.inner.settings
     }

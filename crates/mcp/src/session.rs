@@ -108,7 +108,27 @@ pub async fn list_tools(
 }
 
 fn classify_init(error: &ClientInitializeError) -> McpCallError {
-    classify_chain(error)
+    match error.auth_challenge() {
+        Some(challenge) => classify_challenge(challenge),
+        None => classify_chain(error),
+    }
+}
+
+/// A `WWW-Authenticate` challenge: `insufficient_scope` names the scope the grant lacks;
+/// anything else means the token is not accepted.
+fn classify_challenge(challenge: &str) -> McpCallError {
+    if challenge.contains("insufficient_scope") {
+        let required_scope = challenge
+            .split("scope=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .map(str::to_owned);
+        McpCallError::InsufficientScope { required_scope }
+    } else {
+        McpCallError::Unauthorized {
+            challenge: truncate(challenge),
+        }
+    }
 }
 
 fn classify_service(error: &ServiceError) -> McpCallError {
@@ -119,7 +139,10 @@ fn classify_service(error: &ServiceError) -> McpCallError {
         ServiceError::Timeout { .. } => McpCallError::Unreachable {
             reason: "the server did not answer in time".to_owned(),
         },
-        other => classify_chain(other),
+        other => match other.auth_challenge() {
+            Some(challenge) => classify_challenge(challenge),
+            None => classify_chain(other),
+        },
     }
 }
 

@@ -45,6 +45,9 @@ pub struct TestApp {
     pub log: Arc<dyn EventLog>,
     pub shutdown: CancellationToken,
     pub server: Option<tokio::task::JoinHandle<()>>,
+    pub state: AppState,
+    /// Where the JSONL log, checkpoints and vault files are (for the leaked-secret scans).
+    pub dir: std::path::PathBuf,
     _guard: Box<dyn Any + Send>,
 }
 
@@ -149,7 +152,7 @@ impl TestApp {
         });
         let server = tokio::spawn(gateway::server::serve(
             listener,
-            gateway::app(state),
+            gateway::app(state.clone()),
             None,
             shutdown.clone(),
             options.limits,
@@ -162,6 +165,8 @@ impl TestApp {
             log,
             shutdown,
             server: Some(server),
+            state,
+            dir: dir.path().to_owned(),
             _guard: Box::new(dir),
         }
     }
@@ -266,7 +271,12 @@ impl Drop for TestApp {
 pub struct WithFixture {
     pub app: TestApp,
     pub fixture_url: String,
-    _server: testkit::FixtureServer,
+    /// The fixture's levers and counters.
+    pub handle: testkit::FixtureHandle,
+    /// A browser of sorts: trusts the test CA, resolves the fixture's names, follows no
+    /// redirects.
+    pub browser: reqwest::Client,
+    pub server: testkit::FixtureServer,
 }
 
 pub async fn app_with_fixture(store: Store, fixture: testkit::OAuthFixture) -> WithFixture {
@@ -280,11 +290,18 @@ pub async fn app_with_fixture_for(
     template: &str,
 ) -> WithFixture {
     let ca = testkit::TestCa::new();
-    let server = testkit::serve_https(
-        fixture.router(),
-        &ca.issue(&["fixture.test", "alt.fixture.test"]),
-    )
-    .await;
+    let (router, handle) = fixture.start();
+    let server =
+        testkit::serve_https(router, &ca.issue(&["fixture.test", "alt.fixture.test"])).await;
+    let browser = testkit::http_client()
+        .tls_certs_only(
+            reqwest::Certificate::from_pem_bundle(ca.cert_pem().as_bytes()).expect("CA"),
+        )
+        .resolve("fixture.test", server.address)
+        .resolve("alt.fixture.test", server.address)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("browser");
     let fixture_url = format!("{}/mcp", server.https_url("fixture.test"));
     let resolver = mcp::StaticResolver::new()
         .with("fixture.test", &["127.0.0.1".parse().expect("address")])
@@ -313,7 +330,9 @@ pub async fn app_with_fixture_for(
     WithFixture {
         app,
         fixture_url,
-        _server: server,
+        handle,
+        browser,
+        server,
     }
 }
 
