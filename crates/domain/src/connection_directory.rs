@@ -188,11 +188,9 @@ impl ConnectionDirectory {
                 view.status = ConnectionStatus::Unreachable;
                 view.reason.clone_from(&e.reason);
             }
-            Event::ConnectionRecovered(_) => {
-                if view.status == ConnectionStatus::Unreachable {
-                    view.status = ConnectionStatus::Connected;
-                    view.reason.clear();
-                }
+            Event::ConnectionRecovered(_) if view.status == ConnectionStatus::Unreachable => {
+                view.status = ConnectionStatus::Connected;
+                view.reason.clear();
             }
             Event::ToolsDiscovered(e) => view.tool_count = Some(e.tools.len()),
             _ => {}

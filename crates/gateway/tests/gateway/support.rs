@@ -276,7 +276,7 @@ pub struct WithFixture {
     /// A browser of sorts: trusts the test CA, resolves the fixture's names, follows no
     /// redirects.
     pub browser: reqwest::Client,
-    pub server: testkit::FixtureServer,
+    _server: testkit::FixtureServer,
 }
 
 pub async fn app_with_fixture(store: Store, fixture: testkit::OAuthFixture) -> WithFixture {
@@ -332,7 +332,7 @@ pub async fn app_with_fixture_for(
         fixture_url,
         handle,
         browser,
-        server,
+        _server: server,
     }
 }
 
