@@ -1012,25 +1012,35 @@ async fn users_can_see_their_own_tools_and_tools_can_fail() {
 
 #[tokio::test]
 async fn a_server_that_is_down_answers_503_and_a_stopped_one_refuses_connections() {
-    let setup = setup(OAuthFixture::default()).await;
-    setup.handle.set_mcp_down(true);
-    assert_eq!(setup.mcp_post(None, &initialize()).await.status(), 503);
-    setup.handle.set_mcp_down(false);
-    assert_eq!(setup.mcp_post(None, &initialize()).await.status(), 401);
+    let ca = TestCa::new();
+    let cert = ca.issue(&["fixture.test"]);
+    let (router, handle) = OAuthFixture::default().start();
+    let server = testkit::serve_https(router.clone(), &cert).await;
+    let (http, port) = (client_for(&ca, server.address), server.port());
+    let mcp = server.https_url("fixture.test") + "/mcp";
+    let post = || {
+        http.post(&mcp)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, text/event-stream",
+            )
+            .body(INITIALIZE)
+            .send()
+    };
+    handle.set_mcp_down(true);
+    assert_eq!(post().await.expect("answer").status(), 503);
+    handle.set_mcp_down(false);
+    assert_eq!(post().await.expect("answer").status(), 401);
 
-    let Setup {
-        server,
-        http,
-        origin,
-        ..
-    } = setup;
     server.shutdown().await;
-    let error = http
-        .post(format!("{origin}/mcp"))
-        .send()
-        .await
-        .expect_err("nothing listens");
+    let error = post().await.expect_err("nothing listens");
     assert!(error.is_connect(), "{error}");
+
+    // The same router (and state) back on the same port.
+    let _again = testkit::serve_https_on(router, &cert, port).await;
+    handle.set_mcp_down(true);
+    assert_eq!(post().await.expect("answer").status(), 503);
 }
 
 #[tokio::test]
