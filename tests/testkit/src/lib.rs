@@ -18,9 +18,9 @@ mod mcp_fixture;
 mod oauth;
 pub use mcp_fixture::{EXPORT_ALL_BYTES, FixtureTool, McpEra, TOOLS_PAGE_SIZE, ToolOutput};
 pub use oauth::{
-    AuthorizationRequestSeen, ClientAuthMethod, DEFAULT_USER, FIRST_REGISTERED_CLIENT_ID,
-    FIRST_REGISTERED_CLIENT_SECRET, FixtureHandle, McpRequestSeen, OAuthFixture,
-    PRE_REGISTERED_CLIENT_ID, PRE_REGISTERED_CLIENT_SECRET, READ_SCOPE, Revocation,
+    AuthorizationRequestSeen, CODE_LIFETIME, ClientAuthMethod, DEFAULT_USER,
+    FIRST_REGISTERED_CLIENT_ID, FIRST_REGISTERED_CLIENT_SECRET, FixtureHandle, McpRequestSeen,
+    OAuthFixture, PRE_REGISTERED_CLIENT_ID, PRE_REGISTERED_CLIENT_SECRET, READ_SCOPE, Revocation,
     RevocationStyle, ScopeChallenge, TokenGate, TokenKind, TokenRequestSeen, WRITE_SCOPE,
 };
 

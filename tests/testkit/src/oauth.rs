@@ -36,6 +36,7 @@ pub use handle::{
 };
 pub(crate) use revocation::bearer;
 pub(crate) use state::{Caller, Shared, TokenCheck};
+pub use token::CODE_LIFETIME;
 
 /// The client id of the client every fixture knows without registration (what a test gives
 /// Switchboard as the pre-registered client of GitHub, PagerDuty or Slack).
