@@ -4,6 +4,9 @@
 //! - [`NatsServer::start`] gives a test its own server, which it may stop, kill and restart.
 //! - [`TestCa`] is a throw-away certificate authority for real TLS on loopback;
 //!   [`serve_https`] and [`serve_http`] run fixture servers (an axum router) on loopback.
+//! - [`OAuthFixture`] is a fixture MCP server (`rmcp`, streamable HTTP) with its OAuth 2.1
+//!   authorization server, following the specifications or a provider's departures;
+//!   [`OAuthFixture::start`] gives its router and a [`FixtureHandle`] to steer and observe it.
 //! - [`shared_nats`] gives every test of a test binary the same server; tests isolate themselves
 //!   with [`unique_name`]s for streams, subjects and buckets.
 //!
@@ -15,9 +18,9 @@ mod mcp_fixture;
 mod oauth;
 pub use mcp_fixture::{EXPORT_ALL_BYTES, FixtureTool, McpEra, TOOLS_PAGE_SIZE, ToolOutput};
 pub use oauth::{
-    AuthorizationRequestSeen, ClientAuthMethod, DEFAULT_USER, FIRST_REGISTERED_CLIENT_ID,
-    FIRST_REGISTERED_CLIENT_SECRET, FixtureHandle, McpRequestSeen, OAuthFixture,
-    PRE_REGISTERED_CLIENT_ID, PRE_REGISTERED_CLIENT_SECRET, READ_SCOPE, Revocation,
+    AuthorizationRequestSeen, CODE_LIFETIME, ClientAuthMethod, DEFAULT_USER,
+    FIRST_REGISTERED_CLIENT_ID, FIRST_REGISTERED_CLIENT_SECRET, FixtureHandle, McpRequestSeen,
+    OAuthFixture, PRE_REGISTERED_CLIENT_ID, PRE_REGISTERED_CLIENT_SECRET, READ_SCOPE, Revocation,
     RevocationStyle, ScopeChallenge, TokenGate, TokenKind, TokenRequestSeen, WRITE_SCOPE,
 };
 

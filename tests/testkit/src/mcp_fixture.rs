@@ -4,7 +4,7 @@
 //! - **Eras.** [`McpEra::Stateless`] is `rmcp`'s server without sessions: a client that
 //!   starts with `server/discover` speaks protocol 2026-07-28; a client that starts with
 //!   `initialize` is served too, statelessly, on the newest version with a handshake
-//!   (2025-11-25). [`McpEra::Sessions`] speaks at most 2025-11-25 with `Mcp-Session-Id`
+//!   (2025-11-25). [`McpEra::Sessions`] speaks 2025-11-25 only, with `Mcp-Session-Id`
 //!   sessions. `rmcp`'s server answers `server/discover` even in session mode (with the
 //!   supported versions, which makes a 2026-07-28 client fail rather than fall back), so the
 //!   fixture answers it itself as a 2025-11-25 server does (400, JSON-RPC "method not found",
@@ -52,7 +52,8 @@ pub enum McpEra {
     /// Protocol 2026-07-28 without sessions (`rmcp`'s stateless server); `initialize` is
     /// served statelessly too.
     Stateless,
-    /// Protocol 2025-11-25 and older, with `Mcp-Session-Id` sessions; 2026-07-28 is refused.
+    /// Protocol 2025-11-25 only (what `initialize` negotiates, whatever the client asks), with
+    /// `Mcp-Session-Id` sessions; `server/discover` and requests naming 2026-07-28 are refused.
     Sessions,
 }
 
@@ -242,9 +243,7 @@ impl ServerHandler for FixtureMcp {
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
         match self.shared.config.mcp_era {
             McpEra::Stateless => Cow::Borrowed(ProtocolVersion::KNOWN_VERSIONS),
-            McpEra::Sessions => {
-                Cow::Borrowed(ProtocolVersion::known_up_to(&ProtocolVersion::V_2025_11_25))
-            }
+            McpEra::Sessions => Cow::Borrowed(SESSIONS_ERA_VERSIONS),
         }
     }
 
@@ -368,6 +367,9 @@ impl ServerHandler for FixtureMcp {
         }
     }
 }
+
+/// What the sessions era speaks.
+const SESSIONS_ERA_VERSIONS: &[ProtocolVersion] = &[ProtocolVersion::V_2025_11_25];
 
 /// Largest request body the endpoint reads.
 const MAX_BODY: usize = 4 * 1024 * 1024;

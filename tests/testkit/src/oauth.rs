@@ -36,6 +36,7 @@ pub use handle::{
 };
 pub(crate) use revocation::bearer;
 pub(crate) use state::{Caller, Shared, TokenCheck};
+pub use token::CODE_LIFETIME;
 
 /// The client id of the client every fixture knows without registration (what a test gives
 /// Switchboard as the pre-registered client of GitHub, PagerDuty or Slack).
@@ -183,7 +184,8 @@ pub struct OAuthFixture {
     /// A `client_id` in the token request body next to `Authorization: Basic` is refused with
     /// 400 "Client must not use multiple authentication methods" (Notion).
     pub reject_client_id_beside_basic: bool,
-    /// How the pre-registered client ([`PRE_REGISTERED_CLIENT_ID`]) authenticates.
+    /// How the pre-registered client ([`PRE_REGISTERED_CLIENT_ID`]) authenticates. Without
+    /// dynamic registration, `token_endpoint_auth_methods_supported` names only this method.
     pub pre_registered_auth_method: ClientAuthMethod,
     /// `/authorize` and `/token` insist on `resource` (RFC 8707, as the MCP specification
     /// makes clients send it); when false it may be left out.
@@ -479,7 +481,13 @@ impl OAuthFixture {
         } else {
             format!("{origin}/token")
         };
-        let methods = ["client_secret_basic", "client_secret_post", "none"];
+        // With dynamic registration clients differ; without it, only the pre-registered client
+        // exists, and the metadata names its method (which steers `rmcp`'s choice).
+        let methods: Vec<&str> = if self.dynamic_registration {
+            vec!["client_secret_basic", "client_secret_post", "none"]
+        } else {
+            vec![self.pre_registered_auth_method.as_str()]
+        };
         let mut metadata = json!({
             "issuer": self.issuer(origin),
             "authorization_endpoint": format!("{origin}/authorize"),

@@ -9,6 +9,7 @@ use rmcp::{
     model::{CallToolRequestParams, ProtocolVersion, SubscriptionFilter},
     service::{ClientLifecycleMode, ClientServiceExt, NotificationContext, RunningService},
     transport::{
+        AuthorizationManager, AuthorizationRequest, AuthorizationSession,
         StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
     },
 };
@@ -1012,25 +1013,35 @@ async fn users_can_see_their_own_tools_and_tools_can_fail() {
 
 #[tokio::test]
 async fn a_server_that_is_down_answers_503_and_a_stopped_one_refuses_connections() {
-    let setup = setup(OAuthFixture::default()).await;
-    setup.handle.set_mcp_down(true);
-    assert_eq!(setup.mcp_post(None, &initialize()).await.status(), 503);
-    setup.handle.set_mcp_down(false);
-    assert_eq!(setup.mcp_post(None, &initialize()).await.status(), 401);
+    let ca = TestCa::new();
+    let cert = ca.issue(&["fixture.test"]);
+    let (router, handle) = OAuthFixture::default().start();
+    let server = testkit::serve_https(router.clone(), &cert).await;
+    let (http, port) = (client_for(&ca, server.address), server.port());
+    let mcp = server.https_url("fixture.test") + "/mcp";
+    let post = || {
+        http.post(&mcp)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, text/event-stream",
+            )
+            .body(INITIALIZE)
+            .send()
+    };
+    handle.set_mcp_down(true);
+    assert_eq!(post().await.expect("answer").status(), 503);
+    handle.set_mcp_down(false);
+    assert_eq!(post().await.expect("answer").status(), 401);
 
-    let Setup {
-        server,
-        http,
-        origin,
-        ..
-    } = setup;
     server.shutdown().await;
-    let error = http
-        .post(format!("{origin}/mcp"))
-        .send()
-        .await
-        .expect_err("nothing listens");
+    let error = post().await.expect_err("nothing listens");
     assert!(error.is_connect(), "{error}");
+
+    // The same router (and state) back on the same port.
+    let _again = testkit::serve_https_on(router, &cert, port).await;
+    handle.set_mcp_down(true);
+    assert_eq!(post().await.expect("answer").status(), 503);
 }
 
 #[tokio::test]
@@ -1181,4 +1192,124 @@ async fn a_legacy_client_is_served_statelessly_by_the_stateless_era() {
     assert_eq!(mcp.list_all_tools().await.expect("tools").len(), 4);
     assert_eq!(setup.handle.sessions_opened(), 0);
     mcp.cancel().await.expect("close");
+}
+
+/// `rmcp`'s own OAuth client through the flow: discovery from the challenge, registration (or
+/// the pre-registered client), the authorization URL, the callback with `iss`, a refresh; then
+/// an MCP session with the token.
+async fn rmcp_oauth_flow(fixture: OAuthFixture, request: AuthorizationRequest) -> Setup {
+    let setup = setup(fixture).await;
+    let mut manager = AuthorizationManager::new(setup.resource())
+        .await
+        .expect("manager");
+    manager
+        .with_client(client_for(&setup.ca, setup.server.address))
+        .expect("client");
+    let challenge = www_authenticate(&setup.mcp_post(None, &initialize()).await);
+    let resolution = manager
+        .resolve_metadata_from_challenge(Some(&challenge))
+        .await
+        .expect("metadata");
+    manager.set_metadata(resolution.metadata);
+    let session = AuthorizationSession::new(manager, request)
+        .await
+        .map_err(|(_, e)| e)
+        .expect("session");
+    let response = setup
+        .http
+        .get(session.get_authorization_url())
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(response.status(), 302);
+    let callback = response.headers()[reqwest::header::LOCATION]
+        .to_str()
+        .expect("text")
+        .to_owned();
+    session
+        .handle_callback_url(&callback)
+        .await
+        .expect("tokens");
+    let first = session
+        .auth_manager
+        .get_access_token()
+        .await
+        .expect("access token");
+    session.auth_manager.refresh_token().await.expect("refresh");
+    let access = session
+        .auth_manager
+        .get_access_token()
+        .await
+        .expect("access token");
+    assert_ne!(first, access);
+    assert_eq!(setup.handle.token_requests_for("refresh_token"), 1);
+    let mcp = connect(&setup, &access, setup.handle.fixture().mcp_era).await;
+    assert_eq!(mcp.list_all_tools().await.expect("tools").len(), 4);
+    mcp.cancel().await.expect("close");
+    setup
+}
+
+#[tokio::test]
+async fn rmcp_oauth_clients_complete_the_flow_against_each_registration_style() {
+    let setup = rmcp_oauth_flow(
+        OAuthFixture::default(),
+        AuthorizationRequest::new(REDIRECT).with_client_name("Switchboard"),
+    )
+    .await;
+    let seen = setup.handle.last_token_request().expect("token request");
+    assert_eq!(seen.client_auth, ClientAuthMethod::ClientSecretBasic);
+    assert_eq!(seen.resource, Some(setup.resource()));
+
+    let setup = rmcp_oauth_flow(OAuthFixture::notion(), AuthorizationRequest::new(REDIRECT)).await;
+    let seen = setup.handle.last_token_request().expect("token request");
+    assert_eq!(
+        seen.client_auth,
+        ClientAuthMethod::None,
+        "registered as public"
+    );
+
+    for fixture in [OAuthFixture::github(), OAuthFixture::pagerduty()] {
+        let setup = rmcp_oauth_flow(
+            fixture,
+            AuthorizationRequest::new(REDIRECT)
+                .with_preregistered_client(PRE_REGISTERED_CLIENT_ID)
+                .with_client_secret(PRE_REGISTERED_CLIENT_SECRET),
+        )
+        .await;
+        let seen = setup.handle.last_token_request().expect("token request");
+        assert_eq!(seen.client_auth, ClientAuthMethod::ClientSecretPost);
+    }
+}
+
+#[tokio::test]
+async fn rmcp_refuses_a_callback_whose_iss_is_not_the_issuer() {
+    let setup = setup(OAuthFixture {
+        callback_iss_override: Some("https://evil.test".to_owned()),
+        ..OAuthFixture::default()
+    })
+    .await;
+    let mut manager = AuthorizationManager::new(setup.resource())
+        .await
+        .expect("manager");
+    manager
+        .with_client(client_for(&setup.ca, setup.server.address))
+        .expect("client");
+    let resolution = manager.resolve_metadata().await.expect("metadata");
+    manager.set_metadata(resolution.metadata);
+    let session = AuthorizationSession::new(manager, AuthorizationRequest::new(REDIRECT))
+        .await
+        .map_err(|(_, e)| e)
+        .expect("session");
+    let response = setup
+        .http
+        .get(session.get_authorization_url())
+        .send()
+        .await
+        .expect("authorize");
+    let callback = response.headers()[reqwest::header::LOCATION]
+        .to_str()
+        .expect("text")
+        .to_owned();
+    assert!(session.handle_callback_url(&callback).await.is_err());
+    assert_eq!(setup.handle.token_requests(), 0, "no code exchange");
 }

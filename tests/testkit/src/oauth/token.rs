@@ -166,12 +166,15 @@ impl Presented {
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
         {
-            Some(value) if value.len() > 6 && value[..6].eq_ignore_ascii_case("basic ") => {
-                Some(basic_credentials(&value[6..]).ok_or_else(|| {
-                    OAuthError::new("invalid_client", "The Basic credentials are malformed")
-                })?)
-            }
-            _ => None,
+            Some(value) => match value.split_once(' ') {
+                Some((scheme, credentials)) if scheme.eq_ignore_ascii_case("basic") => {
+                    Some(basic_credentials(credentials).ok_or_else(|| {
+                        OAuthError::new("invalid_client", "The Basic credentials are malformed")
+                    })?)
+                }
+                _ => None,
+            },
+            None => None,
         };
         let body_id = form.get("client_id").cloned();
         let body_secret = form.get("client_secret").cloned();
