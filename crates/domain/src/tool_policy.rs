@@ -525,7 +525,9 @@ mod tests {
                 ToolState::NeedsApproval,
             ),
         ])
-        .when(decide_policy(observe(vec![definition("search", "h2", None)])))
+        .when(decide_policy(observe(vec![definition(
+            "search", "h2", None,
+        )])))
         .then_nothing();
     }
 
@@ -608,7 +610,9 @@ mod tests {
             permission_was_set("search", ToolState::AlwaysAllow, "s1"),
             permission_was_set("create", ToolState::NeedsApproval, "c1"),
         ])
-        .when(decide_policy(observe(vec![definition("create", "c1", None)])))
+        .when(decide_policy(observe(vec![definition(
+            "create", "c1", None,
+        )])))
         .then([cleared(&["search"])]);
         assert_eq!(state.setting("search"), None);
         assert_eq!(state.tool_state("search"), ToolState::Blocked);
@@ -617,7 +621,9 @@ mod tests {
             permission_was_set("search", ToolState::AlwaysAllow, "s1"),
             cleared(&["search"]),
         ])
-        .when(decide_policy(observe(vec![definition("search", "s1", None)])))
+        .when(decide_policy(observe(vec![definition(
+            "search", "s1", None,
+        )])))
         .then_nothing();
     }
 
