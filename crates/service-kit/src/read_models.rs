@@ -6,7 +6,7 @@
 //! the sequence an append returned whatever its subject.
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use domain::ServerDirectory;
+use domain::{ServerDirectory, ToolStates};
 use eventlog::{
     EventLog, EventLogError, LogKind, RecordedEvent,
     projection::{CheckpointPolicy, CheckpointStore, ProjectionRunner, ProjectionSpec},
@@ -29,6 +29,17 @@ pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
     }
 }
 
+/// The tool states: per user and server each tool's effective state, and the exposed names.
+pub fn tool_states_spec() -> ProjectionSpec<ToolStates> {
+    ProjectionSpec {
+        // Bump the suffix when the snapshot's shape changes.
+        name: "tool_states_v1",
+        log: LogKind::Config,
+        filter: None,
+        apply: |states: &mut ToolStates, event: &RecordedEvent| states.apply(&event.envelope),
+    }
+}
+
 /// Where one read model is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectionStatus {
@@ -42,6 +53,8 @@ pub struct ProjectionStatus {
 #[derive(Debug, Clone)]
 pub struct ReadModels {
     pub servers: ProjectionRunner<ServerDirectory>,
+    /// What each user lets the AI do with each tool; the invocation path reads it per call.
+    pub tool_states: ProjectionRunner<ToolStates>,
     all: Arc<[Arc<dyn ReadModel>]>,
 }
 
@@ -54,10 +67,23 @@ impl ReadModels {
         policy: CheckpointPolicy,
     ) -> Result<Self, EventLogError> {
         let spec = server_directory_spec();
-        let servers = ProjectionRunner::start(log, checkpoints, spec.clone(), policy).await?;
-        let all: Vec<Arc<dyn ReadModel>> = vec![Model::new(&spec, servers.clone())];
+        let servers = ProjectionRunner::start(
+            log.clone(),
+            checkpoints.clone(),
+            spec.clone(),
+            policy.clone(),
+        )
+        .await?;
+        let tools_spec = tool_states_spec();
+        let tool_states =
+            ProjectionRunner::start(log, checkpoints, tools_spec.clone(), policy).await?;
+        let all: Vec<Arc<dyn ReadModel>> = vec![
+            Model::new(&spec, servers.clone()),
+            Model::new(&tools_spec, tool_states.clone()),
+        ];
         Ok(ReadModels {
             servers,
+            tool_states,
             all: all.into(),
         })
     }
