@@ -145,10 +145,14 @@ impl From<DomainError> for ApiError {
     fn from(error: DomainError) -> Self {
         use DomainError as E;
         let status = match &error {
-            E::ServerNotFound | E::InvocationNotFound => StatusCode::NOT_FOUND,
+            E::ServerNotFound | E::InvocationNotFound | E::ToolNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             E::ServerNameTaken { .. }
             | E::ServerAlreadyExists
             | E::AlreadyConnected
+            | E::NotConnected
+            | E::ToolDefinitionStale { .. }
             | E::InvocationIdReused
             | E::InvocationNotAwaitingApproval
             | E::InvocationAwaitingApproval
@@ -214,5 +218,14 @@ impl From<catalog::ServerChangeError> for ApiError {
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError::new(status, error.code(), error.to_string())
+    }
+}
+
+impl From<policy::PolicyError> for ApiError {
+    fn from(error: policy::PolicyError) -> Self {
+        match error {
+            policy::PolicyError::Domain(domain) => domain.into(),
+            policy::PolicyError::Command(command) => command.into(),
+        }
     }
 }

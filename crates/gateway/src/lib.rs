@@ -75,6 +75,8 @@ pub struct AppInner {
     pub shutdown: CancellationToken,
     /// The catalog service.
     pub servers: catalog::ServerCommands,
+    /// The policy service: each user's tool settings.
+    pub policy: policy::PolicyCommands,
     /// The permission table by path: each method the path serves, with its access.
     routes: HashMap<&'static str, Vec<(Method, Access)>>,
 }
@@ -131,8 +133,14 @@ impl AppState {
             parts.vault.clone(),
             oauth,
         );
+        let policy = policy::PolicyCommands::new(
+            parts.log.clone(),
+            parts.envelopes.clone(),
+            parts.read_models.clone(),
+        );
         AppState(Arc::new(AppInner {
             servers,
+            policy,
             log: parts.log,
             vault: parts.vault,
             read_models: parts.read_models,

@@ -11,6 +11,7 @@ pub mod oauth;
 pub mod servers;
 pub mod stream;
 pub mod system;
+pub mod tools;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,7 @@ pub fn table() -> Vec<RouteSpec> {
         system::ROUTES,
         me::ROUTES,
         servers::ROUTES,
+        tools::ROUTES,
         oauth::ROUTES,
         audit::ROUTES,
         stream::ROUTES,
@@ -62,6 +64,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(system::router())
         .merge(me::router())
         .merge(servers::router())
+        .merge(tools::router())
         .merge(oauth::router())
         .merge(audit::router())
         .merge(stream::router())

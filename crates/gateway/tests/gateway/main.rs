@@ -8,3 +8,4 @@ mod servers;
 mod servers_add;
 mod stream;
 mod support;
+mod tools;
