@@ -8,8 +8,9 @@
 //! definition hashes are interned once and referred to by `u32`; a tool definition (title,
 //! description, category) is stored once per server, tool and definition hash, however many
 //! users see it; per user and server there is one sorted vector of 16-byte [`Slot`]s, one per
-//! tool offered or set. A look-up is: user id → index, server id → index, (user, server) →
-//! slots, tool name → index, binary search.
+//! tool offered or set. A look-up is: user id → the user's servers (one hash probe into a
+//! map whose entries hold them inline), server id → index (a small map), a scan of the user's
+//! few servers, tool name → index, binary search: about five cache lines in all.
 //!
 //! What it folds: server events (slugs), connection events of each user (connected from
 //! `ConnectionEstablished` until `ConnectionDisconnected`; the tool list of the latest
@@ -151,10 +152,8 @@ fn state_of_code(code: u8) -> ToolState {
 }
 
 /// One user's tools of one server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct UserServer {
-    user: u32,
-    server: u32,
     connected: bool,
     /// Sorted by `name`.
     slots: Vec<Slot>,
@@ -202,17 +201,15 @@ pub struct ToolView<'a> {
 /// The projection. Serialisable as a checkpoint; see the module docs.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ToolStates {
-    users: Interner,
+    /// Each user's servers (by server index), inline in the map's entry: a look-up's first
+    /// probe lands on them.
+    users: HashMap<Box<str>, Vec<(u32, UserServer)>>,
     tool_names: Interner,
     hashes: Interner,
     servers: Vec<ServerEntry>,
     server_index: HashMap<ServerId, u32>,
     definitions: Vec<Definition>,
     definition_index: HashMap<(u32, u32, u32), u32>,
-    pairs: Vec<UserServer>,
-    pair_index: HashMap<(u32, u32), u32>,
-    /// The pairs of each user, by user index.
-    user_pairs: Vec<Vec<u32>>,
     exposed: HashMap<Box<str>, (u32, u32)>,
     exposed_of: HashMap<(u32, u32), Box<str>>,
 }
@@ -220,7 +217,7 @@ pub struct ToolStates {
 impl std::fmt::Debug for ToolStates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ToolStates")
-            .field("users", &self.users.strings.len())
+            .field("users", &self.users.len())
             .field("servers", &self.servers.len())
             .field("definitions", &self.definitions.len())
             .field("slots", &self.slot_count())
@@ -261,12 +258,11 @@ impl ToolStates {
             }
             Event::ConnectionEstablished(e) => {
                 if let Some(pair) = self.pair_or_new(&e.user_id, &e.server_id) {
-                    self.pairs[pair].connected = true;
+                    pair.connected = true;
                 }
             }
             Event::ConnectionDisconnected(e) => {
                 if let Some(pair) = self.pair_or_new(&e.user_id, &e.server_id) {
-                    let pair = &mut self.pairs[pair];
                     pair.connected = false;
                     for slot in &mut pair.slots {
                         slot.definition = NONE;
@@ -275,30 +271,31 @@ impl ToolStates {
                 }
             }
             Event::ToolsDiscovered(e) => self.discovered(e),
-            Event::ToolPermissionSet(e) => {
-                self.set(&e.user_id, &e.server_id, &e.tool_name, |hashes, slot| {
-                    slot.setting_hash = hashes.intern(&e.definition_hash);
-                    slot.state = state_code(ToolState::from_event(e.state));
-                    slot.changed = false;
-                });
-            }
-            Event::ToolDefinitionChanged(e) => {
-                self.set(&e.user_id, &e.server_id, &e.tool_name, |hashes, slot| {
-                    slot.setting_hash = hashes.intern(&e.definition_hash);
-                    slot.state = state_code(ToolState::from_event(e.state));
-                    slot.changed = true;
-                });
-            }
+            Event::ToolPermissionSet(e) => self.set(
+                &e.user_id,
+                &e.server_id,
+                &e.tool_name,
+                &e.definition_hash,
+                e.state,
+                false,
+            ),
+            Event::ToolDefinitionChanged(e) => self.set(
+                &e.user_id,
+                &e.server_id,
+                &e.tool_name,
+                &e.definition_hash,
+                e.state,
+                true,
+            ),
             Event::ToolPermissionsCleared(e) => {
-                let Some(pair) = self.pair_or_new(&e.user_id, &e.server_id) else {
-                    return;
-                };
                 let names: Vec<u32> = e
                     .tool_names
                     .iter()
                     .filter_map(|name| self.tool_names.get(name))
                     .collect();
-                let pair = &mut self.pairs[pair];
+                let Some(pair) = self.pair_or_new(&e.user_id, &e.server_id) else {
+                    return;
+                };
                 for name in names {
                     if let Ok(i) = pair.slots.binary_search_by_key(&name, |slot| slot.name) {
                         let slot = &mut pair.slots[i];
@@ -336,7 +333,7 @@ impl ToolStates {
         Some(i)
     }
 
-    fn pair_or_new(&mut self, user: &str, server: &str) -> Option<usize> {
+    fn pair_or_new(&mut self, user: &str, server: &str) -> Option<&mut UserServer> {
         if user.is_empty() {
             return None;
         }
@@ -344,23 +341,18 @@ impl ToolStates {
         if self.servers[server as usize].deleted {
             return None;
         }
-        let user = self.users.intern(user);
-        if let Some(pair) = self.pair_index.get(&(user, server)) {
-            return Some(*pair as usize);
+        if !self.users.contains_key(user) {
+            self.users.insert(user.into(), Vec::new());
         }
-        let pair = self.pairs.len() as u32;
-        self.pairs.push(UserServer {
-            user,
-            server,
-            connected: false,
-            slots: Vec::new(),
-        });
-        self.pair_index.insert((user, server), pair);
-        if self.user_pairs.len() <= user as usize {
-            self.user_pairs.resize_with(user as usize + 1, Vec::new);
-        }
-        self.user_pairs[user as usize].push(pair);
-        Some(pair as usize)
+        let pairs = self.users.get_mut(user)?;
+        let i = match pairs.iter().position(|(s, _)| *s == server) {
+            Some(i) => i,
+            None => {
+                pairs.push((server, UserServer::default()));
+                pairs.len() - 1
+            }
+        };
+        pairs.get_mut(i).map(|(_, pair)| pair)
     }
 
     fn set(
@@ -368,21 +360,28 @@ impl ToolStates {
         user: &str,
         server: &str,
         tool: &str,
-        change: impl FnOnce(&mut Interner, &mut Slot),
+        definition_hash: &str,
+        state: i32,
+        changed: bool,
     ) {
+        let name = self.tool_names.intern(tool);
+        let hash = self.hashes.intern(definition_hash);
         let Some(pair) = self.pair_or_new(user, server) else {
             return;
         };
-        let name = self.tool_names.intern(tool);
-        let slot = self.pairs[pair].slot_mut(name);
-        change(&mut self.hashes, slot);
+        let slot = pair.slot_mut(name);
+        slot.setting_hash = hash;
+        slot.state = state_code(ToolState::from_event(state));
+        slot.changed = changed;
     }
 
     fn discovered(&mut self, e: &proto::v1::ToolsDiscovered) {
-        let Some(pair) = self.pair_or_new(&e.user_id, &e.server_id) else {
+        let Some(server) = self.server_mut_or_new(&e.server_id) else {
             return;
         };
-        let server = self.pairs[pair].server;
+        if e.user_id.is_empty() || self.servers[server as usize].deleted {
+            return;
+        }
         let mut offered = Vec::with_capacity(e.tools.len());
         for tool in &e.tools {
             let name = self.tool_names.intern(&tool.name);
@@ -413,7 +412,9 @@ impl ToolStates {
                 self.give_exposed_name(server, name);
             }
         }
-        let pair = &mut self.pairs[pair];
+        let Some(pair) = self.pair_or_new(&e.user_id, &e.server_id) else {
+            return;
+        };
         for slot in &mut pair.slots {
             slot.definition = NONE;
         }
@@ -467,45 +468,47 @@ impl ToolStates {
         let entry = &mut self.servers[server as usize];
         entry.deleted = true;
         entry.tools.clear();
-        for pair in &mut self.pairs {
-            if pair.server == server {
-                pair.connected = false;
-                pair.slots = Vec::new();
-            }
+        for pairs in self.users.values_mut() {
+            pairs.retain(|(s, _)| *s != server);
         }
     }
 
-    fn pair(&self, user: &UserId, server: ServerId) -> Option<&UserServer> {
-        let user = self.users.get(user.as_str())?;
+    fn pair(&self, user: &UserId, server: ServerId) -> Option<(u32, &UserServer)> {
+        let pairs = self.users.get(user.as_str())?;
         let server = *self.server_index.get(&server)?;
-        let pair = *self.pair_index.get(&(user, server))?;
-        self.pairs.get(pair as usize)
+        pairs
+            .iter()
+            .find(|(s, _)| *s == server)
+            .map(|(s, pair)| (*s, pair))
     }
 
-    fn view<'a>(&'a self, pair: &UserServer, slot: &Slot) -> Option<ToolView<'a>> {
+    /// The effective state and `changed` flag of a slot offered with `definition`.
+    fn effective(slot: &Slot, definition: &Definition) -> (ToolState, bool) {
+        if slot.setting_hash == NONE {
+            return (ToolState::Blocked, false);
+        }
+        let state = state_of_code(slot.state);
+        if slot.setting_hash != definition.hash && state != ToolState::Blocked {
+            // Set for another definition than the one offered now (the policy service has
+            // not recorded the change yet): never more than Needs approval.
+            (ToolState::NeedsApproval, true)
+        } else {
+            (state, slot.changed)
+        }
+    }
+
+    fn view<'a>(&'a self, server: u32, pair: &UserServer, slot: &Slot) -> Option<ToolView<'a>> {
         if !pair.connected {
             return None;
         }
         let definition = self.definitions.get(slot.definition as usize)?;
-        let (state, changed) = if slot.setting_hash == NONE {
-            (ToolState::Blocked, false)
-        } else {
-            let state = state_of_code(slot.state);
-            if slot.setting_hash != definition.hash && state != ToolState::Blocked {
-                // Set for another definition than the one offered now (the policy service
-                // has not recorded the change yet): never more than Needs approval.
-                (ToolState::NeedsApproval, true)
-            } else {
-                (state, slot.changed)
-            }
-        };
-        let server = self.servers.get(pair.server as usize)?;
+        let (state, changed) = Self::effective(slot, definition);
         Some(ToolView {
-            server_id: server.id,
+            server_id: self.servers.get(server as usize)?.id,
             name: self.tool_names.text(slot.name),
             exposed_name: self
                 .exposed_of
-                .get(&(pair.server, slot.name))
+                .get(&(server, slot.name))
                 .map(|name| &**name),
             title: &definition.title,
             description: &definition.description,
@@ -521,16 +524,23 @@ impl ToolStates {
     }
 
     /// The effective state of one tool of `user` on `server`; `None` when the user is not
-    /// connected to the server or it does not offer them the tool now.
+    /// connected to the server or it does not offer them the tool now. The invocation path's
+    /// question: no allocation, a few hash probes.
     pub fn state_of(&self, user: &UserId, server: ServerId, tool: &str) -> Option<ToolState> {
-        self.tool(user, server, tool).map(|view| view.state)
+        let (_, pair) = self.pair(user, server)?;
+        if !pair.connected {
+            return None;
+        }
+        let slot = pair.slot(self.tool_names.get(tool)?)?;
+        let definition = self.definitions.get(slot.definition as usize)?;
+        Some(Self::effective(slot, definition).0)
     }
 
     /// One tool of `user` on `server`, as [`ToolStates::state_of`] finds it.
     pub fn tool(&self, user: &UserId, server: ServerId, tool: &str) -> Option<ToolView<'_>> {
-        let pair = self.pair(user, server)?;
+        let (server, pair) = self.pair(user, server)?;
         let name = self.tool_names.get(tool)?;
-        self.view(pair, pair.slot(name)?)
+        self.view(server, pair, pair.slot(name)?)
     }
 
     /// Every tool `server` offers `user` now (in no particular order); nothing unless the user
@@ -542,62 +552,72 @@ impl ToolStates {
     ) -> impl Iterator<Item = ToolView<'_>> + '_ {
         self.pair(user, server)
             .into_iter()
-            .flat_map(move |pair| pair.slots.iter().filter_map(move |s| self.view(pair, s)))
+            .flat_map(move |(server, pair)| {
+                pair.slots
+                    .iter()
+                    .filter_map(move |slot| self.view(server, pair, slot))
+            })
     }
 
     /// Every tool of every server `user` is connected to.
     pub fn all_tools_of(&self, user: &UserId) -> impl Iterator<Item = ToolView<'_>> + '_ {
         self.users
             .get(user.as_str())
-            .and_then(|user| self.user_pairs.get(user as usize))
             .into_iter()
             .flatten()
-            .filter_map(move |pair| self.pairs.get(*pair as usize))
-            .flat_map(move |pair| pair.slots.iter().filter_map(move |s| self.view(pair, s)))
+            .flat_map(move |(server, pair)| {
+                pair.slots
+                    .iter()
+                    .filter_map(move |slot| self.view(*server, pair, slot))
+            })
     }
 
     /// The tool behind an exposed name, if it is one of `user`'s tools now.
     pub fn resolve_exposed(&self, user: &UserId, exposed_name: &str) -> Option<ToolView<'_>> {
         let (server, name) = *self.exposed.get(exposed_name)?;
-        let user = self.users.get(user.as_str())?;
-        let pair = self
-            .pairs
-            .get(*self.pair_index.get(&(user, server))? as usize)?;
-        self.view(pair, pair.slot(name)?)
+        let (_, pair) = self
+            .users
+            .get(user.as_str())?
+            .iter()
+            .find(|(s, _)| *s == server)?;
+        self.view(server, pair, pair.slot(name)?)
     }
 
     /// Whether `user` is connected to `server` (from `ConnectionEstablished` until
     /// `ConnectionDisconnected`).
     pub fn is_connected(&self, user: &UserId, server: ServerId) -> bool {
-        self.pair(user, server).is_some_and(|pair| pair.connected)
+        self.pair(user, server)
+            .is_some_and(|(_, pair)| pair.connected)
     }
 
     /// How many (user, server, tool) entries the projection holds: tools offered or set.
     pub fn slot_count(&self) -> usize {
-        self.pairs.iter().map(|pair| pair.slots.len()).sum()
+        self.users
+            .values()
+            .flatten()
+            .map(|(_, pair)| pair.slots.len())
+            .sum()
     }
 }
 
 /// The checkpoint form: the interned tables as lists (their indexes are rebuilt on load).
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
-    users: &'a [Box<str>],
+    users: Vec<(&'a str, &'a [(u32, UserServer)])>,
     tool_names: &'a [Box<str>],
     hashes: &'a [Box<str>],
     servers: &'a [ServerEntry],
     definitions: &'a [Definition],
-    pairs: &'a [UserServer],
     exposed: Vec<(u32, u32, &'a str)>,
 }
 
 #[derive(Deserialize)]
 struct Snapshot {
-    users: Vec<Box<str>>,
+    users: Vec<(Box<str>, Vec<(u32, UserServer)>)>,
     tool_names: Vec<Box<str>>,
     hashes: Vec<Box<str>>,
     servers: Vec<ServerEntry>,
     definitions: Vec<Definition>,
-    pairs: Vec<UserServer>,
     exposed: Vec<(u32, u32, Box<str>)>,
 }
 
@@ -610,12 +630,15 @@ impl Serialize for ToolStates {
             .collect();
         exposed.sort_unstable();
         SnapshotRef {
-            users: &self.users.strings,
+            users: self
+                .users
+                .iter()
+                .map(|(user, pairs)| (&**user, pairs.as_slice()))
+                .collect(),
             tool_names: &self.tool_names.strings,
             hashes: &self.hashes.strings,
             servers: &self.servers,
             definitions: &self.definitions,
-            pairs: &self.pairs,
             exposed,
         }
         .serialize(serializer)
@@ -625,16 +648,7 @@ impl Serialize for ToolStates {
 impl<'de> Deserialize<'de> for ToolStates {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let snapshot = Snapshot::deserialize(deserializer)?;
-        let users = Interner::from_strings(snapshot.users);
-        let mut user_pairs: Vec<Vec<u32>> = vec![Vec::new(); users.strings.len()];
-        let mut pair_index = HashMap::with_capacity(snapshot.pairs.len());
-        for (i, pair) in snapshot.pairs.iter().enumerate() {
-            let list = user_pairs
-                .get_mut(pair.user as usize)
-                .ok_or_else(|| serde::de::Error::custom("a pair names an unknown user"))?;
-            list.push(i as u32);
-            pair_index.insert((pair.user, pair.server), i as u32);
-        }
+        let users = snapshot.users.into_iter().collect();
         let server_index = snapshot
             .servers
             .iter()
@@ -661,9 +675,6 @@ impl<'de> Deserialize<'de> for ToolStates {
             server_index,
             definitions: snapshot.definitions,
             definition_index,
-            pairs: snapshot.pairs,
-            pair_index,
-            user_pairs,
             exposed,
             exposed_of,
         })
