@@ -1,7 +1,9 @@
 //! Propagation of a tool setting between two `switchboard up` processes on one JetStream: a
 //! change acknowledged by process A (its PUT answered), until process B's tool-state
 //! projection answers with the new state through B's GET route. p50 and p99 over 10,000
-//! changes (target: p99 ≤ 20 ms).
+//! changes (target: p99 ≤ 20 ms), spread over 100 users × 10 tools, as many users changing
+//! settings would (one user toggling one tool 10,000 times would mostly measure the command
+//! path reading an ever longer policy aggregate).
 //!
 //! `cargo bench -p switchboard --bench tool_propagation` (needs `scripts/install-nats-server.sh`)
 use std::{
@@ -17,7 +19,7 @@ use proto::v1::{self as pb, Envelope, envelope::Event};
 
 const CHANGES: usize = 10_000;
 const TOOLS: usize = 10;
-const USER: &str = "bench@example.com";
+const USERS: usize = 100;
 const SECRET: &str = "propagation-bench-secret-0123456789";
 /// Give up on one change after this long (a broken follower fails the bench, not hangs it).
 const GIVE_UP: Duration = Duration::from_secs(10);
@@ -36,7 +38,11 @@ fn envelope(event: Event) -> Envelope {
     }
 }
 
-/// A server and the bench user connected to it with `TOOLS` tools.
+fn user(u: usize) -> String {
+    format!("user{u}@example.com")
+}
+
+/// A server and `USERS` users connected to it with `TOOLS` tools.
 async fn seed(log: &dyn EventLog, server: &str) {
     let append = |subject: String, events: Vec<Event>| async move {
         let subject = Subject::parse(&subject).expect("subject");
@@ -68,30 +74,33 @@ async fn seed(log: &dyn EventLog, server: &str) {
             definition
         })
         .collect();
-    let key = domain::UserId::parse(USER).expect("user").key();
-    append(
-        format!("connection.{server}.{}", key.as_str()),
-        vec![
-            Event::ConnectionStarted(pb::ConnectionStarted {
-                server_id: server.into(),
-                user_id: USER.into(),
-                ..Default::default()
-            }),
-            Event::ConnectionEstablished(pb::ConnectionEstablished {
-                server_id: server.into(),
-                user_id: USER.into(),
-                token_fingerprint: "0123456789abcdef".into(),
-                ..Default::default()
-            }),
-            Event::ToolsDiscovered(pb::ToolsDiscovered {
-                server_id: server.into(),
-                user_id: USER.into(),
-                tools,
-                ..Default::default()
-            }),
-        ],
-    )
-    .await;
+    for u in 0..USERS {
+        let user = user(u);
+        let key = domain::UserId::parse(&user).expect("user").key();
+        append(
+            format!("connection.{server}.{}", key.as_str()),
+            vec![
+                Event::ConnectionStarted(pb::ConnectionStarted {
+                    server_id: server.into(),
+                    user_id: user.clone(),
+                    ..Default::default()
+                }),
+                Event::ConnectionEstablished(pb::ConnectionEstablished {
+                    server_id: server.into(),
+                    user_id: user.clone(),
+                    token_fingerprint: "0123456789abcdef".into(),
+                    ..Default::default()
+                }),
+                Event::ToolsDiscovered(pb::ToolsDiscovered {
+                    server_id: server.into(),
+                    user_id: user.clone(),
+                    tools: tools.clone(),
+                    ..Default::default()
+                }),
+            ],
+        )
+        .await;
+    }
 }
 
 /// Starts `up` on JetStream; returns the process and its URL once it listens (its read
@@ -171,18 +180,22 @@ fn main() {
     let (a, url_a) = start_up(dir_a.path(), &nats.url(), &prefix);
     let (b, url_b) = start_up(dir_b.path(), &nats.url(), &prefix);
     let roles = vec!["analyst".to_owned()];
-    let token = gateway::auth::mint_token(
-        SECRET.as_bytes(),
-        &gateway::auth::TokenRequest {
-            user: USER,
-            roles: &roles,
-            ttl: Duration::from_secs(3600),
-            issuer: None,
-            audience: None,
-            roles_claim: "roles",
-        },
-    )
-    .expect("token");
+    let tokens: Vec<String> = (0..USERS)
+        .map(|u| {
+            gateway::auth::mint_token(
+                SECRET.as_bytes(),
+                &gateway::auth::TokenRequest {
+                    user: &user(u),
+                    roles: &roles,
+                    ttl: Duration::from_secs(3600),
+                    issuer: None,
+                    audience: None,
+                    roles_claim: "roles",
+                },
+            )
+            .expect("token")
+        })
+        .collect();
 
     let (mut propagation, mut acknowledgement) = (Vec::new(), Vec::new());
     let mut polls = 0u64;
@@ -192,11 +205,12 @@ fn main() {
             .build()
             .expect("client");
         let list = format!("{url_b}/api/v1/servers/{server}/tools");
-        // Current state per tool, as both processes should show it.
-        let mut states = vec!["blocked"; TOOLS];
+        // Current state per user and tool, as both processes should show it.
+        let mut states = vec!["blocked"; USERS * TOOLS];
         for i in 0..CHANGES {
-            let t = i % TOOLS;
-            let new_state = if states[t] == "always_allow" {
+            let (u, t) = (i % USERS, (i / USERS) % TOOLS);
+            let token = &tokens[u];
+            let new_state = if states[u * TOOLS + t] == "always_allow" {
                 "needs_approval"
             } else {
                 "always_allow"
@@ -205,7 +219,7 @@ fn main() {
             let sent = Instant::now();
             let answer = client
                 .put(format!("{url_a}/api/v1/servers/{server}/tools/{tool}"))
-                .bearer_auth(&token)
+                .bearer_auth(token)
                 .json(&serde_json::json!({"state": new_state}))
                 .send()
                 .await
@@ -213,13 +227,13 @@ fn main() {
             assert_eq!(answer.status(), 200, "{:?}", answer.text().await);
             let acknowledged = Instant::now();
             acknowledgement.push(acknowledged - sent);
-            states[t] = new_state;
+            states[u * TOOLS + t] = new_state;
             // Ask B until its projection answers with the new state.
             loop {
                 polls += 1;
                 let body: serde_json::Value = client
                     .get(&list)
-                    .bearer_auth(&token)
+                    .bearer_auth(token)
                     .send()
                     .await
                     .expect("GET")
@@ -241,6 +255,9 @@ fn main() {
                 );
             }
             propagation.push(acknowledged.elapsed());
+            if (i + 1) % 1_000 == 0 {
+                eprintln!("{} changes", i + 1);
+            }
         }
     });
     stop(a);
