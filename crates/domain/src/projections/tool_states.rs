@@ -179,6 +179,9 @@ impl UserServer {
     }
 }
 
+/// One user's servers: (server index, that server's tools for the user).
+type UserServers = Vec<(u32, UserServer)>;
+
 /// One tool as a user sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ToolView<'a> {
@@ -203,7 +206,7 @@ pub struct ToolView<'a> {
 pub struct ToolStates {
     /// Each user's servers (by server index), inline in the map's entry: a look-up's first
     /// probe lands on them.
-    users: HashMap<Box<str>, Vec<(u32, UserServer)>>,
+    users: HashMap<Box<str>, UserServers>,
     tool_names: Interner,
     hashes: Interner,
     servers: Vec<ServerEntry>,
@@ -613,7 +616,7 @@ struct SnapshotRef<'a> {
 
 #[derive(Deserialize)]
 struct Snapshot {
-    users: Vec<(Box<str>, Vec<(u32, UserServer)>)>,
+    users: Vec<(Box<str>, UserServers)>,
     tool_names: Vec<Box<str>>,
     hashes: Vec<Box<str>>,
     servers: Vec<ServerEntry>,
