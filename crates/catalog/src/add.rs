@@ -97,6 +97,8 @@ impl ServerChangeError {
 struct Target {
     template: Option<String>,
     allowances: &'static [mcp::Allowance],
+    /// How a pre-registered client of this provider authenticates, if the provider says.
+    preregistered_auth_method: Option<&'static str>,
     url: ServerUrl,
     parsed: Url,
 }
@@ -134,6 +136,7 @@ impl ServerCommands {
         Ok(Target {
             template: template.map(|t| t.id.to_owned()),
             allowances: template.map_or(&[][..], |t| t.allowances),
+            preregistered_auth_method: template.and_then(|t| t.preregistered_auth_method),
             url,
             parsed,
         })
@@ -222,6 +225,10 @@ impl ServerCommands {
                 });
             }
         };
+        let auth_method = match target.preregistered_auth_method {
+            Some(method) if mode == RegistrationMode::Preconfigured && secret.is_some() => method,
+            _ => found.client_authentication_method(secret.is_some()),
+        };
         let secret_ref = match secret {
             Some(secret) => Some(self.store_client_secret(id, secret).await?),
             None => None,
@@ -252,6 +259,7 @@ impl ServerCommands {
                     .authorization_response_iss_parameter_supported,
             },
             resource: found.resource.clone(),
+            token_endpoint_auth_method: auth_method.to_owned(),
         };
         let add = AddServer {
             name,

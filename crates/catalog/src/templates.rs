@@ -22,6 +22,23 @@ pub struct Template {
     pub description: &'static str,
     /// Where the provider departs from the specification; empty for Custom.
     pub allowances: &'static [Allowance],
+    /// Where tokens are revoked when the provider does not do RFC 7009 (GitHub's REST API,
+    /// Slack's `auth.revoke`); `None`: the authorization server's `revocation_endpoint`.
+    pub revocation_api: Option<RevocationApi>,
+    /// How a client registered with the provider by hand authenticates at its token
+    /// endpoint, when the provider documents one way (GitHub and PagerDuty take the client
+    /// secret in the request body); `None`: as the authorization server's metadata says.
+    pub preregistered_auth_method: Option<&'static str>,
+}
+
+/// A provider's own token revocation API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationApi {
+    /// `DELETE <base>applications/{client_id}/token` (GitHub).
+    GitHubApplications { base: String },
+    /// `POST <url>` with the token as bearer (Slack's `auth.revoke`).
+    SlackAuthRevoke { url: String },
 }
 
 /// The templates an admin can add servers from.
@@ -46,6 +63,8 @@ impl Catalog {
             url: Some(url.to_owned()),
             description,
             allowances,
+            revocation_api: None,
+            preregistered_auth_method: None,
         };
         Catalog {
             templates: vec![
@@ -61,13 +80,19 @@ impl Catalog {
                         ExactRedirectUriMatch,
                     ],
                 ),
-                template(
-                    "github",
-                    "GitHub",
-                    "https://api.githubcopilot.com/mcp",
-                    "Repository, issue, pull request and Actions tools",
-                    &[NoDynamicRegistration, PathIssuer, RevocationThroughRestApi],
-                ),
+                Template {
+                    revocation_api: Some(RevocationApi::GitHubApplications {
+                        base: "https://api.github.com/".to_owned(),
+                    }),
+                    preregistered_auth_method: Some("client_secret_post"),
+                    ..template(
+                        "github",
+                        "GitHub",
+                        "https://api.githubcopilot.com/mcp",
+                        "Repository, issue, pull request and Actions tools",
+                        &[NoDynamicRegistration, PathIssuer, RevocationThroughRestApi],
+                    )
+                },
                 template(
                     "notion",
                     "Notion",
@@ -75,42 +100,52 @@ impl Catalog {
                     "Page, database and workspace tools",
                     &[PublicClientRegistration, OverlappingRefreshTokens],
                 ),
-                template(
-                    "pagerduty",
-                    "PagerDuty",
-                    "https://mcp.pagerduty.com/mcp",
-                    "Incident, service and schedule tools",
-                    &[
-                        OpenIdConnectDiscoveryOnly,
-                        PathIssuer,
-                        NoDynamicRegistration,
-                        SecretOnRefresh,
-                    ],
-                ),
-                template(
-                    "slack",
-                    "Slack",
-                    "https://mcp.slack.com/mcp",
-                    "Message, channel, canvas and user tools",
-                    &[
-                        RedirectedWellKnown,
-                        NoDynamicRegistration,
-                        RevocationThroughAuthRevoke,
-                    ],
-                ),
+                Template {
+                    preregistered_auth_method: Some("client_secret_post"),
+                    ..template(
+                        "pagerduty",
+                        "PagerDuty",
+                        "https://mcp.pagerduty.com/mcp",
+                        "Incident, service and schedule tools",
+                        &[
+                            OpenIdConnectDiscoveryOnly,
+                            PathIssuer,
+                            NoDynamicRegistration,
+                            SecretOnRefresh,
+                        ],
+                    )
+                },
+                Template {
+                    revocation_api: Some(RevocationApi::SlackAuthRevoke {
+                        url: "https://slack.com/api/auth.revoke".to_owned(),
+                    }),
+                    ..template(
+                        "slack",
+                        "Slack",
+                        "https://mcp.slack.com/mcp",
+                        "Message, channel, canvas and user tools",
+                        &[
+                            RedirectedWellKnown,
+                            NoDynamicRegistration,
+                            RevocationThroughAuthRevoke,
+                        ],
+                    )
+                },
                 Template {
                     id: CUSTOM_TEMPLATE,
                     name: "Custom MCP Server",
                     url: None,
                     description: "Any remote MCP server by its https:// URL, held to the MCP specification",
                     allowances: &[],
+                    revocation_api: None,
+                    preregistered_auth_method: None,
                 },
             ],
         }
     }
 
     /// The standard catalog with some templates pointed elsewhere: how tests point a template
-    /// at its fixture. Not reachable from configuration, so users cannot repoint a provider.
+    /// at its fixture (the template's revocation API moves to the same origin). Not reachable from configuration, so users cannot repoint a provider.
     pub fn with_urls<'a>(overrides: impl IntoIterator<Item = (&'a str, String)>) -> Self {
         let mut catalog = Catalog::standard();
         for (id, url) in overrides {
@@ -119,6 +154,23 @@ impl Catalog {
                 .iter_mut()
                 .find(|t| t.id == id && t.url.is_some())
             {
+                // The provider's revocation API moves with it, to the fixture's origin.
+                let origin = url::Url::parse(&url)
+                    .map(|u| u.origin().ascii_serialization())
+                    .unwrap_or_default();
+                template.revocation_api = match template.revocation_api.take() {
+                    Some(RevocationApi::GitHubApplications { .. }) => {
+                        Some(RevocationApi::GitHubApplications {
+                            base: format!("{origin}/"),
+                        })
+                    }
+                    Some(RevocationApi::SlackAuthRevoke { .. }) => {
+                        Some(RevocationApi::SlackAuthRevoke {
+                            url: format!("{origin}/api/auth.revoke"),
+                        })
+                    }
+                    None => None,
+                };
                 template.url = Some(url);
             }
         }

@@ -46,6 +46,7 @@ macro_rules! string_newtype_impls {
 
 mod aggregate;
 pub mod connection;
+pub mod connection_directory;
 mod errors;
 mod ids;
 pub mod invocation;
@@ -62,6 +63,7 @@ mod tools;
 pub mod testing;
 
 pub use aggregate::Aggregate;
+pub use connection_directory::{ApiConnectionStatus, ConnectionDirectory, ConnectionView};
 pub use errors::DomainError;
 pub use ids::{InvocationId, ServerId, UserId, UserKey};
 pub use names::{ExposedToolMap, ExposedToolName, ServerDescription, ServerName, Slug, ToolName};

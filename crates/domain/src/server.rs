@@ -159,6 +159,8 @@ pub struct ClientRegistration {
     pub authorization_server: AuthorizationServer,
     /// RFC 9728 protected resource identifier (the RFC 8707 `resource` parameter).
     pub resource: String,
+    /// `none`, `client_secret_basic` or `client_secret_post` (RFC 7591).
+    pub token_endpoint_auth_method: String,
 }
 
 /// Longest reason an admin may give for disabling a server (users see it).
@@ -273,6 +275,7 @@ pub fn decide(
                 client_secret_expires_at: registration.client_secret_expires_at.map(to_timestamp),
                 authorization_server: Some(registration.authorization_server.to_proto()),
                 resource: registration.resource,
+                token_endpoint_auth_method: registration.token_endpoint_auth_method,
             };
             if state.client.as_ref() == Some(&registered) {
                 Ok(vec![])
@@ -691,6 +694,7 @@ mod tests {
                 authorization_response_iss_parameter_supported: false,
             },
             resource: "https://api.githubcopilot.com/mcp".into(),
+            token_endpoint_auth_method: "client_secret_basic".into(),
         }
     }
 

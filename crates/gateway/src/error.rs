@@ -145,13 +145,15 @@ impl From<DomainError> for ApiError {
     fn from(error: DomainError) -> Self {
         use DomainError as E;
         let status = match &error {
-            E::ServerNotFound | E::InvocationNotFound | E::ToolNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            // `not_connected` is 404 as the connection routes answer it: nothing of the
+            // caller's there.
+            E::ServerNotFound
+            | E::InvocationNotFound
+            | E::ToolNotFound { .. }
+            | E::NotConnected => StatusCode::NOT_FOUND,
             E::ServerNameTaken { .. }
             | E::ServerAlreadyExists
             | E::AlreadyConnected
-            | E::NotConnected
             | E::ToolDefinitionStale { .. }
             | E::InvocationIdReused
             | E::InvocationNotAwaitingApproval
@@ -194,6 +196,35 @@ impl From<CommandError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "conflict", error.to_string())
             }
         }
+    }
+}
+
+impl From<connection::ConnectionError> for ApiError {
+    fn from(error: connection::ConnectionError) -> Self {
+        use connection::ConnectionError as E;
+        let status = match &error {
+            E::Domain(_) | E::Command(_) | E::Vault(_) => {
+                return match error {
+                    E::Domain(domain) => domain.into(),
+                    E::Command(command) => command.into(),
+                    E::Vault(cause) => ApiError::internal(format!("vault: {cause}")),
+                    _ => unreachable!("matched above"),
+                };
+            }
+            E::ServerNotFound | E::NotConnected => StatusCode::NOT_FOUND,
+            E::ServerDisabled | E::ServerNotRegistered | E::ReauthorizationRequired { .. } => {
+                StatusCode::CONFLICT
+            }
+            E::StateInvalid | E::IssuerMismatch { .. } | E::AuthorizationDenied { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            E::StateNotYours => StatusCode::FORBIDDEN,
+            E::TokenExchangeFailed { .. }
+            | E::RefreshUnavailable { .. }
+            | E::Upstream(_)
+            | E::OAuthClient { .. } => StatusCode::BAD_GATEWAY,
+        };
+        ApiError::new(status, error.code(), error.to_string())
     }
 }
 

@@ -44,6 +44,9 @@ pub struct GatewaySettings {
     pub stream_buffer: usize,
     /// Interval of keep-alive comments on live-update streams.
     pub stream_keep_alive: Duration,
+    /// The console's base URL (`console.url`): the OAuth callback sends the browser to its
+    /// page for the server. `None`: the callback answers with a short page of its own.
+    pub console_url: Option<String>,
 }
 
 impl Default for GatewaySettings {
@@ -54,6 +57,7 @@ impl Default for GatewaySettings {
             read_your_writes_timeout: Duration::from_secs(5),
             stream_buffer: 1024,
             stream_keep_alive: Duration::from_secs(15),
+            console_url: None,
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct AppInner {
     pub servers: catalog::ServerCommands,
     /// The policy service: each user's tool settings.
     pub policy: policy::PolicyCommands,
+    /// The connection service.
+    pub connections: connection::ConnectionService,
     /// The permission table by path: each method the path serves, with its access.
     routes: HashMap<&'static str, Vec<(Method, Access)>>,
 }
@@ -105,6 +111,9 @@ pub struct AppParts {
     /// Where client ID metadata documents say Switchboard's document is
     /// (`oauth.client_metadata_url`); `None`: `<public_url>/oauth/client-metadata.json`.
     pub client_metadata_url: Option<String>,
+    /// The connection service's tuning; `None`: the defaults. Its redirect URL is always
+    /// `<public_url>/oauth/callback`.
+    pub connection_settings: Option<connection::ConnectionSettings>,
 }
 
 impl AppState {
@@ -124,6 +133,21 @@ impl AppState {
                 .unwrap_or_else(|| format!("{public_url}/oauth/client-metadata.json")),
             client_name: "Switchboard".to_owned(),
         };
+        let mut connection_settings = parts
+            .connection_settings
+            .unwrap_or_else(|| connection::ConnectionSettings::new(""));
+        connection_settings
+            .redirect_url
+            .clone_from(&oauth.redirect_url);
+        let connections = connection::ConnectionService::new(
+            parts.log.clone(),
+            parts.vault.clone(),
+            parts.read_models.clone(),
+            parts.envelopes.clone(),
+            parts.outbound.clone(),
+            parts.catalog.clone(),
+            connection_settings,
+        );
         let servers = catalog::ServerCommands::new(
             parts.log.clone(),
             parts.envelopes.clone(),
@@ -141,6 +165,7 @@ impl AppState {
         AppState(Arc::new(AppInner {
             servers,
             policy,
+            connections,
             log: parts.log,
             vault: parts.vault,
             read_models: parts.read_models,

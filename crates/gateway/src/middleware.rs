@@ -119,7 +119,12 @@ fn in_api_shape(response: Response) -> Response {
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+        .is_some_and(|value| {
+            // JSON errors are in shape already; an HTML page (the OAuth callback's) is meant
+            // for a person's browser.
+            value.as_bytes().starts_with(b"application/json")
+                || value.as_bytes().starts_with(b"text/html")
+        });
     if is_json {
         return response;
     }

@@ -77,6 +77,9 @@ pub struct Discovered {
     pub scopes: Vec<String>,
     pub scopes_supported: Vec<String>,
     pub code_challenge_methods_supported: Vec<String>,
+    /// RFC 8414 `token_endpoint_auth_methods_supported` (empty: not published, which means
+    /// `client_secret_basic`).
+    pub token_endpoint_auth_methods_supported: Vec<String>,
     pub client_id_metadata_document_supported: bool,
     pub authorization_response_iss_parameter_supported: bool,
     /// Found through protected-resource metadata (`false`: the older root fallback).
@@ -117,6 +120,26 @@ pub enum DiscoveryError {
     Refused { reason: String },
     #[error("OAuth discovery failed: {reason}")]
     Failed { reason: String },
+}
+
+impl Discovered {
+    /// How a client with (or without) a secret authenticates at this authorization server:
+    /// `none` without a secret; with one, `client_secret_basic` (the RFC 7591 default)
+    /// unless the server publishes only `client_secret_post`.
+    pub fn client_authentication_method(&self, has_secret: bool) -> &'static str {
+        let supports = |m: &str| {
+            self.token_endpoint_auth_methods_supported
+                .iter()
+                .any(|s| s == m)
+        };
+        if !has_secret {
+            "none"
+        } else if supports("client_secret_post") && !supports("client_secret_basic") {
+            "client_secret_post"
+        } else {
+            "client_secret_basic"
+        }
+    }
 }
 
 impl DiscoveryError {
@@ -304,6 +327,17 @@ pub async fn discover(
         scopes,
         scopes_supported: metadata.scopes_supported.clone().unwrap_or_default(),
         code_challenge_methods_supported: methods,
+        token_endpoint_auth_methods_supported: metadata
+            .additional_fields
+            .get("token_endpoint_auth_methods_supported")
+            .and_then(serde_json::Value::as_array)
+            .map(|methods| {
+                methods
+                    .iter()
+                    .filter_map(|m| m.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
         client_id_metadata_document_supported,
         authorization_response_iss_parameter_supported: extra_flag(
             "authorization_response_iss_parameter_supported",

@@ -5,10 +5,13 @@
 //! rebinding), redirects followed hop by hop under the same rules, time-outs and a response
 //! size cap.
 //!
-//! The MCP client and OAuth flows on `rmcp` are built on this client as their issues land.
+//! The MCP client ([`McpSession`]) and the OAuth flows run on `rmcp` over this client;
+//! token revocation ([`revoke_tokens`]) on `oauth2`.
 mod discovery;
 mod oauth_http;
 mod outbound;
+mod revocation;
+mod session;
 
 pub use discovery::{Allowance, Discovered, DiscoveryError, RegistrationPlan, discover};
 pub use oauth_http::GuardedOAuthHttp;
@@ -16,4 +19,8 @@ pub use outbound::{
     AddressClass, OutboundClient, OutboundError, OutboundPolicy, OutboundRequest, OutboundResponse,
     Resolver, StaticResolver, SystemResolver, classify,
 };
+pub use revocation::{
+    ClientAuthentication, RevocationError, RevocationMethod, TokensToRevoke, revoke_tokens,
+};
 pub use rmcp::transport::auth::AuthorizationManager;
+pub use session::{McpCallError, McpSession, list_tools};

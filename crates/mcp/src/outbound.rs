@@ -428,6 +428,13 @@ impl OutboundClient {
         })
     }
 
+    /// The guarded HTTP client itself, for `rmcp`'s MCP transport: every connection it makes
+    /// goes through the checked resolver; it follows no redirects. Callers check the URL
+    /// first ([`OutboundClient::check_url`]).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub fn policy(&self) -> &OutboundPolicy {
         &self.policy
     }

@@ -38,6 +38,16 @@ impl CommandContext {
         }
     }
 
+    /// A service acting on its own (a token refresh, a health probe): a fresh correlation id.
+    pub fn service(service: &'static str) -> Self {
+        let id = uuid::Uuid::now_v7().to_string();
+        CommandContext {
+            actor: Actor::Service(service),
+            causation_id: id.clone(),
+            correlation_id: id,
+        }
+    }
+
     /// A service reacting to `cause`: the reaction's events share the cause's correlation id.
     pub fn reaction(service: &'static str, cause: &Envelope) -> Self {
         CommandContext {

@@ -20,4 +20,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use envelope::{Actor, CommandContext, EnvelopeBuilder};
 pub use error::CommandError;
 pub use execute::{MAX_CONFLICT_RETRIES, Written, execute};
-pub use read_models::{ProjectionStatus, ReadModels, server_directory_spec, tool_states_spec};
+pub use read_models::{
+    ProjectionStatus, ReadModels, connection_directory_spec, server_directory_spec,
+    tool_states_spec,
+};

@@ -6,7 +6,7 @@
 //! the sequence an append returned whatever its subject.
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use domain::{ServerDirectory, ToolStates};
+use domain::{ConnectionDirectory, ServerDirectory, ToolStates};
 use eventlog::{
     EventLog, EventLogError, LogKind, RecordedEvent,
     projection::{CheckpointPolicy, CheckpointStore, ProjectionRunner, ProjectionSpec},
@@ -40,6 +40,18 @@ pub fn tool_states_spec() -> ProjectionSpec<ToolStates> {
     }
 }
 
+/// Every user's connection to every server, as the API shows it.
+pub fn connection_directory_spec() -> ProjectionSpec<ConnectionDirectory> {
+    ProjectionSpec {
+        name: "connection_directory_v1",
+        log: LogKind::Config,
+        filter: None,
+        apply: |directory: &mut ConnectionDirectory, event: &RecordedEvent| {
+            directory.apply(&event.envelope)
+        },
+    }
+}
+
 /// Where one read model is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectionStatus {
@@ -53,6 +65,7 @@ pub struct ProjectionStatus {
 #[derive(Debug, Clone)]
 pub struct ReadModels {
     pub servers: ProjectionRunner<ServerDirectory>,
+    pub connections: ProjectionRunner<ConnectionDirectory>,
     /// What each user lets the AI do with each tool; the invocation path reads it per call.
     pub tool_states: ProjectionRunner<ToolStates>,
     all: Arc<[Arc<dyn ReadModel>]>,
@@ -74,15 +87,25 @@ impl ReadModels {
             policy.clone(),
         )
         .await?;
+        let connection_spec = connection_directory_spec();
+        let connections = ProjectionRunner::start(
+            log.clone(),
+            checkpoints.clone(),
+            connection_spec.clone(),
+            policy.clone(),
+        )
+        .await?;
         let tools_spec = tool_states_spec();
         let tool_states =
             ProjectionRunner::start(log, checkpoints, tools_spec.clone(), policy).await?;
         let all: Vec<Arc<dyn ReadModel>> = vec![
             Model::new(&spec, servers.clone()),
+            Model::new(&connection_spec, connections.clone()),
             Model::new(&tools_spec, tool_states.clone()),
         ];
         Ok(ReadModels {
             servers,
+            connections,
             tool_states,
             all: all.into(),
         })

@@ -135,13 +135,40 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             public_url: public_url.clone(),
             body_limit: settings.http.body_limit,
             stream_buffer: settings.http.stream_buffer,
+            console_url: settings.console.url.clone(),
             ..GatewaySettings::default()
         },
         shutdown: shutdown.clone(),
         catalog: Arc::new(catalog::Catalog::standard()),
         outbound,
         client_metadata_url: settings.oauth.client_metadata_url.clone(),
+        connection_settings: None,
     });
+    // The connection service's own work: a deleted server's users disconnected (from its
+    // checkpoint, so a restart finishes a cascade), health probes, the `state` sweep.
+    let connections = state.connections.clone();
+    let reaction = {
+        let (connections, checkpoints, shutdown) = (
+            connections.clone(),
+            stores.checkpoints.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = connections
+                .run_server_deleted_reaction(checkpoints, shutdown, None)
+                .await
+            {
+                tracing::error!(
+                    code = error.code(),
+                    "the server-deleted reaction stopped: {error}"
+                );
+            }
+        })
+    };
+    let monitor = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { connections.run_health_monitor(shutdown).await })
+    };
     let server = tokio::spawn(gateway::server::serve(
         listener,
         gateway::app(state),
@@ -192,6 +219,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Err(error) = server.await {
         tracing::error!(%error, "the HTTP server task failed");
     }
+    let _ = tokio::join!(reaction, monitor);
     let (started, answered) = metrics.request_counts();
     tracing::info!(
         started,

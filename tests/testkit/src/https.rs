@@ -1,5 +1,7 @@
 //! Fixture servers on loopback: an axum router served over real HTTPS (a certificate from a
 //! [`TestCa`](crate::TestCa)) or plain HTTP, in the test's own runtime, until dropped.
+//! Dropping one closes its listener and every connection it accepted (kept-alive ones and open
+//! event streams included), so clients then find the port refusing connections.
 use std::{net::SocketAddr, sync::Arc};
 
 use hyper_util::{rt::TokioIo, service::TowerToHyperService};
@@ -8,7 +10,8 @@ use tokio_rustls::{TlsAcceptor, rustls};
 
 use crate::ServerCert;
 
-/// A running fixture server; stops when dropped.
+/// A running fixture server; stops when dropped (see [`FixtureServer::shutdown`] to wait for
+/// the port to be free).
 #[derive(Debug)]
 pub struct FixtureServer {
     pub address: SocketAddr,
@@ -29,6 +32,15 @@ impl FixtureServer {
     }
 }
 
+impl FixtureServer {
+    /// Stops the server and waits until its listener and connections are closed, so the port
+    /// refuses connections (and can be bound again, e.g. by [`serve_https_on`]).
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
 impl Drop for FixtureServer {
     fn drop(&mut self) {
         self.task.abort();
@@ -40,6 +52,15 @@ impl Drop for FixtureServer {
 /// # Panics
 /// If the port cannot be bound or the certificate is unusable.
 pub async fn serve_https(router: axum::Router, cert: &ServerCert) -> FixtureServer {
+    serve_https_on(router, cert, 0).await
+}
+
+/// Serves `router` over HTTPS with `cert` on `127.0.0.1:port` (0: a free port), e.g. to bring
+/// a stopped server back on the port its clients know.
+///
+/// # Panics
+/// If the port cannot be bound or the certificate is unusable.
+pub async fn serve_https_on(router: axum::Router, cert: &ServerCert, port: u16) -> FixtureServer {
     let certs = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("certificate PEM");
@@ -52,7 +73,7 @@ pub async fn serve_https(router: axum::Router, cert: &ServerCert) -> FixtureServ
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .expect("server certificate");
-    serve(router, Some(TlsAcceptor::from(Arc::new(config)))).await
+    serve(router, Some(TlsAcceptor::from(Arc::new(config))), port).await
 }
 
 /// Serves `router` over plain HTTP on 127.0.0.1 and a free port.
@@ -60,22 +81,25 @@ pub async fn serve_https(router: axum::Router, cert: &ServerCert) -> FixtureServ
 /// # Panics
 /// If the port cannot be bound.
 pub async fn serve_http(router: axum::Router) -> FixtureServer {
-    serve(router, None).await
+    serve(router, None, 0).await
 }
 
-async fn serve(router: axum::Router, tls: Option<TlsAcceptor>) -> FixtureServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+async fn serve(router: axum::Router, tls: Option<TlsAcceptor>, port: u16) -> FixtureServer {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("bind a loopback port");
     let address = listener.local_addr().expect("local address");
     let task = tokio::spawn(async move {
+        // The connections live in this set, so aborting the accept loop closes them too.
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            while connections.try_join_next().is_some() {}
             let _ = stream.set_nodelay(true);
             let (router, tls) = (router.clone(), tls.clone());
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let service = TowerToHyperService::new(router);
                 let builder = hyper::server::conn::http1::Builder::new();
                 match tls {

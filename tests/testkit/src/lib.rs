@@ -11,8 +11,15 @@
 //! nats-server outlives the test binary that started it, even when the binary is killed.
 
 mod https;
+mod mcp_fixture;
 mod oauth;
-pub use oauth::OAuthFixture;
+pub use mcp_fixture::{EXPORT_ALL_BYTES, FixtureTool, McpEra, TOOLS_PAGE_SIZE, ToolOutput};
+pub use oauth::{
+    AuthorizationRequestSeen, ClientAuthMethod, DEFAULT_USER, FIRST_REGISTERED_CLIENT_ID,
+    FIRST_REGISTERED_CLIENT_SECRET, FixtureHandle, McpRequestSeen, OAuthFixture,
+    PRE_REGISTERED_CLIENT_ID, PRE_REGISTERED_CLIENT_SECRET, READ_SCOPE, Revocation,
+    RevocationStyle, ScopeChallenge, TokenGate, TokenKind, TokenRequestSeen, WRITE_SCOPE,
+};
 
 /// Installs ring as the process's TLS crypto provider (Switchboard's choice; reqwest is built
 /// without one). Idempotent.
@@ -26,7 +33,7 @@ pub fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 mod tls;
-pub use https::{FixtureServer, serve_http, serve_https};
+pub use https::{FixtureServer, serve_http, serve_https, serve_https_on};
 pub use tls::{ServerCert, TestCa};
 
 use std::collections::hash_map::RandomState;

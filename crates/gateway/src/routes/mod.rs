@@ -6,6 +6,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::{AppState, Permission};
 
 pub mod audit;
+pub mod connections;
 pub mod me;
 pub mod oauth;
 pub mod servers;
@@ -51,6 +52,7 @@ pub fn table() -> Vec<RouteSpec> {
         me::ROUTES,
         servers::ROUTES,
         tools::ROUTES,
+        connections::ROUTES,
         oauth::ROUTES,
         audit::ROUTES,
         stream::ROUTES,
@@ -65,6 +67,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(me::router())
         .merge(servers::router())
         .merge(tools::router())
+        .merge(connections::router())
         .merge(oauth::router())
         .merge(audit::router())
         .merge(stream::router())

@@ -147,8 +147,8 @@ async fn list_tools(
     responses(
         (status = 200, description = "The tool as set", body = ToolItem),
         (status = 400, description = "The state is not one of the three", body = crate::ErrorBody),
-        (status = 404, description = "No such server, or it offers you no such tool", body = crate::ErrorBody),
-        (status = 409, description = "Not connected, or the definition changed since you saw it", body = crate::ErrorBody),
+        (status = 404, description = "No such server, you are not connected to it, or it offers you no such tool", body = crate::ErrorBody),
+        (status = 409, description = "The definition changed since you saw it", body = crate::ErrorBody),
     ))]
 async fn set_tool_state(
     State(state): State<AppState>,
@@ -193,8 +193,7 @@ async fn set_tool_state(
     responses(
         (status = 200, description = "All your tools of the server, as set", body = ToolList),
         (status = 400, description = "The category or state is not one of the allowed values", body = crate::ErrorBody),
-        (status = 404, description = "No such server", body = crate::ErrorBody),
-        (status = 409, description = "Not connected", body = crate::ErrorBody),
+        (status = 404, description = "No such server, or you are not connected to it", body = crate::ErrorBody),
     ))]
 async fn set_category_state(
     State(state): State<AppState>,

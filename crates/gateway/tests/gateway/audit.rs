@@ -26,9 +26,11 @@ async fn paging_returns_every_event_exactly_once_while_appends_continue(store: S
             .key()
     );
     const EVENTS: usize = 240;
+    let (progress_sender, mut progress) = tokio::sync::watch::channel(0usize);
     let appender = {
         let log = app.log.clone();
         let invocations = invocations.clone();
+        let progress = progress_sender;
         tokio::spawn(async move {
             let mut appended = BTreeSet::new();
             for i in 0..EVENTS {
@@ -51,6 +53,7 @@ async fn paging_returns_every_event_exactly_once_while_appends_continue(store: S
                     .await
                     .expect("append");
                 appended.insert((log_name.to_owned(), outcome.last_sequence));
+                progress.send_replace(appended.len());
                 tokio::task::yield_now().await;
             }
             appended
@@ -78,6 +81,10 @@ async fn paging_returns_every_event_exactly_once_while_appends_continue(store: S
         // Done once a page comes back empty after the appends had finished.
         if events.is_empty() && finished {
             break;
+        }
+        // Caught up with the appender: wait for its next event instead of spinning.
+        if events.is_empty() {
+            let _ = progress.changed().await;
         }
         assert!(pages < 10_000, "paging does not end");
     }

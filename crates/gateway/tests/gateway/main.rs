@@ -1,6 +1,7 @@
 //! The HTTP API end to end: the app on a free port over real HTTP, on both stores (JSONL file
 //! and JetStream on a real nats-server).
 mod audit;
+mod connections;
 mod errors;
 mod openapi;
 mod permissions;

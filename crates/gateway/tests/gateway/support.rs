@@ -48,6 +48,9 @@ pub struct TestApp {
     pub reaction: policy::DefinitionChanges,
     pub shutdown: CancellationToken,
     pub server: Option<tokio::task::JoinHandle<()>>,
+    pub state: AppState,
+    /// Where the JSONL log, checkpoints and vault files are (for the leaked-secret scans).
+    pub dir: std::path::PathBuf,
     _guard: Box<dyn Any + Send>,
 }
 
@@ -157,10 +160,11 @@ impl TestApp {
                 .expect("outbound client")
             }),
             client_metadata_url: None,
+            connection_settings: None,
         });
         let server = tokio::spawn(gateway::server::serve(
             listener,
-            gateway::app(state),
+            gateway::app(state.clone()),
             None,
             shutdown.clone(),
             options.limits,
@@ -175,6 +179,8 @@ impl TestApp {
             reaction,
             shutdown,
             server: Some(server),
+            state,
+            dir: dir.path().to_owned(),
             _guard: Box::new(dir),
         }
     }
@@ -315,6 +321,38 @@ impl TestApp {
         );
     }
 
+    /// A server with an OAuth client at a (never contacted) authorization server: enough to
+    /// start connecting, which builds the authorization URL without a request.
+    pub async fn seed_registered_server(&self, name: &str) -> String {
+        let id = self.seed_server(name).await;
+        let position = self
+            .append(
+                &format!("server.{id}"),
+                Event::ServerClientRegistered(proto::v1::ServerClientRegistered {
+                    server_id: id.clone(),
+                    registration_mode: proto::v1::RegistrationMode::Dynamic as i32,
+                    client_id: "seeded-client".into(),
+                    authorization_server: Some(proto::v1::AuthorizationServerMetadata {
+                        issuer: "https://auth.example.com".into(),
+                        authorization_endpoint: "https://auth.example.com/authorize".into(),
+                        token_endpoint: "https://auth.example.com/token".into(),
+                        code_challenge_methods_supported: vec!["S256".into()],
+                        ..Default::default()
+                    }),
+                    resource: "https://mcp.example.com/mcp".into(),
+                    token_endpoint_auth_method: "none".into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert!(
+            self.read_models
+                .wait_for_position(eventlog::LogKind::Config, position, Duration::from_secs(10))
+                .await
+        );
+        id
+    }
+
     /// Appends one event to `subject`; returns its log position.
     pub async fn append(&self, subject: &str, event: Event) -> u64 {
         let subject = Subject::parse(subject).expect("subject");
@@ -338,6 +376,11 @@ impl Drop for TestApp {
 pub struct WithFixture {
     pub app: TestApp,
     pub fixture_url: String,
+    /// The fixture's levers and counters.
+    pub handle: testkit::FixtureHandle,
+    /// A browser of sorts: trusts the test CA, resolves the fixture's names, follows no
+    /// redirects.
+    pub browser: reqwest::Client,
     _server: testkit::FixtureServer,
 }
 
@@ -352,11 +395,18 @@ pub async fn app_with_fixture_for(
     template: &str,
 ) -> WithFixture {
     let ca = testkit::TestCa::new();
-    let server = testkit::serve_https(
-        fixture.router(),
-        &ca.issue(&["fixture.test", "alt.fixture.test"]),
-    )
-    .await;
+    let (router, handle) = fixture.start();
+    let server =
+        testkit::serve_https(router, &ca.issue(&["fixture.test", "alt.fixture.test"])).await;
+    let browser = testkit::http_client()
+        .tls_certs_only(
+            reqwest::Certificate::from_pem_bundle(ca.cert_pem().as_bytes()).expect("CA"),
+        )
+        .resolve("fixture.test", server.address)
+        .resolve("alt.fixture.test", server.address)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("browser");
     let fixture_url = format!("{}/mcp", server.https_url("fixture.test"));
     let resolver = mcp::StaticResolver::new()
         .with("fixture.test", &["127.0.0.1".parse().expect("address")])
@@ -385,6 +435,8 @@ pub async fn app_with_fixture_for(
     WithFixture {
         app,
         fixture_url,
+        handle,
+        browser,
         _server: server,
     }
 }

@@ -313,7 +313,7 @@ async fn users_never_see_or_change_each_others_settings(store: Store) {
     .await;
     assert_eq!(
         (status, refused["error"]["code"].as_str()),
-        (409, Some("not_connected"))
+        (404, Some("not_connected"))
     );
     // Bob's change is his alone.
     let (status, _) = put_tool(

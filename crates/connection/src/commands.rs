@@ -1,0 +1,440 @@
+//! What a user does with a connection: connect, come back from the authorization server,
+//! look at its status, disconnect.
+use std::time::SystemTime;
+
+use domain::{
+    ApiConnectionStatus, ServerId, TokenFingerprint, UserId,
+    connection::{ConnectionCommand, ConnectionId, ConnectionStatus},
+};
+use mcp::TokensToRevoke;
+use rmcp::transport::auth::AuthError;
+use service_kit::{CommandContext, Written};
+
+use crate::stores::{
+    STATE_ALREADY_USED, VaultCredentialStore, credentials_name, load_credentials, peek_pending,
+    state_name,
+};
+use crate::{ConnectionError, ConnectionService};
+
+/// Longest error text from an authorization server that is kept (events, pages).
+const MAX_PROVIDER_TEXT: usize = 300;
+
+/// What `GET /oauth/callback` received.
+#[derive(Debug, Clone, Default)]
+pub struct CallbackParams {
+    pub code: Option<String>,
+    pub state: Option<String>,
+    pub iss: Option<String>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+}
+
+/// How a callback ended, and for which server and user when the `state` said so.
+#[derive(Debug)]
+pub struct CallbackOutcome {
+    pub server_id: Option<ServerId>,
+    pub user_id: Option<UserId>,
+    pub result: Result<(), ConnectionError>,
+}
+
+/// A connection as the API reports it.
+#[derive(Debug, Clone)]
+pub struct ConnectionReport {
+    pub server_id: ServerId,
+    pub status: ApiConnectionStatus,
+    pub reason: String,
+    pub since: Option<SystemTime>,
+    pub granted_scopes: Vec<String>,
+    pub access_token_expires_at: Option<SystemTime>,
+    pub tool_count: Option<usize>,
+}
+
+/// What a disconnect did.
+#[derive(Debug)]
+pub struct Disconnected {
+    /// Whether the provider confirmed the revocation.
+    pub tokens_revoked: bool,
+    pub written: Written,
+}
+
+fn provider_text(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_PROVIDER_TEXT)
+        .collect()
+}
+
+/// The scopes a previous `insufficient_scope` said were missing (kept in the reason).
+fn required_scopes(reason: &str) -> Vec<String> {
+    reason
+        .strip_prefix("insufficient_scope: ")
+        .map(|scopes| scopes.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+impl ConnectionService {
+    /// Begins a user's OAuth authorization at a server: returns the authorization URL (PKCE
+    /// S256, a single-use `state` bound to the user and server, the `resource`); the
+    /// connection is pending until the callback.
+    pub async fn start_connection(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        server_id: ServerId,
+    ) -> Result<(String, Written), ConnectionError> {
+        let server = self.server_oauth(server_id, false).await?;
+        if !server.enabled {
+            return Err(ConnectionError::ServerDisabled);
+        }
+        // The scopes the MCP specification says to ask for (the challenge's, else the
+        // resource's), plus any a server asked for since (a scope step-up), plus what the
+        // user had: a reconnect must not lose scopes.
+        let mut scopes = server.scopes.clone();
+        if let Some(view) = self
+            .inner
+            .read_models
+            .connections
+            .read(|d| d.get(server_id, user.as_str()).cloned())
+        {
+            scopes.extend(view.granted_scopes.iter().cloned());
+            scopes.extend(required_scopes(&view.reason));
+        }
+        let mut seen = std::collections::HashSet::new();
+        scopes.retain(|s| seen.insert(s.clone()));
+        // Refuse before a `state` is created when the domain would.
+        let id = ConnectionId {
+            server_id,
+            user_id: user.clone(),
+        };
+        let state = self.load(&id).await?;
+        if matches!(
+            state.status(),
+            ConnectionStatus::Connected | ConnectionStatus::Unreachable
+        ) {
+            return Err(domain::DomainError::AlreadyConnected.into());
+        }
+        let manager = self.manager(&server, user, None).await?;
+        let scope_refs: Vec<&str> = scopes.iter().map(String::as_str).collect();
+        let url = manager
+            .get_authorization_url(&scope_refs)
+            .await
+            .map_err(|e| ConnectionError::OAuthClient {
+                reason: provider_text(&e.to_string()),
+            })?;
+        let expires_at = self.inner.envelopes.clock().now() + self.inner.settings.state_ttl;
+        let written = self
+            .run(
+                context,
+                &id,
+                vec![ConnectionCommand::StartConnection {
+                    requested_scopes: scopes,
+                    authorization_expires_at: expires_at,
+                }],
+            )
+            .await?;
+        Ok((url, written))
+    }
+
+    /// Handles the authorization server's redirect back. `caller`: the signed-in user, when
+    /// the request carried a token (a browser following the redirect usually does not); a
+    /// `state` started by someone else is refused then, and stays usable for its owner.
+    pub async fn complete_authorization(
+        &self,
+        params: CallbackParams,
+        caller: Option<&UserId>,
+        request_id: &str,
+    ) -> CallbackOutcome {
+        let state = params.state.clone().unwrap_or_default();
+        let Some(state) = Some(state.as_str()).filter(|s| state_name(s).is_some()) else {
+            return CallbackOutcome {
+                server_id: None,
+                user_id: None,
+                result: Err(ConnectionError::StateInvalid),
+            };
+        };
+        let pending = match peek_pending(&self.inner.vault, state).await {
+            Ok(Some(pending)) => pending,
+            Ok(None) => {
+                return CallbackOutcome {
+                    server_id: None,
+                    user_id: None,
+                    result: Err(ConnectionError::StateInvalid),
+                };
+            }
+            Err(error) => {
+                return CallbackOutcome {
+                    server_id: None,
+                    user_id: None,
+                    result: Err(error.into()),
+                };
+            }
+        };
+        let Ok(user) = UserId::parse(&pending.user_id) else {
+            return CallbackOutcome {
+                server_id: None,
+                user_id: None,
+                result: Err(ConnectionError::StateInvalid),
+            };
+        };
+        let server_id = pending.server_id;
+        let result = if caller.is_some_and(|caller| *caller != user) {
+            Err(ConnectionError::StateNotYours)
+        } else {
+            let context = CommandContext::user(user.clone(), request_id);
+            self.finish_authorization(&context, &user, server_id, state, params)
+                .await
+        };
+        CallbackOutcome {
+            server_id: Some(server_id),
+            user_id: Some(user),
+            result,
+        }
+    }
+
+    async fn finish_authorization(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        server_id: ServerId,
+        state: &str,
+        params: CallbackParams,
+    ) -> Result<(), ConnectionError> {
+        let id = ConnectionId {
+            server_id,
+            user_id: user.clone(),
+        };
+        if let Some(error) = params.error {
+            // The state is used up by this answer either way.
+            let name = state_name(state).ok_or(ConnectionError::StateInvalid)?;
+            if self.inner.vault.take(&name).await?.is_none() {
+                return Err(ConnectionError::StateInvalid);
+            }
+            let code = provider_text(&error);
+            let description = params.error_description.as_deref().map(provider_text);
+            self.run(
+                context,
+                &id,
+                vec![ConnectionCommand::RecordAuthFailure {
+                    error_code: code.clone(),
+                    message: description.clone().unwrap_or_default(),
+                }],
+            )
+            .await?;
+            return Err(ConnectionError::AuthorizationDenied { code, description });
+        }
+        let Some(code) = params.code.filter(|c| !c.is_empty()) else {
+            return Err(ConnectionError::AuthorizationDenied {
+                code: "invalid_request".to_owned(),
+                description: Some("the answer has neither a code nor an error".to_owned()),
+            });
+        };
+        let server = self.server_oauth(server_id, false).await?;
+        let name = credentials_name(server_id, user);
+        let store = VaultCredentialStore::new(self.inner.vault.clone(), name.clone(), true);
+        let manager = self.manager(&server, user, Some(store)).await?;
+        let exchanged = manager
+            .exchange_code_for_token_with_issuer(&code, state, params.iss.as_deref())
+            .await;
+        let token = match exchanged {
+            Ok(token) => token,
+            Err(AuthError::AuthorizationServerMismatch {
+                expected_issuer,
+                received_issuer,
+            }) => {
+                return Err(ConnectionError::IssuerMismatch {
+                    expected: expected_issuer,
+                    received: provider_text(&received_issuer),
+                });
+            }
+            Err(AuthError::AuthorizationServerMissingIssuer { expected_issuer }) => {
+                return Err(ConnectionError::IssuerMismatch {
+                    expected: expected_issuer,
+                    received: "(no issuer)".to_owned(),
+                });
+            }
+            Err(AuthError::InternalError(message))
+                if message == STATE_ALREADY_USED || message.contains("state not found") =>
+            {
+                return Err(ConnectionError::StateInvalid);
+            }
+            Err(AuthError::TokenExchangeFailed(reason)) => {
+                let reason = provider_text(&reason);
+                let code = oauth_error_code(&reason).unwrap_or("token_exchange_failed");
+                self.run(
+                    context,
+                    &id,
+                    vec![ConnectionCommand::RecordAuthFailure {
+                        error_code: code.to_owned(),
+                        message: reason.clone(),
+                    }],
+                )
+                .await?;
+                return Err(ConnectionError::TokenExchangeFailed { reason });
+            }
+            Err(other) => {
+                return Err(ConnectionError::OAuthClient {
+                    reason: provider_text(&other.to_string()),
+                });
+            }
+        };
+        use oauth2::TokenResponse as _;
+        let stored = load_credentials(&self.inner.vault, &name).await?;
+        let granted_scopes = stored
+            .as_ref()
+            .map(|(c, _)| c.granted_scopes.clone())
+            .unwrap_or_default();
+        let recorded = self
+            .run(
+                context,
+                &id,
+                vec![ConnectionCommand::CompleteAuthorization {
+                    granted_scopes,
+                    access_token_expires_at: token
+                        .expires_in()
+                        .map(|lifetime| SystemTime::now() + lifetime),
+                    token_fingerprint: TokenFingerprint::of(token.access_token().secret()),
+                    has_refresh_token: token.refresh_token().is_some(),
+                }],
+            )
+            .await;
+        if let Err(error) = recorded {
+            // The connection was not waiting for these tokens (disconnected, or too late):
+            // they must not linger.
+            let _ = self.inner.vault.delete(&name).await;
+            return Err(error);
+        }
+        // Healthy after the first discovery; a server that is down now makes the connection
+        // unreachable, which the health probe will lift.
+        if let Err(error) = self.probe(server_id, user).await {
+            tracing::warn!(server = %server_id, code = error.code(), "the first tool discovery failed: {error}");
+        }
+        Ok(())
+    }
+
+    /// The caller's connection to a server, as the API reports it.
+    pub fn status(
+        &self,
+        user: &UserId,
+        server_id: ServerId,
+    ) -> Result<ConnectionReport, ConnectionError> {
+        let enabled = self
+            .inner
+            .read_models
+            .servers
+            .read(|d| d.get(server_id).map(|s| s.enabled))
+            .ok_or(ConnectionError::ServerNotFound)?;
+        let view = self
+            .inner
+            .read_models
+            .connections
+            .read(|d| d.get(server_id, user.as_str()).cloned());
+        Ok(match view {
+            Some(view) => ConnectionReport {
+                server_id,
+                status: view.api_status(enabled),
+                reason: view.reason.clone(),
+                since: view.since,
+                granted_scopes: view.granted_scopes.clone(),
+                access_token_expires_at: view.access_token_expires_at,
+                tool_count: view.tool_count,
+            },
+            None => ConnectionReport {
+                server_id,
+                status: ApiConnectionStatus::NotConnected,
+                reason: String::new(),
+                since: None,
+                granted_scopes: Vec::new(),
+                access_token_expires_at: None,
+                tool_count: None,
+            },
+        })
+    }
+
+    /// Disconnects a user from a server: revokes the tokens at the provider (where it has a
+    /// way), deletes them from the vault, records whether the revocation succeeded.
+    pub async fn disconnect(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        server_id: ServerId,
+        reason: &str,
+    ) -> Result<Disconnected, ConnectionError> {
+        let id = ConnectionId {
+            server_id,
+            user_id: user.clone(),
+        };
+        let name = credentials_name(server_id, user);
+        let credentials = load_credentials(&self.inner.vault, &name).await?;
+        let state = self.load(&id).await?;
+        if credentials.is_none()
+            && matches!(
+                state.status(),
+                ConnectionStatus::NotConnected | ConnectionStatus::Disconnected
+            )
+        {
+            return Err(ConnectionError::NotConnected);
+        }
+        let mut tokens_revoked = false;
+        if let Some((credentials, _)) = &credentials {
+            match self.server_oauth(server_id, true).await {
+                Ok(server) => {
+                    use oauth2::TokenResponse as _;
+                    let token = credentials.token_response.as_ref();
+                    let outcome = mcp::revoke_tokens(
+                        &self.inner.outbound,
+                        &server.revocation_method(),
+                        &server.client_authentication(),
+                        TokensToRevoke {
+                            access_token: token.map(|t| t.access_token().secret().as_str()),
+                            refresh_token: token
+                                .and_then(|t| t.refresh_token())
+                                .map(|t| t.secret().as_str()),
+                        },
+                    )
+                    .await;
+                    match outcome {
+                        Ok(()) => tokens_revoked = true,
+                        Err(error) => tracing::warn!(
+                            server = %server_id,
+                            "the provider did not confirm the revocation: {error}"
+                        ),
+                    }
+                }
+                Err(error) => tracing::warn!(
+                    server = %server_id,
+                    code = error.code(),
+                    "cannot revoke: the server's OAuth client is unknown"
+                ),
+            }
+            self.inner.vault.delete(&name).await?;
+        }
+        let written = self
+            .run(
+                context,
+                &id,
+                vec![ConnectionCommand::Disconnect {
+                    reason: reason.to_owned(),
+                    tokens_revoked,
+                }],
+            )
+            .await?;
+        Ok(Disconnected {
+            tokens_revoked,
+            written,
+        })
+    }
+}
+
+/// The RFC 6749 §5.2 error code at the start of an `oauth2` error text, if one is there.
+pub(crate) fn oauth_error_code(text: &str) -> Option<&'static str> {
+    const CODES: [&str; 7] = [
+        "invalid_grant",
+        "invalid_client",
+        "invalid_request",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_target",
+    ];
+    CODES.into_iter().find(|code| text.contains(code))
+}

@@ -1,0 +1,81 @@
+//! The connection service's errors, each with a stable code the API maps to a status.
+use domain::DomainError;
+use service_kit::CommandError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("there is no server with this id")]
+    ServerNotFound,
+    #[error("the server is disabled; an admin has to enable it before anyone can connect")]
+    ServerDisabled,
+    #[error("the server has no OAuth client yet; an admin has to finish setting it up")]
+    ServerNotRegistered,
+    #[error("the authorization link is unknown, expired or already used; start connecting again")]
+    StateInvalid,
+    #[error("this authorization was started by another user")]
+    StateNotYours,
+    #[error(
+        "the authorization answer came from {received}, not from the server's authorization server {expected}"
+    )]
+    IssuerMismatch { expected: String, received: String },
+    #[error("the authorization server answered `{code}`{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    AuthorizationDenied {
+        code: String,
+        description: Option<String>,
+    },
+    #[error("the authorization server did not issue tokens: {reason}")]
+    TokenExchangeFailed { reason: String },
+    #[error("you are not connected to this server")]
+    NotConnected,
+    #[error(
+        "the server no longer accepts this connection's authorization ({reason}); connect again"
+    )]
+    ReauthorizationRequired { reason: String },
+    #[error("the authorization server could not be reached to refresh the token: {reason}")]
+    RefreshUnavailable { reason: String },
+    #[error(transparent)]
+    Upstream(#[from] mcp::McpCallError),
+    #[error("the OAuth client for this server could not be set up: {reason}")]
+    OAuthClient { reason: String },
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Command(CommandError),
+    #[error("the vault failed: {0}")]
+    Vault(#[from] vault::VaultError),
+}
+
+impl From<CommandError> for ConnectionError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Domain(domain) => ConnectionError::Domain(domain),
+            other => ConnectionError::Command(other),
+        }
+    }
+}
+
+impl ConnectionError {
+    /// The stable machine code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConnectionError::ServerNotFound => "server_not_found",
+            ConnectionError::ServerDisabled => "server_disabled",
+            ConnectionError::ServerNotRegistered => "server_not_registered",
+            ConnectionError::StateInvalid => "oauth_state_invalid",
+            ConnectionError::StateNotYours => "oauth_state_not_yours",
+            ConnectionError::IssuerMismatch { .. } => "oauth_issuer_mismatch",
+            ConnectionError::AuthorizationDenied { code, .. } if code == "access_denied" => {
+                "authorization_denied"
+            }
+            ConnectionError::AuthorizationDenied { .. } => "authorization_failed",
+            ConnectionError::TokenExchangeFailed { .. } => "token_exchange_failed",
+            ConnectionError::NotConnected => "not_connected",
+            ConnectionError::ReauthorizationRequired { .. } => "reauthorization_required",
+            ConnectionError::RefreshUnavailable { .. } => "token_refresh_unavailable",
+            ConnectionError::Upstream(error) => error.code(),
+            ConnectionError::OAuthClient { .. } => "oauth_client_error",
+            ConnectionError::Domain(error) => error.code(),
+            ConnectionError::Command(_) | ConnectionError::Vault(_) => "internal",
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! A connection's access token: handed out while it is fresh, refreshed shortly before it
+//! expires and after the server refuses it — by one refresher at a time across every process
+//! sharing the vault.
+//!
+//! The refresh lease is a create-only vault entry with a time-to-live (a crashed holder frees
+//! it by expiring). Whoever holds it re-reads the tokens first: if they changed since the
+//! caller saw its stale token, another refresher already did the work and no request goes to
+//! the token endpoint. The others wait until the tokens change or the lease goes, then use the
+//! new tokens.
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use domain::{
+    ServerId, TokenFingerprint, UserId,
+    connection::{ConnectionCommand, ConnectionId},
+};
+use mcp::McpCallError;
+use oauth2::TokenResponse as _;
+use rmcp::transport::auth::{AuthError, StoredCredentials};
+use service_kit::CommandContext;
+use vault::{Secret, VaultError};
+
+use crate::stores::{VaultCredentialStore, credentials_name, load_credentials, refresh_lease_name};
+use crate::{ConnectionError, ConnectionService};
+
+/// The service name on the events a refresh records (no user asked for it).
+const SERVICE: &str = "connection";
+
+fn access_token_of(credentials: &StoredCredentials) -> Option<&str> {
+    credentials
+        .token_response
+        .as_ref()
+        .map(|t| t.access_token().secret().as_str())
+}
+
+fn refresh_token_of(credentials: &StoredCredentials) -> Option<&str> {
+    credentials
+        .token_response
+        .as_ref()
+        .and_then(|t| t.refresh_token())
+        .map(|t| t.secret().as_str())
+}
+
+/// When the access token expires, if the server said.
+fn expires_at(credentials: &StoredCredentials) -> Option<SystemTime> {
+    let lifetime = credentials.token_response.as_ref()?.expires_in()?;
+    let received = UNIX_EPOCH + Duration::from_secs(credentials.token_received_at?);
+    Some(received + lifetime)
+}
+
+impl ConnectionService {
+    fn service_context(&self) -> CommandContext {
+        CommandContext::service(SERVICE)
+    }
+
+    /// A usable access token for the user's connection: the stored one, or a refreshed one
+    /// when it expires within `refresh_ahead`.
+    pub async fn access_token(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+    ) -> Result<String, ConnectionError> {
+        let name = credentials_name(server_id, user);
+        let (credentials, _) = load_credentials(&self.inner.vault, &name)
+            .await?
+            .ok_or(ConnectionError::NotConnected)?;
+        let token = access_token_of(&credentials)
+            .ok_or(ConnectionError::NotConnected)?
+            .to_owned();
+        let expiring = expires_at(&credentials)
+            .is_some_and(|at| at <= SystemTime::now() + self.inner.settings.refresh_ahead);
+        if expiring && refresh_token_of(&credentials).is_some() {
+            return self.refresh(server_id, user, &token).await;
+        }
+        Ok(token)
+    }
+
+    /// Replaces `stale` (a token the server refused, or one about to expire) with a fresh
+    /// one; at most one refresh per connection at a time across processes.
+    pub async fn refresh(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+        stale: &str,
+    ) -> Result<String, ConnectionError> {
+        let name = credentials_name(server_id, user);
+        let lease = refresh_lease_name(server_id, user);
+        let lease_ttl = self.inner.settings.refresh_lease;
+        let give_up = tokio::time::Instant::now() + lease_ttl * 2;
+        loop {
+            let (credentials, revision) = load_credentials(&self.inner.vault, &name)
+                .await?
+                .ok_or(ConnectionError::NotConnected)?;
+            if let Some(current) = access_token_of(&credentials)
+                && current != stale
+            {
+                return Ok(current.to_owned());
+            }
+            match self
+                .inner
+                .vault
+                .put_with_ttl(&lease, &Secret::from_slice(b"refreshing"), lease_ttl)
+                .await
+            {
+                Ok(_) => {
+                    let result = self.refresh_holding_lease(server_id, user, stale).await;
+                    if let Err(error) = self.inner.vault.delete(&lease).await {
+                        tracing::warn!(server = %server_id, "could not release the refresh lease (it expires by itself): {error}");
+                    }
+                    return result;
+                }
+                Err(VaultError::Conflict { .. }) => {
+                    self.inner.lease_waits.send_modify(|n| *n += 1);
+                    self.wait_for_other_refresher(&name, revision, &lease, give_up)
+                        .await?;
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+    }
+
+    /// Waits until the tokens change or the lease is gone (released or expired).
+    async fn wait_for_other_refresher(
+        &self,
+        name: &vault::SecretName,
+        seen: vault::Revision,
+        lease: &vault::SecretName,
+        give_up: tokio::time::Instant,
+    ) -> Result<(), ConnectionError> {
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if tokio::time::Instant::now() >= give_up {
+                return Err(ConnectionError::RefreshUnavailable {
+                    reason: "another refresh of this connection did not finish".to_owned(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+            let changed = match self.inner.vault.get(name).await? {
+                Some((_, revision)) => revision != seen,
+                None => true,
+            };
+            if changed || self.inner.vault.get(lease).await?.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn refresh_holding_lease(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+        stale: &str,
+    ) -> Result<String, ConnectionError> {
+        let name = credentials_name(server_id, user);
+        let (before, before_revision) = load_credentials(&self.inner.vault, &name)
+            .await?
+            .ok_or(ConnectionError::NotConnected)?;
+        if let Some(current) = access_token_of(&before)
+            && current != stale
+        {
+            return Ok(current.to_owned());
+        }
+        let server = self.server_oauth(server_id, false).await?;
+        let store = VaultCredentialStore::new(self.inner.vault.clone(), name.clone(), false);
+        let manager = self.manager(&server, user, Some(store)).await?;
+        let id = ConnectionId {
+            server_id,
+            user_id: user.clone(),
+        };
+        match manager.refresh_token().await {
+            Ok(token) => {
+                let (after, _) = load_credentials(&self.inner.vault, &name)
+                    .await?
+                    .ok_or(ConnectionError::NotConnected)?;
+                let rotated = refresh_token_of(&after) != refresh_token_of(&before);
+                self.run(
+                    &self.service_context(),
+                    &id,
+                    vec![ConnectionCommand::RecordTokensRefreshed {
+                        granted_scopes: after.granted_scopes.clone(),
+                        access_token_expires_at: expires_at(&after),
+                        token_fingerprint: TokenFingerprint::of(token.access_token().secret()),
+                        refresh_token_rotated: rotated,
+                    }],
+                )
+                .await?;
+                Ok(token.access_token().secret().clone())
+            }
+            Err(AuthError::TokenRefreshRejected(reason)) => {
+                // A provider with two live refresh tokens (Notion) answers `invalid_grant` to
+                // the loser of a race; if the tokens changed meanwhile, the winner's work
+                // stands and the connection is fine.
+                if let Some((now, revision)) = load_credentials(&self.inner.vault, &name).await?
+                    && revision != before_revision
+                    && let Some(token) = access_token_of(&now)
+                {
+                    return Ok(token.to_owned());
+                }
+                let reason = reason.chars().take(300).collect::<String>();
+                self.run(
+                    &self.service_context(),
+                    &id,
+                    vec![ConnectionCommand::RecordAuthFailure {
+                        error_code: "invalid_grant".to_owned(),
+                        message: "the authorization server rejected the refresh token".to_owned(),
+                    }],
+                )
+                .await?;
+                Err(ConnectionError::ReauthorizationRequired { reason })
+            }
+            Err(AuthError::AuthorizationRequired) => {
+                self.run(
+                    &self.service_context(),
+                    &id,
+                    vec![ConnectionCommand::RecordAuthFailure {
+                        error_code: "invalid_token".to_owned(),
+                        message: "the access token was refused and there is no refresh token"
+                            .to_owned(),
+                    }],
+                )
+                .await?;
+                Err(ConnectionError::ReauthorizationRequired {
+                    reason: "no refresh token".to_owned(),
+                })
+            }
+            Err(other) => Err(ConnectionError::RefreshUnavailable {
+                reason: other.to_string().chars().take(300).collect(),
+            }),
+        }
+    }
+
+    /// Runs `call` with the connection's access token; after a 401, refreshes once and runs
+    /// it again. A second 401 means the authorization is gone: recorded as an auth error.
+    pub async fn with_token<T, F, Fut>(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+        call: F,
+    ) -> Result<T, ConnectionError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = Result<T, McpCallError>>,
+    {
+        let token = self.access_token(server_id, user).await?;
+        match call(token.clone()).await {
+            Err(McpCallError::Unauthorized { .. }) => {}
+            other => return other.map_err(ConnectionError::from),
+        }
+        let fresh = self.refresh(server_id, user, &token).await?;
+        match call(fresh).await {
+            Err(McpCallError::Unauthorized { .. }) => {
+                let id = ConnectionId {
+                    server_id,
+                    user_id: user.clone(),
+                };
+                self.run(
+                    &self.service_context(),
+                    &id,
+                    vec![ConnectionCommand::RecordAuthFailure {
+                        error_code: "invalid_token".to_owned(),
+                        message: "the server refused a freshly refreshed token".to_owned(),
+                    }],
+                )
+                .await?;
+                Err(ConnectionError::ReauthorizationRequired {
+                    reason: "the server refused a freshly refreshed token".to_owned(),
+                })
+            }
+            other => other.map_err(ConnectionError::from),
+        }
+    }
+}

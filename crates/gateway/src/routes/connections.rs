@@ -1,0 +1,288 @@
+//! Each user's connection to a server: connect (the authorization URL), the OAuth callback,
+//! the status, disconnect. A caller only ever sees and changes their own connection: there is
+//! no user in these paths.
+use axum::{
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, header},
+    response::{Html, IntoResponse, Redirect, Response},
+};
+use chrono::{DateTime, SecondsFormat, Utc};
+use connection::{CallbackParams, ConnectionError, ConnectionReport};
+use domain::ServerId;
+use serde::{Deserialize, Serialize};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{Access, ApiError, ApiPath, ApiQuery, AppState, Caller, Permission, RouteSpec};
+
+const CONNECT: Access = Access::AnyOf(&[Permission::ViewAndConnect]);
+
+pub const ROUTES: &[RouteSpec] = &[
+    RouteSpec::new(Method::POST, "/api/v1/servers/{id}/connection", CONNECT),
+    RouteSpec::new(Method::GET, "/api/v1/servers/{id}/connection", CONNECT),
+    RouteSpec::new(Method::DELETE, "/api/v1/servers/{id}/connection", CONNECT),
+    RouteSpec::new(Method::GET, "/oauth/callback", Access::Public),
+];
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(connect, connection_status, disconnect))
+        .routes(routes!(oauth_callback))
+}
+
+fn server_id(text: &str) -> Result<ServerId, ApiError> {
+    ServerId::parse(text)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
+}
+
+fn rfc3339(time: Option<std::time::SystemTime>) -> Option<String> {
+    time.map(|t| DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+/// Where to send the user's browser to authorize.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AuthorizationStart {
+    pub authorization_url: String,
+    /// `pending` until the authorization server sends the user back.
+    pub status: &'static str,
+}
+
+/// The caller's connection to a server.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConnectionView {
+    pub server_id: String,
+    /// `healthy`, `pending`, `auth_error`, `unreachable`, `disabled` or `not_connected`.
+    pub status: &'static str,
+    /// Why (an OAuth error, an unreachable server); absent when there is nothing to say.
+    pub reason: Option<String>,
+    /// When the status last changed.
+    pub since: Option<String>,
+    pub granted_scopes: Vec<String>,
+    pub access_token_expires_at: Option<String>,
+    /// How many tools the last discovery found (absent before the first).
+    pub tool_count: Option<usize>,
+}
+
+impl ConnectionView {
+    fn of(report: ConnectionReport) -> Self {
+        ConnectionView {
+            server_id: report.server_id.to_string(),
+            status: report.status.as_str(),
+            reason: Some(report.reason).filter(|r| !r.is_empty()),
+            since: rfc3339(report.since),
+            granted_scopes: report.granted_scopes,
+            access_token_expires_at: rfc3339(report.access_token_expires_at),
+            tool_count: report.tool_count,
+        }
+    }
+}
+
+/// What a disconnect did.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DisconnectView {
+    pub status: &'static str,
+    /// Whether the provider confirmed the revocation (some providers offer no way).
+    pub tokens_revoked: bool,
+}
+
+/// Starts connecting the caller to a server: returns the authorization URL to open.
+#[utoipa::path(post, path = "/api/v1/servers/{id}/connection", tag = "connections", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The server's id")),
+    responses(
+        (status = 200, description = "Open `authorization_url` in the browser", body = AuthorizationStart),
+        (status = 404, description = "No such server", body = crate::ErrorBody),
+        (status = 409, description = "Already connected, or the server is disabled", body = crate::ErrorBody),
+        (status = 502, description = "The server's OAuth client could not be used", body = crate::ErrorBody),
+    ))]
+async fn connect(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<AuthorizationStart>, ApiError> {
+    let id = server_id(&id)?;
+    let (authorization_url, written) = state
+        .connections
+        .start_connection(&state.command_context(&caller), &caller.user, id)
+        .await?;
+    state.settle(&written).await;
+    Ok(axum::Json(AuthorizationStart {
+        authorization_url,
+        status: "pending",
+    }))
+}
+
+/// The caller's connection to a server.
+#[utoipa::path(get, path = "/api/v1/servers/{id}/connection", tag = "connections", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The server's id")),
+    responses(
+        (status = 200, description = "The status", body = ConnectionView),
+        (status = 404, description = "No such server", body = crate::ErrorBody),
+    ))]
+async fn connection_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<ConnectionView>, ApiError> {
+    let id = server_id(&id)?;
+    Ok(axum::Json(ConnectionView::of(
+        state.connections.status(&caller.user, id)?,
+    )))
+}
+
+/// Disconnects the caller: tokens revoked at the provider where it allows, deleted here.
+#[utoipa::path(delete, path = "/api/v1/servers/{id}/connection", tag = "connections", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The server's id")),
+    responses(
+        (status = 200, description = "Disconnected", body = DisconnectView),
+        (status = 404, description = "Not connected", body = crate::ErrorBody),
+    ))]
+async fn disconnect(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<DisconnectView>, ApiError> {
+    let id = server_id(&id)?;
+    let done = state
+        .connections
+        .disconnect(
+            &state.command_context(&caller),
+            &caller.user,
+            id,
+            "the user disconnected",
+        )
+        .await?;
+    state.settle(&done.written).await;
+    Ok(axum::Json(DisconnectView {
+        status: "not_connected",
+        tokens_revoked: done.tokens_revoked,
+    }))
+}
+
+/// What the authorization server sends back (RFC 6749 §4.1.2, RFC 9207).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct CallbackQuery {
+    pub code: Option<String>,
+    pub state: Option<String>,
+    pub iss: Option<String>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+}
+
+/// The OAuth redirect: finishes the authorization, then sends the browser to the console's
+/// page for the server, or shows a short page saying what happened.
+#[utoipa::path(get, path = "/oauth/callback", tag = "oauth",
+    params(CallbackQuery),
+    responses(
+        (status = 200, description = "A page saying what happened (no console configured)", content_type = "text/html"),
+        (status = 303, description = "To the console's page for the server"),
+        (status = 400, description = "A page saying what went wrong", content_type = "text/html"),
+    ))]
+async fn oauth_callback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<CallbackQuery>,
+) -> Response {
+    // A console that forwards the redirect with the user's token gets the other-user check.
+    let caller = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| state.auth.authenticate(Some(v)).ok());
+    let request_id = crate::error::current_request_id();
+    let outcome = state
+        .connections
+        .complete_authorization(
+            CallbackParams {
+                code: query.code,
+                state: query.state,
+                iss: query.iss,
+                error: query.error,
+                error_description: query.error_description,
+            },
+            caller.as_ref().map(|c| &c.user),
+            &request_id,
+        )
+        .await;
+    if let Some(server_id) = outcome.server_id {
+        // The status page the user lands on must show the outcome.
+        let position = state.read_models.connections.position().max(
+            state
+                .log
+                .last_sequence(eventlog::LogKind::Config)
+                .await
+                .unwrap_or(0),
+        );
+        state
+            .read_models
+            .wait_for_position(
+                eventlog::LogKind::Config,
+                position,
+                state.settings.read_your_writes_timeout,
+            )
+            .await;
+        if let Some(console) = &state.settings.console_url {
+            let base = console.trim_end_matches('/');
+            let target = match &outcome.result {
+                Ok(()) => format!("{base}/servers/{server_id}?connection=connected"),
+                Err(error) => format!(
+                    "{base}/servers/{server_id}?connection=failed&error={}",
+                    error.code()
+                ),
+            };
+            return Redirect::to(&target).into_response();
+        }
+    }
+    let (status, title, body) = match &outcome.result {
+        Ok(()) => (
+            StatusCode::OK,
+            "Connected",
+            "Switchboard is connected to the server as you. You can close this window.".to_owned(),
+        ),
+        Err(error) => (
+            StatusCode::BAD_REQUEST,
+            "Not connected",
+            format!("{error}. {}", what_to_do(error)),
+        ),
+    };
+    let code = outcome
+        .result
+        .as_ref()
+        .err()
+        .map(|e| format!("<p><code>{}</code></p>", e.code()))
+        .unwrap_or_default();
+    let page = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Switchboard: {title}</title></head>\
+         <body><h1>{title}</h1><p>{}</p>{code}</body></html>",
+        escape_html(&body)
+    );
+    (status, Html(page)).into_response()
+}
+
+fn what_to_do(error: &ConnectionError) -> &'static str {
+    match error {
+        ConnectionError::AuthorizationDenied { code, .. } if code == "access_denied" => {
+            "You declined the authorization; connect again if that was a mistake."
+        }
+        ConnectionError::StateInvalid => "Start connecting again from Switchboard.",
+        ConnectionError::StateNotYours => {
+            "Sign in as the user who started connecting, or start connecting yourself."
+        }
+        ConnectionError::ServerNotFound | ConnectionError::ServerDisabled => {
+            "Ask an admin about this server."
+        }
+        _ => "Try connecting again; if it keeps failing, ask an admin to check the server.",
+    }
+}
+
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

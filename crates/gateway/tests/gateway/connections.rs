@@ -1,0 +1,613 @@
+//! Connections through the API, against the fixture authorization server and MCP server over
+//! real TLS: connect → authorize → callback → healthy with tools; the `state` and `iss`
+//! checks; refresh; auth errors; reachability; disconnect with revocation; a deleted
+//! server's users disconnected; no issued secret anywhere on disk.
+use serde_json::{Value, json};
+use testkit::OAuthFixture;
+
+use crate::support::{STORES, Store, WithFixture, app_with_fixture_for};
+
+const ADMIN: &str = "admin@example.com";
+
+struct Connected {
+    setup: WithFixture,
+    server_id: String,
+    user_token: String,
+}
+
+fn user_id(name: &str) -> domain::UserId {
+    domain::UserId::parse(name).expect("user id")
+}
+
+async fn add_server(setup: &WithFixture, template: &str) -> String {
+    let admin = setup.app.token(ADMIN, &["admin"]);
+    let mut body = json!({"name": format!("{template} team"), "template": template});
+    if matches!(template, "github" | "pagerduty" | "slack") {
+        body["client_id"] = json!(testkit::PRE_REGISTERED_CLIENT_ID);
+        body["client_secret"] = json!(testkit::PRE_REGISTERED_CLIENT_SECRET);
+    }
+    let response = setup
+        .app
+        .client
+        .post(format!("{}/api/v1/servers", setup.app.url))
+        .bearer_auth(&admin)
+        .json(&body)
+        .send()
+        .await
+        .expect("add");
+    let status = response.status();
+    let server: Value = response.json().await.expect("server");
+    assert_eq!(status, 201, "{server}");
+    server["id"].as_str().expect("id").to_owned()
+}
+
+/// Starts connecting `user` and follows the authorization URL like a browser; returns the
+/// query the authorization server sent back to the callback.
+async fn authorize(setup: &WithFixture, server_id: &str, token: &str) -> String {
+    let response = setup
+        .app
+        .client
+        .post(format!(
+            "{}/api/v1/servers/{server_id}/connection",
+            setup.app.url
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("connect");
+    let status = response.status();
+    let body: Value = response.json().await.expect("body");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "pending");
+    let url = body["authorization_url"].as_str().expect("url").to_owned();
+    let redirect = setup.browser.get(&url).send().await.expect("authorize");
+    assert_eq!(
+        redirect.status(),
+        302,
+        "the authorization server redirects back"
+    );
+    let location = redirect.headers()["location"].to_str().expect("location");
+    assert!(
+        location.starts_with(&format!("{}/oauth/callback?", setup.app.url)),
+        "{location}"
+    );
+    location.split_once('?').expect("query").1.to_owned()
+}
+
+async fn callback(setup: &WithFixture, query: &str) -> (u16, String) {
+    let response = setup
+        .app
+        .client
+        .get(format!("{}/oauth/callback?{query}", setup.app.url))
+        .send()
+        .await
+        .expect("callback");
+    (
+        response.status().as_u16(),
+        response.text().await.expect("page"),
+    )
+}
+
+async fn status(setup: &WithFixture, server_id: &str, token: &str) -> Value {
+    // What the service wrote directly (a probe) shows once the read models caught up.
+    let last = setup
+        .app
+        .log
+        .last_sequence(eventlog::LogKind::Config)
+        .await
+        .expect("last sequence");
+    assert!(
+        setup
+            .app
+            .read_models
+            .wait_for_position(
+                eventlog::LogKind::Config,
+                last,
+                std::time::Duration::from_secs(10)
+            )
+            .await
+    );
+    setup
+        .app
+        .get(
+            &format!("/api/v1/servers/{server_id}/connection"),
+            Some(token),
+        )
+        .await
+        .json()
+        .await
+        .expect("status")
+}
+
+async fn connect(store: Store, fixture: OAuthFixture, template: &str, user: &str) -> Connected {
+    let setup = app_with_fixture_for(store, fixture, template).await;
+    let server_id = add_server(&setup, template).await;
+    let user_token = setup.app.token(user, &["analyst"]);
+    let query = authorize(&setup, &server_id, &user_token).await;
+    let (code, page) = callback(&setup, &query).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Connected"), "{page}");
+    Connected {
+        setup,
+        server_id,
+        user_token,
+    }
+}
+
+/// Every token, code and client secret the fixture issued, searched for in every file of the
+/// data directory (event log, checkpoints, vault): none may be there in the clear.
+fn assert_no_secret_on_disk(setup: &WithFixture) {
+    let secrets = setup.handle.issued_secrets();
+    assert!(!secrets.is_empty(), "the fixture issued secrets");
+    let mut files = 0;
+    let mut stack = vec![setup.app.dir.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            files += 1;
+            let bytes = std::fs::read(&path).expect("read");
+            for secret in &secrets {
+                assert!(
+                    !bytes
+                        .windows(secret.len())
+                        .any(|window| window == secret.as_bytes()),
+                    "{} holds an issued secret in the clear",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(files > 0, "the scan found files");
+}
+
+async fn events_of_type(setup: &WithFixture, event_type: &str) -> Vec<Value> {
+    let admin = setup.app.token(ADMIN, &["admin"]);
+    let page: Value = setup
+        .app
+        .get(
+            &format!("/api/v1/audit/events?type={event_type}&limit=100"),
+            Some(&admin),
+        )
+        .await
+        .json()
+        .await
+        .expect("audit");
+    page["events"].as_array().expect("events").clone()
+}
+
+async fn connect_then_healthy_with_tools(store: Store, fixture: OAuthFixture, template: &str) {
+    let connected = connect(store, fixture, template, "alice@example.com").await;
+    let setup = &connected.setup;
+    let status = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(status["status"], "healthy", "{status}");
+    assert_eq!(status["tool_count"], 4, "{status}");
+    assert!(status["access_token_expires_at"].is_string(), "{status}");
+    // PKCE S256 and the resource in the authorization request.
+    let seen = setup.handle.last_authorization_request().expect("seen");
+    assert_eq!(seen.code_challenge_method.as_deref(), Some("S256"));
+    assert_eq!(seen.resource.as_deref(), Some(setup.fixture_url.as_str()));
+    let token_request = setup.handle.last_token_request().expect("token request");
+    assert_eq!(
+        token_request.resource.as_deref(),
+        Some(setup.fixture_url.as_str())
+    );
+    // Another user sees nothing of it.
+    let bob = setup.app.token("bob@example.com", &["analyst"]);
+    let theirs = crate::connections::status(setup, &connected.server_id, &bob).await;
+    assert_eq!(theirs["status"], "not_connected");
+    let discovered = events_of_type(setup, "ToolsDiscovered").await;
+    assert_eq!(discovered.len(), 1);
+    assert_no_secret_on_disk(setup);
+}
+
+#[tokio::test]
+async fn connect_callback_healthy_with_tools_on_both_stores_and_both_eras() {
+    for store in STORES {
+        // Notion's fixture speaks the 2026-07-28 stateless protocol, Atlassian's the
+        // 2025-11-25 protocol with sessions.
+        connect_then_healthy_with_tools(store, OAuthFixture::notion(), "notion").await;
+        connect_then_healthy_with_tools(store, OAuthFixture::atlassian(), "atlassian").await;
+    }
+}
+
+#[tokio::test]
+async fn forged_replayed_and_other_users_state_is_refused() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let query = authorize(&setup, &server_id, &alice).await;
+    // Forged: a state Switchboard never issued.
+    let (code, page) = callback(&setup, "code=x&state=forgedstate123").await;
+    assert_eq!(code, 400);
+    assert!(page.contains("oauth_state_invalid"), "{page}");
+    // Another signed-in user presenting alice's state is refused, and the state survives.
+    let bob = setup.app.token("bob@example.com", &["analyst"]);
+    let response = setup
+        .app
+        .client
+        .get(format!("{}/oauth/callback?{query}", setup.app.url))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(response.status(), 400);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("oauth_state_not_yours")
+    );
+    // Alice's own callback works, once.
+    let (code, page) = callback(&setup, &query).await;
+    assert_eq!(code, 200, "{page}");
+    let (code, page) = callback(&setup, &query).await;
+    assert_eq!(code, 400, "a replayed state is refused");
+    assert!(page.contains("oauth_state_invalid"), "{page}");
+    assert_eq!(
+        setup.handle.token_requests_for("authorization_code"),
+        1,
+        "the replay never reached the token endpoint"
+    );
+}
+
+#[tokio::test]
+async fn a_mismatched_issuer_is_refused_and_access_denied_is_reported() {
+    let fixture = OAuthFixture {
+        callback_iss_override: Some("https://evil.test".to_owned()),
+        ..OAuthFixture::notion()
+    };
+    let setup = app_with_fixture_for(Store::Jsonl, fixture, "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let query = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &query).await;
+    assert_eq!(code, 400);
+    assert!(page.contains("oauth_issuer_mismatch"), "{page}");
+    assert_eq!(setup.handle.token_requests(), 0);
+
+    let denying = OAuthFixture {
+        deny_authorization: true,
+        ..OAuthFixture::notion()
+    };
+    let setup = app_with_fixture_for(Store::Jsonl, denying, "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let query = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &query).await;
+    assert_eq!(code, 400);
+    assert!(page.contains("authorization_denied"), "{page}");
+    assert!(
+        page.contains("declined"),
+        "the page says what to do: {page}"
+    );
+    let status = status(&setup, &server_id, &alice).await;
+    assert_eq!(status["status"], "auth_error", "{status}");
+}
+
+#[tokio::test]
+async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_is_an_auth_error() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    setup.handle.expire_access_tokens();
+    let outcome = setup
+        .app
+        .state
+        .connections
+        .probe(server, &alice)
+        .await
+        .expect("probe");
+    assert_eq!(outcome, connection::ProbeOutcome::Healthy);
+    assert_eq!(setup.handle.token_requests_for("refresh_token"), 1);
+    let refreshed = events_of_type(setup, "TokensRefreshed").await;
+    assert_eq!(refreshed.len(), 1);
+    assert_eq!(
+        refreshed[0]["envelope"]["tokensRefreshed"]["refreshTokenRotated"], true,
+        "{}",
+        refreshed[0]
+    );
+    // The grant revoked at the provider: the next refresh fails for good.
+    setup.handle.revoke_refresh_tokens();
+    setup.handle.expire_access_tokens();
+    let outcome = setup
+        .app
+        .state
+        .connections
+        .probe(server, &alice)
+        .await
+        .expect("probe");
+    assert_eq!(outcome, connection::ProbeOutcome::AuthError);
+    let status = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(status["status"], "auth_error", "{status}");
+    assert_no_secret_on_disk(setup);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_recovers_to_healthy() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    setup.handle.set_mcp_down(true);
+    let outcome = setup
+        .app
+        .state
+        .connections
+        .probe(server, &alice)
+        .await
+        .expect("probe");
+    assert_eq!(outcome, connection::ProbeOutcome::Unreachable);
+    let down = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(down["status"], "unreachable", "{down}");
+    assert!(down["reason"].as_str().unwrap().contains("503"), "{down}");
+    // A second failing probe records nothing new.
+    setup
+        .app
+        .state
+        .connections
+        .probe(server, &alice)
+        .await
+        .expect("probe");
+    assert_eq!(
+        events_of_type(setup, "ConnectionUnreachable").await.len(),
+        1
+    );
+    setup.handle.set_mcp_down(false);
+    let outcome = setup
+        .app
+        .state
+        .connections
+        .probe(server, &alice)
+        .await
+        .expect("probe");
+    assert_eq!(outcome, connection::ProbeOutcome::Healthy);
+    let up = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(up["status"], "healthy", "{up}");
+}
+
+#[tokio::test]
+async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    let stale = setup
+        .app
+        .state
+        .connections
+        .access_token(server, &alice)
+        .await
+        .expect("token");
+    // A second service over the same stores stands for another process.
+    let other = setup.app.state.connections.another_instance();
+    let gate = setup.handle.pause_token_endpoint();
+    let first = {
+        let service = setup.app.state.connections.clone();
+        let (alice, stale) = (alice.clone(), stale.clone());
+        tokio::spawn(async move { service.refresh(server, &alice, &stale).await })
+    };
+    gate.arrived(1).await;
+    let mut waits = other.lease_waits();
+    let second = {
+        let (alice, stale) = (alice.clone(), stale.clone());
+        let other = other.clone();
+        tokio::spawn(async move { other.refresh(server, &alice, &stale).await })
+    };
+    // The second refresher found the lease taken and waits.
+    waits.wait_for(|n| *n >= 1).await.expect("waits");
+    gate.release();
+    let first = first.await.expect("task").expect("refresh");
+    let second = second.await.expect("task").expect("refresh");
+    assert_eq!(first, second, "both use the one new token");
+    assert_ne!(first, stale);
+    assert_eq!(setup.handle.token_requests_for("refresh_token"), 1);
+}
+
+#[tokio::test]
+async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_provider() {
+    for (template, fixture) in [
+        ("notion", OAuthFixture::notion()),
+        ("atlassian", OAuthFixture::atlassian()),
+        ("github", OAuthFixture::github()),
+        ("pagerduty", OAuthFixture::pagerduty()),
+        ("slack", OAuthFixture::slack()),
+    ] {
+        let connected = connect(Store::Jsonl, fixture, template, "alice@example.com").await;
+        let setup = &connected.setup;
+        let healthy = status(setup, &connected.server_id, &connected.user_token).await;
+        assert_eq!(healthy["status"], "healthy", "{template}: {healthy}");
+        // Refresh works with this provider's client authentication.
+        let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+        let alice = user_id("alice@example.com");
+        setup.handle.expire_access_tokens();
+        let outcome = setup.app.state.connections.probe(server, &alice).await;
+        assert_eq!(
+            outcome.expect("probe"),
+            connection::ProbeOutcome::Healthy,
+            "{template}"
+        );
+        let response = setup
+            .app
+            .client
+            .delete(format!(
+                "{}/api/v1/servers/{}/connection",
+                setup.app.url, connected.server_id
+            ))
+            .bearer_auth(&connected.user_token)
+            .send()
+            .await
+            .expect("disconnect");
+        let status_code = response.status();
+        let body: Value = response.json().await.expect("body");
+        assert_eq!(status_code, 200, "{template}: {body}");
+        assert_eq!(body["tokens_revoked"], true, "{template}: {body}");
+        let revocations = setup.handle.revocations();
+        assert!(
+            !revocations.is_empty() && revocations.iter().all(|r| r.accepted),
+            "{template}: {revocations:?}"
+        );
+        let after = status(setup, &connected.server_id, &connected.user_token).await;
+        assert_eq!(after["status"], "not_connected", "{template}");
+        let names = setup.app.vault.names().await.expect("names");
+        assert!(
+            !names.iter().any(|n| n.as_str().starts_with("connection/")),
+            "{template}: the tokens are gone from the vault: {names:?}"
+        );
+        assert_no_secret_on_disk(setup);
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_server_disconnects_every_user_also_after_a_restart_mid_cascade() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let users = ["alice@example.com", "bob@example.com", "carol@example.com"];
+    for user in users {
+        let token = setup.app.token(user, &["analyst"]);
+        let query = authorize(&setup, &server_id, &token).await;
+        let (code, page) = callback(&setup, &query).await;
+        assert_eq!(code, 200, "{page}");
+    }
+    let admin = setup.app.token(ADMIN, &["admin"]);
+    let deleted = setup
+        .app
+        .client
+        .delete(format!("{}/api/v1/servers/{server_id}", setup.app.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), 204);
+    // The reaction stops (is killed) right after its first disconnect.
+    let checkpoints: std::sync::Arc<dyn eventlog::projection::CheckpointStore> =
+        std::sync::Arc::new(
+            eventlog::projection::FileCheckpointStore::open(&setup.app.dir.join("reaction"))
+                .expect("checkpoints"),
+        );
+    let (stopped_tx, mut stopped_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let hook: connection::CascadeHook = std::sync::Arc::new(move |_, _| {
+        let stopped = stopped_tx.clone();
+        Box::pin(async move {
+            let _ = stopped.send(()).await;
+            std::future::pending::<()>().await;
+        })
+    });
+    let service = setup.app.state.connections.clone();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let first_run = {
+        let (checkpoints, shutdown) = (checkpoints.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            service
+                .run_server_deleted_reaction(checkpoints, shutdown, Some(hook))
+                .await
+        })
+    };
+    stopped_rx
+        .recv()
+        .await
+        .expect("the first disconnect happened");
+    first_run.abort();
+    let _ = first_run.await;
+    assert_eq!(
+        events_of_type(&setup, "ConnectionDisconnected").await.len(),
+        1
+    );
+    let position =
+        |checkpoint: Option<eventlog::projection::Checkpoint>| checkpoint.map_or(0, |c| c.position);
+    let unfinished = position(
+        checkpoints
+            .load(connection::SERVER_DELETED_REACTION)
+            .await
+            .expect("load"),
+    );
+    let deleted_at = setup
+        .app
+        .log
+        .last_sequence(eventlog::LogKind::Config)
+        .await
+        .expect("last");
+    assert!(
+        unfinished < deleted_at,
+        "the unfinished cascade did not move the checkpoint past the deletion"
+    );
+    // Restarted: it finishes the cascade from its checkpoint, without disconnecting anyone twice.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(4);
+    let hook: connection::CascadeHook = std::sync::Arc::new(move |_, _| {
+        let done = done_tx.clone();
+        Box::pin(async move {
+            let _ = done.send(()).await;
+        })
+    });
+    let service = setup.app.state.connections.clone();
+    let second_run = {
+        let (checkpoints, shutdown) = (checkpoints.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            service
+                .run_server_deleted_reaction(checkpoints, shutdown, Some(hook))
+                .await
+        })
+    };
+    for _ in 0..2 {
+        done_rx
+            .recv()
+            .await
+            .expect("the other two users are disconnected");
+    }
+    // The reaction saves its checkpoint before it looks at the shutdown again.
+    shutdown.cancel();
+    second_run.await.expect("task").expect("reaction");
+    assert!(
+        position(
+            checkpoints
+                .load(connection::SERVER_DELETED_REACTION)
+                .await
+                .expect("load")
+        ) > unfinished,
+        "the finished cascade moved the checkpoint"
+    );
+    let server: domain::ServerId = domain::ServerId::parse(&server_id).unwrap();
+    let disconnected = events_of_type(&setup, "ConnectionDisconnected").await;
+    assert_eq!(disconnected.len(), 3, "every user exactly once");
+    assert_eq!(
+        setup.handle.revocations().len(),
+        3 * 2,
+        "refresh and access token each"
+    );
+    assert_eq!(
+        setup
+            .app
+            .read_models
+            .connections
+            .read(|d| d.of_server(server).count()),
+        0
+    );
+    let names = setup.app.vault.names().await.expect("names");
+    assert!(
+        !names.iter().any(|n| n.as_str().starts_with("connection/")
+            || n.as_str().starts_with(&format!("server/{server_id}"))),
+        "{names:?}"
+    );
+}

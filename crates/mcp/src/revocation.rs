@@ -1,0 +1,271 @@
+//! Revoking a user's tokens at the provider when they disconnect: RFC 7009 through the
+//! `oauth2` crate where the authorization server publishes a revocation endpoint, and the
+//! provider's own way where its profile says so (GitHub's REST API, Slack's `auth.revoke`).
+//! Every request goes through the outbound guard.
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, header};
+use oauth2::{
+    AccessToken, AuthType, ClientId, ClientSecret, RefreshToken, RevocationUrl,
+    StandardRevocableToken, basic::BasicClient,
+};
+use url::Url;
+
+use crate::{OutboundClient, OutboundError, OutboundRequest};
+
+/// How a provider revokes tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevocationMethod {
+    /// RFC 7009 at the authorization server's `revocation_endpoint`.
+    Rfc7009 { endpoint: Url },
+    /// GitHub: `DELETE <api>/applications/{client_id}/token` with the client's Basic
+    /// credentials and the access token in a JSON body (revokes the grant's token).
+    GitHubApi { api_base: Url },
+    /// Slack: `auth.revoke` called with the token itself.
+    SlackAuthRevoke { url: Url },
+    /// The provider offers no way; the user revokes in the provider's settings.
+    Unsupported,
+}
+
+/// The OAuth client the tokens were issued to, and how it authenticates at the token and
+/// revocation endpoints.
+#[derive(Debug, Clone)]
+pub struct ClientAuthentication {
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    /// `none`, `client_secret_basic` or `client_secret_post` (RFC 7591).
+    pub method: String,
+}
+
+/// The tokens to revoke.
+#[derive(Debug)]
+pub struct TokensToRevoke<'a> {
+    pub access_token: Option<&'a str>,
+    pub refresh_token: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RevocationError {
+    #[error("the provider has no way to revoke tokens")]
+    Unsupported,
+    #[error(transparent)]
+    Outbound(#[from] OutboundError),
+    #[error("the provider refused the revocation: {reason}")]
+    Refused { reason: String },
+}
+
+/// Revokes `tokens` (the refresh token first: at most servers that ends the whole grant).
+pub async fn revoke_tokens(
+    outbound: &OutboundClient,
+    method: &RevocationMethod,
+    client: &ClientAuthentication,
+    tokens: TokensToRevoke<'_>,
+) -> Result<(), RevocationError> {
+    match method {
+        RevocationMethod::Rfc7009 { endpoint } => {
+            let mut oauth = BasicClient::new(ClientId::new(client.client_id.clone()))
+                .set_revocation_url(RevocationUrl::from_url(endpoint.clone()));
+            if let Some(secret) = &client.client_secret {
+                oauth = oauth.set_client_secret(ClientSecret::new(secret.clone()));
+            }
+            if client.method == "client_secret_post" || client.method == "none" {
+                oauth = oauth.set_auth_type(AuthType::RequestBody);
+            }
+            let http = Oauth2Http(outbound);
+            let mut revoked_any = false;
+            let refresh = tokens
+                .refresh_token
+                .map(|t| StandardRevocableToken::RefreshToken(RefreshToken::new(t.to_owned())));
+            let access = tokens
+                .access_token
+                .map(|t| StandardRevocableToken::AccessToken(AccessToken::new(t.to_owned())));
+            for token in refresh.into_iter().chain(access) {
+                oauth
+                    .revoke_token(token)
+                    .map_err(|e| RevocationError::Refused {
+                        reason: e.to_string(),
+                    })?
+                    .request_async(&http)
+                    .await
+                    .map_err(|e| RevocationError::Refused {
+                        reason: describe_oauth2_error(&e),
+                    })?;
+                revoked_any = true;
+            }
+            if revoked_any {
+                Ok(())
+            } else {
+                Err(RevocationError::Refused {
+                    reason: "there was no token to revoke".to_owned(),
+                })
+            }
+        }
+        RevocationMethod::GitHubApi { api_base } => {
+            let Some(access_token) = tokens.access_token else {
+                return Err(RevocationError::Refused {
+                    reason: "GitHub revokes by access token, and there is none".to_owned(),
+                });
+            };
+            let secret = client.client_secret.as_deref().unwrap_or("");
+            let url = api_base
+                .join(&format!(
+                    "applications/{}/token",
+                    url_path_segment(&client.client_id)
+                ))
+                .map_err(|e| RevocationError::Refused {
+                    reason: e.to_string(),
+                })?;
+            let mut headers = HeaderMap::new();
+            let basic = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{secret}", client.client_id));
+            headers.insert(
+                header::AUTHORIZATION,
+                header_value(&format!("Basic {basic}"))?,
+            );
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/vnd.github+json"),
+            );
+            let body = serde_json::json!({ "access_token": access_token }).to_string();
+            let response = outbound
+                .send(OutboundRequest {
+                    method: Method::DELETE,
+                    url,
+                    headers,
+                    body: Some(Bytes::from(body)),
+                    follow_redirects: false,
+                })
+                .await?;
+            // 204: revoked; 404: the token was already gone — revoked either way.
+            match response.status.as_u16() {
+                204 | 200 | 404 => Ok(()),
+                status => Err(RevocationError::Refused {
+                    reason: format!("GitHub answered HTTP {status}"),
+                }),
+            }
+        }
+        RevocationMethod::SlackAuthRevoke { url } => {
+            let Some(token) = tokens.access_token else {
+                return Err(RevocationError::Refused {
+                    reason: "Slack revokes by access token, and there is none".to_owned(),
+                });
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::AUTHORIZATION,
+                header_value(&format!("Bearer {token}"))?,
+            );
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            );
+            let response = outbound
+                .send(OutboundRequest {
+                    method: Method::POST,
+                    url: url.clone(),
+                    headers,
+                    body: Some(Bytes::new()),
+                    follow_redirects: false,
+                })
+                .await?;
+            let answer: serde_json::Value =
+                serde_json::from_slice(&response.body).unwrap_or_default();
+            // Slack answers 200 with `ok`; `invalid_auth`/`token_revoked` mean it is gone.
+            let ok = answer["ok"].as_bool() == Some(true)
+                || matches!(
+                    answer["error"].as_str(),
+                    Some("token_revoked" | "invalid_auth" | "account_inactive")
+                );
+            if response.status.is_success() && ok {
+                Ok(())
+            } else {
+                Err(RevocationError::Refused {
+                    reason: format!(
+                        "Slack answered HTTP {} ({})",
+                        response.status.as_u16(),
+                        answer["error"].as_str().unwrap_or("no error code")
+                    ),
+                })
+            }
+        }
+        RevocationMethod::Unsupported => Err(RevocationError::Unsupported),
+    }
+}
+
+fn header_value(text: &str) -> Result<HeaderValue, RevocationError> {
+    HeaderValue::from_str(text).map_err(|_| RevocationError::Refused {
+        reason: "a credential cannot be sent in an HTTP header".to_owned(),
+    })
+}
+
+fn url_path_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The outbound client as `oauth2`'s HTTP client. A type rather than a closure: its future
+/// is `Send` for every lifetime, which a closure's is not proven to be.
+struct Oauth2Http<'a>(&'a OutboundClient);
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Oauth2Http<'_> {
+    type Error = OutboundError;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<oauth2::HttpResponse, OutboundError>>
+                + Send
+                + 'c,
+        >,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(send_oauth2(self.0, request))
+    }
+}
+
+/// Sends an `oauth2` request through the outbound guard.
+async fn send_oauth2(
+    outbound: &OutboundClient,
+    request: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, OutboundError> {
+    let (parts, body) = request.into_parts();
+    let url = Url::parse(&parts.uri.to_string()).map_err(|_| OutboundError::NoHost)?;
+    let response = outbound
+        .send(OutboundRequest {
+            method: parts.method,
+            url,
+            headers: parts.headers,
+            body: Some(Bytes::from(body)),
+            follow_redirects: false,
+        })
+        .await?;
+    let mut answer = http::Response::new(response.body.to_vec());
+    *answer.status_mut() = response.status;
+    *answer.headers_mut() = response.headers;
+    Ok(answer)
+}
+
+fn describe_oauth2_error<E: std::error::Error>(
+    error: &oauth2::RequestTokenError<E, oauth2::basic::BasicRevocationErrorResponse>,
+) -> String {
+    match error {
+        oauth2::RequestTokenError::ServerResponse(response) => {
+            format!("the authorization server answered {}", response.error())
+        }
+        oauth2::RequestTokenError::Request(e) => e.to_string(),
+        oauth2::RequestTokenError::Parse(_, _) => {
+            "the authorization server's answer could not be read".to_owned()
+        }
+        oauth2::RequestTokenError::Other(reason) => reason.chars().take(200).collect(),
+    }
+}

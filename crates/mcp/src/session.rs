@@ -1,0 +1,218 @@
+//! Talking MCP to a server as one user: `rmcp`'s streamable HTTP client over the outbound
+//! guard's HTTP client (connection reuse on; `rmcp`'s own default turns it off), with the
+//! user's bearer token. `rmcp` negotiates the protocol era: the 2026-07-28 stateless protocol,
+//! or the 2025-11-25 protocol with its session.
+use std::error::Error as StdError;
+
+use rmcp::{
+    ServiceExt,
+    model::Tool,
+    service::{ClientInitializeError, RunningService, ServiceError},
+    transport::{
+        StreamableHttpClientTransport,
+        streamable_http_client::{
+            AuthRequiredError, HttpStatusError, InsufficientScopeError,
+            StreamableHttpClientTransportConfig,
+        },
+    },
+};
+use url::Url;
+
+use crate::{OutboundClient, OutboundError};
+
+/// Why an MCP request did not give an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum McpCallError {
+    /// 401: the token is missing, expired or revoked (`challenge` is the `WWW-Authenticate`
+    /// header, which names no secret).
+    #[error("the server refused the access token (HTTP 401)")]
+    Unauthorized { challenge: String },
+    /// 403 `insufficient_scope` (or a 401 naming a scope): the grant lacks `required_scope`.
+    #[error("the access token lacks a scope the server requires{}", required_scope.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    InsufficientScope { required_scope: Option<String> },
+    /// The server could not be reached, or answered with a server error (network, TLS, 5xx,
+    /// 429, time-out).
+    #[error("the server is unreachable: {reason}")]
+    Unreachable { reason: String },
+    /// The outbound rules refused the request.
+    #[error(transparent)]
+    Refused(#[from] OutboundError),
+    /// The server answered, but not as the MCP specification says.
+    #[error("the server's answer broke the MCP protocol: {reason}")]
+    Protocol { reason: String },
+}
+
+impl McpCallError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            McpCallError::Unauthorized { .. } => "upstream_unauthorized",
+            McpCallError::InsufficientScope { .. } => "insufficient_scope",
+            McpCallError::Unreachable { .. } => "server_unreachable",
+            McpCallError::Refused(_) => "address_refused",
+            McpCallError::Protocol { .. } => "mcp_protocol_error",
+        }
+    }
+}
+
+/// An MCP client session for one user at one server.
+#[derive(Debug)]
+pub struct McpSession {
+    service: RunningService<rmcp::RoleClient, ()>,
+}
+
+/// Largest JSON answer accepted from an MCP server.
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+impl McpSession {
+    /// Opens a session (initialisation or discovery, as the era requires) at `url` with
+    /// `access_token`.
+    pub async fn open(
+        outbound: &OutboundClient,
+        url: &Url,
+        access_token: &str,
+    ) -> Result<McpSession, McpCallError> {
+        outbound.check_url(url)?;
+        let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
+            .auth_header(access_token)
+            .max_json_response_size(MAX_ANSWER_BYTES);
+        let transport = StreamableHttpClientTransport::with_client(outbound.http().clone(), config);
+        let service = ().serve(transport).await.map_err(|e| classify_init(&e))?;
+        Ok(McpSession { service })
+    }
+
+    /// Every tool, following `nextCursor` to the end.
+    pub async fn list_tools(&self) -> Result<Vec<Tool>, McpCallError> {
+        self.service
+            .peer()
+            .list_all_tools()
+            .await
+            .map_err(|e| classify_service(&e))
+    }
+
+    /// Ends the session (a `DELETE` for the 2025-11-25 era); errors are of no interest then.
+    pub async fn close(self) {
+        let _ = self.service.cancel().await;
+    }
+}
+
+/// Lists a server's tools in a session opened and closed for it.
+pub async fn list_tools(
+    outbound: &OutboundClient,
+    url: &Url,
+    access_token: &str,
+) -> Result<Vec<Tool>, McpCallError> {
+    let session = McpSession::open(outbound, url, access_token).await?;
+    let tools = session.list_tools().await;
+    session.close().await;
+    tools
+}
+
+fn classify_init(error: &ClientInitializeError) -> McpCallError {
+    match error.auth_challenge() {
+        Some(challenge) => classify_challenge(challenge),
+        None => classify_chain(error),
+    }
+}
+
+/// A `WWW-Authenticate` challenge: `insufficient_scope` names the scope the grant lacks;
+/// anything else means the token is not accepted.
+fn classify_challenge(challenge: &str) -> McpCallError {
+    if challenge.contains("insufficient_scope") {
+        let required_scope = challenge
+            .split("scope=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .map(str::to_owned);
+        McpCallError::InsufficientScope { required_scope }
+    } else {
+        McpCallError::Unauthorized {
+            challenge: truncate(challenge),
+        }
+    }
+}
+
+fn classify_service(error: &ServiceError) -> McpCallError {
+    match error {
+        ServiceError::McpError(data) => McpCallError::Protocol {
+            reason: truncate(&data.message),
+        },
+        ServiceError::Timeout { .. } => McpCallError::Unreachable {
+            reason: "the server did not answer in time".to_owned(),
+        },
+        other => match other.auth_challenge() {
+            Some(challenge) => classify_challenge(challenge),
+            None => classify_chain(other),
+        },
+    }
+}
+
+/// Walks the error's sources for what the HTTP exchange said.
+fn classify_chain(error: &(dyn StdError + 'static)) -> McpCallError {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(auth) = current.downcast_ref::<AuthRequiredError>() {
+            return McpCallError::Unauthorized {
+                challenge: truncate(&auth.www_authenticate_header),
+            };
+        }
+        if let Some(scope) = current.downcast_ref::<InsufficientScopeError>() {
+            return McpCallError::InsufficientScope {
+                required_scope: scope.required_scope.clone(),
+            };
+        }
+        if let Some(status) = current.downcast_ref::<HttpStatusError>() {
+            return McpCallError::Unreachable {
+                reason: format!("the server answered HTTP {}", status.status),
+            };
+        }
+        if let Some(http) = current.downcast_ref::<reqwest::Error>() {
+            if let Some(status) = http.status()
+                && status.is_client_error()
+            {
+                return McpCallError::Protocol {
+                    reason: format!("the server answered HTTP {}", status.as_u16()),
+                };
+            }
+            return McpCallError::Unreachable {
+                reason: describe_transport_error(http),
+            };
+        }
+        if current.downcast_ref::<std::io::Error>().is_some() {
+            return McpCallError::Unreachable {
+                reason: truncate(&current.to_string()),
+            };
+        }
+        source = current.source();
+    }
+    McpCallError::Protocol {
+        reason: truncate(&error.to_string()),
+    }
+}
+
+fn describe_transport_error(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        return "the server did not answer in time".to_owned();
+    }
+    // The innermost cause says what happened (refused, reset, certificate); the URL is left
+    // out (`without_url`), since a URL may carry a secret in its query.
+    let mut reason = String::from(if error.is_connect() {
+        "cannot connect"
+    } else {
+        "the request failed"
+    });
+    let mut source = StdError::source(error);
+    let mut innermost = None;
+    while let Some(current) = source {
+        innermost = Some(current.to_string());
+        source = current.source();
+    }
+    if let Some(detail) = innermost {
+        reason.push_str(": ");
+        reason.push_str(&detail);
+    }
+    truncate(&reason)
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(300).collect()
+}
