@@ -85,7 +85,7 @@ pub enum DomainError {
     // ---- tools and policy values -----------------------------------------------------------
     #[error("the tool state is missing; send blocked, needs_approval or always_allow")]
     ToolStateUnspecified,
-    #[error("the tool category is missing; send read_only or write")]
+    #[error("the tool category is missing; send read_only or write_delete")]
     ToolCategoryUnspecified,
     #[error(
         "the server listed the tool {tool:?} more than once; its tool list cannot be used until it is fixed"
@@ -95,6 +95,14 @@ pub enum DomainError {
         "the definition of tool {tool:?} has no definition hash; compute it with domain::tool_definition_hash"
     )]
     ToolDefinitionHashMissing { tool: String },
+    #[error(
+        "the server offers no tool {tool:?} to you now; list the server's tools and use one of their names"
+    )]
+    ToolNotFound { tool: String },
+    #[error(
+        "the definition of tool {tool:?} changed since you saw it (it is now {current}); look at the new definition and set the tool again"
+    )]
+    ToolDefinitionStale { tool: String, current: String },
 
     // ---- OAuth values ----------------------------------------------------------------------
     #[error(
@@ -219,6 +227,8 @@ impl DomainError {
             DomainError::ToolCategoryUnspecified => "tool_category_unspecified",
             DomainError::ToolDuplicate { .. } => "tool_duplicate",
             DomainError::ToolDefinitionHashMissing { .. } => "tool_definition_hash_missing",
+            DomainError::ToolNotFound { .. } => "tool_not_found",
+            DomainError::ToolDefinitionStale { .. } => "tool_definition_changed",
             DomainError::OAuthScopeInvalid => "oauth_scope_invalid",
             DomainError::ClientIdMissing => "client_id_missing",
             DomainError::ClientIdInvalid { .. } => "client_id_invalid",

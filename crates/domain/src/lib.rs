@@ -7,7 +7,8 @@
 //!   [`Aggregate::apply`]), a command enum, and `decide(state, …, command, …) ->
 //!   Result<Vec<Event>, DomainError>`, where `Event` is the proto event body
 //!   (`proto::v1::envelope::Event`); services wrap the events in envelopes.
-//! - [`projections`]: read models folded across aggregates (the server directory).
+//! - [`projections`]: read models folded across aggregates (the server directory, the tool
+//!   states with the exposed tool names).
 //! - [`DomainError`]: every refusal, with a stable machine code.
 //! - `testing` (tests, or the `testing` feature): the given/when/then helper.
 //!
@@ -69,7 +70,7 @@ pub use names::{ExposedToolMap, ExposedToolName, ServerDescription, ServerName, 
 pub use oauth::{
     AuthorizationServer, ClientId, OAuthSettings, RegistrationMode, SecretRef, TokenFingerprint,
 };
-pub use projections::ServerDirectory;
+pub use projections::{ServerDirectory, ToolStates, ToolView};
 pub use server_url::{ServerUrl, UrlPolicy};
 pub use tools::{ToolCategory, ToolState, tool_definition_hash};
 

@@ -55,7 +55,36 @@ impl ServerName {
 pub struct Slug(String);
 string_newtype_impls!(Slug);
 
+// A slug in a projection checkpoint reads back through `Slug::parse`, so a damaged one fails
+// the snapshot (the projection then rebuilds) instead of yielding an invalid slug.
+impl serde::Serialize for Slug {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Slug {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Slug::parse(&text).ok_or_else(|| serde::de::Error::custom("not a server slug"))
+    }
+}
+
 impl Slug {
+    /// Reads a slug as recorded in a server event: what [`Slug::from_name`] makes (1–24
+    /// characters of `[a-z0-9_]`, no `_` at either end, never `__`); anything else is `None`.
+    pub fn parse(text: &str) -> Option<Slug> {
+        let well_formed = !text.is_empty()
+            && text.len() <= ServerName::MAX_CHARS
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !text.starts_with('_')
+            && !text.ends_with('_')
+            && !text.contains("__");
+        well_formed.then(|| Slug(text.to_owned()))
+    }
+
     pub fn from_name(name: &ServerName) -> Slug {
         let mut slug = String::with_capacity(name.0.len());
         let mut pending_separator = false;
@@ -164,6 +193,24 @@ impl ExposedToolName {
         }
     }
 
+    /// The exposed name of a tool among names already given out: [`ExposedToolName::for_tool`],
+    /// or, when `taken` says that name is in use, the hashed form (salted again on the
+    /// astronomically rare clash of two hashed forms). Names given out one at a time in a fixed
+    /// order (e.g. the order of a log) come out the same on every replay.
+    pub fn for_tool_among(
+        slug: &Slug,
+        tool: &ToolName,
+        taken: impl Fn(&str) -> bool,
+    ) -> ExposedToolName {
+        let mut exposed = Self::for_tool(slug, tool);
+        let mut round = 0;
+        while taken(exposed.as_str()) {
+            exposed = Self::hashed(slug, tool, round);
+            round += 1;
+        }
+        exposed
+    }
+
     /// The hashed form: sanitised, cut to fit, `_` + 8 hex digits of a hash of the original.
     /// `round` > 0 salts the hash, for the (astronomically rare) clash of two hashed forms.
     fn hashed(slug: &Slug, tool: &ToolName, round: u32) -> ExposedToolName {
@@ -217,12 +264,10 @@ impl ExposedToolMap {
         sorted.dedup();
         let mut map = ExposedToolMap::default();
         for (slug, tool) in sorted {
-            let mut exposed = ExposedToolName::for_tool(slug, tool);
-            let mut round = 0;
-            while map.by_exposed.contains_key(&exposed) {
-                exposed = ExposedToolName::hashed(slug, tool, round);
-                round += 1;
-            }
+            let exposed = ExposedToolName::for_tool_among(slug, tool, |name| {
+                map.by_exposed
+                    .contains_key(&ExposedToolName(name.to_owned()))
+            });
             map.by_exposed
                 .insert(exposed.clone(), (slug.clone(), tool.clone()));
             map.by_tool.insert((slug.clone(), tool.clone()), exposed);
@@ -394,6 +439,34 @@ mod tests {
         );
         let long = ExposedToolName::for_tool(&slug("GitHub"), &tool(&"t".repeat(100)));
         assert_eq!(long.as_str().len(), 64);
+    }
+
+    #[test]
+    fn recorded_slugs_read_back_and_malformed_ones_do_not() {
+        for name in ["Production GitHub", "Jira 2", "x"] {
+            let made = slug(name);
+            assert_eq!(Slug::parse(made.as_str()), Some(made));
+        }
+        for text in ["", "Upper", "a__b", "_a", "a_", "a.b", &"a".repeat(25)] {
+            assert_eq!(Slug::parse(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_already_given_out_makes_the_next_tool_take_the_hashed_form() {
+        let github = slug("GitHub");
+        let plain = ExposedToolName::for_tool_among(&github, &tool("search"), |_| false);
+        assert_eq!(plain.as_str(), "github__search");
+        let taken = ExposedToolName::for_tool_among(&github, &tool("search"), |name| {
+            name == "github__search"
+        });
+        assert!(taken.as_str().starts_with("github__search_"), "{taken:?}");
+        assert!(ExposedToolName::is_well_formed(taken.as_str()));
+        let again = ExposedToolName::for_tool_among(&github, &tool("search"), |name| {
+            name == "github__search" || name == taken.as_str()
+        });
+        assert_ne!(again, taken, "a taken hashed form is salted again");
+        assert!(ExposedToolName::is_well_formed(again.as_str()));
     }
 
     #[test]

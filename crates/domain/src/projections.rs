@@ -6,6 +6,10 @@ use proto::v1::{Envelope, envelope::Event};
 
 use crate::ServerId;
 
+mod tool_states;
+
+pub use tool_states::{ToolStates, ToolView};
+
 /// One server as the server list shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServerSummary {

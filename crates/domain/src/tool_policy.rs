@@ -3,9 +3,15 @@
 //!
 //! Rules:
 //! - Every tool without an explicit setting is [`ToolState::Blocked`].
-//! - A setting remembers the definition hash the user saw. When a tool's definition changes,
-//!   `ToolDefinitionChanged` is recorded, and an *Always allow* tool drops to *Needs approval*
-//!   until the user sets it again (a "rug pull" cannot inherit a blanket allow).
+//! - A setting remembers the definition hash the user saw. A user can only set a tool the
+//!   server offers them now, and a request naming a definition that is no longer the current
+//!   one is refused: a console never allows a definition its user did not see.
+//! - When a tool's definition changes, `ToolDefinitionChanged` is recorded, and an *Always
+//!   allow* tool drops to *Needs approval* until the user sets it again (a "rug pull" cannot
+//!   inherit a blanket allow). The setting is flagged `changed` until the user sets it again
+//!   — to any state, the one it already has included.
+//! - A tool the server no longer offers keeps no setting (`ToolPermissionsCleared`): when it
+//!   comes back it starts Blocked like any new tool.
 //! - A category setting applies to the tools of that category *at the time*; a tool that
 //!   appears later is blocked like any other. Categories come from the `readOnlyHint`
 //!   annotation, which only groups tools (see [`ToolCategory`]).
@@ -14,7 +20,7 @@
 //! tools it applied to) followed by a `ToolPermissionSet` per tool whose setting it changed:
 //! `CategoryPermissionSet` has no field for the definition hashes, and the per-tool events
 //! carry them. Folding reads the per-tool events only.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use proto::v1::{self as pb, envelope::Event};
 
@@ -40,6 +46,9 @@ pub struct ToolSetting {
     pub state: ToolState,
     /// The definition the setting was made for (or, after a change, last recorded).
     pub definition_hash: String,
+    /// The definition changed after the user made the setting, and the user has not set the
+    /// tool since.
+    pub changed: bool,
 }
 
 /// One user's settings for one server's tools.
@@ -74,9 +83,15 @@ pub fn tool_state(policy: &ToolPolicyState, tool: &str) -> ToolState {
 
 impl Aggregate for ToolPolicyState {
     fn apply(&mut self, event: &Event) {
-        let (tool, state, definition_hash) = match event {
-            Event::ToolPermissionSet(e) => (&e.tool_name, e.state, &e.definition_hash),
-            Event::ToolDefinitionChanged(e) => (&e.tool_name, e.state, &e.definition_hash),
+        let (tool, state, definition_hash, changed) = match event {
+            Event::ToolPermissionSet(e) => (&e.tool_name, e.state, &e.definition_hash, false),
+            Event::ToolDefinitionChanged(e) => (&e.tool_name, e.state, &e.definition_hash, true),
+            Event::ToolPermissionsCleared(e) => {
+                for tool in &e.tool_names {
+                    self.settings.remove(tool);
+                }
+                return;
+            }
             // `CategoryPermissionSet`: the per-tool events that follow it carry the change
             // (see the module docs).
             _ => return,
@@ -86,6 +101,7 @@ impl Aggregate for ToolPolicyState {
             ToolSetting {
                 state: ToolState::from_event(state),
                 definition_hash: definition_hash.clone(),
+                changed,
             },
         );
     }
@@ -94,12 +110,16 @@ impl Aggregate for ToolPolicyState {
 /// What a user (or the policy service) asks of a policy.
 #[derive(Debug, Clone)]
 pub enum ToolPolicyCommand {
-    /// The user sets one tool, having seen the definition `definition_hash`. Blocking needs no
-    /// hash (a tool can be blocked after it disappeared); allowing does.
+    /// The user sets one tool.
     SetToolPermission {
         tool: ToolName,
         state: ToolState,
-        definition_hash: String,
+        /// The definition hash of the tool the server offers the user now; `None`: the server
+        /// offers the user no such tool now.
+        current_definition_hash: Option<String>,
+        /// The definition the user saw, when the request names one. Without it the setting
+        /// applies to the current definition.
+        seen_definition_hash: Option<String>,
     },
     /// The user sets every tool of `category` among the server's current tools.
     SetCategoryPermission {
@@ -107,7 +127,8 @@ pub enum ToolPolicyCommand {
         state: ToolState,
         current_tools: Vec<pb::ToolDefinition>,
     },
-    /// The server's current tool definitions (after a discovery): notices changed definitions.
+    /// The server's current tool definitions (after a discovery): notices changed definitions
+    /// and forgets the settings of tools no longer offered.
     ObserveDefinitions {
         current_tools: Vec<pb::ToolDefinition>,
     },
@@ -123,21 +144,34 @@ pub fn decide(
         ToolPolicyCommand::SetToolPermission {
             tool,
             state: tool_state,
-            definition_hash,
+            current_definition_hash,
+            seen_definition_hash,
         } => {
-            if tool_state != ToolState::Blocked && definition_hash.is_empty() {
+            let Some(current) = current_definition_hash else {
+                return Err(DomainError::ToolNotFound {
+                    tool: tool.as_str().to_owned(),
+                });
+            };
+            if current.is_empty() {
                 return Err(DomainError::ToolDefinitionHashMissing {
                     tool: tool.as_str().to_owned(),
                 });
             }
-            if is_unchanged(state, tool.as_str(), tool_state, &definition_hash) {
+            if seen_definition_hash.is_some_and(|seen| seen != current) {
+                return Err(DomainError::ToolDefinitionStale {
+                    tool: tool.as_str().to_owned(),
+                    current,
+                });
+            }
+            if is_unchanged(state, tool.as_str(), tool_state, &current) {
                 return Ok(vec![]);
             }
             Ok(vec![permission_set(
+                state,
                 id,
                 tool.as_str().to_owned(),
                 tool_state,
-                definition_hash,
+                current,
             )])
         }
         ToolPolicyCommand::SetCategoryPermission {
@@ -157,6 +191,7 @@ pub fn decide(
                 }
                 if !is_unchanged(state, &tool.name, tool_state, &tool.definition_hash) {
                     changes.push(permission_set(
+                        state,
                         id,
                         tool.name.clone(),
                         tool_state,
@@ -181,7 +216,14 @@ pub fn decide(
         }
         ToolPolicyCommand::ObserveDefinitions { current_tools } => {
             let mut events = Vec::new();
-            for tool in current_tools {
+            let offered: HashSet<&str> = current_tools.iter().map(|t| t.name.as_str()).collect();
+            let gone: Vec<String> = state
+                .settings
+                .keys()
+                .filter(|tool| !offered.contains(tool.as_str()))
+                .cloned()
+                .collect();
+            for tool in &current_tools {
                 let Some(setting) = state.settings.get(&tool.name) else {
                     continue; // no explicit setting: blocked whatever its definition
                 };
@@ -197,11 +239,18 @@ pub fn decide(
                 events.push(Event::ToolDefinitionChanged(pb::ToolDefinitionChanged {
                     user_id: id.user_id.as_str().to_owned(),
                     server_id: id.server_id.to_string(),
-                    tool_name: tool.name,
+                    tool_name: tool.name.clone(),
                     previous_definition_hash: setting.definition_hash.clone(),
-                    definition_hash: tool.definition_hash,
+                    definition_hash: tool.definition_hash.clone(),
                     previous_state: setting.state.to_proto() as i32,
                     state: new_state.to_proto() as i32,
+                }));
+            }
+            if !gone.is_empty() {
+                events.push(Event::ToolPermissionsCleared(pb::ToolPermissionsCleared {
+                    user_id: id.user_id.as_str().to_owned(),
+                    server_id: id.server_id.to_string(),
+                    tool_names: gone,
                 }));
             }
             Ok(events)
@@ -209,17 +258,31 @@ pub fn decide(
     }
 }
 
+/// Whether setting `tool` to `tool_state` for definition `hash` would change nothing. A
+/// setting flagged `changed` always changes: setting it again is how the user confirms it.
 fn is_unchanged(state: &ToolPolicyState, tool: &str, tool_state: ToolState, hash: &str) -> bool {
-    state
-        .settings
-        .get(tool)
-        .is_some_and(|setting| setting.state == tool_state && setting.definition_hash == hash)
+    state.settings.get(tool).is_some_and(|setting| {
+        setting.state == tool_state && setting.definition_hash == hash && !setting.changed
+    })
 }
 
-fn permission_set(id: &PolicyId, tool: String, state: ToolState, definition_hash: String) -> Event {
+fn permission_set(
+    policy: &ToolPolicyState,
+    id: &PolicyId,
+    tool: String,
+    state: ToolState,
+    definition_hash: String,
+) -> Event {
+    let previous = policy.settings.get(&tool);
     Event::ToolPermissionSet(pb::ToolPermissionSet {
         user_id: id.user_id.as_str().to_owned(),
         server_id: id.server_id.to_string(),
+        previous_state: previous
+            .map_or(ToolState::Blocked, |setting| setting.state)
+            .to_proto() as i32,
+        previous_definition_hash: previous
+            .map(|setting| setting.definition_hash.clone())
+            .unwrap_or_default(),
         tool_name: tool,
         state: state.to_proto() as i32,
         definition_hash,
@@ -238,16 +301,37 @@ mod tests {
         }
     }
 
+    /// The user sets `tool` as offered now with definition `hash`, naming no definition.
     fn set(tool: &str, state: ToolState, hash: &str) -> ToolPolicyCommand {
         ToolPolicyCommand::SetToolPermission {
             tool: ToolName::parse(tool).unwrap(),
             state,
-            definition_hash: hash.into(),
+            current_definition_hash: Some(hash.into()),
+            seen_definition_hash: None,
         }
     }
 
+    /// A recorded setting (for `given`: the previous-state fields do not matter to the fold).
     fn permission_was_set(tool: &str, state: ToolState, hash: &str) -> Event {
-        permission_set(&id(), tool.into(), state, hash.into())
+        permission_changed(tool, ToolState::Blocked, "", state, hash)
+    }
+
+    fn permission_changed(
+        tool: &str,
+        previous_state: ToolState,
+        previous_hash: &str,
+        state: ToolState,
+        hash: &str,
+    ) -> Event {
+        Event::ToolPermissionSet(pb::ToolPermissionSet {
+            user_id: "alice@example.com".into(),
+            server_id: id().server_id.to_string(),
+            tool_name: tool.into(),
+            state: state.to_proto() as i32,
+            definition_hash: hash.into(),
+            previous_state: previous_state.to_proto() as i32,
+            previous_definition_hash: previous_hash.into(),
+        })
     }
 
     fn definition(name: &str, hash: &str, read_only: Option<bool>) -> pb::ToolDefinition {
@@ -280,6 +364,20 @@ mod tests {
         })
     }
 
+    fn cleared(tools: &[&str]) -> Event {
+        Event::ToolPermissionsCleared(pb::ToolPermissionsCleared {
+            user_id: "alice@example.com".into(),
+            server_id: id().server_id.to_string(),
+            tool_names: tools.iter().map(|t| (*t).to_owned()).collect(),
+        })
+    }
+
+    fn observe(tools: Vec<pb::ToolDefinition>) -> ToolPolicyCommand {
+        ToolPolicyCommand::ObserveDefinitions {
+            current_tools: tools,
+        }
+    }
+
     fn decide_policy(
         command: ToolPolicyCommand,
     ) -> impl FnOnce(&ToolPolicyState) -> Result<Vec<Event>, DomainError> {
@@ -310,17 +408,37 @@ mod tests {
     }
 
     #[test]
-    fn setting_a_tool_records_the_definition_the_user_saw() {
+    fn setting_a_tool_records_the_definition_the_user_saw_and_what_it_was_before() {
         let state = Scenario::<ToolPolicyState>::given([])
             .when(decide_policy(set("search", ToolState::AlwaysAllow, "h1")))
-            .then([permission_was_set("search", ToolState::AlwaysAllow, "h1")]);
+            .then([permission_changed(
+                "search",
+                ToolState::Blocked,
+                "",
+                ToolState::AlwaysAllow,
+                "h1",
+            )]);
         assert_eq!(
             state.setting("search"),
             Some(&ToolSetting {
                 state: ToolState::AlwaysAllow,
-                definition_hash: "h1".into()
+                definition_hash: "h1".into(),
+                changed: false,
             })
         );
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "search",
+            ToolState::AlwaysAllow,
+            "h1",
+        )])
+        .when(decide_policy(set("search", ToolState::NeedsApproval, "h1")))
+        .then([permission_changed(
+            "search",
+            ToolState::AlwaysAllow,
+            "h1",
+            ToolState::NeedsApproval,
+            "h1",
+        )]);
     }
 
     #[test]
@@ -335,17 +453,41 @@ mod tests {
     }
 
     #[test]
-    fn allowing_a_tool_needs_its_definition_hash_but_blocking_does_not() {
+    fn a_tool_the_server_does_not_offer_now_cannot_be_set() {
+        Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(ToolPolicyCommand::SetToolPermission {
+                tool: ToolName::parse("gone").unwrap(),
+                state: ToolState::Blocked,
+                current_definition_hash: None,
+                seen_definition_hash: None,
+            }))
+            .then_error("tool_not_found");
         Scenario::<ToolPolicyState>::given([])
             .when(decide_policy(set("search", ToolState::AlwaysAllow, "")))
             .then_error("tool_definition_hash_missing");
-        Scenario::<ToolPolicyState>::given([permission_was_set(
-            "gone",
-            ToolState::AlwaysAllow,
-            "h1",
-        )])
-        .when(decide_policy(set("gone", ToolState::Blocked, "")))
-        .then([permission_was_set("gone", ToolState::Blocked, "")]);
+    }
+
+    #[test]
+    fn a_setting_for_a_definition_that_is_no_longer_current_is_refused() {
+        let command = |seen: &str| ToolPolicyCommand::SetToolPermission {
+            tool: ToolName::parse("search").unwrap(),
+            state: ToolState::AlwaysAllow,
+            current_definition_hash: Some("h2".into()),
+            seen_definition_hash: Some(seen.into()),
+        };
+        let error = Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(command("h1")))
+            .then_error("tool_definition_changed");
+        assert!(error.to_string().contains("h2"), "{error}");
+        Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(command("h2")))
+            .then([permission_changed(
+                "search",
+                ToolState::Blocked,
+                "",
+                ToolState::AlwaysAllow,
+                "h2",
+            )]);
     }
 
     #[test]
@@ -355,9 +497,11 @@ mod tests {
             ToolState::AlwaysAllow,
             "h1",
         )])
-        .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
-            current_tools: vec![definition("search", "h2", Some(true))],
-        }))
+        .when(decide_policy(observe(vec![definition(
+            "search",
+            "h2",
+            Some(true),
+        )])))
         .then([definition_changed(
             "search",
             "h1",
@@ -366,6 +510,7 @@ mod tests {
             ToolState::NeedsApproval,
         )]);
         assert_eq!(state.tool_state("search"), ToolState::NeedsApproval);
+        assert!(state.setting("search").is_some_and(|s| s.changed));
     }
 
     #[test]
@@ -380,14 +525,39 @@ mod tests {
                 ToolState::NeedsApproval,
             ),
         ])
-        .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
-            current_tools: vec![definition("search", "h2", None)],
-        }))
+        .when(decide_policy(observe(vec![definition(
+            "search", "h2", None,
+        )])))
         .then_nothing();
     }
 
     #[test]
     fn the_user_confirms_a_changed_tool_by_setting_it_again() {
+        let changed = [
+            permission_was_set("search", ToolState::AlwaysAllow, "h1"),
+            definition_changed(
+                "search",
+                "h1",
+                "h2",
+                ToolState::AlwaysAllow,
+                ToolState::NeedsApproval,
+            ),
+        ];
+        let state = Scenario::<ToolPolicyState>::given(changed.clone())
+            .when(decide_policy(set("search", ToolState::AlwaysAllow, "h2")))
+            .then([permission_changed(
+                "search",
+                ToolState::NeedsApproval,
+                "h2",
+                ToolState::AlwaysAllow,
+                "h2",
+            )]);
+        assert_eq!(state.tool_state("search"), ToolState::AlwaysAllow);
+        assert!(state.setting("search").is_some_and(|s| !s.changed));
+    }
+
+    #[test]
+    fn setting_a_changed_tool_to_the_state_it_dropped_to_clears_the_flag() {
         let state = Scenario::<ToolPolicyState>::given([
             permission_was_set("search", ToolState::AlwaysAllow, "h1"),
             definition_changed(
@@ -398,9 +568,15 @@ mod tests {
                 ToolState::NeedsApproval,
             ),
         ])
-        .when(decide_policy(set("search", ToolState::AlwaysAllow, "h2")))
-        .then([permission_was_set("search", ToolState::AlwaysAllow, "h2")]);
-        assert_eq!(state.tool_state("search"), ToolState::AlwaysAllow);
+        .when(decide_policy(set("search", ToolState::NeedsApproval, "h2")))
+        .then([permission_changed(
+            "search",
+            ToolState::NeedsApproval,
+            "h2",
+            ToolState::NeedsApproval,
+            "h2",
+        )]);
+        assert!(state.setting("search").is_some_and(|s| !s.changed));
     }
 
     #[test]
@@ -410,14 +586,12 @@ mod tests {
             permission_was_set("delete", ToolState::Blocked, "d1"),
             permission_was_set("search", ToolState::AlwaysAllow, "s1"),
         ])
-        .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
-            current_tools: vec![
-                definition("create", "c2", None),
-                definition("delete", "d2", None),
-                definition("search", "s1", Some(true)),
-                definition("unset", "u1", None),
-            ],
-        }))
+        .when(decide_policy(observe(vec![
+            definition("create", "c2", None),
+            definition("delete", "d2", None),
+            definition("search", "s1", Some(true)),
+            definition("unset", "u1", None),
+        ])))
         .then([
             definition_changed(
                 "create",
@@ -428,6 +602,29 @@ mod tests {
             ),
             definition_changed("delete", "d1", "d2", ToolState::Blocked, ToolState::Blocked),
         ]);
+    }
+
+    #[test]
+    fn a_removed_tool_keeps_no_setting_and_starts_blocked_when_it_comes_back() {
+        let state = Scenario::<ToolPolicyState>::given([
+            permission_was_set("search", ToolState::AlwaysAllow, "s1"),
+            permission_was_set("create", ToolState::NeedsApproval, "c1"),
+        ])
+        .when(decide_policy(observe(vec![definition(
+            "create", "c1", None,
+        )])))
+        .then([cleared(&["search"])]);
+        assert_eq!(state.setting("search"), None);
+        assert_eq!(state.tool_state("search"), ToolState::Blocked);
+        // Seen again, the same list changes nothing; the tool coming back stays blocked.
+        Scenario::<ToolPolicyState>::given([
+            permission_was_set("search", ToolState::AlwaysAllow, "s1"),
+            cleared(&["search"]),
+        ])
+        .when(decide_policy(observe(vec![definition(
+            "search", "s1", None,
+        )])))
+        .then_nothing();
     }
 
     #[test]
@@ -469,11 +666,49 @@ mod tests {
     }
 
     #[test]
+    fn a_category_setting_confirms_its_changed_tools() {
+        let state = Scenario::<ToolPolicyState>::given([
+            permission_was_set("list", ToolState::AlwaysAllow, "l1"),
+            definition_changed(
+                "list",
+                "l1",
+                "l2",
+                ToolState::AlwaysAllow,
+                ToolState::NeedsApproval,
+            ),
+        ])
+        .when(decide_policy(ToolPolicyCommand::SetCategoryPermission {
+            category: ToolCategory::ReadOnly,
+            state: ToolState::NeedsApproval,
+            current_tools: vec![definition("list", "l2", Some(true))],
+        }))
+        .then([
+            Event::CategoryPermissionSet(pb::CategoryPermissionSet {
+                user_id: "alice@example.com".into(),
+                server_id: id().server_id.to_string(),
+                category: pb::ToolCategory::ReadOnly as i32,
+                state: pb::ToolState::NeedsApproval as i32,
+                tool_names: vec!["list".into()],
+            }),
+            permission_changed(
+                "list",
+                ToolState::NeedsApproval,
+                "l2",
+                ToolState::NeedsApproval,
+                "l2",
+            ),
+        ]);
+        assert!(state.setting("list").is_some_and(|s| !s.changed));
+    }
+
+    #[test]
     fn read_only_hint_alone_never_allows_a_tool() {
         let state = Scenario::<ToolPolicyState>::given([])
-            .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
-                current_tools: vec![definition("list", "l1", Some(true))],
-            }))
+            .when(decide_policy(observe(vec![definition(
+                "list",
+                "l1",
+                Some(true),
+            )])))
             .then_nothing();
         assert_eq!(state.tool_state("list"), ToolState::Blocked);
     }
@@ -528,6 +763,7 @@ mod tests {
                 tool_name: "search".into(),
                 state: 42,
                 definition_hash: "h1".into(),
+                ..Default::default()
             })])
             .state()
             .clone();

@@ -106,18 +106,19 @@ impl ToolCategory {
         }
     }
 
-    /// The API spelling: `read_only`, `write`.
+    /// The API spelling: `read_only`, `write_delete` (write covers every tool that is not
+    /// read-only, deleting ones included).
     pub fn as_str(self) -> &'static str {
         match self {
             ToolCategory::ReadOnly => "read_only",
-            ToolCategory::Write => "write",
+            ToolCategory::Write => "write_delete",
         }
     }
 
     pub fn parse(text: &str) -> Result<ToolCategory, DomainError> {
         match text {
             "read_only" => Ok(ToolCategory::ReadOnly),
-            "write" => Ok(ToolCategory::Write),
+            "write_delete" => Ok(ToolCategory::Write),
             _ => Err(DomainError::ToolCategoryUnspecified),
         }
     }

@@ -145,10 +145,16 @@ impl From<DomainError> for ApiError {
     fn from(error: DomainError) -> Self {
         use DomainError as E;
         let status = match &error {
-            E::ServerNotFound | E::InvocationNotFound => StatusCode::NOT_FOUND,
+            // `not_connected` is 404 as the connection routes answer it: nothing of the
+            // caller's there.
+            E::ServerNotFound
+            | E::InvocationNotFound
+            | E::ToolNotFound { .. }
+            | E::NotConnected => StatusCode::NOT_FOUND,
             E::ServerNameTaken { .. }
             | E::ServerAlreadyExists
             | E::AlreadyConnected
+            | E::ToolDefinitionStale { .. }
             | E::InvocationIdReused
             | E::InvocationNotAwaitingApproval
             | E::InvocationAwaitingApproval
@@ -243,5 +249,14 @@ impl From<catalog::ServerChangeError> for ApiError {
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError::new(status, error.code(), error.to_string())
+    }
+}
+
+impl From<policy::PolicyError> for ApiError {
+    fn from(error: policy::PolicyError) -> Self {
+        match error {
+            policy::PolicyError::Domain(domain) => domain.into(),
+            policy::PolicyError::Command(command) => command.into(),
+        }
     }
 }

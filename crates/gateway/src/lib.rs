@@ -79,6 +79,8 @@ pub struct AppInner {
     pub shutdown: CancellationToken,
     /// The catalog service.
     pub servers: catalog::ServerCommands,
+    /// The policy service: each user's tool settings.
+    pub policy: policy::PolicyCommands,
     /// The connection service.
     pub connections: connection::ConnectionService,
     /// The permission table by path: each method the path serves, with its access.
@@ -155,8 +157,14 @@ impl AppState {
             parts.vault.clone(),
             oauth,
         );
+        let policy = policy::PolicyCommands::new(
+            parts.log.clone(),
+            parts.envelopes.clone(),
+            parts.read_models.clone(),
+        );
         AppState(Arc::new(AppInner {
             servers,
+            policy,
             connections,
             log: parts.log,
             vault: parts.vault,

@@ -16,7 +16,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 impl v1::envelope::Event {
     /// Every event type this version knows, by schema name.
-    pub const TYPE_NAMES: [&'static str; 26] = [
+    pub const TYPE_NAMES: [&'static str; 27] = [
         "ServerAdded",
         "ServerUpdated",
         "ServerEnabled",
@@ -34,6 +34,7 @@ impl v1::envelope::Event {
         "ToolPermissionSet",
         "CategoryPermissionSet",
         "ToolDefinitionChanged",
+        "ToolPermissionsCleared",
         "InvocationRequested",
         "InvocationRejected",
         "InvocationAwaitingApproval",
@@ -66,6 +67,7 @@ impl v1::envelope::Event {
             Event::ToolPermissionSet(_) => "ToolPermissionSet",
             Event::CategoryPermissionSet(_) => "CategoryPermissionSet",
             Event::ToolDefinitionChanged(_) => "ToolDefinitionChanged",
+            Event::ToolPermissionsCleared(_) => "ToolPermissionsCleared",
             Event::InvocationRequested(_) => "InvocationRequested",
             Event::InvocationRejected(_) => "InvocationRejected",
             Event::InvocationAwaitingApproval(_) => "InvocationAwaitingApproval",

@@ -22,4 +22,5 @@ pub use error::CommandError;
 pub use execute::{MAX_CONFLICT_RETRIES, Written, execute};
 pub use read_models::{
     ProjectionStatus, ReadModels, connection_directory_spec, server_directory_spec,
+    tool_states_spec,
 };

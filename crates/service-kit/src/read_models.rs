@@ -6,7 +6,7 @@
 //! the sequence an append returned whatever its subject.
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use domain::{ConnectionDirectory, ServerDirectory};
+use domain::{ConnectionDirectory, ServerDirectory, ToolStates};
 use eventlog::{
     EventLog, EventLogError, LogKind, RecordedEvent,
     projection::{CheckpointPolicy, CheckpointStore, ProjectionRunner, ProjectionSpec},
@@ -26,6 +26,17 @@ pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
         apply: |directory: &mut ServerDirectory, event: &RecordedEvent| {
             directory.apply(&event.envelope)
         },
+    }
+}
+
+/// The tool states: per user and server each tool's effective state, and the exposed names.
+pub fn tool_states_spec() -> ProjectionSpec<ToolStates> {
+    ProjectionSpec {
+        // Bump the suffix when the snapshot's shape changes.
+        name: "tool_states_v1",
+        log: LogKind::Config,
+        filter: None,
+        apply: |states: &mut ToolStates, event: &RecordedEvent| states.apply(&event.envelope),
     }
 }
 
@@ -55,6 +66,8 @@ pub struct ProjectionStatus {
 pub struct ReadModels {
     pub servers: ProjectionRunner<ServerDirectory>,
     pub connections: ProjectionRunner<ConnectionDirectory>,
+    /// What each user lets the AI do with each tool; the invocation path reads it per call.
+    pub tool_states: ProjectionRunner<ToolStates>,
     all: Arc<[Arc<dyn ReadModel>]>,
 }
 
@@ -75,15 +88,25 @@ impl ReadModels {
         )
         .await?;
         let connection_spec = connection_directory_spec();
-        let connections =
-            ProjectionRunner::start(log, checkpoints, connection_spec.clone(), policy).await?;
+        let connections = ProjectionRunner::start(
+            log.clone(),
+            checkpoints.clone(),
+            connection_spec.clone(),
+            policy.clone(),
+        )
+        .await?;
+        let tools_spec = tool_states_spec();
+        let tool_states =
+            ProjectionRunner::start(log, checkpoints, tools_spec.clone(), policy).await?;
         let all: Vec<Arc<dyn ReadModel>> = vec![
             Model::new(&spec, servers.clone()),
             Model::new(&connection_spec, connections.clone()),
+            Model::new(&tools_spec, tool_states.clone()),
         ];
         Ok(ReadModels {
             servers,
             connections,
+            tool_states,
             all: all.into(),
         })
     }

@@ -290,7 +290,13 @@ fn main() {
             runtime.block_on(async {
                 let js = async_nats::jetstream::new(client.clone());
                 if let Ok(store) = js.get_key_value(&bucket).await {
-                    let _ = store.purge("server_directory_v2").await;
+                    for name in [
+                        "server_directory_v2",
+                        "tool_states_v1",
+                        policy::REACTION_NAME,
+                    ] {
+                        let _ = store.purge(name).await;
+                    }
                 }
             });
         },

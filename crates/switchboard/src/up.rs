@@ -92,6 +92,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     )
     .await
     .context("starting the read models")?;
+    let envelopes = EnvelopeBuilder::new(Arc::new(SystemClock));
+    // Every `up` runs the reaction: two processes reacting to one event record its change once
+    // (the second decision finds nothing to do), so no leader is needed.
+    let policy_reaction = policy::DefinitionChanges::start(
+        log.clone(),
+        stores.checkpoints.clone(),
+        envelopes.clone(),
+    )
+    .await
+    .context("starting the policy reaction")?;
 
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
@@ -118,7 +128,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         log: log.clone(),
         vault: vault.clone(),
         read_models: read_models.clone(),
-        envelopes: EnvelopeBuilder::new(Arc::new(SystemClock)),
+        envelopes,
         auth,
         metrics: metrics.clone(),
         settings: GatewaySettings {
@@ -216,6 +226,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         answered,
         "HTTP server stopped: requests started {started}, answered {answered}"
     );
+    policy_reaction.shutdown().await;
     if let Err(error) = read_models.shutdown().await {
         tracing::warn!(%error, "checkpoints not saved; the next start replays a little more");
     }

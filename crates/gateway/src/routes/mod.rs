@@ -12,6 +12,7 @@ pub mod oauth;
 pub mod servers;
 pub mod stream;
 pub mod system;
+pub mod tools;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,7 @@ pub fn table() -> Vec<RouteSpec> {
         system::ROUTES,
         me::ROUTES,
         servers::ROUTES,
+        tools::ROUTES,
         connections::ROUTES,
         oauth::ROUTES,
         audit::ROUTES,
@@ -64,6 +66,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(system::router())
         .merge(me::router())
         .merge(servers::router())
+        .merge(tools::router())
         .merge(connections::router())
         .merge(oauth::router())
         .merge(audit::router())

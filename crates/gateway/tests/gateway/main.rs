@@ -9,3 +9,4 @@ mod servers;
 mod servers_add;
 mod stream;
 mod support;
+mod tools;

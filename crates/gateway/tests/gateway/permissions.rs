@@ -116,6 +116,28 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
         ("POST", "/api/v1/servers/{id}/enable" | "/api/v1/servers/{id}/disable") => {
             get(&server().await)
         }
+        ("GET", "/api/v1/servers/{id}/tools") => get(&server().await),
+        (
+            "PUT",
+            "/api/v1/servers/{id}/tools/{tool}" | "/api/v1/servers/{id}/categories/{category}",
+        ) => {
+            // The caller is connected to a server of their own that offers them one tool.
+            let path = server().await;
+            let id = path.split('/').nth(4).expect("server id").to_owned();
+            app.connect(
+                "caller@example.com",
+                &id,
+                &[crate::support::tool("search", "Searches", Some(true))],
+            )
+            .await;
+            Example {
+                path: path
+                    .replace("{tool}", "search")
+                    .replace("{category}", "read_only"),
+                body: Some(serde_json::json!({"state": "needs_approval"})),
+                ok: 200,
+            }
+        }
         ("GET", "/oauth/client-metadata.json") => get(path),
         ("POST" | "GET", "/api/v1/servers/{id}/connection") => {
             let id = app.seed_registered_server(&next_name("Connectable")).await;
@@ -231,7 +253,7 @@ async fn every_route_admits_exactly_the_callers_its_permission_names() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(checked, routes::table().len() * EVERYONE.len());
-    assert!(checked >= 17 * 9, "the table lost routes: {checked} checks");
+    assert!(checked >= 24 * 9, "the table lost routes: {checked} checks");
 }
 
 #[tokio::test]

@@ -43,6 +43,9 @@ pub struct TestApp {
     pub read_models: ReadModels,
     pub client: reqwest::Client,
     pub log: Arc<dyn EventLog>,
+    pub envelopes: EnvelopeBuilder,
+    /// The policy service's reaction to discovered tools, as `up` runs it.
+    pub reaction: policy::DefinitionChanges,
     pub shutdown: CancellationToken,
     pub server: Option<tokio::task::JoinHandle<()>>,
     pub state: AppState,
@@ -106,9 +109,18 @@ impl TestApp {
         );
         let metrics = Metrics::new();
         let log = metrics.metered(log);
-        let read_models = ReadModels::start(log.clone(), checkpoints, CheckpointPolicy::default())
-            .await
-            .expect("read models");
+        let read_models = ReadModels::start(
+            log.clone(),
+            checkpoints.clone(),
+            CheckpointPolicy::default(),
+        )
+        .await
+        .expect("read models");
+        let envelopes = EnvelopeBuilder::new(Arc::new(SystemClock));
+        let reaction =
+            policy::DefinitionChanges::start(log.clone(), checkpoints, envelopes.clone())
+                .await
+                .expect("policy reaction");
         let custom = vec!["read_audit_log".to_owned()];
         let roles = RoleTable::with_custom([("auditor", custom.as_slice())]).expect("roles");
         let auth = Authenticator::new(AuthSettings {
@@ -128,7 +140,7 @@ impl TestApp {
             log: log.clone(),
             vault: vault.clone(),
             read_models: read_models.clone(),
-            envelopes: EnvelopeBuilder::new(Arc::new(SystemClock)),
+            envelopes: envelopes.clone(),
             auth,
             metrics,
             settings: GatewaySettings {
@@ -163,6 +175,8 @@ impl TestApp {
             read_models,
             client: testkit::http_client().build().expect("client"),
             log,
+            envelopes,
+            reaction,
             shutdown,
             server: Some(server),
             state,
@@ -214,6 +228,97 @@ impl TestApp {
             "the read models never showed the seeded server"
         );
         id
+    }
+
+    /// Runs one connection command for `user` on `server` through the domain's connection
+    /// rules (the connection service's part), then waits until the policy reaction and the
+    /// read models have seen everything stored.
+    pub async fn connection(
+        &self,
+        user: &str,
+        server: &str,
+        command: domain::connection::ConnectionCommand,
+    ) {
+        let user = domain::UserId::parse(user).expect("user");
+        let server = domain::ServerId::parse(server).expect("server");
+        let id = domain::connection::ConnectionId {
+            server_id: server,
+            user_id: user.clone(),
+        };
+        let subject = Subject::parse(&id.subject()).expect("subject");
+        let now = std::time::SystemTime::now();
+        service_kit::execute::<domain::connection::ConnectionState, _>(
+            self.log.as_ref(),
+            &self.envelopes,
+            &subject,
+            &service_kit::CommandContext::reaction("connection", &Envelope::default()),
+            |state| domain::connection::decide(state, &id, command.clone(), now),
+        )
+        .await
+        .expect("connection command");
+        self.settle().await;
+    }
+
+    /// `user` connects to `server`, which offers them `tools`.
+    pub async fn connect(&self, user: &str, server: &str, tools: &[proto::v1::ToolDefinition]) {
+        use domain::connection::ConnectionCommand;
+        self.connection(
+            user,
+            server,
+            ConnectionCommand::StartConnection {
+                requested_scopes: vec![],
+                authorization_expires_at: std::time::SystemTime::now() + Duration::from_secs(600),
+            },
+        )
+        .await;
+        self.connection(
+            user,
+            server,
+            ConnectionCommand::CompleteAuthorization {
+                granted_scopes: vec![],
+                access_token_expires_at: None,
+                token_fingerprint: domain::TokenFingerprint::of(&format!("token of {user}")),
+                has_refresh_token: false,
+            },
+        )
+        .await;
+        self.discover(user, server, tools).await;
+    }
+
+    /// The server's tool list for `user` is now `tools`.
+    pub async fn discover(&self, user: &str, server: &str, tools: &[proto::v1::ToolDefinition]) {
+        self.connection(
+            user,
+            server,
+            domain::connection::ConnectionCommand::RecordDiscoveredTools {
+                tools: tools.to_vec(),
+            },
+        )
+        .await;
+    }
+
+    /// Waits until the policy reaction has handled everything stored and the read models show
+    /// what it wrote.
+    pub async fn settle(&self) {
+        let end = self
+            .log
+            .last_sequence(eventlog::LogKind::Config)
+            .await
+            .expect("end");
+        tokio::time::timeout(Duration::from_secs(10), self.reaction.wait_for(end))
+            .await
+            .expect("the policy reaction caught up");
+        let end = self
+            .log
+            .last_sequence(eventlog::LogKind::Config)
+            .await
+            .expect("end");
+        assert!(
+            self.read_models
+                .wait_for_position(eventlog::LogKind::Config, end, Duration::from_secs(10))
+                .await,
+            "the read models caught up"
+        );
     }
 
     /// A server with an OAuth client at a (never contacted) authorization server: enough to
@@ -447,4 +552,21 @@ impl SseReader {
             }
         }
     }
+}
+
+/// A tool definition as a server reports it, with its definition hash.
+pub fn tool(name: &str, description: &str, read_only: Option<bool>) -> proto::v1::ToolDefinition {
+    let mut definition = proto::v1::ToolDefinition {
+        name: name.into(),
+        title: format!("{name} title"),
+        description: description.into(),
+        input_schema_json: r#"{"type":"object"}"#.into(),
+        annotations: read_only.map(|hint| proto::v1::ToolAnnotations {
+            read_only_hint: Some(hint),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    definition.definition_hash = domain::tool_definition_hash(&definition);
+    definition
 }

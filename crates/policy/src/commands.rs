@@ -1,0 +1,160 @@
+//! The commands a user sends about their own tool settings: load → decide (in `domain`) →
+//! append, through the command path of `service-kit`. What the server offers the user now
+//! (the current definitions) comes from the tool-state projection.
+use std::sync::Arc;
+
+use domain::{
+    DomainError, ServerId, ToolCategory, ToolName, ToolState, UserId,
+    tool_policy::{PolicyId, ToolPolicyCommand, ToolPolicyState, decide},
+};
+use eventlog::{AggregateKind, EventLog, Subject};
+use proto::v1 as pb;
+use service_kit::{CommandContext, CommandError, EnvelopeBuilder, ReadModels, Written, execute};
+
+use crate::PolicyError;
+
+/// The policy service's commands. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PolicyCommands {
+    log: Arc<dyn EventLog>,
+    envelopes: EnvelopeBuilder,
+    read_models: ReadModels,
+}
+
+pub(crate) fn subject_of(id: &PolicyId) -> Result<Subject, CommandError> {
+    Ok(Subject::for_aggregate(
+        AggregateKind::Policy,
+        &[id.user_id.key().as_str(), &id.server_id.to_string()],
+    )?)
+}
+
+impl PolicyCommands {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        envelopes: EnvelopeBuilder,
+        read_models: ReadModels,
+    ) -> Self {
+        PolicyCommands {
+            log,
+            envelopes,
+            read_models,
+        }
+    }
+
+    /// The server must exist and the user be connected to it: only then does it offer them
+    /// tools to set.
+    fn check_connected(&self, user: &UserId, server: ServerId) -> Result<(), DomainError> {
+        if self.read_models.servers.read(|d| d.get(server).is_none()) {
+            return Err(DomainError::ServerNotFound);
+        }
+        if !self
+            .read_models
+            .tool_states
+            .read(|states| states.is_connected(user, server))
+        {
+            return Err(DomainError::NotConnected);
+        }
+        Ok(())
+    }
+
+    async fn run(
+        &self,
+        context: &CommandContext,
+        id: PolicyId,
+        command: ToolPolicyCommand,
+    ) -> Result<Written, PolicyError> {
+        let subject = subject_of(&id)?;
+        Ok(execute::<ToolPolicyState, _>(
+            self.log.as_ref(),
+            &self.envelopes,
+            &subject,
+            context,
+            |state| decide(state, &id, command.clone()),
+        )
+        .await?)
+    }
+
+    /// Sets one tool of `server` for `user`. With `definition_hash`, the setting is refused
+    /// unless that is the definition the server offers the user now (the user decided about
+    /// what they saw); without it, it applies to the current definition.
+    pub async fn set_tool_state(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        server: ServerId,
+        tool: &str,
+        state: ToolState,
+        definition_hash: Option<String>,
+    ) -> Result<Written, PolicyError> {
+        self.check_connected(user, server)?;
+        // A name no server could offer is simply not one of the user's tools.
+        let tool_name = ToolName::parse(tool).map_err(|_| DomainError::ToolNotFound {
+            tool: tool.to_owned(),
+        })?;
+        let current = self.read_models.tool_states.read(|states| {
+            states
+                .tool(user, server, tool)
+                .map(|view| view.definition_hash.to_owned())
+        });
+        let id = PolicyId {
+            user_id: user.clone(),
+            server_id: server,
+        };
+        self.run(
+            context,
+            id,
+            ToolPolicyCommand::SetToolPermission {
+                tool: tool_name,
+                state,
+                current_definition_hash: current,
+                seen_definition_hash: definition_hash,
+            },
+        )
+        .await
+    }
+
+    /// Sets every tool of `category` that `server` offers `user` now. Tools that appear later
+    /// start Blocked like any other.
+    pub async fn set_category_state(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        server: ServerId,
+        category: ToolCategory,
+        state: ToolState,
+    ) -> Result<Written, PolicyError> {
+        self.check_connected(user, server)?;
+        let mut current_tools: Vec<pb::ToolDefinition> =
+            self.read_models.tool_states.read(|states| {
+                states
+                    .tools_of(user, server)
+                    .map(|view| pb::ToolDefinition {
+                        name: view.name.to_owned(),
+                        definition_hash: view.definition_hash.to_owned(),
+                        // Only the category matters to the decision; the projection has it
+                        // from the tool's annotations.
+                        annotations: Some(pb::ToolAnnotations {
+                            read_only_hint: Some(view.category == ToolCategory::ReadOnly),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect()
+            });
+        current_tools.sort_by(|a, b| a.name.cmp(&b.name));
+        let id = PolicyId {
+            user_id: user.clone(),
+            server_id: server,
+        };
+        self.run(
+            context,
+            id,
+            ToolPolicyCommand::SetCategoryPermission {
+                category,
+                state,
+                current_tools,
+            },
+        )
+        .await
+    }
+}
