@@ -16,7 +16,7 @@ pub enum DomainError {
     )]
     ServerIdInvalid,
     #[error(
-        "an invocation id is a UUID in its hyphenated form (e.g. 0190f3c4-…); generate one per tool call"
+        "an invocation id is 1 to 128 characters without control characters (e.g. the model's tool call id); use one per tool call"
     )]
     InvocationIdInvalid,
     #[error("the user id is empty; send the id of the signed-in user")]
@@ -161,6 +161,10 @@ pub enum DomainError {
     // ---- invocation ------------------------------------------------------------------------
     #[error("the server is disabled; ask an administrator to enable it")]
     ServerDisabled,
+    #[error(
+        "the user's authorization at this server no longer works; the user must connect to it again"
+    )]
+    ConnectionAuthError,
     #[error("the tool is unknown (not offered by a connected server); list the user's tools again")]
     UnknownTool,
     #[error(
@@ -246,6 +250,7 @@ impl DomainError {
             DomainError::AlreadyConnected => "already_connected",
             DomainError::NotConnected => "not_connected",
             DomainError::ServerDisabled => "server_disabled",
+            DomainError::ConnectionAuthError => "auth_error",
             DomainError::UnknownTool => "unknown_tool",
             DomainError::ToolBlocked => "tool_blocked",
             DomainError::InvocationNotFound => "invocation_not_found",

@@ -1,4 +1,5 @@
-//! Identifiers: server and invocation ids (UUIDs), user ids, and the subject-safe user key.
+//! Identifiers: server ids (UUIDs), invocation ids (the orchestrator's opaque ids), user ids,
+//! and the subject-safe user key.
 use std::fmt;
 
 use uuid::Uuid;
@@ -78,11 +79,65 @@ uuid_id!(
     ServerId,
     DomainError::ServerIdInvalid
 );
-uuid_id!(
-    /// One tool call request. At most one call to the MCP server per invocation id.
-    InvocationId,
-    DomainError::InvocationIdInvalid
-);
+/// One tool call request, named by the orchestrator's own id for the tool call (`toolu_01A…`,
+/// `call_abc…`, a UUID, a hex string): opaque, 1–128 characters, no control characters,
+/// compared byte for byte. At most one call to the MCP server per invocation id (of a user).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InvocationId(String);
+string_newtype_impls!(InvocationId);
+
+impl InvocationId {
+    pub const MAX_CHARS: usize = 128;
+
+    /// A new id (a UUIDv7), for callers that have none of their own.
+    #[allow(clippy::new_without_default)] // a default id would be a random one: say so
+    pub fn new() -> Self {
+        InvocationId(Uuid::now_v7().hyphenated().to_string())
+    }
+
+    pub fn parse(text: &str) -> Result<Self, DomainError> {
+        let length = text.chars().count();
+        if length == 0 || length > Self::MAX_CHARS || text.chars().any(char::is_control) {
+            return Err(DomainError::InvocationIdInvalid);
+        }
+        Ok(InvocationId(text.to_owned()))
+    }
+
+    /// A subject token for this id: 32 hex digits of its SHA-256. Fixed length (an id of 128
+    /// four-byte characters escaped would not fit beside the longest user key in a subject),
+    /// subject-safe whatever characters the orchestrator used, and one token per id.
+    pub fn subject_token(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
+        let mut token = String::with_capacity(32);
+        for byte in &digest.as_ref()[..16] {
+            token.push(char::from(HEX_LOWER[usize::from(byte >> 4)]));
+            token.push(char::from(HEX_LOWER[usize::from(byte & 0x0f)]));
+        }
+        token
+    }
+}
+
+const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
+
+impl std::str::FromStr for InvocationId {
+    type Err = DomainError;
+    fn from_str(text: &str) -> Result<Self, DomainError> {
+        InvocationId::parse(text)
+    }
+}
+
+impl serde::Serialize for InvocationId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for InvocationId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        InvocationId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
 
 /// The id of a user of the host product, as its identity provider issued it (often an e-mail
 /// address). Opaque: compared byte for byte, never trimmed or case-folded.
@@ -230,14 +285,34 @@ mod tests {
                 Err("server_id_invalid"),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn invocation_ids_are_the_orchestrators_opaque_ids() {
+        for good in [
+            "toolu_01A09q90qw90lq917835lq9",
+            "call_abc123",
+            "3f2b1c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d",
+            "deadbeef",
+            "x",
+            "with space and ünïcödé",
+        ] {
+            assert_eq!(InvocationId::parse(good).map(|id| id.to_string()), Ok(good.to_owned()));
+        }
+        assert!(InvocationId::parse(&"é".repeat(128)).is_ok(), "characters, not bytes");
+        for bad in ["".to_owned(), "a".repeat(129), "a\nb".to_owned()] {
             assert_eq!(
-                InvocationId::parse(bad).map_err(|e| e.code()),
+                InvocationId::parse(&bad).map_err(|e| e.code()),
                 Err("invocation_id_invalid"),
-                "{bad}"
+                "{bad:?}"
             );
         }
-        // An orchestrator may use UUIDv4 invocation ids.
-        assert!(InvocationId::parse("3f2b1c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d").is_ok());
+        let id = InvocationId::parse(&"🦀".repeat(128)).unwrap();
+        let token = id.subject_token();
+        assert_eq!(token.len(), 32);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(token, InvocationId::parse("a").unwrap().subject_token());
     }
 
     #[test]

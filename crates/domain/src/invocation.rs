@@ -1,7 +1,11 @@
 //! The Invocation aggregate: one tool call request, identified by its invocation id. Its
-//! events live on the bounded subject `invocation.<user_key>` (one per user, not one per
-//! invocation), so a user's invocations share a subject: fold one with
-//! [`InvocationState::replay`], which picks its events out.
+//! events live on `invocation.<user_key>.<id token>` ([`subject`]): one subject per
+//! invocation, so that the first `InvocationRequested` appended with "no events yet" is the
+//! claim on the id (a duplicate request loses that append and never calls the server), one
+//! user's parallel invocations never conflict, and loading an invocation reads its own few
+//! events, never the user's history. The user key stays the second token, so everything that
+//! finds a subject's user (the live stream's visibility, the audit's `user` filter) works
+//! unchanged.
 //!
 //! The state machine:
 //! ```text
@@ -23,9 +27,9 @@ use proto::v1::{self as pb, envelope::Event};
 use crate::time::{from_timestamp, to_timestamp};
 use crate::{Aggregate, DomainError, InvocationId, ServerId, ToolName, ToolState, UserId};
 
-/// The subject a user's invocation events go to, relative to the deployment's prefix.
-pub fn subject(user: &UserId) -> String {
-    format!("invocation.{}", user.key())
+/// The subject of one invocation's events, relative to the deployment's prefix.
+pub fn subject(user: &UserId, id: &InvocationId) -> String {
+    format!("invocation.{}.{}", user.key(), id.subject_token())
 }
 
 /// The invocation an event belongs to, if it is an invocation event.
@@ -94,11 +98,11 @@ pub struct InvocationState {
 impl InvocationState {
     /// Folds the events of invocation `id` out of a stream that may hold other invocations'
     /// events too (a user's invocation subject).
-    pub fn replay<'a>(id: InvocationId, events: impl IntoIterator<Item = &'a Event>) -> Self {
-        let id = id.to_string();
+    pub fn replay<'a>(id: &InvocationId, events: impl IntoIterator<Item = &'a Event>) -> Self {
+        let id = id.as_str();
         let mut state = InvocationState::default();
         for event in events {
-            if invocation_id_of(event) == Some(id.as_str()) {
+            if invocation_id_of(event) == Some(id) {
                 state.apply(event);
             }
         }
@@ -171,6 +175,8 @@ pub struct ResolvedTool {
     pub server_enabled: bool,
     /// Whether the user's connection to the server can be used.
     pub connected: bool,
+    /// The connection's authorization no longer works (the user must reconnect).
+    pub connection_auth_error: bool,
     /// The user's setting for the tool.
     pub tool_state: ToolState,
 }
@@ -184,6 +190,12 @@ pub struct InvocationRequest {
     pub exposed_tool_name: String,
     /// Tool arguments as JSON text (the invoker caps their size).
     pub arguments_json: String,
+    /// SHA-256 (lowercase hex) and size of `arguments_json`: always recorded.
+    pub arguments_sha256: String,
+    pub arguments_size_bytes: u64,
+    /// Record the arguments themselves (payload capture). They are recorded anyway when the
+    /// invocation waits for approval: the user decides on them and the approved call needs them.
+    pub capture_arguments: bool,
     /// `None`: the exposed name names no tool of this user.
     pub resolved: Option<ResolvedTool>,
     /// How long a *Needs approval* invocation waits for the user.
@@ -211,6 +223,8 @@ pub enum InvocationCommand {
         result_size_bytes: u64,
         result_sha256: String,
         truncated: bool,
+        /// The result envelope, when payload capture is on; empty otherwise.
+        result_json: String,
     },
     /// The call could not be made or did not return a result.
     Fail {
@@ -225,11 +239,11 @@ const MAX_RECORDED_EXPOSED_NAME_CHARS: usize = 256;
 /// Decides a command for invocation `id` at time `now`.
 pub fn decide(
     state: &InvocationState,
-    id: InvocationId,
+    id: &InvocationId,
     command: InvocationCommand,
     now: SystemTime,
 ) -> Result<Vec<Event>, DomainError> {
-    let invocation_id = || id.to_string();
+    let invocation_id = || id.as_str().to_owned();
     if let InvocationCommand::Request(request) = command {
         return request_invocation(state, invocation_id(), request, now);
     }
@@ -303,6 +317,7 @@ pub fn decide(
             result_size_bytes,
             result_sha256,
             truncated,
+            result_json,
         } => match &state.status {
             InvocationStatus::Running => {
                 Ok(vec![Event::InvocationCompleted(pb::InvocationCompleted {
@@ -312,6 +327,7 @@ pub fn decide(
                     result_size_bytes,
                     result_sha256,
                     truncated,
+                    result_json,
                 })])
             }
             _ => Err(DomainError::InvocationNotStarted),
@@ -327,6 +343,23 @@ pub fn decide(
             duration_ms,
         })]),
     }
+}
+
+/// Whether a request repeats the recorded one: same user, tool and arguments (by digest when
+/// both have one; the arguments themselves may not have been recorded).
+fn same_request(recorded: &pb::InvocationRequested, request: &pb::InvocationRequested) -> bool {
+    let same_arguments = if recorded.arguments_sha256.is_empty() || request.arguments_sha256.is_empty() {
+        recorded.arguments_json == request.arguments_json
+    } else {
+        recorded.arguments_sha256 == request.arguments_sha256
+            && recorded.arguments_size_bytes == request.arguments_size_bytes
+    };
+    same_arguments
+        && recorded.invocation_id == request.invocation_id
+        && recorded.user_id == request.user_id
+        && recorded.server_id == request.server_id
+        && recorded.tool_name == request.tool_name
+        && recorded.exposed_tool_name == request.exposed_tool_name
 }
 
 fn request_invocation(
@@ -345,7 +378,11 @@ fn request_invocation(
         } else {
             request.exposed_tool_name
         };
-    let requested = pb::InvocationRequested {
+    let needs_approval = request
+        .resolved
+        .as_ref()
+        .is_some_and(|tool| tool.tool_state == ToolState::NeedsApproval);
+    let mut requested = pb::InvocationRequested {
         invocation_id,
         user_id: request.user_id.as_str().to_owned(),
         server_id: request
@@ -360,9 +397,11 @@ fn request_invocation(
             .unwrap_or_default(),
         exposed_tool_name,
         arguments_json: request.arguments_json,
+        arguments_sha256: request.arguments_sha256,
+        arguments_size_bytes: request.arguments_size_bytes,
     };
     if let Some(recorded) = &state.request {
-        return if *recorded == requested {
+        return if same_request(recorded, &requested) {
             Ok(vec![])
         } else {
             Err(DomainError::InvocationIdReused)
@@ -372,14 +411,16 @@ fn request_invocation(
     let rejection = match &request.resolved {
         None => Some(DomainError::UnknownTool),
         Some(tool) if !tool.server_enabled => Some(DomainError::ServerDisabled),
+        Some(tool) if tool.connection_auth_error => Some(DomainError::ConnectionAuthError),
         Some(tool) if !tool.connected => Some(DomainError::NotConnected),
         Some(tool) if tool.tool_state == ToolState::Blocked => Some(DomainError::ToolBlocked),
         Some(_) => None,
     };
-    let needs_approval = request
-        .resolved
-        .as_ref()
-        .is_some_and(|tool| tool.tool_state == ToolState::NeedsApproval);
+    let keep_arguments =
+        request.capture_arguments || (rejection.is_none() && needs_approval);
+    if !keep_arguments {
+        requested.arguments_json.clear();
+    }
     // Checked before anything is recorded, so a bad time-out records nothing.
     let approval_expires_at = if rejection.is_none() && needs_approval {
         if request.approval_timeout.is_zero() {
@@ -441,6 +482,7 @@ mod tests {
             tool: ToolName::parse("create_issue").unwrap(),
             server_enabled: true,
             connected: true,
+            connection_auth_error: false,
             tool_state,
         }
     }
@@ -450,6 +492,9 @@ mod tests {
             user_id: alice(),
             exposed_tool_name: "github__create_issue".into(),
             arguments_json: r#"{"title":"Bug"}"#.into(),
+            arguments_sha256: String::new(),
+            arguments_size_bytes: 15,
+            capture_arguments: true,
             resolved,
             approval_timeout: Duration::from_secs(300),
         })
@@ -467,6 +512,8 @@ mod tests {
             tool_name: "create_issue".into(),
             exposed_tool_name: "github__create_issue".into(),
             arguments_json: r#"{"title":"Bug"}"#.into(),
+            arguments_sha256: String::new(),
+            arguments_size_bytes: 15,
         })
     }
 
@@ -506,6 +553,7 @@ mod tests {
             result_size_bytes: 512,
             result_sha256: "ab".repeat(32),
             truncated: false,
+            result_json: String::new(),
         })
     }
 
@@ -516,6 +564,7 @@ mod tests {
             result_size_bytes: 512,
             result_sha256: "ab".repeat(32),
             truncated: false,
+            result_json: String::new(),
         }
     }
 
@@ -540,7 +589,7 @@ mod tests {
         seconds: u64,
         command: InvocationCommand,
     ) -> impl FnOnce(&InvocationState) -> Result<Vec<Event>, DomainError> {
-        move |state| decide(state, id(), command, at(seconds))
+        move |state| decide(state, &id(), command, at(seconds))
     }
 
     #[test]
@@ -552,6 +601,52 @@ mod tests {
             state.status(),
             &InvocationStatus::Ready { approved_by: None }
         );
+    }
+
+    #[test]
+    fn a_connection_with_an_auth_error_rejects_invocations() {
+        let tool = ResolvedTool {
+            connection_auth_error: true,
+            ..resolved(ToolState::AlwaysAllow)
+        };
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(1_000, request_with(Some(tool))))
+            .then([requested(), rejected(DomainError::ConnectionAuthError)]);
+    }
+
+    #[test]
+    fn arguments_are_recorded_only_when_captured_or_awaiting_approval() {
+        let without_capture = |state: ToolState| {
+            let InvocationCommand::Request(mut request) = request(state) else {
+                unreachable!()
+            };
+            request.capture_arguments = false;
+            request.arguments_sha256 = "cd".repeat(32);
+            InvocationCommand::Request(request)
+        };
+        let recorded = |state: ToolState| {
+            let (events, _) = Scenario::<InvocationState>::given([])
+                .when(decide_at(1_000, without_capture(state)))
+                .then_events();
+            match events.first() {
+                Some(Event::InvocationRequested(r)) => r.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let allowed = recorded(ToolState::AlwaysAllow);
+        assert_eq!(allowed.arguments_json, "");
+        assert_eq!(allowed.arguments_sha256, "cd".repeat(32));
+        assert_eq!(allowed.arguments_size_bytes, 15);
+        assert_eq!(recorded(ToolState::Blocked).arguments_json, "");
+        assert_eq!(
+            recorded(ToolState::NeedsApproval).arguments_json,
+            r#"{"title":"Bug"}"#
+        );
+        // A repeat is recognised by the digest, though the arguments were not recorded.
+        let history = vec![Event::InvocationRequested(allowed)];
+        Scenario::<InvocationState>::given(history)
+            .when(decide_at(1_001, without_capture(ToolState::AlwaysAllow)))
+            .then_nothing();
     }
 
     #[test]
@@ -844,7 +939,7 @@ mod tests {
             invocation_id: other.into(),
         });
         let stream = [other_requested, requested(), other_started, started()];
-        let state = InvocationState::replay(id(), &stream);
+        let state = InvocationState::replay(&id(), &stream);
         assert_eq!(state.status(), &InvocationStatus::Running);
         assert_eq!(
             state.request().map(|r| r.invocation_id.as_str()),
@@ -854,7 +949,10 @@ mod tests {
         let plain = InvocationState::from_events(&stream[1..]);
         assert_eq!(plain.status(), &InvocationStatus::Running);
         assert_eq!(invocation_id_of(&started()), Some(INVOCATION));
-        assert_eq!(subject(&alice()), "invocation.alice_40example_2Ecom");
+        assert_eq!(
+            subject(&alice(), &id()),
+            format!("invocation.alice_40example_2Ecom.{}", id().subject_token())
+        );
     }
 
     #[test]
@@ -863,6 +961,9 @@ mod tests {
             user_id: alice(),
             exposed_tool_name: "x".repeat(10_000),
             arguments_json: "{}".into(),
+            arguments_sha256: String::new(),
+            arguments_size_bytes: 2,
+            capture_arguments: false,
             resolved: None,
             approval_timeout: Duration::from_secs(300),
         });

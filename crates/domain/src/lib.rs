@@ -70,7 +70,9 @@ pub use names::{ExposedToolMap, ExposedToolName, ServerDescription, ServerName, 
 pub use oauth::{
     AuthorizationServer, ClientId, OAuthSettings, RegistrationMode, SecretRef, TokenFingerprint,
 };
-pub use projections::{ServerDirectory, ToolStates, ToolView};
+pub use projections::{
+    OpenInvocation, OpenInvocations, OpenStatus, ServerDirectory, ToolStates, ToolView,
+};
 pub use server_url::{ServerUrl, UrlPolicy};
 pub use tools::{ToolCategory, ToolState, tool_definition_hash};
 

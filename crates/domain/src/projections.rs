@@ -6,8 +6,10 @@ use proto::v1::{Envelope, envelope::Event};
 
 use crate::ServerId;
 
+mod open_invocations;
 mod tool_states;
 
+pub use open_invocations::{OpenInvocation, OpenInvocations, OpenStatus};
 pub use tool_states::{ToolStates, ToolView};
 
 /// One server as the server list shows it.

@@ -33,7 +33,7 @@ pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
 pub fn tool_states_spec() -> ProjectionSpec<ToolStates> {
     ProjectionSpec {
         // Bump the suffix when the snapshot's shape changes.
-        name: "tool_states_v1",
+        name: "tool_states_v2",
         log: LogKind::Config,
         filter: None,
         apply: |states: &mut ToolStates, event: &RecordedEvent| states.apply(&event.envelope),

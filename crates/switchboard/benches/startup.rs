@@ -292,7 +292,7 @@ fn main() {
                 if let Ok(store) = js.get_key_value(&bucket).await {
                     for name in [
                         "server_directory_v2",
-                        "tool_states_v1",
+                        "tool_states_v2",
                         policy::REACTION_NAME,
                     ] {
                         let _ = store.purge(name).await;

@@ -82,6 +82,14 @@ struct Definition {
     read_only: bool,
     title: Box<str>,
     description: Box<str>,
+    /// JSON text of the input and output schemas and of the annotations as MCP spells them
+    /// (`readOnlyHint`, …), for the orchestrator's tool list. Stored once per definition.
+    #[serde(default)]
+    input_schema: Box<str>,
+    #[serde(default)]
+    output_schema: Box<str>,
+    #[serde(default)]
+    annotations: Box<str>,
 }
 
 /// One tool of one user's server: offered now (`definition`), set (`setting_hash`), or both.
@@ -151,6 +159,27 @@ fn state_of_code(code: u8) -> ToolState {
     }
 }
 
+/// A tool's annotations as MCP spells them, as JSON text (empty without annotations).
+fn annotations_json(annotations: Option<&proto::v1::ToolAnnotations>) -> String {
+    let Some(a) = annotations else {
+        return String::new();
+    };
+    let mut map = serde_json::Map::new();
+    let mut hint = |name: &str, value: Option<bool>| {
+        if let Some(value) = value {
+            map.insert(name.to_owned(), serde_json::Value::Bool(value));
+        }
+    };
+    hint("readOnlyHint", a.read_only_hint);
+    hint("destructiveHint", a.destructive_hint);
+    hint("idempotentHint", a.idempotent_hint);
+    hint("openWorldHint", a.open_world_hint);
+    if !a.title.is_empty() {
+        map.insert("title".to_owned(), serde_json::Value::String(a.title.clone()));
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
 /// One user's tools of one server.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct UserServer {
@@ -192,6 +221,13 @@ pub struct ToolView<'a> {
     pub exposed_name: Option<&'a str>,
     pub title: &'a str,
     pub description: &'a str,
+    /// The input schema as JSON text (as discovered).
+    pub input_schema_json: &'a str,
+    /// The output schema as JSON text; empty when the tool has none.
+    pub output_schema_json: &'a str,
+    /// The annotations as JSON text in MCP's spelling; empty when the tool has none. Hints
+    /// for the AI, never a reason to allow a tool.
+    pub annotations_json: &'a str,
     pub category: ToolCategory,
     /// The effective state (see the module docs).
     pub state: ToolState,
@@ -400,6 +436,9 @@ impl ToolStates {
                         read_only: ToolCategory::of(tool) == ToolCategory::ReadOnly,
                         title: tool.title.as_str().into(),
                         description: tool.description.as_str().into(),
+                        input_schema: tool.input_schema_json.as_str().into(),
+                        output_schema: tool.output_schema_json.as_str().into(),
+                        annotations: annotations_json(tool.annotations.as_ref()).into(),
                     });
                     self.definition_index
                         .insert((server, name, hash), definition);
@@ -515,6 +554,9 @@ impl ToolStates {
                 .map(|name| &**name),
             title: &definition.title,
             description: &definition.description,
+            input_schema_json: &definition.input_schema,
+            output_schema_json: &definition.output_schema,
+            annotations_json: &definition.annotations,
             category: if definition.read_only {
                 ToolCategory::ReadOnly
             } else {
@@ -791,6 +833,9 @@ mod tests {
                 exposed_name: Some("github__search"),
                 title: "search title",
                 description: "search description",
+                input_schema_json: search.input_schema_json,
+                output_schema_json: search.output_schema_json,
+                annotations_json: search.annotations_json,
                 category: ToolCategory::ReadOnly,
                 state: ToolState::Blocked,
                 definition_hash: "s1",
