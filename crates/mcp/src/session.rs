@@ -6,7 +6,7 @@ use std::error::Error as StdError;
 
 use rmcp::{
     ServiceExt,
-    model::Tool,
+    model::{CallToolRequestParams, CallToolResult, JsonObject, Tool},
     service::{ClientInitializeError, RunningService, ServiceError},
     transport::{
         StreamableHttpClientTransport,
@@ -85,6 +85,22 @@ impl McpSession {
         self.service
             .peer()
             .list_all_tools()
+            .await
+            .map_err(|e| classify_service(&e))
+    }
+
+    /// Calls one tool (`tools/call`) with `arguments`. A result with `isError` is a result:
+    /// the tool ran and reported a failure; only a failed exchange is an error.
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        arguments: JsonObject,
+    ) -> Result<CallToolResult, McpCallError> {
+        let mut params = CallToolRequestParams::new(name.to_owned());
+        params.arguments = Some(arguments);
+        self.service
+            .peer()
+            .call_tool(params)
             .await
             .map_err(|e| classify_service(&e))
     }

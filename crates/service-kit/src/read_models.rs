@@ -6,7 +6,7 @@
 //! the sequence an append returned whatever its subject.
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use domain::{ConnectionDirectory, ServerDirectory, ToolStates};
+use domain::{ConnectionDirectory, OpenInvocations, ServerDirectory, ToolStates, UserKey};
 use eventlog::{
     EventLog, EventLogError, LogKind, RecordedEvent,
     projection::{CheckpointPolicy, CheckpointStore, ProjectionRunner, ProjectionSpec},
@@ -52,6 +52,27 @@ pub fn connection_directory_spec() -> ProjectionSpec<ConnectionDirectory> {
     }
 }
 
+/// The invocations not finished yet: pending approvals, calls in flight. Folds the
+/// invocations log (its events carry the user only in the subject after the request).
+pub fn open_invocations_spec() -> ProjectionSpec<OpenInvocations> {
+    ProjectionSpec {
+        name: "open_invocations_v1",
+        log: LogKind::Invocations,
+        filter: None,
+        apply: |open: &mut OpenInvocations, event: &RecordedEvent| {
+            let user = event
+                .subject
+                .as_str()
+                .split('.')
+                .nth(1)
+                .and_then(|key| UserKey::decode(key).ok());
+            if let Some(user) = user {
+                open.apply(&event.envelope, user.as_str());
+            }
+        },
+    }
+}
+
 /// Where one read model is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectionStatus {
@@ -68,6 +89,8 @@ pub struct ReadModels {
     pub connections: ProjectionRunner<ConnectionDirectory>,
     /// What each user lets the AI do with each tool; the invocation path reads it per call.
     pub tool_states: ProjectionRunner<ToolStates>,
+    /// The invocations without their final outcome yet (pending approvals, running calls).
+    pub open_invocations: ProjectionRunner<OpenInvocations>,
     all: Arc<[Arc<dyn ReadModel>]>,
 }
 
@@ -96,17 +119,27 @@ impl ReadModels {
         )
         .await?;
         let tools_spec = tool_states_spec();
-        let tool_states =
-            ProjectionRunner::start(log, checkpoints, tools_spec.clone(), policy).await?;
+        let tool_states = ProjectionRunner::start(
+            log.clone(),
+            checkpoints.clone(),
+            tools_spec.clone(),
+            policy.clone(),
+        )
+        .await?;
+        let open_spec = open_invocations_spec();
+        let open_invocations =
+            ProjectionRunner::start(log, checkpoints, open_spec.clone(), policy).await?;
         let all: Vec<Arc<dyn ReadModel>> = vec![
             Model::new(&spec, servers.clone()),
             Model::new(&connection_spec, connections.clone()),
             Model::new(&tools_spec, tool_states.clone()),
+            Model::new(&open_spec, open_invocations.clone()),
         ];
         Ok(ReadModels {
             servers,
             connections,
             tool_states,
+            open_invocations,
             all: all.into(),
         })
     }

@@ -1,0 +1,231 @@
+//! The invoker service: settings, what it is built on, and the MCP sessions it reuses.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use connection::ConnectionService;
+use domain::{ServerId, UserId};
+use eventlog::EventLog;
+use mcp::{McpCallError, McpSession, OutboundClient};
+use rmcp::model::{CallToolResult, JsonObject};
+use service_kit::{EnvelopeBuilder, ReadModels};
+use url::Url;
+
+use crate::ResultEnvelope;
+
+/// The invoker's settings (`[invocations]` in the configuration).
+#[derive(Debug, Clone)]
+pub struct InvokerSettings {
+    /// How long a *Needs approval* invocation waits for its user.
+    pub approval_timeout: Duration,
+    /// Largest result handed back (content and structured content as JSON); more is cut and
+    /// flagged `truncated`.
+    pub result_limit_bytes: usize,
+    /// Record arguments and results in the invocation events (the audit then holds payloads).
+    pub capture_payloads: bool,
+    /// The time a call may take when the request names no deadline.
+    pub default_deadline: Duration,
+    /// The longest deadline a request may name.
+    pub max_deadline: Duration,
+    /// Largest arguments accepted, as JSON.
+    pub max_arguments_bytes: usize,
+    /// How often the sweeper looks for expired approvals and stalled calls.
+    pub sweep_interval: Duration,
+    /// Results kept in memory for repeated requests and status look-ups (the events hold
+    /// only their digests unless payloads are captured).
+    pub result_cache_entries: usize,
+}
+
+impl Default for InvokerSettings {
+    fn default() -> Self {
+        InvokerSettings {
+            approval_timeout: Duration::from_secs(600),
+            result_limit_bytes: 1024 * 1024,
+            capture_payloads: false,
+            default_deadline: Duration::from_secs(60),
+            max_deadline: Duration::from_secs(600),
+            max_arguments_bytes: 1024 * 1024,
+            sweep_interval: Duration::from_secs(1),
+            result_cache_entries: 1024,
+        }
+    }
+}
+
+impl InvokerSettings {
+    /// An invocation allowed, approved or running longer than this without a change was left
+    /// by a process that stopped: the longest deadline and a minute's grace.
+    pub fn stalled_after(&self) -> Duration {
+        self.max_deadline + Duration::from_secs(60)
+    }
+}
+
+/// The invoker. Cheap to clone.
+#[derive(Clone)]
+pub struct Invoker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Invoker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invoker")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub log: Arc<dyn EventLog>,
+    pub read_models: ReadModels,
+    pub envelopes: EnvelopeBuilder,
+    pub connections: ConnectionService,
+    pub outbound: OutboundClient,
+    pub settings: InvokerSettings,
+    /// One MCP session per connection, with the token it was opened with (a transport's
+    /// bearer token is fixed): reused while the token stays the same, so the protocol era is
+    /// negotiated once per connection and token, not per call.
+    pub sessions: Mutex<HashMap<(ServerId, UserId), Arc<CachedSession>>>,
+    /// Recent results by (user, invocation id), for duplicates and status look-ups.
+    pub results: Mutex<ResultCache>,
+}
+
+pub(crate) struct CachedSession {
+    token: String,
+    session: McpSession,
+}
+
+/// A bounded map of recent results; the oldest go first.
+#[derive(Default)]
+pub(crate) struct ResultCache {
+    entries: HashMap<(UserId, String), Arc<ResultEnvelope>>,
+    order: std::collections::VecDeque<(UserId, String)>,
+}
+
+impl ResultCache {
+    pub fn insert(&mut self, key: (UserId, String), result: Arc<ResultEnvelope>, limit: usize) {
+        if limit == 0 {
+            return;
+        }
+        if self.entries.insert(key.clone(), result).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > limit {
+            if let Some(old) = self.order.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, key: &(UserId, String)) -> Option<Arc<ResultEnvelope>> {
+        self.entries.get(key).cloned()
+    }
+}
+
+impl Invoker {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        read_models: ReadModels,
+        envelopes: EnvelopeBuilder,
+        connections: ConnectionService,
+        outbound: OutboundClient,
+        settings: InvokerSettings,
+    ) -> Self {
+        Invoker {
+            inner: Arc::new(Inner {
+                log,
+                read_models,
+                envelopes,
+                connections,
+                outbound,
+                settings,
+                sessions: Mutex::new(HashMap::new()),
+                results: Mutex::new(ResultCache::default()),
+            }),
+        }
+    }
+
+    /// Another instance over the same stores and settings, sharing nothing in memory: what a
+    /// second process is to this one (tests of cross-process at-most-once use it).
+    pub fn another_instance(&self) -> Invoker {
+        let inner = &self.inner;
+        Invoker::new(
+            inner.log.clone(),
+            inner.read_models.clone(),
+            inner.envelopes.clone(),
+            inner.connections.another_instance(),
+            inner.outbound.clone(),
+            inner.settings.clone(),
+        )
+    }
+
+    pub fn settings(&self) -> &InvokerSettings {
+        &self.inner.settings
+    }
+
+    /// `tools/call` in the connection's session (opened on first use or after the token
+    /// changed). A failed exchange drops the session, so the next call opens a fresh one.
+    pub(crate) async fn call_in_session(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+        url: &Url,
+        token: String,
+        tool: &str,
+        arguments: JsonObject,
+    ) -> Result<CallToolResult, McpCallError> {
+        let key = (server_id, user.clone());
+        let cached = self
+            .lock_sessions()
+            .get(&key)
+            .filter(|cached| cached.token == token)
+            .cloned();
+        let cached = match cached {
+            Some(cached) => cached,
+            None => {
+                let session = McpSession::open(&self.inner.outbound, url, &token).await?;
+                let cached = Arc::new(CachedSession { token, session });
+                self.lock_sessions().insert(key.clone(), cached.clone());
+                cached
+            }
+        };
+        let result = cached.session.call_tool(tool, arguments).await;
+        if result.is_err() {
+            let mut sessions = self.lock_sessions();
+            if sessions
+                .get(&key)
+                .is_some_and(|current| Arc::ptr_eq(current, &cached))
+            {
+                sessions.remove(&key);
+            }
+        }
+        result
+    }
+
+    fn lock_sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(ServerId, UserId), Arc<CachedSession>>> {
+        // A panic while holding the lock leaves the map as it was: keep using it.
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn remember_result(&self, user: &UserId, id: &str, result: Arc<ResultEnvelope>) {
+        let limit = self.inner.settings.result_cache_entries;
+        self.inner
+            .results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((user.clone(), id.to_owned()), result, limit);
+    }
+
+    pub(crate) fn remembered_result(&self, user: &UserId, id: &str) -> Option<Arc<ResultEnvelope>> {
+        self.inner
+            .results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(user.clone(), id.to_owned()))
+    }
+}
