@@ -130,6 +130,7 @@ fn main() {
             .expect("outbound client"),
             client_metadata_url: None,
             connection_settings: None,
+            invoker_settings: None,
         });
         let token = mint_token(
             SECRET,

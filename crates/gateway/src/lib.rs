@@ -83,6 +83,8 @@ pub struct AppInner {
     pub policy: policy::PolicyCommands,
     /// The connection service.
     pub connections: connection::ConnectionService,
+    /// The invoker service: the orchestrator's tools, invocations and the users' approvals.
+    pub invoker: invoker::Invoker,
     /// The permission table by path: each method the path serves, with its access.
     routes: HashMap<&'static str, Vec<(Method, Access)>>,
 }
@@ -114,6 +116,8 @@ pub struct AppParts {
     /// The connection service's tuning; `None`: the defaults. Its redirect URL is always
     /// `<public_url>/oauth/callback`.
     pub connection_settings: Option<connection::ConnectionSettings>,
+    /// The invoker's settings; `None`: the defaults.
+    pub invoker_settings: Option<invoker::InvokerSettings>,
 }
 
 impl AppState {
@@ -148,6 +152,14 @@ impl AppState {
             parts.catalog.clone(),
             connection_settings,
         );
+        let invoker = invoker::Invoker::new(
+            parts.log.clone(),
+            parts.read_models.clone(),
+            parts.envelopes.clone(),
+            connections.clone(),
+            parts.outbound.clone(),
+            parts.invoker_settings.unwrap_or_default(),
+        );
         let servers = catalog::ServerCommands::new(
             parts.log.clone(),
             parts.envelopes.clone(),
@@ -166,6 +178,7 @@ impl AppState {
             servers,
             policy,
             connections,
+            invoker,
             log: parts.log,
             vault: parts.vault,
             read_models: parts.read_models,

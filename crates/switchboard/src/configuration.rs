@@ -61,6 +61,50 @@ pub struct Settings {
     pub events: EventSettings,
     pub outbound: OutboundSettings,
     pub oauth: OAuthSettings,
+    pub invocations: InvocationSettings,
+}
+
+/// The invoker's settings (`[invocations]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InvocationSettings {
+    /// Seconds a *Needs approval* invocation waits for its user before it expires.
+    pub approval_timeout_secs: u64,
+    /// Largest result handed back, in bytes; more is cut and flagged `truncated`.
+    pub result_limit_bytes: usize,
+    /// Record arguments and results in the invocation events (off: digests and sizes only).
+    pub capture_payloads: bool,
+    /// Milliseconds a call may take when the request names no deadline.
+    pub default_deadline_ms: u64,
+    /// The longest deadline a request may name, in milliseconds.
+    pub max_deadline_ms: u64,
+}
+
+impl Default for InvocationSettings {
+    fn default() -> Self {
+        let defaults = invoker::InvokerSettings::default();
+        InvocationSettings {
+            approval_timeout_secs: defaults.approval_timeout.as_secs(),
+            result_limit_bytes: defaults.result_limit_bytes,
+            capture_payloads: defaults.capture_payloads,
+            default_deadline_ms: u64::try_from(defaults.default_deadline.as_millis())
+                .unwrap_or(u64::MAX),
+            max_deadline_ms: u64::try_from(defaults.max_deadline.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl InvocationSettings {
+    pub fn invoker_settings(&self) -> invoker::InvokerSettings {
+        invoker::InvokerSettings {
+            approval_timeout: Duration::from_secs(self.approval_timeout_secs.max(1)),
+            result_limit_bytes: self.result_limit_bytes,
+            capture_payloads: self.capture_payloads,
+            default_deadline: Duration::from_millis(self.default_deadline_ms.max(1)),
+            max_deadline: Duration::from_millis(self.max_deadline_ms.max(1)),
+            ..invoker::InvokerSettings::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -97,6 +141,7 @@ impl Default for Settings {
             events: EventSettings::default(),
             outbound: OutboundSettings::default(),
             oauth: OAuthSettings::default(),
+            invocations: InvocationSettings::default(),
         }
     }
 }
@@ -271,6 +316,14 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "http.shutdown_grace_secs",
     ),
     ("SWITCHBOARD_STREAM_BUFFER", "http.stream_buffer"),
+    (
+        "SWITCHBOARD_APPROVAL_TIMEOUT_SECS",
+        "invocations.approval_timeout_secs",
+    ),
+    (
+        "SWITCHBOARD_CAPTURE_PAYLOADS",
+        "invocations.capture_payloads",
+    ),
     ("SWITCHBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("SWITCHBOARD_JWT_SECRET_FILE", "auth.jwt_secret_file"),
     ("SWITCHBOARD_JWKS_FILE", "auth.jwks_file"),

@@ -143,6 +143,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         outbound,
         client_metadata_url: settings.oauth.client_metadata_url.clone(),
         connection_settings: None,
+        invoker_settings: Some(settings.invocations.invoker_settings()),
     });
     // The connection service's own work: a deleted server's users disconnected (from its
     // checkpoint, so a restart finishes a cascade), health probes, the `state` sweep.
@@ -168,6 +169,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let monitor = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move { connections.run_health_monitor(shutdown).await })
+    };
+    // The invoker's sweeper: approvals nobody answered in time, invocations a stopped
+    // process left behind.
+    let sweeper = {
+        let (invoker, shutdown) = (state.invoker.clone(), shutdown.clone());
+        tokio::spawn(async move { invoker.run_sweeper(shutdown).await })
     };
     let server = tokio::spawn(gateway::server::serve(
         listener,
@@ -219,7 +226,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Err(error) = server.await {
         tracing::error!(%error, "the HTTP server task failed");
     }
-    let _ = tokio::join!(reaction, monitor);
+    let _ = tokio::join!(reaction, monitor, sweeper);
     let (started, answered) = metrics.request_counts();
     tracing::info!(
         started,

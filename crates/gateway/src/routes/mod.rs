@@ -7,6 +7,7 @@ use crate::{AppState, Permission};
 
 pub mod audit;
 pub mod connections;
+pub mod invocations;
 pub mod me;
 pub mod oauth;
 pub mod servers;
@@ -53,6 +54,7 @@ pub fn table() -> Vec<RouteSpec> {
         servers::ROUTES,
         tools::ROUTES,
         connections::ROUTES,
+        invocations::ROUTES,
         oauth::ROUTES,
         audit::ROUTES,
         stream::ROUTES,
@@ -68,6 +70,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(servers::router())
         .merge(tools::router())
         .merge(connections::router())
+        .merge(invocations::router())
         .merge(oauth::router())
         .merge(audit::router())
         .merge(stream::router())

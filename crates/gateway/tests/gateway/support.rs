@@ -27,6 +27,8 @@ pub struct Options {
     pub catalog: catalog::Catalog,
     /// Default: no resolvable names and the loopback-only safety net on.
     pub outbound: Option<mcp::OutboundClient>,
+    /// Default: the invoker's defaults.
+    pub invoker: Option<invoker::InvokerSettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +163,13 @@ impl TestApp {
             }),
             client_metadata_url: None,
             connection_settings: None,
+            invoker_settings: options.invoker,
+        });
+        // The invoker's sweeper, as `up` runs it (expired approvals, stalled invocations).
+        tokio::spawn({
+            let invoker = state.invoker.clone();
+            let shutdown = shutdown.clone();
+            async move { invoker.run_sweeper(shutdown).await }
         });
         let server = tokio::spawn(gateway::server::serve(
             listener,

@@ -1,0 +1,378 @@
+//! The orchestrator's protocol over HTTP: a user's usable tools, invocations and their
+//! outcomes; and the user's approvals.
+//!
+//! Whose: a `view_and_connect` caller lists, invokes and looks up for themselves; an
+//! `invoke_for_users` caller (the orchestrator) names the user (`?user=` or `"user"`).
+//! Approvals are always the caller's own: only the user an invocation runs for decides it.
+use std::time::Duration;
+
+use axum::{extract::State, http::Method};
+use chrono::{DateTime, SecondsFormat, Utc};
+use domain::{InvocationId, UserId};
+use invoker::{Decision, InvocationReport, InvokeRequest};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{Access, ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller, Permission, RouteSpec};
+
+const OWN_OR_FOR_USERS: Access =
+    Access::AnyOf(&[Permission::ViewAndConnect, Permission::InvokeForUsers]);
+const OWN: Access = Access::AnyOf(&[Permission::ViewAndConnect]);
+
+pub const ROUTES: &[RouteSpec] = &[
+    RouteSpec::new(Method::GET, "/api/v1/tools", OWN_OR_FOR_USERS),
+    RouteSpec::new(Method::POST, "/api/v1/invocations", OWN_OR_FOR_USERS),
+    RouteSpec::new(Method::GET, "/api/v1/invocations/{id}", OWN_OR_FOR_USERS),
+    RouteSpec::new(Method::GET, "/api/v1/approvals", OWN),
+    RouteSpec::new(Method::POST, "/api/v1/approvals/{invocation_id}", OWN),
+];
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tools))
+        .routes(routes!(invoke))
+        .routes(routes!(invocation_status))
+        .routes(routes!(list_approvals))
+        .routes(routes!(decide_approval))
+}
+
+/// The longest `wait` a status look-up may ask for, in seconds.
+const MAX_WAIT_SECS: u64 = 60;
+
+/// The user a request is for: the caller, or the named user for an `invoke_for_users`
+/// caller. Naming another user without that permission is refused.
+fn user_for(caller: &Caller, named: Option<&str>) -> Result<UserId, ApiError> {
+    let Some(named) = named else {
+        return Ok(caller.user.clone());
+    };
+    let user = UserId::parse(named).map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    if user != caller.user && !caller.may(Permission::InvokeForUsers) {
+        return Err(ApiError::forbidden(
+            "acting for another user needs the invoke_for_users permission",
+        ));
+    }
+    Ok(user)
+}
+
+fn invocation_id(text: &str) -> Result<InvocationId, ApiError> {
+    InvocationId::parse(text).map_err(|e| ApiError::bad_request(e.code(), e.to_string()))
+}
+
+fn rfc3339(time: std::time::SystemTime) -> String {
+    DateTime::<Utc>::from(time).to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl From<invoker::InvokerError> for ApiError {
+    fn from(error: invoker::InvokerError) -> Self {
+        use invoker::InvokerError as E;
+        match error {
+            E::Domain(error) => error.into(),
+            E::EventLog(error) => error.into(),
+            E::Command(error) => error.into(),
+            error @ (E::ArgumentsTooLarge { .. } | E::DeadlineInvalid { .. }) => {
+                ApiError::bad_request(error.code(), error.to_string())
+            }
+            error @ E::Interrupted(_) => ApiError::unavailable(error.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UserQuery {
+    /// The user (only for `invoke_for_users` callers; default: the caller).
+    pub user: Option<String>,
+}
+
+/// The server a tool belongs to.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ToolServerItem {
+    pub id: String,
+    pub name: String,
+    /// The admin's description of the server: context for the AI.
+    pub description: String,
+}
+
+/// A tool the user may use now.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UsableTool {
+    /// The exposed name: what the AI calls the tool by.
+    pub name: String,
+    /// The tool's name on its server.
+    pub tool_name: String,
+    pub server: ToolServerItem,
+    pub title: String,
+    pub description: String,
+    #[schema(value_type = Object)]
+    pub input_schema: Value,
+    #[schema(value_type = Option<Object>)]
+    pub output_schema: Option<Value>,
+    /// Hints for the AI (MCP's spelling); never a reason to allow a tool.
+    #[schema(value_type = Option<Object>)]
+    pub annotations: Option<Value>,
+    /// `always_allow` or `needs_approval`.
+    pub state: &'static str,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UsableTools {
+    /// By name.
+    pub tools: Vec<UsableTool>,
+}
+
+/// The user's usable tools: server enabled, connection healthy, state Always allow or Needs
+/// approval.
+#[utoipa::path(get, path = "/api/v1/tools", tag = "invocations", security(("bearer" = [])),
+    params(UserQuery),
+    responses(
+        (status = 200, description = "The tools the user may use now", body = UsableTools),
+        (status = 403, description = "Naming another user needs invoke_for_users", body = crate::ErrorBody),
+    ))]
+async fn list_tools(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<UserQuery>,
+) -> Result<axum::Json<UsableTools>, ApiError> {
+    let user = user_for(&caller, query.user.as_deref())?;
+    let tools = state
+        .invoker
+        .list_tools(&user)
+        .into_iter()
+        .map(|t| UsableTool {
+            name: t.name,
+            tool_name: t.tool_name,
+            server: ToolServerItem {
+                id: t.server.id,
+                name: t.server.name,
+                description: t.server.description,
+            },
+            title: t.title,
+            description: t.description,
+            input_schema: t.input_schema,
+            output_schema: t.output_schema,
+            annotations: t.annotations,
+            state: t.state,
+        })
+        .collect();
+    Ok(axum::Json(UsableTools { tools }))
+}
+
+/// A tool call request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvocationRequest {
+    /// Your id for the tool call (1–128 characters, e.g. the model's tool call id). One id
+    /// gives one outcome and at most one call to the server: send it again to get the outcome.
+    pub invocation_id: String,
+    /// The tool's exposed name.
+    pub tool: String,
+    /// The tool's arguments (a JSON object).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub arguments: serde_json::Map<String, Value>,
+    /// The user the call is for (only for `invoke_for_users` callers; default: the caller).
+    pub user: Option<String>,
+    /// How long the call may take, in milliseconds.
+    pub deadline_ms: Option<u64>,
+}
+
+/// An invocation's outcome.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InvocationOutcome {
+    pub invocation_id: String,
+    /// `completed`, `rejected`, `awaiting_approval`, `denied`, `expired`, `failed`, or
+    /// `running` (not final: the call is under way).
+    pub outcome: &'static str,
+    /// Why it was rejected, denied, expired or failed: a stable code (`tool_blocked`,
+    /// `unknown_tool`, `server_disabled`, `not_connected`, `auth_error`, `deadline_exceeded`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The tool's answer, untrusted: `{untrusted: true, server: {id, name}, tool, content,
+    /// structured_content, is_error, truncated}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+}
+
+impl InvocationOutcome {
+    fn of(report: InvocationReport) -> Self {
+        InvocationOutcome {
+            invocation_id: report.invocation_id,
+            outcome: report.outcome.as_str(),
+            reason: report.reason,
+            message: report.message,
+            result: report
+                .result
+                .and_then(|r| serde_json::to_value(&*r).ok()),
+        }
+    }
+}
+
+/// Invokes a tool for a user. A rejected, awaiting, denied, expired or failed invocation is
+/// still a 200: the outcome says what happened.
+#[utoipa::path(post, path = "/api/v1/invocations", tag = "invocations", security(("bearer" = [])),
+    request_body = InvocationRequest,
+    responses(
+        (status = 200, description = "The outcome", body = InvocationOutcome),
+        (status = 400, description = "An invalid id, arguments or deadline", body = crate::ErrorBody),
+        (status = 403, description = "Naming another user needs invoke_for_users", body = crate::ErrorBody),
+        (status = 409, description = "The id was used for a different request", body = crate::ErrorBody),
+    ))]
+async fn invoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(request): ApiJson<InvocationRequest>,
+) -> Result<axum::Json<InvocationOutcome>, ApiError> {
+    let user = user_for(&caller, request.user.as_deref())?;
+    let report = state
+        .invoker
+        .invoke(
+            &state.command_context(&caller),
+            InvokeRequest {
+                invocation_id: invocation_id(&request.invocation_id)?,
+                user,
+                tool: request.tool,
+                arguments: request.arguments,
+                deadline: request.deadline_ms.map(Duration::from_millis),
+            },
+        )
+        .await?;
+    Ok(axum::Json(InvocationOutcome::of(report)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    /// The user the invocation is for (only for `invoke_for_users` callers).
+    pub user: Option<String>,
+    /// Seconds to wait for a final outcome (at most 60); default: answer at once.
+    pub wait: Option<u64>,
+}
+
+/// An invocation's outcome, optionally waiting for the final one.
+#[utoipa::path(get, path = "/api/v1/invocations/{id}", tag = "invocations", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The invocation id"), StatusQuery),
+    responses(
+        (status = 200, description = "The outcome", body = InvocationOutcome),
+        (status = 404, description = "No such invocation of the user", body = crate::ErrorBody),
+    ))]
+async fn invocation_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<StatusQuery>,
+) -> Result<axum::Json<InvocationOutcome>, ApiError> {
+    let user = user_for(&caller, query.user.as_deref())?;
+    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECS));
+    let report = state
+        .invoker
+        .status(&user, &invocation_id(&id)?, wait)
+        .await?;
+    Ok(axum::Json(InvocationOutcome::of(report)))
+}
+
+/// An invocation waiting for your decision.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApprovalItem {
+    pub invocation_id: String,
+    /// The exposed name the AI used.
+    pub tool: String,
+    /// The tool's name on its server.
+    pub tool_name: String,
+    pub server: ToolServerRef,
+    /// The arguments the AI asks to call the tool with.
+    #[schema(value_type = Object)]
+    pub arguments: Value,
+    pub requested_at: String,
+    /// Unanswered by then, the invocation expires.
+    pub expires_at: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ToolServerRef {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApprovalList {
+    /// Oldest first.
+    pub approvals: Vec<ApprovalItem>,
+}
+
+/// Your invocations waiting for your approval.
+#[utoipa::path(get, path = "/api/v1/approvals", tag = "invocations", security(("bearer" = [])),
+    responses((status = 200, description = "Pending approvals", body = ApprovalList)))]
+async fn list_approvals(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<ApprovalList>, ApiError> {
+    let approvals = state
+        .invoker
+        .pending_approvals(&caller.user)
+        .into_iter()
+        .map(|p| ApprovalItem {
+            invocation_id: p.invocation_id,
+            tool: p.tool,
+            tool_name: p.tool_name,
+            server: ToolServerRef {
+                id: p.server.id,
+                name: p.server.name,
+            },
+            arguments: p.arguments,
+            requested_at: rfc3339(p.requested_at),
+            expires_at: rfc3339(p.expires_at),
+        })
+        .collect();
+    Ok(axum::Json(ApprovalList { approvals }))
+}
+
+/// Your decision on one invocation.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalDecision {
+    /// `approve` or `deny`.
+    pub decision: String,
+}
+
+/// Approves (the call runs now) or denies one of your invocations. Final: decided once.
+#[utoipa::path(post, path = "/api/v1/approvals/{invocation_id}", tag = "invocations", security(("bearer" = [])),
+    params(("invocation_id" = String, Path, description = "The invocation id")),
+    request_body = ApprovalDecision,
+    responses(
+        (status = 200, description = "The invocation's outcome after the decision", body = InvocationOutcome),
+        (status = 400, description = "The decision is not approve or deny", body = crate::ErrorBody),
+        (status = 404, description = "No such invocation of yours", body = crate::ErrorBody),
+        (status = 409, description = "Not waiting for approval (decided, or finished)", body = crate::ErrorBody),
+        (status = 410, description = "The approval window closed", body = crate::ErrorBody),
+    ))]
+async fn decide_approval(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(request): ApiJson<ApprovalDecision>,
+) -> Result<axum::Json<InvocationOutcome>, ApiError> {
+    let decision = match request.decision.as_str() {
+        "approve" => Decision::Approve,
+        "deny" => Decision::Deny,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_decision",
+                "decision must be approve or deny",
+            ));
+        }
+    };
+    let report = state
+        .invoker
+        .decide_approval(
+            &state.command_context(&caller),
+            &caller.user,
+            &invocation_id(&id)?,
+            decision,
+        )
+        .await?;
+    Ok(axum::Json(InvocationOutcome::of(report)))
+}
