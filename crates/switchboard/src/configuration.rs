@@ -365,6 +365,8 @@ const NUMERIC_KEYS: &[&str] = &[
     "http.stream_buffer",
     "auth.leeway_secs",
     "events.invocation_retention_days",
+    "invocations.approval_timeout_secs",
+    "invocations.capture_payloads",
 ];
 
 /// The settings that hold secrets: never printed, never logged.

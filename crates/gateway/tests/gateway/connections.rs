@@ -19,7 +19,7 @@ fn user_id(name: &str) -> domain::UserId {
     domain::UserId::parse(name).expect("user id")
 }
 
-async fn add_server(setup: &WithFixture, template: &str) -> String {
+pub(crate) async fn add_server(setup: &WithFixture, template: &str) -> String {
     let admin = setup.app.token(ADMIN, &["admin"]);
     let mut body = json!({"name": format!("{template} team"), "template": template});
     if matches!(template, "github" | "pagerduty" | "slack") {
@@ -43,7 +43,7 @@ async fn add_server(setup: &WithFixture, template: &str) -> String {
 
 /// Starts connecting `user` and follows the authorization URL like a browser; returns the
 /// query the authorization server sent back to the callback.
-async fn authorize(setup: &WithFixture, server_id: &str, token: &str) -> String {
+pub(crate) async fn authorize(setup: &WithFixture, server_id: &str, token: &str) -> String {
     let response = setup
         .app
         .client
@@ -74,7 +74,7 @@ async fn authorize(setup: &WithFixture, server_id: &str, token: &str) -> String 
     location.split_once('?').expect("query").1.to_owned()
 }
 
-async fn callback(setup: &WithFixture, query: &str) -> (u16, String) {
+pub(crate) async fn callback(setup: &WithFixture, query: &str) -> (u16, String) {
     let response = setup
         .app
         .client
@@ -88,7 +88,7 @@ async fn callback(setup: &WithFixture, query: &str) -> (u16, String) {
     )
 }
 
-async fn status(setup: &WithFixture, server_id: &str, token: &str) -> Value {
+pub(crate) async fn status(setup: &WithFixture, server_id: &str, token: &str) -> Value {
     // What the service wrote directly (a probe) shows once the read models caught up.
     let last = setup
         .app
@@ -164,7 +164,7 @@ fn assert_no_secret_on_disk(setup: &WithFixture) {
     assert!(files > 0, "the scan found files");
 }
 
-async fn events_of_type(setup: &WithFixture, event_type: &str) -> Vec<Value> {
+pub(crate) async fn events_of_type(setup: &WithFixture, event_type: &str) -> Vec<Value> {
     let admin = setup.app.token(ADMIN, &["admin"]);
     let page: Value = setup
         .app

@@ -3,6 +3,7 @@
 mod audit;
 mod connections;
 mod errors;
+mod invocations;
 mod openapi;
 mod permissions;
 mod servers;

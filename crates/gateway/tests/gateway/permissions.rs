@@ -138,6 +138,69 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
                 ok: 200,
             }
         }
+        ("GET", "/api/v1/tools" | "/api/v1/approvals") => get(path),
+        ("POST", "/api/v1/invocations") => Example {
+            path: path.to_owned(),
+            body: Some(serde_json::json!({
+                "invocation_id": next_name("call"),
+                "tool": "nothing__here",
+                "arguments": {},
+            })),
+            ok: 200,
+        },
+        ("GET", "/api/v1/invocations/{id}") => {
+            // A rejected invocation of the callers' user (they all share one user id).
+            let id = next_name("call").replace(' ', "_");
+            let response = app
+                .client
+                .post(format!("{}/api/v1/invocations", app.url))
+                .bearer_auth(token_for("caller@example.com", &["analyst"], SECRET))
+                .json(&serde_json::json!({"invocation_id": id, "tool": "nothing__here"}))
+                .send()
+                .await
+                .expect("invoke");
+            assert_eq!(response.status(), 200, "invoking for the example");
+            get(&path.replace("{id}", &id))
+        }
+        ("POST", "/api/v1/approvals/{invocation_id}") => {
+            // An invocation of the callers' user waiting for approval, on a server of its own.
+            let server_id = app.seed_server(&next_name("Approvals")).await;
+            app.connect(
+                "caller@example.com",
+                &server_id,
+                &[crate::support::tool("search", "Searches", Some(true))],
+            )
+            .await;
+            let analyst = token_for("caller@example.com", &["analyst"], SECRET);
+            let set = app
+                .client
+                .put(format!("{}/api/v1/servers/{server_id}/tools/search", app.url))
+                .bearer_auth(&analyst)
+                .json(&serde_json::json!({"state": "needs_approval"}))
+                .send()
+                .await
+                .expect("set state");
+            let tool: Value = set.json().await.expect("tool");
+            let exposed = tool["exposed_name"].as_str().expect("exposed name").to_owned();
+            let id = next_name("pending").replace(' ', "_");
+            let invoked: Value = app
+                .client
+                .post(format!("{}/api/v1/invocations", app.url))
+                .bearer_auth(&analyst)
+                .json(&serde_json::json!({"invocation_id": id, "tool": exposed, "arguments": {}}))
+                .send()
+                .await
+                .expect("invoke")
+                .json()
+                .await
+                .expect("outcome");
+            assert_eq!(invoked["outcome"], "awaiting_approval", "{invoked}");
+            Example {
+                path: path.replace("{invocation_id}", &id),
+                body: Some(serde_json::json!({"decision": "deny"})),
+                ok: 200,
+            }
+        }
         ("GET", "/oauth/client-metadata.json") => get(path),
         ("POST" | "GET", "/api/v1/servers/{id}/connection") => {
             let id = app.seed_registered_server(&next_name("Connectable")).await;

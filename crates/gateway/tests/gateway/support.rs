@@ -403,6 +403,16 @@ pub async fn app_with_fixture_for(
     fixture: testkit::OAuthFixture,
     template: &str,
 ) -> WithFixture {
+    app_with_fixture_and(store, fixture, template, None).await
+}
+
+/// Like [`app_with_fixture_for`], with the invoker's settings.
+pub async fn app_with_fixture_and(
+    store: Store,
+    fixture: testkit::OAuthFixture,
+    template: &str,
+    invoker: Option<invoker::InvokerSettings>,
+) -> WithFixture {
     let ca = testkit::TestCa::new();
     let (router, handle) = fixture.start();
     let server =
@@ -437,6 +447,7 @@ pub async fn app_with_fixture_for(
         Options {
             catalog: catalog::Catalog::with_urls([(template, fixture_url.clone())]),
             outbound: Some(outbound),
+            invoker,
             ..Options::default()
         },
     )

@@ -1,0 +1,527 @@
+//! Invocations through the API against the fixture MCP server over real TLS, with users
+//! connected through the real OAuth flow: every outcome, approvals (granted, denied, expired,
+//! decided by someone else), a changed Always-allow tool, disabled servers and auth errors,
+//! at most one upstream call per invocation id under concurrent duplicates, truncation, and
+//! the audit trail without payloads.
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use testkit::{FixtureTool, OAuthFixture, ToolOutput};
+
+use crate::connections::{add_server, authorize, callback, events_of_type};
+use crate::support::{STORES, Store, WithFixture, app_with_fixture_and};
+
+const ALICE: &str = "alice@example.com";
+const MALLORY: &str = "mallory@example.com";
+/// The slug of the server `add_server` adds from the Notion template ("notion team").
+const PREFIX: &str = "notion_team__";
+
+struct Invoking {
+    setup: WithFixture,
+    server_id: String,
+    alice: String,
+}
+
+/// The fixture's standard tools plus `flaky_report`, a tool that answers `isError`.
+fn tools() -> Vec<FixtureTool> {
+    let mut tools = FixtureTool::standard_set();
+    tools.push(FixtureTool {
+        name: "flaky_report".to_owned(),
+        title: None,
+        description: "Builds a report; fails today.".to_owned(),
+        input_schema: json!({"type": "object", "properties": {}}),
+        output_schema: None,
+        read_only: Some(true),
+        destructive: Some(false),
+        output: ToolOutput::Error("the report backend is down".to_owned()),
+    });
+    tools
+}
+
+fn settings() -> invoker::InvokerSettings {
+    invoker::InvokerSettings {
+        sweep_interval: Duration::from_millis(50),
+        ..invoker::InvokerSettings::default()
+    }
+}
+
+/// Alice connected to a Notion-like server through the OAuth flow, all tools Blocked.
+async fn connected(store: Store, settings: invoker::InvokerSettings) -> Invoking {
+    let setup = app_with_fixture_and(store, OAuthFixture::notion(), "notion", Some(settings)).await;
+    setup.handle.set_tools(tools());
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token(ALICE, &["analyst"]);
+    let query = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &query).await;
+    assert_eq!(code, 200, "{page}");
+    Invoking {
+        setup,
+        server_id,
+        alice,
+    }
+}
+
+impl Invoking {
+    async fn set_state(&self, tool: &str, state: &str) {
+        let response = self
+            .setup
+            .app
+            .client
+            .put(format!(
+                "{}/api/v1/servers/{}/tools/{tool}",
+                self.setup.app.url, self.server_id
+            ))
+            .bearer_auth(&self.alice)
+            .json(&json!({"state": state}))
+            .send()
+            .await
+            .expect("set state");
+        let status = response.status();
+        let body: Value = response.json().await.expect("body");
+        assert_eq!(status, 200, "{body}");
+    }
+
+    async fn post(&self, token: &str, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .setup
+            .app
+            .client
+            .post(format!("{}{path}", self.setup.app.url))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("post");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON"))
+    }
+
+    async fn get(&self, token: &str, path: &str) -> (u16, Value) {
+        let response = self.setup.app.get(path, Some(token)).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON"))
+    }
+
+    async fn invoke(&self, id: &str, tool: &str, arguments: Value) -> Value {
+        let (status, body) = self
+            .post(
+                &self.alice,
+                "/api/v1/invocations",
+                &json!({"invocation_id": id, "tool": format!("{PREFIX}{tool}"), "arguments": arguments}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Waits until the read models show every event written so far (what a probe or a
+    /// service wrote directly).
+    async fn settle(&self) {
+        for log in [eventlog::LogKind::Config, eventlog::LogKind::Invocations] {
+            let last = self.setup.app.log.last_sequence(log).await.expect("last");
+            assert!(
+                self.setup
+                    .app
+                    .read_models
+                    .wait_for_position(log, last, Duration::from_secs(10))
+                    .await
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_allowed_tool_completes_with_an_untrusted_result_and_an_audit_trail_without_payloads()
+{
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("search_issues", "always_allow").await;
+
+        let (status, tools) = it.get(&it.alice, "/api/v1/tools").await;
+        assert_eq!(status, 200, "{tools}");
+        let tools = tools["tools"].as_array().expect("tools").clone();
+        assert_eq!(tools.len(), 1, "only the allowed tool: {tools:?}");
+        let tool = &tools[0];
+        assert_eq!(tool["name"], format!("{PREFIX}search_issues"));
+        assert_eq!(tool["tool_name"], "search_issues");
+        assert_eq!(tool["server"]["id"], it.server_id.as_str());
+        assert_eq!(tool["server"]["name"], "notion team");
+        assert_eq!(tool["input_schema"]["required"], json!(["query"]));
+        assert_eq!(tool["annotations"]["readOnlyHint"], true);
+        assert_eq!(tool["state"], "always_allow");
+
+        let outcome = it
+            .invoke("toolu_01A", "search_issues", json!({"query": "first"}))
+            .await;
+        assert_eq!(outcome["outcome"], "completed", "{outcome}");
+        assert_eq!(outcome["invocation_id"], "toolu_01A");
+        let result = &outcome["result"];
+        assert_eq!(result["untrusted"], true);
+        assert_eq!(result["server"]["id"], it.server_id.as_str());
+        assert_eq!(result["server"]["name"], "notion team");
+        assert_eq!(result["tool"], "search_issues");
+        assert_eq!(result["is_error"], false);
+        assert_eq!(result["truncated"], false);
+        assert_eq!(result["structured_content"]["issues"][0]["key"], "FX-1");
+        assert_eq!(result["content"][0]["type"], "text");
+        assert_eq!(it.setup.handle.tool_calls("search_issues"), 1);
+
+        // The same id again: the recorded outcome, no second call.
+        let again = it
+            .invoke("toolu_01A", "search_issues", json!({"query": "first"}))
+            .await;
+        assert_eq!(again["outcome"], "completed");
+        assert_eq!(again["result"], outcome["result"]);
+        let (status, looked_up) = it.get(&it.alice, "/api/v1/invocations/toolu_01A").await;
+        assert_eq!(status, 200, "{looked_up}");
+        assert_eq!(looked_up["outcome"], "completed");
+        assert_eq!(it.setup.handle.tool_calls("search_issues"), 1);
+        // The same id for another request is refused.
+        let (status, reused) = it
+            .post(
+                &it.alice,
+                "/api/v1/invocations",
+                &json!({"invocation_id": "toolu_01A", "tool": format!("{PREFIX}search_issues"), "arguments": {"query": "other"}}),
+            )
+            .await;
+        assert_eq!(status, 409, "{reused}");
+        assert_eq!(reused["error"]["code"], "invocation_id_reused");
+
+        // The audit: who, which tool, digests and sizes, duration; no payloads.
+        let requested = events_of_type(&it.setup, "InvocationRequested").await;
+        assert_eq!(requested.len(), 1);
+        let request = &requested[0]["envelope"]["invocationRequested"];
+        assert_eq!(request["userId"], ALICE);
+        assert_eq!(request["toolName"], "search_issues");
+        assert_eq!(request["argumentsSha256"].as_str().map(str::len), Some(64));
+        assert!(request.get("argumentsJson").is_none(), "{request}");
+        assert_eq!(
+            requested[0]["envelope"]["actor"]["userId"], ALICE,
+            "{}",
+            requested[0]
+        );
+        let completed = events_of_type(&it.setup, "InvocationCompleted").await;
+        assert_eq!(completed.len(), 1);
+        let done = &completed[0]["envelope"]["invocationCompleted"];
+        assert_eq!(done["resultSha256"].as_str().map(str::len), Some(64));
+        assert!(done["resultSizeBytes"].as_str().is_some(), "{done}");
+        assert!(done.get("resultJson").is_none(), "{done}");
+        assert_eq!(events_of_type(&it.setup, "InvocationStarted").await.len(), 1);
+        // Only the invocation's user (and auditors) see it.
+        let (status, _) = it
+            .get(
+                &it.setup.app.token(MALLORY, &["analyst"]),
+                "/api/v1/invocations/toolu_01A",
+            )
+            .await;
+        assert_eq!(status, 404);
+    }
+}
+
+#[tokio::test]
+async fn blocked_unknown_and_tool_error_outcomes() {
+    let it = connected(Store::Jsonl, settings()).await;
+    let blocked = it.invoke("call_1", "create_issue", json!({"title": "x"})).await;
+    assert_eq!(blocked["outcome"], "rejected", "{blocked}");
+    assert_eq!(blocked["reason"], "tool_blocked");
+    let unknown = it.invoke("call_2", "no_such_tool", json!({})).await;
+    assert_eq!(unknown["outcome"], "rejected");
+    assert_eq!(unknown["reason"], "unknown_tool");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+
+    it.set_state("flaky_report", "always_allow").await;
+    let failed = it.invoke("call_3", "flaky_report", json!({})).await;
+    assert_eq!(failed["outcome"], "completed", "a tool error is a result: {failed}");
+    assert_eq!(failed["result"]["is_error"], true);
+    assert_eq!(
+        failed["result"]["content"][0]["text"],
+        "the report backend is down"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_server_fails_the_invocation_with_its_reason() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "always_allow").await;
+    it.setup.handle.set_mcp_down(true);
+    let failed = it.invoke("call_down", "create_issue", json!({"title": "x"})).await;
+    assert_eq!(failed["outcome"], "failed", "{failed}");
+    // rmcp reports a 503 on tools/call as a transport failure or as a broken exchange,
+    // depending on the era's transport; either way the reason says so.
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason == "server_unreachable" || reason == "mcp_protocol_error",
+        "{failed}"
+    );
+    assert!(failed["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(failed.get("result").is_none());
+    assert_eq!(events_of_type(&it.setup, "InvocationFailed").await.len(), 1);
+}
+
+#[tokio::test]
+async fn approval_granted_denied_expired_and_refused_to_someone_else() {
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("create_issue", "needs_approval").await;
+        let waiting = it
+            .invoke("call_a", "create_issue", json!({"title": "Bug"}))
+            .await;
+        assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+        it.settle().await;
+        let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+        let approvals = approvals["approvals"].as_array().expect("approvals").clone();
+        assert_eq!(approvals.len(), 1, "{approvals:?}");
+        assert_eq!(approvals[0]["invocation_id"], "call_a");
+        assert_eq!(approvals[0]["tool"], format!("{PREFIX}create_issue"));
+        assert_eq!(approvals[0]["arguments"], json!({"title": "Bug"}));
+        assert_eq!(approvals[0]["server"]["name"], "notion team");
+
+        // Someone else cannot decide it (nor see it).
+        let mallory = it.setup.app.token(MALLORY, &["analyst"]);
+        let (status, refused) = it
+            .post(&mallory, "/api/v1/approvals/call_a", &json!({"decision": "approve"}))
+            .await;
+        assert_eq!(status, 404, "{refused}");
+        let (_, theirs) = it.get(&mallory, "/api/v1/approvals").await;
+        assert_eq!(theirs["approvals"], json!([]));
+
+        // The user approves: the call runs, once.
+        let (status, approved) = it
+            .post(&it.alice, "/api/v1/approvals/call_a", &json!({"decision": "approve"}))
+            .await;
+        assert_eq!(status, 200, "{approved}");
+        assert_eq!(approved["outcome"], "completed");
+        assert_eq!(approved["result"]["content"][0]["text"], "Created FX-2");
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+        let (status, again) = it
+            .post(&it.alice, "/api/v1/approvals/call_a", &json!({"decision": "deny"}))
+            .await;
+        assert_eq!(status, 409, "decided once: {again}");
+        let (_, status_now) = it.get(&it.alice, "/api/v1/invocations/call_a").await;
+        assert_eq!(status_now["outcome"], "completed");
+
+        // Denied.
+        let waiting = it
+            .invoke("call_b", "create_issue", json!({"title": "No"}))
+            .await;
+        assert_eq!(waiting["outcome"], "awaiting_approval");
+        let (status, denied) = it
+            .post(&it.alice, "/api/v1/approvals/call_b", &json!({"decision": "deny"}))
+            .await;
+        assert_eq!(status, 200, "{denied}");
+        assert_eq!(denied["outcome"], "denied");
+        let (_, looked_up) = it.get(&it.alice, "/api/v1/invocations/call_b").await;
+        assert_eq!(looked_up["outcome"], "denied");
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+    }
+}
+
+#[tokio::test]
+async fn an_unanswered_approval_expires() {
+    let it = connected(
+        Store::Jsonl,
+        invoker::InvokerSettings {
+            approval_timeout: Duration::from_millis(300),
+            ..settings()
+        },
+    )
+    .await;
+    it.set_state("create_issue", "needs_approval").await;
+    let waiting = it
+        .invoke("call_late", "create_issue", json!({"title": "Late"}))
+        .await;
+    assert_eq!(waiting["outcome"], "awaiting_approval");
+    // The orchestrator waits for the final outcome; the sweeper expires it.
+    let (status, expired) = it
+        .get(&it.alice, "/api/v1/invocations/call_late?wait=30")
+        .await;
+    assert_eq!(status, 200, "{expired}");
+    assert_eq!(expired["outcome"], "expired", "{expired}");
+    assert_eq!(expired["reason"], "approval_expired");
+    let (status, late) = it
+        .post(&it.alice, "/api/v1/approvals/call_late", &json!({"decision": "approve"}))
+        .await;
+    assert!(status == 409 || status == 410, "{status} {late}");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+}
+
+#[tokio::test]
+async fn a_changed_always_allowed_tool_asks_for_approval() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    let mut changed = tools();
+    changed[0].description = "Finds issues, and now also deletes stale ones.".to_owned();
+    it.setup.handle.set_tools(changed);
+    let server = domain::ServerId::parse(&it.server_id).expect("id");
+    it.setup
+        .app
+        .state
+        .connections
+        .probe(server, &domain::UserId::parse(ALICE).expect("user"))
+        .await
+        .expect("probe");
+    it.settle().await;
+    let outcome = it
+        .invoke("call_changed", "search_issues", json!({"query": "x"}))
+        .await;
+    assert_eq!(outcome["outcome"], "awaiting_approval", "{outcome}");
+    assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
+}
+
+#[tokio::test]
+async fn a_disabled_server_and_an_auth_error_reject_at_once() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+
+    // Authorization gone: the refresh token revoked and the access token expired.
+    it.setup.handle.revoke_refresh_tokens();
+    it.setup.handle.expire_access_tokens();
+    let server = domain::ServerId::parse(&it.server_id).expect("id");
+    let alice = domain::UserId::parse(ALICE).expect("user");
+    let probed = it.setup.app.state.connections.probe(server, &alice).await;
+    assert_eq!(probed.expect("probe"), connection::ProbeOutcome::AuthError);
+    it.settle().await;
+    let rejected = it.invoke("call_auth", "search_issues", json!({"query": "x"})).await;
+    assert_eq!(rejected["outcome"], "rejected", "{rejected}");
+    assert_eq!(rejected["reason"], "auth_error");
+
+    let admin = it.setup.app.token("admin@example.com", &["admin"]);
+    let (status, body) = it
+        .post(
+            &admin,
+            &format!("/api/v1/servers/{}/disable", it.server_id),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let rejected = it
+        .invoke("call_disabled", "search_issues", json!({"query": "x"}))
+        .await;
+    assert_eq!(rejected["outcome"], "rejected", "{rejected}");
+    assert_eq!(rejected["reason"], "server_disabled");
+    let (_, tools) = it.get(&it.alice, "/api/v1/tools").await;
+    assert_eq!(tools["tools"], json!([]));
+    assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_of_one_id_call_the_server_once() {
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("create_issue", "always_allow").await;
+        let body = json!({"invocation_id": "call_dup", "tool": format!("{PREFIX}create_issue"), "arguments": {"title": "Once"}});
+        let requests = (0..16).map(|_| it.post(&it.alice, "/api/v1/invocations", &body));
+        let answers = join_all(requests).await;
+        for (status, answer) in &answers {
+            assert_eq!(*status, 200, "{answer}");
+            assert_eq!(answer["outcome"], "completed", "{answer}");
+        }
+        // And from a second process (an invoker sharing nothing in memory).
+        let other = it.setup.app.state.invoker.another_instance();
+        let report = other
+            .invoke(
+                &service_kit::CommandContext::service("test"),
+                invoker::InvokeRequest {
+                    invocation_id: domain::InvocationId::parse("call_dup").expect("id"),
+                    user: domain::UserId::parse(ALICE).expect("user"),
+                    tool: format!("{PREFIX}create_issue"),
+                    arguments: serde_json::from_value(json!({"title": "Once"})).expect("object"),
+                    deadline: None,
+                },
+            )
+            .await
+            .expect("invoke");
+        assert_eq!(report.outcome, invoker::Outcome::Completed);
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 1, "{store:?}");
+        assert_eq!(events_of_type(&it.setup, "InvocationStarted").await.len(), 1);
+        assert_eq!(events_of_type(&it.setup, "InvocationCompleted").await.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn sixty_four_parallel_invocations_of_one_user_all_complete() {
+    let it = connected(Store::JetStream, settings()).await;
+    it.set_state("create_issue", "always_allow").await;
+    let it = &it;
+    let requests = (0..64).map(|n| {
+        let body = json!({"invocation_id": format!("call_{n}"), "tool": format!("{PREFIX}create_issue"), "arguments": {"title": format!("Issue {n}")}});
+        async move { it.post(&it.alice, "/api/v1/invocations", &body).await }
+    });
+    for (status, answer) in join_all(requests).await {
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["outcome"], "completed", "{answer}");
+    }
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 64);
+}
+
+#[tokio::test]
+async fn an_oversized_result_is_truncated_and_flagged() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("export_all", "always_allow").await;
+    let outcome = it.invoke("call_big", "export_all", json!({})).await;
+    assert_eq!(outcome["outcome"], "completed", "{}", outcome["reason"]);
+    let result = &outcome["result"];
+    assert_eq!(result["truncated"], true);
+    let text = result["content"][0]["text"].as_str().expect("text");
+    assert!(text.len() <= 1024 * 1024, "{}", text.len());
+    assert!(text.len() > 1000 * 1000, "cut near the cap: {}", text.len());
+    let completed = events_of_type(&it.setup, "InvocationCompleted").await;
+    let done = &completed[0]["envelope"]["invocationCompleted"];
+    assert_eq!(done["truncated"], true);
+    let size: u64 = done["resultSizeBytes"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("size");
+    assert!(size > testkit::EXPORT_ALL_BYTES as u64, "{size}");
+}
+
+#[tokio::test]
+async fn an_orchestrator_acts_for_a_named_user_and_others_may_not() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    let orchestrator = it.setup.app.token("orchestrator@example.com", &["orchestrator"]);
+    let (status, tools) = it
+        .get(&orchestrator, &format!("/api/v1/tools?user={ALICE}"))
+        .await;
+    assert_eq!(status, 200, "{tools}");
+    assert_eq!(tools["tools"].as_array().map(Vec::len), Some(1));
+    let (status, outcome) = it
+        .post(
+            &orchestrator,
+            "/api/v1/invocations",
+            &json!({"invocation_id": "call_o", "tool": format!("{PREFIX}search_issues"), "arguments": {"query": "x"}, "user": ALICE, "deadline_ms": 10000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(outcome["outcome"], "completed");
+    let (status, looked_up) = it
+        .get(&orchestrator, &format!("/api/v1/invocations/call_o?user={ALICE}"))
+        .await;
+    assert_eq!(status, 200, "{looked_up}");
+    assert_eq!(looked_up["outcome"], "completed");
+    // A user cannot act for another.
+    let mallory = it.setup.app.token(MALLORY, &["analyst"]);
+    let (status, refused) = it
+        .get(&mallory, &format!("/api/v1/tools?user={ALICE}"))
+        .await;
+    assert_eq!(status, 403, "{refused}");
+    let (status, refused) = it
+        .post(
+            &mallory,
+            "/api/v1/invocations",
+            &json!({"invocation_id": "call_m", "tool": format!("{PREFIX}search_issues"), "arguments": {}, "user": ALICE}),
+        )
+        .await;
+    assert_eq!(status, 403, "{refused}");
+    let (status, bad) = it
+        .post(
+            &it.alice,
+            "/api/v1/invocations",
+            &json!({"invocation_id": "", "tool": "x", "arguments": {}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(bad["error"]["code"], "invocation_id_invalid");
+}
