@@ -525,3 +525,69 @@ async fn an_orchestrator_acts_for_a_named_user_and_others_may_not() {
     assert_eq!(status, 400, "{bad}");
     assert_eq!(bad["error"]["code"], "invocation_id_invalid");
 }
+
+#[tokio::test]
+async fn a_call_past_its_deadline_fails_with_deadline_exceeded() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "always_allow").await;
+    // The server refuses the token and the refresh hangs at the token endpoint: the call
+    // cannot finish before the deadline.
+    it.setup.handle.expire_access_tokens();
+    let gate = it.setup.handle.pause_token_endpoint();
+    let (status, outcome) = it
+        .post(
+            &it.alice,
+            "/api/v1/invocations",
+            &json!({"invocation_id": "call_slow", "tool": format!("{PREFIX}create_issue"), "arguments": {"title": "x"}, "deadline_ms": 300}),
+        )
+        .await;
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(outcome["outcome"], "failed", "{outcome}");
+    assert_eq!(outcome["reason"], "deadline_exceeded");
+    gate.release();
+    let (status, bad) = it
+        .post(
+            &it.alice,
+            "/api/v1/invocations",
+            &json!({"invocation_id": "call_bad_deadline", "tool": format!("{PREFIX}create_issue"), "arguments": {}, "deadline_ms": 0}),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(bad["error"]["code"], "deadline_invalid");
+}
+
+#[tokio::test]
+async fn pending_approvals_and_outcomes_reach_the_users_live_stream() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let response = it
+        .setup
+        .app
+        .client
+        .get(format!("{}/api/v1/stream", it.setup.app.url))
+        .bearer_auth(&it.alice)
+        .send()
+        .await
+        .expect("subscribe");
+    let mut stream = crate::support::SseReader::new(response);
+    let waiting = it
+        .invoke("call_live", "create_issue", json!({"title": "Live"}))
+        .await;
+    assert_eq!(waiting["outcome"], "awaiting_approval");
+    let mut seen = Vec::new();
+    while !seen.contains(&"InvocationAwaitingApproval".to_owned()) {
+        let event = stream.next().await.expect("an event");
+        seen.push(event.event);
+    }
+    assert!(seen.contains(&"InvocationRequested".to_owned()), "{seen:?}");
+    let (status, _) = it
+        .post(&it.alice, "/api/v1/approvals/call_live", &json!({"decision": "approve"}))
+        .await;
+    assert_eq!(status, 200);
+    loop {
+        let event = stream.next().await.expect("an event");
+        if event.event == "InvocationCompleted" {
+            break;
+        }
+    }
+}
