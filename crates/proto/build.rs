@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "switchboard/v1/connection.proto",
         "switchboard/v1/policy.proto",
         "switchboard/v1/invocation.proto",
+        "switchboard/v1/orchestrator.proto",
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", proto_root.join(file).display());

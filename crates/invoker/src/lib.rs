@@ -15,6 +15,7 @@
 //! invocations: see `commands.rs`.
 mod commands;
 mod error;
+pub mod nats;
 mod reactions;
 mod result;
 mod service;

@@ -176,6 +176,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let (invoker, shutdown) = (state.invoker.clone(), shutdown.clone());
         tokio::spawn(async move { invoker.run_sweeper(shutdown).await })
     };
+    // On JetStream the orchestrator's protocol is also served on NATS, in a queue group.
+    let orchestrator = match &nats {
+        Some(client) => {
+            let service =
+                invoker::nats::NatsService::start(state.invoker.clone(), client, store.nats_prefix())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("starting the NATS invoker service: {e}"))?;
+            let shutdown = shutdown.clone();
+            Some(tokio::spawn(async move { service.run(shutdown).await }))
+        }
+        None => None,
+    };
     let server = tokio::spawn(gateway::server::serve(
         listener,
         gateway::app(state),
@@ -227,6 +239,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::error!(%error, "the HTTP server task failed");
     }
     let _ = tokio::join!(reaction, monitor, sweeper);
+    if let Some(orchestrator) = orchestrator {
+        let _ = orchestrator.await;
+    }
     let (started, answered) = metrics.request_counts();
     tracing::info!(
         started,

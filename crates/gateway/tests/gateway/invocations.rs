@@ -591,3 +591,86 @@ async fn pending_approvals_and_outcomes_reach_the_users_live_stream() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
+    use proto::Message as _;
+    let it = connected(Store::JetStream, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    let client = async_nats::connect(testkit::shared_nats().url())
+        .await
+        .expect("connect");
+    let prefix = testkit::unique_name("orch");
+    let service =
+        invoker::nats::NatsService::start(it.setup.app.state.invoker.clone(), &client, &prefix)
+            .await
+            .expect("service");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(service.run(shutdown.clone()));
+    let mut json_headers = async_nats::HeaderMap::new();
+    json_headers.insert("Content-Type", "application/json");
+    let json_request = |subject: &str, body: Value| {
+        let (client, headers, subject) = (client.clone(), json_headers.clone(), subject.to_owned());
+        async move {
+            let reply = client
+                .request_with_headers(subject, headers, serde_json::to_vec(&body).expect("json").into())
+                .await
+                .expect("reply");
+            serde_json::from_slice::<Value>(&reply.payload).expect("JSON reply")
+        }
+    };
+
+    let tools = json_request(&format!("{prefix}.tools.list"), json!({"userId": ALICE})).await;
+    assert_eq!(tools["tools"][0]["name"], format!("{PREFIX}search_issues"), "{tools}");
+    assert_eq!(tools["tools"][0]["server"]["name"], "notion team");
+    assert_eq!(tools["tools"][0]["inputSchema"]["type"], "object");
+
+    let outcome = json_request(
+        &format!("{prefix}.invoke"),
+        json!({"invocationId": "toolu_nats_1", "userId": ALICE, "tool": format!("{PREFIX}search_issues"), "arguments": {"query": "x"}}),
+    )
+    .await;
+    assert_eq!(outcome["outcome"], "completed", "{outcome}");
+    assert_eq!(outcome["result"]["untrusted"], true);
+    assert_eq!(outcome["result"]["structured_content"]["issues"][0]["key"], "FX-1");
+
+    // Protobuf: the status of the same invocation, then a refused request.
+    let request = proto::v1::InvokeStatusRequest {
+        invocation_id: "toolu_nats_1".to_owned(),
+        user_id: ALICE.to_owned(),
+        wait_ms: 0,
+    };
+    let reply = client
+        .request(format!("{prefix}.invoke.status"), request.encode_to_vec().into())
+        .await
+        .expect("reply");
+    let status = proto::v1::InvocationReply::decode(reply.payload).expect("protobuf reply");
+    assert_eq!(status.outcome, "completed");
+    assert!(status.result.is_some());
+    let request = proto::v1::InvokeRequest {
+        invocation_id: "toolu_nats_2".to_owned(),
+        user_id: ALICE.to_owned(),
+        tool: format!("{PREFIX}create_issue"),
+        ..Default::default()
+    };
+    let reply = client
+        .request(format!("{prefix}.invoke"), request.encode_to_vec().into())
+        .await
+        .expect("reply");
+    let rejected = proto::v1::InvocationReply::decode(reply.payload).expect("protobuf reply");
+    assert_eq!(rejected.outcome, "rejected");
+    assert_eq!(rejected.reason, "tool_blocked");
+    let request = proto::v1::InvokeRequest {
+        invocation_id: String::new(),
+        user_id: ALICE.to_owned(),
+        ..Default::default()
+    };
+    let reply = client
+        .request(format!("{prefix}.invoke"), request.encode_to_vec().into())
+        .await
+        .expect("reply");
+    let refused = proto::v1::InvocationReply::decode(reply.payload).expect("protobuf reply");
+    assert_eq!(refused.error.map(|e| e.code), Some("invocation_id_invalid".to_owned()));
+    assert_eq!(it.setup.handle.tool_calls("search_issues"), 1);
+    shutdown.cancel();
+}

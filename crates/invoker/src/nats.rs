@@ -1,0 +1,283 @@
+//! The NATS service adapter: the orchestrator's protocol on `<prefix>.tools.list`,
+//! `<prefix>.invoke` and `<prefix>.invoke.status`, as the `switchboard-invoker` service
+//! (discoverable through `$SRV`) in a queue group, so every running copy shares the work.
+//! Requests are protobuf, or proto3 JSON with `Content-Type: application/json`; the reply
+//! uses the request's encoding. Nothing else lives here: the commands are `commands.rs`.
+use std::time::Duration;
+
+use async_nats::service::{Service, ServiceExt, endpoint::Endpoint};
+use bytes::Bytes;
+use domain::{InvocationId, UserId};
+use futures_util::StreamExt;
+use proto::v1 as pb;
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use service_kit::CommandContext;
+use tokio_util::sync::CancellationToken;
+
+use crate::{InvocationReport, InvokeRequest, Invoker, InvokerError};
+
+pub const SERVICE_NAME: &str = "switchboard-invoker";
+pub const QUEUE_GROUP: &str = "switchboard-invoker";
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The service with its endpoints subscribed: requests sent after [`NatsService::start`]
+/// returns are answered once [`NatsService::run`] runs.
+pub struct NatsService {
+    invoker: Invoker,
+    _service: Service,
+    tools: Endpoint,
+    invoke: Endpoint,
+    status: Endpoint,
+}
+
+impl std::fmt::Debug for NatsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsService").finish_non_exhaustive()
+    }
+}
+
+impl NatsService {
+    /// Registers the service and its three endpoints under `prefix` (the deployment's NATS
+    /// prefix, `sb` by default).
+    pub async fn start(
+        invoker: Invoker,
+        client: &async_nats::Client,
+        prefix: &str,
+    ) -> Result<NatsService, async_nats::Error> {
+        let service = client
+            .service_builder()
+            .description("Switchboard: a user's usable tools and tool invocations")
+            .queue_group(QUEUE_GROUP)
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await?;
+        let tools = service.endpoint(format!("{prefix}.tools.list")).await?;
+        let invoke = service.endpoint(format!("{prefix}.invoke")).await?;
+        let status = service.endpoint(format!("{prefix}.invoke.status")).await?;
+        Ok(NatsService {
+            invoker,
+            _service: service,
+            tools,
+            invoke,
+            status,
+        })
+    }
+
+    /// Answers requests until `shutdown`, each in a task of its own (one slow tool call never
+    /// holds up the others).
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let (request, kind) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(request) = self.tools.next() => (request, Kind::Tools),
+                Some(request) = self.invoke.next() => (request, Kind::Invoke),
+                Some(request) = self.status.next() => (request, Kind::Status),
+                else => return,
+            };
+            let invoker = self.invoker.clone();
+            tokio::spawn(async move {
+                let json = is_json(&request.message);
+                let reply = match kind {
+                    Kind::Tools => tools_list(&invoker, &request.message.payload, json),
+                    Kind::Invoke => invoke(&invoker, &request.message.payload, json).await,
+                    Kind::Status => status(&invoker, &request.message.payload, json).await,
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                if json {
+                    headers.insert("Content-Type", "application/json");
+                }
+                if let Err(error) = request.respond_with_headers(Ok(reply), headers).await {
+                    tracing::warn!(%error, "could not answer an orchestrator request");
+                }
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Tools,
+    Invoke,
+    Status,
+}
+
+fn is_json(message: &async_nats::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get("Content-Type"))
+        .is_some_and(|value| value.as_str().starts_with("application/json"))
+}
+
+fn decode<T: proto::Message + Default + DeserializeOwned>(
+    payload: &[u8],
+    json: bool,
+) -> Result<T, pb::OrchestratorError> {
+    let decoded = if json {
+        serde_json::from_slice(payload).map_err(|e| e.to_string())
+    } else {
+        T::decode(payload).map_err(|e| e.to_string())
+    };
+    decoded.map_err(|reason| pb::OrchestratorError {
+        code: "invalid_request".to_owned(),
+        message: format!("the request could not be read: {reason}"),
+    })
+}
+
+fn encode<T: proto::Message + Serialize>(reply: &T, json: bool) -> Bytes {
+    if json {
+        Bytes::from(serde_json::to_vec(reply).unwrap_or_default())
+    } else {
+        Bytes::from(reply.encode_to_vec())
+    }
+}
+
+fn refusal(error: &InvokerError) -> pb::OrchestratorError {
+    let message = match error {
+        // Internals stay in the log.
+        InvokerError::Command(_) | InvokerError::EventLog(_) => {
+            tracing::error!(%error, "an orchestrator request failed");
+            "the event store failed; try again".to_owned()
+        }
+        other => other.to_string(),
+    };
+    pb::OrchestratorError {
+        code: error.code().to_owned(),
+        message,
+    }
+}
+
+fn bad(code: &str, message: String) -> pb::OrchestratorError {
+    pb::OrchestratorError {
+        code: code.to_owned(),
+        message,
+    }
+}
+
+fn to_struct(value: Option<Value>) -> Option<pbjson_types::Struct> {
+    value
+        .filter(Value::is_object)
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
+fn user_of(text: &str) -> Result<UserId, pb::OrchestratorError> {
+    UserId::parse(text).map_err(|e| bad(e.code(), e.to_string()))
+}
+
+fn id_of(text: &str) -> Result<InvocationId, pb::OrchestratorError> {
+    InvocationId::parse(text).map_err(|e| bad(e.code(), e.to_string()))
+}
+
+fn tools_list(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
+    let reply = match decode::<pb::ToolsListRequest>(payload, json).and_then(|r| user_of(&r.user_id))
+    {
+        Ok(user) => pb::ToolsListReply {
+            tools: invoker
+                .list_tools(&user)
+                .into_iter()
+                .map(|t| pb::UsableTool {
+                    name: t.name,
+                    tool_name: t.tool_name,
+                    server: Some(pb::UsableToolServer {
+                        id: t.server.id,
+                        name: t.server.name,
+                        description: t.server.description,
+                    }),
+                    title: t.title,
+                    description: t.description,
+                    input_schema: to_struct(Some(t.input_schema)),
+                    output_schema: to_struct(t.output_schema),
+                    annotations: to_struct(t.annotations),
+                    state: t.state.to_owned(),
+                })
+                .collect(),
+            error: None,
+        },
+        Err(error) => pb::ToolsListReply {
+            tools: vec![],
+            error: Some(error),
+        },
+    };
+    encode(&reply, json)
+}
+
+fn reply_of(report: InvocationReport) -> pb::InvocationReply {
+    pb::InvocationReply {
+        invocation_id: report.invocation_id,
+        outcome: report.outcome.as_str().to_owned(),
+        reason: report.reason.unwrap_or_default(),
+        message: report.message.unwrap_or_default(),
+        result: report
+            .result
+            .and_then(|r| to_struct(serde_json::to_value(&*r).ok())),
+        error: None,
+    }
+}
+
+fn failed_reply(invocation_id: String, error: pb::OrchestratorError) -> pb::InvocationReply {
+    pb::InvocationReply {
+        invocation_id,
+        error: Some(error),
+        ..pb::InvocationReply::default()
+    }
+}
+
+async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
+    let request = match decode::<pb::InvokeRequest>(payload, json) {
+        Ok(request) => request,
+        Err(error) => return encode(&failed_reply(String::new(), error), json),
+    };
+    let echo = request.invocation_id.clone();
+    let parsed = (|| {
+        let arguments = match request.arguments {
+            None => serde_json::Map::new(),
+            Some(arguments) => match serde_json::to_value(arguments) {
+                Ok(Value::Object(map)) => map,
+                _ => {
+                    return Err(bad(
+                        "arguments_invalid",
+                        "the arguments must be a JSON object".to_owned(),
+                    ));
+                }
+            },
+        };
+        Ok(InvokeRequest {
+            invocation_id: id_of(&request.invocation_id)?,
+            user: user_of(&request.user_id)?,
+            tool: request.tool,
+            arguments,
+            deadline: (request.deadline_ms > 0).then(|| Duration::from_millis(request.deadline_ms)),
+        })
+    })();
+    let reply = match parsed {
+        Err(error) => failed_reply(echo, error),
+        Ok(request) => match invoker
+            .invoke(&CommandContext::service("orchestrator"), request)
+            .await
+        {
+            Ok(report) => reply_of(report),
+            Err(error) => failed_reply(echo, refusal(&error)),
+        },
+    };
+    encode(&reply, json)
+}
+
+async fn status(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
+    let request = match decode::<pb::InvokeStatusRequest>(payload, json) {
+        Ok(request) => request,
+        Err(error) => return encode(&failed_reply(String::new(), error), json),
+    };
+    let echo = request.invocation_id.clone();
+    let reply = match user_of(&request.user_id).and_then(|u| Ok((u, id_of(&request.invocation_id)?)))
+    {
+        Err(error) => failed_reply(echo, error),
+        Ok((user, id)) => {
+            let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
+            match invoker.status(&user, &id, wait).await {
+                Ok(report) => reply_of(report),
+                Err(error) => failed_reply(echo, refusal(&error)),
+            }
+        }
+    };
+    encode(&reply, json)
+}
