@@ -298,9 +298,15 @@ mod tests {
             "x",
             "with space and ünïcödé",
         ] {
-            assert_eq!(InvocationId::parse(good).map(|id| id.to_string()), Ok(good.to_owned()));
+            assert_eq!(
+                InvocationId::parse(good).map(|id| id.to_string()),
+                Ok(good.to_owned())
+            );
         }
-        assert!(InvocationId::parse(&"é".repeat(128)).is_ok(), "characters, not bytes");
+        assert!(
+            InvocationId::parse(&"é".repeat(128)).is_ok(),
+            "characters, not bytes"
+        );
         for bad in ["".to_owned(), "a".repeat(129), "a\nb".to_owned()] {
             assert_eq!(
                 InvocationId::parse(&bad).map_err(|e| e.code()),

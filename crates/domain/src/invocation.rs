@@ -348,12 +348,13 @@ pub fn decide(
 /// Whether a request repeats the recorded one: same user, tool and arguments (by digest when
 /// both have one; the arguments themselves may not have been recorded).
 fn same_request(recorded: &pb::InvocationRequested, request: &pb::InvocationRequested) -> bool {
-    let same_arguments = if recorded.arguments_sha256.is_empty() || request.arguments_sha256.is_empty() {
-        recorded.arguments_json == request.arguments_json
-    } else {
-        recorded.arguments_sha256 == request.arguments_sha256
-            && recorded.arguments_size_bytes == request.arguments_size_bytes
-    };
+    let same_arguments =
+        if recorded.arguments_sha256.is_empty() || request.arguments_sha256.is_empty() {
+            recorded.arguments_json == request.arguments_json
+        } else {
+            recorded.arguments_sha256 == request.arguments_sha256
+                && recorded.arguments_size_bytes == request.arguments_size_bytes
+        };
     same_arguments
         && recorded.invocation_id == request.invocation_id
         && recorded.user_id == request.user_id
@@ -416,8 +417,7 @@ fn request_invocation(
         Some(tool) if tool.tool_state == ToolState::Blocked => Some(DomainError::ToolBlocked),
         Some(_) => None,
     };
-    let keep_arguments =
-        request.capture_arguments || (rejection.is_none() && needs_approval);
+    let keep_arguments = request.capture_arguments || (rejection.is_none() && needs_approval);
     if !keep_arguments {
         requested.arguments_json.clear();
     }

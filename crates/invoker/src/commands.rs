@@ -14,14 +14,13 @@
 //! their appends never conflict, and loading one reads its own few events.
 use std::{sync::Arc, time::Duration};
 
+use domain::{Aggregate, Event};
 use domain::{
     ApiConnectionStatus, InvocationId, ServerId, ToolState, UserId,
     invocation::{
-        self, InvocationCommand, InvocationRequest, InvocationState, InvocationStatus,
-        ResolvedTool,
+        self, InvocationCommand, InvocationRequest, InvocationState, InvocationStatus, ResolvedTool,
     },
 };
-use domain::{Aggregate, Event};
 use eventlog::{EventLogError, ExpectedVersion, LogKind, Subject, SubjectFilter};
 use futures_util::StreamExt;
 use rmcp::model::{CallToolResult, JsonObject};
@@ -470,12 +469,14 @@ impl Invoker {
         };
         let arguments: JsonObject =
             serde_json::from_str(&request.arguments_json).unwrap_or_default();
-        let server = ServerId::parse(&request.server_id).ok().and_then(|server_id| {
-            self.inner.read_models.servers.read(|d| {
-                d.get(server_id)
-                    .map(|s| (server_id, s.enabled, s.name.clone(), s.url.clone()))
-            })
-        });
+        let server = ServerId::parse(&request.server_id)
+            .ok()
+            .and_then(|server_id| {
+                self.inner.read_models.servers.read(|d| {
+                    d.get(server_id)
+                        .map(|s| (server_id, s.enabled, s.name.clone(), s.url.clone()))
+                })
+            });
         let Some((server_id, true, server_name, url)) = server else {
             // The server was deleted or disabled while the user decided: never called.
             return self

@@ -21,8 +21,8 @@ mod result;
 mod service;
 
 pub use commands::{
-    Decision, InvocationReport, InvokeRequest, Outcome, PendingApproval, ToolListing,
-    ToolServer, invocation_subject,
+    Decision, InvocationReport, InvokeRequest, Outcome, PendingApproval, ToolListing, ToolServer,
+    invocation_subject,
 };
 pub use error::InvokerError;
 pub use result::{ResultDigest, ResultEnvelope, ResultServer, sha256_hex};

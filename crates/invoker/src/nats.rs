@@ -169,35 +169,35 @@ fn id_of(text: &str) -> Result<InvocationId, pb::OrchestratorError> {
 }
 
 fn tools_list(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
-    let reply = match decode::<pb::ToolsListRequest>(payload, json).and_then(|r| user_of(&r.user_id))
-    {
-        Ok(user) => pb::ToolsListReply {
-            tools: invoker
-                .list_tools(&user)
-                .into_iter()
-                .map(|t| pb::UsableTool {
-                    name: t.name,
-                    tool_name: t.tool_name,
-                    server: Some(pb::UsableToolServer {
-                        id: t.server.id,
-                        name: t.server.name,
-                        description: t.server.description,
-                    }),
-                    title: t.title,
-                    description: t.description,
-                    input_schema: to_struct(Some(t.input_schema)),
-                    output_schema: to_struct(t.output_schema),
-                    annotations: to_struct(t.annotations),
-                    state: t.state.to_owned(),
-                })
-                .collect(),
-            error: None,
-        },
-        Err(error) => pb::ToolsListReply {
-            tools: vec![],
-            error: Some(error),
-        },
-    };
+    let reply =
+        match decode::<pb::ToolsListRequest>(payload, json).and_then(|r| user_of(&r.user_id)) {
+            Ok(user) => pb::ToolsListReply {
+                tools: invoker
+                    .list_tools(&user)
+                    .into_iter()
+                    .map(|t| pb::UsableTool {
+                        name: t.name,
+                        tool_name: t.tool_name,
+                        server: Some(pb::UsableToolServer {
+                            id: t.server.id,
+                            name: t.server.name,
+                            description: t.server.description,
+                        }),
+                        title: t.title,
+                        description: t.description,
+                        input_schema: to_struct(Some(t.input_schema)),
+                        output_schema: to_struct(t.output_schema),
+                        annotations: to_struct(t.annotations),
+                        state: t.state.to_owned(),
+                    })
+                    .collect(),
+                error: None,
+            },
+            Err(error) => pb::ToolsListReply {
+                tools: vec![],
+                error: Some(error),
+            },
+        };
     encode(&reply, json)
 }
 
@@ -268,16 +268,16 @@ async fn status(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
         Err(error) => return encode(&failed_reply(String::new(), error), json),
     };
     let echo = request.invocation_id.clone();
-    let reply = match user_of(&request.user_id).and_then(|u| Ok((u, id_of(&request.invocation_id)?)))
-    {
-        Err(error) => failed_reply(echo, error),
-        Ok((user, id)) => {
-            let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
-            match invoker.status(&user, &id, wait).await {
-                Ok(report) => reply_of(report),
-                Err(error) => failed_reply(echo, refusal(&error)),
+    let reply =
+        match user_of(&request.user_id).and_then(|u| Ok((u, id_of(&request.invocation_id)?))) {
+            Err(error) => failed_reply(echo, error),
+            Ok((user, id)) => {
+                let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
+                match invoker.status(&user, &id, wait).await {
+                    Ok(report) => reply_of(report),
+                    Err(error) => failed_reply(echo, refusal(&error)),
+                }
             }
-        }
-    };
+        };
     encode(&reply, json)
 }

@@ -17,6 +17,9 @@ use crate::{Invoker, InvokerError, commands::invocation_subject};
 
 const SERVICE: &str = "invoker";
 
+/// An open invocation by (user id, invocation id).
+type OpenKey = (String, String);
+
 impl Invoker {
     /// Sweeps every `sweep_interval` until `shutdown`.
     pub async fn run_sweeper(&self, shutdown: CancellationToken) {
@@ -38,12 +41,15 @@ impl Invoker {
     pub async fn sweep_once(&self) -> Result<usize, InvokerError> {
         let now = self.inner.envelopes.clock().now();
         let stalled_after = self.inner.settings.stalled_after();
-        let (expired, stalled): (Vec<(String, String)>, Vec<(String, String)>) =
+        let (expired, stalled): (Vec<OpenKey>, Vec<OpenKey>) =
             self.inner.read_models.open_invocations.read(|open| {
                 let key = |o: &domain::OpenInvocation| (o.user_id.clone(), o.invocation_id.clone());
                 (
                     open.expired_approvals(now).into_iter().map(key).collect(),
-                    open.stalled(now, stalled_after).into_iter().map(key).collect(),
+                    open.stalled(now, stalled_after)
+                        .into_iter()
+                        .map(key)
+                        .collect(),
                 )
             });
         let mut closed = 0;

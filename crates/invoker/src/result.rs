@@ -157,8 +157,7 @@ mod tests {
 
     #[test]
     fn a_result_under_the_cap_is_kept_whole() {
-        let (content, structured, truncated) =
-            cap(vec![text("a")], Some(json!({"k": 1})), 1024);
+        let (content, structured, truncated) = cap(vec![text("a")], Some(json!({"k": 1})), 1024);
         assert_eq!(content, vec![text("a")]);
         assert_eq!(structured, Some(json!({"k": 1})));
         assert!(!truncated);
@@ -167,8 +166,11 @@ mod tests {
     #[test]
     fn an_oversized_result_is_cut_under_the_cap_and_flagged() {
         let big = "é\"x".repeat(100_000);
-        let (content, structured, truncated) =
-            cap(vec![text("head"), text(&big), text("tail")], Some(json!({"k": 1})), 4096);
+        let (content, structured, truncated) = cap(
+            vec![text("head"), text(&big), text("tail")],
+            Some(json!({"k": 1})),
+            4096,
+        );
         assert!(truncated);
         assert_eq!(content.len(), 2);
         assert_eq!(content[0], text("head"));

@@ -179,10 +179,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // On JetStream the orchestrator's protocol is also served on NATS, in a queue group.
     let orchestrator = match &nats {
         Some(client) => {
-            let service =
-                invoker::nats::NatsService::start(state.invoker.clone(), client, store.nats_prefix())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("starting the NATS invoker service: {e}"))?;
+            let service = invoker::nats::NatsService::start(
+                state.invoker.clone(),
+                client,
+                store.nats_prefix(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the NATS invoker service: {e}"))?;
             let shutdown = shutdown.clone();
             Some(tokio::spawn(async move { service.run(shutdown).await }))
         }

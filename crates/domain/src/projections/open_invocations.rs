@@ -166,7 +166,8 @@ impl OpenInvocations {
     /// Invocations allowed, approved or running whose status has not changed for `stale`:
     /// the process that was running them stopped.
     pub fn stalled(&self, now: SystemTime, stale: Duration) -> Vec<&OpenInvocation> {
-        let limit = millis(now).saturating_sub(u64::try_from(stale.as_millis()).unwrap_or(u64::MAX));
+        let limit =
+            millis(now).saturating_sub(u64::try_from(stale.as_millis()).unwrap_or(u64::MAX));
         self.open
             .values()
             .filter(|o| o.approval_expires_at().is_none() && o.since_ms <= limit)
@@ -255,12 +256,19 @@ mod tests {
         open.apply(&envelope(requested("bob", "a1"), 1_100), "bob");
         assert_eq!(open.pending_approvals_of("alice").len(), 1);
         assert!(open.pending_approvals_of("bob").is_empty());
-        assert!(open.expired_approvals(UNIX_EPOCH + Duration::from_millis(4_999)).is_empty());
+        assert!(
+            open.expired_approvals(UNIX_EPOCH + Duration::from_millis(4_999))
+                .is_empty()
+        );
         assert_eq!(
-            open.expired_approvals(UNIX_EPOCH + Duration::from_millis(5_000)).len(),
+            open.expired_approvals(UNIX_EPOCH + Duration::from_millis(5_000))
+                .len(),
             1
         );
-        let stalled = open.stalled(UNIX_EPOCH + Duration::from_millis(3_000), Duration::from_secs(1));
+        let stalled = open.stalled(
+            UNIX_EPOCH + Duration::from_millis(3_000),
+            Duration::from_secs(1),
+        );
         assert_eq!(stalled.len(), 1);
         assert_eq!(stalled[0].user_id, "bob");
 

@@ -175,7 +175,10 @@ fn annotations_json(annotations: Option<&proto::v1::ToolAnnotations>) -> String 
     hint("idempotentHint", a.idempotent_hint);
     hint("openWorldHint", a.open_world_hint);
     if !a.title.is_empty() {
-        map.insert("title".to_owned(), serde_json::Value::String(a.title.clone()));
+        map.insert(
+            "title".to_owned(),
+            serde_json::Value::String(a.title.clone()),
+        );
     }
     serde_json::Value::Object(map).to_string()
 }

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{Access, ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller, Permission, RouteSpec};
+use crate::{
+    Access, ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller, Permission, RouteSpec,
+};
 
 const OWN_OR_FOR_USERS: Access =
     Access::AnyOf(&[Permission::ViewAndConnect, Permission::InvokeForUsers]);
@@ -204,9 +206,7 @@ impl InvocationOutcome {
             outcome: report.outcome.as_str(),
             reason: report.reason,
             message: report.message,
-            result: report
-                .result
-                .and_then(|r| serde_json::to_value(&*r).ok()),
+            result: report.result.and_then(|r| serde_json::to_value(&*r).ok()),
         }
     }
 }

@@ -132,8 +132,7 @@ impl Invoking {
 }
 
 #[tokio::test]
-async fn an_allowed_tool_completes_with_an_untrusted_result_and_an_audit_trail_without_payloads()
-{
+async fn an_allowed_tool_completes_with_an_untrusted_result_and_an_audit_trail_without_payloads() {
     for store in STORES {
         let it = connected(store, settings()).await;
         it.set_state("search_issues", "always_allow").await;
@@ -207,7 +206,10 @@ async fn an_allowed_tool_completes_with_an_untrusted_result_and_an_audit_trail_w
         assert_eq!(done["resultSha256"].as_str().map(str::len), Some(64));
         assert!(done["resultSizeBytes"].as_str().is_some(), "{done}");
         assert!(done.get("resultJson").is_none(), "{done}");
-        assert_eq!(events_of_type(&it.setup, "InvocationStarted").await.len(), 1);
+        assert_eq!(
+            events_of_type(&it.setup, "InvocationStarted").await.len(),
+            1
+        );
         // Only the invocation's user (and auditors) see it.
         let (status, _) = it
             .get(
@@ -222,7 +224,9 @@ async fn an_allowed_tool_completes_with_an_untrusted_result_and_an_audit_trail_w
 #[tokio::test]
 async fn blocked_unknown_and_tool_error_outcomes() {
     let it = connected(Store::Jsonl, settings()).await;
-    let blocked = it.invoke("call_1", "create_issue", json!({"title": "x"})).await;
+    let blocked = it
+        .invoke("call_1", "create_issue", json!({"title": "x"}))
+        .await;
     assert_eq!(blocked["outcome"], "rejected", "{blocked}");
     assert_eq!(blocked["reason"], "tool_blocked");
     let unknown = it.invoke("call_2", "no_such_tool", json!({})).await;
@@ -232,7 +236,10 @@ async fn blocked_unknown_and_tool_error_outcomes() {
 
     it.set_state("flaky_report", "always_allow").await;
     let failed = it.invoke("call_3", "flaky_report", json!({})).await;
-    assert_eq!(failed["outcome"], "completed", "a tool error is a result: {failed}");
+    assert_eq!(
+        failed["outcome"], "completed",
+        "a tool error is a result: {failed}"
+    );
     assert_eq!(failed["result"]["is_error"], true);
     assert_eq!(
         failed["result"]["content"][0]["text"],
@@ -245,7 +252,9 @@ async fn an_unreachable_server_fails_the_invocation_with_its_reason() {
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("create_issue", "always_allow").await;
     it.setup.handle.set_mcp_down(true);
-    let failed = it.invoke("call_down", "create_issue", json!({"title": "x"})).await;
+    let failed = it
+        .invoke("call_down", "create_issue", json!({"title": "x"}))
+        .await;
     assert_eq!(failed["outcome"], "failed", "{failed}");
     // rmcp reports a 503 on tools/call as a transport failure or as a broken exchange,
     // depending on the era's transport; either way the reason says so.
@@ -271,7 +280,10 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
         it.settle().await;
         let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
-        let approvals = approvals["approvals"].as_array().expect("approvals").clone();
+        let approvals = approvals["approvals"]
+            .as_array()
+            .expect("approvals")
+            .clone();
         assert_eq!(approvals.len(), 1, "{approvals:?}");
         assert_eq!(approvals[0]["invocation_id"], "call_a");
         assert_eq!(approvals[0]["tool"], format!("{PREFIX}create_issue"));
@@ -281,7 +293,11 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         // Someone else cannot decide it (nor see it).
         let mallory = it.setup.app.token(MALLORY, &["analyst"]);
         let (status, refused) = it
-            .post(&mallory, "/api/v1/approvals/call_a", &json!({"decision": "approve"}))
+            .post(
+                &mallory,
+                "/api/v1/approvals/call_a",
+                &json!({"decision": "approve"}),
+            )
             .await;
         assert_eq!(status, 404, "{refused}");
         let (_, theirs) = it.get(&mallory, "/api/v1/approvals").await;
@@ -289,14 +305,22 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
 
         // The user approves: the call runs, once.
         let (status, approved) = it
-            .post(&it.alice, "/api/v1/approvals/call_a", &json!({"decision": "approve"}))
+            .post(
+                &it.alice,
+                "/api/v1/approvals/call_a",
+                &json!({"decision": "approve"}),
+            )
             .await;
         assert_eq!(status, 200, "{approved}");
         assert_eq!(approved["outcome"], "completed");
         assert_eq!(approved["result"]["content"][0]["text"], "Created FX-2");
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
         let (status, again) = it
-            .post(&it.alice, "/api/v1/approvals/call_a", &json!({"decision": "deny"}))
+            .post(
+                &it.alice,
+                "/api/v1/approvals/call_a",
+                &json!({"decision": "deny"}),
+            )
             .await;
         assert_eq!(status, 409, "decided once: {again}");
         let (_, status_now) = it.get(&it.alice, "/api/v1/invocations/call_a").await;
@@ -308,7 +332,11 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
             .await;
         assert_eq!(waiting["outcome"], "awaiting_approval");
         let (status, denied) = it
-            .post(&it.alice, "/api/v1/approvals/call_b", &json!({"decision": "deny"}))
+            .post(
+                &it.alice,
+                "/api/v1/approvals/call_b",
+                &json!({"decision": "deny"}),
+            )
             .await;
         assert_eq!(status, 200, "{denied}");
         assert_eq!(denied["outcome"], "denied");
@@ -341,7 +369,11 @@ async fn an_unanswered_approval_expires() {
     assert_eq!(expired["outcome"], "expired", "{expired}");
     assert_eq!(expired["reason"], "approval_expired");
     let (status, late) = it
-        .post(&it.alice, "/api/v1/approvals/call_late", &json!({"decision": "approve"}))
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_late",
+            &json!({"decision": "approve"}),
+        )
         .await;
     assert!(status == 409 || status == 410, "{status} {late}");
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
@@ -383,7 +415,9 @@ async fn a_disabled_server_and_an_auth_error_reject_at_once() {
     let probed = it.setup.app.state.connections.probe(server, &alice).await;
     assert_eq!(probed.expect("probe"), connection::ProbeOutcome::AuthError);
     it.settle().await;
-    let rejected = it.invoke("call_auth", "search_issues", json!({"query": "x"})).await;
+    let rejected = it
+        .invoke("call_auth", "search_issues", json!({"query": "x"}))
+        .await;
     assert_eq!(rejected["outcome"], "rejected", "{rejected}");
     assert_eq!(rejected["reason"], "auth_error");
 
@@ -435,8 +469,14 @@ async fn concurrent_duplicates_of_one_id_call_the_server_once() {
             .expect("invoke");
         assert_eq!(report.outcome, invoker::Outcome::Completed);
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1, "{store:?}");
-        assert_eq!(events_of_type(&it.setup, "InvocationStarted").await.len(), 1);
-        assert_eq!(events_of_type(&it.setup, "InvocationCompleted").await.len(), 1);
+        assert_eq!(
+            events_of_type(&it.setup, "InvocationStarted").await.len(),
+            1
+        );
+        assert_eq!(
+            events_of_type(&it.setup, "InvocationCompleted").await.len(),
+            1
+        );
     }
 }
 
@@ -481,7 +521,10 @@ async fn an_oversized_result_is_truncated_and_flagged() {
 async fn an_orchestrator_acts_for_a_named_user_and_others_may_not() {
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("search_issues", "always_allow").await;
-    let orchestrator = it.setup.app.token("orchestrator@example.com", &["orchestrator"]);
+    let orchestrator = it
+        .setup
+        .app
+        .token("orchestrator@example.com", &["orchestrator"]);
     let (status, tools) = it
         .get(&orchestrator, &format!("/api/v1/tools?user={ALICE}"))
         .await;
@@ -497,7 +540,10 @@ async fn an_orchestrator_acts_for_a_named_user_and_others_may_not() {
     assert_eq!(status, 200, "{outcome}");
     assert_eq!(outcome["outcome"], "completed");
     let (status, looked_up) = it
-        .get(&orchestrator, &format!("/api/v1/invocations/call_o?user={ALICE}"))
+        .get(
+            &orchestrator,
+            &format!("/api/v1/invocations/call_o?user={ALICE}"),
+        )
         .await;
     assert_eq!(status, 200, "{looked_up}");
     assert_eq!(looked_up["outcome"], "completed");
@@ -581,7 +627,11 @@ async fn pending_approvals_and_outcomes_reach_the_users_live_stream() {
     }
     assert!(seen.contains(&"InvocationRequested".to_owned()), "{seen:?}");
     let (status, _) = it
-        .post(&it.alice, "/api/v1/approvals/call_live", &json!({"decision": "approve"}))
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_live",
+            &json!({"decision": "approve"}),
+        )
         .await;
     assert_eq!(status, 200);
     loop {
@@ -613,7 +663,11 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
         let (client, headers, subject) = (client.clone(), json_headers.clone(), subject.to_owned());
         async move {
             let reply = client
-                .request_with_headers(subject, headers, serde_json::to_vec(&body).expect("json").into())
+                .request_with_headers(
+                    subject,
+                    headers,
+                    serde_json::to_vec(&body).expect("json").into(),
+                )
                 .await
                 .expect("reply");
             serde_json::from_slice::<Value>(&reply.payload).expect("JSON reply")
@@ -621,7 +675,11 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     };
 
     let tools = json_request(&format!("{prefix}.tools.list"), json!({"userId": ALICE})).await;
-    assert_eq!(tools["tools"][0]["name"], format!("{PREFIX}search_issues"), "{tools}");
+    assert_eq!(
+        tools["tools"][0]["name"],
+        format!("{PREFIX}search_issues"),
+        "{tools}"
+    );
     assert_eq!(tools["tools"][0]["server"]["name"], "notion team");
     assert_eq!(tools["tools"][0]["inputSchema"]["type"], "object");
 
@@ -632,7 +690,10 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     .await;
     assert_eq!(outcome["outcome"], "completed", "{outcome}");
     assert_eq!(outcome["result"]["untrusted"], true);
-    assert_eq!(outcome["result"]["structured_content"]["issues"][0]["key"], "FX-1");
+    assert_eq!(
+        outcome["result"]["structured_content"]["issues"][0]["key"],
+        "FX-1"
+    );
 
     // Protobuf: the status of the same invocation, then a refused request.
     let request = proto::v1::InvokeStatusRequest {
@@ -641,7 +702,10 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
         wait_ms: 0,
     };
     let reply = client
-        .request(format!("{prefix}.invoke.status"), request.encode_to_vec().into())
+        .request(
+            format!("{prefix}.invoke.status"),
+            request.encode_to_vec().into(),
+        )
         .await
         .expect("reply");
     let status = proto::v1::InvocationReply::decode(reply.payload).expect("protobuf reply");
@@ -670,7 +734,10 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
         .await
         .expect("reply");
     let refused = proto::v1::InvocationReply::decode(reply.payload).expect("protobuf reply");
-    assert_eq!(refused.error.map(|e| e.code), Some("invocation_id_invalid".to_owned()));
+    assert_eq!(
+        refused.error.map(|e| e.code),
+        Some("invocation_id_invalid".to_owned())
+    );
     assert_eq!(it.setup.handle.tool_calls("search_issues"), 1);
     shutdown.cancel();
 }

@@ -174,14 +174,20 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
             let analyst = token_for("caller@example.com", &["analyst"], SECRET);
             let set = app
                 .client
-                .put(format!("{}/api/v1/servers/{server_id}/tools/search", app.url))
+                .put(format!(
+                    "{}/api/v1/servers/{server_id}/tools/search",
+                    app.url
+                ))
                 .bearer_auth(&analyst)
                 .json(&serde_json::json!({"state": "needs_approval"}))
                 .send()
                 .await
                 .expect("set state");
             let tool: Value = set.json().await.expect("tool");
-            let exposed = tool["exposed_name"].as_str().expect("exposed name").to_owned();
+            let exposed = tool["exposed_name"]
+                .as_str()
+                .expect("exposed name")
+                .to_owned();
             let id = next_name("pending").replace(' ', "_");
             let invoked: Value = app
                 .client
