@@ -75,6 +75,18 @@ impl ConnectionService {
         Ok(token)
     }
 
+    /// When the connection's access token expires, if the server said.
+    pub async fn token_expires_at(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+    ) -> Result<Option<SystemTime>, ConnectionError> {
+        let name = credentials_name(server_id, user);
+        Ok(load_credentials(&self.inner.vault, &name)
+            .await?
+            .and_then(|(credentials, _)| expires_at(&credentials)))
+    }
+
     /// Replaces `stale` (a token the server refused, or one about to expire) with a fresh
     /// one; at most one refresh per connection at a time across processes.
     pub async fn refresh(

@@ -166,8 +166,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         })
     };
     let monitor = {
-        let shutdown = shutdown.clone();
+        let (connections, shutdown) = (connections.clone(), shutdown.clone());
         tokio::spawn(async move { connections.run_health_monitor(shutdown).await })
+    };
+    let listeners = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { connections.run_tool_list_listeners(shutdown).await })
     };
     let server = tokio::spawn(gateway::server::serve(
         listener,
@@ -219,7 +223,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Err(error) = server.await {
         tracing::error!(%error, "the HTTP server task failed");
     }
-    let _ = tokio::join!(reaction, monitor);
+    let _ = tokio::join!(reaction, monitor, listeners);
     let (started, answered) = metrics.request_counts();
     tracing::info!(
         started,

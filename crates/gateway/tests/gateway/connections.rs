@@ -201,6 +201,24 @@ async fn connect_then_healthy_with_tools(store: Store, fixture: OAuthFixture, te
     assert_eq!(theirs["status"], "not_connected");
     let discovered = events_of_type(setup, "ToolsDiscovered").await;
     assert_eq!(discovered.len(), 1);
+    // The era the fixture speaks is the one the tools were listed in.
+    let expected_version = match setup.handle.fixture().mcp_era {
+        testkit::McpEra::Stateless => "2026-07-28",
+        testkit::McpEra::Sessions => "2025-11-25",
+    };
+    let listed: Vec<_> = setup
+        .handle
+        .mcp_requests()
+        .into_iter()
+        .filter(|r| r.method.as_deref() == Some("tools/list"))
+        .collect();
+    assert!(!listed.is_empty());
+    assert!(
+        listed
+            .iter()
+            .all(|r| r.protocol_version.as_deref() == Some(expected_version)),
+        "{template}: {listed:?}"
+    );
     assert_no_secret_on_disk(setup);
 }
 
@@ -610,4 +628,49 @@ async fn deleting_a_server_disconnects_every_user_also_after_a_restart_mid_casca
             || n.as_str().starts_with(&format!("server/{server_id}"))),
         "{names:?}"
     );
+}
+
+async fn a_tool_list_notice_leads_to_a_new_discovery(fixture: OAuthFixture, template: &str) {
+    let connected = connect(Store::Jsonl, fixture, template, "alice@example.com").await;
+    let setup = &connected.setup;
+    let service = setup.app.state.connections.clone();
+    let mut ready = service.listeners_ready();
+    let mut discoveries = service.notice_discoveries();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let listeners = {
+        let (service, shutdown) = (service.clone(), shutdown.clone());
+        tokio::spawn(async move { service.run_tool_list_listeners(shutdown).await })
+    };
+    ready
+        .wait_for(|n| *n >= 1)
+        .await
+        .expect("a listener is in place");
+    let mut changed = testkit::FixtureTool::standard_set();
+    changed[0].description = "Finds issues, and more.".to_owned();
+    setup.handle.set_tools(changed);
+    discoveries
+        .wait_for(|n| *n >= 1)
+        .await
+        .expect("the notice led to a discovery");
+    shutdown.cancel();
+    listeners.await.expect("listeners stop");
+    let discovered = events_of_type(setup, "ToolsDiscovered").await;
+    assert_eq!(
+        discovered.len(),
+        2,
+        "{template}: the first discovery and the one after the notice"
+    );
+    let redefined = &discovered[1]["envelope"]["toolsDiscovered"]["redefined"];
+    assert_eq!(
+        redefined,
+        &json!(["search_issues"]),
+        "{template}: {}",
+        discovered[1]
+    );
+}
+
+#[tokio::test]
+async fn a_tool_list_notice_leads_to_a_new_discovery_in_both_eras() {
+    a_tool_list_notice_leads_to_a_new_discovery(OAuthFixture::notion(), "notion").await;
+    a_tool_list_notice_leads_to_a_new_discovery(OAuthFixture::atlassian(), "atlassian").await;
 }
