@@ -191,6 +191,21 @@ impl ConnectionService {
         )
     }
 
+    /// Like [`ConnectionService::another_instance`], over `vault` (the same store seen with
+    /// another clock, in tests).
+    pub fn another_instance_with_vault(&self, vault: Vault) -> ConnectionService {
+        let inner = &self.inner;
+        ConnectionService::new(
+            inner.log.clone(),
+            vault,
+            inner.read_models.clone(),
+            inner.envelopes.clone(),
+            inner.outbound.clone(),
+            inner.catalog.clone(),
+            inner.settings.clone(),
+        )
+    }
+
     pub fn settings(&self) -> &ConnectionSettings {
         &self.inner.settings
     }
