@@ -168,22 +168,33 @@ async fn connect(store: Store, fixture: OAuthFixture, template: &str, user: &str
 }
 
 /// Every token, code and client secret the fixture issued, searched for in every file of the
-/// data directory (event log, checkpoints, vault) and in the captured logs: none may be there
+/// data directory (event log, checkpoints, vault; on JetStream the server's store) and in the
+/// captured logs: none may be there
 /// in the clear.
 fn assert_no_secret_on_disk(setup: &WithFixture) {
     let secrets = setup.handle.issued_secrets();
     assert!(!secrets.is_empty(), "the fixture issued secrets");
     let mut files = 0;
     let mut stack = vec![setup.app.dir.clone()];
+    if setup.app.vault_bucket.is_some() {
+        // On JetStream the events, checkpoints and vault are in the server's store.
+        stack.push(testkit::shared_nats().store_dir().to_owned());
+    }
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+        // A live nats-server may remove a file between listing and reading: skip those.
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
                 continue;
             }
             files += 1;
-            let bytes = std::fs::read(&path).expect("read");
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
             for secret in &secrets {
                 assert!(
                     !bytes
@@ -281,7 +292,13 @@ async fn connect_callback_healthy_with_tools_on_both_stores_and_both_eras() {
 
 #[tokio::test]
 async fn forged_replayed_and_other_users_state_is_refused() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    for store in STORES {
+        forged_replayed_and_other_users_state_is_refused_on(store).await;
+    }
+}
+
+async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
+    let setup = app_with_fixture_for(store, OAuthFixture::notion(), "notion").await;
     let server_id = add_server(&setup, "notion").await;
     let alice = setup.app.token("alice@example.com", &["analyst"]);
     let query = authorize(&setup, &server_id, &alice).await;
@@ -355,13 +372,18 @@ async fn a_mismatched_issuer_is_refused_and_access_denied_is_reported() {
 
 #[tokio::test]
 async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_is_an_auth_error() {
-    let connected = connect(
-        Store::Jsonl,
-        OAuthFixture::notion(),
-        "notion",
-        "alice@example.com",
-    )
-    .await;
+    for store in STORES {
+        an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_is_an_auth_error_on(
+            store,
+        )
+        .await;
+    }
+}
+
+async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_is_an_auth_error_on(
+    store: Store,
+) {
+    let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
     let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
     let alice = user_id("alice@example.com");
@@ -400,13 +422,13 @@ async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_
 
 #[tokio::test]
 async fn an_unreachable_server_recovers_to_healthy() {
-    let connected = connect(
-        Store::Jsonl,
-        OAuthFixture::notion(),
-        "notion",
-        "alice@example.com",
-    )
-    .await;
+    for store in STORES {
+        an_unreachable_server_recovers_to_healthy_on(store).await;
+    }
+}
+
+async fn an_unreachable_server_recovers_to_healthy_on(store: Store) {
+    let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
     let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
     let alice = user_id("alice@example.com");
@@ -449,13 +471,13 @@ async fn an_unreachable_server_recovers_to_healthy() {
 
 #[tokio::test]
 async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint() {
-    let connected = connect(
-        Store::Jsonl,
-        OAuthFixture::notion(),
-        "notion",
-        "alice@example.com",
-    )
-    .await;
+    for store in STORES {
+        two_refreshers_at_once_send_one_request_to_the_token_endpoint_on(store).await;
+    }
+}
+
+async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint_on(store: Store) {
+    let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
     let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
     let alice = user_id("alice@example.com");
@@ -466,8 +488,21 @@ async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint() {
         .access_token(server, &alice)
         .await
         .expect("token");
-    // A second service over the same stores stands for another process.
-    let other = setup.app.state.connections.another_instance();
+    // A second service over the same stores stands for another process: on JetStream with a
+    // vault client (NATS connection) of its own.
+    let other = match &setup.app.vault_bucket {
+        Some(bucket) => {
+            let keys =
+                vault::KeyRing::load_or_generate(&setup.app.dir.join("vault.keys")).expect("keys");
+            let store = crate::support::open_vault_store(&setup.app.dir, Some(bucket)).await;
+            setup
+                .app
+                .state
+                .connections
+                .another_instance_with_vault(vault::Vault::new(store, keys))
+        }
+        None => setup.app.state.connections.another_instance(),
+    };
     let gate = setup.handle.pause_token_endpoint();
     let first = {
         let service = setup.app.state.connections.clone();
@@ -547,7 +582,15 @@ async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_prov
 
 #[tokio::test]
 async fn deleting_a_server_disconnects_every_user_also_after_a_restart_mid_cascade() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    for store in STORES {
+        deleting_a_server_disconnects_every_user_also_after_a_restart_mid_cascade_on(store).await;
+    }
+}
+
+async fn deleting_a_server_disconnects_every_user_also_after_a_restart_mid_cascade_on(
+    store: Store,
+) {
+    let setup = app_with_fixture_for(store, OAuthFixture::notion(), "notion").await;
     let server_id = add_server(&setup, "notion").await;
     let users = ["alice@example.com", "bob@example.com", "carol@example.com"];
     for user in users {
