@@ -123,13 +123,10 @@ impl ConnectionService {
                 Ok(ProbeOutcome::Unreachable)
             }
             Err(ConnectionError::Upstream(McpCallError::InsufficientScope { required_scope })) => {
-                self.run(
-                    &context,
-                    &id,
-                    vec![ConnectionCommand::RecordAuthFailure {
-                        error_code: "insufficient_scope".to_owned(),
-                        message: required_scope.unwrap_or_default(),
-                    }],
+                self.record_scope_required(
+                    server_id,
+                    user,
+                    required_scope.as_deref().unwrap_or(""),
                 )
                 .await?;
                 Ok(ProbeOutcome::AuthError)

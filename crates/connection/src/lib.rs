@@ -10,7 +10,7 @@
 //! - [`ConnectionService::probe`] → health and tool discovery in one `tools/list`;
 //! - [`ConnectionService::disconnect`] → revoke at the provider, delete from the vault;
 //! - reactions: a deleted server's users disconnected, probes with back-off and jitter,
-//!   expired `state` entries swept.
+//!   expired `state` entries swept, a listener per connection for tool-list notices.
 //!
 //! `rmcp` does the OAuth protocol work (its authorization manager, with its state and
 //! credential stores implemented over the vault in `stores.rs`); `mcp` guards every request.
@@ -21,6 +21,7 @@ mod reactions;
 mod service;
 mod stores;
 mod tokens;
+mod watchers;
 
 pub use commands::{CallbackOutcome, CallbackParams, ConnectionReport, Disconnected};
 pub use discovery::{ProbeOutcome, tool_definition};

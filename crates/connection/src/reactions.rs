@@ -67,6 +67,13 @@ impl ConnectionService {
         Ok(disconnected)
     }
 
+    /// Removes expired entries (abandoned OAuth `state`s, stale refresh leases) from the vault;
+    /// returns how many. The file store has nothing else that drops them; on JetStream KV
+    /// their time-to-live does it too.
+    pub async fn sweep_expired_states(&self) -> Result<usize, ConnectionError> {
+        Ok(self.inner.vault.remove_expired().await?)
+    }
+
     /// Follows the server events from the reaction's checkpoint and disconnects every user of
     /// each deleted server; the checkpoint moves past an event only once its cascade finished,
     /// so a restart halfway through finishes it. Returns when `shutdown` is cancelled.
@@ -160,7 +167,7 @@ impl ConnectionService {
             let now = Instant::now();
             if now >= next_sweep {
                 next_sweep = now + Duration::from_secs(300);
-                match self.inner.vault.remove_expired().await {
+                match self.sweep_expired_states().await {
                     Ok(0) => {}
                     Ok(removed) => tracing::debug!(removed, "swept expired vault entries"),
                     Err(error) => tracing::warn!("sweeping expired vault entries failed: {error}"),

@@ -80,6 +80,10 @@ pub(crate) struct Inner {
     /// Counts the times a refresh waited for another holder of the lease (a test seam: a
     /// test proves a second refresher really waited).
     pub lease_waits: watch::Sender<u64>,
+    /// Counts tool-list listeners that are in place, and discoveries a notice caused (test
+    /// seams: a test changes the tools once a listener is there, and waits for the discovery).
+    pub listeners_ready: watch::Sender<u64>,
+    pub notice_discoveries: watch::Sender<u64>,
 }
 
 /// A server's OAuth client as its events recorded it, with the secret from the vault.
@@ -166,6 +170,8 @@ impl ConnectionService {
                 catalog,
                 settings,
                 lease_waits: watch::Sender::new(0),
+                listeners_ready: watch::Sender::new(0),
+                notice_discoveries: watch::Sender::new(0),
             }),
         }
     }
@@ -185,6 +191,21 @@ impl ConnectionService {
         )
     }
 
+    /// Like [`ConnectionService::another_instance`], over `vault` (the same store seen with
+    /// another clock, in tests).
+    pub fn another_instance_with_vault(&self, vault: Vault) -> ConnectionService {
+        let inner = &self.inner;
+        ConnectionService::new(
+            inner.log.clone(),
+            vault,
+            inner.read_models.clone(),
+            inner.envelopes.clone(),
+            inner.outbound.clone(),
+            inner.catalog.clone(),
+            inner.settings.clone(),
+        )
+    }
+
     pub fn settings(&self) -> &ConnectionSettings {
         &self.inner.settings
     }
@@ -196,6 +217,16 @@ impl ConnectionService {
     /// How many times a refresh here waited for another process's (or task's) refresh.
     pub fn lease_waits(&self) -> watch::Receiver<u64> {
         self.inner.lease_waits.subscribe()
+    }
+
+    /// How many tool-list listeners have been put in place so far.
+    pub fn listeners_ready(&self) -> watch::Receiver<u64> {
+        self.inner.listeners_ready.subscribe()
+    }
+
+    /// How many discoveries a tool-list notice has caused so far.
+    pub fn notice_discoveries(&self) -> watch::Receiver<u64> {
+        self.inner.notice_discoveries.subscribe()
     }
 
     /// Runs one connection command through the command path.

@@ -26,6 +26,10 @@ use crate::{ConnectionError, ConnectionService};
 /// The service name on the events a refresh records (no user asked for it).
 const SERVICE: &str = "connection";
 
+/// How long a refresher that got `invalid_grant` waits for another refresher's tokens before
+/// it calls the grant gone.
+const RACE_GRACE: Duration = Duration::from_secs(2);
+
 fn access_token_of(credentials: &StoredCredentials) -> Option<&str> {
     credentials
         .token_response
@@ -73,6 +77,18 @@ impl ConnectionService {
             return self.refresh(server_id, user, &token).await;
         }
         Ok(token)
+    }
+
+    /// When the connection's access token expires, if the server said.
+    pub async fn token_expires_at(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+    ) -> Result<Option<SystemTime>, ConnectionError> {
+        let name = credentials_name(server_id, user);
+        Ok(load_credentials(&self.inner.vault, &name)
+            .await?
+            .and_then(|(credentials, _)| expires_at(&credentials)))
     }
 
     /// Replaces `stale` (a token the server refused, or one about to expire) with a fresh
@@ -189,13 +205,14 @@ impl ConnectionService {
             }
             Err(AuthError::TokenRefreshRejected(reason)) => {
                 // A provider with two live refresh tokens (Notion) answers `invalid_grant` to
-                // the loser of a race; if the tokens changed meanwhile, the winner's work
-                // stands and the connection is fine.
-                if let Some((now, revision)) = load_credentials(&self.inner.vault, &name).await?
-                    && revision != before_revision
-                    && let Some(token) = access_token_of(&now)
+                // the loser of a race (two refreshers when a lease expired under a slow one).
+                // The winner may not have stored its tokens yet: give it a moment. If the
+                // tokens change, the winner's work stands and the connection is fine.
+                if let Some(token) = self
+                    .wait_for_new_tokens(&name, before_revision, RACE_GRACE)
+                    .await?
                 {
-                    return Ok(token.to_owned());
+                    return Ok(token);
                 }
                 let reason = reason.chars().take(300).collect::<String>();
                 self.run(
@@ -228,6 +245,54 @@ impl ConnectionService {
                 reason: other.to_string().chars().take(300).collect(),
             }),
         }
+    }
+
+    /// The access token stored after `seen`, if one is stored within `grace`.
+    async fn wait_for_new_tokens(
+        &self,
+        name: &vault::SecretName,
+        seen: vault::Revision,
+        grace: Duration,
+    ) -> Result<Option<String>, ConnectionError> {
+        let give_up = tokio::time::Instant::now() + grace;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some((now, revision)) = load_credentials(&self.inner.vault, name).await?
+                && revision != seen
+            {
+                return Ok(access_token_of(&now).map(str::to_owned));
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Ok(None);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Records that the server wants scopes the grant lacks (a 403 `insufficient_scope`): an
+    /// auth error whose reason names them, so that the next connect asks for them together
+    /// with the scopes the user has.
+    pub async fn record_scope_required(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+        required_scope: &str,
+    ) -> Result<(), ConnectionError> {
+        let id = ConnectionId {
+            server_id,
+            user_id: user.clone(),
+        };
+        self.run(
+            &self.service_context(),
+            &id,
+            vec![ConnectionCommand::RecordAuthFailure {
+                error_code: "insufficient_scope".to_owned(),
+                message: required_scope.chars().take(300).collect(),
+            }],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Runs `call` with the connection's access token; after a 401, refreshes once and runs

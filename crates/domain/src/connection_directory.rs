@@ -164,8 +164,8 @@ impl ConnectionDirectory {
                 view.granted_scopes.clone_from(&e.granted_scopes);
                 view.access_token_expires_at =
                     from_optional_timestamp(e.access_token_expires_at.as_ref());
-                // A new authorization is pending again until its discovery.
-                view.tool_count = None;
+                // A reconnect keeps the tools already known (the aggregate does too, so an
+                // unchanged list records nothing); a first connection has none yet.
             }
             Event::TokensRefreshed(e) => {
                 if view.status == ConnectionStatus::AuthError {

@@ -4,10 +4,18 @@
 //! or the 2025-11-25 protocol with its session.
 use std::error::Error as StdError;
 
+use std::sync::Arc;
+
 use rmcp::{
-    ServiceExt,
-    model::{CallToolRequestParams, CallToolResult, JsonObject, Tool},
-    service::{ClientInitializeError, RunningService, ServiceError},
+    ClientHandler, RoleClient,
+    model::{
+        CallToolRequestParams, CallToolResult, JsonObject, ProtocolVersion, SubscriptionFilter,
+        Tool,
+    },
+    service::{
+        ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext,
+        RunningService, ServiceError,
+    },
     transport::{
         StreamableHttpClientTransport,
         streamable_http_client::{
@@ -16,6 +24,7 @@ use rmcp::{
         },
     },
 };
+use tokio::sync::Notify;
 use url::Url;
 
 use crate::{OutboundClient, OutboundError};
@@ -54,10 +63,24 @@ impl McpCallError {
     }
 }
 
+/// What the client side does with what a server sends unasked: a tool-list change wakes
+/// whoever waits on [`McpSession::tools_changed`].
+#[derive(Debug, Clone, Default)]
+pub struct SessionEvents {
+    tools_changed: Arc<Notify>,
+}
+
+impl ClientHandler for SessionEvents {
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.tools_changed.notify_one();
+    }
+}
+
 /// An MCP client session for one user at one server.
 #[derive(Debug)]
 pub struct McpSession {
-    service: RunningService<rmcp::RoleClient, ()>,
+    service: RunningService<RoleClient, SessionEvents>,
+    events: SessionEvents,
 }
 
 /// Largest JSON answer accepted from an MCP server.
@@ -76,8 +99,58 @@ impl McpSession {
             .auth_header(access_token)
             .max_json_response_size(MAX_ANSWER_BYTES);
         let transport = StreamableHttpClientTransport::with_client(outbound.http().clone(), config);
-        let service = ().serve(transport).await.map_err(|e| classify_init(&e))?;
-        Ok(McpSession { service })
+        // `server/discover` first (the 2026-07-28 stateless protocol); a server that does not
+        // know it gets the 2025-11-25 `initialize` and its session.
+        let lifecycle = ClientLifecycleMode::Auto {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            legacy_version: None,
+        };
+        let events = SessionEvents::default();
+        let service = events
+            .clone()
+            .serve_with_lifecycle(transport, lifecycle)
+            .await
+            .map_err(|e| classify_init(&e))?;
+        Ok(McpSession { service, events })
+    }
+
+    /// The protocol version the session speaks (`2026-07-28`, `2025-11-25`, …).
+    pub fn protocol_version(&self) -> Option<String> {
+        self.service
+            .peer()
+            .peer_info()
+            .map(|info| info.protocol_version.to_string())
+    }
+
+    /// Returns when the server says its tool list changed: on a `subscriptions/listen` stream
+    /// (2026-07-28), or as a notification on the session (2025-11-25). An error means the
+    /// session or the stream ended; open a new session to listen again.
+    /// `listening` is called once the server has accepted the subscription (or at once on a
+    /// session, whose notifications need none).
+    pub async fn tools_changed(&self, listening: impl FnOnce()) -> Result<(), McpCallError> {
+        let stateless = self
+            .protocol_version()
+            .is_some_and(|v| v.as_str() >= "2026-07-28");
+        if stateless {
+            let mut subscription = self
+                .service
+                .peer()
+                .listen(SubscriptionFilter::builder().tools_list_changed().build())
+                .await
+                .map_err(|e| classify_service(&e))?;
+            listening();
+            match subscription.next().await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(McpCallError::Unreachable {
+                    reason: "the server ended the notification stream".to_owned(),
+                }),
+                Err(error) => Err(classify_service(&error)),
+            }
+        } else {
+            listening();
+            self.events.tools_changed.notified().await;
+            Ok(())
+        }
     }
 
     /// Every tool, following `nextCursor` to the end.

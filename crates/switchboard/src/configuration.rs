@@ -717,7 +717,13 @@ pub fn init_tracing(verbose: u8, format: LogFormat) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // rmcp's debug lines include the OAuth authorization code; keep it at info unless the
+    // operator names rmcp explicitly in RUST_LOG.
+    let names_rmcp = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rmcp"));
+    if !names_rmcp && let Ok(directive) = "rmcp=info".parse() {
+        filter = filter.add_directive(directive);
+    }
     let terminal = std::io::stderr().is_terminal();
     let json = match format {
         LogFormat::Auto => !terminal,

@@ -167,7 +167,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         })
     };
     let monitor = {
-        let shutdown = shutdown.clone();
+        let (connections, shutdown) = (connections.clone(), shutdown.clone());
         tokio::spawn(async move { connections.run_health_monitor(shutdown).await })
     };
     // The invoker's sweeper: approvals nobody answered in time, invocations a stopped
@@ -190,6 +190,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             Some(tokio::spawn(async move { service.run(shutdown).await }))
         }
         None => None,
+    };
+    let listeners = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { connections.run_tool_list_listeners(shutdown).await })
     };
     let server = tokio::spawn(gateway::server::serve(
         listener,
@@ -241,7 +245,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Err(error) = server.await {
         tracing::error!(%error, "the HTTP server task failed");
     }
-    let _ = tokio::join!(reaction, monitor, sweeper);
+    let _ = tokio::join!(reaction, monitor, listeners, sweeper);
     if let Some(orchestrator) = orchestrator {
         let _ = orchestrator.await;
     }

@@ -119,7 +119,40 @@ pub(crate) async fn status(setup: &WithFixture, server_id: &str, token: &str) ->
         .expect("status")
 }
 
+/// Everything this test binary logs, at debug (with `rmcp` capped at info as `switchboard`
+/// does): the leaked-secret scans read it.
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static std::sync::Mutex<Vec<u8>> =
+            Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+        #[derive(Clone)]
+        struct Capture(&'static std::sync::Mutex<Vec<u8>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug,rmcp=info"))
+            .with_writer(move || Capture(logs))
+            .with_ansi(false)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        logs
+    })
+}
+
 async fn connect(store: Store, fixture: OAuthFixture, template: &str, user: &str) -> Connected {
+    captured_logs();
     let setup = app_with_fixture_for(store, fixture, template).await;
     let server_id = add_server(&setup, template).await;
     let user_token = setup.app.token(user, &["analyst"]);
@@ -135,21 +168,33 @@ async fn connect(store: Store, fixture: OAuthFixture, template: &str, user: &str
 }
 
 /// Every token, code and client secret the fixture issued, searched for in every file of the
-/// data directory (event log, checkpoints, vault): none may be there in the clear.
+/// data directory (event log, checkpoints, vault; on JetStream the server's store) and in the
+/// captured logs: none may be there
+/// in the clear.
 fn assert_no_secret_on_disk(setup: &WithFixture) {
     let secrets = setup.handle.issued_secrets();
     assert!(!secrets.is_empty(), "the fixture issued secrets");
     let mut files = 0;
     let mut stack = vec![setup.app.dir.clone()];
+    if setup.app.vault_bucket.is_some() {
+        // On JetStream the events, checkpoints and vault are in the server's store.
+        stack.push(testkit::shared_nats().store_dir().to_owned());
+    }
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+        // A live nats-server may remove a file between listing and reading: skip those.
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
                 continue;
             }
             files += 1;
-            let bytes = std::fs::read(&path).expect("read");
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
             for secret in &secrets {
                 assert!(
                     !bytes
@@ -162,6 +207,19 @@ fn assert_no_secret_on_disk(setup: &WithFixture) {
         }
     }
     assert!(files > 0, "the scan found files");
+    let logs = captured_logs()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert!(!logs.is_empty(), "the logs were captured");
+    for secret in &secrets {
+        assert!(
+            !logs
+                .windows(secret.len())
+                .any(|window| window == secret.as_bytes()),
+            "the logs hold an issued secret"
+        );
+    }
 }
 
 pub(crate) async fn events_of_type(setup: &WithFixture, event_type: &str) -> Vec<Value> {
@@ -201,6 +259,24 @@ async fn connect_then_healthy_with_tools(store: Store, fixture: OAuthFixture, te
     assert_eq!(theirs["status"], "not_connected");
     let discovered = events_of_type(setup, "ToolsDiscovered").await;
     assert_eq!(discovered.len(), 1);
+    // The era the fixture speaks is the one the tools were listed in.
+    let expected_version = match setup.handle.fixture().mcp_era {
+        testkit::McpEra::Stateless => "2026-07-28",
+        testkit::McpEra::Sessions => "2025-11-25",
+    };
+    let listed: Vec<_> = setup
+        .handle
+        .mcp_requests()
+        .into_iter()
+        .filter(|r| r.method.as_deref() == Some("tools/list"))
+        .collect();
+    assert!(!listed.is_empty());
+    assert!(
+        listed
+            .iter()
+            .all(|r| r.protocol_version.as_deref() == Some(expected_version)),
+        "{template}: {listed:?}"
+    );
     assert_no_secret_on_disk(setup);
 }
 
@@ -216,7 +292,13 @@ async fn connect_callback_healthy_with_tools_on_both_stores_and_both_eras() {
 
 #[tokio::test]
 async fn forged_replayed_and_other_users_state_is_refused() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    for store in STORES {
+        forged_replayed_and_other_users_state_is_refused_on(store).await;
+    }
+}
+
+async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
+    let setup = app_with_fixture_for(store, OAuthFixture::notion(), "notion").await;
     let server_id = add_server(&setup, "notion").await;
     let alice = setup.app.token("alice@example.com", &["analyst"]);
     let query = authorize(&setup, &server_id, &alice).await;
@@ -290,13 +372,18 @@ async fn a_mismatched_issuer_is_refused_and_access_denied_is_reported() {
 
 #[tokio::test]
 async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_is_an_auth_error() {
-    let connected = connect(
-        Store::Jsonl,
-        OAuthFixture::notion(),
-        "notion",
-        "alice@example.com",
-    )
-    .await;
+    for store in STORES {
+        an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_is_an_auth_error_on(
+            store,
+        )
+        .await;
+    }
+}
+
+async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_is_an_auth_error_on(
+    store: Store,
+) {
+    let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
     let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
     let alice = user_id("alice@example.com");
@@ -335,13 +422,13 @@ async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_
 
 #[tokio::test]
 async fn an_unreachable_server_recovers_to_healthy() {
-    let connected = connect(
-        Store::Jsonl,
-        OAuthFixture::notion(),
-        "notion",
-        "alice@example.com",
-    )
-    .await;
+    for store in STORES {
+        an_unreachable_server_recovers_to_healthy_on(store).await;
+    }
+}
+
+async fn an_unreachable_server_recovers_to_healthy_on(store: Store) {
+    let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
     let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
     let alice = user_id("alice@example.com");
@@ -384,13 +471,13 @@ async fn an_unreachable_server_recovers_to_healthy() {
 
 #[tokio::test]
 async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint() {
-    let connected = connect(
-        Store::Jsonl,
-        OAuthFixture::notion(),
-        "notion",
-        "alice@example.com",
-    )
-    .await;
+    for store in STORES {
+        two_refreshers_at_once_send_one_request_to_the_token_endpoint_on(store).await;
+    }
+}
+
+async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint_on(store: Store) {
+    let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
     let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
     let alice = user_id("alice@example.com");
@@ -401,8 +488,21 @@ async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint() {
         .access_token(server, &alice)
         .await
         .expect("token");
-    // A second service over the same stores stands for another process.
-    let other = setup.app.state.connections.another_instance();
+    // A second service over the same stores stands for another process: on JetStream with a
+    // vault client (NATS connection) of its own.
+    let other = match &setup.app.vault_bucket {
+        Some(bucket) => {
+            let keys =
+                vault::KeyRing::load_or_generate(&setup.app.dir.join("vault.keys")).expect("keys");
+            let store = crate::support::open_vault_store(&setup.app.dir, Some(bucket)).await;
+            setup
+                .app
+                .state
+                .connections
+                .another_instance_with_vault(vault::Vault::new(store, keys))
+        }
+        None => setup.app.state.connections.another_instance(),
+    };
     let gate = setup.handle.pause_token_endpoint();
     let first = {
         let service = setup.app.state.connections.clone();
@@ -482,7 +582,15 @@ async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_prov
 
 #[tokio::test]
 async fn deleting_a_server_disconnects_every_user_also_after_a_restart_mid_cascade() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    for store in STORES {
+        deleting_a_server_disconnects_every_user_also_after_a_restart_mid_cascade_on(store).await;
+    }
+}
+
+async fn deleting_a_server_disconnects_every_user_also_after_a_restart_mid_cascade_on(
+    store: Store,
+) {
+    let setup = app_with_fixture_for(store, OAuthFixture::notion(), "notion").await;
     let server_id = add_server(&setup, "notion").await;
     let users = ["alice@example.com", "bob@example.com", "carol@example.com"];
     for user in users {
@@ -610,4 +718,233 @@ async fn deleting_a_server_disconnects_every_user_also_after_a_restart_mid_casca
             || n.as_str().starts_with(&format!("server/{server_id}"))),
         "{names:?}"
     );
+}
+
+async fn a_tool_list_notice_leads_to_a_new_discovery(fixture: OAuthFixture, template: &str) {
+    let connected = connect(Store::Jsonl, fixture, template, "alice@example.com").await;
+    let setup = &connected.setup;
+    let service = setup.app.state.connections.clone();
+    let mut ready = service.listeners_ready();
+    let mut discoveries = service.notice_discoveries();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let listeners = {
+        let (service, shutdown) = (service.clone(), shutdown.clone());
+        tokio::spawn(async move { service.run_tool_list_listeners(shutdown).await })
+    };
+    ready
+        .wait_for(|n| *n >= 1)
+        .await
+        .expect("a listener is in place");
+    let mut changed = testkit::FixtureTool::standard_set();
+    changed[0].description = "Finds issues, and more.".to_owned();
+    setup.handle.set_tools(changed);
+    discoveries
+        .wait_for(|n| *n >= 1)
+        .await
+        .expect("the notice led to a discovery");
+    shutdown.cancel();
+    listeners.await.expect("listeners stop");
+    let discovered = events_of_type(setup, "ToolsDiscovered").await;
+    assert_eq!(
+        discovered.len(),
+        2,
+        "{template}: the first discovery and the one after the notice"
+    );
+    let redefined = &discovered[1]["envelope"]["toolsDiscovered"]["redefined"];
+    assert_eq!(
+        redefined,
+        &json!(["search_issues"]),
+        "{template}: {}",
+        discovered[1]
+    );
+}
+
+#[tokio::test]
+async fn a_tool_list_notice_leads_to_a_new_discovery_in_both_eras() {
+    a_tool_list_notice_leads_to_a_new_discovery(OAuthFixture::notion(), "notion").await;
+    a_tool_list_notice_leads_to_a_new_discovery(OAuthFixture::atlassian(), "atlassian").await;
+}
+
+async fn admin_post(setup: &WithFixture, path: &str, body: Value) -> u16 {
+    let admin = setup.app.token(ADMIN, &["admin"]);
+    setup
+        .app
+        .client
+        .post(format!("{}{path}", setup.app.url))
+        .bearer_auth(&admin)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_disabled_server_shows_disabled_and_the_old_status_once_enabled() {
+    for store in STORES {
+        let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
+        let setup = &connected.setup;
+        let id = &connected.server_id;
+        let code = admin_post(
+            setup,
+            &format!("/api/v1/servers/{id}/disable"),
+            json!({"reason": "maintenance"}),
+        )
+        .await;
+        assert_eq!(code, 200);
+        let disabled = status(setup, id, &connected.user_token).await;
+        assert_eq!(disabled["status"], "disabled", "{disabled}");
+        let code = admin_post(setup, &format!("/api/v1/servers/{id}/enable"), json!({})).await;
+        assert_eq!(code, 200);
+        let enabled = status(setup, id, &connected.user_token).await;
+        assert_eq!(enabled["status"], "healthy", "{enabled}");
+        // Connecting to a disabled server is refused.
+        admin_post(setup, &format!("/api/v1/servers/{id}/disable"), json!({})).await;
+        let bob = setup.app.token("bob@example.com", &["analyst"]);
+        let refused = setup
+            .app
+            .client
+            .post(format!("{}/api/v1/servers/{id}/connection", setup.app.url))
+            .bearer_auth(&bob)
+            .send()
+            .await
+            .expect("connect");
+        assert_eq!(refused.status(), 409);
+        let body: Value = refused.json().await.expect("body");
+        assert_eq!(body["error"]["code"], "server_disabled");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_scope_leads_to_a_reconnect_asking_for_old_and_new_scopes() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    let first = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(
+        first["granted_scopes"],
+        json!([testkit::READ_SCOPE]),
+        "{first}"
+    );
+    setup
+        .app
+        .state
+        .connections
+        .record_scope_required(server, &alice, "issues:read issues:write")
+        .await
+        .expect("recorded");
+    let needs = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(needs["status"], "auth_error", "{needs}");
+    let query = authorize(setup, &connected.server_id, &connected.user_token).await;
+    let asked = setup.handle.last_authorization_request().expect("request");
+    let scopes: std::collections::BTreeSet<&str> =
+        asked.scope.as_deref().unwrap_or("").split(' ').collect();
+    assert_eq!(
+        scopes,
+        [testkit::READ_SCOPE, testkit::WRITE_SCOPE]
+            .into_iter()
+            .collect(),
+        "the union of the old and the required scopes"
+    );
+    let (code, page) = callback(setup, &query).await;
+    assert_eq!(code, 200, "{page}");
+    let after = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(after["status"], "healthy", "{after}");
+    let granted: std::collections::BTreeSet<String> =
+        serde_json::from_value(after["granted_scopes"].clone()).expect("scopes");
+    assert!(granted.contains(testkit::WRITE_SCOPE), "{after}");
+}
+
+/// The same vault store seen through a clock `ahead` of now.
+fn vault_ahead(setup: &WithFixture, ahead: std::time::Duration) -> vault::Vault {
+    let keys = vault::KeyRing::load_or_generate(&setup.app.dir.join("vault.keys")).expect("keys");
+    let clock = vault::ManualClock::new(std::time::SystemTime::now());
+    clock.advance(ahead);
+    vault::Vault::with_clock(
+        setup.app.vault.store().clone(),
+        keys,
+        std::sync::Arc::new(clock),
+    )
+}
+
+#[tokio::test]
+async fn an_abandoned_authorization_is_swept_from_the_vault() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let query = authorize(&setup, &server_id, &alice).await;
+    let states = |names: Vec<vault::SecretName>| {
+        names
+            .iter()
+            .filter(|n| n.as_str().starts_with("oauth_state/"))
+            .count()
+    };
+    assert_eq!(states(setup.app.vault.names().await.expect("names")), 1);
+    // Eleven minutes later the state has expired; the sweep removes it.
+    let later = setup
+        .app
+        .state
+        .connections
+        .another_instance_with_vault(vault_ahead(&setup, std::time::Duration::from_secs(11 * 60)));
+    assert_eq!(later.sweep_expired_states().await.expect("sweep"), 1);
+    assert_eq!(states(setup.app.vault.names().await.expect("names")), 0);
+    let (code, page) = callback(&setup, &query).await;
+    assert_eq!(code, 400);
+    assert!(page.contains("oauth_state_invalid"), "{page}");
+}
+
+#[tokio::test]
+async fn the_loser_of_a_notion_refresh_race_keeps_the_connection_healthy() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    assert!(setup.handle.fixture().two_live_refresh_tokens);
+    let server = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    let service = setup.app.state.connections.clone();
+    let stale = service.access_token(server, &alice).await.expect("token");
+    let gate = setup.handle.pause_token_endpoint();
+    let first = {
+        let (service, alice, stale) = (service.clone(), alice.clone(), stale.clone());
+        tokio::spawn(async move { service.refresh(server, &alice, &stale).await })
+    };
+    gate.arrived(1).await;
+    // A process whose clock sees the first one's lease as expired (a refresher stuck longer
+    // than the lease) refreshes too: two refreshes of one grant at once.
+    let late =
+        service.another_instance_with_vault(vault_ahead(setup, std::time::Duration::from_secs(60)));
+    let second = {
+        let (alice, stale) = (alice.clone(), stale.clone());
+        tokio::spawn(async move { late.refresh(server, &alice, &stale).await })
+    };
+    gate.arrived(2).await;
+    gate.release();
+    let first = first.await.expect("task").expect("first refresh");
+    let second = second.await.expect("task").expect("second refresh");
+    assert_eq!(
+        setup.handle.token_requests_for("refresh_token"),
+        2,
+        "the race happened"
+    );
+    assert_eq!(first, second, "the loser uses the winner's token");
+    assert!(
+        events_of_type(setup, "ConnectionAuthFailed")
+            .await
+            .is_empty()
+    );
+    let healthy = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(healthy["status"], "healthy", "{healthy}");
 }

@@ -51,6 +51,8 @@ pub struct TestApp {
     pub shutdown: CancellationToken,
     pub server: Option<tokio::task::JoinHandle<()>>,
     pub state: AppState,
+    /// The vault's KV bucket on JetStream (`None`: a file store in `dir`).
+    pub vault_bucket: Option<String>,
     /// Where the JSONL log, checkpoints and vault files are (for the leaked-secret scans).
     pub dir: std::path::PathBuf,
     _guard: Box<dyn Any + Send>,
@@ -75,6 +77,11 @@ impl TestApp {
     pub async fn start_with_options(store: Store, options: Options) -> TestApp {
         let settings = options.settings.clone();
         let dir = tempfile::tempdir().expect("temp dir");
+        // On JetStream the vault is a KV bucket of its own, as in a deployment.
+        let vault_bucket = match store {
+            Store::Jsonl => None,
+            Store::JetStream => Some(testkit::unique_name("gwvault")),
+        };
         let (log, checkpoints): (Arc<dyn EventLog>, Arc<dyn CheckpointStore>) = match store {
             Store::Jsonl => (
                 Arc::new(
@@ -106,7 +113,7 @@ impl TestApp {
         };
         let keys = vault::KeyRing::load_or_generate(&dir.path().join("vault.keys")).expect("keys");
         let vault = vault::Vault::new(
-            Arc::new(vault::FileStore::open(dir.path().join("vault")).expect("vault")),
+            open_vault_store(dir.path(), vault_bucket.as_deref()).await,
             keys,
         );
         let metrics = Metrics::new();
@@ -189,6 +196,7 @@ impl TestApp {
             shutdown,
             server: Some(server),
             state,
+            vault_bucket,
             dir: dir.path().to_owned(),
             _guard: Box::new(dir),
         }
@@ -370,6 +378,27 @@ impl TestApp {
             .await
             .expect("append")
             .last_sequence
+    }
+}
+
+/// The vault's store: a JetStream KV bucket (over a NATS connection of its own, as another
+/// process would have), or the file store in `dir`.
+pub async fn open_vault_store(
+    dir: &std::path::Path,
+    bucket: Option<&str>,
+) -> Arc<dyn vault::SecretStore> {
+    match bucket {
+        Some(bucket) => {
+            let client = async_nats::connect(testkit::shared_nats().url())
+                .await
+                .expect("connect to nats");
+            Arc::new(
+                vault::KvStore::open(async_nats::jetstream::new(client), bucket)
+                    .await
+                    .expect("vault bucket"),
+            )
+        }
+        None => Arc::new(vault::FileStore::open(dir.join("vault")).expect("vault")),
     }
 }
 
