@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     audit,
     configuration::{GlobalArgs, Settings},
-    token, up, vault_cmd,
+    orchestrate, token, up, vault_cmd,
 };
 
 #[derive(Debug, Parser)]
@@ -43,6 +43,54 @@ pub enum Command {
     /// Manage the secrets vault.
     #[command(subcommand)]
     Vault(VaultCommand),
+    /// List a user's usable tools, from a running `up` (over HTTP, with a token).
+    Tools(ToolsArgs),
+    /// Invoke a tool for a user through a running `up` (over HTTP, with a token) and print the
+    /// outcome.
+    Invoke(InvokeArgs),
+}
+
+/// Where a running `up` is and how to sign in to it.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The API's base URL [default: the configured public_url, else http://<listen>].
+    #[arg(long, env = "SWITCHBOARD_URL")]
+    pub url: Option<String>,
+    /// A bearer token (`switchboard token`): yours, or an orchestrator's to act for --user.
+    #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ToolsArgs {
+    /// The user whose tools to list [default: the token's user].
+    #[arg(long)]
+    pub user: Option<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InvokeArgs {
+    /// The user to invoke the tool for [default: the token's user].
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The invocation id [default: a new UUID]; the same id again returns the same outcome.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// How long the call may take, in milliseconds.
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
+    /// Seconds to wait for the final outcome of an invocation awaiting approval.
+    #[arg(long, default_value_t = 0)]
+    pub wait: u64,
+    /// The tool's exposed name.
+    pub tool: String,
+    /// The arguments, a JSON object.
+    #[arg(default_value = "{}")]
+    pub arguments: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -152,5 +200,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Audit(AuditCommand::Replay(args)) => audit::replay(&store, &args).await,
         Command::Audit(AuditCommand::Servers { at }) => audit::servers(&store, at).await,
         Command::Vault(command) => vault_cmd::run(&store, command).await,
+        Command::Tools(args) => orchestrate::tools(&settings, &args).await,
+        Command::Invoke(args) => orchestrate::invoke(&settings, &args).await,
     }
 }

@@ -4,6 +4,7 @@ use clap::Parser;
 mod audit;
 mod cli;
 mod configuration;
+mod orchestrate;
 mod token;
 mod up;
 mod vault_cmd;
