@@ -438,6 +438,18 @@ impl Invoker {
         id: &InvocationId,
         decision: Decision,
     ) -> Result<InvocationReport, InvokerError> {
+        let report = self.decide_and_run(context, user, id, decision).await?;
+        self.announce_approval_outcome(&report);
+        Ok(report)
+    }
+
+    async fn decide_and_run(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        id: &InvocationId,
+        decision: Decision,
+    ) -> Result<InvocationReport, InvokerError> {
         let subject = invocation_subject(user, id)?;
         let now = self.now();
         let written = service_kit::execute::<InvocationState, _>(

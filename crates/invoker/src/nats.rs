@@ -25,6 +25,9 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// returns are answered once [`NatsService::run`] runs.
 pub struct NatsService {
     invoker: Invoker,
+    client: async_nats::Client,
+    prefix: String,
+    approval_outcomes: tokio::sync::broadcast::Receiver<InvocationReport>,
     _service: Service,
     tools: Endpoint,
     invoke: Endpoint,
@@ -55,7 +58,10 @@ impl NatsService {
         let invoke = service.endpoint(format!("{prefix}.invoke")).await?;
         let status = service.endpoint(format!("{prefix}.invoke.status")).await?;
         Ok(NatsService {
+            approval_outcomes: invoker.approval_outcomes(),
             invoker,
+            client: client.clone(),
+            prefix: prefix.to_owned(),
             _service: service,
             tools,
             invoke,
@@ -69,6 +75,16 @@ impl NatsService {
         loop {
             let (request, kind) = tokio::select! {
                 () = shutdown.cancelled() => return,
+                outcome = self.approval_outcomes.recv() => {
+                    match outcome {
+                        Ok(report) => self.publish_result(report).await,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "approval outcomes not published (too many at once)");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+                    }
+                    continue;
+                }
                 Some(request) = self.tools.next() => (request, Kind::Tools),
                 Some(request) = self.invoke.next() => (request, Kind::Invoke),
                 Some(request) = self.status.next() => (request, Kind::Status),
@@ -90,6 +106,33 @@ impl NatsService {
                     tracing::warn!(%error, "could not answer an orchestrator request");
                 }
             });
+        }
+    }
+}
+
+impl NatsService {
+    /// Publishes the final outcome of an invocation that waited for approval on
+    /// `<prefix>.invoke.result.<invocation id>` (protobuf `InvocationReply`). An id that is not
+    /// one subject token (`[A-Za-z0-9_-]`) is published under its subject token (32 hex
+    /// digits of its SHA-256) instead.
+    async fn publish_result(&self, report: InvocationReport) {
+        let id = report.invocation_id.clone();
+        let token = if !id.is_empty()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            id
+        } else {
+            match InvocationId::parse(&id) {
+                Ok(id) => id.subject_token(),
+                Err(_) => return,
+            }
+        };
+        let subject = format!("{}.invoke.result.{token}", self.prefix);
+        let payload = encode(&reply_of(report), false);
+        if let Err(error) = self.client.publish(subject, payload).await {
+            tracing::warn!(%error, "could not publish an approval outcome");
         }
     }
 }

@@ -56,6 +56,11 @@ impl Invoker {
         for (user, id) in expired {
             if self.close(&user, &id, InvocationCommand::Expire).await? {
                 closed += 1;
+                if let (Ok(user), Ok(id)) = (UserId::parse(&user), InvocationId::parse(&id))
+                    && let Ok(report) = self.status(&user, &id, Duration::ZERO).await
+                {
+                    self.announce_approval_outcome(&report);
+                }
             }
         }
         for (user, id) in stalled {

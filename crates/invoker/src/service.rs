@@ -88,6 +88,9 @@ pub(crate) struct Inner {
     pub sessions: Mutex<HashMap<(ServerId, UserId), Arc<CachedSession>>>,
     /// Recent results by (user, invocation id), for duplicates and status look-ups.
     pub results: Mutex<ResultCache>,
+    /// Final outcomes of invocations that waited for approval, as this process records them
+    /// (the NATS adapter publishes them on `<prefix>.invoke.result.<id>`).
+    pub approval_outcomes: tokio::sync::broadcast::Sender<crate::InvocationReport>,
 }
 
 pub(crate) struct CachedSession {
@@ -141,6 +144,7 @@ impl Invoker {
                 settings,
                 sessions: Mutex::new(HashMap::new()),
                 results: Mutex::new(ResultCache::default()),
+                approval_outcomes: tokio::sync::broadcast::Sender::new(1024),
             }),
         }
     }
@@ -157,6 +161,19 @@ impl Invoker {
             inner.outbound.clone(),
             inner.settings.clone(),
         )
+    }
+
+    /// The final outcomes of invocations that waited for approval, recorded by this process
+    /// (approved and run, denied, expired). A receiver that falls behind loses the oldest.
+    pub fn approval_outcomes(&self) -> tokio::sync::broadcast::Receiver<crate::InvocationReport> {
+        self.inner.approval_outcomes.subscribe()
+    }
+
+    pub(crate) fn announce_approval_outcome(&self, report: &crate::InvocationReport) {
+        if report.outcome.is_final() {
+            // No receiver is fine: nobody is listening.
+            let _ = self.inner.approval_outcomes.send(report.clone());
+        }
     }
 
     pub fn settings(&self) -> &InvokerSettings {
