@@ -55,9 +55,10 @@ impl Default for InvokerSettings {
 
 impl InvokerSettings {
     /// An invocation allowed, approved or running longer than this without a change was left
-    /// by a process that stopped: the longest deadline and a minute's grace.
+    /// by a process that stopped: by then its call has timed out (the longest deadline) and
+    /// the outcome's append had as long again, and 5 s, for its retries.
     pub fn stalled_after(&self) -> Duration {
-        self.max_deadline + Duration::from_secs(60)
+        self.max_deadline * 2 + Duration::from_secs(5)
     }
 }
 

@@ -308,6 +308,11 @@ impl ServerHandler for FixtureMcp {
                 .entry(request.name.to_string())
                 .or_default() += 1;
             state
+                .tool_call_arguments
+                .entry(request.name.to_string())
+                .or_default()
+                .push(request.arguments.clone().map_or(Value::Null, Value::Object));
+            state
                 .tools_for(&user)
                 .iter()
                 .find(|tool| tool.name == request.name)

@@ -205,6 +205,17 @@ impl FixtureHandle {
         });
     }
 
+    /// The arguments of every `tools/call` of `tool` that reached the handler, in order.
+    #[must_use]
+    pub fn tool_call_arguments(&self, tool: &str) -> Vec<serde_json::Value> {
+        self.shared
+            .state()
+            .tool_call_arguments
+            .get(tool)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// `tools/call`s of `tool` (also refused or failed ones that reached the handler).
     #[must_use]
     pub fn tool_calls(&self, tool: &str) -> usize {

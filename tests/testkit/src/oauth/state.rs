@@ -99,6 +99,8 @@ pub(crate) struct State {
     pub(crate) default_tools: Vec<FixtureTool>,
     pub(crate) user_tools: HashMap<String, Vec<FixtureTool>>,
     pub(crate) tool_calls: HashMap<String, usize>,
+    /// The arguments of every `tools/call`, by tool, in arrival order.
+    pub(crate) tool_call_arguments: HashMap<String, Vec<serde_json::Value>>,
     pub(crate) tools_list_requests: usize,
     pub(crate) mcp_requests: Vec<McpRequestSeen>,
     pub(crate) sessions_opened: usize,

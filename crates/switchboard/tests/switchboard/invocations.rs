@@ -1,0 +1,289 @@
+//! At most once across a crash: `up` on JetStream is killed with SIGKILL while it runs 2,000
+//! invocations of one user against the fixture MCP server, and started again; every
+//! invocation id then ends with exactly one final outcome, and no id reached the server twice.
+use std::{
+    collections::HashMap,
+    io::BufRead,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const INVOCATIONS: usize = 2_000;
+const IN_FLIGHT: usize = 64;
+const KILL_AFTER: usize = 500;
+const USER: &str = "alice@example.com";
+
+type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
+
+/// `up` on JetStream with the settings file; returns it, its log and its URL.
+fn start(dir: &std::path::Path, config: &std::path::Path) -> (std::process::Child, Lines, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("up")
+        .env_remove("SWITCHBOARD_VAULT_KEYS")
+        .env_remove("SWITCHBOARD_NATS_URL")
+        .env("SWITCHBOARD_CONFIG", config)
+        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD_LOG_FORMAT", "text")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start switchboard up");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let seen = super::read_until(&mut lines, "listening on ");
+    let url = seen
+        .lines()
+        .find_map(|line| line.split("listening on ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the URL")
+        .to_owned();
+    // Keep reading the log, so that `up` never blocks on a full pipe.
+    (child, lines, url)
+}
+
+fn drain(lines: Lines) {
+    std::thread::spawn(move || for _ in lines {});
+}
+
+fn token(dir: &std::path::Path, user: &str, role: &str) -> String {
+    let output = super::switchboard(
+        dir,
+        &["token", "--user", user, "--role", role, "--ttl", "30m"],
+    );
+    assert!(output.status.success());
+    String::from_utf8(output.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_owned()
+}
+
+async fn ok(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let body: Value = response.json().await.expect("JSON");
+    assert!(status.is_success(), "{status} {body}");
+    body
+}
+
+fn body_of(n: usize) -> Value {
+    let id = format!("kill_{n}");
+    json!({"invocation_id": id, "tool": "crash_test__create_issue", "arguments": {"title": id}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_invocation_ends_once_and_reaches_the_server_at_most_once_across_a_kill() {
+    let ca = testkit::TestCa::new();
+    let (router, handle) = testkit::OAuthFixture::default().start();
+    let fixture = testkit::serve_https(router, &ca.issue(&["localhost"])).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).expect("CA file");
+    let prefix = testkit::unique_name("kill");
+    let config = dir.path().join("switchboard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[nats]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n[outbound]\nallow_loopback = true\nextra_ca_file = \"{}\"\n\n[invocations]\nmax_deadline_ms = 2000\n",
+            testkit::shared_nats().url(),
+            ca_file.display()
+        ),
+    )
+    .expect("config");
+    let data = dir.path().join("data");
+    let (mut up, lines, url) = start(&data, &config);
+    drain(lines);
+    let admin = token(&data, "admin@example.com", "admin");
+    let alice = token(&data, USER, "analyst");
+    let client = testkit::http_client()
+        .pool_max_idle_per_host(IN_FLIGHT)
+        .build()
+        .expect("client");
+    let browser = testkit::http_client()
+        .tls_certs_only(
+            reqwest::Certificate::from_pem_bundle(ca.cert_pem().as_bytes()).expect("CA"),
+        )
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("browser");
+
+    // A custom server at the fixture, alice connected through the OAuth flow, create_issue
+    // always allowed.
+    let server = ok(client
+        .post(format!("{url}/api/v1/servers"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "Crash test", "url": format!("{}/mcp", fixture.https_url("localhost"))}))
+        .send()
+        .await
+        .expect("add"))
+    .await;
+    let server_id = server["id"].as_str().expect("id").to_owned();
+    let started = ok(client
+        .post(format!("{url}/api/v1/servers/{server_id}/connection"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("connect"))
+    .await;
+    let redirect = browser
+        .get(
+            started["authorization_url"]
+                .as_str()
+                .expect("authorization URL"),
+        )
+        .send()
+        .await
+        .expect("authorize");
+    let location = redirect.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let callback = client.get(&location).send().await.expect("callback");
+    assert_eq!(callback.status(), 200);
+    ok(client
+        .put(format!(
+            "{url}/api/v1/servers/{server_id}/tools/create_issue"
+        ))
+        .bearer_auth(&alice)
+        .json(&json!({"state": "always_allow"}))
+        .send()
+        .await
+        .expect("allow"))
+    .await;
+
+    // 2,000 invocations, 64 at a time; SIGKILL once 500 have answered.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..IN_FLIGHT {
+        let (client, url, alice) = (client.clone(), url.clone(), alice.clone());
+        let (answered, reached, next) = (answered.clone(), reached.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= INVOCATIONS {
+                    return;
+                }
+                let sent = client
+                    .post(format!("{url}/api/v1/invocations"))
+                    .bearer_auth(&alice)
+                    .json(&body_of(n))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status().is_success() => {
+                        if answered.fetch_add(1, Ordering::SeqCst) + 1 == KILL_AFTER {
+                            reached.notify_one();
+                        }
+                    }
+                    // The process is gone: the rest is sent to its successor.
+                    _ => return,
+                }
+            }
+        }));
+    }
+    reached.notified().await;
+    up.kill().expect("SIGKILL");
+    let _ = up.wait();
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    let before = answered.load(Ordering::SeqCst);
+    assert!(before >= KILL_AFTER && before < INVOCATIONS, "{before}");
+
+    // Started again on the same store: every id is sent again (a retry for those that
+    // answered or were in flight), then looked up until its outcome is final.
+    let (mut up, lines, url) = start(&data, &config);
+    drain(lines);
+    let outcomes: Vec<(usize, Value)> = futures_util::stream::iter(0..INVOCATIONS)
+        .map(|n| {
+            let (client, url, alice) = (client.clone(), url.clone(), alice.clone());
+            async move {
+                let mut outcome = ok(client
+                    .post(format!("{url}/api/v1/invocations"))
+                    .bearer_auth(&alice)
+                    .json(&body_of(n))
+                    .send()
+                    .await
+                    .expect("invoke"))
+                .await;
+                while outcome["outcome"] == "running" {
+                    outcome = ok(client
+                        .get(format!("{url}/api/v1/invocations/kill_{n}?wait=30"))
+                        .bearer_auth(&alice)
+                        .send()
+                        .await
+                        .expect("status"))
+                    .await;
+                }
+                (n, outcome)
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    up.kill().expect("stop");
+    let _ = up.wait();
+
+    let mut by_outcome: HashMap<String, usize> = HashMap::new();
+    for (n, outcome) in &outcomes {
+        let kind = outcome["outcome"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            kind == "completed" || (kind == "failed" && outcome["reason"] == "interrupted"),
+            "kill_{n}: {outcome}"
+        );
+        *by_outcome.entry(kind).or_default() += 1;
+    }
+    assert_eq!(outcomes.len(), INVOCATIONS);
+
+    // No id reached the server twice; every completed one reached it once.
+    let mut calls: HashMap<String, usize> = HashMap::new();
+    for arguments in handle.tool_call_arguments("create_issue") {
+        *calls
+            .entry(arguments["title"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    for (id, count) in &calls {
+        assert_eq!(*count, 1, "{id} reached the server {count} times");
+    }
+    for (n, outcome) in &outcomes {
+        if outcome["outcome"] == "completed" {
+            assert_eq!(calls.get(&format!("kill_{n}")), Some(&1), "kill_{n}");
+        }
+    }
+
+    // Exactly one terminal event per invocation in the stream.
+    let nats = async_nats::connect(testkit::shared_nats().url())
+        .await
+        .expect("connect");
+    let log = eventlog::jetstream::JetStreamLog::connect_existing(
+        nats,
+        eventlog::jetstream::JetStreamConfig::with_prefix(&prefix),
+    )
+    .await
+    .expect("log");
+    let mut terminal: HashMap<String, usize> = HashMap::new();
+    let mut stream = eventlog::EventLog::read_from(&log, eventlog::LogKind::Invocations, 0, None)
+        .await
+        .expect("read");
+    while let Some(event) = stream.next().await {
+        use proto::v1::envelope::Event as E;
+        let event = event.expect("event");
+        let id = match &event.envelope.event {
+            Some(E::InvocationCompleted(e)) => &e.invocation_id,
+            Some(E::InvocationFailed(e)) => &e.invocation_id,
+            Some(E::InvocationRejected(e)) => &e.invocation_id,
+            _ => continue,
+        };
+        *terminal.entry(id.clone()).or_default() += 1;
+    }
+    assert_eq!(terminal.len(), INVOCATIONS, "{by_outcome:?}");
+    assert!(terminal.values().all(|count| *count == 1));
+    eprintln!("outcomes after the kill: {by_outcome:?}; answered before it: {before}");
+}
