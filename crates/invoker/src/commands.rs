@@ -4,11 +4,11 @@
 //! **At most once.** Each invocation has its own subject, and its `InvocationRequested` is
 //! appended with "no events yet": of any number of requests with one id — retries,
 //! concurrent duplicates, other processes, after a restart — exactly one append succeeds,
-//! and only its request goes on. The upstream call is further guarded by `InvocationStarted`,
-//! appended at the version the owner loaded: whoever starts it is the only caller, so an
-//! approval decided on one process and a sweeper on another never both call. A duplicate
-//! loses the claim, checks that it is the same request (`invocation_id_reused` otherwise)
-//! and waits for the recorded outcome.
+//! and only its request goes on. An invocation that waits for approval is run by whoever
+//! appends the one `InvocationApproved` (an expected-version append too). Every later event
+//! is appended at the version its writer loaded, so the sweeper closing a stalled invocation
+//! and its owner never both record an outcome. A duplicate loses the claim, checks that it is
+//! the same request (`invocation_id_reused` otherwise) and waits for the recorded outcome.
 //!
 //! **No serialisation per user.** A user's parallel invocations are on different subjects:
 //! their appends never conflict, and loading one reads its own few events.
@@ -587,40 +587,41 @@ impl Invoker {
         let state = InvocationState::from_events(events.iter());
         let started = invocation::decide(&state, &id, InvocationCommand::Start, self.now())?;
         let envelopes = self.inner.envelopes.wrap(&context, started.clone());
-        let started_at = match self
-            .inner
-            .log
-            .append(&subject, ExpectedVersion::At(version), &envelopes)
-            .await
-        {
+        // `InvocationStarted` is appended while the call goes out, not before it: the right to
+        // call was settled earlier, by the claim (the one `InvocationRequested` append that
+        // succeeded) or by the approval (the one `InvocationApproved` append that did), so
+        // nobody else can start this invocation and waiting for the append would only add
+        // its latency to every call. `Started` still precedes the outcome in the log.
+        let began = tokio::time::Instant::now();
+        let calling = async {
+            let answer = tokio::time::timeout(
+                deadline,
+                self.call(server_id, &user, &url, &tool_name, arguments),
+            )
+            .await;
+            (answer, began.elapsed())
+        };
+        let (appended, (answer, took)) = tokio::join!(
+            self.inner
+                .log
+                .append(&subject, ExpectedVersion::At(version), &envelopes),
+            calling
+        );
+        let started_at = match appended {
             Ok(appended) => appended.last_sequence,
             Err(error) if error.is_conflict() => {
-                // Someone else moved the invocation on (it was started or closed elsewhere):
-                // never call; report what they record.
-                let history = self.inner.log.read_aggregate(&subject).await?;
-                let events = events_of(&history);
-                return self
-                    .await_outcome(
-                        &user,
-                        &id,
-                        &subject,
-                        history.version,
-                        events,
-                        deadline + RECORDING_GRACE,
-                        false,
-                    )
-                    .await;
+                // Only the sweeper writes here meanwhile, and only long after the deadline:
+                // what it recorded stands.
+                tracing::warn!(
+                    invocation = id.as_str(),
+                    "an invocation was closed by someone else while it ran"
+                );
+                return self.status(&user, &id, Duration::ZERO).await;
             }
             Err(error) => return Err(error.into()),
         };
         events.extend(started);
-        let began = tokio::time::Instant::now();
-        let answer = tokio::time::timeout(
-            deadline,
-            self.call(server_id, &user, &url, &tool_name, arguments),
-        )
-        .await;
-        let duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         let command = match answer {
             Ok(Ok(result)) => {
                 let server = ResultServer {
