@@ -7,6 +7,7 @@ use crate::{
     audit,
     configuration::{GlobalArgs, Settings},
     token, up, vault_cmd,
+    walkthrough::{self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, InvokeArgs, ToolsArgs},
 };
 
 #[derive(Debug, Parser)]
@@ -43,6 +44,23 @@ pub enum Command {
     /// Manage the secrets vault.
     #[command(subcommand)]
     Vault(VaultCommand),
+    /// List the servers and your connection to each (talks to a running `up`).
+    Servers(ApiArgs),
+    /// Connect to a server: prints the authorization URL, waits until the connection is
+    /// healthy or failed.
+    Connect(ConnectArgs),
+    /// List your tools and their states.
+    Tools(ToolsArgs),
+    /// Set a tool (or with --category, a category) to always, approval or block.
+    Allow(AllowArgs),
+    /// Invoke a tool as the AI would; waits for approval when the tool needs it.
+    Invoke(InvokeArgs),
+    /// List the invocations waiting for your approval.
+    Approvals(ApiArgs),
+    /// Approve an invocation that waits for you.
+    Approve(DecideArgs),
+    /// Deny an invocation that waits for you.
+    Deny(DecideArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -152,5 +170,13 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Audit(AuditCommand::Replay(args)) => audit::replay(&store, &args).await,
         Command::Audit(AuditCommand::Servers { at }) => audit::servers(&store, at).await,
         Command::Vault(command) => vault_cmd::run(&store, command).await,
+        Command::Servers(args) => walkthrough::servers(&args, &settings).await,
+        Command::Connect(args) => walkthrough::connect(&args, &settings).await,
+        Command::Tools(args) => walkthrough::tools(&args, &settings).await,
+        Command::Allow(args) => walkthrough::allow(&args, &settings).await,
+        Command::Invoke(args) => walkthrough::invoke(&args, &settings).await,
+        Command::Approvals(args) => walkthrough::approvals(&args, &settings).await,
+        Command::Approve(args) => walkthrough::decide(&args, &settings, true).await,
+        Command::Deny(args) => walkthrough::decide(&args, &settings, false).await,
     }
 }

@@ -7,6 +7,7 @@ mod configuration;
 mod token;
 mod up;
 mod vault_cmd;
+mod walkthrough;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();

@@ -17,7 +17,11 @@ use proto::v1::{ServerAdded, envelope::Event};
 type Lines = std::io::Lines<std::io::BufReader<ChildStderr>>;
 
 /// Starts `switchboard up` on a free port; returns it, its log and the URL it serves.
-fn serve(data_dir: &Path, env: &[(&str, &str)], up_args: &[&str]) -> (Child, Lines, String) {
+pub(super) fn serve(
+    data_dir: &Path,
+    env: &[(&str, &str)],
+    up_args: &[&str],
+) -> (Child, Lines, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("--data-dir")
         .arg(data_dir)
@@ -44,7 +48,7 @@ fn serve(data_dir: &Path, env: &[(&str, &str)], up_args: &[&str]) -> (Child, Lin
     (child, lines, url)
 }
 
-fn token(data_dir: &Path, user: &str, role: &str) -> String {
+pub(super) fn token(data_dir: &Path, user: &str, role: &str) -> String {
     let output = super::switchboard(
         data_dir,
         &["token", "--user", user, "--role", role, "--ttl", "10m"],
