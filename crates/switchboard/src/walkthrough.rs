@@ -228,8 +228,8 @@ pub async fn servers(args: &ApiArgs, settings: &Settings) -> anyhow::Result<()> 
         return Ok(());
     }
     println!(
-        "{:<24} {:<10} {:<15} {}",
-        "SERVER", "ENABLED", "YOUR CONNECTION", "ID"
+        "{:<24} {:<10} {:<15} ID",
+        "SERVER", "ENABLED", "YOUR CONNECTION"
     );
     for server in servers {
         let id = text(&server["id"]);
@@ -319,7 +319,7 @@ pub async fn tools(args: &ToolsArgs, settings: &Settings) -> anyhow::Result<()> 
         };
         if let Ok(usable) = api.get(&path).await {
             let tools = usable["tools"].as_array().cloned().unwrap_or_default();
-            println!("{:<40} {:<15} {}", "TOOL", "STATE", "SERVER");
+            println!("{:<40} {:<15} SERVER", "TOOL", "STATE");
             for tool in &tools {
                 println!(
                     "{:<40} {:<15} {}",
@@ -342,10 +342,7 @@ pub async fn tools(args: &ToolsArgs, settings: &Settings) -> anyhow::Result<()> 
             .cloned()
             .unwrap_or_default(),
     };
-    println!(
-        "{:<40} {:<15} {:<13} {}",
-        "TOOL", "STATE", "CATEGORY", "CHANGED"
-    );
+    println!("{:<40} {:<15} {:<13} CHANGED", "TOOL", "STATE", "CATEGORY");
     let mut count = 0;
     for server in servers {
         let id = text(&server["id"]);
