@@ -11,6 +11,9 @@ pub use mcp::Allowance;
 /// The id of the Custom MCP Server tile (the admin gives the URL).
 pub const CUSTOM_TEMPLATE: &str = "custom";
 
+/// The id of the demo issue tracker's tile, in the catalog of `switchboard up --demo` only.
+pub const DEMO_TEMPLATE: &str = "demo";
+
 /// One tile of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Template {
@@ -174,6 +177,28 @@ impl Catalog {
                 template.url = Some(url);
             }
         }
+        catalog
+    }
+
+    /// The standard catalog and, before Custom, the tile of the demo issue tracker that
+    /// `switchboard up --demo` serves at `url` (held to the MCP specification, no allowances).
+    pub fn with_demo(url: String) -> Self {
+        let mut catalog = Catalog::standard();
+        let demo = Template {
+            id: DEMO_TEMPLATE,
+            name: "Demo issue tracker",
+            url: Some(url),
+            description: "The in-process demo of `switchboard up --demo`: search, create and delete issues, and an oversized export",
+            allowances: &[],
+            revocation_api: None,
+            preregistered_auth_method: None,
+        };
+        let custom = catalog
+            .templates
+            .iter()
+            .position(|t| t.id == CUSTOM_TEMPLATE)
+            .unwrap_or(catalog.templates.len());
+        catalog.templates.insert(custom, demo);
         catalog
     }
 

@@ -45,7 +45,7 @@ pub const SECRET_PREFIX: &str = "sbdemo_";
 /// The catalog template id of the demo server.
 pub const TEMPLATE_ID: &str = "demo";
 /// The name the demo server is added under.
-pub const SERVER_NAME: &str = "Demo issue tracker";
+pub const SERVER_NAME: &str = "Demo";
 /// The scopes the demo knows: reading, and changing issues.
 pub const SCOPES: [&str; 2] = ["issues:read", "issues:write"];
 /// The file, in the state directory, that keeps the ports and registered clients.
@@ -84,6 +84,10 @@ pub struct Demo {
 pub(crate) struct Persisted {
     pub(crate) auth_port: u16,
     pub(crate) mcp_port: u16,
+    /// The demo server was once added to Switchboard's server list (`up --demo` adds it on the
+    /// first start only; an admin who deleted it can add it again from the catalog).
+    #[serde(default)]
+    pub(crate) server_added: bool,
     #[serde(default)]
     pub(crate) clients: std::collections::BTreeMap<String, state::Client>,
 }
@@ -140,7 +144,7 @@ impl Demo {
         tracing::info!(
             authorization_server = %shared.issuer,
             mcp_server = %shared.resource,
-            "demo servers listening on loopback"
+            "demo servers started on loopback"
         );
         Ok(Demo {
             auth_address,
@@ -168,6 +172,18 @@ impl Demo {
     /// Tool calls per tool and the revocations seen so far (what `GET /demo/stats` shows).
     pub fn stats(&self) -> Stats {
         self.shared.stats()
+    }
+
+    /// Whether the demo server was once added to the server list of this data directory.
+    pub fn server_added(&self) -> bool {
+        self.shared.state().persisted.server_added
+    }
+
+    /// Records that the demo server was added to the server list.
+    pub fn record_server_added(&self) -> Result<(), DemoError> {
+        let mut state = self.shared.state();
+        state.persisted.server_added = true;
+        self.shared.save(&state.persisted)
     }
 
     /// Stops both servers.

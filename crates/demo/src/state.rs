@@ -160,7 +160,10 @@ impl Shared {
                 "Export is slow for large trackers",
                 "export_all takes seconds.",
             ),
-            ("Search ignores accents", "Searching for 'cafe' misses 'café'."),
+            (
+                "Search ignores accents",
+                "Searching for 'cafe' misses 'café'.",
+            ),
         ];
         let issues: Vec<Issue> = issues
             .iter()

@@ -14,8 +14,8 @@ use axum::{
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     model::{
-        CallToolRequestParams, CallToolResponse, CallToolResult, Implementation,
-        ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+        CallToolRequestParams, CallToolResponse, CallToolResult, Implementation, ListToolsResult,
+        PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
     },
     service::RequestContext,
     transport::{
@@ -245,7 +245,8 @@ impl Tracker {
                 let mut export = String::with_capacity(EXPORT_ALL_BYTES + 256);
                 'fill: loop {
                     for issue in &state.issues {
-                        export.push_str(&format!("{}\t{}\t{}\n", issue.key, issue.title, issue.body));
+                        export
+                            .push_str(&format!("{}\t{}\t{}\n", issue.key, issue.title, issue.body));
                         if export.len() >= EXPORT_ALL_BYTES {
                             break 'fill;
                         }
