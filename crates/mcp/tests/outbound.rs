@@ -367,3 +367,46 @@ async fn plain_http_is_allowed_only_to_loopback_and_only_when_allowed() {
         Err(OutboundError::NotHttps { .. })
     ));
 }
+
+#[tokio::test]
+async fn an_allowed_exception_admits_exactly_its_socket_address_and_nothing_else_on_loopback() {
+    let router = Router::new().route("/ok", get(|| async { "demo" }));
+    let demo = testkit::serve_http(router.clone()).await;
+    let other = testkit::serve_http(router).await;
+    let policy = OutboundPolicy {
+        allowed_exceptions: vec![demo.address],
+        loopback_only_safety_net: true,
+        ..OutboundPolicy::default()
+    };
+    let client = OutboundClient::new(policy, Arc::new(TestResolver::standard())).expect("client");
+    let url = |port: u16, host: &str| Url::parse(&format!("http://{host}:{port}/ok")).expect("url");
+    let response = fetch(&client, url(demo.port(), "127.0.0.1"))
+        .await
+        .expect("the exception is admitted over plain http");
+    assert_eq!(&response.body[..], b"demo");
+    // Another port on the same address, a name resolving to it, https to another port: refused.
+    assert!(matches!(
+        fetch(&client, url(other.port(), "127.0.0.1")).await,
+        Err(OutboundError::NotHttps { .. })
+    ));
+    assert!(matches!(
+        fetch(&client, url(demo.port(), "fixture.test")).await,
+        Err(OutboundError::NotHttps { .. })
+    ));
+    let https_other = Url::parse(&format!("https://127.0.0.1:{}/ok", other.port())).expect("url");
+    assert!(matches!(
+        fetch(&client, https_other).await,
+        Err(OutboundError::AddressRefused {
+            class: AddressClass::Loopback,
+            ..
+        })
+    ));
+    let https_named = Url::parse(&format!("https://fixture.test:{}/ok", demo.port())).expect("url");
+    assert!(matches!(
+        fetch(&client, https_named).await,
+        Err(OutboundError::AddressRefused {
+            class: AddressClass::Loopback,
+            ..
+        })
+    ));
+}
