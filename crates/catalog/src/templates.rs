@@ -216,6 +216,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_demo_catalog_adds_the_demo_tile_before_custom_without_allowances() {
+        let catalog = Catalog::with_demo("http://127.0.0.1:4000/mcp".to_owned());
+        let ids: Vec<&str> = catalog.templates().iter().map(|t| t.id).collect();
+        assert_eq!(ids[ids.len() - 2..], [DEMO_TEMPLATE, CUSTOM_TEMPLATE]);
+        let demo = catalog.get(DEMO_TEMPLATE).expect("the demo tile");
+        assert_eq!(demo.url.as_deref(), Some("http://127.0.0.1:4000/mcp"));
+        assert!(demo.allowances.is_empty());
+        assert!(Catalog::standard().get(DEMO_TEMPLATE).is_none());
+    }
+
+    #[test]
     fn the_catalog_has_five_providers_and_custom() {
         let catalog = Catalog::standard();
         let ids: Vec<&str> = catalog.templates().iter().map(|t| t.id).collect();

@@ -112,8 +112,9 @@ pub fn print_next_steps(
          \x20 switchboard tools                         # four tools, every one Blocked\n\
          \x20 switchboard allow demo search_issues always\n\
          \x20 switchboard invoke search_issues '{{\"query\": \"export\"}}'\n\
-         \x20 SWITCHBOARD_TOKEN=$SWITCHBOARD_ADMIN_TOKEN switchboard audit replay\n\
-         The commands reach this instance at {public_url} (--url).\n"
+         \x20 switchboard --data-dir {} audit replay --format table\n\
+         The commands talk to this instance at {public_url}.\n",
+        settings.data_dir.display()
     ));
     print!("{out}");
     use std::io::Write;

@@ -209,6 +209,7 @@ async fn up_demo_adds_the_demo_server_and_a_user_connects_through_allow_or_fails
     let server_id = server["id"].as_str().expect("id").to_owned();
     let mcp_url = server["url"].as_str().expect("url").to_owned();
     assert!(mcp_url.starts_with("http://127.0.0.1:"), "{mcp_url}");
+    assert_eq!(server["slug"], "demo", "{server}");
 
     // Allow: connected, healthy, four tools.
     let alice = token(dir.path(), "alice@example.com", "analyst");
