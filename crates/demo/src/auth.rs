@@ -298,7 +298,14 @@ fn handle(shared: &Shared, raw: &str, consent: Consent) -> Response {
             return bad_request("the client is not known (was it registered with this demo?)");
         };
         match get("redirect_uri") {
-            Some(given) if client.redirect_uris.contains(&given) => given,
+            Some(given)
+                if client
+                    .redirect_uris
+                    .iter()
+                    .any(|r| same_redirect(r, &given)) =>
+            {
+                given
+            }
             Some(_) => return bad_request("redirect_uri is not registered for the client"),
             None if client.redirect_uris.len() == 1 => client.redirect_uris[0].clone(),
             None => return bad_request("redirect_uri is missing"),
@@ -372,6 +379,29 @@ fn handle(shared: &Shared, raw: &str, consent: Consent) -> Response {
             answer(&[("code", &code)])
         }
     }
+}
+
+/// Whether `given` is the registered redirect URI. For a loopback address literal the port
+/// may differ (RFC 8252 §7.3): Switchboard's own port may change between starts (`--listen`),
+/// while the client it registered with the demo is kept.
+fn same_redirect(registered: &str, given: &str) -> bool {
+    if registered == given {
+        return true;
+    }
+    let (Ok(mut registered), Ok(mut given)) = (Url::parse(registered), Url::parse(given)) else {
+        return false;
+    };
+    let loopback_literal = |url: &Url| match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        _ => false,
+    };
+    if !(loopback_literal(&registered) && loopback_literal(&given)) {
+        return false;
+    }
+    let _ = registered.set_port(None);
+    let _ = given.set_port(None);
+    registered == given
 }
 
 /// The scopes asked for that the demo knows; `issues:read` when none is left.

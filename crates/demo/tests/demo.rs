@@ -360,6 +360,23 @@ async fn deny_redirects_with_access_denied_and_a_restart_keeps_ports_and_clients
     // The client registered before the restart can still sign in.
     let answer = decide(&demo, &client_id, "allow").await;
     assert!(answer.contains_key("code"));
+    // A loopback redirect URI on another port is the same client's (RFC 8252 §7.3); another
+    // path is not.
+    for (redirect, status) in [
+        ("http://127.0.0.1:10/callback", 200),
+        ("http://127.0.0.1:9/elsewhere", 400),
+    ] {
+        let query = authorization_query(&demo, &client_id).replace(
+            &form(&[("redirect_uri", REDIRECT)]),
+            &form(&[("redirect_uri", redirect)]),
+        );
+        let page = client()
+            .get(format!("{}/authorize?{query}", demo.issuer()))
+            .send()
+            .await
+            .expect("authorize");
+        assert_eq!(page.status(), status, "{redirect}");
+    }
     // The state file keeps no issued secret.
     let kept = std::fs::read_to_string(dir.path().join(demo::STATE_FILE)).expect("state");
     assert!(!kept.contains(demo::SECRET_PREFIX), "{kept}");

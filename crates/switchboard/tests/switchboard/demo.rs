@@ -261,7 +261,7 @@ async fn up_demo_adds_the_demo_server_and_a_user_connects_through_allow_or_fails
 }
 
 #[tokio::test]
-async fn up_demo_twice_on_one_data_directory_adds_the_demo_server_once() {
+async fn up_demo_twice_on_one_data_directory_adds_the_demo_server_once_and_it_still_works() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (up, lines, _, stdout, url) = up_demo(dir.path());
     let admin = token(dir.path(), "admin@example.com", "admin");
@@ -276,5 +276,12 @@ async fn up_demo_twice_on_one_data_directory_adds_the_demo_server_once() {
     // Same server, same URL: the demo came back on the ports it saved.
     assert_eq!(second[0]["id"], first[0]["id"]);
     assert_eq!(second[0]["url"], first[0]["url"]);
+    // The stored server, its endpoints and its registered client still work: a user connects.
+    let server_id = second[0]["id"].as_str().expect("id");
+    let alice = token(dir.path(), "alice@example.com", "analyst");
+    let (code, page) = connect(&url, server_id, &alice, "allow").await;
+    assert_eq!(code, 200, "{page}");
+    let status = connection_status(&url, server_id, &alice).await;
+    assert_eq!(status["status"], "healthy", "{status}");
     stop(up, lines, stdout);
 }
