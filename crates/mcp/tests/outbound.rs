@@ -410,3 +410,53 @@ async fn an_allowed_exception_admits_exactly_its_socket_address_and_nothing_else
         })
     ));
 }
+
+#[tokio::test]
+async fn rfc7009_to_a_plain_http_endpoint_the_guard_admits_is_sent_by_hand_with_the_clients_method()
+{
+    use testkit::{ClientAuthMethod, PRE_REGISTERED_CLIENT_ID, PRE_REGISTERED_CLIENT_SECRET};
+    let (router, handle) = testkit::OAuthFixture::default().start();
+    let fixture = testkit::serve_http(router).await;
+    let client = OutboundClient::new(
+        OutboundPolicy {
+            allowed_exceptions: vec![fixture.address],
+            loopback_only_safety_net: true,
+            ..OutboundPolicy::default()
+        },
+        Arc::new(TestResolver::standard()),
+    )
+    .expect("client");
+    let method = mcp::RevocationMethod::Rfc7009 {
+        endpoint: Url::parse(&format!("http://127.0.0.1:{}/revoke", fixture.port())).expect("url"),
+    };
+    let credentials = |secret: &str| mcp::ClientAuthentication {
+        client_id: PRE_REGISTERED_CLIENT_ID.to_owned(),
+        client_secret: Some(secret.to_owned()),
+        method: "client_secret_basic".to_owned(),
+    };
+    let tokens = || mcp::TokensToRevoke {
+        access_token: Some("an-access-token"),
+        refresh_token: Some("a-refresh-token"),
+    };
+    mcp::revoke_tokens(
+        &client,
+        &method,
+        &credentials(PRE_REGISTERED_CLIENT_SECRET),
+        tokens(),
+    )
+    .await
+    .expect("revoked");
+    let seen = handle.revocations();
+    let hints: Vec<Option<&str>> = seen.iter().map(|r| r.token_type_hint.as_deref()).collect();
+    assert_eq!(hints, [Some("refresh_token"), Some("access_token")]);
+    assert!(
+        seen.iter()
+            .all(|r| r.accepted && r.client_auth == ClientAuthMethod::ClientSecretBasic)
+    );
+    // A wrong secret is refused, and said so.
+    let refused = mcp::revoke_tokens(&client, &method, &credentials("wrong"), tokens()).await;
+    assert!(
+        matches!(refused, Err(mcp::RevocationError::Refused { .. })),
+        "{refused:?}"
+    );
+}

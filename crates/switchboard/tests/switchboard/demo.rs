@@ -231,7 +231,7 @@ async fn up_demo_adds_the_demo_server_and_a_user_connects_through_allow_or_fails
     // The demo's own report: one sign-in allowed, one denied, no tool called yet.
     let stats_url = mcp_url.replace("/mcp", "/demo/stats");
     let stats: Value = client()
-        .get(stats_url)
+        .get(&stats_url)
         .send()
         .await
         .expect("stats")
@@ -241,6 +241,35 @@ async fn up_demo_adds_the_demo_server_and_a_user_connects_through_allow_or_fails
     assert_eq!(stats["authorizations_allowed"], 1, "{stats}");
     assert_eq!(stats["authorizations_denied"], 1, "{stats}");
     assert_eq!(stats["tool_calls"], serde_json::json!({}), "{stats}");
+    assert_eq!(stats["revocations"], serde_json::json!([]), "{stats}");
+
+    // Disconnecting revokes at the demo authorization server, which reports it.
+    let disconnected: Value = client()
+        .delete(format!("{url}/api/v1/servers/{server_id}/connection"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("disconnect")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(disconnected["tokens_revoked"], true, "{disconnected}");
+    let stats: Value = client()
+        .get(&stats_url)
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("JSON");
+    let kinds: Vec<&str> = stats["revocations"]
+        .as_array()
+        .expect("revocations")
+        .iter()
+        .filter_map(|r| r["token_kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"refresh_token"), "{stats}");
+    assert!(!kinds.contains(&"unknown"), "{stats}");
 
     let (log, printed) = stop(up, lines, stdout);
     // What to do next is printed: both tokens and the commands.
