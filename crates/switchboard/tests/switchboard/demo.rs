@@ -14,10 +14,11 @@ type Lines = std::io::Lines<std::io::BufReader<ChildStderr>>;
 
 /// `switchboard up --demo` on a free port, after it logged where it listens (the demo server
 /// is added before that); returns it, its log so far and later, its stdout and its URL.
-fn up_demo(data_dir: &Path) -> (Child, Lines, String, ChildStdout, String) {
+fn up_demo(data_dir: &Path, global: &[String]) -> (Child, Lines, String, ChildStdout, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("--data-dir")
         .arg(data_dir)
+        .args(global)
         .args(["up", "--demo"])
         .env_remove("SWITCHBOARD_VAULT_KEYS")
         .env_remove("SWITCHBOARD_NATS_URL")
@@ -200,8 +201,21 @@ fn assert_no_demo_secret(what: &str, bytes: &[u8]) {
 
 #[tokio::test]
 async fn up_demo_adds_the_demo_server_and_a_user_connects_through_allow_or_fails_through_deny() {
+    // The embedded default (JSONL), then JetStream.
+    allow_and_deny_on(&[], None).await;
+    let nats = testkit::shared_nats();
+    let global = [
+        "--nats".to_owned(),
+        nats.url(),
+        "--nats-prefix".to_owned(),
+        testkit::unique_name("demo"),
+    ];
+    allow_and_deny_on(&global, Some(nats.store_dir())).await;
+}
+
+async fn allow_and_deny_on(global: &[String], nats_store: Option<&Path>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (up, lines, seen, stdout, url) = up_demo(dir.path());
+    let (up, lines, seen, stdout, url) = up_demo(dir.path(), global);
     let admin = token(dir.path(), "admin@example.com", "admin");
     let servers = demo_servers(&url, &admin).await;
     assert_eq!(servers.len(), 1, "{servers:?}\n{seen}");
@@ -284,6 +298,9 @@ async fn up_demo_adds_the_demo_server_and_a_user_connects_through_allow_or_fails
     }
     let mut files = Vec::new();
     files_under(dir.path(), &mut files);
+    if let Some(store) = nats_store {
+        files_under(store, &mut files);
+    }
     for (path, bytes) in &files {
         assert_no_demo_secret(&path.display().to_string(), bytes);
     }
@@ -292,13 +309,13 @@ async fn up_demo_adds_the_demo_server_and_a_user_connects_through_allow_or_fails
 #[tokio::test]
 async fn up_demo_twice_on_one_data_directory_adds_the_demo_server_once_and_it_still_works() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (up, lines, _, stdout, url) = up_demo(dir.path());
+    let (up, lines, _, stdout, url) = up_demo(dir.path(), &[]);
     let admin = token(dir.path(), "admin@example.com", "admin");
     let first = demo_servers(&url, &admin).await;
     assert_eq!(first.len(), 1, "{first:?}");
     stop(up, lines, stdout);
 
-    let (up, lines, seen, stdout, url) = up_demo(dir.path());
+    let (up, lines, seen, stdout, url) = up_demo(dir.path(), &[]);
     assert!(seen.contains("not adding it again"), "{seen}");
     let second = demo_servers(&url, &admin).await;
     assert_eq!(second.len(), 1, "{second:?}");
