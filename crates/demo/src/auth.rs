@@ -364,6 +364,11 @@ fn handle(shared: &Shared, raw: &str, consent: Consent) -> Response {
             };
             let mut state = shared.state();
             state.stats.authorizations_allowed += 1;
+            // Expired codes are of no use, not even for replay detection: forget them, so a
+            // long-running demo does not grow without bound.
+            state
+                .codes
+                .retain(|_, code| code.issued_at.elapsed() <= CODE_LIFETIME);
             state.codes.insert(
                 code.clone(),
                 Code {
@@ -631,6 +636,11 @@ fn exchange_code(
 fn issue(state: &mut State, grant: usize, scopes: &[String]) -> Result<Value, OAuthError> {
     let access = mint("at")?;
     let refresh = mint("rt")?;
+    // Expired access tokens are refused anyway: forget them (bounded memory).
+    let now = Instant::now();
+    state
+        .access_tokens
+        .retain(|_, token| token.expires_at > now);
     state.access_tokens.insert(
         access.clone(),
         AccessToken {
