@@ -203,7 +203,12 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     // server in the list.
     if let (Some(demo), Some(state)) = (&demo, &demo_state) {
         crate::demo_cmd::add_server_once(state, demo).await;
-        crate::demo_cmd::print_next_steps(&settings, secret.as_ref(), &public_url, demo)?;
+        // A closed standard output loses the hints, never the running instance.
+        if let Err(error) =
+            crate::demo_cmd::print_next_steps(&settings, secret.as_ref(), &public_url, demo)
+        {
+            tracing::warn!("the demo's next steps were not printed: {error:#}");
+        }
     }
     drop(demo_state);
 
