@@ -77,6 +77,11 @@ pub struct UpArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Also start, inside this process on loopback, a demo OAuth authorization server and a
+    /// demo MCP server (an issue tracker), add it to the catalog and (first start only) to
+    /// the server list, and print tokens and the next commands.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -161,7 +166,7 @@ pub enum VaultCommand {
 pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     let store = settings.store();
     match command {
-        Command::Up(_) => up::run(settings).await,
+        Command::Up(args) => up::run(settings, args.demo).await,
         Command::Token(args) => token::print(&settings, &args),
         Command::Config => {
             print!("{}", settings.redacted_toml()?);

@@ -4,6 +4,7 @@ use clap::Parser;
 mod audit;
 mod cli;
 mod configuration;
+mod demo_cmd;
 mod token;
 mod up;
 mod vault_cmd;

@@ -8,6 +8,7 @@ use eventlog::{
 };
 use proto::v1::{Envelope, ServerAdded, ServerDisabled, envelope::Event};
 
+mod demo;
 mod http;
 mod walkthrough;
 
