@@ -107,13 +107,17 @@ pub fn print_next_steps(
     }
     out.push_str(&format!(
         "Next, in another terminal (with the exports above):\n\
+         \x20 export SWITCHBOARD_URL={public_url}\n\
          \x20 switchboard servers                       # the demo server is listed\n\
          \x20 switchboard connect demo                  # open the printed URL, press Allow\n\
-         \x20 switchboard tools                         # four tools, every one Blocked\n\
+         \x20 switchboard tools --server demo           # four tools, every one Blocked\n\
          \x20 switchboard allow demo search_issues always\n\
-         \x20 switchboard invoke search_issues '{{\"query\": \"export\"}}'\n\
-         \x20 switchboard --data-dir {} audit replay --format table\n\
-         The commands talk to this instance at {public_url}.\n",
+         \x20 switchboard allow demo write_delete approval --category\n\
+         \x20 switchboard invoke demo__search_issues '{{\"query\": \"export\"}}'\n\
+         \x20 switchboard invoke demo__delete_issue '{{\"key\": \"DEMO-1\"}}'   # waits for approval\n\
+         \x20 switchboard approvals                     # in a third terminal: what waits\n\
+         \x20 switchboard approve <invocation id>\n\
+         \x20 switchboard --data-dir {} audit replay --format table\n",
         settings.data_dir.display()
     ));
     print!("{out}");
