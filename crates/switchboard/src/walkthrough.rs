@@ -382,7 +382,15 @@ pub async fn allow(args: &AllowArgs, settings: &Settings) -> anyhow::Result<()> 
                 Some(body),
             )
             .await?;
-        let changed = answer["tools"].as_array().map_or(0, Vec::len);
+        // The answer lists every tool of the server; count this category's.
+        let changed = answer["tools"].as_array().map_or(0, |tools| {
+            tools
+                .iter()
+                .filter(|t| {
+                    text(&t["category"]) == args.tool && text(&t["state"]) == args.state.api()
+                })
+                .count()
+        });
         println!(
             "{}: {} tool(s) now {}.",
             args.tool,

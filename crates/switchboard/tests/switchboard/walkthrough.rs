@@ -180,7 +180,10 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         &alice,
         &["allow", "Tracker", "write_delete", "approval", "--category"],
     ));
-    assert!(category.contains("now needs_approval"), "{category}");
+    assert!(
+        category.contains("write_delete: 2 tool(s) now needs_approval"),
+        "{category}"
+    );
     let tools = stdout_of(&walk(
         &data_dir,
         &url,
