@@ -104,9 +104,13 @@ struct Target {
 }
 
 impl ServerCommands {
-    fn url_policy(&self) -> UrlPolicy {
+    /// The URL rule for `text`: https, and plain http to loopback when the outbound guard
+    /// allows loopback or the URL names one of its exceptions (the demo servers).
+    fn url_policy(&self, text: &str) -> UrlPolicy {
+        let exception =
+            url::Url::parse(text.trim()).is_ok_and(|url| self.outbound.is_exception(&url));
         UrlPolicy {
-            allow_loopback_http: self.outbound.policy().allow_loopback,
+            allow_loopback_http: self.outbound.policy().allow_loopback || exception,
         }
     }
 
@@ -129,7 +133,7 @@ impl ServerCommands {
             (None, Some(url)) => url.to_owned(),
             (None, None) => return Err(ServerChangeError::UrlMissing),
         };
-        let url = ServerUrl::parse(&text, self.url_policy())?;
+        let url = ServerUrl::parse(&text, self.url_policy(&text))?;
         let parsed = Url::parse(url.as_str()).map_err(|e| DomainError::UrlInvalid {
             reason: e.to_string(),
         })?;
@@ -233,7 +237,7 @@ impl ServerCommands {
             Some(secret) => Some(self.store_client_secret(id, secret).await?),
             None => None,
         };
-        let endpoint = |url: &str| ServerUrl::parse(url, self.url_policy());
+        let endpoint = |url: &str| ServerUrl::parse(url, self.url_policy(url));
         let registration = ClientRegistration {
             registration_mode: mode,
             client_id: client_id.clone(),

@@ -7,4 +7,4 @@ mod templates;
 
 pub use add::{AddServerInput, EditServerInput, OAuthClientSettings, ServerChangeError};
 pub use commands::ServerCommands;
-pub use templates::{Allowance, CUSTOM_TEMPLATE, Catalog, RevocationApi, Template};
+pub use templates::{Allowance, CUSTOM_TEMPLATE, Catalog, DEMO_TEMPLATE, RevocationApi, Template};

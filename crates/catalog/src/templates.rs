@@ -11,6 +11,9 @@ pub use mcp::Allowance;
 /// The id of the Custom MCP Server tile (the admin gives the URL).
 pub const CUSTOM_TEMPLATE: &str = "custom";
 
+/// The id of the demo issue tracker's tile, in the catalog of `switchboard up --demo` only.
+pub const DEMO_TEMPLATE: &str = "demo";
+
 /// One tile of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Template {
@@ -177,6 +180,28 @@ impl Catalog {
         catalog
     }
 
+    /// The standard catalog and, before Custom, the tile of the demo issue tracker that
+    /// `switchboard up --demo` serves at `url` (held to the MCP specification, no allowances).
+    pub fn with_demo(url: String) -> Self {
+        let mut catalog = Catalog::standard();
+        let demo = Template {
+            id: DEMO_TEMPLATE,
+            name: "Demo issue tracker",
+            url: Some(url),
+            description: "The in-process demo of `switchboard up --demo`: search, create and delete issues, and an oversized export",
+            allowances: &[],
+            revocation_api: None,
+            preregistered_auth_method: None,
+        };
+        let custom = catalog
+            .templates
+            .iter()
+            .position(|t| t.id == CUSTOM_TEMPLATE)
+            .unwrap_or(catalog.templates.len());
+        catalog.templates.insert(custom, demo);
+        catalog
+    }
+
     pub fn templates(&self) -> &[Template] {
         &self.templates
     }
@@ -189,6 +214,17 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_demo_catalog_adds_the_demo_tile_before_custom_without_allowances() {
+        let catalog = Catalog::with_demo("http://127.0.0.1:4000/mcp".to_owned());
+        let ids: Vec<&str> = catalog.templates().iter().map(|t| t.id).collect();
+        assert_eq!(ids[ids.len() - 2..], [DEMO_TEMPLATE, CUSTOM_TEMPLATE]);
+        let demo = catalog.get(DEMO_TEMPLATE).expect("the demo tile");
+        assert_eq!(demo.url.as_deref(), Some("http://127.0.0.1:4000/mcp"));
+        assert!(demo.allowances.is_empty());
+        assert!(Catalog::standard().get(DEMO_TEMPLATE).is_none());
+    }
 
     #[test]
     fn the_catalog_has_five_providers_and_custom() {

@@ -140,6 +140,12 @@ pub struct OutboundPolicy {
     /// loopback, whatever the rules above decide, so that a regression in them can never send
     /// a packet off the machine.
     pub loopback_only_safety_net: bool,
+    /// Socket addresses admitted whatever their class, over `https://` or plain `http://`:
+    /// the in-process demo servers of `switchboard up --demo`, so that the guard admits
+    /// exactly these and not loopback in general. They apply only to URLs that name the
+    /// address itself (`http://127.0.0.1:<port>`): a host name is checked at resolution,
+    /// where the port is not known.
+    pub allowed_exceptions: Vec<SocketAddr>,
 }
 
 impl Default for OutboundPolicy {
@@ -153,6 +159,7 @@ impl Default for OutboundPolicy {
             max_response_bytes: 1024 * 1024,
             max_redirects: 5,
             loopback_only_safety_net: false,
+            allowed_exceptions: Vec::new(),
         }
     }
 }
@@ -439,11 +446,28 @@ impl OutboundClient {
         &self.policy
     }
 
-    /// The scheme rule alone: https, or plain http to a loopback host when loopback is allowed.
+    /// Whether `url` names one of the policy's [`OutboundPolicy::allowed_exceptions`] by its
+    /// address and port (a URL without a port names the scheme's default port).
+    pub fn is_exception(&self, url: &Url) -> bool {
+        let ip = match url.host() {
+            Some(Host::Ipv4(v4)) => IpAddr::V4(v4),
+            Some(Host::Ipv6(v6)) => IpAddr::V6(v6),
+            _ => return false,
+        };
+        url.port_or_known_default().is_some_and(|port| {
+            self.policy
+                .allowed_exceptions
+                .contains(&SocketAddr::new(ip, port))
+        })
+    }
+
+    /// The scheme rule alone: https, or plain http to a loopback host when loopback is allowed
+    /// (or to an allowed exception).
     pub fn check_scheme(&self, url: &Url) -> Result<(), OutboundError> {
         let host = url.host().ok_or(OutboundError::NoHost)?;
         match url.scheme() {
             "https" => Ok(()),
+            "http" if self.is_exception(url) => Ok(()),
             "http" if self.policy.allow_loopback => {
                 let loopback = match &host {
                     Host::Ipv4(v4) => v4.is_loopback(),
@@ -464,6 +488,9 @@ impl OutboundClient {
     /// resolver is not asked about those).
     pub fn check_url(&self, url: &Url) -> Result<(), OutboundError> {
         self.check_scheme(url)?;
+        if self.is_exception(url) {
+            return Ok(());
+        }
         let literal = match url.host() {
             Some(Host::Ipv4(v4)) => IpAddr::V4(v4),
             Some(Host::Ipv6(v6)) => IpAddr::V6(v6),

@@ -1,5 +1,5 @@
 //! Revoking a user's tokens at the provider when they disconnect: RFC 7009 through the
-//! `oauth2` crate where the authorization server publishes a revocation endpoint, and the
+//! `oauth2` crate (by hand for a plain-HTTP endpoint the guard admits, which `oauth2` refuses) where the authorization server publishes a revocation endpoint, and the
 //! provider's own way where its profile says so (GitHub's REST API, Slack's `auth.revoke`).
 //! Every request goes through the outbound guard.
 use base64::Engine as _;
@@ -62,6 +62,9 @@ pub async fn revoke_tokens(
     tokens: TokensToRevoke<'_>,
 ) -> Result<(), RevocationError> {
     match method {
+        RevocationMethod::Rfc7009 { endpoint } if endpoint.scheme() == "http" => {
+            revoke_rfc7009_by_hand(outbound, endpoint, client, tokens).await
+        }
         RevocationMethod::Rfc7009 { endpoint } => {
             let mut oauth = BasicClient::new(ClientId::new(client.client_id.clone()))
                 .set_revocation_url(RevocationUrl::from_url(endpoint.clone()));
@@ -194,6 +197,97 @@ pub async fn revoke_tokens(
         }
         RevocationMethod::Unsupported => Err(RevocationError::Unsupported),
     }
+}
+
+/// RFC 7009 sent by hand to a plain-HTTP endpoint: `oauth2` refuses every revocation URL that
+/// is not https, but the outbound guard already decided that this one may be used (loopback in
+/// development with `outbound.allow_loopback`, or the exact address of a demo server). The
+/// refresh token first, then the access token; the client authenticates as it registered.
+async fn revoke_rfc7009_by_hand(
+    outbound: &OutboundClient,
+    endpoint: &Url,
+    client: &ClientAuthentication,
+    tokens: TokensToRevoke<'_>,
+) -> Result<(), RevocationError> {
+    let to_revoke = [
+        (tokens.refresh_token, "refresh_token"),
+        (tokens.access_token, "access_token"),
+    ];
+    let mut revoked_any = false;
+    for (token, hint) in to_revoke {
+        let Some(token) = token else { continue };
+        let (headers, body) = rfc7009_request(client, token, hint)?;
+        let response = outbound
+            .send(OutboundRequest {
+                method: Method::POST,
+                url: endpoint.clone(),
+                headers,
+                body: Some(Bytes::from(body)),
+                follow_redirects: false,
+            })
+            .await?;
+        if !response.status.is_success() {
+            let answer: serde_json::Value =
+                serde_json::from_slice(&response.body).unwrap_or_default();
+            return Err(RevocationError::Refused {
+                reason: format!(
+                    "HTTP {} ({})",
+                    response.status.as_u16(),
+                    answer["error"].as_str().unwrap_or("no error code")
+                ),
+            });
+        }
+        revoked_any = true;
+    }
+    if revoked_any {
+        Ok(())
+    } else {
+        Err(RevocationError::Refused {
+            reason: "there was no token to revoke".to_owned(),
+        })
+    }
+}
+
+/// The headers and form body of one RFC 7009 request (built apart from the async code: the
+/// form serializer is not `Send`).
+fn rfc7009_request(
+    client: &ClientAuthentication,
+    token: &str,
+    hint: &str,
+) -> Result<(HeaderMap, String), RevocationError> {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("token", token)
+        .append_pair("token_type_hint", hint);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    match (client.method.as_str(), &client.client_secret) {
+        ("client_secret_basic", Some(secret)) => {
+            // RFC 6749 §2.3.1: each part form-encoded before the Basic encoding.
+            let encode = |text: &str| {
+                url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>()
+            };
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                encode(&client.client_id),
+                encode(secret)
+            ));
+            headers.insert(
+                header::AUTHORIZATION,
+                header_value(&format!("Basic {basic}"))?,
+            );
+        }
+        (method, secret) => {
+            form.append_pair("client_id", &client.client_id);
+            if let (Some(secret), true) = (secret, method == "client_secret_post") {
+                form.append_pair("client_secret", secret);
+            }
+        }
+    }
+    Ok((headers, form.finish()))
 }
 
 fn header_value(text: &str) -> Result<HeaderValue, RevocationError> {

@@ -367,3 +367,96 @@ async fn plain_http_is_allowed_only_to_loopback_and_only_when_allowed() {
         Err(OutboundError::NotHttps { .. })
     ));
 }
+
+#[tokio::test]
+async fn an_allowed_exception_admits_exactly_its_socket_address_and_nothing_else_on_loopback() {
+    let router = Router::new().route("/ok", get(|| async { "demo" }));
+    let demo = testkit::serve_http(router.clone()).await;
+    let other = testkit::serve_http(router).await;
+    let policy = OutboundPolicy {
+        allowed_exceptions: vec![demo.address],
+        loopback_only_safety_net: true,
+        ..OutboundPolicy::default()
+    };
+    let client = OutboundClient::new(policy, Arc::new(TestResolver::standard())).expect("client");
+    let url = |port: u16, host: &str| Url::parse(&format!("http://{host}:{port}/ok")).expect("url");
+    let response = fetch(&client, url(demo.port(), "127.0.0.1"))
+        .await
+        .expect("the exception is admitted over plain http");
+    assert_eq!(&response.body[..], b"demo");
+    // Another port on the same address, a name resolving to it, https to another port: refused.
+    assert!(matches!(
+        fetch(&client, url(other.port(), "127.0.0.1")).await,
+        Err(OutboundError::NotHttps { .. })
+    ));
+    assert!(matches!(
+        fetch(&client, url(demo.port(), "fixture.test")).await,
+        Err(OutboundError::NotHttps { .. })
+    ));
+    let https_other = Url::parse(&format!("https://127.0.0.1:{}/ok", other.port())).expect("url");
+    assert!(matches!(
+        fetch(&client, https_other).await,
+        Err(OutboundError::AddressRefused {
+            class: AddressClass::Loopback,
+            ..
+        })
+    ));
+    let https_named = Url::parse(&format!("https://fixture.test:{}/ok", demo.port())).expect("url");
+    assert!(matches!(
+        fetch(&client, https_named).await,
+        Err(OutboundError::AddressRefused {
+            class: AddressClass::Loopback,
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn rfc7009_to_a_plain_http_endpoint_the_guard_admits_is_sent_by_hand_with_the_clients_method()
+{
+    use testkit::{ClientAuthMethod, PRE_REGISTERED_CLIENT_ID, PRE_REGISTERED_CLIENT_SECRET};
+    let (router, handle) = testkit::OAuthFixture::default().start();
+    let fixture = testkit::serve_http(router).await;
+    let client = OutboundClient::new(
+        OutboundPolicy {
+            allowed_exceptions: vec![fixture.address],
+            loopback_only_safety_net: true,
+            ..OutboundPolicy::default()
+        },
+        Arc::new(TestResolver::standard()),
+    )
+    .expect("client");
+    let method = mcp::RevocationMethod::Rfc7009 {
+        endpoint: Url::parse(&format!("http://127.0.0.1:{}/revoke", fixture.port())).expect("url"),
+    };
+    let credentials = |secret: &str| mcp::ClientAuthentication {
+        client_id: PRE_REGISTERED_CLIENT_ID.to_owned(),
+        client_secret: Some(secret.to_owned()),
+        method: "client_secret_basic".to_owned(),
+    };
+    let tokens = || mcp::TokensToRevoke {
+        access_token: Some("an-access-token"),
+        refresh_token: Some("a-refresh-token"),
+    };
+    mcp::revoke_tokens(
+        &client,
+        &method,
+        &credentials(PRE_REGISTERED_CLIENT_SECRET),
+        tokens(),
+    )
+    .await
+    .expect("revoked");
+    let seen = handle.revocations();
+    let hints: Vec<Option<&str>> = seen.iter().map(|r| r.token_type_hint.as_deref()).collect();
+    assert_eq!(hints, [Some("refresh_token"), Some("access_token")]);
+    assert!(
+        seen.iter()
+            .all(|r| r.accepted && r.client_auth == ClientAuthMethod::ClientSecretBasic)
+    );
+    // A wrong secret is refused, and said so.
+    let refused = mcp::revoke_tokens(&client, &method, &credentials("wrong"), tokens()).await;
+    assert!(
+        matches!(refused, Err(mcp::RevocationError::Refused { .. })),
+        "{refused:?}"
+    );
+}

@@ -6,7 +6,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     audit,
     configuration::{GlobalArgs, Settings},
-    orchestrate, token, up, vault_cmd,
+    token, up, vault_cmd,
+    walkthrough::{self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, InvokeArgs, ToolsArgs},
 };
 
 #[derive(Debug, Parser)]
@@ -43,54 +44,23 @@ pub enum Command {
     /// Manage the secrets vault.
     #[command(subcommand)]
     Vault(VaultCommand),
-    /// List a user's usable tools, from a running `up` (over HTTP, with a token).
+    /// List the servers and your connection to each (talks to a running `up`).
+    Servers(ApiArgs),
+    /// Connect to a server: prints the authorization URL, waits until the connection is
+    /// healthy or failed.
+    Connect(ConnectArgs),
+    /// List your tools and their states.
     Tools(ToolsArgs),
-    /// Invoke a tool for a user through a running `up` (over HTTP, with a token) and print the
-    /// outcome.
+    /// Set a tool (or with --category, a category) to always, approval or block.
+    Allow(AllowArgs),
+    /// Invoke a tool as the AI would; waits for approval when the tool needs it.
     Invoke(InvokeArgs),
-}
-
-/// Where a running `up` is and how to sign in to it.
-#[derive(Debug, Clone, Args)]
-pub struct ApiArgs {
-    /// The API's base URL [default: the configured public_url, else http://<listen>].
-    #[arg(long, env = "SWITCHBOARD_URL")]
-    pub url: Option<String>,
-    /// A bearer token (`switchboard token`): yours, or an orchestrator's to act for --user.
-    #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
-    pub token: String,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct ToolsArgs {
-    /// The user whose tools to list [default: the token's user].
-    #[arg(long)]
-    pub user: Option<String>,
-    #[command(flatten)]
-    pub api: ApiArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct InvokeArgs {
-    /// The user to invoke the tool for [default: the token's user].
-    #[arg(long)]
-    pub user: Option<String>,
-    /// The invocation id [default: a new UUID]; the same id again returns the same outcome.
-    #[arg(long)]
-    pub id: Option<String>,
-    /// How long the call may take, in milliseconds.
-    #[arg(long)]
-    pub deadline_ms: Option<u64>,
-    /// Seconds to wait for the final outcome of an invocation awaiting approval.
-    #[arg(long, default_value_t = 0)]
-    pub wait: u64,
-    /// The tool's exposed name.
-    pub tool: String,
-    /// The arguments, a JSON object.
-    #[arg(default_value = "{}")]
-    pub arguments: String,
-    #[command(flatten)]
-    pub api: ApiArgs,
+    /// List the invocations waiting for your approval.
+    Approvals(ApiArgs),
+    /// Approve an invocation that waits for you.
+    Approve(DecideArgs),
+    /// Deny an invocation that waits for you.
+    Deny(DecideArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -107,6 +77,11 @@ pub struct UpArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Also start, inside this process on loopback, a demo OAuth authorization server and a
+    /// demo MCP server (an issue tracker), add it to the catalog and (first start only) to
+    /// the server list, and print tokens and the next commands.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -191,7 +166,7 @@ pub enum VaultCommand {
 pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     let store = settings.store();
     match command {
-        Command::Up(_) => up::run(settings).await,
+        Command::Up(args) => up::run(settings, args.demo).await,
         Command::Token(args) => token::print(&settings, &args),
         Command::Config => {
             print!("{}", settings.redacted_toml()?);
@@ -200,7 +175,13 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Audit(AuditCommand::Replay(args)) => audit::replay(&store, &args).await,
         Command::Audit(AuditCommand::Servers { at }) => audit::servers(&store, at).await,
         Command::Vault(command) => vault_cmd::run(&store, command).await,
-        Command::Tools(args) => orchestrate::tools(&settings, &args).await,
-        Command::Invoke(args) => orchestrate::invoke(&settings, &args).await,
+        Command::Servers(args) => walkthrough::servers(&args, &settings).await,
+        Command::Connect(args) => walkthrough::connect(&args, &settings).await,
+        Command::Tools(args) => walkthrough::tools(&args, &settings).await,
+        Command::Allow(args) => walkthrough::allow(&args, &settings).await,
+        Command::Invoke(args) => walkthrough::invoke(&args, &settings).await,
+        Command::Approvals(args) => walkthrough::approvals(&args, &settings).await,
+        Command::Approve(args) => walkthrough::decide(&args, &settings, true).await,
+        Command::Deny(args) => walkthrough::decide(&args, &settings, false).await,
     }
 }

@@ -4,10 +4,11 @@ use clap::Parser;
 mod audit;
 mod cli;
 mod configuration;
-mod orchestrate;
+mod demo_cmd;
 mod token;
 mod up;
 mod vault_cmd;
+mod walkthrough;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();

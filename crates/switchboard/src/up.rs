@@ -68,7 +68,7 @@ fn authenticator(settings: &Settings) -> anyhow::Result<(Authenticator, Option<S
     Ok((auth, secret))
 }
 
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     // Listen for signals before anything else: a SIGTERM that arrives while starting must
     // shut down gracefully, not kill the process with its default action.
     let signals = Signals::listen()?;
@@ -85,6 +85,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let log = metrics.metered(stores.log.clone());
     let vault = crate::vault_cmd::open_vault(&store, nats.as_ref(), true).await?;
+    // The demo servers come first: the outbound guard and the catalog are built with their
+    // addresses.
+    let demo = if demo {
+        Some(crate::demo_cmd::start(&settings).await?)
+    } else {
+        None
+    };
     let read_models = ReadModels::start(
         log.clone(),
         stores.checkpoints.clone(),
@@ -119,6 +126,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         mcp::OutboundPolicy {
             allow_loopback: settings.outbound.allow_loopback,
             extra_ca_file: settings.outbound.extra_ca_file.clone(),
+            allowed_exceptions: demo
+                .as_ref()
+                .map(|demo| demo.addresses().to_vec())
+                .unwrap_or_default(),
             ..mcp::OutboundPolicy::default()
         },
         Arc::new(mcp::SystemResolver),
@@ -139,7 +150,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             ..GatewaySettings::default()
         },
         shutdown: shutdown.clone(),
-        catalog: Arc::new(catalog::Catalog::standard()),
+        catalog: Arc::new(match &demo {
+            Some(demo) => catalog::Catalog::with_demo(demo.mcp_url().to_owned()),
+            None => catalog::Catalog::standard(),
+        }),
         outbound,
         client_metadata_url: settings.oauth.client_metadata_url.clone(),
         connection_settings: None,
@@ -195,6 +209,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let shutdown = shutdown.clone();
         tokio::spawn(async move { connections.run_tool_list_listeners(shutdown).await })
     };
+    let demo_state = demo.as_ref().map(|_| state.clone());
     let server = tokio::spawn(gateway::server::serve(
         listener,
         gateway::app(state),
@@ -205,6 +220,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             ..gateway::server::ServeLimits::default()
         },
     ));
+
+    // Added before "stores open" is logged, so whoever waits for that line finds the demo
+    // server in the list.
+    if let (Some(demo), Some(state)) = (&demo, &demo_state) {
+        crate::demo_cmd::add_server_once(state, demo).await;
+        // A closed standard output loses the hints, never the running instance.
+        if let Err(error) =
+            crate::demo_cmd::print_next_steps(&settings, secret.as_ref(), &public_url, demo)
+        {
+            tracing::warn!("the demo's next steps were not printed: {error:#}");
+        }
+    }
+    drop(demo_state);
 
     match store.nats_display() {
         Some(url) => {
@@ -264,6 +292,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     if let Some(client) = nats {
         let _ = client.flush().await;
+    }
+    if let Some(demo) = demo {
+        demo.stop().await;
     }
     tracing::info!("stopped");
     Ok(())

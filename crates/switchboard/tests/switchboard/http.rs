@@ -17,7 +17,11 @@ use proto::v1::{ServerAdded, envelope::Event};
 type Lines = std::io::Lines<std::io::BufReader<ChildStderr>>;
 
 /// Starts `switchboard up` on a free port; returns it, its log and the URL it serves.
-fn serve(data_dir: &Path, env: &[(&str, &str)], up_args: &[&str]) -> (Child, Lines, String) {
+pub(super) fn serve(
+    data_dir: &Path,
+    env: &[(&str, &str)],
+    up_args: &[&str],
+) -> (Child, Lines, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("--data-dir")
         .arg(data_dir)
@@ -44,7 +48,7 @@ fn serve(data_dir: &Path, env: &[(&str, &str)], up_args: &[&str]) -> (Child, Lin
     (child, lines, url)
 }
 
-fn token(data_dir: &Path, user: &str, role: &str) -> String {
+pub(super) fn token(data_dir: &Path, user: &str, role: &str) -> String {
     let output = super::switchboard(
         data_dir,
         &["token", "--user", user, "--role", role, "--ttl", "10m"],
@@ -395,61 +399,4 @@ async fn up_keeps_serving_and_stops_cleanly_after_its_log_output_goes_away() {
         status.success(),
         "a closed stderr must not crash the process: {status:?}"
     );
-}
-
-#[tokio::test]
-async fn tools_and_invoke_talk_to_a_running_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mut up, _log, url) = serve(dir.path(), &[], &[]);
-    let token = token(dir.path(), "alice@example.com", "analyst");
-    let tools = super::switchboard(dir.path(), &["tools", "--url", &url, "--token", &token]);
-    assert!(
-        tools.status.success(),
-        "{}",
-        String::from_utf8_lossy(&tools.stderr)
-    );
-    let listed: serde_json::Value = serde_json::from_slice(&tools.stdout).expect("JSON");
-    assert_eq!(listed, serde_json::json!({"tools": []}));
-    let invoked = super::switchboard(
-        dir.path(),
-        &[
-            "invoke",
-            "--url",
-            &url,
-            "--token",
-            &token,
-            "--id",
-            "call 1/x",
-            "nothing__here",
-            r#"{"q": 1}"#,
-        ],
-    );
-    assert!(
-        invoked.status.success(),
-        "{}",
-        String::from_utf8_lossy(&invoked.stderr)
-    );
-    let outcome: serde_json::Value = serde_json::from_slice(&invoked.stdout).expect("JSON");
-    assert_eq!(outcome["invocation_id"], "call 1/x");
-    assert_eq!(outcome["outcome"], "rejected");
-    assert_eq!(outcome["reason"], "unknown_tool");
-    let refused = super::switchboard(
-        dir.path(),
-        &[
-            "tools",
-            "--url",
-            &url,
-            "--token",
-            &token,
-            "--user",
-            "bob@example.com",
-        ],
-    );
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("forbidden"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
-    assert!(terminate(&mut up).success());
 }

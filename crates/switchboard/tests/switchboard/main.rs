@@ -8,8 +8,10 @@ use eventlog::{
 };
 use proto::v1::{Envelope, ServerAdded, ServerDisabled, envelope::Event};
 
+mod demo;
 mod http;
 mod invocations;
+mod walkthrough;
 
 fn switchboard(data_dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_switchboard"))

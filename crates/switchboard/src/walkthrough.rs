@@ -1,0 +1,546 @@
+//! The terminal walk-through: commands that drive a running `switchboard up` over its HTTP API
+//! with a bearer token, for a person without a console. Each prints what happened and, when
+//! something failed, what to do about it.
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::configuration::Settings;
+
+/// Where the API is and who is asking.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The bearer token [env: SWITCHBOARD_TOKEN]; mint one with `switchboard token`.
+    #[arg(long, env = "SWITCHBOARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The running Switchboard [env: SWITCHBOARD_URL]; by default its public URL, else
+    /// `http://<listen>`.
+    #[arg(long, env = "SWITCHBOARD_URL")]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The server: its name, slug or id.
+    pub server: String,
+    /// Give up waiting for the authorization after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ToolsArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Only this server's tools (name, slug or id), with every state, Blocked included.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// The tools this user may use now (for an orchestrator token: `invoke_for_users`).
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateChoice {
+    /// Always allow.
+    Always,
+    /// Needs approval.
+    Approval,
+    /// Blocked.
+    Block,
+}
+
+impl StateChoice {
+    fn api(self) -> &'static str {
+        match self {
+            StateChoice::Always => "always_allow",
+            StateChoice::Approval => "needs_approval",
+            StateChoice::Block => "blocked",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AllowArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The server: its name, slug or id.
+    pub server: String,
+    /// The tool (its name on the server, or its exposed name), or with --category the
+    /// category `read_only` or `write_delete`.
+    pub tool: String,
+    /// always, approval or block.
+    #[arg(value_enum)]
+    pub state: StateChoice,
+    /// TOOL names a category: every tool of it now.
+    #[arg(long)]
+    pub category: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InvokeArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The tool's exposed name (`<server slug>__<tool>`), as `switchboard tools` lists it.
+    pub tool: String,
+    /// The arguments: a JSON object.
+    #[arg(default_value = "{}")]
+    pub arguments: String,
+    /// Invoke for this user (an orchestrator token).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The invocation id (the orchestrator's own id for the call); a new one by default.
+    /// Sending the same id again gives the same outcome without calling the server again.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Wait this many seconds for an approval before returning.
+    #[arg(long, default_value_t = 600)]
+    pub wait: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DecideArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The invocation id, as `switchboard approvals` lists it.
+    pub id: String,
+}
+
+/// An HTTP client for the API, with the caller's token.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn new(args: &ApiArgs, settings: &Settings) -> anyhow::Result<Api> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let Some(token) = args.token.clone().filter(|t| !t.is_empty()) else {
+            bail!(
+                "no token: set SWITCHBOARD_TOKEN or pass --token (mint one with \
+                 `switchboard token --user you@example.com --role analyst`)"
+            );
+        };
+        let base = args
+            .url
+            .clone()
+            .or_else(|| settings.public_url.clone())
+            .unwrap_or_else(|| format!("http://{}", settings.listen));
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("setting up the HTTP client")?;
+        Ok(Api {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() || e.is_timeout() {
+                anyhow::anyhow!(
+                    "no Switchboard answers at {}: start one with `switchboard up`, or point \
+                     --url / SWITCHBOARD_URL at it",
+                    self.base
+                )
+            } else {
+                anyhow::anyhow!("the request to {} failed: {e}", self.base)
+            }
+        })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let code = body["error"]["code"].as_str().unwrap_or("");
+        let message = body["error"]["message"].as_str().unwrap_or(&text);
+        let hint = match status {
+            StatusCode::UNAUTHORIZED => {
+                " — the token is missing, expired or not for this Switchboard; mint a new one \
+                 with `switchboard token`"
+            }
+            StatusCode::FORBIDDEN => " — your roles do not allow this",
+            _ => "",
+        };
+        bail!("{message} ({code}, HTTP {}){hint}", status.as_u16())
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(Method::GET, path, None).await
+    }
+
+    /// The server named `wanted` (name, slug or id).
+    async fn server(&self, wanted: &str) -> anyhow::Result<Value> {
+        let list = self.get("/api/v1/servers").await?;
+        let servers = list["servers"].as_array().cloned().unwrap_or_default();
+        let found = servers.into_iter().find(|s| {
+            [&s["id"], &s["name"], &s["slug"]]
+                .iter()
+                .any(|v| v.as_str().is_some_and(|v| v.eq_ignore_ascii_case(wanted)))
+        });
+        found.with_context(|| {
+            format!("there is no server {wanted:?}; `switchboard servers` lists them")
+        })
+    }
+}
+
+fn text(value: &Value) -> &str {
+    value.as_str().unwrap_or("")
+}
+
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `switchboard servers`: every server, with the caller's connection to it.
+pub async fn servers(args: &ApiArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(args, settings)?;
+    let list = api.get("/api/v1/servers").await?;
+    let servers = list["servers"].as_array().cloned().unwrap_or_default();
+    if servers.is_empty() {
+        println!("No servers yet. An admin adds one: POST /api/v1/servers (or `up --demo`).");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<10} {:<15} ID",
+        "SERVER", "ENABLED", "YOUR CONNECTION"
+    );
+    for server in servers {
+        let id = text(&server["id"]);
+        let status = api
+            .get(&format!("/api/v1/servers/{id}/connection"))
+            .await
+            .map(|s| text(&s["status"]).to_owned())
+            .unwrap_or_else(|_| "?".to_owned());
+        println!(
+            "{:<24} {:<10} {:<15} {id}",
+            text(&server["name"]),
+            if server["enabled"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            status
+        );
+    }
+    Ok(())
+}
+
+/// `switchboard connect SERVER`: prints the authorization URL and waits until the connection
+/// is healthy or has failed.
+pub async fn connect(args: &ConnectArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(&args.api, settings)?;
+    let server = api.server(&args.server).await?;
+    let id = text(&server["id"]).to_owned();
+    let started = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/servers/{id}/connection"),
+            None,
+        )
+        .await?;
+    println!(
+        "Open this URL in a browser and allow access:\n\n  {}\n",
+        text(&started["authorization_url"])
+    );
+    eprint!("Waiting for the authorization");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    loop {
+        let status = api.get(&format!("/api/v1/servers/{id}/connection")).await?;
+        match text(&status["status"]) {
+            "pending" => {}
+            "healthy" => {
+                eprintln!();
+                println!(
+                    "Connected to {}: {} tools. Every tool is Blocked until you allow it: \
+                     `switchboard tools --server {}`.",
+                    text(&server["name"]),
+                    status["tool_count"],
+                    text(&server["slug"])
+                );
+                return Ok(());
+            }
+            other => {
+                eprintln!();
+                bail!(
+                    "the connection is {other}: {}. Run `switchboard connect {}` to try again.",
+                    text(&status["reason"]),
+                    args.server
+                );
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!();
+            bail!(
+                "no authorization arrived in {} s; run `switchboard connect {}` again",
+                args.timeout,
+                args.server
+            );
+        }
+        eprint!(".");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `switchboard tools`: the caller's tools and their states.
+pub async fn tools(args: &ToolsArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(&args.api, settings)?;
+    if args.server.is_none() {
+        // The tools the AI may use now (Always allow or Needs approval).
+        let path = match &args.user {
+            Some(user) => format!("/api/v1/tools?user={}", encode(user)),
+            None => "/api/v1/tools".to_owned(),
+        };
+        if let Ok(usable) = api.get(&path).await {
+            let tools = usable["tools"].as_array().cloned().unwrap_or_default();
+            println!("{:<40} {:<15} SERVER", "TOOL", "STATE");
+            for tool in &tools {
+                println!(
+                    "{:<40} {:<15} {}",
+                    text(&tool["name"]),
+                    text(&tool["state"]),
+                    text(&tool["server"]["name"])
+                );
+            }
+            println!(
+                "{} usable tool(s). Blocked tools are not listed: `switchboard tools --server S` shows them all.",
+                tools.len()
+            );
+            return Ok(());
+        }
+    }
+    let servers = match &args.server {
+        Some(wanted) => vec![api.server(wanted).await?],
+        None => api.get("/api/v1/servers").await?["servers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    println!("{:<40} {:<15} {:<13} CHANGED", "TOOL", "STATE", "CATEGORY");
+    let mut count = 0;
+    for server in servers {
+        let id = text(&server["id"]);
+        let listed = api.get(&format!("/api/v1/servers/{id}/tools")).await?;
+        for tool in listed["tools"].as_array().cloned().unwrap_or_default() {
+            count += 1;
+            println!(
+                "{:<40} {:<15} {:<13} {}",
+                text(&tool["exposed_name"]),
+                text(&tool["state"]),
+                text(&tool["category"]),
+                if tool["changed"].as_bool() == Some(true) {
+                    "changed"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if count == 0 {
+        println!("No tools: connect to a server first (`switchboard connect SERVER`).");
+    }
+    Ok(())
+}
+
+/// `switchboard allow SERVER TOOL always|approval|block`.
+pub async fn allow(args: &AllowArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(&args.api, settings)?;
+    let server = api.server(&args.server).await?;
+    let id = text(&server["id"]);
+    let body = json!({"state": args.state.api()});
+    if args.category {
+        let answer = api
+            .call(
+                Method::PUT,
+                &format!("/api/v1/servers/{id}/categories/{}", encode(&args.tool)),
+                Some(body),
+            )
+            .await?;
+        // The answer lists every tool of the server; count this category's.
+        let changed = answer["tools"].as_array().map_or(0, |tools| {
+            tools
+                .iter()
+                .filter(|t| {
+                    text(&t["category"]) == args.tool && text(&t["state"]) == args.state.api()
+                })
+                .count()
+        });
+        println!(
+            "{}: {} tool(s) now {}.",
+            args.tool,
+            changed,
+            args.state.api()
+        );
+        return Ok(());
+    }
+    // The tool by its name on the server, or by its exposed name.
+    let listed = api.get(&format!("/api/v1/servers/{id}/tools")).await?;
+    let tool = listed["tools"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|t| text(&t["name"]) == args.tool || text(&t["exposed_name"]) == args.tool)
+        .with_context(|| {
+            format!(
+                "{} has no tool {:?}; `switchboard tools --server {}` lists them",
+                text(&server["name"]),
+                args.tool,
+                args.server
+            )
+        })?;
+    let name = text(&tool["name"]);
+    api.call(
+        Method::PUT,
+        &format!("/api/v1/servers/{id}/tools/{}", encode(name)),
+        Some(body),
+    )
+    .await?;
+    println!(
+        "{} is now {}.",
+        text(&tool["exposed_name"]),
+        args.state.api()
+    );
+    Ok(())
+}
+
+fn print_outcome(answer: &Value) {
+    let outcome = text(&answer["outcome"]);
+    let id = text(&answer["invocation_id"]);
+    match outcome {
+        "completed" => {
+            println!(
+                "completed ({id}); the result (untrusted: the server's words, not Switchboard's):"
+            );
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer["result"]).unwrap_or_default()
+            );
+        }
+        "awaiting_approval" => println!(
+            "awaiting approval ({id}): approve it with `switchboard approve {id}` (or deny it)"
+        ),
+        other => {
+            let reason = text(&answer["reason"]);
+            println!(
+                "{other} ({id}){}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
+            );
+        }
+    }
+}
+
+/// `switchboard invoke TOOL '{json}'`: asks for an invocation and, when it needs approval,
+/// waits for the decision.
+pub async fn invoke(args: &InvokeArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(&args.api, settings)?;
+    let arguments: Value = serde_json::from_str(&args.arguments)
+        .context("the arguments are not JSON; give an object, e.g. '{\"query\": \"bug\"}'")?;
+    if !arguments.is_object() {
+        bail!("the arguments must be a JSON object, e.g. '{{\"query\": \"bug\"}}'");
+    }
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7()));
+    let mut body = json!({"invocation_id": id, "tool": args.tool, "arguments": arguments});
+    if let Some(user) = &args.user {
+        body["user"] = json!(user);
+    }
+    let answer = api
+        .call(Method::POST, "/api/v1/invocations", Some(body))
+        .await?;
+    print_outcome(&answer);
+    if text(&answer["outcome"]) != "awaiting_approval" {
+        return Ok(());
+    }
+    eprint!("Waiting for the decision");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait);
+    loop {
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!();
+            println!("Still awaiting approval; `switchboard approvals` lists it.");
+            return Ok(());
+        }
+        let now = api
+            .get(&format!("/api/v1/invocations/{}?wait=10", encode(&id)))
+            .await?;
+        if text(&now["outcome"]) != "awaiting_approval" {
+            eprintln!();
+            print_outcome(&now);
+            return Ok(());
+        }
+        eprint!(".");
+    }
+}
+
+/// `switchboard approvals`: the caller's pending approvals.
+pub async fn approvals(args: &ApiArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(args, settings)?;
+    let list = api.get("/api/v1/approvals").await?;
+    let pending = list["approvals"].as_array().cloned().unwrap_or_default();
+    if pending.is_empty() {
+        println!("Nothing awaits your approval.");
+        return Ok(());
+    }
+    for approval in pending {
+        println!(
+            "{}  {}  {}\n    arguments: {}",
+            text(&approval["invocation_id"]),
+            text(&approval["tool"]),
+            text(&approval["server"]["name"]),
+            approval["arguments"]
+        );
+    }
+    println!("Decide with `switchboard approve ID` or `switchboard deny ID`.");
+    Ok(())
+}
+
+/// `switchboard approve ID` / `switchboard deny ID`.
+pub async fn decide(args: &DecideArgs, settings: &Settings, approve: bool) -> anyhow::Result<()> {
+    let api = Api::new(&args.api, settings)?;
+    let decision = if approve { "approve" } else { "deny" };
+    let answer = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/approvals/{}", encode(&args.id)),
+            Some(json!({"decision": decision})),
+        )
+        .await?;
+    if answer.get("outcome").is_some() {
+        print_outcome(&answer);
+    } else {
+        println!("{}d {}.", decision, args.id);
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The terminal walk-through against a running `switchboard up` and a fixture MCP server with
+//! its authorization server (HTTPS on `localhost`, a throw-away CA): `servers`, `connect` (the
+//! printed URL followed like a browser), `tools`, `allow`.
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Output, Stdio},
+};
+
+use serde_json::json;
+
+/// The child process, killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn walk(data_dir: &Path, url: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("SWITCHBOARD_URL", url)
+        .env("SWITCHBOARD_TOKEN", token)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run switchboard")
+}
+
+fn stdout_of(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "switchboard failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_connects_and_sets_tools_from_the_terminal() {
+    let ca = testkit::TestCa::new();
+    let (router, fixture) = testkit::OAuthFixture::default().start();
+    let server = testkit::serve_https(router, &ca.issue(&["localhost"])).await;
+    let fixture_url = format!("{}/mcp", server.https_url("localhost"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("test-ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).expect("CA file");
+    let data_dir = dir.path().join("data");
+    let ca_path = ca_file.to_str().expect("path").to_owned();
+    let (up, log, url) = super::http::serve(
+        &data_dir,
+        &[
+            ("SWITCHBOARD_ALLOW_LOOPBACK", "true"),
+            ("SWITCHBOARD_EXTRA_CA_FILE", &ca_path),
+        ],
+        &[],
+    );
+    let mut up = KillOnDrop(up);
+    // Drain `up`'s log so that it never blocks on a full pipe; keep it for the secret scan.
+    let up_log = std::thread::spawn(move || {
+        log.map_while(Result::ok)
+            .collect::<Vec<String>>()
+            .join("\n")
+    });
+    let admin = super::http::token(&data_dir, "admin@example.com", "admin");
+    let alice = super::http::token(&data_dir, "alice@example.com", "analyst");
+    let client = testkit::http_client().build().expect("client");
+    let added = client
+        .post(format!("{url}/api/v1/servers"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "Tracker", "url": fixture_url}))
+        .send()
+        .await
+        .expect("add");
+    assert_eq!(
+        added.status(),
+        201,
+        "{}",
+        added.text().await.unwrap_or_default()
+    );
+
+    // Without a token the commands say how to get one.
+    let no_token = walk(&data_dir, &url, "", &["servers"]);
+    assert!(!no_token.status.success());
+    assert!(String::from_utf8_lossy(&no_token.stderr).contains("switchboard token"));
+
+    let listed = stdout_of(&walk(&data_dir, &url, &alice, &["servers"]));
+    assert!(
+        listed.contains("Tracker") && listed.contains("not_connected"),
+        "{listed}"
+    );
+
+    // `connect` prints the authorization URL and waits; a browser follows it.
+    let mut connect = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["connect", "tracker"])
+        .env("SWITCHBOARD_URL", &url)
+        .env("SWITCHBOARD_TOKEN", &alice)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("connect");
+    let mut printed = BufReader::new(connect.stdout.take().expect("stdout")).lines();
+    let authorization_url = printed
+        .by_ref()
+        .map(|line| line.expect("line"))
+        .find_map(|line| {
+            line.trim()
+                .starts_with("https://")
+                .then(|| line.trim().to_owned())
+        })
+        .expect("the authorization URL is printed");
+    let browser = testkit::http_client()
+        .tls_certs_only(
+            reqwest::Certificate::from_pem_bundle(ca.cert_pem().as_bytes()).expect("CA"),
+        )
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("browser");
+    let redirect = browser
+        .get(&authorization_url)
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(redirect.status(), 302);
+    let callback = redirect.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let page = browser.get(&callback).send().await.expect("callback");
+    assert_eq!(page.status(), 200);
+    let (rest, status) = tokio::task::spawn_blocking(move || {
+        let rest: Vec<String> = printed.map(|line| line.expect("line")).collect();
+        (rest, connect.wait().expect("connect ends"))
+    })
+    .await
+    .expect("connect");
+    assert!(status.success(), "{rest:?}");
+    assert!(
+        rest.join("\n").contains("Connected to Tracker: 4 tools"),
+        "{rest:?}"
+    );
+
+    let tools = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["tools", "--server", "Tracker"],
+    ));
+    assert_eq!(
+        tools.matches("blocked").count(),
+        4,
+        "every tool starts Blocked:\n{tools}"
+    );
+    let allowed = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["allow", "Tracker", "search_issues", "always"],
+    ));
+    assert!(
+        allowed.contains("tracker__search_issues is now always_allow"),
+        "{allowed}"
+    );
+    let category = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["allow", "Tracker", "write_delete", "approval", "--category"],
+    ));
+    assert!(
+        category.contains("write_delete: 2 tool(s) now needs_approval"),
+        "{category}"
+    );
+    let tools = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["tools", "--server", "Tracker"],
+    ));
+    assert!(tools.contains("always_allow"), "{tools}");
+    assert_eq!(
+        tools.matches("needs_approval").count(),
+        2,
+        "create and delete:\n{tools}"
+    );
+    // A tool the server does not have is named in the error.
+    let unknown = walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["allow", "Tracker", "nope", "always"],
+    );
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("has no tool \"nope\""));
+    // Secrets never reach the terminal.
+    let everything: String = [listed, tools, allowed, category].concat();
+    for secret in fixture.issued_secrets() {
+        assert!(!everything.contains(&secret));
+    }
+    up.stop();
+    let up_log = up_log.join().expect("log");
+    for secret in fixture.issued_secrets() {
+        assert!(!up_log.contains(&secret), "up's log holds an issued secret");
+    }
+}
