@@ -196,6 +196,41 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         2,
         "create and delete:\n{tools}"
     );
+    // Invocations from the terminal: an allowed tool runs, a write waits for approval and
+    // is denied.
+    let searched = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &[
+            "invoke",
+            "tracker__search_issues",
+            r#"{"query": "first"}"#,
+            "--id",
+            "walk_1",
+        ],
+    ));
+    assert!(searched.contains("completed (walk_1)"), "{searched}");
+    assert!(searched.contains("\"untrusted\": true"), "{searched}");
+    let waiting = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &[
+            "invoke",
+            "tracker__create_issue",
+            r#"{"title": "x"}"#,
+            "--id",
+            "walk_2",
+            "--wait",
+            "0",
+        ],
+    ));
+    assert!(waiting.contains("awaiting approval (walk_2)"), "{waiting}");
+    let pending = stdout_of(&walk(&data_dir, &url, &alice, &["approvals"]));
+    assert!(pending.contains("walk_2"), "{pending}");
+    let denied = stdout_of(&walk(&data_dir, &url, &alice, &["deny", "walk_2"]));
+    assert!(denied.contains("denied (walk_2)"), "{denied}");
     // A tool the server does not have is named in the error.
     let unknown = walk(
         &data_dir,
