@@ -708,6 +708,19 @@ impl Invoker {
                 "the server's URL cannot be used".to_owned(),
             )
         })?;
+        if let Some(token) = self.reusable_token(server_id, user) {
+            match self
+                .call_in_session(server_id, user, &url, token, tool, arguments.clone())
+                .await
+            {
+                // Refused (expired or revoked meanwhile; the server ran nothing): the
+                // connection service's token, refreshed once after another 401.
+                Err(mcp::McpCallError::Unauthorized { .. }) => {}
+                other => {
+                    return other.map_err(|error| (error.code().to_owned(), error.to_string()));
+                }
+            }
+        }
         self.inner
             .connections
             .with_token(server_id, user, |token| {

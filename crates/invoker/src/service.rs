@@ -97,7 +97,14 @@ pub(crate) struct Inner {
 pub(crate) struct CachedSession {
     token: String,
     session: McpSession,
+    /// Until then the session's token is used without asking the connection service (a
+    /// vault read and decryption per call otherwise); after it, the next call takes the
+    /// token from the connection service again, which refreshes it ahead of its expiry.
+    trusted_until: tokio::time::Instant,
 }
+
+/// How long a session's token is used without asking the connection service again.
+const TOKEN_REUSE: Duration = Duration::from_secs(30);
 
 /// A bounded map of recent results; the oldest go first.
 #[derive(Default)]
@@ -202,7 +209,11 @@ impl Invoker {
             Some(cached) => cached,
             None => {
                 let session = McpSession::open(&self.inner.outbound, url, &token).await?;
-                let cached = Arc::new(CachedSession { token, session });
+                let cached = Arc::new(CachedSession {
+                    token,
+                    session,
+                    trusted_until: tokio::time::Instant::now() + TOKEN_REUSE,
+                });
                 self.lock_sessions().insert(key.clone(), cached.clone());
                 cached
             }
@@ -218,6 +229,14 @@ impl Invoker {
             }
         }
         result
+    }
+
+    /// The token of the connection's session while it may be used as is.
+    pub(crate) fn reusable_token(&self, server_id: ServerId, user: &UserId) -> Option<String> {
+        self.lock_sessions()
+            .get(&(server_id, user.clone()))
+            .filter(|cached| tokio::time::Instant::now() < cached.trusted_until)
+            .map(|cached| cached.token.clone())
     }
 
     fn lock_sessions(

@@ -741,3 +741,22 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     assert_eq!(it.setup.handle.tool_calls("search_issues"), 1);
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_token_refused_in_a_reused_session_is_refreshed_once_and_the_call_goes_through() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "always_allow").await;
+    let first = it
+        .invoke("call_t1", "create_issue", json!({"title": "a"}))
+        .await;
+    assert_eq!(first["outcome"], "completed", "{first}");
+    // The server now refuses the token the session holds.
+    it.setup.handle.expire_access_tokens();
+    let second = it
+        .invoke("call_t2", "create_issue", json!({"title": "b"}))
+        .await;
+    assert_eq!(second["outcome"], "completed", "{second}");
+    assert_eq!(it.setup.handle.token_requests_for("refresh_token"), 1);
+    // The refused attempts never ran the tool.
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 2);
+}
