@@ -10,11 +10,14 @@ use std::{
 
 use serde_json::Value;
 
-type Lines = std::io::Lines<std::io::BufReader<ChildStderr>>;
+pub(super) type Lines = std::io::Lines<std::io::BufReader<ChildStderr>>;
 
 /// `switchboard up --demo` on a free port, after it logged where it listens (the demo server
 /// is added before that); returns it, its log so far and later, its stdout and its URL.
-fn up_demo(data_dir: &Path, global: &[String]) -> (Child, Lines, String, ChildStdout, String) {
+pub(super) fn up_demo(
+    data_dir: &Path,
+    global: &[String],
+) -> (Child, Lines, String, ChildStdout, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("--data-dir")
         .arg(data_dir)
@@ -44,7 +47,7 @@ fn up_demo(data_dir: &Path, global: &[String]) -> (Child, Lines, String, ChildSt
 }
 
 /// Stops `up` with SIGTERM; returns the rest of its log and everything it printed.
-fn stop(mut child: Child, lines: Lines, mut stdout: ChildStdout) -> (String, String) {
+pub(super) fn stop(mut child: Child, lines: Lines, mut stdout: ChildStdout) -> (String, String) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -61,7 +64,7 @@ fn stop(mut child: Child, lines: Lines, mut stdout: ChildStdout) -> (String, Str
     (log, printed)
 }
 
-fn token(data_dir: &Path, user: &str, role: &str) -> String {
+pub(super) fn token(data_dir: &Path, user: &str, role: &str) -> String {
     let output = super::switchboard(
         data_dir,
         &["token", "--user", user, "--role", role, "--ttl", "10m"],
@@ -73,7 +76,7 @@ fn token(data_dir: &Path, user: &str, role: &str) -> String {
         .to_owned()
 }
 
-fn client() -> reqwest::Client {
+pub(super) fn client() -> reqwest::Client {
     testkit::http_client()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -117,7 +120,12 @@ fn hidden_request(page: &str) -> String {
 /// Starts connecting as `user`, opens the authorization URL like a browser, presses the
 /// button `decision` (`allow` or `deny`), follows the redirect to Switchboard's callback;
 /// returns the callback's status and page.
-async fn connect(url: &str, server_id: &str, user: &str, decision: &str) -> (u16, String) {
+pub(super) async fn connect(
+    url: &str,
+    server_id: &str,
+    user: &str,
+    decision: &str,
+) -> (u16, String) {
     let client = client();
     let response = client
         .post(format!("{url}/api/v1/servers/{server_id}/connection"))
@@ -167,7 +175,7 @@ async fn connect(url: &str, server_id: &str, user: &str, decision: &str) -> (u16
     )
 }
 
-async fn connection_status(url: &str, server_id: &str, user: &str) -> Value {
+pub(super) async fn connection_status(url: &str, server_id: &str, user: &str) -> Value {
     client()
         .get(format!("{url}/api/v1/servers/{server_id}/connection"))
         .bearer_auth(user)
@@ -180,7 +188,7 @@ async fn connection_status(url: &str, server_id: &str, user: &str) -> Value {
 }
 
 /// Every file under `dir`, read whole.
-fn files_under(dir: &Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+pub(super) fn files_under(dir: &Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
     for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -191,7 +199,7 @@ fn files_under(dir: &Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
     }
 }
 
-fn assert_no_demo_secret(what: &str, bytes: &[u8]) {
+pub(super) fn assert_no_demo_secret(what: &str, bytes: &[u8]) {
     let prefix = demo::SECRET_PREFIX.as_bytes();
     assert!(
         !bytes.windows(prefix.len()).any(|w| w == prefix),

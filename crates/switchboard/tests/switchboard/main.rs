@@ -11,6 +11,7 @@ use proto::v1::{Envelope, ServerAdded, ServerDisabled, envelope::Event};
 mod demo;
 mod http;
 mod invocations;
+mod story;
 mod walkthrough;
 
 fn switchboard(data_dir: &Path, args: &[&str]) -> std::process::Output {
