@@ -6,9 +6,7 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, header},
     response::{Html, IntoResponse, Redirect, Response},
 };
-use chrono::{DateTime, SecondsFormat, Utc};
 use connection::{CallbackParams, ConnectionError, ConnectionReport};
-use domain::ServerId;
 use serde::{Deserialize, Serialize};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -27,15 +25,6 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(connect, connection_status, disconnect))
         .routes(routes!(oauth_callback))
-}
-
-fn server_id(text: &str) -> Result<ServerId, ApiError> {
-    ServerId::parse(text)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
-}
-
-fn rfc3339(time: Option<std::time::SystemTime>) -> Option<String> {
-    time.map(|t| DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
 /// Where to send the user's browser to authorize.
@@ -68,9 +57,9 @@ impl ConnectionView {
             server_id: report.server_id.to_string(),
             status: report.status.as_str(),
             reason: Some(report.reason).filter(|r| !r.is_empty()),
-            since: rfc3339(report.since),
+            since: report.since.map(super::rfc3339),
             granted_scopes: report.granted_scopes,
-            access_token_expires_at: rfc3339(report.access_token_expires_at),
+            access_token_expires_at: report.access_token_expires_at.map(super::rfc3339),
             tool_count: report.tool_count,
         }
     }
@@ -98,7 +87,7 @@ async fn connect(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<AuthorizationStart>, ApiError> {
-    let id = server_id(&id)?;
+    let id = super::server_id(&id)?;
     let (authorization_url, written) = state
         .connections
         .start_connection(&state.command_context(&caller), &caller.user, id)
@@ -122,7 +111,7 @@ async fn connection_status(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<ConnectionView>, ApiError> {
-    let id = server_id(&id)?;
+    let id = super::server_id(&id)?;
     Ok(axum::Json(ConnectionView::of(
         state.connections.status(&caller.user, id)?,
     )))
@@ -140,7 +129,7 @@ async fn disconnect(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<DisconnectView>, ApiError> {
-    let id = server_id(&id)?;
+    let id = super::server_id(&id)?;
     let done = state
         .connections
         .disconnect(

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use axum::{extract::State, http::Method};
-use chrono::{DateTime, SecondsFormat, Utc};
 use domain::{InvocationId, UserId};
 use invoker::{Decision, InvocationReport, InvokeRequest};
 use serde::{Deserialize, Serialize};
@@ -59,10 +58,6 @@ fn user_for(caller: &Caller, named: Option<&str>) -> Result<UserId, ApiError> {
 
 fn invocation_id(text: &str) -> Result<InvocationId, ApiError> {
     InvocationId::parse(text).map_err(|e| ApiError::bad_request(e.code(), e.to_string()))
-}
-
-fn rfc3339(time: std::time::SystemTime) -> String {
-    DateTime::<Utc>::from(time).to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 impl From<invoker::InvokerError> for ApiError {
@@ -323,8 +318,8 @@ async fn list_approvals(
                 name: p.server.name,
             },
             arguments: p.arguments,
-            requested_at: rfc3339(p.requested_at),
-            expires_at: rfc3339(p.expires_at),
+            requested_at: super::rfc3339(p.requested_at),
+            expires_at: super::rfc3339(p.expires_at),
         })
         .collect();
     Ok(axum::Json(ApprovalList { approvals }))

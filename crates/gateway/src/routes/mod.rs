@@ -46,6 +46,16 @@ impl RouteSpec {
     }
 }
 
+/// A server id from a path, or the 400 that says why it is not one.
+pub(crate) fn server_id(text: &str) -> Result<domain::ServerId, crate::ApiError> {
+    domain::ServerId::parse(text).map_err(|e| crate::ApiError::bad_request(e.code(), e.to_string()))
+}
+
+/// A time as the API writes it: RFC 3339, UTC, milliseconds.
+pub(crate) fn rfc3339(time: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Every route the API serves, with its access. A capability adds its module's table here.
 pub fn table() -> Vec<RouteSpec> {
     [

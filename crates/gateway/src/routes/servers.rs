@@ -6,7 +6,6 @@ use axum::{
     extract::State,
     http::{Method, StatusCode},
 };
-use chrono::{DateTime, SecondsFormat, Utc};
 use domain::{DomainError, ServerId, projections::ServerSummary};
 use serde::{Deserialize, Serialize};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -99,10 +98,6 @@ pub struct ServerView {
     pub updated_at: Option<String>,
 }
 
-fn rfc3339(time: Option<std::time::SystemTime>) -> Option<String> {
-    time.map(|t| DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true))
-}
-
 impl ServerView {
     fn of(server: &ServerSummary) -> Self {
         ServerView {
@@ -119,9 +114,9 @@ impl ServerView {
             enabled: server.enabled,
             registration_mode: server.registration_mode.map(|m| m.as_str()),
             created_by: server.created_by.clone(),
-            created_at: rfc3339(server.created_at),
+            created_at: server.created_at.map(super::rfc3339),
             updated_by: server.updated_by.clone(),
-            updated_at: rfc3339(server.updated_at),
+            updated_at: server.updated_at.map(super::rfc3339),
         }
     }
 }
@@ -260,11 +255,6 @@ async fn list_servers(State(state): State<AppState>) -> axum::Json<ServerList> {
     })
 }
 
-fn server_id(text: &str) -> Result<ServerId, ApiError> {
-    ServerId::parse(text)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))
-}
-
 /// The server as the read models show it once they reflect `written` (read-your-writes).
 async fn view_after(
     state: &AppState,
@@ -294,7 +284,7 @@ async fn get_server(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<ServerView>, ApiError> {
-    Ok(axum::Json(view(&state, server_id(&id)?)?))
+    Ok(axum::Json(view(&state, super::server_id(&id)?)?))
 }
 
 /// What an edit may change. The URL never changes; sending one is refused with
@@ -330,7 +320,7 @@ async fn edit_server(
     ApiPath(id): ApiPath<String>,
     ApiJson(edit): ApiJson<EditServer>,
 ) -> Result<axum::Json<ServerView>, ApiError> {
-    let id = server_id(&id)?;
+    let id = super::server_id(&id)?;
     if edit.url.is_some() {
         return Err(DomainError::ServerUrlImmutable.into());
     }
@@ -360,7 +350,7 @@ async fn delete_server(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = server_id(&id)?;
+    let id = super::server_id(&id)?;
     let written = state
         .servers
         .delete_server(&state.command_context(&caller), id)
@@ -381,7 +371,7 @@ async fn enable_server(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<ServerView>, ApiError> {
-    let id = server_id(&id)?;
+    let id = super::server_id(&id)?;
     let written = state
         .servers
         .enable_server(&state.command_context(&caller), id)
@@ -412,7 +402,7 @@ async fn disable_server(
     ApiPath(id): ApiPath<String>,
     body: Bytes,
 ) -> Result<axum::Json<ServerView>, ApiError> {
-    let id = server_id(&id)?;
+    let id = super::server_id(&id)?;
     let disable: DisableServer = if body.iter().all(u8::is_ascii_whitespace) {
         DisableServer::default()
     } else {

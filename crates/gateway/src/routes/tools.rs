@@ -89,10 +89,6 @@ pub struct SetCategoryState {
     pub state: String,
 }
 
-fn server_id(text: &str) -> Result<ServerId, ApiError> {
-    ServerId::parse(text).map_err(|e| ApiError::bad_request(e.code(), e.to_string()))
-}
-
 fn tool_state(text: &str) -> Result<ToolState, ApiError> {
     ToolState::parse(text).map_err(|_| {
         ApiError::bad_request(
@@ -103,7 +99,7 @@ fn tool_state(text: &str) -> Result<ToolState, ApiError> {
 }
 
 fn existing_server(state: &AppState, text: &str) -> Result<ServerId, ApiError> {
-    let id = server_id(text)?;
+    let id = super::server_id(text)?;
     if state.read_models.servers.read(|d| d.get(id).is_none()) {
         return Err(DomainError::ServerNotFound.into());
     }
