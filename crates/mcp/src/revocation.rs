@@ -110,14 +110,14 @@ pub async fn revoke_tokens(
                 });
             };
             let secret = client.client_secret.as_deref().unwrap_or("");
-            let url = api_base
-                .join(&format!(
-                    "applications/{}/token",
-                    url_path_segment(&client.client_id)
-                ))
-                .map_err(|e| RevocationError::Refused {
-                    reason: e.to_string(),
-                })?;
+            // `<base>applications/{client_id}/token`, the client id percent-encoded by `url`.
+            let mut url = api_base.clone();
+            url.path_segments_mut()
+                .map_err(|()| RevocationError::Refused {
+                    reason: "the GitHub API base cannot have a path".to_owned(),
+                })?
+                .pop_if_empty()
+                .extend(["applications", client.client_id.as_str(), "token"]);
             let mut headers = HeaderMap::new();
             let basic = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{secret}", client.client_id));
@@ -294,18 +294,6 @@ fn header_value(text: &str) -> Result<HeaderValue, RevocationError> {
     HeaderValue::from_str(text).map_err(|_| RevocationError::Refused {
         reason: "a credential cannot be sent in an HTTP header".to_owned(),
     })
-}
-
-fn url_path_segment(text: &str) -> String {
-    text.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// The outbound client as `oauth2`'s HTTP client. A type rather than a closure: its future

@@ -205,17 +205,20 @@ fn text(value: &Value) -> &str {
     value.as_str().unwrap_or("")
 }
 
-fn encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+/// `/api/v1/<segments…>[?<query>]`, each segment and query value percent-encoded by `url`.
+fn api_path(segments: &[&str], query: &[(&str, &str)]) -> String {
+    let mut url = reqwest::Url::parse("http://switchboard/api/v1/").expect("a valid base URL");
+    url.path_segments_mut()
+        .expect("an http URL has a path")
+        .pop_if_empty()
+        .extend(segments);
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    }
 }
 
 /// `switchboard servers`: every server, with the caller's connection to it.
@@ -314,7 +317,7 @@ pub async fn tools(args: &ToolsArgs, settings: &Settings) -> anyhow::Result<()> 
     if args.server.is_none() {
         // The tools the AI may use now (Always allow or Needs approval).
         let path = match &args.user {
-            Some(user) => format!("/api/v1/tools?user={}", encode(user)),
+            Some(user) => api_path(&["tools"], &[("user", user)]),
             None => "/api/v1/tools".to_owned(),
         };
         if let Ok(usable) = api.get(&path).await {
@@ -378,7 +381,7 @@ pub async fn allow(args: &AllowArgs, settings: &Settings) -> anyhow::Result<()> 
         let answer = api
             .call(
                 Method::PUT,
-                &format!("/api/v1/servers/{id}/categories/{}", encode(&args.tool)),
+                &api_path(&["servers", id, "categories", &args.tool], &[]),
                 Some(body),
             )
             .await?;
@@ -418,7 +421,7 @@ pub async fn allow(args: &AllowArgs, settings: &Settings) -> anyhow::Result<()> 
     let name = text(&tool["name"]);
     api.call(
         Method::PUT,
-        &format!("/api/v1/servers/{id}/tools/{}", encode(name)),
+        &api_path(&["servers", id, "tools", name], &[]),
         Some(body),
     )
     .await?;
@@ -493,7 +496,7 @@ pub async fn invoke(args: &InvokeArgs, settings: &Settings) -> anyhow::Result<()
             return Ok(());
         }
         let now = api
-            .get(&format!("/api/v1/invocations/{}?wait=10", encode(&id)))
+            .get(&api_path(&["invocations", &id], &[("wait", "10")]))
             .await?;
         if text(&now["outcome"]) != "awaiting_approval" {
             eprintln!();
@@ -533,7 +536,7 @@ pub async fn decide(args: &DecideArgs, settings: &Settings, approve: bool) -> an
     let answer = api
         .call(
             Method::POST,
-            &format!("/api/v1/approvals/{}", encode(&args.id)),
+            &api_path(&["approvals", &args.id], &[]),
             Some(json!({"decision": decision})),
         )
         .await?;
