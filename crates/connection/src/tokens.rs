@@ -127,38 +127,48 @@ impl ConnectionService {
                 }
                 Err(VaultError::Conflict { .. }) => {
                     self.inner.lease_waits.send_modify(|n| *n += 1);
-                    self.wait_for_other_refresher(&name, revision, &lease, give_up)
-                        .await?;
+                    if !self
+                        .wait_for_change(&name, revision, Some(&lease), give_up)
+                        .await?
+                    {
+                        return Err(ConnectionError::RefreshUnavailable {
+                            reason: "another refresh of this connection did not finish".to_owned(),
+                        });
+                    }
                 }
                 Err(other) => return Err(other.into()),
             }
         }
     }
 
-    /// Waits until the tokens change or the lease is gone (released or expired).
-    async fn wait_for_other_refresher(
+    /// Waits until the tokens' revision is no longer `seen` (or the entry is gone) — or, with
+    /// `lease`, until that lease is gone (released, or expired with a crashed holder) — at
+    /// most until `until`. Returns whether it saw such a change.
+    async fn wait_for_change(
         &self,
         name: &vault::SecretName,
         seen: vault::Revision,
-        lease: &vault::SecretName,
-        give_up: tokio::time::Instant,
-    ) -> Result<(), ConnectionError> {
+        lease: Option<&vault::SecretName>,
+        until: tokio::time::Instant,
+    ) -> Result<bool, ConnectionError> {
         let mut pause = Duration::from_millis(5);
         loop {
-            if tokio::time::Instant::now() >= give_up {
-                return Err(ConnectionError::RefreshUnavailable {
-                    reason: "another refresh of this connection did not finish".to_owned(),
-                });
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
             let changed = match self.inner.vault.get(name).await? {
                 Some((_, revision)) => revision != seen,
                 None => true,
             };
-            if changed || self.inner.vault.get(lease).await?.is_none() {
-                return Ok(());
+            let released = match lease {
+                Some(lease) => self.inner.vault.get(lease).await?.is_none(),
+                None => false,
+            };
+            if changed || released {
+                return Ok(true);
             }
+            if tokio::time::Instant::now() >= until {
+                return Ok(false);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
@@ -208,11 +218,14 @@ impl ConnectionService {
                 // the loser of a race (two refreshers when a lease expired under a slow one).
                 // The winner may not have stored its tokens yet: give it a moment. If the
                 // tokens change, the winner's work stands and the connection is fine.
-                if let Some(token) = self
-                    .wait_for_new_tokens(&name, before_revision, RACE_GRACE)
+                let grace = tokio::time::Instant::now() + RACE_GRACE;
+                if self
+                    .wait_for_change(&name, before_revision, None, grace)
                     .await?
+                    && let Some((now, _)) = load_credentials(&self.inner.vault, &name).await?
+                    && let Some(token) = access_token_of(&now)
                 {
-                    return Ok(token);
+                    return Ok(token.to_owned());
                 }
                 let reason = reason.chars().take(300).collect::<String>();
                 self.run(
@@ -244,29 +257,6 @@ impl ConnectionService {
             Err(other) => Err(ConnectionError::RefreshUnavailable {
                 reason: other.to_string().chars().take(300).collect(),
             }),
-        }
-    }
-
-    /// The access token stored after `seen`, if one is stored within `grace`.
-    async fn wait_for_new_tokens(
-        &self,
-        name: &vault::SecretName,
-        seen: vault::Revision,
-        grace: Duration,
-    ) -> Result<Option<String>, ConnectionError> {
-        let give_up = tokio::time::Instant::now() + grace;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            if let Some((now, revision)) = load_credentials(&self.inner.vault, name).await?
-                && revision != seen
-            {
-                return Ok(access_token_of(&now).map(str::to_owned));
-            }
-            if tokio::time::Instant::now() >= give_up {
-                return Ok(None);
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
