@@ -13,9 +13,14 @@
 //!          ├─ awaiting approval ─┬─ Approve ──→ ready
 //!          │                     ├─ Deny ─────→ denied                                 [terminal]
 //!          │                     └─ Expire ───→ expired                                [terminal]
+//!          ├─ running (allowed: the request records the start, `started`)
 //!          └─ ready ── Start ──→ running ─┬─ Complete → completed                       [terminal]
 //!                                         └─ Fail ────→ failed                          [terminal]
 //! ```
+//! An allowed request is called at once, so its `InvocationRequested` records the start
+//! (`started`) and no `InvocationStarted` follows: the claim is then the only append before
+//! the call. `Start` starts an approved invocation (and one recorded by an earlier version,
+//! whose allowed requests were `ready`).
 //! `Fail` also closes an invocation that never started (e.g. its token could not be loaded).
 //! Start is accepted once: at most one call to the MCP server per invocation id. Exactly one
 //! terminal event; after it, every command is refused with `invocation_finished` (a request
@@ -129,7 +134,11 @@ impl Aggregate for InvocationState {
         if let Event::InvocationRequested(requested) = event {
             if self.request.is_none() {
                 self.request = Some(requested.clone());
-                self.status = InvocationStatus::Ready { approved_by: None };
+                self.status = if requested.started {
+                    InvocationStatus::Running
+                } else {
+                    InvocationStatus::Ready { approved_by: None }
+                };
             }
             return;
         }
@@ -400,6 +409,7 @@ fn request_invocation(
         arguments_json: request.arguments_json,
         arguments_sha256: request.arguments_sha256,
         arguments_size_bytes: request.arguments_size_bytes,
+        started: false,
     };
     if let Some(recorded) = &state.request {
         return if same_request(recorded, &requested) {
@@ -417,6 +427,9 @@ fn request_invocation(
         Some(tool) if tool.tool_state == ToolState::Blocked => Some(DomainError::ToolBlocked),
         Some(_) => None,
     };
+    // An allowed request is called at once: it records its start too, so that the claim
+    // is the one append before the call (see the proto's `started`).
+    requested.started = rejection.is_none() && !needs_approval;
     let keep_arguments = request.capture_arguments || (rejection.is_none() && needs_approval);
     if !keep_arguments {
         requested.arguments_json.clear();
@@ -514,7 +527,21 @@ mod tests {
             arguments_json: r#"{"title":"Bug"}"#.into(),
             arguments_sha256: String::new(),
             arguments_size_bytes: 15,
+            started: false,
         })
+    }
+
+    /// An allowed request, started with it.
+    fn requested_and_started() -> Event {
+        match requested() {
+            Event::InvocationRequested(requested) => {
+                Event::InvocationRequested(pb::InvocationRequested {
+                    started: true,
+                    ..requested
+                })
+            }
+            _ => unreachable!(),
+        }
     }
 
     fn rejected(error: DomainError) -> Event {
@@ -593,14 +620,26 @@ mod tests {
     }
 
     #[test]
-    fn always_allowed_tool_is_ready_to_start() {
+    fn an_always_allowed_tool_starts_with_its_request() {
         let state = Scenario::<InvocationState>::given([])
             .when(decide_at(1_000, request(ToolState::AlwaysAllow)))
-            .then([requested()]);
-        assert_eq!(
-            state.status(),
-            &InvocationStatus::Ready { approved_by: None }
-        );
+            .then([requested_and_started()]);
+        assert_eq!(state.status(), &InvocationStatus::Running);
+        Scenario::<InvocationState>::given([requested_and_started()])
+            .when(decide_at(1_001, InvocationCommand::Start))
+            .then_error("invocation_already_started");
+        Scenario::<InvocationState>::given([requested_and_started()])
+            .when(decide_at(1_002, complete()))
+            .then([completed()]);
+    }
+
+    #[test]
+    fn an_allowed_request_of_an_earlier_version_is_ready_and_starts_once() {
+        // Recorded before requests recorded their start: ready, then `InvocationStarted`.
+        let state = Scenario::<InvocationState>::given([requested()])
+            .when(decide_at(1_001, InvocationCommand::Start))
+            .then([started()]);
+        assert_eq!(state.status(), &InvocationStatus::Running);
     }
 
     #[test]
@@ -911,7 +950,11 @@ mod tests {
 
     #[test]
     fn replayed_request_records_nothing_and_a_reused_id_is_refused() {
-        for history in [vec![requested()], vec![requested(), started(), completed()]] {
+        for history in [
+            vec![requested()],
+            vec![requested_and_started()],
+            vec![requested(), started(), completed()],
+        ] {
             Scenario::<InvocationState>::given(history)
                 .when(decide_at(1_001, request(ToolState::AlwaysAllow)))
                 .then_nothing();

@@ -5,7 +5,14 @@
 //! invocations of one user in flight. The invoker is called in-process (the HTTP layer's own
 //! cost is `--bench http`).
 //!
+//! The machine is shared by the client, the fixture server, Switchboard and nats-server, and
+//! the figures of one pass swing with it; so the four are measured in turns, `ROUNDS` times,
+//! and each figure is the median of its rounds. Throughput is compared with the direct
+//! client's of the same round. The CPU time per invocation (this process and nats-server)
+//! says what the 64-in-flight part spent.
+//!
 //! `NATS_SERVER_BIN=… cargo bench -p gateway --bench invoke`
+//! (`INVOKE_BENCH_ONLY=direct|jsonl|jetstream|history` runs one part alone, for a profiler.)
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -32,11 +39,38 @@ const IN_FLIGHT: usize = 64;
 const PARALLEL: usize = 10_000;
 const HISTORY: usize = 100_000;
 
+const ROUNDS: usize = 3;
+
 #[derive(Debug, Clone, Copy)]
 struct Figures {
     p50: Duration,
     p99: Duration,
     per_second: f64,
+    /// CPU time of this process and nats-server per invocation at 64 in flight.
+    cpu_per_call: Duration,
+}
+
+/// CPU time (user and system) of a process so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: &str) -> Duration {
+    // Fields 14 and 15, counted after the command name (which may hold spaces), in clock
+    // ticks; Linux shows user space 100 ticks a second.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time of this process and of the shared nats-server (if it runs).
+fn cpu_now() -> Duration {
+    let nats = testkit::shared_nats_if_started()
+        .and_then(|server| server.pid())
+        .map_or(Duration::ZERO, |pid| cpu_time(&pid.to_string()));
+    cpu_time("self") + nats
 }
 
 fn token(user: &str, role: &str) -> String {
@@ -271,6 +305,7 @@ where
         latencies.push(begun.elapsed());
     }
     latencies.sort();
+    let cpu_before = cpu_now();
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..IN_FLIGHT {
@@ -284,22 +319,27 @@ where
     for worker in workers {
         worker.await.expect("worker");
     }
+    let calls = (PARALLEL / IN_FLIGHT * IN_FLIGHT) as u32;
+    let elapsed = started.elapsed();
     Figures {
         p50: latencies[latencies.len() / 2],
         p99: latencies[latencies.len() * 99 / 100],
-        per_second: (PARALLEL / IN_FLIGHT * IN_FLIGHT) as f64 / started.elapsed().as_secs_f64(),
+        per_second: f64::from(calls) / elapsed.as_secs_f64(),
+        cpu_per_call: cpu_now().saturating_sub(cpu_before) / calls,
     }
 }
 
-async fn through_switchboard(setup: Arc<Setup>, run: &'static str) -> Figures {
+async fn through_switchboard(setup: Arc<Setup>, run: String) -> Figures {
     measure(move |n| {
         let setup = setup.clone();
-        async move { setup.invoke(format!("{run}_{n}")).await }
+        let id = format!("{run}_{n}");
+        async move { setup.invoke(id).await }
     })
     .await
 }
 
-/// 100,000 past invocations of the user, appended straight to the log.
+/// 100,000 past invocations of the user, each requested (and started) and completed, as the
+/// invoker records them, appended straight to the log.
 async fn write_history(setup: &Setup) {
     let log = setup.state.log.clone();
     let envelopes = EnvelopeBuilder::new(Arc::new(SystemClock));
@@ -308,22 +348,40 @@ async fn write_history(setup: &Setup) {
     for worker in 0..IN_FLIGHT {
         let (log, envelopes, user) = (log.clone(), envelopes.clone(), user.clone());
         workers.push(tokio::spawn(async move {
+            use proto::v1::envelope::Event;
+            let context = CommandContext::service("bench");
             for n in (worker..HISTORY).step_by(IN_FLIGHT) {
                 let id = domain::InvocationId::parse(&format!("past_{n}")).expect("id");
                 let subject =
                     Subject::parse(&domain::invocation::subject(&user, &id)).expect("subject");
-                let event = proto::v1::envelope::Event::InvocationRequested(
-                    proto::v1::InvocationRequested {
-                        invocation_id: id.to_string(),
-                        user_id: USER.to_owned(),
-                        exposed_tool_name: "bench__create_issue".to_owned(),
-                        ..Default::default()
-                    },
-                );
-                let wrapped = envelopes.wrap(&CommandContext::service("bench"), vec![event]);
-                log.append(&subject, ExpectedVersion::NoEvents, &wrapped)
+                let requested = Event::InvocationRequested(proto::v1::InvocationRequested {
+                    invocation_id: id.to_string(),
+                    user_id: USER.to_owned(),
+                    exposed_tool_name: "bench__create_issue".to_owned(),
+                    tool_name: "create_issue".to_owned(),
+                    started: true,
+                    ..Default::default()
+                });
+                let claimed = log
+                    .append(
+                        &subject,
+                        ExpectedVersion::NoEvents,
+                        &envelopes.wrap(&context, vec![requested]),
+                    )
                     .await
                     .expect("append");
+                let completed = Event::InvocationCompleted(proto::v1::InvocationCompleted {
+                    invocation_id: id.to_string(),
+                    duration_ms: 1,
+                    ..Default::default()
+                });
+                log.append(
+                    &subject,
+                    ExpectedVersion::At(claimed.last_sequence),
+                    &envelopes.wrap(&context, vec![completed]),
+                )
+                .await
+                .expect("append");
             }
         }));
     }
@@ -332,19 +390,48 @@ async fn write_history(setup: &Setup) {
     }
 }
 
-fn show(name: &str, figures: Figures, direct: Figures) {
+/// The median of each figure over the rounds.
+fn median(rounds: &[Figures]) -> Figures {
+    fn mid<T: Copy + PartialOrd>(mut values: Vec<T>) -> T {
+        values.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
+        values[values.len() / 2]
+    }
+    Figures {
+        p50: mid(rounds.iter().map(|f| f.p50).collect()),
+        p99: mid(rounds.iter().map(|f| f.p99).collect()),
+        per_second: mid(rounds.iter().map(|f| f.per_second).collect()),
+        cpu_per_call: mid(rounds.iter().map(|f| f.cpu_per_call).collect()),
+    }
+}
+
+fn show(name: &str, rounds: &[Figures], direct_rounds: &[Figures]) {
+    let figures = median(rounds);
+    let direct = median(direct_rounds);
+    // Each round's throughput against the direct client's in the same round.
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .zip(direct_rounds)
+        .map(|(f, d)| f.per_second / d.per_second)
+        .collect();
+    let ratio_text: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    let mut sorted = ratios.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
     println!(
-        "{name:<34} p50 {:>8.3} ms  p99 {:>8.3} ms  added p50 {:>7.3} ms  p99 {:>7.3} ms  {:>8.0}/s at {IN_FLIGHT} in flight ({:.2}× direct)",
+        "{name:<34} p50 {:>6.3} ms  p99 {:>6.3} ms  added p50 {:>6.3} ms  p99 {:>6.3} ms  {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each; vs direct {:.2}× (rounds {})",
         figures.p50.as_secs_f64() * 1e3,
         figures.p99.as_secs_f64() * 1e3,
         (figures.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e3,
         (figures.p99.as_secs_f64() - direct.p99.as_secs_f64()) * 1e3,
         figures.per_second,
-        figures.per_second / direct.per_second,
+        figures.cpu_per_call.as_secs_f64() * 1e6,
+        sorted[sorted.len() / 2],
+        ratio_text.join(", "),
     );
 }
 
 fn main() {
+    let only = std::env::var("INVOKE_BENCH_ONLY").ok();
+    let runs = |part: &str| only.as_deref().is_none_or(|only| only == part);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -370,7 +457,7 @@ fn main() {
             .await
             .expect("session"),
         );
-        let direct = measure({
+        let direct_call = {
             let session = session.clone();
             move |_| {
                 let session = session.clone();
@@ -380,26 +467,72 @@ fn main() {
                     assert_ne!(result.is_error, Some(true));
                 }
             }
-        })
-        .await;
-        let on_jsonl = through_switchboard(jsonl.clone(), "jsonl").await;
+        };
+        let jetstream = if runs("jetstream") {
+            let setup = Arc::new(setup(true).await);
+            setup.connect().await;
+            Some(setup)
+        } else {
+            None
+        };
+        let history = if runs("history") {
+            let setup = Arc::new(setup(true).await);
+            setup.connect().await;
+            let begun = Instant::now();
+            write_history(&setup).await;
+            eprintln!(
+                "wrote {HISTORY} past invocations in {:.1} s",
+                begun.elapsed().as_secs_f64()
+            );
+            Some(setup)
+        } else {
+            None
+        };
 
-        let jetstream = Arc::new(setup(true).await);
-        jetstream.connect().await;
-        let on_jetstream = through_switchboard(jetstream.clone(), "js").await;
-        let begun = Instant::now();
-        write_history(&jetstream).await;
-        eprintln!("wrote {HISTORY} past invocations in {:.1} s", begun.elapsed().as_secs_f64());
-        let with_history = through_switchboard(jetstream.clone(), "js_history").await;
-
+        let rounds = if only.is_some() { 1 } else { ROUNDS };
+        let (mut direct, mut on_jsonl, mut on_jetstream, mut with_history) =
+            (vec![], vec![], vec![], vec![]);
+        for round in 0..rounds {
+            if runs("direct") {
+                direct.push(measure(direct_call.clone()).await);
+            }
+            if runs("jsonl") {
+                on_jsonl.push(through_switchboard(jsonl.clone(), format!("jsonl{round}")).await);
+            }
+            if let Some(setup) = &jetstream {
+                on_jetstream.push(through_switchboard(setup.clone(), format!("js{round}")).await);
+            }
+            if let Some(setup) = &history {
+                with_history
+                    .push(through_switchboard(setup.clone(), format!("history{round}")).await);
+            }
+        }
+        if only.is_some() {
+            // One part alone: its own figures, nothing to compare with.
+            for figures in [&direct, &on_jsonl, &on_jetstream, &with_history]
+                .into_iter()
+                .flatten()
+            {
+                println!(
+                    "p50 {:.3} ms  p99 {:.3} ms  {:.0}/s at {IN_FLIGHT} in flight, {:.0} µs CPU each",
+                    figures.p50.as_secs_f64() * 1e3,
+                    figures.p99.as_secs_f64() * 1e3,
+                    figures.per_second,
+                    figures.cpu_per_call.as_secs_f64() * 1e6,
+                );
+            }
+            return;
+        }
+        let figures = median(&direct);
         println!(
-            "(a) direct rmcp client             p50 {:>8.3} ms  p99 {:>8.3} ms  {:>8.0}/s at {IN_FLIGHT} in flight",
-            direct.p50.as_secs_f64() * 1e3,
-            direct.p99.as_secs_f64() * 1e3,
-            direct.per_second
+            "(a) direct rmcp client             p50 {:>6.3} ms  p99 {:>6.3} ms                                     {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each",
+            figures.p50.as_secs_f64() * 1e3,
+            figures.p99.as_secs_f64() * 1e3,
+            figures.per_second,
+            figures.cpu_per_call.as_secs_f64() * 1e6,
         );
-        show("(b) Switchboard, JSONL log", on_jsonl, direct);
-        show("(c) Switchboard, JetStream", on_jetstream, direct);
-        show("(d) (c), 100,000 past invocations", with_history, direct);
+        show("(b) Switchboard, JSONL log", &on_jsonl, &direct);
+        show("(c) Switchboard, JetStream", &on_jetstream, &direct);
+        show("(d) (c), 100,000 past invocations", &with_history, &direct);
     });
 }

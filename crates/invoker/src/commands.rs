@@ -10,6 +10,10 @@
 //! and its owner never both record an outcome. A duplicate loses the claim, checks that it is
 //! the same request (`invocation_id_reused` otherwise) and waits for the recorded outcome.
 //!
+//! **Two appends per call.** An allowed request records its start (`started`), so an allowed
+//! invocation is the claim, the call, and its outcome: one append before the call and one
+//! after it.
+//!
 //! **No serialisation per user.** A user's parallel invocations are on different subjects:
 //! their appends never conflict, and loading one reads its own few events.
 use std::{sync::Arc, time::Duration};
@@ -335,7 +339,7 @@ impl Invoker {
             Ok(appended) => {
                 let state = InvocationState::from_events(events.iter());
                 match (state.status(), resolved) {
-                    (InvocationStatus::Ready { .. }, Some(resolved)) => {
+                    (InvocationStatus::Running, Some(resolved)) => {
                         self.spawn_run(Run {
                             context: context.clone(),
                             subject,
@@ -585,13 +589,17 @@ impl Invoker {
             deadline,
         } = run;
         let state = InvocationState::from_events(events.iter());
-        let started = invocation::decide(&state, &id, InvocationCommand::Start, self.now())?;
+        // An approved invocation is started here. Its `InvocationStarted` is appended while
+        // the call goes out, not before it: the right to call was settled by the approval
+        // (the one `InvocationApproved` append that succeeded), so nobody else can start it
+        // and waiting for the append would only add its latency to the call. `Started` still
+        // precedes the outcome in the log. (An allowed invocation's request recorded its
+        // start already: its claim is the one append before the call.)
+        let started = match state.status() {
+            InvocationStatus::Running => Vec::new(),
+            _ => invocation::decide(&state, &id, InvocationCommand::Start, self.now())?,
+        };
         let envelopes = self.inner.envelopes.wrap(&context, started.clone());
-        // `InvocationStarted` is appended while the call goes out, not before it: the right to
-        // call was settled earlier, by the claim (the one `InvocationRequested` append that
-        // succeeded) or by the approval (the one `InvocationApproved` append that did), so
-        // nobody else can start this invocation and waiting for the append would only add
-        // its latency to every call. `Started` still precedes the outcome in the log.
         let began = tokio::time::Instant::now();
         let calling = async {
             let answer = tokio::time::timeout(
@@ -601,14 +609,19 @@ impl Invoker {
             .await;
             (answer, began.elapsed())
         };
-        let (appended, (answer, took)) = tokio::join!(
+        let appending = async {
+            if envelopes.is_empty() {
+                return Ok(version);
+            }
             self.inner
                 .log
-                .append(&subject, ExpectedVersion::At(version), &envelopes),
-            calling
-        );
+                .append(&subject, ExpectedVersion::At(version), &envelopes)
+                .await
+                .map(|appended| appended.last_sequence)
+        };
+        let (appended, (answer, took)) = tokio::join!(appending, calling);
         let started_at = match appended {
-            Ok(appended) => appended.last_sequence,
+            Ok(last_sequence) => last_sequence,
             Err(error) if error.is_conflict() => {
                 // Only the sweeper writes here meanwhile, and only long after the deadline:
                 // what it recorded stands.

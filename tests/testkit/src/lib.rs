@@ -142,6 +142,12 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The process id of the running server (benchmarks read its CPU time).
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child_slot().as_ref().map(Child::id)
+    }
+
     /// The client port; the same across restarts.
     #[must_use]
     pub fn port(&self) -> u16 {
@@ -351,17 +357,24 @@ impl Drop for NatsServer {
 /// # Panics
 /// If the server cannot be started (see [`NatsServer::start`]).
 pub fn shared_nats() -> &'static NatsServer {
-    static SHARED: OnceLock<NatsServer> = OnceLock::new();
     extern "C" fn clean_up_shared() {
-        if let Some(server) = SHARED.get() {
+        if let Some(server) = SHARED_NATS.get() {
             server.clean_up_at_exit();
         }
     }
-    SHARED.get_or_init(|| {
+    SHARED_NATS.get_or_init(|| {
         let server = NatsServer::start();
         call_at_exit(clean_up_shared);
         server
     })
+}
+
+static SHARED_NATS: OnceLock<NatsServer> = OnceLock::new();
+
+/// The shared nats-server if something has started it (without starting it).
+#[must_use]
+pub fn shared_nats_if_started() -> Option<&'static NatsServer> {
+    SHARED_NATS.get()
 }
 
 /// A unique short name for test isolation: `prefix`, then 8 hex digits random per process, then a

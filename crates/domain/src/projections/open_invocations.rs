@@ -103,7 +103,11 @@ impl OpenInvocations {
                     arguments_json: requested.arguments_json.clone(),
                     requested_at_ms: at,
                     since_ms: at,
-                    status: OpenStatus::Ready,
+                    status: if requested.started {
+                        OpenStatus::Running
+                    } else {
+                        OpenStatus::Ready
+                    },
                 },
             );
             return;

@@ -206,9 +206,11 @@ async fn an_allowed_tool_completes_with_an_untrusted_result_and_an_audit_trail_w
         assert_eq!(done["resultSha256"].as_str().map(str::len), Some(64));
         assert!(done["resultSizeBytes"].as_str().is_some(), "{done}");
         assert!(done.get("resultJson").is_none(), "{done}");
+        // The allowed request recorded its start: no `InvocationStarted` follows.
+        assert_eq!(request["started"], true, "{request}");
         assert_eq!(
             events_of_type(&it.setup, "InvocationStarted").await.len(),
-            1
+            0
         );
         // Only the invocation's user (and auditors) see it.
         let (status, _) = it
@@ -469,9 +471,16 @@ async fn concurrent_duplicates_of_one_id_call_the_server_once() {
             .expect("invoke");
         assert_eq!(report.outcome, invoker::Outcome::Completed);
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1, "{store:?}");
+        // One start: the one request recorded (it records its start).
+        let requested = events_of_type(&it.setup, "InvocationRequested").await;
+        assert_eq!(requested.len(), 1, "{store:?}");
+        assert_eq!(
+            requested[0]["envelope"]["invocationRequested"]["started"], true,
+            "{store:?}"
+        );
         assert_eq!(
             events_of_type(&it.setup, "InvocationStarted").await.len(),
-            1
+            0
         );
         assert_eq!(
             events_of_type(&it.setup, "InvocationCompleted").await.len(),
