@@ -22,17 +22,24 @@
 //!
 //! ```text
 //!
-//! {"commit":9}
+//! {"commit":9,"group":5,"crc32":3735928559}
 //! ```
 //!
 //! (The empty line keeps the mark a line of its own even when the end of the record before
 //! it, newline included, is damaged; readers and recovery skip empty lines.)
 //!
-//! where the number is the last sequence in the file when the mark was written (0 for the mark
-//! that starts a new file). The writer writes a mark only after the group's records are
-//! synced, and acknowledges the group only after the mark is synced too, so a record before a
-//! mark was durable when the mark was written, and anything after the last mark was never
-//! acknowledged (see `recovery`). Readers skip marks.
+//! - `commit`: the last sequence in the file when the mark was written.
+//! - `group`: the group's first sequence, and `crc32`: the CRC-32 of the group's record lines
+//!   (each with its `\n`, the empty line before the mark not included). The writer writes a
+//!   group's records and its mark together and makes them durable with one `fdatasync`, and
+//!   acknowledges the group only after that: the checksum is what tells a group that reached
+//!   the disk whole from one a power loss cut during its sync (see `recovery`).
+//!
+//! Marks without `group` and `crc32` cover no records of their own: the mark that starts a
+//! new file (`commit` 0, or the sequence the file continues from), and the mark recovery adds
+//! after records an older version acknowledged one by one. (Versions before the checksum
+//! wrote every group's mark only after its records were synced, and synced the mark too;
+//! their marks have no checksum and that rule still holds for them.) Readers skip marks.
 use std::{borrow::Cow, fmt};
 
 use proto::v1::Envelope;
@@ -78,8 +85,23 @@ pub(super) fn encode_line(
     buf.extend_from_slice(b"}\n");
 }
 
-/// Appends a commit mark line (with its `\n`) to `buf`: the records up to sequence `last` are
-/// durable.
+/// Appends the commit mark of a write group (with the empty line before it and its `\n`) to
+/// `buf`: the group's records, sequences `group..=last`, are `records` (their lines, each
+/// with its `\n`).
+pub(super) fn encode_group_mark(buf: &mut Vec<u8>, group: u64, last: u64, records: &[u8]) {
+    let crc = crc32fast::hash(records);
+    buf.push(b'\n');
+    buf.extend_from_slice(MARK_PREFIX);
+    push_decimal(buf, last);
+    buf.extend_from_slice(b",\"group\":");
+    push_decimal(buf, group);
+    buf.extend_from_slice(b",\"crc32\":");
+    push_decimal(buf, u64::from(crc));
+    buf.extend_from_slice(b"}\n");
+}
+
+/// Appends a commit mark line that covers no records of its own (with the empty line before
+/// it and its `\n`) to `buf`: the records up to sequence `last` are durable.
 pub(super) fn encode_mark(buf: &mut Vec<u8>, last: u64) {
     buf.push(b'\n');
     buf.extend_from_slice(MARK_PREFIX);
@@ -116,6 +138,12 @@ pub(super) struct Mark {
     /// The month a segment file was started in (its first mark only).
     #[serde(default)]
     pub month: Option<String>,
+    /// A write group's mark: the group's first sequence.
+    #[serde(default)]
+    pub group: Option<u64>,
+    /// A write group's mark: the CRC-32 of the group's record lines.
+    #[serde(default)]
+    pub crc32: Option<u32>,
 }
 
 /// The commit mark a line (without its `\n`) holds, or why it is not a valid mark.
@@ -377,7 +405,25 @@ mod tests {
             scan_mark(&buf[1..buf.len() - 1]),
             Ok(Mark {
                 commit: 7,
-                month: Some("2026-12".to_owned())
+                month: Some("2026-12".to_owned()),
+                group: None,
+                crc32: None,
+            })
+        );
+        let mut buf = vec![];
+        encode_group_mark(&mut buf, 5, 9, b"records\n");
+        let crc = crc32fast::hash(b"records\n");
+        assert_eq!(
+            buf,
+            format!("\n{{\"commit\":9,\"group\":5,\"crc32\":{crc}}}\n").as_bytes()
+        );
+        assert_eq!(
+            scan_mark(&buf[1..buf.len() - 1]),
+            Ok(Mark {
+                commit: 9,
+                month: None,
+                group: Some(5),
+                crc32: Some(crc),
             })
         );
         assert!(scan_mark(b"{\"commit\":4\x002}").is_err());

@@ -1,22 +1,30 @@
 //! Start-up: read a log file once and rebuild its index (and recent event ids) from its
 //! acknowledged records. One scanner serves both ways of opening a log.
 //!
-//! **The recovery rule.** The writer ends every write group with a commit mark, written only
-//! after the group's records are synced, and acknowledges the group only after the mark is
-//! synced as well (`record`). So:
+//! **The recovery rule.** The writer writes every write group's records followed by its
+//! commit mark, which names the group's first and last sequence and the CRC-32 of its
+//! records, makes them durable with one `fdatasync`, and acknowledges the group only after
+//! that; it writes the next group only then (`record`, `writer`). A power loss during the
+//! sync can leave any part of the group out, in any order (the disk stores the pages of one
+//! write as it likes), the mark included. So:
 //!
-//! - Everything up to the last valid commit mark was durable before that mark was written.
-//!   Damage there (a line that does not parse, a gap, a sequence out of order, a mark that
-//!   does not match the records before it) is damage to acknowledged records: the open fails
-//!   with `Corrupt`, naming the file and the first damaged line, and the file is left alone.
-//!   So does damage followed by a complete record of a *later* write group (each record names
-//!   its group's first sequence): that group was written only after the damaged one was
-//!   acknowledged, even if the damage destroyed the mark between them.
-//! - Everything after the last valid commit mark belongs to the one group that was being
-//!   written when the process or the machine stopped, and was never acknowledged, whatever
-//!   shape a crash or a power loss left it in: cut short, a zero-filled gap or garbage
-//!   followed by complete lines, complete records whose mark is missing or torn. It is
+//! - A group is whole when its records are complete, in sequence, and have the checksum its
+//!   own mark names. Whole groups are the log.
+//! - Only the last group of the file can be anything else without the file being damaged:
+//!   it is the one group that may have been cut by a crash or a power loss, and it was
+//!   never acknowledged, whatever shape it was left in — cut short, a zero-filled gap or
+//!   garbage followed by complete lines, complete records whose mark is missing or torn,
+//!   its mark present after records that are not all there or not the ones it covers. It is
 //!   dropped as a whole.
+//! - A group that is not whole followed by anything of a later group — a record naming a
+//!   later group (each record names its group's first sequence), a later group's mark, or
+//!   any bytes after the group's own mark — had been acknowledged (the later group was
+//!   written only after its sync returned): the open fails with `Corrupt`, naming the file
+//!   and the first damaged line, and the file is left alone.
+//! - Marks without a checksum were written by earlier versions, which synced a group's
+//!   records before writing its mark and synced the mark too: damage before such a mark is
+//!   damage to acknowledged records, `Corrupt`, as is a mark that does not match the records
+//!   before it.
 //! - A file without any commit mark was written by an older version, which acknowledged each
 //!   append on its own. There the old rule holds: a torn last line, an incomplete last batch
 //!   or a damaged *last* line is an unfinished append and is dropped; damage followed by a
@@ -383,6 +391,8 @@ fn scan(
         ends_with_mark: false,
         damaged: None,
         lines_after_damage: 0,
+        group_crc: crc32fast::Hasher::new(),
+        damaged_group_closed: false,
     };
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     // File offset of `buf[0]`; `buf` holds at most one incomplete line between reads.
@@ -472,6 +482,11 @@ struct Scan<'a> {
     damaged: Option<Damage>,
     /// Complete lines read after `damaged`.
     lines_after_damage: u64,
+    /// The CRC-32 of the record lines read since the last commit mark.
+    group_crc: crc32fast::Hasher,
+    /// Whether the damaged group's own commit mark has been read: nothing can follow it
+    /// unless the group had been acknowledged.
+    damaged_group_closed: bool,
 }
 
 /// A multi-event append whose lines are still being read; it joins `pending` only once all
@@ -496,6 +511,7 @@ struct Damage {
 impl Scan<'_> {
     fn line(&mut self, offset: u64, line: &[u8]) -> Result<(), EventLogError> {
         self.line_number += 1;
+        self.after_closed_damaged_group()?;
         let end = offset + line.len() as u64 + 1;
         if line.is_empty() {
             // The empty line before each commit mark; it holds nothing to check.
@@ -505,14 +521,16 @@ impl Scan<'_> {
             match record::scan_mark(line) {
                 Ok(mark) => {
                     if !self.marked && self.index_len_at_start == self.index.last_sequence() {
-                        self.first_mark_month = mark.month;
+                        self.first_mark_month = mark.month.clone();
                     }
-                    return self.mark(mark.commit, end);
+                    return self.mark(&mark, end);
                 }
                 Err(reason) => self.damage(reason),
             }
             return Ok(());
         }
+        self.group_crc.update(line);
+        self.group_crc.update(b"\n");
         if let Some(damage) = &self.damaged {
             // Lines after damage cannot be checked against the ones before it; what matters
             // is whether they show a later write group: a commit mark (above), or a record
@@ -551,8 +569,13 @@ impl Scan<'_> {
         }
     }
 
-    /// A well-formed commit mark naming sequence `last`, ending at `end`.
-    fn mark(&mut self, last: u64, end: u64) -> Result<(), EventLogError> {
+    /// A well-formed commit mark, ending at `end`.
+    fn mark(&mut self, mark: &record::Mark, end: u64) -> Result<(), EventLogError> {
+        let crc = std::mem::take(&mut self.group_crc).finalize();
+        if let (Some(group), Some(expected_crc)) = (mark.group, mark.crc32) {
+            return self.group_mark(mark.commit, group, crc == expected_crc, end);
+        }
+        let last = mark.commit;
         if let Some(damage) = self.damaged.take() {
             // The writer writes a mark only after the records before it are synced: this
             // damage is in records that were durable, and perhaps acknowledged.
@@ -588,17 +611,104 @@ impl Scan<'_> {
             self.damage(reason);
             return Ok(());
         }
+        self.commit_group(end);
+        Ok(())
+    }
+
+    /// The commit mark of the write group from sequence `group` to `last`, written with its
+    /// records and synced once with them (`crc_matches`: whether the records read since the
+    /// last mark have the checksum it names).
+    ///
+    /// The group's own mark after records that are damaged, incomplete or not the ones it
+    /// names is what a power loss during the group's sync can leave (the disk stores the
+    /// pages of a write in any order): the group is unacknowledged if nothing of a later
+    /// group follows, and `finish` drops it. A mark of a *later* group after damage shows
+    /// that the damaged group had been acknowledged (its sync had returned before the later
+    /// group was written): `Corrupt`.
+    fn group_mark(
+        &mut self,
+        last: u64,
+        group: u64,
+        crc_matches: bool,
+        end: u64,
+    ) -> Result<(), EventLogError> {
+        let start = self.group_start();
+        if group > start
+            && let Some(damage) = &self.damaged
+        {
+            return Err(self.corrupt(
+                damage,
+                &format!(
+                    "line {} is the commit mark of the write group that starts at sequence \
+                     {group}, so the damaged group (from sequence {start}) had been \
+                     acknowledged",
+                    self.line_number
+                ),
+            ));
+        }
+        let expected = self.index.last_sequence() + self.pending.len() as u64;
+        let problem = if self.damaged.is_some() {
+            // Already noted: the group is not whole.
+            Some(String::new())
+        } else if group != start {
+            Some(format!(
+                "the commit mark of the write group from sequence {group} where the group \
+                 from {start} was expected"
+            ))
+        } else if let Some(batch) = &self.batch {
+            Some(format!(
+                "a commit mark inside an atomic append of {} events ({} lines written)",
+                batch.count,
+                batch.records.len()
+            ))
+        } else if last != expected {
+            Some(format!(
+                "a commit mark for sequence {last} after sequence {expected}"
+            ))
+        } else if !crc_matches {
+            Some("the records before the commit mark do not have its checksum".to_owned())
+        } else {
+            None
+        };
+        match problem {
+            Some(reason) => {
+                self.damage(reason);
+                self.damaged_group_closed = group == start;
+            }
+            None => self.commit_group(end),
+        }
+        Ok(())
+    }
+
+    /// Anything after the commit mark of a damaged group was written after it: the writer
+    /// writes a group only once the sync of the group before has returned, so the damaged
+    /// group had been acknowledged.
+    fn after_closed_damaged_group(&self) -> Result<(), EventLogError> {
+        match &self.damaged {
+            Some(damage) if self.damaged_group_closed => Err(self.corrupt(
+                damage,
+                "bytes follow the damaged write group's commit mark, so a later group was \
+                 written and the damaged one had been acknowledged",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The records read since the last mark are acknowledged, up to `end`.
+    fn commit_group(&mut self, end: u64) {
         let pending = std::mem::take(&mut self.pending);
         self.commit(&pending);
         self.marked = true;
         self.committed_end = end;
         self.ends_with_mark = true;
-        Ok(())
     }
 
     /// Decides what the end of the file means: `Corrupt` for damage to acknowledged records,
     /// else why the bytes after `committed_end` (if any) are an unfinished write.
     fn finish(&mut self, torn: bool) -> Result<Option<String>, EventLogError> {
+        if torn {
+            self.after_closed_damaged_group()?;
+        }
         if !self.marked {
             // A file of an older version: each complete append was acknowledged on its own.
             if let Some(damage) = &self.damaged

@@ -4,11 +4,12 @@
 //! Group commit: the thread takes everything queued (up to `max_batch_events`), decides each
 //! append in order against its in-memory versions and event ids (a refused append writes
 //! nothing; the ones after it still go ahead and see the earlier ones' effects), serialises
-//! the accepted ones into one buffer, and makes one `write` and one `fdatasync`; then it
-//! writes the group's commit mark and syncs again (the mark says the records before it are
-//! durable, which is what lets recovery tell an unacknowledged tail from damage, see
-//! `recovery`). Only then are the new records published to readers and subscribers and the
-//! callers answered. One pair of syncs for many appends is what makes a durable log fast.
+//! the accepted ones into one buffer followed by the group's commit mark (which carries the
+//! CRC-32 of the group's records, see `record`), and makes one `write` and one `fdatasync`.
+//! Only then are the new records published to readers and subscribers and the callers
+//! answered. One sync for many appends is what makes a durable log fast; the checksum is
+//! what lets recovery tell a group that reached the disk whole from one cut by a power loss
+//! during its sync (see `recovery`) without a second sync between the records and the mark.
 //!
 //! A failed write or sync leaves the file in an unknown state (after a failed `fsync` the
 //! kernel may already have dropped the dirty pages). The writer then answers every append of
@@ -253,12 +254,11 @@ impl Writer {
             });
         }
 
-        let mut mark_len = 0;
         if !buf.is_empty() {
-            let mut mark = Vec::with_capacity(24);
-            record::encode_mark(&mut mark, self.next_sequence - 1);
-            mark_len = mark.len() as u64;
-            if let Err(error) = self.write_and_sync(buf, &mark) {
+            let mut mark = Vec::with_capacity(64);
+            record::encode_group_mark(&mut mark, first_sequence, self.next_sequence - 1, buf);
+            buf.extend_from_slice(&mark);
+            if let Err(error) = self.write_and_sync(buf) {
                 self.fail_group(decided, &error);
                 return;
             }
@@ -273,7 +273,7 @@ impl Writer {
                     }
                 }
             }
-            self.file_len += buf.len() as u64 + mark_len;
+            self.file_len += buf.len() as u64;
             let last = self.next_sequence - 1;
             self.shared.head.send_modify(|head| head.last = last);
         }
@@ -491,13 +491,11 @@ impl Writer {
         })
     }
 
-    /// Writes a group's records, makes them durable, then writes and syncs its commit mark.
-    /// The mark must not reach the disk before the records: recovery trusts every record
-    /// before a mark.
-    fn write_and_sync(&mut self, records: &[u8], mark: &[u8]) -> io::Result<()> {
-        self.file.write_all(records)?;
-        self.file.sync_data()?;
-        self.file.write_all(mark)?;
+    /// Writes a group's records and commit mark and makes them durable. The disk may store
+    /// the pages of one write in any order, and a power loss during the sync can leave any
+    /// of them out; the mark's checksum lets recovery see whether the whole group arrived.
+    fn write_and_sync(&mut self, group: &[u8]) -> io::Result<()> {
+        self.file.write_all(group)?;
         self.file.sync_data()
     }
 }
