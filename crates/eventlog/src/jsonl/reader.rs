@@ -4,7 +4,9 @@
 //! acknowledged records only) and read the file with positioned reads on their own handle.
 //! A replay is cut into pieces of about 1 MiB at record boundaries; a few pieces are read and
 //! parsed at once on the blocking pool and handed out in order, so parsing (the costly part)
-//! runs on every core while the consumer works through the previous piece.
+//! runs on every core while the consumer works through the previous piece. A small piece
+//! with nothing ahead of it, which is what a live subscription reads at each commit, is read
+//! in place (`INLINE_PIECE_BYTES`).
 use std::{
     cell::RefCell,
     collections::VecDeque,
@@ -23,6 +25,11 @@ use crate::{AggregateHistory, EventLogError, EventStream, RecordedEvent, Subject
 use super::{Head, LogShared, record};
 
 const PIECE_BYTES: u64 = 1 << 20;
+/// A piece this small with nothing read ahead of it is read on the task that asks for it:
+/// the live tail of a subscription (a write group just committed, still in the page cache)
+/// costs a few microseconds to read and parse, less than the hand-over to the blocking pool
+/// and back, which every subscriber would pay at every commit.
+const INLINE_PIECE_BYTES: u64 = 64 << 10;
 /// Pieces being read and parsed ahead of the consumer.
 const PIECES_IN_FLIGHT: usize = 3;
 
@@ -103,6 +110,14 @@ impl Stream for RangeReader {
         loop {
             if let Some(item) = this.current.next() {
                 return Poll::Ready(Some(item));
+            }
+            if this.in_flight.is_empty()
+                && let Some(piece) = this
+                    .pieces
+                    .pop_front_if(|piece| piece.end - piece.start <= INLINE_PIECE_BYTES)
+            {
+                this.current = read_piece(&this.shared, piece, this.filter.as_ref()).into_iter();
+                continue;
             }
             this.start_pieces();
             let Some(job) = this.in_flight.front_mut() else {
