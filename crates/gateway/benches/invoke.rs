@@ -65,6 +65,37 @@ fn cpu_time(pid: &str) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// The median time of appending 400 bytes to a file in `dir` and syncing it.
+fn fdatasync_p50(dir: &std::path::Path) -> Duration {
+    use std::io::Write as _;
+    let path = dir.join("fdatasync-probe");
+    let mut file = std::fs::File::create(&path).expect("probe file");
+    let mut samples: Vec<Duration> = (0..1_000)
+        .map(|_| {
+            let begun = Instant::now();
+            file.write_all(&[b'x'; 400]).expect("write");
+            file.sync_data().expect("sync");
+            begun.elapsed()
+        })
+        .collect();
+    samples.sort();
+    let _ = std::fs::remove_file(&path);
+    samples[samples.len() / 2]
+}
+
+/// The shared nats-server's resident memory in bytes (0 if it does not run).
+fn nats_server_rss() -> u64 {
+    let Some(pid) = testkit::shared_nats_if_started().and_then(|server| server.pid()) else {
+        return 0;
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// CPU time of this process and of the shared nats-server (if it runs).
 fn cpu_now() -> Duration {
     let nats = testkit::shared_nats_if_started()
@@ -478,11 +509,16 @@ fn main() {
         let history = if runs("history") {
             let setup = Arc::new(setup(true).await);
             setup.connect().await;
+            let rss_before = nats_server_rss();
             let begun = Instant::now();
             write_history(&setup).await;
-            eprintln!(
-                "wrote {HISTORY} past invocations in {:.1} s",
-                begun.elapsed().as_secs_f64()
+            let grown = nats_server_rss().saturating_sub(rss_before);
+            println!(
+                "wrote {HISTORY} past invocations (one subject each) in {:.1} s; nats-server's \
+                 resident memory grew by {:.1} MiB ({} bytes an invocation)",
+                begun.elapsed().as_secs_f64(),
+                grown as f64 / f64::from(1 << 20),
+                grown / HISTORY as u64,
             );
             Some(setup)
         } else {
@@ -523,6 +559,12 @@ fn main() {
             }
             return;
         }
+        // The floor under the JSONL figures: an invocation is two durable appends in a row.
+        let disk = fdatasync_p50(jsonl._dir.path());
+        println!(
+            "the disk: a 400-byte append and fdatasync, p50 {:.3} ms",
+            disk.as_secs_f64() * 1e3
+        );
         let figures = median(&direct);
         println!(
             "(a) direct rmcp client             p50 {:>6.3} ms  p99 {:>6.3} ms                                     {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each",
