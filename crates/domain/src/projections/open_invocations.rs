@@ -291,4 +291,43 @@ mod tests {
         assert!(restored.get("bob", "a1").is_some(), "bob's a1 stays open");
         assert_eq!(restored.len(), 1);
     }
+
+    #[test]
+    fn an_allowed_request_is_open_as_running_until_its_outcome() {
+        let mut open = OpenInvocations::default();
+        let started = match requested("carol", "c1") {
+            Event::InvocationRequested(request) => {
+                Event::InvocationRequested(pb::InvocationRequested {
+                    started: true,
+                    ..request
+                })
+            }
+            _ => unreachable!(),
+        };
+        open.apply(&envelope(started, 1_000), "carol");
+        assert_eq!(
+            open.get("carol", "c1").map(|o| o.status),
+            Some(OpenStatus::Running)
+        );
+        // Left by a stopped process: the sweeper finds it.
+        assert_eq!(
+            open.stalled(
+                UNIX_EPOCH + Duration::from_millis(3_000),
+                Duration::from_secs(1)
+            )
+            .len(),
+            1
+        );
+        open.apply(
+            &envelope(
+                Event::InvocationCompleted(pb::InvocationCompleted {
+                    invocation_id: "c1".into(),
+                    ..Default::default()
+                }),
+                1_200,
+            ),
+            "carol",
+        );
+        assert!(open.is_empty());
+    }
 }
