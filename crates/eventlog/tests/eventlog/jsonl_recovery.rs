@@ -308,7 +308,12 @@ async fn damage_to_an_acknowledged_group_is_refused() {
     // A record changed under its group's mark (the checksum fails), the last group after it.
     let mut file = log.bytes.clone();
     change_a_server_id(&mut file, 0);
-    assert_refused(dir.path(), &file, "an earlier record changed under its mark").await;
+    assert_refused(
+        dir.path(),
+        &file,
+        "an earlier record changed under its mark",
+    )
+    .await;
     // A mark that does not match the records before it.
     let mut file = log.bytes[..log.mark_start].to_vec();
     file.extend_from_slice(b"\n{\"commit\":2}\n\n{\"commit\":3}\n");
@@ -593,7 +598,11 @@ async fn no_append_is_acknowledged_before_its_records_and_commit_mark_are_synced
         "{}",
         String::from_utf8_lossy(group)
     );
-    assert_eq!(script.durable(), at_open, "nothing of the group is durable yet");
+    assert_eq!(
+        script.durable(),
+        at_open,
+        "nothing of the group is durable yet"
+    );
     script.release(1);
     let outcome = tokio::time::timeout(GUARD, append)
         .await
