@@ -50,6 +50,19 @@ struct Figures {
     cpu_per_call: Duration,
 }
 
+impl Figures {
+    /// The figures on their own, without a comparison.
+    fn own(&self) -> String {
+        format!(
+            "p50 {:>6.3} ms  p99 {:>6.3} ms  {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each",
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.per_second,
+            self.cpu_per_call.as_secs_f64() * 1e6,
+        )
+    }
+}
+
 /// CPU time (user and system) of a process so far, from `/proc/<pid>/stat`.
 fn cpu_time(pid: &str) -> Duration {
     // Fields 14 and 15, counted after the command name (which may hold spaces), in clock
@@ -127,7 +140,7 @@ struct Setup {
     fixture_url: String,
     outbound: mcp::OutboundClient,
     _fixture: testkit::FixtureServer,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn setup(jetstream: bool) -> Setup {
@@ -244,7 +257,7 @@ async fn setup(jetstream: bool) -> Setup {
         fixture_url,
         outbound,
         _fixture: fixture,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -493,8 +506,12 @@ fn main() {
             move |_| {
                 let session = session.clone();
                 async move {
-                    let arguments = serde_json::from_value(json!({"title": "Bench"})).expect("args");
-                    let result = session.call_tool("create_issue", arguments).await.expect("call");
+                    let arguments =
+                        serde_json::from_value(json!({"title": "Bench"})).expect("args");
+                    let result = session
+                        .call_tool("create_issue", arguments)
+                        .await
+                        .expect("call");
                     assert_ne!(result.is_error, Some(true));
                 }
             }
@@ -549,30 +566,17 @@ fn main() {
                 .into_iter()
                 .flatten()
             {
-                println!(
-                    "p50 {:.3} ms  p99 {:.3} ms  {:.0}/s at {IN_FLIGHT} in flight, {:.0} µs CPU each",
-                    figures.p50.as_secs_f64() * 1e3,
-                    figures.p99.as_secs_f64() * 1e3,
-                    figures.per_second,
-                    figures.cpu_per_call.as_secs_f64() * 1e6,
-                );
+                println!("{}", figures.own());
             }
             return;
         }
         // The floor under the JSONL figures: an invocation is two durable appends in a row.
-        let disk = fdatasync_p50(jsonl._dir.path());
+        let disk = fdatasync_p50(jsonl.dir.path());
         println!(
             "the disk: a 400-byte append and fdatasync, p50 {:.3} ms",
             disk.as_secs_f64() * 1e3
         );
-        let figures = median(&direct);
-        println!(
-            "(a) direct rmcp client             p50 {:>6.3} ms  p99 {:>6.3} ms                                     {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each",
-            figures.p50.as_secs_f64() * 1e3,
-            figures.p99.as_secs_f64() * 1e3,
-            figures.per_second,
-            figures.cpu_per_call.as_secs_f64() * 1e6,
-        );
+        println!("{:<34} {}", "(a) direct rmcp client", median(&direct).own());
         show("(b) Switchboard, JSONL log", &on_jsonl, &direct);
         show("(c) Switchboard, JetStream", &on_jetstream, &direct);
         show("(d) (c), 100,000 past invocations", &with_history, &direct);
