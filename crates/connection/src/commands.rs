@@ -211,13 +211,11 @@ impl ConnectionService {
             }
             let code = provider_text(&error);
             let description = params.error_description.as_deref().map(provider_text);
-            self.run(
+            self.record_auth_failure(
                 context,
                 &id,
-                vec![ConnectionCommand::RecordAuthFailure {
-                    error_code: code.clone(),
-                    message: description.clone().unwrap_or_default(),
-                }],
+                &code,
+                description.as_deref().unwrap_or_default(),
             )
             .await?;
             return Err(ConnectionError::AuthorizationDenied { code, description });
@@ -260,15 +258,8 @@ impl ConnectionService {
             Err(AuthError::TokenExchangeFailed(reason)) => {
                 let reason = provider_text(&reason);
                 let code = oauth_error_code(&reason).unwrap_or("token_exchange_failed");
-                self.run(
-                    context,
-                    &id,
-                    vec![ConnectionCommand::RecordAuthFailure {
-                        error_code: code.to_owned(),
-                        message: reason.clone(),
-                    }],
-                )
-                .await?;
+                self.record_auth_failure(context, &id, code, &reason)
+                    .await?;
                 return Err(ConnectionError::TokenExchangeFailed { reason });
             }
             Err(other) => {

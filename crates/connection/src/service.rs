@@ -260,6 +260,26 @@ impl ConnectionService {
         Ok(written)
     }
 
+    /// Records that the connection's authorization failed (`code`, a sentence).
+    pub(crate) async fn record_auth_failure(
+        &self,
+        context: &CommandContext,
+        id: &ConnectionId,
+        code: &str,
+        message: &str,
+    ) -> Result<(), ConnectionError> {
+        self.run(
+            context,
+            id,
+            vec![ConnectionCommand::RecordAuthFailure {
+                error_code: code.to_owned(),
+                message: message.to_owned(),
+            }],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// The connection's state, read from its events.
     pub(crate) async fn load(&self, id: &ConnectionId) -> Result<ConnectionState, ConnectionError> {
         let history = self

@@ -228,26 +228,21 @@ impl ConnectionService {
                     return Ok(token.to_owned());
                 }
                 let reason = reason.chars().take(300).collect::<String>();
-                self.run(
+                self.record_auth_failure(
                     &self.service_context(),
                     &id,
-                    vec![ConnectionCommand::RecordAuthFailure {
-                        error_code: "invalid_grant".to_owned(),
-                        message: "the authorization server rejected the refresh token".to_owned(),
-                    }],
+                    "invalid_grant",
+                    "the authorization server rejected the refresh token",
                 )
                 .await?;
                 Err(ConnectionError::ReauthorizationRequired { reason })
             }
             Err(AuthError::AuthorizationRequired) => {
-                self.run(
+                self.record_auth_failure(
                     &self.service_context(),
                     &id,
-                    vec![ConnectionCommand::RecordAuthFailure {
-                        error_code: "invalid_token".to_owned(),
-                        message: "the access token was refused and there is no refresh token"
-                            .to_owned(),
-                    }],
+                    "invalid_token",
+                    "the access token was refused and there is no refresh token",
                 )
                 .await?;
                 Err(ConnectionError::ReauthorizationRequired {
@@ -273,13 +268,11 @@ impl ConnectionService {
             server_id,
             user_id: user.clone(),
         };
-        self.run(
+        self.record_auth_failure(
             &self.service_context(),
             &id,
-            vec![ConnectionCommand::RecordAuthFailure {
-                error_code: "insufficient_scope".to_owned(),
-                message: required_scope.chars().take(300).collect(),
-            }],
+            "insufficient_scope",
+            &required_scope.chars().take(300).collect::<String>(),
         )
         .await?;
         Ok(())
@@ -309,13 +302,11 @@ impl ConnectionService {
                     server_id,
                     user_id: user.clone(),
                 };
-                self.run(
+                self.record_auth_failure(
                     &self.service_context(),
                     &id,
-                    vec![ConnectionCommand::RecordAuthFailure {
-                        error_code: "invalid_token".to_owned(),
-                        message: "the server refused a freshly refreshed token".to_owned(),
-                    }],
+                    "invalid_token",
+                    "the server refused a freshly refreshed token",
                 )
                 .await?;
                 Err(ConnectionError::ReauthorizationRequired {
