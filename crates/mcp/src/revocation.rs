@@ -95,13 +95,7 @@ pub async fn revoke_tokens(
                     })?;
                 revoked_any = true;
             }
-            if revoked_any {
-                Ok(())
-            } else {
-                Err(RevocationError::Refused {
-                    reason: "there was no token to revoke".to_owned(),
-                })
-            }
+            something_revoked(revoked_any)
         }
         RevocationMethod::GitHubApi { api_base } => {
             let Some(access_token) = tokens.access_token else {
@@ -239,13 +233,7 @@ async fn revoke_rfc7009_by_hand(
         }
         revoked_any = true;
     }
-    if revoked_any {
-        Ok(())
-    } else {
-        Err(RevocationError::Refused {
-            reason: "there was no token to revoke".to_owned(),
-        })
-    }
+    something_revoked(revoked_any)
 }
 
 /// The headers and form body of one RFC 7009 request (built apart from the async code: the
@@ -349,5 +337,16 @@ fn describe_oauth2_error<E: std::error::Error>(
             "the authorization server's answer could not be read".to_owned()
         }
         oauth2::RequestTokenError::Other(reason) => reason.chars().take(200).collect(),
+    }
+}
+
+/// A revocation that had no token to send revoked nothing: refused, so the caller says so.
+fn something_revoked(revoked_any: bool) -> Result<(), RevocationError> {
+    if revoked_any {
+        Ok(())
+    } else {
+        Err(RevocationError::Refused {
+            reason: "there was no token to revoke".to_owned(),
+        })
     }
 }
