@@ -211,14 +211,8 @@ pub(super) fn assert_no_demo_secret(what: &str, bytes: &[u8]) {
 async fn up_demo_adds_the_demo_server_and_a_user_connects_through_allow_or_fails_through_deny() {
     // The embedded default (JSONL), then JetStream.
     allow_and_deny_on(&[], None).await;
-    let nats = testkit::shared_nats();
-    let global = [
-        "--nats".to_owned(),
-        nats.url(),
-        "--nats-prefix".to_owned(),
-        testkit::unique_name("demo"),
-    ];
-    allow_and_deny_on(&global, Some(nats.store_dir())).await;
+    let global = crate::on_shared_jetstream("demo");
+    allow_and_deny_on(&global, Some(testkit::shared_nats().store_dir())).await;
 }
 
 async fn allow_and_deny_on(global: &[String], nats_store: Option<&Path>) {

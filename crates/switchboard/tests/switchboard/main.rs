@@ -14,6 +14,16 @@ mod invocations;
 mod story;
 mod walkthrough;
 
+/// The global flags that put a command on the shared nats-server, under a fresh prefix.
+fn on_shared_jetstream(prefix: &str) -> [String; 4] {
+    [
+        "--nats".to_owned(),
+        testkit::shared_nats().url(),
+        "--nats-prefix".to_owned(),
+        testkit::unique_name(prefix),
+    ]
+}
+
 fn switchboard(data_dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("--data-dir")

@@ -49,14 +49,8 @@ async fn tool_calls(stats_url: &str) -> Value {
 #[tokio::test]
 async fn the_whole_story_through_the_binary_on_both_stores() {
     story_on(&[], None).await;
-    let nats = testkit::shared_nats();
-    let global = [
-        "--nats".to_owned(),
-        nats.url(),
-        "--nats-prefix".to_owned(),
-        testkit::unique_name("story"),
-    ];
-    story_on(&global, Some(nats.store_dir())).await;
+    let global = crate::on_shared_jetstream("story");
+    story_on(&global, Some(testkit::shared_nats().store_dir())).await;
 }
 
 async fn story_on(global: &[String], nats_store: Option<&Path>) {
