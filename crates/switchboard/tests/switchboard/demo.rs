@@ -2,6 +2,7 @@
 //! (once per data directory), a user connects through the demo sign-in page (Allow → Healthy
 //! with four tools; Deny → a clear failure), and no secret the demo authorization server
 //! issued reaches the output or the data directory.
+use super::token;
 use std::{
     io::{BufRead, Read},
     path::Path,
@@ -36,13 +37,7 @@ pub(super) fn up_demo(
         .expect("start switchboard up --demo");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let seen = super::read_until(&mut lines, "listening on ");
-    let url = seen
-        .lines()
-        .find_map(|line| line.split("listening on ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the URL")
-        .to_owned();
+    let (seen, url) = super::read_listening_url(&mut lines);
     (child, lines, seen, stdout, url)
 }
 
@@ -62,18 +57,6 @@ pub(super) fn stop(mut child: Child, lines: Lines, mut stdout: ChildStdout) -> (
     stdout.read_to_string(&mut printed).expect("read stdout");
     assert!(child.wait().expect("wait").success(), "{log}");
     (log, printed)
-}
-
-pub(super) fn token(data_dir: &Path, user: &str, role: &str) -> String {
-    let output = super::switchboard(
-        data_dir,
-        &["token", "--user", user, "--role", role, "--ttl", "10m"],
-    );
-    assert!(output.status.success());
-    String::from_utf8(output.stdout)
-        .expect("UTF-8")
-        .trim()
-        .to_owned()
 }
 
 pub(super) fn client() -> reqwest::Client {

@@ -1,6 +1,7 @@
 //! `switchboard up` serving the HTTP API, end to end through the binary: tokens from
 //! `switchboard token`, HTTPS with a throw-away CA, the printed configuration, and a graceful
 //! shutdown under load followed by a restart from the checkpoints.
+use super::token;
 use std::{
     io::BufRead,
     path::Path,
@@ -38,30 +39,8 @@ pub(super) fn serve(
         .spawn()
         .expect("start switchboard up");
     let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let seen = super::read_until(&mut lines, "listening on ");
-    let url = seen
-        .lines()
-        .find_map(|line| line.split("listening on ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the URL")
-        .to_owned();
+    let (_, url) = super::read_listening_url(&mut lines);
     (child, lines, url)
-}
-
-pub(super) fn token(data_dir: &Path, user: &str, role: &str) -> String {
-    let output = super::switchboard(
-        data_dir,
-        &["token", "--user", user, "--role", role, "--ttl", "10m"],
-    );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("UTF-8")
-        .trim()
-        .to_owned()
 }
 
 fn terminate(child: &mut Child) -> std::process::ExitStatus {

@@ -1,6 +1,7 @@
 //! At most once across a crash: `up` on JetStream is killed with SIGKILL while it runs 2,000
 //! invocations of one user against the fixture MCP server, and started again; every
 //! invocation id then ends with exactly one final outcome, and no id reached the server twice.
+use super::token;
 use std::{
     collections::HashMap,
     io::BufRead,
@@ -37,31 +38,13 @@ fn start(dir: &std::path::Path, config: &std::path::Path) -> (std::process::Chil
         .spawn()
         .expect("start switchboard up");
     let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let seen = super::read_until(&mut lines, "listening on ");
-    let url = seen
-        .lines()
-        .find_map(|line| line.split("listening on ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the URL")
-        .to_owned();
+    let (_, url) = super::read_listening_url(&mut lines);
     // Keep reading the log, so that `up` never blocks on a full pipe.
     (child, lines, url)
 }
 
 fn drain(lines: Lines) {
     std::thread::spawn(move || for _ in lines {});
-}
-
-fn token(dir: &std::path::Path, user: &str, role: &str) -> String {
-    let output = super::switchboard(
-        dir,
-        &["token", "--user", user, "--role", role, "--ttl", "30m"],
-    );
-    assert!(output.status.success());
-    String::from_utf8(output.stdout)
-        .expect("UTF-8")
-        .trim()
-        .to_owned()
 }
 
 async fn ok(response: reqwest::Response) -> Value {

@@ -65,6 +65,37 @@ fn start_up(
     (child, lines, seen)
 }
 
+/// Reads log lines until `up` says where it listens; returns everything read and the URL.
+fn read_listening_url(
+    lines: &mut std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+) -> (String, String) {
+    let seen = read_until(lines, "listening on ");
+    let url = seen
+        .lines()
+        .find_map(|line| line.split("listening on ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the URL")
+        .to_owned();
+    (seen, url)
+}
+
+/// A bearer token for `user` with `role`, minted by `switchboard token` on `data_dir`.
+fn token(data_dir: &Path, user: &str, role: &str) -> String {
+    let output = switchboard(
+        data_dir,
+        &["token", "--user", user, "--role", role, "--ttl", "30m"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_owned()
+}
+
 /// Reads log lines until one contains `needle`; returns everything read.
 fn read_until(
     lines: &mut std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,

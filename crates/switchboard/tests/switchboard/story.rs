@@ -5,12 +5,13 @@
 //! id again gives the same outcome without a second call; a disabled server rejects; the user
 //! disconnects (revoked); the server is deleted; the audit log, over HTTP and through `audit
 //! replay`, shows every step and who did it; no secret the demo issued is anywhere.
+use super::token;
 use std::path::Path;
 
 use serde_json::{Value, json};
 
 use super::demo::{
-    assert_no_demo_secret, client, connect, connection_status, files_under, stop, token, up_demo,
+    assert_no_demo_secret, client, connect, connection_status, files_under, stop, up_demo,
 };
 
 async fn call(

@@ -73,8 +73,8 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
             .collect::<Vec<String>>()
             .join("\n")
     });
-    let admin = super::http::token(&data_dir, "admin@example.com", "admin");
-    let alice = super::http::token(&data_dir, "alice@example.com", "analyst");
+    let admin = super::token(&data_dir, "admin@example.com", "admin");
+    let alice = super::token(&data_dir, "alice@example.com", "analyst");
     let client = testkit::http_client().build().expect("client");
     let added = client
         .post(format!("{url}/api/v1/servers"))
