@@ -22,5 +22,6 @@ pub use outbound::{
 pub use revocation::{
     ClientAuthentication, RevocationError, RevocationMethod, TokensToRevoke, revoke_tokens,
 };
+pub use rmcp::model::ProtocolVersion;
 pub use rmcp::transport::auth::AuthorizationManager;
-pub use session::{McpCallError, McpSession, list_tools};
+pub use session::{McpCallError, McpSession, ProtocolEra, ProtocolEras, list_tools};

@@ -376,6 +376,9 @@ pub struct OutboundResponse {
 pub struct OutboundClient {
     http: reqwest::Client,
     policy: Arc<OutboundPolicy>,
+    /// The protocol era each MCP server spoke when a session was last opened to it, shared
+    /// by every session opened through this client.
+    eras: crate::session::ProtocolEras,
 }
 
 fn host_of(url: &Url) -> String {
@@ -432,6 +435,7 @@ impl OutboundClient {
         Ok(OutboundClient {
             http,
             policy: Arc::new(policy),
+            eras: crate::session::ProtocolEras::default(),
         })
     }
 
@@ -444,6 +448,11 @@ impl OutboundClient {
 
     pub fn policy(&self) -> &OutboundPolicy {
         &self.policy
+    }
+
+    /// What this client remembers of each MCP server's protocol era.
+    pub fn protocol_eras(&self) -> &crate::session::ProtocolEras {
+        &self.eras
     }
 
     /// Whether `url` names one of the policy's [`OutboundPolicy::allowed_exceptions`] by its

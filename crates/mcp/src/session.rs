@@ -1,10 +1,16 @@
 //! Talking MCP to a server as one user: `rmcp`'s streamable HTTP client over the outbound
 //! guard's HTTP client (connection reuse on; `rmcp`'s own default turns it off), with the
 //! user's bearer token. `rmcp` negotiates the protocol era: the 2026-07-28 stateless protocol,
-//! or the 2025-11-25 protocol with its session.
+//! or the 2025-11-25 protocol with its session. The era a server spoke is remembered
+//! ([`ProtocolEras`]), so the next session to it opens in that era straight away instead of
+//! probing with `server/discover` first.
 use std::error::Error as StdError;
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use rmcp::{
     ClientHandler, RoleClient,
@@ -86,25 +92,128 @@ pub struct McpSession {
 /// Largest JSON answer accepted from an MCP server.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
+/// What an MCP server spoke when a session was last opened to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolEra {
+    /// `server/discover` and the stateless protocol (2026-07-28 and later), at this version.
+    Stateless(ProtocolVersion),
+    /// `initialize` and a session (2025-11-25 and before).
+    Sessions,
+}
+
+impl ProtocolEra {
+    fn of(version: &ProtocolVersion) -> ProtocolEra {
+        if version.has_initialize() {
+            ProtocolEra::Sessions
+        } else {
+            ProtocolEra::Stateless(version.clone())
+        }
+    }
+
+    fn lifecycle(&self) -> ClientLifecycleMode {
+        match self {
+            ProtocolEra::Stateless(version) => ClientLifecycleMode::Discover {
+                preferred_versions: vec![version.clone()],
+            },
+            ProtocolEra::Sessions => ClientLifecycleMode::Initialize,
+        }
+    }
+}
+
+/// How long a server's era is trusted. After it the next session negotiates again, so a
+/// server that moved to a newer era is spoken to in it within the hour (a server that stopped
+/// speaking its remembered era is found at once: opening in it fails and is retried).
+const ERA_MEMORY: Duration = Duration::from_secs(3600);
+
+/// Servers remembered at most; beyond it the memory starts again (it only saves round trips).
+const ERA_MEMORY_ENTRIES: usize = 4096;
+
+/// The protocol era each MCP server (by URL) spoke when a session to it was last opened.
+/// Without it every new session — after a token refresh, a failed call, a restart of the
+/// connection's session — would probe a 2025-11-25 server with `server/discover` before its
+/// `initialize`: one round trip more per reopen. Cheap to clone; clones share the memory.
+#[derive(Debug, Clone, Default)]
+pub struct ProtocolEras {
+    known: Arc<Mutex<HashMap<String, (ProtocolEra, Instant)>>>,
+}
+
+impl ProtocolEras {
+    /// The era `url` spoke, if that was recently enough to trust.
+    pub fn get(&self, url: &Url) -> Option<ProtocolEra> {
+        self.lock()
+            .get(url.as_str())
+            .filter(|(_, learned)| learned.elapsed() < ERA_MEMORY)
+            .map(|(era, _)| era.clone())
+    }
+
+    /// Remembers that `url` spoke `era` (as [`McpSession::open`] does on each session).
+    pub fn remember(&self, url: &Url, era: ProtocolEra) {
+        let mut known = self.lock();
+        if known.len() >= ERA_MEMORY_ENTRIES && !known.contains_key(url.as_str()) {
+            known.clear();
+        }
+        known.insert(url.as_str().to_owned(), (era, Instant::now()));
+    }
+
+    fn forget(&self, url: &Url) {
+        self.lock().remove(url.as_str());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ProtocolEra, Instant)>> {
+        // A panic while holding the lock leaves the map as it was: keep using it.
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl McpSession {
-    /// Opens a session (initialisation or discovery, as the era requires) at `url` with
-    /// `access_token`.
+    /// Opens a session at `url` with `access_token`: in the era the server spoke last time
+    /// (remembered by `outbound`), else negotiated — `server/discover` first (the 2026-07-28
+    /// stateless protocol), and for a server that does not know it the 2025-11-25
+    /// `initialize` and its session. A server that no longer speaks its remembered era is
+    /// negotiated with again at once.
     pub async fn open(
         outbound: &OutboundClient,
         url: &Url,
         access_token: &str,
     ) -> Result<McpSession, McpCallError> {
         outbound.check_url(url)?;
+        let eras = outbound.protocol_eras();
+        let remembered = eras.get(url);
+        let opened = match &remembered {
+            Some(era) => {
+                match Self::open_in(outbound, url, access_token, era.lifecycle()).await {
+                    // Whatever the server answered, it was not its old era's handshake.
+                    Err(McpCallError::Protocol { reason }) => {
+                        tracing::debug!(%url, %reason, "the server left its remembered protocol era; negotiating");
+                        eras.forget(url);
+                        Self::open_in(outbound, url, access_token, negotiate()).await
+                    }
+                    other => other,
+                }
+            }
+            None => Self::open_in(outbound, url, access_token, negotiate()).await,
+        }?;
+        if let Some(info) = opened.service.peer().peer_info() {
+            let era = ProtocolEra::of(&info.protocol_version);
+            if remembered.as_ref() != Some(&era) {
+                eras.remember(url, era);
+            }
+        }
+        Ok(opened)
+    }
+
+    async fn open_in(
+        outbound: &OutboundClient,
+        url: &Url,
+        access_token: &str,
+        lifecycle: ClientLifecycleMode,
+    ) -> Result<McpSession, McpCallError> {
         let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
             .auth_header(access_token)
             .max_json_response_size(MAX_ANSWER_BYTES);
         let transport = StreamableHttpClientTransport::with_client(outbound.http().clone(), config);
-        // `server/discover` first (the 2026-07-28 stateless protocol); a server that does not
-        // know it gets the 2025-11-25 `initialize` and its session.
-        let lifecycle = ClientLifecycleMode::Auto {
-            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-            legacy_version: None,
-        };
         let events = SessionEvents::default();
         let service = events
             .clone()
@@ -181,6 +290,14 @@ impl McpSession {
     /// Ends the session (a `DELETE` for the 2025-11-25 era); errors are of no interest then.
     pub async fn close(self) {
         let _ = self.service.cancel().await;
+    }
+}
+
+/// The era negotiation: `server/discover` for 2026-07-28, falling back to `initialize`.
+fn negotiate() -> ClientLifecycleMode {
+    ClientLifecycleMode::Auto {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+        legacy_version: None,
     }
 }
 

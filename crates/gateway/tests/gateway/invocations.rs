@@ -48,9 +48,20 @@ fn settings() -> invoker::InvokerSettings {
 
 /// Alice connected to a Notion-like server through the OAuth flow, all tools Blocked.
 async fn connected(store: Store, settings: invoker::InvokerSettings) -> Invoking {
-    let setup = app_with_fixture_and(store, OAuthFixture::notion(), "notion", Some(settings)).await;
+    connected_to(store, OAuthFixture::notion(), "notion", settings).await
+}
+
+/// Alice connected to the catalog's `template` server, played by `fixture`, all tools
+/// Blocked. The server's name is "`template` team".
+async fn connected_to(
+    store: Store,
+    fixture: OAuthFixture,
+    template: &str,
+    settings: invoker::InvokerSettings,
+) -> Invoking {
+    let setup = app_with_fixture_and(store, fixture, template, Some(settings)).await;
     setup.handle.set_tools(tools());
-    let server_id = add_server(&setup, "notion").await;
+    let server_id = add_server(&setup, template).await;
     let alice = setup.app.token(ALICE, &["analyst"]);
     let query = authorize(&setup, &server_id, &alice).await;
     let (code, page) = callback(&setup, &query).await;
@@ -768,4 +779,76 @@ async fn a_token_refused_in_a_reused_session_is_refreshed_once_and_the_call_goes
     assert_eq!(it.setup.handle.token_requests_for("refresh_token"), 1);
     // The refused attempts never ran the tool.
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 2);
+}
+
+#[tokio::test]
+async fn a_servers_protocol_era_is_remembered_and_renegotiated_when_it_changed() {
+    // Atlassian's fixture speaks 2025-11-25 with sessions: negotiating its era costs a
+    // `server/discover` that fails before the `initialize`.
+    let it = connected_to(
+        Store::Jsonl,
+        OAuthFixture::atlassian(),
+        "atlassian",
+        settings(),
+    )
+    .await;
+    let invoke = |id: &'static str| {
+        let it = &it;
+        async move {
+            let (status, body) = it
+                .post(
+                    &it.alice,
+                    "/api/v1/invocations",
+                    &json!({"invocation_id": id, "tool": "atlassian_team__create_issue", "arguments": {"title": id}}),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["outcome"], "completed", "{body}");
+        }
+    };
+    let discovers = || {
+        it.setup
+            .handle
+            .mcp_requests()
+            .iter()
+            .filter(|r| r.method.as_deref() == Some("server/discover"))
+            .count()
+    };
+    let url = url::Url::parse(&it.setup.fixture_url).expect("URL");
+    it.set_state("create_issue", "always_allow").await;
+    invoke("call_era_1").await;
+    // Every session so far (the connection's tool listing, the invoker's) after the first
+    // one opened with `initialize` straight away.
+    let opened = it.setup.handle.sessions_opened();
+    assert!(opened >= 2, "{opened} sessions");
+    assert_eq!(discovers(), 1);
+    assert_eq!(
+        it.setup.outbound.protocol_eras().get(&url),
+        Some(mcp::ProtocolEra::Sessions)
+    );
+    // A refused token opens a new session after the refresh: no probe again.
+    it.setup.handle.expire_access_tokens();
+    invoke("call_era_2").await;
+    assert_eq!(it.setup.handle.sessions_opened(), opened + 1);
+    assert_eq!(discovers(), 1);
+
+    // Remembered wrongly (as if the server had spoken 2026-07-28 and gone back): the next
+    // session's discovery fails, and the era is negotiated again at once.
+    it.setup.outbound.protocol_eras().remember(
+        &url,
+        mcp::ProtocolEra::Stateless(mcp::ProtocolVersion::V_2026_07_28),
+    );
+    it.setup.handle.expire_access_tokens();
+    invoke("call_era_3").await;
+    assert_eq!(it.setup.handle.sessions_opened(), opened + 2);
+    assert_eq!(
+        discovers(),
+        3,
+        "the remembered era's discovery, then the negotiation's"
+    );
+    assert_eq!(
+        it.setup.outbound.protocol_eras().get(&url),
+        Some(mcp::ProtocolEra::Sessions)
+    );
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 3);
 }

@@ -419,6 +419,8 @@ pub struct WithFixture {
     /// A browser of sorts: trusts the test CA, resolves the fixture's names, follows no
     /// redirects.
     pub browser: reqwest::Client,
+    /// The app's outbound client (what it remembers of servers included).
+    pub outbound: mcp::OutboundClient,
     _server: testkit::FixtureServer,
 }
 
@@ -475,7 +477,7 @@ pub async fn app_with_fixture_and(
         store,
         Options {
             catalog: catalog::Catalog::with_urls([(template, fixture_url.clone())]),
-            outbound: Some(outbound),
+            outbound: Some(outbound.clone()),
             invoker,
             ..Options::default()
         },
@@ -486,6 +488,7 @@ pub async fn app_with_fixture_and(
         fixture_url,
         handle,
         browser,
+        outbound,
         _server: server,
     }
 }
