@@ -9,7 +9,10 @@
 //!     half with `ExpectedVersion::At`, half with `Any`, each acknowledged after its sync;
 //! (c) raw read of the adapter's file in 1 MiB chunks, split into lines — the ceiling for (d);
 //! (d) adapter replay, `read_from(Config, 0, None)`, every event parsed into a `RecordedEvent`;
-//! (e) how long opening that file takes (the start-up scan that rebuilds the index).
+//! (e) how long opening that file takes (the start-up scan that rebuilds the index);
+//! (f) one append at a time (what a lone caller waits for), p50 and p99, against (g) one raw
+//!     `write` + `fdatasync` of a line as long at a time: the difference is the adapter's own
+//!     cost per append (serialising, the hand-over to the writer thread and back).
 //!
 //! The machine is shared (builds, other benchmarks, one disk), so the whole sequence runs
 //! [`ROUNDS`] times; every round is printed and the best of each figure is the result. Each
@@ -34,6 +37,8 @@ const ENVELOPE_JSON_BYTES: usize = 300;
 const EVENTS: usize = 500_000;
 const IN_FLIGHT: usize = 512;
 const ROUNDS: usize = 3;
+/// Appends (and raw syncs) one at a time for (f) and (g).
+const ONE_AT_A_TIME: usize = 2_000;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -77,6 +82,23 @@ struct Round {
     raw_read: f64,
     replay: f64,
     open: f64,
+    /// (f) p50 and p99 of one append at a time, (g) p50 of one raw write and sync at a time.
+    append_p50: Duration,
+    append_p99: Duration,
+    raw_sync_p50: Duration,
+}
+
+/// The median and the 99th percentile of `samples`.
+fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    )
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
 }
 
 fn main() -> BenchResult<()> {
@@ -104,8 +126,16 @@ fn main() -> BenchResult<()> {
         line_len = len;
         println!(
             "  round {number}: raw write {:>9.0}/s  append {:>9.0}/s  raw read {:>10.0}/s  \
-             replay {:>9.0}/s  open {:>9.0}/s",
-            round.raw_write, round.append, round.raw_read, round.replay, round.open
+             replay {:>9.0}/s  open {:>9.0}/s  one append p50 {:.3} ms p99 {:.3} ms, one raw \
+             sync p50 {:.3} ms",
+            round.raw_write,
+            round.append,
+            round.raw_read,
+            round.replay,
+            round.open,
+            ms(round.append_p50),
+            ms(round.append_p99),
+            ms(round.raw_sync_p50),
         );
         rounds.push(round);
     }
@@ -140,6 +170,26 @@ fn main() -> BenchResult<()> {
     println!(
         "(e) open (start-up scan of the {EVENTS}-event file):   {:>10.0} events/s",
         best(|r| r.open)
+    );
+    let median = |figure: fn(&Round) -> Duration| {
+        let mut values: Vec<Duration> = rounds.iter().map(figure).collect();
+        values.sort();
+        values[values.len() / 2]
+    };
+    let added: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.3}", ms(r.append_p50.saturating_sub(r.raw_sync_p50))))
+        .collect();
+    println!(
+        "(f) one append at a time (median of rounds):          p50 {:.3} ms  p99 {:.3} ms",
+        ms(median(|r| r.append_p50)),
+        ms(median(|r| r.append_p99)),
+    );
+    println!(
+        "(g) one raw write+fdatasync at a time:                p50 {:.3} ms; (f) - (g) by \
+         round: {} ms",
+        ms(median(|r| r.raw_sync_p50)),
+        added.join(", "),
     );
     println!("targets: append >= 200000 events/s, replay >= 1000000 events/s");
     Ok(())
@@ -195,6 +245,25 @@ fn run_round(runtime: &Runtime, dir: &Path, reason_len: usize) -> BenchResult<(R
     // (d) adapter replay, (e) open.
     let (open_elapsed, replay_elapsed) = runtime.block_on(replay_events(&log_dir))?;
 
+    // (f) one append at a time, (g) one raw write and sync at a time.
+    let (append_p50, append_p99) =
+        runtime.block_on(one_append_at_a_time(&dir.join("lone"), reason_len))?;
+    let raw_sync_p50 = {
+        let mut line = vec![b'x'; line_len - 1];
+        line.push(b'\n');
+        let mut file = File::create(&raw_path)?;
+        let samples = (0..ONE_AT_A_TIME)
+            .map(|_| {
+                let begun = Instant::now();
+                file.write_all(&line)?;
+                file.sync_data()?;
+                Ok(begun.elapsed())
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        std::fs::remove_file(&raw_path)?;
+        percentiles(samples).0
+    };
+
     Ok((
         Round {
             raw_write: per_second(EVENTS, raw_write_elapsed),
@@ -202,6 +271,9 @@ fn run_round(runtime: &Runtime, dir: &Path, reason_len: usize) -> BenchResult<(R
             raw_read: per_second(EVENTS, raw_read_elapsed),
             replay: per_second(EVENTS, replay_elapsed),
             open: per_second(EVENTS, open_elapsed),
+            append_p50,
+            append_p99,
+            raw_sync_p50,
         },
         line_len,
     ))
@@ -240,6 +312,25 @@ async fn append_events(log_dir: &Path, reason_len: usize) -> BenchResult<Duratio
     assert_eq!(last, EVENTS as u64, "every append stored once");
     log.close().await;
     Ok(elapsed)
+}
+
+async fn one_append_at_a_time(
+    log_dir: &Path,
+    reason_len: usize,
+) -> BenchResult<(Duration, Duration)> {
+    let log = JsonlLog::open(log_dir, JsonlOptions::default()).await?;
+    let id = server_id(0);
+    let subject = Subject::parse(&format!("server.{id}"))?;
+    let mut samples = Vec::with_capacity(ONE_AT_A_TIME);
+    for _ in 0..ONE_AT_A_TIME {
+        let envelope = event(&id, reason_len);
+        let begun = Instant::now();
+        log.append(&subject, ExpectedVersion::Any, &[envelope])
+            .await?;
+        samples.push(begun.elapsed());
+    }
+    log.close().await;
+    Ok(percentiles(samples))
 }
 
 async fn replay_events(log_dir: &Path) -> BenchResult<(Duration, Duration)> {

@@ -12,7 +12,8 @@
 //! says what the 64-in-flight part spent.
 //!
 //! `NATS_SERVER_BIN=… cargo bench -p gateway --bench invoke`
-//! (`INVOKE_BENCH_ONLY=direct|jsonl|jetstream|history` runs one part alone, for a profiler.)
+//! (`INVOKE_BENCH_ONLY=direct|jsonl|jetstream|history` runs one part alone, for a profiler;
+//! `INVOKE_BENCH_PHASE=sequential|parallel` one of its two phases.)
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -48,18 +49,33 @@ struct Figures {
     per_second: f64,
     /// CPU time of this process and nats-server per invocation at 64 in flight.
     cpu_per_call: Duration,
+    /// The part of it that nats-server spent.
+    nats_cpu_per_call: Duration,
 }
 
 impl Figures {
     /// The figures on their own, without a comparison.
     fn own(&self) -> String {
         format!(
-            "p50 {:>6.3} ms  p99 {:>6.3} ms  {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each",
+            "p50 {:>6.3} ms  p99 {:>6.3} ms  {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each{}",
             self.p50.as_secs_f64() * 1e3,
             self.p99.as_secs_f64() * 1e3,
             self.per_second,
             self.cpu_per_call.as_secs_f64() * 1e6,
+            self.nats_share(),
         )
+    }
+
+    /// What nats-server's part of the CPU time was, if it had one.
+    fn nats_share(&self) -> String {
+        if self.nats_cpu_per_call.is_zero() {
+            String::new()
+        } else {
+            format!(
+                " ({:.0} µs in nats-server)",
+                self.nats_cpu_per_call.as_secs_f64() * 1e6
+            )
+        }
     }
 }
 
@@ -109,12 +125,12 @@ fn nats_server_rss() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// CPU time of this process and of the shared nats-server (if it runs).
-fn cpu_now() -> Duration {
+/// CPU time so far of this process, and of the shared nats-server (zero if it does not run).
+fn cpu_now() -> (Duration, Duration) {
     let nats = testkit::shared_nats_if_started()
         .and_then(|server| server.pid())
         .map_or(Duration::ZERO, |pid| cpu_time(&pid.to_string()));
-    cpu_time("self") + nats
+    (cpu_time("self"), nats)
 }
 
 fn token(user: &str, role: &str) -> String {
@@ -339,23 +355,36 @@ where
     F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
+    let phase = std::env::var("INVOKE_BENCH_PHASE").ok();
+    let runs = |name: &str| phase.as_deref().is_none_or(|phase| phase == name);
     for n in 0..100 {
         call(usize::MAX - n).await;
     }
     let mut latencies = Vec::with_capacity(SEQUENTIAL);
     for n in 0..SEQUENTIAL {
+        if !runs("sequential") {
+            break;
+        }
         let begun = Instant::now();
         call(n).await;
         latencies.push(begun.elapsed());
     }
     latencies.sort();
-    let cpu_before = cpu_now();
+    if latencies.is_empty() {
+        latencies.push(Duration::ZERO);
+    }
+    let (own_before, nats_before) = cpu_now();
     let started = Instant::now();
     let mut workers = Vec::new();
+    let per_worker = if runs("parallel") {
+        PARALLEL / IN_FLIGHT
+    } else {
+        0
+    };
     for worker in 0..IN_FLIGHT {
         let call = call.clone();
         workers.push(tokio::spawn(async move {
-            for n in 0..PARALLEL / IN_FLIGHT {
+            for n in 0..per_worker {
                 call(SEQUENTIAL + worker * PARALLEL + n).await;
             }
         }));
@@ -363,13 +392,15 @@ where
     for worker in workers {
         worker.await.expect("worker");
     }
-    let calls = (PARALLEL / IN_FLIGHT * IN_FLIGHT) as u32;
+    let calls = ((per_worker * IN_FLIGHT) as u32).max(1);
     let elapsed = started.elapsed();
+    let (own, nats) = cpu_now();
     Figures {
         p50: latencies[latencies.len() / 2],
         p99: latencies[latencies.len() * 99 / 100],
         per_second: f64::from(calls) / elapsed.as_secs_f64(),
-        cpu_per_call: cpu_now().saturating_sub(cpu_before) / calls,
+        cpu_per_call: (own.saturating_sub(own_before) + nats.saturating_sub(nats_before)) / calls,
+        nats_cpu_per_call: nats.saturating_sub(nats_before) / calls,
     }
 }
 
@@ -382,6 +413,48 @@ async fn through_switchboard(setup: Arc<Setup>, run: String) -> Figures {
     .await
 }
 
+/// One invocation's two appends as the invoker makes them: its claim (requested, allowed and
+/// so started) on a fresh subject, then its outcome at the claim's version.
+async fn append_invocation(
+    log: &dyn EventLog,
+    envelopes: &EnvelopeBuilder,
+    user: &domain::UserId,
+    id: &str,
+) {
+    use proto::v1::envelope::Event;
+    let context = CommandContext::service("bench");
+    let id = domain::InvocationId::parse(id).expect("id");
+    let subject = Subject::parse(&domain::invocation::subject(user, &id)).expect("subject");
+    let requested = Event::InvocationRequested(proto::v1::InvocationRequested {
+        invocation_id: id.to_string(),
+        user_id: USER.to_owned(),
+        exposed_tool_name: "bench__create_issue".to_owned(),
+        tool_name: "create_issue".to_owned(),
+        started: true,
+        ..Default::default()
+    });
+    let claimed = log
+        .append(
+            &subject,
+            ExpectedVersion::NoEvents,
+            &envelopes.wrap(&context, vec![requested]),
+        )
+        .await
+        .expect("append");
+    let completed = Event::InvocationCompleted(proto::v1::InvocationCompleted {
+        invocation_id: id.to_string(),
+        duration_ms: 1,
+        ..Default::default()
+    });
+    log.append(
+        &subject,
+        ExpectedVersion::At(claimed.last_sequence),
+        &envelopes.wrap(&context, vec![completed]),
+    )
+    .await
+    .expect("append");
+}
+
 /// 100,000 past invocations of the user, each requested (and started) and completed, as the
 /// invoker records them, appended straight to the log.
 async fn write_history(setup: &Setup) {
@@ -392,46 +465,27 @@ async fn write_history(setup: &Setup) {
     for worker in 0..IN_FLIGHT {
         let (log, envelopes, user) = (log.clone(), envelopes.clone(), user.clone());
         workers.push(tokio::spawn(async move {
-            use proto::v1::envelope::Event;
-            let context = CommandContext::service("bench");
             for n in (worker..HISTORY).step_by(IN_FLIGHT) {
-                let id = domain::InvocationId::parse(&format!("past_{n}")).expect("id");
-                let subject =
-                    Subject::parse(&domain::invocation::subject(&user, &id)).expect("subject");
-                let requested = Event::InvocationRequested(proto::v1::InvocationRequested {
-                    invocation_id: id.to_string(),
-                    user_id: USER.to_owned(),
-                    exposed_tool_name: "bench__create_issue".to_owned(),
-                    tool_name: "create_issue".to_owned(),
-                    started: true,
-                    ..Default::default()
-                });
-                let claimed = log
-                    .append(
-                        &subject,
-                        ExpectedVersion::NoEvents,
-                        &envelopes.wrap(&context, vec![requested]),
-                    )
-                    .await
-                    .expect("append");
-                let completed = Event::InvocationCompleted(proto::v1::InvocationCompleted {
-                    invocation_id: id.to_string(),
-                    duration_ms: 1,
-                    ..Default::default()
-                });
-                log.append(
-                    &subject,
-                    ExpectedVersion::At(claimed.last_sequence),
-                    &envelopes.wrap(&context, vec![completed]),
-                )
-                .await
-                .expect("append");
+                append_invocation(&*log, &envelopes, &user, &format!("past_{n}")).await;
             }
         }));
     }
     for worker in workers {
         worker.await.expect("worker");
     }
+}
+
+/// An invocation's two appends alone, without the call: the floor under (b)–(d) that the
+/// store sets (the claim must be durable before the call, the outcome before the answer).
+async fn appends_alone(setup: Arc<Setup>, run: String) -> Figures {
+    let envelopes = EnvelopeBuilder::new(Arc::new(SystemClock));
+    let user = domain::UserId::parse(USER).expect("user");
+    measure(move |n| {
+        let (setup, envelopes, user) = (setup.clone(), envelopes.clone(), user.clone());
+        let id = format!("{run}_{n}");
+        async move { append_invocation(&*setup.state.log, &envelopes, &user, &id).await }
+    })
+    .await
 }
 
 /// The median of each figure over the rounds.
@@ -445,6 +499,7 @@ fn median(rounds: &[Figures]) -> Figures {
         p99: mid(rounds.iter().map(|f| f.p99).collect()),
         per_second: mid(rounds.iter().map(|f| f.per_second).collect()),
         cpu_per_call: mid(rounds.iter().map(|f| f.cpu_per_call).collect()),
+        nats_cpu_per_call: mid(rounds.iter().map(|f| f.nats_cpu_per_call).collect()),
     }
 }
 
@@ -461,13 +516,14 @@ fn show(name: &str, rounds: &[Figures], direct_rounds: &[Figures]) {
     let mut sorted = ratios.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
     println!(
-        "{name:<34} p50 {:>6.3} ms  p99 {:>6.3} ms  added p50 {:>6.3} ms  p99 {:>6.3} ms  {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each; vs direct {:.2}× (rounds {})",
+        "{name:<34} p50 {:>6.3} ms  p99 {:>6.3} ms  added p50 {:>6.3} ms  p99 {:>6.3} ms  {:>6.0}/s at {IN_FLIGHT} in flight, {:>4.0} µs CPU each{}; vs direct {:.2}× (rounds {})",
         figures.p50.as_secs_f64() * 1e3,
         figures.p99.as_secs_f64() * 1e3,
         (figures.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e3,
         (figures.p99.as_secs_f64() - direct.p99.as_secs_f64()) * 1e3,
         figures.per_second,
         figures.cpu_per_call.as_secs_f64() * 1e6,
+        figures.nats_share(),
         sorted[sorted.len() / 2],
         ratio_text.join(", "),
     );
@@ -545,6 +601,7 @@ fn main() {
         let rounds = if only.is_some() { 1 } else { ROUNDS };
         let (mut direct, mut on_jsonl, mut on_jetstream, mut with_history) =
             (vec![], vec![], vec![], vec![]);
+        let (mut jsonl_appends, mut jetstream_appends) = (vec![], vec![]);
         for round in 0..rounds {
             if runs("direct") {
                 direct.push(measure(direct_call.clone()).await);
@@ -558,6 +615,13 @@ fn main() {
             if let Some(setup) = &history {
                 with_history
                     .push(through_switchboard(setup.clone(), format!("history{round}")).await);
+            }
+            if only.is_none() {
+                jsonl_appends.push(appends_alone(jsonl.clone(), format!("jsonl_alone{round}")).await);
+                if let Some(setup) = &jetstream {
+                    jetstream_appends
+                        .push(appends_alone(setup.clone(), format!("js_alone{round}")).await);
+                }
             }
         }
         if only.is_some() {
@@ -580,5 +644,22 @@ fn main() {
         show("(b) Switchboard, JSONL log", &on_jsonl, &direct);
         show("(c) Switchboard, JetStream", &on_jetstream, &direct);
         show("(d) (c), 100,000 past invocations", &with_history, &direct);
+        println!(
+            "{:<34} {}",
+            "(b0) JSONL, the two appends alone",
+            median(&jsonl_appends).own()
+        );
+        println!(
+            "{:<34} {}",
+            "(c0) JetStream, the 2 appends alone",
+            median(&jetstream_appends).own()
+        );
+        // At 64 in flight the two cores are the limit: 0.7× the direct client's throughput
+        // leaves Switchboard this much CPU per invocation on top of the direct call's.
+        let budget = median(&direct).cpu_per_call.mul_f64(1.0 / 0.7 - 1.0);
+        println!(
+            "0.7× direct leaves Switchboard {:.0} µs CPU per invocation on top of the direct call's",
+            budget.as_secs_f64() * 1e6
+        );
     });
 }
