@@ -259,14 +259,21 @@ impl Invoker {
         tools
     }
 
-    /// What the exposed name is for `user` now; `None`: no tool of theirs.
+    /// What the exposed name is for `user` now; `None`: no tool of any server. A tool of a
+    /// server the user is not connected to (never, or no longer) resolves, unconnected: the
+    /// orchestrator learns to have the user connect rather than that the tool does not exist.
     fn resolve(&self, user: &UserId, exposed: &str) -> Option<Resolved> {
         let models = &self.inner.read_models;
-        let (server_id, tool, state) = models.tool_states.read(|states| {
-            states
-                .resolve_exposed(user, exposed)
-                .map(|view| (view.server_id, view.name.to_owned(), view.state))
-        })?;
+        let (server_id, tool, state) =
+            models
+                .tool_states
+                .read(|states| match states.resolve_exposed(user, exposed) {
+                    Some(view) => Some((view.server_id, view.name.to_owned(), view.state)),
+                    None => states
+                        .exposed_tool(exposed)
+                        .filter(|(server_id, _)| !states.is_connected(user, *server_id))
+                        .map(|(server_id, tool)| (server_id, tool.to_owned(), ToolState::Blocked)),
+                })?;
         let tool = domain::ToolName::parse(&tool).ok()?;
         let (enabled, server_name, url) = models.servers.read(|d| {
             d.get(server_id)

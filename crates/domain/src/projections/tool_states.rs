@@ -631,6 +631,14 @@ impl ToolStates {
         self.view(server, pair, pair.slot(name)?)
     }
 
+    /// The server and tool an exposed name stands for, whoever it is offered to: what a user
+    /// without a connection to that server asked for (a server that was deleted names none).
+    pub fn exposed_tool(&self, exposed_name: &str) -> Option<(ServerId, &str)> {
+        let (server, name) = *self.exposed.get(exposed_name)?;
+        let entry = self.servers.get(server as usize)?;
+        (!entry.deleted).then(|| (entry.id, self.tool_names.text(name)))
+    }
+
     /// Whether `user` is connected to `server` (from `ConnectionEstablished` until
     /// `ConnectionDisconnected`).
     pub fn is_connected(&self, user: &UserId, server: ServerId) -> bool {
@@ -923,6 +931,12 @@ mod tests {
         assert!(!states.is_connected(&alice, server()));
         assert_eq!(states.tools_of(&alice, server()).count(), 0);
         assert_eq!(states.resolve_exposed(&alice, "github__search"), None);
+        // The name still says which server and tool it is, for telling her to connect.
+        assert_eq!(
+            states.exposed_tool("github__search"),
+            Some((server(), "search"))
+        );
+        assert_eq!(states.exposed_tool("github__nothing"), None);
         for event in [
             established("alice", SERVER),
             discovered("alice", SERVER, vec![tool("search", "s1", true)]),

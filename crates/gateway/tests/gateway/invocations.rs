@@ -454,6 +454,55 @@ async fn a_disabled_server_and_an_auth_error_reject_at_once() {
 }
 
 #[tokio::test]
+async fn a_user_without_a_connection_is_rejected_as_not_connected_on_both_stores() {
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("search_issues", "always_allow").await;
+        // Bob never connected to the server Alice uses.
+        let bob = it.setup.app.token("bob@example.com", &["analyst"]);
+        let (status, never) = it
+            .post(
+                &bob,
+                "/api/v1/invocations",
+                &json!({"invocation_id": "call_bob", "tool": format!("{PREFIX}search_issues"), "arguments": {}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{never}");
+        assert_eq!(never["reason"], "not_connected", "{store:?}: {never}");
+        // A name no server offers is still unknown.
+        let unknown = it.invoke("call_nothing", "no_such_tool", json!({})).await;
+        assert_eq!(unknown["reason"], "unknown_tool", "{store:?}: {unknown}");
+        let response = it
+            .setup
+            .app
+            .client
+            .delete(format!(
+                "{}/api/v1/servers/{}/connection",
+                it.setup.app.url, it.server_id
+            ))
+            .bearer_auth(&it.alice)
+            .send()
+            .await
+            .expect("disconnect");
+        assert!(response.status().is_success(), "{}", response.status());
+        it.settle().await;
+        // The setting stays (it is the user's), but there is no authorization to call with.
+        let rejected = it
+            .invoke("call_gone", "search_issues", json!({"query": "x"}))
+            .await;
+        assert_eq!(rejected["outcome"], "rejected", "{store:?}: {rejected}");
+        assert_eq!(rejected["reason"], "not_connected", "{store:?}: {rejected}");
+        assert!(rejected["message"].is_string(), "{rejected}");
+        let (_, tools) = it.get(&it.alice, "/api/v1/tools").await;
+        assert_eq!(tools["tools"], json!([]), "{store:?}");
+        assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
+        // Each rejection is recorded once.
+        let rejections = events_of_type(&it.setup, "InvocationRejected").await;
+        assert_eq!(rejections.len(), 3, "{store:?}: {rejections:?}");
+    }
+}
+
+#[tokio::test]
 async fn concurrent_duplicates_of_one_id_call_the_server_once() {
     for store in STORES {
         let it = connected(store, settings()).await;
