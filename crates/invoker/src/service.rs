@@ -84,8 +84,9 @@ pub(crate) struct Inner {
     pub outbound: OutboundClient,
     pub settings: InvokerSettings,
     /// One MCP session per connection, with the token it was opened with (a transport's
-    /// bearer token is fixed): reused while the token stays the same, so the protocol era is
-    /// negotiated once per connection and token, not per call.
+    /// bearer token is fixed): reused while the token stays the same, so a session is opened
+    /// once per connection and token, not per call (and in the server's remembered era, see
+    /// `mcp::ProtocolEras`).
     pub sessions: Mutex<HashMap<(ServerId, UserId), Arc<CachedSession>>>,
     /// Recent results by (user, invocation id), for duplicates and status look-ups.
     pub results: Mutex<ResultCache>,
