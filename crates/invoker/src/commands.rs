@@ -571,13 +571,13 @@ impl Invoker {
         }
     }
 
-    /// Runs the call in a task of its own, so that a caller going away (a closed HTTP
-    /// request) never leaves a started invocation without its outcome.
+    /// Runs the call in the caller's task, and — should the caller go away before it is
+    /// done (a closed HTTP request) — in a task of its own from there on, so that a started
+    /// invocation is never left without its outcome. (Spawning it up front cost a task
+    /// hand-over each way on every call, to guard against what rarely happens.)
     async fn spawn_run(&self, run: Run) -> Result<InvocationReport, InvokerError> {
         let this = self.clone();
-        tokio::spawn(async move { this.run(run).await })
-            .await
-            .map_err(|e| InvokerError::Interrupted(e.to_string()))?
+        FinishOnDrop::new(async move { this.run(run).await }).await
     }
 
     async fn run(&self, run: Run) -> Result<InvocationReport, InvokerError> {
@@ -863,6 +863,65 @@ impl Invoker {
                 }
                 Ok(Some(Err(EventLogError::Corrupt { .. }))) => {}
                 Ok(Some(Err(error))) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+/// A future that is polled where it is awaited and, if dropped before it is done, finishes in
+/// a task of its own (its output then goes nowhere).
+struct FinishOnDrop<F: std::future::Future + Send + 'static>
+where
+    F::Output: Send,
+{
+    future: Option<std::pin::Pin<Box<F>>>,
+}
+
+impl<F: std::future::Future + Send + 'static> FinishOnDrop<F>
+where
+    F::Output: Send,
+{
+    fn new(future: F) -> Self {
+        FinishOnDrop {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<F: std::future::Future + Send + 'static> std::future::Future for FinishOnDrop<F>
+where
+    F::Output: Send,
+{
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let Some(future) = self.future.as_mut() else {
+            // Polled again after it finished (a caller's bug): nothing more, as
+            // `futures::future::Fuse` does.
+            return std::task::Poll::Pending;
+        };
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        self.future = None;
+        std::task::Poll::Ready(output)
+    }
+}
+
+impl<F: std::future::Future + Send + 'static> Drop for FinishOnDrop<F>
+where
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(future);
+                }
+                // No runtime: the process is shutting down, and the sweeper of the next
+                // start records the invocation as interrupted.
+                Err(_) => tracing::warn!("an invocation was dropped mid-call outside a runtime"),
             }
         }
     }

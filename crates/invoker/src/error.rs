@@ -18,9 +18,6 @@ pub enum InvokerError {
     Command(CommandError),
     #[error(transparent)]
     EventLog(#[from] EventLogError),
-    /// The task running the call stopped without an answer (the process is shutting down).
-    #[error("the invocation's task stopped: {0}")]
-    Interrupted(String),
 }
 
 impl From<CommandError> for InvokerError {
@@ -41,7 +38,6 @@ impl InvokerError {
             InvokerError::ArgumentsTooLarge { .. } => "arguments_too_large",
             InvokerError::DeadlineInvalid { .. } => "deadline_invalid",
             InvokerError::Command(_) | InvokerError::EventLog(_) => "command_failed",
-            InvokerError::Interrupted(_) => "interrupted",
         }
     }
 }

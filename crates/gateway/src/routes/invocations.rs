@@ -70,7 +70,6 @@ impl From<invoker::InvokerError> for ApiError {
             error @ (E::ArgumentsTooLarge { .. } | E::DeadlineInvalid { .. }) => {
                 ApiError::bad_request(error.code(), error.to_string())
             }
-            error @ E::Interrupted(_) => ApiError::unavailable(error.to_string()),
         }
     }
 }

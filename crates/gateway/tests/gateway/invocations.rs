@@ -901,3 +901,44 @@ async fn a_servers_protocol_era_is_remembered_and_renegotiated_when_it_changed()
     );
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 3);
 }
+
+#[tokio::test]
+async fn a_caller_that_goes_away_mid_call_leaves_the_invocation_to_finish() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "always_allow").await;
+    // The session's token is refused, and the refresh waits at the token endpoint: the call
+    // is under way until the gate opens.
+    it.setup.handle.expire_access_tokens();
+    let gate = it.setup.handle.pause_token_endpoint();
+    let invoker = it.setup.app.state.invoker.clone();
+    let alice = domain::UserId::parse(ALICE).expect("user");
+    let id = domain::InvocationId::parse("call_left").expect("id");
+    let context = service_kit::CommandContext::service("test");
+    let call = invoker.invoke(
+        &context,
+        invoker::InvokeRequest {
+            invocation_id: id.clone(),
+            user: alice.clone(),
+            tool: format!("{PREFIX}create_issue"),
+            arguments: serde_json::from_value(json!({"title": "left"})).expect("arguments"),
+            deadline: None,
+        },
+    );
+    tokio::select! {
+        report = call => panic!("answered before the refresh went through: {report:?}"),
+        () = gate.arrived(1) => {}
+    }
+    // The caller's future is gone (as when an HTTP client closes its request); the call
+    // goes on without it.
+    gate.release();
+    let report = tokio::time::timeout(
+        Duration::from_secs(10),
+        invoker.status(&alice, &id, Duration::from_secs(10)),
+    )
+    .await
+    .expect("in time")
+    .expect("status");
+    assert_eq!(report.outcome, invoker::Outcome::Completed, "{report:?}");
+    assert!(report.result.is_some(), "{report:?}");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+}
