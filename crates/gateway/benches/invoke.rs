@@ -8,8 +8,11 @@
 //! The machine is shared by the client, the fixture server, Switchboard and nats-server, and
 //! the figures of one pass swing with it; so the four are measured in turns, `ROUNDS` times,
 //! and each figure is the median of its rounds. Throughput is compared with the direct
-//! client's of the same round. The CPU time per invocation (this process and nats-server)
-//! says what the 64-in-flight part spent.
+//! client's of the same round. The CPU time per invocation (this process and nats-server,
+//! whose share is shown too) says what the 64-in-flight part spent. Two floors are measured
+//! in the same rounds: (b0) and (c0), an invocation's two appends alone on each store, without
+//! the call; and the bench prints the CPU that 0.7× the direct client's throughput leaves
+//! Switchboard per invocation (at 64 in flight the two cores are the limit).
 //!
 //! `NATS_SERVER_BIN=… cargo bench -p gateway --bench invoke`
 //! (`INVOKE_BENCH_ONLY=direct|jsonl|jetstream|history` runs one part alone, for a profiler;

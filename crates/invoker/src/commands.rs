@@ -347,7 +347,7 @@ impl Invoker {
                 let state = InvocationState::from_events(events.iter());
                 match (state.status(), resolved) {
                     (InvocationStatus::Running, Some(resolved)) => {
-                        self.spawn_run(Run {
+                        self.run_to_completion(Run {
                             context: context.clone(),
                             subject,
                             version: appended.last_sequence,
@@ -515,7 +515,7 @@ impl Invoker {
                 )
                 .await;
         };
-        self.spawn_run(Run {
+        self.run_to_completion(Run {
             context: context.clone(),
             subject,
             version: history.version,
@@ -575,7 +575,7 @@ impl Invoker {
     /// done (a closed HTTP request) — in a task of its own from there on, so that a started
     /// invocation is never left without its outcome. (Spawning it up front cost a task
     /// hand-over each way on every call, to guard against what rarely happens.)
-    async fn spawn_run(&self, run: Run) -> Result<InvocationReport, InvokerError> {
+    async fn run_to_completion(&self, run: Run) -> Result<InvocationReport, InvokerError> {
         let this = self.clone();
         FinishOnDrop::new(async move { this.run(run).await }).await
     }

@@ -186,7 +186,12 @@ impl McpSession {
                 match Self::open_in(outbound, url, access_token, era.lifecycle()).await {
                     // Whatever the server answered, it was not its old era's handshake.
                     Err(McpCallError::Protocol { reason }) => {
-                        tracing::debug!(%url, %reason, "the server left its remembered protocol era; negotiating");
+                        // The host only: a URL may carry a secret in its query.
+                        tracing::debug!(
+                            host = url.host_str().unwrap_or_default(),
+                            %reason,
+                            "the server left its remembered protocol era; negotiating"
+                        );
                         eras.forget(url);
                         Self::open_in(outbound, url, access_token, negotiate()).await
                     }
