@@ -6,10 +6,11 @@
 //! nothing; the ones after it still go ahead and see the earlier ones' effects), serialises
 //! the accepted ones into one buffer followed by the group's commit mark (which carries the
 //! CRC-32 of the group's records, see `record`), and makes one `write` and one `fdatasync`.
-//! Only then are the new records published to readers and subscribers and the callers
-//! answered. One sync for many appends is what makes a durable log fast; the checksum is
-//! what lets recovery tell a group that reached the disk whole from one cut by a power loss
-//! during its sync (see `recovery`) without a second sync between the records and the mark.
+//! Only then are the new records published to readers (the index), the callers answered and,
+//! last, live subscribers woken: a caller waits on the sync, a subscriber only follows. One
+//! sync for many appends is what makes a durable log fast; the checksum is what lets
+//! recovery tell a group that reached the disk whole from one cut by a power loss during its
+//! sync (see `recovery`) without a second sync between the records and the mark.
 //!
 //! A failed write or sync leaves the file in an unknown state (after a failed `fsync` the
 //! kernel may already have dropped the dirty pages). The writer then answers every append of
@@ -274,11 +275,15 @@ impl Writer {
                 }
             }
             self.file_len += buf.len() as u64;
-            let last = self.next_sequence - 1;
-            self.shared.head.send_modify(|head| head.last = last);
         }
         for d in decided {
             let _ = d.reply.send(d.outcome);
+        }
+        // Subscribers are woken after the callers, who wait on this sync; what they read is
+        // in the index already (and `last_sequence` reads the index).
+        if self.next_sequence > first_sequence {
+            let last = self.next_sequence - 1;
+            self.shared.head.send_modify(|head| head.last = last);
         }
     }
 
