@@ -227,6 +227,28 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
 }
 
+#[cfg(unix)]
+fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_write(buf, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(windows)]
 fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
     use std::os::windows::fs::FileExt;
@@ -505,6 +527,12 @@ fn open_log(
     }
     let last = recovered.index.last_sequence();
     let file_len = recovered.file_len;
+    // What lies past the last commit mark is zeros the writer wrote ahead (see `writer`).
+    let allocated_len = recovered
+        .file
+        .metadata()
+        .map_or(file_len, |m| m.len())
+        .max(file_len);
     let (head, _) = watch::channel(Head {
         last,
         closed: false,
@@ -537,6 +565,7 @@ fn open_log(
         rx,
         max_batch_events: options.max_batch_events.max(1),
         file_len,
+        allocated_len,
         segment_base,
         rotation,
         next_sequence: last + 1,

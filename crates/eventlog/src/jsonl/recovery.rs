@@ -31,6 +31,11 @@
 //!   complete line is `Corrupt`. The writer's open then ends the file with a commit mark (a
 //!   new file starts with one), so from then on the file follows the rule above.
 //!
+//! - A run of zero bytes at the end of a file is space, not data: the writer fills the file
+//!   with zeros ahead of what it writes (see `writer`), and JSON lines never hold a zero
+//!   byte. The scan ends where the last byte that is not zero ends; a group cut short
+//!   inside that space is the unfinished last group of the rule above.
+//!
 //! The two ways of opening:
 //! - [`recover`] (the writer's open, under the directory lock) truncates the unacknowledged
 //!   tail, says so (`warn`), and makes sure the file ends with a commit mark.
@@ -366,6 +371,8 @@ fn scan(
 ) -> Result<Scanned, EventLogError> {
     let io_error = |what: &str, e| EventLogError::io(format!("{what} {}", path.display()), e);
     let len = file.metadata().map_err(|e| io_error("checking", e))?.len();
+    // Zeros at the end are space the writer filled ahead of its writes (see `writer`).
+    let len = end_of_data(file, len).map_err(|e| io_error("reading", e))?;
     let mut reader = file;
     reader
         .seek(SeekFrom::Start(0))
@@ -427,6 +434,26 @@ fn scan(
         ends_with_mark: scan.ends_with_mark,
         unfinished: unfinished.map(|why| (scan.committed_end, why)),
     })
+}
+
+/// Where the data of a file `len` bytes long ends: after its last byte that is not zero.
+/// The writer fills the file with zeros ahead of what it writes; records and marks are JSON
+/// lines, which never hold a zero byte, so a run of zeros at the end is that space (or a
+/// write cut short inside it, which the scan then sees as an unfinished last group).
+fn end_of_data(file: &File, len: u64) -> io::Result<u64> {
+    const PIECE: u64 = 64 * 1024;
+    let mut buf = vec![0u8; PIECE as usize];
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(PIECE);
+        let piece = &mut buf[..(end - start) as usize];
+        super::read_exact_at(file, piece, start)?;
+        if let Some(last) = piece.iter().rposition(|&byte| byte != 0) {
+            return Ok(start + last as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 fn read_some(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {

@@ -12,6 +12,14 @@
 //! recovery tell a group that reached the disk whole from one cut by a power loss during its
 //! sync (see `recovery`) without a second sync between the records and the mark.
 //!
+//! Zeros ahead: the writer keeps the file [`PREALLOCATE_BYTES`] longer than what it has
+//! written, filled with zeros, and writes each group over them. A sync after a write that
+//! grows the file must also make the new file size durable — a second write to the disk,
+//! of the file's metadata — while a sync after an overwrite of written blocks writes the
+//! data alone (on the benchmark machine's disk, 105 µs p50 against 142–187 µs); WAL files
+//! are preallocated the same way (PostgreSQL's segments). Recovery reads a run of zeros at
+//! the end of a file as space, not as records (JSON lines never hold a zero byte).
+//!
 //! A failed write or sync leaves the file in an unknown state (after a failed `fsync` the
 //! kernel may already have dropped the dirty pages). The writer then answers every append of
 //! the group with `Unavailable`, tries to cut the file back to its last acknowledged length,
@@ -65,12 +73,19 @@ pub(super) struct PreparedEvent {
 /// or make them fail (see [`JsonlLog::open_with_files`](super::JsonlLog::open_with_files)).
 /// The writer only ever appends: each `write_all` continues where the last one ended.
 pub trait LogFile: Send {
-    /// Writes all of `bytes` at the current end of the file.
+    /// Writes all of `bytes` where the last write ended.
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Makes everything written so far durable (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
     /// Cuts the file back to `len` bytes (after a failed write; the log refuses appends then).
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// Writes zeros from `from` up to `to`, past the end of what was written, without
+    /// moving where the next `write_all` goes (see "zeros ahead" above). Optional: a file
+    /// that does nothing here only loses the cheaper syncs.
+    fn zero_fill(&mut self, from: u64, to: u64) -> io::Result<()> {
+        let _ = (from, to);
+        Ok(())
+    }
 }
 
 impl LogFile for File {
@@ -85,7 +100,21 @@ impl LogFile for File {
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
     }
+
+    fn zero_fill(&mut self, from: u64, to: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut at = from;
+        while at < to {
+            let piece = usize::try_from(to - at).map_or(ZEROS.len(), |n| n.min(ZEROS.len()));
+            super::write_all_at(self, &ZEROS[..piece], at)?;
+            at += piece as u64;
+        }
+        Ok(())
+    }
 }
+
+/// How far ahead of what it has written the writer keeps the file filled with zeros.
+pub(super) const PREALLOCATE_BYTES: u64 = 1 << 20;
 
 pub(super) struct Writer {
     pub shared: Arc<LogShared>,
@@ -96,6 +125,8 @@ pub(super) struct Writer {
     pub max_batch_events: usize,
     /// Length of the active file up to the commit mark of the last acknowledged group.
     pub file_len: u64,
+    /// The active file's length on disk: `file_len` and the zeros written ahead of it.
+    pub allocated_len: u64,
     /// Where the active file starts in the log's virtual byte space (the index's offsets).
     pub segment_base: u64,
     /// Monthly segments and retention (the invocations log), or `None`.
@@ -158,6 +189,11 @@ impl Writer {
     /// Runs until the log is closed or every handle is dropped, then closes the file.
     pub fn run(mut self) {
         let close_reply = self.serve();
+        // A log at rest holds no zeros ahead: its file is plain JSON lines (a crash leaves
+        // them, and recovery reads them as space).
+        if self.allocated_len > self.file_len {
+            let _ = self.file.set_len(self.file_len);
+        }
         let shared = self.shared.clone();
         // Dropping the writer closes the file, releases its share of the directory lock and
         // answers queued appends with `Closed` (their reply senders are dropped).
@@ -307,6 +343,9 @@ impl Writer {
                     rotation.active_month,
                     rotation.active_first_sequence,
                 );
+                // A closed segment keeps no zeros ahead (recovery would read them as space;
+                // this only saves the disk).
+                let _ = self.file.set_len(self.file_len);
                 // The renamed file keeps its inode: the writer's and the readers' handles
                 // stay valid.
                 std::fs::rename(&active, &closed)?;
@@ -344,6 +383,7 @@ impl Writer {
                 self.file = (rotation.wrap)(shared.kind, file);
                 self.segment_base = base;
                 self.file_len = mark.len() as u64;
+                self.allocated_len = self.file_len;
                 rotation.active_first_sequence = last + 1;
             }
             rotation.active_month = month;
@@ -401,6 +441,7 @@ impl Writer {
         // Best effort: the file should not keep records nobody was told about. If this fails
         // too, recovery drops them at the next open (they have no commit mark).
         let _ = self.file.set_len(self.file_len);
+        self.allocated_len = self.file_len;
         self.poisoned = Some(reason.clone());
         for d in decided {
             let _ = d.reply.send(Err(EventLogError::Unavailable {
@@ -501,6 +542,19 @@ impl Writer {
     /// of them out; the mark's checksum lets recovery see whether the whole group arrived.
     fn write_and_sync(&mut self, group: &[u8]) -> io::Result<()> {
         self.file.write_all(group)?;
+        let end = self.file_len + group.len() as u64;
+        if end > self.allocated_len {
+            // This sync records a new file size anyway: take the next stretch of zeros
+            // into it, so that the syncs after it need not. A failure here costs only that.
+            let ahead = end + PREALLOCATE_BYTES;
+            match self.file.zero_fill(end, ahead) {
+                Ok(()) => self.allocated_len = ahead,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot write zeros ahead in the event log");
+                    self.allocated_len = end;
+                }
+            }
+        }
         self.file.sync_data()
     }
 }

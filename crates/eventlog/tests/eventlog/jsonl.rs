@@ -44,6 +44,18 @@ pub(crate) fn ids_and_sequences(events: &[RecordedEvent]) -> Vec<(u64, String)> 
         .collect()
 }
 
+/// What the writer has written to `path`, without the zeros it keeps ahead of its writes
+/// while the log is open.
+pub(crate) fn written(path: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).expect("read the log file");
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last| last + 1);
+    bytes.truncate(end);
+    bytes
+}
+
 pub(crate) fn config_file(dir: &Path) -> std::path::PathBuf {
     dir.join("config.jsonl")
 }
@@ -60,9 +72,7 @@ pub(crate) async fn file_ending_in(last_append: usize) -> (Vec<u8>, usize, Vec<(
             .expect("append");
     }
     let kept = ids_and_sequences(&replay(&log, LogKind::Config).await);
-    let before = std::fs::read(config_file(dir.path()))
-        .expect("read file")
-        .len();
+    let before = written(&config_file(dir.path())).len();
     let batch: Vec<_> = (0..last_append).map(|_| event("torn")).collect();
     log.append(&s, ExpectedVersion::Any, &batch)
         .await
@@ -574,7 +584,7 @@ async fn a_read_only_open_leaves_an_unfinished_tail_out_and_the_file_alone() {
                 .expect("append");
         }
         let kept = ids_and_sequences(&replay(&writer, LogKind::Config).await);
-        let kept_len = std::fs::read(&path).expect("read").len();
+        let kept_len = written(&path).len();
         writer
             .append(
                 &s,
@@ -789,4 +799,118 @@ async fn the_log_directory_and_files_are_private_to_their_owner() {
         assert_eq!(mode_of(&dir.join(file)), 0o600, "{file}, reopened");
     }
     log.close().await;
+}
+
+/// The file as a crash would leave it after `appends` single-event appends (the log still
+/// open, so with the zeros its writer keeps ahead), and where each append's write group
+/// ended.
+async fn file_of_an_open_log(
+    dir: &Path,
+    appends: usize,
+) -> (Vec<u8>, Vec<usize>, Vec<(u64, String)>) {
+    let log = open(dir).await;
+    let s = subject("server.ahead");
+    let mut ends = Vec::new();
+    for _ in 0..appends {
+        log.append(&s, ExpectedVersion::Any, &[event("ahead")])
+            .await
+            .expect("append");
+        ends.push(written(&config_file(dir)).len());
+    }
+    let kept = ids_and_sequences(&replay(&log, LogKind::Config).await);
+    let bytes = std::fs::read(config_file(dir)).expect("read");
+    drop(log);
+    (bytes, ends, kept)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zeros_the_writer_keeps_ahead_are_space_after_a_crash_and_gone_at_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (crashed, ends, kept) = file_of_an_open_log(dir.path(), 5).await;
+    let last = *ends.last().expect("appends");
+    assert!(
+        crashed.len() > last && crashed[last..].iter().all(|&b| b == 0),
+        "while the log is open its file runs on in zeros past the last commit mark"
+    );
+    // At rest (closed or dropped), the file is its JSON lines alone.
+    assert_eq!(
+        std::fs::read(config_file(dir.path())).expect("read").len(),
+        last
+    );
+
+    // Opened as a crash left it: every record, the zeros read as space and reused.
+    let copy = tempfile::tempdir().expect("temp dir");
+    std::fs::write(config_file(copy.path()), &crashed).expect("write");
+    let log = open(copy.path()).await;
+    assert_eq!(
+        ids_and_sequences(&replay(&log, LogKind::Config).await),
+        kept
+    );
+    let next = log
+        .append(
+            &subject("server.ahead"),
+            ExpectedVersion::Any,
+            &[event("ahead")],
+        )
+        .await
+        .expect("append after the zeros");
+    assert_eq!(next.last_sequence, kept.len() as u64 + 1);
+    drop(log);
+    let log = open(copy.path()).await;
+    assert_eq!(
+        replay(&log, LogKind::Config).await.len(),
+        kept.len() + 1,
+        "the append went over the zeros, not after them"
+    );
+    let auditor = open_read_only(copy.path()).await;
+    assert_eq!(
+        replay(&auditor, LogKind::Config).await.len(),
+        kept.len() + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_cut_short_inside_the_zeros_ahead_is_dropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (full, ends, kept) = file_of_an_open_log(dir.path(), 4).await;
+    let (before_last, last) = (ends[2], ends[3]);
+    // A power loss during the last group's sync: part of it reached the disk, the rest of
+    // the file is the zeros written ahead.
+    for cut in [before_last + 1, (before_last + last) / 2, last - 2] {
+        let mut crashed = full[..cut].to_vec();
+        crashed.resize(full.len(), 0);
+        let copy = tempfile::tempdir().expect("temp dir");
+        std::fs::write(config_file(copy.path()), &crashed).expect("write");
+        let auditor = open_read_only(copy.path()).await;
+        assert_eq!(
+            ids_and_sequences(&replay(&auditor, LogKind::Config).await),
+            kept[..3],
+            "read-only, cut at {cut}"
+        );
+        drop(auditor);
+        let log = open(copy.path()).await;
+        assert_eq!(
+            ids_and_sequences(&replay(&log, LogKind::Config).await),
+            kept[..3],
+            "cut at {cut}"
+        );
+        assert_eq!(
+            written(&config_file(copy.path())).len(),
+            before_last,
+            "the cut group is gone (cut at {cut})"
+        );
+    }
+    // A page of the last group lost, its commit mark and the zeros after it on disk: the
+    // zeros are not "bytes after the damaged group's mark" (which would prove a later
+    // group, and refuse the file); the group is the last one, unfinished, and dropped.
+    let mut crashed = full.clone();
+    crashed[before_last + 10..before_last + 30].fill(0);
+    let copy = tempfile::tempdir().expect("temp dir");
+    std::fs::write(config_file(copy.path()), &crashed).expect("write");
+    let log = open(copy.path()).await;
+    assert_eq!(
+        ids_and_sequences(&replay(&log, LogKind::Config).await),
+        kept[..3],
+        "a lost page in the last group"
+    );
 }
