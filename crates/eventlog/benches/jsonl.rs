@@ -11,8 +11,9 @@
 //! (d) adapter replay, `read_from(Config, 0, None)`, every event parsed into a `RecordedEvent`;
 //! (e) how long opening that file takes (the start-up scan that rebuilds the index);
 //! (f) one append at a time (what a lone caller waits for), p50 and p99, against (g) one raw
-//!     `write` + `fdatasync` of a line as long at a time: the difference is the adapter's own
-//!     cost per append (serialising, the hand-over to the writer thread and back).
+//!     appending `write` + `fdatasync` of a line as long at a time. The adapter serialises
+//!     and hands over to its writer thread and back, but writes over zeros it keeps ahead
+//!     (see `jsonl::writer`), so its sync need not record a new file size as (g)'s must.
 //!
 //! The machine is shared (builds, other benchmarks, one disk), so the whole sequence runs
 //! [`ROUNDS`] times; every round is printed and the best of each figure is the result. Each
