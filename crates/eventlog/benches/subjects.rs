@@ -20,21 +20,10 @@ const APPENDS: usize = 200_000;
 const IN_FLIGHT: usize = 256;
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(5);
 
-/// A process's resident memory in bytes.
-fn resident(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
-}
-
 /// The growth of a fresh nats-server's resident memory, per append, after `APPENDS` appends
 /// on `subjects` distinct subjects and the dedupe window.
 async fn growth_per_append(subjects: usize) -> u64 {
     let server = testkit::NatsServer::start();
-    let pid = server.pid().expect("nats-server runs");
     let client = async_nats::connect(server.url()).await.expect("connect");
     let log = JetStreamLog::connect(
         client,
@@ -46,7 +35,7 @@ async fn growth_per_append(subjects: usize) -> u64 {
     )
     .await
     .expect("JetStream");
-    let before = resident(pid);
+    let before = server.resident_bytes();
     let mut pending = FuturesUnordered::new();
     for n in 0..APPENDS {
         let subject = Subject::parse(&format!(
@@ -79,7 +68,7 @@ async fn growth_per_append(subjects: usize) -> u64 {
     }
     while pending.next().await.is_some() {}
     tokio::time::sleep(DUPLICATE_WINDOW * 2).await;
-    resident(pid).saturating_sub(before) / APPENDS as u64
+    server.resident_bytes().saturating_sub(before) / APPENDS as u64
 }
 
 #[tokio::main]

@@ -117,15 +117,7 @@ fn fdatasync_p50(dir: &std::path::Path) -> Duration {
 
 /// The shared nats-server's resident memory in bytes (0 if it does not run).
 fn nats_server_rss() -> u64 {
-    let Some(pid) = testkit::shared_nats_if_started().and_then(|server| server.pid()) else {
-        return 0;
-    };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
+    testkit::shared_nats_if_started().map_or(0, testkit::NatsServer::resident_bytes)
 }
 
 /// CPU time so far of this process, and of the shared nats-server (zero if it does not run).

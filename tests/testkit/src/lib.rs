@@ -148,6 +148,21 @@ impl NatsServer {
         self.child_slot().as_ref().map(Child::id)
     }
 
+    /// The running server's resident memory in bytes, from `/proc` (0 if it does not run or
+    /// the system has no `/proc`): what benchmarks report its memory by.
+    #[must_use]
+    pub fn resident_bytes(&self) -> u64 {
+        let Some(pid) = self.pid() else {
+            return 0;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    }
+
     /// The client port; the same across restarts.
     #[must_use]
     pub fn port(&self) -> u16 {
