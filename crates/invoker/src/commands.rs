@@ -264,15 +264,16 @@ impl Invoker {
     /// orchestrator learns to have the user connect rather than that the tool does not exist.
     fn resolve(&self, user: &UserId, exposed: &str) -> Option<Resolved> {
         let models = &self.inner.read_models;
+        // `None` for the state: a tool of a server the user is not connected to.
         let (server_id, tool, state) =
             models
                 .tool_states
                 .read(|states| match states.resolve_exposed(user, exposed) {
-                    Some(view) => Some((view.server_id, view.name.to_owned(), view.state)),
+                    Some(view) => Some((view.server_id, view.name.to_owned(), Some(view.state))),
                     None => states
                         .exposed_tool(exposed)
                         .filter(|(server_id, _)| !states.is_connected(user, *server_id))
-                        .map(|(server_id, tool)| (server_id, tool.to_owned(), ToolState::Blocked)),
+                        .map(|(server_id, tool)| (server_id, tool.to_owned(), None)),
                 })?;
         let tool = domain::ToolName::parse(&tool).ok()?;
         let (enabled, server_name, url) = models.servers.read(|d| {
@@ -285,10 +286,11 @@ impl Invoker {
         });
         // An unreachable connection is tried: the last probe may be minutes old, and a
         // failed call says why.
-        let connected = matches!(
-            status,
-            Some(ApiConnectionStatus::Healthy | ApiConnectionStatus::Unreachable)
-        );
+        let connected = state.is_some()
+            && matches!(
+                status,
+                Some(ApiConnectionStatus::Healthy | ApiConnectionStatus::Unreachable)
+            );
         Some(Resolved {
             tool: ResolvedTool {
                 server_id,
@@ -296,7 +298,8 @@ impl Invoker {
                 server_enabled: enabled,
                 connected,
                 connection_auth_error: status == Some(ApiConnectionStatus::AuthError),
-                tool_state: state,
+                // Not connected is decided first; no setting applies without a connection.
+                tool_state: state.unwrap_or(ToolState::Blocked),
             },
             server_name,
             url,
@@ -577,7 +580,7 @@ impl Invoker {
     /// hand-over each way on every call, to guard against what rarely happens.)
     async fn run_to_completion(&self, run: Run) -> Result<InvocationReport, InvokerError> {
         let this = self.clone();
-        FinishOnDrop::new(async move { this.run(run).await }).await
+        FinishOnDrop(Some(Box::pin(async move { this.run(run).await }))).await
     }
 
     async fn run(&self, run: Run) -> Result<InvocationReport, InvokerError> {
@@ -868,53 +871,36 @@ impl Invoker {
     }
 }
 
-/// A future that is polled where it is awaited and, if dropped before it is done, finishes in
-/// a task of its own (its output then goes nowhere).
-struct FinishOnDrop<F: std::future::Future + Send + 'static>
-where
-    F::Output: Send,
-{
-    future: Option<std::pin::Pin<Box<F>>>,
-}
+/// The run of one invocation, as `run_to_completion` awaits it.
+type RunFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<InvocationReport, InvokerError>> + Send>,
+>;
 
-impl<F: std::future::Future + Send + 'static> FinishOnDrop<F>
-where
-    F::Output: Send,
-{
-    fn new(future: F) -> Self {
-        FinishOnDrop {
-            future: Some(Box::pin(future)),
-        }
-    }
-}
+/// A run that is polled where it is awaited and, if dropped before it is done, finishes in a
+/// task of its own (its report then goes nowhere).
+struct FinishOnDrop(Option<RunFuture>);
 
-impl<F: std::future::Future + Send + 'static> std::future::Future for FinishOnDrop<F>
-where
-    F::Output: Send,
-{
-    type Output = F::Output;
+impl std::future::Future for FinishOnDrop {
+    type Output = Result<InvocationReport, InvokerError>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
-        let Some(future) = self.future.as_mut() else {
+    ) -> std::task::Poll<Self::Output> {
+        let Some(future) = self.0.as_mut() else {
             // Polled again after it finished (a caller's bug): nothing more, as
             // `futures::future::Fuse` does.
             return std::task::Poll::Pending;
         };
         let output = std::task::ready!(future.as_mut().poll(cx));
-        self.future = None;
+        self.0 = None;
         std::task::Poll::Ready(output)
     }
 }
 
-impl<F: std::future::Future + Send + 'static> Drop for FinishOnDrop<F>
-where
-    F::Output: Send,
-{
+impl Drop for FinishOnDrop {
     fn drop(&mut self) {
-        if let Some(future) = self.future.take() {
+        if let Some(future) = self.0.take() {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
                     runtime.spawn(future);
