@@ -21,6 +21,8 @@ struct Invoking {
     setup: WithFixture,
     server_id: String,
     alice: String,
+    /// The prefix of the server's exposed tool names (its slug and `__`).
+    prefix: String,
 }
 
 /// The fixture's standard tools plus `flaky_report`, a tool that answers `isError`.
@@ -70,6 +72,7 @@ async fn connected_to(
         setup,
         server_id,
         alice,
+        prefix: format!("{template}_team__"),
     }
 }
 
@@ -119,11 +122,22 @@ impl Invoking {
             .post(
                 &self.alice,
                 "/api/v1/invocations",
-                &json!({"invocation_id": id, "tool": format!("{PREFIX}{tool}"), "arguments": arguments}),
+                &json!({"invocation_id": id, "tool": format!("{}{tool}", self.prefix), "arguments": arguments}),
             )
             .await;
         assert_eq!(status, 200, "{body}");
         body
+    }
+
+    /// Alice's request to call `tool` with `arguments`, for calling an invoker directly.
+    fn request(&self, id: &str, tool: &str, arguments: Value) -> invoker::InvokeRequest {
+        invoker::InvokeRequest {
+            invocation_id: domain::InvocationId::parse(id).expect("id"),
+            user: domain::UserId::parse(ALICE).expect("user"),
+            tool: format!("{}{tool}", self.prefix),
+            arguments: serde_json::from_value(arguments).expect("an object"),
+            deadline: None,
+        }
     }
 
     /// Waits until the read models show every event written so far (what a probe or a
@@ -519,13 +533,7 @@ async fn concurrent_duplicates_of_one_id_call_the_server_once() {
         let report = other
             .invoke(
                 &service_kit::CommandContext::service("test"),
-                invoker::InvokeRequest {
-                    invocation_id: domain::InvocationId::parse("call_dup").expect("id"),
-                    user: domain::UserId::parse(ALICE).expect("user"),
-                    tool: format!("{PREFIX}create_issue"),
-                    arguments: serde_json::from_value(json!({"title": "Once"})).expect("object"),
-                    deadline: None,
-                },
+                it.request("call_dup", "create_issue", json!({"title": "Once"})),
             )
             .await
             .expect("invoke");
@@ -844,14 +852,7 @@ async fn a_servers_protocol_era_is_remembered_and_renegotiated_when_it_changed()
     let invoke = |id: &'static str| {
         let it = &it;
         async move {
-            let (status, body) = it
-                .post(
-                    &it.alice,
-                    "/api/v1/invocations",
-                    &json!({"invocation_id": id, "tool": "atlassian_team__create_issue", "arguments": {"title": id}}),
-                )
-                .await;
-            assert_eq!(status, 200, "{body}");
+            let body = it.invoke(id, "create_issue", json!({"title": id})).await;
             assert_eq!(body["outcome"], "completed", "{body}");
         }
     };
@@ -916,13 +917,7 @@ async fn a_caller_that_goes_away_mid_call_leaves_the_invocation_to_finish() {
     let context = service_kit::CommandContext::service("test");
     let call = invoker.invoke(
         &context,
-        invoker::InvokeRequest {
-            invocation_id: id.clone(),
-            user: alice.clone(),
-            tool: format!("{PREFIX}create_issue"),
-            arguments: serde_json::from_value(json!({"title": "left"})).expect("arguments"),
-            deadline: None,
-        },
+        it.request("call_left", "create_issue", json!({"title": "left"})),
     );
     tokio::select! {
         report = call => panic!("answered before the refresh went through: {report:?}"),
