@@ -809,7 +809,7 @@ async fn file_of_an_open_log(
     appends: usize,
 ) -> (Vec<u8>, Vec<usize>, Vec<(u64, String)>) {
     let log = open(dir).await;
-    let s = subject("server.ahead");
+    let s = subject("server.torn");
     let mut ends = Vec::new();
     for _ in 0..appends {
         log.append(&s, ExpectedVersion::Any, &[event("ahead")])
@@ -848,7 +848,7 @@ async fn the_zeros_the_writer_keeps_ahead_are_space_after_a_crash_and_gone_at_re
     );
     let next = log
         .append(
-            &subject("server.ahead"),
+            &subject("server.torn"),
             ExpectedVersion::Any,
             &[event("ahead")],
         )
@@ -879,38 +879,14 @@ async fn a_group_cut_short_inside_the_zeros_ahead_is_dropped() {
     for cut in [before_last + 1, (before_last + last) / 2, last - 2] {
         let mut crashed = full[..cut].to_vec();
         crashed.resize(full.len(), 0);
-        let copy = tempfile::tempdir().expect("temp dir");
-        std::fs::write(config_file(copy.path()), &crashed).expect("write");
-        let auditor = open_read_only(copy.path()).await;
-        assert_eq!(
-            ids_and_sequences(&replay(&auditor, LogKind::Config).await),
-            kept[..3],
-            "read-only, cut at {cut}"
-        );
-        drop(auditor);
-        let log = open(copy.path()).await;
-        assert_eq!(
-            ids_and_sequences(&replay(&log, LogKind::Config).await),
-            kept[..3],
-            "cut at {cut}"
-        );
-        assert_eq!(
-            written(&config_file(copy.path())).len(),
-            before_last,
-            "the cut group is gone (cut at {cut})"
-        );
+        let what = format!("cut at {cut}, zeros after it");
+        assert_recovers(dir.path(), &crashed, before_last, &kept[..3], &what).await;
     }
     // A page of the last group lost, its commit mark and the zeros after it on disk: the
     // zeros are not "bytes after the damaged group's mark" (which would prove a later
     // group, and refuse the file); the group is the last one, unfinished, and dropped.
     let mut crashed = full.clone();
     crashed[before_last + 10..before_last + 30].fill(0);
-    let copy = tempfile::tempdir().expect("temp dir");
-    std::fs::write(config_file(copy.path()), &crashed).expect("write");
-    let log = open(copy.path()).await;
-    assert_eq!(
-        ids_and_sequences(&replay(&log, LogKind::Config).await),
-        kept[..3],
-        "a lost page in the last group"
-    );
+    let what = "a lost page in the last group, its mark and the zeros after it on disk";
+    assert_recovers(dir.path(), &crashed, before_last, &kept[..3], what).await;
 }
