@@ -90,9 +90,7 @@ pub(super) fn encode_line(
 /// with its `\n`).
 pub(super) fn encode_group_mark(buf: &mut Vec<u8>, group: u64, last: u64, records: &[u8]) {
     let crc = crc32fast::hash(records);
-    buf.push(b'\n');
-    buf.extend_from_slice(MARK_PREFIX);
-    push_decimal(buf, last);
+    begin_mark(buf, last);
     buf.extend_from_slice(b",\"group\":");
     push_decimal(buf, group);
     buf.extend_from_slice(b",\"crc32\":");
@@ -103,9 +101,7 @@ pub(super) fn encode_group_mark(buf: &mut Vec<u8>, group: u64, last: u64, record
 /// Appends a commit mark line that covers no records of its own (with the empty line before
 /// it and its `\n`) to `buf`: the records up to sequence `last` are durable.
 pub(super) fn encode_mark(buf: &mut Vec<u8>, last: u64) {
-    buf.push(b'\n');
-    buf.extend_from_slice(MARK_PREFIX);
-    push_decimal(buf, last);
+    begin_mark(buf, last);
     buf.extend_from_slice(b"}\n");
 }
 
@@ -113,12 +109,18 @@ pub(super) fn encode_mark(buf: &mut Vec<u8>, last: u64) {
 /// month (UTC, `YYYY-MM`) the file was started in, which decides when it is closed and when
 /// it is dropped for retention (see `segments`).
 pub(super) fn encode_segment_mark(buf: &mut Vec<u8>, last: u64, month: &str) {
-    buf.push(b'\n');
-    buf.extend_from_slice(MARK_PREFIX);
-    push_decimal(buf, last);
+    begin_mark(buf, last);
     buf.extend_from_slice(b",\"month\":\"");
     buf.extend_from_slice(month.as_bytes());
     buf.extend_from_slice(b"\"}\n");
+}
+
+/// The empty line before a commit mark and the mark's first field, naming `last`; each kind
+/// of mark adds its own fields and closes the line.
+fn begin_mark(buf: &mut Vec<u8>, last: u64) {
+    buf.push(b'\n');
+    buf.extend_from_slice(MARK_PREFIX);
+    push_decimal(buf, last);
 }
 
 /// How every commit mark line starts; a record line starts with `{"seq":`.

@@ -30,7 +30,6 @@
 //!   or a damaged *last* line is an unfinished append and is dropped; damage followed by a
 //!   complete line is `Corrupt`. The writer's open then ends the file with a commit mark (a
 //!   new file starts with one), so from then on the file follows the rule above.
-//!
 //! - A run of zero bytes at the end of a file is space, not data: the writer fills the file
 //!   with zeros ahead of what it writes (see `writer`), and JSON lines never hold a zero
 //!   byte. The scan ends where the last byte that is not zero ends; a group cut short
