@@ -1,11 +1,22 @@
 //! The Invocation aggregate: one tool call request, identified by its invocation id. Its
-//! events live on `invocation.<user_key>.<id token>` ([`subject`]): one subject per
-//! invocation, so that the first `InvocationRequested` appended with "no events yet" is the
-//! claim on the id (a duplicate request loses that append and never calls the server), one
-//! user's parallel invocations never conflict, and loading an invocation reads its own few
-//! events, never the user's history. The user key stays the second token, so everything that
-//! finds a subject's user (the live stream's visibility, the audit's `user` filter) works
-//! unchanged.
+//! events live on its user's subject, `invocation.<user_key>` ([`subject`]): the subjects
+//! stay as many as the users, however many invocations are kept. Nothing is appended there
+//! with an expected version, so one user's parallel invocations never conflict.
+//!
+//! **At most once** rests on three events that competing writers must not both record, and
+//! that every writer therefore records under one event id derived from the invocation
+//! ([`settling_event_id`]): the log stores an event id once, so of any number of writers
+//! exactly one's event is stored, and each learns where it is. They are the claim
+//! (`InvocationRequested`: one request goes on), the decision (`InvocationApproved`, `Denied`
+//! or `Expired`: one decision) and the outcome (`InvocationRejected`, `Completed` or `Failed`:
+//! one terminal event). The envelope's `write_id` tells a writer whether the stored event is
+//! its own. The log remembers event ids for its dedupe window; beyond it, the claim is upheld
+//! by the open invocations read model, which knows every invocation of the claim window
+//! ([`crate::projections::open_invocations`]).
+//!
+//! Loading an invocation folds the events of its user's subject from its request on,
+//! skipping other invocations' ([`InvocationState::replay`]): the cost is what the user did
+//! during this invocation, not their history.
 //!
 //! The state machine:
 //! ```text
@@ -32,9 +43,66 @@ use proto::v1::{self as pb, envelope::Event};
 use crate::time::{from_timestamp, to_timestamp};
 use crate::{Aggregate, DomainError, InvocationId, ServerId, ToolName, ToolState, UserId};
 
-/// The subject of one invocation's events, relative to the deployment's prefix.
-pub fn subject(user: &UserId, id: &InvocationId) -> String {
-    format!("invocation.{}.{}", user.key(), id.subject_token())
+/// The subject of a user's invocation events, relative to the deployment's prefix.
+pub fn subject(user: &UserId) -> String {
+    format!("invocation.{}", user.key())
+}
+
+/// What an event settles for its invocation, when competing writers must not both record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settles {
+    /// `InvocationRequested`: the request that goes on.
+    Claim,
+    /// `InvocationApproved`, `InvocationDenied`, `InvocationExpired`.
+    Decision,
+    /// `InvocationRejected`, `InvocationCompleted`, `InvocationFailed`: the terminal event.
+    Outcome,
+}
+
+impl Settles {
+    /// What `event` settles; `None` for events only the winner of a claim or decision writes.
+    pub fn of(event: &Event) -> Option<Settles> {
+        match event {
+            Event::InvocationRequested(_) => Some(Settles::Claim),
+            Event::InvocationApproved(_)
+            | Event::InvocationDenied(_)
+            | Event::InvocationExpired(_) => Some(Settles::Decision),
+            Event::InvocationRejected(_)
+            | Event::InvocationCompleted(_)
+            | Event::InvocationFailed(_) => Some(Settles::Outcome),
+            _ => None,
+        }
+    }
+
+    fn label(self) -> &'static [u8] {
+        match self {
+            Settles::Claim => b"claim",
+            Settles::Decision => b"decision",
+            Settles::Outcome => b"outcome",
+        }
+    }
+}
+
+/// The event id every writer of what `settles` for `user`'s invocation `id` uses: a UUIDv8
+/// from the SHA-256 of the three, so the log stores one such event per invocation.
+pub fn settling_event_id(user: &UserId, id: &InvocationId, settles: Settles) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [
+        user.as_str().as_bytes(),
+        id.as_str().as_bytes(),
+        settles.label(),
+    ] {
+        // Length-prefixed: no two triples hash the same bytes.
+        context.update(&(part.len() as u64).to_be_bytes());
+        context.update(part);
+    }
+    let digest = context.finish();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest.as_ref()[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 /// The invocation an event belongs to, if it is an invocation event.
@@ -992,10 +1060,34 @@ mod tests {
         let plain = InvocationState::from_events(&stream[1..]);
         assert_eq!(plain.status(), &InvocationStatus::Running);
         assert_eq!(invocation_id_of(&started()), Some(INVOCATION));
+        assert_eq!(subject(&alice()), "invocation.alice_40example_2Ecom");
+    }
+
+    #[test]
+    fn what_an_event_settles_has_one_id_per_user_invocation_and_kind() {
+        use std::collections::HashSet;
+        let bob = UserId::parse("bob@example.com").unwrap();
+        let other = InvocationId::parse("toolu_other").unwrap();
+        let mut ids = HashSet::new();
+        for user in [&alice(), &bob] {
+            for invocation in [&id(), &other] {
+                for settles in [Settles::Claim, Settles::Decision, Settles::Outcome] {
+                    let event_id = settling_event_id(user, invocation, settles);
+                    // The same every time, whoever derives it.
+                    assert_eq!(event_id, settling_event_id(user, invocation, settles));
+                    let parsed = uuid::Uuid::parse_str(&event_id).expect("a UUID");
+                    assert_eq!(parsed.get_version_num(), 8);
+                    ids.insert(event_id);
+                }
+            }
+        }
         assert_eq!(
-            subject(&alice(), &id()),
-            format!("invocation.alice_40example_2Ecom.{}", id().subject_token())
+            ids.len(),
+            12,
+            "distinct across users, invocations and kinds"
         );
+        assert_eq!(Settles::of(&requested()), Some(Settles::Claim));
+        assert_eq!(Settles::of(&started()), None);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use crate::ServerId;
 mod open_invocations;
 mod tool_states;
 
-pub use open_invocations::{OpenInvocation, OpenInvocations, OpenStatus};
+pub use open_invocations::{
+    CLAIM_WINDOW, FinishedInvocation, Located, OpenInvocation, OpenInvocations, OpenStatus,
+};
 pub use tool_states::{ToolStates, ToolView};
 
 /// One server as the server list shows it.

@@ -54,6 +54,7 @@ fn event(server_id: &str) -> Envelope {
         correlation_id: uuid::Uuid::now_v7().to_string(),
         causation_id: String::new(),
         schema_version: proto::SCHEMA_VERSION,
+        write_id: String::new(),
         event: Some(Event::ServerDisabled(ServerDisabled {
             server_id: server_id.to_owned(),
             reason: String::new(),

@@ -33,7 +33,7 @@ use proto::v1::Envelope;
 
 use crate::{
     AggregateHistory, AppendOutcome, DEDUPE_WINDOW, EventLog, EventLogError, EventStream,
-    ExpectedVersion, LogKind, Subject, SubjectFilter,
+    ExpectedVersion, LogKind, RecordedEvent, Subject, SubjectFilter,
 };
 
 pub use checkpoints::{KvCheckpointStore, MAX_CHECKPOINT_VALUE_SIZE};
@@ -482,6 +482,14 @@ impl EventLog for JetStreamLog {
         filter: Option<&SubjectFilter>,
     ) -> Result<EventStream, EventLogError> {
         self.open_events(log, from, filter, false).await
+    }
+
+    async fn read_event(
+        &self,
+        log: LogKind,
+        sequence: u64,
+    ) -> Result<Option<RecordedEvent>, EventLogError> {
+        self.read_event_direct(log, sequence).await
     }
 
     async fn last_sequence(&self, log: LogKind) -> Result<u64, EventLogError> {

@@ -409,17 +409,19 @@ async fn through_switchboard(setup: Arc<Setup>, run: String) -> Figures {
 }
 
 /// One invocation's two appends as the invoker makes them: its claim (requested, allowed and
-/// so started) on a fresh subject, then its outcome at the claim's version.
+/// so started) and its outcome, on the user's subject, each under the event id every writer
+/// of it derives.
 async fn append_invocation(
     log: &dyn EventLog,
     envelopes: &EnvelopeBuilder,
     user: &domain::UserId,
     id: &str,
 ) {
+    use domain::invocation::{Settles, settling_event_id};
     use proto::v1::envelope::Event;
     let context = CommandContext::service("bench");
     let id = domain::InvocationId::parse(id).expect("id");
-    let subject = Subject::parse(&domain::invocation::subject(user, &id)).expect("subject");
+    let subject = Subject::parse(&domain::invocation::subject(user)).expect("subject");
     let requested = Event::InvocationRequested(proto::v1::InvocationRequested {
         invocation_id: id.to_string(),
         user_id: USER.to_owned(),
@@ -428,26 +430,21 @@ async fn append_invocation(
         started: true,
         ..Default::default()
     });
-    let claimed = log
-        .append(
-            &subject,
-            ExpectedVersion::NoEvents,
-            &envelopes.wrap(&context, vec![requested]),
-        )
-        .await
-        .expect("append");
     let completed = Event::InvocationCompleted(proto::v1::InvocationCompleted {
         invocation_id: id.to_string(),
         duration_ms: 1,
         ..Default::default()
     });
-    log.append(
-        &subject,
-        ExpectedVersion::At(claimed.last_sequence),
-        &envelopes.wrap(&context, vec![completed]),
-    )
-    .await
-    .expect("append");
+    for (event, settles) in [(requested, Settles::Claim), (completed, Settles::Outcome)] {
+        let mut envelope = envelopes.wrap(&context, vec![event]);
+        envelope[0].write_id = std::mem::replace(
+            &mut envelope[0].event_id,
+            settling_event_id(user, &id, settles),
+        );
+        log.append(&subject, ExpectedVersion::Any, &envelope)
+            .await
+            .expect("append");
+    }
 }
 
 /// 100,000 past invocations of the user, each requested (and started) and completed, as the

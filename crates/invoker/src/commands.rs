@@ -1,32 +1,45 @@
 //! The invoker's commands: list a user's tools, invoke one, look an invocation up, decide an
 //! approval.
 //!
-//! **At most once.** Each invocation has its own subject, and its `InvocationRequested` is
-//! appended with "no events yet": of any number of requests with one id — retries,
-//! concurrent duplicates, other processes, after a restart — exactly one append succeeds,
-//! and only its request goes on. An invocation that waits for approval is run by whoever
-//! appends the one `InvocationApproved` (an expected-version append too). Every later event
-//! is appended at the version its writer loaded, so the sweeper closing a stalled invocation
-//! and its owner never both record an outcome. A duplicate loses the claim, checks that it is
-//! the same request (`invocation_id_reused` otherwise) and waits for the recorded outcome.
+//! **Where the events are.** A user's invocation events are on one subject,
+//! `invocation.<user_key>`, appended with no expected version: one user's parallel
+//! invocations never conflict, and the subjects stay as many as the users.
+//!
+//! **At most once.** What competing writers must not both record — the claim
+//! (`InvocationRequested`), the approval decision, the outcome — each writer records under one
+//! event id derived from the invocation (`domain::invocation::settling_event_id`). The log
+//! stores an event id once and answers every later append of it with where it is; reading
+//! it there, a writer sees by the envelope's `write_id` whether it is its own. So of any
+//! number of requests with one id — retries, concurrent duplicates, other processes, after a
+//! restart — exactly one is stored and only its request goes on; one decision is recorded;
+//! the sweeper closing a stalled invocation and its owner never both record an outcome. The
+//! log remembers event ids for its dedupe window; a request repeating an id after that finds
+//! it in the open invocations read model, which knows every invocation open or finished within
+//! the claim window (a day), and is checked before the claim is appended. A duplicate checks
+//! that it is the same request (`invocation_id_reused` otherwise) and waits for the recorded
+//! outcome.
 //!
 //! **Two appends per call.** An allowed request records its start (`started`), so an allowed
 //! invocation is the claim, the call, and its outcome: one append before the call and one
 //! after it.
 //!
-//! **No serialisation per user.** A user's parallel invocations are on different subjects:
-//! their appends never conflict, and loading one reads its own few events.
+//! **No history on the hot path.** Invoking reads nothing from the log; loading an
+//! invocation (a duplicate, a look-up, a decision) reads its user's subject from its request
+//! on — what the user did meanwhile, not their history.
 use std::{sync::Arc, time::Duration};
 
 use domain::{Aggregate, Event};
 use domain::{
     ApiConnectionStatus, InvocationId, ServerId, ToolState, UserId,
     invocation::{
-        self, InvocationCommand, InvocationRequest, InvocationState, InvocationStatus, ResolvedTool,
+        self, InvocationCommand, InvocationRequest, InvocationState, InvocationStatus,
+        ResolvedTool, Settles, invocation_id_of,
     },
+    projections::Located,
 };
 use eventlog::{EventLogError, ExpectedVersion, LogKind, Subject, SubjectFilter};
 use futures_util::StreamExt;
+use proto::v1::Envelope;
 use rmcp::model::{CallToolResult, JsonObject};
 use serde::Serialize;
 use serde_json::Value;
@@ -155,7 +168,6 @@ struct Resolved {
 struct Run {
     context: CommandContext,
     subject: Subject,
-    version: u64,
     events: Vec<Event>,
     user: UserId,
     id: InvocationId,
@@ -170,16 +182,40 @@ struct Run {
 /// How long a duplicate waits beyond the deadline for the owner to record the outcome.
 const RECORDING_GRACE: Duration = Duration::from_secs(5);
 
-pub fn invocation_subject(user: &UserId, id: &InvocationId) -> Result<Subject, InvokerError> {
-    Ok(Subject::parse(&invocation::subject(user, id))?)
+/// How long a look-up waits for the open invocations read model to reach the log's end.
+const INDEX_CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Where an event that settles something for its invocation was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// This writer's event, at this sequence: it settled it.
+    Ours(u64),
+    /// A competitor's, at this sequence: it settled it first.
+    Theirs(u64),
 }
 
-fn events_of(history: &eventlog::AggregateHistory) -> Vec<Event> {
-    history
-        .events
-        .iter()
-        .filter_map(|e| e.envelope.event.clone())
-        .collect()
+/// Where an invocation's events are: from its request; its terminal event, if finished.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Whereabouts {
+    requested_sequence: u64,
+    outcome_sequence: Option<u64>,
+}
+
+impl From<Located<'_>> for Whereabouts {
+    fn from(located: Located<'_>) -> Self {
+        Whereabouts {
+            requested_sequence: located.requested_sequence(),
+            outcome_sequence: match located {
+                Located::Open(_) => None,
+                Located::Finished(finished) => Some(finished.outcome_sequence),
+            },
+        }
+    }
+}
+
+/// The subject of `user`'s invocation events.
+pub fn invocation_subject(user: &UserId) -> Result<Subject, InvokerError> {
+    Ok(Subject::parse(&invocation::subject(user))?)
 }
 
 impl Invoker {
@@ -325,7 +361,7 @@ impl Invoker {
             });
         }
         let id = request.invocation_id.clone();
-        let subject = invocation_subject(&request.user, &id)?;
+        let subject = invocation_subject(&request.user)?;
         let resolved = self.resolve(&request.user, &request.tool);
         let command = InvocationCommand::Request(InvocationRequest {
             user_id: request.user.clone(),
@@ -339,55 +375,64 @@ impl Invoker {
         });
         let now = self.now();
         let events = invocation::decide(&InvocationState::default(), &id, command.clone(), now)?;
-        let envelopes = self.inner.envelopes.wrap(context, events.clone());
-        match self
-            .inner
-            .log
-            .append(&subject, ExpectedVersion::NoEvents, &envelopes)
-            .await
+        let limit = deadline + RECORDING_GRACE;
+        // Known already — past the log's dedupe window too: never claimed again.
+        if let Some(known) = self.whereabouts_now(&request.user, &id) {
+            return self.join(&request.user, &id, command, known, limit).await;
+        }
+        let mut envelopes = self.envelopes(context, &request.user, &id, events.clone());
+        // Rejected or awaiting approval: only the claim's winner writes what follows it.
+        let follow_up = envelopes.split_off(1);
+        if let Settled::Theirs(requested_sequence) =
+            self.append_settling(&subject, &envelopes[0]).await?
         {
-            Ok(appended) => {
-                let state = InvocationState::from_events(events.iter());
-                match (state.status(), resolved) {
-                    (InvocationStatus::Running, Some(resolved)) => {
-                        self.run_to_completion(Run {
-                            context: context.clone(),
-                            subject,
-                            version: appended.last_sequence,
-                            events,
-                            user: request.user,
-                            id,
-                            server_id: resolved.tool.server_id,
-                            server_name: resolved.server_name,
-                            url: resolved.url,
-                            tool_name: resolved.tool.tool.as_str().to_owned(),
-                            arguments: request.arguments,
-                            deadline,
-                        })
-                        .await
-                    }
-                    _ => Ok(self.report(&request.user, &id, &events)),
-                }
-            }
-            Err(error) if error.is_conflict() => {
-                // The id is claimed already. Same request: its outcome; else refused.
-                let history = self.inner.log.read_aggregate(&subject).await?;
-                let events = events_of(&history);
-                let state = InvocationState::from_events(events.iter());
-                invocation::decide(&state, &id, command, now)?;
-                self.await_outcome(
-                    &request.user,
-                    &id,
-                    &subject,
-                    history.version,
+            let known = Whereabouts {
+                requested_sequence,
+                outcome_sequence: None,
+            };
+            return self.join(&request.user, &id, command, known, limit).await;
+        }
+        if !follow_up.is_empty() && self.append_all(&subject, &follow_up).await?.is_none() {
+            // Closed by the sweeper meanwhile (this process stalled for minutes).
+            return self.status(&request.user, &id, Duration::ZERO).await;
+        }
+        let state = InvocationState::from_events(events.iter());
+        match (state.status(), resolved) {
+            (InvocationStatus::Running, Some(resolved)) => {
+                self.run_to_completion(Run {
+                    context: context.clone(),
+                    subject,
                     events,
-                    deadline + RECORDING_GRACE,
-                    false,
-                )
+                    user: request.user,
+                    id,
+                    server_id: resolved.tool.server_id,
+                    server_name: resolved.server_name,
+                    url: resolved.url,
+                    tool_name: resolved.tool.tool.as_str().to_owned(),
+                    arguments: request.arguments,
+                    deadline,
+                })
                 .await
             }
-            Err(error) => Err(error.into()),
+            _ => Ok(self.report(&request.user, &id, &events)),
         }
+    }
+
+    /// A request whose id is claimed already: the same request gets the recorded outcome
+    /// (waiting up to `limit` for it); another request under that id is refused.
+    async fn join(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+        command: InvocationCommand,
+        known: Whereabouts,
+        limit: Duration,
+    ) -> Result<InvocationReport, InvokerError> {
+        let (events, seen) = self.load(user, id, known).await?;
+        let state = InvocationState::replay(id, &events);
+        invocation::decide(&state, id, command, self.now())?;
+        self.await_outcome(user, id, seen, events, limit, false)
+            .await
     }
 
     /// The current outcome of `user`'s invocation `id`; with `wait`, waits up to that long
@@ -398,14 +443,11 @@ impl Invoker {
         id: &InvocationId,
         wait: Duration,
     ) -> Result<InvocationReport, InvokerError> {
-        let subject = invocation_subject(user, id)?;
-        let history = self.inner.log.read_aggregate(&subject).await?;
-        if history.version == 0 {
+        let Some(known) = self.whereabouts(user, id).await? else {
             return Err(domain::DomainError::InvocationNotFound.into());
-        }
-        let events = events_of(&history);
-        self.await_outcome(user, id, &subject, history.version, events, wait, true)
-            .await
+        };
+        let (events, seen) = self.load(user, id, known).await?;
+        self.await_outcome(user, id, seen, events, wait, true).await
     }
 
     /// The user's invocations waiting for their decision, oldest first.
@@ -456,7 +498,6 @@ impl Invoker {
         self.announce_approval_outcome(&report);
         Ok(report)
     }
-
     async fn decide_and_run(
         &self,
         context: &CommandContext,
@@ -464,30 +505,40 @@ impl Invoker {
         id: &InvocationId,
         decision: Decision,
     ) -> Result<InvocationReport, InvokerError> {
-        let subject = invocation_subject(user, id)?;
-        let now = self.now();
-        let written = service_kit::execute::<InvocationState, _>(
-            &*self.inner.log,
-            &self.inner.envelopes,
-            &subject,
-            context,
-            |state| {
-                let command = match decision {
-                    Decision::Approve => InvocationCommand::Approve { by: user.clone() },
-                    Decision::Deny => InvocationCommand::Deny {
-                        by: user.clone(),
-                        reason: String::new(),
-                    },
-                };
-                invocation::decide(state, id, command, now)
+        let subject = invocation_subject(user)?;
+        // Another user's id is looked for among their own invocations: not found.
+        let Some(known) = self.whereabouts(user, id).await? else {
+            return Err(domain::DomainError::InvocationNotFound.into());
+        };
+        let command = match decision {
+            Decision::Approve => InvocationCommand::Approve { by: user.clone() },
+            Decision::Deny => InvocationCommand::Deny {
+                by: user.clone(),
+                reason: String::new(),
             },
-        )
-        .await?;
-        let history = self.inner.log.read_aggregate(&subject).await?;
-        let events = events_of(&history);
-        let state = InvocationState::from_events(events.iter());
-        let approved_now = decision == Decision::Approve && written.changed_anything();
-        if !approved_now || !matches!(state.status(), InvocationStatus::Ready { .. }) {
+        };
+        let now = self.now();
+        let (mut events, _) = self.load(user, id, known).await?;
+        let state = InvocationState::replay(id, &events);
+        let decided = invocation::decide(&state, id, command.clone(), now)?;
+        if decided.is_empty() {
+            // Decided so already: the answer is where it stands.
+            return Ok(self.report(user, id, &events));
+        }
+        let envelopes = self.envelopes(context, user, id, decided.clone());
+        if let Settled::Theirs(_) = self.append_settling(&subject, &envelopes[0]).await? {
+            // Decided first elsewhere (the user's other tab, the sweeper's expiry): what the
+            // rules say to deciding again, on what is recorded now.
+            let (events, _) = self.load(user, id, known).await?;
+            let state = InvocationState::replay(id, &events);
+            invocation::decide(&state, id, command, now)?;
+            return Ok(self.report(user, id, &events));
+        }
+        events.extend(decided);
+        let state = InvocationState::replay(id, &events);
+        if decision != Decision::Approve
+            || !matches!(state.status(), InvocationStatus::Ready { .. })
+        {
             return Ok(self.report(user, id, &events));
         }
         let Some(request) = state.request().cloned() else {
@@ -509,7 +560,6 @@ impl Invoker {
                 .record_failure(
                     context,
                     &subject,
-                    history.version,
                     user,
                     id,
                     events,
@@ -521,7 +571,6 @@ impl Invoker {
         self.run_to_completion(Run {
             context: context.clone(),
             subject,
-            version: history.version,
             events,
             user: user.clone(),
             id: id.clone(),
@@ -540,14 +589,13 @@ impl Invoker {
         &self,
         context: &CommandContext,
         subject: &Subject,
-        version: u64,
         user: &UserId,
         id: &InvocationId,
         mut events: Vec<Event>,
         code: &str,
         message: &str,
     ) -> Result<InvocationReport, InvokerError> {
-        let state = InvocationState::from_events(events.iter());
+        let state = InvocationState::replay(id, &events);
         let failed = invocation::decide(
             &state,
             id,
@@ -558,20 +606,12 @@ impl Invoker {
             },
             self.now(),
         )?;
-        let envelopes = self.inner.envelopes.wrap(context, failed.clone());
-        match self
-            .inner
-            .log
-            .append(subject, ExpectedVersion::At(version), &envelopes)
-            .await
-        {
-            Ok(_) => {
-                events.extend(failed);
-                Ok(self.report(user, id, &events))
-            }
-            Err(error) if error.is_conflict() => self.status(user, id, Duration::ZERO).await,
-            Err(error) => Err(error.into()),
+        let envelopes = self.envelopes(context, user, id, failed.clone());
+        if self.append_all(subject, &envelopes).await?.is_none() {
+            return self.status(user, id, Duration::ZERO).await;
         }
+        events.extend(failed);
+        Ok(self.report(user, id, &events))
     }
 
     /// Runs the call in the caller's task, and — should the caller go away before it is
@@ -587,7 +627,6 @@ impl Invoker {
         let Run {
             context,
             subject,
-            version,
             mut events,
             user,
             id,
@@ -598,7 +637,7 @@ impl Invoker {
             arguments,
             deadline,
         } = run;
-        let state = InvocationState::from_events(events.iter());
+        let state = InvocationState::replay(&id, &events);
         // An approved invocation is started here. Its `InvocationStarted` is appended while
         // the call goes out, not before it: the right to call was settled by the approval
         // (the one `InvocationApproved` append that succeeded), so nobody else can start it
@@ -609,7 +648,7 @@ impl Invoker {
             InvocationStatus::Running => Vec::new(),
             _ => invocation::decide(&state, &id, InvocationCommand::Start, self.now())?,
         };
-        let envelopes = self.inner.envelopes.wrap(&context, started.clone());
+        let envelopes = self.envelopes(&context, &user, &id, started.clone());
         let began = tokio::time::Instant::now();
         let calling = async {
             let answer = tokio::time::timeout(
@@ -621,28 +660,16 @@ impl Invoker {
         };
         let appending = async {
             if envelopes.is_empty() {
-                return Ok(version);
+                return Ok(());
             }
             self.inner
                 .log
-                .append(&subject, ExpectedVersion::At(version), &envelopes)
+                .append(&subject, ExpectedVersion::Any, &envelopes)
                 .await
-                .map(|appended| appended.last_sequence)
+                .map(drop)
         };
         let (appended, (answer, took)) = tokio::join!(appending, calling);
-        let started_at = match appended {
-            Ok(last_sequence) => last_sequence,
-            Err(error) if error.is_conflict() => {
-                // Only the sweeper writes here meanwhile, and only long after the deadline:
-                // what it recorded stands.
-                tracing::warn!(
-                    invocation = id.as_str(),
-                    "an invocation was closed by someone else while it ran"
-                );
-                return self.status(&user, &id, Duration::ZERO).await;
-            }
-            Err(error) => return Err(error.into()),
-        };
+        appended?;
         events.extend(started);
         let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         let command = match answer {
@@ -684,31 +711,33 @@ impl Invoker {
                 duration_ms,
             },
         };
-        let state = InvocationState::from_events(events.iter());
+        let state = InvocationState::replay(&id, &events);
         let finished = invocation::decide(&state, &id, command, self.now())?;
-        let envelopes = self.inner.envelopes.wrap(&context, finished.clone());
+        let envelopes = self.envelopes(&context, &user, &id, finished.clone());
         // The outcome must be recorded: retry what the store could not take (an append is
-        // idempotent per event id, so a retry after a lost acknowledgement writes once).
+        // idempotent per event id, so a retry after a lost acknowledgement writes once, and
+        // finds its own event).
         let mut attempt: u32 = 0;
         loop {
-            match self
-                .inner
-                .log
-                .append(&subject, ExpectedVersion::At(started_at), &envelopes)
-                .await
-            {
-                Ok(_) => break,
-                Err(error) if error.is_conflict() => {
+            match self.append_all(&subject, &envelopes).await {
+                Ok(Some(_)) => break,
+                Ok(None) => {
+                    // Only the sweeper closes a running invocation, and only long after its
+                    // deadline: what it recorded stands.
+                    tracing::warn!(
+                        invocation = id.as_str(),
+                        "an invocation was closed by someone else while it ran"
+                    );
                     return self.status(&user, &id, Duration::ZERO).await;
                 }
-                Err(error @ (EventLogError::Unavailable { .. } | EventLogError::Closed))
-                    if attempt < 5 =>
-                {
+                Err(InvokerError::EventLog(
+                    error @ (EventLogError::Unavailable { .. } | EventLogError::Closed),
+                )) if attempt < 5 => {
                     attempt += 1;
                     tracing::warn!(%error, attempt, "recording an invocation's outcome; retrying");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => return Err(error),
             }
         }
         events.extend(finished);
@@ -823,16 +852,179 @@ impl Invoker {
         }
         report
     }
+    /// Envelopes for `user`'s invocation `id`: each event that settles something carries the
+    /// event id every competing writer derives, and a `write_id` of its own.
+    pub(crate) fn envelopes(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        id: &InvocationId,
+        events: Vec<Event>,
+    ) -> Vec<Envelope> {
+        let mut envelopes = self.inner.envelopes.wrap(context, events);
+        for envelope in &mut envelopes {
+            if let Some(settles) = envelope.event.as_ref().and_then(Settles::of) {
+                envelope.write_id = std::mem::replace(
+                    &mut envelope.event_id,
+                    invocation::settling_event_id(user, id, settles),
+                );
+            }
+        }
+        envelopes
+    }
+
+    /// Appends an envelope from [`Invoker::envelopes`] that settles something: stored once
+    /// per invocation whoever writes it, so this finds out whose is stored.
+    async fn append_settling(
+        &self,
+        subject: &Subject,
+        envelope: &Envelope,
+    ) -> Result<Settled, InvokerError> {
+        let log = &self.inner.log;
+        let appended = log
+            .append(
+                subject,
+                ExpectedVersion::Any,
+                std::slice::from_ref(envelope),
+            )
+            .await?;
+        if !appended.duplicate {
+            return Ok(Settled::Ours(appended.last_sequence));
+        }
+        // Stored before: by an earlier attempt of this very write (a lost acknowledgement),
+        // or by a competitor.
+        let stored = log
+            .read_event(LogKind::Invocations, appended.last_sequence)
+            .await?;
+        Ok(match stored {
+            Some(stored)
+                if stored.envelope.event_id == envelope.event_id
+                    && stored.envelope.write_id == envelope.write_id =>
+            {
+                Settled::Ours(appended.last_sequence)
+            }
+            _ => Settled::Theirs(appended.last_sequence),
+        })
+    }
+
+    /// Appends `envelopes` one by one, in order (one event a write: a batch costs
+    /// milliseconds on JetStream): the last one's sequence, or `None` when one that settles
+    /// something was settled by a competitor first, and nothing after it was written.
+    pub(crate) async fn append_all(
+        &self,
+        subject: &Subject,
+        envelopes: &[Envelope],
+    ) -> Result<Option<u64>, InvokerError> {
+        let mut last = None;
+        for envelope in envelopes {
+            if envelope.write_id.is_empty() {
+                let appended = self
+                    .inner
+                    .log
+                    .append(
+                        subject,
+                        ExpectedVersion::Any,
+                        std::slice::from_ref(envelope),
+                    )
+                    .await?;
+                last = Some(appended.last_sequence);
+            } else {
+                match self.append_settling(subject, envelope).await? {
+                    Settled::Ours(sequence) => last = Some(sequence),
+                    Settled::Theirs(_) => return Ok(None),
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    /// Where `user`'s invocation `id` is, as this process's read model knows it now.
+    pub(crate) fn whereabouts_now(&self, user: &UserId, id: &InvocationId) -> Option<Whereabouts> {
+        self.inner.read_models.open_invocations.read(|open| {
+            open.locate(user.as_str(), id.as_str())
+                .map(Whereabouts::from)
+        })
+    }
+
+    /// Where `user`'s invocation `id` is, once the read model has everything the log held
+    /// when asked (the invocation may have been requested on another process a moment ago).
+    async fn whereabouts(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+    ) -> Result<Option<Whereabouts>, InvokerError> {
+        let end = self.inner.log.last_sequence(LogKind::Invocations).await?;
+        let models = &self.inner.read_models;
+        if !models
+            .wait_for_position(LogKind::Invocations, end, INDEX_CATCH_UP)
+            .await
+        {
+            return Err(EventLogError::Unavailable {
+                reason: "the open invocations read model is behind the log; try again".to_owned(),
+            }
+            .into());
+        }
+        Ok(self.whereabouts_now(user, id))
+    }
+
+    /// The invocation's events as recorded, and the last sequence read: a finished one's
+    /// request and outcome (two point reads), an open one's events from its request on.
+    pub(crate) async fn load(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+        known: Whereabouts,
+    ) -> Result<(Vec<Event>, u64), InvokerError> {
+        let log = &self.inner.log;
+        if let Some(outcome_sequence) = known.outcome_sequence {
+            let mut events = Vec::with_capacity(2);
+            for sequence in [known.requested_sequence, outcome_sequence] {
+                if let Some(event) = log
+                    .read_event(LogKind::Invocations, sequence)
+                    .await?
+                    .and_then(|recorded| recorded.envelope.event)
+                {
+                    events.push(event);
+                }
+            }
+            return Ok((events, outcome_sequence));
+        }
+        let subject = invocation_subject(user)?;
+        let filter = SubjectFilter::exact(&subject);
+        let mut stream = log
+            .read_from(
+                LogKind::Invocations,
+                known.requested_sequence,
+                Some(&filter),
+            )
+            .await?;
+        let mut events = Vec::new();
+        let mut seen = known.requested_sequence.saturating_sub(1);
+        while let Some(recorded) = stream.next().await {
+            let recorded = match recorded {
+                Ok(recorded) => recorded,
+                Err(EventLogError::Corrupt { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            };
+            seen = recorded.sequence;
+            if let Some(event) = recorded.envelope.event
+                && invocation_id_of(&event) == Some(id.as_str())
+            {
+                events.push(event);
+            }
+        }
+        Ok((events, seen))
+    }
 
     /// The outcome once it is final (or, unless `through_approval`, awaiting approval), or
-    /// as it is after `limit`. Follows the invocation's own subject from `version`.
+    /// as it is after `limit`. Follows the user's subject after `seen` for this invocation's
+    /// events.
     #[allow(clippy::too_many_arguments)]
     async fn await_outcome(
         &self,
         user: &UserId,
         id: &InvocationId,
-        subject: &Subject,
-        version: u64,
+        seen: u64,
         mut events: Vec<Event>,
         limit: Duration,
         through_approval: bool,
@@ -846,17 +1038,20 @@ impl Invoker {
             return Ok(report);
         }
         let until = tokio::time::Instant::now() + limit;
-        let filter = SubjectFilter::exact(subject);
+        let subject = invocation_subject(user)?;
+        let filter = SubjectFilter::exact(&subject);
         let mut stream = self
             .inner
             .log
-            .subscribe(LogKind::Invocations, version + 1, Some(&filter))
+            .subscribe(LogKind::Invocations, seen + 1, Some(&filter))
             .await?;
         loop {
             match tokio::time::timeout_at(until, stream.next()).await {
                 Err(_) | Ok(None) => return Ok(report),
                 Ok(Some(Ok(recorded))) => {
-                    if let Some(event) = recorded.envelope.event {
+                    if let Some(event) = recorded.envelope.event
+                        && invocation_id_of(&event) == Some(id.as_str())
+                    {
                         events.push(event);
                         report = self.report(user, id, &events);
                         if settled(&report) {

@@ -2,14 +2,16 @@
 //! invocations a stopped process left allowed, approved or running (`interrupted`: such a
 //! call may or may not have reached the server, and it is never made again).
 //!
-//! Every `up` runs the sweeper; two processes closing one invocation record it once (the
-//! loser of the expected-version race finds it finished and does nothing).
+//! Every `up` runs the sweeper; two processes closing one invocation record it once (an
+//! expiry is the invocation's one decision, an interruption its one outcome: the loser finds
+//! its competitor's event stored and does nothing).
 use std::time::Duration;
 
 use domain::{
     DomainError, InvocationId, UserId,
     invocation::{self, InvocationCommand, InvocationState},
 };
+use eventlog::LogKind;
 use service_kit::CommandContext;
 use tokio_util::sync::CancellationToken;
 
@@ -87,34 +89,35 @@ impl Invoker {
         let (Ok(user), Ok(id)) = (UserId::parse(user), InvocationId::parse(id)) else {
             return Ok(false);
         };
-        let subject = invocation_subject(&user, &id)?;
+        let subject = invocation_subject(&user)?;
+        // The sweep works from the read model: what it lists, it locates.
+        let Some(known) = self.whereabouts_now(&user, &id) else {
+            return Ok(false);
+        };
+        let (events, _) = self.load(&user, &id, known).await?;
+        let state = InvocationState::replay(&id, &events);
         let now = self.inner.envelopes.clock().now();
-        let written = service_kit::execute::<InvocationState, _>(
-            &*self.inner.log,
-            &self.inner.envelopes,
-            &subject,
-            &CommandContext::service(SERVICE),
-            |state| invocation::decide(state, &id, command.clone(), now),
-        )
-        .await;
-        match written {
-            Ok(written) => {
-                if written.changed_anything() {
-                    // The projection shows it before the next sweep looks again.
-                    self.inner
-                        .read_models
-                        .wait_for(&written, Duration::from_secs(5))
-                        .await;
-                }
-                Ok(written.changed_anything())
-            }
-            Err(service_kit::CommandError::Domain(
+        let decided = match invocation::decide(&state, &id, command, now) {
+            Ok(decided) if !decided.is_empty() => decided,
+            Ok(_)
+            | Err(
                 DomainError::InvocationFinished
                 | DomainError::InvocationNotAwaitingApproval
                 | DomainError::ApprovalNotExpired
                 | DomainError::InvocationNotFound,
-            )) => Ok(false),
-            Err(error) => Err(error.into()),
-        }
+            ) => return Ok(false),
+            Err(error) => return Err(error.into()),
+        };
+        let envelopes = self.envelopes(&CommandContext::service(SERVICE), &user, &id, decided);
+        // `None`: another process (or the owner) settled it first.
+        let Some(sequence) = self.append_all(&subject, &envelopes).await? else {
+            return Ok(false);
+        };
+        // The projection shows it before the next sweep looks again.
+        self.inner
+            .read_models
+            .wait_for_position(LogKind::Invocations, sequence, Duration::from_secs(5))
+            .await;
+        Ok(true)
     }
 }

@@ -19,6 +19,7 @@ fn server_added() -> Envelope {
         correlation_id: "c-1".to_owned(),
         causation_id: String::new(),
         schema_version: proto::SCHEMA_VERSION,
+        write_id: String::new(),
         event: Some(Event::ServerAdded(ServerAdded {
             server_id: "s1".to_owned(),
             name: "Production GitHub".to_owned(),

@@ -91,6 +91,7 @@ impl EnvelopeBuilder {
                 correlation_id: context.correlation_id.clone(),
                 causation_id: context.causation_id.clone(),
                 schema_version: proto::SCHEMA_VERSION,
+                write_id: String::new(),
                 event: Some(event),
             })
             .collect()

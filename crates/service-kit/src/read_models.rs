@@ -56,7 +56,7 @@ pub fn connection_directory_spec() -> ProjectionSpec<ConnectionDirectory> {
 /// invocations log (its events carry the user only in the subject after the request).
 pub fn open_invocations_spec() -> ProjectionSpec<OpenInvocations> {
     ProjectionSpec {
-        name: "open_invocations_v1",
+        name: "open_invocations_v2",
         log: LogKind::Invocations,
         filter: None,
         apply: |open: &mut OpenInvocations, event: &RecordedEvent| {
@@ -67,7 +67,7 @@ pub fn open_invocations_spec() -> ProjectionSpec<OpenInvocations> {
                 .nth(1)
                 .and_then(|key| UserKey::decode(key).ok());
             if let Some(user) = user {
-                open.apply(&event.envelope, user.as_str());
+                open.apply(&event.envelope, user.as_str(), event.sequence);
             }
         },
     }

@@ -31,6 +31,7 @@ fn envelope(event: Event) -> Envelope {
         correlation_id: uuid::Uuid::now_v7().to_string(),
         causation_id: String::new(),
         schema_version: proto::SCHEMA_VERSION,
+        write_id: String::new(),
         event: Some(event),
     }
 }

@@ -1,12 +1,15 @@
 //! The open invocations: every invocation without its terminal event yet, folded from the
-//! invocations log. What the invocation path needs to keep in memory and nothing more — a
-//! finished invocation leaves the map, so its size is the number of invocations in flight
-//! or waiting for a user, however long the history.
+//! invocations log, and where each invocation finished in the last [`CLAIM_WINDOW`]. What the
+//! invocation path needs to keep in memory and nothing more: an open invocation is a few
+//! hundred bytes, a finished one three numbers, so the size follows the invocations in flight
+//! and the rate of finished ones, however long the history.
 //!
-//! It answers a user's pending approvals (with the tool and arguments they decide on), and
-//! tells the invoker's sweeper which approvals passed their deadline and which calls were
-//! left running by a process that stopped.
-use std::collections::HashMap;
+//! It answers a user's pending approvals (with the tool and arguments they decide on), tells
+//! the invoker's sweeper which approvals passed their deadline and which calls were left
+//! running by a process that stopped, and finds an invocation's events in its user's subject
+//! ([`OpenInvocations::locate`]) — which is also what upholds the claim on an invocation id
+//! once the log's dedupe window has passed.
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proto::v1::{Envelope, envelope::Event};
@@ -14,6 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::invocation::invocation_id_of;
 use crate::time::from_timestamp;
+
+/// How long a finished invocation stays known: a request repeating its id within this is
+/// answered with its outcome and never runs again. (Retried and duplicated tool calls arrive
+/// within seconds or minutes; after a day an id is taken to be new.)
+pub const CLAIM_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Where an open invocation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +46,8 @@ pub struct OpenInvocation {
     pub exposed_tool_name: String,
     /// Recorded for invocations awaiting approval (and with payload capture); else empty.
     pub arguments_json: String,
+    /// Where its `InvocationRequested` is in the invocations log.
+    pub requested_sequence: u64,
     pub requested_at_ms: u64,
     /// When the status last changed.
     pub since_ms: u64,
@@ -59,12 +69,64 @@ impl OpenInvocation {
     }
 }
 
-/// The projection: open invocations by user and invocation id.
+/// Where a finished invocation's events are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinishedInvocation {
+    pub requested_sequence: u64,
+    /// Its terminal event's.
+    pub outcome_sequence: u64,
+    finished_at_ms: u64,
+}
+
+/// What [`OpenInvocations::locate`] knows of an invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Located<'a> {
+    Open(&'a OpenInvocation),
+    Finished(FinishedInvocation),
+}
+
+impl Located<'_> {
+    pub fn requested_sequence(&self) -> u64 {
+        match self {
+            Located::Open(open) => open.requested_sequence,
+            Located::Finished(finished) => finished.requested_sequence,
+        }
+    }
+}
+
+/// The projection: open invocations by user and invocation id, and the finished ones of the
+/// claim window.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenInvocations {
     /// Key: `(user id, invocation id)`; ids are unique per user.
     #[serde(with = "pairs")]
     open: HashMap<(String, String), OpenInvocation>,
+    finished: Finished,
+}
+
+/// The finished invocations of the claim window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Finished {
+    /// Key: [`finished_key`] of `(user id, invocation id)`: 16 bytes, not two strings.
+    by_key: HashMap<u128, FinishedInvocation>,
+    /// The keys in the order they finished, to forget them after the window.
+    order: VecDeque<(u64, u128)>,
+}
+
+/// The key of a finished invocation: 128 bits of the SHA-256 of its user and id (ids are
+/// only unique per user), the same in every process and after every restart.
+fn finished_key(user: &str, invocation_id: &str) -> u128 {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(&(user.len() as u64).to_be_bytes());
+    context.update(user.as_bytes());
+    context.update(invocation_id.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&context.finish().as_ref()[..16]);
+    u128::from_be_bytes(bytes)
+}
+
+fn millis_of(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn millis(time: SystemTime) -> u64 {
@@ -73,10 +135,10 @@ fn millis(time: SystemTime) -> u64 {
 }
 
 impl OpenInvocations {
-    /// Folds one invocation event in; `user` is the user of the event's subject (later
-    /// events carry only the invocation id, and ids are unique per user only). Events of
-    /// invocations not open here are ignored.
-    pub fn apply(&mut self, envelope: &Envelope, user: &str) {
+    /// Folds one invocation event in, stored at `sequence`; `user` is the user of the event's
+    /// subject (later events carry only the invocation id, and ids are unique per user only).
+    /// Events of invocations not open here are ignored.
+    pub fn apply(&mut self, envelope: &Envelope, user: &str, sequence: u64) {
         let Some(event) = &envelope.event else {
             return;
         };
@@ -87,6 +149,7 @@ impl OpenInvocations {
             .occurred_at
             .as_ref()
             .map_or(0, |t| millis(from_timestamp(t)));
+        self.forget_finished_before(at.saturating_sub(millis_of(CLAIM_WINDOW)));
         if let Event::InvocationRequested(requested) = event {
             let key = (requested.user_id.clone(), requested.invocation_id.clone());
             if self.open.contains_key(&key) {
@@ -101,6 +164,7 @@ impl OpenInvocations {
                     tool_name: requested.tool_name.clone(),
                     exposed_tool_name: requested.exposed_tool_name.clone(),
                     arguments_json: requested.arguments_json.clone(),
+                    requested_sequence: sequence,
                     requested_at_ms: at,
                     since_ms: at,
                     status: if requested.started {
@@ -122,7 +186,18 @@ impl OpenInvocations {
                 | Event::InvocationFailed(_)
         );
         if terminal {
-            self.open.remove(&key);
+            if let Some(open) = self.open.remove(&key) {
+                let finished_key = finished_key(user, id);
+                self.finished.by_key.insert(
+                    finished_key,
+                    FinishedInvocation {
+                        requested_sequence: open.requested_sequence,
+                        outcome_sequence: sequence,
+                        finished_at_ms: at,
+                    },
+                );
+                self.finished.order.push_back((at, finished_key));
+            }
             return;
         }
         let Some(open) = self.open.get_mut(&key) else {
@@ -144,6 +219,40 @@ impl OpenInvocations {
 
     pub fn get(&self, user: &str, invocation_id: &str) -> Option<&OpenInvocation> {
         self.open.get(&(user.to_owned(), invocation_id.to_owned()))
+    }
+
+    /// The user's invocation `invocation_id`, open or finished within the claim window.
+    pub fn locate(&self, user: &str, invocation_id: &str) -> Option<Located<'_>> {
+        if let Some(open) = self.get(user, invocation_id) {
+            return Some(Located::Open(open));
+        }
+        self.finished
+            .by_key
+            .get(&finished_key(user, invocation_id))
+            .map(|finished| Located::Finished(*finished))
+    }
+
+    /// How many finished invocations are remembered.
+    pub fn finished_len(&self) -> usize {
+        self.finished.by_key.len()
+    }
+
+    fn forget_finished_before(&mut self, limit_ms: u64) {
+        let finished = &mut self.finished;
+        while let Some(&(at, key)) = finished.order.front() {
+            if at >= limit_ms {
+                break;
+            }
+            finished.order.pop_front();
+            // Unless it finished again since (an id reused after the window).
+            if finished
+                .by_key
+                .get(&key)
+                .is_some_and(|f| f.finished_at_ms == at)
+            {
+                finished.by_key.remove(&key);
+            }
+        }
     }
 
     /// The user's invocations waiting for their approval, oldest first.
@@ -214,6 +323,48 @@ mod pairs {
     }
 }
 
+/// In snapshots, each finished invocation is `[key high, key low, requested, outcome,
+/// finished at]`; the order to forget them in follows from the times.
+impl Serialize for Finished {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let entries: Vec<[u64; 5]> = self
+            .order
+            .iter()
+            .filter_map(|(_, key)| self.by_key.get(key).map(|f| (key, f)))
+            .map(|(key, f)| {
+                [
+                    (key >> 64) as u64,
+                    *key as u64,
+                    f.requested_sequence,
+                    f.outcome_sequence,
+                    f.finished_at_ms,
+                ]
+            })
+            .collect();
+        entries.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Finished {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let entries = Vec::<[u64; 5]>::deserialize(deserializer)?;
+        let mut finished = Finished::default();
+        for [high, low, requested, outcome, at] in entries {
+            let key = (u128::from(high) << 64) | u128::from(low);
+            finished.by_key.insert(
+                key,
+                FinishedInvocation {
+                    requested_sequence: requested,
+                    outcome_sequence: outcome,
+                    finished_at_ms: at,
+                },
+            );
+            finished.order.push_back((at, key));
+        }
+        Ok(finished)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proto::v1 as pb;
@@ -244,7 +395,7 @@ mod tests {
     #[test]
     fn pending_approvals_expire_and_finished_invocations_leave() {
         let mut open = OpenInvocations::default();
-        open.apply(&envelope(requested("alice", "a1"), 1_000), "alice");
+        open.apply(&envelope(requested("alice", "a1"), 1_000), "alice", 1);
         open.apply(
             &envelope(
                 Event::InvocationAwaitingApproval(pb::InvocationAwaitingApproval {
@@ -256,8 +407,9 @@ mod tests {
                 1_000,
             ),
             "alice",
+            5,
         );
-        open.apply(&envelope(requested("bob", "a1"), 1_100), "bob");
+        open.apply(&envelope(requested("bob", "a1"), 1_100), "bob", 2);
         assert_eq!(open.pending_approvals_of("alice").len(), 1);
         assert!(open.pending_approvals_of("bob").is_empty());
         assert!(
@@ -286,6 +438,7 @@ mod tests {
                 5_000,
             ),
             "alice",
+            6,
         );
         assert!(restored.get("alice", "a1").is_none());
         assert!(restored.get("bob", "a1").is_some(), "bob's a1 stays open");
@@ -304,7 +457,7 @@ mod tests {
             }
             _ => unreachable!(),
         };
-        open.apply(&envelope(started, 1_000), "carol");
+        open.apply(&envelope(started, 1_000), "carol", 4);
         assert_eq!(
             open.get("carol", "c1").map(|o| o.status),
             Some(OpenStatus::Running)
@@ -327,7 +480,49 @@ mod tests {
                 1_200,
             ),
             "carol",
+            7,
         );
         assert!(open.is_empty());
+    }
+
+    fn completed(id: &str) -> Event {
+        Event::InvocationCompleted(pb::InvocationCompleted {
+            invocation_id: id.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_finished_invocation_is_located_for_the_claim_window_and_then_forgotten() {
+        let mut open = OpenInvocations::default();
+        open.apply(&envelope(requested("dan", "d1"), 1_000), "dan", 10);
+        assert_eq!(
+            open.locate("dan", "d1").map(|l| l.requested_sequence()),
+            Some(10)
+        );
+        open.apply(&envelope(completed("d1"), 1_500), "dan", 12);
+        let finished = FinishedInvocation {
+            requested_sequence: 10,
+            outcome_sequence: 12,
+            finished_at_ms: 1_500,
+        };
+        assert_eq!(open.locate("dan", "d1"), Some(Located::Finished(finished)));
+        // Ids are per user: another user's d1 is not dan's.
+        assert_eq!(open.locate("erin", "d1"), None);
+        assert_eq!(open.locate("dan", "d2"), None);
+
+        // A snapshot keeps it, and the order to forget it in.
+        let snapshot = serde_json::to_string(&open).unwrap();
+        let mut restored: OpenInvocations = serde_json::from_str(&snapshot).unwrap();
+        assert_eq!(restored, open);
+
+        // Still known just inside the window; forgotten once an event is past it.
+        let window = millis_of(CLAIM_WINDOW);
+        restored.apply(&envelope(requested("dan", "d2"), 1_500 + window), "dan", 20);
+        assert!(restored.locate("dan", "d1").is_some());
+        restored.apply(&envelope(completed("d2"), 1_501 + window), "dan", 21);
+        assert_eq!(restored.locate("dan", "d1"), None);
+        assert_eq!(restored.finished_len(), 1, "d2 is the one remembered");
+        assert!(restored.is_empty());
     }
 }

@@ -491,6 +491,60 @@ impl JetStreamLog {
         })
     }
 
+    /// The event at `sequence`, by one direct get (`{"seq"}`); `None` when there is none.
+    pub(super) async fn read_event_direct(
+        &self,
+        log: LogKind,
+        sequence: u64,
+    ) -> Result<Option<RecordedEvent>, EventLogError> {
+        let stream_name = self.stream_of(log);
+        let unavailable = |err: &dyn std::fmt::Display| {
+            EventLogError::unavailable(format!(
+                "cannot read sequence {sequence} of {stream_name}: {err}"
+            ))
+        };
+        let request = serde_json::json!({ "seq": sequence });
+        let reply = tokio::time::timeout(
+            self.inner.config.ack_timeout,
+            self.inner.client.request(
+                format!("$JS.API.DIRECT.GET.{stream_name}"),
+                request.to_string().into(),
+            ),
+        )
+        .await
+        .map_err(|_| unavailable(&"no answer in time"))?
+        .map_err(|e| unavailable(&e))?;
+        match reply.status.map(|status| status.as_u16()) {
+            None => {
+                let header = |name: &str| {
+                    reply
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .map(|v| v.as_str().to_owned())
+                };
+                let stored_subject = header("Nats-Subject").unwrap_or_default();
+                if header("Nats-Sequence").and_then(|v| v.parse::<u64>().ok()) != Some(sequence) {
+                    return Err(unavailable(&"direct get answered another sequence"));
+                }
+                decode_parts(
+                    &self.inner,
+                    log,
+                    sequence,
+                    &stored_subject,
+                    reply.headers.as_ref(),
+                    reply.payload,
+                )
+                .map(Some)
+            }
+            Some(404) => Ok(None),
+            Some(status) => Err(unavailable(&format!(
+                "direct get answered {status} {}",
+                reply.description.as_deref().unwrap_or_default()
+            ))),
+        }
+    }
+
     pub(super) async fn stream_last_sequence(&self, log: LogKind) -> Result<u64, EventLogError> {
         let stream_name = self.stream_of(log);
         let stream = self.stream_handle(log).await?;

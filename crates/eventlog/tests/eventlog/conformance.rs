@@ -65,6 +65,7 @@ fn full_envelope(server_id: &str) -> Envelope {
         correlation_id: uuid::Uuid::now_v7().to_string(),
         causation_id: uuid::Uuid::now_v7().to_string(),
         schema_version: proto::SCHEMA_VERSION,
+        write_id: uuid::Uuid::now_v7().to_string(),
         event: Some(Event::ServerAdded(ServerAdded {
             server_id: server_id.to_owned(),
             name: "Production \"GitHub\" — ünïcode".to_owned(),
@@ -128,6 +129,67 @@ pub async fn a_stored_event_reads_back_equal_to_what_was_appended(log: Arc<dyn E
     }
     assert_eq!(delivered, appended, "subscribe");
     assert_eq!(outcome.last_sequence, 3);
+
+    for (sequence, expected) in (1..).zip(&appended) {
+        let read = log
+            .read_event(LogKind::Config, sequence)
+            .await
+            .expect("read_event")
+            .expect("an event at that sequence");
+        assert_eq!((read.sequence, &read.envelope), (sequence, expected));
+    }
+    assert!(
+        log.read_event(LogKind::Config, 4)
+            .await
+            .expect("read_event past the end")
+            .is_none()
+    );
+}
+
+/// The claim an invocation's exclusive events rest on: writers that each append their own
+/// event under one shared event id, with no expected version, store exactly one of them; every
+/// writer learns where it is, and reading it there tells each whether it is its own.
+pub async fn competing_writers_of_one_event_id_store_one_and_each_learns_whose(
+    log: Arc<dyn EventLog>,
+) {
+    let s = subject("invocation.u_alice");
+    let shared_id = uuid::Uuid::now_v7().to_string();
+    let start = Arc::new(tokio::sync::Barrier::new(8));
+    let mut tasks = vec![];
+    for writer in 0..8 {
+        let (log, s, start) = (log.clone(), s.clone(), start.clone());
+        let mut envelope = full_envelope(&format!("writer{writer}"));
+        envelope.event_id = shared_id.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let outcome = log
+                .append(&s, ExpectedVersion::Any, std::slice::from_ref(&envelope))
+                .await
+                .expect("append");
+            (envelope, outcome)
+        }));
+    }
+    let mut stored_at = std::collections::BTreeSet::new();
+    let mut own = 0;
+    for task in tasks {
+        let (envelope, outcome) = task.await.expect("task");
+        stored_at.insert(outcome.last_sequence);
+        let stored = log
+            .read_event(LogKind::Invocations, outcome.last_sequence)
+            .await
+            .expect("read_event")
+            .expect("the stored event");
+        assert_eq!(stored.envelope.event_id, shared_id);
+        if stored.envelope.write_id == envelope.write_id {
+            assert!(!outcome.duplicate);
+            own += 1;
+        } else {
+            assert!(outcome.duplicate);
+        }
+    }
+    assert_eq!(stored_at.len(), 1, "every writer learns the one sequence");
+    assert_eq!(own, 1, "exactly one writer finds its own event");
+    assert_eq!(log.read_aggregate(&s).await.expect("read").events.len(), 1);
 }
 
 /// One rule for both adapters: an envelope without an event body is refused (no event type
@@ -595,6 +657,7 @@ macro_rules! conformance_suite {
             a_single_event_retried_at_its_expected_version_after_a_lost_ack_is_a_duplicate,
             a_retry_after_another_writer_appended_is_still_a_duplicate,
             an_append_repeating_only_some_stored_event_ids_is_refused,
+            competing_writers_of_one_event_id_store_one_and_each_learns_whose,
         );
     };
     (@tests $open:expr; $($rule:ident),* $(,)?) => {

@@ -22,6 +22,7 @@ pub fn event(server_id: &str) -> Envelope {
         correlation_id: String::new(),
         causation_id: String::new(),
         schema_version: proto::SCHEMA_VERSION,
+        write_id: String::new(),
         event: Some(Event::ServerEnabled(ServerEnabled {
             server_id: server_id.to_owned(),
         })),

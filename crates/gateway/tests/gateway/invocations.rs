@@ -557,6 +557,82 @@ async fn concurrent_duplicates_of_one_id_call_the_server_once() {
     }
 }
 
+/// Past the log's dedupe window the log no longer knows an invocation's claim: a request
+/// repeating its id is then upheld by the read model, which knows every invocation of the
+/// claim window. Here the invocation is recorded the way the log holds it once it has
+/// forgotten the claim's event id — the same events under ids it does not know — so the
+/// claim's append alone would succeed and call the server again.
+#[tokio::test]
+async fn a_repeated_id_the_log_no_longer_dedupes_is_answered_from_the_read_model() {
+    use eventlog::LogKind;
+    use futures_util::StreamExt;
+    use proto::v1::envelope::Event;
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("create_issue", "always_allow").await;
+        let arguments = json!({"title": "Once"});
+        let first = it
+            .invoke("call_template", "create_issue", arguments.clone())
+            .await;
+        assert_eq!(first["outcome"], "completed", "{first}");
+
+        // call_template's events, recorded again as call_past's under fresh event ids.
+        let app = &it.setup.app;
+        let subject = domain::invocation::subject(&domain::UserId::parse(ALICE).expect("user"));
+        let recorded: Vec<Event> = app
+            .log
+            .read_from(LogKind::Invocations, 0, None)
+            .await
+            .expect("read")
+            .filter_map(|e| async move { e.expect("event").envelope.event })
+            .collect()
+            .await;
+        let mut last = 0;
+        for event in recorded {
+            let event = match event {
+                Event::InvocationRequested(mut e) => {
+                    e.invocation_id = "call_past".to_owned();
+                    Event::InvocationRequested(e)
+                }
+                Event::InvocationCompleted(mut e) => {
+                    e.invocation_id = "call_past".to_owned();
+                    Event::InvocationCompleted(e)
+                }
+                _ => continue,
+            };
+            last = app.append(&subject, event).await;
+        }
+        assert!(
+            app.read_models
+                .wait_for_position(LogKind::Invocations, last, Duration::from_secs(5))
+                .await
+        );
+
+        let repeated = it
+            .invoke("call_past", "create_issue", arguments.clone())
+            .await;
+        assert_eq!(repeated["outcome"], "completed", "{store:?}: {repeated}");
+        let (status, looked_up) = it.get(&it.alice, "/api/v1/invocations/call_past").await;
+        assert_eq!((status, &looked_up["outcome"]), (200, &json!("completed")));
+        // Another request under that id is refused, not run.
+        let (status, refused) = it
+            .post(
+                &it.alice,
+                "/api/v1/invocations",
+                &json!({"invocation_id": "call_past", "tool": format!("{PREFIX}create_issue"), "arguments": {"title": "Twice"}}),
+            )
+            .await;
+        assert_eq!(status, 409, "{refused}");
+        assert_eq!(refused["error"]["code"], "invocation_id_reused");
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 1, "{store:?}");
+        assert_eq!(
+            events_of_type(&it.setup, "InvocationRequested").await.len(),
+            2,
+            "{store:?}: call_template's and call_past's, no third"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sixty_four_parallel_invocations_of_one_user_all_complete() {
     let it = connected(Store::JetStream, settings()).await;

@@ -533,6 +533,7 @@ pub fn envelope(event: Event) -> Envelope {
         correlation_id: String::new(),
         causation_id: String::new(),
         schema_version: proto::SCHEMA_VERSION,
+        write_id: String::new(),
         event: Some(event),
     }
 }

@@ -121,6 +121,7 @@ fn envelope(seconds: i64, event: Event) -> Envelope {
         correlation_id: String::new(),
         causation_id: String::new(),
         schema_version: proto::SCHEMA_VERSION,
+        write_id: String::new(),
         event: Some(event),
     }
 }
