@@ -43,6 +43,10 @@ pub struct ProjectionSpec<P> {
     pub filter: Option<SubjectFilter>,
     /// Pure fold step. Must tolerate events it does not know (newer writers).
     pub apply: fn(&mut P, &RecordedEvent),
+    /// For a snapshot that leaves part of the state out (kept in memory only): where a
+    /// restored state is folded from again, before its checkpoint's position, to rebuild it.
+    /// `apply` must then leave what it folded before unchanged when it sees it again.
+    pub rewind: Option<fn(&P) -> u64>,
 }
 
 impl<P> Clone for ProjectionSpec<P> {
@@ -52,6 +56,7 @@ impl<P> Clone for ProjectionSpec<P> {
             log: self.log,
             filter: self.filter.clone(),
             apply: self.apply,
+            rewind: self.rewind,
         }
     }
 }
@@ -196,10 +201,13 @@ where
             );
             (state, position) = (P::default(), 0);
         }
-        if end > position {
-            let mut events = log
-                .read_from(spec.log, position + 1, spec.filter.as_ref())
-                .await?;
+        // A restored state that leaves part out is folded again from where it says.
+        let from = match spec.rewind {
+            Some(rewind) if position > 0 => rewind(&state).clamp(1, position + 1),
+            _ => position + 1,
+        };
+        if end >= from {
+            let mut events = log.read_from(spec.log, from, spec.filter.as_ref()).await?;
             while let Some(event) = events.next().await {
                 let event = match event {
                     Ok(event) => event,

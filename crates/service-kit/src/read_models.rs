@@ -26,6 +26,7 @@ pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
         apply: |directory: &mut ServerDirectory, event: &RecordedEvent| {
             directory.apply(&event.envelope)
         },
+        rewind: None,
     }
 }
 
@@ -37,6 +38,7 @@ pub fn tool_states_spec() -> ProjectionSpec<ToolStates> {
         log: LogKind::Config,
         filter: None,
         apply: |states: &mut ToolStates, event: &RecordedEvent| states.apply(&event.envelope),
+        rewind: None,
     }
 }
 
@@ -49,6 +51,7 @@ pub fn connection_directory_spec() -> ProjectionSpec<ConnectionDirectory> {
         apply: |directory: &mut ConnectionDirectory, event: &RecordedEvent| {
             directory.apply(&event.envelope)
         },
+        rewind: None,
     }
 }
 
@@ -70,6 +73,8 @@ pub fn open_invocations_spec() -> ProjectionSpec<OpenInvocations> {
                 open.apply(&event.envelope, user.as_str(), event.sequence);
             }
         },
+        // The snapshot leaves the claim window's finished invocations out.
+        rewind: Some(OpenInvocations::replay_from),
     }
 }
 

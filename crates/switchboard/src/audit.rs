@@ -89,6 +89,7 @@ pub async fn servers(store: &StoreOptions, at: Option<u64>) -> anyhow::Result<()
         apply: |directory: &mut ServerDirectory, event: &RecordedEvent| {
             directory.apply(&event.envelope)
         },
+        rewind: None,
     };
     let directory = fold_until(log.as_ref(), &spec, ServerDirectory::default(), until).await?;
     let stdout = std::io::stdout();

@@ -101,7 +101,13 @@ pub struct OpenInvocations {
     /// Key: `(user id, invocation id)`; ids are unique per user.
     #[serde(with = "pairs")]
     open: HashMap<(String, String), OpenInvocation>,
+    /// Not in snapshots: a day of finished invocations would make every checkpoint large.
+    /// A restored projection folds the log again from [`OpenInvocations::replay_from`].
+    #[serde(skip)]
     finished: Finished,
+    /// `(start of an hour, first sequence seen in it)` from just before the claim window on:
+    /// where to fold from to know the window's finished invocations again.
+    anchors: VecDeque<(u64, u64)>,
 }
 
 /// The finished invocations of the claim window.
@@ -149,7 +155,9 @@ impl OpenInvocations {
             .occurred_at
             .as_ref()
             .map_or(0, |t| millis(from_timestamp(t)));
-        self.forget_finished_before(at.saturating_sub(millis_of(CLAIM_WINDOW)));
+        let window_start = at.saturating_sub(millis_of(CLAIM_WINDOW));
+        self.forget_finished_before(window_start);
+        self.anchor(at, sequence, window_start);
         if let Event::InvocationRequested(requested) = event {
             let key = (requested.user_id.clone(), requested.invocation_id.clone());
             if self.open.contains_key(&key) {
@@ -237,6 +245,28 @@ impl OpenInvocations {
         self.finished.by_key.len()
     }
 
+    /// Where a restored snapshot folds the log from again to know the finished invocations
+    /// of the claim window (events it folded before change nothing else; 0: from the start).
+    pub fn replay_from(&self) -> u64 {
+        self.anchors.front().map_or(0, |&(_, sequence)| sequence)
+    }
+
+    fn anchor(&mut self, at: u64, sequence: u64, window_start: u64) {
+        const HOUR_MS: u64 = 60 * 60 * 1000;
+        let hour = at - at % HOUR_MS;
+        if self.anchors.back().is_none_or(|&(last, _)| hour > last) {
+            self.anchors.push_back((hour, sequence));
+        }
+        // Keep the last anchor at or before the window's start: folding from it covers it.
+        while self
+            .anchors
+            .get(1)
+            .is_some_and(|&(next, _)| next <= window_start)
+        {
+            self.anchors.pop_front();
+        }
+    }
+
     fn forget_finished_before(&mut self, limit_ms: u64) {
         let finished = &mut self.finished;
         while let Some(&(at, key)) = finished.order.front() {
@@ -320,48 +350,6 @@ mod pairs {
             .into_iter()
             .map(|o| ((o.user_id.clone(), o.invocation_id.clone()), o))
             .collect())
-    }
-}
-
-/// In snapshots, each finished invocation is `[key high, key low, requested, outcome,
-/// finished at]`; the order to forget them in follows from the times.
-impl Serialize for Finished {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let entries: Vec<[u64; 5]> = self
-            .order
-            .iter()
-            .filter_map(|(_, key)| self.by_key.get(key).map(|f| (key, f)))
-            .map(|(key, f)| {
-                [
-                    (key >> 64) as u64,
-                    *key as u64,
-                    f.requested_sequence,
-                    f.outcome_sequence,
-                    f.finished_at_ms,
-                ]
-            })
-            .collect();
-        entries.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Finished {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let entries = Vec::<[u64; 5]>::deserialize(deserializer)?;
-        let mut finished = Finished::default();
-        for [high, low, requested, outcome, at] in entries {
-            let key = (u128::from(high) << 64) | u128::from(low);
-            finished.by_key.insert(
-                key,
-                FinishedInvocation {
-                    requested_sequence: requested,
-                    outcome_sequence: outcome,
-                    finished_at_ms: at,
-                },
-            );
-            finished.order.push_back((at, key));
-        }
-        Ok(finished)
     }
 }
 
@@ -511,18 +499,87 @@ mod tests {
         assert_eq!(open.locate("erin", "d1"), None);
         assert_eq!(open.locate("dan", "d2"), None);
 
-        // A snapshot keeps it, and the order to forget it in.
-        let snapshot = serde_json::to_string(&open).unwrap();
-        let mut restored: OpenInvocations = serde_json::from_str(&snapshot).unwrap();
-        assert_eq!(restored, open);
-
         // Still known just inside the window; forgotten once an event is past it.
         let window = millis_of(CLAIM_WINDOW);
-        restored.apply(&envelope(requested("dan", "d2"), 1_500 + window), "dan", 20);
-        assert!(restored.locate("dan", "d1").is_some());
-        restored.apply(&envelope(completed("d2"), 1_501 + window), "dan", 21);
-        assert_eq!(restored.locate("dan", "d1"), None);
-        assert_eq!(restored.finished_len(), 1, "d2 is the one remembered");
-        assert!(restored.is_empty());
+        open.apply(&envelope(requested("dan", "d2"), 1_500 + window), "dan", 20);
+        assert!(open.locate("dan", "d1").is_some());
+        open.apply(&envelope(completed("d2"), 1_501 + window), "dan", 21);
+        assert_eq!(open.locate("dan", "d1"), None);
+        assert_eq!(open.finished_len(), 1, "d2 is the one remembered");
+        assert!(open.is_empty());
+    }
+
+    /// A snapshot leaves the finished invocations out (a day of them would make every
+    /// checkpoint large) and says where to fold from to know them again; folding the events
+    /// from there a second time changes nothing else.
+    #[test]
+    fn a_restored_snapshot_relearns_the_windows_finished_invocations_by_folding_again() {
+        const HOUR: u64 = 60 * 60 * 1000;
+        let day = millis_of(CLAIM_WINDOW);
+        let mut log = Vec::new();
+        let mut sequence = 0;
+        let mut record = |log: &mut Vec<(Envelope, &'static str, u64)>, event, at, user| {
+            sequence += 1;
+            log.push((envelope(event, at), user, sequence));
+        };
+        // f0 finished a day and a half ago; f1 and f2 within the day; o1 is still open.
+        record(&mut log, requested("fay", "f0"), 10 * HOUR, "fay");
+        record(&mut log, completed("f0"), 10 * HOUR + 1, "fay");
+        record(
+            &mut log,
+            requested("fay", "f1"),
+            10 * HOUR + day / 2 + 5,
+            "fay",
+        );
+        record(&mut log, completed("f1"), 10 * HOUR + day / 2 + 6, "fay");
+        record(
+            &mut log,
+            requested("fay", "o1"),
+            10 * HOUR + day + HOUR,
+            "fay",
+        );
+        record(
+            &mut log,
+            requested("gus", "f2"),
+            10 * HOUR + day + 2 * HOUR,
+            "gus",
+        );
+        record(
+            &mut log,
+            completed("f2"),
+            10 * HOUR + day + 2 * HOUR + 1,
+            "gus",
+        );
+        let mut live = OpenInvocations::default();
+        for (envelope, user, sequence) in &log {
+            live.apply(envelope, user, *sequence);
+        }
+        assert_eq!(live.finished_len(), 2, "f0 is past the window");
+
+        let snapshot = serde_json::to_string(&live).unwrap();
+        let mut restored: OpenInvocations = serde_json::from_str(&snapshot).unwrap();
+        assert_eq!(restored.finished_len(), 0, "not in the snapshot");
+        assert!(restored.locate("fay", "o1").is_some(), "open ones are");
+        // The window starts at hour 12; the last anchor at or before it is hour 10's.
+        let from = restored.replay_from();
+        assert_eq!(from, 1);
+        for (envelope, user, sequence) in log.iter().filter(|(_, _, s)| *s >= from) {
+            restored.apply(envelope, user, *sequence);
+        }
+        assert_eq!(restored, live);
+        assert_eq!(restored.locate("fay", "f1"), live.locate("fay", "f1"));
+        assert_eq!(restored.locate("fay", "f0"), None);
+
+        // A day later the anchors before the new window's start are gone but one.
+        live.apply(
+            &envelope(completed("o1"), 10 * HOUR + 2 * day + 3 * HOUR),
+            "fay",
+            8,
+        );
+        assert_eq!(
+            live.replay_from(),
+            6,
+            "hour 36's anchor: the last before hour 37"
+        );
     }
 }

@@ -59,6 +59,7 @@ fn spec() -> ProjectionSpec<EventsPerSubject> {
         log: LogKind::Config,
         filter: None,
         apply,
+        rewind: None,
     }
 }
 
@@ -154,6 +155,63 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() {
         10,
         "only the events after the checkpoint were applied"
     );
+}
+
+/// The last sequences seen, kept in memory only; a restored state folds again from the
+/// oldest it should know (as the open invocations do for the claim window).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RecentSequences {
+    last_seen: u64,
+    #[serde(skip)]
+    recent: Vec<u64>,
+}
+
+const RECENT: u64 = 5;
+
+fn spec_with_rewind() -> ProjectionSpec<RecentSequences> {
+    ProjectionSpec {
+        name: "recent_sequences",
+        log: LogKind::Config,
+        filter: None,
+        apply: |state: &mut RecentSequences, event: &RecordedEvent| {
+            if !state.recent.contains(&event.sequence) {
+                state.recent.push(event.sequence);
+            }
+            state.recent.retain(|s| s + RECENT > event.sequence);
+            state.last_seen = state.last_seen.max(event.sequence);
+        },
+        rewind: Some(|state: &RecentSequences| state.last_seen.saturating_sub(RECENT - 1)),
+    }
+}
+
+#[tokio::test]
+async fn a_restored_state_is_folded_again_from_where_it_rewinds_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, checkpoints) = open_embedded(dir.path()).await;
+    append_n(log.as_ref(), "server.a", 20).await;
+    let runner = ProjectionRunner::start(
+        log.clone(),
+        checkpoints.clone(),
+        spec_with_rewind(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .expect("start");
+    assert_eq!(runner.read(|s| s.recent.clone()), [16, 17, 18, 19, 20]);
+    runner.shutdown().await.expect("final checkpoint");
+    append_n(log.as_ref(), "server.a", 2).await;
+
+    let runner = ProjectionRunner::start(
+        log,
+        checkpoints,
+        spec_with_rewind(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .expect("restart");
+    // Without the rewind only 21 and 22 would be known: the rest is not in the snapshot.
+    assert_eq!(runner.read(|s| s.recent.clone()), [18, 19, 20, 21, 22]);
+    assert_eq!(runner.position(), 22);
 }
 
 #[tokio::test]
@@ -287,6 +345,7 @@ fn counting_spec() -> ProjectionSpec<EventCount> {
         log: LogKind::Config,
         filter: None,
         apply: count,
+        rewind: None,
     }
 }
 
