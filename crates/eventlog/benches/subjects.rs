@@ -1,10 +1,11 @@
-//! What a subject costs nats-server in memory: the price of the invocations log's subject per
-//! invocation (see `docs/architecture.md`, "At most once").
+//! What a subject costs nats-server in memory: the price a subject per invocation would have
+//! (an earlier design), and why invocations are on a subject per user (see
+//! `docs/architecture.md`, "At most once").
 //!
 //! Run: `cargo bench -p eventlog --bench subjects` (about half a minute). Each layout gets a
 //! nats-server of its own (started by testkit, file storage) and the same 200,000 appends of
-//! an `InvocationRequested`: (a) each on a subject of its own, as the invoker writes them;
-//! (b) spread over 100 subjects. The dedupe window is 5 s, and the resident memory is read
+//! an `InvocationRequested`: (a) each on a subject of its own, as the earlier design wrote
+//! them; (b) spread over 100 subjects, as 100 users' invocations are now. The dedupe window is 5 s, and the resident memory is read
 //! once it has passed, so what remains is the messages' and subjects' own. (a) − (b) per
 //! message is the cost of a subject.
 use std::time::Duration;

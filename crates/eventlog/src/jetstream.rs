@@ -59,7 +59,9 @@ pub struct JetStreamConfig {
     /// How long invocation events are kept (`max_age` of the invocations stream). The
     /// configuration stream keeps everything forever.
     pub invocation_retention: Duration,
-    /// The streams' dedupe window: how long an event id is remembered.
+    /// The streams' dedupe window: how long an event id is remembered. The port promises
+    /// at least [`DEDUPE_WINDOW`], and an invocation's claim rests on it; only benchmarks
+    /// that measure what stays after the window set it shorter.
     pub duplicate_window: Duration,
     /// How long one publish attempt waits for the server's acknowledgement before it is
     /// retried (with the same event ids, so a retry never writes twice). Also bounds every

@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     AggregateHistory, AppendOutcome, EventLog, EventLogError, EventStream, ExpectedVersion,
-    LogKind, Subject, SubjectFilter,
+    LogKind, RecordedEvent, Subject, SubjectFilter,
 };
 
 mod index;
@@ -677,6 +677,21 @@ impl EventLog for JsonlLog {
             last,
             filter.cloned(),
         ))
+    }
+
+    async fn read_event(
+        &self,
+        log: LogKind,
+        sequence: u64,
+    ) -> Result<Option<RecordedEvent>, EventLogError> {
+        use futures_util::StreamExt as _;
+        let shared = self.log(log).shared.clone();
+        if sequence == 0 || sequence > shared.read_index().last_sequence() {
+            return Ok(None);
+        }
+        let mut events = reader::read_range(shared, sequence, sequence, None);
+        let event = events.next().await.transpose()?;
+        Ok(event.filter(|event| event.sequence == sequence))
     }
 
     async fn subscribe(

@@ -136,20 +136,13 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
         filter: Option<&SubjectFilter>,
     ) -> Result<EventStream, EventLogError>;
 
-    /// The event at `sequence` in `log`, if there is one (a point read: where a claimed event
+    /// The event at `sequence` in `log`, if there is one: a point read (where a claimed event
     /// id was stored, say).
     async fn read_event(
         &self,
         log: LogKind,
         sequence: u64,
-    ) -> Result<Option<RecordedEvent>, EventLogError> {
-        use futures_util::StreamExt as _;
-        let mut events = self.read_from(log, sequence.max(1), None).await?;
-        match events.next().await.transpose()? {
-            Some(event) if event.sequence == sequence => Ok(Some(event)),
-            _ => Ok(None),
-        }
-    }
+    ) -> Result<Option<RecordedEvent>, EventLogError>;
 
     /// Like [`EventLog::read_from`], but the stream never ends: after the stored events it
     /// yields each new event as it is appended.

@@ -579,7 +579,7 @@ fn main() {
             write_history(&setup).await;
             let grown = nats_server_rss().saturating_sub(rss_before);
             println!(
-                "wrote {HISTORY} past invocations (one subject each) in {:.1} s; nats-server's \
+                "wrote {HISTORY} past invocations (on the user's subject) in {:.1} s; nats-server's \
                  resident memory grew by {:.1} MiB ({} bytes an invocation)",
                 begun.elapsed().as_secs_f64(),
                 grown as f64 / f64::from(1 << 20),

@@ -498,6 +498,7 @@ impl Invoker {
         self.announce_approval_outcome(&report);
         Ok(report)
     }
+
     async fn decide_and_run(
         &self,
         context: &CommandContext,
