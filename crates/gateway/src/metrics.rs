@@ -253,6 +253,14 @@ impl EventLog for MeteredLog {
         self.inner.subscribe(log, from, filter).await
     }
 
+    async fn read_event(
+        &self,
+        log: LogKind,
+        sequence: u64,
+    ) -> Result<Option<eventlog::RecordedEvent>, EventLogError> {
+        self.inner.read_event(log, sequence).await
+    }
+
     async fn last_sequence(&self, log: LogKind) -> Result<u64, EventLogError> {
         self.inner.last_sequence(log).await
     }
