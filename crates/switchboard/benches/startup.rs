@@ -1,6 +1,9 @@
-//! `switchboard up` from start to ready (`/readyz` answers 200) with 100,000 events in the
-//! log: from a checkpoint and from none, against an empty log in the same run; on the embedded
-//! default and on JetStream (a nats-server started by the testkit).
+//! `switchboard up` from start to ready (`/readyz` answers 200) with 100,000 configuration
+//! events and 100,000 invocation events (50,000 invocations, all within the claim window) in
+//! the logs: from a checkpoint and from none, against empty logs in the same run; on the
+//! embedded default and on JetStream (a nats-server started by the testkit). From a
+//! checkpoint, the open invocations fold the claim window's invocation events again (their
+//! snapshot leaves the finished invocations out), so that line includes that fold.
 //!
 //! `cargo bench -p switchboard --bench startup` (JetStream needs `scripts/install-nats-server.sh`)
 use std::{
@@ -18,6 +21,7 @@ use eventlog::{
 use proto::v1::{Envelope, ServerAdded, ServerUpdated, ToolPermissionSet, envelope::Event};
 
 const EVENTS: usize = 100_000;
+const INVOCATIONS: usize = 50_000;
 const SERVERS: usize = 1_000;
 const ROUNDS: usize = 5;
 
@@ -106,6 +110,47 @@ async fn write_events(log: Arc<dyn EventLog>) {
             .expect("end"),
         EVENTS as u64
     );
+}
+
+/// 50,000 invocations of 500 users, each requested (allowed, so started) and completed, as
+/// the invoker records them: 100,000 invocation events, all within the claim window.
+async fn write_invocations(log: Arc<dyn EventLog>) {
+    let writers = 64;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (w..INVOCATIONS).step_by(writers) {
+                let user = format!("user{}@example.com", n % 500);
+                let user_id = domain::UserId::parse(&user).expect("user");
+                let id = domain::InvocationId::parse(&format!("call_{n}")).expect("id");
+                let subject =
+                    Subject::parse(&domain::invocation::subject(&user_id)).expect("subject");
+                let requested = Event::InvocationRequested(proto::v1::InvocationRequested {
+                    invocation_id: id.to_string(),
+                    user_id: user.clone(),
+                    server_id: uuid::Uuid::now_v7().to_string(),
+                    tool_name: "create_issue".into(),
+                    exposed_tool_name: "jira__create_issue".into(),
+                    started: true,
+                    ..Default::default()
+                });
+                let completed = Event::InvocationCompleted(proto::v1::InvocationCompleted {
+                    invocation_id: id.to_string(),
+                    duration_ms: 12,
+                    ..Default::default()
+                });
+                for event in [requested, completed] {
+                    log.append(&subject, ExpectedVersion::Any, &[envelope(event)])
+                        .await
+                        .expect("append");
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
 }
 
 /// Where `up` keeps its state in one measurement.
@@ -199,12 +244,12 @@ fn measure(name: &str, empty: Target<'_>, full: Target<'_>, forget_checkpoint: &
         baseline.as_secs_f64() * 1e3
     );
     println!(
-        "  {EVENTS} events, no checkpoint {:>8.1} ms  ({:.1}x empty)",
+        "  full logs, no checkpoint       {:>8.1} ms  ({:.1}x empty)",
         from_none.as_secs_f64() * 1e3,
         from_none.as_secs_f64() / baseline.as_secs_f64()
     );
     println!(
-        "  {EVENTS} events, checkpoint    {:>8.1} ms  ({:.1}x empty)",
+        "  full logs, checkpoint          {:>8.1} ms  ({:.1}x empty)",
         from_checkpoint.as_secs_f64() * 1e3,
         from_checkpoint.as_secs_f64() / baseline.as_secs_f64()
     );
@@ -226,10 +271,12 @@ fn main() {
                 .await
                 .expect("open log"),
         );
-        write_events(log).await;
+        write_events(log.clone()).await;
+        write_invocations(log).await;
     });
     println!(
-        "wrote {EVENTS} events in {:.2} s",
+        "wrote {EVENTS} configuration events and {} invocation events in {:.2} s",
+        INVOCATIONS * 2,
         begun.elapsed().as_secs_f64()
     );
     let bytes = std::fs::metadata(full.path().join("events/config.jsonl")).map_or(0, |m| m.len());
@@ -265,9 +312,11 @@ fn main() {
                 .expect("log"),
         );
         let begun = Instant::now();
-        write_events(log).await;
+        write_events(log.clone()).await;
+        write_invocations(log).await;
         println!(
-            "wrote {EVENTS} events to JetStream in {:.2} s",
+            "wrote {EVENTS} configuration events and {} invocation events to JetStream in {:.2} s",
+            INVOCATIONS * 2,
             begun.elapsed().as_secs_f64()
         );
         client
@@ -294,6 +343,8 @@ fn main() {
                     for name in [
                         "server_directory_v2",
                         "tool_states_v2",
+                        "connection_directory_v1",
+                        "open_invocations_v2",
                         policy::REACTION_NAME,
                     ] {
                         let _ = store.purge(name).await;

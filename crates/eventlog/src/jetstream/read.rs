@@ -222,6 +222,21 @@ fn decode(
     )
 }
 
+/// Where a direct get answer's message is stored: its sequence and its subject.
+fn stored_at(reply: &async_nats::Message) -> (Option<u64>, String) {
+    let header = |name: &str| {
+        reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str())
+    };
+    (
+        header("Nats-Sequence").and_then(|v| v.parse::<u64>().ok()),
+        header("Nats-Subject").unwrap_or_default().to_owned(),
+    )
+}
+
 /// Turns a stored message into a [`RecordedEvent`]; a message that cannot be read is reported
 /// as `Corrupt` (it stays in the stream).
 fn decode_parts(
@@ -422,17 +437,9 @@ impl JetStreamLog {
                     .ok_or_else(|| unavailable(&"subscription closed"))?;
                 match reply.status.map(|status| status.as_u16()) {
                     None => {
-                        let header = |name: &str| {
-                            reply
-                                .headers
-                                .as_ref()
-                                .and_then(|h| h.get(name))
-                                .map(|v| v.as_str())
-                        };
-                        let sequence = header("Nats-Sequence")
-                            .and_then(|v| v.parse::<u64>().ok())
+                        let (sequence, stored_subject) = stored_at(&reply);
+                        let sequence = sequence
                             .ok_or_else(|| unavailable(&"direct get answer without a sequence"))?;
-                        let stored_subject = header("Nats-Subject").unwrap_or_default().to_owned();
                         if sequence < next {
                             // Answers go forward; one that does not would repeat events, or
                             // (with the paging below) ask for the same page forever.
@@ -516,15 +523,8 @@ impl JetStreamLog {
         .map_err(|e| unavailable(&e))?;
         match reply.status.map(|status| status.as_u16()) {
             None => {
-                let header = |name: &str| {
-                    reply
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(name))
-                        .map(|v| v.as_str().to_owned())
-                };
-                let stored_subject = header("Nats-Subject").unwrap_or_default();
-                if header("Nats-Sequence").and_then(|v| v.parse::<u64>().ok()) != Some(sequence) {
+                let (stored_sequence, stored_subject) = stored_at(&reply);
+                if stored_sequence != Some(sequence) {
                     return Err(unavailable(&"direct get answered another sequence"));
                 }
                 decode_parts(
