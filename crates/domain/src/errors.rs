@@ -171,7 +171,9 @@ pub enum DomainError {
         "the tool is blocked; the user can allow it in the console (Always allow or Needs approval)"
     )]
     ToolBlocked,
-    #[error("there is no such invocation; check the invocation id")]
+    #[error(
+        "there is no such invocation (open, or finished in the last six hours); check the invocation id, or find older ones in the audit log"
+    )]
     InvocationNotFound,
     #[error(
         "this invocation id was already used for a different request; use a new id for every tool call"

@@ -246,12 +246,13 @@ pub struct StatusQuery {
     pub wait: Option<u64>,
 }
 
-/// An invocation's outcome, optionally waiting for the final one.
+/// An invocation's outcome, optionally waiting for the final one. Open invocations and those
+/// finished in the last six hours are found; older ones are in the audit log.
 #[utoipa::path(get, path = "/api/v1/invocations/{id}", tag = "invocations", security(("bearer" = [])),
     params(("id" = String, Path, description = "The invocation id"), StatusQuery),
     responses(
         (status = 200, description = "The outcome", body = InvocationOutcome),
-        (status = 404, description = "No such invocation of the user", body = crate::ErrorBody),
+        (status = 404, description = "No such invocation of the user (open, or finished in the last six hours)", body = crate::ErrorBody),
     ))]
 async fn invocation_status(
     State(state): State<AppState>,
