@@ -36,6 +36,10 @@ use serde_json::{Value, json};
 use service_kit::{CommandContext, EnvelopeBuilder, ReadModels, SystemClock};
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the `switchboard` binary runs with (see its `main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SECRET: &[u8] = b"bench-secret-bench-secret-bench-secret";
 const USER: &str = "alice@example.com";
 const SEQUENTIAL: usize = 2_000;
