@@ -1,8 +1,9 @@
 //! Invocations through the API against the fixture MCP server over real TLS, with users
 //! connected through the real OAuth flow: every outcome, approvals (granted, denied, expired,
 //! decided by someone else), a changed Always-allow tool, disabled servers and auth errors,
-//! at most one upstream call per invocation id under concurrent duplicates, truncation, and
-//! the audit trail without payloads.
+//! at most one upstream call per invocation id under concurrent duplicates and after the log's
+//! dedupe window, one decision of several sent at once, truncation, and the audit trail
+//! without payloads.
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -630,6 +631,58 @@ async fn a_repeated_id_the_log_no_longer_dedupes_is_answered_from_the_read_model
             2,
             "{store:?}: call_template's and call_past's, no third"
         );
+    }
+}
+
+/// Approvals and denials sent at once, through two processes' invokers, for one waiting
+/// invocation: one decision is recorded, the others are refused, and the call runs only if
+/// that decision was an approval.
+#[tokio::test]
+async fn decisions_sent_at_once_record_one() {
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("create_issue", "needs_approval").await;
+        let waiting = it
+            .invoke("call_once", "create_issue", json!({"title": "Decide"}))
+            .await;
+        assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
+        it.settle().await;
+        let other = it.setup.app.state.invoker.another_instance();
+        let alice = domain::UserId::parse(ALICE).expect("user");
+        let id = domain::InvocationId::parse("call_once").expect("id");
+        let context = service_kit::CommandContext::service("test");
+        let over_http = (0..8).map(|n| {
+            let decision = if n % 2 == 0 { "approve" } else { "deny" };
+            let body = json!({"decision": decision});
+            let it = &it;
+            async move {
+                it.post(&it.alice, "/api/v1/approvals/call_once", &body)
+                    .await
+                    .0
+            }
+        });
+        let elsewhere = other.decide_approval(&context, &alice, &id, invoker::Decision::Deny);
+        let (statuses, elsewhere) = tokio::join!(join_all(over_http), elsewhere);
+        for status in &statuses {
+            assert!(*status == 200 || *status == 409, "{statuses:?}");
+        }
+        let decisions = [
+            events_of_type(&it.setup, "InvocationApproved").await.len(),
+            events_of_type(&it.setup, "InvocationDenied").await.len(),
+        ];
+        assert_eq!(
+            decisions.iter().sum::<usize>(),
+            1,
+            "{store:?}: {decisions:?}"
+        );
+        assert_eq!(
+            it.setup.handle.tool_calls("create_issue"),
+            decisions[0],
+            "called once if approved, never if denied"
+        );
+        let answered =
+            statuses.iter().filter(|s| **s == 200).count() + usize::from(elsewhere.is_ok());
+        assert!(answered >= 1, "{statuses:?} {elsewhere:?}");
     }
 }
 
