@@ -237,6 +237,25 @@ fn stored_at(reply: &async_nats::Message) -> (Option<u64>, String) {
     )
 }
 
+/// Turns a direct get answer, the message stored at `sequence` on `stored_subject`, into a
+/// [`RecordedEvent`].
+fn decode_answer(
+    inner: &Inner,
+    log: LogKind,
+    sequence: u64,
+    stored_subject: &str,
+    reply: async_nats::Message,
+) -> Result<RecordedEvent, EventLogError> {
+    decode_parts(
+        inner,
+        log,
+        sequence,
+        stored_subject,
+        reply.headers.as_ref(),
+        reply.payload,
+    )
+}
+
 /// Turns a stored message into a [`RecordedEvent`]; a message that cannot be read is reported
 /// as `Corrupt` (it stays in the stream).
 fn decode_parts(
@@ -449,13 +468,12 @@ impl JetStreamLog {
                             )));
                         }
                         next = sequence.saturating_add(1);
-                        events.push(decode_parts(
+                        events.push(decode_answer(
                             &self.inner,
                             log,
                             sequence,
                             &stored_subject,
-                            reply.headers.as_ref(),
-                            reply.payload,
+                            reply,
                         )?);
                     }
                     // End of this batch: ask for the next one if the server says more match.
@@ -527,15 +545,7 @@ impl JetStreamLog {
                 if stored_sequence != Some(sequence) {
                     return Err(unavailable(&"direct get answered another sequence"));
                 }
-                decode_parts(
-                    &self.inner,
-                    log,
-                    sequence,
-                    &stored_subject,
-                    reply.headers.as_ref(),
-                    reply.payload,
-                )
-                .map(Some)
+                decode_answer(&self.inner, log, sequence, &stored_subject, reply).map(Some)
             }
             Some(404) => Ok(None),
             Some(status) => Err(unavailable(&format!(
