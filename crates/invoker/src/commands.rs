@@ -670,7 +670,15 @@ impl Invoker {
                 .map(drop)
         };
         let (appended, (answer, took)) = tokio::join!(appending, calling);
-        appended?;
+        if let Err(error) = appended {
+            // The call was made: its outcome is what must be recorded, with or without the
+            // start before it in the log (the outcome closes the invocation either way).
+            tracing::warn!(
+                %error,
+                invocation = id.as_str(),
+                "could not record an approved invocation's start; recording its outcome"
+            );
+        }
         events.extend(started);
         let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         let command = match answer {
