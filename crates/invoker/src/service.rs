@@ -161,9 +161,15 @@ impl Invoker {
     /// Another instance over the same stores and settings, sharing nothing in memory: what a
     /// second process is to this one (tests of cross-process at-most-once use it).
     pub fn another_instance(&self) -> Invoker {
+        self.another_instance_over(self.inner.log.clone())
+    }
+
+    /// [`Invoker::another_instance`] writing through `log` (the same store seen through a
+    /// wrapper: tests make it refuse some writes to see what a failing store leaves behind).
+    pub fn another_instance_over(&self, log: Arc<dyn EventLog>) -> Invoker {
         let inner = &self.inner;
         Invoker::new(
-            inner.log.clone(),
+            log,
             inner.read_models.clone(),
             inner.envelopes.clone(),
             inner.connections.another_instance(),

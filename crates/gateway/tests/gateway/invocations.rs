@@ -686,6 +686,131 @@ async fn decisions_sent_at_once_record_one() {
     }
 }
 
+/// The invocations log as a store that is failing for one kind of write: it refuses every
+/// append holding an `InvocationStarted` and passes everything else to the real log.
+#[derive(Debug)]
+struct RefusingStarts {
+    inner: std::sync::Arc<dyn eventlog::EventLog>,
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl eventlog::EventLog for RefusingStarts {
+    async fn append(
+        &self,
+        subject: &eventlog::Subject,
+        expected: eventlog::ExpectedVersion,
+        events: &[proto::v1::Envelope],
+    ) -> Result<eventlog::AppendOutcome, eventlog::EventLogError> {
+        if events
+            .iter()
+            .any(|e| eventlog::event_type_of(e) == Some("InvocationStarted"))
+        {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(eventlog::EventLogError::Unavailable {
+                reason: "the store is failing (test)".to_owned(),
+            });
+        }
+        self.inner.append(subject, expected, events).await
+    }
+
+    async fn read_aggregate(
+        &self,
+        subject: &eventlog::Subject,
+    ) -> Result<eventlog::AggregateHistory, eventlog::EventLogError> {
+        self.inner.read_aggregate(subject).await
+    }
+
+    async fn read_from(
+        &self,
+        log: eventlog::LogKind,
+        from: u64,
+        filter: Option<&eventlog::SubjectFilter>,
+    ) -> Result<eventlog::EventStream, eventlog::EventLogError> {
+        self.inner.read_from(log, from, filter).await
+    }
+
+    async fn subscribe(
+        &self,
+        log: eventlog::LogKind,
+        from: u64,
+        filter: Option<&eventlog::SubjectFilter>,
+    ) -> Result<eventlog::EventStream, eventlog::EventLogError> {
+        self.inner.subscribe(log, from, filter).await
+    }
+
+    async fn read_event(
+        &self,
+        log: eventlog::LogKind,
+        sequence: u64,
+    ) -> Result<Option<eventlog::RecordedEvent>, eventlog::EventLogError> {
+        self.inner.read_event(log, sequence).await
+    }
+
+    async fn last_sequence(&self, log: eventlog::LogKind) -> Result<u64, eventlog::EventLogError> {
+        self.inner.last_sequence(log).await
+    }
+}
+
+/// An approved invocation whose `InvocationStarted` the store refuses still makes its one
+/// call and records its outcome: the approval settled the right to call, and the outcome is
+/// what closes the invocation.
+#[tokio::test]
+async fn an_approved_call_whose_start_the_store_refuses_still_records_its_outcome() {
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("create_issue", "needs_approval").await;
+        let waiting = it
+            .invoke("call_unstarted", "create_issue", json!({"title": "Go"}))
+            .await;
+        assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
+        it.settle().await;
+        let failing = std::sync::Arc::new(RefusingStarts {
+            inner: it.setup.app.log.clone(),
+            refused: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let other = it
+            .setup
+            .app
+            .state
+            .invoker
+            .another_instance_over(failing.clone());
+        let report = other
+            .decide_approval(
+                &service_kit::CommandContext::service("test"),
+                &domain::UserId::parse(ALICE).expect("user"),
+                &domain::InvocationId::parse("call_unstarted").expect("id"),
+                invoker::Decision::Approve,
+            )
+            .await
+            .expect("the approved call is answered");
+        assert_eq!(report.outcome, invoker::Outcome::Completed, "{report:?}");
+        assert_eq!(
+            failing.refused.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "{store:?}: the start was refused"
+        );
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+        assert_eq!(
+            events_of_type(&it.setup, "InvocationStarted").await.len(),
+            0
+        );
+        assert_eq!(
+            events_of_type(&it.setup, "InvocationCompleted").await.len(),
+            1,
+            "{store:?}: the outcome is recorded"
+        );
+        it.settle().await;
+        let (_, looked_up) = it
+            .get(&it.alice, "/api/v1/invocations/call_unstarted")
+            .await;
+        assert_eq!(looked_up["outcome"], "completed", "{looked_up}");
+        let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+        assert_eq!(approvals["approvals"], json!([]));
+    }
+}
+
 #[tokio::test]
 async fn sixty_four_parallel_invocations_of_one_user_all_complete() {
     let it = connected(Store::JetStream, settings()).await;
