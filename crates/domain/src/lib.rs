@@ -71,7 +71,8 @@ pub use oauth::{
     AuthorizationServer, ClientId, OAuthSettings, RegistrationMode, SecretRef, TokenFingerprint,
 };
 pub use projections::{
-    OpenInvocation, OpenInvocations, OpenStatus, ServerDirectory, ToolStates, ToolView,
+    CLAIM_WINDOW, OpenInvocation, OpenInvocations, OpenStatus, ServerDirectory, ToolStates,
+    ToolView,
 };
 pub use server_url::{ServerUrl, UrlPolicy};
 pub use tools::{ToolCategory, ToolState, tool_definition_hash};

@@ -171,6 +171,19 @@ where
         spec: ProjectionSpec<P>,
         policy: CheckpointPolicy,
     ) -> Result<Self, EventLogError> {
+        Self::start_configured(log, checkpoints, spec, policy, |_| {}).await
+    }
+
+    /// [`ProjectionRunner::start`] for a projection that takes settings: `configure` is given
+    /// the state (restored or new) before it folds anything, since settings are not part of
+    /// a snapshot.
+    pub async fn start_configured(
+        log: Arc<dyn EventLog>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        spec: ProjectionSpec<P>,
+        policy: CheckpointPolicy,
+        configure: impl FnOnce(&mut P) + Send,
+    ) -> Result<Self, EventLogError> {
         let (mut state, mut position) = match checkpoints.load(spec.name).await? {
             Some(checkpoint) => match serde_json::from_slice::<P>(&checkpoint.snapshot) {
                 Ok(state) => (state, checkpoint.position),
@@ -201,6 +214,7 @@ where
             );
             (state, position) = (P::default(), 0);
         }
+        configure(&mut state);
         // A restored state that leaves part out is folded again from where it says.
         let from = match spec.rewind {
             Some(rewind) if position > 0 => rewind(&state).clamp(1, position + 1),

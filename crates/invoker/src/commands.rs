@@ -15,7 +15,8 @@
 //! the sweeper closing a stalled invocation and its owner never both record an outcome. The
 //! log remembers event ids for its dedupe window; a request repeating an id after that finds
 //! it in the open invocations read model, which knows every invocation open or finished within
-//! the claim window (six hours), and is checked before the claim is appended. A duplicate checks
+//! the claim window (a setting, six hours by default), and is checked before the claim is
+//! appended. A duplicate checks
 //! that it is the same request (`invocation_id_reused` otherwise) and waits for the recorded
 //! outcome.
 //!

@@ -21,6 +21,6 @@ pub use envelope::{Actor, CommandContext, EnvelopeBuilder};
 pub use error::CommandError;
 pub use execute::{MAX_CONFLICT_RETRIES, Written, execute};
 pub use read_models::{
-    ProjectionStatus, ReadModels, connection_directory_spec, open_invocations_spec,
-    server_directory_spec, tool_states_spec,
+    ProjectionStatus, ReadModelSettings, ReadModels, connection_directory_spec,
+    open_invocations_spec, server_directory_spec, tool_states_spec,
 };

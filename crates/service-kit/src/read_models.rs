@@ -99,6 +99,22 @@ pub struct ReadModels {
     all: Arc<[Arc<dyn ReadModel>]>,
 }
 
+/// What the read models are configured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadModelSettings {
+    /// How long a finished invocation stays known to the invocation path (its id answered
+    /// with its outcome, never run again).
+    pub claim_window: Duration,
+}
+
+impl Default for ReadModelSettings {
+    fn default() -> Self {
+        ReadModelSettings {
+            claim_window: domain::CLAIM_WINDOW,
+        }
+    }
+}
+
 impl ReadModels {
     /// Restores every read model from its checkpoint and catches it up with the logs; returns
     /// once all of them reflect everything written before the call.
@@ -106,6 +122,16 @@ impl ReadModels {
         log: Arc<dyn EventLog>,
         checkpoints: Arc<dyn CheckpointStore>,
         policy: CheckpointPolicy,
+    ) -> Result<Self, EventLogError> {
+        Self::start_with(log, checkpoints, policy, ReadModelSettings::default()).await
+    }
+
+    /// [`ReadModels::start`] with settings.
+    pub async fn start_with(
+        log: Arc<dyn EventLog>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        policy: CheckpointPolicy,
+        settings: ReadModelSettings,
     ) -> Result<Self, EventLogError> {
         let spec = server_directory_spec();
         let servers = ProjectionRunner::start(
@@ -132,8 +158,14 @@ impl ReadModels {
         )
         .await?;
         let open_spec = open_invocations_spec();
-        let open_invocations =
-            ProjectionRunner::start(log, checkpoints, open_spec.clone(), policy).await?;
+        let open_invocations = ProjectionRunner::start_configured(
+            log,
+            checkpoints,
+            open_spec.clone(),
+            policy,
+            |open: &mut OpenInvocations| open.set_claim_window(settings.claim_window),
+        )
+        .await?;
         let all: Vec<Arc<dyn ReadModel>> = vec![
             Model::new(&spec, servers.clone()),
             Model::new(&connection_spec, connections.clone()),

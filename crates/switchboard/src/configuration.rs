@@ -78,6 +78,10 @@ pub struct InvocationSettings {
     pub default_deadline_ms: u64,
     /// The longest deadline a request may name, in milliseconds.
     pub max_deadline_ms: u64,
+    /// Seconds a finished invocation's id stays claimed: a request repeating it within this
+    /// gets the recorded outcome and never runs again; later it is taken to be new. A restart
+    /// folds this much of the invocations log again. At least the log's dedupe window.
+    pub claim_window_secs: u64,
 }
 
 impl Default for InvocationSettings {
@@ -90,6 +94,7 @@ impl Default for InvocationSettings {
             default_deadline_ms: u64::try_from(defaults.default_deadline.as_millis())
                 .unwrap_or(u64::MAX),
             max_deadline_ms: u64::try_from(defaults.max_deadline.as_millis()).unwrap_or(u64::MAX),
+            claim_window_secs: domain::CLAIM_WINDOW.as_secs(),
         }
     }
 }
@@ -104,6 +109,23 @@ impl InvocationSettings {
             max_deadline: Duration::from_millis(self.max_deadline_ms.max(1)),
             ..invoker::InvokerSettings::default()
         }
+    }
+
+    /// The read models' settings; refuses a claim window shorter than the log's dedupe
+    /// window, which upholds a claim for that long anyway (a shorter setting would promise
+    /// what does not happen).
+    pub fn read_model_settings(&self) -> anyhow::Result<service_kit::ReadModelSettings> {
+        let floor = eventlog::DEDUPE_WINDOW.as_secs();
+        if self.claim_window_secs < floor {
+            anyhow::bail!(
+                "invocations.claim_window_secs is {}; it must be at least {floor} (the event \
+                 log's dedupe window)",
+                self.claim_window_secs
+            );
+        }
+        Ok(service_kit::ReadModelSettings {
+            claim_window: Duration::from_secs(self.claim_window_secs),
+        })
     }
 }
 
@@ -324,6 +346,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "SWITCHBOARD_CAPTURE_PAYLOADS",
         "invocations.capture_payloads",
     ),
+    (
+        "SWITCHBOARD_CLAIM_WINDOW_SECS",
+        "invocations.claim_window_secs",
+    ),
     ("SWITCHBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("SWITCHBOARD_JWT_SECRET_FILE", "auth.jwt_secret_file"),
     ("SWITCHBOARD_JWKS_FILE", "auth.jwks_file"),
@@ -367,6 +393,7 @@ const NUMERIC_KEYS: &[&str] = &[
     "events.invocation_retention_days",
     "invocations.approval_timeout_secs",
     "invocations.capture_payloads",
+    "invocations.claim_window_secs",
 ];
 
 /// The settings that hold secrets: never printed, never logged.
@@ -804,6 +831,37 @@ mod tests {
             .map_err(describe_figment_error)
             .expect_err("refused");
         assert!(error.contains("roles_clam"), "{error}");
+    }
+
+    #[test]
+    fn the_claim_window_is_a_setting_no_shorter_than_the_logs_dedupe_window() {
+        let settings = |value: &str| -> Settings {
+            Settings::figment(
+                &GlobalArgs::default(),
+                env(&[("SWITCHBOARD_CLAIM_WINDOW_SECS", value)]),
+            )
+            .extract()
+            .expect("valid")
+        };
+        let day = settings("86400").invocations.read_model_settings();
+        assert_eq!(
+            day.expect("accepted").claim_window,
+            Duration::from_secs(86_400)
+        );
+        let defaults = Settings::default().invocations.read_model_settings();
+        assert_eq!(
+            defaults.expect("accepted").claim_window,
+            domain::CLAIM_WINDOW
+        );
+        let error = settings("60")
+            .invocations
+            .read_model_settings()
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("invocations.claim_window_secs is 60") && error.contains("120"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     let signals = Signals::listen()?;
     let store = settings.store();
     let (auth, secret) = authenticator(&settings)?;
+    let read_model_settings = settings.invocations.read_model_settings()?;
     let tls = match (&settings.tls.cert_file, &settings.tls.key_file) {
         (Some(cert), Some(key)) => Some(gateway::server::tls_acceptor(cert, key)?),
         (None, None) => None,
@@ -92,10 +93,11 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    let read_models = ReadModels::start(
+    let read_models = ReadModels::start_with(
         log.clone(),
         stores.checkpoints.clone(),
         CheckpointPolicy::default(),
+        read_model_settings,
     )
     .await
     .context("starting the read models")?;

@@ -1,5 +1,6 @@
 //! The open invocations: every invocation without its terminal event yet, folded from the
-//! invocations log, and where each invocation finished in the last [`CLAIM_WINDOW`]. What the
+//! invocations log, and where each invocation finished in the last claim window
+//! ([`CLAIM_WINDOW`] unless configured). What the
 //! invocation path needs to keep in memory and nothing more: an open invocation is a few
 //! hundred bytes, a finished one three numbers, so the size follows the invocations in flight
 //! and the rate of finished ones, however long the history.
@@ -18,12 +19,13 @@ use serde::{Deserialize, Serialize};
 use crate::invocation::invocation_id_of;
 use crate::time::from_timestamp;
 
-/// How long a finished invocation stays known: a request repeating its id within this is
-/// answered with its outcome and never runs again, and a look-up finds it. Retried and
-/// duplicated tool calls arrive within seconds or minutes (a call's deadline is at most ten);
-/// after six hours an id is taken to be new. The cost grows with it: a restart folds this
-/// much of the invocations log again (about 3.6 µs an event on JetStream, 1.1 µs on JSONL:
-/// `--bench startup`), and memory holds about 70 B per finished invocation.
+/// How long a finished invocation stays known by default: a request repeating its id within
+/// this is answered with its outcome and never runs again, and a look-up finds it. Retried
+/// and duplicated tool calls arrive within seconds or minutes (a call's deadline is at most
+/// ten); after six hours an id is taken to be new. The cost grows with it: a restart folds
+/// this much of the invocations log again (about 3.6 µs an event on JetStream, 1.1 µs on
+/// JSONL: `--bench startup`), and memory holds about 70 B per finished invocation. A
+/// deployment whose orchestrators retry later sets its own ([`OpenInvocations::set_claim_window`]).
 pub const CLAIM_WINDOW: Duration = Duration::from_secs(6 * 60 * 60);
 
 /// Where an open invocation is.
@@ -99,7 +101,7 @@ impl Located<'_> {
 
 /// The projection: open invocations by user and invocation id, and the finished ones of the
 /// claim window.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenInvocations {
     /// Key: `(user id, invocation id)`; ids are unique per user.
     #[serde(with = "pairs")]
@@ -111,6 +113,25 @@ pub struct OpenInvocations {
     /// `(start of an hour, first sequence seen in it)` from just before the claim window on:
     /// where to fold from to know the window's finished invocations again.
     anchors: VecDeque<(u64, u64)>,
+    /// The claim window in milliseconds: a setting, not state, so not in snapshots (a
+    /// restored projection is given it again).
+    #[serde(skip, default = "default_claim_window_ms")]
+    claim_window_ms: u64,
+}
+
+impl Default for OpenInvocations {
+    fn default() -> Self {
+        OpenInvocations {
+            open: HashMap::new(),
+            finished: Finished::default(),
+            anchors: VecDeque::new(),
+            claim_window_ms: default_claim_window_ms(),
+        }
+    }
+}
+
+fn default_claim_window_ms() -> u64 {
+    millis_of(CLAIM_WINDOW)
 }
 
 /// The finished invocations of the claim window.
@@ -158,7 +179,7 @@ impl OpenInvocations {
             .occurred_at
             .as_ref()
             .map_or(0, |t| millis(from_timestamp(t)));
-        let window_start = at.saturating_sub(millis_of(CLAIM_WINDOW));
+        let window_start = at.saturating_sub(self.claim_window_ms);
         self.forget_finished_before(window_start);
         self.anchor(at, sequence, window_start);
         if let Event::InvocationRequested(requested) = event {
@@ -226,6 +247,19 @@ impl OpenInvocations {
             Event::InvocationStarted(_) => OpenStatus::Running,
             _ => open.status,
         };
+    }
+
+    /// Sets how long finished invocations stay known (at least a second). Set it before the
+    /// first event is folded: it decides what is kept from then on. A restored projection
+    /// given a longer window than it was folded with knows the longer window fully once
+    /// that much time has passed (its anchors reach back only as far as the old window).
+    pub fn set_claim_window(&mut self, window: Duration) {
+        self.claim_window_ms = millis_of(window).max(1_000);
+    }
+
+    /// How long finished invocations stay known.
+    pub fn claim_window(&self) -> Duration {
+        Duration::from_millis(self.claim_window_ms)
     }
 
     pub fn get(&self, user: &str, invocation_id: &str) -> Option<&OpenInvocation> {
@@ -510,6 +544,36 @@ mod tests {
         assert_eq!(open.locate("dan", "d1"), None);
         assert_eq!(open.finished_len(), 1, "d2 is the one remembered");
         assert!(open.is_empty());
+    }
+
+    #[test]
+    fn a_configured_claim_window_decides_how_long_a_finished_invocation_is_known() {
+        const MINUTE: u64 = 60 * 1000;
+        let mut open = OpenInvocations::default();
+        open.set_claim_window(Duration::from_secs(10 * 60));
+        assert_eq!(open.claim_window(), Duration::from_secs(600));
+        open.apply(&envelope(requested("hal", "h1"), MINUTE), "hal", 1);
+        open.apply(&envelope(completed("h1"), MINUTE), "hal", 2);
+        open.apply(&envelope(requested("hal", "h2"), 11 * MINUTE), "hal", 3);
+        assert!(
+            open.locate("hal", "h1").is_some(),
+            "just inside ten minutes"
+        );
+        open.apply(&envelope(completed("h2"), 11 * MINUTE + 1), "hal", 4);
+        assert_eq!(
+            open.locate("hal", "h1"),
+            None,
+            "ten minutes later: forgotten"
+        );
+        assert!(open.locate("hal", "h2").is_some());
+
+        // A setting, not state: a snapshot does not carry it, the restored one is given it.
+        let restored: OpenInvocations =
+            serde_json::from_str(&serde_json::to_string(&open).unwrap()).unwrap();
+        assert_eq!(restored.claim_window(), CLAIM_WINDOW);
+        // Less than a second would forget an outcome before a retry could ask for it.
+        open.set_claim_window(Duration::from_millis(5));
+        assert_eq!(open.claim_window(), Duration::from_secs(1));
     }
 
     /// A snapshot leaves the finished invocations out (hours of them would make every

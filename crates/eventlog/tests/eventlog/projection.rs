@@ -159,14 +159,29 @@ async fn a_restarted_projection_resumes_from_its_checkpoint() {
 
 /// The last sequences seen, kept in memory only; a restored state folds again from the
 /// oldest it should know (as the open invocations do for the claim window).
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct RecentSequences {
     last_seen: u64,
     #[serde(skip)]
     recent: Vec<u64>,
+    /// How many to keep: a setting, not in the snapshot.
+    #[serde(skip, default = "default_keep")]
+    keep: u64,
 }
 
-const RECENT: u64 = 5;
+impl Default for RecentSequences {
+    fn default() -> Self {
+        RecentSequences {
+            last_seen: 0,
+            recent: Vec::new(),
+            keep: default_keep(),
+        }
+    }
+}
+
+fn default_keep() -> u64 {
+    5
+}
 
 fn spec_with_rewind() -> ProjectionSpec<RecentSequences> {
     ProjectionSpec {
@@ -177,10 +192,11 @@ fn spec_with_rewind() -> ProjectionSpec<RecentSequences> {
             if !state.recent.contains(&event.sequence) {
                 state.recent.push(event.sequence);
             }
-            state.recent.retain(|s| s + RECENT > event.sequence);
+            let keep = state.keep;
+            state.recent.retain(|s| s + keep > event.sequence);
             state.last_seen = state.last_seen.max(event.sequence);
         },
-        rewind: Some(|state: &RecentSequences| state.last_seen.saturating_sub(RECENT - 1)),
+        rewind: Some(|state: &RecentSequences| state.last_seen.saturating_sub(state.keep - 1)),
     }
 }
 
@@ -212,6 +228,42 @@ async fn a_restored_state_is_folded_again_from_where_it_rewinds_to() {
     // Without the rewind only 21 and 22 would be known: the rest is not in the snapshot.
     assert_eq!(runner.read(|s| s.recent.clone()), [18, 19, 20, 21, 22]);
     assert_eq!(runner.position(), 22);
+}
+
+/// Settings are not in a snapshot: the restored state gets them before it folds anything,
+/// so they decide the rewind and every event folded after the restart.
+#[tokio::test]
+async fn a_configured_projection_is_given_its_settings_before_it_folds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, checkpoints) = open_embedded(dir.path()).await;
+    append_n(log.as_ref(), "server.a", 20).await;
+    let runner = ProjectionRunner::start(
+        log.clone(),
+        checkpoints.clone(),
+        spec_with_rewind(),
+        CheckpointPolicy::default(),
+    )
+    .await
+    .expect("start");
+    runner.shutdown().await.expect("final checkpoint");
+    append_n(log.as_ref(), "server.a", 2).await;
+
+    let runner = ProjectionRunner::start_configured(
+        log.clone(),
+        checkpoints.clone(),
+        spec_with_rewind(),
+        CheckpointPolicy::default(),
+        |state: &mut RecentSequences| state.keep = 3,
+    )
+    .await
+    .expect("restart");
+    // Kept three, folded again from 18 (the configured rewind): with the default of five
+    // it would know 18 to 22.
+    assert_eq!(runner.read(|s| s.recent.clone()), [20, 21, 22]);
+    // And it stays configured while it follows the log.
+    append_n(log.as_ref(), "server.a", 1).await;
+    runner.wait_for(23).await;
+    assert_eq!(runner.read(|s| s.recent.clone()), [21, 22, 23]);
 }
 
 #[tokio::test]
