@@ -13,10 +13,11 @@ mod walkthrough;
 /// mimalloc, not glibc's malloc: under load Switchboard's threads allocate and free small
 /// buffers concurrently, and glibc's arena locks and frees took about a fifth of the CPU of
 /// an invocation; with mimalloc, invocations at 64 in flight went up by 35–70% (`cargo bench
-/// -p gateway --bench invoke`, which uses it too, paired runs). Built without transparent
-/// huge pages (the workspace's `no_thp` feature): mimalloc gives freed memory back and touches
-/// it again later, and each touch of a huge page zeroed 2 MiB — 6% of all CPU at 64
-/// invocations in flight in a profile.
+/// -p gateway --bench invoke`, which uses it too, paired runs). Built not to ask for
+/// transparent huge pages (the workspace's `no_thp` feature): mimalloc gives freed memory
+/// back and touches it again later, and each touch of a huge page zeroed 2 MiB — 6% of all
+/// CPU at 64 invocations in flight in a profile. (On a host whose THP setting is `always`
+/// rather than `madvise`, `MIMALLOC_ALLOW_THP=0` does the same: see docs/architecture.md.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
