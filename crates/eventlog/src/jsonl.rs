@@ -45,6 +45,7 @@ use crate::{
 };
 
 mod index;
+mod pacing;
 mod reader;
 mod record;
 mod recovery;

@@ -40,7 +40,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{AppendOutcome, DEDUPE_WINDOW, EventLogError, ExpectedVersion, Subject};
 
 use super::{
-    LogFileWrapper, LogShared, record,
+    LogFileWrapper, LogShared,
+    pacing::Pacing,
+    record,
     segments::{self, Month, Segment},
 };
 
@@ -209,6 +211,7 @@ impl Writer {
         let mut group: Vec<AppendRequest> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
         let mut offsets: Vec<u64> = Vec::new();
+        let mut pacing = Pacing::start();
         loop {
             let first = match carried.take() {
                 Some(command) => command,
@@ -238,6 +241,7 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
+                pacing.before_group(group.len());
                 self.commit_group(&mut group, &mut buf, &mut offsets);
             }
             if close.is_some() {

@@ -379,7 +379,7 @@ struct ScriptedFile {
 }
 
 #[derive(Default)]
-struct Script {
+pub(crate) struct Script {
     state: Mutex<ScriptState>,
     changed: Condvar,
 }
@@ -396,6 +396,8 @@ struct ScriptState {
     /// The next fault to inject, counted in calls of its kind from when it was set.
     fault: Option<(Fault, usize)>,
     cut_fails: bool,
+    /// The thread that synced last (the writer's), as `/proc/thread-self` names it.
+    syncing_thread: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -410,17 +412,17 @@ impl Script {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn hold(&self) {
+    pub(crate) fn hold(&self) {
         self.lock().hold = true;
     }
 
     /// Lets `n` held syncs go ahead.
-    fn release(&self, n: usize) {
+    pub(crate) fn release(&self, n: usize) {
         self.lock().permits += n;
         self.changed.notify_all();
     }
 
-    fn stop_holding(&self) {
+    pub(crate) fn stop_holding(&self) {
         self.lock().hold = false;
         self.changed.notify_all();
     }
@@ -448,7 +450,7 @@ impl Script {
     }
 
     /// Waits (on a blocking thread) until `n` syncs have started.
-    async fn syncs_entered(self: &Arc<Self>, n: usize) {
+    pub(crate) async fn syncs_entered(self: &Arc<Self>, n: usize) {
         let script = self.clone();
         // Bounded on the blocking thread itself, so that a writer that never syncs fails the
         // test instead of leaving a thread the runtime waits for at the end.
@@ -468,11 +470,21 @@ impl Script {
     fn durable(&self) -> u64 {
         self.lock().durable
     }
+
+    /// How many syncs have started so far.
+    pub(crate) fn syncs_started(&self) -> usize {
+        self.lock().syncs_entered
+    }
+
+    /// The writer thread's `/proc` directory (`/proc/<pid>/task/<tid>`), once it has synced.
+    pub(crate) fn writer_thread(&self) -> Option<std::path::PathBuf> {
+        self.lock().syncing_thread.clone()
+    }
 }
 
 /// Stops holding syncs when a test ends, also by a failed assertion, so that dropping the log
 /// (which joins its writer thread) cannot hang.
-struct StopHoldingOnDrop(Arc<Script>);
+pub(crate) struct StopHoldingOnDrop(pub(crate) Arc<Script>);
 
 impl Drop for StopHoldingOnDrop {
     fn drop(&mut self) {
@@ -495,7 +507,11 @@ impl LogFile for ScriptedFile {
 
     fn sync_data(&mut self) -> io::Result<()> {
         {
+            let thread = std::fs::read_link("/proc/thread-self")
+                .ok()
+                .map(|tail| Path::new("/proc").join(tail));
             let mut state = self.script.lock();
+            state.syncing_thread = thread;
             state.syncs_entered += 1;
             self.script.changed.notify_all();
             while state.hold && state.permits == 0 {
@@ -530,7 +546,7 @@ impl LogFile for ScriptedFile {
 }
 
 /// Opens the log in `dir` with the config log's writer going through a [`ScriptedFile`].
-async fn open_scripted(dir: &Path) -> (JsonlLog, Arc<Script>) {
+pub(crate) async fn open_scripted(dir: &Path) -> (JsonlLog, Arc<Script>) {
     let script = Arc::new(Script::default());
     let start = std::fs::metadata(config_file(dir)).map_or(0, |m| m.len());
     let for_wrapper = script.clone();
@@ -555,11 +571,11 @@ async fn open_scripted(dir: &Path) -> (JsonlLog, Arc<Script>) {
     (log, script)
 }
 
-type PendingAppend<'a> =
+pub(crate) type PendingAppend<'a> =
     Pin<Box<dyn Future<Output = Result<AppendOutcome, EventLogError>> + Send + 'a>>;
 
 /// Starts an append and hands it to the writer (its request is queued once this returns).
-fn start_append<'a>(log: &'a JsonlLog, events: &'a [Envelope]) -> PendingAppend<'a> {
+pub(crate) fn start_append<'a>(log: &'a JsonlLog, events: &'a [Envelope]) -> PendingAppend<'a> {
     let mut append: PendingAppend<'a> =
         Box::pin(log.append(&SUBJECT, ExpectedVersion::Any, events));
     assert!(append.as_mut().now_or_never().is_none(), "answered at once");

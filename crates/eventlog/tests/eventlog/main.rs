@@ -3,6 +3,7 @@
 mod conformance;
 mod jetstream;
 mod jsonl;
+mod jsonl_pacing;
 mod jsonl_recovery;
 mod jsonl_retention;
 mod projection;
