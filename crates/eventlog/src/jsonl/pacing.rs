@@ -2,18 +2,19 @@
 //!
 //! A writer that syncs small groups back to back costs the machine far more than its own
 //! work: each sync blocks the thread on the disk twice (the write, then the cache flush), and
-//! each time it wakes it preempts whatever runs on the CPU — on a busy 2-core host, 0.54 syncs
-//! and 2.8 context switches per invocation, about 90 µs of kernel time each invocation (see
-//! docs/architecture.md). Under `SCHED_BATCH` the thread does not preempt on waking: on an
-//! idle CPU it runs at once (an append at a time is as fast as before), but while the CPUs
-//! are busy it waits for the running task's slice to end, and the appends that arrive
-//! meanwhile join its next group — a commit delay that happens only when the CPUs, not the
-//! disk, are what everyone waits for.
+//! each time it wakes it preempts whatever runs on the CPU — in the invocation benchmark on a
+//! busy 2-core host, 0.54 syncs and 2.8 context switches an invocation, about 90 µs of kernel
+//! time each (see docs/architecture.md). Under `SCHED_BATCH` the thread does not preempt on
+//! waking: on an idle CPU it runs at once, but while the CPUs are busy it waits for the
+//! running task's slice to end, and the appends that arrive meanwhile join its next group — a
+//! commit delay that happens only when the CPUs, not the disk, are what everyone waits for.
 //!
-//! When hundreds of appends wait for each sync, the disk is what they wait for, and a writer
-//! that waits for a CPU leaves the disk idle (half the adapter's throughput at 512 appends in
-//! flight): after a group that large the writer goes back to the normal policy until the
-//! groups are small again.
+//! Only while appends overlap, though. A group of one append is a caller on its own, whose
+//! answer a busy CPU would delay with nothing to gain: the writer keeps the normal policy
+//! until a group has two appends or more. And when hundreds of appends wait for each sync,
+//! the disk is what they wait for, and a writer that waits for a CPU leaves the disk idle
+//! (half the adapter's throughput at 512 appends in flight): after a group that large it goes
+//! back to the normal policy too.
 //!
 //! Only the writer thread's policy changes, and only where it is Linux's default one with
 //! the default niceness: a process an operator has started with another policy or niceness
@@ -21,6 +22,8 @@
 
 /// Groups of this many appends (callers) or more mean the disk is the bottleneck.
 const DISK_BOUND_CALLERS: usize = 128;
+/// Groups of fewer appends than this are callers on their own.
+const OVERLAPPING_CALLERS: usize = 2;
 
 /// The writer's scheduling policy, switched between groups (one system call a switch; none
 /// while the load stays the same).
@@ -31,20 +34,19 @@ pub(super) struct Pacing {
 }
 
 impl Pacing {
-    /// For the calling (writer) thread: starts it on the batch policy where that may be done.
+    /// For the calling (writer) thread, which stays on the normal policy until its groups
+    /// show that appends overlap.
     pub(super) fn start() -> Self {
-        let mut pacing = Pacing {
+        Pacing {
             enabled: os::on_default_policy(),
             batch: false,
-        };
-        pacing.set_batch(true);
-        pacing
+        }
     }
 
     /// Before a group of `callers` appends is written: the policy for its sync's wake-up and
     /// for the wait for the next group (set before its callers are answered).
     pub(super) fn before_group(&mut self, callers: usize) {
-        self.set_batch(callers < DISK_BOUND_CALLERS);
+        self.set_batch((OVERLAPPING_CALLERS..DISK_BOUND_CALLERS).contains(&callers));
     }
 
     fn set_batch(&mut self, batch: bool) {
