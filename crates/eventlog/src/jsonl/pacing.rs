@@ -9,9 +9,12 @@
 //! running task's slice to end, and the appends that arrive meanwhile join its next group — a
 //! commit delay that happens only when the CPUs, not the disk, are what everyone waits for.
 //!
-//! Only while appends overlap, though. A group of one append is a caller on its own, whose
-//! answer a busy CPU would delay with nothing to gain: the writer keeps the normal policy
-//! until a group has two appends or more. And when hundreds of appends wait for each sync,
+//! Only while appends overlap, though. A group of one append with nothing queued behind it
+//! when its sync is done is a caller on its own, whose answers a busy CPU would delay with
+//! nothing to gain: after such a group the writer takes the normal policy, and keeps it until
+//! appends queue up again. (Any group of one would be the wrong test: under load a writer on
+//! the normal policy wakes so early that many of its groups hold one append, and it would
+//! seldom get back to batch.) And when hundreds of appends wait for each sync,
 //! the disk is what they wait for, and a writer that waits for a CPU leaves the disk idle
 //! (half the adapter's throughput at 512 appends in flight): after a group that large it goes
 //! back to the normal policy too.
@@ -22,8 +25,6 @@
 
 /// Groups of this many appends (callers) or more mean the disk is the bottleneck.
 const DISK_BOUND_CALLERS: usize = 128;
-/// Groups of fewer appends than this are callers on their own.
-const OVERLAPPING_CALLERS: usize = 2;
 
 /// The writer's scheduling policy, switched between groups (one system call a switch; none
 /// while the load stays the same).
@@ -34,8 +35,8 @@ pub(super) struct Pacing {
 }
 
 impl Pacing {
-    /// For the calling (writer) thread, which stays on the normal policy until its groups
-    /// show that appends overlap.
+    /// For the calling (writer) thread, which stays on the normal policy until appends
+    /// overlap.
     pub(super) fn start() -> Self {
         Pacing {
             enabled: os::on_default_policy(),
@@ -43,10 +44,11 @@ impl Pacing {
         }
     }
 
-    /// Before a group of `callers` appends is written: the policy for its sync's wake-up and
-    /// for the wait for the next group (set before its callers are answered).
-    pub(super) fn before_group(&mut self, callers: usize) {
-        self.set_batch((OVERLAPPING_CALLERS..DISK_BOUND_CALLERS).contains(&callers));
+    /// After the sync of a group of `callers` appends, with more appends `queued` behind it
+    /// or not: the policy for the wait for the next group and for its sync's wake-up.
+    pub(super) fn after_sync(&mut self, callers: usize, queued: bool) {
+        let on_its_own = callers == 1 && !queued;
+        self.set_batch(!on_its_own && callers < DISK_BOUND_CALLERS);
     }
 
     fn set_batch(&mut self, batch: bool) {

@@ -241,8 +241,7 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                pacing.before_group(group.len());
-                self.commit_group(&mut group, &mut buf, &mut offsets);
+                self.commit_group(&mut group, &mut buf, &mut offsets, &mut pacing);
             }
             if close.is_some() {
                 return close;
@@ -259,7 +258,9 @@ impl Writer {
         group: &mut Vec<AppendRequest>,
         buf: &mut Vec<u8>,
         offsets: &mut Vec<u64>,
+        pacing: &mut Pacing,
     ) {
+        let callers = group.len();
         let now = Instant::now();
         self.dedupe.forget_older_than_window(now);
         if self.poisoned.is_none()
@@ -316,6 +317,8 @@ impl Writer {
             }
             self.file_len += buf.len() as u64;
         }
+        // Before the callers are answered, so that what they do next finds it set.
+        pacing.after_sync(callers, !self.rx.is_empty());
         for d in decided {
             let _ = d.reply.send(d.outcome);
         }

@@ -1,7 +1,8 @@
 //! How the JSONL writer thread asks to be scheduled (`jsonl/pacing.rs`): the batch policy
 //! while appends overlap in small groups, so that its wake-ups after each sync do not preempt
-//! the callers' work; the normal policy for an append on its own, and after a group of many
-//! appends, when the disk is what they wait for.
+//! the callers' work; the normal policy for an append on its own (nothing queued behind it),
+//! and
+//! after a group of many appends, when the disk is what they wait for.
 #![cfg(target_os = "linux")]
 
 use std::{path::Path, sync::Arc};
@@ -69,7 +70,7 @@ async fn group_of(log: &JsonlLog, script: &Arc<Script>, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_writer_runs_as_batch_only_while_appends_overlap_in_small_groups() {
+async fn the_writer_runs_as_batch_only_while_appends_overlap_in_groups_below_128() {
     // The writer inherits its opener's policy and niceness, and changes only the default
     // ones; a test process started otherwise could not show the switch.
     let own = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
@@ -91,10 +92,41 @@ async fn the_writer_runs_as_batch_only_while_appends_overlap_in_small_groups() {
         .expect("append");
     };
 
-    // Each policy is set before the group's sync, so before its callers are answered.
+    // Each policy is set after the group's sync, before its callers are answered. In a
+    // `group_of`, the held append has the others queued behind it: it sets batch too.
     single().await;
     let writer = script.writer_thread().expect("the writer synced");
     assert_eq!(policy_of(&writer), SCHED_OTHER, "an append on its own");
+
+    // A group of one with another append queued behind it: they overlap. Its policy is
+    // looked at while the queued append's own sync is held, before that group decides again.
+    script.hold();
+    let entered = script.syncs_started();
+    let (first, second) = ([event("pacing")], [event("pacing")]);
+    let held = start_append(&log, &first);
+    script.syncs_entered(entered + 1).await;
+    let queued = start_append(&log, &second);
+    script.release(1);
+    tokio::time::timeout(GUARD, held)
+        .await
+        .expect("stalled")
+        .expect("the held append");
+    script.syncs_entered(entered + 2).await;
+    assert_eq!(
+        policy_of(&writer),
+        SCHED_BATCH,
+        "one append, another queued behind its sync"
+    );
+    script.stop_holding();
+    tokio::time::timeout(GUARD, queued)
+        .await
+        .expect("stalled")
+        .expect("the queued append");
+    assert_eq!(
+        policy_of(&writer),
+        SCHED_OTHER,
+        "the queued one had nothing behind it"
+    );
     group_of(&log, &script, FEW).await;
     assert_eq!(policy_of(&writer), SCHED_BATCH, "a group of {FEW}");
     single().await;
