@@ -14,10 +14,10 @@
 //! nothing to gain: after such a group the writer takes the normal policy, and keeps it until
 //! appends queue up again. (Any group of one would be the wrong test: under load a writer on
 //! the normal policy wakes so early that many of its groups hold one append, and it would
-//! seldom get back to batch.) And when hundreds of appends wait for each sync,
-//! the disk is what they wait for, and a writer that waits for a CPU leaves the disk idle
-//! (half the adapter's throughput at 512 appends in flight): after a group that large it goes
-//! back to the normal policy too.
+//! seldom get back to batch.) And when hundreds of appends wait for each sync, the disk is
+//! what they wait for, and a writer that waits for a CPU leaves the disk idle (half the
+//! adapter's throughput at 512 appends in flight): after a group that large it goes back to
+//! the normal policy too.
 //!
 //! Only the writer thread's policy changes, and only where it is Linux's default one with
 //! the default niceness: a process an operator has started with another policy or niceness
