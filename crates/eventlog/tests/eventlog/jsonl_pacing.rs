@@ -1,8 +1,7 @@
 //! How the JSONL writer thread asks to be scheduled (`jsonl/pacing.rs`): the batch policy
 //! while appends overlap in small groups, so that its wake-ups after each sync do not preempt
 //! the callers' work; the normal policy for an append on its own (nothing queued behind it),
-//! and
-//! after a group of many appends, when the disk is what they wait for.
+//! and after a group of many appends, when the disk is what they wait for.
 #![cfg(target_os = "linux")]
 
 use std::{path::Path, sync::Arc};
@@ -11,9 +10,8 @@ use eventlog::{EventLog, ExpectedVersion, jsonl::JsonlLog};
 use proto::v1::Envelope;
 
 use crate::{
-    jsonl::GUARD,
-    jsonl_recovery::{Script, StopHoldingOnDrop, open_scripted, start_append},
-    support::{event, subject},
+    jsonl_recovery::{Script, StopHoldingOnDrop, answer, open_scripted, start_append},
+    support::{event, subject, this_thread_dir},
 };
 
 const SCHED_OTHER: u32 = 0;
@@ -52,15 +50,9 @@ async fn group_of(log: &JsonlLog, script: &Arc<Script>, n: usize) {
     })
     .await;
     script.stop_holding();
-    tokio::time::timeout(GUARD, held)
-        .await
-        .expect("stalled")
-        .expect("the held append");
+    answer(held).await.expect("the held append");
     for append in queued {
-        tokio::time::timeout(GUARD, append)
-            .await
-            .expect("stalled")
-            .expect("append");
+        answer(append).await.expect("append");
     }
     assert_eq!(
         script.syncs_started(),
@@ -73,9 +65,9 @@ async fn group_of(log: &JsonlLog, script: &Arc<Script>, n: usize) {
 async fn the_writer_runs_as_batch_only_while_appends_overlap_in_groups_below_128() {
     // The writer inherits its opener's policy and niceness, and changes only the default
     // ones; a test process started otherwise could not show the switch.
-    let own = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    let own = this_thread_dir().expect("/proc/thread-self");
     assert_eq!(
-        policy_of(&Path::new("/proc").join(own)),
+        policy_of(&own),
         SCHED_OTHER,
         "this test needs to run on the default scheduling policy"
     );
@@ -107,10 +99,7 @@ async fn the_writer_runs_as_batch_only_while_appends_overlap_in_groups_below_128
     script.syncs_entered(entered + 1).await;
     let queued = start_append(&log, &second);
     script.release(1);
-    tokio::time::timeout(GUARD, held)
-        .await
-        .expect("stalled")
-        .expect("the held append");
+    answer(held).await.expect("the held append");
     script.syncs_entered(entered + 2).await;
     assert_eq!(
         policy_of(&writer),
@@ -118,10 +107,7 @@ async fn the_writer_runs_as_batch_only_while_appends_overlap_in_groups_below_128
         "one append, another queued behind its sync"
     );
     script.stop_holding();
-    tokio::time::timeout(GUARD, queued)
-        .await
-        .expect("stalled")
-        .expect("the queued append");
+    answer(queued).await.expect("the queued append");
     assert_eq!(
         policy_of(&writer),
         SCHED_OTHER,

@@ -17,7 +17,7 @@ use proto::v1::Envelope;
 
 use crate::{
     jsonl::{GUARD, assert_recovers, config_file, file_ending_in, replay},
-    support::{event, subject},
+    support::{event, subject, this_thread_dir},
 };
 
 /// Events in the last write group (one atomic append): about 13 KiB, room for whole 4 KiB
@@ -507,9 +507,7 @@ impl LogFile for ScriptedFile {
 
     fn sync_data(&mut self) -> io::Result<()> {
         {
-            let thread = std::fs::read_link("/proc/thread-self")
-                .ok()
-                .map(|tail| Path::new("/proc").join(tail));
+            let thread = this_thread_dir();
             let mut state = self.script.lock();
             state.syncing_thread = thread;
             state.syncs_entered += 1;
@@ -580,6 +578,11 @@ pub(crate) fn start_append<'a>(log: &'a JsonlLog, events: &'a [Envelope]) -> Pen
         Box::pin(log.append(&SUBJECT, ExpectedVersion::Any, events));
     assert!(append.as_mut().now_or_never().is_none(), "answered at once");
     append
+}
+
+/// The answer to a started append (failing the test if there is none within [`GUARD`]).
+pub(crate) async fn answer(append: PendingAppend<'_>) -> Result<AppendOutcome, EventLogError> {
+    tokio::time::timeout(GUARD, append).await.expect("stalled")
 }
 
 static SUBJECT: std::sync::LazyLock<eventlog::Subject> =
@@ -656,7 +659,7 @@ async fn a_failed_group(fault: Fault, nth: usize, cut_fails: bool) {
     let acknowledged = [event("seam")];
     // The held group makes one write and one sync before the failing group's.
     script.fail(fault, nth + 1, cut_fails);
-    let entered = script.lock().syncs_entered;
+    let entered = script.syncs_started();
     let mut held = start_append(&log, &acknowledged);
     script.syncs_entered(entered + 1).await;
     let failing_a = [event("seam"), event("seam")];
@@ -665,18 +668,14 @@ async fn a_failed_group(fault: Fault, nth: usize, cut_fails: bool) {
     let b = start_append(&log, &failing_b);
     assert!(held.as_mut().now_or_never().is_none());
     script.release(1);
-    tokio::time::timeout(GUARD, held)
-        .await
-        .expect("stalled")
-        .expect("the held append succeeds");
+    answer(held).await.expect("the held append succeeds");
     // The failing group may be written already, but not synced: its sync is still held.
     let kept_len = script.durable();
     script.stop_holding();
 
     for (append, name) in [(a, "first"), (b, "second")] {
-        let err = tokio::time::timeout(GUARD, append)
+        let err = answer(append)
             .await
-            .expect("stalled")
             .expect_err(&format!("{what}: the {name} append of the failed group"));
         assert!(
             matches!(err, EventLogError::Unavailable { .. }),

@@ -32,3 +32,10 @@ pub fn event(server_id: &str) -> Envelope {
 pub fn subject(value: &str) -> eventlog::Subject {
     eventlog::Subject::parse(value).expect("valid subject")
 }
+
+/// The calling thread's `/proc` directory (`/proc/<pid>/task/<tid>`), where Linux has one.
+pub fn this_thread_dir() -> Option<std::path::PathBuf> {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .map(|tail| std::path::Path::new("/proc").join(tail))
+}
