@@ -16,7 +16,8 @@
 //!
 //! `NATS_SERVER_BIN=… cargo bench -p gateway --bench invoke`
 //! (`INVOKE_BENCH_ONLY=direct|jsonl|jetstream|history` runs one part alone, for a profiler;
-//! `INVOKE_BENCH_PHASE=sequential|parallel` one of its two phases.)
+//! `INVOKE_BENCH_PHASE=sequential|parallel` one of its two phases; `INVOKE_BENCH_CALLS=N` makes
+//! the 64-in-flight phase N invocations long instead of 10,000.)
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -349,6 +350,14 @@ impl Setup {
     }
 }
 
+/// How many invocations the 64-in-flight phase makes: `PARALLEL`, or more for a profiler.
+fn parallel_calls() -> usize {
+    std::env::var("INVOKE_BENCH_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(PARALLEL)
+}
+
 async fn measure<F, Fut>(call: F) -> Figures
 where
     F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
@@ -376,7 +385,7 @@ where
     let started = Instant::now();
     let mut workers = Vec::new();
     let per_worker = if runs("parallel") {
-        PARALLEL / IN_FLIGHT
+        parallel_calls() / IN_FLIGHT
     } else {
         0
     };
@@ -384,7 +393,7 @@ where
         let call = call.clone();
         workers.push(tokio::spawn(async move {
             for n in 0..per_worker {
-                call(SEQUENTIAL + worker * PARALLEL + n).await;
+                call(SEQUENTIAL + worker * per_worker + n).await;
             }
         }));
     }
