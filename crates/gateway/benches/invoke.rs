@@ -12,7 +12,10 @@
 //! whose share is shown too) says what the 64-in-flight part spent. Two floors are measured
 //! in the same rounds: (b0) and (c0), an invocation's two appends alone on each store, without
 //! the call; and the bench prints the CPU that 0.7× the direct client's throughput leaves
-//! Switchboard per invocation (at 64 in flight the two cores are the limit).
+//! Switchboard per invocation (at 64 in flight the two cores are the limit). And (c') is (c)
+//! with nats-server's threads on `SCHED_BATCH` (util-linux's `chrt`, set and reset around it
+//! in each round), the deployment docs/configuration.md advises where nats-server shares
+//! the cores.
 //!
 //! `NATS_SERVER_BIN=… cargo bench -p gateway --bench invoke`
 //! (`INVOKE_BENCH_ONLY=direct|jsonl|jetstream|history` runs one part alone, for a profiler;
@@ -131,6 +134,21 @@ fn cpu_now() -> (Duration, Duration) {
         .and_then(|server| server.pid())
         .map_or(Duration::ZERO, |pid| cpu_time(&pid.to_string()));
     (cpu_time("self"), nats)
+}
+
+/// Puts every thread of the shared nats-server on `SCHED_BATCH` (`batch`), or back on the
+/// default policy, with util-linux's `chrt` — as docs/configuration.md advises for a host
+/// where nats-server shares the cores. False if that could not be done (no `chrt`, refused).
+fn nats_server_batch(batch: bool) -> bool {
+    let Some(pid) = testkit::shared_nats_if_started().and_then(|server| server.pid()) else {
+        return false;
+    };
+    let policy = if batch { "--batch" } else { "--other" };
+    std::process::Command::new("chrt")
+        .args([policy, "--all-tasks", "--pid", "0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 fn token(user: &str, role: &str) -> String {
@@ -606,6 +624,7 @@ fn main() {
         let rounds = if only.is_some() { 1 } else { ROUNDS };
         let (mut direct, mut on_jsonl, mut on_jetstream, mut with_history) =
             (vec![], vec![], vec![], vec![]);
+        let mut on_jetstream_batch = vec![];
         let (mut jsonl_appends, mut jetstream_appends) = (vec![], vec![]);
         for round in 0..rounds {
             if runs("direct") {
@@ -616,6 +635,14 @@ fn main() {
             }
             if let Some(setup) = &jetstream {
                 on_jetstream.push(through_switchboard(setup.clone(), format!("js{round}")).await);
+                if nats_server_batch(true) {
+                    on_jetstream_batch
+                        .push(through_switchboard(setup.clone(), format!("jsb{round}")).await);
+                    assert!(
+                        nats_server_batch(false),
+                        "nats-server could not be put back on the default policy"
+                    );
+                }
             }
             if let Some(setup) = &history {
                 with_history
@@ -631,7 +658,13 @@ fn main() {
         }
         if only.is_some() {
             // One part alone: its own figures, nothing to compare with.
-            for figures in [&direct, &on_jsonl, &on_jetstream, &with_history]
+            for figures in [
+                &direct,
+                &on_jsonl,
+                &on_jetstream,
+                &on_jetstream_batch,
+                &with_history,
+            ]
                 .into_iter()
                 .flatten()
             {
@@ -648,6 +681,11 @@ fn main() {
         println!("{:<34} {}", "(a) direct rmcp client", median(&direct).own());
         show("(b) Switchboard, JSONL log", &on_jsonl, &direct);
         show("(c) Switchboard, JetStream", &on_jetstream, &direct);
+        if on_jetstream_batch.is_empty() {
+            println!("(c') skipped: `chrt` could not put nats-server on SCHED_BATCH");
+        } else {
+            show("(c') (c), nats-server SCHED_BATCH", &on_jetstream_batch, &direct);
+        }
         show("(d) (c), 100,000 past invocations", &with_history, &direct);
         println!(
             "{:<34} {}",
