@@ -47,7 +47,9 @@ use serde_json::Value;
 use service_kit::CommandContext;
 use url::Url;
 
-use crate::{Invoker, InvokerError, ResultEnvelope, ResultServer, result::sha256_hex};
+use crate::{
+    Invoker, InvokerError, ResultEnvelope, ResultServer, result::sha256_hex, service::CallToken,
+};
 
 /// What happened to an invocation. `running` is not final: the call is under way (or the
 /// invocation was allowed and is about to start).
@@ -220,7 +222,7 @@ pub fn invocation_subject(user: &UserId) -> Result<Subject, InvokerError> {
 }
 
 impl Invoker {
-    fn now(&self) -> std::time::SystemTime {
+    pub(crate) fn now(&self) -> std::time::SystemTime {
         self.inner.envelopes.clock().now()
     }
 
@@ -772,7 +774,14 @@ impl Invoker {
         })?;
         if let Some(token) = self.reusable_token(server_id, user) {
             match self
-                .call_in_session(server_id, user, &url, token, tool, arguments.clone())
+                .call_in_session(
+                    server_id,
+                    user,
+                    &url,
+                    CallToken::Trusted(token),
+                    tool,
+                    arguments.clone(),
+                )
                 .await
             {
                 // Refused (expired or revoked meanwhile; the server ran nothing): the
@@ -794,8 +803,15 @@ impl Invoker {
                     arguments.clone(),
                 );
                 async move {
-                    this.call_in_session(server_id, &user, &url, token, &tool, arguments)
-                        .await
+                    this.call_in_session(
+                        server_id,
+                        &user,
+                        &url,
+                        CallToken::Vouched(token),
+                        &tool,
+                        arguments,
+                    )
+                    .await
                 }
             })
             .await

@@ -2,7 +2,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use connection::ConnectionService;
@@ -100,12 +100,40 @@ pub(crate) struct CachedSession {
     session: McpSession,
     /// Until then the session's token is used without asking the connection service (a
     /// vault read and decryption per call otherwise); after it, the next call takes the
-    /// token from the connection service again, which refreshes it ahead of its expiry.
-    trusted_until: tokio::time::Instant,
+    /// token from the connection service again, which refreshes it ahead of its expiry, and
+    /// when that is still this token, trusts it for another `TOKEN_REUSE`. On the invoker's
+    /// clock (wall time, a seam for tests): a clock set back only keeps a token longer,
+    /// and a token the server no longer takes gets its 401 and the connection service's.
+    trusted_until: Mutex<SystemTime>,
+}
+
+impl CachedSession {
+    fn trusted_at(&self, now: SystemTime) -> bool {
+        now < *lock(&self.trusted_until)
+    }
+
+    fn trust_until(&self, until: SystemTime) {
+        *lock(&self.trusted_until) = until;
+    }
+}
+
+/// The token for a call, by where it came from.
+pub(crate) enum CallToken {
+    /// The session's own, while it is trusted.
+    Trusted(String),
+    /// The connection service's, just now: what it hands out is current.
+    Vouched(String),
 }
 
 /// How long a session's token is used without asking the connection service again.
 const TOKEN_REUSE: Duration = Duration::from_secs(30);
+
+/// A lock that a panic while holding it does not poison for good (the value stays usable).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A bounded map of recent results; the oldest go first.
 #[derive(Default)]
@@ -202,10 +230,14 @@ impl Invoker {
         server_id: ServerId,
         user: &UserId,
         url: &Url,
-        token: String,
+        token: CallToken,
         tool: &str,
         arguments: JsonObject,
     ) -> Result<CallToolResult, McpCallError> {
+        let (token, vouched) = match token {
+            CallToken::Trusted(token) => (token, false),
+            CallToken::Vouched(token) => (token, true),
+        };
         let key = (server_id, user.clone());
         let cached = self
             .lock_sessions()
@@ -213,13 +245,18 @@ impl Invoker {
             .filter(|cached| cached.token == token)
             .cloned();
         let cached = match cached {
-            Some(cached) => cached,
+            Some(cached) => {
+                if vouched {
+                    cached.trust_until(self.now() + TOKEN_REUSE);
+                }
+                cached
+            }
             None => {
                 let session = McpSession::open(&self.inner.outbound, url, &token).await?;
                 let cached = Arc::new(CachedSession {
                     token,
                     session,
-                    trusted_until: tokio::time::Instant::now() + TOKEN_REUSE,
+                    trusted_until: Mutex::new(self.now() + TOKEN_REUSE),
                 });
                 self.lock_sessions().insert(key.clone(), cached.clone());
                 cached
@@ -240,9 +277,10 @@ impl Invoker {
 
     /// The token of the connection's session while it may be used as is.
     pub(crate) fn reusable_token(&self, server_id: ServerId, user: &UserId) -> Option<String> {
+        let now = self.now();
         self.lock_sessions()
             .get(&(server_id, user.clone()))
-            .filter(|cached| tokio::time::Instant::now() < cached.trusted_until)
+            .filter(|cached| cached.trusted_at(now))
             .map(|cached| cached.token.clone())
     }
 
@@ -250,10 +288,7 @@ impl Invoker {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<(ServerId, UserId), Arc<CachedSession>>> {
         // A panic while holding the lock leaves the map as it was: keep using it.
-        self.inner
-            .sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.inner.sessions)
     }
 
     pub(crate) fn remember_result(&self, user: &UserId, id: &str, result: Arc<ResultEnvelope>) {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use testkit::{FixtureTool, OAuthFixture, ToolOutput};
 
 use crate::connections::{add_server, authorize, callback, events_of_type};
-use crate::support::{STORES, Store, WithFixture, app_with_fixture_and};
+use crate::support::{STORES, Store, WithFixture, app_with_fixture_clocked};
 
 const ALICE: &str = "alice@example.com";
 const MALLORY: &str = "mallory@example.com";
@@ -62,7 +62,18 @@ async fn connected_to(
     template: &str,
     settings: invoker::InvokerSettings,
 ) -> Invoking {
-    let setup = app_with_fixture_and(store, fixture, template, Some(settings)).await;
+    connected_to_clocked(store, fixture, template, settings, None).await
+}
+
+/// [`connected_to`] with the app on `clock`.
+async fn connected_to_clocked(
+    store: Store,
+    fixture: OAuthFixture,
+    template: &str,
+    settings: invoker::InvokerSettings,
+    clock: Option<std::sync::Arc<dyn service_kit::Clock>>,
+) -> Invoking {
+    let setup = app_with_fixture_clocked(store, fixture, template, Some(settings), clock).await;
     setup.handle.set_tools(tools());
     let server_id = add_server(&setup, template).await;
     let alice = setup.app.token(ALICE, &["analyst"]);
@@ -1090,6 +1101,64 @@ async fn a_token_refused_in_a_reused_session_is_refreshed_once_and_the_call_goes
     assert_eq!(it.setup.handle.token_requests_for("refresh_token"), 1);
     // The refused attempts never ran the tool.
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 2);
+}
+
+/// A session's token is used without asking the connection service for a while (no vault
+/// read and decryption per call); then one call asks, and a token still current is trusted
+/// again — not asked for on every call from then on.
+#[tokio::test]
+async fn a_sessions_token_still_current_is_trusted_again_after_one_check() {
+    let clock = std::sync::Arc::new(service_kit::ManualClock::new(std::time::SystemTime::now()));
+    // Atlassian's fixture speaks 2025-11-25 with sessions, which it counts.
+    let it = connected_to_clocked(
+        Store::Jsonl,
+        OAuthFixture::atlassian(),
+        "atlassian",
+        settings(),
+        Some(clock.clone()),
+    )
+    .await;
+    it.set_state("create_issue", "always_allow").await;
+    let invoke = |id: &'static str| {
+        let it = &it;
+        async move {
+            let body = it.invoke(id, "create_issue", json!({"title": id})).await;
+            assert_eq!(body["outcome"], "completed", "{body}");
+        }
+    };
+    invoke("trust_1").await;
+    let opened = it.setup.handle.sessions_opened();
+    // Past the trust: this call asks, gets the same token, and goes on in the same session.
+    clock.advance(Duration::from_secs(31));
+    invoke("trust_2").await;
+    assert_eq!(it.setup.handle.sessions_opened(), opened);
+
+    // The stored token replaced behind the invoker's back (a refresh on another process; the
+    // server still takes the old one): a call that asked would take the new one, in a new
+    // session.
+    let connections = &it.setup.app.state.connections;
+    let server = domain::ServerId::parse(&it.server_id).expect("server id");
+    let alice = domain::UserId::parse(ALICE).expect("user");
+    let stale = connections
+        .access_token(server, &alice)
+        .await
+        .expect("token");
+    let fresh = connections
+        .refresh(server, &alice, &stale)
+        .await
+        .expect("refresh");
+    assert_ne!(fresh, stale);
+    invoke("trust_3").await;
+    assert_eq!(
+        it.setup.handle.sessions_opened(),
+        opened,
+        "trusted again after trust_2's check: the session's token, without asking"
+    );
+    // Past the renewed trust, the next call asks and gets the new token.
+    clock.advance(Duration::from_secs(31));
+    invoke("trust_4").await;
+    assert_eq!(it.setup.handle.sessions_opened(), opened + 1);
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 4);
 }
 
 #[tokio::test]

@@ -29,6 +29,8 @@ pub struct Options {
     pub outbound: Option<mcp::OutboundClient>,
     /// Default: the invoker's defaults.
     pub invoker: Option<invoker::InvokerSettings>,
+    /// The clock of the events and the services (default: the system's).
+    pub clock: Option<Arc<dyn service_kit::Clock>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +127,8 @@ impl TestApp {
         )
         .await
         .expect("read models");
-        let envelopes = EnvelopeBuilder::new(Arc::new(SystemClock));
+        let envelopes =
+            EnvelopeBuilder::new(options.clock.unwrap_or_else(|| Arc::new(SystemClock)));
         let reaction =
             policy::DefinitionChanges::start(log.clone(), checkpoints, envelopes.clone())
                 .await
@@ -444,6 +447,17 @@ pub async fn app_with_fixture_and(
     template: &str,
     invoker: Option<invoker::InvokerSettings>,
 ) -> WithFixture {
+    app_with_fixture_clocked(store, fixture, template, invoker, None).await
+}
+
+/// [`app_with_fixture_and`] with the app on `clock`.
+pub async fn app_with_fixture_clocked(
+    store: Store,
+    fixture: testkit::OAuthFixture,
+    template: &str,
+    invoker: Option<invoker::InvokerSettings>,
+    clock: Option<Arc<dyn service_kit::Clock>>,
+) -> WithFixture {
     let ca = testkit::TestCa::new();
     let (router, handle) = fixture.start();
     let server =
@@ -479,6 +493,7 @@ pub async fn app_with_fixture_and(
             catalog: catalog::Catalog::with_urls([(template, fixture_url.clone())]),
             outbound: Some(outbound.clone()),
             invoker,
+            clock,
             ..Options::default()
         },
     )
