@@ -240,10 +240,23 @@ async fn setup(jetstream: bool) -> Setup {
     let envelopes = EnvelopeBuilder::new(Arc::new(SystemClock));
     // The policy reaction is not needed: no definition changes during the run.
     let keys = vault::KeyRing::load_or_generate(&dir.path().join("vault.keys")).expect("keys");
-    let vault = vault::Vault::new(
-        Arc::new(vault::FileStore::open(dir.path().join("vault")).expect("vault")),
-        keys,
-    );
+    // As `up` keeps it: on JetStream a KV bucket, beside the log a directory.
+    let store: Arc<dyn vault::SecretStore> = if jetstream {
+        let client = async_nats::connect(testkit::shared_nats().url())
+            .await
+            .expect("nats");
+        Arc::new(
+            vault::KvStore::open(
+                async_nats::jetstream::new(client),
+                &testkit::unique_name("benchvault"),
+            )
+            .await
+            .expect("vault bucket"),
+        )
+    } else {
+        Arc::new(vault::FileStore::open(dir.path().join("vault")).expect("vault"))
+    };
+    let vault = vault::Vault::new(store, keys);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
