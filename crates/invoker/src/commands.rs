@@ -772,13 +772,13 @@ impl Invoker {
                 "the server's URL cannot be used".to_owned(),
             )
         })?;
-        if let Some(token) = self.reusable_token(server_id, user) {
+        if let Some(session) = self.trusted_session(server_id, user) {
             match self
                 .call_in_session(
                     server_id,
                     user,
                     &url,
-                    CallToken::Trusted(token),
+                    CallToken::Trusted(session),
                     tool,
                     arguments.clone(),
                 )

@@ -87,7 +87,7 @@ pub(crate) struct Inner {
     /// bearer token is fixed): reused while the token stays the same, so a session is opened
     /// once per connection and token, not per call (and in the server's remembered era, see
     /// `mcp::ProtocolEras`).
-    pub sessions: Mutex<HashMap<(ServerId, UserId), Arc<CachedSession>>>,
+    pub sessions: Mutex<HashMap<(ServerId, UserId), SessionEntry>>,
     /// Recent results by (user, invocation id), for duplicates and status look-ups.
     pub results: Mutex<ResultCache>,
     /// Final outcomes of invocations that waited for approval, as this process records them
@@ -98,42 +98,30 @@ pub(crate) struct Inner {
 pub(crate) struct CachedSession {
     token: String,
     session: McpSession,
+}
+
+/// A connection's session in [`Inner::sessions`], and how long its token is trusted.
+pub(crate) struct SessionEntry {
+    cached: Arc<CachedSession>,
     /// Until then the session's token is used without asking the connection service (a
     /// vault read and decryption per call otherwise); after it, the next call takes the
     /// token from the connection service again, which refreshes it ahead of its expiry, and
     /// when that is still this token, trusts it for another `TOKEN_REUSE`. On the invoker's
-    /// clock (wall time, a seam for tests): a clock set back only keeps a token longer,
-    /// and a token the server no longer takes gets its 401 and the connection service's.
-    trusted_until: Mutex<SystemTime>,
+    /// clock (wall time, a seam for tests): a clock set back only keeps a token longer, and
+    /// a token the server no longer takes gets its 401, then the connection service's token.
+    trusted_until: SystemTime,
 }
 
-impl CachedSession {
-    fn trusted_at(&self, now: SystemTime) -> bool {
-        now < *lock(&self.trusted_until)
-    }
-
-    fn trust_until(&self, until: SystemTime) {
-        *lock(&self.trusted_until) = until;
-    }
-}
-
-/// The token for a call, by where it came from.
+/// What a call goes out with, by where its token came from.
 pub(crate) enum CallToken {
-    /// The session's own, while it is trusted.
-    Trusted(String),
-    /// The connection service's, just now: what it hands out is current.
+    /// The connection's session, while its token is trusted.
+    Trusted(Arc<CachedSession>),
+    /// The connection service's token, just now: what it hands out is current.
     Vouched(String),
 }
 
 /// How long a session's token is used without asking the connection service again.
 const TOKEN_REUSE: Duration = Duration::from_secs(30);
-
-/// A lock that a panic while holding it does not poison for good (the value stays usable).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// A bounded map of recent results; the oldest go first.
 #[derive(Default)]
@@ -234,40 +222,17 @@ impl Invoker {
         tool: &str,
         arguments: JsonObject,
     ) -> Result<CallToolResult, McpCallError> {
-        let (token, vouched) = match token {
-            CallToken::Trusted(token) => (token, false),
-            CallToken::Vouched(token) => (token, true),
-        };
         let key = (server_id, user.clone());
-        let cached = self
-            .lock_sessions()
-            .get(&key)
-            .filter(|cached| cached.token == token)
-            .cloned();
-        let cached = match cached {
-            Some(cached) => {
-                if vouched {
-                    cached.trust_until(self.now() + TOKEN_REUSE);
-                }
-                cached
-            }
-            None => {
-                let session = McpSession::open(&self.inner.outbound, url, &token).await?;
-                let cached = Arc::new(CachedSession {
-                    token,
-                    session,
-                    trusted_until: Mutex::new(self.now() + TOKEN_REUSE),
-                });
-                self.lock_sessions().insert(key.clone(), cached.clone());
-                cached
-            }
+        let cached = match token {
+            CallToken::Trusted(cached) => cached,
+            CallToken::Vouched(token) => self.session_for(&key, url, token).await?,
         };
         let result = cached.session.call_tool(tool, arguments).await;
         if result.is_err() {
             let mut sessions = self.lock_sessions();
             if sessions
                 .get(&key)
-                .is_some_and(|current| Arc::ptr_eq(current, &cached))
+                .is_some_and(|current| Arc::ptr_eq(&current.cached, &cached))
             {
                 sessions.remove(&key);
             }
@@ -275,20 +240,58 @@ impl Invoker {
         result
     }
 
-    /// The token of the connection's session while it may be used as is.
-    pub(crate) fn reusable_token(&self, server_id: ServerId, user: &UserId) -> Option<String> {
+    /// The connection's session for a token the connection service just handed out: the
+    /// cached one, trusted again, while it has that token; else a new one.
+    async fn session_for(
+        &self,
+        key: &(ServerId, UserId),
+        url: &Url,
+        token: String,
+    ) -> Result<Arc<CachedSession>, McpCallError> {
+        let trusted_until = self.now() + TOKEN_REUSE;
+        {
+            let mut sessions = self.lock_sessions();
+            if let Some(entry) = sessions
+                .get_mut(key)
+                .filter(|entry| entry.cached.token == token)
+            {
+                entry.trusted_until = trusted_until;
+                return Ok(entry.cached.clone());
+            }
+        }
+        let session = McpSession::open(&self.inner.outbound, url, &token).await?;
+        let cached = Arc::new(CachedSession { token, session });
+        self.lock_sessions().insert(
+            key.clone(),
+            SessionEntry {
+                cached: cached.clone(),
+                trusted_until,
+            },
+        );
+        Ok(cached)
+    }
+
+    /// The connection's session while its token may be used as is.
+    pub(crate) fn trusted_session(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+    ) -> Option<Arc<CachedSession>> {
         let now = self.now();
         self.lock_sessions()
             .get(&(server_id, user.clone()))
-            .filter(|cached| cached.trusted_at(now))
-            .map(|cached| cached.token.clone())
+            .filter(|entry| now < entry.trusted_until)
+            .map(|entry| entry.cached.clone())
     }
 
     fn lock_sessions(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(ServerId, UserId), Arc<CachedSession>>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<(ServerId, UserId), SessionEntry>> {
         // A panic while holding the lock leaves the map as it was: keep using it.
-        lock(&self.inner.sessions)
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn remember_result(&self, user: &UserId, id: &str, result: Arc<ResultEnvelope>) {
