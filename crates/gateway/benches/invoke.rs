@@ -205,10 +205,22 @@ async fn setup(jetstream: bool) -> Setup {
     )
     .expect("outbound");
     let dir = tempfile::tempdir().expect("temp dir");
-    let (log, checkpoints): (Arc<dyn EventLog>, Arc<dyn CheckpointStore>) = if jetstream {
+    // The vault where `up` keeps it: on JetStream a KV bucket on the log's connection, beside
+    // the JSONL log a directory.
+    let (log, checkpoints, secrets): (
+        Arc<dyn EventLog>,
+        Arc<dyn CheckpointStore>,
+        Arc<dyn vault::SecretStore>,
+    ) = if jetstream {
         let client = async_nats::connect(testkit::shared_nats().url())
             .await
             .expect("nats");
+        let secrets = vault::KvStore::open(
+            async_nats::jetstream::new(client.clone()),
+            &testkit::unique_name("benchvault"),
+        )
+        .await
+        .expect("vault bucket");
         let log = JetStreamLog::connect(
             client,
             JetStreamConfig {
@@ -219,7 +231,7 @@ async fn setup(jetstream: bool) -> Setup {
         .await
         .expect("JetStream");
         let checkpoints = log.checkpoint_store().await.expect("checkpoints");
-        (Arc::new(log), Arc::new(checkpoints))
+        (Arc::new(log), Arc::new(checkpoints), Arc::new(secrets))
     } else {
         (
             Arc::new(
@@ -228,6 +240,7 @@ async fn setup(jetstream: bool) -> Setup {
                     .expect("log"),
             ),
             Arc::new(FileCheckpointStore::open(&dir.path().join("cp")).expect("cp")),
+            Arc::new(vault::FileStore::open(dir.path().join("vault")).expect("vault")),
         )
     };
     let read_models = ReadModels::start(
@@ -240,23 +253,7 @@ async fn setup(jetstream: bool) -> Setup {
     let envelopes = EnvelopeBuilder::new(Arc::new(SystemClock));
     // The policy reaction is not needed: no definition changes during the run.
     let keys = vault::KeyRing::load_or_generate(&dir.path().join("vault.keys")).expect("keys");
-    // As `up` keeps it: on JetStream a KV bucket, beside the log a directory.
-    let store: Arc<dyn vault::SecretStore> = if jetstream {
-        let client = async_nats::connect(testkit::shared_nats().url())
-            .await
-            .expect("nats");
-        Arc::new(
-            vault::KvStore::open(
-                async_nats::jetstream::new(client),
-                &testkit::unique_name("benchvault"),
-            )
-            .await
-            .expect("vault bucket"),
-        )
-    } else {
-        Arc::new(vault::FileStore::open(dir.path().join("vault")).expect("vault"))
-    };
-    let vault = vault::Vault::new(store, keys);
+    let vault = vault::Vault::new(secrets, keys);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
