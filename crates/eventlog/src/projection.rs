@@ -9,6 +9,7 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
+    task::Poll,
     time::Duration,
 };
 
@@ -338,10 +339,11 @@ async fn follow<P>(
     // When the oldest unsaved event must be checkpointed at the latest.
     let mut save_by: Option<tokio::time::Instant> = None;
     let mut retry_delay = FIRST_RETRY;
+    let mut batch = Vec::new();
     loop {
         let from = *shared.position.borrow() + 1;
-        let mut batches = match log.subscribe(spec.log, from, spec.filter.as_ref()).await {
-            Ok(events) => events.ready_chunks(APPLY_BATCH),
+        let mut events = match log.subscribe(spec.log, from, spec.filter.as_ref()).await {
+            Ok(events) => events.fuse(),
             Err(EventLogError::Closed) => return,
             Err(error) => {
                 tracing::warn!(projection = spec.name, %error, "cannot follow the log; retrying");
@@ -352,8 +354,8 @@ async fn follow<P>(
         };
         let failure = loop {
             let deadline = save_by;
-            let batch = tokio::select! {
-                batch = batches.next() => batch,
+            let taken = tokio::select! {
+                taken = next_batch(&mut events, &mut batch) => taken,
                 () = sleep_until(deadline), if deadline.is_some() => {
                     save_checkpoint(&spec, &shared, checkpoints.as_ref()).await;
                     unsaved = 0;
@@ -361,9 +363,9 @@ async fn follow<P>(
                     continue;
                 }
             };
-            let Some(batch) = batch else {
+            if !taken {
                 break None;
-            };
+            }
             let mut applied = 0u64;
             let mut last = None;
             let mut failure = None;
@@ -372,7 +374,7 @@ async fn follow<P>(
                     .state
                     .write()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                for item in batch {
+                for item in batch.drain(..) {
                     match item {
                         Ok(event) => {
                             (spec.apply)(&mut projected.state, &event);
@@ -422,6 +424,34 @@ async fn follow<P>(
         tokio::time::sleep(retry_delay).await;
         retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Waits for the next event and takes every one ready behind it, up to [`APPLY_BATCH`], into
+/// `batch` (emptied first, its allocation kept: `ready_chunks` allocates room for a whole
+/// batch at each wake, 300 KB for the few events a live write group brings). False when the
+/// stream has ended and nothing was taken. Cancel-safe: an event taken is in `batch` and the
+/// future has returned.
+async fn next_batch(
+    events: &mut futures_util::stream::Fuse<crate::EventStream>,
+    batch: &mut Vec<Result<RecordedEvent, EventLogError>>,
+) -> bool {
+    batch.clear();
+    std::future::poll_fn(|cx| {
+        loop {
+            match events.poll_next_unpin(cx) {
+                Poll::Ready(Some(item)) => {
+                    batch.push(item);
+                    if batch.len() >= APPLY_BATCH {
+                        return Poll::Ready(true);
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(!batch.is_empty()),
+                Poll::Pending if batch.is_empty() => return Poll::Pending,
+                Poll::Pending => return Poll::Ready(true),
+            }
+        }
+    })
+    .await
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -548,4 +578,102 @@ fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), EventLo
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| EventLogError::io(format!("syncing {}", dir.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Poll;
+
+    use futures_util::StreamExt;
+
+    use super::{APPLY_BATCH, next_batch};
+    use crate::{EventLogError, EventStream};
+
+    fn item(n: usize) -> Result<crate::RecordedEvent, EventLogError> {
+        Err(EventLogError::Corrupt {
+            location: n.to_string(),
+            reason: String::new(),
+        })
+    }
+
+    fn location(item: &Result<crate::RecordedEvent, EventLogError>) -> String {
+        match item {
+            Err(EventLogError::Corrupt { location, .. }) => location.clone(),
+            _ => String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_ready_up_to_the_limit_and_reuses_its_room() {
+        let total = APPLY_BATCH + 10;
+        let events: EventStream = Box::pin(futures_util::stream::iter((0..total).map(item)));
+        let mut events = events.fuse();
+        let mut batch = Vec::new();
+
+        assert!(next_batch(&mut events, &mut batch).await);
+        assert_eq!(batch.len(), APPLY_BATCH);
+        assert_eq!(location(&batch[0]), "0");
+        let room = batch.as_ptr();
+
+        assert!(next_batch(&mut events, &mut batch).await);
+        assert_eq!(
+            batch.len(),
+            10,
+            "the rest, and the first batch's events are gone"
+        );
+        assert_eq!(location(&batch[0]), APPLY_BATCH.to_string());
+        assert_eq!(
+            batch.as_ptr(),
+            room,
+            "the first batch's allocation, not a new one"
+        );
+
+        assert!(
+            !next_batch(&mut events, &mut batch).await,
+            "the stream ended"
+        );
+        assert!(batch.is_empty());
+        assert!(
+            !next_batch(&mut events, &mut batch).await,
+            "and stays ended"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_ends_at_the_first_event_not_ready_and_waits_only_when_it_has_none() {
+        // Two events, then nothing ready, then a third, then the end.
+        let mut steps = vec![
+            Poll::Ready(Some(item(0))),
+            Poll::Ready(Some(item(1))),
+            Poll::Pending,
+            Poll::Pending,
+            Poll::Ready(Some(item(2))),
+            Poll::Ready(None),
+        ]
+        .into_iter();
+        let events: EventStream = Box::pin(futures_util::stream::poll_fn(move |cx| {
+            let step = steps.next().unwrap_or(Poll::Ready(None));
+            if step.is_pending() {
+                cx.waker().wake_by_ref();
+            }
+            step
+        }));
+        let mut events = events.fuse();
+        let mut batch = Vec::new();
+
+        assert!(next_batch(&mut events, &mut batch).await);
+        let taken: Vec<String> = batch.iter().map(location).collect();
+        assert_eq!(
+            taken,
+            ["0", "1"],
+            "stops at the first pending poll with events in hand"
+        );
+
+        // Nothing ready at first: it waits (and is woken) instead of returning empty.
+        assert!(next_batch(&mut events, &mut batch).await);
+        let taken: Vec<String> = batch.iter().map(location).collect();
+        assert_eq!(taken, ["2"]);
+
+        assert!(!next_batch(&mut events, &mut batch).await);
+    }
 }

@@ -211,6 +211,7 @@ impl Writer {
         let mut group: Vec<AppendRequest> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
         let mut offsets: Vec<u64> = Vec::new();
+        let mut decided: Vec<Decided> = Vec::new();
         let mut pacing = Pacing::start();
         loop {
             let first = match carried.take() {
@@ -241,7 +242,13 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
-                self.commit_group(&mut group, &mut buf, &mut offsets, &mut pacing);
+                self.commit_group(
+                    &mut group,
+                    &mut buf,
+                    &mut offsets,
+                    &mut decided,
+                    &mut pacing,
+                );
             }
             if close.is_some() {
                 return close;
@@ -258,6 +265,7 @@ impl Writer {
         group: &mut Vec<AppendRequest>,
         buf: &mut Vec<u8>,
         offsets: &mut Vec<u64>,
+        decided: &mut Vec<Decided>,
         pacing: &mut Pacing,
     ) {
         let callers = group.len();
@@ -278,7 +286,7 @@ impl Writer {
         buf.clear();
         offsets.clear();
         let first_sequence = self.next_sequence;
-        let mut decided = Vec::with_capacity(group.len());
+        decided.clear();
         for request in group.drain(..) {
             let start = offsets.len();
             let outcome = self.decide(&request, first_sequence, now, buf, offsets);
@@ -309,7 +317,7 @@ impl Writer {
         if self.next_sequence > first_sequence {
             {
                 let mut index = self.shared.write_index();
-                for d in &decided {
+                for d in decided.iter() {
                     if let Some((subject, range, end)) = &d.written {
                         index.push(subject.as_str(), &offsets[range.clone()], *end);
                     }
@@ -319,7 +327,7 @@ impl Writer {
         }
         // Before the callers are answered, so that what they do next finds it set.
         pacing.after_sync(callers, !self.rx.is_empty());
-        for d in decided {
+        for d in decided.drain(..) {
             let _ = d.reply.send(d.outcome);
         }
         // Subscribers are woken after the callers, who wait on this sync; what they read is
@@ -438,7 +446,7 @@ impl Writer {
     /// After a failed write or sync: fails every append of the group, including the ones
     /// that were refused or duplicates (their answer may rest on records of this group), and
     /// poisons the log.
-    fn fail_group(&mut self, decided: Vec<Decided>, error: &io::Error) {
+    fn fail_group(&mut self, decided: &mut Vec<Decided>, error: &io::Error) {
         let reason = format!(
             "writing to {} failed ({error}); the log refuses appends until it is \
              reopened, and the failed appends may be retried with the same event ids then",
@@ -450,7 +458,7 @@ impl Writer {
         let _ = self.file.set_len(self.file_len);
         self.allocated_len = self.file_len;
         self.poisoned = Some(reason.clone());
-        for d in decided {
+        for d in decided.drain(..) {
             let _ = d.reply.send(Err(EventLogError::Unavailable {
                 reason: reason.clone(),
             }));
