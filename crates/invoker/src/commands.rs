@@ -172,6 +172,9 @@ struct Run {
     context: CommandContext,
     subject: Subject,
     events: Vec<Event>,
+    /// The invocation as `events` describe it (carried along and advanced event by event:
+    /// replaying clones the whole request each time).
+    state: InvocationState,
     user: UserId,
     id: InvocationId,
     server_id: ServerId,
@@ -180,6 +183,14 @@ struct Run {
     tool_name: String,
     arguments: JsonObject,
     deadline: Duration,
+}
+
+/// Records `new` events of an invocation in its `events` and folds them into its `state`.
+fn advance(state: &mut InvocationState, events: &mut Vec<Event>, new: Vec<Event>) {
+    for event in &new {
+        state.apply(event);
+    }
+    events.extend(new);
 }
 
 /// How long a duplicate waits beyond the deadline for the owner to record the outcome.
@@ -406,6 +417,7 @@ impl Invoker {
                     context: context.clone(),
                     subject,
                     events,
+                    state,
                     user: request.user,
                     id,
                     server_id: resolved.tool.server_id,
@@ -417,7 +429,7 @@ impl Invoker {
                 })
                 .await
             }
-            _ => Ok(self.report(&request.user, &id, &events)),
+            _ => Ok(self.report_of(&state, &request.user, &id, &events, None)),
         }
     }
 
@@ -576,6 +588,7 @@ impl Invoker {
             context: context.clone(),
             subject,
             events,
+            state,
             user: user.clone(),
             id: id.clone(),
             server_id,
@@ -632,6 +645,7 @@ impl Invoker {
             context,
             subject,
             mut events,
+            mut state,
             user,
             id,
             server_id,
@@ -641,7 +655,6 @@ impl Invoker {
             arguments,
             deadline,
         } = run;
-        let state = InvocationState::replay(&id, &events);
         // An approved invocation is started here. Its `InvocationStarted` is appended while
         // the call goes out, not before it: the right to call was settled by the approval
         // (the one `InvocationApproved` append that succeeded), so nobody else can start it
@@ -682,8 +695,9 @@ impl Invoker {
                 "could not record an approved invocation's start; recording its outcome"
             );
         }
-        events.extend(started);
+        advance(&mut state, &mut events, started);
         let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        let mut built = None;
         let command = match answer {
             Ok(Ok(result)) => {
                 let server = ResultServer {
@@ -700,6 +714,7 @@ impl Invoker {
                 };
                 // Before the event: whoever sees `InvocationCompleted` here finds the result.
                 self.remember_result(&user, id.as_str(), envelope.clone());
+                built = Some(envelope.clone());
                 InvocationCommand::Complete {
                     is_error: envelope.is_error,
                     duration_ms,
@@ -723,7 +738,6 @@ impl Invoker {
                 duration_ms,
             },
         };
-        let state = InvocationState::replay(&id, &events);
         let finished = invocation::decide(&state, &id, command, self.now())?;
         let envelopes = self.envelopes(&context, &user, &id, finished.clone());
         // The outcome must be recorded: retry what the store could not take (an append is
@@ -752,8 +766,8 @@ impl Invoker {
                 Err(error) => return Err(error),
             }
         }
-        events.extend(finished);
-        Ok(self.report(&user, &id, &events))
+        advance(&mut state, &mut events, finished);
+        Ok(self.report_of(&state, &user, &id, &events, built))
     }
 
     /// `tools/call` with the user's token (refreshed once after a 401), in the connection's
@@ -832,6 +846,19 @@ impl Invoker {
         events: &[Event],
     ) -> InvocationReport {
         let state = InvocationState::from_events(events.iter());
+        self.report_of(&state, user, id, events, None)
+    }
+
+    /// [`Invoker::report`] for `state`, the invocation as `events` describe it, and its
+    /// `result` where the caller has it at hand (else a completed one's is looked up).
+    fn report_of(
+        &self,
+        state: &InvocationState,
+        user: &UserId,
+        id: &InvocationId,
+        events: &[Event],
+        result: Option<Arc<ResultEnvelope>>,
+    ) -> InvocationReport {
         let mut report = InvocationReport {
             invocation_id: id.as_str().to_owned(),
             outcome: Outcome::Running,
@@ -856,7 +883,7 @@ impl Invoker {
                 Event::InvocationExpired(_) => {
                     report.reason = Some("approval_expired".to_owned());
                 }
-                Event::InvocationCompleted(e) if !e.result_json.is_empty() => {
+                Event::InvocationCompleted(e) if !e.result_json.is_empty() && result.is_none() => {
                     report.result = serde_json::from_str(&e.result_json).ok().map(Arc::new);
                 }
                 _ => {}
@@ -874,7 +901,7 @@ impl Invoker {
             InvocationStatus::Failed { .. } => Outcome::Failed,
         };
         if report.outcome == Outcome::Completed && report.result.is_none() {
-            report.result = self.remembered_result(user, id.as_str());
+            report.result = result.or_else(|| self.remembered_result(user, id.as_str()));
         }
         report
     }
