@@ -74,8 +74,13 @@ impl ResultEnvelope {
             .iter()
             .map(|block| serde_json::to_value(block).unwrap_or(Value::Null))
             .collect();
-        let (content, structured_content, truncated) =
-            cap(blocks, result.structured_content, limit);
+        // The blocks and the structured content are parts of the whole answer's JSON, so
+        // an answer under the cap needs no measuring part by part (each a serialisation).
+        let (content, structured_content, truncated) = if whole.len() <= limit {
+            (blocks, result.structured_content, false)
+        } else {
+            cap(blocks, result.structured_content, limit)
+        };
         (
             ResultEnvelope {
                 untrusted: true,
@@ -195,6 +200,30 @@ mod tests {
         assert!(envelope.truncated && envelope.untrusted);
         assert!(digest.size_bytes > 10_000);
         assert_eq!(digest.sha256.len(), 64);
+    }
+
+    #[test]
+    fn an_answer_at_the_cap_or_whose_parts_fit_it_is_kept_whole() {
+        let result: CallToolResult = serde_json::from_value(
+            json!({"content": [text("first"), text("second")], "structuredContent": {"k": "v"}}),
+        )
+        .unwrap();
+        let whole = serde_json::to_vec(&result).unwrap().len();
+        let parts =
+            json_len(&text("first")) + json_len(&text("second")) + json_len(&json!({"k": "v"}));
+        // At the cap, the answer is kept without measuring its parts; just under it, the
+        // parts are measured, and they fit too (the whole holds them and more).
+        for limit in [whole, parts] {
+            let server = ResultServer {
+                id: "s".into(),
+                name: "S".into(),
+            };
+            let (envelope, _) = ResultEnvelope::build(server, "t".into(), result.clone(), limit);
+            assert!(!envelope.truncated, "cap {limit}");
+            assert_eq!(envelope.content, vec![text("first"), text("second")]);
+            assert_eq!(envelope.structured_content, Some(json!({"k": "v"})));
+        }
+        assert!(parts < whole);
     }
 
     #[test]
