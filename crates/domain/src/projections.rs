@@ -11,6 +11,7 @@ mod tool_states;
 
 pub use open_invocations::{
     CLAIM_WINDOW, FinishedInvocation, Located, OpenInvocation, OpenInvocations, OpenStatus,
+    invocation_key,
 };
 pub use tool_states::{ToolStates, ToolView};
 

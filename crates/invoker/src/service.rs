@@ -6,7 +6,7 @@ use std::{
 };
 
 use connection::ConnectionService;
-use domain::{ServerId, UserId};
+use domain::{ServerId, UserId, projections::invocation_key};
 use eventlog::EventLog;
 use mcp::{McpCallError, McpSession, OutboundClient};
 use rmcp::model::{CallToolResult, JsonObject};
@@ -124,18 +124,21 @@ pub(crate) enum CallToken {
 const TOKEN_REUSE: Duration = Duration::from_secs(30);
 
 /// A bounded map of recent results; the oldest go first.
+///
+/// Keyed by [`invocation_key`] of the user and invocation id: a result is remembered for
+/// every completed call, and the key costs no allocation.
 #[derive(Default)]
 pub(crate) struct ResultCache {
-    entries: HashMap<(UserId, String), Arc<ResultEnvelope>>,
-    order: std::collections::VecDeque<(UserId, String)>,
+    entries: HashMap<u128, Arc<ResultEnvelope>>,
+    order: std::collections::VecDeque<u128>,
 }
 
 impl ResultCache {
-    pub fn insert(&mut self, key: (UserId, String), result: Arc<ResultEnvelope>, limit: usize) {
+    pub fn insert(&mut self, key: u128, result: Arc<ResultEnvelope>, limit: usize) {
         if limit == 0 {
             return;
         }
-        if self.entries.insert(key.clone(), result).is_none() {
+        if self.entries.insert(key, result).is_none() {
             self.order.push_back(key);
         }
         while self.order.len() > limit {
@@ -145,8 +148,8 @@ impl ResultCache {
         }
     }
 
-    pub fn get(&self, key: &(UserId, String)) -> Option<Arc<ResultEnvelope>> {
-        self.entries.get(key).cloned()
+    pub fn get(&self, key: u128) -> Option<Arc<ResultEnvelope>> {
+        self.entries.get(&key).cloned()
     }
 }
 
@@ -222,13 +225,15 @@ impl Invoker {
         tool: &str,
         arguments: JsonObject,
     ) -> Result<CallToolResult, McpCallError> {
-        let key = (server_id, user.clone());
+        // The sessions map's key is only needed off the trusted path: not built on it.
+        let key = || (server_id, user.clone());
         let cached = match token {
             CallToken::Trusted(cached) => cached,
-            CallToken::Vouched(token) => self.session_for(&key, url, token).await?,
+            CallToken::Vouched(token) => self.session_for(&key(), url, token).await?,
         };
         let result = cached.session.call_tool(tool, arguments).await;
         if result.is_err() {
+            let key = key();
             let mut sessions = self.lock_sessions();
             if sessions
                 .get(&key)
@@ -300,7 +305,7 @@ impl Invoker {
             .results
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((user.clone(), id.to_owned()), result, limit);
+            .insert(invocation_key(user.as_str(), id), result, limit);
     }
 
     pub(crate) fn remembered_result(&self, user: &UserId, id: &str) -> Option<Arc<ResultEnvelope>> {
@@ -308,6 +313,6 @@ impl Invoker {
             .results
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&(user.clone(), id.to_owned()))
+            .get(invocation_key(user.as_str(), id))
     }
 }

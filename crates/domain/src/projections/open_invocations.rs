@@ -103,9 +103,10 @@ impl Located<'_> {
 /// claim window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenInvocations {
-    /// Key: `(user id, invocation id)`; ids are unique per user.
+    /// Key: [`invocation_key`] of the user id and invocation id (ids are unique per user),
+    /// so that a look-up by the two strings allocates nothing.
     #[serde(with = "pairs")]
-    open: HashMap<(String, String), OpenInvocation>,
+    open: HashMap<u128, OpenInvocation>,
     /// Not in snapshots: hours of finished invocations would make every checkpoint large.
     /// A restored projection folds the log again from [`OpenInvocations::replay_from`].
     #[serde(skip)]
@@ -137,15 +138,15 @@ fn default_claim_window_ms() -> u64 {
 /// The finished invocations of the claim window.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Finished {
-    /// Key: [`finished_key`] of `(user id, invocation id)`: 16 bytes, not two strings.
+    /// Key: [`invocation_key`] of `(user id, invocation id)`: 16 bytes, not two strings.
     by_key: HashMap<u128, FinishedInvocation>,
     /// The keys in the order they finished, to forget them after the window.
     order: VecDeque<(u64, u128)>,
 }
 
-/// The key of a finished invocation: 128 bits of the SHA-256 of its user and id (ids are
-/// only unique per user), the same in every process and after every restart.
-fn finished_key(user: &str, invocation_id: &str) -> u128 {
+/// The key of an invocation, open or finished: 128 bits of the SHA-256 of its user and id
+/// (ids are only unique per user), the same in every process and after every restart.
+pub fn invocation_key(user: &str, invocation_id: &str) -> u128 {
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     context.update(&(user.len() as u64).to_be_bytes());
     context.update(user.as_bytes());
@@ -183,7 +184,7 @@ impl OpenInvocations {
         self.forget_finished_before(window_start);
         self.anchor(at, sequence, window_start);
         if let Event::InvocationRequested(requested) = event {
-            let key = (requested.user_id.clone(), requested.invocation_id.clone());
+            let key = invocation_key(&requested.user_id, &requested.invocation_id);
             if self.open.contains_key(&key) {
                 return;
             }
@@ -208,7 +209,7 @@ impl OpenInvocations {
             );
             return;
         }
-        let key = (user.to_owned(), id.to_owned());
+        let key = invocation_key(user, id);
         let terminal = matches!(
             event,
             Event::InvocationRejected(_)
@@ -219,16 +220,15 @@ impl OpenInvocations {
         );
         if terminal {
             if let Some(open) = self.open.remove(&key) {
-                let finished_key = finished_key(user, id);
                 self.finished.by_key.insert(
-                    finished_key,
+                    key,
                     FinishedInvocation {
                         requested_sequence: open.requested_sequence,
                         outcome_sequence: sequence,
                         finished_at_ms: at,
                     },
                 );
-                self.finished.order.push_back((at, finished_key));
+                self.finished.order.push_back((at, key));
             }
             return;
         }
@@ -263,17 +263,18 @@ impl OpenInvocations {
     }
 
     pub fn get(&self, user: &str, invocation_id: &str) -> Option<&OpenInvocation> {
-        self.open.get(&(user.to_owned(), invocation_id.to_owned()))
+        self.open.get(&invocation_key(user, invocation_id))
     }
 
     /// The user's invocation `invocation_id`, open or finished within the claim window.
     pub fn locate(&self, user: &str, invocation_id: &str) -> Option<Located<'_>> {
-        if let Some(open) = self.get(user, invocation_id) {
+        let key = invocation_key(user, invocation_id);
+        if let Some(open) = self.open.get(&key) {
             return Some(Located::Open(open));
         }
         self.finished
             .by_key
-            .get(&finished_key(user, invocation_id))
+            .get(&key)
             .map(|finished| Located::Finished(*finished))
     }
 
@@ -369,10 +370,10 @@ mod pairs {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::OpenInvocation;
+    use super::{OpenInvocation, invocation_key};
 
     pub fn serialize<S: Serializer>(
-        map: &HashMap<(String, String), OpenInvocation>,
+        map: &HashMap<u128, OpenInvocation>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         let entries: Vec<&OpenInvocation> = map.values().collect();
@@ -381,11 +382,11 @@ mod pairs {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
-    ) -> Result<HashMap<(String, String), OpenInvocation>, D::Error> {
+    ) -> Result<HashMap<u128, OpenInvocation>, D::Error> {
         let entries = Vec::<OpenInvocation>::deserialize(deserializer)?;
         Ok(entries
             .into_iter()
-            .map(|o| ((o.user_id.clone(), o.invocation_id.clone()), o))
+            .map(|o| (invocation_key(&o.user_id, &o.invocation_id), o))
             .collect())
     }
 }
