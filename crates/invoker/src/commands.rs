@@ -171,6 +171,8 @@ struct Resolved {
 struct Run {
     context: CommandContext,
     subject: Subject,
+    /// The invocation's events so far that its report reads (outcomes and reasons: the
+    /// request itself may be left out, `state` holds it).
     events: Vec<Event>,
     /// The invocation as `events` describe it (carried along and advanced event by event:
     /// replaying clones the whole request each time).
@@ -394,7 +396,12 @@ impl Invoker {
         if let Some(known) = self.whereabouts_now(&request.user, &id) {
             return self.join(&request.user, &id, command, known, limit).await;
         }
-        let mut envelopes = self.envelopes(context, &request.user, &id, events.clone());
+        let state = InvocationState::from_events(events.iter());
+        let called = matches!(state.status(), InvocationStatus::Running) && resolved.is_some();
+        // A call's report needs none of these events (the state holds the request; the
+        // outcome comes later); a rejection's or a wait's report reads them.
+        let kept = if called { Vec::new() } else { events.clone() };
+        let mut envelopes = self.envelopes(context, &request.user, &id, events);
         // Rejected or awaiting approval: only the claim's winner writes what follows it.
         let follow_up = envelopes.split_off(1);
         if let Settled::Theirs(requested_sequence) =
@@ -410,13 +417,12 @@ impl Invoker {
             // Closed by the sweeper meanwhile (this process stalled for minutes).
             return self.status(&request.user, &id, Duration::ZERO).await;
         }
-        let state = InvocationState::from_events(events.iter());
         match (state.status(), resolved) {
             (InvocationStatus::Running, Some(resolved)) => {
                 self.run_to_completion(Run {
                     context: context.clone(),
                     subject,
-                    events,
+                    events: kept,
                     state,
                     user: request.user,
                     id,
@@ -429,7 +435,7 @@ impl Invoker {
                 })
                 .await
             }
-            _ => Ok(self.report_of(&state, &request.user, &id, &events, None)),
+            _ => Ok(self.report_of(&state, &request.user, &id, &kept, None)),
         }
     }
 
