@@ -786,18 +786,13 @@ impl Invoker {
         tool: &str,
         arguments: JsonObject,
     ) -> Result<CallToolResult, (String, String)> {
-        let url = Url::parse(url).map_err(|_| {
-            (
-                "server_url_invalid".to_owned(),
-                "the server's URL cannot be used".to_owned(),
-            )
-        })?;
+        // A trusted session is open already (a server's URL never changes): the URL is
+        // only parsed for a new one.
         if let Some(session) = self.trusted_session(server_id, user) {
             match self
                 .call_in_session(
                     server_id,
                     user,
-                    &url,
                     CallToken::Trusted(session),
                     tool,
                     arguments.clone(),
@@ -812,6 +807,12 @@ impl Invoker {
                 }
             }
         }
+        let url = Url::parse(url).map_err(|_| {
+            (
+                "server_url_invalid".to_owned(),
+                "the server's URL cannot be used".to_owned(),
+            )
+        })?;
         self.inner
             .connections
             .with_token(server_id, user, |token| {
@@ -826,8 +827,7 @@ impl Invoker {
                     this.call_in_session(
                         server_id,
                         &user,
-                        &url,
-                        CallToken::Vouched(token),
+                        CallToken::Vouched(token, url),
                         &tool,
                         arguments,
                     )

@@ -116,8 +116,9 @@ pub(crate) struct SessionEntry {
 pub(crate) enum CallToken {
     /// The connection's session, while its token is trusted.
     Trusted(Arc<CachedSession>),
-    /// The connection service's token, just now: what it hands out is current.
-    Vouched(String),
+    /// The connection service's token, just now: what it hands out is current; with the
+    /// server's URL, for a session opened with it.
+    Vouched(String, Url),
 }
 
 /// How long a session's token is used without asking the connection service again.
@@ -220,7 +221,6 @@ impl Invoker {
         &self,
         server_id: ServerId,
         user: &UserId,
-        url: &Url,
         token: CallToken,
         tool: &str,
         arguments: JsonObject,
@@ -229,7 +229,7 @@ impl Invoker {
         let key = || (server_id, user.clone());
         let cached = match token {
             CallToken::Trusted(cached) => cached,
-            CallToken::Vouched(token) => self.session_for(&key(), url, token).await?,
+            CallToken::Vouched(token, url) => self.session_for(&key(), &url, token).await?,
         };
         let result = cached.session.call_tool(tool, arguments).await;
         if result.is_err() {
