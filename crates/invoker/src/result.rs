@@ -211,8 +211,9 @@ mod tests {
         let whole = serde_json::to_vec(&result).unwrap().len();
         let parts =
             json_len(&text("first")) + json_len(&text("second")) + json_len(&json!({"k": "v"}));
-        // At the cap, the answer is kept without measuring its parts; just under it, the
-        // parts are measured, and they fit too (the whole holds them and more).
+        // A cap the whole answer fits keeps it without measuring its parts; a smaller cap
+        // that only the parts fit (the whole holds them and more) measures them, and keeps
+        // them too.
         for limit in [whole, parts] {
             let server = ResultServer {
                 id: "s".into(),
