@@ -379,22 +379,30 @@ impl Invoker {
         let id = request.invocation_id.clone();
         let subject = invocation_subject(&request.user)?;
         let resolved = self.resolve(&request.user, &request.tool);
-        let command = InvocationCommand::Request(InvocationRequest {
+        // What a duplicate of this request is checked against: the arguments' digest and
+        // size tell it apart (`invocation_id_reused`), so it leaves out the arguments' JSON,
+        // which may be large and is not copied for it.
+        let duplicate = InvocationRequest {
             user_id: request.user.clone(),
             exposed_tool_name: request.tool.clone(),
             arguments_sha256: sha256_hex(arguments_json.as_bytes()),
             arguments_size_bytes: arguments_json.len() as u64,
-            arguments_json,
+            arguments_json: String::new(),
             capture_arguments: settings.capture_payloads,
             resolved: resolved.as_ref().map(|r| r.tool.clone()),
             approval_timeout: settings.approval_timeout,
+        };
+        let command = InvocationCommand::Request(InvocationRequest {
+            arguments_json,
+            ..duplicate.clone()
         });
+        let duplicate = InvocationCommand::Request(duplicate);
         let now = self.now();
-        let events = invocation::decide(&InvocationState::default(), &id, command.clone(), now)?;
+        let events = invocation::decide(&InvocationState::default(), &id, command, now)?;
         let limit = deadline + RECORDING_GRACE;
         // Known already — past the log's dedupe window too: never claimed again.
         if let Some(known) = self.whereabouts_now(&request.user, &id) {
-            return self.join(&request.user, &id, command, known, limit).await;
+            return self.join(&request.user, &id, duplicate, known, limit).await;
         }
         let state = InvocationState::from_events(events.iter());
         let called = matches!(state.status(), InvocationStatus::Running) && resolved.is_some();
@@ -411,7 +419,7 @@ impl Invoker {
                 requested_sequence,
                 outcome_sequence: None,
             };
-            return self.join(&request.user, &id, command, known, limit).await;
+            return self.join(&request.user, &id, duplicate, known, limit).await;
         }
         if !follow_up.is_empty() && self.append_all(&subject, &follow_up).await?.is_none() {
             // Closed by the sweeper meanwhile (this process stalled for minutes).
