@@ -405,10 +405,15 @@ impl Invoker {
             return self.join(&request.user, &id, duplicate, known, limit).await;
         }
         let state = InvocationState::from_events(events.iter());
-        let called = matches!(state.status(), InvocationStatus::Running) && resolved.is_some();
+        // Allowed and resolved: called here, once the claim is ours.
+        let to_call = resolved.filter(|_| matches!(state.status(), InvocationStatus::Running));
         // A call's report needs none of these events (the state holds the request; the
         // outcome comes later); a rejection's or a wait's report reads them.
-        let kept = if called { Vec::new() } else { events.clone() };
+        let kept = if to_call.is_some() {
+            Vec::new()
+        } else {
+            events.clone()
+        };
         let mut envelopes = self.envelopes(context, &request.user, &id, events);
         // Rejected or awaiting approval: only the claim's winner writes what follows it.
         let follow_up = envelopes.split_off(1);
@@ -425,8 +430,8 @@ impl Invoker {
             // Closed by the sweeper meanwhile (this process stalled for minutes).
             return self.status(&request.user, &id, Duration::ZERO).await;
         }
-        match (state.status(), resolved) {
-            (InvocationStatus::Running, Some(resolved)) => {
+        match to_call {
+            Some(resolved) => {
                 self.run_to_completion(Run {
                     context: context.clone(),
                     subject,
@@ -443,7 +448,7 @@ impl Invoker {
                 })
                 .await
             }
-            _ => Ok(self.report_of(&state, &request.user, &id, &kept, None)),
+            None => Ok(self.report_of(&state, &request.user, &id, &kept, None)),
         }
     }
 
@@ -549,7 +554,7 @@ impl Invoker {
         };
         let now = self.now();
         let (mut events, _) = self.load(user, id, known).await?;
-        let state = InvocationState::replay(id, &events);
+        let mut state = InvocationState::replay(id, &events);
         let decided = invocation::decide(&state, id, command.clone(), now)?;
         if decided.is_empty() {
             // Decided so already: the answer is where it stands.
@@ -564,8 +569,7 @@ impl Invoker {
             invocation::decide(&state, id, command, now)?;
             return Ok(self.report(user, id, &events));
         }
-        events.extend(decided);
-        let state = InvocationState::replay(id, &events);
+        advance(&mut state, &mut events, decided);
         if decision != Decision::Approve
             || !matches!(state.status(), InvocationStatus::Ready { .. })
         {
