@@ -150,7 +150,9 @@ fn cut_text_block(block: &Value, budget: usize) -> Option<Value> {
         }
         cut["text"] = Value::String(text[..end].to_owned());
     }
-    Some(cut)
+    // What is not text (`_meta`, annotations) may alone be over the budget: then nothing
+    // of the block fits.
+    (json_len(&cut) <= budget).then_some(cut)
 }
 
 #[cfg(test)]
@@ -161,6 +163,15 @@ mod tests {
 
     fn text(t: &str) -> Value {
         json!({"type": "text", "text": t})
+    }
+
+    #[test]
+    fn a_text_block_whose_other_fields_are_over_the_cap_is_dropped_not_kept() {
+        let heavy = json!({"type": "text", "text": "x", "_meta": {"blob": "b".repeat(5_000)}});
+        let (content, structured, truncated) = cap(vec![text("a"), heavy], None, 1_000);
+        assert_eq!(content, vec![text("a")]);
+        assert_eq!(structured, None);
+        assert!(truncated);
     }
 
     #[test]
