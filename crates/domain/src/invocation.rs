@@ -328,7 +328,23 @@ pub fn decide(
         return Err(DomainError::InvocationNotFound);
     };
     if state.status.is_terminal() {
-        return Err(DomainError::InvocationFinished);
+        return Err(match (&command, &state.status) {
+            // A decision that came too late, or after the one that counted: said as such,
+            // not as the orchestrator's reuse of a finished id.
+            (InvocationCommand::Approve { by } | InvocationCommand::Deny { by, .. }, _)
+                if by.as_str() != request.user_id =>
+            {
+                DomainError::ApprovalNotYours
+            }
+            (
+                InvocationCommand::Approve { .. } | InvocationCommand::Deny { .. },
+                InvocationStatus::Expired,
+            ) => DomainError::ApprovalExpired,
+            (InvocationCommand::Approve { .. } | InvocationCommand::Deny { .. }, _) => {
+                DomainError::InvocationNotAwaitingApproval
+            }
+            _ => DomainError::InvocationFinished,
+        });
     }
     match command {
         InvocationCommand::Request(_) => Ok(vec![]), // handled above
@@ -422,8 +438,11 @@ pub fn decide(
     }
 }
 
-/// Whether a request repeats the recorded one: same user, tool and arguments (by digest when
-/// both have one; the arguments themselves may not have been recorded).
+/// Whether a request repeats the recorded one: same user, exposed tool name and arguments
+/// (by digest when both have one; the arguments themselves may not have been recorded) —
+/// what the caller sent. Not what the name resolved to: a retry after the server was deleted
+/// or its tools changed, or one that reaches a process whose read models are a moment behind,
+/// is the same request, and gets the recorded outcome.
 fn same_request(recorded: &pb::InvocationRequested, request: &pb::InvocationRequested) -> bool {
     let same_arguments =
         if recorded.arguments_sha256.is_empty() || request.arguments_sha256.is_empty() {
@@ -435,8 +454,6 @@ fn same_request(recorded: &pb::InvocationRequested, request: &pb::InvocationRequ
     same_arguments
         && recorded.invocation_id == request.invocation_id
         && recorded.user_id == request.user_id
-        && recorded.server_id == request.server_id
-        && recorded.tool_name == request.tool_name
         && recorded.exposed_tool_name == request.exposed_tool_name
 }
 
@@ -699,6 +716,27 @@ mod tests {
         Scenario::<InvocationState>::given([requested_and_started()])
             .when(decide_at(1_002, complete()))
             .then([completed()]);
+    }
+
+    #[test]
+    fn a_retry_is_the_same_request_whatever_its_name_resolves_to_now() {
+        // The server was deleted since (the name resolves to nothing), or the retry reached
+        // a process whose read models lag: still the request recorded, not a reuse.
+        Scenario::<InvocationState>::given([requested_and_started(), completed()])
+            .when(decide_at(1_005, request_with(None)))
+            .then([]);
+        let InvocationCommand::Request(mut other_arguments) = request(ToolState::AlwaysAllow)
+        else {
+            unreachable!()
+        };
+        other_arguments.arguments_json = r#"{"title":"Other"}"#.into();
+        other_arguments.arguments_size_bytes = 17;
+        Scenario::<InvocationState>::given([requested_and_started(), completed()])
+            .when(decide_at(
+                1_005,
+                InvocationCommand::Request(other_arguments),
+            ))
+            .then_error("invocation_id_reused");
     }
 
     #[test]
@@ -997,13 +1035,13 @@ mod tests {
             }],
             vec![requested(), started(), failed()],
         ];
-        for history in terminal_histories {
+        for (history, too_late_decision) in terminal_histories.into_iter().zip([
+            "invocation_not_awaiting_approval",
+            // The approval lost to its expiry: the window closed, which is what it says.
+            "approval_expired",
+            "invocation_not_awaiting_approval",
+        ]) {
             for command in [
-                InvocationCommand::Approve { by: alice() },
-                InvocationCommand::Deny {
-                    by: alice(),
-                    reason: String::new(),
-                },
                 InvocationCommand::Expire,
                 InvocationCommand::Start,
                 complete(),
@@ -1013,6 +1051,21 @@ mod tests {
                     .when(decide_at(2_000, command))
                     .then_error("invocation_finished");
             }
+            for decision in [
+                InvocationCommand::Approve { by: alice() },
+                InvocationCommand::Deny {
+                    by: alice(),
+                    reason: String::new(),
+                },
+            ] {
+                Scenario::<InvocationState>::given(history.clone())
+                    .when(decide_at(2_000, decision))
+                    .then_error(too_late_decision);
+            }
+            let bob = UserId::parse("bob@example.com").unwrap();
+            Scenario::<InvocationState>::given(history.clone())
+                .when(decide_at(2_000, InvocationCommand::Approve { by: bob }))
+                .then_error("approval_not_yours");
         }
     }
 
