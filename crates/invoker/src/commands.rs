@@ -27,7 +27,10 @@
 //! **No history on the hot path.** Invoking reads nothing from the log; loading an
 //! invocation (a duplicate, a look-up, a decision) reads its user's subject from its request
 //! on — what the user did meanwhile, not their history.
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use domain::{Aggregate, Event};
 use domain::{
@@ -185,6 +188,48 @@ struct Run {
     tool_name: String,
     arguments: JsonObject,
     deadline: Duration,
+}
+
+/// An invocation's claim and what follows it, by the process that decided it.
+struct Claim {
+    context: CommandContext,
+    subject: Subject,
+    /// The claim (`InvocationRequested`): one envelope.
+    claim: Vec<Envelope>,
+    /// What the claim's winner appends after it (a rejection, a wait for approval).
+    follow_up: Vec<Envelope>,
+    /// The events a rejection's or a wait's report reads (none for a call).
+    kept: Vec<Event>,
+    state: InvocationState,
+    /// The tool, when the invocation is allowed and called here.
+    to_call: Option<Resolved>,
+    user: UserId,
+    id: InvocationId,
+    arguments: JsonObject,
+    deadline: Duration,
+}
+
+/// Whose claim an invocation id is.
+enum Claimed {
+    /// Ours: the invocation's report.
+    Ours(InvocationReport),
+    /// Another request's, stored at this sequence.
+    Theirs(u64),
+}
+
+/// A user's decision on a pending approval, decided and about to be recorded.
+struct RecordDecision {
+    context: CommandContext,
+    subject: Subject,
+    user: UserId,
+    id: InvocationId,
+    known: Whereabouts,
+    command: InvocationCommand,
+    now: SystemTime,
+    events: Vec<Event>,
+    state: InvocationState,
+    decided: Vec<Event>,
+    approve: bool,
 }
 
 /// Records `new` events of an invocation in its `events` and folds them into its `state`.
@@ -417,39 +462,85 @@ impl Invoker {
         let mut envelopes = self.envelopes(context, &request.user, &id, events);
         // Rejected or awaiting approval: only the claim's winner writes what follows it.
         let follow_up = envelopes.split_off(1);
+        let claim = Claim {
+            context: context.clone(),
+            subject,
+            claim: envelopes,
+            follow_up,
+            kept,
+            state,
+            to_call,
+            user: request.user.clone(),
+            id: id.clone(),
+            arguments: request.arguments,
+            deadline,
+        };
+        // From the claim on, the invocation is seen through even if its caller goes away (a
+        // closed HTTP request): a claim without its follow-up would leave the invocation
+        // open, a pending approval unlisted, until the sweeper closed it.
+        let this = self.clone();
+        let claimed = FinishOnDrop::new(async move { this.claim_and_follow(claim).await }).await?;
+        match claimed {
+            Claimed::Ours(report) => Ok(report),
+            Claimed::Theirs(requested_sequence) => {
+                let known = Whereabouts {
+                    requested_sequence,
+                    outcome_sequence: None,
+                };
+                self.join(&request.user, &id, duplicate, known, limit).await
+            }
+        }
+    }
+
+    /// Appends an invocation's claim and, when it is ours, what follows it: the rejection or
+    /// the wait for approval, or the call.
+    async fn claim_and_follow(&self, claim: Claim) -> Result<Claimed, InvokerError> {
+        let Claim {
+            context,
+            subject,
+            claim,
+            follow_up,
+            kept,
+            state,
+            to_call,
+            user,
+            id,
+            arguments,
+            deadline,
+        } = claim;
         if let Settled::Theirs(requested_sequence) =
-            self.append_settling(&subject, &envelopes[0]).await?
+            self.append_settling(&subject, &claim[0]).await?
         {
-            let known = Whereabouts {
-                requested_sequence,
-                outcome_sequence: None,
-            };
-            return self.join(&request.user, &id, duplicate, known, limit).await;
+            return Ok(Claimed::Theirs(requested_sequence));
         }
         if !follow_up.is_empty() && self.append_all(&subject, &follow_up).await?.is_none() {
             // Closed by the sweeper meanwhile (this process stalled for minutes).
-            return self.status(&request.user, &id, Duration::ZERO).await;
+            return self
+                .status(&user, &id, Duration::ZERO)
+                .await
+                .map(Claimed::Ours);
         }
-        match to_call {
+        let report = match to_call {
             Some(resolved) => {
-                self.run_to_completion(Run {
-                    context: context.clone(),
+                self.run(Run {
+                    context,
                     subject,
                     events: kept,
                     state,
-                    user: request.user,
+                    user,
                     id,
                     server_id: resolved.tool.server_id,
                     server_name: resolved.server_name,
                     url: resolved.url,
                     tool_name: resolved.tool.tool.as_str().to_owned(),
-                    arguments: request.arguments,
+                    arguments,
                     deadline,
                 })
-                .await
+                .await?
             }
-            None => Ok(self.report_of(&state, &request.user, &id, &kept, None)),
-        }
+            None => self.report_of(&state, &user, &id, &kept, None),
+        };
+        Ok(Claimed::Ours(report))
     }
 
     /// A request whose id is claimed already: the same request gets the recorded outcome
@@ -528,18 +619,6 @@ impl Invoker {
         id: &InvocationId,
         decision: Decision,
     ) -> Result<InvocationReport, InvokerError> {
-        let report = self.decide_and_run(context, user, id, decision).await?;
-        self.announce_approval_outcome(&report);
-        Ok(report)
-    }
-
-    async fn decide_and_run(
-        &self,
-        context: &CommandContext,
-        user: &UserId,
-        id: &InvocationId,
-        decision: Decision,
-    ) -> Result<InvocationReport, InvokerError> {
         let subject = invocation_subject(user)?;
         // Another user's id is looked for among their own invocations: not found.
         let Some(known) = self.whereabouts(user, id).await? else {
@@ -553,14 +632,56 @@ impl Invoker {
             },
         };
         let now = self.now();
-        let (mut events, _) = self.load(user, id, known).await?;
-        let mut state = InvocationState::replay(id, &events);
+        let (events, _) = self.load(user, id, known).await?;
+        let state = InvocationState::replay(id, &events);
         let decided = invocation::decide(&state, id, command.clone(), now)?;
         if decided.is_empty() {
             // Decided so already: the answer is where it stands.
             return Ok(self.report(user, id, &events));
         }
-        let envelopes = self.envelopes(context, user, id, decided.clone());
+        let decision = RecordDecision {
+            context: context.clone(),
+            subject,
+            user: user.clone(),
+            id: id.clone(),
+            known,
+            command,
+            now,
+            events,
+            state,
+            decided,
+            approve: decision == Decision::Approve,
+        };
+        // From the decision on, seen through even if the caller goes away: the approved call
+        // made and its outcome recorded and announced.
+        let this = self.clone();
+        FinishOnDrop::new(async move {
+            let report = this.record_decision_and_run(decision).await?;
+            this.announce_approval_outcome(&report);
+            Ok(report)
+        })
+        .await
+    }
+
+    async fn record_decision_and_run(
+        &self,
+        decision: RecordDecision,
+    ) -> Result<InvocationReport, InvokerError> {
+        let RecordDecision {
+            context,
+            subject,
+            user,
+            id,
+            known,
+            command,
+            now,
+            mut events,
+            mut state,
+            decided,
+            approve,
+        } = decision;
+        let (user, id) = (&user, &id);
+        let envelopes = self.envelopes(&context, user, id, decided.clone());
         if let Settled::Theirs(_) = self.append_settling(&subject, &envelopes[0]).await? {
             // Decided first elsewhere (the user's other tab, the sweeper's expiry): what the
             // rules say to deciding again, on what is recorded now.
@@ -570,9 +691,7 @@ impl Invoker {
             return Ok(self.report(user, id, &events));
         }
         advance(&mut state, &mut events, decided);
-        if decision != Decision::Approve
-            || !matches!(state.status(), InvocationStatus::Ready { .. })
-        {
+        if !approve || !matches!(state.status(), InvocationStatus::Ready { .. }) {
             return Ok(self.report(user, id, &events));
         }
         let Some(request) = state.request().cloned() else {
@@ -592,7 +711,7 @@ impl Invoker {
             // The server was deleted or disabled while the user decided: never called.
             return self
                 .record_failure(
-                    context,
+                    &context,
                     &subject,
                     user,
                     id,
@@ -602,8 +721,8 @@ impl Invoker {
                 )
                 .await;
         };
-        self.run_to_completion(Run {
-            context: context.clone(),
+        self.run(Run {
+            context,
             subject,
             events,
             state,
@@ -647,15 +766,6 @@ impl Invoker {
         }
         events.extend(failed);
         Ok(self.report(user, id, &events))
-    }
-
-    /// Runs the call in the caller's task, and — should the caller go away before it is
-    /// done (a closed HTTP request) — in a task of its own from there on, so that a started
-    /// invocation is never left without its outcome. (Spawning it up front cost a task
-    /// hand-over each way on every call, to guard against what rarely happens.)
-    async fn run_to_completion(&self, run: Run) -> Result<InvocationReport, InvokerError> {
-        let this = self.clone();
-        FinishOnDrop(Some(Box::pin(async move { this.run(run).await }))).await
     }
 
     async fn run(&self, run: Run) -> Result<InvocationReport, InvokerError> {
@@ -1137,17 +1247,23 @@ impl Invoker {
     }
 }
 
-/// The run of one invocation, as `run_to_completion` awaits it.
-type RunFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<InvocationReport, InvokerError>> + Send>,
->;
+/// Work that is polled where it is awaited and, if dropped before it is done, finishes in a
+/// task of its own (its output then goes nowhere): what an invocation's caller starts (a
+/// claim, a decision, a call) is seen through whether or not the caller waits for it.
+/// (Spawning it up front would cost a task hand-over each way on every call, to guard
+/// against what rarely happens.)
+struct FinishOnDrop<T: Send + 'static>(
+    Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+);
 
-/// A run that is polled where it is awaited and, if dropped before it is done, finishes in a
-/// task of its own (its report then goes nowhere).
-struct FinishOnDrop(Option<RunFuture>);
+impl<T: Send + 'static> FinishOnDrop<T> {
+    fn new(work: impl std::future::Future<Output = T> + Send + 'static) -> Self {
+        FinishOnDrop(Some(Box::pin(work)))
+    }
+}
 
-impl std::future::Future for FinishOnDrop {
-    type Output = Result<InvocationReport, InvokerError>;
+impl<T: Send + 'static> std::future::Future for FinishOnDrop<T> {
+    type Output = T;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -1164,7 +1280,7 @@ impl std::future::Future for FinishOnDrop {
     }
 }
 
-impl Drop for FinishOnDrop {
+impl<T: Send + 'static> Drop for FinishOnDrop<T> {
     fn drop(&mut self) {
         if let Some(future) = self.0.take() {
             match tokio::runtime::Handle::try_current() {
@@ -1173,7 +1289,7 @@ impl Drop for FinishOnDrop {
                 }
                 // No runtime: the process is shutting down, and the sweeper of the next
                 // start records the invocation as interrupted.
-                Err(_) => tracing::warn!("an invocation was dropped mid-call outside a runtime"),
+                Err(_) => tracing::warn!("an invocation was dropped mid-way outside a runtime"),
             }
         }
     }

@@ -160,6 +160,11 @@ fn millis_of(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// `now` less `age`, in milliseconds since the epoch.
+fn older_than(now: SystemTime, age: Duration) -> u64 {
+    millis(now).saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn millis(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -344,14 +349,27 @@ impl OpenInvocations {
             .collect()
     }
 
-    /// Invocations allowed, approved or running whose status has not changed for `stale`:
-    /// the process that was running them stopped.
+    /// Invocations approved or running whose status has not changed for `stale`: the process
+    /// that was running them stopped (their call may have been made).
     pub fn stalled(&self, now: SystemTime, stale: Duration) -> Vec<&OpenInvocation> {
-        let limit =
-            millis(now).saturating_sub(u64::try_from(stale.as_millis()).unwrap_or(u64::MAX));
+        let limit = older_than(now, stale);
         self.open
             .values()
-            .filter(|o| o.approval_expires_at().is_none() && o.since_ms <= limit)
+            .filter(|o| {
+                matches!(o.status, OpenStatus::Approved | OpenStatus::Running)
+                    && o.since_ms <= limit
+            })
+            .collect()
+    }
+
+    /// Invocations requested but neither rejected, started nor waiting for approval for
+    /// `stale`: the process that claimed them stopped before it recorded what followed the
+    /// claim (which it does at once), so their call was never made.
+    pub fn unsettled(&self, now: SystemTime, stale: Duration) -> Vec<&OpenInvocation> {
+        let limit = older_than(now, stale);
+        self.open
+            .values()
+            .filter(|o| o.status == OpenStatus::Ready && o.since_ms <= limit)
             .collect()
     }
 
@@ -447,12 +465,16 @@ mod tests {
                 .len(),
             1
         );
-        let stalled = open.stalled(
-            UNIX_EPOCH + Duration::from_millis(3_000),
-            Duration::from_secs(1),
+        // Bob's a1 was claimed and nothing followed: never called, not a stalled call.
+        let later = UNIX_EPOCH + Duration::from_millis(3_000);
+        assert!(open.stalled(later, Duration::from_secs(1)).is_empty());
+        let unsettled = open.unsettled(later, Duration::from_secs(1));
+        assert_eq!(unsettled.len(), 1);
+        assert_eq!(unsettled[0].user_id, "bob");
+        assert!(
+            open.unsettled(later, Duration::from_secs(2)).is_empty(),
+            "claimed 1.9 s before: not yet"
         );
-        assert_eq!(stalled.len(), 1);
-        assert_eq!(stalled[0].user_id, "bob");
 
         let snapshot = serde_json::to_string(&open).unwrap();
         let mut restored: OpenInvocations = serde_json::from_str(&snapshot).unwrap();
@@ -469,6 +491,27 @@ mod tests {
         assert!(restored.get("alice", "a1").is_none());
         assert!(restored.get("bob", "a1").is_some(), "bob's a1 stays open");
         assert_eq!(restored.len(), 1);
+    }
+
+    #[test]
+    fn an_approved_invocation_left_unstarted_is_stalled_not_unsettled() {
+        let mut open = OpenInvocations::default();
+        open.apply(&envelope(requested("dan", "d1"), 1_000), "dan", 1);
+        open.apply(
+            &envelope(
+                Event::InvocationApproved(pb::InvocationApproved {
+                    invocation_id: "d1".into(),
+                    approved_by: "dan".into(),
+                }),
+                1_100,
+            ),
+            "dan",
+            2,
+        );
+        let later = UNIX_EPOCH + Duration::from_millis(3_000);
+        // Its call goes out while its start is recorded: it may have been made.
+        assert!(open.unsettled(later, Duration::from_secs(1)).is_empty());
+        assert_eq!(open.stalled(later, Duration::from_secs(1)).len(), 1);
     }
 
     #[test]

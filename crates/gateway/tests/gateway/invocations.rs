@@ -414,7 +414,7 @@ async fn an_unanswered_approval_expires() {
             &json!({"decision": "approve"}),
         )
         .await;
-    assert!(status == 409 || status == 410, "{status} {late}");
+    assert_eq!(status, 410, "the approval window closed: {late}");
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
 }
 
@@ -1259,4 +1259,213 @@ async fn a_caller_that_goes_away_mid_call_leaves_the_invocation_to_finish() {
     assert_eq!(report.outcome, invoker::Outcome::Completed, "{report:?}");
     assert!(report.result.is_some(), "{report:?}");
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+}
+
+/// The caller goes away (its future dropped) once its claim is on its way to the store, and
+/// before what follows the claim: the invocation is still seen through — its wait for
+/// approval recorded and listed. And an approval whose caller goes away once the decision is
+/// on its way still runs the call and announces the outcome (`sb.invoke.result.<id>`).
+#[tokio::test]
+async fn a_caller_that_goes_away_after_the_claim_or_the_approval_leaves_them_to_follow_through() {
+    use futures_util::StreamExt;
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let invoker = it.setup.app.state.invoker.clone();
+    let alice = domain::UserId::parse(ALICE).expect("user");
+    let id = domain::InvocationId::parse("call_gone").expect("id");
+    let context = service_kit::CommandContext::service("test");
+    let mut announced = invoker.approval_outcomes();
+    let mut call = Box::pin(invoker.invoke(
+        &context,
+        it.request("call_gone", "create_issue", json!({"title": "gone"})),
+    ));
+    // One poll: the claim is queued for the log's writer, whose sync the call waits for.
+    tokio::select! {
+        biased;
+        report = &mut call => panic!("answered before its claim was durable: {report:?}"),
+        () = std::future::ready(()) => {}
+    }
+    drop(call);
+    let mut invocations = it
+        .setup
+        .app
+        .log
+        .subscribe(eventlog::LogKind::Invocations, 1, None)
+        .await
+        .expect("subscribe");
+    let awaiting = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = invocations.next().await {
+            let event = event.expect("event");
+            if matches!(
+                event.envelope.event,
+                Some(domain::Event::InvocationAwaitingApproval(ref e)) if e.invocation_id == "call_gone"
+            ) {
+                return event.sequence;
+            }
+        }
+        panic!("the log's stream ended");
+    })
+    .await
+    .expect("the wait for approval recorded without its caller");
+    assert!(
+        it.setup
+            .app
+            .read_models
+            .wait_for_position(
+                eventlog::LogKind::Invocations,
+                awaiting,
+                Duration::from_secs(10)
+            )
+            .await
+    );
+    let pending = invoker.pending_approvals(&alice);
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].invocation_id, "call_gone");
+
+    let mut approval =
+        Box::pin(invoker.decide_approval(&context, &alice, &id, invoker::Decision::Approve));
+    // Polled until its decision is in the log, then dropped: the call is still to be made
+    // (it needs the fixture's answer and another durable append).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::select! {
+                biased;
+                event = invocations.next() => {
+                    let event = event.expect("the log's stream").expect("event");
+                    if matches!(
+                        event.envelope.event,
+                        Some(domain::Event::InvocationApproved(ref e)) if e.invocation_id == "call_gone"
+                    ) {
+                        return;
+                    }
+                }
+                report = &mut approval => panic!("answered before its decision was read: {report:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the approval recorded");
+    drop(approval);
+    let report = tokio::time::timeout(Duration::from_secs(10), announced.recv())
+        .await
+        .expect("the approved call's outcome announced without its caller")
+        .expect("announcement");
+    assert_eq!(report.invocation_id, "call_gone");
+    assert_eq!(report.outcome, invoker::Outcome::Completed, "{report:?}");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+}
+
+/// What a process that stopped left open, the sweeper closes: a claim with nothing after it
+/// (never called) after half a minute, saying so; an approved invocation (whose call may have
+/// gone out) after twice the longest deadline, and its outcome is announced, as the approving
+/// process would have.
+#[tokio::test]
+async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it_was_called() {
+    let clock = std::sync::Arc::new(service_kit::ManualClock::new(std::time::SystemTime::now()));
+    let it = connected_to_clocked(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        settings(),
+        Some(clock.clone()),
+    )
+    .await;
+    let invoker = it.setup.app.state.invoker.clone();
+    let alice = domain::UserId::parse(ALICE).expect("user");
+    let subject = domain::invocation::subject(&alice);
+    let mut announced = invoker.approval_outcomes();
+    let requested = |id: &str| {
+        domain::Event::InvocationRequested(proto::v1::InvocationRequested {
+            invocation_id: id.to_owned(),
+            user_id: ALICE.to_owned(),
+            server_id: it.server_id.clone(),
+            tool_name: "create_issue".to_owned(),
+            exposed_tool_name: format!("{PREFIX}create_issue"),
+            arguments_json: "{}".to_owned(),
+            arguments_sha256: "0".repeat(64),
+            arguments_size_bytes: 2,
+            started: false,
+        })
+    };
+    // Claimed; the process stopped before it recorded the rejection or the wait.
+    it.setup
+        .app
+        .append(&subject, requested("left_claimed"))
+        .await;
+    // Approved; the process stopped around the call.
+    it.setup
+        .app
+        .append(&subject, requested("left_approved"))
+        .await;
+    it.setup
+        .app
+        .append(
+            &subject,
+            domain::Event::InvocationAwaitingApproval(proto::v1::InvocationAwaitingApproval {
+                invocation_id: "left_approved".to_owned(),
+                approval_expires_at: Some(domain::time::to_timestamp(
+                    std::time::SystemTime::now() + Duration::from_secs(3_600),
+                )),
+            }),
+        )
+        .await;
+    it.setup
+        .app
+        .append(
+            &subject,
+            domain::Event::InvocationApproved(proto::v1::InvocationApproved {
+                invocation_id: "left_approved".to_owned(),
+                approved_by: ALICE.to_owned(),
+            }),
+        )
+        .await;
+    it.settle().await;
+    let status = |id: &'static str| {
+        let invoker = invoker.clone();
+        let alice = alice.clone();
+        async move {
+            let id = domain::InvocationId::parse(id).expect("id");
+            invoker
+                .status(&alice, &id, Duration::ZERO)
+                .await
+                .expect("status")
+        }
+    };
+
+    clock.advance(Duration::from_secs(31));
+    let id = domain::InvocationId::parse("left_claimed").expect("id");
+    let closed = invoker
+        .status(&alice, &id, Duration::from_secs(10))
+        .await
+        .expect("status");
+    assert_eq!(closed.outcome, invoker::Outcome::Failed, "{closed:?}");
+    assert_eq!(closed.reason.as_deref(), Some("interrupted"));
+    assert!(
+        closed
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("the server was not called")),
+        "{closed:?}"
+    );
+    assert_eq!(
+        status("left_approved").await.outcome,
+        invoker::Outcome::Running,
+        "an approved call may still be under way"
+    );
+
+    clock.advance(it.setup.app.state.invoker.settings().stalled_after());
+    let report = tokio::time::timeout(Duration::from_secs(10), announced.recv())
+        .await
+        .expect("the interrupted outcome announced")
+        .expect("announcement");
+    assert_eq!(report.invocation_id, "left_approved");
+    assert_eq!(report.outcome, invoker::Outcome::Failed, "{report:?}");
+    assert!(
+        report
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("may or may not have reached the server")),
+        "{report:?}"
+    );
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
 }
