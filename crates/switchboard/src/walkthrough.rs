@@ -112,6 +112,14 @@ pub struct DecideArgs {
 }
 
 /// An HTTP client for the API, with the caller's token.
+/// How long an ordinary request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a request that makes a tool call (an invocation, an approval) may take: the
+/// longest call deadline Switchboard allows by default (10 minutes) and a margin. The call's
+/// own deadline ends it sooner.
+const CALL_TIMEOUT: Duration = Duration::from_secs(11 * 60);
+
 struct Api {
     http: reqwest::Client,
     base: String,
@@ -132,9 +140,9 @@ impl Api {
             .clone()
             .or_else(|| settings.public_url.clone())
             .unwrap_or_else(|| format!("http://{}", settings.listen));
+        // Each request sets its own time limit (see `call_within`).
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
             .build()
             .context("setting up the HTTP client")?;
         Ok(Api {
@@ -145,19 +153,37 @@ impl Api {
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        self.call_within(method, path, body, REQUEST_TIMEOUT).await
+    }
+
+    /// A request that may take up to `limit` (a tool call's does: it waits for the tool).
+    async fn call_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        limit: Duration,
+    ) -> anyhow::Result<Value> {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+            .bearer_auth(&self.token)
+            .timeout(limit);
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await.map_err(|e| {
-            if e.is_connect() || e.is_timeout() {
+            if e.is_connect() {
                 anyhow::anyhow!(
                     "no Switchboard answers at {}: start one with `switchboard up`, or point \
                      --url / SWITCHBOARD_URL at it",
                     self.base
+                )
+            } else if e.is_timeout() {
+                anyhow::anyhow!(
+                    "Switchboard at {} did not answer within {} s",
+                    self.base,
+                    limit.as_secs()
                 )
             } else {
                 anyhow::anyhow!("the request to {} failed: {e}", self.base)
@@ -314,13 +340,22 @@ pub async fn connect(args: &ConnectArgs, settings: &Settings) -> anyhow::Result<
 /// `switchboard tools`: the caller's tools and their states.
 pub async fn tools(args: &ToolsArgs, settings: &Settings) -> anyhow::Result<()> {
     let api = Api::new(&args.api, settings)?;
+    if let (Some(_), Some(_)) = (&args.user, &args.server) {
+        bail!(
+            "--user lists the tools the AI may use for that user, on every server; it does not \
+             combine with --server (which lists your own tools on one server, blocked ones too)"
+        );
+    }
     if args.server.is_none() {
         // The tools the AI may use now (Always allow or Needs approval).
-        let path = match &args.user {
-            Some(user) => api_path(&["tools"], &[("user", user)]),
-            None => "/api/v1/tools".to_owned(),
+        let usable = match &args.user {
+            // Another user's tools or nothing: an error must not turn into a list of the
+            // caller's own tools.
+            Some(user) => Some(api.get(&api_path(&["tools"], &[("user", user)])).await?),
+            // A token without the orchestrator's permissions gets its own tools per server.
+            None => api.get("/api/v1/tools").await.ok(),
         };
-        if let Ok(usable) = api.get(&path).await {
+        if let Some(usable) = usable {
             let tools = usable["tools"].as_array().cloned().unwrap_or_default();
             println!("{:<40} {:<15} SERVER", "TOOL", "STATE");
             for tool in &tools {
@@ -481,8 +516,20 @@ pub async fn invoke(args: &InvokeArgs, settings: &Settings) -> anyhow::Result<()
         body["user"] = json!(user);
     }
     let answer = api
-        .call(Method::POST, "/api/v1/invocations", Some(body))
-        .await?;
+        .call_within(
+            Method::POST,
+            "/api/v1/invocations",
+            Some(body),
+            CALL_TIMEOUT,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "invocation {id}: if it reached Switchboard, `switchboard invoke --id {id} …` \
+                 with the same tool and arguments gets its outcome (the tool is never called \
+                 twice for one id)"
+            )
+        })?;
     print_outcome(&answer);
     if text(&answer["outcome"]) != "awaiting_approval" {
         return Ok(());
@@ -498,7 +545,8 @@ pub async fn invoke(args: &InvokeArgs, settings: &Settings) -> anyhow::Result<()
         let now = api
             .get(&api_path(&["invocations", &id], &[("wait", "10")]))
             .await?;
-        if text(&now["outcome"]) != "awaiting_approval" {
+        // Approved, the call runs: still not the final outcome.
+        if !matches!(text(&now["outcome"]), "awaiting_approval" | "running") {
             eprintln!();
             print_outcome(&now);
             return Ok(());
@@ -533,13 +581,22 @@ pub async fn approvals(args: &ApiArgs, settings: &Settings) -> anyhow::Result<()
 pub async fn decide(args: &DecideArgs, settings: &Settings, approve: bool) -> anyhow::Result<()> {
     let api = Api::new(&args.api, settings)?;
     let decision = if approve { "approve" } else { "deny" };
+    // An approval makes the call and answers with its outcome.
     let answer = api
-        .call(
+        .call_within(
             Method::POST,
             &api_path(&["approvals", &args.id], &[]),
             Some(json!({"decision": decision})),
+            CALL_TIMEOUT,
         )
-        .await?;
+        .await
+        .with_context(|| {
+            format!(
+                "deciding {}: `switchboard approvals` lists it while it waits; \
+                 GET /api/v1/invocations/{} shows where it stands",
+                args.id, args.id
+            )
+        })?;
     if answer.get("outcome").is_some() {
         print_outcome(&answer);
     } else {

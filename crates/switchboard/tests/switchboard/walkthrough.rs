@@ -231,6 +231,28 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
     assert!(pending.contains("walk_2"), "{pending}");
     let denied = stdout_of(&walk(&data_dir, &url, &alice, &["deny", "walk_2"]));
     assert!(denied.contains("denied (walk_2)"), "{denied}");
+    // Another user's tools need the orchestrator's permission: refused, not Alice's own
+    // tools under Bob's name.
+    let theirs = walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["tools", "--user", "bob@example.com"],
+    );
+    assert!(!theirs.status.success(), "{theirs:?}");
+    assert!(theirs.stdout.is_empty(), "{theirs:?}");
+    assert!(
+        String::from_utf8_lossy(&theirs.stderr).contains("HTTP 403"),
+        "{theirs:?}"
+    );
+    let mixed = walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["tools", "--user", "bob@example.com", "--server", "Tracker"],
+    );
+    assert!(!mixed.status.success());
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("does not combine with --server"));
     // A tool the server does not have is named in the error.
     let unknown = walk(
         &data_dir,
