@@ -277,6 +277,9 @@ pub struct InvocationRequest {
     pub resolved: Option<ResolvedTool>,
     /// How long a *Needs approval* invocation waits for the user.
     pub approval_timeout: Duration,
+    /// The call's deadline the orchestrator asked for (`None`: the default), recorded for
+    /// the approved call.
+    pub deadline: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -495,6 +498,9 @@ fn request_invocation(
         arguments_sha256: request.arguments_sha256,
         arguments_size_bytes: request.arguments_size_bytes,
         started: false,
+        deadline_ms: request
+            .deadline
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     };
     if let Some(recorded) = &state.request {
         return if same_request(recorded, &requested) {
@@ -595,6 +601,7 @@ mod tests {
             capture_arguments: true,
             resolved,
             approval_timeout: Duration::from_secs(300),
+            deadline: Some(Duration::from_secs(5)),
         })
     }
 
@@ -613,6 +620,8 @@ mod tests {
             arguments_sha256: String::new(),
             arguments_size_bytes: 15,
             started: false,
+            // The deadline the orchestrator asked for, kept for an approved call.
+            deadline_ms: 5_000,
         })
     }
 
@@ -1154,6 +1163,7 @@ mod tests {
             capture_arguments: false,
             resolved: None,
             approval_timeout: Duration::from_secs(300),
+            deadline: None,
         });
         let (events, _) = Scenario::<InvocationState>::given([])
             .when(decide_at(1_000, command))

@@ -436,6 +436,7 @@ impl Invoker {
             capture_arguments: settings.capture_payloads,
             resolved: resolved.as_ref().map(|r| r.tool.clone()),
             approval_timeout: settings.approval_timeout,
+            deadline: request.deadline,
         };
         let command = InvocationCommand::Request(InvocationRequest {
             arguments_json,
@@ -733,9 +734,19 @@ impl Invoker {
             url,
             tool_name: request.tool_name,
             arguments,
-            deadline: self.deadline(None)?,
+            deadline: self.recorded_deadline(request.deadline_ms),
         })
         .await
+    }
+
+    /// The deadline a request recorded (`0`: the default), within today's longest.
+    fn recorded_deadline(&self, deadline_ms: u64) -> Duration {
+        let settings = &self.inner.settings;
+        let asked = match deadline_ms {
+            0 => settings.default_deadline,
+            ms => Duration::from_millis(ms),
+        };
+        asked.min(settings.max_deadline)
     }
 
     #[allow(clippy::too_many_arguments)]

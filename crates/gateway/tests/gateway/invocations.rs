@@ -944,6 +944,42 @@ async fn a_call_past_its_deadline_fails_with_deadline_exceeded() {
     assert_eq!(bad["error"]["code"], "deadline_invalid");
 }
 
+/// The deadline asked for with a request that waits for approval holds for its call too,
+/// made when the user approves.
+#[tokio::test]
+async fn an_approved_call_keeps_to_the_deadline_its_request_asked_for() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let (status, waiting) = it
+        .post(
+            &it.alice,
+            "/api/v1/invocations",
+            &json!({"invocation_id": "call_slow_approved", "tool": format!("{PREFIX}create_issue"), "arguments": {"title": "x"}, "deadline_ms": 300}),
+        )
+        .await;
+    assert_eq!(status, 200, "{waiting}");
+    assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
+    it.setup.handle.expire_access_tokens();
+    let gate = it.setup.handle.pause_token_endpoint();
+    let (status, outcome) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_slow_approved",
+            &json!({"decision": "approve"}),
+        )
+        .await;
+    gate.release();
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(outcome["outcome"], "failed", "{outcome}");
+    assert_eq!(outcome["reason"], "deadline_exceeded");
+    assert!(
+        outcome["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("300 ms")),
+        "{outcome}"
+    );
+}
+
 #[tokio::test]
 async fn pending_approvals_and_outcomes_reach_the_users_live_stream() {
     let it = connected(Store::Jsonl, settings()).await;
@@ -1385,6 +1421,7 @@ async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it
             arguments_sha256: "0".repeat(64),
             arguments_size_bytes: 2,
             started: false,
+            deadline_ms: 0,
         })
     };
     // Claimed; the process stopped before it recorded the rejection or the wait.
