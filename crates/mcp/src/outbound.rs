@@ -83,7 +83,9 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
         return AddressClass::Loopback;
     }
     // Forms that carry an IPv4 address are judged by that address: IPv4-mapped
-    // (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96) and 6to4 (2002::/16).
+    // (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d),
+    // NAT64 (64:ff9b::/96) and 6to4 (2002::/16). The local-use NAT64 prefix (64:ff9b:1::/48,
+    // RFC 8215) places the address by the network's prefix length: reserved, not guessed.
     if let Some(v4) = ip.to_ipv4_mapped() {
         return classify_v4(v4);
     }
@@ -92,8 +94,11 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     if segments[..6] == [0; 6] {
         return classify_v4(embedded_low());
     }
-    if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    if segments[..6] == [0, 0, 0, 0, 0xffff, 0] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return classify_v4(embedded_low());
+    }
+    if segments[..3] == [0x64, 0xff9b, 1] {
+        return AddressClass::Reserved;
     }
     if segments[0] == 0x2002 {
         return classify_v4(Ipv4Addr::from(
@@ -131,7 +136,8 @@ pub struct OutboundPolicy {
     /// Extra trust anchors given as PEM text (tests, the demo).
     pub extra_ca_pem: Vec<String>,
     pub connect_timeout: Duration,
-    /// Bound on one request, redirects included.
+    /// Bound on one request, redirects included; on opening an MCP session, and on each
+    /// page of a tool list (a tool call is bounded by its invocation's deadline instead).
     pub request_timeout: Duration,
     /// Largest response body read.
     pub max_response_bytes: usize,
@@ -396,10 +402,16 @@ impl OutboundClient {
                  and plain http:// on loopback. Development and tests only."
             );
         }
+        // No proxy, whatever the environment says (`HTTPS_PROXY`, `ALL_PROXY`): through a
+        // proxy, the guarded resolver would only ever see the proxy's name, and the target's
+        // address would go unchecked. No overall time limit on the client either: `send`
+        // bounds each request with `request_timeout`, a session's opening and tool list are
+        // bounded in `session`, a tool call by its invocation's deadline — and a
+        // notification stream must outlive any such limit.
         let mut builder = reqwest::Client::builder()
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(policy.connect_timeout)
-            .timeout(policy.request_timeout)
             .tcp_nodelay(true)
             .https_only(false)
             .dns_resolver(Arc::new(GuardedResolve {
@@ -681,6 +693,10 @@ mod tests {
             ("::ffff:93.184.216.34", AddressClass::Public),
             ("::10.0.0.1", AddressClass::Private),
             ("64:ff9b::a00:1", AddressClass::Private),
+            ("::ffff:0:a9fe:a9fe", AddressClass::LinkLocal),
+            ("::ffff:0:5db8:d822", AddressClass::Public),
+            ("64:ff9b:1::a9fe:a9fe", AddressClass::Reserved),
+            ("64:ff9b:1:ff::1", AddressClass::Reserved),
             ("2002:a00:1::1", AddressClass::Private),
             ("fd00::1", AddressClass::UniqueLocal),
             ("fc12::1", AddressClass::UniqueLocal),

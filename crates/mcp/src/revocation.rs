@@ -76,6 +76,9 @@ pub async fn revoke_tokens(
             }
             let http = Oauth2Http(outbound);
             let mut revoked_any = false;
+            // Each token is tried even when one is refused: a refused refresh token must not
+            // leave the access token unrevoked. The first refusal is the answer.
+            let mut refused: Option<RevocationError> = None;
             let refresh = tokens
                 .refresh_token
                 .map(|t| StandardRevocableToken::RefreshToken(RefreshToken::new(t.to_owned())));
@@ -83,19 +86,28 @@ pub async fn revoke_tokens(
                 .access_token
                 .map(|t| StandardRevocableToken::AccessToken(AccessToken::new(t.to_owned())));
             for token in refresh.into_iter().chain(access) {
-                oauth
-                    .revoke_token(token)
-                    .map_err(|e| RevocationError::Refused {
-                        reason: e.to_string(),
-                    })?
-                    .request_async(&http)
-                    .await
-                    .map_err(|e| RevocationError::Refused {
-                        reason: describe_oauth2_error(&e),
-                    })?;
-                revoked_any = true;
+                let outcome =
+                    match oauth.revoke_token(token) {
+                        Ok(request) => request.request_async(&http).await.map_err(|e| {
+                            RevocationError::Refused {
+                                reason: describe_oauth2_error(&e),
+                            }
+                        }),
+                        Err(e) => Err(RevocationError::Refused {
+                            reason: e.to_string(),
+                        }),
+                    };
+                match outcome {
+                    Ok(()) => revoked_any = true,
+                    Err(error) => {
+                        refused.get_or_insert(error);
+                    }
+                }
             }
-            something_revoked(revoked_any)
+            match refused {
+                Some(error) => Err(error),
+                None => something_revoked(revoked_any),
+            }
         }
         RevocationMethod::GitHubApi { api_base } => {
             let Some(access_token) = tokens.access_token else {
@@ -137,9 +149,15 @@ pub async fn revoke_tokens(
                     follow_redirects: false,
                 })
                 .await?;
-            // 204: revoked; 404: the token was already gone — revoked either way.
+            // 204: revoked. GitHub answers 404 both for a token already gone and for app
+            // credentials it does not accept: not a confirmation that the token is dead.
             match response.status.as_u16() {
-                204 | 200 | 404 => Ok(()),
+                204 | 200 => Ok(()),
+                404 => Err(RevocationError::Refused {
+                    reason: "GitHub answered HTTP 404: the token was revoked already, or the \
+                             app's client id and secret are not accepted"
+                        .to_owned(),
+                }),
                 status => Err(RevocationError::Refused {
                     reason: format!("GitHub answered HTTP {status}"),
                 }),
@@ -208,32 +226,51 @@ async fn revoke_rfc7009_by_hand(
         (tokens.access_token, "access_token"),
     ];
     let mut revoked_any = false;
+    // As with the `oauth2` client: every token is tried, the first refusal is the answer.
+    let mut refused: Option<RevocationError> = None;
     for (token, hint) in to_revoke {
         let Some(token) = token else { continue };
-        let (headers, body) = rfc7009_request(client, token, hint)?;
-        let response = outbound
-            .send(OutboundRequest {
-                method: Method::POST,
-                url: endpoint.clone(),
-                headers,
-                body: Some(Bytes::from(body)),
-                follow_redirects: false,
-            })
-            .await?;
-        if !response.status.is_success() {
-            let answer: serde_json::Value =
-                serde_json::from_slice(&response.body).unwrap_or_default();
-            return Err(RevocationError::Refused {
-                reason: format!(
-                    "HTTP {} ({})",
-                    response.status.as_u16(),
-                    answer["error"].as_str().unwrap_or("no error code")
-                ),
-            });
+        match revoke_one_by_hand(outbound, endpoint, client, token, hint).await {
+            Ok(()) => revoked_any = true,
+            Err(error) => {
+                refused.get_or_insert(error);
+            }
         }
-        revoked_any = true;
     }
-    something_revoked(revoked_any)
+    match refused {
+        Some(error) => Err(error),
+        None => something_revoked(revoked_any),
+    }
+}
+
+async fn revoke_one_by_hand(
+    outbound: &OutboundClient,
+    endpoint: &Url,
+    client: &ClientAuthentication,
+    token: &str,
+    hint: &str,
+) -> Result<(), RevocationError> {
+    let (headers, body) = rfc7009_request(client, token, hint)?;
+    let response = outbound
+        .send(OutboundRequest {
+            method: Method::POST,
+            url: endpoint.clone(),
+            headers,
+            body: Some(Bytes::from(body)),
+            follow_redirects: false,
+        })
+        .await?;
+    if response.status.is_success() {
+        return Ok(());
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+    Err(RevocationError::Refused {
+        reason: format!(
+            "HTTP {} ({})",
+            response.status.as_u16(),
+            answer["error"].as_str().unwrap_or("no error code")
+        ),
+    })
 }
 
 /// The headers and form body of one RFC 7009 request (built apart from the async code: the

@@ -7,7 +7,7 @@
 use std::error::Error as StdError;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -15,8 +15,8 @@ use std::{
 use rmcp::{
     ClientHandler, RoleClient,
     model::{
-        CallToolRequestParams, CallToolResult, JsonObject, ProtocolVersion, SubscriptionFilter,
-        Tool,
+        CallToolRequestParams, CallToolResult, JsonObject, PaginatedRequestParams, ProtocolVersion,
+        SubscriptionFilter, Tool,
     },
     service::{
         ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext,
@@ -91,6 +91,12 @@ pub struct McpSession {
 
 /// Largest JSON answer accepted from an MCP server.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most pages of `tools/list` followed, and most tools taken, from one server. Far above
+/// any real server's list (the largest public ones list about a hundred tools), far below
+/// what would exhaust memory.
+const MAX_TOOL_PAGES: usize = 64;
+const MAX_TOOLS: usize = 5_000;
 
 /// What an MCP server spoke when a session was last opened to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +185,24 @@ impl McpSession {
         access_token: &str,
     ) -> Result<McpSession, McpCallError> {
         outbound.check_url(url)?;
+        // The transport's requests have no time limit of their own (a tool call keeps to
+        // its invocation's deadline, a notification stream lives as long as the server
+        // keeps it): opening is bounded here.
+        tokio::time::timeout(
+            outbound.policy().request_timeout,
+            Self::open_checked(outbound, url, access_token),
+        )
+        .await
+        .map_err(|_| McpCallError::Unreachable {
+            reason: "the server did not answer the session's opening in time".to_owned(),
+        })?
+    }
+
+    async fn open_checked(
+        outbound: &OutboundClient,
+        url: &Url,
+        access_token: &str,
+    ) -> Result<McpSession, McpCallError> {
         let eras = outbound.protocol_eras();
         let remembered = eras.get(url);
         let opened = match &remembered {
@@ -267,13 +291,43 @@ impl McpSession {
         }
     }
 
-    /// Every tool, following `nextCursor` to the end.
-    pub async fn list_tools(&self) -> Result<Vec<Tool>, McpCallError> {
-        self.service
-            .peer()
-            .list_all_tools()
-            .await
-            .map_err(|e| classify_service(&e))
+    /// Every tool, following `nextCursor` to the end — within bounds: a server that pages
+    /// on and on (a fresh cursor each time, a repeated one, pages of megabytes) is refused
+    /// rather than followed until memory or patience runs out. Each page is bounded in time
+    /// by `page_timeout`.
+    pub async fn list_tools(&self, page_timeout: Duration) -> Result<Vec<Tool>, McpCallError> {
+        let peer = self.service.peer();
+        let mut tools: Vec<Tool> = Vec::new();
+        let mut cursors_seen: HashSet<String> = HashSet::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_TOOL_PAGES {
+            let params = PaginatedRequestParams::default().with_cursor(cursor.take());
+            let page = tokio::time::timeout(page_timeout, peer.list_tools(Some(params)))
+                .await
+                .map_err(|_| McpCallError::Unreachable {
+                    reason: "the server did not answer tools/list in time".to_owned(),
+                })?
+                .map_err(|e| classify_service(&e))?;
+            tools.extend(page.tools);
+            if tools.len() > MAX_TOOLS {
+                return Err(McpCallError::Protocol {
+                    reason: format!("the server lists more than {MAX_TOOLS} tools"),
+                });
+            }
+            match page.next_cursor {
+                None => return Ok(tools),
+                Some(next) if !cursors_seen.insert(next.clone()) => {
+                    return Err(McpCallError::Protocol {
+                        reason: "the server's tool list pages in a circle (a cursor came back)"
+                            .to_owned(),
+                    });
+                }
+                Some(next) => cursor = Some(next),
+            }
+        }
+        Err(McpCallError::Protocol {
+            reason: format!("the server's tool list runs over more than {MAX_TOOL_PAGES} pages"),
+        })
     }
 
     /// Calls one tool (`tools/call`) with `arguments`. A result with `isError` is a result:
@@ -313,7 +367,7 @@ pub async fn list_tools(
     access_token: &str,
 ) -> Result<Vec<Tool>, McpCallError> {
     let session = McpSession::open(outbound, url, access_token).await?;
-    let tools = session.list_tools().await;
+    let tools = session.list_tools(outbound.policy().request_timeout).await;
     session.close().await;
     tools
 }

@@ -289,6 +289,8 @@ impl ServerHandler for FixtureMcp {
             let mut page = json!({"tools": definitions});
             if end < tools.len() {
                 page["nextCursor"] = json!(end.to_string());
+            } else if state.tool_pages_in_a_circle {
+                page["nextCursor"] = json!("0");
             }
             page
         };

@@ -2,6 +2,8 @@
 //! real TLS: connect → authorize → callback → healthy with tools; the `state` and `iss`
 //! checks; refresh; auth errors; reachability; disconnect with revocation; a deleted
 //! server's users disconnected; no issued secret anywhere on disk.
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use testkit::OAuthFixture;
 
@@ -427,6 +429,47 @@ async fn an_unreachable_server_recovers_to_healthy() {
     }
 }
 
+/// A broken server whose tool list pages in a circle: the probe stops at the repeated
+/// cursor and says why, instead of following it forever.
+#[tokio::test]
+async fn a_tool_list_that_pages_in_a_circle_is_not_followed_forever() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    setup.handle.page_tools_in_a_circle(true);
+    let before = setup.handle.tools_list_requests();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        setup.app.state.connections.probe(server, &alice),
+    )
+    .await
+    .expect("the probe ends")
+    .expect("probe");
+    assert_ne!(outcome, connection::ProbeOutcome::Healthy);
+    let pages = testkit::FixtureTool::standard_set()
+        .len()
+        .div_ceil(testkit::TOOLS_PAGE_SIZE);
+    assert_eq!(
+        setup.handle.tools_list_requests() - before,
+        pages + 1,
+        "every page once, and the first again under the cursor that points back"
+    );
+    let now = status(setup, &connected.server_id, &connected.user_token).await;
+    assert!(
+        now["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("circle")),
+        "{now}"
+    );
+}
+
 async fn an_unreachable_server_recovers_to_healthy_on(store: Store) {
     let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
@@ -578,6 +621,48 @@ async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_prov
         );
         assert_no_secret_on_disk(setup);
     }
+}
+
+/// A provider that refuses to revoke the refresh token still gets the access token to
+/// revoke, and the answer does not claim the tokens were revoked.
+#[tokio::test]
+async fn a_refused_refresh_token_revocation_still_revokes_the_access_token_and_says_so() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    setup.handle.refuse_refresh_token_revocation();
+    let response = setup
+        .app
+        .client
+        .delete(format!(
+            "{}/api/v1/servers/{}/connection",
+            setup.app.url, connected.server_id
+        ))
+        .bearer_auth(&connected.user_token)
+        .send()
+        .await
+        .expect("disconnect");
+    let status_code = response.status();
+    let body: Value = response.json().await.expect("body");
+    assert_eq!(status_code, 200, "{body}");
+    assert_eq!(body["tokens_revoked"], false, "{body}");
+    let revocations = setup.handle.revocations();
+    let kinds: Vec<_> = revocations.iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            Some(testkit::TokenKind::Refresh),
+            Some(testkit::TokenKind::Access)
+        ],
+        "{revocations:?}"
+    );
+    let after = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(after["status"], "not_connected");
 }
 
 #[tokio::test]

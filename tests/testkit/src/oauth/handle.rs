@@ -227,6 +227,18 @@ impl FixtureHandle {
             .unwrap_or(0)
     }
 
+    /// The RFC 7009 endpoint refuses to revoke refresh tokens (`unsupported_token_type`,
+    /// RFC 7009 §2.2.1) and still revokes access tokens.
+    pub fn refuse_refresh_token_revocation(&self) {
+        self.shared.state().refuse_refresh_token_revocation = true;
+    }
+
+    /// Makes the server broken: the last page of its tool list names the first page's
+    /// cursor as the next (a client that follows cursors blindly never ends).
+    pub fn page_tools_in_a_circle(&self, circle: bool) {
+        self.shared.state().tool_pages_in_a_circle = circle;
+    }
+
     /// `tools/list` requests (each page counts).
     #[must_use]
     pub fn tools_list_requests(&self) -> usize {

@@ -75,9 +75,16 @@ pub(crate) async fn rfc7009(shared: Arc<Shared>, request: Request) -> Response {
         kind: found.map(|(kind, _)| kind),
         accepted: false,
     };
+    let refused_kind =
+        state.refuse_refresh_token_revocation && matches!(found, Some((TokenKind::Refresh, _)));
     let answer = match (authenticated, token) {
         (Err(e), _) => e.into_response(),
         (Ok(_), None) => OAuthError::new("invalid_request", "token is missing").into_response(),
+        (Ok(_), Some(_)) if refused_kind => OAuthError::new(
+            "unsupported_token_type",
+            "this server does not revoke refresh tokens",
+        )
+        .into_response(),
         (Ok(client_id), Some(token)) => {
             record.accepted = true;
             if let Some((kind, grant)) = found

@@ -102,6 +102,10 @@ pub(crate) struct State {
     /// The arguments of every `tools/call`, by tool, in arrival order.
     pub(crate) tool_call_arguments: HashMap<String, Vec<serde_json::Value>>,
     pub(crate) tools_list_requests: usize,
+    /// The RFC 7009 endpoint answers `unsupported_token_type` for refresh tokens.
+    pub(crate) refuse_refresh_token_revocation: bool,
+    /// A broken server: the last page of `tools/list` points back at the first.
+    pub(crate) tool_pages_in_a_circle: bool,
     pub(crate) mcp_requests: Vec<McpRequestSeen>,
     pub(crate) sessions_opened: usize,
     /// Open sessions (sessions era), with their user, for `notifications/tools/list_changed`.
