@@ -99,6 +99,7 @@ impl ConnectionService {
             Err(ConnectionError::Upstream(
                 error @ (McpCallError::Unreachable { .. }
                 | McpCallError::Protocol { .. }
+                | McpCallError::ErrorAnswer { .. }
                 | McpCallError::Refused(_)),
             )) => {
                 self.run(

@@ -216,7 +216,8 @@ impl Invoker {
     }
 
     /// `tools/call` in the connection's session (opened on first use or after the token
-    /// changed). A failed exchange drops the session, so the next call opens a fresh one.
+    /// changed). A failed exchange drops the session, so the next call opens a fresh one
+    /// (an answer that is a JSON-RPC error is not a failed exchange).
     pub(crate) async fn call_in_session(
         &self,
         server_id: ServerId,
@@ -232,7 +233,11 @@ impl Invoker {
             CallToken::Vouched(token, url) => self.session_for(&key(), &url, token).await?,
         };
         let result = cached.session.call_tool(tool, arguments).await;
-        if result.is_err() {
+        // A JSON-RPC error answer is an exchange that worked: the session stays.
+        if result
+            .as_ref()
+            .is_err_and(|error| !matches!(error, McpCallError::ErrorAnswer { .. }))
+        {
             let key = key();
             let mut sessions = self.lock_sessions();
             if sessions

@@ -55,6 +55,14 @@ pub enum McpCallError {
     /// The server answered, but not as the MCP specification says.
     #[error("the server's answer broke the MCP protocol: {reason}")]
     Protocol { reason: String },
+    /// The server answered with a JSON-RPC error (what MCP calls a protocol error: an unknown
+    /// tool, invalid arguments, …). Its message is the server's text, shown as such: whoever
+    /// reads the sentence (an AI among them) is told it is the server's, not Switchboard's.
+    #[error(
+        "the server answered with JSON-RPC error {code}; its message (untrusted: the server's \
+         words, not Switchboard's): {message:?}"
+    )]
+    ErrorAnswer { code: i32, message: String },
 }
 
 impl McpCallError {
@@ -64,7 +72,9 @@ impl McpCallError {
             McpCallError::InsufficientScope { .. } => "insufficient_scope",
             McpCallError::Unreachable { .. } => "server_unreachable",
             McpCallError::Refused(_) => "address_refused",
-            McpCallError::Protocol { .. } => "mcp_protocol_error",
+            McpCallError::Protocol { .. } | McpCallError::ErrorAnswer { .. } => {
+                "mcp_protocol_error"
+            }
         }
     }
 }
@@ -209,7 +219,10 @@ impl McpSession {
             Some(era) => {
                 match Self::open_in(outbound, url, access_token, era.lifecycle()).await {
                     // Whatever the server answered, it was not its old era's handshake.
-                    Err(McpCallError::Protocol { reason }) => {
+                    Err(
+                        error @ (McpCallError::Protocol { .. } | McpCallError::ErrorAnswer { .. }),
+                    ) => {
+                        let reason = error.to_string();
                         // The host only: a URL may carry a secret in its query.
                         tracing::debug!(
                             host = url.host_str().unwrap_or_default(),
@@ -398,8 +411,9 @@ fn classify_challenge(challenge: &str) -> McpCallError {
 
 fn classify_service(error: &ServiceError) -> McpCallError {
     match error {
-        ServiceError::McpError(data) => McpCallError::Protocol {
-            reason: truncate(&data.message),
+        ServiceError::McpError(data) => McpCallError::ErrorAnswer {
+            code: data.code.0,
+            message: truncate(&data.message),
         },
         ServiceError::Timeout { .. } => McpCallError::Unreachable {
             reason: "the server did not answer in time".to_owned(),

@@ -68,6 +68,8 @@ pub enum ToolOutput {
     Oversized(usize),
     /// `isError: true` with this text.
     Error(String),
+    /// No result: a JSON-RPC error (`-32602`, invalid params) with this message.
+    JsonRpcError(String),
 }
 
 /// A tool of the fixture server.
@@ -188,8 +190,9 @@ impl FixtureTool {
         self.destructive == Some(true)
     }
 
-    fn result(&self) -> Value {
-        match &self.output {
+    /// The tool's answer, or the message of its JSON-RPC error.
+    fn result(&self) -> Result<Value, String> {
+        Ok(match &self.output {
             ToolOutput::Text(text) => json!({"content": [{"type": "text", "text": text}]}),
             ToolOutput::Structured(value) => json!({
                 "content": [{"type": "text", "text": value.to_string()}],
@@ -204,7 +207,8 @@ impl FixtureTool {
                 "content": [{"type": "text", "text": text}],
                 "isError": true,
             }),
-        }
+            ToolOutput::JsonRpcError(message) => return Err(message.clone()),
+        })
     }
 }
 
@@ -326,6 +330,7 @@ impl ServerHandler for FixtureMcp {
                 None,
             ));
         };
+        let result = result.map_err(|message| McpError::invalid_params(message, None))?;
         Ok(CallToolResponse::Complete(from_json::<CallToolResult>(
             result,
         )?))
