@@ -118,10 +118,18 @@ impl ConnectionService {
                 .put_with_ttl(&lease, &Secret::from_slice(b"refreshing"), lease_ttl)
                 .await
             {
-                Ok(_) => {
+                Ok(held) => {
                     let result = self.refresh_holding_lease(server_id, user, stale).await;
-                    if let Err(error) = self.inner.vault.delete(&lease).await {
-                        tracing::warn!(server = %server_id, "could not release the refresh lease (it expires by itself): {error}");
+                    // Only our own lease: a refresh that outlived the lease's time must not
+                    // free the lease a successor holds now.
+                    match self.inner.vault.delete_if_revision(&lease, held).await {
+                        Ok(()) => {}
+                        Err(VaultError::Conflict { .. }) => {
+                            tracing::debug!(server = %server_id, "the refresh lease expired while held; another holder's lease is left alone");
+                        }
+                        Err(error) => {
+                            tracing::warn!(server = %server_id, "could not release the refresh lease (it expires by itself): {error}");
+                        }
                     }
                     return result;
                 }

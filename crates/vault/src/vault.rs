@@ -302,6 +302,21 @@ impl Vault {
             .map_err(|e| VaultError::from_store(name, e))
     }
 
+    /// Deletes the entry only if its revision is still `revision`: releasing a lease deletes
+    /// the holder's own entry, never the one a successor created after the holder's expired.
+    /// Another revision, or no entry: [`VaultError::Conflict`].
+    pub async fn delete_if_revision(
+        &self,
+        name: &SecretName,
+        revision: Revision,
+    ) -> Result<(), VaultError> {
+        self.inner
+            .store
+            .delete(name, Some(revision))
+            .await
+            .map_err(|e| VaultError::from_store(name, e))
+    }
+
     /// Writes `secret` only if the entry's revision is still `expected` (`None`: only if no
     /// live entry exists). If another writer got there first: [`VaultError::Conflict`]; re-read
     /// and decide again. This is how two replicas refreshing one token agree on a single

@@ -195,6 +195,7 @@ suite!(
     expired_entry_cannot_be_read,
     expired_entry_can_be_created_again,
     put_with_ttl_is_create_only,
+    a_lease_released_late_leaves_its_successors_lease,
     replayed_state_is_refused,
     concurrent_takers_get_the_state_exactly_once,
     check_reports_unopenable_entries_by_name,
@@ -569,6 +570,34 @@ async fn expired_entry_can_be_created_again(h: Harness) {
         .await
         .unwrap();
     assert_eq!(text(&h.vault.get(&c).await.unwrap().unwrap().0), "fresh");
+}
+
+/// A holder whose lease expired while it worked, releasing it after a successor took the
+/// lease: the successor's lease stays.
+async fn a_lease_released_late_leaves_its_successors_lease(h: Harness) {
+    let n = name("lease/refresh");
+    let first = h
+        .vault
+        .put_with_ttl(&n, &secret("refreshing"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    h.clock.advance(Duration::from_secs(31));
+    let second = h
+        .vault
+        .put_with_ttl(&n, &secret("refreshing"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_ne!(first, second);
+    assert!(matches!(
+        h.vault.delete_if_revision(&n, first).await,
+        Err(VaultError::Conflict { .. })
+    ));
+    assert!(
+        h.vault.get(&n).await.unwrap().is_some(),
+        "the successor's lease stays"
+    );
+    h.vault.delete_if_revision(&n, second).await.unwrap();
+    assert!(h.vault.get(&n).await.unwrap().is_none());
 }
 
 async fn put_with_ttl_is_create_only(h: Harness) {
