@@ -70,6 +70,11 @@ pub enum ToolOutput {
     Error(String),
     /// No result: a JSON-RPC error (`-32602`, invalid params) with this message.
     JsonRpcError(String),
+    /// One text block, sent `after` the call arrived: a tool that takes its time.
+    Slow {
+        after: std::time::Duration,
+        text: String,
+    },
 }
 
 /// A tool of the fixture server.
@@ -208,7 +213,16 @@ impl FixtureTool {
                 "isError": true,
             }),
             ToolOutput::JsonRpcError(message) => return Err(message.clone()),
+            ToolOutput::Slow { text, .. } => json!({"content": [{"type": "text", "text": text}]}),
         })
+    }
+
+    /// How long the tool takes before it answers.
+    fn delay(&self) -> std::time::Duration {
+        match &self.output {
+            ToolOutput::Slow { after, .. } => *after,
+            _ => std::time::Duration::ZERO,
+        }
     }
 }
 
@@ -322,7 +336,16 @@ impl ServerHandler for FixtureMcp {
                 .tools_for(&user)
                 .iter()
                 .find(|tool| tool.name == request.name)
-                .map(FixtureTool::result)
+                .map(|tool| (tool.delay(), tool.result()))
+        };
+        let result = match result {
+            Some((delay, result)) => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Some(result)
+            }
+            None => None,
         };
         let Some(result) = result else {
             return Err(McpError::invalid_params(
