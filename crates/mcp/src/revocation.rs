@@ -75,10 +75,7 @@ pub async fn revoke_tokens(
                 oauth = oauth.set_auth_type(AuthType::RequestBody);
             }
             let http = Oauth2Http(outbound);
-            let mut revoked_any = false;
-            // Each token is tried even when one is refused: a refused refresh token must not
-            // leave the access token unrevoked. The first refusal is the answer.
-            let mut refused: Option<RevocationError> = None;
+            let mut tally = Tally::default();
             let refresh = tokens
                 .refresh_token
                 .map(|t| StandardRevocableToken::RefreshToken(RefreshToken::new(t.to_owned())));
@@ -97,17 +94,9 @@ pub async fn revoke_tokens(
                             reason: e.to_string(),
                         }),
                     };
-                match outcome {
-                    Ok(()) => revoked_any = true,
-                    Err(error) => {
-                        refused.get_or_insert(error);
-                    }
-                }
+                tally.record(outcome);
             }
-            match refused {
-                Some(error) => Err(error),
-                None => something_revoked(revoked_any),
-            }
+            tally.answer()
         }
         RevocationMethod::GitHubApi { api_base } => {
             let Some(access_token) = tokens.access_token else {
@@ -225,22 +214,12 @@ async fn revoke_rfc7009_by_hand(
         (tokens.refresh_token, "refresh_token"),
         (tokens.access_token, "access_token"),
     ];
-    let mut revoked_any = false;
-    // As with the `oauth2` client: every token is tried, the first refusal is the answer.
-    let mut refused: Option<RevocationError> = None;
+    let mut tally = Tally::default();
     for (token, hint) in to_revoke {
         let Some(token) = token else { continue };
-        match revoke_one_by_hand(outbound, endpoint, client, token, hint).await {
-            Ok(()) => revoked_any = true,
-            Err(error) => {
-                refused.get_or_insert(error);
-            }
-        }
+        tally.record(revoke_one_by_hand(outbound, endpoint, client, token, hint).await);
     }
-    match refused {
-        Some(error) => Err(error),
-        None => something_revoked(revoked_any),
-    }
+    tally.answer()
 }
 
 async fn revoke_one_by_hand(
@@ -377,13 +356,33 @@ fn describe_oauth2_error<E: std::error::Error>(
     }
 }
 
-/// A revocation that had no token to send revoked nothing: refused, so the caller says so.
-fn something_revoked(revoked_any: bool) -> Result<(), RevocationError> {
-    if revoked_any {
-        Ok(())
-    } else {
-        Err(RevocationError::Refused {
-            reason: "there was no token to revoke".to_owned(),
-        })
+/// The revocations of one disconnect: every token is tried even when one is refused (a
+/// refused refresh token must not leave the access token unrevoked); the first refusal is the
+/// answer, and a revocation that had no token to send revoked nothing (refused, so the
+/// caller says so).
+#[derive(Default)]
+struct Tally {
+    revoked_any: bool,
+    refused: Option<RevocationError>,
+}
+
+impl Tally {
+    fn record(&mut self, outcome: Result<(), RevocationError>) {
+        match outcome {
+            Ok(()) => self.revoked_any = true,
+            Err(error) => {
+                self.refused.get_or_insert(error);
+            }
+        }
+    }
+
+    fn answer(self) -> Result<(), RevocationError> {
+        match (self.refused, self.revoked_any) {
+            (Some(error), _) => Err(error),
+            (None, true) => Ok(()),
+            (None, false) => Err(RevocationError::Refused {
+                reason: "there was no token to revoke".to_owned(),
+            }),
+        }
     }
 }

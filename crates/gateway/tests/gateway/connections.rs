@@ -592,19 +592,8 @@ async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_prov
             connection::ProbeOutcome::Healthy,
             "{template}"
         );
-        let response = setup
-            .app
-            .client
-            .delete(format!(
-                "{}/api/v1/servers/{}/connection",
-                setup.app.url, connected.server_id
-            ))
-            .bearer_auth(&connected.user_token)
-            .send()
-            .await
-            .expect("disconnect");
-        let status_code = response.status();
-        let body: Value = response.json().await.expect("body");
+        let (status_code, body) =
+            disconnect(setup, &connected.server_id, &connected.user_token).await;
         assert_eq!(status_code, 200, "{template}: {body}");
         assert_eq!(body["tokens_revoked"], true, "{template}: {body}");
         let revocations = setup.handle.revocations();
@@ -623,6 +612,23 @@ async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_prov
     }
 }
 
+/// `DELETE /api/v1/servers/{server_id}/connection` with `token`: the status and the body.
+async fn disconnect(setup: &WithFixture, server_id: &str, token: &str) -> (u16, Value) {
+    let response = setup
+        .app
+        .client
+        .delete(format!(
+            "{}/api/v1/servers/{server_id}/connection",
+            setup.app.url
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("disconnect");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("body"))
+}
+
 /// A provider that refuses to revoke the refresh token still gets the access token to
 /// revoke, and the answer does not claim the tokens were revoked.
 #[tokio::test]
@@ -636,19 +642,7 @@ async fn a_refused_refresh_token_revocation_still_revokes_the_access_token_and_s
     .await;
     let setup = &connected.setup;
     setup.handle.refuse_refresh_token_revocation();
-    let response = setup
-        .app
-        .client
-        .delete(format!(
-            "{}/api/v1/servers/{}/connection",
-            setup.app.url, connected.server_id
-        ))
-        .bearer_auth(&connected.user_token)
-        .send()
-        .await
-        .expect("disconnect");
-    let status_code = response.status();
-    let body: Value = response.json().await.expect("body");
+    let (status_code, body) = disconnect(setup, &connected.server_id, &connected.user_token).await;
     assert_eq!(status_code, 200, "{body}");
     assert_eq!(body["tokens_revoked"], false, "{body}");
     let revocations = setup.handle.revocations();
