@@ -107,6 +107,8 @@ const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// what would exhaust memory.
 const MAX_TOOL_PAGES: usize = 64;
 const MAX_TOOLS: usize = 5_000;
+/// Longest a whole tool list may take (real servers answer in well under a second a page).
+const MAX_TOOL_LIST_TIME: Duration = Duration::from_secs(60);
 
 /// What an MCP server spoke when a session was last opened to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,10 +307,22 @@ impl McpSession {
     }
 
     /// Every tool, following `nextCursor` to the end — within bounds: a server that pages
-    /// on and on (a fresh cursor each time, a repeated one, pages of megabytes) is refused
-    /// rather than followed until memory or patience runs out. Each page is bounded in time
-    /// by `page_timeout`.
+    /// on and on (a fresh cursor each time, a repeated one, pages of megabytes, slow pages)
+    /// is refused rather than followed until memory or patience runs out. Each page is
+    /// bounded in time by `page_timeout`, the whole list by [`MAX_TOOL_LIST_TIME`] (a probe
+    /// of one hostile server must not hold up the monitor's other probes for long).
     pub async fn list_tools(&self, page_timeout: Duration) -> Result<Vec<Tool>, McpCallError> {
+        tokio::time::timeout(MAX_TOOL_LIST_TIME, self.list_pages(page_timeout))
+            .await
+            .map_err(|_| McpCallError::Unreachable {
+                reason: format!(
+                    "the server did not list its tools within {} s",
+                    MAX_TOOL_LIST_TIME.as_secs()
+                ),
+            })?
+    }
+
+    async fn list_pages(&self, page_timeout: Duration) -> Result<Vec<Tool>, McpCallError> {
         let peer = self.service.peer();
         let mut tools: Vec<Tool> = Vec::new();
         let mut cursors_seen: HashSet<String> = HashSet::new();
