@@ -111,7 +111,6 @@ pub struct DecideArgs {
     pub id: String,
 }
 
-/// An HTTP client for the API, with the caller's token.
 /// How long an ordinary request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -120,6 +119,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// own deadline ends it sooner.
 const CALL_TIMEOUT: Duration = Duration::from_secs(11 * 60);
 
+/// A request Switchboard did not answer in time: it may still be working on it (told apart
+/// from other failures, so that a tool call's caller learns how to get the outcome).
+#[derive(Debug, thiserror::Error)]
+#[error("Switchboard at {base} did not answer within {seconds} s")]
+struct TimedOut {
+    base: String,
+    seconds: u64,
+}
+
+/// An HTTP client for the API, with the caller's token.
 struct Api {
     http: reqwest::Client,
     base: String,
@@ -180,11 +189,10 @@ impl Api {
                     self.base
                 )
             } else if e.is_timeout() {
-                anyhow::anyhow!(
-                    "Switchboard at {} did not answer within {} s",
-                    self.base,
-                    limit.as_secs()
-                )
+                anyhow::Error::new(TimedOut {
+                    base: self.base.clone(),
+                    seconds: limit.as_secs(),
+                })
             } else {
                 anyhow::anyhow!("the request to {} failed: {e}", self.base)
             }
@@ -523,12 +531,16 @@ pub async fn invoke(args: &InvokeArgs, settings: &Settings) -> anyhow::Result<()
             CALL_TIMEOUT,
         )
         .await
-        .with_context(|| {
-            format!(
-                "invocation {id}: if it reached Switchboard, `switchboard invoke --id {id} …` \
-                 with the same tool and arguments gets its outcome (the tool is never called \
-                 twice for one id)"
-            )
+        .map_err(|error| {
+            if error.is::<TimedOut>() {
+                error.context(format!(
+                    "invocation {id} may still be running: `switchboard invoke --id {id} …` \
+                     with the same tool and arguments gets its outcome (the tool is never \
+                     called twice for one id)"
+                ))
+            } else {
+                error
+            }
         })?;
     print_outcome(&answer);
     if text(&answer["outcome"]) != "awaiting_approval" {
@@ -590,12 +602,17 @@ pub async fn decide(args: &DecideArgs, settings: &Settings, approve: bool) -> an
             CALL_TIMEOUT,
         )
         .await
-        .with_context(|| {
-            format!(
-                "deciding {}: `switchboard approvals` lists it while it waits; \
-                 GET /api/v1/invocations/{} shows where it stands",
-                args.id, args.id
-            )
+        .map_err(|error| {
+            if error.is::<TimedOut>() {
+                error.context(format!(
+                    "the decision on {} may have been recorded and its call be running: \
+                     `switchboard approvals` lists it while it waits, GET \
+                     /api/v1/invocations/{} shows where it stands",
+                    args.id, args.id
+                ))
+            } else {
+                error
+            }
         })?;
     if answer.get("outcome").is_some() {
         print_outcome(&answer);

@@ -245,6 +245,23 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         String::from_utf8_lossy(&theirs.stderr).contains("HTTP 403"),
         "{theirs:?}"
     );
+    // A refusal is said as such, not as a call that may still be running.
+    let refused = walk(
+        &data_dir,
+        &url,
+        &alice,
+        &[
+            "invoke",
+            "tracker__search_issues",
+            "{}",
+            "--user",
+            "bob@example.com",
+        ],
+    );
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("HTTP 403"), "{said}");
+    assert!(!said.contains("may still be running"), "{said}");
     let mixed = walk(
         &data_dir,
         &url,
