@@ -213,8 +213,13 @@ struct Claim {
 enum Claimed {
     /// Ours: the invocation's report.
     Ours(InvocationReport),
-    /// Another request's, stored at this sequence.
-    Theirs(u64),
+    /// Another request's, stored at `requested_sequence`: the user and id come back with it
+    /// for the wait on its outcome (moved into the claim, not copied for this rare case).
+    Theirs {
+        requested_sequence: u64,
+        user: UserId,
+        id: InvocationId,
+    },
 }
 
 /// A user's decision on a pending approval, decided and about to be recorded.
@@ -229,7 +234,6 @@ struct RecordDecision {
     events: Vec<Event>,
     state: InvocationState,
     decided: Vec<Event>,
-    approve: bool,
 }
 
 /// Records `new` events of an invocation in its `events` and folds them into its `state`.
@@ -471,8 +475,8 @@ impl Invoker {
             kept,
             state,
             to_call,
-            user: request.user.clone(),
-            id: id.clone(),
+            user: request.user,
+            id,
             arguments: request.arguments,
             deadline,
         };
@@ -483,12 +487,16 @@ impl Invoker {
         let claimed = FinishOnDrop::new(async move { this.claim_and_follow(claim).await }).await?;
         match claimed {
             Claimed::Ours(report) => Ok(report),
-            Claimed::Theirs(requested_sequence) => {
+            Claimed::Theirs {
+                requested_sequence,
+                user,
+                id,
+            } => {
                 let known = Whereabouts {
                     requested_sequence,
                     outcome_sequence: None,
                 };
-                self.join(&request.user, &id, duplicate, known, limit).await
+                self.join(&user, &id, duplicate, known, limit).await
             }
         }
     }
@@ -512,7 +520,11 @@ impl Invoker {
         if let Settled::Theirs(requested_sequence) =
             self.append_settling(&subject, &claim[0]).await?
         {
-            return Ok(Claimed::Theirs(requested_sequence));
+            return Ok(Claimed::Theirs {
+                requested_sequence,
+                user,
+                id,
+            });
         }
         if !follow_up.is_empty() && self.append_all(&subject, &follow_up).await?.is_none() {
             // Closed by the sweeper meanwhile (this process stalled for minutes).
@@ -651,7 +663,6 @@ impl Invoker {
             events,
             state,
             decided,
-            approve: decision == Decision::Approve,
         };
         // From the decision on, seen through even if the caller goes away: the approved call
         // made and its outcome recorded and announced.
@@ -679,8 +690,8 @@ impl Invoker {
             mut events,
             mut state,
             decided,
-            approve,
         } = decision;
+        let approve = matches!(command, InvocationCommand::Approve { .. });
         let (user, id) = (&user, &id);
         let envelopes = self.envelopes(&context, user, id, decided.clone());
         if let Settled::Theirs(_) = self.append_settling(&subject, &envelopes[0]).await? {

@@ -142,17 +142,24 @@ fn cut_text_block(block: &Value, budget: usize) -> Option<Value> {
     }
     let mut cut = block.clone();
     cut["text"] = Value::String(text[..end].to_owned());
-    // Escapes can make the JSON longer than the text: shorten until it fits.
-    while json_len(&cut) > budget && end > 0 {
-        end = end.saturating_sub((json_len(&cut) - budget).max(1));
+    // Escapes can make the JSON longer than the text: shorten until it fits. Each length is
+    // measured once (a block may be megabytes of JSON).
+    loop {
+        let over = json_len(&cut).saturating_sub(budget);
+        if over == 0 {
+            return Some(cut);
+        }
+        // What is not text (`_meta`, annotations) may alone be over the budget: then
+        // nothing of the block fits.
+        if end == 0 {
+            return None;
+        }
+        end = end.saturating_sub(over);
         while !text.is_char_boundary(end) {
             end -= 1;
         }
         cut["text"] = Value::String(text[..end].to_owned());
     }
-    // What is not text (`_meta`, annotations) may alone be over the budget: then nothing
-    // of the block fits.
-    (json_len(&cut) <= budget).then_some(cut)
 }
 
 #[cfg(test)]
