@@ -160,11 +160,6 @@ fn millis_of(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// `now` less `age`, in milliseconds since the epoch.
-fn older_than(now: SystemTime, age: Duration) -> u64 {
-    millis(now).saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn millis(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -352,24 +347,29 @@ impl OpenInvocations {
     /// Invocations approved or running whose status has not changed for `stale`: the process
     /// that was running them stopped (their call may have been made).
     pub fn stalled(&self, now: SystemTime, stale: Duration) -> Vec<&OpenInvocation> {
-        let limit = older_than(now, stale);
-        self.open
-            .values()
-            .filter(|o| {
-                matches!(o.status, OpenStatus::Approved | OpenStatus::Running)
-                    && o.since_ms <= limit
-            })
-            .collect()
+        self.unchanged_for(now, stale, |status| {
+            matches!(status, OpenStatus::Approved | OpenStatus::Running)
+        })
     }
 
     /// Invocations requested but neither rejected, started nor waiting for approval for
     /// `stale`: the process that claimed them stopped before it recorded what followed the
     /// claim (which it does at once), so their call was never made.
     pub fn unsettled(&self, now: SystemTime, stale: Duration) -> Vec<&OpenInvocation> {
-        let limit = older_than(now, stale);
+        self.unchanged_for(now, stale, |status| status == OpenStatus::Ready)
+    }
+
+    /// The open invocations whose status `matches` and has not changed for `stale`.
+    fn unchanged_for(
+        &self,
+        now: SystemTime,
+        stale: Duration,
+        matches: impl Fn(OpenStatus) -> bool,
+    ) -> Vec<&OpenInvocation> {
+        let limit = millis(now).saturating_sub(millis_of(stale));
         self.open
             .values()
-            .filter(|o| o.status == OpenStatus::Ready && o.since_ms <= limit)
+            .filter(|o| matches(o.status) && o.since_ms <= limit)
             .collect()
     }
 
