@@ -128,6 +128,16 @@ struct TimedOut {
     seconds: u64,
 }
 
+/// `error`, with `hint` (what to do about work that may still be going on) when it is a
+/// time-out; any other error as it is.
+fn if_timed_out(error: anyhow::Error, hint: impl FnOnce() -> String) -> anyhow::Error {
+    if error.is::<TimedOut>() {
+        error.context(hint())
+    } else {
+        error
+    }
+}
+
 /// An HTTP client for the API, with the caller's token.
 struct Api {
     http: reqwest::Client,
@@ -532,15 +542,13 @@ pub async fn invoke(args: &InvokeArgs, settings: &Settings) -> anyhow::Result<()
         )
         .await
         .map_err(|error| {
-            if error.is::<TimedOut>() {
-                error.context(format!(
+            if_timed_out(error, || {
+                format!(
                     "invocation {id} may still be running: `switchboard invoke --id {id} …` \
                      with the same tool and arguments gets its outcome (the tool is never \
                      called twice for one id)"
-                ))
-            } else {
-                error
-            }
+                )
+            })
         })?;
     print_outcome(&answer);
     if text(&answer["outcome"]) != "awaiting_approval" {
@@ -603,16 +611,14 @@ pub async fn decide(args: &DecideArgs, settings: &Settings, approve: bool) -> an
         )
         .await
         .map_err(|error| {
-            if error.is::<TimedOut>() {
-                error.context(format!(
+            if_timed_out(error, || {
+                format!(
                     "the decision on {} may have been recorded and its call be running: \
                      `switchboard approvals` lists it while it waits, GET \
                      /api/v1/invocations/{} shows where it stands",
                     args.id, args.id
-                ))
-            } else {
-                error
-            }
+                )
+            })
         })?;
     if answer.get("outcome").is_some() {
         print_outcome(&answer);

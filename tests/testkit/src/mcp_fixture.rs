@@ -198,7 +198,9 @@ impl FixtureTool {
     /// The tool's answer, or the message of its JSON-RPC error.
     fn result(&self) -> Result<Value, String> {
         Ok(match &self.output {
-            ToolOutput::Text(text) => json!({"content": [{"type": "text", "text": text}]}),
+            ToolOutput::Text(text) | ToolOutput::Slow { text, .. } => {
+                json!({"content": [{"type": "text", "text": text}]})
+            }
             ToolOutput::Structured(value) => json!({
                 "content": [{"type": "text", "text": value.to_string()}],
                 "structuredContent": value,
@@ -213,7 +215,6 @@ impl FixtureTool {
                 "isError": true,
             }),
             ToolOutput::JsonRpcError(message) => return Err(message.clone()),
-            ToolOutput::Slow { text, .. } => json!({"content": [{"type": "text", "text": text}]}),
         })
     }
 
@@ -338,21 +339,15 @@ impl ServerHandler for FixtureMcp {
                 .find(|tool| tool.name == request.name)
                 .map(|tool| (tool.delay(), tool.result()))
         };
-        let result = match result {
-            Some((delay, result)) => {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                Some(result)
-            }
-            None => None,
-        };
-        let Some(result) = result else {
+        let Some((delay, result)) = result else {
             return Err(McpError::invalid_params(
                 format!("unknown tool: {}", request.name),
                 None,
             ));
         };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let result = result.map_err(|message| McpError::invalid_params(message, None))?;
         Ok(CallToolResponse::Complete(from_json::<CallToolResult>(
             result,

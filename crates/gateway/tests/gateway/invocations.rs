@@ -26,42 +26,40 @@ struct Invoking {
     prefix: String,
 }
 
-/// The fixture's standard tools plus `flaky_report`, a tool that answers `isError`.
+/// The fixture's standard tools plus three read-only reports: `flaky_report` answers
+/// `isError`, `picky_report` a JSON-RPC error, `slow_report` only after [`SLOW_TOOL`].
 fn tools() -> Vec<FixtureTool> {
+    let report = |name: &str, description: &str, output: ToolOutput| FixtureTool {
+        name: name.to_owned(),
+        title: None,
+        description: description.to_owned(),
+        input_schema: json!({"type": "object", "properties": {}}),
+        output_schema: None,
+        read_only: Some(true),
+        destructive: Some(false),
+        output,
+    };
     let mut tools = FixtureTool::standard_set();
-    tools.push(FixtureTool {
-        name: "flaky_report".to_owned(),
-        title: None,
-        description: "Builds a report; fails today.".to_owned(),
-        input_schema: json!({"type": "object", "properties": {}}),
-        output_schema: None,
-        read_only: Some(true),
-        destructive: Some(false),
-        output: ToolOutput::Error("the report backend is down".to_owned()),
-    });
-    tools.push(FixtureTool {
-        name: "picky_report".to_owned(),
-        title: None,
-        description: "Refuses every call with a JSON-RPC error.".to_owned(),
-        input_schema: json!({"type": "object", "properties": {}}),
-        output_schema: None,
-        read_only: Some(true),
-        destructive: Some(false),
-        output: ToolOutput::JsonRpcError(INJECTED.to_owned()),
-    });
-    tools.push(FixtureTool {
-        name: "slow_report".to_owned(),
-        title: None,
-        description: "Takes longer than one outbound request may.".to_owned(),
-        input_schema: json!({"type": "object", "properties": {}}),
-        output_schema: None,
-        read_only: Some(true),
-        destructive: Some(false),
-        output: ToolOutput::Slow {
-            after: SLOW_TOOL,
-            text: "done at last".to_owned(),
-        },
-    });
+    tools.extend([
+        report(
+            "flaky_report",
+            "Builds a report; fails today.",
+            ToolOutput::Error("the report backend is down".to_owned()),
+        ),
+        report(
+            "picky_report",
+            "Refuses every call with a JSON-RPC error.",
+            ToolOutput::JsonRpcError(INJECTED.to_owned()),
+        ),
+        report(
+            "slow_report",
+            "Takes longer than one outbound request may.",
+            ToolOutput::Slow {
+                after: SLOW_TOOL,
+                text: "done at last".to_owned(),
+            },
+        ),
+    ]);
     tools
 }
 
@@ -1528,17 +1526,6 @@ async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it
         )
         .await;
     it.settle().await;
-    let status = |id: &'static str| {
-        let invoker = invoker.clone();
-        let alice = alice.clone();
-        async move {
-            let id = domain::InvocationId::parse(id).expect("id");
-            invoker
-                .status(&alice, &id, Duration::ZERO)
-                .await
-                .expect("status")
-        }
-    };
 
     clock.advance(Duration::from_secs(31));
     let id = domain::InvocationId::parse("left_claimed").expect("id");
@@ -1555,8 +1542,13 @@ async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it
             .is_some_and(|m| m.contains("the server was not called")),
         "{closed:?}"
     );
+    let approved = domain::InvocationId::parse("left_approved").expect("id");
     assert_eq!(
-        status("left_approved").await.outcome,
+        invoker
+            .status(&alice, &approved, Duration::ZERO)
+            .await
+            .expect("status")
+            .outcome,
         invoker::Outcome::Running,
         "an approved call may still be under way"
     );
