@@ -124,6 +124,14 @@ impl StateStore for VaultStateStore {
 /// The marker the state store's `delete` fails with when the state was used meanwhile.
 pub(crate) const STATE_ALREADY_USED: &str = "authorization state already used";
 
+/// The pauses before each new try of a token write the vault's store failed (a moment of
+/// NATS away, a full disk being cleared): about 1.3 s in all, inside a request's time.
+const SAVE_RETRY_PAUSES: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+];
+
 /// `rmcp`'s credential store for one connection: compare-and-swap on the revision it loaded,
 /// so a write based on stale tokens never replaces newer ones.
 #[derive(Debug, Clone)]
@@ -195,18 +203,48 @@ impl CredentialStore for VaultCredentialStore {
         }
     }
 
+    /// Tries a failed write again (see [`SAVE_RETRY_PAUSES`]): after a refresh, the provider
+    /// may already have revoked the refresh token these tokens replace, so tokens given up
+    /// here can cost the user a new authorization.
     async fn save(&self, credentials: StoredCredentials) -> Result<(), AuthError> {
         let bytes = Secret::new(serde_json::to_vec(&credentials).map_err(store_error)?);
-        let revision = if self.overwrite {
-            self.vault.put(&self.name, &bytes).await
-        } else {
-            self.vault
-                .compare_and_swap(&self.name, self.loaded(), &bytes)
-                .await
+        let mut pauses = SAVE_RETRY_PAUSES.iter();
+        let mut failed_before = false;
+        loop {
+            let written = if self.overwrite {
+                self.vault.put(&self.name, &bytes).await
+            } else {
+                self.vault
+                    .compare_and_swap(&self.name, self.loaded(), &bytes)
+                    .await
+            };
+            match written {
+                Ok(revision) => {
+                    self.set_loaded(Some(revision));
+                    return Ok(());
+                }
+                // A write reported as failed may have been stored all the same (its answer
+                // lost on the way back): then the entry holds exactly these tokens.
+                Err(conflict @ VaultError::Conflict { .. }) if failed_before => {
+                    return match self.vault.get(&self.name).await {
+                        Ok(Some((stored, revision))) if stored.expose() == bytes.expose() => {
+                            self.set_loaded(Some(revision));
+                            Ok(())
+                        }
+                        _ => Err(store_error(conflict)),
+                    };
+                }
+                Err(failure @ VaultError::Store(_)) => {
+                    let Some(pause) = pauses.next() else {
+                        return Err(store_error(failure));
+                    };
+                    tracing::warn!(entry = %self.name, "storing a connection's tokens failed; trying again in {pause:?}: {failure}");
+                    failed_before = true;
+                    tokio::time::sleep(*pause).await;
+                }
+                Err(other) => return Err(store_error(other)),
+            }
         }
-        .map_err(store_error)?;
-        self.set_loaded(Some(revision));
-        Ok(())
     }
 
     async fn clear(&self) -> Result<(), AuthError> {

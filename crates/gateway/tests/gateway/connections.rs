@@ -422,6 +422,75 @@ async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_
     assert_no_secret_on_disk(setup);
 }
 
+/// A provider that rotates refresh tokens kills the old one at the refresh: the new tokens
+/// must reach the vault even when its store fails a write or two, or the connection would
+/// need a new authorization.
+#[tokio::test]
+async fn rotated_tokens_reach_the_vault_through_failed_writes() {
+    for store in STORES {
+        rotated_tokens_reach_the_vault_through_failed_writes_on(store).await;
+    }
+}
+
+async fn rotated_tokens_reach_the_vault_through_failed_writes_on(store: Store) {
+    let connected = connect(
+        store,
+        OAuthFixture::atlassian(),
+        "atlassian",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    let probe = || setup.app.state.connections.probe(server, &alice);
+    setup.app.vault_faults.fail_next_writes("connection/", 2);
+    setup.handle.expire_access_tokens();
+    assert_eq!(
+        probe().await.expect("probe"),
+        connection::ProbeOutcome::Healthy
+    );
+    assert_eq!(setup.app.vault_faults.failed(), 2, "the two writes failed");
+    assert_eq!(setup.handle.token_requests_for("refresh_token"), 1);
+    // The rotated refresh token was stored: the next refresh presents it and works.
+    setup.handle.expire_access_tokens();
+    assert_eq!(
+        probe().await.expect("probe"),
+        connection::ProbeOutcome::Healthy
+    );
+    assert_eq!(setup.handle.token_requests_for("refresh_token"), 2);
+    // A write stored whose answer was lost: the try after it finds these very tokens there.
+    setup.app.vault_faults.lose_next_answers("connection/", 1);
+    setup.handle.expire_access_tokens();
+    assert_eq!(
+        probe().await.expect("probe"),
+        connection::ProbeOutcome::Healthy
+    );
+    assert_eq!(setup.app.vault_faults.failed(), 3);
+    setup.handle.expire_access_tokens();
+    assert_eq!(
+        probe().await.expect("probe"),
+        connection::ProbeOutcome::Healthy
+    );
+    assert_eq!(setup.handle.token_requests_for("refresh_token"), 4);
+    let now = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(now["status"], "healthy", "{now}");
+    // A store that stays broken: the refresh is unavailable, the connection not given up.
+    setup.app.vault_faults.fail_next_writes("connection/", 10);
+    setup.handle.expire_access_tokens();
+    let outcome = probe().await;
+    assert!(
+        !matches!(outcome, Ok(connection::ProbeOutcome::Healthy)),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        setup.app.vault_faults.failed(),
+        3 + 4,
+        "a write and three more tries"
+    );
+    assert_no_secret_on_disk(setup);
+}
+
 #[tokio::test]
 async fn an_unreachable_server_recovers_to_healthy() {
     for store in STORES {

@@ -57,6 +57,8 @@ pub struct TestApp {
     pub vault_bucket: Option<String>,
     /// Where the JSONL log, checkpoints and vault files are (for the leaked-secret scans).
     pub dir: std::path::PathBuf,
+    /// Makes the vault's store fail writes on demand.
+    pub vault_faults: Arc<FailingWrites>,
     _guard: Box<dyn Any + Send>,
 }
 
@@ -114,10 +116,10 @@ impl TestApp {
             }
         };
         let keys = vault::KeyRing::load_or_generate(&dir.path().join("vault.keys")).expect("keys");
-        let vault = vault::Vault::new(
+        let vault_faults = Arc::new(FailingWrites::new(
             open_vault_store(dir.path(), vault_bucket.as_deref()).await,
-            keys,
-        );
+        ));
+        let vault = vault::Vault::new(vault_faults.clone(), keys);
         let metrics = Metrics::new();
         let log = metrics.metered(log);
         let read_models = ReadModels::start(
@@ -191,6 +193,7 @@ impl TestApp {
         TestApp {
             url,
             vault,
+            vault_faults,
             read_models,
             client: testkit::http_client().build().expect("client"),
             log,
@@ -402,6 +405,127 @@ pub async fn open_vault_store(
             )
         }
         None => Arc::new(vault::FileStore::open(dir.join("vault")).expect("vault")),
+    }
+}
+
+/// A vault store that fails the next writes of entries under a prefix, as the store itself
+/// fails them (a full disk, NATS away), before they reach it: a deliberately broken store
+/// over the real one.
+#[derive(Debug)]
+pub struct FailingWrites {
+    store: Arc<dyn vault::SecretStore>,
+    /// The entries' prefix, how many more of their writes fail, and whether they fail only
+    /// after they were stored (an answer lost on its way back).
+    failing: std::sync::Mutex<(String, usize, bool)>,
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+impl FailingWrites {
+    fn new(store: Arc<dyn vault::SecretStore>) -> Self {
+        FailingWrites {
+            store,
+            failing: std::sync::Mutex::new((String::new(), 0, false)),
+            failed: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The next `count` writes of entries whose name starts with `prefix` fail.
+    pub fn fail_next_writes(&self, prefix: &str, count: usize) {
+        *self.failing.lock().expect("lock") = (prefix.to_owned(), count, false);
+    }
+
+    /// The next `count` writes of entries whose name starts with `prefix` are stored, but
+    /// reported as failed.
+    pub fn lose_next_answers(&self, prefix: &str, count: usize) {
+        *self.failing.lock().expect("lock") = (prefix.to_owned(), count, true);
+    }
+
+    /// How many writes failed so far.
+    pub fn failed(&self) -> usize {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Writes through `write`, unless this write is to fail.
+    async fn write<T>(
+        &self,
+        name: &vault::SecretName,
+        write: impl Future<Output = Result<T, vault::StoreError>>,
+    ) -> Result<T, vault::StoreError> {
+        let after_storing = {
+            let mut failing = self.failing.lock().expect("lock");
+            if failing.1 == 0 || !name.as_str().starts_with(failing.0.as_str()) {
+                None
+            } else {
+                failing.1 -= 1;
+                Some(failing.2)
+            }
+        };
+        let Some(after_storing) = after_storing else {
+            return write.await;
+        };
+        if after_storing {
+            write.await?;
+        }
+        self.failed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(vault::StoreError::Backend {
+            operation: "writing the entry",
+            source: "the test's store fails this write".into(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl vault::SecretStore for FailingWrites {
+    async fn get(
+        &self,
+        name: &vault::SecretName,
+    ) -> Result<Option<vault::StoredValue>, vault::StoreError> {
+        self.store.get(name).await
+    }
+
+    async fn put(
+        &self,
+        name: &vault::SecretName,
+        value: bytes::Bytes,
+    ) -> Result<vault::Revision, vault::StoreError> {
+        self.write(name, self.store.put(name, value)).await
+    }
+
+    async fn create(
+        &self,
+        name: &vault::SecretName,
+        value: bytes::Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<vault::Revision, vault::StoreError> {
+        self.write(name, self.store.create(name, value, ttl)).await
+    }
+
+    async fn update(
+        &self,
+        name: &vault::SecretName,
+        value: bytes::Bytes,
+        expected: vault::Revision,
+        ttl: Option<Duration>,
+    ) -> Result<vault::Revision, vault::StoreError> {
+        self.write(name, self.store.update(name, value, expected, ttl))
+            .await
+    }
+
+    async fn delete(
+        &self,
+        name: &vault::SecretName,
+        expected: Option<vault::Revision>,
+    ) -> Result<(), vault::StoreError> {
+        self.store.delete(name, expected).await
+    }
+
+    async fn names(&self) -> Result<Vec<vault::SecretName>, vault::StoreError> {
+        self.store.names().await
+    }
+
+    async fn unreadable(&self) -> Result<Vec<String>, vault::StoreError> {
+        self.store.unreadable().await
     }
 }
 
