@@ -191,13 +191,23 @@ impl AppState {
         }))
     }
 
-    /// The access the permission table declares for a route, if it declares one.
-    pub(crate) fn access(&self, method: &Method, path: &str) -> Option<Access> {
-        self.routes
-            .get(path)?
+    /// The access the permission table declares for a route: `Err` for a path it does not
+    /// know, `Ok(None)` for a method it does not declare on a path it knows. A HEAD request
+    /// is a GET without the body (axum answers it with the GET handler), so it needs what
+    /// the GET needs.
+    pub(crate) fn access(&self, method: &Method, path: &str) -> Result<Option<Access>, ()> {
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
+        Ok(self
+            .routes
+            .get(path)
+            .ok_or(())?
             .iter()
             .find(|(declared, _)| declared == method)
-            .map(|(_, access)| *access)
+            .map(|(_, access)| *access))
     }
 
     /// The context of a command a signed-in user sends in the request being answered.

@@ -162,16 +162,26 @@ pub(crate) async fn not_found() -> ApiError {
 }
 
 /// Checks the caller against the route's declared access and hands the [`Caller`] to the
-/// handler. A path the table knows with a method it does not falls through to axum's 405.
+/// handler. A path the table knows with a method it does not falls through to axum's 405; a
+/// route the table does not know at all is refused (fail closed: a route added without its
+/// row is not public).
 pub(crate) async fn authorize(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let access = request
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|path| state.access(request.method(), path.as_str()));
+    let access = match request.extensions().get::<MatchedPath>() {
+        // No route matched: the fallback's 404.
+        None => None,
+        Some(path) => state
+            .access(request.method(), path.as_str())
+            .map_err(|()| {
+                ApiError::internal(format!(
+                    "the route {} has no row in the permission table",
+                    path.as_str()
+                ))
+            })?,
+    };
     let required = match access {
         None | Some(Access::Public) => return Ok(next.run(request).await),
         Some(Access::SignedIn) => &[][..],

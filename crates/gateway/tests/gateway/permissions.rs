@@ -276,6 +276,7 @@ async fn every_route_admits_exactly_the_callers_its_permission_names() {
         crate::support::app_with_fixture(Store::Jsonl, testkit::OAuthFixture::default()).await;
     let app = &fixture.app;
     let mut checked = 0;
+    let mut heads = 0;
     let mut failures = Vec::new();
     for route in routes::table() {
         for who in EVERYONE {
@@ -318,10 +319,26 @@ async fn every_route_admits_exactly_the_callers_its_permission_names() {
                 }
             }
             checked += 1;
+            // A HEAD is answered by the GET's handler: it needs what the GET needs.
+            if route.method == Method::GET {
+                let mut head = app.client.head(format!("{}{}", app.url, example.path));
+                if let Some(token) = who.token() {
+                    head = head.bearer_auth(token);
+                }
+                let status = head.send().await.expect("request").status().as_u16();
+                if status != want {
+                    failures.push(format!(
+                        "HEAD {} as {who:?}: got {status}, expected {want}",
+                        route.path
+                    ));
+                }
+                heads += 1;
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(checked, routes::table().len() * EVERYONE.len());
+    assert!(heads >= 12 * EVERYONE.len(), "every GET route's HEAD: {heads}");
     assert!(checked >= 24 * 9, "the table lost routes: {checked} checks");
 }
 
