@@ -127,11 +127,18 @@ impl Positions {
         format!("{}-{}", self.config, self.invocations)
     }
 
+    /// `None` for anything but two positions a log can reach (below 2^63: reading resumes at
+    /// the next one, which must not overflow).
     pub fn parse(text: &str) -> Option<Positions> {
         let (config, invocations) = text.trim().split_once('-')?;
+        let position = |text: &str| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|position| *position <= i64::MAX as u64)
+        };
         Some(Positions {
-            config: config.parse().ok()?,
-            invocations: invocations.parse().ok()?,
+            config: position(config)?,
+            invocations: position(invocations)?,
         })
     }
 }

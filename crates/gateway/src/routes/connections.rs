@@ -225,6 +225,20 @@ async fn oauth_callback(
             "Connected",
             "Switchboard is connected to the server as you. You can close this window.".to_owned(),
         ),
+        // The store failed: its words (entry names, paths, the backend's errors) go to the
+        // log, not to a browser that need not even be signed in.
+        Err(error @ (ConnectionError::Vault(_) | ConnectionError::Command(_))) => {
+            let request_id = crate::error::current_request_id();
+            tracing::error!(request_id = %request_id, "the OAuth callback failed: {error}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Not connected",
+                format!(
+                    "Something went wrong on Switchboard's side; try connecting again, and \
+                     quote the request id {request_id} if you report it."
+                ),
+            )
+        }
         Err(error) => (
             StatusCode::BAD_REQUEST,
             "Not connected",

@@ -80,6 +80,17 @@ async fn bad_input_on_every_route_is_a_4xx_that_says_what_was_wrong() {
             "invalid_query",
         ),
         (
+            // One past it would overflow: the next position must exist.
+            app.client
+                .get(format!(
+                    "{}/api/v1/audit/events?cursor=18446744073709551615-0",
+                    app.url
+                ))
+                .bearer_auth(&admin),
+            400,
+            "invalid_query",
+        ),
+        (
             app.client
                 .get(format!("{}/api/v1/audit/events?from=3", app.url))
                 .bearer_auth(&admin),
@@ -98,6 +109,14 @@ async fn bad_input_on_every_route_is_a_4xx_that_says_what_was_wrong() {
                 .get(format!("{}/api/v1/stream", app.url))
                 .bearer_auth(&admin)
                 .header("last-event-id", "x"),
+            400,
+            "invalid_last_event_id",
+        ),
+        (
+            app.client
+                .get(format!("{}/api/v1/stream", app.url))
+                .bearer_auth(&admin)
+                .header("last-event-id", "0-18446744073709551615"),
             400,
             "invalid_last_event_id",
         ),
