@@ -105,7 +105,9 @@ fn generate_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 pub fn print(settings: &Settings, args: &TokenArgs) -> anyhow::Result<()> {
     domain::UserId::parse(&args.user).context("--user")?;
-    let secret = shared_secret(settings, true)?.ok_or_else(|| {
+    // Never a new secret here: `up` would not know it (another data directory, or one `up`
+    // has not started with), and its tokens would all be refused.
+    let secret = shared_secret(settings, false)?.ok_or_else(|| {
         anyhow::anyhow!(
             "tokens are verified with a JWKS (auth.jwks_file); mint them with the identity \
              provider that holds its private keys"

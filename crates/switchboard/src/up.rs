@@ -119,10 +119,17 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         .local_addr()
         .context("reading the listen address")?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let public_url = settings
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    let public_url = settings.public_url.clone().unwrap_or_else(|| {
+        if local.ip().is_unspecified() {
+            // Every server added now registers `<public URL>/oauth/callback` with its provider.
+            tracing::warn!(
+                "listening on {local} without a public URL: OAuth redirects would name \
+                 {scheme}://{local}, which no browser can reach; set --public-url \
+                 (SWITCHBOARD_PUBLIC_URL) to the address users reach Switchboard at"
+            );
+        }
+        format!("{scheme}://{local}")
+    });
     let shutdown = CancellationToken::new();
     let outbound = mcp::OutboundClient::new(
         mcp::OutboundPolicy {

@@ -7,25 +7,14 @@ use vault::{FileStore, KeyFile, KeyId, KeyRing, KvStore, SecretStore, StoreError
 use crate::{cli::VaultCommand, configuration::StoreOptions};
 
 /// Opens the vault: the file store under the data directory, or the JetStream KV bucket with
-/// `--nats`. Master keys come from `SWITCHBOARD_VAULT_KEYS` or the key file; `up` on the
-/// embedded default generates the key file on first start (and says so loudly).
+/// `--nats`. Master keys come from `SWITCHBOARD_VAULT_KEYS` or the key file; `up` generates
+/// the key file on first start (and says so loudly) — on JetStream only while the shared
+/// bucket is empty.
 pub async fn open_vault(
     store: &StoreOptions,
     nats: Option<&async_nats::Client>,
     generate_key_file: bool,
 ) -> anyhow::Result<Vault> {
-    let key_file = store.key_file();
-    let keys = if generate_key_file && std::env::var_os(vault::KEYS_ENV_VAR).is_none() {
-        KeyRing::load_or_generate(&key_file)
-    } else {
-        KeyRing::load_from_env_or_file(&key_file)
-    }
-    .with_context(|| {
-        format!(
-            "cannot load the vault's master keys ({})",
-            key_file.display()
-        )
-    })?;
     let secrets: Arc<dyn SecretStore> = match nats {
         Some(client) => {
             let bucket = format!("{}_vault", store.nats_prefix());
@@ -43,6 +32,37 @@ pub async fn open_vault(
             )
         }
     };
+    let key_file = store.key_file();
+    let generate = generate_key_file && std::env::var_os(vault::KEYS_ENV_VAR).is_none();
+    if generate && nats.is_some() && !key_file.exists() {
+        // A shared bucket: a key made up here could open nothing the other replicas sealed,
+        // and they could open nothing sealed with it. Only the first host of an empty vault
+        // makes the key; every other one is given it.
+        let entries = secrets
+            .names()
+            .await
+            .context("cannot list the vault bucket's entries")?;
+        if !entries.is_empty() {
+            anyhow::bail!(
+                "the vault bucket holds {} entries and this host has no vault key: give it the \
+                 key file of the host that made them ({}) or set {}",
+                entries.len(),
+                key_file.display(),
+                vault::KEYS_ENV_VAR
+            );
+        }
+    }
+    let keys = if generate {
+        KeyRing::load_or_generate(&key_file)
+    } else {
+        KeyRing::load_from_env_or_file(&key_file)
+    }
+    .with_context(|| {
+        format!(
+            "cannot load the vault's master keys ({})",
+            key_file.display()
+        )
+    })?;
     Ok(Vault::new(secrets, keys))
 }
 

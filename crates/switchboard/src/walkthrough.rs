@@ -562,9 +562,18 @@ pub async fn invoke(args: &InvokeArgs, settings: &Settings) -> anyhow::Result<()
             println!("Still awaiting approval; `switchboard approvals` lists it.");
             return Ok(());
         }
-        let now = api
-            .get(&api_path(&["invocations", &id], &[("wait", "10")]))
-            .await?;
+        // At most 10 s a request, never past the caller's own wait.
+        let wait = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .as_secs()
+            .clamp(1, 10)
+            .to_string();
+        // An orchestrator asks about the user's invocation, as it asked for it.
+        let mut query = vec![("wait", wait.as_str())];
+        if let Some(user) = &args.user {
+            query.push(("user", user.as_str()));
+        }
+        let now = api.get(&api_path(&["invocations", &id], &query)).await?;
         // Approved, the call runs: still not the final outcome.
         if !matches!(text(&now["outcome"]), "awaiting_approval" | "running") {
             eprintln!();

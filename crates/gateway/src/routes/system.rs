@@ -73,18 +73,14 @@ async fn readyz(state: axum::extract::State<AppState>) -> Result<axum::Json<Read
         )
     };
     for log in LogKind::ALL {
-        let end = state
-            .log
-            .last_sequence(log)
-            .await
-            .map_err(|e| {
-                // The cause (paths, the store's own words) is for the log, not for a public
-                // probe.
-                tracing::warn!("readiness: the {log} event log does not answer: {e}");
-                not_ready(format!(
-                    "the {log} event log does not answer; Switchboard's log says why"
-                ))
-            })?;
+        let end = state.log.last_sequence(log).await.map_err(|e| {
+            // The cause (paths, the store's own words) is for the log, not for a public
+            // probe.
+            tracing::warn!("readiness: the {log} event log does not answer: {e}");
+            not_ready(format!(
+                "the {log} event log does not answer; Switchboard's log says why"
+            ))
+        })?;
         if !state
             .read_models
             .wait_for_position(log, end, CATCH_UP_WAIT)

@@ -338,7 +338,10 @@ async fn every_route_admits_exactly_the_callers_its_permission_names() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(checked, routes::table().len() * EVERYONE.len());
-    assert!(heads >= 12 * EVERYONE.len(), "every GET route's HEAD: {heads}");
+    assert!(
+        heads >= 12 * EVERYONE.len(),
+        "every GET route's HEAD: {heads}"
+    );
     assert!(checked >= 24 * 9, "the table lost routes: {checked} checks");
 }
 

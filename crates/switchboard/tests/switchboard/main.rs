@@ -628,6 +628,43 @@ async fn up_on_jetstream_creates_its_streams_and_vault_bucket() {
     js.get_key_value(format!("{prefix}_vault"))
         .await
         .expect("the vault bucket exists");
+
+    // An entry sealed with this host's key: another host without the key must not make up
+    // one of its own for the shared bucket.
+    let store = vault::KvStore::open(js.clone(), &format!("{prefix}_vault"))
+        .await
+        .expect("vault bucket");
+    let keys = vault::KeyRing::load_from_env_or_file(&dir.path().join("vault.keys"))
+        .expect("the first host's key file");
+    vault::Vault::new(std::sync::Arc::new(store), keys)
+        .put(
+            &vault::SecretName::parse("probe/entry").expect("name"),
+            &vault::Secret::from_slice(b"sealed"),
+        )
+        .await
+        .expect("put");
+    let other_host = tempfile::tempdir().expect("tempdir");
+    // Bounded by coreutils' `timeout`: an `up` that started would serve until stopped.
+    let refused = Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--data-dir")
+        .arg(other_host.path())
+        .args(["--nats", &nats.url(), "--nats-prefix", &prefix, "up"])
+        .env_remove("SWITCHBOARD_VAULT_KEYS")
+        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("run switchboard up");
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("holds 1 entries and this host has no vault key"),
+        "{said}"
+    );
+    assert!(
+        !other_host.path().join("vault.keys").exists(),
+        "no key was made up"
+    );
 }
 
 /// Credentials written into the NATS URL never reach a log line, the NATS client library's own

@@ -227,8 +227,32 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         ],
     ));
     assert!(waiting.contains("awaiting approval (walk_2)"), "{waiting}");
+    // An orchestrator's invocation for Alice waits for her decision under her name.
+    let orchestrator = super::token(&data_dir, "orchestrator", "orchestrator");
+    let for_alice = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &orchestrator,
+        &[
+            "invoke",
+            "tracker__create_issue",
+            r#"{"title": "y"}"#,
+            "--user",
+            "alice@example.com",
+            "--id",
+            "walk_3",
+            "--wait",
+            "1",
+        ],
+    ));
+    assert!(
+        for_alice.contains("awaiting approval (walk_3)"),
+        "{for_alice}"
+    );
+    assert!(for_alice.contains("Still awaiting approval"), "{for_alice}");
     let pending = stdout_of(&walk(&data_dir, &url, &alice, &["approvals"]));
     assert!(pending.contains("walk_2"), "{pending}");
+    assert!(pending.contains("walk_3"), "{pending}");
     let denied = stdout_of(&walk(&data_dir, &url, &alice, &["deny", "walk_2"]));
     assert!(denied.contains("denied (walk_2)"), "{denied}");
     // Another user's tools need the orchestrator's permission: refused, not Alice's own
