@@ -120,17 +120,28 @@ pub enum ToolPolicyCommand {
         /// The definition the user saw, when the request names one. Without it the setting
         /// applies to the current definition.
         seen_definition_hash: Option<String>,
+        /// The state the tool-state projection shows now. It folds each discovery as it
+        /// comes, ahead of the policy service's reaction to it: where the two differ, the
+        /// setting is recorded even if this aggregate holds it already.
+        shown_state: Option<ToolState>,
     },
     /// The user sets every tool of `category` among the server's current tools.
     SetCategoryPermission {
         category: ToolCategory,
         state: ToolState,
         current_tools: Vec<pb::ToolDefinition>,
+        /// The states the tool-state projection shows now, by tool (see `SetToolPermission`).
+        shown_states: Vec<(String, ToolState)>,
     },
-    /// The server's current tool definitions (after a discovery): notices changed definitions
-    /// and forgets the settings of tools no longer offered.
+    /// The tool definitions of one discovery: notices changed definitions and forgets the
+    /// settings of tools it no longer offers. Each discovery is observed in the log's order;
+    /// a later one does not stand in for it (a tool gone and back starts Blocked, a definition
+    /// changed and changed back needs approval again).
     ObserveDefinitions {
         current_tools: Vec<pb::ToolDefinition>,
+        /// Tools the user set after that discovery: their settings were made against a later
+        /// list and stand.
+        set_since: Vec<String>,
     },
 }
 
@@ -146,6 +157,7 @@ pub fn decide(
             state: tool_state,
             current_definition_hash,
             seen_definition_hash,
+            shown_state,
         } => {
             let Some(current) = current_definition_hash else {
                 return Err(DomainError::ToolNotFound {
@@ -163,7 +175,9 @@ pub fn decide(
                     current,
                 });
             }
-            if is_unchanged(state, tool.as_str(), tool_state, &current) {
+            if is_unchanged(state, tool.as_str(), tool_state, &current)
+                && shown_state.is_none_or(|shown| shown == tool_state)
+            {
                 return Ok(vec![]);
             }
             Ok(vec![permission_set(
@@ -178,6 +192,7 @@ pub fn decide(
             category,
             state: tool_state,
             current_tools,
+            shown_states,
         } => {
             let mut tool_names = Vec::new();
             let mut changes = Vec::new();
@@ -189,7 +204,12 @@ pub fn decide(
                 if tool.definition_hash.is_empty() {
                     return Err(DomainError::ToolDefinitionHashMissing { tool: tool.name });
                 }
-                if !is_unchanged(state, &tool.name, tool_state, &tool.definition_hash) {
+                let shown_differs = shown_states
+                    .iter()
+                    .any(|(name, shown)| *name == tool.name && *shown != tool_state);
+                if shown_differs
+                    || !is_unchanged(state, &tool.name, tool_state, &tool.definition_hash)
+                {
                     changes.push(permission_set(
                         state,
                         id,
@@ -214,19 +234,26 @@ pub fn decide(
             events.extend(changes);
             Ok(events)
         }
-        ToolPolicyCommand::ObserveDefinitions { current_tools } => {
+        ToolPolicyCommand::ObserveDefinitions {
+            current_tools,
+            set_since,
+        } => {
             let mut events = Vec::new();
             let offered: HashSet<&str> = current_tools.iter().map(|t| t.name.as_str()).collect();
+            let stands = |tool: &str| set_since.iter().any(|set| set == tool);
             let gone: Vec<String> = state
                 .settings
                 .keys()
-                .filter(|tool| !offered.contains(tool.as_str()))
+                .filter(|tool| !offered.contains(tool.as_str()) && !stands(tool))
                 .cloned()
                 .collect();
             for tool in &current_tools {
                 let Some(setting) = state.settings.get(&tool.name) else {
                     continue; // no explicit setting: blocked whatever its definition
                 };
+                if stands(&tool.name) {
+                    continue;
+                }
                 if tool.definition_hash.is_empty()
                     || tool.definition_hash == setting.definition_hash
                 {
@@ -308,6 +335,7 @@ mod tests {
             state,
             current_definition_hash: Some(hash.into()),
             seen_definition_hash: None,
+            shown_state: None,
         }
     }
 
@@ -375,6 +403,7 @@ mod tests {
     fn observe(tools: Vec<pb::ToolDefinition>) -> ToolPolicyCommand {
         ToolPolicyCommand::ObserveDefinitions {
             current_tools: tools,
+            set_since: Vec::new(),
         }
     }
 
@@ -460,6 +489,7 @@ mod tests {
                 state: ToolState::Blocked,
                 current_definition_hash: None,
                 seen_definition_hash: None,
+                shown_state: None,
             }))
             .then_error("tool_not_found");
         Scenario::<ToolPolicyState>::given([])
@@ -474,6 +504,7 @@ mod tests {
             state: ToolState::AlwaysAllow,
             current_definition_hash: Some("h2".into()),
             seen_definition_hash: Some(seen.into()),
+            shown_state: None,
         };
         let error = Scenario::<ToolPolicyState>::given([])
             .when(decide_policy(command("h1")))
@@ -628,6 +659,84 @@ mod tests {
     }
 
     #[test]
+    fn a_setting_made_after_the_discovery_observed_stands() {
+        // The discovery without `search` is observed late, after the user set `search` again
+        // against a later list that offered it: that setting is not cleared or downgraded.
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "search",
+            ToolState::AlwaysAllow,
+            "s1",
+        )])
+        .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
+            current_tools: vec![definition("create", "c1", None)],
+            set_since: vec!["search".into()],
+        }))
+        .then_nothing();
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "search",
+            ToolState::AlwaysAllow,
+            "s1",
+        )])
+        .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
+            current_tools: vec![definition("search", "s2", None)],
+            set_since: vec!["search".into()],
+        }))
+        .then_nothing();
+    }
+
+    #[test]
+    fn a_setting_the_projection_shows_otherwise_is_recorded_again() {
+        // The projection cleared `search` at a discovery the policy service has not observed
+        // yet: the user's setting is recorded, not taken for one already there.
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "search",
+            ToolState::AlwaysAllow,
+            "s1",
+        )])
+        .when(decide_policy(ToolPolicyCommand::SetToolPermission {
+            tool: ToolName::parse("search").unwrap(),
+            state: ToolState::AlwaysAllow,
+            current_definition_hash: Some("s1".into()),
+            seen_definition_hash: None,
+            shown_state: Some(ToolState::Blocked),
+        }))
+        .then([permission_changed(
+            "search",
+            ToolState::AlwaysAllow,
+            "s1",
+            ToolState::AlwaysAllow,
+            "s1",
+        )]);
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "get",
+            ToolState::AlwaysAllow,
+            "g1",
+        )])
+        .when(decide_policy(ToolPolicyCommand::SetCategoryPermission {
+            category: ToolCategory::ReadOnly,
+            state: ToolState::AlwaysAllow,
+            current_tools: vec![definition("get", "g1", Some(true))],
+            shown_states: vec![("get".into(), ToolState::Blocked)],
+        }))
+        .then([
+            Event::CategoryPermissionSet(pb::CategoryPermissionSet {
+                user_id: "alice@example.com".into(),
+                server_id: id().server_id.to_string(),
+                category: ToolCategory::ReadOnly.to_proto() as i32,
+                state: ToolState::AlwaysAllow.to_proto() as i32,
+                tool_names: vec!["get".into()],
+            }),
+            permission_changed(
+                "get",
+                ToolState::AlwaysAllow,
+                "g1",
+                ToolState::AlwaysAllow,
+                "g1",
+            ),
+        ]);
+    }
+
+    #[test]
     fn category_setting_applies_to_the_tools_of_that_category_at_the_time() {
         let tools = vec![
             definition("list", "l1", Some(true)),
@@ -644,6 +753,7 @@ mod tests {
             category: ToolCategory::ReadOnly,
             state: ToolState::AlwaysAllow,
             current_tools: tools,
+            shown_states: Vec::new(),
         }))
         .then([
             Event::CategoryPermissionSet(pb::CategoryPermissionSet {
@@ -681,6 +791,7 @@ mod tests {
             category: ToolCategory::ReadOnly,
             state: ToolState::NeedsApproval,
             current_tools: vec![definition("list", "l2", Some(true))],
+            shown_states: Vec::new(),
         }))
         .then([
             Event::CategoryPermissionSet(pb::CategoryPermissionSet {
@@ -724,6 +835,7 @@ mod tests {
                     definition("create", "c1", Some(false)),
                     definition("unhinted", "u1", None),
                 ],
+                shown_states: Vec::new(),
             }))
             .then_events();
         assert_eq!(events.len(), 3);
@@ -743,6 +855,7 @@ mod tests {
             category: ToolCategory::ReadOnly,
             state: ToolState::AlwaysAllow,
             current_tools: vec![definition("list", "l1", Some(true))],
+            shown_states: Vec::new(),
         }))
         .then_nothing();
         Scenario::<ToolPolicyState>::given([])
@@ -750,6 +863,7 @@ mod tests {
                 category: ToolCategory::ReadOnly,
                 state: ToolState::AlwaysAllow,
                 current_tools: vec![],
+                shown_states: Vec::new(),
             }))
             .then_nothing();
     }

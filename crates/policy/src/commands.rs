@@ -91,10 +91,11 @@ impl PolicyCommands {
         let tool_name = ToolName::parse(tool).map_err(|_| DomainError::ToolNotFound {
             tool: tool.to_owned(),
         })?;
-        let current = self.read_models.tool_states.read(|states| {
+        let (current, shown_state) = self.read_models.tool_states.read(|states| {
             states
                 .tool(user, server, tool)
-                .map(|view| view.definition_hash.to_owned())
+                .map(|view| (view.definition_hash.to_owned(), view.state))
+                .unzip()
         });
         let id = PolicyId {
             user_id: user.clone(),
@@ -108,6 +109,7 @@ impl PolicyCommands {
                 state,
                 current_definition_hash: current,
                 seen_definition_hash: definition_hash,
+                shown_state,
             },
         )
         .await
@@ -124,22 +126,25 @@ impl PolicyCommands {
         state: ToolState,
     ) -> Result<Written, PolicyError> {
         self.check_connected(user, server)?;
-        let mut current_tools: Vec<pb::ToolDefinition> =
+        let (mut current_tools, shown_states): (Vec<pb::ToolDefinition>, Vec<_>) =
             self.read_models.tool_states.read(|states| {
                 states
                     .tools_of(user, server)
-                    .map(|view| pb::ToolDefinition {
-                        name: view.name.to_owned(),
-                        definition_hash: view.definition_hash.to_owned(),
-                        // Only the category matters to the decision; the projection has it
-                        // from the tool's annotations.
-                        annotations: Some(pb::ToolAnnotations {
-                            read_only_hint: Some(view.category == ToolCategory::ReadOnly),
+                    .map(|view| {
+                        let definition = pb::ToolDefinition {
+                            name: view.name.to_owned(),
+                            definition_hash: view.definition_hash.to_owned(),
+                            // Only the category matters to the decision; the projection has
+                            // it from the tool's annotations.
+                            annotations: Some(pb::ToolAnnotations {
+                                read_only_hint: Some(view.category == ToolCategory::ReadOnly),
+                                ..Default::default()
+                            }),
                             ..Default::default()
-                        }),
-                        ..Default::default()
+                        };
+                        (definition, (view.name.to_owned(), view.state))
                     })
-                    .collect()
+                    .unzip()
             });
         current_tools.sort_by(|a, b| a.name.cmp(&b.name));
         let id = PolicyId {
@@ -153,6 +158,7 @@ impl PolicyCommands {
                 category,
                 state,
                 current_tools,
+                shown_states,
             },
         )
         .await

@@ -15,15 +15,15 @@
 use std::{sync::Arc, time::Duration};
 
 use domain::{
-    Event, ServerId, UserId,
+    Aggregate, Event, ServerId, UserId,
     tool_policy::{PolicyId, ToolPolicyCommand, ToolPolicyState, decide},
 };
 use eventlog::{
-    AggregateKind, EventLog, EventLogError, LogKind, RecordedEvent, Subject,
+    EventLog, EventLogError, LogKind, RecordedEvent,
     projection::{Checkpoint, CheckpointStore},
 };
 use futures_util::StreamExt;
-use proto::v1::{Envelope, ToolDefinition};
+use proto::v1::{Envelope, ToolsDiscovered};
 use service_kit::{CommandContext, CommandError, EnvelopeBuilder, execute};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -201,8 +201,8 @@ impl Follower {
             match reconcile(
                 self.log.as_ref(),
                 &self.envelopes,
-                &discovered.user_id,
-                &discovered.server_id,
+                discovered,
+                event.sequence,
                 &event.envelope,
             )
             .await
@@ -274,30 +274,59 @@ impl From<EventLogError> for ReactionFailure {
     }
 }
 
-/// Brings the settings of `user` for `server` in line with the tools the server offers the
-/// user now.
+/// Brings the settings of the discovery's user for its server in line with the tools it
+/// lists, as of its position in the log (`discovered_at`): each discovery is observed, even
+/// when a later one is stored already (a tool gone and back starts Blocked; a definition
+/// changed and changed back needs approval again), and a setting made after it stands.
 async fn reconcile(
     log: &dyn EventLog,
     envelopes: &EnvelopeBuilder,
-    user: &str,
-    server: &str,
+    discovered: &ToolsDiscovered,
+    discovered_at: u64,
     cause: &Envelope,
 ) -> Result<(), ReactionFailure> {
-    let user_id = UserId::parse(user).map_err(|e| ReactionFailure::Ignored(e.to_string()))?;
-    let server_id = ServerId::parse(server).map_err(|e| ReactionFailure::Ignored(e.to_string()))?;
-    let Some(current_tools) = current_tools(log, &user_id, server_id).await? else {
-        // Disconnected since: the settings wait for the next connection's discovery.
-        return Ok(());
-    };
+    let user_id =
+        UserId::parse(&discovered.user_id).map_err(|e| ReactionFailure::Ignored(e.to_string()))?;
+    let server_id = ServerId::parse(&discovered.server_id)
+        .map_err(|e| ReactionFailure::Ignored(e.to_string()))?;
     let id = PolicyId { user_id, server_id };
     let subject = subject_of(&id).map_err(ReactionFailure::Store)?;
+    // The settings as they are now and which tools the user set after the discovery. A
+    // setting that lands between this read and the decision's own read differs from `read`
+    // and stands too.
+    let history = log.read_aggregate(&subject).await?;
+    let read = ToolPolicyState::from_events(
+        history
+            .events
+            .iter()
+            .filter_map(|recorded| recorded.envelope.event.as_ref()),
+    );
+    let set_after: Vec<String> = history
+        .events
+        .iter()
+        .filter(|recorded| recorded.sequence > discovered_at)
+        .flat_map(|recorded| tools_set_by(recorded.envelope.event.as_ref()))
+        .collect();
     let context = CommandContext::reaction(SERVICE, cause);
     let written = execute::<ToolPolicyState, _>(log, envelopes, &subject, &context, |state| {
+        let mut set_since = set_after.clone();
+        set_since.extend(
+            state
+                .settings()
+                .filter(|(tool, setting)| read.setting(tool) != Some(*setting))
+                .map(|(tool, _)| tool.to_owned()),
+        );
+        set_since.extend(
+            read.settings()
+                .filter(|(tool, _)| state.setting(tool).is_none())
+                .map(|(tool, _)| tool.to_owned()),
+        );
         decide(
             state,
             &id,
             ToolPolicyCommand::ObserveDefinitions {
-                current_tools: current_tools.clone(),
+                current_tools: discovered.tools.clone(),
+                set_since,
             },
         )
     })
@@ -309,25 +338,12 @@ async fn reconcile(
     }
 }
 
-/// The tools the server offers the user now: the latest `ToolsDiscovered` of the connection,
-/// or `None` when the user disconnected after it (or it has none).
-async fn current_tools(
-    log: &dyn EventLog,
-    user: &UserId,
-    server: ServerId,
-) -> Result<Option<Vec<ToolDefinition>>, EventLogError> {
-    let subject = Subject::for_aggregate(
-        AggregateKind::Connection,
-        &[&server.to_string(), user.key().as_str()],
-    )?;
-    let history = log.read_aggregate(&subject).await?;
-    let mut current = None;
-    for event in history.events {
-        match event.envelope.event {
-            Some(Event::ToolsDiscovered(discovered)) => current = Some(discovered.tools),
-            Some(Event::ConnectionDisconnected(_)) => current = None,
-            _ => {}
-        }
+/// The tool a user's setting event sets. The reaction's own events do not count: observing a
+/// discovery again after them changes nothing (the definitions agree), and a later discovery
+/// must still be observed after them.
+fn tools_set_by(event: Option<&Event>) -> Option<String> {
+    match event {
+        Some(Event::ToolPermissionSet(set)) => Some(set.tool_name.clone()),
+        _ => None,
     }
-    Ok(current)
 }

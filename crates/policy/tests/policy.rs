@@ -159,7 +159,9 @@ impl Harness {
         )
         .await
         .expect("connection command");
-        self.settle().await;
+        if self.reaction.is_some() {
+            self.settle().await;
+        }
     }
 
     /// The user connects to the server, which offers `tools`.
@@ -572,8 +574,8 @@ async fn the_reaction_resumes_from_its_checkpoint_and_acts_once(store: Store) {
     assert_eq!(resumed.position(), handled, "resumes from the checkpoint");
     h.reaction = Some(resumed);
 
-    // Seeing every event again (a lost checkpoint) records nothing twice: the reaction
-    // compares with the connection's current tools, not with the old lists in the events.
+    // Seeing every event again (a lost checkpoint) records nothing twice: each list is
+    // compared with the settings as they are, and a setting made after a list stands.
     h.reaction.take().expect("running").shutdown().await;
     h.checkpoints
         .save(
@@ -610,6 +612,110 @@ async fn the_reaction_resumes_from_its_checkpoint_and_acts_once(store: Store) {
         .expect("second caught up");
     h.settle().await;
     assert_eq!(count_changes(&h.events_of(&alice, server).await), 2);
+}
+
+/// The reaction stopped (a restart, a failing store) while a tool went and came back and
+/// another one's definition changed and changed back: the projection does not wait for it,
+/// and once it runs it records each change; a setting the user made meanwhile stands.
+async fn a_late_reaction_observes_every_discovery(store: Store) {
+    let mut h = Harness::start(store).await;
+    let server = h.add_server("GitHub").await;
+    let alice = user("alice@example.com");
+    h.connect(&alice, server, &tools()).await;
+    for name in ["search", "get_issue", "create_issue"] {
+        h.set(&alice, server, name, ToolState::AlwaysAllow, None)
+            .await
+            .expect("set");
+    }
+    h.settle().await;
+    h.reaction.take().expect("running").shutdown().await;
+
+    let mut changed = tools();
+    changed[1] = tool("get_issue", "Reads one issue, changed", Some(true));
+    let without: Vec<pb::ToolDefinition> = changed
+        .iter()
+        .filter(|t| t.name != "search" && t.name != "create_issue")
+        .cloned()
+        .collect();
+    h.discover(&alice, server, &without).await;
+    h.discover(&alice, server, &tools()).await;
+    let end = h.log.last_sequence(LogKind::Config).await.expect("end");
+    assert!(
+        h.read_models
+            .wait_for_position(LogKind::Config, end, WAIT)
+            .await
+    );
+    assert_eq!(
+        h.state(&alice, server, "search"),
+        Some((ToolState::Blocked, false)),
+        "gone and back: Blocked, with the reaction stopped"
+    );
+    assert_eq!(
+        h.state(&alice, server, "get_issue"),
+        Some((ToolState::NeedsApproval, true)),
+        "changed and back: needs approval"
+    );
+    // Meanwhile Alice allows `create_issue` again; the policy aggregate still holds her old
+    // setting of it, but she saw Blocked, so it is recorded.
+    h.set(&alice, server, "create_issue", ToolState::AlwaysAllow, None)
+        .await
+        .expect("set");
+    assert_eq!(
+        h.state(&alice, server, "create_issue"),
+        Some((ToolState::AlwaysAllow, false))
+    );
+
+    h.reaction = Some(
+        DefinitionChanges::start(h.log.clone(), h.checkpoints.clone(), h.envelopes.clone())
+            .await
+            .expect("restart"),
+    );
+    h.settle().await;
+    let events = h.events_of(&alice, server).await;
+    let cleared: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolPermissionsCleared(c) => Some(c.tool_names.iter().map(String::as_str)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(cleared, ["search"], "create_issue was set after: it stands");
+    assert_eq!(
+        count_changes(&events),
+        2,
+        "get_issue changed, and changed back"
+    );
+    assert_eq!(
+        h.state(&alice, server, "search"),
+        Some((ToolState::Blocked, false))
+    );
+    assert_eq!(
+        h.state(&alice, server, "get_issue"),
+        Some((ToolState::NeedsApproval, true))
+    );
+    assert_eq!(
+        h.state(&alice, server, "create_issue"),
+        Some((ToolState::AlwaysAllow, false))
+    );
+    // Allowing `search` again is recorded and shown.
+    h.set(&alice, server, "search", ToolState::AlwaysAllow, None)
+        .await
+        .expect("set");
+    assert_eq!(
+        h.state(&alice, server, "search"),
+        Some((ToolState::AlwaysAllow, false))
+    );
+}
+
+#[tokio::test]
+async fn a_late_reaction_observes_every_discovery_on_jsonl() {
+    a_late_reaction_observes_every_discovery(Store::Jsonl).await;
+}
+
+#[tokio::test]
+async fn a_late_reaction_observes_every_discovery_on_jetstream() {
+    a_late_reaction_observes_every_discovery(Store::JetStream).await;
 }
 
 #[tokio::test]

@@ -15,9 +15,12 @@
 //! What it folds: server events (slugs), connection events of each user (connected from
 //! `ConnectionEstablished` until `ConnectionDisconnected`; the tool list of the latest
 //! `ToolsDiscovered`) and policy events (settings). The effective state never trusts a
-//! setting made for another definition than the current one: an *Always allow* setting whose
-//! definition hash is not the current one reads as *Needs approval*, flagged `changed`, even
-//! before the policy service has recorded `ToolDefinitionChanged` for it.
+//! setting made for another definition than the current one: each discovery is applied to the
+//! settings as the policy service's reaction to it records them, ahead of that reaction — an
+//! *Always allow* setting whose definition changed reads as *Needs approval*, flagged
+//! `changed`, and a tool the discovery lacks loses its setting (it comes back Blocked), even
+//! before the policy service has recorded `ToolDefinitionChanged` or
+//! `ToolPermissionsCleared` for it.
 use std::collections::HashMap;
 
 use proto::v1::{Envelope, envelope::Event};
@@ -448,7 +451,7 @@ impl ToolStates {
                     definition
                 }
             };
-            offered.push((name, definition));
+            offered.push((name, definition, hash, tool.definition_hash.is_empty()));
             if !self.exposed_of.contains_key(&(server, name)) {
                 let entry = &mut self.servers[server as usize];
                 if !entry.tools.contains(&name) {
@@ -460,11 +463,31 @@ impl ToolStates {
         let Some(pair) = self.pair_or_new(&e.user_id, &e.server_id) else {
             return;
         };
+        // The settings follow this discovery as the policy service's reaction to it records
+        // them (`tool_policy`'s `ObserveDefinitions`), ahead of that reaction, which may
+        // lag: a setting for another definition drops from Always allow to Needs approval,
+        // flagged changed, and a tool this list lacks loses its setting, so that it starts
+        // Blocked if it comes back.
         for slot in &mut pair.slots {
             slot.definition = NONE;
         }
-        for (name, definition) in offered {
-            pair.slot_mut(name).definition = definition;
+        for (name, definition, hash, hash_missing) in offered {
+            let slot = pair.slot_mut(name);
+            slot.definition = definition;
+            if slot.setting_hash != NONE && slot.setting_hash != hash && !hash_missing {
+                if state_of_code(slot.state) == ToolState::AlwaysAllow {
+                    slot.state = state_code(ToolState::NeedsApproval);
+                }
+                slot.setting_hash = hash;
+                slot.changed = true;
+            }
+        }
+        for slot in &mut pair.slots {
+            if slot.definition == NONE {
+                slot.setting_hash = NONE;
+                slot.state = state_code(ToolState::Blocked);
+                slot.changed = false;
+            }
         }
         pair.slots.retain(|slot| !slot.is_empty());
     }
@@ -972,6 +995,38 @@ mod tests {
         assert_eq!(
             states.state_of(&alice, server(), "search"),
             Some(ToolState::Blocked)
+        );
+    }
+
+    /// The policy service's reaction to the discoveries may lag behind both (a restart, a
+    /// failing store): the projection does not wait for it.
+    #[test]
+    fn a_tool_gone_and_back_or_a_definition_changed_and_back_does_not_return_to_always_allow() {
+        let mut events = connected_alice();
+        events.extend([
+            permission("alice", "search", ToolState::AlwaysAllow, "s1"),
+            permission("alice", "delete_repo", ToolState::AlwaysAllow, "d1"),
+            discovered("alice", SERVER, vec![tool("delete_repo", "d2", false)]),
+            discovered(
+                "alice",
+                SERVER,
+                vec![tool("search", "s1", true), tool("delete_repo", "d1", false)],
+            ),
+        ]);
+        let states = states(events);
+        let alice = user("alice");
+        assert_eq!(
+            states.state_of(&alice, server(), "search"),
+            Some(ToolState::Blocked),
+            "gone and back: Blocked"
+        );
+        let view = states
+            .tool(&alice, server(), "delete_repo")
+            .expect("offered");
+        assert_eq!(
+            (view.state, view.changed, view.definition_hash),
+            (ToolState::NeedsApproval, true, "d1"),
+            "changed and changed back: Needs approval until the user sets it again"
         );
     }
 
