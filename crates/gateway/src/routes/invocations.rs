@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::{extract::State, http::Method};
 use domain::{InvocationId, UserId};
+use eventlog::LogKind;
 use invoker::{Decision, InvocationReport, InvokeRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -234,7 +235,30 @@ async fn invoke(
             },
         )
         .await?;
+    // An invocation that waits is listed among the user's approvals: a GET right after this
+    // answer must find it there (read-your-writes). A call's answer needs no wait: its
+    // status is looked up after the read model has caught up anyway.
+    if report.outcome == invoker::Outcome::AwaitingApproval {
+        settle_invocations(&state).await?;
+    }
     Ok(axum::Json(InvocationOutcome::of(report)))
+}
+
+/// Waits (bounded) until the invocations' read model holds everything the log holds now.
+async fn settle_invocations(state: &AppState) -> Result<(), ApiError> {
+    let end = state.log.last_sequence(LogKind::Invocations).await?;
+    if !state
+        .read_models
+        .wait_for_position(
+            LogKind::Invocations,
+            end,
+            state.settings.read_your_writes_timeout,
+        )
+        .await
+    {
+        tracing::warn!(position = end, "the invocations read model did not catch up in time");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -369,5 +393,7 @@ async fn decide_approval(
             decision,
         )
         .await?;
+    // The decided invocation leaves the user's approvals: a GET right after must not list it.
+    settle_invocations(&state).await?;
     Ok(axum::Json(InvocationOutcome::of(report)))
 }

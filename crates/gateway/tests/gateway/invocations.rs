@@ -386,7 +386,7 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
             .await;
         assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
-        it.settle().await;
+        // Listed at once (read-your-writes), without waiting for the read model here.
         let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
         let approvals = approvals["approvals"]
             .as_array()
@@ -423,6 +423,8 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         assert_eq!(approved["outcome"], "completed");
         assert_eq!(approved["result"]["content"][0]["text"], "Created FX-2");
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+        let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+        assert_eq!(approvals["approvals"], json!([]), "decided: no longer listed");
         let (status, again) = it
             .post(
                 &it.alice,
