@@ -116,13 +116,26 @@ pub enum UnreadableRecords {
 pub struct MergedHistory<'f> {
     filter: &'f AuditFilter,
     unreadable: UnreadableRecords,
-    heads: Vec<(LogKind, EventStream, Option<RecordedEvent>)>,
+    heads: Vec<Head>,
+    /// How many more events may be read, admitted or not (`None`: no bound).
+    budget: Option<usize>,
+}
+
+/// One log's stream, its next admitted event, and the last position read from it.
+struct Head {
+    kind: LogKind,
+    stream: EventStream,
+    next: Option<RecordedEvent>,
+    read_through: u64,
 }
 
 impl std::fmt::Debug for MergedHistory<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MergedHistory")
-            .field("logs", &self.heads.iter().map(|h| h.0).collect::<Vec<_>>())
+            .field(
+                "logs",
+                &self.heads.iter().map(|h| h.kind).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -136,49 +149,102 @@ impl<'f> MergedHistory<'f> {
         filter: &'f AuditFilter,
         unreadable: UnreadableRecords,
     ) -> Result<Self, EventLogError> {
-        let mut heads = Vec::new();
-        for kind in logs {
-            let mut stream = log
-                .read_from(*kind, from(*kind), filter.subject.as_ref())
-                .await?;
-            let head = next_admitted(filter, unreadable, &mut stream).await?;
-            heads.push((*kind, stream, head));
-        }
-        Ok(MergedHistory {
+        Self::open_bounded(log, logs, from, filter, unreadable, None).await
+    }
+
+    /// [`open`](Self::open), reading at most `budget` events in all, admitted or not (a
+    /// filter that admits little must not read a whole log for one request): once they are
+    /// read, [`next`](Self::next) ends and [`exhausted`](Self::exhausted) says so.
+    pub async fn open_bounded(
+        log: &dyn EventLog,
+        logs: &[LogKind],
+        from: impl Fn(LogKind) -> u64,
+        filter: &'f AuditFilter,
+        unreadable: UnreadableRecords,
+        budget: Option<usize>,
+    ) -> Result<Self, EventLogError> {
+        let mut history = MergedHistory {
             filter,
             unreadable,
-            heads,
-        })
+            heads: Vec::new(),
+            budget,
+        };
+        for kind in logs {
+            let start = from(*kind);
+            let stream = log.read_from(*kind, start, filter.subject.as_ref()).await?;
+            let mut head = Head {
+                kind: *kind,
+                stream,
+                next: None,
+                read_through: start.saturating_sub(1),
+            };
+            head.next = next_admitted(filter, unreadable, &mut head, &mut history.budget).await?;
+            history.heads.push(head);
+        }
+        Ok(history)
     }
 
     /// The next event, the earliest of the logs' next ones.
     pub async fn next(&mut self) -> Result<Option<RecordedEvent>, EventLogError> {
+        if self.exhausted() {
+            return Ok(None);
+        }
         let earliest = self
             .heads
             .iter()
             .enumerate()
-            .filter_map(|(i, (_, _, head))| head.as_ref().map(|e| (occurred_at(e), i)))
+            .filter_map(|(i, head)| head.next.as_ref().map(|e| (occurred_at(e), i)))
             .min();
         let Some((_, index)) = earliest else {
             return Ok(None);
         };
         let (filter, unreadable) = (self.filter, self.unreadable);
-        let next = next_admitted(filter, unreadable, &mut self.heads[index].1).await?;
-        Ok(std::mem::replace(&mut self.heads[index].2, next))
+        let head = &mut self.heads[index];
+        let next = next_admitted(filter, unreadable, head, &mut self.budget).await?;
+        Ok(std::mem::replace(&mut head.next, next))
+    }
+
+    /// Whether the reading budget ran out (the history may go on).
+    pub fn exhausted(&self) -> bool {
+        self.budget == Some(0)
+    }
+
+    /// The position of `kind` up to which every event was handed out or passed over: what
+    /// follows it is still to come (its next admitted event, or what was not read yet).
+    pub fn settled_through(&self, kind: LogKind) -> Option<u64> {
+        let head = self.heads.iter().find(|head| head.kind == kind)?;
+        Some(match &head.next {
+            Some(next) => next.sequence.saturating_sub(1),
+            None => head.read_through,
+        })
     }
 }
 
-/// The next event of `stream` the filter admits. A free function: the stream is borrowed
-/// alone, so the history need not be shared across an await.
+/// The next event of the head's stream the filter admits, within `budget`. A free function:
+/// the stream is borrowed alone, so the history need not be shared across an await.
 async fn next_admitted(
     filter: &AuditFilter,
     unreadable: UnreadableRecords,
-    stream: &mut EventStream,
+    head: &mut Head,
+    budget: &mut Option<usize>,
 ) -> Result<Option<RecordedEvent>, EventLogError> {
-    while let Some(event) = stream.next().await {
+    loop {
+        if let Some(left) = budget {
+            if *left == 0 {
+                return Ok(None);
+            }
+            *left -= 1;
+        }
+        let Some(event) = head.stream.next().await else {
+            return Ok(None);
+        };
         match event {
-            Ok(event) if filter.admits(&event) => return Ok(Some(event)),
-            Ok(_) => {}
+            Ok(event) => {
+                head.read_through = event.sequence;
+                if filter.admits(&event) {
+                    return Ok(Some(event));
+                }
+            }
             Err(EventLogError::Corrupt { location, reason })
                 if unreadable == UnreadableRecords::Skip =>
             {
@@ -187,5 +253,4 @@ async fn next_admitted(
             Err(error) => return Err(error),
         }
     }
-    Ok(None)
 }

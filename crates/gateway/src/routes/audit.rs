@@ -57,9 +57,12 @@ impl EventItem {
 pub struct EventPage {
     pub events: Vec<EventItem>,
     /// Pass as `cursor` for the events after this page. Always present: a page shorter than
-    /// `limit` reached the end of the history as it was; the cursor then returns what is
-    /// appended later.
+    /// `limit` that is not `partial` reached the end of the history as it was; the cursor
+    /// then returns what is appended later.
     pub next: String,
+    /// The page stopped after reading its share of the log (a filter that admits few events
+    /// reads many for each): the history may go on, from `next`.
+    pub partial: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::ToSchema, PartialEq, Eq)]
@@ -99,6 +102,8 @@ pub struct AuditQuery {
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
+/// Events one request reads at most, admitted by its filter or not.
+const MAX_SCANNED: usize = 20_000;
 
 /// A position in each log: everything up to it has been handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -247,12 +252,13 @@ async fn audit_events(
         }
     }
 
-    let mut history = MergedHistory::open(
+    let mut history = MergedHistory::open_bounded(
         state.log.as_ref(),
         logs,
         |log| done.get(log) + 1,
         &filter,
         UnreadableRecords::Skip,
+        Some(MAX_SCANNED),
     )
     .await?;
     let mut events = Vec::with_capacity(limit.min(64));
@@ -263,8 +269,15 @@ async fn audit_events(
         done.set(event.log, event.sequence);
         events.push(EventItem::of(&event));
     }
+    // The cursor passes what the filter left out too, so the next page does not read it again.
+    for log in logs {
+        if let Some(settled) = history.settled_through(*log) {
+            done.set(*log, done.get(*log).max(settled));
+        }
+    }
     Ok(axum::Json(EventPage {
         events,
         next: done.encode(),
+        partial: history.exhausted(),
     }))
 }

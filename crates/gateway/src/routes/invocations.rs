@@ -256,7 +256,10 @@ async fn settle_invocations(state: &AppState) -> Result<(), ApiError> {
         )
         .await
     {
-        tracing::warn!(position = end, "the invocations read model did not catch up in time");
+        tracing::warn!(
+            position = end,
+            "the invocations read model did not catch up in time"
+        );
     }
     Ok(())
 }

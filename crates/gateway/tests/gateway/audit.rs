@@ -169,3 +169,48 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
         SERVER
     );
 }
+
+/// A filter that admits one event in 25,001 does not read the whole log for one page: the
+/// page stops after its share, says so, and its cursor goes on past what it passed over.
+#[tokio::test]
+async fn a_narrow_filter_reads_a_bounded_share_of_the_log_a_page() {
+    let app = TestApp::start(Store::Jsonl).await;
+    let auditor = app.token("auditor@example.com", &["auditor"]);
+    let other = "0190f3c4-0000-7000-8000-0000000000dd";
+    let subject = eventlog::Subject::parse(&format!("server.{SERVER}")).expect("subject");
+    for _ in 0..25 {
+        let batch: Vec<_> = (0..1_000)
+            .map(|_| crate::support::envelope(server_enabled(SERVER)))
+            .collect();
+        app.log
+            .append(&subject, eventlog::ExpectedVersion::Any, &batch)
+            .await
+            .expect("append");
+    }
+    app.append(&format!("server.{other}"), server_enabled(other))
+        .await;
+
+    let query = format!("log=config&limit=10&server={other}");
+    let first = page(&app, &auditor, &query).await;
+    assert_eq!(first["events"], serde_json::json!([]), "{first}");
+    assert_eq!(first["partial"], true);
+    let next = first["next"].as_str().expect("next");
+    let passed: u64 = next.split('-').next().unwrap().parse().expect("position");
+    assert!(
+        (20_000..25_001).contains(&passed),
+        "the cursor passes what was read: {next}"
+    );
+    let second = page(&app, &auditor, &format!("{query}&cursor={next}")).await;
+    let events = second["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1, "{second}");
+    assert_eq!(events[0]["position"], 25_001);
+    assert_eq!(second["partial"], false);
+    let third = page(
+        &app,
+        &auditor,
+        &format!("{query}&cursor={}", second["next"].as_str().expect("next")),
+    )
+    .await;
+    assert_eq!(third["events"], serde_json::json!([]));
+    assert_eq!(third["partial"], false, "the end of the history");
+}

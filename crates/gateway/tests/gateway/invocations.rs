@@ -424,7 +424,11 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         assert_eq!(approved["result"]["content"][0]["text"], "Created FX-2");
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
         let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
-        assert_eq!(approvals["approvals"], json!([]), "decided: no longer listed");
+        assert_eq!(
+            approvals["approvals"],
+            json!([]),
+            "decided: no longer listed"
+        );
         let (status, again) = it
             .post(
                 &it.alice,
