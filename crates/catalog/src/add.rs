@@ -61,6 +61,8 @@ pub enum ServerChangeError {
     TemplateUrlFixed { template: String },
     #[error("a client secret needs its client id")]
     SecretWithoutClientId,
+    #[error("client_secret {reason}")]
+    ClientSecretInvalid { reason: &'static str },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
     #[error(
@@ -83,6 +85,7 @@ impl ServerChangeError {
             ServerChangeError::UrlMissing => "url_missing",
             ServerChangeError::TemplateUrlFixed { .. } => "template_url_fixed",
             ServerChangeError::SecretWithoutClientId => "client_id_missing",
+            ServerChangeError::ClientSecretInvalid { .. } => "client_secret_invalid",
             ServerChangeError::Discovery(error) => error.code(),
             ServerChangeError::ManualCredentialsRequired { .. } => "manual_credentials_required",
             ServerChangeError::RegistrationFailed { .. } => "registration_failed",
@@ -91,6 +94,29 @@ impl ServerChangeError {
             ServerChangeError::Command(_) => "command_failed",
         }
     }
+}
+
+/// Longest client secret accepted (providers' are well under 100 characters).
+const MAX_CLIENT_SECRET_LEN: usize = 1024;
+
+/// A client secret as an admin typed it, checked: a blank or garbled one would be stored and
+/// fail every user's connection at the token endpoint, far from the admin's mistake.
+fn checked_client_secret(secret: Option<String>) -> Result<Option<String>, ServerChangeError> {
+    let Some(secret) = secret else {
+        return Ok(None);
+    };
+    let reason = if secret.trim().is_empty() {
+        "is empty"
+    } else if secret.len() > MAX_CLIENT_SECRET_LEN {
+        "is longer than 1,024 bytes"
+    } else if secret.chars().any(char::is_control) {
+        "holds control characters (a pasted line break?)"
+    } else if secret.trim() != secret {
+        "starts or ends with white space (pasted with it?)"
+    } else {
+        return Ok(Some(secret));
+    };
+    Err(ServerChangeError::ClientSecretInvalid { reason })
 }
 
 /// The template and URL an input names, checked.
@@ -171,6 +197,7 @@ impl ServerCommands {
         if input.client_secret.is_some() && input.client_id.is_none() {
             return Err(ServerChangeError::SecretWithoutClientId);
         }
+        let client_secret = checked_client_secret(input.client_secret.clone())?;
         let client_id = input
             .client_id
             .as_deref()
@@ -199,11 +226,26 @@ impl ServerCommands {
         .await?;
         let id = ServerId::new();
         let scopes: Vec<&str> = found.scopes.iter().map(String::as_str).collect();
+        // The settings are checked before a client is registered or a secret stored, so that
+        // a refusal leaves nothing behind (scopes the server advertises may be unusable).
+        let planned_mode = match found.registration {
+            RegistrationPlan::Preconfigured => RegistrationMode::Preconfigured,
+            RegistrationPlan::ClientMetadataDocument => RegistrationMode::ClientMetadataDocument,
+            _ => RegistrationMode::DynamicRegistration,
+        };
+        let oauth = OAuthSettings::new(
+            &found.scopes,
+            planned_mode,
+            client_id
+                .as_ref()
+                .filter(|_| planned_mode == RegistrationMode::Preconfigured)
+                .map(ClientId::as_str),
+        )?;
         let (mode, client_id, secret) = match found.registration {
             RegistrationPlan::Preconfigured => (
                 RegistrationMode::Preconfigured,
                 client_id.ok_or(ServerChangeError::SecretWithoutClientId)?,
-                input.client_secret,
+                client_secret,
             ),
             RegistrationPlan::ClientMetadataDocument => (
                 RegistrationMode::ClientMetadataDocument,
@@ -237,6 +279,50 @@ impl ServerCommands {
             Some(secret) => Some(self.store_client_secret(id, secret).await?),
             None => None,
         };
+        let stored_secret = secret_ref.as_ref().map(|r| r.as_str().to_owned());
+        let add = AddServer {
+            name,
+            description,
+            url: target.url,
+            catalog_entry_id: target.template,
+            oauth,
+            enabled: true,
+        };
+        let added = self
+            .record_added(
+                context,
+                id,
+                add,
+                &found,
+                mode,
+                client_id,
+                secret_ref,
+                auth_method,
+            )
+            .await;
+        if added.is_err()
+            && let Some(stored) = stored_secret
+        {
+            // No event names it: it must not outlive the refusal.
+            self.forget_secret(&stored).await;
+        }
+        let written = added?;
+        tracing::info!(server = %id, issuer = %found.issuer, mode = mode.as_str(), "server added");
+        Ok((id, written))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record_added(
+        &self,
+        context: &CommandContext,
+        id: ServerId,
+        add: AddServer,
+        found: &mcp::Discovered,
+        mode: RegistrationMode,
+        client_id: ClientId,
+        secret_ref: Option<SecretRef>,
+        auth_method: &str,
+    ) -> Result<Written, ServerChangeError> {
         let endpoint = |url: &str| ServerUrl::parse(url, self.url_policy(url));
         let registration = ClientRegistration {
             registration_mode: mode,
@@ -265,18 +351,6 @@ impl ServerCommands {
             resource: found.resource.clone(),
             token_endpoint_auth_method: auth_method.to_owned(),
         };
-        let add = AddServer {
-            name,
-            description,
-            url: target.url,
-            catalog_entry_id: target.template,
-            oauth: OAuthSettings::new(
-                &found.scopes,
-                mode,
-                (mode == RegistrationMode::Preconfigured).then_some(client_id.as_str()),
-            )?,
-            enabled: true,
-        };
         let directory = &self.read_models.servers;
         let written = execute::<ServerState, _>(
             self.log.as_ref(),
@@ -299,8 +373,7 @@ impl ServerCommands {
             },
         )
         .await?;
-        tracing::info!(server = %id, issuer = %found.issuer, mode = mode.as_str(), "server added");
-        Ok((id, written))
+        Ok(written)
     }
 
     /// Edits a server: name and description, and the credentials of a pre-registered client,
@@ -324,8 +397,18 @@ impl ServerCommands {
             .as_deref()
             .map(ClientId::parse)
             .transpose()?;
-        let credentials = client_id.is_some() || input.client_secret.is_some();
-        let new_secret = match input.client_secret {
+        let client_secret = checked_client_secret(input.client_secret)?;
+        let credentials = client_id.is_some() || client_secret.is_some();
+        // A client added without a secret sends none; given one, it authenticates the way its
+        // provider documents, else with HTTP Basic (RFC 6749 §2.3.1's must-support).
+        let auth_method_with_secret = self
+            .read_models
+            .servers
+            .read(|d| d.get(id).map(|server| server.catalog_entry_id.clone()))
+            .and_then(|template| self.catalog.get(&template))
+            .and_then(|template| template.preregistered_auth_method)
+            .unwrap_or("client_secret_basic");
+        let new_secret = match client_secret {
             Some(secret) => {
                 let name = format!("server/{id}/client_secret/{}", uuid::Uuid::now_v7());
                 Some(self.store_secret(name, secret).await?)
@@ -352,6 +435,7 @@ impl ServerCommands {
                         let replace = ServerCommand::ReplaceClientCredentials {
                             client_id: client_id.clone(),
                             client_secret_ref: new_secret.clone(),
+                            auth_method_with_secret,
                         };
                         events.extend(decide(&updated, id, replace, directory)?);
                         replaced_secret = new_secret.as_ref().and(

@@ -123,6 +123,9 @@ pub enum ServerCommand {
     ReplaceClientCredentials {
         client_id: Option<ClientId>,
         client_secret_ref: Option<SecretRef>,
+        /// How the client authenticates once it has a secret, for a client registered
+        /// without one (`none`): a secret is no use unless it is sent.
+        auth_method_with_secret: &'static str,
     },
 }
 
@@ -261,8 +264,15 @@ pub fn decide(
             ServerCommand::ReplaceClientCredentials {
                 client_id,
                 client_secret_ref,
+                auth_method_with_secret,
             },
-        ) => replace_client_credentials(state, server_id(), client_id, client_secret_ref),
+        ) => replace_client_credentials(
+            state,
+            server_id(),
+            client_id,
+            client_secret_ref,
+            auth_method_with_secret,
+        ),
         (ServerLifecycle::Active, ServerCommand::RecordClientRegistration(registration)) => {
             let registered = pb::ServerClientRegistered {
                 server_id: server_id(),
@@ -294,6 +304,7 @@ fn replace_client_credentials(
     server_id: String,
     client_id: Option<ClientId>,
     client_secret_ref: Option<SecretRef>,
+    auth_method_with_secret: &str,
 ) -> Result<Vec<Event>, DomainError> {
     let current = state
         .client
@@ -306,6 +317,9 @@ fn replace_client_credentials(
     }
     if let Some(secret_ref) = client_secret_ref {
         registered.client_secret_ref = secret_ref.as_str().to_owned();
+        if registered.token_endpoint_auth_method == "none" {
+            registered.token_endpoint_auth_method = auth_method_with_secret.to_owned();
+        }
     }
     let mut events = Vec::new();
     if registered.client_id != current.client_id {
@@ -668,6 +682,7 @@ mod tests {
             ServerCommand::ReplaceClientCredentials {
                 client_id: None,
                 client_secret_ref: None,
+                auth_method_with_secret: "client_secret_basic",
             },
         ] {
             Scenario::<ServerState>::given(history.clone())
@@ -745,6 +760,7 @@ mod tests {
             ServerCommand::ReplaceClientCredentials {
                 client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
                 client_secret_ref: secret.map(|r| SecretRef::parse(r).unwrap()),
+                auth_method_with_secret: "client_secret_post",
             }
         };
         let dynamic = [
@@ -793,6 +809,36 @@ mod tests {
             state.oauth().map(|o| o.client_id.as_str()),
             Some("client-789")
         );
+        // A client registered without a secret (`none`) gets one: it is sent from now on,
+        // the way the command says (the provider's, or the common default).
+        let without_secret = {
+            let mut registration = registration();
+            registration.registration_mode = RegistrationMode::Preconfigured;
+            registration.client_secret_ref = None;
+            registration.token_endpoint_auth_method = "none".into();
+            let command = ServerCommand::RecordClientRegistration(Box::new(registration));
+            let state = ServerState::from_events(&[added(id, "GitHub", "github")]);
+            [
+                vec![added(id, "GitHub", "github")],
+                decide(&state, id, command, &no_directory()).unwrap(),
+            ]
+            .concat()
+        };
+        let (events, _) = Scenario::<ServerState>::given(without_secret.clone())
+            .when(|s| decide(s, id, replace(None, Some("server/x/3")), &no_directory()))
+            .then_events();
+        let [Event::ServerClientRegistered(registered)] = events.as_slice() else {
+            panic!("expected one ServerClientRegistered, got {events:?}");
+        };
+        assert_eq!(registered.token_endpoint_auth_method, "client_secret_post");
+        // A new client id alone leaves it without a secret, so `none` stays.
+        let (events, _) = Scenario::<ServerState>::given(without_secret)
+            .when(|s| decide(s, id, replace(Some("client-9"), None), &no_directory()))
+            .then_events();
+        let Some(Event::ServerClientRegistered(registered)) = events.last() else {
+            panic!("expected a ServerClientRegistered, got {events:?}");
+        };
+        assert_eq!(registered.token_endpoint_auth_method, "none");
         // The same credentials again: nothing.
         Scenario::<ServerState>::given(preconfigured)
             .when(|s| {

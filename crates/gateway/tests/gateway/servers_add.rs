@@ -558,3 +558,52 @@ async fn a_pre_registered_clients_credentials_are_replaced_and_only_theirs() {
         end
     );
 }
+
+/// A client secret that cannot be one is refused with its own code before anything is
+/// registered or stored; a secret given later to a client added without one is sent the way
+/// the provider takes it (GitHub: in the request body).
+#[tokio::test]
+async fn client_secrets_are_checked_and_a_later_one_is_sent_as_the_provider_takes_it() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::github(), "github").await;
+    for secret in ["", "   ", "line\nbreak", " padded ", &"x".repeat(2_000)] {
+        let (status, answer) = post(
+            &setup,
+            "/api/v1/servers",
+            json!({"name": "GitHub", "template": "github", "client_id": "gh-app", "client_secret": secret}),
+        )
+        .await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (422, Some("client_secret_invalid")),
+            "{secret:?}: {answer}"
+        );
+    }
+    assert!(history(&setup).await.is_empty());
+    assert!(vault_entries(&setup).await.is_empty());
+
+    let (status, server) = post(
+        &setup,
+        "/api/v1/servers",
+        json!({"name": "GitHub", "template": "github", "client_id": "gh-app"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{server}");
+    let id = server["id"].as_str().expect("id").to_owned();
+    let registered = |events: &[(String, Value)]| {
+        events
+            .iter()
+            .rev()
+            .find(|(t, _)| t == "ServerClientRegistered")
+            .map(|(_, e)| e["serverClientRegistered"]["tokenEndpointAuthMethod"].clone())
+            .expect("registered")
+    };
+    assert_eq!(registered(&history(&setup).await), "none");
+    let (status, refused) = patch(&setup, &id, json!({"client_secret": ""})).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (422, Some("client_secret_invalid"))
+    );
+    let (status, answer) = patch(&setup, &id, json!({"client_secret": "gh-secret"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(registered(&history(&setup).await), "client_secret_post");
+}
