@@ -7,11 +7,14 @@ use domain::{
     DomainError, ServerId, ToolCategory, ToolName, ToolState, UserId,
     tool_policy::{PolicyId, ToolPolicyCommand, ToolPolicyState, decide},
 };
-use eventlog::{AggregateKind, EventLog, Subject};
+use eventlog::{AggregateKind, EventLog, LogKind, Subject};
 use proto::v1 as pb;
 use service_kit::{CommandContext, CommandError, EnvelopeBuilder, ReadModels, Written, execute};
 
 use crate::PolicyError;
+
+/// How long a setting waits for the tool states to catch up with the log.
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The policy service's commands. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -43,6 +46,28 @@ impl PolicyCommands {
 
     /// The server must exist and the user be connected to it: only then does it offer them
     /// tools to set.
+    /// Waits (bounded) until the read models hold every configuration event stored now, so
+    /// that a setting is decided against the tools the server offers now, not a moment ago
+    /// (a discovery another process just recorded changes the current definition).
+    async fn catch_up(&self) -> Result<(), PolicyError> {
+        let end = self
+            .log
+            .last_sequence(LogKind::Config)
+            .await
+            .map_err(CommandError::from)?;
+        if !self
+            .read_models
+            .wait_for_position(LogKind::Config, end, CATCH_UP)
+            .await
+        {
+            tracing::warn!(
+                position = end,
+                "the tool states are behind the log; deciding on what they hold"
+            );
+        }
+        Ok(())
+    }
+
     fn check_connected(&self, user: &UserId, server: ServerId) -> Result<(), DomainError> {
         if self.read_models.servers.read(|d| d.get(server).is_none()) {
             return Err(DomainError::ServerNotFound);
@@ -86,6 +111,7 @@ impl PolicyCommands {
         state: ToolState,
         definition_hash: Option<String>,
     ) -> Result<Written, PolicyError> {
+        self.catch_up().await?;
         self.check_connected(user, server)?;
         // A name no server could offer is simply not one of the user's tools.
         let tool_name = ToolName::parse(tool).map_err(|_| DomainError::ToolNotFound {
@@ -125,6 +151,7 @@ impl PolicyCommands {
         category: ToolCategory,
         state: ToolState,
     ) -> Result<Written, PolicyError> {
+        self.catch_up().await?;
         self.check_connected(user, server)?;
         let (mut current_tools, shown_states): (Vec<pb::ToolDefinition>, Vec<_>) =
             self.read_models.tool_states.read(|states| {
