@@ -173,6 +173,9 @@ pub struct CallerInner {
     pub user: UserId,
     pub roles: Vec<String>,
     pub permissions: Permissions,
+    /// When the caller's token stops being accepted (Unix seconds, leeway included), if it
+    /// says: what outlives the request (a live-update stream) ends then.
+    pub valid_until: Option<u64>,
 }
 
 impl std::ops::Deref for Caller {
@@ -184,10 +187,21 @@ impl std::ops::Deref for Caller {
 
 impl Caller {
     pub fn new(user: UserId, roles: Vec<String>, permissions: Permissions) -> Self {
+        Self::valid_until(user, roles, permissions, None)
+    }
+
+    /// A caller whose token is accepted until `valid_until` (Unix seconds).
+    pub fn valid_until(
+        user: UserId,
+        roles: Vec<String>,
+        permissions: Permissions,
+        valid_until: Option<u64>,
+    ) -> Self {
         Caller(Arc::new(CallerInner {
             user,
             roles,
             permissions,
+            valid_until,
         }))
     }
 
@@ -422,8 +436,13 @@ impl Authenticator {
             .settings
             .roles
             .permissions_of(roles.iter().map(String::as_str));
-        let caller = Caller::new(user, roles, permissions);
         let seconds = |name: &str| claims.get(name).and_then(Value::as_u64);
+        let caller = Caller::valid_until(
+            user,
+            roles,
+            permissions,
+            seconds("exp").map(|expires| expires.saturating_add(leeway)),
+        );
         if let Some(expires) = seconds("exp") {
             self.verified.insert(
                 token,

@@ -87,6 +87,8 @@ pub struct AppInner {
     pub invoker: invoker::Invoker,
     /// The permission table by path: each method the path serves, with its access.
     routes: HashMap<&'static str, Vec<(Method, Access)>>,
+    /// The live-update streams open, by user.
+    stream_slots: Arc<routes::stream::StreamSlots>,
 }
 
 impl std::ops::Deref for AppState {
@@ -188,6 +190,7 @@ impl AppState {
             settings: parts.settings,
             shutdown: parts.shutdown,
             routes,
+            stream_slots: Arc::default(),
         }))
     }
 

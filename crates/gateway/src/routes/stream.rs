@@ -2,11 +2,11 @@
 //! the position in each log, so a reconnect with `Last-Event-ID` resumes without a gap or a
 //! repeat. A client too slow to keep up is disconnected (it reconnects and resumes) rather
 //! than buffered without bound.
-use std::convert::Infallible;
+use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     extract::State,
-    http::{HeaderMap, Method},
+    http::{HeaderMap, Method, StatusCode},
     response::sse::{Event, KeepAlive, Sse},
 };
 use eventlog::{EventLogError, EventStream, LogKind, RecordedEvent};
@@ -17,6 +17,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use service_kit::audit::user_key_of;
 
 use super::audit::{EventItem, Positions};
+use domain::UserId;
+
 use crate::{Access, ApiError, AppState, Caller, Permission, RouteSpec};
 
 pub const ROUTES: &[RouteSpec] = &[RouteSpec::new(
@@ -74,12 +76,22 @@ impl Visibility {
     responses(
         (status = 200, description = "A stream of events", content_type = "text/event-stream"),
         (status = 400, description = "Last-Event-ID could not be read", body = crate::ErrorBody),
+        (status = 429, description = "The caller has 16 streams open already", body = crate::ErrorBody),
     ))]
 async fn live_updates(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let slot = state.stream_slots.take(&caller.user).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!(
+                "you have {MAX_STREAMS_PER_USER} live-update streams open already; close one first"
+            ),
+        )
+    })?;
     let start = match headers.get("last-event-id") {
         Some(value) => value
             .to_str()
@@ -105,17 +117,82 @@ async fn live_updates(
         .subscribe(LogKind::Invocations, start.invocations + 1, None)
         .await?;
     let (sender, receiver) = mpsc::channel(state.settings.stream_buffer.max(1));
+    // The stream ends when the token does: the client reconnects with a fresh one and
+    // `Last-Event-ID`, and a token that lost its roles stops seeing events.
+    let token_ends = caller.valid_until.map(|until| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        tokio::time::Instant::now() + Duration::from_secs(until.saturating_sub(now))
+    });
     tokio::spawn(relay(
         stream::select(config, invocations),
         Visibility::of(&caller),
         start,
         sender,
-        state.shutdown.clone(),
+        Ends {
+            shutdown: state.shutdown.clone(),
+            token_ends,
+            _slot: slot,
+        },
     ));
     let events = stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|event| (Ok(event), receiver))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(state.settings.stream_keep_alive)))
+}
+
+/// Live-update streams one user may hold open at once (browser tabs, a console and a
+/// script); more are refused, so that one caller cannot make the process follow the logs
+/// without bound.
+pub const MAX_STREAMS_PER_USER: usize = 16;
+
+/// The open streams, by user.
+#[derive(Debug, Default)]
+pub struct StreamSlots(std::sync::Mutex<HashMap<UserId, usize>>);
+
+impl StreamSlots {
+    /// A slot for one more stream of `user`, or `None` when they hold the most already.
+    fn take(self: &Arc<Self>, user: &UserId) -> Option<StreamSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(user.clone()).or_default();
+        if *count >= MAX_STREAMS_PER_USER {
+            return None;
+        }
+        *count += 1;
+        Some(StreamSlot {
+            slots: self.clone(),
+            user: user.clone(),
+        })
+    }
+}
+
+/// One open stream; gives its slot back when the stream ends.
+#[derive(Debug)]
+struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    user: UserId,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// What ends a relay besides its client and its logs.
+struct Ends {
+    shutdown: tokio_util::sync::CancellationToken,
+    /// When the caller's token expires.
+    token_ends: Option<tokio::time::Instant>,
+    /// Held while the relay runs.
+    _slot: StreamSlot,
 }
 
 /// Reads the logs as fast as they grow and hands the caller's events to the client's bounded
@@ -126,13 +203,21 @@ async fn relay(
     visibility: Visibility,
     mut positions: Positions,
     sender: mpsc::Sender<Event>,
-    shutdown: tokio_util::sync::CancellationToken,
+    ends: Ends,
 ) {
+    let token_ends = async {
+        match ends.token_ends {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(token_ends);
     loop {
         let next = tokio::select! {
             next = events.next() => next,
-            () = shutdown.cancelled() => return,
+            () = ends.shutdown.cancelled() => return,
             () = sender.closed() => return,
+            () = &mut token_ends => return,
         };
         let event = match next {
             Some(Ok(event)) => event,
@@ -192,6 +277,59 @@ mod tests {
         })
     }
 
+    fn ends(token_ends: Option<tokio::time::Instant>) -> Ends {
+        let slots = Arc::new(StreamSlots::default());
+        Ends {
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            token_ends,
+            _slot: slots
+                .take(&UserId::parse("alice@example.com").expect("user"))
+                .expect("a slot"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_ends_when_its_token_does() {
+        // Both logs stay silent: only the token's end can end the relay.
+        let config: EventStream = stream::pending().boxed();
+        let invocations: EventStream = stream::pending().boxed();
+        let (sender, mut receiver) = mpsc::channel(4);
+        let token_ends = tokio::time::Instant::now() + Duration::from_millis(20);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            relay(
+                stream::select(config, invocations),
+                Visibility::Everything,
+                Positions::default(),
+                sender,
+                ends(Some(token_ends)),
+            ),
+        )
+        .await
+        .expect("the relay ended with the token");
+        assert!(tokio::time::Instant::now() >= token_ends);
+        assert!(receiver.recv().await.is_none(), "the client's stream ended");
+    }
+
+    #[test]
+    fn a_user_holds_a_bounded_number_of_streams() {
+        let slots = Arc::new(StreamSlots::default());
+        let alice = UserId::parse("alice@example.com").expect("user");
+        let bob = UserId::parse("bob@example.com").expect("user");
+        let mut held: Vec<StreamSlot> = (0..MAX_STREAMS_PER_USER)
+            .map(|_| slots.take(&alice).expect("a slot"))
+            .collect();
+        assert!(slots.take(&alice).is_none(), "one too many");
+        let bobs = slots.take(&bob).expect("others are not affected");
+        held.pop();
+        let again = slots.take(&alice).expect("a closed stream frees its slot");
+        drop((again, bobs));
+        assert_eq!(
+            slots.0.lock().expect("lock").get(&alice).copied(),
+            Some(MAX_STREAMS_PER_USER - 1)
+        );
+    }
+
     #[tokio::test]
     async fn a_client_that_falls_behind_is_disconnected_not_buffered() {
         let config: EventStream = stream::iter((1..=50).map(recorded)).boxed();
@@ -205,7 +343,7 @@ mod tests {
                 Visibility::Everything,
                 Positions::default(),
                 sender,
-                tokio_util::sync::CancellationToken::new(),
+                ends(None),
             ),
         )
         .await;
