@@ -153,7 +153,9 @@ pub enum DomainError {
     ConnectionNotAuthorizing,
     #[error("the authorization took too long and expired; start connecting again")]
     AuthorizationExpired,
-    #[error("you are already connected to this server; disconnect first to connect again")]
+    #[error(
+        "you are already connected to this server; disconnect first to connect again (DELETE the connection, or `switchboard disconnect SERVER`)"
+    )]
     AlreadyConnected,
     #[error("you are not connected to this server; connect to it first")]
     NotConnected,

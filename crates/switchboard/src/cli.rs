@@ -7,7 +7,9 @@ use crate::{
     audit,
     configuration::{GlobalArgs, Settings},
     token, up, vault_cmd,
-    walkthrough::{self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, InvokeArgs, ToolsArgs},
+    walkthrough::{
+        self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, DisconnectArgs, InvokeArgs, ToolsArgs,
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -49,6 +51,8 @@ pub enum Command {
     /// Connect to a server: prints the authorization URL, waits until the connection is
     /// healthy or failed.
     Connect(ConnectArgs),
+    /// End your connection to a server (its tokens revoked at the provider where it allows).
+    Disconnect(DisconnectArgs),
     /// List your tools and their states.
     Tools(ToolsArgs),
     /// Set a tool (or with --category, a category) to always, approval or block.
@@ -177,6 +181,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Vault(command) => vault_cmd::run(&store, command).await,
         Command::Servers(args) => walkthrough::servers(&args, &settings).await,
         Command::Connect(args) => walkthrough::connect(&args, &settings).await,
+        Command::Disconnect(args) => walkthrough::disconnect(&args, &settings).await,
         Command::Tools(args) => walkthrough::tools(&args, &settings).await,
         Command::Allow(args) => walkthrough::allow(&args, &settings).await,
         Command::Invoke(args) => walkthrough::invoke(&args, &settings).await,

@@ -60,6 +60,16 @@ pub async fn add_server_once(state: &AppState, demo: &demo::Demo) {
 }
 
 /// Prints the tokens to use and the next commands.
+/// The options that point `audit replay` at the store `up` writes to. A NATS URL's
+/// credentials are left out (it reads them from the same configuration or environment).
+fn where_the_events_are(settings: &Settings) -> String {
+    let store = settings.store();
+    match store.nats_display() {
+        Some(url) => format!("--nats {url} --nats-prefix {}", store.nats_prefix()),
+        None => format!("--data-dir {}", settings.data_dir.display()),
+    }
+}
+
 pub fn print_next_steps(
     settings: &Settings,
     secret: Option<&SharedSecret>,
@@ -117,8 +127,8 @@ pub fn print_next_steps(
          \x20 switchboard invoke demo__delete_issue '{{\"key\": \"DEMO-1\"}}'   # waits for approval\n\
          \x20 switchboard approvals                     # in a third terminal: what waits\n\
          \x20 switchboard approve <invocation id>\n\
-         \x20 switchboard --data-dir {} audit replay --format table\n",
-        settings.data_dir.display()
+         \x20 switchboard {} audit replay --format table\n",
+        where_the_events_are(settings)
     ));
     print!("{out}");
     use std::io::Write;

@@ -34,6 +34,14 @@ pub struct ConnectArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct DisconnectArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The server: its name, slug or id.
+    pub server: String,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ToolsArgs {
     #[command(flatten)]
     pub api: ApiArgs,
@@ -353,6 +361,32 @@ pub async fn connect(args: &ConnectArgs, settings: &Settings) -> anyhow::Result<
         eprint!(".");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// `switchboard disconnect SERVER`: ends the caller's connection (tokens revoked at the
+/// provider where it allows, deleted here).
+pub async fn disconnect(args: &DisconnectArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(&args.api, settings)?;
+    let server = api.server(&args.server).await?;
+    let id = text(&server["id"]).to_owned();
+    let done = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/servers/{id}/connection"),
+            None,
+        )
+        .await?;
+    println!(
+        "Disconnected from {}{}. `switchboard connect {}` connects again.",
+        text(&server["name"]),
+        if done["tokens_revoked"] == true {
+            " (the provider revoked the tokens)"
+        } else {
+            " (the tokens are deleted here; the provider offers no revocation, or did not confirm it)"
+        },
+        text(&server["slug"])
+    );
+    Ok(())
 }
 
 /// `switchboard tools`: the caller's tools and their states.

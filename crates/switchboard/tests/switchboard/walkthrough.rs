@@ -303,8 +303,21 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
     );
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("has no tool \"nope\""));
+    // Disconnected from the terminal too; connecting again is then possible.
+    let gone = stdout_of(&walk(&data_dir, &url, &alice, &["disconnect", "Tracker"]));
+    assert!(gone.contains("Disconnected from Tracker"), "{gone}");
+    let none = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["tools", "--server", "Tracker"],
+    ));
+    assert!(
+        none.contains("No tools: connect to a server first"),
+        "{none}"
+    );
     // Secrets never reach the terminal.
-    let everything: String = [listed, tools, allowed, category].concat();
+    let everything: String = [listed, tools, allowed, category, gone].concat();
     for secret in fixture.issued_secrets() {
         assert!(!everything.contains(&secret));
     }
