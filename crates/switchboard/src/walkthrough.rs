@@ -166,7 +166,15 @@ impl Api {
             .url
             .clone()
             .or_else(|| settings.public_url.clone())
-            .unwrap_or_else(|| format!("http://{}", settings.listen));
+            .unwrap_or_else(|| {
+                // As `up` serves it: HTTPS where it has a certificate.
+                let scheme = if settings.tls.cert_file.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", settings.listen)
+            });
         // Each request sets its own time limit (see `call_within`).
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
