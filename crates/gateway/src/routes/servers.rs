@@ -406,8 +406,15 @@ async fn disable_server(
     let disable: DisableServer = if body.iter().all(u8::is_ascii_whitespace) {
         DisableServer::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?
+        // As every other route tells them apart: not JSON at all, or JSON of the wrong shape.
+        serde_json::from_slice(&body).map_err(|e| {
+            let code = if e.is_syntax() || e.is_eof() {
+                "malformed_json"
+            } else {
+                "invalid_body"
+            };
+            ApiError::new(StatusCode::BAD_REQUEST, code, e.to_string())
+        })?
     };
     let written = state
         .servers

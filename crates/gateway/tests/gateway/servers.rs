@@ -257,6 +257,13 @@ async fn bad_ids_and_bodies_are_4xx_never_5xx() {
         (
             app.client
                 .post(url(&format!("/api/v1/servers/{id}/disable")))
+                .body("{\"reason\": "),
+            400,
+            "malformed_json",
+        ),
+        (
+            app.client
+                .post(url(&format!("/api/v1/servers/{id}/disable")))
                 .body(format!("{{\"reason\": \"{}\"}}", "r".repeat(600))),
             422,
             "disable_reason_invalid",
