@@ -263,6 +263,7 @@ mod tests {
 
         directory.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
             server_id: jira.to_string(),
+            ..Default::default()
         }));
         assert_eq!(directory.slug_owner("jira"), None);
         assert_eq!(directory.len(), 1);
@@ -272,6 +273,7 @@ mod tests {
         }));
         directory.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
             server_id: jira.to_string(),
+            ..Default::default()
         }));
         assert_eq!(directory.len(), 1);
     }
@@ -349,10 +351,12 @@ mod tests {
         }
         directory.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
             server_id: first.to_string(),
+            ..Default::default()
         }));
         assert_eq!(directory.slug_owner("github"), Some(second));
         directory.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
             server_id: second.to_string(),
+            ..Default::default()
         }));
         assert_eq!(directory.slug_owner("github"), None);
         directory.apply_event(&Event::ServerUpdated(pb::ServerUpdated {

@@ -211,11 +211,16 @@ pub fn decide(
                     changed.slug = Some(slug.as_str().to_owned());
                 }
                 changed.name = Some(name.as_str().to_owned());
+                changed.previous_name = Some(current.name.clone());
             }
             changed.description = update
                 .description
                 .filter(|d| d.as_str() != current.description)
                 .map(|d| d.as_str().to_owned());
+            changed.previous_description = changed
+                .description
+                .as_ref()
+                .map(|_| current.description.clone());
             changed.oauth = update
                 .oauth
                 .map(|o| o.to_proto())
@@ -257,6 +262,7 @@ pub fn decide(
         (ServerLifecycle::Active, ServerCommand::DeleteServer) => {
             Ok(vec![Event::ServerDeleted(pb::ServerDeleted {
                 server_id: server_id(),
+                name: state.current.name.clone(),
             })])
         }
         (
@@ -454,6 +460,7 @@ mod tests {
             added(other, "GitHub", "github"),
             Event::ServerDeleted(pb::ServerDeleted {
                 server_id: other.to_string(),
+                ..Default::default()
             }),
         ]);
         let id = ServerId::new();
@@ -507,6 +514,7 @@ mod tests {
             .then([Event::ServerUpdated(pb::ServerUpdated {
                 server_id: id.to_string(),
                 description: Some("Code, issues and PRs".into()),
+                previous_description: Some("Issues and pull requests".into()),
                 ..Default::default()
             })]);
         assert_eq!(state.description(), "Code, issues and PRs");
@@ -528,6 +536,7 @@ mod tests {
             .then([Event::ServerUpdated(pb::ServerUpdated {
                 server_id: id.to_string(),
                 name: Some("Github".into()),
+                previous_name: Some("GitHub".into()),
                 ..Default::default()
             })]);
         let state = Scenario::<ServerState>::given([added(id, "GitHub", "github")])
@@ -536,6 +545,7 @@ mod tests {
                 server_id: id.to_string(),
                 name: Some("GitHub Prod".into()),
                 slug: Some("github_prod".into()),
+                previous_name: Some("GitHub".into()),
                 ..Default::default()
             })]);
         assert_eq!(state.slug(), "github_prod");
@@ -561,6 +571,7 @@ mod tests {
             .then([Event::ServerUpdated(pb::ServerUpdated {
                 server_id: id.to_string(),
                 name: Some("GITHUB".into()),
+                previous_name: Some("GitHub".into()),
                 ..Default::default()
             })]);
     }
@@ -662,6 +673,7 @@ mod tests {
             .when(|s| decide(s, id, ServerCommand::DeleteServer, &no_directory()))
             .then([Event::ServerDeleted(pb::ServerDeleted {
                 server_id: id.to_string(),
+                name: "GitHub".into(),
             })]);
         assert_eq!(state.lifecycle(), ServerLifecycle::Deleted);
         assert!(!state.is_enabled());
@@ -670,6 +682,7 @@ mod tests {
             added(id, "GitHub", "github"),
             Event::ServerDeleted(pb::ServerDeleted {
                 server_id: id.to_string(),
+                ..Default::default()
             }),
         ];
         for command in [

@@ -274,10 +274,22 @@ pub fn decide(
                 }));
             }
             if !gone.is_empty() {
+                let previous = gone
+                    .iter()
+                    .filter_map(|tool| {
+                        let setting = state.settings.get(tool)?;
+                        Some(pb::ClearedToolSetting {
+                            tool_name: tool.clone(),
+                            state: setting.state.to_proto() as i32,
+                            definition_hash: setting.definition_hash.clone(),
+                        })
+                    })
+                    .collect();
                 events.push(Event::ToolPermissionsCleared(pb::ToolPermissionsCleared {
                     user_id: id.user_id.as_str().to_owned(),
                     server_id: id.server_id.to_string(),
                     tool_names: gone,
+                    previous,
                 }));
             }
             Ok(events)
@@ -397,6 +409,7 @@ mod tests {
             user_id: "alice@example.com".into(),
             server_id: id().server_id.to_string(),
             tool_names: tools.iter().map(|t| (*t).to_owned()).collect(),
+            ..Default::default()
         })
     }
 
@@ -644,7 +657,17 @@ mod tests {
         .when(decide_policy(observe(vec![definition(
             "create", "c1", None,
         )])))
-        .then([cleared(&["search"])]);
+        .then([Event::ToolPermissionsCleared(pb::ToolPermissionsCleared {
+            user_id: "alice@example.com".into(),
+            server_id: id().server_id.to_string(),
+            tool_names: vec!["search".into()],
+            // What it was, for the audit log.
+            previous: vec![pb::ClearedToolSetting {
+                tool_name: "search".into(),
+                state: pb::ToolState::AlwaysAllow as i32,
+                definition_hash: "s1".into(),
+            }],
+        })]);
         assert_eq!(state.setting("search"), None);
         assert_eq!(state.tool_state("search"), ToolState::Blocked);
         // Seen again, the same list changes nothing; the tool coming back stays blocked.

@@ -986,6 +986,7 @@ mod tests {
             user_id: "alice".into(),
             server_id: SERVER.into(),
             tool_names: vec!["search".into()],
+            ..Default::default()
         }));
         states.apply_event(&discovered(
             "alice",
@@ -1087,6 +1088,7 @@ mod tests {
         );
         states.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
             server_id: OTHER_SERVER.into(),
+            ..Default::default()
         }));
         assert_eq!(states.resolve_exposed(&alice, "tracker__files_read"), None);
         assert_eq!(states.tools_of(&alice, jira).count(), 0);

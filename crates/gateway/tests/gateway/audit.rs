@@ -122,6 +122,7 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
         &format!("server.{SERVER}"),
         proto::v1::envelope::Event::ServerDeleted(proto::v1::ServerDeleted {
             server_id: SERVER.to_owned(),
+            ..Default::default()
         }),
     )
     .await;

@@ -410,6 +410,7 @@ async fn audit_servers_shows_the_server_list_as_of_a_position() {
             NOV_1 + 10,
             Event::ServerDeleted(proto::v1::ServerDeleted {
                 server_id: deleted.clone(),
+                ..Default::default()
             }),
         )
         .await;
