@@ -135,6 +135,24 @@ impl ConnectionService {
         Ok((url, written))
     }
 
+    /// Whose pending authorization `state` is, and for which server, without using it: the
+    /// page that asks the person in the browser to confirm names them. `None` for a state
+    /// that is not (or no longer) pending.
+    pub async fn pending_authorization(
+        &self,
+        state: &str,
+    ) -> Result<Option<(ServerId, UserId)>, ConnectionError> {
+        if state_name(state).is_none() {
+            return Ok(None);
+        }
+        Ok(peek_pending(&self.inner.vault, state)
+            .await?
+            .and_then(|pending| {
+                let user = UserId::parse(&pending.user_id).ok()?;
+                Some((pending.server_id, user))
+            }))
+    }
+
     /// Handles the authorization server's redirect back. `caller`: the signed-in user, when
     /// the request carried a token (a browser following the redirect usually does not); a
     /// `state` started by someone else is refused then, and stays usable for its owner.

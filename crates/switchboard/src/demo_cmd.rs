@@ -119,7 +119,7 @@ pub fn print_next_steps(
         "Next, in another terminal (with the exports above):\n\
          \x20 export SWITCHBOARD_URL={public_url}\n\
          \x20 switchboard servers                       # the demo server is listed\n\
-         \x20 switchboard connect demo                  # open the printed URL, press Allow\n\
+         \x20 switchboard connect demo                  # open the URL: Allow, then Connect\n\
          \x20 switchboard tools --server demo           # four tools, every one Blocked\n\
          \x20 switchboard allow demo search_issues always\n\
          \x20 switchboard allow demo write_delete approval --category\n\

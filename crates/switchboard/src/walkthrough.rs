@@ -329,7 +329,8 @@ pub async fn connect(args: &ConnectArgs, settings: &Settings) -> anyhow::Result<
         )
         .await?;
     println!(
-        "Open this URL in a browser and allow access:\n\n  {}\n",
+        "Open this URL in a browser and allow access; Switchboard's page then names the user \
+         the account is connected to — press Connect:\n\n  {}\n",
         text(&started["authorization_url"])
     );
     eprint!("Waiting for the authorization");

@@ -13,6 +13,7 @@
 //! Every server is spawned from one long-lived thread with `PR_SET_PDEATHSIG = SIGKILL`, so no
 //! nats-server outlives the test binary that started it, even when the binary is killed.
 
+mod browser;
 mod https;
 mod mcp_fixture;
 mod oauth;
@@ -36,6 +37,7 @@ pub fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 mod tls;
+pub use browser::{confirmation_fields, follow_callback};
 pub use https::{FixtureServer, serve_http, serve_https, serve_https_on};
 pub use tls::{ServerCert, TestCa};
 

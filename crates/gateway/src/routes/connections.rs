@@ -2,6 +2,7 @@
 //! the status, disconnect. A caller only ever sees and changes their own connection: there is
 //! no user in these paths.
 use axum::{
+    body::Bytes,
     extract::State,
     http::{HeaderMap, Method, StatusCode, header},
     response::{Html, IntoResponse, Redirect, Response},
@@ -19,12 +20,13 @@ pub const ROUTES: &[RouteSpec] = &[
     RouteSpec::new(Method::GET, "/api/v1/servers/{id}/connection", CONNECT),
     RouteSpec::new(Method::DELETE, "/api/v1/servers/{id}/connection", CONNECT),
     RouteSpec::new(Method::GET, "/oauth/callback", Access::Public),
+    RouteSpec::new(Method::POST, "/oauth/callback", Access::Public),
 ];
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(connect, connection_status, disconnect))
-        .routes(routes!(oauth_callback))
+        .routes(routes!(oauth_callback, oauth_callback_confirmed))
 }
 
 /// Where to send the user's browser to authorize.
@@ -156,12 +158,19 @@ pub struct CallbackQuery {
     pub error_description: Option<String>,
 }
 
-/// The OAuth redirect: finishes the authorization, then sends the browser to the console's
-/// page for the server, or shows a short page saying what happened.
+/// The OAuth redirect. From a browser (no token), a pending authorization is not finished
+/// here: a page names the Switchboard user it will connect and asks the person in the browser
+/// to confirm (a POST back here). The `state` binds the authorization to the user who started
+/// it, not to the browser that brings it back, so a user who passed their authorization URL
+/// to someone else would otherwise connect that person's account to their own user without
+/// anyone seeing it. An error from the authorization server, a state that is not pending, or a
+/// console that forwards the redirect with the user's token (checked against the state's
+/// user) finish at once; the result is a page, or a redirect to the console's page for the
+/// server.
 #[utoipa::path(get, path = "/oauth/callback", tag = "oauth",
     params(CallbackQuery),
     responses(
-        (status = 200, description = "A page saying what happened (no console configured)", content_type = "text/html"),
+        (status = 200, description = "The page that asks to confirm (a browser), or the page saying what happened (no console configured)", content_type = "text/html"),
         (status = 303, description = "To the console's page for the server"),
         (status = 400, description = "A page saying what went wrong", content_type = "text/html"),
     ))]
@@ -175,20 +184,138 @@ async fn oauth_callback(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| state.auth.authenticate(Some(v)).ok());
+    if caller.is_none()
+        && query.error.is_none()
+        && let Some(pending_state) = query.state.as_deref()
+        && let Ok(Some((server_id, user))) =
+            state.connections.pending_authorization(pending_state).await
+    {
+        return confirmation_page(&state, server_id, &user, &query);
+    }
+    finish_callback(
+        &state,
+        caller.as_ref().map(|c| &c.user),
+        CallbackParams {
+            code: query.code,
+            state: query.state,
+            iss: query.iss,
+            error: query.error,
+            error_description: query.error_description,
+        },
+    )
+    .await
+}
+
+/// The confirmation the page posts: the redirect's parameters and the person's decision.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct CallbackConfirmation {
+    pub code: Option<String>,
+    pub state: Option<String>,
+    pub iss: Option<String>,
+    /// `connect`, or anything else to decline.
+    pub decision: Option<String>,
+}
+
+/// The person in the browser confirms (or declines) the connection the page named.
+#[utoipa::path(post, path = "/oauth/callback", tag = "oauth",
+    request_body(content = CallbackConfirmation, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "A page saying what happened (no console configured)", content_type = "text/html"),
+        (status = 303, description = "To the console's page for the server"),
+        (status = 400, description = "A page saying what went wrong", content_type = "text/html"),
+    ))]
+async fn oauth_callback_confirmed(State(state): State<AppState>, body: Bytes) -> Response {
+    let mut form = CallbackConfirmation::default();
+    for (key, value) in url::form_urlencoded::parse(&body) {
+        let field = match key.as_ref() {
+            "code" => &mut form.code,
+            "state" => &mut form.state,
+            "iss" => &mut form.iss,
+            "decision" => &mut form.decision,
+            _ => continue,
+        };
+        *field = Some(value.into_owned());
+    }
+    let declined = form.decision.as_deref() != Some("connect");
+    finish_callback(
+        &state,
+        None,
+        CallbackParams {
+            code: form.code.filter(|_| !declined),
+            state: form.state,
+            iss: form.iss,
+            error: declined.then(|| "access_denied".to_owned()),
+            error_description: declined
+                .then(|| "the person in the browser declined at Switchboard".to_owned()),
+        },
+    )
+    .await
+}
+
+/// The page that names the Switchboard user and the server before anything is connected.
+fn confirmation_page(
+    state: &AppState,
+    server_id: domain::ServerId,
+    user: &domain::UserId,
+    query: &CallbackQuery,
+) -> Response {
+    let server = state
+        .read_models
+        .servers
+        .read(|d| d.get(server_id).map(|s| s.name.clone()))
+        .unwrap_or_else(|| server_id.to_string());
+    let hidden = |name: &str, value: Option<&str>| {
+        value.map_or_else(String::new, |value| {
+            format!(
+                "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+                escape_html(value)
+            )
+        })
+    };
+    let page = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\">\
+         <title>Switchboard: connect {server}?</title></head><body>\
+         <h1>Connect {server}?</h1>\
+         <p>This connects the account you just allowed at {server} to the Switchboard user \
+         <strong>{user}</strong>: the AI acts as that account for them.</p>\
+         <p>If you are not {user}, or did not start connecting, choose Cancel.</p>\
+         <form method=\"post\" action=\"callback\">{}{}{}\
+         <button type=\"submit\" name=\"decision\" value=\"connect\">Connect</button> \
+         <button type=\"submit\" name=\"decision\" value=\"cancel\">Cancel</button>\
+         </form></body></html>",
+        hidden("code", query.code.as_deref()),
+        hidden("state", query.state.as_deref()),
+        hidden("iss", query.iss.as_deref()),
+        server = escape_html(&server),
+        user = escape_html(user.as_str()),
+    );
+    (
+        [
+            // Not to be framed (a click on Connect must be the person's own), kept or
+            // passed on (the page holds the authorization code).
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(page),
+    )
+        .into_response()
+}
+
+/// Finishes (or fails) the authorization and answers with the page or the redirect.
+async fn finish_callback(
+    state: &AppState,
+    caller: Option<&domain::UserId>,
+    params: CallbackParams,
+) -> Response {
     let request_id = crate::error::current_request_id();
     let outcome = state
         .connections
-        .complete_authorization(
-            CallbackParams {
-                code: query.code,
-                state: query.state,
-                iss: query.iss,
-                error: query.error,
-                error_description: query.error_description,
-            },
-            caller.as_ref().map(|c| &c.user),
-            &request_id,
-        )
+        .complete_authorization(params, caller, &request_id)
         .await;
     if let Some(server_id) = outcome.server_id {
         // The status page the user lands on must show the outcome.

@@ -76,18 +76,15 @@ pub(crate) async fn authorize(setup: &WithFixture, server_id: &str, token: &str)
     location.split_once('?').expect("query").1.to_owned()
 }
 
+/// The browser at the callback: confirms on the page that names the user, as a person does.
 pub(crate) async fn callback(setup: &WithFixture, query: &str) -> (u16, String) {
-    let response = setup
-        .app
-        .client
-        .get(format!("{}/oauth/callback?{query}", setup.app.url))
-        .send()
-        .await
-        .expect("callback");
-    (
-        response.status().as_u16(),
-        response.text().await.expect("page"),
+    let (status, page, _) = testkit::follow_callback(
+        &setup.app.client,
+        &format!("{}/oauth/callback?{query}", setup.app.url),
+        "connect",
     )
+    .await;
+    (status, page)
 }
 
 pub(crate) async fn status(setup: &WithFixture, server_id: &str, token: &str) -> Value {
@@ -337,6 +334,48 @@ async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
         1,
         "the replay never reached the token endpoint"
     );
+}
+
+/// A user's authorization URL opened by someone else: the page at the callback names the
+/// Switchboard user the account would be connected to, and nothing happens unless the person
+/// confirms. Declined, the code is never exchanged and the state is spent.
+#[tokio::test]
+async fn a_browser_at_the_callback_sees_whose_connection_it_makes_and_can_decline() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let mallory = setup.app.token("mallory@example.com", &["analyst"]);
+    let query = authorize(&setup, &server_id, &mallory).await;
+    let url = format!("{}/oauth/callback?{query}", setup.app.url);
+    let landed = setup.app.client.get(&url).send().await.expect("callback");
+    assert_eq!(landed.status(), 200);
+    let headers = landed.headers().clone();
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    let page = landed.text().await.expect("page");
+    assert!(page.contains("mallory@example.com"), "{page}");
+    assert!(page.contains("Connect notion"), "{page}");
+    assert_eq!(
+        setup.handle.token_requests_for("authorization_code"),
+        0,
+        "nothing is exchanged before the person confirms"
+    );
+    assert_eq!(
+        status(&setup, &server_id, &mallory).await["status"],
+        "pending"
+    );
+
+    let (code, answer, _) = testkit::follow_callback(&setup.app.client, &url, "cancel").await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("authorization_denied"), "{answer}");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 0);
+    let after = status(&setup, &server_id, &mallory).await;
+    assert_ne!(after["status"], "healthy", "{after}");
+    // The state is spent: the same redirect, confirmed this time, connects nothing.
+    let (code, answer) = callback(&setup, &query).await;
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("oauth_state_invalid"), "{answer}");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 0);
 }
 
 #[tokio::test]

@@ -236,6 +236,12 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
             body: None,
             ok: 400,
         },
+        // A confirmation without a pending state: the page saying so.
+        ("POST", "/oauth/callback") => Example {
+            path: path.to_owned(),
+            body: None,
+            ok: 400,
+        },
         ("POST", "/api/v1/servers/discover") => Example {
             path: path.to_owned(),
             body: Some(serde_json::json!({"template": "notion"})),

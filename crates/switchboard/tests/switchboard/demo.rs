@@ -151,11 +151,8 @@ pub(super) async fn connect(
         location.starts_with(&format!("{url}/oauth/callback?")),
         "{location}"
     );
-    let callback = client.get(&location).send().await.expect("callback");
-    (
-        callback.status().as_u16(),
-        callback.text().await.expect("page"),
-    )
+    let (status, page, _) = testkit::follow_callback(&client, &location, "connect").await;
+    (status, page)
 }
 
 pub(super) async fn connection_status(url: &str, server_id: &str, user: &str) -> Value {

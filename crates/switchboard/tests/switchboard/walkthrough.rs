@@ -139,8 +139,10 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         .to_str()
         .expect("location")
         .to_owned();
-    let page = browser.get(&callback).send().await.expect("callback");
-    assert_eq!(page.status(), 200);
+    let (status, page, confirmation) =
+        testkit::follow_callback(&browser, &callback, "connect").await;
+    assert_eq!(status, 200, "{page}");
+    assert!(confirmation.contains("alice@example.com"), "{confirmation}");
     let (rest, status) = tokio::task::spawn_blocking(move || {
         let rest: Vec<String> = printed.map(|line| line.expect("line")).collect();
         (rest, connect.wait().expect("connect ends"))

@@ -1,0 +1,67 @@
+//! What a person's browser does at Switchboard's OAuth callback: it lands on the page that
+//! names the Switchboard user the connection is for, and presses Connect (or Cancel) — a form
+//! POST back to the callback with the page's hidden fields.
+
+/// The hidden fields of the confirmation form on `page`, decoded; empty when the page is not
+/// the confirmation.
+#[must_use]
+pub fn confirmation_fields(page: &str) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    for input in page.split("<input type=\"hidden\" ").skip(1) {
+        let attribute = |name: &str| {
+            let start = input.find(&format!("{name}=\""))? + name.len() + 2;
+            let end = start + input[start..].find('"')?;
+            Some(unescape(&input[start..end]))
+        };
+        if let (Some(name), Some(value)) = (attribute("name"), attribute("value")) {
+            fields.push((name, value));
+        }
+    }
+    fields
+}
+
+fn unescape(text: &str) -> String {
+    text.replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+/// Follows a redirect to Switchboard's callback at `callback_url` the way a person does:
+/// the confirmation page, then `decision` (`connect` or `cancel`). Returns the final status
+/// and page, and the confirmation page (empty if there was none: an error or a spent state
+/// ends at once).
+pub async fn follow_callback(
+    browser: &reqwest::Client,
+    callback_url: &str,
+    decision: &str,
+) -> (u16, String, String) {
+    let landed = browser.get(callback_url).send().await.expect("callback");
+    let status = landed.status().as_u16();
+    let page = landed.text().await.expect("page");
+    let fields = confirmation_fields(&page);
+    if status != 200 || fields.is_empty() {
+        return (status, page, String::new());
+    }
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in &fields {
+        form.append_pair(name, value);
+    }
+    form.append_pair("decision", decision);
+    let action = callback_url
+        .split_once('?')
+        .map_or(callback_url, |(base, _)| base);
+    let answered = browser
+        .post(action)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form.finish())
+        .send()
+        .await
+        .expect("confirm");
+    (
+        answered.status().as_u16(),
+        answered.text().await.expect("page"),
+        page,
+    )
+}
