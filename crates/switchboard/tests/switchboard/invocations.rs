@@ -126,8 +126,8 @@ async fn every_invocation_ends_once_and_reaches_the_server_at_most_once_across_a
         .to_str()
         .expect("location")
         .to_owned();
-    let callback = client.get(&location).send().await.expect("callback");
-    assert_eq!(callback.status(), 200);
+    let (status, page, _) = testkit::follow_callback(&client, &location, "connect").await;
+    assert_eq!(status, 200, "{page}");
     ok(client
         .put(format!(
             "{url}/api/v1/servers/{server_id}/tools/create_issue"
