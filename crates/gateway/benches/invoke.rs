@@ -338,13 +338,13 @@ impl Setup {
         let redirect = self.browser.get(authorize).send().await.expect("authorize");
         let location = redirect.headers()["location"].to_str().expect("location");
         let query = location.split_once('?').expect("query").1;
-        let callback = self
-            .client
-            .get(format!("{}/oauth/callback?{query}", self.url))
-            .send()
-            .await
-            .expect("callback");
-        assert_eq!(callback.status(), 200);
+        let (status, page, _) = testkit::follow_callback(
+            &self.client,
+            &format!("{}/oauth/callback?{query}", self.url),
+            "connect",
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
         self.send(
             self.client
                 .put(format!(
