@@ -329,7 +329,7 @@ fn main() {
         let begun = Instant::now();
         runner.save_checkpoint().await.expect("checkpoint");
         let saved = begun.elapsed();
-        let size = std::fs::metadata(dir.path().join("checkpoints/tool_states_v2.checkpoint"))
+        let size = std::fs::metadata(dir.path().join("checkpoints/tool_states_v3.checkpoint"))
             .map_or(0, |m| m.len());
         println!(
             "checkpoint: {:.1} MiB written in {:.2} s",

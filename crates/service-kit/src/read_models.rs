@@ -19,7 +19,8 @@ use crate::Written;
 /// The server list: every server that exists, by id and slug.
 pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
     ProjectionSpec {
-        // Bump the suffix when the snapshot's shape changes.
+        // Bump the suffix when the snapshot's shape or its fold changes (v3: each discovery
+        // applies to the settings).
         name: "server_directory_v2",
         log: LogKind::Config,
         filter: None,
@@ -33,8 +34,9 @@ pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
 /// The tool states: per user and server each tool's effective state, and the exposed names.
 pub fn tool_states_spec() -> ProjectionSpec<ToolStates> {
     ProjectionSpec {
-        // Bump the suffix when the snapshot's shape changes.
-        name: "tool_states_v2",
+        // Bump the suffix when the snapshot's shape or its fold changes (v3: each discovery
+        // applies to the settings).
+        name: "tool_states_v3",
         log: LogKind::Config,
         filter: None,
         apply: |states: &mut ToolStates, event: &RecordedEvent| states.apply(&event.envelope),
