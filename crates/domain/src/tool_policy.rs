@@ -139,8 +139,11 @@ pub enum ToolPolicyCommand {
     /// changed and changed back needs approval again).
     ObserveDefinitions {
         current_tools: Vec<pb::ToolDefinition>,
-        /// Tools the user set after that discovery: their settings were made against a later
-        /// list and stand.
+        /// The discovery's position in the configuration log, recorded in what it changes.
+        observed_position: u64,
+        /// Tools settled since that discovery — set by the user after it, or changed by the
+        /// observation of it or of a later one: left as they are (a lagging observer must not
+        /// take a setting back to an older list).
         set_since: Vec<String>,
     },
 }
@@ -236,6 +239,7 @@ pub fn decide(
         }
         ToolPolicyCommand::ObserveDefinitions {
             current_tools,
+            observed_position,
             set_since,
         } => {
             let mut events = Vec::new();
@@ -271,6 +275,7 @@ pub fn decide(
                     definition_hash: tool.definition_hash.clone(),
                     previous_state: setting.state.to_proto() as i32,
                     state: new_state.to_proto() as i32,
+                    observed_position,
                 }));
             }
             if !gone.is_empty() {
@@ -290,6 +295,7 @@ pub fn decide(
                     server_id: id.server_id.to_string(),
                     tool_names: gone,
                     previous,
+                    observed_position,
                 }));
             }
             Ok(events)
@@ -401,6 +407,7 @@ mod tests {
             definition_hash: hash.into(),
             previous_state: previous_state.to_proto() as i32,
             state: state.to_proto() as i32,
+            observed_position: 0,
         })
     }
 
@@ -416,6 +423,7 @@ mod tests {
     fn observe(tools: Vec<pb::ToolDefinition>) -> ToolPolicyCommand {
         ToolPolicyCommand::ObserveDefinitions {
             current_tools: tools,
+            observed_position: 0,
             set_since: Vec::new(),
         }
     }
@@ -667,6 +675,7 @@ mod tests {
                 state: pb::ToolState::AlwaysAllow as i32,
                 definition_hash: "s1".into(),
             }],
+            observed_position: 0,
         })]);
         assert_eq!(state.setting("search"), None);
         assert_eq!(state.tool_state("search"), ToolState::Blocked);
@@ -692,6 +701,7 @@ mod tests {
         )])
         .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
             current_tools: vec![definition("create", "c1", None)],
+            observed_position: 7,
             set_since: vec!["search".into()],
         }))
         .then_nothing();
@@ -702,6 +712,7 @@ mod tests {
         )])
         .when(decide_policy(ToolPolicyCommand::ObserveDefinitions {
             current_tools: vec![definition("search", "s2", None)],
+            observed_position: 7,
             set_since: vec!["search".into()],
         }))
         .then_nothing();

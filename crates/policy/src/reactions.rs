@@ -291,9 +291,10 @@ async fn reconcile(
         .map_err(|e| ReactionFailure::Ignored(e.to_string()))?;
     let id = PolicyId { user_id, server_id };
     let subject = subject_of(&id).map_err(ReactionFailure::Store)?;
-    // The settings as they are now and which tools the user set after the discovery. A
-    // setting that lands between this read and the decision's own read differs from `read`
-    // and stands too.
+    // The settings as they are now, and which tools were settled since the discovery: set by
+    // the user after it, or changed by the observation of it or of a later one (another
+    // process's reaction may be ahead of this one). A setting that lands between this read
+    // and the decision's own read differs from `read` and is left alone too.
     let history = log.read_aggregate(&subject).await?;
     let read = ToolPolicyState::from_events(
         history
@@ -304,8 +305,7 @@ async fn reconcile(
     let set_after: Vec<String> = history
         .events
         .iter()
-        .filter(|recorded| recorded.sequence > discovered_at)
-        .flat_map(|recorded| tools_set_by(recorded.envelope.event.as_ref()))
+        .flat_map(|recorded| settled_since(recorded, discovered_at))
         .collect();
     let context = CommandContext::reaction(SERVICE, cause);
     let written = execute::<ToolPolicyState, _>(log, envelopes, &subject, &context, |state| {
@@ -326,6 +326,7 @@ async fn reconcile(
             &id,
             ToolPolicyCommand::ObserveDefinitions {
                 current_tools: discovered.tools.clone(),
+                observed_position: discovered_at,
                 set_since,
             },
         )
@@ -338,12 +339,25 @@ async fn reconcile(
     }
 }
 
-/// The tool a user's setting event sets. The reaction's own events do not count: observing a
-/// discovery again after them changes nothing (the definitions agree), and a later discovery
-/// must still be observed after them.
-fn tools_set_by(event: Option<&Event>) -> Option<String> {
-    match event {
-        Some(Event::ToolPermissionSet(set)) => Some(set.tool_name.clone()),
-        _ => None,
+/// The tools a policy event settled since the discovery at `discovered_at`: a user's setting
+/// made after it, or an observation of it or of a later discovery. Observations recorded
+/// before the position was (0) do not count: observing again changes nothing where the
+/// definitions agree.
+fn settled_since(recorded: &RecordedEvent, discovered_at: u64) -> Vec<String> {
+    match recorded.envelope.event.as_ref() {
+        Some(Event::ToolPermissionSet(set)) if recorded.sequence > discovered_at => {
+            vec![set.tool_name.clone()]
+        }
+        Some(Event::ToolDefinitionChanged(changed))
+            if changed.observed_position >= discovered_at =>
+        {
+            vec![changed.tool_name.clone()]
+        }
+        Some(Event::ToolPermissionsCleared(cleared))
+            if cleared.observed_position >= discovered_at =>
+        {
+            cleared.tool_names.clone()
+        }
+        _ => Vec::new(),
     }
 }

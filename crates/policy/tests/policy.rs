@@ -686,6 +686,43 @@ async fn a_late_reaction_observes_every_discovery(store: Store) {
         2,
         "get_issue changed, and changed back"
     );
+    // Each observation says which discovery it was, so an observer behind another (a second
+    // process) does not take a setting back to an older list.
+    let observed: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolDefinitionChanged(c) => Some(c.observed_position),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        observed.len() == 2 && observed[0] > 0 && observed[0] < observed[1],
+        "{observed:?}"
+    );
+    // An observer behind (a lost checkpoint, another process) sees both discoveries again:
+    // it takes nothing back to the older list.
+    h.reaction.take().expect("running").shutdown().await;
+    h.checkpoints
+        .save(
+            policy::REACTION_NAME,
+            &eventlog::projection::Checkpoint {
+                position: 0,
+                snapshot: Default::default(),
+            },
+        )
+        .await
+        .expect("rewind");
+    h.reaction = Some(
+        DefinitionChanges::start(h.log.clone(), h.checkpoints.clone(), h.envelopes.clone())
+            .await
+            .expect("restart from zero"),
+    );
+    h.settle().await;
+    assert_eq!(
+        h.events_of(&alice, server).await,
+        events,
+        "nothing recorded again"
+    );
     assert_eq!(
         h.state(&alice, server, "search"),
         Some((ToolState::Blocked, false))

@@ -929,6 +929,7 @@ mod tests {
             definition_hash: "s2".into(),
             previous_state: pb::ToolState::AlwaysAllow as i32,
             state: pb::ToolState::NeedsApproval as i32,
+            observed_position: 4,
         }));
         let view = states.tool(&alice, server(), "search").expect("search");
         assert_eq!((view.state, view.changed), (ToolState::NeedsApproval, true));
