@@ -3,8 +3,8 @@
 //! client secret into the vault, and one atomic append of `ServerAdded` and
 //! `ServerClientRegistered` — a crash leaves no server without its client.
 use domain::{
-    Aggregate, AuthorizationServer, ClientId, DomainError, OAuthSettings, RegistrationMode,
-    SecretRef, ServerDescription, ServerId, ServerName, ServerUrl, UrlPolicy,
+    Aggregate, AuthorizationServer, CallbackKey, ClientId, DomainError, OAuthSettings,
+    RegistrationMode, SecretRef, ServerDescription, ServerId, ServerName, ServerUrl, UrlPolicy,
     server::{AddServer, ClientRegistration, ServerCommand, ServerState, decide},
 };
 use mcp::{Discovered, DiscoveryError, RegistrationPlan};
@@ -16,13 +16,37 @@ use crate::{CUSTOM_TEMPLATE, ServerCommands, commands::subject_of};
 /// Switchboard's own OAuth client settings.
 #[derive(Debug, Clone)]
 pub struct OAuthClientSettings {
-    /// `<public_url>/oauth/callback`: the redirect URL registered with every provider.
+    /// `<public_url>/oauth/callback`: the shared redirect URL, registered as is by a client ID
+    /// metadata document, and with the authorization server's key appended
+    /// ([`OAuthClientSettings::redirect_url_for`]) by every other client.
     pub redirect_url: String,
     /// The URL presented as client id where client ID metadata documents are supported
     /// (`oauth.client_metadata_url`, by default `<public_url>/oauth/client-metadata.json`).
     pub client_metadata_url: String,
     /// The client name given at dynamic registration.
     pub client_name: String,
+}
+
+impl OAuthClientSettings {
+    /// The redirect URL registered for a client: the server's own (`<redirect_url>/<key>`), or
+    /// the shared one without a key.
+    pub fn redirect_url_for(&self, key: Option<&CallbackKey>) -> String {
+        match key {
+            Some(key) => format!("{}/{key}", self.redirect_url),
+            None => self.redirect_url.clone(),
+        }
+    }
+
+    /// The redirect URL a dynamically registered or pre-registered client of the
+    /// authorization server `found` registers: its own.
+    pub fn redirect_url_of(&self, found: &Discovered) -> String {
+        self.redirect_url_for(Some(&callback_key_of(found)))
+    }
+}
+
+/// The key of the authorization server `found` (see [`CallbackKey`]).
+pub fn callback_key_of(found: &Discovered) -> CallbackKey {
+    CallbackKey::for_authorization_server(&found.issuer, &found.token_endpoint)
 }
 
 /// What an admin asks for.
@@ -254,7 +278,11 @@ impl ServerCommands {
             ),
             RegistrationPlan::DynamicRegistration => {
                 let registered = manager
-                    .register_client(&self.oauth.client_name, &self.oauth.redirect_url, &scopes)
+                    .register_client(
+                        &self.oauth.client_name,
+                        &self.oauth.redirect_url_of(&found),
+                        &scopes,
+                    )
                     .await
                     .map_err(|e| ServerChangeError::RegistrationFailed {
                         reason: e.to_string().chars().take(300).collect(),
@@ -267,7 +295,7 @@ impl ServerCommands {
             }
             RegistrationPlan::ManualCredentialsRequired => {
                 return Err(ServerChangeError::ManualCredentialsRequired {
-                    redirect_url: self.oauth.redirect_url.clone(),
+                    redirect_url: self.oauth.redirect_url_of(&found),
                 });
             }
         };
@@ -350,6 +378,10 @@ impl ServerCommands {
             },
             resource: found.resource.clone(),
             token_endpoint_auth_method: auth_method.to_owned(),
+            // A client ID metadata document is one document for every server, listing the
+            // shared redirect URL; every other client is this authorization server's own.
+            callback_key: (mode != RegistrationMode::ClientMetadataDocument)
+                .then(|| callback_key_of(found)),
         };
         let directory = &self.read_models.servers;
         let written = execute::<ServerState, _>(

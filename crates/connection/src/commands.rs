@@ -22,6 +22,9 @@ const MAX_PROVIDER_TEXT: usize = 300;
 /// What `GET /oauth/callback` received.
 #[derive(Debug, Clone, Default)]
 pub struct CallbackParams {
+    /// The last segment of the path it came to (`/oauth/callback/<key>`); `None` at the shared
+    /// `/oauth/callback`. It must be the one the `state`'s server registered.
+    pub callback_key: Option<String>,
     pub code: Option<String>,
     pub state: Option<String>,
     pub iss: Option<String>,
@@ -138,19 +141,48 @@ impl ConnectionService {
     /// Whose pending authorization `state` is, and for which server, without using it: the
     /// page that asks the person in the browser to confirm names them. `None` for a state
     /// that is not (or no longer) pending.
+    /// `callback_key`: the path's key, as in [`CallbackParams`]; an answer at another
+    /// server's redirect URL is not pending here (finishing it refuses it).
     pub async fn pending_authorization(
         &self,
         state: &str,
+        callback_key: Option<&str>,
     ) -> Result<Option<(ServerId, UserId)>, ConnectionError> {
         if state_name(state).is_none() {
             return Ok(None);
         }
-        Ok(peek_pending(&self.inner.vault, state)
-            .await?
-            .and_then(|pending| {
-                let user = UserId::parse(&pending.user_id).ok()?;
-                Some((pending.server_id, user))
-            }))
+        let Some(pending) = peek_pending(&self.inner.vault, state).await? else {
+            return Ok(None);
+        };
+        let Ok(user) = UserId::parse(&pending.user_id) else {
+            return Ok(None);
+        };
+        self.check_callback_key(pending.server_id, callback_key)
+            .await?;
+        Ok(Some((pending.server_id, user)))
+    }
+
+    /// Refuses an answer that came back to a redirect URL other than the one the server's
+    /// client was registered with: the authorization server that sent it is not the one the
+    /// flow started with (RFC 9700 §4.4.2). The `state` is left alone, so a mix-up cannot
+    /// spend a legitimate flow's state.
+    async fn check_callback_key(
+        &self,
+        server_id: ServerId,
+        callback_key: Option<&str>,
+    ) -> Result<(), ConnectionError> {
+        let server = self.server_oauth(server_id, false).await?;
+        let registered = Some(server.registration.callback_key.as_str()).filter(|k| !k.is_empty());
+        if registered == callback_key {
+            return Ok(());
+        }
+        tracing::warn!(
+            server = %server_id,
+            registered = registered.unwrap_or("(shared)"),
+            received = %callback_key.unwrap_or("(shared)").chars().take(80).collect::<String>(),
+            "an authorization answer came back to another server's redirect URL; not used"
+        );
+        Err(ConnectionError::CallbackMismatch)
     }
 
     /// Handles the authorization server's redirect back. `caller`: the signed-in user, when
@@ -197,6 +229,11 @@ impl ConnectionService {
         let server_id = pending.server_id;
         let result = if caller.is_some_and(|caller| *caller != user) {
             Err(ConnectionError::StateNotYours)
+        } else if let Err(error) = self
+            .check_callback_key(server_id, params.callback_key.as_deref())
+            .await
+        {
+            Err(error)
         } else {
             let context = CommandContext::user(user.clone(), request_id);
             self.finish_authorization(&context, &user, server_id, state, params)

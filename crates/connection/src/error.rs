@@ -15,6 +15,10 @@ pub enum ConnectionError {
     #[error("this authorization was started by another user")]
     StateNotYours,
     #[error(
+        "this authorization answer came back to another server's redirect URL, so it was not used: the authorization server that sent it is not the one the connection started with (an RFC 9700 mix-up), or its client is registered with the wrong redirect URL"
+    )]
+    CallbackMismatch,
+    #[error(
         "the authorization answer came from {received}, not from the server's authorization server {expected}"
     )]
     IssuerMismatch { expected: String, received: String },
@@ -63,6 +67,7 @@ impl ConnectionError {
             ConnectionError::ServerNotRegistered => "server_not_registered",
             ConnectionError::StateInvalid => "oauth_state_invalid",
             ConnectionError::StateNotYours => "oauth_state_not_yours",
+            ConnectionError::CallbackMismatch => "oauth_callback_mismatch",
             ConnectionError::IssuerMismatch { .. } => "oauth_issuer_mismatch",
             ConnectionError::AuthorizationDenied { code, .. } if code == "access_denied" => {
                 "authorization_denied"

@@ -25,7 +25,8 @@ use crate::stores::{VaultCredentialStore, VaultStateStore};
 /// How the connection service behaves.
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
-    /// The OAuth redirect URL: `<public_url>/oauth/callback`.
+    /// The shared OAuth redirect URL, `<public_url>/oauth/callback`; a server whose
+    /// registration recorded a callback key has its own, `<redirect_url>/<key>`.
     pub redirect_url: String,
     /// How long an authorization may take (the `state` entry's time-to-live).
     pub state_ttl: Duration,
@@ -42,6 +43,15 @@ pub struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
+    /// The redirect URL a server's client was registered with.
+    pub fn redirect_url_for(&self, registration: &pb::ServerClientRegistered) -> String {
+        if registration.callback_key.is_empty() {
+            self.redirect_url.clone()
+        } else {
+            format!("{}/{}", self.redirect_url, registration.callback_key)
+        }
+    }
+
     pub fn new(redirect_url: impl Into<String>) -> Self {
         ConnectionSettings {
             redirect_url: redirect_url.into(),
@@ -393,7 +403,7 @@ impl ConnectionService {
         manager.set_metadata(metadata);
         let mut config = OAuthClientConfig::new(
             server.registration.client_id.clone(),
-            self.inner.settings.redirect_url.clone(),
+            self.inner.settings.redirect_url_for(&server.registration),
         )
         .with_scopes(server.scopes.clone());
         if let Some(secret) = &server.client_secret {

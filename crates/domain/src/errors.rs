@@ -127,6 +127,10 @@ pub enum DomainError {
         "a token fingerprint is 16 to 64 lowercase hex digits; compute it with TokenFingerprint::of"
     )]
     TokenFingerprintInvalid,
+    #[error(
+        "an OAuth callback key is 1 to 80 lowercase letters, digits, `.` and `-`; use the redirect URL Switchboard gave for the server"
+    )]
+    CallbackKeyInvalid,
 
     // ---- server ----------------------------------------------------------------------------
     #[error(
@@ -243,6 +247,7 @@ impl DomainError {
             DomainError::RegistrationModeUnspecified => "registration_mode_unspecified",
             DomainError::SecretRefInvalid => "secret_ref_invalid",
             DomainError::TokenFingerprintInvalid => "token_fingerprint_invalid",
+            DomainError::CallbackKeyInvalid => "callback_key_invalid",
             DomainError::ServerUrlImmutable => "server_url_immutable",
             DomainError::ClientCredentialsNotEditable => "client_credentials_not_editable",
             DomainError::DisableReasonInvalid { .. } => "disable_reason_invalid",

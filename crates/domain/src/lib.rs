@@ -68,7 +68,8 @@ pub use errors::DomainError;
 pub use ids::{InvocationId, ServerId, UserId, UserKey};
 pub use names::{ExposedToolMap, ExposedToolName, ServerDescription, ServerName, Slug, ToolName};
 pub use oauth::{
-    AuthorizationServer, ClientId, OAuthSettings, RegistrationMode, SecretRef, TokenFingerprint,
+    AuthorizationServer, CallbackKey, ClientId, OAuthSettings, RegistrationMode, SecretRef,
+    TokenFingerprint,
 };
 pub use projections::{
     CLAIM_WINDOW, OpenInvocation, OpenInvocations, OpenStatus, ServerDirectory, ToolStates,

@@ -177,6 +177,63 @@ impl SecretRef {
     }
 }
 
+/// The last segment of a server's own OAuth redirect URL, `<public_url>/oauth/callback/<key>`:
+/// the token endpoint's host and 12 hex digits of SHA-256 over the issuer and the token
+/// endpoint (`github.com-1a2b3c4d5e6f`). One redirect URL per authorization server is the
+/// mix-up defence of RFC 9700 §4.4.2: an authorization server redirects only to a URL
+/// registered for its own client, so an answer meant for one server cannot be delivered with
+/// a `state` another server's flow started. The token endpoint is part of the key because it
+/// is where the code goes: a hostile server that copies another's issuer still gets a key of
+/// its own. Derived before the server exists (the admin registers a pre-registered client's
+/// redirect URL first), and recorded with the registration, so it never changes after.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CallbackKey(String);
+string_newtype_impls!(CallbackKey);
+
+impl CallbackKey {
+    pub const MAX_CHARS: usize = 80;
+    const HOST_CHARS: usize = 48;
+
+    /// The key of the authorization server with this issuer and token endpoint.
+    pub fn for_authorization_server(issuer: &str, token_endpoint: &str) -> CallbackKey {
+        let host = url::Url::parse(token_endpoint)
+            .ok()
+            .and_then(|url| url.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_default();
+        let mut key: String = host
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+            .take(Self::HOST_CHARS)
+            .collect();
+        if key.is_empty() {
+            key.push_str("as");
+        }
+        key.push('-');
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(issuer.as_bytes());
+        context.update(b"\n");
+        context.update(token_endpoint.as_bytes());
+        let digest = context.finish();
+        crate::tools::push_hex(&mut key, digest.as_ref().get(..6).unwrap_or_default());
+        CallbackKey(key)
+    }
+
+    /// Reads a key from a recorded registration or a callback's path: 1–80 of
+    /// `[a-z0-9.-]`.
+    pub fn parse(text: &str) -> Result<CallbackKey, DomainError> {
+        let valid = !text.is_empty()
+            && text.len() <= Self::MAX_CHARS
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if valid {
+            Ok(CallbackKey(text.to_owned()))
+        } else {
+            Err(DomainError::CallbackKeyInvalid)
+        }
+    }
+}
+
 /// The first 8 bytes of SHA-256 of an access token, in hex: lets an auditor tell tokens apart
 /// without learning anything usable about them.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -244,6 +301,61 @@ impl AuthorizationServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_callback_key_is_one_per_issuer_and_token_endpoint() {
+        let github = CallbackKey::for_authorization_server(
+            "https://github.com/login/oauth",
+            "https://github.com/login/oauth/access_token",
+        );
+        assert!(github.as_str().starts_with("github.com-"), "{github:?}");
+        assert_eq!(github.as_str().len(), "github.com-".len() + 12);
+        assert_eq!(CallbackKey::parse(github.as_str()), Ok(github.clone()));
+        assert_eq!(
+            github,
+            CallbackKey::for_authorization_server(
+                "https://github.com/login/oauth",
+                "https://github.com/login/oauth/access_token",
+            ),
+            "derived again, the same (a pre-registered client's URL is given before the add)"
+        );
+        // A server that copies another's issuer, with its own token endpoint, gets its own.
+        let copycat = CallbackKey::for_authorization_server(
+            "https://github.com/login/oauth",
+            "https://evil.example/token",
+        );
+        assert_ne!(copycat, github);
+        assert!(copycat.as_str().starts_with("evil.example-"));
+        let other_tenant = CallbackKey::for_authorization_server(
+            "https://auth.atlassian.com/tenant-2",
+            "https://auth.atlassian.com/oauth/token",
+        );
+        assert_ne!(
+            other_tenant,
+            CallbackKey::for_authorization_server(
+                "https://auth.atlassian.com/tenant-1",
+                "https://auth.atlassian.com/oauth/token",
+            )
+        );
+        // Hosts are lowercased; an endpoint that is not a URL still gets a key.
+        assert!(
+            CallbackKey::for_authorization_server("x", "https://Auth.EXAMPLE:8443/t")
+                .as_str()
+                .starts_with("auth.example-")
+        );
+        assert!(
+            CallbackKey::for_authorization_server("x", "not a url")
+                .as_str()
+                .starts_with("as-")
+        );
+        for bad in ["", "Upper-1", "a/b", "a?b", "a b", &"a".repeat(81)] {
+            assert_eq!(
+                CallbackKey::parse(bad),
+                Err(DomainError::CallbackKeyInvalid),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn oauth_settings_rules() {

@@ -27,6 +27,9 @@ pub struct ServerSummary {
     pub enabled: bool,
     /// How Switchboard's OAuth client at the server's authorization server was obtained.
     pub registration_mode: Option<crate::RegistrationMode>,
+    /// The last segment of the server's own redirect URL (`None`: the shared one).
+    #[serde(default)]
+    pub callback_key: Option<String>,
     /// Who added the server (a user id, or a service name) and when.
     pub created_by: String,
     pub created_at: Option<std::time::SystemTime>,
@@ -104,6 +107,7 @@ impl ServerDirectory {
                         registration_mode: added.oauth.as_ref().and_then(|oauth| {
                             crate::RegistrationMode::from_proto(oauth.registration_mode).ok()
                         }),
+                        callback_key: None,
                         created_by: String::new(),
                         created_at: None,
                         updated_by: String::new(),
@@ -144,6 +148,8 @@ impl ServerDirectory {
                 if let Some(server) = self.server_mut(&registered.server_id) {
                     server.registration_mode =
                         crate::RegistrationMode::from_proto(registered.registration_mode).ok();
+                    server.callback_key =
+                        Some(registered.callback_key.clone()).filter(|key| !key.is_empty());
                 }
             }
             Event::ServerDisabled(disabled) => {

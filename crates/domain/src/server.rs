@@ -10,8 +10,8 @@ use proto::v1::{self as pb, envelope::Event};
 use crate::projections::ServerDirectory;
 use crate::time::to_timestamp;
 use crate::{
-    Aggregate, AuthorizationServer, ClientId, DomainError, OAuthSettings, RegistrationMode,
-    SecretRef, ServerDescription, ServerId, ServerName, ServerUrl,
+    Aggregate, AuthorizationServer, CallbackKey, ClientId, DomainError, OAuthSettings,
+    RegistrationMode, SecretRef, ServerDescription, ServerId, ServerName, ServerUrl,
 };
 
 /// Where a server is in its life.
@@ -164,6 +164,9 @@ pub struct ClientRegistration {
     pub resource: String,
     /// `none`, `client_secret_basic` or `client_secret_post` (RFC 7591).
     pub token_endpoint_auth_method: String,
+    /// The server's own redirect URL's last segment (`None`: the shared callback, as for a
+    /// client ID metadata document, whose one document serves every server).
+    pub callback_key: Option<CallbackKey>,
 }
 
 /// Longest reason an admin may give for disabling a server (users see it).
@@ -292,6 +295,10 @@ pub fn decide(
                 authorization_server: Some(registration.authorization_server.to_proto()),
                 resource: registration.resource,
                 token_endpoint_auth_method: registration.token_endpoint_auth_method,
+                callback_key: registration
+                    .callback_key
+                    .map(|key| key.as_str().to_owned())
+                    .unwrap_or_default(),
             };
             if state.client.as_ref() == Some(&registered) {
                 Ok(vec![])
@@ -723,6 +730,7 @@ mod tests {
             },
             resource: "https://api.githubcopilot.com/mcp".into(),
             token_endpoint_auth_method: "client_secret_basic".into(),
+            callback_key: None,
         }
     }
 
@@ -829,6 +837,10 @@ mod tests {
             registration.registration_mode = RegistrationMode::Preconfigured;
             registration.client_secret_ref = None;
             registration.token_endpoint_auth_method = "none".into();
+            registration.callback_key = Some(CallbackKey::for_authorization_server(
+                "https://github.com/login/oauth",
+                "https://github.com/login/oauth/access_token",
+            ));
             let command = ServerCommand::RecordClientRegistration(Box::new(registration));
             let state = ServerState::from_events(&[added(id, "GitHub", "github")]);
             [
@@ -844,6 +856,10 @@ mod tests {
             panic!("expected one ServerClientRegistered, got {events:?}");
         };
         assert_eq!(registered.token_endpoint_auth_method, "client_secret_post");
+        assert!(
+            registered.callback_key.starts_with("github.com-"),
+            "new credentials keep the redirect URL the provider knows: {registered:?}"
+        );
         // A new client id alone leaves it without a secret, so `none` stays.
         let (events, _) = Scenario::<ServerState>::given(without_secret)
             .when(|s| decide(s, id, replace(Some("client-9"), None), &no_directory()))

@@ -337,13 +337,7 @@ impl Setup {
         let authorize = started["authorization_url"].as_str().expect("url");
         let redirect = self.browser.get(authorize).send().await.expect("authorize");
         let location = redirect.headers()["location"].to_str().expect("location");
-        let query = location.split_once('?').expect("query").1;
-        let (status, page, _) = testkit::follow_callback(
-            &self.client,
-            &format!("{}/oauth/callback?{query}", self.url),
-            "connect",
-        )
-        .await;
+        let (status, page, _) = testkit::follow_callback(&self.client, location, "connect").await;
         assert_eq!(status, 200, "{page}");
         self.send(
             self.client

@@ -219,6 +219,7 @@ impl From<connection::ConnectionError> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             E::StateNotYours => StatusCode::FORBIDDEN,
+            E::CallbackMismatch => StatusCode::BAD_REQUEST,
             E::TokenExchangeFailed { .. }
             | E::RefreshUnavailable { .. }
             | E::Upstream(_)

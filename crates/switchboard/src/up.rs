@@ -121,7 +121,7 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public_url = settings.public_url.clone().unwrap_or_else(|| {
         if local.ip().is_unspecified() {
-            // Every server added now registers `<public URL>/oauth/callback` with its provider.
+            // Every server added now registers `<public URL>/oauth/callback/…` with its provider.
             tracing::warn!(
                 "listening on {local} without a public URL: OAuth redirects would name \
                  {scheme}://{local}, which no browser can reach; set --public-url \

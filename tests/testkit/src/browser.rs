@@ -49,9 +49,15 @@ pub async fn follow_callback(
         form.append_pair(name, value);
     }
     form.append_pair("decision", decision);
-    let action = callback_url
-        .split_once('?')
-        .map_or(callback_url, |(base, _)| base);
+    // Where the form posts, resolved against the page's URL as a browser does.
+    let action = page
+        .split_once("<form method=\"post\" action=\"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(action, _)| unescape(action))
+        .expect("the confirmation form names its action");
+    let action = url::Url::parse(callback_url)
+        .and_then(|page_url| page_url.join(&action))
+        .expect("a URL");
     let answered = browser
         .post(action)
         .header("content-type", "application/x-www-form-urlencoded")

@@ -21,12 +21,18 @@ pub const ROUTES: &[RouteSpec] = &[
     RouteSpec::new(Method::DELETE, "/api/v1/servers/{id}/connection", CONNECT),
     RouteSpec::new(Method::GET, "/oauth/callback", Access::Public),
     RouteSpec::new(Method::POST, "/oauth/callback", Access::Public),
+    RouteSpec::new(Method::GET, "/oauth/callback/{key}", Access::Public),
+    RouteSpec::new(Method::POST, "/oauth/callback/{key}", Access::Public),
 ];
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(connect, connection_status, disconnect))
         .routes(routes!(oauth_callback, oauth_callback_confirmed))
+        .routes(routes!(
+            server_oauth_callback,
+            server_oauth_callback_confirmed
+        ))
 }
 
 /// Where to send the user's browser to authorize.
@@ -179,6 +185,37 @@ async fn oauth_callback(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<CallbackQuery>,
 ) -> Response {
+    callback_landing(&state, &headers, query, None).await
+}
+
+/// The OAuth redirect of a server with its own redirect URL (every server but those whose
+/// client is a client ID metadata document, and those registered before this existed): as
+/// `GET /oauth/callback`, and an answer whose `state` another server's flow started is refused
+/// (the mix-up defence of RFC 9700 §4.4.2: an authorization server can only send its answers
+/// to the redirect URLs registered for its own client).
+#[utoipa::path(get, path = "/oauth/callback/{key}", tag = "oauth",
+    params(("key" = String, Path, description = "The server's callback key, as its redirect URL names it"), CallbackQuery),
+    responses(
+        (status = 200, description = "The page that asks to confirm (a browser), or the page saying what happened (no console configured)", content_type = "text/html"),
+        (status = 303, description = "To the console's page for the server"),
+        (status = 400, description = "A page saying what went wrong", content_type = "text/html"),
+    ))]
+async fn server_oauth_callback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(key): ApiPath<String>,
+    ApiQuery(query): ApiQuery<CallbackQuery>,
+) -> Response {
+    callback_landing(&state, &headers, query, Some(key)).await
+}
+
+/// A redirect landing at `/oauth/callback` (`key` `None`) or `/oauth/callback/{key}`.
+async fn callback_landing(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: CallbackQuery,
+    key: Option<String>,
+) -> Response {
     // A console that forwards the redirect with the user's token gets the other-user check.
     let caller = headers
         .get(header::AUTHORIZATION)
@@ -187,15 +224,18 @@ async fn oauth_callback(
     if caller.is_none()
         && query.error.is_none()
         && let Some(pending_state) = query.state.as_deref()
-        && let Ok(Some((server_id, user))) =
-            state.connections.pending_authorization(pending_state).await
+        && let Ok(Some((server_id, user))) = state
+            .connections
+            .pending_authorization(pending_state, key.as_deref())
+            .await
     {
-        return confirmation_page(&state, server_id, &user, &query);
+        return confirmation_page(state, server_id, &user, &query, key.as_deref());
     }
     finish_callback(
-        &state,
+        state,
         caller.as_ref().map(|c| &c.user),
         CallbackParams {
+            callback_key: key,
             code: query.code,
             state: query.state,
             iss: query.iss,
@@ -225,9 +265,30 @@ pub struct CallbackConfirmation {
         (status = 400, description = "A page saying what went wrong", content_type = "text/html"),
     ))]
 async fn oauth_callback_confirmed(State(state): State<AppState>, body: Bytes) -> Response {
+    callback_confirmed(&state, &body, None).await
+}
+
+/// The person in the browser confirms (or declines) at a server's own redirect URL.
+#[utoipa::path(post, path = "/oauth/callback/{key}", tag = "oauth",
+    params(("key" = String, Path, description = "The server's callback key, as its redirect URL names it")),
+    request_body(content = CallbackConfirmation, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "A page saying what happened (no console configured)", content_type = "text/html"),
+        (status = 303, description = "To the console's page for the server"),
+        (status = 400, description = "A page saying what went wrong", content_type = "text/html"),
+    ))]
+async fn server_oauth_callback_confirmed(
+    State(state): State<AppState>,
+    ApiPath(key): ApiPath<String>,
+    body: Bytes,
+) -> Response {
+    callback_confirmed(&state, &body, Some(key)).await
+}
+
+async fn callback_confirmed(state: &AppState, body: &[u8], key: Option<String>) -> Response {
     let mut form = CallbackConfirmation::default();
-    for (key, value) in url::form_urlencoded::parse(&body) {
-        let field = match key.as_ref() {
+    for (name, value) in url::form_urlencoded::parse(body) {
+        let field = match name.as_ref() {
             "code" => &mut form.code,
             "state" => &mut form.state,
             "iss" => &mut form.iss,
@@ -238,9 +299,10 @@ async fn oauth_callback_confirmed(State(state): State<AppState>, body: Bytes) ->
     }
     let declined = form.decision.as_deref() != Some("connect");
     finish_callback(
-        &state,
+        state,
         None,
         CallbackParams {
+            callback_key: key,
             code: form.code.filter(|_| !declined),
             state: form.state,
             iss: form.iss,
@@ -258,6 +320,7 @@ fn confirmation_page(
     server_id: domain::ServerId,
     user: &domain::UserId,
     query: &CallbackQuery,
+    key: Option<&str>,
 ) -> Response {
     let server = state
         .read_models
@@ -279,7 +342,7 @@ fn confirmation_page(
          <p>This connects the account you just allowed at {server} to the Switchboard user \
          <strong>{user}</strong>: the AI acts as that account for them.</p>\
          <p>If you are not {user}, or did not start connecting, choose Cancel.</p>\
-         <form method=\"post\" action=\"callback\">{}{}{}\
+         <form method=\"post\" action=\"{action}\">{}{}{}\
          <button type=\"submit\" name=\"decision\" value=\"connect\">Connect</button> \
          <button type=\"submit\" name=\"decision\" value=\"cancel\">Cancel</button>\
          </form></body></html>",
@@ -288,6 +351,8 @@ fn confirmation_page(
         hidden("iss", query.iss.as_deref()),
         server = escape_html(&server),
         user = escape_html(user.as_str()),
+        // Relative, so that a public URL with a path prefix works: the page's own path.
+        action = escape_html(key.unwrap_or("callback")),
     );
     (
         [
@@ -394,6 +459,10 @@ fn what_to_do(error: &ConnectionError) -> &'static str {
         ConnectionError::StateInvalid => "Start connecting again from Switchboard.",
         ConnectionError::StateNotYours => {
             "Sign in as the user who started connecting, or start connecting yourself."
+        }
+        ConnectionError::CallbackMismatch => {
+            "Start connecting again from Switchboard; if this happens again, ask an admin to \
+             check the redirect URL registered for the server's OAuth client."
         }
         ConnectionError::ServerNotFound | ConnectionError::ServerDisabled => {
             "Ask an admin about this server."

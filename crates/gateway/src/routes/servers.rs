@@ -92,6 +92,9 @@ pub struct ServerView {
     pub enabled: bool,
     /// `dynamic_registration`, `preconfigured` or `client_metadata_document`.
     pub registration_mode: Option<&'static str>,
+    /// The redirect URL the server's OAuth client is registered with (a pre-registered
+    /// client's registration at the provider must list it).
+    pub redirect_url: Option<String>,
     pub created_by: String,
     pub created_at: Option<String>,
     pub updated_by: String,
@@ -99,7 +102,7 @@ pub struct ServerView {
 }
 
 impl ServerView {
-    fn of(server: &ServerSummary) -> Self {
+    fn of(server: &ServerSummary, oauth: &catalog::OAuthClientSettings) -> Self {
         ServerView {
             id: server.id.to_string(),
             name: server.name.clone(),
@@ -113,6 +116,13 @@ impl ServerView {
             },
             enabled: server.enabled,
             registration_mode: server.registration_mode.map(|m| m.as_str()),
+            redirect_url: server.registration_mode.map(|_| {
+                let key = server
+                    .callback_key
+                    .as_deref()
+                    .map(domain::CallbackKey::parse);
+                oauth.redirect_url_for(key.and_then(Result::ok).as_ref())
+            }),
             created_by: server.created_by.clone(),
             created_at: server.created_at.map(super::rfc3339),
             updated_by: server.updated_by.clone(),
@@ -172,7 +182,8 @@ pub struct DiscoveryView {
     /// `manual_credentials_required`.
     #[schema(value_type = String)]
     pub registration_mode: mcp::RegistrationPlan,
-    /// The redirect URL to register with the provider (when credentials are needed).
+    /// The redirect URL to register with the provider (when credentials are needed, or a
+    /// pre-registered client id was given): the server's own.
     pub redirect_url: Option<String>,
     /// Found through protected-resource metadata (`false`: an older server's root metadata).
     pub via_protected_resource_metadata: bool,
@@ -197,7 +208,11 @@ async fn discover_server(
         ..catalog::AddServerInput::default()
     };
     let found = state.servers.discover(&input).await?;
-    let manual = found.registration == mcp::RegistrationPlan::ManualCredentialsRequired;
+    let manual = matches!(
+        found.registration,
+        mcp::RegistrationPlan::ManualCredentialsRequired | mcp::RegistrationPlan::Preconfigured
+    );
+    let redirect_url = manual.then(|| state.servers.oauth().redirect_url_of(&found));
     Ok(axum::Json(DiscoveryView {
         resource: found.resource,
         issuer: found.issuer,
@@ -207,7 +222,7 @@ async fn discover_server(
         revocation_endpoint: found.revocation_endpoint,
         scopes: found.scopes,
         registration_mode: found.registration,
-        redirect_url: manual.then(|| state.servers.oauth().redirect_url.clone()),
+        redirect_url,
         via_protected_resource_metadata: found.via_protected_resource_metadata,
     }))
 }
@@ -245,10 +260,12 @@ async fn add_server(
 #[utoipa::path(get, path = "/api/v1/servers", tag = "servers", security(("bearer" = [])),
     responses((status = 200, description = "The servers", body = ServerList)))]
 async fn list_servers(State(state): State<AppState>) -> axum::Json<ServerList> {
-    let servers = state
-        .read_models
-        .servers
-        .read(|directory| directory.iter().map(ServerView::of).collect());
+    let servers = state.read_models.servers.read(|directory| {
+        directory
+            .iter()
+            .map(|server| ServerView::of(server, state.servers.oauth()))
+            .collect()
+    });
     axum::Json(ServerList {
         servers,
         next: None,
@@ -269,7 +286,11 @@ fn view(state: &AppState, id: ServerId) -> Result<ServerView, ApiError> {
     state
         .read_models
         .servers
-        .read(|directory| directory.get(id).map(ServerView::of))
+        .read(|directory| {
+            directory
+                .get(id)
+                .map(|server| ServerView::of(server, state.servers.oauth()))
+        })
         .ok_or_else(|| DomainError::ServerNotFound.into())
 }
 

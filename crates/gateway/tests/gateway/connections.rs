@@ -43,8 +43,8 @@ pub(crate) async fn add_server(setup: &WithFixture, template: &str) -> String {
     server["id"].as_str().expect("id").to_owned()
 }
 
-/// Starts connecting `user` and follows the authorization URL like a browser; returns the
-/// query the authorization server sent back to the callback.
+/// Starts connecting `user` and follows the authorization URL like a browser; returns where
+/// the authorization server sent it back: the server's own redirect URL with the answer.
 pub(crate) async fn authorize(setup: &WithFixture, server_id: &str, token: &str) -> String {
     let response = setup
         .app
@@ -70,20 +70,16 @@ pub(crate) async fn authorize(setup: &WithFixture, server_id: &str, token: &str)
     );
     let location = redirect.headers()["location"].to_str().expect("location");
     assert!(
-        location.starts_with(&format!("{}/oauth/callback?", setup.app.url)),
-        "{location}"
+        location.starts_with(&format!("{}/oauth/callback/", setup.app.url)),
+        "the server's own redirect URL: {location}"
     );
-    location.split_once('?').expect("query").1.to_owned()
+    location.to_owned()
 }
 
-/// The browser at the callback: confirms on the page that names the user, as a person does.
-pub(crate) async fn callback(setup: &WithFixture, query: &str) -> (u16, String) {
-    let (status, page, _) = testkit::follow_callback(
-        &setup.app.client,
-        &format!("{}/oauth/callback?{query}", setup.app.url),
-        "connect",
-    )
-    .await;
+/// The browser at the callback (`redirect`: where the authorization server sent it):
+/// confirms on the page that names the user, as a person does.
+pub(crate) async fn callback(setup: &WithFixture, redirect: &str) -> (u16, String) {
+    let (status, page, _) = testkit::follow_callback(&setup.app.client, redirect, "connect").await;
     (status, page)
 }
 
@@ -155,8 +151,8 @@ async fn connect(store: Store, fixture: OAuthFixture, template: &str, user: &str
     let setup = app_with_fixture_for(store, fixture, template).await;
     let server_id = add_server(&setup, template).await;
     let user_token = setup.app.token(user, &["analyst"]);
-    let query = authorize(&setup, &server_id, &user_token).await;
-    let (code, page) = callback(&setup, &query).await;
+    let redirect = authorize(&setup, &server_id, &user_token).await;
+    let (code, page) = callback(&setup, &redirect).await;
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("Connected"), "{page}");
     Connected {
@@ -300,9 +296,16 @@ async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
     let setup = app_with_fixture_for(store, OAuthFixture::notion(), "notion").await;
     let server_id = add_server(&setup, "notion").await;
     let alice = setup.app.token("alice@example.com", &["analyst"]);
-    let query = authorize(&setup, &server_id, &alice).await;
+    let redirect = authorize(&setup, &server_id, &alice).await;
     // Forged: a state Switchboard never issued.
-    let (code, page) = callback(&setup, "code=x&state=forgedstate123").await;
+    let (code, page) = callback(
+        &setup,
+        &format!(
+            "{}/oauth/callback?code=x&state=forgedstate123",
+            setup.app.url
+        ),
+    )
+    .await;
     assert_eq!(code, 400);
     assert!(page.contains("oauth_state_invalid"), "{page}");
     // Another signed-in user presenting alice's state is refused, and the state survives.
@@ -310,7 +313,7 @@ async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
     let response = setup
         .app
         .client
-        .get(format!("{}/oauth/callback?{query}", setup.app.url))
+        .get(&redirect)
         .bearer_auth(&bob)
         .send()
         .await
@@ -324,15 +327,117 @@ async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
             .contains("oauth_state_not_yours")
     );
     // Alice's own callback works, once.
-    let (code, page) = callback(&setup, &query).await;
+    let (code, page) = callback(&setup, &redirect).await;
     assert_eq!(code, 200, "{page}");
-    let (code, page) = callback(&setup, &query).await;
+    let (code, page) = callback(&setup, &redirect).await;
     assert_eq!(code, 400, "a replayed state is refused");
     assert!(page.contains("oauth_state_invalid"), "{page}");
     assert_eq!(
         setup.handle.token_requests_for("authorization_code"),
         1,
         "the replay never reached the token endpoint"
+    );
+}
+
+/// The mix-up defence of RFC 9700 §4.4.2: each authorization server has its own redirect URL,
+/// registered for its client, and an answer that comes back to another one (or to the shared
+/// one) with this server's `state` is refused: nothing is exchanged or sent anywhere, and the
+/// state stays usable for the real answer.
+#[tokio::test]
+async fn an_answer_at_another_servers_redirect_url_is_refused() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let redirect = authorize(&setup, &server_id, &alice).await;
+    let (own, query) = redirect.split_once('?').expect("query");
+    let asked = setup.handle.last_authorization_request().expect("request");
+    assert_eq!(asked.redirect_uri.as_deref(), Some(own));
+    let server = setup
+        .app
+        .get(&format!("/api/v1/servers/{server_id}"), Some(&alice))
+        .await
+        .json::<Value>()
+        .await
+        .expect("server");
+    assert_eq!(server["redirect_url"], own, "{server}");
+    let page = setup
+        .app
+        .client
+        .get(&redirect)
+        .send()
+        .await
+        .expect("callback")
+        .text()
+        .await
+        .expect("page");
+    let key = own.rsplit_once('/').expect("key").1;
+    assert!(
+        page.contains(&format!("action=\"{key}\"")),
+        "the form posts back to the page's own path: {page}"
+    );
+
+    let elsewhere = [
+        format!(
+            "{}/oauth/callback/evil.example-0123456789ab?{query}",
+            setup.app.url
+        ),
+        format!("{}/oauth/callback?{query}", setup.app.url),
+    ];
+    for wrong in &elsewhere {
+        let (code, answer, confirmation) =
+            testkit::follow_callback(&setup.app.client, wrong, "connect").await;
+        assert_eq!(code, 400, "{wrong}: {answer}");
+        assert!(answer.contains("oauth_callback_mismatch"), "{answer}");
+        assert!(
+            confirmation.is_empty(),
+            "no page offers to connect: {wrong}"
+        );
+    }
+    // A confirmation posted straight to the wrong URL is refused the same way.
+    let (state, code) = {
+        let pairs: std::collections::HashMap<String, String> =
+            url::form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+        (pairs["state"].clone(), pairs["code"].clone())
+    };
+    let posted = setup
+        .app
+        .client
+        .post(format!(
+            "{}/oauth/callback/evil.example-0123456789ab",
+            setup.app.url
+        ))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("code={code}&state={state}&decision=connect"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(posted.status(), 400);
+    assert!(
+        posted
+            .text()
+            .await
+            .unwrap()
+            .contains("oauth_callback_mismatch")
+    );
+    assert_eq!(
+        setup.handle.token_requests_for("authorization_code"),
+        0,
+        "the code went nowhere"
+    );
+    assert_eq!(
+        status(&setup, &server_id, &alice).await["status"],
+        "pending"
+    );
+
+    // The state was not spent: the real answer, at the server's own URL, connects.
+    let (code, page) = callback(&setup, &redirect).await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
+    assert_eq!(
+        status(&setup, &server_id, &alice).await["status"],
+        "healthy"
     );
 }
 
@@ -344,8 +449,8 @@ async fn a_browser_at_the_callback_sees_whose_connection_it_makes_and_can_declin
     let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
     let server_id = add_server(&setup, "notion").await;
     let mallory = setup.app.token("mallory@example.com", &["analyst"]);
-    let query = authorize(&setup, &server_id, &mallory).await;
-    let url = format!("{}/oauth/callback?{query}", setup.app.url);
+    let redirect = authorize(&setup, &server_id, &mallory).await;
+    let url = redirect.clone();
     let landed = setup.app.client.get(&url).send().await.expect("callback");
     assert_eq!(landed.status(), 200);
     let headers = landed.headers().clone();
@@ -372,7 +477,7 @@ async fn a_browser_at_the_callback_sees_whose_connection_it_makes_and_can_declin
     let after = status(&setup, &server_id, &mallory).await;
     assert_ne!(after["status"], "healthy", "{after}");
     // The state is spent: the same redirect, confirmed this time, connects nothing.
-    let (code, answer) = callback(&setup, &query).await;
+    let (code, answer) = callback(&setup, &redirect).await;
     assert_eq!(code, 400, "{answer}");
     assert!(answer.contains("oauth_state_invalid"), "{answer}");
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 0);
@@ -387,8 +492,8 @@ async fn a_mismatched_issuer_is_refused_and_access_denied_is_reported() {
     let setup = app_with_fixture_for(Store::Jsonl, fixture, "notion").await;
     let server_id = add_server(&setup, "notion").await;
     let alice = setup.app.token("alice@example.com", &["analyst"]);
-    let query = authorize(&setup, &server_id, &alice).await;
-    let (code, page) = callback(&setup, &query).await;
+    let redirect = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &redirect).await;
     assert_eq!(code, 400);
     assert!(page.contains("oauth_issuer_mismatch"), "{page}");
     assert_eq!(setup.handle.token_requests(), 0);
@@ -399,8 +504,8 @@ async fn a_mismatched_issuer_is_refused_and_access_denied_is_reported() {
     };
     let setup = app_with_fixture_for(Store::Jsonl, denying, "notion").await;
     let server_id = add_server(&setup, "notion").await;
-    let query = authorize(&setup, &server_id, &alice).await;
-    let (code, page) = callback(&setup, &query).await;
+    let redirect = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &redirect).await;
     assert_eq!(code, 400);
     assert!(page.contains("authorization_denied"), "{page}");
     assert!(
@@ -782,8 +887,8 @@ async fn deleting_a_server_disconnects_every_user_also_after_a_restart_mid_casca
     let users = ["alice@example.com", "bob@example.com", "carol@example.com"];
     for user in users {
         let token = setup.app.token(user, &["analyst"]);
-        let query = authorize(&setup, &server_id, &token).await;
-        let (code, page) = callback(&setup, &query).await;
+        let redirect = authorize(&setup, &server_id, &token).await;
+        let (code, page) = callback(&setup, &redirect).await;
         assert_eq!(code, 200, "{page}");
     }
     let admin = setup.app.token(ADMIN, &["admin"]);
@@ -1030,7 +1135,7 @@ async fn a_missing_scope_leads_to_a_reconnect_asking_for_old_and_new_scopes() {
         .expect("recorded");
     let needs = status(setup, &connected.server_id, &connected.user_token).await;
     assert_eq!(needs["status"], "auth_error", "{needs}");
-    let query = authorize(setup, &connected.server_id, &connected.user_token).await;
+    let redirect = authorize(setup, &connected.server_id, &connected.user_token).await;
     let asked = setup.handle.last_authorization_request().expect("request");
     let scopes: std::collections::BTreeSet<&str> =
         asked.scope.as_deref().unwrap_or("").split(' ').collect();
@@ -1041,7 +1146,7 @@ async fn a_missing_scope_leads_to_a_reconnect_asking_for_old_and_new_scopes() {
             .collect(),
         "the union of the old and the required scopes"
     );
-    let (code, page) = callback(setup, &query).await;
+    let (code, page) = callback(setup, &redirect).await;
     assert_eq!(code, 200, "{page}");
     let after = status(setup, &connected.server_id, &connected.user_token).await;
     assert_eq!(after["status"], "healthy", "{after}");
@@ -1067,7 +1172,7 @@ async fn an_abandoned_authorization_is_swept_from_the_vault() {
     let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
     let server_id = add_server(&setup, "notion").await;
     let alice = setup.app.token("alice@example.com", &["analyst"]);
-    let query = authorize(&setup, &server_id, &alice).await;
+    let redirect = authorize(&setup, &server_id, &alice).await;
     let states = |names: Vec<vault::SecretName>| {
         names
             .iter()
@@ -1083,7 +1188,7 @@ async fn an_abandoned_authorization_is_swept_from_the_vault() {
         .another_instance_with_vault(vault_ahead(&setup, std::time::Duration::from_secs(11 * 60)));
     assert_eq!(later.sweep_expired_states().await.expect("sweep"), 1);
     assert_eq!(states(setup.app.vault.names().await.expect("names")), 0);
-    let (code, page) = callback(&setup, &query).await;
+    let (code, page) = callback(&setup, &redirect).await;
     assert_eq!(code, 400);
     assert!(page.contains("oauth_state_invalid"), "{page}");
 }

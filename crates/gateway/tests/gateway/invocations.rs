@@ -105,8 +105,8 @@ async fn connected_to_clocked(
     setup.handle.set_tools(tools());
     let server_id = add_server(&setup, template).await;
     let alice = setup.app.token(ALICE, &["analyst"]);
-    let query = authorize(&setup, &server_id, &alice).await;
-    let (code, page) = callback(&setup, &query).await;
+    let redirect = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &redirect).await;
     assert_eq!(code, 200, "{page}");
     Invoking {
         setup,

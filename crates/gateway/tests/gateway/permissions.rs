@@ -236,9 +236,19 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
             body: None,
             ok: 400,
         },
+        ("GET", "/oauth/callback/{key}") => Example {
+            path: "/oauth/callback/fixture.test-0123456789ab?state=unknown-state&code=x".to_owned(),
+            body: None,
+            ok: 400,
+        },
         // A confirmation without a pending state: the page saying so.
         ("POST", "/oauth/callback") => Example {
             path: path.to_owned(),
+            body: None,
+            ok: 400,
+        },
+        ("POST", "/oauth/callback/{key}") => Example {
+            path: "/oauth/callback/fixture.test-0123456789ab".to_owned(),
             body: None,
             ok: 400,
         },
@@ -306,7 +316,7 @@ async fn every_route_admits_exactly_the_callers_its_permission_names() {
                 ));
             }
             // The OAuth callback answers a browser with a page, not a JSON error.
-            if status >= 400 && route.path != "/oauth/callback" {
+            if status >= 400 && !route.path.starts_with("/oauth/callback") {
                 let body: Value = response.json().await.expect("error body is JSON");
                 let code = body["error"]["code"]
                     .as_str()

@@ -114,6 +114,11 @@ async fn preconfigured_and_metadata_document_clients() {
         (201, Some("preconfigured")),
         "{server}"
     );
+    let own = server["redirect_url"].as_str().expect("redirect_url");
+    assert!(
+        own.starts_with(&format!("{}/oauth/callback/", setup.app.url)),
+        "a pre-registered client has the authorization server's own redirect URL: {own}"
+    );
 
     let cimd = app_with_fixture(
         Store::Jsonl,
@@ -133,6 +138,11 @@ async fn preconfigured_and_metadata_document_clients() {
         (status, server["registration_mode"].as_str()),
         (201, Some("client_metadata_document")),
         "{server}"
+    );
+    assert_eq!(
+        server["redirect_url"],
+        format!("{}/oauth/callback", cimd.app.url),
+        "one document for every server: the shared redirect URL"
     );
     let document: Value = cimd
         .app
@@ -174,9 +184,16 @@ async fn discovery_tells_the_mode_and_the_redirect_url_when_credentials_are_need
     .await;
     assert_eq!(status, 200, "{found}");
     assert_eq!(found["registration_mode"], "manual_credentials_required");
-    assert_eq!(
-        found["redirect_url"],
-        format!("{}/oauth/callback", setup.app.url)
+    // The authorization server's own redirect URL: its token endpoint's host and a digest.
+    let redirect_url = found["redirect_url"].as_str().expect("redirect_url");
+    let key = redirect_url
+        .strip_prefix(&format!("{}/oauth/callback/", setup.app.url))
+        .expect("the server's own redirect URL");
+    let (host, digest) = key.rsplit_once('-').expect("host-digest");
+    assert_eq!(host, "fixture.test", "{key}");
+    assert!(
+        digest.len() == 12 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
     );
     let (status, refused) = post(
         &setup,
@@ -192,7 +209,8 @@ async fn discovery_tells_the_mode_and_the_redirect_url_when_credentials_are_need
         refused["error"]["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("/oauth/callback")
+            .contains(redirect_url),
+        "{refused}"
     );
     assert!(
         history(&setup).await.is_empty(),

@@ -148,7 +148,7 @@ pub(super) async fn connect(
         .expect("location")
         .to_owned();
     assert!(
-        location.starts_with(&format!("{url}/oauth/callback?")),
+        location.starts_with(&format!("{url}/oauth/callback/")),
         "{location}"
     );
     let (status, page, _) = testkit::follow_callback(&client, &location, "connect").await;
