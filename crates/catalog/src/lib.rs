@@ -5,8 +5,6 @@ mod add;
 mod commands;
 mod templates;
 
-pub use add::{
-    AddServerInput, EditServerInput, OAuthClientSettings, ServerChangeError, callback_key_of,
-};
+pub use add::{AddServerInput, EditServerInput, OAuthClientSettings, ServerChangeError};
 pub use commands::ServerCommands;
 pub use templates::{Allowance, CUSTOM_TEMPLATE, Catalog, DEMO_TEMPLATE, RevocationApi, Template};

@@ -141,6 +141,7 @@ impl ConnectionService {
     /// Whose pending authorization `state` is, and for which server, without using it: the
     /// page that asks the person in the browser to confirm names them. `None` for a state
     /// that is not (or no longer) pending.
+    ///
     /// `callback_key`: the path's key, as in [`CallbackParams`]; an answer at another
     /// server's redirect URL is not pending here (finishing it refuses it).
     pub async fn pending_authorization(
