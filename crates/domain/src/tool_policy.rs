@@ -107,6 +107,23 @@ impl Aggregate for ToolPolicyState {
     }
 }
 
+/// A tool as the tool-state projection shows it now. It folds each discovery as it comes,
+/// ahead of the policy service's reaction to it: where it differs from the aggregate, a
+/// setting is recorded even if the aggregate holds that setting already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShownSetting {
+    pub state: ToolState,
+    /// Shown as changed since the user set it (setting it again confirms it).
+    pub changed: bool,
+}
+
+impl ShownSetting {
+    /// Whether setting the tool to `state` would show the same as now.
+    fn is(&self, state: ToolState) -> bool {
+        self.state == state && !self.changed
+    }
+}
+
 /// What a user (or the policy service) asks of a policy.
 #[derive(Debug, Clone)]
 pub enum ToolPolicyCommand {
@@ -120,18 +137,21 @@ pub enum ToolPolicyCommand {
         /// The definition the user saw, when the request names one. Without it the setting
         /// applies to the current definition.
         seen_definition_hash: Option<String>,
-        /// The state the tool-state projection shows now. It folds each discovery as it
-        /// comes, ahead of the policy service's reaction to it: where the two differ, the
-        /// setting is recorded even if this aggregate holds it already.
-        shown_state: Option<ToolState>,
+        /// The tool as the tool-state projection shows it now.
+        shown: Option<ShownSetting>,
+        /// The configuration log position of that view (recorded in the setting: the
+        /// discoveries up to there are the ones the user decided on).
+        decided_at_position: u64,
     },
     /// The user sets every tool of `category` among the server's current tools.
     SetCategoryPermission {
         category: ToolCategory,
         state: ToolState,
         current_tools: Vec<pb::ToolDefinition>,
-        /// The states the tool-state projection shows now, by tool (see `SetToolPermission`).
-        shown_states: Vec<(String, ToolState)>,
+        /// The tools as the tool-state projection shows them now, by name.
+        shown: Vec<(String, ShownSetting)>,
+        /// The configuration log position of that view (see `SetToolPermission`).
+        decided_at_position: u64,
     },
     /// The tool definitions of one discovery: notices changed definitions and forgets the
     /// settings of tools it no longer offers. Each discovery is observed in the log's order;
@@ -160,7 +180,8 @@ pub fn decide(
             state: tool_state,
             current_definition_hash,
             seen_definition_hash,
-            shown_state,
+            shown,
+            decided_at_position,
         } => {
             let Some(current) = current_definition_hash else {
                 return Err(DomainError::ToolNotFound {
@@ -179,7 +200,7 @@ pub fn decide(
                 });
             }
             if is_unchanged(state, tool.as_str(), tool_state, &current)
-                && shown_state.is_none_or(|shown| shown == tool_state)
+                && shown.is_none_or(|shown| shown.is(tool_state))
             {
                 return Ok(vec![]);
             }
@@ -189,13 +210,15 @@ pub fn decide(
                 tool.as_str().to_owned(),
                 tool_state,
                 current,
+                decided_at_position,
             )])
         }
         ToolPolicyCommand::SetCategoryPermission {
             category,
             state: tool_state,
             current_tools,
-            shown_states,
+            shown,
+            decided_at_position,
         } => {
             let mut tool_names = Vec::new();
             let mut changes = Vec::new();
@@ -207,9 +230,9 @@ pub fn decide(
                 if tool.definition_hash.is_empty() {
                     return Err(DomainError::ToolDefinitionHashMissing { tool: tool.name });
                 }
-                let shown_differs = shown_states
+                let shown_differs = shown
                     .iter()
-                    .any(|(name, shown)| *name == tool.name && *shown != tool_state);
+                    .any(|(name, shown)| *name == tool.name && !shown.is(tool_state));
                 if shown_differs
                     || !is_unchanged(state, &tool.name, tool_state, &tool.definition_hash)
                 {
@@ -219,6 +242,7 @@ pub fn decide(
                         tool.name.clone(),
                         tool_state,
                         tool.definition_hash,
+                        decided_at_position,
                     ));
                 }
                 tool_names.push(tool.name);
@@ -317,6 +341,7 @@ fn permission_set(
     tool: String,
     state: ToolState,
     definition_hash: String,
+    decided_at_position: u64,
 ) -> Event {
     let previous = policy.settings.get(&tool);
     Event::ToolPermissionSet(pb::ToolPermissionSet {
@@ -331,6 +356,7 @@ fn permission_set(
         tool_name: tool,
         state: state.to_proto() as i32,
         definition_hash,
+        decided_at_position,
     })
 }
 
@@ -353,7 +379,8 @@ mod tests {
             state,
             current_definition_hash: Some(hash.into()),
             seen_definition_hash: None,
-            shown_state: None,
+            shown: None,
+            decided_at_position: 0,
         }
     }
 
@@ -377,6 +404,7 @@ mod tests {
             definition_hash: hash.into(),
             previous_state: previous_state.to_proto() as i32,
             previous_definition_hash: previous_hash.into(),
+            decided_at_position: 0,
         })
     }
 
@@ -510,7 +538,8 @@ mod tests {
                 state: ToolState::Blocked,
                 current_definition_hash: None,
                 seen_definition_hash: None,
-                shown_state: None,
+                shown: None,
+                decided_at_position: 0,
             }))
             .then_error("tool_not_found");
         Scenario::<ToolPolicyState>::given([])
@@ -525,7 +554,8 @@ mod tests {
             state: ToolState::AlwaysAllow,
             current_definition_hash: Some("h2".into()),
             seen_definition_hash: Some(seen.into()),
-            shown_state: None,
+            shown: None,
+            decided_at_position: 0,
         };
         let error = Scenario::<ToolPolicyState>::given([])
             .when(decide_policy(command("h1")))
@@ -732,7 +762,11 @@ mod tests {
             state: ToolState::AlwaysAllow,
             current_definition_hash: Some("s1".into()),
             seen_definition_hash: None,
-            shown_state: Some(ToolState::Blocked),
+            shown: Some(ShownSetting {
+                state: ToolState::Blocked,
+                changed: false,
+            }),
+            decided_at_position: 0,
         }))
         .then([permission_changed(
             "search",
@@ -750,7 +784,14 @@ mod tests {
             category: ToolCategory::ReadOnly,
             state: ToolState::AlwaysAllow,
             current_tools: vec![definition("get", "g1", Some(true))],
-            shown_states: vec![("get".into(), ToolState::Blocked)],
+            shown: vec![(
+                "get".into(),
+                ShownSetting {
+                    state: ToolState::Blocked,
+                    changed: false,
+                },
+            )],
+            decided_at_position: 0,
         }))
         .then([
             Event::CategoryPermissionSet(pb::CategoryPermissionSet {
@@ -771,6 +812,56 @@ mod tests {
     }
 
     #[test]
+    fn confirming_a_tool_the_projection_shows_changed_is_recorded() {
+        // The projection folded a discovery that changed `search` and changed it back, which
+        // the policy service has not observed yet: the aggregate still holds the user's old
+        // setting, unflagged, but the user confirms what the console showed them flagged.
+        Scenario::<ToolPolicyState>::given([permission_was_set(
+            "search",
+            ToolState::NeedsApproval,
+            "s1",
+        )])
+        .when(decide_policy(ToolPolicyCommand::SetToolPermission {
+            tool: ToolName::parse("search").unwrap(),
+            state: ToolState::NeedsApproval,
+            current_definition_hash: Some("s1".into()),
+            seen_definition_hash: None,
+            shown: Some(ShownSetting {
+                state: ToolState::NeedsApproval,
+                changed: true,
+            }),
+            decided_at_position: 0,
+        }))
+        .then([permission_changed(
+            "search",
+            ToolState::NeedsApproval,
+            "s1",
+            ToolState::NeedsApproval,
+            "s1",
+        )]);
+    }
+
+    #[test]
+    fn a_setting_records_the_position_of_the_view_it_was_decided_on() {
+        let Event::ToolPermissionSet(mut expected) =
+            permission_was_set("search", ToolState::AlwaysAllow, "s1")
+        else {
+            unreachable!()
+        };
+        expected.decided_at_position = 42;
+        Scenario::<ToolPolicyState>::given([])
+            .when(decide_policy(ToolPolicyCommand::SetToolPermission {
+                tool: ToolName::parse("search").unwrap(),
+                state: ToolState::AlwaysAllow,
+                current_definition_hash: Some("s1".into()),
+                seen_definition_hash: None,
+                shown: None,
+                decided_at_position: 42,
+            }))
+            .then([Event::ToolPermissionSet(expected)]);
+    }
+
+    #[test]
     fn category_setting_applies_to_the_tools_of_that_category_at_the_time() {
         let tools = vec![
             definition("list", "l1", Some(true)),
@@ -787,7 +878,8 @@ mod tests {
             category: ToolCategory::ReadOnly,
             state: ToolState::AlwaysAllow,
             current_tools: tools,
-            shown_states: Vec::new(),
+            shown: Vec::new(),
+            decided_at_position: 0,
         }))
         .then([
             Event::CategoryPermissionSet(pb::CategoryPermissionSet {
@@ -825,7 +917,8 @@ mod tests {
             category: ToolCategory::ReadOnly,
             state: ToolState::NeedsApproval,
             current_tools: vec![definition("list", "l2", Some(true))],
-            shown_states: Vec::new(),
+            shown: Vec::new(),
+            decided_at_position: 0,
         }))
         .then([
             Event::CategoryPermissionSet(pb::CategoryPermissionSet {
@@ -869,7 +962,8 @@ mod tests {
                     definition("create", "c1", Some(false)),
                     definition("unhinted", "u1", None),
                 ],
-                shown_states: Vec::new(),
+                shown: Vec::new(),
+                decided_at_position: 0,
             }))
             .then_events();
         assert_eq!(events.len(), 3);
@@ -889,7 +983,8 @@ mod tests {
             category: ToolCategory::ReadOnly,
             state: ToolState::AlwaysAllow,
             current_tools: vec![definition("list", "l1", Some(true))],
-            shown_states: Vec::new(),
+            shown: Vec::new(),
+            decided_at_position: 0,
         }))
         .then_nothing();
         Scenario::<ToolPolicyState>::given([])
@@ -897,7 +992,8 @@ mod tests {
                 category: ToolCategory::ReadOnly,
                 state: ToolState::AlwaysAllow,
                 current_tools: vec![],
-                shown_states: Vec::new(),
+                shown: Vec::new(),
+                decided_at_position: 0,
             }))
             .then_nothing();
     }

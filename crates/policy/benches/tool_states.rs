@@ -128,6 +128,7 @@ fn batches(servers: &[ServerId]) -> impl Iterator<Item = (String, Vec<Event>)> +
                         definition_hash: tool.definition_hash.clone(),
                         previous_state: pb::ToolState::Blocked as i32,
                         previous_definition_hash: String::new(),
+                        decided_at_position: 0,
                     })
                 })
                 .collect();
@@ -210,8 +211,8 @@ fn main() {
     let mut events = 0u64;
     for (_, batch) in batches(&servers) {
         for event in batch {
-            states.apply_event(&event);
             events += 1;
+            states.apply_event(&event, events);
         }
     }
     let fold = begun.elapsed();
@@ -329,7 +330,7 @@ fn main() {
         let begun = Instant::now();
         runner.save_checkpoint().await.expect("checkpoint");
         let saved = begun.elapsed();
-        let size = std::fs::metadata(dir.path().join("checkpoints/tool_states_v3.checkpoint"))
+        let size = std::fs::metadata(dir.path().join("checkpoints/tool_states_v4.checkpoint"))
             .map_or(0, |m| m.len());
         println!(
             "checkpoint: {:.1} MiB written in {:.2} s",

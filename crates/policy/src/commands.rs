@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use domain::{
     DomainError, ServerId, ToolCategory, ToolName, ToolState, UserId,
-    tool_policy::{PolicyId, ToolPolicyCommand, ToolPolicyState, decide},
+    tool_policy::{PolicyId, ShownSetting, ToolPolicyCommand, ToolPolicyState, decide},
 };
 use eventlog::{AggregateKind, EventLog, LogKind, Subject};
 use proto::v1 as pb;
@@ -44,8 +44,6 @@ impl PolicyCommands {
         }
     }
 
-    /// The server must exist and the user be connected to it: only then does it offer them
-    /// tools to set.
     /// Waits (bounded) until the read models hold every configuration event stored now, so
     /// that a setting is decided against the tools the server offers now, not a moment ago
     /// (a discovery another process just recorded changes the current definition).
@@ -68,6 +66,8 @@ impl PolicyCommands {
         Ok(())
     }
 
+    /// The server must exist and the user be connected to it: only then does it offer them
+    /// tools to set.
     fn check_connected(&self, user: &UserId, server: ServerId) -> Result<(), DomainError> {
         if self.read_models.servers.read(|d| d.get(server).is_none()) {
             return Err(DomainError::ServerNotFound);
@@ -117,12 +117,21 @@ impl PolicyCommands {
         let tool_name = ToolName::parse(tool).map_err(|_| DomainError::ToolNotFound {
             tool: tool.to_owned(),
         })?;
-        let (current, shown_state) = self.read_models.tool_states.read(|states| {
-            states
-                .tool(user, server, tool)
-                .map(|view| (view.definition_hash.to_owned(), view.state))
-                .unzip()
-        });
+        // The tool as the user's console shows it now, and the log position of that view.
+        let (current, shown, decided_at_position) =
+            self.read_models.tool_states.read_at(|states, position| {
+                let (current, shown) = states
+                    .tool(user, server, tool)
+                    .map(|view| {
+                        let shown = ShownSetting {
+                            state: view.state,
+                            changed: view.changed,
+                        };
+                        (view.definition_hash.to_owned(), shown)
+                    })
+                    .unzip();
+                (current, shown, position)
+            });
         let id = PolicyId {
             user_id: user.clone(),
             server_id: server,
@@ -135,7 +144,8 @@ impl PolicyCommands {
                 state,
                 current_definition_hash: current,
                 seen_definition_hash: definition_hash,
-                shown_state,
+                shown,
+                decided_at_position,
             },
         )
         .await
@@ -153,9 +163,9 @@ impl PolicyCommands {
     ) -> Result<Written, PolicyError> {
         self.catch_up().await?;
         self.check_connected(user, server)?;
-        let (mut current_tools, shown_states): (Vec<pb::ToolDefinition>, Vec<_>) =
-            self.read_models.tool_states.read(|states| {
-                states
+        let (mut current_tools, shown, decided_at_position) =
+            self.read_models.tool_states.read_at(|states, position| {
+                let (tools, shown): (Vec<pb::ToolDefinition>, Vec<_>) = states
                     .tools_of(user, server)
                     .map(|view| {
                         let definition = pb::ToolDefinition {
@@ -169,9 +179,14 @@ impl PolicyCommands {
                             }),
                             ..Default::default()
                         };
-                        (definition, (view.name.to_owned(), view.state))
+                        let shown = ShownSetting {
+                            state: view.state,
+                            changed: view.changed,
+                        };
+                        (definition, (view.name.to_owned(), shown))
                     })
-                    .unzip()
+                    .unzip();
+                (tools, shown, position)
             });
         current_tools.sort_by(|a, b| a.name.cmp(&b.name));
         let id = PolicyId {
@@ -185,7 +200,8 @@ impl PolicyCommands {
                 category,
                 state,
                 current_tools,
-                shown_states,
+                shown,
+                decided_at_position,
             },
         )
         .await

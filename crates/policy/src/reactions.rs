@@ -1,13 +1,14 @@
 //! What the policy service does when other aggregates' events arrive: after every
 //! `ToolsDiscovered`, it reconciles the user's settings for that server with the tools the
-//! server offers the user now.
+//! discovery lists; after a `ToolPermissionSet` decided on a view older than a discovery stored
+//! before it, it observes that discovery again (the setting was for what the user saw).
 //!
-//! Idempotent and convergent: the reaction never trusts the tool list *in* the event (an old
-//! event seen again after a restart would undo newer changes), but reads the connection's
-//! current list — the latest `ToolsDiscovered` unless the user disconnected since — and asks
-//! `tool_policy::decide` what that changes. Seeing an event twice, or two processes reacting
-//! to the same event, records the change once: the second decision finds nothing to do (or
-//! loses the expected-version race and then finds nothing to do).
+//! Idempotent and convergent: each discovery is observed with its own tool list, in the log's
+//! order, and what it may change is limited to the tools nothing settled since (a setting the
+//! user decided on a view that included it, an observation of it or of a later discovery), so
+//! an old event seen again after a restart, or by a second process behind the first, takes no
+//! setting back to an older list. Seeing an event twice records the change once: the second
+//! decision finds the tools settled (or loses the expected-version race, and then does).
 //!
 //! Its progress is a checkpoint (the last log position handled), saved every
 //! [`SAVE_EVERY_EVENTS`] events or [`SAVE_EVERY`] after the first unsaved one, and at
@@ -15,16 +16,16 @@
 use std::{sync::Arc, time::Duration};
 
 use domain::{
-    Aggregate, Event, ServerId, UserId,
+    Event, ServerId, UserId,
     tool_policy::{PolicyId, ToolPolicyCommand, ToolPolicyState, decide},
 };
 use eventlog::{
-    EventLog, EventLogError, LogKind, RecordedEvent,
+    AggregateKind, EventLog, EventLogError, LogKind, RecordedEvent, Subject,
     projection::{Checkpoint, CheckpointStore},
 };
 use futures_util::StreamExt;
-use proto::v1::{Envelope, ToolsDiscovered};
-use service_kit::{CommandContext, CommandError, EnvelopeBuilder, execute};
+use proto::v1::{Envelope, ToolPermissionSet, ToolsDiscovered};
+use service_kit::{CommandContext, CommandError, EnvelopeBuilder, execute_with_history};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -193,26 +194,31 @@ impl Follower {
     /// Handles one event, retrying a failed store until it works or the reaction stops;
     /// returns `false` when it stopped first.
     async fn handle(&self, event: &RecordedEvent) -> bool {
-        let Some(Event::ToolsDiscovered(discovered)) = &event.envelope.event else {
-            return true;
-        };
         let mut retry = Duration::from_millis(50);
         loop {
-            match reconcile(
-                self.log.as_ref(),
-                &self.envelopes,
-                discovered,
-                event.sequence,
-                &event.envelope,
-            )
-            .await
-            {
+            let handled = match &event.envelope.event {
+                Some(Event::ToolsDiscovered(discovered)) => {
+                    reconcile(
+                        self.log.as_ref(),
+                        &self.envelopes,
+                        discovered,
+                        event.sequence,
+                        &event.envelope,
+                    )
+                    .await
+                }
+                Some(Event::ToolPermissionSet(set)) => {
+                    recheck_setting(self.log.as_ref(), &self.envelopes, set, event.sequence).await
+                }
+                _ => return true,
+            };
+            match handled {
                 Ok(()) => return true,
                 Err(ReactionFailure::Ignored(reason)) => {
                     tracing::warn!(
                         sequence = event.sequence,
                         %reason,
-                        "policy reaction ignores a ToolsDiscovered it cannot act on"
+                        "policy reaction ignores an event it cannot act on"
                     );
                     return true;
                 }
@@ -274,6 +280,59 @@ impl From<EventLogError> for ReactionFailure {
     }
 }
 
+/// A setting decided on a view older than a discovery that was stored before the setting (a
+/// console's request racing a discovery): that discovery was observed without it, so it is
+/// observed again now — the setting was made for the definition the user saw, and a change
+/// since is recorded as for any other setting. Reads the connection's history, which only a
+/// setting with a discovery between its view and its append costs.
+async fn recheck_setting(
+    log: &dyn EventLog,
+    envelopes: &EnvelopeBuilder,
+    set: &ToolPermissionSet,
+    set_at: u64,
+) -> Result<(), ReactionFailure> {
+    let decided_at = set.decided_at_position;
+    if decided_at == 0 || decided_at + 1 >= set_at {
+        return Ok(()); // an older event, or nothing was stored between its view and it
+    }
+    let user_id =
+        UserId::parse(&set.user_id).map_err(|e| ReactionFailure::Ignored(e.to_string()))?;
+    let server_id =
+        ServerId::parse(&set.server_id).map_err(|e| ReactionFailure::Ignored(e.to_string()))?;
+    let subject = Subject::for_aggregate(
+        AggregateKind::Connection,
+        &[&server_id.to_string(), user_id.key().as_str()],
+    )
+    .map_err(|e| ReactionFailure::Store(e.into()))?;
+    let history = log.read_aggregate(&subject).await?;
+    let missed =
+        history
+            .events
+            .iter()
+            .rev()
+            .find_map(|recorded| match recorded.envelope.event.as_ref() {
+                Some(Event::ToolsDiscovered(discovered))
+                    if recorded.sequence > decided_at && recorded.sequence < set_at =>
+                {
+                    Some((discovered, recorded))
+                }
+                _ => None,
+            });
+    match missed {
+        Some((discovered, recorded)) => {
+            reconcile(
+                log,
+                envelopes,
+                discovered,
+                recorded.sequence,
+                &recorded.envelope,
+            )
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
 /// Brings the settings of the discovery's user for its server in line with the tools it
 /// lists, as of its position in the log (`discovered_at`): each discovery is observed, even
 /// when a later one is stored already (a tool gone and back starts Blocked; a definition
@@ -291,46 +350,31 @@ async fn reconcile(
         .map_err(|e| ReactionFailure::Ignored(e.to_string()))?;
     let id = PolicyId { user_id, server_id };
     let subject = subject_of(&id).map_err(ReactionFailure::Store)?;
-    // The settings as they are now, and which tools were settled since the discovery: set by
-    // the user after it, or changed by the observation of it or of a later one (another
-    // process's reaction may be ahead of this one). A setting that lands between this read
-    // and the decision's own read differs from `read` and is left alone too.
-    let history = log.read_aggregate(&subject).await?;
-    let read = ToolPolicyState::from_events(
-        history
-            .events
-            .iter()
-            .filter_map(|recorded| recorded.envelope.event.as_ref()),
-    );
-    let set_after: Vec<String> = history
-        .events
-        .iter()
-        .flat_map(|recorded| settled_since(recorded, discovered_at))
-        .collect();
     let context = CommandContext::reaction(SERVICE, cause);
-    let written = execute::<ToolPolicyState, _>(log, envelopes, &subject, &context, |state| {
-        let mut set_since = set_after.clone();
-        set_since.extend(
-            state
-                .settings()
-                .filter(|(tool, setting)| read.setting(tool) != Some(*setting))
-                .map(|(tool, _)| tool.to_owned()),
-        );
-        set_since.extend(
-            read.settings()
-                .filter(|(tool, _)| state.setting(tool).is_none())
-                .map(|(tool, _)| tool.to_owned()),
-        );
-        decide(
-            state,
-            &id,
-            ToolPolicyCommand::ObserveDefinitions {
-                current_tools: discovered.tools.clone(),
-                observed_position: discovered_at,
-                set_since,
-            },
-        )
-    })
+    // Which tools were settled since the discovery is read from the same history the decision
+    // folds, and the append expects that history's version: a setting that lands in between
+    // makes the append conflict, and the next attempt sees it.
+    let written = execute_with_history::<ToolPolicyState, _>(
+        log,
+        envelopes,
+        &subject,
+        &context,
+        |state, history| {
+            let set_since = history
+                .iter()
+                .flat_map(|recorded| settled_since(recorded, discovered_at))
+                .collect();
+            decide(
+                state,
+                &id,
+                ToolPolicyCommand::ObserveDefinitions {
+                    current_tools: discovered.tools.clone(),
+                    observed_position: discovered_at,
+                    set_since,
+                },
+            )
+        },
+    )
     .await;
     match written {
         Ok(_) => Ok(()),
@@ -340,22 +384,26 @@ async fn reconcile(
 }
 
 /// The tools a policy event settled since the discovery at `discovered_at`: a user's setting
-/// made after it, or an observation of it or of a later discovery. Observations recorded
-/// before the position was (0) do not count: observing again changes nothing where the
-/// definitions agree.
+/// decided on a view that included it, or an observation of it or of a later discovery.
+/// Events recorded before they carried those positions (0) count by their own place in the
+/// log: an observation then always read the latest list, and a setting was decided on a view
+/// at most as new as its append.
 fn settled_since(recorded: &RecordedEvent, discovered_at: u64) -> Vec<String> {
+    let since = |position: u64| {
+        if position == 0 {
+            recorded.sequence > discovered_at
+        } else {
+            position >= discovered_at
+        }
+    };
     match recorded.envelope.event.as_ref() {
-        Some(Event::ToolPermissionSet(set)) if recorded.sequence > discovered_at => {
+        Some(Event::ToolPermissionSet(set)) if since(set.decided_at_position) => {
             vec![set.tool_name.clone()]
         }
-        Some(Event::ToolDefinitionChanged(changed))
-            if changed.observed_position >= discovered_at =>
-        {
+        Some(Event::ToolDefinitionChanged(changed)) if since(changed.observed_position) => {
             vec![changed.tool_name.clone()]
         }
-        Some(Event::ToolPermissionsCleared(cleared))
-            if cleared.observed_position >= discovered_at =>
-        {
+        Some(Event::ToolPermissionsCleared(cleared)) if since(cleared.observed_position) => {
             cleared.tool_names.clone()
         }
         _ => Vec::new(),

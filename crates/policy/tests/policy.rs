@@ -231,6 +231,28 @@ impl Harness {
         Ok(())
     }
 
+    /// Appends a policy event as some writer would (another version, a racing console).
+    async fn record_policy_event(&self, user: &UserId, server: ServerId, event: Event) {
+        let subject = Subject::for_aggregate(
+            AggregateKind::Policy,
+            &[user.key().as_str(), &server.to_string()],
+        )
+        .expect("subject");
+        let context = CommandContext::user(user.clone(), "seed");
+        self.log
+            .append(
+                &subject,
+                ExpectedVersion::Any,
+                &self.envelopes.wrap(&context, vec![event]),
+            )
+            .await
+            .expect("append");
+    }
+
+    async fn config_end(&self) -> u64 {
+        self.log.last_sequence(LogKind::Config).await.expect("end")
+    }
+
     async fn events_of(&self, user: &UserId, server: ServerId) -> Vec<Event> {
         let subject = Subject::for_aggregate(
             AggregateKind::Policy,
@@ -743,6 +765,148 @@ async fn a_late_reaction_observes_every_discovery(store: Store) {
         h.state(&alice, server, "search"),
         Some((ToolState::AlwaysAllow, false))
     );
+}
+
+/// A console decided on a view taken before a discovery that changed the tool, and its
+/// setting was appended after that discovery: the setting is for the definition the user saw,
+/// so the discovery's change is still recorded.
+async fn a_setting_decided_before_a_discovery_does_not_stand_for_it(store: Store) {
+    let h = Harness::start(store).await;
+    let server = h.add_server("GitHub").await;
+    let alice = user("alice@example.com");
+    h.connect(&alice, server, &tools()).await;
+    let seen = h.config_end().await;
+    let mut redefined = tools();
+    redefined[0] = tool("search", "Redefined", Some(true));
+    h.discover(&alice, server, &redefined).await;
+    assert_eq!(count_changes(&h.events_of(&alice, server).await), 0);
+    h.record_policy_event(
+        &alice,
+        server,
+        Event::ToolPermissionSet(pb::ToolPermissionSet {
+            user_id: alice.as_str().into(),
+            server_id: server.to_string(),
+            tool_name: "search".into(),
+            state: pb::ToolState::AlwaysAllow as i32,
+            definition_hash: tools()[0].definition_hash.clone(),
+            previous_state: pb::ToolState::Blocked as i32,
+            decided_at_position: seen,
+            ..Default::default()
+        }),
+    )
+    .await;
+    // The reaction observed the discovery before the setting was stored; it observes it again.
+    h.settle().await;
+    let events = h.events_of(&alice, server).await;
+    assert!(
+        events.iter().any(|e| matches!(e,
+            Event::ToolDefinitionChanged(c)
+                if c.tool_name == "search"
+                    && c.definition_hash == redefined[0].definition_hash
+                    && c.state == pb::ToolState::NeedsApproval as i32)),
+        "{events:?}"
+    );
+    assert_eq!(
+        h.state(&alice, server, "search"),
+        Some((ToolState::NeedsApproval, true))
+    );
+    // A setting decided on a view that included the discovery stands.
+    h.set(&alice, server, "search", ToolState::AlwaysAllow, None)
+        .await
+        .expect("set");
+    h.settle().await;
+    assert_eq!(
+        h.state(&alice, server, "search"),
+        Some((ToolState::AlwaysAllow, false))
+    );
+    assert_eq!(count_changes(&h.events_of(&alice, server).await), 1);
+}
+
+#[tokio::test]
+async fn a_setting_decided_before_a_discovery_does_not_stand_for_it_on_jsonl() {
+    a_setting_decided_before_a_discovery_does_not_stand_for_it(Store::Jsonl).await;
+}
+
+#[tokio::test]
+async fn a_setting_decided_before_a_discovery_does_not_stand_for_it_on_jetstream() {
+    a_setting_decided_before_a_discovery_does_not_stand_for_it(Store::JetStream).await;
+}
+
+/// A log written by a version whose observations did not record their discovery's position
+/// (0), read again from the start by this one (a lost checkpoint): nothing is recorded twice.
+async fn observations_of_an_older_version_are_not_made_again(store: Store) {
+    let mut h = Harness::start(store).await;
+    let server = h.add_server("GitHub").await;
+    let alice = user("alice@example.com");
+    h.reaction.take().expect("running").shutdown().await;
+    h.connect(&alice, server, &tools()).await;
+    let original = tools()[0].definition_hash.clone();
+    h.record_policy_event(
+        &alice,
+        server,
+        Event::ToolPermissionSet(pb::ToolPermissionSet {
+            user_id: alice.as_str().into(),
+            server_id: server.to_string(),
+            tool_name: "search".into(),
+            state: pb::ToolState::AlwaysAllow as i32,
+            definition_hash: original.clone(),
+            previous_state: pb::ToolState::Blocked as i32,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let mut redefined = tools();
+    redefined[0] = tool("search", "Redefined", Some(true));
+    let changed = redefined[0].definition_hash.clone();
+    // The older version observed each discovery with the latest list, recording no position.
+    for (list, previous, hash, previous_state) in [
+        (&redefined, &original, &changed, pb::ToolState::AlwaysAllow),
+        (&tools(), &changed, &original, pb::ToolState::NeedsApproval),
+    ] {
+        h.discover(&alice, server, list).await;
+        h.record_policy_event(
+            &alice,
+            server,
+            Event::ToolDefinitionChanged(pb::ToolDefinitionChanged {
+                user_id: alice.as_str().into(),
+                server_id: server.to_string(),
+                tool_name: "search".into(),
+                previous_definition_hash: previous.clone(),
+                definition_hash: hash.clone(),
+                previous_state: previous_state as i32,
+                state: pb::ToolState::NeedsApproval as i32,
+                observed_position: 0,
+            }),
+        )
+        .await;
+    }
+    let before = h.events_of(&alice, server).await;
+    assert_eq!(count_changes(&before), 2);
+    h.reaction = Some(
+        DefinitionChanges::start(h.log.clone(), h.checkpoints.clone(), h.envelopes.clone())
+            .await
+            .expect("start from zero"),
+    );
+    h.settle().await;
+    assert_eq!(
+        h.events_of(&alice, server).await,
+        before,
+        "nothing recorded again"
+    );
+    assert_eq!(
+        h.state(&alice, server, "search"),
+        Some((ToolState::NeedsApproval, true))
+    );
+}
+
+#[tokio::test]
+async fn observations_of_an_older_version_are_not_made_again_on_jsonl() {
+    observations_of_an_older_version_are_not_made_again(Store::Jsonl).await;
+}
+
+#[tokio::test]
+async fn observations_of_an_older_version_are_not_made_again_on_jetstream() {
+    observations_of_an_older_version_are_not_made_again(Store::JetStream).await;
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The command path: load → decide → append with the loaded version; on a conflict, reload and
 //! decide again, a bounded number of times.
 use domain::{Aggregate, DomainError, Event};
-use eventlog::{EventLog, ExpectedVersion, LogKind, Subject};
+use eventlog::{EventLog, ExpectedVersion, LogKind, RecordedEvent, Subject};
 
 use crate::{CommandContext, CommandError, EnvelopeBuilder};
 
@@ -41,6 +41,23 @@ where
     S: Aggregate,
     D: FnMut(&S) -> Result<Vec<Event>, DomainError>,
 {
+    execute_with_history::<S, _>(log, envelopes, subject, context, |state, _| decide(state)).await
+}
+
+/// [`execute`] for a decision that also needs the recorded events it was folded from (their
+/// log positions, say): `decide` gets the state and those events of the same read, so what it
+/// concludes from either holds for the version the append expects.
+pub async fn execute_with_history<S, D>(
+    log: &dyn EventLog,
+    envelopes: &EnvelopeBuilder,
+    subject: &Subject,
+    context: &CommandContext,
+    mut decide: D,
+) -> Result<Written, CommandError>
+where
+    S: Aggregate,
+    D: FnMut(&S, &[RecordedEvent]) -> Result<Vec<Event>, DomainError>,
+{
     let mut attempts = 0;
     loop {
         let history = log.read_aggregate(subject).await?;
@@ -50,7 +67,7 @@ where
                 .iter()
                 .filter_map(|e| e.envelope.event.as_ref()),
         );
-        let events = decide(&state)?;
+        let events = decide(&state, &history.events)?;
         if events.is_empty() {
             return Ok(Written {
                 log: subject.log(),

@@ -19,7 +19,7 @@ mod read_models;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use envelope::{Actor, CommandContext, EnvelopeBuilder};
 pub use error::CommandError;
-pub use execute::{MAX_CONFLICT_RETRIES, Written, execute};
+pub use execute::{MAX_CONFLICT_RETRIES, Written, execute, execute_with_history};
 pub use read_models::{
     ProjectionStatus, ReadModelSettings, ReadModels, connection_directory_spec,
     open_invocations_spec, server_directory_spec, tool_states_spec,

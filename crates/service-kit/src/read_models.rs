@@ -19,8 +19,7 @@ use crate::Written;
 /// The server list: every server that exists, by id and slug.
 pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
     ProjectionSpec {
-        // Bump the suffix when the snapshot's shape or its fold changes (v3: each discovery
-        // applies to the settings).
+        // Bump the suffix when the snapshot's shape or its fold changes.
         name: "server_directory_v2",
         log: LogKind::Config,
         filter: None,
@@ -35,11 +34,13 @@ pub fn server_directory_spec() -> ProjectionSpec<ServerDirectory> {
 pub fn tool_states_spec() -> ProjectionSpec<ToolStates> {
     ProjectionSpec {
         // Bump the suffix when the snapshot's shape or its fold changes (v3: each discovery
-        // applies to the settings).
-        name: "tool_states_v3",
+        // applies to the settings; v4: an observation of an older discovery is folded in).
+        name: "tool_states_v4",
         log: LogKind::Config,
         filter: None,
-        apply: |states: &mut ToolStates, event: &RecordedEvent| states.apply(&event.envelope),
+        apply: |states: &mut ToolStates, event: &RecordedEvent| {
+            states.apply(&event.envelope, event.sequence)
+        },
         rewind: None,
     }
 }

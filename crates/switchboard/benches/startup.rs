@@ -342,7 +342,7 @@ fn main() {
                 if let Ok(store) = js.get_key_value(&bucket).await {
                     for name in [
                         "server_directory_v2",
-                        "tool_states_v3",
+                        "tool_states_v4",
                         "connection_directory_v1",
                         "open_invocations_v2",
                         policy::REACTION_NAME,

@@ -192,6 +192,10 @@ struct UserServer {
     connected: bool,
     /// Sorted by `name`.
     slots: Vec<Slot>,
+    /// The log position of the last discovery folded (0: none, or folded without positions).
+    /// The policy service's observation of an older one is already folded in.
+    #[serde(default)]
+    discovered_at: u64,
 }
 
 impl UserServer {
@@ -271,14 +275,16 @@ impl std::fmt::Debug for ToolStates {
 }
 
 impl ToolStates {
-    /// Folds one event in; events it does not use are ignored.
-    pub fn apply(&mut self, envelope: &Envelope) {
+    /// Folds in the event at `sequence` in the configuration log; events it does not use are
+    /// ignored.
+    pub fn apply(&mut self, envelope: &Envelope, sequence: u64) {
         if let Some(event) = &envelope.event {
-            self.apply_event(event);
+            self.apply_event(event, sequence);
         }
     }
 
-    pub fn apply_event(&mut self, event: &Event) {
+    /// [`ToolStates::apply`] for a bare event.
+    pub fn apply_event(&mut self, event: &Event, sequence: u64) {
         match event {
             Event::ServerAdded(added) => {
                 let slug = Slug::parse(&added.slug)
@@ -315,7 +321,7 @@ impl ToolStates {
                     pair.slots.retain(|slot| !slot.is_empty());
                 }
             }
-            Event::ToolsDiscovered(e) => self.discovered(e),
+            Event::ToolsDiscovered(e) => self.discovered(e, sequence),
             Event::ToolPermissionSet(e) => self.set(
                 &e.user_id,
                 &e.server_id,
@@ -324,15 +330,23 @@ impl ToolStates {
                 e.state,
                 false,
             ),
-            Event::ToolDefinitionChanged(e) => self.set(
-                &e.user_id,
-                &e.server_id,
-                &e.tool_name,
-                &e.definition_hash,
-                e.state,
-                true,
-            ),
+            Event::ToolDefinitionChanged(e) => {
+                if self.observes_an_older_discovery(&e.user_id, &e.server_id, e.observed_position) {
+                    return;
+                }
+                self.set(
+                    &e.user_id,
+                    &e.server_id,
+                    &e.tool_name,
+                    &e.definition_hash,
+                    e.state,
+                    true,
+                );
+            }
             Event::ToolPermissionsCleared(e) => {
+                if self.observes_an_older_discovery(&e.user_id, &e.server_id, e.observed_position) {
+                    return;
+                }
                 let names: Vec<u32> = e
                     .tool_names
                     .iter()
@@ -353,6 +367,29 @@ impl ToolStates {
             }
             _ => {}
         }
+    }
+
+    /// Whether an observation of the discovery at `observed_position` comes after a later
+    /// discovery of the same user and server was folded. Each discovery is folded into the
+    /// settings as the policy service's observation of it records them, so the observation
+    /// is in already; applied now it would set a tool as that older list had it (a tool gone
+    /// and back would read Needs approval until the next observation clears it).
+    fn observes_an_older_discovery(
+        &self,
+        user: &str,
+        server: &str,
+        observed_position: u64,
+    ) -> bool {
+        if observed_position == 0 {
+            return false; // recorded before observations carried their discovery's position
+        }
+        let Some(server) = self.server(server) else {
+            return false;
+        };
+        self.users
+            .get(user)
+            .and_then(|pairs| pairs.iter().find(|(s, _)| *s == server))
+            .is_some_and(|(_, pair)| observed_position < pair.discovered_at)
     }
 
     fn server(&self, id: &str) -> Option<u32> {
@@ -420,7 +457,7 @@ impl ToolStates {
         slot.changed = changed;
     }
 
-    fn discovered(&mut self, e: &proto::v1::ToolsDiscovered) {
+    fn discovered(&mut self, e: &proto::v1::ToolsDiscovered, sequence: u64) {
         let Some(server) = self.server_mut_or_new(&e.server_id) else {
             return;
         };
@@ -463,6 +500,7 @@ impl ToolStates {
         let Some(pair) = self.pair_or_new(&e.user_id, &e.server_id) else {
             return;
         };
+        pair.discovered_at = pair.discovered_at.max(sequence);
         // The settings follow this discovery as the policy service's reaction to it records
         // them (`tool_policy`'s `ObserveDefinitions`), ahead of that reaction, which may
         // lag: a setting for another definition drops from Always allow to Needs approval,
@@ -833,10 +871,11 @@ mod tests {
         })
     }
 
+    /// The events folded at positions 1, 2, …
     fn states(events: impl IntoIterator<Item = Event>) -> ToolStates {
         let mut states = ToolStates::default();
-        for event in events {
-            states.apply_event(&event);
+        for (event, sequence) in events.into_iter().zip(1..) {
+            states.apply_event(&event, sequence);
         }
         states
     }
@@ -921,20 +960,26 @@ mod tests {
             (ToolState::NeedsApproval, true, "s2")
         );
         // The policy service records the change: same answer.
-        states.apply_event(&Event::ToolDefinitionChanged(pb::ToolDefinitionChanged {
-            user_id: "alice".into(),
-            server_id: SERVER.into(),
-            tool_name: "search".into(),
-            previous_definition_hash: "s1".into(),
-            definition_hash: "s2".into(),
-            previous_state: pb::ToolState::AlwaysAllow as i32,
-            state: pb::ToolState::NeedsApproval as i32,
-            observed_position: 4,
-        }));
+        states.apply_event(
+            &Event::ToolDefinitionChanged(pb::ToolDefinitionChanged {
+                user_id: "alice".into(),
+                server_id: SERVER.into(),
+                tool_name: "search".into(),
+                previous_definition_hash: "s1".into(),
+                definition_hash: "s2".into(),
+                previous_state: pb::ToolState::AlwaysAllow as i32,
+                state: pb::ToolState::NeedsApproval as i32,
+                observed_position: 5,
+            }),
+            6,
+        );
         let view = states.tool(&alice, server(), "search").expect("search");
         assert_eq!((view.state, view.changed), (ToolState::NeedsApproval, true));
         // The user sets it again: the flag goes.
-        states.apply_event(&permission("alice", "search", ToolState::AlwaysAllow, "s2"));
+        states.apply_event(
+            &permission("alice", "search", ToolState::AlwaysAllow, "s2"),
+            7,
+        );
         let view = states.tool(&alice, server(), "search").expect("search");
         assert_eq!((view.state, view.changed), (ToolState::AlwaysAllow, false));
     }
@@ -965,7 +1010,7 @@ mod tests {
             established("alice", SERVER),
             discovered("alice", SERVER, vec![tool("search", "s1", true)]),
         ] {
-            states.apply_event(&event);
+            states.apply_event(&event, 9);
         }
         assert_eq!(
             states.state_of(&alice, server(), "search"),
@@ -983,17 +1028,23 @@ mod tests {
         let mut states = states(events);
         let alice = user("alice");
         assert_eq!(states.state_of(&alice, server(), "search"), None);
-        states.apply_event(&Event::ToolPermissionsCleared(pb::ToolPermissionsCleared {
-            user_id: "alice".into(),
-            server_id: SERVER.into(),
-            tool_names: vec!["search".into()],
-            ..Default::default()
-        }));
-        states.apply_event(&discovered(
-            "alice",
-            SERVER,
-            vec![tool("search", "s1", true), tool("delete_repo", "d1", false)],
-        ));
+        states.apply_event(
+            &Event::ToolPermissionsCleared(pb::ToolPermissionsCleared {
+                user_id: "alice".into(),
+                server_id: SERVER.into(),
+                tool_names: vec!["search".into()],
+                ..Default::default()
+            }),
+            10,
+        );
+        states.apply_event(
+            &discovered(
+                "alice",
+                SERVER,
+                vec![tool("search", "s1", true), tool("delete_repo", "d1", false)],
+            ),
+            11,
+        );
         assert_eq!(
             states.state_of(&alice, server(), "search"),
             Some(ToolState::Blocked)
@@ -1030,6 +1081,70 @@ mod tests {
             (ToolState::NeedsApproval, true, "d1"),
             "changed and changed back: Needs approval until the user sets it again"
         );
+    }
+
+    /// The policy service's observations arrive after the discoveries they observed, and a
+    /// lagging one after a later discovery: that one is folded in already.
+    #[test]
+    fn an_observation_of_an_older_discovery_takes_no_tool_back_to_that_list() {
+        let mut events = connected_alice();
+        events.extend([
+            permission("alice", "search", ToolState::AlwaysAllow, "s1"), // 4
+            discovered("alice", SERVER, vec![tool("search", "s2", true)]), // 5
+            discovered("alice", SERVER, vec![tool("delete_repo", "d1", false)]), // 6
+            discovered("alice", SERVER, vec![tool("search", "s2", true)]), // 7
+            Event::ToolDefinitionChanged(pb::ToolDefinitionChanged {
+                user_id: "alice".into(),
+                server_id: SERVER.into(),
+                tool_name: "search".into(),
+                previous_definition_hash: "s1".into(),
+                definition_hash: "s2".into(),
+                previous_state: pb::ToolState::AlwaysAllow as i32,
+                state: pb::ToolState::NeedsApproval as i32,
+                observed_position: 5,
+            }), // 8
+        ]);
+        let mut states = states(events);
+        let alice = user("alice");
+        assert_eq!(
+            states.state_of(&alice, server(), "search"),
+            Some(ToolState::Blocked),
+            "gone at 6 and back at 7: Blocked, whatever the observation of 5 says"
+        );
+        states.apply_event(
+            &Event::ToolPermissionsCleared(pb::ToolPermissionsCleared {
+                user_id: "alice".into(),
+                server_id: SERVER.into(),
+                tool_names: vec!["search".into()],
+                observed_position: 6,
+                ..Default::default()
+            }),
+            9,
+        );
+        states.apply_event(
+            &permission("alice", "search", ToolState::AlwaysAllow, "s2"),
+            10,
+        );
+        assert_eq!(
+            states.state_of(&alice, server(), "search"),
+            Some(ToolState::AlwaysAllow)
+        );
+        // An observation of the latest discovery is folded as before.
+        states.apply_event(
+            &Event::ToolDefinitionChanged(pb::ToolDefinitionChanged {
+                user_id: "alice".into(),
+                server_id: SERVER.into(),
+                tool_name: "search".into(),
+                previous_definition_hash: "s2".into(),
+                definition_hash: "s2".into(),
+                previous_state: pb::ToolState::AlwaysAllow as i32,
+                state: pb::ToolState::NeedsApproval as i32,
+                observed_position: 7,
+            }),
+            11,
+        );
+        let view = states.tool(&alice, server(), "search").expect("search");
+        assert_eq!((view.state, view.changed), (ToolState::NeedsApproval, true));
     }
 
     #[test]
@@ -1075,11 +1190,14 @@ mod tests {
             None
         );
 
-        states.apply_event(&Event::ServerUpdated(pb::ServerUpdated {
-            server_id: OTHER_SERVER.into(),
-            slug: Some("tracker".into()),
-            ..Default::default()
-        }));
+        states.apply_event(
+            &Event::ServerUpdated(pb::ServerUpdated {
+                server_id: OTHER_SERVER.into(),
+                slug: Some("tracker".into()),
+                ..Default::default()
+            }),
+            20,
+        );
         assert_eq!(states.resolve_exposed(&alice, "jira__files_read"), None);
         assert_eq!(
             states
@@ -1087,10 +1205,13 @@ mod tests {
                 .map(|t| t.name),
             Some("files_read")
         );
-        states.apply_event(&Event::ServerDeleted(pb::ServerDeleted {
-            server_id: OTHER_SERVER.into(),
-            ..Default::default()
-        }));
+        states.apply_event(
+            &Event::ServerDeleted(pb::ServerDeleted {
+                server_id: OTHER_SERVER.into(),
+                ..Default::default()
+            }),
+            21,
+        );
         assert_eq!(states.resolve_exposed(&alice, "tracker__files_read"), None);
         assert_eq!(states.tools_of(&alice, jira).count(), 0);
         assert_eq!(states.all_tools_of(&alice).count(), 2);
