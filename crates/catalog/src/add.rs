@@ -118,6 +118,15 @@ impl ServerChangeError {
             ServerChangeError::Command(_) => "command_failed",
         }
     }
+
+    /// Whether the change certainly recorded nothing: every refusal but a store failure whose
+    /// append may have been stored.
+    fn nothing_recorded(&self) -> bool {
+        match self {
+            ServerChangeError::Command(error) => error.nothing_stored(),
+            _ => true,
+        }
+    }
 }
 
 /// Longest client secret accepted (providers' are well under 100 characters).
@@ -252,10 +261,16 @@ impl ServerCommands {
         let scopes: Vec<&str> = found.scopes.iter().map(String::as_str).collect();
         // The settings are checked before a client is registered or a secret stored, so that
         // a refusal leaves nothing behind (scopes the server advertises may be unusable).
+        // Without a way to register, the admin needs the redirect URL before anything else.
         let planned_mode = match found.registration {
             RegistrationPlan::Preconfigured => RegistrationMode::Preconfigured,
             RegistrationPlan::ClientMetadataDocument => RegistrationMode::ClientMetadataDocument,
-            _ => RegistrationMode::DynamicRegistration,
+            RegistrationPlan::DynamicRegistration => RegistrationMode::DynamicRegistration,
+            RegistrationPlan::ManualCredentialsRequired => {
+                return Err(ServerChangeError::ManualCredentialsRequired {
+                    redirect_url: self.oauth.redirect_url_of(&found),
+                });
+            }
         };
         let oauth = OAuthSettings::new(
             &found.scopes,
@@ -265,18 +280,18 @@ impl ServerCommands {
                 .filter(|_| planned_mode == RegistrationMode::Preconfigured)
                 .map(ClientId::as_str),
         )?;
-        let (mode, client_id, secret) = match found.registration {
-            RegistrationPlan::Preconfigured => (
+        let (mode, client_id, secret) = match planned_mode {
+            RegistrationMode::Preconfigured => (
                 RegistrationMode::Preconfigured,
                 client_id.ok_or(ServerChangeError::SecretWithoutClientId)?,
                 client_secret,
             ),
-            RegistrationPlan::ClientMetadataDocument => (
+            RegistrationMode::ClientMetadataDocument => (
                 RegistrationMode::ClientMetadataDocument,
                 ClientId::parse(&self.oauth.client_metadata_url)?,
                 None,
             ),
-            RegistrationPlan::DynamicRegistration => {
+            RegistrationMode::DynamicRegistration => {
                 let registered = manager
                     .register_client(
                         &self.oauth.client_name,
@@ -292,11 +307,6 @@ impl ServerCommands {
                     ClientId::parse(&registered.client_id)?,
                     registered.client_secret,
                 )
-            }
-            RegistrationPlan::ManualCredentialsRequired => {
-                return Err(ServerChangeError::ManualCredentialsRequired {
-                    redirect_url: self.oauth.redirect_url_of(&found),
-                });
             }
         };
         let auth_method = match target.preregistered_auth_method {
@@ -328,11 +338,11 @@ impl ServerCommands {
                 auth_method,
             )
             .await;
-        if added.is_err()
-            && let Some(stored) = stored_secret
-        {
-            // No event names it: it must not outlive the refusal.
-            self.forget_secret(&stored).await;
+        if let (Err(error), Some(stored)) = (&added, stored_secret) {
+            // No event names it: it must not outlive the refusal. When the store failed
+            // mid-append the event may name it, so it stays.
+            self.forget_unreferenced_secret(&stored, error.nothing_recorded())
+                .await;
         }
         let written = added?;
         tracing::info!(server = %id, issuer = %found.issuer, mode = mode.as_str(), "server added");
@@ -375,6 +385,9 @@ impl ServerCommands {
                 code_challenge_methods_supported: found.code_challenge_methods_supported.clone(),
                 authorization_response_iss_parameter_supported: found
                     .authorization_response_iss_parameter_supported,
+                token_endpoint_auth_methods_supported: found
+                    .token_endpoint_auth_methods_supported
+                    .clone(),
             },
             resource: found.resource.clone(),
             token_endpoint_auth_method: auth_method.to_owned(),
@@ -432,14 +445,13 @@ impl ServerCommands {
         let client_secret = checked_client_secret(input.client_secret)?;
         let credentials = client_id.is_some() || client_secret.is_some();
         // A client added without a secret sends none; given one, it authenticates the way its
-        // provider documents, else with HTTP Basic (RFC 6749 §2.3.1's must-support).
+        // provider documents, else as its authorization server publishes (the domain decides).
         let auth_method_with_secret = self
             .read_models
             .servers
             .read(|d| d.get(id).map(|server| server.catalog_entry_id.clone()))
             .and_then(|template| self.catalog.get(&template))
-            .and_then(|template| template.preregistered_auth_method)
-            .unwrap_or("client_secret_basic");
+            .and_then(|template| template.preregistered_auth_method);
         let new_secret = match client_secret {
             Some(secret) => {
                 let name = format!("server/{id}/client_secret/{}", uuid::Uuid::now_v7());
@@ -483,14 +495,34 @@ impl ServerCommands {
         )
         .await;
         // The entry no longer (or never) referenced by an event goes.
-        let unreferenced = match &result {
-            Ok(_) => replaced_secret,
-            Err(_) => new_secret.map(|r| r.as_str().to_owned()),
-        };
-        if let Some(name) = unreferenced {
-            self.forget_secret(&name).await;
+        match &result {
+            Ok(_) => {
+                if let Some(name) = replaced_secret {
+                    self.forget_secret(&name).await;
+                }
+            }
+            Err(error) => {
+                if let Some(name) = new_secret {
+                    self.forget_unreferenced_secret(name.as_str(), error.nothing_stored())
+                        .await;
+                }
+            }
         }
         Ok(result?)
+    }
+
+    /// Removes the vault entry a failed change stored, unless the change may have been
+    /// recorded after all (its events would name a secret that is gone); then it stays, and
+    /// the log says so.
+    async fn forget_unreferenced_secret(&self, name: &str, nothing_recorded: bool) {
+        if nothing_recorded {
+            self.forget_secret(name).await;
+        } else {
+            tracing::warn!(
+                entry = name,
+                "the event store failed mid-append; the client secret stays in the vault in case the change was stored"
+            );
+        }
     }
 
     async fn forget_secret(&self, name: &str) {

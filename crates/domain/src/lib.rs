@@ -69,7 +69,7 @@ pub use ids::{InvocationId, ServerId, UserId, UserKey};
 pub use names::{ExposedToolMap, ExposedToolName, ServerDescription, ServerName, Slug, ToolName};
 pub use oauth::{
     AuthorizationServer, CallbackKey, ClientId, OAuthSettings, RegistrationMode, SecretRef,
-    TokenFingerprint,
+    TokenFingerprint, client_authentication_method,
 };
 pub use projections::{
     CLAIM_WINDOW, OpenInvocation, OpenInvocations, OpenStatus, ServerDirectory, ToolStates,

@@ -275,6 +275,22 @@ pub struct AuthorizationServer {
     pub scopes_supported: Vec<String>,
     pub code_challenge_methods_supported: Vec<String>,
     pub authorization_response_iss_parameter_supported: bool,
+    pub token_endpoint_auth_methods_supported: Vec<String>,
+}
+
+/// How a client with (or without) a secret authenticates at an authorization server that
+/// publishes `supported` (RFC 8414 `token_endpoint_auth_methods_supported`): `none` without
+/// a secret; with one, `client_secret_basic` (the RFC 7591 default, and what RFC 6749 §2.3.1
+/// says every server must support) unless the server publishes only `client_secret_post`.
+pub fn client_authentication_method(supported: &[String], has_secret: bool) -> &'static str {
+    let supports = |method: &str| supported.iter().any(|s| s == method);
+    if !has_secret {
+        "none"
+    } else if supports("client_secret_post") && !supports("client_secret_basic") {
+        "client_secret_post"
+    } else {
+        "client_secret_basic"
+    }
 }
 
 impl AuthorizationServer {
@@ -294,6 +310,9 @@ impl AuthorizationServer {
             code_challenge_methods_supported: self.code_challenge_methods_supported.clone(),
             authorization_response_iss_parameter_supported: self
                 .authorization_response_iss_parameter_supported,
+            token_endpoint_auth_methods_supported: self
+                .token_endpoint_auth_methods_supported
+                .clone(),
         }
     }
 }

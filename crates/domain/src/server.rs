@@ -124,8 +124,9 @@ pub enum ServerCommand {
         client_id: Option<ClientId>,
         client_secret_ref: Option<SecretRef>,
         /// How the client authenticates once it has a secret, for a client registered
-        /// without one (`none`): a secret is no use unless it is sent.
-        auth_method_with_secret: &'static str,
+        /// without one (`none`): the provider's documented method (a catalog template's), or
+        /// `None` to choose from what the authorization server publishes.
+        auth_method_with_secret: Option<&'static str>,
     },
 }
 
@@ -317,7 +318,7 @@ fn replace_client_credentials(
     server_id: String,
     client_id: Option<ClientId>,
     client_secret_ref: Option<SecretRef>,
-    auth_method_with_secret: &str,
+    auth_method_with_secret: Option<&'static str>,
 ) -> Result<Vec<Event>, DomainError> {
     let current = state
         .client
@@ -330,8 +331,18 @@ fn replace_client_credentials(
     }
     if let Some(secret_ref) = client_secret_ref {
         registered.client_secret_ref = secret_ref.as_str().to_owned();
-        if registered.token_endpoint_auth_method == "none" {
-            registered.token_endpoint_auth_method = auth_method_with_secret.to_owned();
+        // A client registered without a secret sends none (`none`, or empty in events that
+        // left the default): a secret is no use unless it is sent.
+        if matches!(registered.token_endpoint_auth_method.as_str(), "none" | "") {
+            let published = registered
+                .authorization_server
+                .as_ref()
+                .map_or(&[][..], |server| {
+                    &server.token_endpoint_auth_methods_supported[..]
+                });
+            registered.token_endpoint_auth_method = auth_method_with_secret
+                .unwrap_or_else(|| crate::client_authentication_method(published, true))
+                .to_owned();
         }
     }
     let mut events = Vec::new();
@@ -702,7 +713,7 @@ mod tests {
             ServerCommand::ReplaceClientCredentials {
                 client_id: None,
                 client_secret_ref: None,
-                auth_method_with_secret: "client_secret_basic",
+                auth_method_with_secret: None,
             },
         ] {
             Scenario::<ServerState>::given(history.clone())
@@ -727,6 +738,7 @@ mod tests {
                 scopes_supported: vec!["repo".into()],
                 code_challenge_methods_supported: vec!["S256".into()],
                 authorization_response_iss_parameter_supported: false,
+                token_endpoint_auth_methods_supported: vec![],
             },
             resource: "https://api.githubcopilot.com/mcp".into(),
             token_endpoint_auth_method: "client_secret_basic".into(),
@@ -763,6 +775,69 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_given_to_a_client_without_one_is_sent_as_its_server_publishes() {
+        let id = ServerId::new();
+        let given = |method: &str, published: &[&str]| {
+            let mut registration = registration();
+            registration.registration_mode = RegistrationMode::Preconfigured;
+            registration.client_secret_ref = None;
+            registration.token_endpoint_auth_method = method.into();
+            registration
+                .authorization_server
+                .token_endpoint_auth_methods_supported =
+                published.iter().map(|m| (*m).to_owned()).collect();
+            let mut history = vec![added(id, "GitHub", "github")];
+            history.extend(
+                decide(
+                    &ServerState::from_events(&history),
+                    id,
+                    ServerCommand::RecordClientRegistration(Box::new(registration)),
+                    &no_directory(),
+                )
+                .unwrap(),
+            );
+            history
+        };
+        let method_after = |history: Vec<Event>, template: Option<&'static str>| {
+            let command = ServerCommand::ReplaceClientCredentials {
+                client_id: None,
+                client_secret_ref: Some(SecretRef::parse("server/x/2").unwrap()),
+                auth_method_with_secret: template,
+            };
+            let (events, _) = Scenario::<ServerState>::given(history)
+                .when(|s| decide(s, id, command, &no_directory()))
+                .then_events();
+            match events.as_slice() {
+                [Event::ServerClientRegistered(registered)] => {
+                    registered.token_endpoint_auth_method.clone()
+                }
+                other => panic!("expected one ServerClientRegistered, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            method_after(given("none", &["client_secret_post"]), None),
+            "client_secret_post"
+        );
+        assert_eq!(
+            method_after(given("", &["client_secret_post", "none"]), None),
+            "client_secret_post",
+            "an empty method is a client without a secret too"
+        );
+        assert_eq!(
+            method_after(given("none", &[]), None),
+            "client_secret_basic"
+        );
+        assert_eq!(
+            method_after(
+                given("none", &["client_secret_post"]),
+                Some("client_secret_basic")
+            ),
+            "client_secret_basic",
+            "the provider's documented method wins"
+        );
+    }
+
+    #[test]
     fn only_a_pre_registered_clients_credentials_are_replaced() {
         let id = ServerId::new();
         let registered = |mode: RegistrationMode| {
@@ -781,7 +856,7 @@ mod tests {
             ServerCommand::ReplaceClientCredentials {
                 client_id: client_id.map(|c| ClientId::parse(c).unwrap()),
                 client_secret_ref: secret.map(|r| SecretRef::parse(r).unwrap()),
-                auth_method_with_secret: "client_secret_post",
+                auth_method_with_secret: Some("client_secret_post"),
             }
         };
         let dynamic = [

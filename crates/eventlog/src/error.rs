@@ -70,6 +70,21 @@ impl EventLogError {
         matches!(self, EventLogError::Conflict { .. })
     }
 
+    /// Whether an append that failed with this error certainly stored nothing. An unreachable
+    /// store, a file error or a store closing mid-append leave it open: the events may be
+    /// stored (or be stored yet, on JetStream), so what they reference must stay.
+    pub fn nothing_stored(&self) -> bool {
+        matches!(
+            self,
+            EventLogError::Conflict { .. }
+                | EventLogError::InvalidSubject { .. }
+                | EventLogError::InvalidEvent { .. }
+                | EventLogError::ServerTooOld { .. }
+                | EventLogError::Refused { .. }
+                | EventLogError::ReadOnly { .. }
+        )
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         EventLogError::Io {
             context: context.into(),
@@ -87,5 +102,25 @@ impl EventLogError {
         EventLogError::Unavailable {
             reason: reason.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_failure_before_the_append_says_nothing_was_stored() {
+        let conflict = EventLogError::Conflict {
+            subject: "server.x".into(),
+            expected: ExpectedVersion::NoEvents,
+            actual: Some(1),
+        };
+        assert!(conflict.nothing_stored());
+        assert!(EventLogError::refused("no replicas").nothing_stored());
+        // The store may have taken the append before it failed to answer.
+        assert!(!EventLogError::unavailable("timed out").nothing_stored());
+        assert!(!EventLogError::io("fsync", std::io::Error::other("disk")).nothing_stored());
+        assert!(!EventLogError::Closed.nothing_stored());
     }
 }

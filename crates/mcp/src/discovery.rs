@@ -127,18 +127,10 @@ impl Discovered {
     /// `none` without a secret; with one, `client_secret_basic` (the RFC 7591 default)
     /// unless the server publishes only `client_secret_post`.
     pub fn client_authentication_method(&self, has_secret: bool) -> &'static str {
-        let supports = |m: &str| {
-            self.token_endpoint_auth_methods_supported
-                .iter()
-                .any(|s| s == m)
-        };
-        if !has_secret {
-            "none"
-        } else if supports("client_secret_post") && !supports("client_secret_basic") {
-            "client_secret_post"
-        } else {
-            "client_secret_basic"
-        }
+        domain::client_authentication_method(
+            &self.token_endpoint_auth_methods_supported,
+            has_secret,
+        )
     }
 }
 
