@@ -280,73 +280,86 @@ impl ServerCommands {
                 .filter(|_| planned_mode == RegistrationMode::Preconfigured)
                 .map(ClientId::as_str),
         )?;
-        let (mode, client_id, secret) = match planned_mode {
-            RegistrationMode::Preconfigured => (
-                RegistrationMode::Preconfigured,
-                client_id.ok_or(ServerChangeError::SecretWithoutClientId)?,
-                client_secret,
-            ),
-            RegistrationMode::ClientMetadataDocument => (
-                RegistrationMode::ClientMetadataDocument,
-                ClientId::parse(&self.oauth.client_metadata_url)?,
-                None,
-            ),
-            RegistrationMode::DynamicRegistration => {
-                let registered = manager
-                    .register_client(
-                        &self.oauth.client_name,
-                        &self.oauth.redirect_url_of(&found),
-                        &scopes,
+        // The name is claimed before a client is registered or anything recorded: of two
+        // admins adding clashing names at once, one gets it (see `domain::server_name`).
+        let slug = name.slug();
+        self.claim_name(context, id, &name).await?;
+        let result: Result<(ServerId, Written), ServerChangeError> = async {
+            let (mode, client_id, secret) = match planned_mode {
+                RegistrationMode::Preconfigured => (
+                    RegistrationMode::Preconfigured,
+                    client_id.ok_or(ServerChangeError::SecretWithoutClientId)?,
+                    client_secret,
+                ),
+                RegistrationMode::ClientMetadataDocument => (
+                    RegistrationMode::ClientMetadataDocument,
+                    ClientId::parse(&self.oauth.client_metadata_url)?,
+                    None,
+                ),
+                RegistrationMode::DynamicRegistration => {
+                    let registered = manager
+                        .register_client(
+                            &self.oauth.client_name,
+                            &self.oauth.redirect_url_of(&found),
+                            &scopes,
+                        )
+                        .await
+                        .map_err(|e| ServerChangeError::RegistrationFailed {
+                            reason: e.to_string().chars().take(300).collect(),
+                        })?;
+                    (
+                        RegistrationMode::DynamicRegistration,
+                        ClientId::parse(&registered.client_id)?,
+                        registered.client_secret,
                     )
-                    .await
-                    .map_err(|e| ServerChangeError::RegistrationFailed {
-                        reason: e.to_string().chars().take(300).collect(),
-                    })?;
-                (
-                    RegistrationMode::DynamicRegistration,
-                    ClientId::parse(&registered.client_id)?,
-                    registered.client_secret,
+                }
+            };
+            let auth_method = match target.preregistered_auth_method {
+                Some(method) if mode == RegistrationMode::Preconfigured && secret.is_some() => method,
+                _ => found.client_authentication_method(secret.is_some()),
+            };
+            let secret_ref = match secret {
+                Some(secret) => Some(self.store_client_secret(id, secret).await?),
+                None => None,
+            };
+            let stored_secret = secret_ref.as_ref().map(|r| r.as_str().to_owned());
+            let add = AddServer {
+                name,
+                description,
+                url: target.url,
+                catalog_entry_id: target.template,
+                oauth,
+                enabled: true,
+            };
+            let added = self
+                .record_added(
+                    context,
+                    id,
+                    add,
+                    &found,
+                    mode,
+                    client_id,
+                    secret_ref,
+                    auth_method,
                 )
-            }
-        };
-        let auth_method = match target.preregistered_auth_method {
-            Some(method) if mode == RegistrationMode::Preconfigured && secret.is_some() => method,
-            _ => found.client_authentication_method(secret.is_some()),
-        };
-        let secret_ref = match secret {
-            Some(secret) => Some(self.store_client_secret(id, secret).await?),
-            None => None,
-        };
-        let stored_secret = secret_ref.as_ref().map(|r| r.as_str().to_owned());
-        let add = AddServer {
-            name,
-            description,
-            url: target.url,
-            catalog_entry_id: target.template,
-            oauth,
-            enabled: true,
-        };
-        let added = self
-            .record_added(
-                context,
-                id,
-                add,
-                &found,
-                mode,
-                client_id,
-                secret_ref,
-                auth_method,
-            )
-            .await;
-        if let (Err(error), Some(stored)) = (&added, stored_secret) {
-            // No event names it: it must not outlive the refusal. When the store failed
-            // mid-append the event may name it, so it stays.
-            self.forget_unreferenced_secret(&stored, error.nothing_recorded())
                 .await;
+            if let (Err(error), Some(stored)) = (&added, stored_secret) {
+                // No event names it: it must not outlive the refusal. When the store failed
+                // mid-append the event may name it, so it stays.
+                self.forget_unreferenced_secret(&stored, error.nothing_recorded())
+                    .await;
+            }
+            let written = added?;
+            tracing::info!(server = %id, issuer = %found.issuer, mode = mode.as_str(), "server added");
+            Ok((id, written))
         }
-        let written = added?;
-        tracing::info!(server = %id, issuer = %found.issuer, mode = mode.as_str(), "server added");
-        Ok((id, written))
+        .await;
+        if let Err(error) = &result
+            && error.nothing_recorded()
+        {
+            self.release_name(context, id, &slug).await;
+        }
+        result
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -452,6 +465,14 @@ impl ServerCommands {
             .read(|d| d.get(id).map(|server| server.catalog_entry_id.clone()))
             .and_then(|template| self.catalog.get(&template))
             .and_then(|template| template.preregistered_auth_method);
+        // A new name is claimed first, the old one given up once the change is stored.
+        let old_slug = self.current_slug(id);
+        let renamed_to = name
+            .as_ref()
+            .filter(|name| old_slug.as_ref() != Some(&name.slug()));
+        if let Some(name) = renamed_to {
+            self.claim_name(context, id, name).await?;
+        }
         let new_secret = match client_secret {
             Some(secret) => {
                 let name = format!("server/{id}/client_secret/{}", uuid::Uuid::now_v7());
@@ -494,17 +515,26 @@ impl ServerCommands {
             },
         )
         .await;
-        // The entry no longer (or never) referenced by an event goes.
+        // The entry no longer (or never) referenced by an event goes, and so does the claim
+        // on the name no longer (or never) used.
         match &result {
             Ok(_) => {
                 if let Some(name) = replaced_secret {
                     self.forget_secret(&name).await;
+                }
+                if let (Some(_), Some(old_slug)) = (renamed_to, &old_slug) {
+                    self.release_name(context, id, old_slug).await;
                 }
             }
             Err(error) => {
                 if let Some(name) = new_secret {
                     self.forget_unreferenced_secret(name.as_str(), error.nothing_stored())
                         .await;
+                }
+                if let Some(name) = renamed_to
+                    && error.nothing_stored()
+                {
+                    self.release_name(context, id, &name.slug()).await;
                 }
             }
         }

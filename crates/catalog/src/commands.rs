@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use domain::{
-    ServerId,
+    ServerId, ServerName, Slug,
     server::{ServerCommand, ServerState, decide},
+    server_name::{NameClaim, NameClaimCommand},
 };
-use eventlog::{EventLog, Subject};
+use eventlog::{AggregateKind, EventLog, Subject};
 use service_kit::{CommandContext, CommandError, EnvelopeBuilder, ReadModels, Written, execute};
 
 use crate::{Catalog, OAuthClientSettings};
@@ -28,6 +29,14 @@ pub(crate) fn subject_of(id: ServerId) -> Result<Subject, CommandError> {
     Ok(Subject::for_aggregate(
         eventlog::AggregateKind::Server,
         &[&id.to_string()],
+    )?)
+}
+
+/// The claim on a server name: `server.name.<slug>` (a server id is never `name`).
+pub(crate) fn name_subject(slug: &Slug) -> Result<Subject, CommandError> {
+    Ok(Subject::for_aggregate(
+        AggregateKind::Server,
+        &["name", slug.as_str()],
     )?)
 }
 
@@ -95,12 +104,78 @@ impl ServerCommands {
             .await
     }
 
-    /// Deletes the server for everyone (the connection service disconnects every user).
+    /// Deletes the server for everyone (the connection service disconnects every user), and
+    /// gives its name up.
     pub async fn delete_server(
         &self,
         context: &CommandContext,
         id: ServerId,
     ) -> Result<Written, CommandError> {
-        self.run(context, id, ServerCommand::DeleteServer).await
+        let slug = self.current_slug(id);
+        let written = self.run(context, id, ServerCommand::DeleteServer).await?;
+        if let Some(slug) = slug {
+            self.release_name(context, id, &slug).await;
+        }
+        Ok(written)
+    }
+
+    /// The slug the directory shows for `id`.
+    pub(crate) fn current_slug(&self, id: ServerId) -> Option<Slug> {
+        self.read_models
+            .servers
+            .read(|d| d.get(id).and_then(|server| Slug::parse(&server.slug)))
+    }
+
+    /// Claims `name` for server `id` before it takes it (see `domain::server_name`): refused
+    /// with `server_name_taken` while another server holds it or is about to.
+    pub(crate) async fn claim_name(
+        &self,
+        context: &CommandContext,
+        id: ServerId,
+        name: &ServerName,
+    ) -> Result<(), CommandError> {
+        let now = self.envelopes.clock().now();
+        let directory = &self.read_models.servers;
+        execute::<NameClaim, _>(
+            self.log.as_ref(),
+            &self.envelopes,
+            &name_subject(&name.slug())?,
+            context,
+            |state| {
+                let claim = NameClaimCommand::Claim {
+                    server_id: id,
+                    name: name.clone(),
+                    now,
+                };
+                directory.read(|directory| domain::server_name::decide(state, claim, directory))
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Gives up server `id`'s claim on `slug`. Best effort: a claim left behind is void once
+    /// its grace has passed and the directory shows the name free.
+    pub(crate) async fn release_name(&self, context: &CommandContext, id: ServerId, slug: &Slug) {
+        let released = async {
+            execute::<NameClaim, _>(
+                self.log.as_ref(),
+                &self.envelopes,
+                &name_subject(slug)?,
+                context,
+                |state| {
+                    let release = NameClaimCommand::Release {
+                        server_id: id,
+                        slug: slug.clone(),
+                    };
+                    domain::server_name::decide(state, release, &Default::default())
+                },
+            )
+            .await
+        }
+        .await;
+        if let Err(error) = released {
+            tracing::warn!(server = %id, slug = slug.as_str(), %error, "a server name's claim was not released; it lapses on its own");
+        }
     }
 }

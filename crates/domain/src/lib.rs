@@ -54,6 +54,7 @@ mod names;
 mod oauth;
 pub mod projections;
 pub mod server;
+pub mod server_name;
 mod server_url;
 pub mod time;
 pub mod tool_policy;

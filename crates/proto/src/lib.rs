@@ -16,13 +16,15 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 impl v1::envelope::Event {
     /// Every event type this version knows, by schema name.
-    pub const TYPE_NAMES: [&'static str; 27] = [
+    pub const TYPE_NAMES: [&'static str; 29] = [
         "ServerAdded",
         "ServerUpdated",
         "ServerEnabled",
         "ServerDisabled",
         "ServerDeleted",
         "ServerClientRegistered",
+        "ServerNameClaimed",
+        "ServerNameReleased",
         "ConnectionStarted",
         "ConnectionEstablished",
         "TokensRefreshed",
@@ -56,6 +58,8 @@ impl v1::envelope::Event {
             Event::ServerDisabled(_) => "ServerDisabled",
             Event::ServerDeleted(_) => "ServerDeleted",
             Event::ServerClientRegistered(_) => "ServerClientRegistered",
+            Event::ServerNameClaimed(_) => "ServerNameClaimed",
+            Event::ServerNameReleased(_) => "ServerNameReleased",
             Event::ConnectionStarted(_) => "ConnectionStarted",
             Event::ConnectionEstablished(_) => "ConnectionEstablished",
             Event::TokensRefreshed(_) => "TokensRefreshed",

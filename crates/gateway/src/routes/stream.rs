@@ -59,8 +59,12 @@ impl Visibility {
                 let subject = event.subject.as_str();
                 if subject.starts_with("server.") {
                     // The client registration is an admin's business (it names the vault
-                    // entry of the client secret).
-                    return event.event_type != "ServerClientRegistered";
+                    // entry of the client secret), and so are the claims on names (an add
+                    // that failed claimed one too).
+                    return !matches!(
+                        &*event.event_type,
+                        "ServerClientRegistered" | "ServerNameClaimed" | "ServerNameReleased"
+                    );
                 }
                 user_key_of(subject) == Some(user_key.as_str())
             }

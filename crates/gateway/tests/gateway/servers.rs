@@ -190,6 +190,114 @@ async fn names_descriptions_and_the_url_follow_their_rules() {
     );
 }
 
+/// The event types on a name's claim subject.
+async fn claim_history(app: &TestApp, slug: &str) -> Vec<(String, String)> {
+    app.log
+        .read_aggregate(&Subject::parse(&format!("server.name.{slug}")).expect("subject"))
+        .await
+        .expect("read")
+        .events
+        .iter()
+        .map(|event| {
+            let server = match &event.envelope.event {
+                Some(proto::v1::envelope::Event::ServerNameClaimed(c)) => c.server_id.clone(),
+                Some(proto::v1::envelope::Event::ServerNameReleased(r)) => r.server_id.clone(),
+                _ => String::new(),
+            };
+            (event.event_type.to_string(), server)
+        })
+        .collect()
+}
+
+/// Two admins adding or renaming to clashing names at once both find the name free in the
+/// directory: the claim on the name decides. Here the other admin's change is as far as its
+/// claim (stored by another process a moment ago), its server not yet recorded.
+#[tokio::test]
+async fn a_name_claimed_by_a_change_in_flight_is_taken_until_its_claim_lapses() {
+    use reqwest::Method;
+    let app = TestApp::start(Store::Jsonl).await;
+    let admin = app.token("ada@example.com", &["admin"]);
+    let id = app.seed_server("Other").await;
+    let second = app.seed_server("Second").await;
+    let path = format!("/api/v1/servers/{id}");
+    let in_flight = domain::ServerId::new().to_string();
+    let claim = |server: &str, age: std::time::Duration| {
+        proto::v1::envelope::Event::ServerNameClaimed(proto::v1::ServerNameClaimed {
+            slug: "prod_github".into(),
+            server_id: server.to_owned(),
+            name: "Prod GitHub".into(),
+            claimed_at: Some(domain::time::to_timestamp(
+                std::time::SystemTime::now() - age,
+            )),
+        })
+    };
+    let fresh = std::time::Duration::from_secs(1);
+    app.append("server.name.prod_github", claim(&in_flight, fresh))
+        .await;
+    let (status, refused, _) = send(
+        &app,
+        Method::PATCH,
+        &path,
+        &admin,
+        Some(json!({"name": "Prod GitHub"})),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (409, Some("server_name_taken")),
+        "{refused}"
+    );
+    // A claim whose server never came (its process died) lapses.
+    let lapsed = domain::ServerId::new().to_string();
+    app.append(
+        "server.name.prod_github",
+        claim(&lapsed, domain::server_name::CLAIM_GRACE * 2),
+    )
+    .await;
+    let (status, renamed, _) = send(
+        &app,
+        Method::PATCH,
+        &path,
+        &admin,
+        Some(json!({"name": "Prod GitHub"})),
+    )
+    .await;
+    assert_eq!(
+        (status, renamed["slug"].as_str()),
+        (200, Some("prod_github"))
+    );
+    let claimed = ("ServerNameClaimed".to_owned(), id.clone());
+    assert_eq!(
+        claim_history(&app, "prod_github").await.last(),
+        Some(&claimed)
+    );
+    // Held, the name is refused to the next rename, and given up with the server.
+    let second_path = format!("/api/v1/servers/{second}");
+    let rename_second = || {
+        send(
+            &app,
+            Method::PATCH,
+            &second_path,
+            &admin,
+            Some(json!({"name": "prod github"})),
+        )
+    };
+    let (status, _, _) = rename_second().await;
+    assert_eq!(status, 409);
+    let (status, _, _) = send(&app, Method::DELETE, &path, &admin, None).await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        claim_history(&app, "prod_github").await.last(),
+        Some(&("ServerNameReleased".to_owned(), id.clone()))
+    );
+    let (status, renamed, _) = rename_second().await;
+    assert_eq!(
+        (status, renamed["slug"].as_str()),
+        (200, Some("prod_github")),
+        "{renamed}"
+    );
+}
+
 #[tokio::test]
 async fn bad_ids_and_bodies_are_4xx_never_5xx() {
     let app = TestApp::start(Store::Jsonl).await;

@@ -22,8 +22,18 @@ async fn post(setup: &WithFixture, path: &str, body: Value) -> (u16, Value) {
     (status, response.json().await.expect("JSON"))
 }
 
-/// Every stored event of the config log, as proto3 JSON text.
+/// Every stored event of the config log but the claims on names (`server.name.<slug>`,
+/// checked by the tests of names), as proto3 JSON text.
 async fn history(setup: &WithFixture) -> Vec<(String, Value)> {
+    full_history(setup)
+        .await
+        .into_iter()
+        .filter(|(kind, _)| !kind.starts_with("ServerName"))
+        .collect()
+}
+
+/// Every stored event of the config log, as proto3 JSON text.
+async fn full_history(setup: &WithFixture) -> Vec<(String, Value)> {
     use futures_util::StreamExt;
     let mut events = setup
         .app
@@ -57,13 +67,16 @@ async fn dynamic_registration_records_the_client_and_keeps_the_secret_in_the_vau
     assert_eq!(server["created_by"], "ada@example.com");
     let id = server["id"].as_str().expect("id").to_owned();
 
-    let events = history(&setup).await;
-    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    let all = full_history(&setup).await;
+    let types: Vec<&str> = all.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(
         types,
-        ["ServerAdded", "ServerClientRegistered"],
-        "one atomic add"
+        ["ServerNameClaimed", "ServerAdded", "ServerClientRegistered"],
+        "the name claimed, then one atomic add"
     );
+    assert_eq!(all[0].1["serverNameClaimed"]["serverId"], id.as_str());
+    assert_eq!(all[0].1["serverNameClaimed"]["slug"], "team_issues");
+    let events = history(&setup).await;
     let registered = &events[1].1["serverClientRegistered"];
     assert_eq!(registered["clientId"], "fixture-client-1");
     assert_eq!(
