@@ -466,10 +466,13 @@ impl ServerCommands {
             .and_then(|template| self.catalog.get(&template))
             .and_then(|template| template.preregistered_auth_method);
         // A new name is claimed first, the old one given up once the change is stored.
+        // (A server the directory does not show is refused below; it claims nothing.)
         let old_slug = self.current_slug(id);
-        let renamed_to = name
-            .as_ref()
-            .filter(|name| old_slug.as_ref() != Some(&name.slug()));
+        let renamed_to = name.as_ref().filter(|name| {
+            old_slug
+                .as_ref()
+                .is_some_and(|old_slug| *old_slug != name.slug())
+        });
         if let Some(name) = renamed_to {
             self.claim_name(context, id, name).await?;
         }
