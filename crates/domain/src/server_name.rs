@@ -49,10 +49,10 @@ impl Aggregate for NameClaim {
                         .unwrap_or(SystemTime::UNIX_EPOCH),
                 });
             }
-            Event::ServerNameReleased(released) => {
-                if self.holder() == Some(released.server_id.as_str()) {
-                    self.holder = None;
-                }
+            Event::ServerNameReleased(released)
+                if self.holder() == Some(released.server_id.as_str()) =>
+            {
+                self.holder = None;
             }
             _ => {}
         }
