@@ -40,8 +40,13 @@ pub struct GatewaySettings {
     /// How long a call that changed something waits for the read models to show the change
     /// before it answers anyway.
     pub read_your_writes_timeout: Duration,
-    /// Events buffered for one live-update client; a client further behind is disconnected.
+    /// Events buffered for one live-update client. When the buffer is full the stream waits
+    /// for the client to take one, up to `stream_send_timeout`.
     pub stream_buffer: usize,
+    /// How long a live-update stream waits for a client with a full buffer to take an event
+    /// before it disconnects it (the client resumes with `Last-Event-ID`). A client reading
+    /// slower than the log grows still catches up; one that stopped reading lets go.
+    pub stream_send_timeout: Duration,
     /// Interval of keep-alive comments on live-update streams.
     pub stream_keep_alive: Duration,
     /// The console's base URL (`console.url`): the OAuth callback sends the browser to its
@@ -56,6 +61,7 @@ impl Default for GatewaySettings {
             body_limit: 1024 * 1024,
             read_your_writes_timeout: Duration::from_secs(5),
             stream_buffer: 1024,
+            stream_send_timeout: Duration::from_secs(30),
             stream_keep_alive: Duration::from_secs(15),
             console_url: None,
         }

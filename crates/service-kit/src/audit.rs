@@ -59,15 +59,16 @@ fn server_of(subject: &str) -> Option<&str> {
 }
 
 /// Invocation subjects are per user; the server an invocation is for is in its request.
+/// Name claims are on the name's subject (`server.name.<slug>`) and name their server.
 fn is_about_server(event: &RecordedEvent, server: &ServerId) -> bool {
     let id = server.to_string();
-    if let Some(token) = server_of(event.subject.as_str()) {
-        return token == id;
+    match &event.envelope.event {
+        Some(domain::Event::InvocationRequested(requested)) => return requested.server_id == id,
+        Some(domain::Event::ServerNameClaimed(claimed)) => return claimed.server_id == id,
+        Some(domain::Event::ServerNameReleased(released)) => return released.server_id == id,
+        _ => {}
     }
-    matches!(
-        &event.envelope.event,
-        Some(domain::Event::InvocationRequested(requested)) if requested.server_id == id
-    )
+    server_of(event.subject.as_str()).is_some_and(|token| token == id)
 }
 
 impl AuditFilter {

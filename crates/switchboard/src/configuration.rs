@@ -207,7 +207,8 @@ pub struct HttpSettings {
     pub body_limit: usize,
     /// Seconds in-flight requests get to finish at shutdown.
     pub shutdown_grace_secs: u64,
-    /// Events buffered per live-update client before a slow client is disconnected.
+    /// Events buffered per live-update client; one that takes nothing for 30 s with its
+    /// buffer full is disconnected.
     pub stream_buffer: usize,
 }
 

@@ -90,7 +90,9 @@ pub struct AuditQuery {
     pub until: Option<String>,
     /// Start at this position of the chosen log (with `log=config` or `log=invocations`).
     pub from: Option<u64>,
-    /// Events about this server (its id).
+    /// Events about this server (its id): its own events and name claims, its connections
+    /// and tool settings, and the requests of invocations of it. An invocation's later events
+    /// (approval, outcome) carry its `invocation_id`, not the server: follow that id.
     pub server: Option<String>,
     /// Events about this user or caused by them (their user id).
     pub user: Option<String>,
@@ -225,7 +227,31 @@ async fn audit_events(
             })
             .transpose()?,
     };
+    if let (Some(since), Some(until)) = (filter.since, filter.until)
+        && since >= until
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`since` must be before `until` (`since` is included, `until` is not)",
+        ));
+    }
     let choice = query.log.unwrap_or_default();
+    if let Some(subject) = &filter.subject {
+        let chosen = match choice {
+            LogChoice::All => None,
+            LogChoice::Config => Some(LogKind::Config),
+            LogChoice::Invocations => Some(LogKind::Invocations),
+        };
+        if chosen.is_some_and(|log| !subject.logs().contains(&log)) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "`subject` {} selects nothing in the log `log` chose",
+                    subject.as_str()
+                ),
+            ));
+        }
+    }
     let logs: &[LogKind] = match choice {
         LogChoice::All => filter.subject.as_ref().map_or(&LogKind::ALL, |s| s.logs()),
         LogChoice::Config => &[LogKind::Config],
@@ -241,6 +267,12 @@ async fn audit_events(
         None => Positions::default(),
     };
     if let Some(from) = query.from {
+        if from > i64::MAX as u64 {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("`from` must be at most {}", i64::MAX),
+            ));
+        }
         if choice == LogChoice::All {
             return Err(ApiError::bad_request(
                 "invalid_query",

@@ -1,7 +1,8 @@
 //! Live updates: server-sent events of the changes the caller may see. The event id carries
 //! the position in each log, so a reconnect with `Last-Event-ID` resumes without a gap or a
-//! repeat. A client too slow to keep up is disconnected (it reconnects and resumes) rather
-//! than buffered without bound.
+//! repeat. A slow client is waited for, so a resume with a long backlog catches up at the
+//! client's pace; a client that stops reading is disconnected rather than buffered without
+//! bound (it reconnects and resumes).
 use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
@@ -9,7 +10,7 @@ use axum::{
     http::{HeaderMap, Method, StatusCode},
     response::sse::{Event, KeepAlive, Sse},
 };
-use eventlog::{EventLogError, EventStream, LogKind, RecordedEvent};
+use eventlog::{EventLogError, EventStream, LogKind, RecordedEvent, SubjectFilter};
 use futures_util::{Stream, StreamExt, stream};
 use tokio::sync::mpsc;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -79,7 +80,7 @@ impl Visibility {
     params(("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received, to resume after it")),
     responses(
         (status = 200, description = "A stream of events", content_type = "text/event-stream"),
-        (status = 400, description = "Last-Event-ID could not be read", body = crate::ErrorBody),
+        (status = 400, description = "Last-Event-ID could not be read, or is past the end of the log", body = crate::ErrorBody),
         (status = 429, description = "The caller has 16 streams open already", body = crate::ErrorBody),
     ))]
 async fn live_updates(
@@ -96,29 +97,59 @@ async fn live_updates(
             ),
         )
     })?;
-    let start = match headers.get("last-event-id") {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(Positions::parse)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_last_event_id",
-                    "Last-Event-ID must be the id of an event this stream sent",
-                )
-            })?,
-        None => Positions {
-            config: state.log.last_sequence(LogKind::Config).await?,
-            invocations: state.log.last_sequence(LogKind::Invocations).await?,
-        },
+    let end = Positions {
+        config: state.log.last_sequence(LogKind::Config).await?,
+        invocations: state.log.last_sequence(LogKind::Invocations).await?,
     };
+    let start = match headers.get("last-event-id") {
+        Some(value) => {
+            let resume = value
+                .to_str()
+                .ok()
+                .and_then(Positions::parse)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_last_event_id",
+                        "Last-Event-ID must be the id of an event this stream sent",
+                    )
+                })?;
+            // An id past the end names events this store never had (it was reset, restored
+            // or swapped): resuming after it would silently skip the events to come.
+            if resume.config > end.config || resume.invocations > end.invocations {
+                return Err(ApiError::bad_request(
+                    "invalid_last_event_id",
+                    format!(
+                        "Last-Event-ID {} is past the end of the event log ({}): the store was \
+                         reset or replaced; reconnect without Last-Event-ID",
+                        resume.encode(),
+                        end.encode()
+                    ),
+                ));
+            }
+            resume
+        }
+        None => end,
+    };
+    let visibility = Visibility::of(&caller);
     let config = state
         .log
         .subscribe(LogKind::Config, start.config + 1, None)
         .await?;
+    // A user who sees only their own invocations reads only their subject, not every user's.
+    let own_invocations = match &visibility {
+        Visibility::Everything => None,
+        Visibility::Own { user_key } => Some(
+            SubjectFilter::parse(&format!("invocation.{user_key}"))
+                .map_err(|e| ApiError::internal(format!("the caller's subject: {e}")))?,
+        ),
+    };
     let invocations = state
         .log
-        .subscribe(LogKind::Invocations, start.invocations + 1, None)
+        .subscribe(
+            LogKind::Invocations,
+            start.invocations + 1,
+            own_invocations.as_ref(),
+        )
         .await?;
     let (sender, receiver) = mpsc::channel(state.settings.stream_buffer.max(1));
     // The stream ends when the token does: the client reconnects with a fresh one and
@@ -131,19 +162,32 @@ async fn live_updates(
     });
     tokio::spawn(relay(
         stream::select(config, invocations),
-        Visibility::of(&caller),
+        visibility,
         start,
         sender,
         Ends {
             shutdown: state.shutdown.clone(),
             token_ends,
-            _slot: slot,
+            send_timeout: state.settings.stream_send_timeout,
         },
     ));
-    let events = stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|event| (Ok(event), receiver))
-    });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(state.settings.stream_keep_alive)))
+    Ok(Sse::new(client_stream(receiver, slot))
+        .keep_alive(KeepAlive::new().interval(state.settings.stream_keep_alive)))
+}
+
+/// What the client's response sends: the relay's events. The response holds the stream's
+/// slot, not the relay: a relay that gave up on a client leaves its buffered events in the
+/// response until the connection goes, and those count against the user's streams too.
+fn client_stream(
+    receiver: mpsc::Receiver<Event>,
+    slot: StreamSlot,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold((receiver, slot), |(mut receiver, slot)| async move {
+        receiver
+            .recv()
+            .await
+            .map(|event| (Ok(event), (receiver, slot)))
+    })
 }
 
 /// Live-update streams one user may hold open at once (browser tabs, a console and a
@@ -195,13 +239,13 @@ struct Ends {
     shutdown: tokio_util::sync::CancellationToken,
     /// When the caller's token expires.
     token_ends: Option<tokio::time::Instant>,
-    /// Held while the relay runs.
-    _slot: StreamSlot,
+    /// How long a full buffer may wait for the client to take an event.
+    send_timeout: Duration,
 }
 
-/// Reads the logs as fast as they grow and hands the caller's events to the client's bounded
-/// buffer; ends the client's stream when the buffer is full (too slow), the client left, the
-/// log failed or the process shuts down.
+/// Reads the logs and hands the caller's events to the client's bounded buffer, waiting while
+/// it is full; ends the client's stream when the client took nothing for `send_timeout`, left,
+/// the log failed, the token expired or the process shuts down.
 async fn relay(
     mut events: stream::Select<EventStream, EventStream>,
     visibility: Visibility,
@@ -250,13 +294,18 @@ async fn relay(
             .id(positions.encode())
             .event(event.event_type.as_ref())
             .data(data);
-        match sender.try_send(sse) {
+        let sent = tokio::select! {
+            sent = sender.send_timeout(sse, ends.send_timeout) => sent,
+            () = ends.shutdown.cancelled() => return,
+            () = &mut token_ends => return,
+        };
+        match sent {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::info!("a live-update client fell too far behind; disconnecting it");
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                tracing::info!("a live-update client stopped reading; disconnecting it");
                 return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => return,
         }
     }
 }
@@ -281,14 +330,11 @@ mod tests {
         })
     }
 
-    fn ends(token_ends: Option<tokio::time::Instant>) -> Ends {
-        let slots = Arc::new(StreamSlots::default());
+    fn ends(token_ends: Option<tokio::time::Instant>, send_timeout: Duration) -> Ends {
         Ends {
             shutdown: tokio_util::sync::CancellationToken::new(),
             token_ends,
-            _slot: slots
-                .take(&UserId::parse("alice@example.com").expect("user"))
-                .expect("a slot"),
+            send_timeout,
         }
     }
 
@@ -306,7 +352,7 @@ mod tests {
                 Visibility::Everything,
                 Positions::default(),
                 sender,
-                ends(Some(token_ends)),
+                ends(Some(token_ends), Duration::from_secs(30)),
             ),
         )
         .await
@@ -335,9 +381,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_client_that_falls_behind_is_disconnected_not_buffered() {
+    async fn a_client_that_stops_reading_is_disconnected_not_buffered() {
         let config: EventStream = stream::iter((1..=50).map(recorded)).boxed();
-        // The other log never ends: only the full buffer can end the relay.
+        // The other log never ends: only the client's silence can end the relay.
         let invocations: EventStream = stream::pending().boxed();
         let (sender, mut receiver) = mpsc::channel(4);
         let relayed = tokio::time::timeout(
@@ -347,17 +393,75 @@ mod tests {
                 Visibility::Everything,
                 Positions::default(),
                 sender,
-                ends(None),
+                ends(None, Duration::from_millis(50)),
             ),
         )
         .await;
-        assert!(relayed.is_ok(), "the relay gave up on the slow client");
+        assert!(relayed.is_ok(), "the relay gave up on the silent client");
         // The client gets what was buffered, in order, then the end of its stream: it
         // reconnects from the last id it saw.
         let mut ids = Vec::new();
-        while let Some(_event) = receiver.recv().await {
-            ids.push(ids.len());
+        while let Some(event) = receiver.recv().await {
+            ids.push(event);
         }
         assert_eq!(ids.len(), 4, "exactly the buffer, nothing more held");
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_catches_up_with_a_backlog_many_times_its_buffer() {
+        let config: EventStream = stream::iter((1..=50).map(recorded)).boxed();
+        let invocations: EventStream = stream::pending().boxed();
+        let (sender, mut receiver) = mpsc::channel(4);
+        let relay = tokio::spawn(relay(
+            stream::select(config, invocations),
+            Visibility::Everything,
+            Positions::default(),
+            sender,
+            ends(None, Duration::from_secs(30)),
+        ));
+        let mut positions = Vec::new();
+        for _ in 0..50 {
+            let event = tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+                .await
+                .expect("the relay waits for the client instead of dropping it")
+                .expect("an event");
+            positions.push(event);
+            // The client reads one event at a time, letting the relay fill the buffer again.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            positions.len(),
+            50,
+            "the whole backlog, through a buffer of 4"
+        );
+        assert!(!relay.is_finished(), "the stream goes on after the backlog");
+        drop(receiver);
+        tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("the relay ends when the client leaves")
+            .expect("the relay did not panic");
+    }
+
+    #[tokio::test]
+    async fn the_response_holds_its_slot_until_it_is_dropped() {
+        let slots = Arc::new(StreamSlots::default());
+        let alice = UserId::parse("alice@example.com").expect("user");
+        let (sender, receiver) = mpsc::channel(4);
+        sender
+            .send(Event::default().data("buffered"))
+            .await
+            .expect("buffered");
+        let response = client_stream(receiver, slots.take(&alice).expect("a slot"));
+        // The relay has given up on the client; the buffered event is still in the response.
+        drop(sender);
+        let open = || slots.0.lock().expect("lock").get(&alice).copied();
+        assert_eq!(
+            open(),
+            Some(1),
+            "a response with events undelivered holds its slot"
+        );
+        let delivered: Vec<_> = response.collect().await;
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(open(), None, "a finished response frees its slot");
     }
 }

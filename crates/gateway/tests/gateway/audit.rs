@@ -134,8 +134,19 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
         }),
     )
     .await;
+    // A name claim is on the name's subject, and names its server in the event.
+    app.append(
+        "server.name.jira",
+        proto::v1::envelope::Event::ServerNameClaimed(proto::v1::ServerNameClaimed {
+            slug: "jira".to_owned(),
+            server_id: SERVER.to_owned(),
+            name: "Jira".to_owned(),
+            ..Default::default()
+        }),
+    )
+    .await;
     let count = |body: &Value| body["events"].as_array().map_or(0, Vec::len);
-    assert_eq!(count(&page(&app, &admin, "").await), 4);
+    assert_eq!(count(&page(&app, &admin, "").await), 5);
     assert_eq!(count(&page(&app, &admin, "type=ServerDeleted").await), 1);
     assert_eq!(
         count(&page(&app, &admin, "type=ServerDeleted,ServerEnabled").await),
@@ -147,21 +158,25 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
     );
     assert_eq!(
         count(&page(&app, &admin, &format!("server={SERVER}")).await),
-        3
+        4
+    );
+    assert_eq!(
+        count(&page(&app, &admin, &format!("server={other}")).await),
+        1
     );
     assert_eq!(
         count(&page(&app, &admin, "user=alice%40example.com").await),
         1
     );
     assert_eq!(count(&page(&app, &admin, "log=invocations").await), 1);
-    assert_eq!(count(&page(&app, &admin, "log=config&from=2").await), 2);
+    assert_eq!(count(&page(&app, &admin, "log=config&from=2").await), 3);
     assert_eq!(
         count(&page(&app, &admin, "until=2000-01-01T00:00:00Z").await),
         0
     );
     assert_eq!(
         count(&page(&app, &admin, "since=2000-01-01T00:00:00Z").await),
-        4
+        5
     );
     let first = page(&app, &admin, "limit=1").await;
     assert_eq!(first["events"][0]["type"], "ServerEnabled");
@@ -169,6 +184,43 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
         first["events"][0]["envelope"]["serverEnabled"]["serverId"],
         SERVER
     );
+}
+
+/// Filters that can only ever select nothing, or a `from` no cursor can carry, are
+/// mistakes: they get a 400 saying so, not an empty page.
+#[tokio::test]
+async fn filters_that_contradict_themselves_are_refused() {
+    let app = TestApp::start(Store::Jsonl).await;
+    let admin = app.token("admin@example.com", &["admin"]);
+    for (query, says) in [
+        (
+            "since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+            "`since` must be before `until`",
+        ),
+        (
+            "since=2026-01-01T00:00:00Z&until=2026-01-01T00:00:00Z",
+            "`since` must be before `until`",
+        ),
+        ("log=config&subject=invocation.>", "selects nothing"),
+        ("log=invocations&subject=server.>", "selects nothing"),
+        (
+            "log=config&from=18446744073709551615",
+            "`from` must be at most",
+        ),
+    ] {
+        let response = app
+            .get(&format!("/api/v1/audit/events?{query}"), Some(&admin))
+            .await;
+        assert_eq!(response.status(), 400, "{query}");
+        let body: Value = response.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "invalid_query", "{query}: {body}");
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.contains(says), "{query}: {message}");
+    }
+    // The largest `from` allowed gives a `next` that works as a cursor.
+    let last = page(&app, &admin, &format!("log=config&from={}", i64::MAX)).await;
+    let next = last["next"].as_str().expect("next");
+    page(&app, &admin, &format!("cursor={next}")).await;
 }
 
 /// A filter that admits one event in 25,001 does not read the whole log for one page: the

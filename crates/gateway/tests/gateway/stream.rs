@@ -240,3 +240,35 @@ async fn an_idle_stream_sends_keep_alive_comments() {
     }
     assert!(!seen.contains("data:"), "{seen}");
 }
+
+#[tokio::test]
+async fn a_resume_past_the_end_of_the_log_is_refused_not_silently_skipped() {
+    for store in STORES {
+        let app = TestApp::start(store).await;
+        let admin = app.token("admin@example.com", &["admin"]);
+        let position = app
+            .append(&format!("server.{SERVER}"), server_enabled(SERVER))
+            .await;
+        // An id this store never sent: it was reset, restored from an older backup or swapped.
+        let response = app
+            .client
+            .get(format!("{}/api/v1/stream", app.url))
+            .bearer_auth(&admin)
+            .header("last-event-id", format!("{}-0", position + 57))
+            .send()
+            .await
+            .expect("subscribe");
+        assert_eq!(response.status(), 400, "on {store:?}");
+        let body: serde_json::Value = response.json().await.expect("an error body");
+        assert_eq!(body["error"]["code"], "invalid_last_event_id", "{body}");
+        let message = body["error"]["message"].as_str().expect("a message");
+        assert!(message.contains("past the end"), "{message}");
+        // The last id it did send still resumes.
+        let mut resumed = subscribe(&app, &admin, Some(&format!("{position}-0"))).await;
+        let next = app
+            .append(&format!("server.{SERVER}"), server_enabled(SERVER))
+            .await;
+        let event = resumed.next().await.expect("the next event");
+        assert_eq!(event.data["position"], next, "on {store:?}");
+    }
+}
