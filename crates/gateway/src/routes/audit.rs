@@ -60,8 +60,9 @@ pub struct EventPage {
     /// `limit` that is not `partial` reached the end of the history as it was; the cursor
     /// then returns what is appended later.
     pub next: String,
-    /// The page stopped after reading its share of the log (a filter that admits few events
-    /// reads many for each): the history may go on, from `next`.
+    /// The page stopped before `limit` events without reaching the end: it read its share of
+    /// the log (a filter that admits few events reads many for each), or its events reached
+    /// 8 MiB (invocations with captured payloads). The history may go on, from `next`.
     pub partial: bool,
 }
 
@@ -106,6 +107,20 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 /// Events one request reads at most, admitted by its filter or not.
 const MAX_SCANNED: usize = 20_000;
+/// Stored bytes of events a page hands out at most (at least one event): with payload
+/// capture an event can hold a megabyte, and a page of 1,000 of them would be gigabytes of
+/// JSON built for one request.
+const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// An event's stored size, the measure of a page's budget.
+fn stored_size(event: &RecordedEvent) -> usize {
+    use proto::Message;
+    match &event.unknown_body {
+        Some(UnknownBody::Json(raw)) => raw.len(),
+        Some(UnknownBody::Protobuf(raw)) => raw.len(),
+        None => event.envelope.encoded_len(),
+    }
+}
 
 /// A position in each log: everything up to it has been handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -294,10 +309,17 @@ async fn audit_events(
     )
     .await?;
     let mut events = Vec::with_capacity(limit.min(64));
+    let mut bytes = 0;
+    let mut full = false;
     while events.len() < limit {
+        if bytes >= MAX_PAGE_BYTES {
+            full = true;
+            break;
+        }
         let Some(event) = history.next().await? else {
             break;
         };
+        bytes += stored_size(&event);
         done.set(event.log, event.sequence);
         events.push(EventItem::of(&event));
     }
@@ -310,6 +332,6 @@ async fn audit_events(
     Ok(axum::Json(EventPage {
         events,
         next: done.encode(),
-        partial: history.exhausted(),
+        partial: full || history.exhausted(),
     }))
 }

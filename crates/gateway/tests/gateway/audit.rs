@@ -223,6 +223,43 @@ async fn filters_that_contradict_themselves_are_refused() {
     page(&app, &admin, &format!("cursor={next}")).await;
 }
 
+/// Invocations with captured payloads can hold a megabyte each: a page stops at its byte
+/// budget (8 MiB) rather than building gigabytes for one request, and says it may go on.
+#[tokio::test]
+async fn a_page_of_large_events_stops_at_its_byte_budget() {
+    let app = TestApp::start(Store::Jsonl).await;
+    let admin = app.token("admin@example.com", &["admin"]);
+    let alice = domain::UserId::parse("alice@example.com")
+        .expect("user")
+        .key();
+    let arguments = format!("{{\"text\":\"{}\"}}", "a".repeat(1024 * 1024));
+    for _ in 0..12 {
+        app.append(
+            &format!("invocation.{alice}"),
+            proto::v1::envelope::Event::InvocationRequested(proto::v1::InvocationRequested {
+                server_id: SERVER.to_owned(),
+                arguments_json: arguments.clone(),
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
+    let first = page(&app, &admin, "log=invocations&limit=100").await;
+    let count = |body: &Value| body["events"].as_array().map_or(0, Vec::len);
+    assert_eq!(count(&first), 8, "8 MiB of 1 MiB events");
+    assert_eq!(first["partial"], true, "the history goes on");
+    let next = first["next"].as_str().expect("next");
+    let second = page(
+        &app,
+        &admin,
+        &format!("log=invocations&limit=100&cursor={next}"),
+    )
+    .await;
+    assert_eq!(count(&second), 4, "the rest, none repeated");
+    assert_eq!(second["partial"], false);
+    assert_eq!(second["events"][0]["position"], 9);
+}
+
 /// A filter that admits one event in 25,001 does not read the whole log for one page: the
 /// page stops after its share, says so, and its cursor goes on past what it passed over.
 #[tokio::test]
