@@ -64,6 +64,10 @@ pub struct EventPage {
     /// the log (a filter that admits few events reads many for each), or its events reached
     /// 8 MiB (invocations with captured payloads). The history may go on, from `next`.
     pub partial: bool,
+    /// Names in `type` this version does not know (a typo, or a type a newer version
+    /// wrote): only events recorded under exactly such a name match them. Absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown_types: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::ToSchema, PartialEq, Eq)]
@@ -333,5 +337,11 @@ async fn audit_events(
         events,
         next: done.encode(),
         partial: full || history.exhausted(),
+        unknown_types: filter
+            .types
+            .iter()
+            .filter(|t| !proto::v1::envelope::Event::TYPE_NAMES.contains(&t.as_str()))
+            .cloned()
+            .collect(),
     }))
 }

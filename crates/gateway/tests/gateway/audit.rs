@@ -147,7 +147,12 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
     .await;
     let count = |body: &Value| body["events"].as_array().map_or(0, Vec::len);
     assert_eq!(count(&page(&app, &admin, "").await), 5);
-    assert_eq!(count(&page(&app, &admin, "type=ServerDeleted").await), 1);
+    let deleted = page(&app, &admin, "type=ServerDeleted").await;
+    assert_eq!(count(&deleted), 1);
+    assert!(deleted.get("unknown_types").is_none(), "{deleted}");
+    let typo = page(&app, &admin, "type=ServerDelete,ServerEnabled").await;
+    assert_eq!(count(&typo), 2);
+    assert_eq!(typo["unknown_types"], serde_json::json!(["ServerDelete"]));
     assert_eq!(
         count(&page(&app, &admin, "type=ServerDeleted,ServerEnabled").await),
         3
