@@ -51,9 +51,54 @@ pub(crate) fn server_id(text: &str) -> Result<domain::ServerId, crate::ApiError>
     domain::ServerId::parse(text).map_err(|e| crate::ApiError::bad_request(e.code(), e.to_string()))
 }
 
-/// A time as the API writes it: RFC 3339, UTC, milliseconds.
+/// A time as the API writes it: RFC 3339, UTC, milliseconds. Times beyond what RFC 3339 can
+/// write (an expiry a provider set absurdly far off) are written as the latest it can, never
+/// a panic (chrono's `From<SystemTime>` panics on them).
 pub(crate) fn rfc3339(time: std::time::SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    use chrono::{DateTime, Utc};
+    let written = match time.duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs())
+            .ok()
+            .and_then(|secs| DateTime::<Utc>::from_timestamp(secs, after.subsec_nanos()))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        Err(before) => i64::try_from(before.duration().as_secs())
+            .ok()
+            .and_then(|secs| {
+                DateTime::<Utc>::from_timestamp(-secs, 0)?.checked_sub_signed(
+                    chrono::TimeDelta::nanoseconds(i64::from(before.duration().subsec_nanos())),
+                )
+            })
+            .unwrap_or(DateTime::<Utc>::MIN_UTC),
+    };
+    written.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::rfc3339;
+
+    #[test]
+    fn times_are_written_in_utc_with_milliseconds() {
+        let time = UNIX_EPOCH + Duration::from_millis(1_764_936_000_123);
+        assert_eq!(rfc3339(time), "2025-12-05T12:00:00.123Z");
+        let before = UNIX_EPOCH - Duration::from_millis(1_500);
+        assert_eq!(rfc3339(before), "1969-12-31T23:59:58.500Z");
+    }
+
+    #[test]
+    fn a_time_too_far_off_for_rfc_3339_is_written_as_the_latest_not_a_panic() {
+        // A provider's `expires_in` of 8.3e12 seconds: past year 262,143.
+        let far = SystemTime::now() + Duration::from_secs(8_300_000_000_000);
+        let written = rfc3339(far);
+        assert!(written.starts_with('+'), "{written}");
+        assert_eq!(
+            written,
+            chrono::DateTime::<chrono::Utc>::MAX_UTC
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+    }
 }
 
 /// Every route the API serves, with its access. A capability adds its module's table here.
