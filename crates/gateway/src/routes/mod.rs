@@ -73,34 +73,6 @@ pub(crate) fn rfc3339(time: std::time::SystemTime) -> String {
     written.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-    use super::rfc3339;
-
-    #[test]
-    fn times_are_written_in_utc_with_milliseconds() {
-        let time = UNIX_EPOCH + Duration::from_millis(1_764_936_000_123);
-        assert_eq!(rfc3339(time), "2025-12-05T12:00:00.123Z");
-        let before = UNIX_EPOCH - Duration::from_millis(1_500);
-        assert_eq!(rfc3339(before), "1969-12-31T23:59:58.500Z");
-    }
-
-    #[test]
-    fn a_time_too_far_off_for_rfc_3339_is_written_as_the_latest_not_a_panic() {
-        // A provider's `expires_in` of 8.3e12 seconds: past year 262,143.
-        let far = SystemTime::now() + Duration::from_secs(8_300_000_000_000);
-        let written = rfc3339(far);
-        assert!(written.starts_with('+'), "{written}");
-        assert_eq!(
-            written,
-            chrono::DateTime::<chrono::Utc>::MAX_UTC
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        );
-    }
-}
-
 /// Every route the API serves, with its access. A capability adds its module's table here.
 pub fn table() -> Vec<RouteSpec> {
     [
@@ -129,4 +101,32 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(oauth::router())
         .merge(audit::router())
         .merge(stream::router())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::rfc3339;
+
+    #[test]
+    fn times_are_written_in_utc_with_milliseconds() {
+        let time = UNIX_EPOCH + Duration::from_millis(1_764_936_000_123);
+        assert_eq!(rfc3339(time), "2025-12-05T12:00:00.123Z");
+        let before = UNIX_EPOCH - Duration::from_millis(1_500);
+        assert_eq!(rfc3339(before), "1969-12-31T23:59:58.500Z");
+    }
+
+    #[test]
+    fn a_time_too_far_off_for_rfc_3339_is_written_as_the_latest_not_a_panic() {
+        // A provider's `expires_in` of 8.3e12 seconds: past year 262,143.
+        let far = SystemTime::now() + Duration::from_secs(8_300_000_000_000);
+        let written = rfc3339(far);
+        assert!(written.starts_with('+'), "{written}");
+        assert_eq!(
+            written,
+            chrono::DateTime::<chrono::Utc>::MAX_UTC
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+    }
 }
