@@ -338,7 +338,7 @@ impl ConnectionService {
                     granted_scopes,
                     access_token_expires_at: token
                         .expires_in()
-                        .map(|lifetime| SystemTime::now() + lifetime),
+                        .map(|lifetime| crate::tokens::expiry_after(SystemTime::now(), lifetime)),
                     token_fingerprint: TokenFingerprint::of(token.access_token().secret()),
                     has_refresh_token: token.refresh_token().is_some(),
                 }],

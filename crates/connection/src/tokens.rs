@@ -48,8 +48,20 @@ fn refresh_token_of(credentials: &StoredCredentials) -> Option<&str> {
 /// When the access token expires, if the server said.
 fn expires_at(credentials: &StoredCredentials) -> Option<SystemTime> {
     let lifetime = credentials.token_response.as_ref()?.expires_in()?;
-    let received = UNIX_EPOCH + Duration::from_secs(credentials.token_received_at?);
-    Some(received + lifetime)
+    let received = UNIX_EPOCH.checked_add(Duration::from_secs(credentials.token_received_at?))?;
+    Some(expiry_after(received, lifetime))
+}
+
+/// Lifetimes longer than this are taken as this: any authorization server may say what it
+/// likes in `expires_in`, and a time that far off is "does not expire" for every purpose.
+const LONGEST_TOKEN_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// When a token received at `received` with `lifetime` expires, never overflowing.
+pub(crate) fn expiry_after(received: SystemTime, lifetime: Duration) -> SystemTime {
+    let lifetime = lifetime.min(LONGEST_TOKEN_LIFETIME);
+    received
+        .checked_add(lifetime)
+        .unwrap_or_else(|| UNIX_EPOCH + LONGEST_TOKEN_LIFETIME)
 }
 
 impl ConnectionService {
@@ -322,6 +334,29 @@ impl ConnectionService {
                 })
             }
             other => other.map_err(ConnectionError::from),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::{LONGEST_TOKEN_LIFETIME, expiry_after};
+
+    #[test]
+    fn an_absurd_expires_in_is_a_long_lifetime_not_a_panic() {
+        let received = UNIX_EPOCH + Duration::from_secs(1_764_936_000);
+        assert_eq!(
+            expiry_after(received, Duration::from_secs(3600)),
+            received + Duration::from_secs(3600)
+        );
+        // What `expires_in` values of 2^64 - 1 and 8.3e12 seconds become.
+        for lifetime in [Duration::MAX, Duration::from_secs(8_300_000_000_000)] {
+            assert_eq!(
+                expiry_after(received, lifetime),
+                received + LONGEST_TOKEN_LIFETIME
+            );
         }
     }
 }
