@@ -7,7 +7,7 @@ use domain::{
     connection::{ConnectionCommand, ConnectionId, ConnectionStatus},
 };
 use mcp::TokensToRevoke;
-use rmcp::transport::auth::AuthError;
+use rmcp::transport::auth::{AuthError, StoredAuthorizationState};
 use service_kit::{CommandContext, Written};
 
 use crate::stores::{
@@ -237,7 +237,7 @@ impl ConnectionService {
             Err(error)
         } else {
             let context = CommandContext::user(user.clone(), request_id);
-            self.finish_authorization(&context, &user, server_id, state, params)
+            self.finish_authorization(&context, &user, server_id, state, &pending.state, params)
                 .await
         };
         CallbackOutcome {
@@ -253,6 +253,7 @@ impl ConnectionService {
         user: &UserId,
         server_id: ServerId,
         state: &str,
+        pending: &StoredAuthorizationState,
         params: CallbackParams,
     ) -> Result<(), ConnectionError> {
         let id = ConnectionId {
@@ -260,6 +261,10 @@ impl ConnectionService {
             user_id: user.clone(),
         };
         if let Some(error) = params.error {
+            // RFC 9207 §2.4: an error answer is checked like a code (`rmcp` checks only
+            // those), and before the state is spent: at a shared redirect URL a mixed-up or
+            // hostile authorization server must not fail another server's pending flow.
+            check_error_answer_issuer(pending, params.iss.as_deref())?;
             // The state is used up by this answer either way.
             let name = state_name(state).ok_or(ConnectionError::StateInvalid)?;
             if self.inner.vault.take(&name).await?.is_none() {
@@ -469,6 +474,26 @@ impl ConnectionService {
             tokens_revoked,
             written,
         })
+    }
+}
+
+/// The RFC 9207 check of an error answer's `iss`, by the rules `rmcp` applies to a code's.
+fn check_error_answer_issuer(
+    pending: &StoredAuthorizationState,
+    received: Option<&str>,
+) -> Result<(), ConnectionError> {
+    let mismatch = |expected: &str, received: &str| ConnectionError::IssuerMismatch {
+        expected: expected.to_owned(),
+        received: provider_text(received),
+    };
+    match (pending.expected_issuer.as_deref(), received) {
+        (Some(expected), Some(received)) if received != expected => {
+            Err(mismatch(expected, received))
+        }
+        (Some(expected), None) if pending.require_issuer => Err(mismatch(expected, "(no issuer)")),
+        (None, Some(received)) => Err(mismatch("(none recorded)", received)),
+        (None, None) if pending.require_issuer => Err(mismatch("(none recorded)", "(no issuer)")),
+        _ => Ok(()),
     }
 }
 

@@ -512,8 +512,24 @@ async fn a_mismatched_issuer_is_refused_and_access_denied_is_reported() {
         page.contains("declined"),
         "the page says what to do: {page}"
     );
-    let status = status(&setup, &server_id, &alice).await;
-    assert_eq!(status["status"], "auth_error", "{status}");
+    let status_now = status(&setup, &server_id, &alice).await;
+    assert_eq!(status_now["status"], "auth_error", "{status_now}");
+
+    // RFC 9207 §2.4: an error answer from another issuer is refused like a code would be,
+    // before the state is spent, and fails nothing.
+    let denying_elsewhere = OAuthFixture {
+        deny_authorization: true,
+        callback_iss_override: Some("https://evil.test".to_owned()),
+        ..OAuthFixture::notion()
+    };
+    let setup = app_with_fixture_for(Store::Jsonl, denying_elsewhere, "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let redirect = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &redirect).await;
+    assert_eq!(code, 400);
+    assert!(page.contains("oauth_issuer_mismatch"), "{page}");
+    let status_now = status(&setup, &server_id, &alice).await;
+    assert_eq!(status_now["status"], "pending", "{status_now}");
 }
 
 #[tokio::test]
