@@ -121,9 +121,7 @@ impl ConnectionService {
         let url = manager
             .get_authorization_url(&scope_refs)
             .await
-            .map_err(|e| ConnectionError::OAuthClient {
-                reason: provider_text(&e.to_string()),
-            })?;
+            .map_err(ConnectionError::from_oauth)?;
         let expires_at = self.inner.envelopes.clock().now() + self.inner.settings.state_ttl;
         let written = self
             .run(
@@ -323,11 +321,7 @@ impl ConnectionService {
                     .await?;
                 return Err(ConnectionError::TokenExchangeFailed { reason });
             }
-            Err(other) => {
-                return Err(ConnectionError::OAuthClient {
-                    reason: provider_text(&other.to_string()),
-                });
-            }
+            Err(other) => return Err(ConnectionError::from_oauth(other)),
         };
         use oauth2::TokenResponse as _;
         let stored = load_credentials(&self.inner.vault, &name).await?;

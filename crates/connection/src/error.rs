@@ -1,5 +1,6 @@
 //! The connection service's errors, each with a stable code the API maps to a status.
 use domain::DomainError;
+use rmcp::transport::auth::AuthError;
 use service_kit::CommandError;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,11 @@ pub enum ConnectionError {
     Command(CommandError),
     #[error("the vault failed: {0}")]
     Vault(#[from] vault::VaultError),
+    /// `rmcp` could not read or write the tokens or the pending authorization in the vault:
+    /// Switchboard's own failure, whose words (vault entry names, the backend's errors) are
+    /// for the log, never for a browser or an API caller.
+    #[error("the credential store failed: {reason}")]
+    CredentialStore { reason: String },
 }
 
 impl From<CommandError> for ConnectionError {
@@ -59,6 +65,23 @@ impl From<CommandError> for ConnectionError {
 }
 
 impl ConnectionError {
+    /// An `rmcp` OAuth error that has no more particular meaning where it happened: the
+    /// credential store's are Switchboard's own, the rest are the OAuth client's (the
+    /// provider's text, without control characters, cut short).
+    pub(crate) fn from_oauth(error: AuthError) -> Self {
+        match error {
+            AuthError::CredentialStoreError(reason) => ConnectionError::CredentialStore { reason },
+            other => ConnectionError::OAuthClient {
+                reason: other
+                    .to_string()
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(300)
+                    .collect(),
+            },
+        }
+    }
+
     /// The stable machine code.
     pub fn code(&self) -> &'static str {
         match self {
@@ -80,7 +103,35 @@ impl ConnectionError {
             ConnectionError::Upstream(error) => error.code(),
             ConnectionError::OAuthClient { .. } => "oauth_client_error",
             ConnectionError::Domain(error) => error.code(),
-            ConnectionError::Command(_) | ConnectionError::Vault(_) => "internal",
+            ConnectionError::Command(_)
+            | ConnectionError::Vault(_)
+            | ConnectionError::CredentialStore { .. } => "internal",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rmcp::transport::auth::AuthError;
+
+    use super::ConnectionError;
+
+    #[test]
+    fn the_credential_stores_failures_are_switchboards_own_not_the_oauth_clients() {
+        let store = ConnectionError::from_oauth(AuthError::CredentialStoreError(
+            "vault entry `connection/s/u` failed".to_owned(),
+        ));
+        assert!(
+            matches!(store, ConnectionError::CredentialStore { .. }),
+            "{store:?}"
+        );
+        assert_eq!(store.code(), "internal");
+        let provider =
+            ConnectionError::from_oauth(AuthError::InternalError("bad\u{7}metadata".to_owned()));
+        assert_eq!(provider.code(), "oauth_client_error");
+        assert!(
+            !provider.to_string().contains('\u{7}'),
+            "control characters are dropped"
+        );
     }
 }

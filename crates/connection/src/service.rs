@@ -368,9 +368,7 @@ impl ConnectionService {
         user: &UserId,
         credentials: Option<VaultCredentialStore>,
     ) -> Result<AuthorizationManager, ConnectionError> {
-        let oauth_error = |e: rmcp::transport::auth::AuthError| ConnectionError::OAuthClient {
-            reason: e.to_string().chars().take(300).collect(),
-        };
+        let oauth_error = ConnectionError::from_oauth;
         let http =
             GuardedOAuthHttp::with_allowances(self.inner.outbound.clone(), server.allowances);
         let mut manager =

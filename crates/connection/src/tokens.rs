@@ -269,6 +269,9 @@ impl ConnectionService {
                     reason: "no refresh token".to_owned(),
                 })
             }
+            Err(AuthError::CredentialStoreError(reason)) => {
+                Err(ConnectionError::CredentialStore { reason })
+            }
             Err(other) => Err(ConnectionError::RefreshUnavailable {
                 reason: other.to_string().chars().take(300).collect(),
             }),

@@ -203,11 +203,14 @@ impl From<connection::ConnectionError> for ApiError {
     fn from(error: connection::ConnectionError) -> Self {
         use connection::ConnectionError as E;
         let status = match &error {
-            E::Domain(_) | E::Command(_) | E::Vault(_) => {
+            E::Domain(_) | E::Command(_) | E::Vault(_) | E::CredentialStore { .. } => {
                 return match error {
                     E::Domain(domain) => domain.into(),
                     E::Command(command) => command.into(),
                     E::Vault(cause) => ApiError::internal(format!("vault: {cause}")),
+                    E::CredentialStore { reason } => {
+                        ApiError::internal(format!("credential store: {reason}"))
+                    }
                     _ => unreachable!("matched above"),
                 };
             }
@@ -259,5 +262,41 @@ impl From<policy::PolicyError> for ApiError {
             policy::PolicyError::Domain(domain) => domain.into(),
             policy::PolicyError::Command(command) => command.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rmcp` reports the vault failing under the tokens as a credential-store error whose
+    /// words name the vault entry: the caller gets the request id, not those words.
+    #[test]
+    fn a_credential_store_failure_is_internal_and_says_nothing_of_the_vault() {
+        let error = connection::ConnectionError::CredentialStore {
+            reason: "vault entry `connection/0190f3c4/u_alice` could not be written: disk full"
+                .to_owned(),
+        };
+        assert_eq!(error.code(), "internal");
+        let api = ApiError::from(error);
+        assert_eq!(api.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let body = api.body("req-1");
+        assert_eq!(body.error.code, "internal");
+        assert!(
+            !body.error.message.contains("connection/"),
+            "{}",
+            body.error.message
+        );
+        assert!(
+            !body.error.message.contains("disk full"),
+            "{}",
+            body.error.message
+        );
+        assert!(
+            api.internal
+                .as_deref()
+                .is_some_and(|cause| cause.contains("disk full")),
+            "the log keeps the cause"
+        );
     }
 }

@@ -419,7 +419,11 @@ async fn finish_callback(
         ),
         // The store failed: its words (entry names, paths, the backend's errors) go to the
         // log, not to a browser that need not even be signed in.
-        Err(error @ (ConnectionError::Vault(_) | ConnectionError::Command(_))) => {
+        Err(
+            error @ (ConnectionError::Vault(_)
+            | ConnectionError::Command(_)
+            | ConnectionError::CredentialStore { .. }),
+        ) => {
             let request_id = crate::error::current_request_id();
             tracing::error!(request_id = %request_id, "the OAuth callback failed: {error}");
             (
