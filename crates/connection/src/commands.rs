@@ -258,6 +258,18 @@ impl ConnectionService {
             server_id,
             user_id: user.clone(),
         };
+        // Only a connection waiting for an authorization takes one. A second flow started
+        // while the first was pending keeps a valid state; once either finished, or the user
+        // disconnected, the other is stale: its code is not exchanged (no tokens to overwrite
+        // the working ones or to linger at the provider) and its failure records nothing.
+        if !matches!(
+            self.load(&id).await?.status(),
+            ConnectionStatus::Authorizing
+        ) {
+            let name = state_name(state).ok_or(ConnectionError::StateInvalid)?;
+            self.inner.vault.take(&name).await?;
+            return Err(ConnectionError::AuthorizationSuperseded);
+        }
         if let Some(error) = params.error {
             // RFC 9207 §2.4: an error answer is checked like a code (`rmcp` checks only
             // those), and before the state is spent: at a shared redirect URL a mixed-up or
@@ -344,9 +356,18 @@ impl ConnectionService {
             )
             .await;
         if let Err(error) = recorded {
-            // The connection was not waiting for these tokens (disconnected, or too late):
-            // they must not linger.
-            let _ = self.inner.vault.delete(&name).await;
+            // The connection stopped waiting between the check above and now. Disconnected (or
+            // failed): these tokens must not linger. Connected by a flow that finished at the
+            // same moment: the entry holds that flow's tokens or these, both a grant of this
+            // user at this server, and deleting it would leave a connection reported healthy
+            // with no tokens.
+            let connected_meanwhile = matches!(
+                self.load(&id).await.map(|state| state.status()),
+                Ok(ConnectionStatus::Connected | ConnectionStatus::Unreachable)
+            );
+            if !connected_meanwhile {
+                let _ = self.inner.vault.delete(&name).await;
+            }
             return Err(error);
         }
         // Healthy after the first discovery; a server that is down now makes the connection

@@ -16,6 +16,10 @@ pub enum ConnectionError {
     #[error("this authorization was started by another user")]
     StateNotYours,
     #[error(
+        "this authorization is no longer the one the connection waits for (another one finished, or you disconnected); it was not used and nothing changed"
+    )]
+    AuthorizationSuperseded,
+    #[error(
         "this authorization answer came back to another server's redirect URL, so it was not used: the authorization server that sent it is not the one the connection started with (an RFC 9700 mix-up), or its client is registered with the wrong redirect URL"
     )]
     CallbackMismatch,
@@ -90,6 +94,7 @@ impl ConnectionError {
             ConnectionError::ServerNotRegistered => "server_not_registered",
             ConnectionError::StateInvalid => "oauth_state_invalid",
             ConnectionError::StateNotYours => "oauth_state_not_yours",
+            ConnectionError::AuthorizationSuperseded => "authorization_superseded",
             ConnectionError::CallbackMismatch => "oauth_callback_mismatch",
             ConnectionError::IssuerMismatch { .. } => "oauth_issuer_mismatch",
             ConnectionError::AuthorizationDenied { code, .. } if code == "access_denied" => {

@@ -222,6 +222,7 @@ impl From<connection::ConnectionError> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             E::StateNotYours => StatusCode::FORBIDDEN,
+            E::AuthorizationSuperseded => StatusCode::CONFLICT,
             E::CallbackMismatch => StatusCode::BAD_REQUEST,
             E::TokenExchangeFailed { .. }
             | E::RefreshUnavailable { .. }

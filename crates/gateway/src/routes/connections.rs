@@ -461,6 +461,10 @@ fn what_to_do(error: &ConnectionError) -> &'static str {
             "You declined the authorization; connect again if that was a mistake."
         }
         ConnectionError::StateInvalid => "Start connecting again from Switchboard.",
+        ConnectionError::AuthorizationSuperseded => {
+            "Switchboard shows the connection's current state; connect again only if it is not \
+             connected."
+        }
         ConnectionError::StateNotYours => {
             "Sign in as the user who started connecting, or start connecting yourself."
         }

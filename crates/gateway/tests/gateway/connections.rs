@@ -483,6 +483,56 @@ async fn a_browser_at_the_callback_sees_whose_connection_it_makes_and_can_declin
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 0);
 }
 
+/// Connect clicked three times (two tabs, the console and the CLI): the first answer to come
+/// back connects; the other flows' answers are stale. A stale code is not exchanged (no
+/// second set of tokens overwrites or deletes the working one) and a stale refusal fails
+/// nothing.
+#[tokio::test]
+async fn a_stale_authorization_neither_replaces_the_working_tokens_nor_fails_the_connection() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let first = authorize(&setup, &server_id, &alice).await;
+    let second = authorize(&setup, &server_id, &alice).await;
+    let third = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &second).await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
+
+    let (code, page) = callback(&setup, &first).await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("authorization_superseded"), "{page}");
+    assert_eq!(
+        setup.handle.token_requests_for("authorization_code"),
+        1,
+        "the stale code was not exchanged"
+    );
+    // The third tab's user pressed Deny at the provider afterwards.
+    let third = url::Url::parse(&third).expect("redirect");
+    let mut denied = third.clone();
+    denied
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(third.query_pairs().filter(|(k, _)| k != "code"))
+        .append_pair("error", "access_denied");
+    let (code, page) = callback(&setup, denied.as_str()).await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("authorization_superseded"), "{page}");
+
+    let now = status(&setup, &server_id, &alice).await;
+    assert_eq!(now["status"], "healthy", "{now}");
+    // The tokens the working flow stored are still there and still work.
+    let server = domain::ServerId::parse(&server_id).expect("server id");
+    let outcome = setup
+        .app
+        .state
+        .connections
+        .probe(server, &user_id("alice@example.com"))
+        .await
+        .expect("probe");
+    assert_eq!(outcome, connection::ProbeOutcome::Healthy);
+}
+
 #[tokio::test]
 async fn a_mismatched_issuer_is_refused_and_access_denied_is_reported() {
     let fixture = OAuthFixture {
