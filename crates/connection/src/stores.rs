@@ -31,6 +31,22 @@ pub(crate) fn refresh_lease_name(server_id: ServerId, user: &UserId) -> SecretNa
         .expect("a server id and a user key make a valid vault name")
 }
 
+/// Marks that the authorization server rejected the refresh token of the tokens' entry at
+/// `revision`: callers that waited on the refresh lease, and later ones, fail at once instead
+/// of sending the same dead refresh token again. New tokens are a new revision.
+pub(crate) fn refresh_rejected_name(
+    server_id: ServerId,
+    user: &UserId,
+    revision: Revision,
+) -> SecretName {
+    SecretName::parse(format!(
+        "connection_refresh_rejected/{server_id}/{}/{}",
+        user.key(),
+        revision.get()
+    ))
+    .expect("a server id, a user key and a number make a valid vault name")
+}
+
 /// The vault name of a `state` from a callback, or `None` if it cannot be one of ours.
 pub(crate) fn state_name(state: &str) -> Option<SecretName> {
     if state.is_empty()

@@ -20,7 +20,10 @@ use rmcp::transport::auth::{AuthError, StoredCredentials};
 use service_kit::CommandContext;
 use vault::{Secret, VaultError};
 
-use crate::stores::{VaultCredentialStore, credentials_name, load_credentials, refresh_lease_name};
+use crate::stores::{
+    VaultCredentialStore, credentials_name, load_credentials, refresh_lease_name,
+    refresh_rejected_name,
+};
 use crate::{ConnectionError, ConnectionService};
 
 /// The service name on the events a refresh records (no user asked for it).
@@ -29,6 +32,10 @@ const SERVICE: &str = "connection";
 /// How long a refresher that got `invalid_grant` waits for another refresher's tokens before
 /// it calls the grant gone.
 const RACE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a rejected refresh token is remembered: longer than any wait on the lease, and
+/// short enough that the marks of abandoned connections go by themselves.
+const REJECTION_REMEMBERED: Duration = Duration::from_secs(600);
 
 fn access_token_of(credentials: &StoredCredentials) -> Option<&str> {
     credentials
@@ -123,6 +130,17 @@ impl ConnectionService {
                 && current != stale
             {
                 return Ok(current.to_owned());
+            }
+            if self
+                .inner
+                .vault
+                .get(&refresh_rejected_name(server_id, user, revision))
+                .await?
+                .is_some()
+            {
+                return Err(ConnectionError::ReauthorizationRequired {
+                    reason: "the authorization server rejected the refresh token".to_owned(),
+                });
             }
             match self
                 .inner
@@ -248,6 +266,23 @@ impl ConnectionService {
                     return Ok(token.to_owned());
                 }
                 let reason = reason.chars().take(300).collect::<String>();
+                let rejected = refresh_rejected_name(server_id, user, before_revision);
+                match self
+                    .inner
+                    .vault
+                    .put_with_ttl(
+                        &rejected,
+                        &Secret::from_slice(b"rejected"),
+                        REJECTION_REMEMBERED,
+                    )
+                    .await
+                {
+                    Ok(_) | Err(VaultError::Conflict { .. }) => {}
+                    Err(error) => tracing::warn!(
+                        server = %server_id,
+                        "could not remember the rejected refresh token (waiters will try it once more): {error}"
+                    ),
+                }
                 self.record_auth_failure(
                     &self.service_context(),
                     &id,

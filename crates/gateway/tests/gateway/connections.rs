@@ -582,6 +582,53 @@ async fn a_mismatched_issuer_is_refused_and_access_denied_is_reported() {
     assert_eq!(status_now["status"], "pending", "{status_now}");
 }
 
+/// Eight calls find the access token refused at once and the grant revoked: one refresh
+/// request goes to the provider; the callers that waited on it, and those after, fail at once
+/// rather than sending the same dead refresh token again, one after another.
+#[tokio::test]
+async fn a_rejected_refresh_token_is_sent_once_not_once_per_waiting_caller() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    let connections = &setup.app.state.connections;
+    let stale = connections
+        .access_token(server, &alice)
+        .await
+        .expect("the stored token");
+    setup.handle.revoke_refresh_tokens();
+    setup.handle.expire_access_tokens();
+    let outcomes =
+        futures_util::future::join_all((0..8).map(|_| connections.refresh(server, &alice, &stale)))
+            .await;
+    for outcome in &outcomes {
+        assert!(
+            matches!(
+                outcome,
+                Err(connection::ConnectionError::ReauthorizationRequired { .. })
+            ),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(setup.handle.token_requests_for("refresh_token"), 1);
+    // A caller that comes later is not sent to the provider either.
+    let later = connections.refresh(server, &alice, &stale).await;
+    assert!(
+        matches!(
+            later,
+            Err(connection::ConnectionError::ReauthorizationRequired { .. })
+        ),
+        "{later:?}"
+    );
+    assert_eq!(setup.handle.token_requests_for("refresh_token"), 1);
+}
+
 #[tokio::test]
 async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_is_an_auth_error() {
     for store in STORES {
