@@ -430,9 +430,34 @@ impl ConnectionService {
             server_id,
             user_id: user.clone(),
         };
+        // Held while the tokens are read, revoked and deleted: a refresh that rotated them in
+        // between would leave its new refresh token live at the provider.
+        let tokens_revoked = self
+            .holding_refresh_lease(server_id, user, self.revoke_and_delete(&id))
+            .await?;
+        let written = self
+            .run(
+                context,
+                &id,
+                vec![ConnectionCommand::Disconnect {
+                    reason: reason.to_owned(),
+                    tokens_revoked,
+                }],
+            )
+            .await?;
+        Ok(Disconnected {
+            tokens_revoked,
+            written,
+        })
+    }
+
+    /// Revokes the connection's tokens at the provider (where it has a way) and deletes them;
+    /// whether the provider confirmed the revocation.
+    async fn revoke_and_delete(&self, id: &ConnectionId) -> Result<bool, ConnectionError> {
+        let (server_id, user) = (id.server_id, &id.user_id);
         let name = credentials_name(server_id, user);
         let credentials = load_credentials(&self.inner.vault, &name).await?;
-        let state = self.load(&id).await?;
+        let state = self.load(id).await?;
         if credentials.is_none()
             && matches!(
                 state.status(),
@@ -475,20 +500,7 @@ impl ConnectionService {
             }
             self.inner.vault.delete(&name).await?;
         }
-        let written = self
-            .run(
-                context,
-                &id,
-                vec![ConnectionCommand::Disconnect {
-                    reason: reason.to_owned(),
-                    tokens_revoked,
-                }],
-            )
-            .await?;
-        Ok(Disconnected {
-            tokens_revoked,
-            written,
-        })
+        Ok(tokens_revoked)
     }
 }
 

@@ -179,6 +179,53 @@ impl ConnectionService {
         }
     }
 
+    /// Runs `work` holding the connection's refresh lease, waiting for a refresh in flight to
+    /// finish first: no refresh rotates the tokens while `work` reads and removes them (a
+    /// disconnect must revoke the tokens that are stored, not ones a refresh replaced under
+    /// it).
+    pub(crate) async fn holding_refresh_lease<T>(
+        &self,
+        server_id: ServerId,
+        user: &UserId,
+        work: impl std::future::Future<Output = Result<T, ConnectionError>>,
+    ) -> Result<T, ConnectionError> {
+        let lease = refresh_lease_name(server_id, user);
+        let lease_ttl = self.inner.settings.refresh_lease;
+        let give_up = tokio::time::Instant::now() + lease_ttl * 2;
+        let held = loop {
+            match self
+                .inner
+                .vault
+                .put_with_ttl(&lease, &Secret::from_slice(b"held"), lease_ttl)
+                .await
+            {
+                Ok(held) => break held,
+                Err(VaultError::Conflict { .. }) => {
+                    self.inner.lease_waits.send_modify(|n| *n += 1);
+                    // Until the holder releases it, or its lease runs out (a crashed holder).
+                    let Some((_, holding)) = self.inner.vault.get(&lease).await? else {
+                        continue;
+                    };
+                    if !self.wait_for_change(&lease, holding, None, give_up).await? {
+                        return Err(ConnectionError::RefreshUnavailable {
+                            reason: "a token refresh of this connection did not finish; try again"
+                                .to_owned(),
+                        });
+                    }
+                }
+                Err(other) => return Err(other.into()),
+            }
+        };
+        let result = work.await;
+        match self.inner.vault.delete_if_revision(&lease, held).await {
+            Ok(()) | Err(VaultError::Conflict { .. }) => {}
+            Err(error) => {
+                tracing::warn!(server = %server_id, "could not release the refresh lease (it expires by itself): {error}");
+            }
+        }
+        result
+    }
+
     /// Waits until the tokens' revision is no longer `seen` (or the entry is gone) — or, with
     /// `lease`, until that lease is gone (released, or expired with a crashed holder) — at
     /// most until `until`. Returns whether it saw such a change.

@@ -895,6 +895,70 @@ async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint_on(store:
     assert_eq!(setup.handle.token_requests_for("refresh_token"), 1);
 }
 
+/// A disconnect while a refresh is at the token endpoint: the disconnect waits for it, then
+/// revokes the tokens the refresh stored, so the new refresh token does not stay live at the
+/// provider.
+#[tokio::test]
+async fn a_disconnect_during_a_refresh_revokes_the_refreshed_tokens() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    let connections = setup.app.state.connections.clone();
+    let stale = connections
+        .access_token(server, &alice)
+        .await
+        .expect("token");
+    let gate = setup.handle.pause_token_endpoint();
+    let refresh = {
+        let (connections, alice, stale) = (connections.clone(), alice.clone(), stale.clone());
+        tokio::spawn(async move { connections.refresh(server, &alice, &stale).await })
+    };
+    gate.arrived(1).await;
+    let mut waits = connections.lease_waits();
+    let release = async {
+        // The disconnect found the refresh's lease and waits (without the lease the
+        // disconnect never waits: let the refresh go after a while so the test fails on
+        // what it revoked, not by hanging).
+        let waited = tokio::time::timeout(Duration::from_secs(5), waits.wait_for(|n| *n >= 1))
+            .await
+            .is_ok();
+        gate.release();
+        waited
+    };
+    let ((code, body), waited) = tokio::join!(
+        disconnect(setup, &connected.server_id, &connected.user_token),
+        release
+    );
+    assert!(waited, "the disconnect waited for the refresh in flight");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["tokens_revoked"], true, "{body}");
+    let refreshed = refresh.await.expect("task").expect("the refresh finished");
+    assert_ne!(refreshed, stale);
+    let revoked: Vec<String> = setup
+        .handle
+        .revocations()
+        .into_iter()
+        .filter(|r| r.accepted)
+        .map(|r| r.token)
+        .collect();
+    assert!(
+        revoked.contains(&refreshed),
+        "the access token the refresh issued was revoked"
+    );
+    let names = setup.app.vault.names().await.expect("names");
+    assert!(
+        !names.iter().any(|n| n.as_str().starts_with("connection/")),
+        "nothing stored after the disconnect: {names:?}"
+    );
+}
+
 #[tokio::test]
 async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_provider() {
     for (template, fixture) in [
