@@ -497,6 +497,10 @@ impl EventLog for JetStreamLog {
     async fn last_sequence(&self, log: LogKind) -> Result<u64, EventLogError> {
         self.stream_last_sequence(log).await
     }
+
+    fn filters_where_stored(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -155,6 +155,14 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
 
     /// The sequence of the last event in `log` (0 if empty).
     async fn last_sequence(&self, log: LogKind) -> Result<u64, EventLogError>;
+
+    /// Whether a filtered read passes over non-matching events where they are stored
+    /// (JetStream filters on the server) rather than reading each one in this process (the
+    /// JSONL log scans every record). A reader that bounds its work per request must count
+    /// what it passes over, so it filters for itself where this is false.
+    fn filters_where_stored(&self) -> bool {
+        false
+    }
 }
 
 /// How long an event id is remembered for dedupe (JetStream's default duplicate window).

@@ -264,4 +264,8 @@ impl EventLog for MeteredLog {
     async fn last_sequence(&self, log: LogKind) -> Result<u64, EventLogError> {
         self.inner.last_sequence(log).await
     }
+
+    fn filters_where_stored(&self) -> bool {
+        self.inner.filters_where_stored()
+    }
 }

@@ -73,6 +73,13 @@ fn is_about_server(event: &RecordedEvent, server: &ServerId) -> bool {
 
 impl AuditFilter {
     pub fn admits(&self, event: &RecordedEvent) -> bool {
+        if self
+            .subject
+            .as_ref()
+            .is_some_and(|subject| !subject.matches(event.subject.as_str()))
+        {
+            return false;
+        }
         if !self.types.is_empty() && !self.types.iter().any(|t| *t == event.event_type) {
             return false;
         }
@@ -170,9 +177,16 @@ impl<'f> MergedHistory<'f> {
             heads: Vec::new(),
             budget,
         };
+        // A store that filters by reading every record here would pass over records the budget
+        // never counts (one page could read a whole log for a rare subject): with a budget,
+        // such a store hands over everything and the filter below counts each record.
+        let source_filter = match budget {
+            Some(_) if !log.filters_where_stored() => None,
+            _ => filter.subject.as_ref(),
+        };
         for kind in logs {
             let start = from(*kind);
-            let stream = log.read_from(*kind, start, filter.subject.as_ref()).await?;
+            let stream = log.read_from(*kind, start, source_filter).await?;
             let mut head = Head {
                 kind: *kind,
                 stream,

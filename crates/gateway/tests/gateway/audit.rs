@@ -285,27 +285,33 @@ async fn a_narrow_filter_reads_a_bounded_share_of_the_log_a_page() {
     app.append(&format!("server.{other}"), server_enabled(other))
         .await;
 
-    let query = format!("log=config&limit=10&server={other}");
-    let first = page(&app, &auditor, &query).await;
-    assert_eq!(first["events"], serde_json::json!([]), "{first}");
-    assert_eq!(first["partial"], true);
-    let next = first["next"].as_str().expect("next");
-    let passed: u64 = next.split('-').next().unwrap().parse().expect("position");
-    assert!(
-        (20_000..25_001).contains(&passed),
-        "the cursor passes what was read: {next}"
-    );
-    let second = page(&app, &auditor, &format!("{query}&cursor={next}")).await;
-    let events = second["events"].as_array().expect("events");
-    assert_eq!(events.len(), 1, "{second}");
-    assert_eq!(events[0]["position"], 25_001);
-    assert_eq!(second["partial"], false);
-    let third = page(
-        &app,
-        &auditor,
-        &format!("{query}&cursor={}", second["next"].as_str().expect("next")),
-    )
-    .await;
-    assert_eq!(third["events"], serde_json::json!([]));
-    assert_eq!(third["partial"], false, "the end of the history");
+    // The server filter is applied here; the subject filter could be handed to the store,
+    // which on JSONL would read every record past the budget's count.
+    for query in [
+        format!("log=config&limit=10&server={other}"),
+        format!("log=config&limit=10&subject=server.{other}"),
+    ] {
+        let first = page(&app, &auditor, &query).await;
+        assert_eq!(first["events"], serde_json::json!([]), "{query}: {first}");
+        assert_eq!(first["partial"], true);
+        let next = first["next"].as_str().expect("next");
+        let passed: u64 = next.split('-').next().unwrap().parse().expect("position");
+        assert!(
+            (20_000..25_001).contains(&passed),
+            "the cursor passes what was read: {next}"
+        );
+        let second = page(&app, &auditor, &format!("{query}&cursor={next}")).await;
+        let events = second["events"].as_array().expect("events");
+        assert_eq!(events.len(), 1, "{second}");
+        assert_eq!(events[0]["position"], 25_001);
+        assert_eq!(second["partial"], false);
+        let third = page(
+            &app,
+            &auditor,
+            &format!("{query}&cursor={}", second["next"].as_str().expect("next")),
+        )
+        .await;
+        assert_eq!(third["events"], serde_json::json!([]));
+        assert_eq!(third["partial"], false, "the end of the history");
+    }
 }
