@@ -10,9 +10,12 @@ use mcp::TokensToRevoke;
 use rmcp::transport::auth::{AuthError, StoredAuthorizationState};
 use service_kit::{CommandContext, Written};
 
+use vault::{Secret, VaultError};
+
+use crate::answers::AnswerNote;
 use crate::stores::{
-    STATE_ALREADY_USED, VaultCredentialStore, credentials_name, load_credentials, peek_pending,
-    state_name,
+    STATE_ALREADY_USED, VaultCredentialStore, answered_name, credentials_name, load_credentials,
+    peek_pending, state_name,
 };
 use crate::{ConnectionError, ConnectionService};
 
@@ -187,7 +190,37 @@ impl ConnectionService {
     /// Handles the authorization server's redirect back. `caller`: the signed-in user, when
     /// the request carried a token (a browser following the redirect usually does not); a
     /// `state` started by someone else is refused then, and stays usable for its owner.
+    ///
+    /// The answer runs to its end even if the request that brought it goes away (a browser
+    /// abandons the first request when Connect is pressed twice): stopped halfway, it would
+    /// leave the `state` spent and the tokens stored with nothing recorded.
     pub async fn complete_authorization(
+        &self,
+        params: CallbackParams,
+        caller: Option<&UserId>,
+        request_id: &str,
+    ) -> CallbackOutcome {
+        let service = self.clone();
+        let caller = caller.cloned();
+        let request_id = request_id.to_owned();
+        tokio::spawn(async move {
+            service
+                .answer_authorization(params, caller.as_ref(), &request_id)
+                .await
+        })
+        .await
+        .unwrap_or_else(|ended| CallbackOutcome {
+            server_id: None,
+            user_id: None,
+            result: Err(ConnectionError::Internal {
+                reason: format!(
+                    "the authorization answer's task ended without an outcome: {ended}"
+                ),
+            }),
+        })
+    }
+
+    async fn answer_authorization(
         &self,
         params: CallbackParams,
         caller: Option<&UserId>,
@@ -201,15 +234,14 @@ impl ConnectionService {
                 result: Err(ConnectionError::StateInvalid),
             };
         };
+        let _turn = self
+            .inner
+            .answer_locks
+            .turn(state, &self.inner.answer_waits)
+            .await;
         let pending = match peek_pending(&self.inner.vault, state).await {
             Ok(Some(pending)) => pending,
-            Ok(None) => {
-                return CallbackOutcome {
-                    server_id: None,
-                    user_id: None,
-                    result: Err(ConnectionError::StateInvalid),
-                };
-            }
+            Ok(None) => return self.answered_before(state, caller).await,
             Err(error) => {
                 return CallbackOutcome {
                     server_id: None,
@@ -235,13 +267,92 @@ impl ConnectionService {
             Err(error)
         } else {
             let context = CommandContext::user(user.clone(), request_id);
-            self.finish_authorization(&context, &user, server_id, state, &pending.state, params)
-                .await
+            let result = self
+                .finish_authorization(&context, &user, server_id, state, &pending.state, params)
+                .await;
+            self.note_answer(state, server_id, &user, &result).await;
+            result
         };
         CallbackOutcome {
             server_id: Some(server_id),
             user_id: Some(user),
             result,
+        }
+    }
+
+    /// Leaves what the answer came to for a repeated one, if it spent the `state` (an answer
+    /// refused before that — an issuer that does not match, say — leaves it for the real one).
+    async fn note_answer(
+        &self,
+        state: &str,
+        server_id: ServerId,
+        user: &UserId,
+        result: &Result<(), ConnectionError>,
+    ) {
+        if matches!(result, Err(ConnectionError::AnsweredBefore { .. })) {
+            return;
+        }
+        let (Some(name), Ok(None)) = (
+            answered_name(state),
+            peek_pending(&self.inner.vault, state).await,
+        ) else {
+            return;
+        };
+        let note = AnswerNote::of(server_id, user.as_str(), result);
+        let Ok(bytes) = serde_json::to_vec(&note) else {
+            return;
+        };
+        match self
+            .inner
+            .vault
+            .put_with_ttl(&name, &Secret::new(bytes), self.inner.settings.state_ttl)
+            .await
+        {
+            Ok(_) | Err(VaultError::Conflict { .. }) => {}
+            Err(error) => tracing::warn!(
+                server = %server_id,
+                "could not note the authorization's outcome (a repeated answer will call it unknown): {error}"
+            ),
+        }
+    }
+
+    /// The answer to a `state` that is no longer pending: what the answer that spent it came
+    /// to, if that is noted, else an unknown authorization.
+    async fn answered_before(&self, state: &str, caller: Option<&UserId>) -> CallbackOutcome {
+        let unknown = CallbackOutcome {
+            server_id: None,
+            user_id: None,
+            result: Err(ConnectionError::StateInvalid),
+        };
+        let Some(name) = answered_name(state) else {
+            return unknown;
+        };
+        let note = match self.inner.vault.get(&name).await {
+            Ok(Some((secret, _))) => serde_json::from_slice::<AnswerNote>(secret.expose()).ok(),
+            Ok(None) => None,
+            Err(error) => {
+                return CallbackOutcome {
+                    result: Err(error.into()),
+                    ..unknown
+                };
+            }
+        };
+        let Some(note) = note else {
+            return unknown;
+        };
+        let Ok(user) = UserId::parse(&note.user_id) else {
+            return unknown;
+        };
+        if caller.is_some_and(|caller| *caller != user) {
+            return CallbackOutcome {
+                result: Err(ConnectionError::StateNotYours),
+                ..unknown
+            };
+        }
+        CallbackOutcome {
+            server_id: Some(note.server_id),
+            user_id: Some(user),
+            result: note.result(),
         }
     }
 
@@ -321,9 +432,14 @@ impl ConnectionService {
                     received: "(no issuer)".to_owned(),
                 });
             }
-            Err(AuthError::InternalError(message))
-                if message == STATE_ALREADY_USED || message.contains("state not found") =>
-            {
+            // Another process took the `state` between the check above and the exchange (an
+            // answer sent twice, to two processes): that answer's outcome stands.
+            Err(AuthError::InternalError(message)) if message == STATE_ALREADY_USED => {
+                return Err(ConnectionError::AnsweredBefore {
+                    first: "another request answered it at the same moment".to_owned(),
+                });
+            }
+            Err(AuthError::InternalError(message)) if message.contains("state not found") => {
                 return Err(ConnectionError::StateInvalid);
             }
             Err(AuthError::TokenExchangeFailed(reason)) => {

@@ -20,6 +20,10 @@ pub enum ConnectionError {
     )]
     AuthorizationSuperseded,
     #[error(
+        "this authorization was answered already (the Connect button pressed twice?); the first answer: {first}"
+    )]
+    AnsweredBefore { first: String },
+    #[error(
         "this authorization answer came back to another server's redirect URL, so it was not used: the authorization server that sent it is not the one the connection started with (an RFC 9700 mix-up), or its client is registered with the wrong redirect URL"
     )]
     CallbackMismatch,
@@ -57,6 +61,9 @@ pub enum ConnectionError {
     /// for the log, never for a browser or an API caller.
     #[error("the credential store failed: {reason}")]
     CredentialStore { reason: String },
+    /// Switchboard's own failure elsewhere (a task that ended without its answer).
+    #[error("internal failure: {reason}")]
+    Internal { reason: String },
 }
 
 impl From<CommandError> for ConnectionError {
@@ -95,6 +102,7 @@ impl ConnectionError {
             ConnectionError::StateInvalid => "oauth_state_invalid",
             ConnectionError::StateNotYours => "oauth_state_not_yours",
             ConnectionError::AuthorizationSuperseded => "authorization_superseded",
+            ConnectionError::AnsweredBefore { .. } => "authorization_answered",
             ConnectionError::CallbackMismatch => "oauth_callback_mismatch",
             ConnectionError::IssuerMismatch { .. } => "oauth_issuer_mismatch",
             ConnectionError::AuthorizationDenied { code, .. } if code == "access_denied" => {
@@ -110,7 +118,8 @@ impl ConnectionError {
             ConnectionError::Domain(error) => error.code(),
             ConnectionError::Command(_)
             | ConnectionError::Vault(_)
-            | ConnectionError::CredentialStore { .. } => "internal",
+            | ConnectionError::CredentialStore { .. }
+            | ConnectionError::Internal { .. } => "internal",
         }
     }
 }

@@ -14,6 +14,7 @@
 //!
 //! `rmcp` does the OAuth protocol work (its authorization manager, with its state and
 //! credential stores implemented over the vault in `stores.rs`); `mcp` guards every request.
+mod answers;
 mod commands;
 mod discovery;
 mod error;

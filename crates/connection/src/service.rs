@@ -20,6 +20,7 @@ use url::Url;
 use vault::{SecretName, Vault};
 
 use crate::ConnectionError;
+use crate::answers::AnswerLocks;
 use crate::stores::{VaultCredentialStore, VaultStateStore};
 
 /// How the connection service behaves.
@@ -94,6 +95,10 @@ pub(crate) struct Inner {
     /// seams: a test changes the tools once a listener is there, and waits for the discovery).
     pub listeners_ready: watch::Sender<u64>,
     pub notice_discoveries: watch::Sender<u64>,
+    /// Answers with one `state` take turns here (see `answers.rs`); `answer_waits` counts the
+    /// answers that found another in flight (a test seam).
+    pub answer_locks: AnswerLocks,
+    pub answer_waits: watch::Sender<u64>,
 }
 
 /// A server's OAuth client as its events recorded it, with the secret from the vault.
@@ -182,6 +187,8 @@ impl ConnectionService {
                 lease_waits: watch::Sender::new(0),
                 listeners_ready: watch::Sender::new(0),
                 notice_discoveries: watch::Sender::new(0),
+                answer_locks: AnswerLocks::default(),
+                answer_waits: watch::Sender::new(0),
             }),
         }
     }
@@ -227,6 +234,11 @@ impl ConnectionService {
     /// How many times a refresh here waited for another process's (or task's) refresh.
     pub fn lease_waits(&self) -> watch::Receiver<u64> {
         self.inner.lease_waits.subscribe()
+    }
+
+    /// How many authorization answers here waited for another answer with the same `state`.
+    pub fn answer_waits(&self) -> watch::Receiver<u64> {
+        self.inner.answer_waits.subscribe()
     }
 
     /// How many tool-list listeners have been put in place so far.

@@ -5,7 +5,11 @@
 //! - `connection/<server id>/<user key>`: the tokens (`rmcp`'s `StoredCredentials`, JSON);
 //! - `oauth_state/<state>`: the pending authorization, bound to the user and the server, with
 //!   a 10-minute time-to-live, taken once;
-//! - `connection_refresh/<server id>/<user key>`: the refresh lease (see `tokens.rs`).
+//! - `oauth_state_answered/<state>`: what the answer that spent that `state` came to, for a
+//!   repeated answer, as long-lived (see `answers.rs`);
+//! - `connection_refresh/<server id>/<user key>`: the refresh lease (see `tokens.rs`);
+//! - `connection_refresh_rejected/<server id>/<user key>/<revision>`: the tokens at that
+//!   revision have a refresh token the authorization server rejected (10 minutes).
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +62,12 @@ pub(crate) fn state_name(state: &str) -> Option<SecretName> {
         return None;
     }
     SecretName::parse(format!("oauth_state/{state}")).ok()
+}
+
+/// Where the outcome of the answer that spent `state` is noted (see `answers.rs`).
+pub(crate) fn answered_name(state: &str) -> Option<SecretName> {
+    state_name(state)?;
+    SecretName::parse(format!("oauth_state_answered/{state}")).ok()
 }
 
 /// What the vault keeps for a pending authorization.

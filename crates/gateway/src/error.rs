@@ -203,7 +203,11 @@ impl From<connection::ConnectionError> for ApiError {
     fn from(error: connection::ConnectionError) -> Self {
         use connection::ConnectionError as E;
         let status = match &error {
-            E::Domain(_) | E::Command(_) | E::Vault(_) | E::CredentialStore { .. } => {
+            E::Domain(_)
+            | E::Command(_)
+            | E::Vault(_)
+            | E::CredentialStore { .. }
+            | E::Internal { .. } => {
                 return match error {
                     E::Domain(domain) => domain.into(),
                     E::Command(command) => command.into(),
@@ -211,6 +215,7 @@ impl From<connection::ConnectionError> for ApiError {
                     E::CredentialStore { reason } => {
                         ApiError::internal(format!("credential store: {reason}"))
                     }
+                    E::Internal { reason } => ApiError::internal(reason),
                     _ => unreachable!("matched above"),
                 };
             }
@@ -222,7 +227,7 @@ impl From<connection::ConnectionError> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             E::StateNotYours => StatusCode::FORBIDDEN,
-            E::AuthorizationSuperseded => StatusCode::CONFLICT,
+            E::AuthorizationSuperseded | E::AnsweredBefore { .. } => StatusCode::CONFLICT,
             E::CallbackMismatch => StatusCode::BAD_REQUEST,
             E::TokenExchangeFailed { .. }
             | E::RefreshUnavailable { .. }

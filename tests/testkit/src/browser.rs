@@ -28,21 +28,18 @@ fn unescape(text: &str) -> String {
         .replace("&amp;", "&")
 }
 
-/// Follows a redirect to Switchboard's callback at `callback_url` the way a person does:
-/// the confirmation page, then `decision` (`connect` or `cancel`). Returns the final status
-/// and page, and the confirmation page (empty if there was none: an error or a spent state
-/// ends at once).
-pub async fn follow_callback(
-    browser: &reqwest::Client,
+/// The confirmation a person sends with `decision` (`connect` or `cancel`) from the
+/// confirmation `page` that `callback_url` showed: where the form posts, and its body. `None`
+/// when the page is not the confirmation.
+#[must_use]
+pub fn confirmation_answer(
     callback_url: &str,
+    page: &str,
     decision: &str,
-) -> (u16, String, String) {
-    let landed = browser.get(callback_url).send().await.expect("callback");
-    let status = landed.status().as_u16();
-    let page = landed.text().await.expect("page");
-    let fields = confirmation_fields(&page);
-    if status != 200 || fields.is_empty() {
-        return (status, page, String::new());
+) -> Option<(url::Url, String)> {
+    let fields = confirmation_fields(page);
+    if fields.is_empty() {
+        return None;
     }
     let mut form = url::form_urlencoded::Serializer::new(String::new());
     for (name, value) in &fields {
@@ -57,14 +54,41 @@ pub async fn follow_callback(
         .expect("the confirmation form names its action");
     let action = url::Url::parse(callback_url)
         .and_then(|page_url| page_url.join(&action))
-        .expect("a URL");
-    let answered = browser
+        .ok()?;
+    Some((action, form.finish()))
+}
+
+/// Sends a confirmation as the page's form does.
+pub async fn post_confirmation(
+    browser: &reqwest::Client,
+    (action, body): (url::Url, String),
+) -> reqwest::Response {
+    browser
         .post(action)
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(form.finish())
+        .body(body)
         .send()
         .await
-        .expect("confirm");
+        .expect("confirm")
+}
+
+/// Follows a redirect to Switchboard's callback at `callback_url` the way a person does:
+/// the confirmation page, then `decision` (`connect` or `cancel`). Returns the final status
+/// and page, and the confirmation page (empty if there was none: an error or a spent state
+/// ends at once).
+pub async fn follow_callback(
+    browser: &reqwest::Client,
+    callback_url: &str,
+    decision: &str,
+) -> (u16, String, String) {
+    let landed = browser.get(callback_url).send().await.expect("callback");
+    let status = landed.status().as_u16();
+    let page = landed.text().await.expect("page");
+    let answer = confirmation_answer(callback_url, &page, decision);
+    let Some(answer) = answer.filter(|_| status == 200) else {
+        return (status, page, String::new());
+    };
+    let answered = post_confirmation(browser, answer).await;
     (
         answered.status().as_u16(),
         answered.text().await.expect("page"),

@@ -37,7 +37,7 @@ pub fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 mod tls;
-pub use browser::{confirmation_fields, follow_callback};
+pub use browser::{confirmation_answer, confirmation_fields, follow_callback, post_confirmation};
 pub use https::{FixtureServer, serve_http, serve_https, serve_https_on};
 pub use tls::{ServerCert, TestCa};
 

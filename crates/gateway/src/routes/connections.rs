@@ -422,7 +422,8 @@ async fn finish_callback(
         Err(
             error @ (ConnectionError::Vault(_)
             | ConnectionError::Command(_)
-            | ConnectionError::CredentialStore { .. }),
+            | ConnectionError::CredentialStore { .. }
+            | ConnectionError::Internal { .. }),
         ) => {
             let request_id = crate::error::current_request_id();
             tracing::error!(request_id = %request_id, "the OAuth callback failed: {error}");
@@ -461,7 +462,7 @@ fn what_to_do(error: &ConnectionError) -> &'static str {
             "You declined the authorization; connect again if that was a mistake."
         }
         ConnectionError::StateInvalid => "Start connecting again from Switchboard.",
-        ConnectionError::AuthorizationSuperseded => {
+        ConnectionError::AuthorizationSuperseded | ConnectionError::AnsweredBefore { .. } => {
             "Switchboard shows the connection's current state; connect again only if it is not \
              connected."
         }

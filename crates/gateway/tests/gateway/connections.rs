@@ -326,16 +326,35 @@ async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
             .unwrap()
             .contains("oauth_state_not_yours")
     );
-    // Alice's own callback works, once.
+    // Alice's own callback works, once: a replay exchanges nothing and shows what the first
+    // answer did (a reload, Connect pressed twice), without asking to confirm again.
     let (code, page) = callback(&setup, &redirect).await;
     assert_eq!(code, 200, "{page}");
     let (code, page) = callback(&setup, &redirect).await;
-    assert_eq!(code, 400, "a replayed state is refused");
-    assert!(page.contains("oauth_state_invalid"), "{page}");
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Connected"), "{page}");
+    assert!(!page.contains("<form"), "{page}");
     assert_eq!(
         setup.handle.token_requests_for("authorization_code"),
         1,
         "the replay never reached the token endpoint"
+    );
+    // Someone else signed in presenting it learns nothing of it.
+    let response = setup
+        .app
+        .client
+        .get(&redirect)
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(response.status(), 400);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("oauth_state_not_yours")
     );
 }
 
@@ -476,11 +495,60 @@ async fn a_browser_at_the_callback_sees_whose_connection_it_makes_and_can_declin
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 0);
     let after = status(&setup, &server_id, &mallory).await;
     assert_ne!(after["status"], "healthy", "{after}");
-    // The state is spent: the same redirect, confirmed this time, connects nothing.
+    // The state is spent: the same redirect, confirmed this time, connects nothing and says
+    // how it was answered.
     let (code, answer) = callback(&setup, &redirect).await;
     assert_eq!(code, 400, "{answer}");
-    assert!(answer.contains("oauth_state_invalid"), "{answer}");
+    assert!(answer.contains("authorization_answered"), "{answer}");
+    assert!(answer.contains("declined"), "{answer}");
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 0);
+}
+
+/// Connect pressed twice on the confirmation page: the browser abandons the first request
+/// and shows the second's page. The first answer still finishes (a request that goes away
+/// does not stop it halfway: state spent, tokens stored, nothing recorded), the code is
+/// exchanged once, and the second waits for the first and says what it did: connected.
+#[tokio::test]
+async fn connect_pressed_twice_connects_once_and_both_answers_say_connected() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let redirect = authorize(&setup, &server_id, &alice).await;
+    let landed = setup.app.client.get(&redirect).send().await.expect("land");
+    let page = landed.text().await.expect("page");
+    let answer =
+        testkit::confirmation_answer(&redirect, &page, "connect").expect("the confirmation");
+    let gate = setup.handle.pause_token_endpoint();
+    let first = {
+        let (client, answer) = (setup.app.client.clone(), answer.clone());
+        tokio::spawn(async move { testkit::post_confirmation(&client, answer).await })
+    };
+    gate.arrived(1).await;
+    // The browser gives up the first request for the second.
+    first.abort();
+    assert!(first.await.is_err(), "the first request was abandoned");
+    let mut waits = setup.app.state.connections.answer_waits();
+    let second = {
+        let client = setup.app.client.clone();
+        tokio::spawn(async move {
+            let response = testkit::post_confirmation(&client, answer).await;
+            let code = response.status().as_u16();
+            (code, response.text().await.expect("page"))
+        })
+    };
+    // Without turns the second never waits: let the first go after a while so the test
+    // fails on what the second says, not by hanging.
+    let waited = tokio::time::timeout(Duration::from_secs(5), waits.wait_for(|n| *n >= 1))
+        .await
+        .is_ok();
+    gate.release();
+    assert!(waited, "the second answer waited for the first");
+    let (code, page) = second.await.expect("task");
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Connected"), "{page}");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
+    let now = status(&setup, &server_id, &alice).await;
+    assert_eq!(now["status"], "healthy", "{now}");
 }
 
 /// Connect clicked three times (two tabs, the console and the CLI): the first answer to come
