@@ -7,7 +7,7 @@ use domain::{
     connection::{ConnectionCommand, ConnectionId, ConnectionStatus},
 };
 use mcp::TokensToRevoke;
-use rmcp::transport::auth::{AuthError, StoredAuthorizationState};
+use rmcp::transport::auth::{AuthError, StoredAuthorizationState, StoredCredentials};
 use service_kit::{CommandContext, Written};
 
 use vault::{Secret, VaultError};
@@ -411,7 +411,7 @@ impl ConnectionService {
         let server = self.server_oauth(server_id, false).await?;
         let name = credentials_name(server_id, user);
         let store = VaultCredentialStore::new(self.inner.vault.clone(), name.clone(), true);
-        let manager = self.manager(&server, user, Some(store)).await?;
+        let manager = self.manager(&server, user, Some(store.clone())).await?;
         let exchanged = manager
             .exchange_code_for_token_with_issuer(&code, state, params.iss.as_deref())
             .await;
@@ -449,7 +449,19 @@ impl ConnectionService {
                     .await?;
                 return Err(ConnectionError::TokenExchangeFailed { reason });
             }
-            Err(other) => return Err(ConnectionError::from_oauth(other)),
+            Err(other) => {
+                // Tokens issued that the vault would not take belong to nobody now: revoked,
+                // not left live at the provider (this authorization is a grant of its own).
+                if let Some(unsaved) = store.take_unsaved() {
+                    let revoked = self.revoke(server_id, &unsaved).await;
+                    tracing::warn!(
+                        server = %server_id,
+                        revoked,
+                        "the tokens of a new authorization could not be stored; asked the provider to revoke them"
+                    );
+                }
+                return Err(ConnectionError::from_oauth(other));
+            }
         };
         use oauth2::TokenResponse as _;
         let stored = load_credentials(&self.inner.vault, &name).await?;
@@ -584,39 +596,49 @@ impl ConnectionService {
         }
         let mut tokens_revoked = false;
         if let Some((credentials, _)) = &credentials {
-            match self.server_oauth(server_id, true).await {
-                Ok(server) => {
-                    use oauth2::TokenResponse as _;
-                    let token = credentials.token_response.as_ref();
-                    let outcome = mcp::revoke_tokens(
-                        &self.inner.outbound,
-                        &server.revocation_method(),
-                        &server.client_authentication(),
-                        TokensToRevoke {
-                            access_token: token.map(|t| t.access_token().secret().as_str()),
-                            refresh_token: token
-                                .and_then(|t| t.refresh_token())
-                                .map(|t| t.secret().as_str()),
-                        },
-                    )
-                    .await;
-                    match outcome {
-                        Ok(()) => tokens_revoked = true,
-                        Err(error) => tracing::warn!(
-                            server = %server_id,
-                            "the provider did not confirm the revocation: {error}"
-                        ),
-                    }
-                }
-                Err(error) => tracing::warn!(
-                    server = %server_id,
-                    code = error.code(),
-                    "cannot revoke: the server's OAuth client is unknown"
-                ),
-            }
+            tokens_revoked = self.revoke(server_id, credentials).await;
             self.inner.vault.delete(&name).await?;
         }
         Ok(tokens_revoked)
+    }
+
+    /// Revokes `credentials` at the server's provider; whether the provider confirmed it.
+    async fn revoke(&self, server_id: ServerId, credentials: &StoredCredentials) -> bool {
+        let server = match self.server_oauth(server_id, true).await {
+            Ok(server) => server,
+            Err(error) => {
+                tracing::warn!(
+                    server = %server_id,
+                    code = error.code(),
+                    "cannot revoke: the server's OAuth client is unknown"
+                );
+                return false;
+            }
+        };
+        use oauth2::TokenResponse as _;
+        let token = credentials.token_response.as_ref();
+        let outcome = mcp::revoke_tokens(
+            &self.inner.outbound,
+            &server.revocation_method(),
+            &server.client_authentication(),
+            TokensToRevoke {
+                access_token: token.map(|t| t.access_token().secret().as_str()),
+                refresh_token: token
+                    .and_then(|t| t.refresh_token())
+                    .map(|t| t.secret().as_str()),
+            },
+        )
+        .await;
+        match outcome {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(
+                    server = %server_id,
+                    "the provider did not confirm the revocation: {error}"
+                );
+                false
+            }
+        }
     }
 }
 

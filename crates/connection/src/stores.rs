@@ -168,6 +168,9 @@ pub(crate) struct VaultCredentialStore {
     pub loaded: Arc<Mutex<Option<Revision>>>,
     /// Replace whatever is there (a new authorization replaces old tokens).
     pub overwrite: bool,
+    /// Tokens `save` was given and could not store: issued, and in no vault (see
+    /// [`VaultCredentialStore::take_unsaved`]).
+    pub unsaved: Arc<Mutex<Option<StoredCredentials>>>,
 }
 
 impl VaultCredentialStore {
@@ -177,7 +180,17 @@ impl VaultCredentialStore {
             name,
             loaded: Arc::default(),
             overwrite,
+            unsaved: Arc::default(),
         }
+    }
+
+    /// The tokens the last `save` could not store, if it failed: a new authorization's
+    /// tokens then belong to nobody and are revoked rather than left live at the provider.
+    pub fn take_unsaved(&self) -> Option<StoredCredentials> {
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn set_loaded(&self, revision: Option<Revision>) {
@@ -229,11 +242,27 @@ impl CredentialStore for VaultCredentialStore {
         }
     }
 
+    /// Stores the tokens, trying a failed write again; tokens it could not store are kept
+    /// for [`VaultCredentialStore::take_unsaved`].
+    async fn save(&self, credentials: StoredCredentials) -> Result<(), AuthError> {
+        let saved = self.try_save(&credentials).await;
+        if saved.is_err() {
+            *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()) = Some(credentials);
+        }
+        saved
+    }
+
+    async fn clear(&self) -> Result<(), AuthError> {
+        self.vault.delete(&self.name).await.map_err(store_error)
+    }
+}
+
+impl VaultCredentialStore {
     /// Tries a failed write again (see [`SAVE_RETRY_PAUSES`]): after a refresh, the provider
     /// may already have revoked the refresh token these tokens replace, so tokens given up
     /// here can cost the user a new authorization.
-    async fn save(&self, credentials: StoredCredentials) -> Result<(), AuthError> {
-        let bytes = Secret::new(serde_json::to_vec(&credentials).map_err(store_error)?);
+    async fn try_save(&self, credentials: &StoredCredentials) -> Result<(), AuthError> {
+        let bytes = Secret::new(serde_json::to_vec(credentials).map_err(store_error)?);
         let mut pauses = SAVE_RETRY_PAUSES.iter();
         let mut failed_before = false;
         loop {
@@ -271,9 +300,5 @@ impl CredentialStore for VaultCredentialStore {
                 Err(other) => return Err(store_error(other)),
             }
         }
-    }
-
-    async fn clear(&self) -> Result<(), AuthError> {
-        self.vault.delete(&self.name).await.map_err(store_error)
     }
 }

@@ -816,6 +816,70 @@ async fn rotated_tokens_reach_the_vault_through_failed_writes_on(store: Store) {
     assert_no_secret_on_disk(setup);
 }
 
+/// A provider that says its access tokens live for 263,000 years (`expires_in`
+/// 8,300,000,000,000): the connection is healthy, its tokens expire within a century, and no
+/// time on the way (the event, the status) panics or goes out of range.
+#[tokio::test]
+async fn an_absurd_token_lifetime_from_the_provider_connects_with_a_century() {
+    let fixture = OAuthFixture {
+        access_token_lifetime: Duration::from_secs(8_300_000_000_000),
+        ..OAuthFixture::notion()
+    };
+    let connected = connect(Store::Jsonl, fixture, "notion", "alice@example.com").await;
+    let setup = &connected.setup;
+    let now = status(setup, &connected.server_id, &connected.user_token).await;
+    assert_eq!(now["status"], "healthy", "{now}");
+    let expires = now["access_token_expires_at"].as_str().expect("an expiry");
+    let year: i32 = expires[..4].parse().expect("a four-digit year");
+    let this_year: i32 = chrono::Utc::now().format("%Y").to_string().parse().unwrap();
+    assert!(
+        (this_year + 99..=this_year + 100).contains(&year),
+        "{expires}"
+    );
+}
+
+/// The vault fails while a new authorization's tokens are stored (every try): the browser
+/// hears it went wrong on Switchboard's side (a request id, no entry names), and the tokens
+/// the provider issued are revoked there rather than left live with nobody holding them.
+#[tokio::test]
+async fn a_new_authorizations_tokens_the_vault_refuses_are_revoked_not_left_live() {
+    captured_logs();
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let redirect = authorize(&setup, &server_id, &alice).await;
+    // The write and its three tries.
+    setup.app.vault_faults.fail_next_writes("connection/", 4);
+    let (code, page) = callback(&setup, &redirect).await;
+    assert_eq!(code, 500, "{page}");
+    assert!(page.contains("request id"), "{page}");
+    assert!(!page.contains("connection/"), "{page}");
+    assert_eq!(setup.app.vault_faults.failed(), 4);
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
+    let issued = setup.handle.issued_secrets();
+    let revoked: Vec<String> = setup
+        .handle
+        .revocations()
+        .into_iter()
+        .filter(|r| r.accepted)
+        .map(|r| r.token)
+        .collect();
+    assert_eq!(
+        revoked.len(),
+        2,
+        "the access and the refresh token: {revoked:?}"
+    );
+    assert!(revoked.iter().all(|token| issued.contains(token)));
+    let names = setup.app.vault.names().await.expect("names");
+    assert!(
+        !names.iter().any(|n| n.as_str().starts_with("connection/")),
+        "{names:?}"
+    );
+    let now = status(&setup, &server_id, &alice).await;
+    assert_ne!(now["status"], "healthy", "{now}");
+    assert_no_secret_on_disk(&setup);
+}
+
 #[tokio::test]
 async fn an_unreachable_server_recovers_to_healthy() {
     for store in STORES {
