@@ -52,8 +52,9 @@ pub(crate) fn server_id(text: &str) -> Result<domain::ServerId, crate::ApiError>
 }
 
 /// A time as the API writes it: RFC 3339, UTC, milliseconds. Times beyond what RFC 3339 can
-/// write (an expiry a provider set absurdly far off) are written as the latest it can, never
-/// a panic (chrono's `From<SystemTime>` panics on them).
+/// write (years 0000 to 9999; an expiry a provider set absurdly far off) are written as the
+/// latest (earliest) it can, never a panic (chrono's `From<SystemTime>` panics on them) nor
+/// chrono's `+262143-…`, which no RFC 3339 parser reads.
 pub(crate) fn rfc3339(time: std::time::SystemTime) -> String {
     use chrono::{DateTime, Utc};
     let written = match time.duration_since(std::time::UNIX_EPOCH) {
@@ -70,7 +71,12 @@ pub(crate) fn rfc3339(time: std::time::SystemTime) -> String {
             })
             .unwrap_or(DateTime::<Utc>::MIN_UTC),
     };
-    written.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    // 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z.
+    let earliest = DateTime::<Utc>::from_timestamp(-62_167_219_200, 0).unwrap_or_default();
+    let latest = DateTime::<Utc>::from_timestamp(253_402_300_799, 999_000_000).unwrap_or_default();
+    written
+        .clamp(earliest, latest)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Every route the API serves, with its access. A capability adds its module's table here.
@@ -121,12 +127,17 @@ mod tests {
     fn a_time_too_far_off_for_rfc_3339_is_written_as_the_latest_not_a_panic() {
         // A provider's `expires_in` of 8.3e12 seconds: past year 262,143.
         let far = SystemTime::now() + Duration::from_secs(8_300_000_000_000);
-        let written = rfc3339(far);
-        assert!(written.starts_with('+'), "{written}");
-        assert_eq!(
-            written,
-            chrono::DateTime::<chrono::Utc>::MAX_UTC
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        );
+        assert_eq!(rfc3339(far), "9999-12-31T23:59:59.999Z");
+        // Past year 9999 and within chrono's range: still the latest RFC 3339 writes.
+        let year_20000 = UNIX_EPOCH + Duration::from_secs(569_000_000_000);
+        assert_eq!(rfc3339(year_20000), "9999-12-31T23:59:59.999Z");
+        let long_ago = UNIX_EPOCH - Duration::from_secs(100_000_000_000);
+        assert_eq!(rfc3339(long_ago), "0000-01-01T00:00:00.000Z");
+        for written in [rfc3339(far), rfc3339(long_ago)] {
+            assert!(
+                chrono::DateTime::parse_from_rfc3339(&written).is_ok(),
+                "{written}"
+            );
+        }
     }
 }
