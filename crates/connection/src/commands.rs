@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use domain::{
     ApiConnectionStatus, ServerId, TokenFingerprint, UserId,
-    connection::{ConnectionCommand, ConnectionId, ConnectionStatus},
+    connection::{ConnectionCommand, ConnectionId, ConnectionStatus, flow_of_state},
 };
 use mcp::TokensToRevoke;
 use rmcp::transport::auth::{AuthError, StoredAuthorizationState, StoredCredentials};
@@ -125,12 +125,24 @@ impl ConnectionService {
             .get_authorization_url(&scope_refs)
             .await
             .map_err(ConnectionError::from_oauth)?;
+        // The flow is recorded by its `state`'s fingerprint, which `rmcp` put in the URL.
+        let flow = url::Url::parse(&url)
+            .ok()
+            .and_then(|url| {
+                url.query_pairs()
+                    .find(|(name, _)| name == "state")
+                    .map(|(_, state)| flow_of_state(&state))
+            })
+            .ok_or_else(|| ConnectionError::OAuthClient {
+                reason: "the authorization URL carries no state".to_owned(),
+            })?;
         let expires_at = self.inner.envelopes.clock().now() + self.inner.settings.state_ttl;
         let written = self
             .run(
                 context,
                 &id,
                 vec![ConnectionCommand::StartConnection {
+                    flow,
                     requested_scopes: scopes,
                     authorization_expires_at: expires_at,
                 }],
@@ -280,6 +292,27 @@ impl ConnectionService {
         }
     }
 
+    /// Records a flow's failed answer; a flow that stopped being awaited meanwhile (another
+    /// answer connected, the user disconnected) is stale, and its failure records nothing.
+    async fn record_answer_failure(
+        &self,
+        context: &CommandContext,
+        id: &ConnectionId,
+        flow: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<(), ConnectionError> {
+        match self
+            .record_auth_failure(context, id, Some(flow), code, message)
+            .await
+        {
+            Err(ConnectionError::Domain(domain::DomainError::ConnectionNotAuthorizing)) => {
+                Err(ConnectionError::AuthorizationSuperseded)
+            }
+            other => other,
+        }
+    }
+
     /// Leaves what the answer came to for a repeated one, if it spent the `state` (an answer
     /// refused before that — an issuer that does not match, say — leaves it for the real one).
     async fn note_answer(
@@ -369,14 +402,13 @@ impl ConnectionService {
             server_id,
             user_id: user.clone(),
         };
-        // Only a connection waiting for an authorization takes one. A second flow started
+        // Only a connection waiting for this flow's answer takes it. A second flow started
         // while the first was pending keeps a valid state; once either finished, or the user
         // disconnected, the other is stale: its code is not exchanged (no tokens to overwrite
         // the working ones or to linger at the provider) and its failure records nothing.
-        if !matches!(
-            self.load(&id).await?.status(),
-            ConnectionStatus::Authorizing
-        ) {
+        // One flow's refusal while another waits fails nothing either (see `PendingFlows`).
+        let flow = flow_of_state(state);
+        if !self.load(&id).await?.awaits_flow(&flow) {
             let name = state_name(state).ok_or(ConnectionError::StateInvalid)?;
             self.inner.vault.take(&name).await?;
             return Err(ConnectionError::AuthorizationSuperseded);
@@ -393,9 +425,10 @@ impl ConnectionService {
             }
             let code = provider_text(&error);
             let description = params.error_description.as_deref().map(provider_text);
-            self.record_auth_failure(
+            self.record_answer_failure(
                 context,
                 &id,
+                &flow,
                 &code,
                 description.as_deref().unwrap_or_default(),
             )
@@ -445,7 +478,7 @@ impl ConnectionService {
             Err(AuthError::TokenExchangeFailed(reason)) => {
                 let reason = provider_text(&reason);
                 let code = oauth_error_code(&reason).unwrap_or("token_exchange_failed");
-                self.record_auth_failure(context, &id, code, &reason)
+                self.record_answer_failure(context, &id, &flow, code, &reason)
                     .await?;
                 return Err(ConnectionError::TokenExchangeFailed { reason });
             }
@@ -474,6 +507,7 @@ impl ConnectionService {
                 context,
                 &id,
                 vec![ConnectionCommand::CompleteAuthorization {
+                    flow,
                     granted_scopes,
                     access_token_expires_at: token
                         .expires_in()

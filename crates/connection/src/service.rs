@@ -287,6 +287,7 @@ impl ConnectionService {
         &self,
         context: &CommandContext,
         id: &ConnectionId,
+        flow: Option<&str>,
         code: &str,
         message: &str,
     ) -> Result<(), ConnectionError> {
@@ -294,6 +295,7 @@ impl ConnectionService {
             context,
             id,
             vec![ConnectionCommand::RecordAuthFailure {
+                flow: flow.map(str::to_owned),
                 error_code: code.to_owned(),
                 message: message.to_owned(),
             }],

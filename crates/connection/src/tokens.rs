@@ -333,6 +333,7 @@ impl ConnectionService {
                 self.record_auth_failure(
                     &self.service_context(),
                     &id,
+                    None,
                     "invalid_grant",
                     "the authorization server rejected the refresh token",
                 )
@@ -343,6 +344,7 @@ impl ConnectionService {
                 self.record_auth_failure(
                     &self.service_context(),
                     &id,
+                    None,
                     "invalid_token",
                     "the access token was refused and there is no refresh token",
                 )
@@ -376,6 +378,7 @@ impl ConnectionService {
         self.record_auth_failure(
             &self.service_context(),
             &id,
+            None,
             "insufficient_scope",
             &required_scope.chars().take(300).collect::<String>(),
         )
@@ -410,6 +413,7 @@ impl ConnectionService {
                 self.record_auth_failure(
                     &self.service_context(),
                     &id,
+                    None,
                     "invalid_token",
                     "the server refused a freshly refreshed token",
                 )

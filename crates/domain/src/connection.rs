@@ -82,14 +82,77 @@ pub struct ConnectionState {
     token_fingerprint: String,
     has_refresh_token: bool,
     last_auth_error_code: String,
+    pending_flows: PendingFlows,
     /// Tool name → definition hash, as last discovered; `None` until the first discovery of
     /// this connection (reset by a disconnect).
     tools: Option<BTreeMap<String, String>>,
 }
 
+/// Connect pressed more often than this keeps only the newest flows' answers usable.
+const MAX_PENDING_FLOWS: usize = 16;
+
+/// The authorization flows started since a connection last connected or disconnected
+/// (newest last, at most [`MAX_PENDING_FLOWS`]): only their answers finish it, and one
+/// flow's refusal fails it only when no other flow is waiting. An empty flow is one an older
+/// version started without recording it; any answer may finish that.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct PendingFlows(Vec<String>);
+
+impl PendingFlows {
+    /// A flow started (`ConnectionStarted`); `waiting`: the connection already waited for
+    /// an authorization (else earlier flows are over).
+    pub fn started(&mut self, flow: &str, waiting: bool) {
+        if !waiting {
+            self.0.clear();
+        }
+        self.0.retain(|pending| pending != flow);
+        self.0.push(flow.to_owned());
+        if self.0.len() > MAX_PENDING_FLOWS {
+            self.0.remove(0);
+        }
+    }
+
+    /// A failure (`ConnectionAuthFailed` of `flow`, empty for the tokens'): whether the
+    /// connection fails, or still waits for another flow's answer.
+    pub fn failed(&mut self, flow: &str, waiting: bool) -> bool {
+        self.0.retain(|pending| pending != flow);
+        let fails = flow.is_empty() || !waiting || self.0.is_empty();
+        if fails {
+            self.0.clear();
+        }
+        fails
+    }
+
+    /// The connection connected, or disconnected: every flow is over.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    pub fn contains(&self, flow: &str) -> bool {
+        self.0
+            .iter()
+            .any(|pending| pending == flow || pending.is_empty())
+    }
+
+    fn newest(&self) -> Option<&String> {
+        self.0.last()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl ConnectionState {
     pub fn status(&self) -> ConnectionStatus {
         self.status
+    }
+
+    /// Whether an answer of `flow` may finish (or fail) the connection: it waits for an
+    /// authorization and `flow` started since it last connected or disconnected.
+    pub fn awaits_flow(&self, flow: &str) -> bool {
+        self.status == ConnectionStatus::Authorizing && self.pending_flows.contains(flow)
     }
 
     pub fn granted_scopes(&self) -> &[String] {
@@ -126,6 +189,8 @@ impl Aggregate for ConnectionState {
     fn apply(&mut self, event: &Event) {
         match event {
             Event::ConnectionStarted(started) => {
+                self.pending_flows
+                    .started(&started.flow, self.status == ConnectionStatus::Authorizing);
                 self.status = ConnectionStatus::Authorizing;
                 self.requested_scopes.clone_from(&started.requested_scopes);
                 self.authorization_expires_at =
@@ -141,6 +206,7 @@ impl Aggregate for ConnectionState {
                 self.has_refresh_token = established.has_refresh_token;
                 self.authorization_expires_at = None;
                 self.last_auth_error_code.clear();
+                self.pending_flows.clear();
             }
             Event::TokensRefreshed(refreshed) => {
                 if self.status == ConnectionStatus::AuthError {
@@ -154,8 +220,12 @@ impl Aggregate for ConnectionState {
                     .clone_from(&refreshed.token_fingerprint);
             }
             Event::ConnectionAuthFailed(failed) => {
-                self.status = ConnectionStatus::AuthError;
-                self.last_auth_error_code.clone_from(&failed.error_code);
+                // One flow's refusal leaves the connection waiting for the others' answers.
+                let waiting = self.status == ConnectionStatus::Authorizing;
+                if self.pending_flows.failed(&failed.flow, waiting) {
+                    self.status = ConnectionStatus::AuthError;
+                    self.last_auth_error_code.clone_from(&failed.error_code);
+                }
             }
             Event::ConnectionUnreachable(_) => self.status = ConnectionStatus::Unreachable,
             Event::ConnectionRecovered(_) if self.status == ConnectionStatus::Unreachable => {
@@ -186,11 +256,14 @@ impl Aggregate for ConnectionState {
 pub enum ConnectionCommand {
     /// The user begins the OAuth flow (its `state` and PKCE verifier go to the vault).
     StartConnection {
+        /// The flow's id: [`flow_of_state`] of its `state`.
+        flow: String,
         requested_scopes: Vec<String>,
         authorization_expires_at: SystemTime,
     },
-    /// The authorization server issued tokens for the pending authorization.
+    /// The authorization server issued tokens for the pending authorization `flow`.
     CompleteAuthorization {
+        flow: String,
         granted_scopes: Vec<String>,
         access_token_expires_at: Option<SystemTime>,
         token_fingerprint: TokenFingerprint,
@@ -202,9 +275,13 @@ pub enum ConnectionCommand {
         token_fingerprint: TokenFingerprint,
         refresh_token_rotated: bool,
     },
-    /// The authorization or a refresh failed (`error_code`: RFC 6749 §5.2 or a Switchboard
-    /// code, e.g. `invalid_grant`).
-    RecordAuthFailure { error_code: String, message: String },
+    /// The authorization flow `flow` (`None`: the connection's tokens, a refresh) failed
+    /// (`error_code`: RFC 6749 §5.2 or a Switchboard code, e.g. `invalid_grant`).
+    RecordAuthFailure {
+        flow: Option<String>,
+        error_code: String,
+        message: String,
+    },
     /// A health check did not reach the server.
     RecordUnreachable { reason: String },
     /// A health check reached the server again.
@@ -215,6 +292,12 @@ pub enum ConnectionCommand {
         reason: String,
         tokens_revoked: bool,
     },
+}
+
+/// The id an authorization flow is recorded under: 16 hex digits of SHA-256 of its OAuth
+/// `state`, which tells flows apart without writing the state down.
+pub fn flow_of_state(state: &str) -> String {
+    TokenFingerprint::of(state).as_str().to_owned()
 }
 
 /// Decides a command for the connection `id` at time `now`.
@@ -229,12 +312,14 @@ pub fn decide(
     let user_id = || id.user_id.as_str().to_owned();
     match command {
         ConnectionCommand::StartConnection {
+            flow,
             requested_scopes,
             authorization_expires_at,
         } => match state.status {
             Status::Connected | Status::Unreachable => Err(DomainError::AlreadyConnected),
             Status::Authorizing
-                if state.requested_scopes == requested_scopes
+                if state.pending_flows.newest() == Some(&flow)
+                    && state.requested_scopes == requested_scopes
                     && state.authorization_expires_at == Some(authorization_expires_at) =>
             {
                 Ok(vec![])
@@ -244,9 +329,11 @@ pub fn decide(
                 user_id: user_id(),
                 requested_scopes,
                 authorization_expires_at: Some(to_timestamp(authorization_expires_at)),
+                flow,
             })]),
         },
         ConnectionCommand::CompleteAuthorization {
+            flow,
             granted_scopes,
             access_token_expires_at,
             token_fingerprint,
@@ -257,7 +344,7 @@ pub fn decide(
             {
                 return Ok(vec![]);
             }
-            if state.status != Status::Authorizing {
+            if !state.awaits_flow(&flow) {
                 return Err(DomainError::ConnectionNotAuthorizing);
             }
             if state
@@ -274,6 +361,7 @@ pub fn decide(
                     access_token_expires_at: access_token_expires_at.map(to_timestamp),
                     token_fingerprint: token_fingerprint.as_str().to_owned(),
                     has_refresh_token,
+                    flow,
                 },
             )])
         }
@@ -302,6 +390,25 @@ pub fn decide(
             })])
         }
         ConnectionCommand::RecordAuthFailure {
+            flow: Some(flow),
+            error_code,
+            message,
+        } => {
+            if !state.awaits_flow(&flow) {
+                return Err(DomainError::ConnectionNotAuthorizing);
+            }
+            Ok(vec![Event::ConnectionAuthFailed(
+                pb::ConnectionAuthFailed {
+                    server_id: server_id(),
+                    user_id: user_id(),
+                    error_code,
+                    message,
+                    flow,
+                },
+            )])
+        }
+        ConnectionCommand::RecordAuthFailure {
+            flow: None,
             error_code,
             message,
         } => match state.status {
@@ -313,6 +420,7 @@ pub fn decide(
                     user_id: user_id(),
                     error_code,
                     message,
+                    flow: String::new(),
                 },
             )]),
         },
@@ -428,17 +536,23 @@ mod tests {
 
     fn start(expires: u64) -> ConnectionCommand {
         ConnectionCommand::StartConnection {
+            flow: "f1".into(),
             requested_scopes: vec!["repo".into()],
             authorization_expires_at: at(expires),
         }
     }
 
     fn started(expires: u64) -> Event {
+        started_as("f1", expires)
+    }
+
+    fn started_as(flow: &str, expires: u64) -> Event {
         Event::ConnectionStarted(pb::ConnectionStarted {
             server_id: id().server_id.to_string(),
             user_id: "alice@example.com".into(),
             requested_scopes: vec!["repo".into()],
             authorization_expires_at: Some(to_timestamp(at(expires))),
+            flow: flow.into(),
         })
     }
 
@@ -447,7 +561,12 @@ mod tests {
     }
 
     fn complete(token: &str) -> ConnectionCommand {
+        complete_as("f1", token)
+    }
+
+    fn complete_as(flow: &str, token: &str) -> ConnectionCommand {
         ConnectionCommand::CompleteAuthorization {
+            flow: flow.into(),
             granted_scopes: vec!["repo".into()],
             access_token_expires_at: Some(at(5_000)),
             token_fingerprint: fingerprint(token),
@@ -456,6 +575,10 @@ mod tests {
     }
 
     fn established(token: &str) -> Event {
+        established_as("f1", token)
+    }
+
+    fn established_as(flow: &str, token: &str) -> Event {
         Event::ConnectionEstablished(pb::ConnectionEstablished {
             server_id: id().server_id.to_string(),
             user_id: "alice@example.com".into(),
@@ -463,6 +586,7 @@ mod tests {
             access_token_expires_at: Some(to_timestamp(at(5_000))),
             token_fingerprint: fingerprint(token).as_str().to_owned(),
             has_refresh_token: true,
+            flow: flow.into(),
         })
     }
 
@@ -479,12 +603,25 @@ mod tests {
     }
 
     fn auth_failed(code: &str) -> Event {
+        auth_failed_as("", code)
+    }
+
+    fn auth_failed_as(flow: &str, code: &str) -> Event {
         Event::ConnectionAuthFailed(pb::ConnectionAuthFailed {
             server_id: id().server_id.to_string(),
             user_id: "alice@example.com".into(),
             error_code: code.into(),
             message: "refresh token expired".into(),
+            flow: flow.into(),
         })
+    }
+
+    fn refuse_as(flow: &str, code: &str) -> ConnectionCommand {
+        ConnectionCommand::RecordAuthFailure {
+            flow: Some(flow.into()),
+            error_code: code.into(),
+            message: "refresh token expired".into(),
+        }
     }
 
     fn tool(name: &str, hash: &str) -> pb::ToolDefinition {
@@ -679,6 +816,7 @@ mod tests {
     #[test]
     fn auth_failures_are_recorded_when_they_change() {
         let failure = |code: &str| ConnectionCommand::RecordAuthFailure {
+            flow: None,
             error_code: code.into(),
             message: "refresh token expired".into(),
         };
@@ -697,12 +835,79 @@ mod tests {
             .when(decide_at(4_001, failure("invalid_client")))
             .then([auth_failed("invalid_client")]);
         // A user who refused consent ends the flow in an auth error.
-        Scenario::<ConnectionState>::given([started(1_600)])
-            .when(decide_at(1_100, failure("access_denied")))
-            .then([auth_failed("access_denied")]);
+        let state = Scenario::<ConnectionState>::given([started(1_600)])
+            .when(decide_at(1_100, refuse_as("f1", "access_denied")))
+            .then([auth_failed_as("f1", "access_denied")]);
+        assert_eq!(state.status(), ConnectionStatus::AuthError);
+        assert_eq!(state.last_auth_error_code(), "access_denied");
         Scenario::<ConnectionState>::given([])
             .when(decide_at(1_100, failure("invalid_grant")))
             .then_error("not_connected");
+    }
+
+    #[test]
+    fn a_refusal_of_one_flow_leaves_the_connection_waiting_for_the_others() {
+        // Connect pressed twice; the person says no in one tab and yes in the other.
+        let both = [started_as("f1", 1_600), started_as("f2", 1_700)];
+        let state = Scenario::<ConnectionState>::given(both.clone())
+            .when(decide_at(1_100, refuse_as("f1", "access_denied")))
+            .then([auth_failed_as("f1", "access_denied")]);
+        assert_eq!(state.status(), ConnectionStatus::Authorizing);
+        assert!(!state.awaits_flow("f1") && state.awaits_flow("f2"));
+        let mut refused_one = both.to_vec();
+        refused_one.push(auth_failed_as("f1", "access_denied"));
+        Scenario::<ConnectionState>::given(refused_one.clone())
+            .when(decide_at(1_200, complete_as("f2", "token-2")))
+            .then([established_as("f2", "token-2")]);
+        Scenario::<ConnectionState>::given(refused_one.clone())
+            .when(decide_at(1_200, complete_as("f1", "token-1")))
+            .then_error("connection_not_authorizing");
+        // The last flow's refusal fails the connection.
+        let state = Scenario::<ConnectionState>::given(refused_one)
+            .when(decide_at(1_200, refuse_as("f2", "access_denied")))
+            .then([auth_failed_as("f2", "access_denied")]);
+        assert_eq!(state.status(), ConnectionStatus::AuthError);
+        // Once one flow connected, the other's answers finish and fail nothing.
+        let mut connected_by_one = both.to_vec();
+        connected_by_one.push(established_as("f2", "token-2"));
+        Scenario::<ConnectionState>::given(connected_by_one.clone())
+            .when(decide_at(1_200, refuse_as("f1", "access_denied")))
+            .then_error("connection_not_authorizing");
+        Scenario::<ConnectionState>::given(connected_by_one)
+            .when(decide_at(1_200, complete_as("f1", "token-1")))
+            .then_error("connection_not_authorizing");
+    }
+
+    #[test]
+    fn a_flow_started_before_a_disconnect_finishes_nothing_after_it() {
+        let disconnected = Event::ConnectionDisconnected(pb::ConnectionDisconnected {
+            server_id: id().server_id.to_string(),
+            user_id: "alice@example.com".into(),
+            reason: "user".into(),
+            tokens_revoked: false,
+        });
+        let history = [
+            started_as("f1", 1_600),
+            disconnected,
+            started_as("f2", 1_700),
+        ];
+        Scenario::<ConnectionState>::given(history.clone())
+            .when(decide_at(1_200, complete_as("f1", "token-1")))
+            .then_error("connection_not_authorizing");
+        Scenario::<ConnectionState>::given(history.clone())
+            .when(decide_at(1_200, refuse_as("f1", "access_denied")))
+            .then_error("connection_not_authorizing");
+        Scenario::<ConnectionState>::given(history)
+            .when(decide_at(1_200, complete_as("f2", "token-2")))
+            .then([established_as("f2", "token-2")]);
+    }
+
+    #[test]
+    fn a_flow_an_older_version_started_is_answered_as_before() {
+        // Its `ConnectionStarted` names no flow: any answer may finish it.
+        Scenario::<ConnectionState>::given([started_as("", 1_600)])
+            .when(decide_at(1_200, complete_as("f9", "token-1")))
+            .then([established_as("f9", "token-1")]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use proto::v1::{Envelope, envelope::Event};
 
 use crate::ServerId;
-use crate::connection::ConnectionStatus;
+use crate::connection::{ConnectionStatus, PendingFlows};
 use crate::time::{from_optional_timestamp, from_timestamp};
 
 /// One connection as the API shows it.
@@ -26,6 +26,9 @@ pub struct ConnectionView {
     pub access_token_expires_at: Option<SystemTime>,
     /// How many tools the last discovery found; `None` before the first discovery.
     pub tool_count: Option<usize>,
+    /// The authorization flows it waits for (as the aggregate keeps them).
+    #[serde(default, skip_serializing_if = "PendingFlows::is_empty")]
+    pub pending_flows: PendingFlows,
 }
 
 /// What the API calls a connection's status.
@@ -151,14 +154,18 @@ impl ConnectionDirectory {
                 granted_scopes: Vec::new(),
                 access_token_expires_at: None,
                 tool_count: None,
+                pending_flows: PendingFlows::default(),
             });
         let before = view.status;
         match event {
-            Event::ConnectionStarted(_) => {
+            Event::ConnectionStarted(e) => {
+                view.pending_flows
+                    .started(&e.flow, view.status == ConnectionStatus::Authorizing);
                 view.status = ConnectionStatus::Authorizing;
                 view.reason.clear();
             }
             Event::ConnectionEstablished(e) => {
+                view.pending_flows.clear();
                 view.status = ConnectionStatus::Connected;
                 view.reason.clear();
                 view.granted_scopes.clone_from(&e.granted_scopes);
@@ -177,12 +184,16 @@ impl ConnectionDirectory {
                     from_optional_timestamp(e.access_token_expires_at.as_ref());
             }
             Event::ConnectionAuthFailed(e) => {
-                view.status = ConnectionStatus::AuthError;
-                view.reason = if e.message.is_empty() {
-                    e.error_code.clone()
-                } else {
-                    format!("{}: {}", e.error_code, e.message)
-                };
+                // One flow's refusal leaves the connection waiting for another's answer.
+                let waiting = view.status == ConnectionStatus::Authorizing;
+                if view.pending_flows.failed(&e.flow, waiting) {
+                    view.status = ConnectionStatus::AuthError;
+                    view.reason = if e.message.is_empty() {
+                        e.error_code.clone()
+                    } else {
+                        format!("{}: {}", e.error_code, e.message)
+                    };
+                }
             }
             Event::ConnectionUnreachable(e) => {
                 view.status = ConnectionStatus::Unreachable;
@@ -263,6 +274,43 @@ mod tests {
         assert_eq!(view.api_status(false), ApiConnectionStatus::Disabled);
         assert_eq!(directory.of_server(server).count(), 1);
         assert_eq!(directory.of_server(ServerId::new()).count(), 0);
+    }
+
+    #[test]
+    fn one_flows_refusal_shows_pending_while_another_flow_waits() {
+        let server = ServerId::new();
+        let (s, u) = (server.to_string(), "alice".to_owned());
+        let started = |flow: &str| {
+            Event::ConnectionStarted(pb::ConnectionStarted {
+                server_id: s.clone(),
+                user_id: u.clone(),
+                flow: flow.into(),
+                ..Default::default()
+            })
+        };
+        let refused = |flow: &str| {
+            Event::ConnectionAuthFailed(pb::ConnectionAuthFailed {
+                server_id: s.clone(),
+                user_id: u.clone(),
+                error_code: "access_denied".into(),
+                flow: flow.into(),
+                ..Default::default()
+            })
+        };
+        let mut directory = fold(vec![
+            (started("f1"), 1),
+            (started("f2"), 2),
+            (refused("f1"), 3),
+        ]);
+        let view = directory.get(server, "alice").unwrap();
+        assert_eq!(view.api_status(true), ApiConnectionStatus::Pending);
+        assert!(view.reason.is_empty());
+        // It survives a checkpoint: the next refusal, of the last flow, fails it.
+        directory = serde_json::from_str(&serde_json::to_string(&directory).unwrap()).unwrap();
+        directory.apply(&envelope(refused("f2"), 4));
+        let view = directory.get(server, "alice").unwrap();
+        assert_eq!(view.api_status(true), ApiConnectionStatus::AuthError);
+        assert!(view.reason.starts_with("access_denied"), "{}", view.reason);
     }
 
     #[test]

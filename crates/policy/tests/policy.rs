@@ -170,6 +170,7 @@ impl Harness {
             user,
             server,
             ConnectionCommand::StartConnection {
+                flow: "flow".to_owned(),
                 requested_scopes: vec![],
                 authorization_expires_at: std::time::SystemTime::now() + Duration::from_secs(600),
             },
@@ -179,6 +180,7 @@ impl Harness {
             user,
             server,
             ConnectionCommand::CompleteAuthorization {
+                flow: "flow".to_owned(),
                 granted_scopes: vec![],
                 access_token_expires_at: None,
                 token_fingerprint: TokenFingerprint::of(&format!("token of {user}")),

@@ -504,6 +504,66 @@ async fn a_browser_at_the_callback_sees_whose_connection_it_makes_and_can_declin
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 0);
 }
 
+/// The redirect `redirect` as the authorization server sends it when the person says no.
+fn denied(redirect: &str) -> String {
+    let redirect = url::Url::parse(redirect).expect("redirect");
+    let mut denied = redirect.clone();
+    denied
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(redirect.query_pairs().filter(|(k, _)| k != "code"))
+        .append_pair("error", "access_denied");
+    denied.into()
+}
+
+/// Connect pressed twice (two tabs); the person says no in one tab, then yes in the other:
+/// the refusal fails nothing while the other flow waits, and the other tab connects.
+#[tokio::test]
+async fn a_refusal_in_one_tab_leaves_the_other_tabs_authorization_usable() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let first = authorize(&setup, &server_id, &alice).await;
+    let second = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &denied(&first)).await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("authorization_denied"), "{page}");
+    let now = status(&setup, &server_id, &alice).await;
+    assert_eq!(now["status"], "pending", "{now}");
+    let (code, page) = callback(&setup, &second).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Connected"), "{page}");
+    let now = status(&setup, &server_id, &alice).await;
+    assert_eq!(now["status"], "healthy", "{now}");
+    // The refusal is on record all the same.
+    assert_eq!(
+        events_of_type(&setup, "ConnectionAuthFailed").await.len(),
+        1
+    );
+}
+
+/// A flow started before a disconnect (a tab left open) does not finish the connection the
+/// user started again after it: its code is not exchanged; the new flow's is.
+#[tokio::test]
+async fn a_flow_started_before_a_disconnect_does_not_finish_a_later_connection() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let before = authorize(&setup, &server_id, &alice).await;
+    let (code, body) = disconnect(&setup, &server_id, &alice).await;
+    assert_eq!(code, 200, "{body}");
+    let after = authorize(&setup, &server_id, &alice).await;
+    let (code, page) = callback(&setup, &before).await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("authorization_superseded"), "{page}");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 0);
+    let (code, page) = callback(&setup, &after).await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
+    let now = status(&setup, &server_id, &alice).await;
+    assert_eq!(now["status"], "healthy", "{now}");
+}
+
 /// Connect pressed twice on the confirmation page: the browser abandons the first request
 /// and shows the second's page. The first answer still finishes (a request that goes away
 /// does not stop it halfway: state spent, tokens stored, nothing recorded), the code is
@@ -576,14 +636,7 @@ async fn a_stale_authorization_neither_replaces_the_working_tokens_nor_fails_the
         "the stale code was not exchanged"
     );
     // The third tab's user pressed Deny at the provider afterwards.
-    let third = url::Url::parse(&third).expect("redirect");
-    let mut denied = third.clone();
-    denied
-        .query_pairs_mut()
-        .clear()
-        .extend_pairs(third.query_pairs().filter(|(k, _)| k != "code"))
-        .append_pair("error", "access_denied");
-    let (code, page) = callback(&setup, denied.as_str()).await;
+    let (code, page) = callback(&setup, &denied(&third)).await;
     assert_eq!(code, 400, "{page}");
     assert!(page.contains("authorization_superseded"), "{page}");
 

@@ -289,6 +289,7 @@ impl TestApp {
             user,
             server,
             ConnectionCommand::StartConnection {
+                flow: "flow".to_owned(),
                 requested_scopes: vec![],
                 authorization_expires_at: std::time::SystemTime::now() + Duration::from_secs(600),
             },
@@ -298,6 +299,7 @@ impl TestApp {
             user,
             server,
             ConnectionCommand::CompleteAuthorization {
+                flow: "flow".to_owned(),
                 granted_scopes: vec![],
                 access_token_expires_at: None,
                 token_fingerprint: domain::TokenFingerprint::of(&format!("token of {user}")),
