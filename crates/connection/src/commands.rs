@@ -398,6 +398,37 @@ impl ConnectionService {
         pending: &StoredAuthorizationState,
         params: CallbackParams,
     ) -> Result<(), ConnectionError> {
+        // One answer at a time per connection, across processes, and none while a refresh or
+        // a disconnect is at work (the connection's refresh lease): of two flows' answers
+        // that arrive together the second finds the first connected and exchanges nothing,
+        // so no second grant is left live at the provider, nor replaces the tokens the event
+        // records; a disconnect either comes first (the answer is stale) or revokes what the
+        // answer stored.
+        self.holding_refresh_lease(
+            server_id,
+            user,
+            self.settle_answer(context, user, server_id, state, pending, params),
+        )
+        .await?;
+        // Healthy after the first discovery; a server that is down now makes the connection
+        // unreachable, which the health probe will lift. (Outside the lease: a probe may
+        // refresh.)
+        if let Err(error) = self.probe(server_id, user).await {
+            tracing::warn!(server = %server_id, code = error.code(), "the first tool discovery failed: {error}");
+        }
+        Ok(())
+    }
+
+    /// Uses (or refuses) an answer; run holding the connection's refresh lease.
+    async fn settle_answer(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        server_id: ServerId,
+        state: &str,
+        pending: &StoredAuthorizationState,
+        params: CallbackParams,
+    ) -> Result<(), ConnectionError> {
         let id = ConnectionId {
             server_id,
             user_id: user.clone(),
@@ -531,11 +562,6 @@ impl ConnectionService {
                 let _ = self.inner.vault.delete(&name).await;
             }
             return Err(error);
-        }
-        // Healthy after the first discovery; a server that is down now makes the connection
-        // unreachable, which the health probe will lift.
-        if let Err(error) = self.probe(server_id, user).await {
-            tracing::warn!(server = %server_id, code = error.code(), "the first tool discovery failed: {error}");
         }
         Ok(())
     }

@@ -542,6 +542,51 @@ async fn a_refusal_in_one_tab_leaves_the_other_tabs_authorization_usable() {
     );
 }
 
+/// Connect pressed twice and both tabs approved at the same moment: the two answers take
+/// turns on the connection, so the second finds it connected and exchanges nothing — no
+/// second grant is left live at the provider, and the stored tokens are the ones the event
+/// records.
+#[tokio::test]
+async fn two_flows_answered_at_once_exchange_one_code() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let first = authorize(&setup, &server_id, &alice).await;
+    let second = authorize(&setup, &server_id, &alice).await;
+    let answer = |redirect: String| {
+        let client = setup.app.client.clone();
+        async move {
+            let landed = client.get(&redirect).send().await.expect("land");
+            let page = landed.text().await.expect("page");
+            let answer = testkit::confirmation_answer(&redirect, &page, "connect")
+                .expect("the confirmation");
+            let response = testkit::post_confirmation(&client, answer).await;
+            let code = response.status().as_u16();
+            (code, response.text().await.expect("page"))
+        }
+    };
+    let gate = setup.handle.pause_token_endpoint();
+    let mut waits = setup.app.state.connections.lease_waits();
+    let first = tokio::spawn(answer(first));
+    gate.arrived(1).await;
+    let second = tokio::spawn(answer(second));
+    // Without turns the second reaches the token endpoint too: let both go after a while so
+    // the test fails on what was exchanged, not by hanging.
+    let waited = tokio::time::timeout(Duration::from_secs(5), waits.wait_for(|n| *n >= 1))
+        .await
+        .is_ok();
+    gate.release();
+    let (code, page) = first.await.expect("task");
+    assert_eq!(code, 200, "{page}");
+    let (code, page) = second.await.expect("task");
+    assert_eq!(code, 400, "{page}");
+    assert!(page.contains("authorization_superseded"), "{page}");
+    assert!(waited, "the second answer waited for the first");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
+    let now = status(&setup, &server_id, &alice).await;
+    assert_eq!(now["status"], "healthy", "{now}");
+}
+
 /// A flow started before a disconnect (a tab left open) does not finish the connection the
 /// user started again after it: its code is not exchanged; the new flow's is.
 #[tokio::test]
