@@ -667,9 +667,10 @@ impl Invoker {
         // From the decision on, seen through even if the caller goes away: the approved call
         // made and its outcome recorded and announced.
         let this = self.clone();
+        let whose = user.clone();
         FinishOnDrop::new(async move {
             let report = this.record_decision_and_run(decision).await?;
-            this.announce_approval_outcome(&report);
+            this.announce_approval_outcome(&whose, &report);
             Ok(report)
         })
         .await

@@ -26,4 +26,4 @@ pub use commands::{
 };
 pub use error::InvokerError;
 pub use result::{ResultDigest, ResultEnvelope, ResultServer, sha256_hex};
-pub use service::{Invoker, InvokerSettings};
+pub use service::{ApprovalOutcome, Invoker, InvokerSettings};

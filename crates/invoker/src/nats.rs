@@ -27,7 +27,7 @@ pub struct NatsService {
     invoker: Invoker,
     client: async_nats::Client,
     prefix: String,
-    approval_outcomes: tokio::sync::broadcast::Receiver<InvocationReport>,
+    approval_outcomes: tokio::sync::broadcast::Receiver<crate::ApprovalOutcome>,
     _service: Service,
     tools: Endpoint,
     invoke: Endpoint,
@@ -77,7 +77,7 @@ impl NatsService {
                 () = shutdown.cancelled() => return,
                 outcome = self.approval_outcomes.recv() => {
                     match outcome {
-                        Ok(report) => self.publish_result(report).await,
+                        Ok(outcome) => self.publish_result(outcome).await,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                             tracing::warn!(missed, "approval outcomes not published (too many at once)");
                         }
@@ -115,7 +115,8 @@ impl NatsService {
     /// `<prefix>.invoke.result.<invocation id>` (protobuf `InvocationReply`). An id that is not
     /// one subject token (`[A-Za-z0-9_-]`) is published under its subject token (32 hex
     /// digits of its SHA-256) instead.
-    async fn publish_result(&self, report: InvocationReport) {
+    async fn publish_result(&self, outcome: crate::ApprovalOutcome) {
+        let crate::ApprovalOutcome { user, report } = outcome;
         let id = report.invocation_id.clone();
         let token = if !id.is_empty()
             && id
@@ -130,7 +131,7 @@ impl NatsService {
             }
         };
         let subject = format!("{}.invoke.result.{token}", self.prefix);
-        let payload = encode(&reply_of(report), false);
+        let payload = encode(&reply_of(report, &user), false);
         if let Err(error) = self.client.publish(subject, payload).await {
             tracing::warn!(%error, "could not publish an approval outcome");
         }
@@ -244,7 +245,14 @@ fn tools_list(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
     encode(&reply, json)
 }
 
-fn reply_of(report: InvocationReport) -> pb::InvocationReply {
+fn reply_of(report: InvocationReport, user: &UserId) -> pb::InvocationReply {
+    // The JSON text is the result exactly; the Struct cannot hold an integer beyond 2^53
+    // (`pbjson` refuses it), and then is absent rather than rounded.
+    let result_json = report
+        .result
+        .as_ref()
+        .and_then(|r| serde_json::to_string(&**r).ok())
+        .unwrap_or_default();
     pb::InvocationReply {
         invocation_id: report.invocation_id,
         outcome: report.outcome.as_str().to_owned(),
@@ -254,6 +262,31 @@ fn reply_of(report: InvocationReport) -> pb::InvocationReply {
             .result
             .and_then(|r| to_struct(serde_json::to_value(&*r).ok())),
         error: None,
+        result_json,
+        user_id: user.as_str().to_owned(),
+    }
+}
+
+/// Arguments from a `Struct`, which holds every number as a double: a whole number within
+/// 2^53 goes on as an integer (`5`, not `5.0`), as the orchestrator's JSON had it — a server
+/// with typed arguments refuses `5.0` for an integer.
+fn integral_numbers(value: Value) -> Value {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match value {
+        Value::Number(number) => match number.as_f64() {
+            Some(float) if float.fract() == 0.0 && float.abs() <= EXACT => {
+                // Within 2^53 the cast is exact.
+                Value::Number((float as i64).into())
+            }
+            _ => Value::Number(number),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(integral_numbers).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(key, value)| (key, integral_numbers(value)))
+                .collect(),
+        ),
+        other => other,
     }
 }
 
@@ -272,17 +305,32 @@ async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
     };
     let echo = request.invocation_id.clone();
     let parsed = (|| {
-        let arguments = match request.arguments {
-            None => serde_json::Map::new(),
-            Some(arguments) => match serde_json::to_value(arguments) {
+        let not_an_object = || {
+            bad(
+                "arguments_invalid",
+                "the arguments must be a JSON object".to_owned(),
+            )
+        };
+        let arguments = if !request.arguments_json.is_empty() {
+            match serde_json::from_str(&request.arguments_json) {
                 Ok(Value::Object(map)) => map,
-                _ => {
+                Ok(_) => return Err(not_an_object()),
+                Err(error) => {
                     return Err(bad(
                         "arguments_invalid",
-                        "the arguments must be a JSON object".to_owned(),
+                        format!("`arguments_json` is not JSON: {error}"),
                     ));
                 }
-            },
+            }
+        } else {
+            match request.arguments.map(serde_json::to_value) {
+                None => serde_json::Map::new(),
+                Some(Ok(value @ Value::Object(_))) => match integral_numbers(value) {
+                    Value::Object(map) => map,
+                    _ => return Err(not_an_object()),
+                },
+                Some(_) => return Err(not_an_object()),
+            }
         };
         Ok(InvokeRequest {
             invocation_id: id_of(&request.invocation_id)?,
@@ -294,13 +342,16 @@ async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
     })();
     let reply = match parsed {
         Err(error) => failed_reply(echo, error),
-        Ok(request) => match invoker
-            .invoke(&CommandContext::service("orchestrator"), request)
-            .await
-        {
-            Ok(report) => reply_of(report),
-            Err(error) => failed_reply(echo, refusal(&error)),
-        },
+        Ok(request) => {
+            let user = request.user.clone();
+            match invoker
+                .invoke(&CommandContext::service("orchestrator"), request)
+                .await
+            {
+                Ok(report) => reply_of(report, &user),
+                Err(error) => failed_reply(echo, refusal(&error)),
+            }
+        }
     };
     encode(&reply, json)
 }
@@ -317,7 +368,7 @@ async fn status(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
             Ok((user, id)) => {
                 let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
                 match invoker.status(&user, &id, wait).await {
-                    Ok(report) => reply_of(report),
+                    Ok(report) => reply_of(report, &user),
                     Err(error) => failed_reply(echo, refusal(&error)),
                 }
             }

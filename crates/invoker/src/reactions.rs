@@ -95,8 +95,8 @@ impl Invoker {
         for ((user, id), command) in closing {
             if let Some((report, waited_for_approval)) = self.close(&user, &id, command).await? {
                 closed += 1;
-                if waited_for_approval {
-                    self.announce_approval_outcome(&report);
+                if waited_for_approval && let Ok(user) = UserId::parse(&user) {
+                    self.announce_approval_outcome(&user, &report);
                 }
             }
         }

@@ -92,7 +92,15 @@ pub(crate) struct Inner {
     pub results: Mutex<ResultCache>,
     /// Final outcomes of invocations that waited for approval, as this process records them
     /// (the NATS adapter publishes them on `<prefix>.invoke.result.<id>`).
-    pub approval_outcomes: tokio::sync::broadcast::Sender<crate::InvocationReport>,
+    pub approval_outcomes: tokio::sync::broadcast::Sender<ApprovalOutcome>,
+}
+
+/// The final outcome of an invocation that waited for approval, and whose it is (ids are the
+/// orchestrator's, unique per user).
+#[derive(Debug, Clone)]
+pub struct ApprovalOutcome {
+    pub user: UserId,
+    pub report: crate::InvocationReport,
 }
 
 pub(crate) struct CachedSession {
@@ -200,14 +208,21 @@ impl Invoker {
 
     /// The final outcomes of invocations that waited for approval, recorded by this process
     /// (approved and run, denied, expired). A receiver that falls behind loses the oldest.
-    pub fn approval_outcomes(&self) -> tokio::sync::broadcast::Receiver<crate::InvocationReport> {
+    pub fn approval_outcomes(&self) -> tokio::sync::broadcast::Receiver<ApprovalOutcome> {
         self.inner.approval_outcomes.subscribe()
     }
 
-    pub(crate) fn announce_approval_outcome(&self, report: &crate::InvocationReport) {
+    pub(crate) fn announce_approval_outcome(
+        &self,
+        user: &UserId,
+        report: &crate::InvocationReport,
+    ) {
         if report.outcome.is_final() {
             // No receiver is fine: nobody is listening.
-            let _ = self.inner.approval_outcomes.send(report.clone());
+            let _ = self.inner.approval_outcomes.send(ApprovalOutcome {
+                user: user.clone(),
+                report: report.clone(),
+            });
         }
     }
 

@@ -102,6 +102,12 @@ pub struct McpSession {
 /// Largest JSON answer accepted from an MCP server.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
+/// Calls one session (one user's connection to one server) sends at a time. `rmcp`'s default
+/// is 16 POSTs whose answer is JSON: an orchestrator running 64 of a user's calls in parallel
+/// would have 48 of them queue inside the transport, their deadlines running before they are
+/// even sent.
+const MAX_CALLS_IN_FLIGHT: usize = 256;
+
 /// Most pages of `tools/list` followed, and most tools taken, from one server. Far above
 /// any real server's list (the largest public ones list about a hundred tools), far below
 /// what would exhaust memory.
@@ -256,7 +262,8 @@ impl McpSession {
     ) -> Result<McpSession, McpCallError> {
         let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
             .auth_header(access_token)
-            .max_json_response_size(MAX_ANSWER_BYTES);
+            .max_json_response_size(MAX_ANSWER_BYTES)
+            .max_concurrent_requests(MAX_CALLS_IN_FLIGHT);
         let transport = StreamableHttpClientTransport::with_client(outbound.http().clone(), config);
         let events = SessionEvents::default();
         let service = events

@@ -75,6 +75,9 @@ pub enum ToolOutput {
         after: std::time::Duration,
         text: String,
     },
+    /// Answers only once `calls` calls of it are in at the same time (each waits for the
+    /// others): `together`; after 10 s of waiting, `isError` with how many came.
+    Together { calls: usize },
 }
 
 /// A tool of the fixture server.
@@ -215,6 +218,9 @@ impl FixtureTool {
                 "isError": true,
             }),
             ToolOutput::JsonRpcError(message) => return Err(message.clone()),
+            ToolOutput::Together { .. } => {
+                json!({"content": [{"type": "text", "text": "together"}]})
+            }
         })
     }
 
@@ -339,6 +345,42 @@ impl ServerHandler for FixtureMcp {
                 .find(|tool| tool.name == request.name)
                 .map(|tool| (tool.delay(), tool.result()))
         };
+        let gathering = {
+            let mut state = self.shared.state();
+            let together = state
+                .tools_for(&user)
+                .iter()
+                .find(|tool| tool.name == request.name)
+                .and_then(|tool| match tool.output {
+                    ToolOutput::Together { calls } => Some(calls),
+                    _ => None,
+                });
+            together.map(|calls| {
+                let arrived = state
+                    .arrived
+                    .entry(request.name.to_string())
+                    .or_insert_with(|| tokio::sync::watch::Sender::new(0));
+                arrived.send_modify(|n| *n += 1);
+                (calls, arrived.subscribe())
+            })
+        };
+        if let Some((calls, mut arrived)) = gathering {
+            let waited = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                arrived.wait_for(|n| *n >= calls),
+            )
+            .await
+            .is_ok();
+            if !waited {
+                let came = *arrived.borrow();
+                return Ok(CallToolResponse::Complete(from_json::<CallToolResult>(
+                    json!({
+                        "content": [{"type": "text", "text": format!("only {came} of {calls} came together")}],
+                        "isError": true,
+                    }),
+                )?));
+            }
+        }
         let Some((delay, result)) = result else {
             return Err(McpError::invalid_params(
                 format!("unknown tool: {}", request.name),

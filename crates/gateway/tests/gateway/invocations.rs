@@ -52,6 +52,11 @@ fn tools() -> Vec<FixtureTool> {
             ToolOutput::JsonRpcError(INJECTED.to_owned()),
         ),
         report(
+            "gather_report",
+            "Answers only when 48 calls of it are in at once.",
+            ToolOutput::Together { calls: 48 },
+        ),
+        report(
             "slow_report",
             "Takes longer than one outbound request may.",
             ToolOutput::Slow {
@@ -1095,6 +1100,24 @@ async fn pending_approvals_and_outcomes_reach_the_users_live_stream() {
     }
 }
 
+/// 48 of one user's calls at once reach the server together: none waits behind another in
+/// the user's session (`rmcp`'s default sends 16 at a time; the others' deadlines would run
+/// before they are even sent).
+#[tokio::test]
+async fn a_users_parallel_calls_reach_the_server_together() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("gather_report", "always_allow").await;
+    let ids: Vec<String> = (0..48).map(|n| format!("gather_{n}")).collect();
+    let calls = ids
+        .iter()
+        .map(|id| it.invoke(id, "gather_report", json!({})));
+    for answer in futures_util::future::join_all(calls).await {
+        assert_eq!(answer["outcome"], "completed", "{answer}");
+        assert_eq!(answer["result"]["is_error"], false, "{answer}");
+    }
+    assert_eq!(it.setup.handle.tool_calls("gather_report"), 48);
+}
+
 #[tokio::test]
 async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     use proto::Message as _;
@@ -1147,6 +1170,38 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
         outcome["result"]["structured_content"]["issues"][0]["key"],
         "FX-1"
     );
+    assert_eq!(outcome["userId"], ALICE, "{outcome}");
+    // The result exactly, as JSON text too.
+    let exact: Value =
+        serde_json::from_str(outcome["resultJson"].as_str().expect("resultJson")).expect("JSON");
+    assert_eq!(
+        exact["structured_content"],
+        outcome["result"]["structured_content"]
+    );
+
+    // A Struct holds numbers as doubles: whole ones reach the server as integers, and
+    // `argumentsJson` carries any number exactly.
+    let outcome = json_request(
+        &format!("{prefix}.invoke"),
+        json!({"invocationId": "toolu_nats_3", "userId": ALICE, "tool": format!("{PREFIX}search_issues"), "arguments": {"query": "x", "limit": 5, "ratio": 0.5}}),
+    )
+    .await;
+    assert_eq!(outcome["outcome"], "completed", "{outcome}");
+    let outcome = json_request(
+        &format!("{prefix}.invoke"),
+        json!({"invocationId": "toolu_nats_4", "userId": ALICE, "tool": format!("{PREFIX}search_issues"), "argumentsJson": "{\"query\": \"y\", \"id\": 9007199254740993}"}),
+    )
+    .await;
+    assert_eq!(outcome["outcome"], "completed", "{outcome}");
+    let sent = it.setup.handle.tool_call_arguments("search_issues");
+    assert_eq!(
+        sent[sent.len() - 2],
+        json!({"query": "x", "limit": 5, "ratio": 0.5})
+    );
+    assert_eq!(
+        sent[sent.len() - 1],
+        json!({"query": "y", "id": 9_007_199_254_740_993_u64})
+    );
 
     // Protobuf: the status of the same invocation, then a refused request.
     let request = proto::v1::InvokeStatusRequest {
@@ -1191,7 +1246,7 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
         refused.error.map(|e| e.code),
         Some("invocation_id_invalid".to_owned())
     );
-    assert_eq!(it.setup.handle.tool_calls("search_issues"), 1);
+    assert_eq!(it.setup.handle.tool_calls("search_issues"), 3);
     shutdown.cancel();
 }
 
@@ -1461,6 +1516,8 @@ async fn a_caller_that_goes_away_after_the_claim_or_the_approval_leaves_them_to_
         .await
         .expect("the approved call's outcome announced without its caller")
         .expect("announcement");
+    assert_eq!(report.user.as_str(), ALICE);
+    let report = report.report;
     assert_eq!(report.invocation_id, "call_gone");
     assert_eq!(report.outcome, invoker::Outcome::Completed, "{report:?}");
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
@@ -1563,7 +1620,8 @@ async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it
     let report = tokio::time::timeout(Duration::from_secs(10), announced.recv())
         .await
         .expect("the interrupted outcome announced")
-        .expect("announcement");
+        .expect("announcement")
+        .report;
     assert_eq!(report.invocation_id, "left_approved");
     assert_eq!(report.outcome, invoker::Outcome::Failed, "{report:?}");
     assert!(

@@ -101,6 +101,8 @@ pub(crate) struct State {
     pub(crate) tool_calls: HashMap<String, usize>,
     /// The arguments of every `tools/call`, by tool, in arrival order.
     pub(crate) tool_call_arguments: HashMap<String, Vec<serde_json::Value>>,
+    /// Per tool, the calls that reached it (for [`crate::ToolOutput::Together`]).
+    pub(crate) arrived: HashMap<String, tokio::sync::watch::Sender<usize>>,
     pub(crate) tools_list_requests: usize,
     /// The RFC 7009 endpoint answers `unsupported_token_type` for refresh tokens.
     pub(crate) refuse_refresh_token_revocation: bool,
