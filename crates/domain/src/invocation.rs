@@ -280,6 +280,8 @@ pub struct InvocationRequest {
     /// The call's deadline the orchestrator asked for (`None`: the default), recorded for
     /// the approved call.
     pub deadline: Option<Duration>,
+    /// The orchestrator's conversation id, recorded for the audit (cut to 256 characters).
+    pub conversation_id: String,
 }
 
 #[derive(Debug, Clone)]
@@ -494,6 +496,11 @@ fn request_invocation(
             .map(|r| r.tool.as_str().to_owned())
             .unwrap_or_default(),
         exposed_tool_name,
+        conversation_id: request
+            .conversation_id
+            .chars()
+            .take(MAX_RECORDED_EXPOSED_NAME_CHARS)
+            .collect(),
         arguments_json: request.arguments_json,
         arguments_sha256: request.arguments_sha256,
         arguments_size_bytes: request.arguments_size_bytes,
@@ -602,6 +609,7 @@ mod tests {
             resolved,
             approval_timeout: Duration::from_secs(300),
             deadline: Some(Duration::from_secs(5)),
+            conversation_id: "conv_1".into(),
         })
     }
 
@@ -622,6 +630,7 @@ mod tests {
             started: false,
             // The deadline the orchestrator asked for, kept for an approved call.
             deadline_ms: 5_000,
+            conversation_id: "conv_1".into(),
         })
     }
 
@@ -1153,7 +1162,7 @@ mod tests {
     }
 
     #[test]
-    fn a_very_long_tool_name_from_the_ai_is_recorded_cut() {
+    fn a_very_long_tool_name_or_conversation_id_is_recorded_cut() {
         let command = InvocationCommand::Request(InvocationRequest {
             user_id: alice(),
             exposed_tool_name: "x".repeat(10_000),
@@ -1164,6 +1173,7 @@ mod tests {
             resolved: None,
             approval_timeout: Duration::from_secs(300),
             deadline: None,
+            conversation_id: "c".repeat(10_000),
         });
         let (events, _) = Scenario::<InvocationState>::given([])
             .when(decide_at(1_000, command))
@@ -1172,5 +1182,6 @@ mod tests {
             panic!("{events:?}")
         };
         assert_eq!(requested.exposed_tool_name.len(), 256);
+        assert_eq!(requested.conversation_id.len(), 256);
     }
 }

@@ -364,6 +364,7 @@ impl Setup {
                     tool: "bench__create_issue".to_owned(),
                     arguments: serde_json::from_value(json!({"title": "Bench"})).expect("args"),
                     deadline: None,
+                    conversation_id: None,
                 },
             )
             .await

@@ -116,6 +116,8 @@ pub struct InvokeRequest {
     pub arguments: JsonObject,
     /// How long the call may take; `None`: the default.
     pub deadline: Option<Duration>,
+    /// The orchestrator's conversation the call belongs to (recorded for the audit).
+    pub conversation_id: Option<String>,
 }
 
 /// One of the tools a user may use now.
@@ -441,6 +443,7 @@ impl Invoker {
             resolved: resolved.as_ref().map(|r| r.tool.clone()),
             approval_timeout: settings.approval_timeout,
             deadline: request.deadline,
+            conversation_id: request.conversation_id.clone().unwrap_or_default(),
         };
         let command = InvocationCommand::Request(InvocationRequest {
             arguments_json,

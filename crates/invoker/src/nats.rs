@@ -338,6 +338,7 @@ async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
             tool: request.tool,
             arguments,
             deadline: (request.deadline_ms > 0).then(|| Duration::from_millis(request.deadline_ms)),
+            conversation_id: Some(request.conversation_id).filter(|c| !c.is_empty()),
         })
     })();
     let reply = match parsed {

@@ -172,6 +172,8 @@ pub struct InvocationRequest {
     pub user: Option<String>,
     /// How long the call may take, in milliseconds.
     pub deadline_ms: Option<u64>,
+    /// Your conversation the call belongs to, recorded with the invocation for the audit.
+    pub conversation_id: Option<String>,
 }
 
 /// An invocation's outcome.
@@ -232,6 +234,7 @@ async fn invoke(
                 tool: request.tool,
                 arguments: request.arguments,
                 deadline: request.deadline_ms.map(Duration::from_millis),
+                conversation_id: request.conversation_id,
             },
         )
         .await?;

@@ -182,6 +182,7 @@ impl Invoking {
             tool: format!("{}{tool}", self.prefix),
             arguments: serde_json::from_value(arguments).expect("an object"),
             deadline: None,
+            conversation_id: None,
         }
     }
 
@@ -220,9 +221,14 @@ async fn an_allowed_tool_completes_with_an_untrusted_result_and_an_audit_trail_w
         assert_eq!(tool["annotations"]["readOnlyHint"], true);
         assert_eq!(tool["state"], "always_allow");
 
-        let outcome = it
-            .invoke("toolu_01A", "search_issues", json!({"query": "first"}))
+        let (status, outcome) = it
+            .post(
+                &it.alice,
+                "/api/v1/invocations",
+                &json!({"invocation_id": "toolu_01A", "tool": format!("{PREFIX}search_issues"), "arguments": {"query": "first"}, "conversation_id": "conv_42"}),
+            )
             .await;
+        assert_eq!(status, 200, "{outcome}");
         assert_eq!(outcome["outcome"], "completed", "{outcome}");
         assert_eq!(outcome["invocation_id"], "toolu_01A");
         let result = &outcome["result"];
@@ -263,6 +269,7 @@ async fn an_allowed_tool_completes_with_an_untrusted_result_and_an_audit_trail_w
         let request = &requested[0]["envelope"]["invocationRequested"];
         assert_eq!(request["userId"], ALICE);
         assert_eq!(request["toolName"], "search_issues");
+        assert_eq!(request["conversationId"], "conv_42");
         assert_eq!(request["argumentsSha256"].as_str().map(str::len), Some(64));
         assert!(request.get("argumentsJson").is_none(), "{request}");
         assert_eq!(
@@ -1183,7 +1190,7 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     // `argumentsJson` carries any number exactly.
     let outcome = json_request(
         &format!("{prefix}.invoke"),
-        json!({"invocationId": "toolu_nats_3", "userId": ALICE, "tool": format!("{PREFIX}search_issues"), "arguments": {"query": "x", "limit": 5, "ratio": 0.5}}),
+        json!({"invocationId": "toolu_nats_3", "userId": ALICE, "tool": format!("{PREFIX}search_issues"), "arguments": {"query": "x", "limit": 5, "ratio": 0.5}, "conversationId": "conv_9"}),
     )
     .await;
     assert_eq!(outcome["outcome"], "completed", "{outcome}");
@@ -1202,6 +1209,13 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
         sent[sent.len() - 1],
         json!({"query": "y", "id": 9_007_199_254_740_993_u64})
     );
+    let requested = events_of_type(&it.setup, "InvocationRequested").await;
+    let third = requested
+        .iter()
+        .map(|e| &e["envelope"]["invocationRequested"])
+        .find(|r| r["invocationId"] == "toolu_nats_3")
+        .expect("recorded");
+    assert_eq!(third["conversationId"], "conv_9", "{third}");
 
     // Protobuf: the status of the same invocation, then a refused request.
     let request = proto::v1::InvokeStatusRequest {
@@ -1554,6 +1568,7 @@ async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it
             arguments_size_bytes: 2,
             started: false,
             deadline_ms: 0,
+            conversation_id: String::new(),
         })
     };
     // Claimed; the process stopped before it recorded the rejection or the wait.
