@@ -82,6 +82,9 @@ pub struct InvocationSettings {
     /// gets the recorded outcome and never runs again; later it is taken to be new. A restart
     /// folds this much of the invocations log again. At least the log's dedupe window.
     pub claim_window_secs: u64,
+    /// Results each process keeps in memory for a repeated request or a status look-up of a
+    /// completed invocation (the events hold only digests unless payloads are captured).
+    pub result_cache_entries: usize,
 }
 
 impl Default for InvocationSettings {
@@ -95,6 +98,7 @@ impl Default for InvocationSettings {
                 .unwrap_or(u64::MAX),
             max_deadline_ms: u64::try_from(defaults.max_deadline.as_millis()).unwrap_or(u64::MAX),
             claim_window_secs: domain::CLAIM_WINDOW.as_secs(),
+            result_cache_entries: defaults.result_cache_entries,
         }
     }
 }
@@ -107,6 +111,7 @@ impl InvocationSettings {
             capture_payloads: self.capture_payloads,
             default_deadline: Duration::from_millis(self.default_deadline_ms.max(1)),
             max_deadline: Duration::from_millis(self.max_deadline_ms.max(1)),
+            result_cache_entries: self.result_cache_entries,
             ..invoker::InvokerSettings::default()
         }
     }
@@ -351,6 +356,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "SWITCHBOARD_CLAIM_WINDOW_SECS",
         "invocations.claim_window_secs",
     ),
+    (
+        "SWITCHBOARD_RESULT_CACHE_ENTRIES",
+        "invocations.result_cache_entries",
+    ),
     ("SWITCHBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("SWITCHBOARD_JWT_SECRET_FILE", "auth.jwt_secret_file"),
     ("SWITCHBOARD_JWKS_FILE", "auth.jwks_file"),
@@ -395,6 +404,7 @@ const NUMERIC_KEYS: &[&str] = &[
     "invocations.approval_timeout_secs",
     "invocations.capture_payloads",
     "invocations.claim_window_secs",
+    "invocations.result_cache_entries",
 ];
 
 /// The settings that hold secrets: never printed, never logged.
@@ -832,6 +842,27 @@ mod tests {
             .map_err(describe_figment_error)
             .expect_err("refused");
         assert!(error.contains("roles_clam"), "{error}");
+    }
+
+    #[test]
+    fn the_result_cache_is_a_setting() {
+        let settings: Settings = Settings::figment(
+            &GlobalArgs::default(),
+            env(&[("SWITCHBOARD_RESULT_CACHE_ENTRIES", "50000")]),
+        )
+        .extract()
+        .expect("valid");
+        assert_eq!(
+            settings.invocations.invoker_settings().result_cache_entries,
+            50_000
+        );
+        assert_eq!(
+            Settings::default()
+                .invocations
+                .invoker_settings()
+                .result_cache_entries,
+            invoker::InvokerSettings::default().result_cache_entries
+        );
     }
 
     #[test]
