@@ -28,14 +28,12 @@ pub(crate) struct AnswerNote {
 
 impl AnswerNote {
     pub fn of(server_id: ServerId, user_id: &str, result: &Result<(), ConnectionError>) -> Self {
-        let failure = result.as_ref().err().map(|error| match error {
-            ConnectionError::Vault(_)
-            | ConnectionError::Command(_)
-            | ConnectionError::CredentialStore { .. }
-            | ConnectionError::Internal { .. } => {
+        let failure = result.as_ref().err().map(|error| {
+            if error.is_internal() {
                 "Switchboard failed on its side while finishing it".to_owned()
+            } else {
+                error.to_string()
             }
-            other => other.to_string(),
         });
         AnswerNote {
             server_id,

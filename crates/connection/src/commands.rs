@@ -279,9 +279,29 @@ impl ConnectionService {
             Err(error)
         } else {
             let context = CommandContext::user(user.clone(), request_id);
-            let result = self
-                .finish_authorization(&context, &user, server_id, state, &pending.state, params)
-                .await;
+            // One answer at a time per connection, across processes, and none while a
+            // refresh or a disconnect is at work (the connection's refresh lease): of two
+            // flows' answers that arrive together the second finds the first connected and
+            // exchanges nothing, so no second grant is left live at the provider, nor
+            // replaces the tokens the event records; a disconnect either comes first (the
+            // answer is stale) or revokes what the answer stored.
+            let finish = self.finish_authorization(
+                &context,
+                &user,
+                server_id,
+                state,
+                &pending.state,
+                params,
+            );
+            let result = self.holding_refresh_lease(server_id, &user, finish).await;
+            // Healthy after the first discovery; a server that is down now makes the
+            // connection unreachable, which the health probe will lift. (Outside the lease:
+            // a probe may refresh.)
+            if result.is_ok()
+                && let Err(error) = self.probe(server_id, &user).await
+            {
+                tracing::warn!(server = %server_id, code = error.code(), "the first tool discovery failed: {error}");
+            }
             self.note_answer(state, server_id, &user, &result).await;
             result
         };
@@ -389,38 +409,8 @@ impl ConnectionService {
         }
     }
 
-    async fn finish_authorization(
-        &self,
-        context: &CommandContext,
-        user: &UserId,
-        server_id: ServerId,
-        state: &str,
-        pending: &StoredAuthorizationState,
-        params: CallbackParams,
-    ) -> Result<(), ConnectionError> {
-        // One answer at a time per connection, across processes, and none while a refresh or
-        // a disconnect is at work (the connection's refresh lease): of two flows' answers
-        // that arrive together the second finds the first connected and exchanges nothing,
-        // so no second grant is left live at the provider, nor replaces the tokens the event
-        // records; a disconnect either comes first (the answer is stale) or revokes what the
-        // answer stored.
-        self.holding_refresh_lease(
-            server_id,
-            user,
-            self.settle_answer(context, user, server_id, state, pending, params),
-        )
-        .await?;
-        // Healthy after the first discovery; a server that is down now makes the connection
-        // unreachable, which the health probe will lift. (Outside the lease: a probe may
-        // refresh.)
-        if let Err(error) = self.probe(server_id, user).await {
-            tracing::warn!(server = %server_id, code = error.code(), "the first tool discovery failed: {error}");
-        }
-        Ok(())
-    }
-
     /// Uses (or refuses) an answer; run holding the connection's refresh lease.
-    async fn settle_answer(
+    async fn finish_authorization(
         &self,
         context: &CommandContext,
         user: &UserId,

@@ -93,6 +93,12 @@ impl ConnectionError {
         }
     }
 
+    /// Switchboard's own failure (its store, its vault, its tasks): the words are for the
+    /// log, never for a browser or an API caller.
+    pub fn is_internal(&self) -> bool {
+        self.code() == "internal"
+    }
+
     /// The stable machine code.
     pub fn code(&self) -> &'static str {
         match self {

@@ -390,12 +390,23 @@ pub fn decide(
             })])
         }
         ConnectionCommand::RecordAuthFailure {
-            flow: Some(flow),
+            flow,
             error_code,
             message,
         } => {
-            if !state.awaits_flow(&flow) {
-                return Err(DomainError::ConnectionNotAuthorizing);
+            match (&flow, state.status) {
+                // An authorization's answer counts only while its flow is awaited.
+                (Some(flow), _) if !state.awaits_flow(flow) => {
+                    return Err(DomainError::ConnectionNotAuthorizing);
+                }
+                (Some(_), _) => {}
+                (None, Status::NotConnected | Status::Disconnected) => {
+                    return Err(DomainError::NotConnected);
+                }
+                (None, Status::AuthError) if state.last_auth_error_code == error_code => {
+                    return Ok(vec![]);
+                }
+                (None, _) => {}
             }
             Ok(vec![Event::ConnectionAuthFailed(
                 pb::ConnectionAuthFailed {
@@ -403,27 +414,10 @@ pub fn decide(
                     user_id: user_id(),
                     error_code,
                     message,
-                    flow,
+                    flow: flow.unwrap_or_default(),
                 },
             )])
         }
-        ConnectionCommand::RecordAuthFailure {
-            flow: None,
-            error_code,
-            message,
-        } => match state.status {
-            Status::NotConnected | Status::Disconnected => Err(DomainError::NotConnected),
-            Status::AuthError if state.last_auth_error_code == error_code => Ok(vec![]),
-            _ => Ok(vec![Event::ConnectionAuthFailed(
-                pb::ConnectionAuthFailed {
-                    server_id: server_id(),
-                    user_id: user_id(),
-                    error_code,
-                    message,
-                    flow: String::new(),
-                },
-            )]),
-        },
         // Only a flip is an event. A connection that is not connected has nothing to be
         // unreachable from; an auth error outranks reachability.
         ConnectionCommand::RecordUnreachable { reason } => match state.status {

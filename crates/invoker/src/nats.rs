@@ -246,21 +246,16 @@ fn tools_list(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
 }
 
 fn reply_of(report: InvocationReport, user: &UserId) -> pb::InvocationReply {
-    // The JSON text is the result exactly; the Struct cannot hold an integer beyond 2^53
-    // (`pbjson` refuses it), and then is absent rather than rounded.
-    let result_json = report
-        .result
-        .as_ref()
-        .and_then(|r| serde_json::to_string(&**r).ok())
-        .unwrap_or_default();
+    // The JSON text is the result exactly, as HTTP writes it; the Struct cannot hold an
+    // integer beyond 2^53 (`pbjson` refuses it), and then is absent rather than rounded.
+    let result = report.result.and_then(|r| serde_json::to_value(&*r).ok());
+    let result_json = result.as_ref().map(Value::to_string).unwrap_or_default();
     pb::InvocationReply {
         invocation_id: report.invocation_id,
         outcome: report.outcome.as_str().to_owned(),
         reason: report.reason.unwrap_or_default(),
         message: report.message.unwrap_or_default(),
-        result: report
-            .result
-            .and_then(|r| to_struct(serde_json::to_value(&*r).ok())),
+        result: to_struct(result),
         error: None,
         result_json,
         user_id: user.as_str().to_owned(),

@@ -339,30 +339,35 @@ impl ServerHandler for FixtureMcp {
                 .entry(request.name.to_string())
                 .or_default()
                 .push(request.arguments.clone().map_or(Value::Null, Value::Object));
-            state
+            let found = state
                 .tools_for(&user)
                 .iter()
                 .find(|tool| tool.name == request.name)
-                .map(|tool| (tool.delay(), tool.result()))
-        };
-        let gathering = {
-            let mut state = self.shared.state();
-            let together = state
-                .tools_for(&user)
-                .iter()
-                .find(|tool| tool.name == request.name)
-                .and_then(|tool| match tool.output {
-                    ToolOutput::Together { calls } => Some(calls),
-                    _ => None,
+                .map(|tool| {
+                    let together = match tool.output {
+                        ToolOutput::Together { calls } => Some(calls),
+                        _ => None,
+                    };
+                    (tool.delay(), tool.result(), together)
                 });
-            together.map(|calls| {
-                let arrived = state
-                    .arrived
-                    .entry(request.name.to_string())
-                    .or_insert_with(|| tokio::sync::watch::Sender::new(0));
-                arrived.send_modify(|n| *n += 1);
-                (calls, arrived.subscribe())
+            found.map(|(delay, result, together)| {
+                // A `Together` tool counts the calls that reached it.
+                let gathering = together.map(|calls| {
+                    let arrived = state
+                        .arrived
+                        .entry(request.name.to_string())
+                        .or_insert_with(|| tokio::sync::watch::Sender::new(0));
+                    arrived.send_modify(|n| *n += 1);
+                    (calls, arrived.subscribe())
+                });
+                (delay, result, gathering)
             })
+        };
+        let Some((delay, result, gathering)) = result else {
+            return Err(McpError::invalid_params(
+                format!("unknown tool: {}", request.name),
+                None,
+            ));
         };
         if let Some((calls, mut arrived)) = gathering {
             let waited = tokio::time::timeout(
@@ -381,12 +386,6 @@ impl ServerHandler for FixtureMcp {
                 )?));
             }
         }
-        let Some((delay, result)) = result else {
-            return Err(McpError::invalid_params(
-                format!("unknown tool: {}", request.name),
-                None,
-            ));
-        };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

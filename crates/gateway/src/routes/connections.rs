@@ -419,12 +419,7 @@ async fn finish_callback(
         ),
         // The store failed: its words (entry names, paths, the backend's errors) go to the
         // log, not to a browser that need not even be signed in.
-        Err(
-            error @ (ConnectionError::Vault(_)
-            | ConnectionError::Command(_)
-            | ConnectionError::CredentialStore { .. }
-            | ConnectionError::Internal { .. }),
-        ) => {
+        Err(error) if error.is_internal() => {
             let request_id = crate::error::current_request_id();
             tracing::error!(request_id = %request_id, "the OAuth callback failed: {error}");
             (

@@ -310,22 +310,25 @@ async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
     assert!(page.contains("oauth_state_invalid"), "{page}");
     // Another signed-in user presenting alice's state is refused, and the state survives.
     let bob = setup.app.token("bob@example.com", &["analyst"]);
-    let response = setup
-        .app
-        .client
-        .get(&redirect)
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .expect("callback");
-    assert_eq!(response.status(), 400);
-    assert!(
-        response
-            .text()
+    let refused_to_bob = || async {
+        let response = setup
+            .app
+            .client
+            .get(&redirect)
+            .bearer_auth(&bob)
+            .send()
             .await
-            .unwrap()
-            .contains("oauth_state_not_yours")
-    );
+            .expect("callback");
+        assert_eq!(response.status(), 400);
+        assert!(
+            response
+                .text()
+                .await
+                .unwrap()
+                .contains("oauth_state_not_yours")
+        );
+    };
+    refused_to_bob().await;
     // Alice's own callback works, once: a replay exchanges nothing and shows what the first
     // answer did (a reload, Connect pressed twice), without asking to confirm again.
     let (code, page) = callback(&setup, &redirect).await;
@@ -340,22 +343,7 @@ async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
         "the replay never reached the token endpoint"
     );
     // Someone else signed in presenting it learns nothing of it.
-    let response = setup
-        .app
-        .client
-        .get(&redirect)
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .expect("callback");
-    assert_eq!(response.status(), 400);
-    assert!(
-        response
-            .text()
-            .await
-            .unwrap()
-            .contains("oauth_state_not_yours")
-    );
+    refused_to_bob().await;
 }
 
 /// The mix-up defence of RFC 9700 §4.4.2: each authorization server has its own redirect URL,
@@ -556,13 +544,10 @@ async fn two_flows_answered_at_once_exchange_one_code() {
     let answer = |redirect: String| {
         let client = setup.app.client.clone();
         async move {
-            let landed = client.get(&redirect).send().await.expect("land");
-            let page = landed.text().await.expect("page");
-            let answer = testkit::confirmation_answer(&redirect, &page, "connect")
-                .expect("the confirmation");
-            let response = testkit::post_confirmation(&client, answer).await;
-            let code = response.status().as_u16();
-            (code, response.text().await.expect("page"))
+            let (code, page, confirmation) =
+                testkit::follow_callback(&client, &redirect, "connect").await;
+            assert!(!confirmation.is_empty(), "a confirmation first: {page}");
+            (code, page)
         }
     };
     let gate = setup.handle.pause_token_endpoint();
