@@ -208,6 +208,12 @@ impl ConnectionService {
         )
     }
 
+    /// The vault the service keeps its secrets in (the invoker keeps the arguments of
+    /// invocations waiting for approval there too).
+    pub fn vault(&self) -> &Vault {
+        &self.inner.vault
+    }
+
     /// Like [`ConnectionService::another_instance`], over `vault` (the same store seen with
     /// another clock, in tests).
     pub fn another_instance_with_vault(&self, vault: Vault) -> ConnectionService {

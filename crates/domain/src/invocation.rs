@@ -270,8 +270,8 @@ pub struct InvocationRequest {
     /// SHA-256 (lowercase hex) and size of `arguments_json`: always recorded.
     pub arguments_sha256: String,
     pub arguments_size_bytes: u64,
-    /// Record the arguments themselves (payload capture). They are recorded anyway when the
-    /// invocation waits for approval: the user decides on them and the approved call needs them.
+    /// Record the arguments themselves (payload capture). Without it, an invocation that waits
+    /// for approval keeps them outside the log (the invoker's vault) until the user decides.
     pub capture_arguments: bool,
     /// `None`: the exposed name names no tool of this user.
     pub resolved: Option<ResolvedTool>,
@@ -528,8 +528,10 @@ fn request_invocation(
     // An allowed request is called at once: it records its start too, so that the claim
     // is the one append before the call (see the proto's `started`).
     requested.started = rejection.is_none() && !needs_approval;
-    let keep_arguments = request.capture_arguments || (rejection.is_none() && needs_approval);
-    if !keep_arguments {
+    // Without payload capture the log keeps only the arguments' digest and size, also while
+    // an invocation waits for approval: the invoker keeps those arguments in the vault until
+    // the user decides (the audit log must not hold payloads nobody chose to capture).
+    if !request.capture_arguments {
         requested.arguments_json.clear();
     }
     // Checked before anything is recorded, so a bad time-out records nothing.
@@ -778,7 +780,7 @@ mod tests {
     }
 
     #[test]
-    fn arguments_are_recorded_only_when_captured_or_awaiting_approval() {
+    fn arguments_are_recorded_only_when_captured() {
         let without_capture = |state: ToolState| {
             let InvocationCommand::Request(mut request) = request(state) else {
                 unreachable!()
@@ -801,10 +803,9 @@ mod tests {
         assert_eq!(allowed.arguments_sha256, "cd".repeat(32));
         assert_eq!(allowed.arguments_size_bytes, 15);
         assert_eq!(recorded(ToolState::Blocked).arguments_json, "");
-        assert_eq!(
-            recorded(ToolState::NeedsApproval).arguments_json,
-            r#"{"title":"Bug"}"#
-        );
+        let awaiting = recorded(ToolState::NeedsApproval);
+        assert_eq!(awaiting.arguments_json, "");
+        assert_eq!(awaiting.arguments_sha256, "cd".repeat(32));
         // A repeat is recognised by the digest, though the arguments were not recorded.
         let history = vec![Event::InvocationRequested(allowed)];
         Scenario::<InvocationState>::given(history)

@@ -51,7 +51,8 @@ use service_kit::CommandContext;
 use url::Url;
 
 use crate::{
-    Invoker, InvokerError, ResultEnvelope, ResultServer, result::sha256_hex, service::CallToken,
+    Invoker, InvokerError, ResultEnvelope, ResultServer, pending_arguments, result::sha256_hex,
+    service::CallToken,
 };
 
 /// What happened to an invocation. `running` is not final: the call is under way (or the
@@ -529,8 +530,39 @@ impl Invoker {
                 id,
             });
         }
+        if matches!(state.status(), InvocationStatus::AwaitingApproval { .. })
+            && state
+                .request()
+                .is_some_and(pending_arguments::kept_in_vault)
+        {
+            // Kept before the wait is recorded: a listed approval always has its arguments.
+            let arguments_json =
+                serde_json::to_string(&arguments).unwrap_or_else(|_| "{}".to_owned());
+            if let Err(error) = self
+                .keep_pending_arguments(&user, &id, &arguments_json)
+                .await
+            {
+                tracing::warn!(%error, "could not keep the arguments of an invocation awaiting approval");
+                let claimed = kept.into_iter().take(1).collect();
+                return self
+                    .record_failure(
+                        &context,
+                        &subject,
+                        &user,
+                        &id,
+                        claimed,
+                        "arguments_not_kept",
+                        "the arguments could not be kept in the vault for the approval; the \
+                         server was not called",
+                    )
+                    .await
+                    .map(Claimed::Ours);
+            }
+        }
         if !follow_up.is_empty() && self.append_all(&subject, &follow_up).await?.is_none() {
             // Closed by the sweeper meanwhile (this process stalled for minutes).
+            self.forget_pending_arguments(&user, &id, state.request())
+                .await;
             return self
                 .status(&user, &id, Duration::ZERO)
                 .await
@@ -591,38 +623,48 @@ impl Invoker {
         self.await_outcome(user, id, seen, events, wait, true).await
     }
 
-    /// The user's invocations waiting for their decision, oldest first.
-    pub fn pending_approvals(&self, user: &UserId) -> Vec<PendingApproval> {
+    /// The user's invocations waiting for their decision, oldest first, with the arguments
+    /// they decide on (`null` when the vault no longer has them: approving then fails the
+    /// invocation without a call).
+    pub async fn pending_approvals(&self, user: &UserId) -> Vec<PendingApproval> {
         let models = &self.inner.read_models;
-        let pending: Vec<PendingApproval> = models.open_invocations.read(|open| {
+        let pending: Vec<domain::OpenInvocation> = models.open_invocations.read(|open| {
             open.pending_approvals_of(user.as_str())
                 .into_iter()
-                .map(|o| PendingApproval {
-                    invocation_id: o.invocation_id.clone(),
-                    tool: o.exposed_tool_name.clone(),
-                    tool_name: o.tool_name.clone(),
-                    server: ResultServer {
-                        id: o.server_id.clone(),
-                        name: String::new(),
-                    },
-                    arguments: serde_json::from_str(&o.arguments_json).unwrap_or(Value::Null),
-                    requested_at: o.requested_at(),
-                    expires_at: o.approval_expires_at().unwrap_or(o.requested_at()),
-                })
+                .cloned()
                 .collect()
         });
-        pending
-            .into_iter()
-            .map(|mut p| {
-                if let Ok(server_id) = ServerId::parse(&p.server.id) {
-                    p.server.name = models
+        let mut approvals = Vec::with_capacity(pending.len());
+        for open in pending {
+            let arguments = match self.read_pending_arguments(&open).await {
+                Ok(json) => serde_json::from_str(&json).unwrap_or(Value::Null),
+                Err(error) => {
+                    tracing::warn!(%error, "a pending approval's arguments are unavailable");
+                    Value::Null
+                }
+            };
+            let server_name = ServerId::parse(&open.server_id)
+                .ok()
+                .and_then(|server_id| {
+                    models
                         .servers
                         .read(|d| d.get(server_id).map(|s| s.name.clone()))
-                        .unwrap_or_default();
-                }
-                p
-            })
-            .collect()
+                })
+                .unwrap_or_default();
+            approvals.push(PendingApproval {
+                requested_at: open.requested_at(),
+                expires_at: open.approval_expires_at().unwrap_or(open.requested_at()),
+                invocation_id: open.invocation_id,
+                tool: open.exposed_tool_name,
+                tool_name: open.tool_name,
+                server: ResultServer {
+                    id: open.server_id,
+                    name: server_name,
+                },
+                arguments,
+            });
+        }
+        approvals
     }
 
     /// The user approves or denies their invocation `id`. Only the invocation's own user
@@ -707,14 +749,31 @@ impl Invoker {
             return Ok(self.report(user, id, &events));
         }
         advance(&mut state, &mut events, decided);
-        if !approve || !matches!(state.status(), InvocationStatus::Ready { .. }) {
-            return Ok(self.report(user, id, &events));
-        }
         let Some(request) = state.request().cloned() else {
             return Ok(self.report(user, id, &events));
         };
-        let arguments: JsonObject =
-            serde_json::from_str(&request.arguments_json).unwrap_or_default();
+        if !approve || !matches!(state.status(), InvocationStatus::Ready { .. }) {
+            self.forget_pending_arguments(user, id, Some(&request))
+                .await;
+            return Ok(self.report(user, id, &events));
+        }
+        let arguments = match self.take_pending_arguments(user, id, &request).await {
+            Ok(json) => serde_json::from_str::<JsonObject>(&json).unwrap_or_default(),
+            Err(unavailable) => {
+                tracing::warn!(error = %unavailable, "an approved invocation's arguments are unavailable");
+                return self
+                    .record_failure(
+                        &context,
+                        &subject,
+                        user,
+                        id,
+                        events,
+                        "arguments_unavailable",
+                        &format!("{unavailable}; the server was not called"),
+                    )
+                    .await;
+            }
+        };
         let server = ServerId::parse(&request.server_id)
             .ok()
             .and_then(|server_id| {

@@ -16,6 +16,7 @@
 mod commands;
 mod error;
 pub mod nats;
+mod pending_arguments;
 mod reactions;
 mod result;
 mod service;

@@ -144,6 +144,11 @@ impl Invoker {
         let Some(sequence) = self.append_all(&subject, &envelopes).await? else {
             return Ok(None);
         };
+        // Closed, never to be called (again): its arguments, if the vault keeps them (the
+        // approved call takes them; a process that stopped first may have left them), are
+        // not needed any more.
+        self.forget_pending_arguments(&user, &id, state.request())
+            .await;
         events.extend(decided);
         let waited_for_approval = events.iter().any(|event| {
             matches!(event, Event::InvocationAwaitingApproval(awaiting)

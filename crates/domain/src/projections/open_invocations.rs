@@ -49,8 +49,12 @@ pub struct OpenInvocation {
     pub server_id: String,
     pub tool_name: String,
     pub exposed_tool_name: String,
-    /// Recorded for invocations awaiting approval (and with payload capture); else empty.
+    /// Recorded with payload capture (and by earlier builds for invocations awaiting
+    /// approval); else empty: the invoker keeps an awaiting invocation's arguments in the
+    /// vault, and checks them against the digest.
     pub arguments_json: String,
+    #[serde(default)]
+    pub arguments_sha256: String,
     /// Where its `InvocationRequested` is in the invocations log.
     pub requested_sequence: u64,
     pub requested_at_ms: u64,
@@ -197,6 +201,7 @@ impl OpenInvocations {
                     tool_name: requested.tool_name.clone(),
                     exposed_tool_name: requested.exposed_tool_name.clone(),
                     arguments_json: requested.arguments_json.clone(),
+                    arguments_sha256: requested.arguments_sha256.clone(),
                     requested_sequence: sequence,
                     requested_at_ms: at,
                     since_ms: at,
@@ -432,6 +437,7 @@ mod tests {
             tool_name: "create_issue".into(),
             exposed_tool_name: "x__create_issue".into(),
             arguments_json: "{}".into(),
+            arguments_sha256: String::new(),
             ..Default::default()
         })
     }

@@ -338,6 +338,7 @@ async fn list_approvals(
     let approvals = state
         .invoker
         .pending_approvals(&caller.user)
+        .await
         .into_iter()
         .map(|p| ApprovalItem {
             invocation_id: p.invocation_id,

@@ -186,6 +186,26 @@ impl Invoking {
         }
     }
 
+    /// The names of the arguments the vault keeps for invocations awaiting approval.
+    async fn kept_arguments(&self) -> Vec<String> {
+        let names = self.setup.app.vault.names().await.expect("vault names");
+        names
+            .into_iter()
+            .map(|name| name.as_str().to_owned())
+            .filter(|name| name.starts_with("invocation_arguments/"))
+            .collect()
+    }
+
+    /// The `InvocationRequested` event of invocation `id`, as the audit shows it.
+    async fn requested_event(&self, id: &str) -> Value {
+        events_of_type(&self.setup, "InvocationRequested")
+            .await
+            .into_iter()
+            .map(|event| event["envelope"]["invocationRequested"].clone())
+            .find(|requested| requested["invocationId"] == id)
+            .unwrap_or_else(|| panic!("no InvocationRequested for {id}"))
+    }
+
     /// Waits until the read models show every event written so far (what a probe or a
     /// service wrote directly).
     async fn settle(&self) {
@@ -398,6 +418,15 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
             .await;
         assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+        // Payloads are not captured: the log has the arguments' digest, the vault the
+        // arguments, sealed, until Alice decides.
+        let requested = it.requested_event("call_a").await;
+        assert!(requested.get("argumentsJson").is_none(), "{requested}");
+        assert_eq!(
+            requested["argumentsSha256"].as_str().map(str::len),
+            Some(64)
+        );
+        assert_eq!(it.kept_arguments().await.len(), 1);
         // Listed at once (read-your-writes), without waiting for the read model here.
         let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
         let approvals = approvals["approvals"]
@@ -435,6 +464,16 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         assert_eq!(approved["outcome"], "completed");
         assert_eq!(approved["result"]["content"][0]["text"], "Created FX-2");
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+        assert_eq!(
+            it.setup.handle.tool_call_arguments("create_issue"),
+            vec![json!({"title": "Bug"})],
+            "called with the arguments Alice approved"
+        );
+        assert_eq!(
+            it.kept_arguments().await,
+            Vec::<String>::new(),
+            "taken by the call"
+        );
         let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
         assert_eq!(
             approvals["approvals"],
@@ -466,6 +505,11 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
             .await;
         assert_eq!(status, 200, "{denied}");
         assert_eq!(denied["outcome"], "denied");
+        assert_eq!(
+            it.kept_arguments().await,
+            Vec::<String>::new(),
+            "deleted on denial"
+        );
         let (_, looked_up) = it.get(&it.alice, "/api/v1/invocations/call_b").await;
         assert_eq!(looked_up["outcome"], "denied");
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
@@ -502,6 +546,65 @@ async fn an_unanswered_approval_expires() {
         )
         .await;
     assert_eq!(status, 410, "the approval window closed: {late}");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+    assert_eq!(
+        it.kept_arguments().await,
+        Vec::<String>::new(),
+        "deleted on expiry"
+    );
+}
+
+#[tokio::test]
+async fn an_approval_whose_kept_arguments_are_gone_fails_without_a_call() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let waiting = it
+        .invoke("call_lost", "create_issue", json!({"title": "Lost"}))
+        .await;
+    assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
+    let kept = it.kept_arguments().await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    // The vault loses the entry (restored from an older backup, removed by hand).
+    let name = vault::SecretName::parse(kept[0].clone()).expect("name");
+    it.setup.app.vault.delete(&name).await.expect("delete");
+
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(approvals["approvals"][0]["invocation_id"], "call_lost");
+    assert_eq!(approvals["approvals"][0]["arguments"], Value::Null);
+    let (status, approved) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_lost",
+            &json!({"decision": "approve"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{approved}");
+    assert_eq!(approved["outcome"], "failed", "{approved}");
+    assert_eq!(approved["reason"], "arguments_unavailable");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+}
+
+#[tokio::test]
+async fn arguments_the_vault_will_not_keep_fail_the_invocation_before_it_waits() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    it.setup
+        .app
+        .vault_faults
+        .fail_next_writes("invocation_arguments/", 1);
+    let failed = it
+        .invoke("call_unkept", "create_issue", json!({"title": "Unkept"}))
+        .await;
+    assert_eq!(it.setup.app.vault_faults.failed(), 1);
+    assert_eq!(failed["outcome"], "failed", "{failed}");
+    assert_eq!(failed["reason"], "arguments_not_kept");
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(approvals["approvals"], json!([]), "never listed");
+    assert!(
+        events_of_type(&it.setup, "InvocationAwaitingApproval")
+            .await
+            .is_empty()
+    );
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
 }
 
@@ -1498,7 +1601,7 @@ async fn a_caller_that_goes_away_after_the_claim_or_the_approval_leaves_them_to_
             )
             .await
     );
-    let pending = invoker.pending_approvals(&alice);
+    let pending = invoker.pending_approvals(&alice).await;
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(pending[0].invocation_id, "call_gone");
 

@@ -1,0 +1,145 @@
+//! The arguments of invocations waiting for their user's approval, kept in the vault.
+//!
+//! Without payload capture the invocation events hold only the arguments' digest and size —
+//! the audit log must not hold payloads nobody chose to capture — yet the user decides on
+//! the arguments, and whichever process records the approval makes the call with them. So
+//! the process that wins an invocation's claim seals them in the vault
+//! (`invocation_arguments/<digest of user and id>`) before it records that the invocation
+//! waits, and the decision takes them out again: the approved call reads them once, a denial
+//! or an expiry deletes them. The entry's time-to-live outlasts the wait, so an entry a
+//! stopped process left behind is removed with the vault's other expired entries.
+//!
+//! What comes back is checked against the recorded digest: the call is made with the
+//! arguments the user saw and the log describes, or not at all.
+use domain::{InvocationId, UserId};
+use proto::v1 as pb;
+use vault::{Secret, SecretName, VaultError};
+
+use crate::{Invoker, result::sha256_hex};
+
+/// Why an approved call has no arguments to go with.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ArgumentsUnavailable {
+    #[error("the arguments are no longer in the vault (expired or removed)")]
+    Gone,
+    #[error("the arguments in the vault do not match the recorded digest")]
+    Mismatch,
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+/// The vault entry of `user`'s invocation `id`: a digest of both, since an invocation id is
+/// the orchestrator's opaque text and need not fit an entry name.
+fn entry_name(user: &UserId, id: &InvocationId) -> SecretName {
+    let mut named = Vec::with_capacity(user.as_str().len() + 1 + id.as_str().len());
+    named.extend_from_slice(user.as_str().as_bytes());
+    named.push(0);
+    named.extend_from_slice(id.as_str().as_bytes());
+    let digest = sha256_hex(&named);
+    SecretName::parse(format!("invocation_arguments/{}", &digest[..32]))
+        .expect("32 hex digits make a valid entry name")
+}
+
+/// Whether the arguments of the invocation `request` records are in the vault rather than in
+/// the event (no capture; earlier builds recorded them in the event while it waited).
+pub(crate) fn kept_in_vault(request: &pb::InvocationRequested) -> bool {
+    request.arguments_json.is_empty() && !request.started
+}
+
+impl Invoker {
+    /// Seals an awaiting invocation's arguments in the vault for as long as the user may
+    /// take to decide, and the longest a decided call may wait for its start after that.
+    pub(crate) async fn keep_pending_arguments(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+        arguments_json: &str,
+    ) -> Result<(), VaultError> {
+        let settings = &self.inner.settings;
+        let ttl = settings.approval_timeout + settings.stalled_after();
+        self.vault()
+            .put_with_ttl(
+                &entry_name(user, id),
+                &Secret::from_slice(arguments_json.as_bytes()),
+                ttl,
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// The arguments `request` (awaiting, approved) was made with, taken out of the vault
+    /// when they are kept there: the approved call reads them once.
+    pub(crate) async fn take_pending_arguments(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+        request: &pb::InvocationRequested,
+    ) -> Result<String, ArgumentsUnavailable> {
+        if !kept_in_vault(request) {
+            return Ok(request.arguments_json.clone());
+        }
+        let secret = self
+            .vault()
+            .take(&entry_name(user, id))
+            .await?
+            .ok_or(ArgumentsUnavailable::Gone)?;
+        matching(secret, &request.arguments_sha256)
+    }
+
+    /// The arguments of a pending approval, for its user to see (left in the vault); the
+    /// open invocation holds them when they were recorded.
+    pub(crate) async fn read_pending_arguments(
+        &self,
+        pending: &domain::OpenInvocation,
+    ) -> Result<String, ArgumentsUnavailable> {
+        if !pending.arguments_json.is_empty() {
+            return Ok(pending.arguments_json.clone());
+        }
+        let (Ok(user), Ok(id)) = (
+            UserId::parse(&pending.user_id),
+            InvocationId::parse(&pending.invocation_id),
+        ) else {
+            return Err(ArgumentsUnavailable::Gone);
+        };
+        let (secret, _) = self
+            .vault()
+            .get(&entry_name(&user, &id))
+            .await?
+            .ok_or(ArgumentsUnavailable::Gone)?;
+        matching(secret, &pending.arguments_sha256)
+    }
+
+    /// Deletes the arguments of an invocation that will not be called (denied, expired,
+    /// interrupted before it waited). A failure is only logged: the entry expires anyway.
+    pub(crate) async fn forget_pending_arguments(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+        request: Option<&pb::InvocationRequested>,
+    ) {
+        if !request.is_some_and(kept_in_vault) {
+            return;
+        }
+        let name = entry_name(user, id);
+        if let Err(error) = self.vault().delete(&name).await {
+            tracing::warn!(
+                %error,
+                entry = name.as_str(),
+                "could not delete the arguments of a closed invocation; they expire with the entry"
+            );
+        }
+    }
+
+    fn vault(&self) -> &vault::Vault {
+        self.inner.connections.vault()
+    }
+}
+
+/// The arguments `secret` holds, when they are the ones recorded by `arguments_sha256`.
+fn matching(secret: Secret, arguments_sha256: &str) -> Result<String, ArgumentsUnavailable> {
+    let text = secret.expose_str().ok_or(ArgumentsUnavailable::Mismatch)?;
+    if sha256_hex(text.as_bytes()) != arguments_sha256 {
+        return Err(ArgumentsUnavailable::Mismatch);
+    }
+    Ok(text.to_owned())
+}
