@@ -307,6 +307,8 @@ pub enum InvocationCommand {
         truncated: bool,
         /// The result envelope, when payload capture is on; empty otherwise.
         result_json: String,
+        /// Without capture, the process that holds the result (see the event).
+        result_held_by: String,
     },
     /// The call could not be made or did not return a result.
     Fail {
@@ -416,6 +418,7 @@ pub fn decide(
             result_sha256,
             truncated,
             result_json,
+            result_held_by,
         } => match &state.status {
             InvocationStatus::Running => {
                 Ok(vec![Event::InvocationCompleted(pb::InvocationCompleted {
@@ -426,6 +429,7 @@ pub fn decide(
                     result_sha256,
                     truncated,
                     result_json,
+                    result_held_by,
                 })])
             }
             _ => Err(DomainError::InvocationNotStarted),
@@ -686,6 +690,7 @@ mod tests {
             result_sha256: "ab".repeat(32),
             truncated: false,
             result_json: String::new(),
+            result_held_by: String::new(),
         })
     }
 
@@ -697,6 +702,7 @@ mod tests {
             result_sha256: "ab".repeat(32),
             truncated: false,
             result_json: String::new(),
+            result_held_by: String::new(),
         }
     }
 

@@ -920,10 +920,13 @@ impl Invoker {
                 let limit = self.inner.settings.result_limit_bytes;
                 let (envelope, digest) = ResultEnvelope::build(server, tool_name, result, limit);
                 let envelope = Arc::new(envelope);
-                let result_json = if self.inner.settings.capture_payloads {
-                    serde_json::to_string(&*envelope).unwrap_or_default()
+                let (result_json, result_held_by) = if self.inner.settings.capture_payloads {
+                    (
+                        serde_json::to_string(&*envelope).unwrap_or_default(),
+                        String::new(),
+                    )
                 } else {
-                    String::new()
+                    (String::new(), self.inner.instance.clone())
                 };
                 // Before the event: whoever sees `InvocationCompleted` here finds the result.
                 self.remember_result(&user, id.as_str(), envelope.clone());
@@ -935,6 +938,7 @@ impl Invoker {
                     result_sha256: digest.sha256,
                     truncated: envelope.truncated,
                     result_json,
+                    result_held_by,
                 }
             }
             Ok(Err((error_code, message))) => InvocationCommand::Fail {
@@ -1300,35 +1304,63 @@ impl Invoker {
                 || (report.outcome == Outcome::AwaitingApproval && !through_approval)
         };
         let mut report = self.report(user, id, &events);
-        if settled(&report) || limit.is_zero() {
-            return Ok(report);
-        }
-        let until = tokio::time::Instant::now() + limit;
-        let subject = invocation_subject(user)?;
-        let filter = SubjectFilter::exact(&subject);
-        let mut stream = self
-            .inner
-            .log
-            .subscribe(LogKind::Invocations, seen + 1, Some(&filter))
-            .await?;
-        loop {
-            match tokio::time::timeout_at(until, stream.next()).await {
-                Err(_) | Ok(None) => return Ok(report),
-                Ok(Some(Ok(recorded))) => {
-                    if let Some(event) = recorded.envelope.event
-                        && invocation_id_of(&event) == Some(id.as_str())
-                    {
-                        events.push(event);
-                        report = self.report(user, id, &events);
-                        if settled(&report) {
-                            return Ok(report);
+        if !(settled(&report) || limit.is_zero()) {
+            let until = tokio::time::Instant::now() + limit;
+            let subject = invocation_subject(user)?;
+            let filter = SubjectFilter::exact(&subject);
+            let mut stream = self
+                .inner
+                .log
+                .subscribe(LogKind::Invocations, seen + 1, Some(&filter))
+                .await?;
+            loop {
+                match tokio::time::timeout_at(until, stream.next()).await {
+                    Err(_) | Ok(None) => break,
+                    Ok(Some(Ok(recorded))) => {
+                        if let Some(event) = recorded.envelope.event
+                            && invocation_id_of(&event) == Some(id.as_str())
+                        {
+                            events.push(event);
+                            report = self.report(user, id, &events);
+                            if settled(&report) {
+                                break;
+                            }
                         }
                     }
+                    Ok(Some(Err(EventLogError::Corrupt { .. }))) => {}
+                    Ok(Some(Err(error))) => return Err(error.into()),
                 }
-                Ok(Some(Err(EventLogError::Corrupt { .. }))) => {}
-                Ok(Some(Err(error))) => return Err(error.into()),
             }
         }
+        if report.outcome == Outcome::Completed && report.result.is_none() {
+            report.result = self.result_from_holder(user, id, &events).await;
+        }
+        Ok(report)
+    }
+
+    /// A completed invocation's result that another process holds in memory (it made the
+    /// call, and payloads are not captured), fetched from it; `None` when this process has
+    /// no way to ask, or the holder is gone or no longer has it.
+    async fn result_from_holder(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+        events: &[Event],
+    ) -> Option<Arc<ResultEnvelope>> {
+        let holder = events.iter().rev().find_map(|event| match event {
+            Event::InvocationCompleted(completed) => Some(completed.result_held_by.as_str()),
+            _ => None,
+        })?;
+        if holder.is_empty() || holder == self.inner.instance {
+            return None;
+        }
+        let peers = self.inner.result_peers.get()?;
+        let fetched = peers.fetch(holder, user, id.as_str()).await;
+        if let Some(result) = &fetched {
+            // Kept here too: the next look-up need not ask again.
+            self.remember_result(user, id.as_str(), result.clone());
+        }
+        fetched
     }
 }
 

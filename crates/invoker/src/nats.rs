@@ -2,20 +2,25 @@
 //! `<prefix>.invoke` and `<prefix>.invoke.status`, as the `switchboard-invoker` service
 //! (discoverable through `$SRV`) in a queue group, so every running copy shares the work.
 //! Requests are protobuf, or proto3 JSON with `Content-Type: application/json`; the reply
-//! uses the request's encoding. Nothing else lives here: the commands are `commands.rs`.
-use std::time::Duration;
+//! uses the request's encoding. Each process also answers other processes' requests for the
+//! results it holds on `<prefix>.internal.result.<its instance id>` (core NATS, protobuf), and
+//! asks them there (see `InvocationCompleted.result_held_by`). Nothing else lives here: the
+//! commands are `commands.rs`.
+use std::{sync::Arc, time::Duration};
 
 use async_nats::service::{Service, ServiceExt, endpoint::Endpoint};
 use bytes::Bytes;
 use domain::{InvocationId, UserId};
-use futures_util::StreamExt;
-use proto::v1 as pb;
+use futures_util::{StreamExt, future::BoxFuture};
+use proto::{Message as _, v1 as pb};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use service_kit::CommandContext;
 use tokio_util::sync::CancellationToken;
 
-use crate::{InvocationReport, InvokeRequest, Invoker, InvokerError};
+use crate::{
+    InvocationReport, InvokeRequest, Invoker, InvokerError, ResultEnvelope, service::ResultPeers,
+};
 
 pub const SERVICE_NAME: &str = "switchboard-invoker";
 pub const QUEUE_GROUP: &str = "switchboard-invoker";
@@ -32,6 +37,8 @@ pub struct NatsService {
     tools: Endpoint,
     invoke: Endpoint,
     status: Endpoint,
+    /// Other processes asking for a result this one holds (`<prefix>.internal.result.<id>`).
+    result_requests: async_nats::Subscriber,
 }
 
 impl std::fmt::Debug for NatsService {
@@ -57,7 +64,15 @@ impl NatsService {
         let tools = service.endpoint(format!("{prefix}.tools.list")).await?;
         let invoke = service.endpoint(format!("{prefix}.invoke")).await?;
         let status = service.endpoint(format!("{prefix}.invoke.status")).await?;
+        let result_requests = client
+            .subscribe(result_subject(prefix, invoker.instance()))
+            .await?;
+        invoker.set_result_peers(Arc::new(NatsResultPeers {
+            client: client.clone(),
+            prefix: prefix.to_owned(),
+        }));
         Ok(NatsService {
+            result_requests,
             approval_outcomes: invoker.approval_outcomes(),
             invoker,
             client: client.clone(),
@@ -83,6 +98,12 @@ impl NatsService {
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
                     }
+                    continue;
+                }
+                Some(asked) = self.result_requests.next() => {
+                    // Off the loop: a result can be a megabyte to serialise.
+                    let (invoker, client) = (self.invoker.clone(), self.client.clone());
+                    tokio::spawn(answer_result_request(invoker, client, asked));
                     continue;
                 }
                 Some(request) = self.tools.next() => (request, Kind::Tools),
@@ -151,6 +172,95 @@ fn is_json(message: &async_nats::Message) -> bool {
         .as_ref()
         .and_then(|headers| headers.get("Content-Type"))
         .is_some_and(|value| value.as_str().starts_with("application/json"))
+}
+
+/// Answers another process asking for a result this one holds: an `InvocationReply`
+/// with `result_json`, empty when it is no longer (or never was) here.
+async fn answer_result_request(
+    invoker: Invoker,
+    client: async_nats::Client,
+    asked: async_nats::Message,
+) {
+    let Some(reply_to) = asked.reply else {
+        return;
+    };
+    let held = pb::InvokeStatusRequest::decode(asked.payload)
+        .ok()
+        .and_then(|request| {
+            let user = UserId::parse(&request.user_id).ok()?;
+            let result = invoker.remembered_result(&user, &request.invocation_id)?;
+            Some(pb::InvocationReply {
+                invocation_id: request.invocation_id,
+                result_json: serde_json::to_string(&*result).ok()?,
+                ..pb::InvocationReply::default()
+            })
+        })
+        .unwrap_or_default();
+    if let Err(error) = client
+        .publish(reply_to, Bytes::from(held.encode_to_vec()))
+        .await
+    {
+        tracing::warn!(%error, "could not answer a request for a held result");
+    }
+}
+
+/// Where the process `instance` answers requests for the results it holds.
+fn result_subject(prefix: &str, instance: &str) -> String {
+    format!("{prefix}.internal.result.{instance}")
+}
+
+/// How long a look-up waits for the process holding a result: a live one answers from
+/// memory within milliseconds; a stopped one has no subscriber, and NATS says so at once.
+const RESULT_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Fetches results other processes hold, over NATS.
+struct NatsResultPeers {
+    client: async_nats::Client,
+    prefix: String,
+}
+
+impl ResultPeers for NatsResultPeers {
+    fn fetch<'a>(
+        &'a self,
+        holder: &'a str,
+        user: &'a UserId,
+        id: &'a str,
+    ) -> BoxFuture<'a, Option<Arc<ResultEnvelope>>> {
+        Box::pin(async move {
+            // The id comes from the log: only what this build writes (hex) makes a subject
+            // token, never a wildcard or a dotted path.
+            if holder.is_empty()
+                || holder.len() > 32
+                || !holder.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return None;
+            }
+            let request = pb::InvokeStatusRequest {
+                invocation_id: id.to_owned(),
+                user_id: user.as_str().to_owned(),
+                wait_ms: 0,
+            };
+            let asked = self.client.request(
+                result_subject(&self.prefix, holder),
+                Bytes::from(request.encode_to_vec()),
+            );
+            let reply = match tokio::time::timeout(RESULT_FETCH_TIMEOUT, asked).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, holder, "the process holding a result did not answer");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            let reply = pb::InvocationReply::decode(reply.payload).ok()?;
+            if reply.result_json.is_empty() {
+                return None;
+            }
+            serde_json::from_str::<ResultEnvelope>(&reply.result_json)
+                .ok()
+                .map(Arc::new)
+        })
+    }
 }
 
 fn decode<T: proto::Message + Default + DeserializeOwned>(

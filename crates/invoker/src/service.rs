@@ -93,6 +93,38 @@ pub(crate) struct Inner {
     /// Final outcomes of invocations that waited for approval, as this process records them
     /// (the NATS adapter publishes them on `<prefix>.invoke.result.<id>`).
     pub approval_outcomes: tokio::sync::broadcast::Sender<ApprovalOutcome>,
+    /// This process's id among the invokers sharing the log (random, taken at start):
+    /// recorded on the completions whose results only its memory holds.
+    pub instance: String,
+    /// Where results held by other processes are fetched from (the NATS adapter sets it);
+    /// without it, a look-up here of another process's call answers without its result.
+    pub result_peers: std::sync::OnceLock<Arc<dyn ResultPeers>>,
+}
+
+/// Fetches a result another process holds in memory (see `InvocationCompleted.result_held_by`).
+pub(crate) trait ResultPeers: Send + Sync {
+    fn fetch<'a>(
+        &'a self,
+        holder: &'a str,
+        user: &'a UserId,
+        id: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Option<Arc<ResultEnvelope>>>;
+}
+
+/// A random id for this process's invoker: 16 hex digits.
+fn new_instance_id() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 8];
+    // The system's random source failing leaves the time as the id: unique enough to tell
+    // this process's completions from another's.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = (nanos as u64).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The final outcome of an invocation that waited for approval, and whose it is (ids are the
@@ -182,6 +214,8 @@ impl Invoker {
                 sessions: Mutex::new(HashMap::new()),
                 results: Mutex::new(ResultCache::default()),
                 approval_outcomes: tokio::sync::broadcast::Sender::new(1024),
+                instance: new_instance_id(),
+                result_peers: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -224,6 +258,16 @@ impl Invoker {
                 report: report.clone(),
             });
         }
+    }
+
+    /// This process's id among the invokers sharing the log.
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
+    }
+
+    /// Where this process fetches results other processes hold; set once.
+    pub(crate) fn set_result_peers(&self, peers: Arc<dyn ResultPeers>) {
+        let _ = self.inner.result_peers.set(peers);
     }
 
     pub fn settings(&self) -> &InvokerSettings {

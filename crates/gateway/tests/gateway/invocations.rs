@@ -1229,6 +1229,69 @@ async fn a_users_parallel_calls_reach_the_server_together() {
 }
 
 #[tokio::test]
+async fn a_result_only_the_calling_process_holds_reaches_a_look_up_on_another() {
+    let it = connected(Store::JetStream, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    let client = async_nats::connect(testkit::shared_nats().url())
+        .await
+        .expect("connect");
+    let prefix = testkit::unique_name("peers");
+    let caller = it.setup.app.state.invoker.clone();
+    let other = caller.another_instance();
+    assert_ne!(caller.instance(), other.instance());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    for invoker in [&caller, &other] {
+        let service = invoker::nats::NatsService::start(invoker.clone(), &client, &prefix)
+            .await
+            .expect("service");
+        tokio::spawn(service.run(shutdown.clone()));
+    }
+    let context = service_kit::CommandContext::service("test");
+    let request = || it.request("call_held", "search_issues", json!({"query": "x"}));
+    let made = caller.invoke(&context, request()).await.expect("invoke");
+    assert_eq!(made.outcome, invoker::Outcome::Completed);
+    let made = serde_json::to_value(&*made.result.expect("the caller's result")).expect("JSON");
+
+    // The log names the process that holds the result, and holds no payload.
+    let completed = events_of_type(&it.setup, "InvocationCompleted").await;
+    assert_eq!(completed.len(), 1);
+    let completed = &completed[0]["envelope"]["invocationCompleted"];
+    assert_eq!(completed["resultHeldBy"], caller.instance(), "{completed}");
+    assert!(completed.get("resultJson").is_none(), "{completed}");
+
+    // A look-up on another process fetches it from the caller.
+    let alice = domain::UserId::parse(ALICE).expect("user");
+    let id = domain::InvocationId::parse("call_held").expect("id");
+    let looked_up = other
+        .status(&alice, &id, Duration::ZERO)
+        .await
+        .expect("status");
+    assert_eq!(looked_up.outcome, invoker::Outcome::Completed);
+    let fetched = looked_up
+        .result
+        .expect("the result, fetched from its holder");
+    assert_eq!(serde_json::to_value(&*fetched).expect("JSON"), made);
+    // So does the orchestrator's retry of the request there, which calls nothing.
+    let retried = other.invoke(&context, request()).await.expect("retry");
+    assert_eq!(retried.outcome, invoker::Outcome::Completed);
+    assert_eq!(
+        serde_json::to_value(&*retried.result.expect("result")).expect("JSON"),
+        made
+    );
+    assert_eq!(it.setup.handle.tool_calls("search_issues"), 1);
+
+    // A process with no way to ask answers the outcome without the result.
+    let unconnected = caller.another_instance();
+    let bare = unconnected
+        .status(&alice, &id, Duration::ZERO)
+        .await
+        .expect("status");
+    assert_eq!(bare.outcome, invoker::Outcome::Completed);
+    assert!(bare.result.is_none());
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     use proto::Message as _;
     let it = connected(Store::JetStream, settings()).await;
