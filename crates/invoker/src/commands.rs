@@ -521,16 +521,18 @@ impl Invoker {
             arguments,
             deadline,
         } = claim;
-        if let Settled::Theirs(requested_sequence) =
-            self.append_settling(&subject, &claim[0]).await?
-        {
-            return Ok(Claimed::Theirs {
-                requested_sequence,
-                user,
-                id,
-            });
-        }
-        if matches!(state.status(), InvocationStatus::AwaitingApproval { .. })
+        let claimed_at = match self.append_settling(&subject, &claim[0]).await? {
+            Settled::Ours(sequence) => sequence,
+            Settled::Theirs(requested_sequence) => {
+                return Ok(Claimed::Theirs {
+                    requested_sequence,
+                    user,
+                    id,
+                });
+            }
+        };
+        let awaiting = matches!(state.status(), InvocationStatus::AwaitingApproval { .. });
+        if awaiting
             && state
                 .request()
                 .is_some_and(pending_arguments::kept_in_vault)
@@ -585,6 +587,28 @@ impl Invoker {
                     deadline,
                 })
                 .await?
+            }
+            None if awaiting => {
+                // The wait is not a contested write: the sweeper may have closed a claim this
+                // process was slow to follow up (an event after the outcome counts for
+                // nothing). What is recorded is the answer; a person decides on it, so one
+                // read more costs nothing that matters.
+                let known = Whereabouts {
+                    requested_sequence: claimed_at,
+                    outcome_sequence: None,
+                };
+                let (recorded, _) = self.load(&user, &id, known).await?;
+                let recorded_state = InvocationState::replay(&id, &recorded);
+                // Closed before anyone approved it: its arguments are not needed. (Approved
+                // already, the approving process takes them.)
+                let approved = recorded
+                    .iter()
+                    .any(|event| matches!(event, Event::InvocationApproved(_)));
+                if recorded_state.status().is_terminal() && !approved {
+                    self.forget_pending_arguments(&user, &id, state.request())
+                        .await;
+                }
+                self.report_of(&recorded_state, &user, &id, &recorded, None)
             }
             None => self.report_of(&state, &user, &id, &kept, None),
         };

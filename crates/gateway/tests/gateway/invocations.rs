@@ -584,6 +584,65 @@ async fn an_approval_whose_kept_arguments_are_gone_fails_without_a_call() {
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
 }
 
+/// The sweeper closes a claim whose process did not follow it up in time; that process,
+/// slow (here its vault write held) rather than stopped, then records the wait: its caller
+/// is told what the log says — failed — not `awaiting_approval`, and nothing is left pending.
+#[tokio::test]
+async fn a_wait_recorded_after_the_sweeper_closed_its_claim_answers_the_recorded_outcome() {
+    use futures_util::StreamExt;
+    let clock = std::sync::Arc::new(service_kit::ManualClock::new(std::time::SystemTime::now()));
+    let it = connected_to_clocked(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        settings(),
+        Some(clock.clone()),
+    )
+    .await;
+    it.set_state("create_issue", "needs_approval").await;
+    let invoker = it.setup.app.state.invoker.clone();
+    let held = it
+        .setup
+        .app
+        .vault_faults
+        .hold_next_write("invocation_arguments/");
+    let mut invocations = it
+        .setup
+        .app
+        .log
+        .subscribe(eventlog::LogKind::Invocations, 1, None)
+        .await
+        .expect("subscribe");
+    let context = service_kit::CommandContext::service("test");
+    let request = it.request("call_slow_wait", "create_issue", json!({"title": "Slow"}));
+    let invoking = tokio::spawn(async move { invoker.invoke(&context, request).await });
+    // Claimed, and held at the vault before the wait is recorded.
+    held.reached.notified().await;
+    clock.advance(Duration::from_secs(60));
+    // The sweeper (every 50 ms) finds the claim unsettled and closes it.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = invocations.next().await.expect("stream").expect("event");
+            if matches!(
+                event.envelope.event,
+                Some(domain::Event::InvocationFailed(ref e)) if e.invocation_id == "call_slow_wait"
+            ) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the sweeper closed the claim");
+    held.release.notify_one();
+    let report = invoking.await.expect("task").expect("invoke");
+    assert_eq!(report.outcome, invoker::Outcome::Failed, "{report:?}");
+    assert_eq!(report.reason.as_deref(), Some("interrupted"));
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(approvals["approvals"], json!([]));
+    assert_eq!(it.kept_arguments().await, Vec::<String>::new());
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+}
+
 #[tokio::test]
 async fn arguments_the_vault_will_not_keep_fail_the_invocation_before_it_waits() {
     let it = connected(Store::Jsonl, settings()).await;

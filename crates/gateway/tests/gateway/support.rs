@@ -420,6 +420,15 @@ pub struct FailingWrites {
     /// after they were stored (an answer lost on its way back).
     failing: std::sync::Mutex<(String, usize, bool)>,
     failed: std::sync::atomic::AtomicUsize,
+    /// The next write of entries with this prefix waits for the test (a slow store).
+    held: std::sync::Mutex<Option<(String, Arc<HeldWrite>)>>,
+}
+
+/// A write the store holds: `reached` when it arrives, then it waits for `release`.
+#[derive(Debug, Default)]
+pub struct HeldWrite {
+    pub reached: tokio::sync::Notify,
+    pub release: tokio::sync::Notify,
 }
 
 impl FailingWrites {
@@ -428,7 +437,16 @@ impl FailingWrites {
             store,
             failing: std::sync::Mutex::new((String::new(), 0, false)),
             failed: std::sync::atomic::AtomicUsize::new(0),
+            held: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The next write of an entry whose name starts with `prefix` waits until the test
+    /// releases it (then goes through).
+    pub fn hold_next_write(&self, prefix: &str) -> Arc<HeldWrite> {
+        let held = Arc::new(HeldWrite::default());
+        *self.held.lock().expect("lock") = Some((prefix.to_owned(), held.clone()));
+        held
     }
 
     /// The next `count` writes of entries whose name starts with `prefix` fail.
@@ -453,6 +471,17 @@ impl FailingWrites {
         name: &vault::SecretName,
         write: impl Future<Output = Result<T, vault::StoreError>>,
     ) -> Result<T, vault::StoreError> {
+        let held = {
+            let mut held = self.held.lock().expect("lock");
+            match held.as_ref() {
+                Some((prefix, _)) if name.as_str().starts_with(prefix.as_str()) => held.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, held)) = held {
+            held.reached.notify_one();
+            held.release.notified().await;
+        }
         let after_storing = {
             let mut failing = self.failing.lock().expect("lock");
             if failing.1 == 0 || !name.as_str().starts_with(failing.0.as_str()) {
