@@ -521,15 +521,23 @@ impl Invoker {
             arguments,
             deadline,
         } = claim;
-        let claimed_at = match self.append_settling(&subject, &claim[0]).await? {
-            Settled::Ours(sequence) => sequence,
-            Settled::Theirs(requested_sequence) => {
+        let claimed_at = match self.append_settling(&subject, &claim[0]).await {
+            Ok(Settled::Ours(sequence)) => sequence,
+            Ok(Settled::Theirs(requested_sequence)) => {
                 return Ok(Claimed::Theirs {
                     requested_sequence,
                     user,
                     id,
                 });
             }
+            Err(InvokerError::EventLog(error)) if !error.nothing_stored() => {
+                // The store may have taken the claim and lost its answer: left alone, such a
+                // claim (started, as an allowed one is) would look like a call under way
+                // until the sweeper's limit for stalled calls, and a retry would wait on it.
+                self.close_unconfirmed_claim_later(context, subject, claim[0].clone(), user, id);
+                return Err(error.into());
+            }
+            Err(error) => return Err(error),
         };
         let awaiting = matches!(state.status(), InvocationStatus::AwaitingApproval { .. });
         if awaiting
@@ -613,6 +621,84 @@ impl Invoker {
             None => self.report_of(&state, &user, &id, &kept, None),
         };
         Ok(Claimed::Ours(report))
+    }
+
+    /// After an append of `claim` that may or may not have been stored, in a task of its
+    /// own: once the store answers again, a claim that was stored and is this request's is
+    /// closed as failed (`claim_unconfirmed`; the server was not called, and the caller was
+    /// told of an error). A claim that was not stored leaves nothing to do: a retry claims
+    /// afresh. Gives up after the sweeper's limit for stalled calls (the sweeper closes it).
+    fn close_unconfirmed_claim_later(
+        &self,
+        context: CommandContext,
+        subject: Subject,
+        claim: Envelope,
+        user: UserId,
+        id: InvocationId,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + this.inner.settings.stalled_after();
+            let mut pause = Duration::from_millis(250);
+            loop {
+                let closed = this
+                    .close_unconfirmed_claim(&context, &subject, &claim, &user, &id)
+                    .await;
+                let Err(error) = closed else {
+                    return;
+                };
+                if tokio::time::Instant::now() + pause > give_up {
+                    tracing::warn!(%error, invocation = id.as_str(), "could not settle an unconfirmed claim; the sweeper will");
+                    return;
+                }
+                tracing::debug!(%error, invocation = id.as_str(), "settling an unconfirmed claim; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+        });
+    }
+
+    async fn close_unconfirmed_claim(
+        &self,
+        context: &CommandContext,
+        subject: &Subject,
+        claim: &Envelope,
+        user: &UserId,
+        id: &InvocationId,
+    ) -> Result<(), InvokerError> {
+        let Some(known) = self.whereabouts(user, id).await? else {
+            return Ok(());
+        };
+        if known.outcome_sequence.is_some() {
+            return Ok(());
+        }
+        let stored = self
+            .inner
+            .log
+            .read_event(LogKind::Invocations, known.requested_sequence)
+            .await?;
+        if stored.is_none_or(|stored| stored.envelope.write_id != claim.write_id) {
+            // Another request's claim (it went on after this one failed).
+            return Ok(());
+        }
+        let claimed: Vec<Event> = claim.event.iter().cloned().collect();
+        let state = InvocationState::replay(id, &claimed);
+        let failed = invocation::decide(
+            &state,
+            id,
+            InvocationCommand::Fail {
+                error_code: "claim_unconfirmed".to_owned(),
+                message: "the event store did not confirm the request in time, and the caller \
+                          was told it failed; the server was not called"
+                    .to_owned(),
+                duration_ms: 0,
+            },
+            self.now(),
+        )?;
+        let envelopes = self.envelopes(context, user, id, failed);
+        // `None`: closed meanwhile by someone else (the sweeper).
+        self.append_all(subject, &envelopes).await?;
+        Ok(())
     }
 
     /// A request whose id is claimed already: the same request gets the recorded outcome
@@ -749,6 +835,77 @@ impl Invoker {
         &self,
         decision: RecordDecision,
     ) -> Result<InvocationReport, InvokerError> {
+        let envelope = self
+            .envelopes(
+                &decision.context,
+                &decision.user,
+                &decision.id,
+                decision.decided.clone(),
+            )
+            .into_iter()
+            .next();
+        let Some(envelope) = envelope else {
+            return Ok(self.report(&decision.user, &decision.id, &decision.events));
+        };
+        match self.append_settling(&decision.subject, &envelope).await {
+            Ok(settled) => self.follow_decision(decision, settled).await,
+            Err(InvokerError::EventLog(error)) if !error.nothing_stored() => {
+                // The store may have taken the decision and lost its answer, or may take it
+                // yet: the user is told of the error, and the decision is seen through once
+                // the store answers — else an approval stored without its call would look
+                // like a call under way until the sweeper's limit.
+                self.follow_unconfirmed_decision_later(decision, envelope);
+                Err(error.into())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// After an append of a decision's `envelope` that may or may not have been stored, in a
+    /// task of its own: the same append again (stored once, whoever's attempt stored it)
+    /// until the store answers, then what follows the decision — the approved call — with
+    /// its outcome announced. Gives up after the sweeper's limit for stalled calls.
+    fn follow_unconfirmed_decision_later(&self, decision: RecordDecision, envelope: Envelope) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + this.inner.settings.stalled_after();
+            let mut pause = Duration::from_millis(250);
+            loop {
+                match this.append_settling(&decision.subject, &envelope).await {
+                    Ok(settled) => {
+                        let user = decision.user.clone();
+                        match this.follow_decision(decision, settled).await {
+                            Ok(report) => this.announce_approval_outcome(&user, &report),
+                            Err(error) => {
+                                tracing::warn!(%error, "could not see an unconfirmed decision through");
+                            }
+                        }
+                        return;
+                    }
+                    Err(InvokerError::EventLog(error))
+                        if !error.nothing_stored()
+                            && tokio::time::Instant::now() + pause <= give_up =>
+                    {
+                        tracing::debug!(%error, "recording an unconfirmed decision; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(30));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, invocation = decision.id.as_str(), "could not record an unconfirmed decision; the sweeper will close the invocation");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// What follows a decision's append: the report of a decision made first elsewhere, or
+    /// of a denial; the approved call, made here.
+    async fn follow_decision(
+        &self,
+        decision: RecordDecision,
+        settled: Settled,
+    ) -> Result<InvocationReport, InvokerError> {
         let RecordDecision {
             context,
             subject,
@@ -763,8 +920,7 @@ impl Invoker {
         } = decision;
         let approve = matches!(command, InvocationCommand::Approve { .. });
         let (user, id) = (&user, &id);
-        let envelopes = self.envelopes(&context, user, id, decided.clone());
-        if let Settled::Theirs(_) = self.append_settling(&subject, &envelopes[0]).await? {
+        if let Settled::Theirs(_) = settled {
             // Decided first elsewhere (the user's other tab, the sweeper's expiry): what the
             // rules say to deciding again, on what is recorded now.
             let (events, _) = self.load(user, id, known).await?;

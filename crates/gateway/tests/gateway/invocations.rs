@@ -946,33 +946,66 @@ async fn decisions_sent_at_once_record_one() {
     }
 }
 
-/// The invocations log as a store that is failing for one kind of write: it refuses every
-/// append holding an `InvocationStarted` and passes everything else to the real log.
+/// The invocations log as a store that is failing for one kind of write: appends holding an
+/// event of `event_type` fail as unavailable — after they were stored (an answer lost on its
+/// way back) when `store_first` — while `remaining` lasts; everything else goes to the real
+/// log.
 #[derive(Debug)]
-struct RefusingStarts {
+struct FaultyAppends {
     inner: std::sync::Arc<dyn eventlog::EventLog>,
+    event_type: &'static str,
+    store_first: bool,
+    remaining: std::sync::atomic::AtomicUsize,
     refused: std::sync::atomic::AtomicUsize,
 }
 
+impl FaultyAppends {
+    fn new(
+        inner: std::sync::Arc<dyn eventlog::EventLog>,
+        event_type: &'static str,
+        store_first: bool,
+        faults: usize,
+    ) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(FaultyAppends {
+            inner,
+            event_type,
+            store_first,
+            remaining: std::sync::atomic::AtomicUsize::new(faults),
+            refused: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[async_trait::async_trait]
-impl eventlog::EventLog for RefusingStarts {
+impl eventlog::EventLog for FaultyAppends {
     async fn append(
         &self,
         subject: &eventlog::Subject,
         expected: eventlog::ExpectedVersion,
         events: &[proto::v1::Envelope],
     ) -> Result<eventlog::AppendOutcome, eventlog::EventLogError> {
-        if events
+        use std::sync::atomic::Ordering::SeqCst;
+        let faulty = events
             .iter()
-            .any(|e| eventlog::event_type_of(e) == Some("InvocationStarted"))
-        {
-            self.refused
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            return Err(eventlog::EventLogError::Unavailable {
-                reason: "the store is failing (test)".to_owned(),
-            });
+            .any(|e| eventlog::event_type_of(e) == Some(self.event_type))
+            && self
+                .remaining
+                .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+                .is_ok();
+        if !faulty {
+            return self.inner.append(subject, expected, events).await;
         }
-        self.inner.append(subject, expected, events).await
+        if self.store_first {
+            self.inner.append(subject, expected, events).await?;
+        }
+        self.refused.fetch_add(1, SeqCst);
+        Err(eventlog::EventLogError::Unavailable {
+            reason: "the store is failing (test)".to_owned(),
+        })
     }
 
     async fn read_aggregate(
@@ -1013,6 +1046,151 @@ impl eventlog::EventLog for RefusingStarts {
     }
 }
 
+/// A claim the store took but whose answer was lost (after its own retries): the caller is
+/// told of the error, and once the store answers the claim is closed as failed without a
+/// call — not left looking like a call under way until the sweeper's limit. A claim the
+/// store did not take leaves nothing behind: the retry claims afresh and runs.
+#[tokio::test]
+async fn a_claim_whose_answer_was_lost_is_closed_not_left_running() {
+    use futures_util::StreamExt;
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("create_issue", "always_allow").await;
+        let context = service_kit::CommandContext::service("test");
+        let alice = domain::UserId::parse(ALICE).expect("user");
+        let mut invocations = it
+            .setup
+            .app
+            .log
+            .subscribe(eventlog::LogKind::Invocations, 1, None)
+            .await
+            .expect("subscribe");
+
+        let lost = FaultyAppends::new(it.setup.app.log.clone(), "InvocationRequested", true, 1);
+        let invoker = it
+            .setup
+            .app
+            .state
+            .invoker
+            .another_instance_over(lost.clone());
+        let request = || it.request("call_lost_ack", "create_issue", json!({"title": "Lost"}));
+        let error = invoker
+            .invoke(&context, request())
+            .await
+            .expect_err("the store did not answer");
+        assert_eq!(error.code(), "command_failed", "{error}");
+        assert_eq!(lost.refused(), 1);
+        let failed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let event = invocations.next().await.expect("stream").expect("event");
+                if let Some(domain::Event::InvocationFailed(failed)) = event.envelope.event
+                    && failed.invocation_id == "call_lost_ack"
+                {
+                    return failed;
+                }
+            }
+        })
+        .await
+        .expect("the stored claim was closed");
+        assert_eq!(failed.error_code, "claim_unconfirmed", "{store:?}");
+        let id = domain::InvocationId::parse("call_lost_ack").expect("id");
+        let status = invoker
+            .status(&alice, &id, Duration::ZERO)
+            .await
+            .expect("status");
+        assert_eq!(status.outcome, invoker::Outcome::Failed);
+        // The orchestrator's retry gets that outcome; nothing reached the server.
+        let retried = invoker.invoke(&context, request()).await.expect("retry");
+        assert_eq!(retried.outcome, invoker::Outcome::Failed, "{retried:?}");
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+
+        let refused = FaultyAppends::new(it.setup.app.log.clone(), "InvocationRequested", false, 1);
+        let invoker = it
+            .setup
+            .app
+            .state
+            .invoker
+            .another_instance_over(refused.clone());
+        let request = || it.request("call_refused", "create_issue", json!({"title": "Again"}));
+        invoker
+            .invoke(&context, request())
+            .await
+            .expect_err("the store did not answer");
+        assert_eq!(refused.refused(), 1);
+        let retried = invoker.invoke(&context, request()).await.expect("retry");
+        assert_eq!(
+            retried.outcome,
+            invoker::Outcome::Completed,
+            "{store:?}: {retried:?}"
+        );
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+        assert_eq!(
+            events_of_type(&it.setup, "InvocationFailed").await.len(),
+            1,
+            "only the lost claim's"
+        );
+    }
+}
+
+/// An approval the store did not confirm (taken with its answer lost, or not taken yet):
+/// the user is told of the error, and once the store answers the approval is recorded once
+/// and its call made once, its outcome announced — not left looking like a call under way.
+#[tokio::test]
+async fn an_approval_the_store_did_not_confirm_is_seen_through_once() {
+    for store_first in [true, false] {
+        let it = connected(Store::Jsonl, settings()).await;
+        it.set_state("create_issue", "needs_approval").await;
+        let waiting = it
+            .invoke("call_unconfirmed", "create_issue", json!({"title": "Go"}))
+            .await;
+        assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
+        it.settle().await;
+        let faulty = FaultyAppends::new(
+            it.setup.app.log.clone(),
+            "InvocationApproved",
+            store_first,
+            1,
+        );
+        let invoker = it
+            .setup
+            .app
+            .state
+            .invoker
+            .another_instance_over(faulty.clone());
+        let mut announced = invoker.approval_outcomes();
+        let alice = domain::UserId::parse(ALICE).expect("user");
+        let id = domain::InvocationId::parse("call_unconfirmed").expect("id");
+        let error = invoker
+            .decide_approval(
+                &service_kit::CommandContext::service("test"),
+                &alice,
+                &id,
+                invoker::Decision::Approve,
+            )
+            .await
+            .expect_err("the store did not answer");
+        assert_eq!(error.code(), "command_failed", "{error}");
+        assert_eq!(faulty.refused(), 1);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), announced.recv())
+            .await
+            .expect("the outcome was announced")
+            .expect("outcome");
+        assert_eq!(outcome.report.invocation_id, "call_unconfirmed");
+        assert_eq!(
+            outcome.report.outcome,
+            invoker::Outcome::Completed,
+            "stored first: {store_first}: {:?}",
+            outcome.report
+        );
+        assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+        assert_eq!(
+            events_of_type(&it.setup, "InvocationApproved").await.len(),
+            1,
+            "recorded once"
+        );
+    }
+}
+
 /// An approved invocation whose `InvocationStarted` the store refuses still makes its one
 /// call and records its outcome: the approval settled the right to call, and the outcome is
 /// what closes the invocation.
@@ -1026,10 +1204,12 @@ async fn an_approved_call_whose_start_the_store_refuses_still_records_its_outcom
             .await;
         assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
         it.settle().await;
-        let failing = std::sync::Arc::new(RefusingStarts {
-            inner: it.setup.app.log.clone(),
-            refused: std::sync::atomic::AtomicUsize::new(0),
-        });
+        let failing = FaultyAppends::new(
+            it.setup.app.log.clone(),
+            "InvocationStarted",
+            false,
+            usize::MAX,
+        );
         let other = it
             .setup
             .app
@@ -1046,11 +1226,7 @@ async fn an_approved_call_whose_start_the_store_refuses_still_records_its_outcom
             .await
             .expect("the approved call is answered");
         assert_eq!(report.outcome, invoker::Outcome::Completed, "{report:?}");
-        assert_eq!(
-            failing.refused.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "{store:?}: the start was refused"
-        );
+        assert_eq!(failing.refused(), 1, "{store:?}: the start was refused");
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
         assert_eq!(
             events_of_type(&it.setup, "InvocationStarted").await.len(),
