@@ -19,6 +19,8 @@ pub struct AuditFilter {
     pub server: Option<ServerId>,
     /// Events about this user (their subjects) or caused by them.
     pub user: Option<(UserId, UserKey)>,
+    /// The events of invocations with this id (the orchestrator's; each user's own).
+    pub invocation: Option<String>,
 }
 
 /// An RFC 3339 time as seconds and nanos since the epoch.
@@ -95,6 +97,16 @@ impl AuditFilter {
             .server
             .as_ref()
             .is_some_and(|server| !is_about_server(event, server))
+        {
+            return false;
+        }
+        if let Some(invocation) = &self.invocation
+            && event
+                .envelope
+                .event
+                .as_ref()
+                .and_then(domain::invocation::invocation_id_of)
+                != Some(invocation.as_str())
         {
             return false;
         }

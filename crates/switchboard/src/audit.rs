@@ -43,7 +43,24 @@ fn filter_from_args(args: &ReplayArgs) -> anyhow::Result<AuditFilter> {
             .as_deref()
             .map(|t| time(t, "--until"))
             .transpose()?,
-        ..AuditFilter::default()
+        server: args
+            .server
+            .as_deref()
+            .map(domain::ServerId::parse)
+            .transpose()
+            .context("--server")?,
+        user: args
+            .user
+            .as_deref()
+            .map(|user| {
+                domain::UserId::parse(user).map(|user| {
+                    let key = user.key();
+                    (user, key)
+                })
+            })
+            .transpose()
+            .context("--user")?,
+        invocation: args.invocation.clone(),
     })
 }
 

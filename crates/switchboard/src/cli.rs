@@ -131,6 +131,16 @@ pub struct ReplayArgs {
     /// Only events that occurred before this RFC 3339 time.
     #[arg(long)]
     pub until: Option<String>,
+    /// Only events about this server (its id): its own events and name claims, its
+    /// connections and tool settings, and the requests of invocations of it.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Only events about this user (their subjects) or caused by them (their user id).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only the events of this invocation id (every user's invocation with that id).
+    #[arg(long)]
+    pub invocation: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
     pub format: OutputFormat,

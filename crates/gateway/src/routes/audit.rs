@@ -97,10 +97,14 @@ pub struct AuditQuery {
     pub from: Option<u64>,
     /// Events about this server (its id): its own events and name claims, its connections
     /// and tool settings, and the requests of invocations of it. An invocation's later events
-    /// (approval, outcome) carry its `invocation_id`, not the server: follow that id.
+    /// (approval, outcome) carry its `invocation_id`, not the server: follow that id with
+    /// `invocation`.
     pub server: Option<String>,
     /// Events about this user or caused by them (their user id).
     pub user: Option<String>,
+    /// The events of invocations with this id (request, decision, start, outcome): with
+    /// `server`, what followed the server's invocation requests.
+    pub invocation: Option<String>,
     /// Events per page: 1 to 1000, 100 by default.
     pub limit: Option<usize>,
     /// The `next` of the previous page.
@@ -243,6 +247,17 @@ async fn audit_events(
                         (user, key)
                     })
                     .map_err(|e| ApiError::bad_request("invalid_query", format!("`user`: {e}")))
+            })
+            .transpose()?,
+        invocation: query
+            .invocation
+            .as_deref()
+            .map(|id| {
+                domain::InvocationId::parse(id)
+                    .map(|id| id.as_str().to_owned())
+                    .map_err(|e| {
+                        ApiError::bad_request("invalid_query", format!("`invocation`: {e}"))
+                    })
             })
             .transpose()?,
     };

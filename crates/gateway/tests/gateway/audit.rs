@@ -129,6 +129,7 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
     app.append(
         &format!("invocation.{alice}"),
         proto::v1::envelope::Event::InvocationRequested(proto::v1::InvocationRequested {
+            invocation_id: "toolu_01A".to_owned(),
             server_id: SERVER.to_owned(),
             ..Default::default()
         }),
@@ -145,8 +146,22 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
         }),
     )
     .await;
+    // The invocation's outcome names the invocation, not the server.
+    app.append(
+        &format!("invocation.{alice}"),
+        proto::v1::envelope::Event::InvocationFailed(proto::v1::InvocationFailed {
+            invocation_id: "toolu_01A".to_owned(),
+            error_code: "server_unreachable".to_owned(),
+            ..Default::default()
+        }),
+    )
+    .await;
     let count = |body: &Value| body["events"].as_array().map_or(0, Vec::len);
-    assert_eq!(count(&page(&app, &admin, "").await), 5);
+    assert_eq!(count(&page(&app, &admin, "").await), 6);
+    let invocation = page(&app, &admin, "invocation=toolu_01A").await;
+    assert_eq!(count(&invocation), 2, "{invocation}");
+    assert_eq!(invocation["events"][1]["type"], "InvocationFailed");
+    assert_eq!(count(&page(&app, &admin, "invocation=toolu_01B").await), 0);
     let deleted = page(&app, &admin, "type=ServerDeleted").await;
     assert_eq!(count(&deleted), 1);
     assert!(deleted.get("unknown_types").is_none(), "{deleted}");
@@ -171,9 +186,9 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
     );
     assert_eq!(
         count(&page(&app, &admin, "user=alice%40example.com").await),
-        1
+        2
     );
-    assert_eq!(count(&page(&app, &admin, "log=invocations").await), 1);
+    assert_eq!(count(&page(&app, &admin, "log=invocations").await), 2);
     assert_eq!(count(&page(&app, &admin, "log=config&from=2").await), 3);
     assert_eq!(
         count(&page(&app, &admin, "until=2000-01-01T00:00:00Z").await),
@@ -181,7 +196,7 @@ async fn filters_narrow_the_history_by_type_subject_server_and_user() {
     );
     assert_eq!(
         count(&page(&app, &admin, "since=2000-01-01T00:00:00Z").await),
-        5
+        6
     );
     let first = page(&app, &admin, "limit=1").await;
     assert_eq!(first["events"][0]["type"], "ServerEnabled");
@@ -207,6 +222,7 @@ async fn filters_that_contradict_themselves_are_refused() {
             "`since` must be before `until`",
         ),
         ("log=config&subject=invocation.>", "selects nothing"),
+        (&format!("invocation={}", "x".repeat(129)), "`invocation`"),
         ("log=invocations&subject=server.>", "selects nothing"),
         (
             "log=config&from=18446744073709551615",

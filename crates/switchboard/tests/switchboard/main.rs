@@ -278,6 +278,72 @@ async fn audit_replay_shows_events_of_unknown_types() {
     assert!(String::from_utf8_lossy(&table.stdout).contains("ServerRenamedByRobots"));
 }
 
+/// `--invocation` follows one invocation (its request names the server and the user, its
+/// later events only the invocation); `--user` and `--server` narrow as the HTTP audit does.
+#[tokio::test]
+async fn audit_replay_follows_one_invocation_and_narrows_by_user_and_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = "0190f3c4-0000-7000-8000-0000000000aa";
+    {
+        let log = JsonlLog::open(&dir.path().join("events"), JsonlOptions::default())
+            .await
+            .expect("open log");
+        let alice = domain::UserId::parse("alice@example.com")
+            .expect("user")
+            .key();
+        let subject = format!("invocation.{alice}");
+        for (i, id) in ["toolu_1", "toolu_2"].iter().enumerate() {
+            append_one(
+                &log,
+                &subject,
+                NOV_1 + i as i64,
+                Event::InvocationRequested(proto::v1::InvocationRequested {
+                    invocation_id: (*id).to_owned(),
+                    user_id: "alice@example.com".to_owned(),
+                    server_id: server.to_owned(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
+        append_one(
+            &log,
+            &subject,
+            NOV_1 + 2,
+            Event::InvocationFailed(proto::v1::InvocationFailed {
+                invocation_id: "toolu_1".to_owned(),
+                error_code: "server_unreachable".to_owned(),
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
+    let one = json_lines(&switchboard(
+        dir.path(),
+        &["audit", "replay", "--invocation", "toolu_1"],
+    ));
+    let types: Vec<_> = one
+        .iter()
+        .map(|l| l["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(types, ["InvocationRequested", "InvocationFailed"]);
+    let alices = json_lines(&switchboard(
+        dir.path(),
+        &["audit", "replay", "--user", "alice@example.com"],
+    ));
+    assert_eq!(alices.len(), 3);
+    let bobs = json_lines(&switchboard(
+        dir.path(),
+        &["audit", "replay", "--user", "bob@example.com"],
+    ));
+    assert!(bobs.is_empty());
+    let requests = json_lines(&switchboard(
+        dir.path(),
+        &["audit", "replay", "--server", server],
+    ));
+    assert_eq!(requests.len(), 2, "the server's invocation requests");
+}
+
 #[test]
 fn audit_replay_explains_bad_filters() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -288,6 +354,9 @@ fn audit_replay_explains_bad_filters() {
     let output = switchboard(dir.path(), &["audit", "replay", "--subject", "server.a b"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("invalid subject"));
+    let output = switchboard(dir.path(), &["audit", "replay", "--server", "s1"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--server"));
 }
 
 #[tokio::test]
