@@ -91,6 +91,8 @@ pub(crate) struct Inner {
     /// Counts the times a refresh waited for another holder of the lease (a test seam: a
     /// test proves a second refresher really waited).
     pub lease_waits: watch::Sender<u64>,
+    /// Counts lease renewals (a test seam: a test holds a lease past its time-to-live).
+    pub lease_renewals: watch::Sender<u64>,
     /// Counts tool-list listeners that are in place, and discoveries a notice caused (test
     /// seams: a test changes the tools once a listener is there, and waits for the discovery).
     pub listeners_ready: watch::Sender<u64>,
@@ -185,6 +187,7 @@ impl ConnectionService {
                 catalog,
                 settings,
                 lease_waits: watch::Sender::new(0),
+                lease_renewals: watch::Sender::new(0),
                 listeners_ready: watch::Sender::new(0),
                 notice_discoveries: watch::Sender::new(0),
                 answer_locks: AnswerLocks::default(),
@@ -205,6 +208,26 @@ impl ConnectionService {
             inner.outbound.clone(),
             inner.catalog.clone(),
             inner.settings.clone(),
+        )
+    }
+
+    /// Like [`ConnectionService::another_instance`], with `change` made to the settings (a
+    /// test shortens the refresh lease).
+    pub fn another_instance_with_settings(
+        &self,
+        change: impl FnOnce(&mut ConnectionSettings),
+    ) -> ConnectionService {
+        let inner = &self.inner;
+        let mut settings = inner.settings.clone();
+        change(&mut settings);
+        ConnectionService::new(
+            inner.log.clone(),
+            inner.vault.clone(),
+            inner.read_models.clone(),
+            inner.envelopes.clone(),
+            inner.outbound.clone(),
+            inner.catalog.clone(),
+            settings,
         )
     }
 
@@ -240,6 +263,11 @@ impl ConnectionService {
     /// How many times a refresh here waited for another process's (or task's) refresh.
     pub fn lease_waits(&self) -> watch::Receiver<u64> {
         self.inner.lease_waits.subscribe()
+    }
+
+    /// Counts the renewals of leases held longer than a third of their time-to-live.
+    pub fn lease_renewals(&self) -> watch::Receiver<u64> {
+        self.inner.lease_renewals.subscribe()
     }
 
     /// How many authorization answers here waited for another answer with the same `state`.

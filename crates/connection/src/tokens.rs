@@ -149,7 +149,14 @@ impl ConnectionService {
                 .await
             {
                 Ok(held) => {
-                    let result = self.refresh_holding_lease(server_id, user, stale).await;
+                    let (result, held) = self
+                        .keeping_lease(
+                            &lease,
+                            held,
+                            b"refreshing",
+                            self.refresh_holding_lease(server_id, user, stale),
+                        )
+                        .await;
                     // Only our own lease: a refresh that outlived the lease's time must not
                     // free the lease a successor holds now.
                     match self.inner.vault.delete_if_revision(&lease, held).await {
@@ -216,7 +223,7 @@ impl ConnectionService {
                 Err(other) => return Err(other.into()),
             }
         };
-        let result = work.await;
+        let (result, held) = self.keeping_lease(&lease, held, b"held", work).await;
         match self.inner.vault.delete_if_revision(&lease, held).await {
             Ok(()) | Err(VaultError::Conflict { .. }) => {}
             Err(error) => {
@@ -224,6 +231,50 @@ impl ConnectionService {
             }
         }
         result
+    }
+
+    /// Runs `work` holding `lease` (at revision `held`), renewing it every third of its
+    /// time-to-live while the work lasts: a refresh or a disconnect slowed by a provider (a
+    /// revocation endpoint taking its full timeout, twice) keeps the lease, so no other
+    /// refresh rotates the tokens under it. The time-to-live still frees the lease of a
+    /// holder that crashed. Returns the work's output and the lease's revision now.
+    async fn keeping_lease<T>(
+        &self,
+        lease: &vault::SecretName,
+        mut held: vault::Revision,
+        marker: &[u8],
+        work: impl std::future::Future<Output = T>,
+    ) -> (T, vault::Revision) {
+        let ttl = self.inner.settings.refresh_lease;
+        let mut work = std::pin::pin!(work);
+        let mut lost = false;
+        loop {
+            tokio::select! {
+                output = &mut work => return (output, held),
+                () = tokio::time::sleep(ttl / 3), if !lost => {
+                    match self
+                        .inner
+                        .vault
+                        .renew(lease, held, &Secret::from_slice(marker), ttl)
+                        .await
+                    {
+                        Ok(renewed) => {
+                            held = renewed;
+                            self.inner.lease_renewals.send_modify(|n| *n += 1);
+                        }
+                        Err(VaultError::Conflict { .. }) => {
+                            // Expired before it could be renewed (a stalled process) and
+                            // maybe taken: the work goes on, the lease is not ours to keep.
+                            tracing::warn!(lease = lease.as_str(), "a lease expired while held");
+                            lost = true;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, lease = lease.as_str(), "could not renew a lease; trying again");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Waits until the tokens' revision is no longer `seen` (or the entry is gone) — or, with

@@ -339,6 +339,26 @@ impl Vault {
         }
     }
 
+    /// Rewrites a time-to-live entry with a fresh `ttl`, only if its revision is still
+    /// `revision` (else [`VaultError::Conflict`]: it expired and another holder took the
+    /// name, or it was rewritten). How a lease held longer than its time-to-live is kept.
+    pub async fn renew(
+        &self,
+        name: &SecretName,
+        revision: Revision,
+        secret: &Secret,
+        ttl: Duration,
+    ) -> Result<Revision, VaultError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let expires_at = self.now_ms().saturating_add(ttl_ms);
+        let sealed = self.seal(&self.keyring(), name, secret.expose(), Some(expires_at))?;
+        self.inner
+            .store
+            .update(name, sealed, revision, Some(ttl))
+            .await
+            .map_err(|e| VaultError::from_store(name, e))
+    }
+
     /// Reads and deletes the entry in one step that succeeds at most once: of two callers
     /// taking the same entry, one gets it and the other gets `None`, as does anyone after
     /// them or after it expired. A replayed OAuth `state` is refused this way.

@@ -196,6 +196,7 @@ suite!(
     expired_entry_can_be_created_again,
     put_with_ttl_is_create_only,
     a_lease_released_late_leaves_its_successors_lease,
+    a_renewed_lease_outlives_its_first_time_to_live,
     replayed_state_is_refused,
     concurrent_takers_get_the_state_exactly_once,
     check_reports_unopenable_entries_by_name,
@@ -598,6 +599,48 @@ async fn a_lease_released_late_leaves_its_successors_lease(h: Harness) {
     );
     h.vault.delete_if_revision(&n, second).await.unwrap();
     assert!(h.vault.get(&n).await.unwrap().is_none());
+}
+
+async fn a_renewed_lease_outlives_its_first_time_to_live(h: Harness) {
+    let n = name("lease/renewed");
+    let ttl = Duration::from_secs(30);
+    let first = h
+        .vault
+        .put_with_ttl(&n, &secret("held"), ttl)
+        .await
+        .unwrap();
+    h.clock.advance(Duration::from_secs(20));
+    let renewed = h
+        .vault
+        .renew(&n, first, &secret("held"), ttl)
+        .await
+        .unwrap();
+    assert_ne!(first, renewed);
+    // Past the first time-to-live, within the renewed one: still held.
+    h.clock.advance(Duration::from_secs(20));
+    assert!(h.vault.get(&n).await.unwrap().is_some());
+    assert!(matches!(
+        h.vault.put_with_ttl(&n, &secret("other"), ttl).await,
+        Err(VaultError::Conflict { .. })
+    ));
+    // Renewing with a revision that is not the entry's is refused.
+    assert!(matches!(
+        h.vault.renew(&n, first, &secret("held"), ttl).await,
+        Err(VaultError::Conflict { .. })
+    ));
+    // Not renewed again: it lapses, and another holder takes the name.
+    h.clock.advance(Duration::from_secs(31));
+    assert!(h.vault.get(&n).await.unwrap().is_none());
+    let successor = h
+        .vault
+        .put_with_ttl(&n, &secret("other"), ttl)
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.vault.renew(&n, renewed, &secret("held"), ttl).await,
+        Err(VaultError::Conflict { .. })
+    ));
+    h.vault.delete_if_revision(&n, successor).await.unwrap();
 }
 
 async fn put_with_ttl_is_create_only(h: Harness) {

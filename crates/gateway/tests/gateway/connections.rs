@@ -1174,6 +1174,79 @@ async fn a_disconnect_during_a_refresh_revokes_the_refreshed_tokens() {
     );
 }
 
+/// A refresh held up at the token endpoint longer than the refresh lease's time-to-live
+/// keeps its lease (renewed while it works): a disconnect still waits for it and revokes
+/// the tokens it stored, rather than taking the lapsed lease and revoking the old ones.
+#[tokio::test]
+async fn a_refresh_held_up_past_the_leases_time_to_live_keeps_its_lease() {
+    let connected = connect(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        "alice@example.com",
+    )
+    .await;
+    let setup = &connected.setup;
+    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let alice = user_id("alice@example.com");
+    let lease = Duration::from_millis(600);
+    let refresher = setup
+        .app
+        .state
+        .connections
+        .another_instance_with_settings(|settings| settings.refresh_lease = lease);
+    let disconnecter = refresher.another_instance();
+    let stale = refresher.access_token(server, &alice).await.expect("token");
+    let gate = setup.handle.pause_token_endpoint();
+    let mut renewals = refresher.lease_renewals();
+    let refresh = {
+        let (refresher, alice, stale) = (refresher.clone(), alice.clone(), stale.clone());
+        tokio::spawn(async move { refresher.refresh(server, &alice, &stale).await })
+    };
+    gate.arrived(1).await;
+    // Four renewals, a third of the time-to-live apart: the lease taken is older than its
+    // time-to-live. (Without renewals the test fails here, after 5 s.)
+    let renewed = tokio::time::timeout(Duration::from_secs(5), renewals.wait_for(|n| *n >= 4))
+        .await
+        .is_ok();
+    let mut waits = disconnecter.lease_waits();
+    let release = async {
+        let waited = tokio::time::timeout(Duration::from_secs(5), waits.wait_for(|n| *n >= 1))
+            .await
+            .is_ok();
+        gate.release();
+        waited
+    };
+    let context = service_kit::CommandContext::service("test");
+    let (disconnected, waited) = tokio::join!(
+        disconnecter.disconnect(&context, &alice, server, "test",),
+        release
+    );
+    assert!(
+        renewed,
+        "the lease was renewed while the refresh was held up"
+    );
+    assert!(
+        waited,
+        "the disconnect waited for the refresh past the lease's time-to-live"
+    );
+    let disconnected = disconnected.expect("disconnect");
+    assert!(disconnected.tokens_revoked, "{disconnected:?}");
+    let refreshed = refresh.await.expect("task").expect("the refresh finished");
+    assert_ne!(refreshed, stale);
+    let revoked: Vec<String> = setup
+        .handle
+        .revocations()
+        .into_iter()
+        .filter(|r| r.accepted)
+        .map(|r| r.token)
+        .collect();
+    assert!(
+        revoked.contains(&refreshed),
+        "the access token the refresh issued was revoked"
+    );
+}
+
 #[tokio::test]
 async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_provider() {
     for (template, fixture) in [
