@@ -6,7 +6,11 @@
 //! connection that the first made. So, in this process, answers with one `state` take turns
 //! ([`AnswerLocks`]), and each answer that spent its `state` leaves a short-lived note of
 //! what it came to (`oauth_state_answered/<state>`, as long-lived as a `state`): a later
-//! answer with that `state`, on any process, shows the same outcome instead.
+//! answer with that `state`, on any process, shows the same outcome instead. Across
+//! processes answers do not take turns, so an answer also marks that it is at work
+//! (`oauth_state_answering/<state>`, two minutes) before it may spend the `state`: a repeat
+//! that finds the `state` spent and no outcome noted yet, but that mark, waits for the
+//! outcome (up to [`FIRST_ANSWER_WAIT`]) instead of calling the authorization unknown.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +19,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::ConnectionError;
+
+/// How long an answer marks itself at work: longer than an exchange and a first discovery
+/// take at their timeouts.
+pub(crate) const ANSWERING_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How long a repeated answer waits for the outcome of one at work on another process.
+pub(crate) const FIRST_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What an answer that spent its `state` came to, as the vault keeps it.
 #[derive(Debug, Serialize, Deserialize)]

@@ -12,10 +12,10 @@ use service_kit::{CommandContext, Written};
 
 use vault::{Secret, VaultError};
 
-use crate::answers::AnswerNote;
+use crate::answers::{ANSWERING_TTL, AnswerNote, FIRST_ANSWER_WAIT};
 use crate::stores::{
-    STATE_ALREADY_USED, VaultCredentialStore, answered_name, credentials_name, load_credentials,
-    peek_pending, state_name,
+    STATE_ALREADY_USED, VaultCredentialStore, answered_name, answering_name, credentials_name,
+    load_credentials, peek_pending, state_name,
 };
 use crate::{ConnectionError, ConnectionService};
 
@@ -270,6 +270,21 @@ impl ConnectionService {
             };
         };
         let server_id = pending.server_id;
+        // Marked before the `state` may be spent, for a repeat on another process.
+        if let Some(answering) = answering_name(state) {
+            match self
+                .inner
+                .vault
+                .put_with_ttl(&answering, &Secret::from_slice(b"answering"), ANSWERING_TTL)
+                .await
+            {
+                Ok(_) | Err(VaultError::Conflict { .. }) => {}
+                Err(error) => tracing::warn!(
+                    server = %server_id,
+                    "could not mark an authorization answer at work (a repeat elsewhere may call it unknown): {error}"
+                ),
+            }
+        }
         let result = if caller.is_some_and(|caller| *caller != user) {
             Err(ConnectionError::StateNotYours)
         } else if let Err(error) = self
@@ -302,9 +317,20 @@ impl ConnectionService {
             {
                 tracing::warn!(server = %server_id, code = error.code(), "the first tool discovery failed: {error}");
             }
+            if matches!(&result, Err(ConnectionError::AnsweredBefore { first }) if first.is_empty())
+            {
+                // The same answer at another process spent the `state` first: its outcome
+                // is this one's too.
+                return self.answered_before(state, Some(&user)).await;
+            }
             self.note_answer(state, server_id, &user, &result).await;
             result
         };
+        if let Some(answering) = answering_name(state)
+            && let Err(error) = self.inner.vault.delete(&answering).await
+        {
+            tracing::debug!(server = %server_id, "could not clear an answer's mark (it expires): {error}");
+        }
         CallbackOutcome {
             server_id: Some(server_id),
             user_id: Some(user),
@@ -377,18 +403,43 @@ impl ConnectionService {
             user_id: None,
             result: Err(ConnectionError::StateInvalid),
         };
-        let Some(name) = answered_name(state) else {
+        let (Some(name), Some(answering)) = (answered_name(state), answering_name(state)) else {
             return unknown;
         };
-        let note = match self.inner.vault.get(&name).await {
-            Ok(Some((secret, _))) => serde_json::from_slice::<AnswerNote>(secret.expose()).ok(),
-            Ok(None) => None,
-            Err(error) => {
+        // An answer at work on another process: wait for what it comes to.
+        let give_up = tokio::time::Instant::now() + FIRST_ANSWER_WAIT;
+        let mut pause = std::time::Duration::from_millis(50);
+        let note = loop {
+            let noted = match self.inner.vault.get(&name).await {
+                Ok(Some((secret, _))) => serde_json::from_slice::<AnswerNote>(secret.expose()).ok(),
+                Ok(None) => None,
+                Err(error) => {
+                    return CallbackOutcome {
+                        result: Err(error.into()),
+                        ..unknown
+                    };
+                }
+            };
+            if noted.is_some() {
+                break noted;
+            }
+            let at_work = matches!(self.inner.vault.get(&answering).await, Ok(Some(_)));
+            if !at_work {
+                break None;
+            }
+            if tokio::time::Instant::now() + pause > give_up {
                 return CallbackOutcome {
-                    result: Err(error.into()),
+                    result: Err(ConnectionError::AnsweredBefore {
+                        first: "another request with this authorization is still at work; \
+                                reload the connection's page to see how it ended"
+                            .to_owned(),
+                    }),
                     ..unknown
                 };
             }
+            self.inner.answer_waits.send_modify(|n| *n += 1);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(1));
         };
         let Some(note) = note else {
             return unknown;
@@ -488,9 +539,10 @@ impl ConnectionService {
             }
             // Another process took the `state` between the check above and the exchange (an
             // answer sent twice, to two processes): that answer's outcome stands.
+            // (An empty `first`: the caller waits for that answer's noted outcome.)
             Err(AuthError::InternalError(message)) if message == STATE_ALREADY_USED => {
                 return Err(ConnectionError::AnsweredBefore {
-                    first: "another request answered it at the same moment".to_owned(),
+                    first: String::new(),
                 });
             }
             Err(AuthError::InternalError(message)) if message.contains("state not found") => {

@@ -98,7 +98,8 @@ pub(crate) struct Inner {
     pub listeners_ready: watch::Sender<u64>,
     pub notice_discoveries: watch::Sender<u64>,
     /// Answers with one `state` take turns here (see `answers.rs`); `answer_waits` counts the
-    /// answers that found another in flight (a test seam).
+    /// times an answer found another in flight, here or marked at work on another process
+    /// (a test seam).
     pub answer_locks: AnswerLocks,
     pub answer_waits: watch::Sender<u64>,
 }

@@ -7,6 +7,8 @@
 //!   a 10-minute time-to-live, taken once;
 //! - `oauth_state_answered/<state>`: what the answer that spent that `state` came to, for a
 //!   repeated answer, as long-lived (see `answers.rs`);
+//! - `oauth_state_answering/<state>`: an answer with that `state` is at work (two minutes):
+//!   a repeat on another process waits for its outcome (see `answers.rs`);
 //! - `connection_refresh/<server id>/<user key>`: the refresh lease (see `tokens.rs`);
 //! - `connection_refresh_rejected/<server id>/<user key>/<revision>`: the tokens at that
 //!   revision have a refresh token the authorization server rejected (10 minutes).
@@ -68,6 +70,12 @@ pub(crate) fn state_name(state: &str) -> Option<SecretName> {
 pub(crate) fn answered_name(state: &str) -> Option<SecretName> {
     state_name(state)?;
     SecretName::parse(format!("oauth_state_answered/{state}")).ok()
+}
+
+/// Where an answer with `state` marks that it is at work (see `answers.rs`).
+pub(crate) fn answering_name(state: &str) -> Option<SecretName> {
+    state_name(state)?;
+    SecretName::parse(format!("oauth_state_answering/{state}")).ok()
 }
 
 /// What the vault keeps for a pending authorization.

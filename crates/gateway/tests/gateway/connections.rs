@@ -641,6 +641,85 @@ async fn connect_pressed_twice_connects_once_and_both_answers_say_connected() {
     assert_eq!(now["status"], "healthy", "{now}");
 }
 
+/// The callback parameters of a confirmation form's answer (its action and body).
+fn callback_params((action, body): &(url::Url, String)) -> connection::CallbackParams {
+    let mut params = connection::CallbackParams {
+        callback_key: action
+            .path()
+            .strip_prefix("/oauth/callback/")
+            .map(str::to_owned),
+        ..connection::CallbackParams::default()
+    };
+    for (name, value) in url::form_urlencoded::parse(body.as_bytes()) {
+        let value = Some(value.into_owned());
+        match name.as_ref() {
+            "code" => params.code = value,
+            "state" => params.state = value,
+            "iss" => params.iss = value,
+            "error" => params.error = value,
+            "error_description" => params.error_description = value,
+            _ => {}
+        }
+    }
+    params
+}
+
+/// Connect pressed twice, each request reaching another process (no sticky sessions): the
+/// first spends the `state` and exchanges the code; the second finds it spent with no
+/// outcome noted yet, waits for the first's (marked at work), and says connected too.
+#[tokio::test]
+async fn the_same_answer_at_two_processes_says_connected_at_both() {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let redirect = authorize(&setup, &server_id, &alice).await;
+    let landed = setup.app.client.get(&redirect).send().await.expect("land");
+    let page = landed.text().await.expect("page");
+    let answer =
+        testkit::confirmation_answer(&redirect, &page, "connect").expect("the confirmation");
+    let params = callback_params(&answer);
+    assert!(
+        params.code.is_some() && params.state.is_some(),
+        "{params:?}"
+    );
+    let here = setup.app.state.connections.clone();
+    let there = here.another_instance();
+    let gate = setup.handle.pause_token_endpoint();
+    let first = {
+        let (here, params) = (here.clone(), params.clone());
+        tokio::spawn(async move { here.complete_authorization(params, None, "first").await })
+    };
+    gate.arrived(1).await;
+    let mut waits = there.answer_waits();
+    let second = {
+        let there = there.clone();
+        tokio::spawn(async move { there.complete_authorization(params, None, "second").await })
+    };
+    // Without the mark the second answers at once (an unknown authorization): let the first
+    // go after a while so the test fails on what the second says, not by hanging.
+    let waited = tokio::time::timeout(Duration::from_secs(5), waits.wait_for(|n| *n >= 1))
+        .await
+        .is_ok();
+    gate.release();
+    let first = first.await.expect("task");
+    assert!(first.result.is_ok(), "{:?}", first.result);
+    let second = second.await.expect("task");
+    assert!(
+        second.result.is_ok(),
+        "the second says connected: {:?}",
+        second.result
+    );
+    assert!(waited, "the second waited for the first's outcome");
+    assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
+    let names = setup.app.vault.names().await.expect("names");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.as_str().starts_with("oauth_state_answering/")),
+        "no mark is left: {names:?}"
+    );
+}
+
 /// Connect clicked three times (two tabs, the console and the CLI): the first answer to come
 /// back connects; the other flows' answers are stale. A stale code is not exchanged (no
 /// second set of tokens overwrites or deletes the working one) and a stale refusal fails
