@@ -57,14 +57,22 @@ impl Invoker {
     ) -> Result<(), VaultError> {
         let settings = &self.inner.settings;
         let ttl = settings.approval_timeout + settings.stalled_after();
-        self.vault()
-            .put_with_ttl(
-                &entry_name(user, id),
-                &Secret::from_slice(arguments_json.as_bytes()),
-                ttl,
-            )
-            .await
-            .map(|_| ())
+        let name = entry_name(user, id);
+        let secret = Secret::from_slice(arguments_json.as_bytes());
+        match self.vault().put_with_ttl(&name, &secret, ttl).await {
+            Ok(_) => Ok(()),
+            Err(VaultError::Conflict { .. }) => {
+                // Left by an earlier invocation with this id, past the claim window (a short
+                // one) and not yet expired: only the winner of this claim writes here, so
+                // it is replaced.
+                self.vault().delete(&name).await?;
+                self.vault()
+                    .put_with_ttl(&name, &secret, ttl)
+                    .await
+                    .map(|_| ())
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// The arguments `request` (awaiting, approved) was made with, taken out of the vault

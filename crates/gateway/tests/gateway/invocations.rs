@@ -643,6 +643,37 @@ async fn a_wait_recorded_after_the_sweeper_closed_its_claim_answers_the_recorded
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
 }
 
+/// An entry an earlier invocation with the same id left (ids are reusable after the claim
+/// window) is replaced by the new claim's arguments, not a reason to fail it.
+#[tokio::test]
+async fn arguments_left_under_a_reused_id_are_replaced() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let digest = invoker::sha256_hex(format!("{ALICE}\0call_reused").as_bytes());
+    let name =
+        vault::SecretName::parse(format!("invocation_arguments/{}", &digest[..32])).expect("name");
+    it.setup
+        .app
+        .vault
+        .put_with_ttl(
+            &name,
+            &vault::Secret::from_slice(br#"{"title":"Old"}"#),
+            Duration::from_secs(600),
+        )
+        .await
+        .expect("a stale entry");
+    let waiting = it
+        .invoke("call_reused", "create_issue", json!({"title": "New"}))
+        .await;
+    assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(
+        approvals["approvals"][0]["arguments"],
+        json!({"title": "New"})
+    );
+    assert_eq!(it.kept_arguments().await, vec![name.as_str().to_owned()]);
+}
+
 #[tokio::test]
 async fn arguments_the_vault_will_not_keep_fail_the_invocation_before_it_waits() {
     let it = connected(Store::Jsonl, settings()).await;
