@@ -200,16 +200,7 @@ impl ConnectionService {
     /// Another instance over the same stores and settings, sharing nothing in memory: what a
     /// second process is to this one (tests of cross-process coordination use it).
     pub fn another_instance(&self) -> ConnectionService {
-        let inner = &self.inner;
-        ConnectionService::new(
-            inner.log.clone(),
-            inner.vault.clone(),
-            inner.read_models.clone(),
-            inner.envelopes.clone(),
-            inner.outbound.clone(),
-            inner.catalog.clone(),
-            inner.settings.clone(),
-        )
+        self.another_instance_with_settings(|_| {})
     }
 
     /// Like [`ConnectionService::another_instance`], with `change` made to the settings (a

@@ -218,10 +218,20 @@ impl Vault {
         secret: &Secret,
         ttl: Duration,
     ) -> Result<Revision, VaultError> {
+        let sealed = self.seal_for(name, secret, ttl)?;
+        self.create(name, sealed, Some(ttl)).await
+    }
+
+    /// `secret` sealed for `name`, to expire `ttl` from now.
+    fn seal_for(
+        &self,
+        name: &SecretName,
+        secret: &Secret,
+        ttl: Duration,
+    ) -> Result<Bytes, VaultError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let expires_at = self.now_ms().saturating_add(ttl_ms);
-        let sealed = self.seal(&self.keyring(), name, secret.expose(), Some(expires_at))?;
-        self.create(name, sealed, Some(ttl)).await
+        self.seal(&self.keyring(), name, secret.expose(), Some(expires_at))
     }
 
     /// Create-only write where an expired entry counts as absent.
@@ -349,9 +359,7 @@ impl Vault {
         secret: &Secret,
         ttl: Duration,
     ) -> Result<Revision, VaultError> {
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let expires_at = self.now_ms().saturating_add(ttl_ms);
-        let sealed = self.seal(&self.keyring(), name, secret.expose(), Some(expires_at))?;
+        let sealed = self.seal_for(name, secret, ttl)?;
         self.inner
             .store
             .update(name, sealed, revision, Some(ttl))

@@ -21,6 +21,17 @@ fn user_id(name: &str) -> domain::UserId {
     domain::UserId::parse(name).expect("user id")
 }
 
+/// The tokens the fixture's revocation endpoint accepted, in order.
+fn accepted_revocations(setup: &WithFixture) -> Vec<String> {
+    setup
+        .handle
+        .revocations()
+        .into_iter()
+        .filter(|r| r.accepted)
+        .map(|r| r.token)
+        .collect()
+}
+
 pub(crate) async fn add_server(setup: &WithFixture, template: &str) -> String {
     let admin = setup.app.token(ADMIN, &["admin"]);
     let mut body = json!({"name": format!("{template} team"), "template": template});
@@ -1019,13 +1030,7 @@ async fn a_new_authorizations_tokens_the_vault_refuses_are_revoked_not_left_live
     assert_eq!(setup.app.vault_faults.failed(), 4);
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
     let issued = setup.handle.issued_secrets();
-    let revoked: Vec<String> = setup
-        .handle
-        .revocations()
-        .into_iter()
-        .filter(|r| r.accepted)
-        .map(|r| r.token)
-        .collect();
+    let revoked = accepted_revocations(&setup);
     assert_eq!(
         revoked.len(),
         2,
@@ -1235,13 +1240,7 @@ async fn a_disconnect_during_a_refresh_revokes_the_refreshed_tokens() {
     assert_eq!(body["tokens_revoked"], true, "{body}");
     let refreshed = refresh.await.expect("task").expect("the refresh finished");
     assert_ne!(refreshed, stale);
-    let revoked: Vec<String> = setup
-        .handle
-        .revocations()
-        .into_iter()
-        .filter(|r| r.accepted)
-        .map(|r| r.token)
-        .collect();
+    let revoked = accepted_revocations(setup);
     assert!(
         revoked.contains(&refreshed),
         "the access token the refresh issued was revoked"
@@ -1313,13 +1312,7 @@ async fn a_refresh_held_up_past_the_leases_time_to_live_keeps_its_lease() {
     assert!(disconnected.tokens_revoked, "{disconnected:?}");
     let refreshed = refresh.await.expect("task").expect("the refresh finished");
     assert_ne!(refreshed, stale);
-    let revoked: Vec<String> = setup
-        .handle
-        .revocations()
-        .into_iter()
-        .filter(|r| r.accepted)
-        .map(|r| r.token)
-        .collect();
+    let revoked = accepted_revocations(setup);
     assert!(
         revoked.contains(&refreshed),
         "the access token the refresh issued was revoked"

@@ -98,6 +98,20 @@ async fn connected_to(
     connected_to_clocked(store, fixture, template, settings, None).await
 }
 
+/// [`connected`] on JSONL with the app on a clock the test moves.
+async fn connected_on_a_manual_clock() -> (std::sync::Arc<service_kit::ManualClock>, Invoking) {
+    let clock = std::sync::Arc::new(service_kit::ManualClock::new(std::time::SystemTime::now()));
+    let it = connected_to_clocked(
+        Store::Jsonl,
+        OAuthFixture::notion(),
+        "notion",
+        settings(),
+        Some(clock.clone()),
+    )
+    .await;
+    (clock, it)
+}
+
 /// [`connected_to`] with the app on `clock`.
 async fn connected_to_clocked(
     store: Store,
@@ -590,15 +604,7 @@ async fn an_approval_whose_kept_arguments_are_gone_fails_without_a_call() {
 #[tokio::test]
 async fn a_wait_recorded_after_the_sweeper_closed_its_claim_answers_the_recorded_outcome() {
     use futures_util::StreamExt;
-    let clock = std::sync::Arc::new(service_kit::ManualClock::new(std::time::SystemTime::now()));
-    let it = connected_to_clocked(
-        Store::Jsonl,
-        OAuthFixture::notion(),
-        "notion",
-        settings(),
-        Some(clock.clone()),
-    )
-    .await;
+    let (clock, it) = connected_on_a_manual_clock().await;
     it.set_state("create_issue", "needs_approval").await;
     let invoker = it.setup.app.state.invoker.clone();
     let held = it
@@ -1975,15 +1981,7 @@ async fn a_caller_that_goes_away_after_the_claim_or_the_approval_leaves_them_to_
 /// process would have.
 #[tokio::test]
 async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it_was_called() {
-    let clock = std::sync::Arc::new(service_kit::ManualClock::new(std::time::SystemTime::now()));
-    let it = connected_to_clocked(
-        Store::Jsonl,
-        OAuthFixture::notion(),
-        "notion",
-        settings(),
-        Some(clock.clone()),
-    )
-    .await;
+    let (clock, it) = connected_on_a_manual_clock().await;
     let invoker = it.setup.app.state.invoker.clone();
     let alice = domain::UserId::parse(ALICE).expect("user");
     let subject = domain::invocation::subject(&alice);
