@@ -744,15 +744,19 @@ impl Invoker {
                 .cloned()
                 .collect()
         });
-        let mut approvals = Vec::with_capacity(pending.len());
-        for open in pending {
-            let arguments = match self.read_pending_arguments(&open).await {
+        // Read from the vault together, not one round trip after another.
+        let arguments = futures_util::future::join_all(pending.iter().map(|open| async move {
+            match self.read_pending_arguments(open).await {
                 Ok(json) => serde_json::from_str(&json).unwrap_or(Value::Null),
                 Err(error) => {
                     tracing::warn!(%error, "a pending approval's arguments are unavailable");
                     Value::Null
                 }
-            };
+            }
+        }))
+        .await;
+        let mut approvals = Vec::with_capacity(pending.len());
+        for (open, arguments) in pending.into_iter().zip(arguments) {
             let server_name = ServerId::parse(&open.server_id)
                 .ok()
                 .and_then(|server_id| {
