@@ -270,21 +270,26 @@ impl ConnectionService {
             };
         };
         let server_id = pending.server_id;
-        // Marked before the `state` may be spent, for a repeat on another process.
-        if let Some(answering) = answering_name(state) {
+        // Marked before the `state` may be spent, for a repeat on another process; only
+        // this answer's own mark is cleared at its end (another's stands while it works).
+        let answering = answering_name(state);
+        let mut marked = None;
+        if let Some(answering) = &answering {
             match self
                 .inner
                 .vault
-                .put_with_ttl(&answering, &Secret::from_slice(b"answering"), ANSWERING_TTL)
+                .put_with_ttl(answering, &Secret::from_slice(b"answering"), ANSWERING_TTL)
                 .await
             {
-                Ok(_) | Err(VaultError::Conflict { .. }) => {}
+                Ok(revision) => marked = Some(revision),
+                Err(VaultError::Conflict { .. }) => {}
                 Err(error) => tracing::warn!(
                     server = %server_id,
                     "could not mark an authorization answer at work (a repeat elsewhere may call it unknown): {error}"
                 ),
             }
         }
+        let mut outcome = None;
         let result = if caller.is_some_and(|caller| *caller != user) {
             Err(ConnectionError::StateNotYours)
         } else if let Err(error) = self
@@ -321,21 +326,26 @@ impl ConnectionService {
             {
                 // The same answer at another process spent the `state` first: its outcome
                 // is this one's too.
-                return self.answered_before(state, Some(&user)).await;
+                outcome = Some(self.answered_before(state, Some(&user)).await);
+            } else {
+                self.note_answer(state, server_id, &user, &result).await;
             }
-            self.note_answer(state, server_id, &user, &result).await;
             result
         };
-        if let Some(answering) = answering_name(state)
-            && let Err(error) = self.inner.vault.delete(&answering).await
+        if let (Some(answering), Some(revision)) = (&answering, marked)
+            && let Err(error) = self
+                .inner
+                .vault
+                .delete_if_revision(answering, revision)
+                .await
         {
             tracing::debug!(server = %server_id, "could not clear an answer's mark (it expires): {error}");
         }
-        CallbackOutcome {
+        outcome.unwrap_or(CallbackOutcome {
             server_id: Some(server_id),
             user_id: Some(user),
             result,
-        }
+        })
     }
 
     /// Records a flow's failed answer; a flow that stopped being awaited meanwhile (another
