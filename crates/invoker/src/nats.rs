@@ -416,6 +416,12 @@ async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
                 "the arguments must be a JSON object".to_owned(),
             )
         };
+        if !request.arguments_json.is_empty() && request.arguments.is_some() {
+            return Err(bad(
+                "arguments_invalid",
+                "send the arguments once: `arguments` or `arguments_json`, not both".to_owned(),
+            ));
+        }
         let arguments = if !request.arguments_json.is_empty() {
             match serde_json::from_str(&request.arguments_json) {
                 Ok(Value::Object(map)) => map,

@@ -1654,6 +1654,14 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
         .find(|r| r["invocationId"] == "toolu_nats_3")
         .expect("recorded");
     assert_eq!(third["conversationId"], "conv_9", "{third}");
+    // Arguments sent twice, differently, are refused rather than one silently chosen.
+    let twice = json_request(
+        &format!("{prefix}.invoke"),
+        json!({"invocationId": "toolu_nats_5", "userId": ALICE, "tool": format!("{PREFIX}search_issues"), "arguments": {"query": "a"}, "argumentsJson": "{\"query\": \"b\"}"}),
+    )
+    .await;
+    assert_eq!(twice["error"]["code"], "arguments_invalid", "{twice}");
+    assert!(twice.get("outcome").is_none_or(|o| o == ""), "{twice}");
 
     // Protobuf: the status of the same invocation, then a refused request.
     let request = proto::v1::InvokeStatusRequest {
