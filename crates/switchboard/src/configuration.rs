@@ -794,6 +794,13 @@ mod tests {
             .collect()
     }
 
+    /// The settings these environment variables give, with no flags and no file.
+    fn from_env(pairs: &[(&str, &str)]) -> Settings {
+        Settings::figment(&GlobalArgs::default(), env(pairs))
+            .extract()
+            .expect("valid")
+    }
+
     #[test]
     fn flags_win_over_environment_over_file_over_defaults() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -846,12 +853,7 @@ mod tests {
 
     #[test]
     fn the_result_cache_is_a_setting() {
-        let settings: Settings = Settings::figment(
-            &GlobalArgs::default(),
-            env(&[("SWITCHBOARD_RESULT_CACHE_ENTRIES", "50000")]),
-        )
-        .extract()
-        .expect("valid");
+        let settings = from_env(&[("SWITCHBOARD_RESULT_CACHE_ENTRIES", "50000")]);
         assert_eq!(
             settings.invocations.invoker_settings().result_cache_entries,
             50_000
@@ -867,14 +869,7 @@ mod tests {
 
     #[test]
     fn the_claim_window_is_a_setting_no_shorter_than_the_logs_dedupe_window() {
-        let settings = |value: &str| -> Settings {
-            Settings::figment(
-                &GlobalArgs::default(),
-                env(&[("SWITCHBOARD_CLAIM_WINDOW_SECS", value)]),
-            )
-            .extract()
-            .expect("valid")
-        };
+        let settings = |value: &str| from_env(&[("SWITCHBOARD_CLAIM_WINDOW_SECS", value)]);
         let day = settings("86400").invocations.read_model_settings();
         assert_eq!(
             day.expect("accepted").claim_window,
@@ -898,30 +893,20 @@ mod tests {
 
     #[test]
     fn a_secret_that_looks_like_a_number_stays_text() {
-        let settings: Settings = Settings::figment(
-            &GlobalArgs::default(),
-            env(&[("SWITCHBOARD_JWT_SECRET", "12345")]),
-        )
-        .extract()
-        .expect("valid");
+        let settings = from_env(&[("SWITCHBOARD_JWT_SECRET", "12345")]);
         assert_eq!(settings.auth.jwt_secret.as_deref(), Some("12345"));
     }
 
     #[test]
     fn the_printed_configuration_redacts_secrets() {
-        let settings: Settings = Settings::figment(
-            &GlobalArgs::default(),
-            env(&[
-                ("SWITCHBOARD_JWT_SECRET", "s3cret-jwt"),
-                (
-                    "SWITCHBOARD_NATS_URL",
-                    "nats://alice:hunter2@127.0.0.1:4222",
-                ),
-                ("SWITCHBOARD_NATS_TOKEN", "tok-123"),
-            ]),
-        )
-        .extract()
-        .expect("valid");
+        let settings = from_env(&[
+            ("SWITCHBOARD_JWT_SECRET", "s3cret-jwt"),
+            (
+                "SWITCHBOARD_NATS_URL",
+                "nats://alice:hunter2@127.0.0.1:4222",
+            ),
+            ("SWITCHBOARD_NATS_TOKEN", "tok-123"),
+        ]);
         let printed = settings.redacted_toml().expect("renders");
         for secret in ["s3cret-jwt", "hunter2", "alice", "tok-123"] {
             assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
