@@ -149,26 +149,10 @@ impl ConnectionService {
                 .await
             {
                 Ok(held) => {
-                    let (result, held) = self
-                        .keeping_lease(
-                            &lease,
-                            held,
-                            b"refreshing",
-                            self.refresh_holding_lease(server_id, user, stale),
-                        )
+                    let refreshing = self.refresh_holding_lease(server_id, user, stale);
+                    return self
+                        .under_lease(&lease, held, b"refreshing", refreshing)
                         .await;
-                    // Only our own lease: a refresh that outlived the lease's time must not
-                    // free the lease a successor holds now.
-                    match self.inner.vault.delete_if_revision(&lease, held).await {
-                        Ok(()) => {}
-                        Err(VaultError::Conflict { .. }) => {
-                            tracing::debug!(server = %server_id, "the refresh lease expired while held; another holder's lease is left alone");
-                        }
-                        Err(error) => {
-                            tracing::warn!(server = %server_id, "could not release the refresh lease (it expires by itself): {error}");
-                        }
-                    }
-                    return result;
                 }
                 Err(VaultError::Conflict { .. }) => {
                     self.inner.lease_waits.send_modify(|n| *n += 1);
@@ -223,34 +207,29 @@ impl ConnectionService {
                 Err(other) => return Err(other.into()),
             }
         };
-        let (result, held) = self.keeping_lease(&lease, held, b"held", work).await;
-        match self.inner.vault.delete_if_revision(&lease, held).await {
-            Ok(()) | Err(VaultError::Conflict { .. }) => {}
-            Err(error) => {
-                tracing::warn!(server = %server_id, "could not release the refresh lease (it expires by itself): {error}");
-            }
-        }
-        result
+        self.under_lease(&lease, held, b"held", work).await
     }
 
-    /// Runs `work` holding `lease` (at revision `held`), renewing it every third of its
-    /// time-to-live while the work lasts: a refresh or a disconnect slowed by a provider (a
-    /// revocation endpoint taking its full timeout, twice) keeps the lease, so no other
-    /// refresh rotates the tokens under it. The time-to-live still frees the lease of a
-    /// holder that crashed. Returns the work's output and the lease's revision now.
-    async fn keeping_lease<T>(
+    /// Runs `work` holding `lease` (taken at revision `held`), then releases it. The lease
+    /// is renewed every third of its time-to-live while the work lasts: a refresh or a
+    /// disconnect slowed by a provider (a revocation endpoint taking its full timeout,
+    /// twice) keeps it, so no other refresh rotates the tokens under it; the time-to-live
+    /// still frees the lease of a holder that crashed. The release deletes only this
+    /// holder's own lease: one that lapsed anyway (a stalled process) and was taken since is
+    /// a successor's, left alone.
+    async fn under_lease<T>(
         &self,
         lease: &vault::SecretName,
         mut held: vault::Revision,
         marker: &[u8],
         work: impl std::future::Future<Output = T>,
-    ) -> (T, vault::Revision) {
+    ) -> T {
         let ttl = self.inner.settings.refresh_lease;
         let mut work = std::pin::pin!(work);
         let mut lost = false;
-        loop {
+        let output = loop {
             tokio::select! {
-                output = &mut work => return (output, held),
+                output = &mut work => break output,
                 () = tokio::time::sleep(ttl / 3), if !lost => {
                     match self
                         .inner
@@ -274,7 +253,20 @@ impl ConnectionService {
                     }
                 }
             }
+        };
+        match self.inner.vault.delete_if_revision(lease, held).await {
+            Ok(()) => {}
+            Err(VaultError::Conflict { .. }) => {
+                tracing::debug!(
+                    lease = lease.as_str(),
+                    "a lease lapsed while held; a successor's lease is left alone"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, lease = lease.as_str(), "could not release a lease (it expires by itself)");
+            }
         }
+        output
     }
 
     /// Waits until the tokens' revision is no longer `seen` (or the entry is gone) — or, with
