@@ -638,24 +638,42 @@ impl Invoker {
     ) {
         let this = self.clone();
         tokio::spawn(async move {
-            let give_up = tokio::time::Instant::now() + this.inner.settings.stalled_after();
-            let mut pause = Duration::from_millis(250);
-            loop {
-                let closed = this
-                    .close_unconfirmed_claim(&context, &subject, &claim, &user, &id)
-                    .await;
-                let Err(error) = closed else {
-                    return;
-                };
-                if tokio::time::Instant::now() + pause > give_up {
-                    tracing::warn!(%error, invocation = id.as_str(), "could not settle an unconfirmed claim; the sweeper will");
-                    return;
-                }
-                tracing::debug!(%error, invocation = id.as_str(), "settling an unconfirmed claim; trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(30));
+            let closing = this
+                .until_the_store_answers(|| {
+                    this.close_unconfirmed_claim(&context, &subject, &claim, &user, &id)
+                })
+                .await;
+            if let Err(error) = closing {
+                tracing::warn!(%error, invocation = id.as_str(), "could not settle an unconfirmed claim; the sweeper will");
             }
         });
+    }
+
+    /// `attempt` again, with pauses from 250 ms doubling to 30 s, while it fails in a way
+    /// that may have stored something (the store did not answer), for at most the sweeper's
+    /// limit for stalled calls; then, or on any other outcome, what it came to.
+    async fn until_the_store_answers<T, Attempt>(
+        &self,
+        mut attempt: impl FnMut() -> Attempt,
+    ) -> Result<T, InvokerError>
+    where
+        Attempt: std::future::Future<Output = Result<T, InvokerError>>,
+    {
+        let give_up = tokio::time::Instant::now() + self.inner.settings.stalled_after();
+        let mut pause = Duration::from_millis(250);
+        loop {
+            match attempt().await {
+                Err(InvokerError::EventLog(error))
+                    if !error.nothing_stored()
+                        && tokio::time::Instant::now() + pause <= give_up =>
+                {
+                    tracing::debug!(%error, "the event store did not answer; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     async fn close_unconfirmed_claim(
@@ -872,32 +890,21 @@ impl Invoker {
     fn follow_unconfirmed_decision_later(&self, decision: RecordDecision, envelope: Envelope) {
         let this = self.clone();
         tokio::spawn(async move {
-            let give_up = tokio::time::Instant::now() + this.inner.settings.stalled_after();
-            let mut pause = Duration::from_millis(250);
-            loop {
-                match this.append_settling(&decision.subject, &envelope).await {
-                    Ok(settled) => {
-                        let user = decision.user.clone();
-                        match this.follow_decision(decision, settled).await {
-                            Ok(report) => this.announce_approval_outcome(&user, &report),
-                            Err(error) => {
-                                tracing::warn!(%error, "could not see an unconfirmed decision through");
-                            }
-                        }
-                        return;
-                    }
-                    Err(InvokerError::EventLog(error))
-                        if !error.nothing_stored()
-                            && tokio::time::Instant::now() + pause <= give_up =>
-                    {
-                        tracing::debug!(%error, "recording an unconfirmed decision; trying again");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(30));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, invocation = decision.id.as_str(), "could not record an unconfirmed decision; the sweeper will close the invocation");
-                        return;
-                    }
+            let recorded = this
+                .until_the_store_answers(|| this.append_settling(&decision.subject, &envelope))
+                .await;
+            let settled = match recorded {
+                Ok(settled) => settled,
+                Err(error) => {
+                    tracing::warn!(%error, invocation = decision.id.as_str(), "could not record an unconfirmed decision; the sweeper will close the invocation");
+                    return;
+                }
+            };
+            let user = decision.user.clone();
+            match this.follow_decision(decision, settled).await {
+                Ok(report) => this.announce_approval_outcome(&user, &report),
+                Err(error) => {
+                    tracing::warn!(%error, "could not see an unconfirmed decision through");
                 }
             }
         });
