@@ -86,12 +86,8 @@ impl Invoker {
         if !kept_in_vault(request) {
             return Ok(request.arguments_json.clone());
         }
-        let secret = self
-            .vault()
-            .take(&entry_name(user, id))
-            .await?
-            .ok_or(ArgumentsUnavailable::Gone)?;
-        matching(secret, &request.arguments_sha256)
+        self.kept_arguments(user, id, &request.arguments_sha256, Read::Take)
+            .await
     }
 
     /// The arguments of a pending approval, for its user to see (left in the vault); the
@@ -109,12 +105,30 @@ impl Invoker {
         ) else {
             return Err(ArgumentsUnavailable::Gone);
         };
-        let (secret, _) = self
-            .vault()
-            .get(&entry_name(&user, &id))
-            .await?
-            .ok_or(ArgumentsUnavailable::Gone)?;
-        matching(secret, &pending.arguments_sha256)
+        self.kept_arguments(&user, &id, &pending.arguments_sha256, Read::Leave)
+            .await
+    }
+
+    /// The arguments the vault keeps for `user`'s invocation `id`, when they are the ones
+    /// recorded by `arguments_sha256`.
+    async fn kept_arguments(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+        arguments_sha256: &str,
+        read: Read,
+    ) -> Result<String, ArgumentsUnavailable> {
+        let name = entry_name(user, id);
+        let secret = match read {
+            Read::Take => self.vault().take(&name).await?,
+            Read::Leave => self.vault().get(&name).await?.map(|(secret, _)| secret),
+        }
+        .ok_or(ArgumentsUnavailable::Gone)?;
+        let text = secret.expose_str().ok_or(ArgumentsUnavailable::Mismatch)?;
+        if sha256_hex(text.as_bytes()) != arguments_sha256 {
+            return Err(ArgumentsUnavailable::Mismatch);
+        }
+        Ok(text.to_owned())
     }
 
     /// Deletes the arguments of an invocation that will not be called (denied, expired,
@@ -143,11 +157,8 @@ impl Invoker {
     }
 }
 
-/// The arguments `secret` holds, when they are the ones recorded by `arguments_sha256`.
-fn matching(secret: Secret, arguments_sha256: &str) -> Result<String, ArgumentsUnavailable> {
-    let text = secret.expose_str().ok_or(ArgumentsUnavailable::Mismatch)?;
-    if sha256_hex(text.as_bytes()) != arguments_sha256 {
-        return Err(ArgumentsUnavailable::Mismatch);
-    }
-    Ok(text.to_owned())
+/// Whether reading kept arguments takes them out of the vault.
+enum Read {
+    Take,
+    Leave,
 }
