@@ -11,16 +11,14 @@ use std::{sync::Arc, time::Duration};
 use async_nats::service::{Service, ServiceExt, endpoint::Endpoint};
 use bytes::Bytes;
 use domain::{InvocationId, UserId};
-use futures_util::{StreamExt, future::BoxFuture};
+use futures_util::StreamExt;
 use proto::{Message as _, v1 as pb};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use service_kit::CommandContext;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    InvocationReport, InvokeRequest, Invoker, InvokerError, ResultEnvelope, service::ResultPeers,
-};
+use crate::{InvocationReport, InvokeRequest, Invoker, InvokerError, ResultEnvelope};
 
 pub const SERVICE_NAME: &str = "switchboard-invoker";
 pub const QUEUE_GROUP: &str = "switchboard-invoker";
@@ -67,10 +65,10 @@ impl NatsService {
         let result_requests = client
             .subscribe(result_subject(prefix, invoker.instance()))
             .await?;
-        invoker.set_result_peers(Arc::new(NatsResultPeers {
+        invoker.set_result_peers(ResultPeers {
             client: client.clone(),
             prefix: prefix.to_owned(),
-        }));
+        });
         Ok(NatsService {
             result_requests,
             approval_outcomes: invoker.approval_outcomes(),
@@ -213,53 +211,51 @@ fn result_subject(prefix: &str, instance: &str) -> String {
 /// memory within milliseconds; a stopped one has no subscriber, and NATS says so at once.
 const RESULT_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Fetches results other processes hold, over NATS.
-struct NatsResultPeers {
+/// Fetches results other processes hold in memory (see `InvocationCompleted.result_held_by`),
+/// over NATS.
+pub(crate) struct ResultPeers {
     client: async_nats::Client,
     prefix: String,
 }
 
-impl ResultPeers for NatsResultPeers {
-    fn fetch<'a>(
-        &'a self,
-        holder: &'a str,
-        user: &'a UserId,
-        id: &'a str,
-    ) -> BoxFuture<'a, Option<Arc<ResultEnvelope>>> {
-        Box::pin(async move {
-            // The id comes from the log: only what this build writes (hex) makes a subject
-            // token, never a wildcard or a dotted path.
-            if holder.is_empty()
-                || holder.len() > 32
-                || !holder.bytes().all(|b| b.is_ascii_hexdigit())
-            {
+impl ResultPeers {
+    /// The result `holder` keeps for `user`'s invocation `id`, if it answers and still has it.
+    pub(crate) async fn fetch(
+        &self,
+        holder: &str,
+        user: &UserId,
+        id: &str,
+    ) -> Option<Arc<ResultEnvelope>> {
+        // The id comes from the log: only what this build writes (hex) makes a subject
+        // token, never a wildcard or a dotted path.
+        if holder.is_empty() || holder.len() > 32 || !holder.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return None;
+        }
+        let request = pb::InvokeStatusRequest {
+            invocation_id: id.to_owned(),
+            user_id: user.as_str().to_owned(),
+            wait_ms: 0,
+        };
+        let asked = self.client.request(
+            result_subject(&self.prefix, holder),
+            Bytes::from(request.encode_to_vec()),
+        );
+        let reply = match tokio::time::timeout(RESULT_FETCH_TIMEOUT, asked).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, holder, "the process holding a result did not answer");
                 return None;
             }
-            let request = pb::InvokeStatusRequest {
-                invocation_id: id.to_owned(),
-                user_id: user.as_str().to_owned(),
-                wait_ms: 0,
-            };
-            let asked = self.client.request(
-                result_subject(&self.prefix, holder),
-                Bytes::from(request.encode_to_vec()),
-            );
-            let reply = match tokio::time::timeout(RESULT_FETCH_TIMEOUT, asked).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, holder, "the process holding a result did not answer");
-                    return None;
-                }
-                Err(_) => return None,
-            };
-            let reply = pb::InvocationReply::decode(reply.payload).ok()?;
-            if reply.result_json.is_empty() {
-                return None;
-            }
-            serde_json::from_str::<ResultEnvelope>(&reply.result_json)
-                .ok()
-                .map(Arc::new)
-        })
+            Err(_) => return None,
+        };
+        let reply = pb::InvocationReply::decode(reply.payload).ok()?;
+        if reply.result_json.is_empty() {
+            return None;
+        }
+        serde_json::from_str::<ResultEnvelope>(&reply.result_json)
+            .ok()
+            .map(Arc::new)
     }
 }
 

@@ -98,17 +98,7 @@ pub(crate) struct Inner {
     pub instance: String,
     /// Where results held by other processes are fetched from (the NATS adapter sets it);
     /// without it, a look-up here of another process's call answers without its result.
-    pub result_peers: std::sync::OnceLock<Arc<dyn ResultPeers>>,
-}
-
-/// Fetches a result another process holds in memory (see `InvocationCompleted.result_held_by`).
-pub(crate) trait ResultPeers: Send + Sync {
-    fn fetch<'a>(
-        &'a self,
-        holder: &'a str,
-        user: &'a UserId,
-        id: &'a str,
-    ) -> futures_util::future::BoxFuture<'a, Option<Arc<ResultEnvelope>>>;
+    pub result_peers: std::sync::OnceLock<crate::nats::ResultPeers>,
 }
 
 /// A random id for this process's invoker: 16 hex digits.
@@ -266,7 +256,7 @@ impl Invoker {
     }
 
     /// Where this process fetches results other processes hold; set once.
-    pub(crate) fn set_result_peers(&self, peers: Arc<dyn ResultPeers>) {
+    pub(crate) fn set_result_peers(&self, peers: crate::nats::ResultPeers) {
         let _ = self.inner.result_peers.set(peers);
     }
 
