@@ -39,11 +39,15 @@ pub struct ResultDigest {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    // Two per invocation: a `format!` per byte cost more than the digest itself.
+    lower_hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// `bytes` as lowercase hex.
+pub(crate) fn lower_hex(bytes: &[u8]) -> String {
+    // Two digests per invocation: a `format!` per byte cost more than the digest itself.
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut hex = String::with_capacity(64);
-    for &byte in digest.as_ref() {
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for &byte in bytes {
         hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
         hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
     }

@@ -114,7 +114,7 @@ fn new_instance_id() -> String {
             .as_nanos();
         bytes = (nanos as u64).to_be_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::result::lower_hex(&bytes)
 }
 
 /// The final outcome of an invocation that waited for approval, and whose it is (ids are the
