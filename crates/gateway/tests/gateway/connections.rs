@@ -21,6 +21,20 @@ fn user_id(name: &str) -> domain::UserId {
     domain::UserId::parse(name).expect("user id")
 }
 
+/// A Notion-like server added on JSONL, and Alice's token; she is not connected yet.
+async fn notion_for_alice() -> (WithFixture, String, String) {
+    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
+    let server_id = add_server(&setup, "notion").await;
+    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    (setup, server_id, alice)
+}
+
+/// The connection of the user whose token is `user_token` is healthy.
+async fn assert_healthy(setup: &WithFixture, server_id: &str, user_token: &str) {
+    let now = status(setup, server_id, user_token).await;
+    assert_eq!(now["status"], "healthy", "{now}");
+}
+
 /// The tokens the fixture's revocation endpoint accepted, in order.
 fn accepted_revocations(setup: &WithFixture) -> Vec<String> {
     setup
@@ -363,9 +377,7 @@ async fn forged_replayed_and_other_users_state_is_refused_on(store: Store) {
 /// state stays usable for the real answer.
 #[tokio::test]
 async fn an_answer_at_another_servers_redirect_url_is_refused() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let redirect = authorize(&setup, &server_id, &alice).await;
     let (own, query) = redirect.split_once('?').expect("query");
     let asked = setup.handle.last_authorization_request().expect("request");
@@ -519,9 +531,7 @@ fn denied(redirect: &str) -> String {
 /// the refusal fails nothing while the other flow waits, and the other tab connects.
 #[tokio::test]
 async fn a_refusal_in_one_tab_leaves_the_other_tabs_authorization_usable() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let first = authorize(&setup, &server_id, &alice).await;
     let second = authorize(&setup, &server_id, &alice).await;
     let (code, page) = callback(&setup, &denied(&first)).await;
@@ -532,8 +542,7 @@ async fn a_refusal_in_one_tab_leaves_the_other_tabs_authorization_usable() {
     let (code, page) = callback(&setup, &second).await;
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("Connected"), "{page}");
-    let now = status(&setup, &server_id, &alice).await;
-    assert_eq!(now["status"], "healthy", "{now}");
+    assert_healthy(&setup, &server_id, &alice).await;
     // The refusal is on record all the same.
     assert_eq!(
         events_of_type(&setup, "ConnectionAuthFailed").await.len(),
@@ -547,9 +556,7 @@ async fn a_refusal_in_one_tab_leaves_the_other_tabs_authorization_usable() {
 /// records.
 #[tokio::test]
 async fn two_flows_answered_at_once_exchange_one_code() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let first = authorize(&setup, &server_id, &alice).await;
     let second = authorize(&setup, &server_id, &alice).await;
     let answer = |redirect: String| {
@@ -579,17 +586,14 @@ async fn two_flows_answered_at_once_exchange_one_code() {
     assert!(page.contains("authorization_superseded"), "{page}");
     assert!(waited, "the second answer waited for the first");
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
-    let now = status(&setup, &server_id, &alice).await;
-    assert_eq!(now["status"], "healthy", "{now}");
+    assert_healthy(&setup, &server_id, &alice).await;
 }
 
 /// A flow started before a disconnect (a tab left open) does not finish the connection the
 /// user started again after it: its code is not exchanged; the new flow's is.
 #[tokio::test]
 async fn a_flow_started_before_a_disconnect_does_not_finish_a_later_connection() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let before = authorize(&setup, &server_id, &alice).await;
     let (code, body) = disconnect(&setup, &server_id, &alice).await;
     assert_eq!(code, 200, "{body}");
@@ -601,8 +605,7 @@ async fn a_flow_started_before_a_disconnect_does_not_finish_a_later_connection()
     let (code, page) = callback(&setup, &after).await;
     assert_eq!(code, 200, "{page}");
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
-    let now = status(&setup, &server_id, &alice).await;
-    assert_eq!(now["status"], "healthy", "{now}");
+    assert_healthy(&setup, &server_id, &alice).await;
 }
 
 /// Connect pressed twice on the confirmation page: the browser abandons the first request
@@ -611,9 +614,7 @@ async fn a_flow_started_before_a_disconnect_does_not_finish_a_later_connection()
 /// exchanged once, and the second waits for the first and says what it did: connected.
 #[tokio::test]
 async fn connect_pressed_twice_connects_once_and_both_answers_say_connected() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let redirect = authorize(&setup, &server_id, &alice).await;
     let landed = setup.app.client.get(&redirect).send().await.expect("land");
     let page = landed.text().await.expect("page");
@@ -648,8 +649,7 @@ async fn connect_pressed_twice_connects_once_and_both_answers_say_connected() {
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("Connected"), "{page}");
     assert_eq!(setup.handle.token_requests_for("authorization_code"), 1);
-    let now = status(&setup, &server_id, &alice).await;
-    assert_eq!(now["status"], "healthy", "{now}");
+    assert_healthy(&setup, &server_id, &alice).await;
 }
 
 /// The callback parameters of a confirmation form's answer (its action and body).
@@ -680,9 +680,7 @@ fn callback_params((action, body): &(url::Url, String)) -> connection::CallbackP
 /// outcome noted yet, waits for the first's (marked at work), and says connected too.
 #[tokio::test]
 async fn the_same_answer_at_two_processes_says_connected_at_both() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let redirect = authorize(&setup, &server_id, &alice).await;
     let landed = setup.app.client.get(&redirect).send().await.expect("land");
     let page = landed.text().await.expect("page");
@@ -737,9 +735,7 @@ async fn the_same_answer_at_two_processes_says_connected_at_both() {
 /// nothing.
 #[tokio::test]
 async fn a_stale_authorization_neither_replaces_the_working_tokens_nor_fails_the_connection() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let first = authorize(&setup, &server_id, &alice).await;
     let second = authorize(&setup, &server_id, &alice).await;
     let third = authorize(&setup, &server_id, &alice).await;
@@ -760,8 +756,7 @@ async fn a_stale_authorization_neither_replaces_the_working_tokens_nor_fails_the
     assert_eq!(code, 400, "{page}");
     assert!(page.contains("authorization_superseded"), "{page}");
 
-    let now = status(&setup, &server_id, &alice).await;
-    assert_eq!(now["status"], "healthy", "{now}");
+    assert_healthy(&setup, &server_id, &alice).await;
     // The tokens the working flow stored are still there and still work.
     let server = domain::ServerId::parse(&server_id).expect("server id");
     let outcome = setup
@@ -1017,9 +1012,7 @@ async fn an_absurd_token_lifetime_from_the_provider_connects_with_a_century() {
 #[tokio::test]
 async fn a_new_authorizations_tokens_the_vault_refuses_are_revoked_not_left_live() {
     captured_logs();
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let redirect = authorize(&setup, &server_id, &alice).await;
     // The write and its three tries.
     setup.app.vault_faults.fail_next_writes("connection/", 4);
@@ -1707,9 +1700,7 @@ fn vault_ahead(setup: &WithFixture, ahead: std::time::Duration) -> vault::Vault 
 
 #[tokio::test]
 async fn an_abandoned_authorization_is_swept_from_the_vault() {
-    let setup = app_with_fixture_for(Store::Jsonl, OAuthFixture::notion(), "notion").await;
-    let server_id = add_server(&setup, "notion").await;
-    let alice = setup.app.token("alice@example.com", &["analyst"]);
+    let (setup, server_id, alice) = notion_for_alice().await;
     let redirect = authorize(&setup, &server_id, &alice).await;
     let states = |names: Vec<vault::SecretName>| {
         names
