@@ -1,7 +1,7 @@
 //! Reading the audit history, shared by `switchboard audit replay` and the HTTP audit route:
 //! which events to show ([`AuditFilter`]), and the logs merged by the time events occurred
 //! ([`MergedHistory`]), each log in its own order.
-use domain::{ServerId, UserId, UserKey};
+use domain::{InvocationId, ServerId, UserId, UserKey};
 use eventlog::{EventLog, EventLogError, EventStream, LogKind, RecordedEvent, SubjectFilter};
 use futures_util::StreamExt;
 
@@ -20,7 +20,13 @@ pub struct AuditFilter {
     /// Events about this user (their subjects) or caused by them.
     pub user: Option<(UserId, UserKey)>,
     /// The events of invocations with this id (the orchestrator's; each user's own).
-    pub invocation: Option<String>,
+    pub invocation: Option<InvocationId>,
+}
+
+/// The user of a `user` filter with their subject key (worked out once, not per event).
+pub fn with_key(user: UserId) -> (UserId, UserKey) {
+    let key = user.key();
+    (user, key)
 }
 
 /// An RFC 3339 time as seconds and nanos since the epoch.

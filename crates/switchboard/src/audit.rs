@@ -52,15 +52,15 @@ fn filter_from_args(args: &ReplayArgs) -> anyhow::Result<AuditFilter> {
         user: args
             .user
             .as_deref()
-            .map(|user| {
-                domain::UserId::parse(user).map(|user| {
-                    let key = user.key();
-                    (user, key)
-                })
-            })
+            .map(|user| domain::UserId::parse(user).map(audit::with_key))
             .transpose()
             .context("--user")?,
-        invocation: args.invocation.clone(),
+        invocation: args
+            .invocation
+            .as_deref()
+            .map(domain::InvocationId::parse)
+            .transpose()
+            .context("--invocation")?,
     })
 }
 

@@ -242,10 +242,7 @@ async fn audit_events(
             .as_deref()
             .map(|u| {
                 UserId::parse(u)
-                    .map(|user| {
-                        let key = user.key();
-                        (user, key)
-                    })
+                    .map(service_kit::audit::with_key)
                     .map_err(|e| ApiError::bad_request("invalid_query", format!("`user`: {e}")))
             })
             .transpose()?,
@@ -253,11 +250,9 @@ async fn audit_events(
             .invocation
             .as_deref()
             .map(|id| {
-                domain::InvocationId::parse(id)
-                    .map(|id| id.as_str().to_owned())
-                    .map_err(|e| {
-                        ApiError::bad_request("invalid_query", format!("`invocation`: {e}"))
-                    })
+                domain::InvocationId::parse(id).map_err(|e| {
+                    ApiError::bad_request("invalid_query", format!("`invocation`: {e}"))
+                })
             })
             .transpose()?,
     };
