@@ -23,6 +23,11 @@ use crate::{InvocationReport, InvokeRequest, Invoker, InvokerError, ResultEnvelo
 pub const SERVICE_NAME: &str = "switchboard-invoker";
 pub const QUEUE_GROUP: &str = "switchboard-invoker";
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Room kept under the server's `max_payload` for a message's headers and framing.
+const REPLY_HEADROOM: usize = 4 * 1024;
+/// The most a result fetched from another process may take (its JSON text): far above any
+/// result cap in use, a bound on what one look-up may hold in memory.
+const MAX_HELD_RESULT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The service with its endpoints subscribed: requests sent after [`NatsService::start`]
 /// returns are answered once [`NatsService::run`] runs.
@@ -30,6 +35,9 @@ pub struct NatsService {
     invoker: Invoker,
     client: async_nats::Client,
     prefix: String,
+    /// The largest message the server takes, as it said when this service started: a reply
+    /// over it is never delivered, so a result too large for it is cut to fit.
+    max_payload: usize,
     approval_outcomes: tokio::sync::broadcast::Receiver<crate::ApprovalOutcome>,
     _service: Service,
     tools: Endpoint,
@@ -70,6 +78,7 @@ impl NatsService {
             prefix: prefix.to_owned(),
         });
         Ok(NatsService {
+            max_payload: client.server_info().max_payload,
             result_requests,
             approval_outcomes: invoker.approval_outcomes(),
             invoker,
@@ -101,7 +110,7 @@ impl NatsService {
                 Some(asked) = self.result_requests.next() => {
                     // Off the loop: a result can be a megabyte to serialise.
                     let (invoker, client) = (self.invoker.clone(), self.client.clone());
-                    tokio::spawn(answer_result_request(invoker, client, asked));
+                    tokio::spawn(answer_result_request(invoker, client, asked, self.max_payload));
                     continue;
                 }
                 Some(request) = self.tools.next() => (request, Kind::Tools),
@@ -109,13 +118,18 @@ impl NatsService {
                 Some(request) = self.status.next() => (request, Kind::Status),
                 else => return,
             };
-            let invoker = self.invoker.clone();
+            let (invoker, max_payload) = (self.invoker.clone(), self.max_payload);
             tokio::spawn(async move {
                 let json = is_json(&request.message);
+                let payload = &request.message.payload;
                 let reply = match kind {
-                    Kind::Tools => tools_list(&invoker, &request.message.payload, json),
-                    Kind::Invoke => invoke(&invoker, &request.message.payload, json).await,
-                    Kind::Status => status(&invoker, &request.message.payload, json).await,
+                    Kind::Tools => tools_list(&invoker, payload, json, max_payload),
+                    Kind::Invoke => {
+                        encode_answer(invoke(&invoker, payload, json).await, json, max_payload)
+                    }
+                    Kind::Status => {
+                        encode_answer(status(&invoker, payload, json).await, json, max_payload)
+                    }
                 };
                 let mut headers = async_nats::HeaderMap::new();
                 if json {
@@ -150,7 +164,7 @@ impl NatsService {
             }
         };
         let subject = format!("{}.invoke.result.{token}", self.prefix);
-        let payload = encode(&reply_of(report, &user), false);
+        let payload = encode_report(&report, &user, false, self.max_payload);
         if let Err(error) = self.client.publish(subject, payload).await {
             tracing::warn!(%error, "could not publish an approval outcome");
         }
@@ -172,25 +186,35 @@ fn is_json(message: &async_nats::Message) -> bool {
         .is_some_and(|value| value.as_str().starts_with("application/json"))
 }
 
-/// Answers another process asking for a result this one holds: an `InvocationReply`
-/// with `result_json`, empty when it is no longer (or never was) here.
+/// Answers another process asking for a result this one holds: the part of its JSON text
+/// from the offset asked for that fits one message, and the text's length (0 when the
+/// result is no longer, or never was, here).
 async fn answer_result_request(
     invoker: Invoker,
     client: async_nats::Client,
     asked: async_nats::Message,
+    max_payload: usize,
 ) {
     let Some(reply_to) = asked.reply else {
         return;
     };
-    let held = pb::InvokeStatusRequest::decode(asked.payload)
+    let held = pb::HeldResultRequest::decode(asked.payload)
         .ok()
         .and_then(|request| {
             let user = UserId::parse(&request.user_id).ok()?;
             let result = invoker.remembered_result(&user, &request.invocation_id)?;
-            Some(pb::InvocationReply {
-                invocation_id: request.invocation_id,
-                result_json: serde_json::to_string(&*result).ok()?,
-                ..pb::InvocationReply::default()
+            // Serialised again for each part: a result takes one or two, and keeping the
+            // text between requests would double what the cache holds.
+            let text = serde_json::to_vec(&*result).ok()?;
+            let start = usize::try_from(request.offset)
+                .ok()
+                .filter(|&start| start < text.len())?;
+            let end = text
+                .len()
+                .min(start + max_payload.saturating_sub(REPLY_HEADROOM).max(1));
+            Some(pb::HeldResultPart {
+                part: text[start..end].to_vec(),
+                total_bytes: text.len() as u64,
             })
         })
         .unwrap_or_default();
@@ -232,28 +256,43 @@ impl ResultPeers {
         {
             return None;
         }
-        let request = pb::InvokeStatusRequest {
-            invocation_id: id.to_owned(),
-            user_id: user.as_str().to_owned(),
-            wait_ms: 0,
-        };
-        let asked = self.client.request(
-            result_subject(&self.prefix, holder),
-            Bytes::from(request.encode_to_vec()),
-        );
-        let reply = match tokio::time::timeout(RESULT_FETCH_TIMEOUT, asked).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, holder, "the process holding a result did not answer");
+        let subject = result_subject(&self.prefix, holder);
+        let mut text = Vec::new();
+        let mut total = None;
+        // Part by part: a result can be larger than one message.
+        loop {
+            let request = pb::HeldResultRequest {
+                invocation_id: id.to_owned(),
+                user_id: user.as_str().to_owned(),
+                offset: text.len() as u64,
+            };
+            let asked = self
+                .client
+                .request(subject.clone(), Bytes::from(request.encode_to_vec()));
+            let reply = match tokio::time::timeout(RESULT_FETCH_TIMEOUT, asked).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, holder, "the process holding a result did not answer");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            let held = pb::HeldResultPart::decode(reply.payload).ok()?;
+            // Not held (any more: evicted between two parts), or parts that do not add up.
+            if held.part.is_empty()
+                || held.total_bytes > MAX_HELD_RESULT_BYTES
+                || *total.get_or_insert(held.total_bytes) != held.total_bytes
+            {
                 return None;
             }
-            Err(_) => return None,
-        };
-        let reply = pb::InvocationReply::decode(reply.payload).ok()?;
-        if reply.result_json.is_empty() {
-            return None;
+            text.extend_from_slice(&held.part);
+            match (text.len() as u64).cmp(&held.total_bytes) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => break,
+                std::cmp::Ordering::Greater => return None,
+            }
         }
-        serde_json::from_str::<ResultEnvelope>(&reply.result_json)
+        serde_json::from_slice::<ResultEnvelope>(&text)
             .ok()
             .map(Arc::new)
     }
@@ -318,7 +357,7 @@ fn id_of(text: &str) -> Result<InvocationId, pb::OrchestratorError> {
     InvocationId::parse(text).map_err(|e| bad(e.code(), e.to_string()))
 }
 
-fn tools_list(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
+fn tools_list(invoker: &Invoker, payload: &[u8], json: bool, max_payload: usize) -> Bytes {
     let reply =
         match decode::<pb::ToolsListRequest>(payload, json).and_then(|r| user_of(&r.user_id)) {
             Ok(user) => pb::ToolsListReply {
@@ -348,19 +387,104 @@ fn tools_list(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
                 error: Some(error),
             },
         };
-    encode(&reply, json)
+    encode_tools(&reply, json, max_payload)
 }
 
-fn reply_of(report: InvocationReport, user: &UserId) -> pb::InvocationReply {
+/// The tools list, or, when it does not fit one message of at most `max_payload` bytes, a
+/// refusal that says so.
+fn encode_tools(reply: &pb::ToolsListReply, json: bool, max_payload: usize) -> Bytes {
+    let encoded = encode(reply, json);
+    if encoded.len() <= max_payload.saturating_sub(REPLY_HEADROOM) {
+        return encoded;
+    }
+    // No tool can be left out of the list (the AI would not know it has it), and a reply
+    // over the limit never arrives: say so instead of leaving the orchestrator waiting.
+    let too_large = pb::ToolsListReply {
+        tools: vec![],
+        error: Some(bad(
+            "reply_too_large",
+            format!(
+                "the {} tools take {} bytes, more than a message on this NATS server may \
+                 hold ({max_payload} bytes); raise the server's max_payload, or list them \
+                 with GET /api/v1/tools",
+                reply.tools.len(),
+                encoded.len()
+            ),
+        )),
+    };
+    encode(&too_large, json)
+}
+
+/// The reply to an invocation request or look-up: the invocation's report (and the user it
+/// runs for), or the refusal of the request.
+type Answer = Result<(InvocationReport, UserId), pb::InvocationReply>;
+
+fn encode_answer(answer: Answer, json: bool, max_payload: usize) -> Bytes {
+    match answer {
+        Ok((report, user)) => encode_report(&report, &user, json, max_payload),
+        Err(refusal) => encode(&refusal, json),
+    }
+}
+
+/// `report`'s reply, encoded to fit one message of at most `max_payload` bytes: the reply
+/// holds the result twice (a Struct and JSON text), so a result near the size cap is over
+/// the server's default limit, and a reply over it never arrives — the orchestrator would
+/// wait for its time-out and learn nothing. Such a result is cut until the reply fits and
+/// flagged `truncated`, as the size cap cuts (the whole result stays available over HTTP).
+fn encode_report(
+    report: &InvocationReport,
+    user: &UserId,
+    json: bool,
+    max_payload: usize,
+) -> Bytes {
+    let budget = max_payload.saturating_sub(REPLY_HEADROOM);
+    let result = report.result.as_deref();
+    let whole = encode(&reply_of(report, result, user), json);
+    let Some(result) = result.filter(|_| whole.len() > budget) else {
+        return whole;
+    };
+    // Each try cuts the content in proportion to how far the last reply was over, and a
+    // tenth more (escapes make the reply grow faster than the content); the last keeps
+    // none of it.
+    let mut limit = serde_json::to_vec(result).map_or(0, |text| text.len());
+    let mut over_by = whole.len();
+    for _ in 0..4 {
+        limit = (limit as u128 * budget as u128 * 9 / (over_by as u128 * 10)) as usize;
+        let cut = result.cut_to(limit);
+        let encoded = encode(&reply_of(report, Some(&cut), user), json);
+        if encoded.len() <= budget {
+            return encoded;
+        }
+        over_by = encoded.len();
+    }
+    let bare = result.cut_to(0);
+    let encoded = encode(&reply_of(report, Some(&bare), user), json);
+    if encoded.len() <= budget {
+        return encoded;
+    }
+    let mut without = reply_of(report, None, user);
+    without.message = format!(
+        "the result does not fit in a message on this NATS server ({max_payload} bytes); \
+         GET /api/v1/invocations/{} has it",
+        report.invocation_id
+    );
+    encode(&without, json)
+}
+
+fn reply_of(
+    report: &InvocationReport,
+    result: Option<&ResultEnvelope>,
+    user: &UserId,
+) -> pb::InvocationReply {
     // The JSON text is the result exactly, as HTTP writes it; the Struct cannot hold an
     // integer beyond 2^53 (`pbjson` refuses it), and then is absent rather than rounded.
-    let result = report.result.and_then(|r| serde_json::to_value(&*r).ok());
+    let result = result.and_then(|r| serde_json::to_value(r).ok());
     let result_json = result.as_ref().map(Value::to_string).unwrap_or_default();
     pb::InvocationReply {
-        invocation_id: report.invocation_id,
+        invocation_id: report.invocation_id.clone(),
         outcome: report.outcome.as_str().to_owned(),
-        reason: report.reason.unwrap_or_default(),
-        message: report.message.unwrap_or_default(),
+        reason: report.reason.clone().unwrap_or_default(),
+        message: report.message.clone().unwrap_or_default(),
         result: to_struct(result),
         error: None,
         result_json,
@@ -399,10 +523,10 @@ fn failed_reply(invocation_id: String, error: pb::OrchestratorError) -> pb::Invo
     }
 }
 
-async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
+async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
     let request = match decode::<pb::InvokeRequest>(payload, json) {
         Ok(request) => request,
-        Err(error) => return encode(&failed_reply(String::new(), error), json),
+        Err(error) => return Err(failed_reply(String::new(), error)),
     };
     let echo = request.invocation_id.clone();
     let parsed = (|| {
@@ -448,38 +572,149 @@ async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
             conversation_id: Some(request.conversation_id).filter(|c| !c.is_empty()),
         })
     })();
-    let reply = match parsed {
-        Err(error) => failed_reply(echo, error),
-        Ok(request) => {
-            let user = request.user.clone();
-            match invoker
-                .invoke(&CommandContext::service("orchestrator"), request)
-                .await
-            {
-                Ok(report) => reply_of(report, &user),
-                Err(error) => failed_reply(echo, refusal(&error)),
-            }
-        }
-    };
-    encode(&reply, json)
+    let request = parsed.map_err(|error| failed_reply(echo.clone(), error))?;
+    let user = request.user.clone();
+    match invoker
+        .invoke(&CommandContext::service("orchestrator"), request)
+        .await
+    {
+        Ok(report) => Ok((report, user)),
+        Err(error) => Err(failed_reply(echo, refusal(&error))),
+    }
 }
 
-async fn status(invoker: &Invoker, payload: &[u8], json: bool) -> Bytes {
+async fn status(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
     let request = match decode::<pb::InvokeStatusRequest>(payload, json) {
         Ok(request) => request,
-        Err(error) => return encode(&failed_reply(String::new(), error), json),
+        Err(error) => return Err(failed_reply(String::new(), error)),
     };
     let echo = request.invocation_id.clone();
-    let reply =
-        match user_of(&request.user_id).and_then(|u| Ok((u, id_of(&request.invocation_id)?))) {
-            Err(error) => failed_reply(echo, error),
-            Ok((user, id)) => {
-                let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
-                match invoker.status(&user, &id, wait).await {
-                    Ok(report) => reply_of(report, &user),
-                    Err(error) => failed_reply(echo, refusal(&error)),
-                }
-            }
+    let (user, id) = user_of(&request.user_id)
+        .and_then(|user| Ok((user, id_of(&request.invocation_id)?)))
+        .map_err(|error| failed_reply(echo.clone(), error))?;
+    let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
+    match invoker.status(&user, &id, wait).await {
+        Ok(report) => Ok((report, user)),
+        Err(error) => Err(failed_reply(echo, refusal(&error))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::{Outcome, result::ResultServer};
+
+    fn completed(text: &str, structured: Option<Value>) -> InvocationReport {
+        InvocationReport {
+            invocation_id: "call_1".to_owned(),
+            outcome: Outcome::Completed,
+            reason: None,
+            message: None,
+            result: Some(Arc::new(ResultEnvelope {
+                untrusted: true,
+                server: ResultServer {
+                    id: "srv".to_owned(),
+                    name: "Notion".to_owned(),
+                },
+                tool: "export_all".to_owned(),
+                content: vec![json!({"type": "text", "text": text})],
+                structured_content: structured,
+                is_error: false,
+                truncated: false,
+            })),
+        }
+    }
+
+    fn decoded(bytes: &Bytes, json: bool) -> pb::InvocationReply {
+        if json {
+            serde_json::from_slice(bytes).expect("JSON reply")
+        } else {
+            pb::InvocationReply::decode(bytes.clone()).expect("protobuf reply")
+        }
+    }
+
+    fn alice() -> UserId {
+        UserId::parse("alice@example.com").expect("user")
+    }
+
+    #[test]
+    fn a_reply_that_fits_keeps_its_result_whole() {
+        let report = completed("all of it", Some(json!({"rows": 3})));
+        for json in [false, true] {
+            let reply = decoded(&encode_report(&report, &alice(), json, 64 * 1024), json);
+            let result: Value = serde_json::from_str(&reply.result_json).expect("JSON");
+            assert_eq!(result["content"][0]["text"], "all of it");
+            assert_eq!(result["structured_content"]["rows"], 3);
+            assert_eq!(result["truncated"], false);
+            assert!(reply.result.is_some());
+        }
+    }
+
+    #[test]
+    fn a_result_too_large_for_one_message_is_cut_until_the_reply_fits() {
+        // Quotes and non-ASCII text grow the JSON reply faster than the content.
+        let text = "\"é\\".repeat(60_000);
+        let report = completed(&text, Some(json!({"rows": 3})));
+        let max_payload = 64 * 1024;
+        for json in [false, true] {
+            let bytes = encode_report(&report, &alice(), json, max_payload);
+            assert!(
+                bytes.len() <= max_payload - REPLY_HEADROOM,
+                "{}",
+                bytes.len()
+            );
+            let reply = decoded(&bytes, json);
+            assert_eq!(reply.outcome, "completed");
+            let result: Value = serde_json::from_str(&reply.result_json).expect("JSON");
+            assert_eq!(result["truncated"], true);
+            assert_eq!(result["untrusted"], true);
+            let kept = result["content"][0]["text"].as_str().expect("text");
+            assert!(text.starts_with(kept));
+            // Cut to fit, not emptied: the reply holds it twice, in JSON the second copy
+            // escaped twice.
+            assert!(kept.len() > 8 * 1024, "{json}: {}", kept.len());
+            assert!(bytes.len() > max_payload / 2, "{json}: {}", bytes.len());
+            assert!(reply.result.is_some());
+        }
+    }
+
+    #[test]
+    fn a_message_too_small_for_any_result_answers_without_it_and_says_where_it_is() {
+        let report = completed(&"x".repeat(10_000), None);
+        let reply = decoded(
+            &encode_report(&report, &alice(), false, REPLY_HEADROOM + 100),
+            false,
+        );
+        assert_eq!(reply.outcome, "completed");
+        assert!(reply.result_json.is_empty() && reply.result.is_none());
+        assert!(
+            reply.message.contains("GET /api/v1/invocations/call_1"),
+            "{}",
+            reply.message
+        );
+    }
+
+    #[test]
+    fn a_tools_list_too_large_for_one_message_is_refused_with_a_reason() {
+        let tool = pb::UsableTool {
+            name: "notion__search".to_owned(),
+            description: "d".repeat(10_000),
+            ..pb::UsableTool::default()
         };
-    encode(&reply, json)
+        let reply = pb::ToolsListReply {
+            tools: vec![tool; 10],
+            error: None,
+        };
+        let fits: pb::ToolsListReply =
+            serde_json::from_slice(&encode_tools(&reply, true, 1024 * 1024)).expect("JSON");
+        assert_eq!(fits.tools.len(), 10);
+        let refused = pb::ToolsListReply::decode(encode_tools(&reply, false, 64 * 1024))
+            .expect("protobuf reply");
+        assert!(refused.tools.is_empty());
+        let error = refused.error.expect("a refusal");
+        assert_eq!(error.code, "reply_too_large");
+        assert!(error.message.contains("10 tools"), "{}", error.message);
+    }
 }

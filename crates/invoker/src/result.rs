@@ -100,6 +100,25 @@ impl ResultEnvelope {
     }
 }
 
+impl ResultEnvelope {
+    /// This envelope with at most `limit` bytes of content and structured content, cut as
+    /// [`ResultEnvelope::build`] cuts an answer (and flagged `truncated` if anything was):
+    /// for a channel that holds less than the size cap, such as one NATS message.
+    pub fn cut_to(&self, limit: usize) -> ResultEnvelope {
+        let (content, structured_content, cut) =
+            cap(self.content.clone(), self.structured_content.clone(), limit);
+        ResultEnvelope {
+            untrusted: self.untrusted,
+            server: self.server.clone(),
+            tool: self.tool.clone(),
+            content,
+            structured_content,
+            is_error: self.is_error,
+            truncated: self.truncated || cut,
+        }
+    }
+}
+
 fn json_len(value: &Value) -> usize {
     serde_json::to_vec(value).map_or(0, |bytes| bytes.len())
 }

@@ -1560,6 +1560,119 @@ async fn a_result_only_the_calling_process_holds_reaches_a_look_up_on_another() 
 }
 
 #[tokio::test]
+async fn a_result_over_a_nats_message_is_cut_to_fit_there_and_fetched_whole_elsewhere() {
+    use proto::Message as _;
+    // Results up to 3 MiB: three times what a message on the server may hold (1 MiB by
+    // default; with the default cap a reply holds the result twice, over it too).
+    let settings = invoker::InvokerSettings {
+        result_limit_bytes: 3 * 1024 * 1024,
+        ..settings()
+    };
+    let it = connected(Store::JetStream, settings).await;
+    it.set_state("export_all", "always_allow").await;
+    let client = async_nats::connect(testkit::shared_nats().url())
+        .await
+        .expect("connect");
+    let max_payload = client.server_info().max_payload;
+    assert!(max_payload < 3 * 1024 * 1024, "{max_payload}");
+    let prefix = testkit::unique_name("large");
+    let caller = it.setup.app.state.invoker.clone();
+    let other = caller.another_instance();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let service = invoker::nats::NatsService::start(caller.clone(), &client, &prefix)
+        .await
+        .expect("service");
+    tokio::spawn(service.run(shutdown.clone()));
+    let other_client = async_nats::connect(testkit::shared_nats().url())
+        .await
+        .expect("connect");
+    // The other process answers for its results but not in the queue group: the
+    // orchestrator's requests reach the caller.
+    let other_service = invoker::nats::NatsService::start(other.clone(), &other_client, &prefix)
+        .await
+        .expect("service");
+    drop(other_service);
+    other_client.flush().await.expect("its endpoints gone");
+
+    // The reply arrives, the result in it cut to fit and flagged.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let body = json!({"invocationId": "toolu_big", "userId": ALICE, "tool": format!("{PREFIX}export_all"), "arguments": {}});
+    let reply = client
+        .request_with_headers(
+            format!("{prefix}.invoke"),
+            headers,
+            serde_json::to_vec(&body).expect("json").into(),
+        )
+        .await
+        .expect("a reply, not a time-out");
+    assert!(
+        reply.payload.len() <= max_payload,
+        "{}",
+        reply.payload.len()
+    );
+    let outcome: Value = serde_json::from_slice(&reply.payload).expect("JSON reply");
+    assert_eq!(outcome["outcome"], "completed", "{}", outcome["message"]);
+    assert_eq!(outcome["result"]["truncated"], true);
+    assert_eq!(outcome["result"]["untrusted"], true);
+    let text = outcome["result"]["content"][0]["text"]
+        .as_str()
+        .expect("text");
+    // Cut to fit twice in one message, not emptied.
+    assert!(text.len() > max_payload / 4, "{}", text.len());
+    let exact: Value =
+        serde_json::from_str(outcome["resultJson"].as_str().expect("resultJson")).expect("JSON");
+    assert_eq!(exact["content"][0]["text"], text);
+
+    // In protobuf too, for a look-up.
+    let request = proto::v1::InvokeStatusRequest {
+        invocation_id: "toolu_big".to_owned(),
+        user_id: ALICE.to_owned(),
+        wait_ms: 0,
+    };
+    let reply = client
+        .request(
+            format!("{prefix}.invoke.status"),
+            request.encode_to_vec().into(),
+        )
+        .await
+        .expect("a reply, not a time-out");
+    assert!(
+        reply.payload.len() <= max_payload,
+        "{}",
+        reply.payload.len()
+    );
+    let status = proto::v1::InvocationReply::decode(reply.payload).expect("protobuf reply");
+    assert_eq!(status.outcome, "completed");
+    let cut: Value = serde_json::from_str(&status.result_json).expect("JSON");
+    assert_eq!(cut["truncated"], true);
+    assert!(status.result.is_some());
+
+    // Over HTTP the whole (capped) result; another process fetches all of it from the
+    // caller, in parts.
+    let alice = alice();
+    let id = invocation("toolu_big");
+    let held = caller
+        .status(&alice, &id, Duration::ZERO)
+        .await
+        .expect("status")
+        .result
+        .expect("held by the caller");
+    let held = serde_json::to_value(&*held).expect("JSON");
+    let held_text = held["content"][0]["text"].as_str().expect("text");
+    assert!(held_text.len() > 3000 * 1000, "{}", held_text.len());
+    let fetched = other
+        .status(&alice, &id, Duration::ZERO)
+        .await
+        .expect("status")
+        .result
+        .expect("fetched from the caller");
+    assert_eq!(serde_json::to_value(&*fetched).expect("JSON"), held);
+    assert_eq!(it.setup.handle.tool_calls("export_all"), 1);
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     use proto::Message as _;
     let it = connected(Store::JetStream, settings()).await;
