@@ -195,6 +195,8 @@ struct Inner {
     atomic_batches: bool,
     /// `read_aggregate` by direct get (else by ordered consumer).
     direct_reads: bool,
+    /// The server's `max_payload` when the log connected: an event is one message.
+    max_payload: usize,
 }
 
 fn log_index(log: LogKind) -> usize {
@@ -319,6 +321,7 @@ impl JetStreamLog {
         };
         Ok(JetStreamLog {
             inner: Arc::new(Inner {
+                max_payload: client.server_info().max_payload,
                 client,
                 js,
                 config,
@@ -500,6 +503,10 @@ impl EventLog for JetStreamLog {
 
     fn filters_where_stored(&self) -> bool {
         true
+    }
+
+    fn max_event_bytes(&self) -> Option<usize> {
+        Some(self.inner.max_payload)
     }
 }
 

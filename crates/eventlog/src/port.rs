@@ -163,6 +163,14 @@ pub trait EventLog: Send + Sync + fmt::Debug + 'static {
     fn filters_where_stored(&self) -> bool {
         false
     }
+
+    /// The largest event (its encoded envelope and what the store adds around it) the store
+    /// takes, if it has a limit: on JetStream an event is one message, at most the server's
+    /// `max_payload` (as it was when the log connected). A writer of events that hold large
+    /// payloads (captured tool arguments and results) sizes them to fit.
+    fn max_event_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// How long an event id is remembered for dedupe (JetStream's default duplicate window).

@@ -268,4 +268,8 @@ impl EventLog for MeteredLog {
     fn filters_where_stored(&self) -> bool {
         self.inner.filters_where_stored()
     }
+
+    fn max_event_bytes(&self) -> Option<usize> {
+        self.inner.max_event_bytes()
+    }
 }

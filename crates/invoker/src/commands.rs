@@ -249,6 +249,9 @@ fn advance(state: &mut InvocationState, events: &mut Vec<Event>, new: Vec<Event>
 
 /// How long a duplicate waits beyond the deadline for the owner to record the outcome.
 const RECORDING_GRACE: Duration = Duration::from_secs(5);
+/// Room kept under the store's largest event for what surrounds a captured payload: the
+/// event's other fields, its envelope and a JetStream message's headers.
+const EVENT_HEADROOM: usize = 8 * 1024;
 
 /// How long a look-up waits for the open invocations read model to reach the log's end.
 const INDEX_CATCH_UP: Duration = Duration::from_secs(5);
@@ -287,6 +290,37 @@ pub fn invocation_subject(user: &UserId) -> Result<Subject, InvokerError> {
 }
 
 impl Invoker {
+    /// The most bytes of arguments taken: the setting, and no more than one event holds —
+    /// with payloads captured the request's event carries them, and awaiting approval they
+    /// are kept in the vault, on JetStream a message on the same server. (Refused up front
+    /// with the limit, rather than failing at the store after the request was checked.)
+    fn arguments_limit(&self) -> usize {
+        let setting = self.inner.settings.max_arguments_bytes;
+        self.inner.log.max_event_bytes().map_or(setting, |max| {
+            setting.min(max.saturating_sub(EVENT_HEADROOM))
+        })
+    }
+
+    /// A result as its completion event captures it: whole, or, when one event cannot hold
+    /// it, cut to fit (flagged `truncated`) and `true` — this process then holds the whole
+    /// result, and look-ups elsewhere ask it first.
+    fn captured_result(&self, envelope: &ResultEnvelope) -> (String, bool) {
+        let render =
+            |envelope: &ResultEnvelope| serde_json::to_string(envelope).unwrap_or_default();
+        let Some(max) = self.inner.log.max_event_bytes() else {
+            return (render(envelope), false);
+        };
+        let budget = max.saturating_sub(EVENT_HEADROOM);
+        let whole = render(envelope);
+        if whole.len() <= budget {
+            return (whole, false);
+        }
+        (
+            envelope.render_within(budget, render).unwrap_or_default(),
+            true,
+        )
+    }
+
     pub(crate) fn now(&self) -> std::time::SystemTime {
         self.inner.envelopes.clock().now()
     }
@@ -422,10 +456,11 @@ impl Invoker {
         let deadline = self.deadline(request.deadline)?;
         let arguments_json =
             serde_json::to_string(&request.arguments).unwrap_or_else(|_| "{}".to_owned());
-        if arguments_json.len() > settings.max_arguments_bytes {
+        let max_arguments = self.arguments_limit();
+        if arguments_json.len() > max_arguments {
             return Err(InvokerError::ArgumentsTooLarge {
                 size: arguments_json.len(),
-                max: settings.max_arguments_bytes,
+                max: max_arguments,
             });
         }
         let id = request.invocation_id.clone();
@@ -1112,10 +1147,10 @@ impl Invoker {
                 let (envelope, digest) = ResultEnvelope::build(server, tool_name, result, limit);
                 let envelope = Arc::new(envelope);
                 let (result_json, result_held_by) = if self.inner.settings.capture_payloads {
-                    (
-                        serde_json::to_string(&*envelope).unwrap_or_default(),
-                        String::new(),
-                    )
+                    match self.captured_result(&envelope) {
+                        (captured, false) => (captured, String::new()),
+                        (cut, true) => (cut, self.inner.instance.clone()),
+                    }
                 } else {
                     (String::new(), self.inner.instance.clone())
                 };
@@ -1291,7 +1326,13 @@ impl Invoker {
                 Event::InvocationExpired(_) => {
                     report.reason = Some("approval_expired".to_owned());
                 }
-                Event::InvocationCompleted(e) if !e.result_json.is_empty() && result.is_none() => {
+                // Captured whole. (Cut to fit the event, it names the process holding the
+                // whole result: that one is asked first.)
+                Event::InvocationCompleted(e)
+                    if !e.result_json.is_empty()
+                        && e.result_held_by.is_empty()
+                        && result.is_none() =>
+                {
                     report.result = serde_json::from_str(&e.result_json).ok().map(Arc::new);
                 }
                 _ => {}
@@ -1524,7 +1565,16 @@ impl Invoker {
             }
         }
         if report.outcome == Outcome::Completed && report.result.is_none() {
-            report.result = self.result_from_holder(user, id, &events).await;
+            report.result = match self.result_from_holder(user, id, &events).await {
+                Some(whole) => Some(whole),
+                // The holder gone: what the log captured of it, cut.
+                None => events.iter().rev().find_map(|event| match event {
+                    Event::InvocationCompleted(e) if !e.result_json.is_empty() => {
+                        serde_json::from_str(&e.result_json).ok().map(Arc::new)
+                    }
+                    _ => None,
+                }),
+            };
         }
         Ok(report)
     }

@@ -438,29 +438,13 @@ fn encode_report(
     max_payload: usize,
 ) -> Bytes {
     let budget = max_payload.saturating_sub(REPLY_HEADROOM);
-    let result = report.result.as_deref();
-    let whole = encode(&reply_of(report, result, user), json);
-    let Some(result) = result.filter(|_| whole.len() > budget) else {
-        return whole;
+    let Some(result) = report.result.as_deref() else {
+        return encode(&reply_of(report, None, user), json);
     };
-    // Each try cuts the content in proportion to how far the last reply was over, and a
-    // tenth more (escapes make the reply grow faster than the content); the last keeps
-    // none of it.
-    let mut limit = serde_json::to_vec(result).map_or(0, |text| text.len());
-    let mut over_by = whole.len();
-    for _ in 0..4 {
-        limit = (limit as u128 * budget as u128 * 9 / (over_by as u128 * 10)) as usize;
-        let cut = result.cut_to(limit);
-        let encoded = encode(&reply_of(report, Some(&cut), user), json);
-        if encoded.len() <= budget {
-            return encoded;
-        }
-        over_by = encoded.len();
-    }
-    let bare = result.cut_to(0);
-    let encoded = encode(&reply_of(report, Some(&bare), user), json);
-    if encoded.len() <= budget {
-        return encoded;
+    if let Some(fits) = result.render_within(budget, |result| {
+        encode(&reply_of(report, Some(result), user), json)
+    }) {
+        return fits;
     }
     let mut without = reply_of(report, None, user);
     without.message = format!(

@@ -101,6 +101,35 @@ impl ResultEnvelope {
 }
 
 impl ResultEnvelope {
+    /// What `render` makes of this envelope, cut until it takes at most `budget` bytes —
+    /// for a channel that holds less than the size cap (a NATS message, an event): each try
+    /// cuts in proportion to how far the last was over, and a tenth more (escapes make a
+    /// rendering grow faster than the content); the last keeps no content. `None` when not
+    /// even that fits.
+    pub fn render_within<T: AsRef<[u8]>>(
+        &self,
+        budget: usize,
+        render: impl Fn(&ResultEnvelope) -> T,
+    ) -> Option<T> {
+        let whole = render(self);
+        let mut rendered = whole.as_ref().len();
+        if rendered <= budget {
+            return Some(whole);
+        }
+        let mut limit = self.content.iter().map(json_len).sum::<usize>()
+            + self.structured_content.as_ref().map_or(0, json_len);
+        for _ in 0..4 {
+            limit = usize::try_from(limit as u128 * budget as u128 * 9 / (rendered as u128 * 10))
+                .unwrap_or(0);
+            let attempt = render(&self.cut_to(limit));
+            rendered = attempt.as_ref().len();
+            if rendered <= budget {
+                return Some(attempt);
+            }
+        }
+        Some(render(&self.cut_to(0))).filter(|bare| bare.as_ref().len() <= budget)
+    }
+
     /// This envelope with at most `limit` bytes of content and structured content, cut as
     /// [`ResultEnvelope::build`] cuts an answer (and flagged `truncated` if anything was):
     /// for a channel that holds less than the size cap, such as one NATS message.

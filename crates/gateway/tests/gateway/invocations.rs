@@ -1083,6 +1083,14 @@ impl eventlog::EventLog for FaultyAppends {
     async fn last_sequence(&self, log: eventlog::LogKind) -> Result<u64, eventlog::EventLogError> {
         self.inner.last_sequence(log).await
     }
+
+    fn filters_where_stored(&self) -> bool {
+        self.inner.filters_where_stored()
+    }
+
+    fn max_event_bytes(&self) -> Option<usize> {
+        self.inner.max_event_bytes()
+    }
 }
 
 /// A claim the store took but whose answer was lost (after its own retries): the caller is
@@ -1317,6 +1325,127 @@ async fn an_oversized_result_is_truncated_and_flagged() {
         .and_then(|s| s.parse().ok())
         .expect("size");
     assert!(size > testkit::EXPORT_ALL_BYTES as u64, "{size}");
+}
+
+#[tokio::test]
+async fn captured_payloads_are_in_the_log_cut_to_fit_an_event_where_one_holds_less() {
+    for store in [Store::Jsonl, Store::JetStream] {
+        // Results up to 2 MiB, twice what one JetStream message holds (1 MiB by default).
+        let capturing = invoker::InvokerSettings {
+            capture_payloads: true,
+            result_limit_bytes: 2 * 1024 * 1024,
+            ..settings()
+        };
+        let it = connected(store, capturing).await;
+        it.set_state("search_issues", "always_allow").await;
+        it.set_state("export_all", "always_allow").await;
+        let small = it
+            .invoke("call_small", "search_issues", json!({"query": "x"}))
+            .await;
+        assert_eq!(small["outcome"], "completed", "{store:?}: {small}");
+        let big = it.invoke("call_big", "export_all", json!({})).await;
+        assert_eq!(big["outcome"], "completed", "{store:?}: {}", big["message"]);
+        assert_eq!(big["result"]["truncated"], true);
+        let whole_text = big["result"]["content"][0]["text"]
+            .as_str()
+            .expect("text")
+            .len();
+        assert!(whole_text > 1024 * 1024, "{store:?}: {whole_text}");
+
+        let requested = events_of_type(&it.setup, "InvocationRequested").await;
+        let request = requested
+            .iter()
+            .map(|e| &e["envelope"]["invocationRequested"])
+            .find(|r| r["invocationId"] == "call_small")
+            .expect("recorded");
+        let arguments: Value =
+            serde_json::from_str(request["argumentsJson"].as_str().expect("captured"))
+                .expect("JSON");
+        assert_eq!(arguments, json!({"query": "x"}), "{store:?}");
+        let completed = events_of_type(&it.setup, "InvocationCompleted").await;
+        let completion = |id: &str| {
+            completed
+                .iter()
+                .map(|e| &e["envelope"]["invocationCompleted"])
+                .find(|c| c["invocationId"] == id)
+                .expect("recorded")
+                .clone()
+        };
+        let captured = |completion: &Value| -> Value {
+            serde_json::from_str(completion["resultJson"].as_str().expect("captured"))
+                .expect("JSON")
+        };
+        let small_completion = completion("call_small");
+        assert_eq!(captured(&small_completion), small["result"], "{store:?}");
+        assert!(small_completion.get("resultHeldBy").is_none(), "{store:?}");
+        let big_completion = completion("call_big");
+        let big_captured = captured(&big_completion);
+        let caller = it.setup.app.state.invoker.clone();
+        match store {
+            Store::Jsonl => {
+                assert_eq!(big_captured, big["result"]);
+                assert!(big_completion.get("resultHeldBy").is_none());
+            }
+            Store::JetStream => {
+                // Cut to fit the event, flagged; the calling process holds the whole.
+                let cut = big_captured["content"][0]["text"]
+                    .as_str()
+                    .expect("text")
+                    .len();
+                assert!(cut < 1024 * 1024 && cut > 1024 * 1024 / 2, "{cut}");
+                assert_eq!(big_captured["truncated"], true);
+                assert_eq!(big_completion["resultHeldBy"], caller.instance());
+            }
+        }
+
+        // Another process (no way to ask the caller) answers from the log.
+        let other = caller.another_instance();
+        let look_up = |id: &str| {
+            let (other, id) = (other.clone(), invocation(id));
+            async move {
+                let report = other
+                    .status(&alice(), &id, Duration::ZERO)
+                    .await
+                    .expect("status");
+                assert_eq!(report.outcome, invoker::Outcome::Completed);
+                serde_json::to_value(&*report.result.expect("from the log")).expect("JSON")
+            }
+        };
+        assert_eq!(look_up("call_small").await, small["result"], "{store:?}");
+        assert_eq!(look_up("call_big").await, big_captured, "{store:?}");
+        // The caller answers with the whole result.
+        let report = caller
+            .status(&alice(), &invocation("call_big"), Duration::ZERO)
+            .await
+            .expect("status");
+        let whole = serde_json::to_value(&*report.result.expect("held")).expect("JSON");
+        assert_eq!(whole, big["result"], "{store:?}");
+
+        // Arguments an event cannot hold are refused up front, saying how much is taken
+        // (under the 1 MiB setting, over what a message holds with the event around it).
+        let blob = "a".repeat(1024 * 1024 - 4 * 1024);
+        let context = service_kit::CommandContext::service("test");
+        let answer = caller
+            .invoke(
+                &context,
+                it.request("call_blob", "search_issues", json!({"query": blob})),
+            )
+            .await;
+        match store {
+            Store::Jsonl => {
+                let report = answer.expect("taken: a JSONL event has no size limit");
+                assert_eq!(report.outcome, invoker::Outcome::Completed);
+            }
+            Store::JetStream => {
+                let error = answer.expect_err("refused");
+                assert_eq!(error.code(), "arguments_too_large");
+                assert!(
+                    matches!(error, invoker::InvokerError::ArgumentsTooLarge { max, .. } if max < 1024 * 1024 - 4 * 1024),
+                    "{error}"
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test]
