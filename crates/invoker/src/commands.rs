@@ -1580,8 +1580,8 @@ impl Invoker {
     }
 
     /// A completed invocation's result that another process holds in memory (it made the
-    /// call, and payloads are not captured), fetched from it; `None` when this process has
-    /// no way to ask, or the holder is gone or no longer has it.
+    /// call, and payloads are not captured), fetched from it, or handed over in the vault
+    /// when it stopped; `None` when neither has it.
     async fn result_from_holder(
         &self,
         user: &UserId,
@@ -1595,8 +1595,15 @@ impl Invoker {
         if holder.is_empty() || holder == self.inner.instance {
             return None;
         }
-        let peers = self.inner.result_peers.get()?;
-        let fetched = peers.fetch(holder, user, id.as_str()).await;
+        let fetched = match self.inner.result_peers.get() {
+            Some(peers) => peers.fetch(holder, user, id.as_str()).await,
+            None => None,
+        };
+        // The holder stopped (or this process cannot ask it): what it handed over.
+        let fetched = match fetched {
+            Some(result) => Some(result),
+            None => self.handed_over_result(user, id).await,
+        };
         if let Some(result) = &fetched {
             // Kept here too: the next look-up need not ask again.
             self.remember_result(user, id.as_str(), result.clone());

@@ -15,6 +15,7 @@
 //! invocations: see `commands.rs`.
 mod commands;
 mod error;
+mod handover;
 pub mod nats;
 mod pending_arguments;
 mod reactions;

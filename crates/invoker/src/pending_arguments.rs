@@ -152,7 +152,7 @@ impl Invoker {
         }
     }
 
-    fn vault(&self) -> &vault::Vault {
+    pub(crate) fn vault(&self) -> &vault::Vault {
         self.inner.connections.vault()
     }
 }

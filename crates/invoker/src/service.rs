@@ -182,6 +182,15 @@ impl ResultCache {
     pub fn get(&self, key: u128) -> Option<Arc<ResultEnvelope>> {
         self.entries.get(&key).cloned()
     }
+
+    /// Every result held, newest first.
+    pub fn newest_first(&self) -> Vec<(u128, Arc<ResultEnvelope>)> {
+        self.order
+            .iter()
+            .rev()
+            .filter_map(|key| Some((*key, self.entries.get(key)?.clone())))
+            .collect()
+    }
 }
 
 impl Invoker {

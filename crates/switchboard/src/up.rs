@@ -199,6 +199,8 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         let (invoker, shutdown) = (state.invoker.clone(), shutdown.clone());
         tokio::spawn(async move { invoker.run_sweeper(shutdown).await })
     };
+    // Kept to hand its results over when the process stops.
+    let invoker = state.invoker.clone();
     // On JetStream the orchestrator's protocol is also served on NATS, in a queue group.
     let orchestrator = match &nats {
         Some(client) => {
@@ -292,6 +294,10 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         answered,
         "HTTP server stopped: requests started {started}, answered {answered}"
     );
+    // Requests have stopped: the results only this process holds go to the vault, for
+    // look-ups after the restart or on another process.
+    invoker.hand_over_results(RESULT_HANDOVER_LIMIT).await;
+    drop(invoker);
     policy_reaction.shutdown().await;
     if let Err(error) = read_models.shutdown().await {
         tracing::warn!(%error, "checkpoints not saved; the next start replays a little more");
@@ -308,6 +314,9 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// The longest a stop waits for the results it holds to reach the vault.
+const RESULT_HANDOVER_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Signals {
     interrupt: tokio::signal::unix::Signal,

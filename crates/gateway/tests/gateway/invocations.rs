@@ -1801,6 +1801,81 @@ async fn a_result_over_a_nats_message_is_cut_to_fit_there_and_fetched_whole_else
     shutdown.cancel();
 }
 
+/// A process that stops gracefully hands the results it holds over in the vault: a look-up
+/// or a repeated request after the restart (or on another process) gets the result, not
+/// just the outcome, and nothing is called again.
+#[tokio::test]
+async fn results_handed_over_at_a_stop_answer_look_ups_after_it() {
+    for store in STORES {
+        let it = connected(store, settings()).await;
+        it.set_state("search_issues", "always_allow").await;
+        let stopping = it.setup.app.state.invoker.clone();
+        let context = service_kit::CommandContext::service("test");
+        let request = || it.request("call_kept", "search_issues", json!({"query": "x"}));
+        let made = stopping.invoke(&context, request()).await.expect("invoke");
+        assert_eq!(made.outcome, invoker::Outcome::Completed);
+        let made = serde_json::to_value(&*made.result.expect("result")).expect("JSON");
+
+        // Before the hand-over the next process knows the outcome only.
+        let id = invocation("call_kept");
+        let before = stopping.another_instance();
+        let bare = before
+            .status(&alice(), &id, Duration::ZERO)
+            .await
+            .expect("status");
+        assert_eq!(bare.outcome, invoker::Outcome::Completed);
+        assert!(bare.result.is_none(), "{store:?}");
+
+        assert_eq!(
+            stopping.hand_over_results(Duration::from_secs(10)).await,
+            1,
+            "{store:?}"
+        );
+        let next = stopping.another_instance();
+        let looked_up = next
+            .status(&alice(), &id, Duration::ZERO)
+            .await
+            .expect("status");
+        let result = looked_up.result.expect("the handed-over result");
+        assert_eq!(
+            serde_json::to_value(&*result).expect("JSON"),
+            made,
+            "{store:?}"
+        );
+        let repeated = next.invoke(&context, request()).await.expect("repeat");
+        assert_eq!(repeated.outcome, invoker::Outcome::Completed);
+        assert_eq!(
+            serde_json::to_value(&*repeated.result.expect("result")).expect("JSON"),
+            made
+        );
+        assert_eq!(it.setup.handle.tool_calls("search_issues"), 1, "{store:?}");
+        // Sealed: the vault's store holds no word of it in the clear.
+        let vault = &it.setup.app.vault;
+        let names = vault.names().await.expect("vault names");
+        let handed: Vec<_> = names
+            .iter()
+            .filter(|name| name.as_str().starts_with("handed_over_results/"))
+            .collect();
+        assert_eq!(handed.len(), 1, "{names:?}");
+        let stored = vault
+            .store()
+            .get(handed[0])
+            .await
+            .expect("read")
+            .expect("stored");
+        let clear = made["structured_content"]["issues"][0]["title"]
+            .as_str()
+            .expect("a title");
+        assert!(
+            !stored
+                .value
+                .windows(clear.len())
+                .any(|window| window == clear.as_bytes()),
+            "{store:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     use proto::Message as _;

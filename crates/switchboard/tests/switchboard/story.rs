@@ -328,4 +328,20 @@ async fn story_on(global: &[String], nats_store: Option<&Path>) {
     for (path, bytes) in &files {
         assert_no_demo_secret(&path.display().to_string(), bytes);
     }
+
+    // Started again, it answers a look-up of the search with its result, not only the
+    // outcome: the stopping process handed the results it held over in the vault.
+    assert!(log.contains("results handed over"), "{log}");
+    let (up, lines, seen, stdout, url) = up_demo(dir.path(), global);
+    let (code, looked_up) = call(
+        Method::GET,
+        &format!("{url}/api/v1/invocations/call_search_1"),
+        &alice,
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{looked_up}\n{seen}");
+    assert_eq!(looked_up["outcome"], "completed");
+    assert_eq!(looked_up["result"], searched["result"], "{looked_up}");
+    stop(up, lines, stdout);
 }
