@@ -98,9 +98,7 @@ impl ResultEnvelope {
             digest,
         )
     }
-}
 
-impl ResultEnvelope {
     /// What `render` makes of this envelope, cut until it takes at most `budget` bytes —
     /// for a channel that holds less than the size cap (a NATS message, an event): each try
     /// cuts in proportion to how far the last was over, and a tenth more (escapes make a
