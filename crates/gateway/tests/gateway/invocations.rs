@@ -1688,6 +1688,27 @@ async fn a_result_only_the_calling_process_holds_reaches_a_look_up_on_another() 
     shutdown.cancel();
 }
 
+/// `<prefix>.invoke.status` for Alice's invocation `id`, in protobuf: the reply.
+async fn status_over_nats(
+    client: &async_nats::Client,
+    prefix: &str,
+    id: &str,
+) -> async_nats::Message {
+    use proto::Message as _;
+    let request = proto::v1::InvokeStatusRequest {
+        invocation_id: id.to_owned(),
+        user_id: ALICE.to_owned(),
+        wait_ms: 0,
+    };
+    client
+        .request(
+            format!("{prefix}.invoke.status"),
+            request.encode_to_vec().into(),
+        )
+        .await
+        .expect("a reply, not a time-out")
+}
+
 #[tokio::test]
 async fn a_result_over_a_nats_message_is_cut_to_fit_there_and_fetched_whole_elsewhere() {
     use proto::Message as _;
@@ -1754,18 +1775,7 @@ async fn a_result_over_a_nats_message_is_cut_to_fit_there_and_fetched_whole_else
     assert_eq!(exact["content"][0]["text"], text);
 
     // In protobuf too, for a look-up.
-    let request = proto::v1::InvokeStatusRequest {
-        invocation_id: "toolu_big".to_owned(),
-        user_id: ALICE.to_owned(),
-        wait_ms: 0,
-    };
-    let reply = client
-        .request(
-            format!("{prefix}.invoke.status"),
-            request.encode_to_vec().into(),
-        )
-        .await
-        .expect("a reply, not a time-out");
+    let reply = status_over_nats(&client, &prefix, "toolu_big").await;
     assert!(
         reply.payload.len() <= max_payload,
         "{}",
@@ -1977,18 +1987,7 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     assert!(twice.get("outcome").is_none_or(|o| o == ""), "{twice}");
 
     // Protobuf: the status of the same invocation, then a refused request.
-    let request = proto::v1::InvokeStatusRequest {
-        invocation_id: "toolu_nats_1".to_owned(),
-        user_id: ALICE.to_owned(),
-        wait_ms: 0,
-    };
-    let reply = client
-        .request(
-            format!("{prefix}.invoke.status"),
-            request.encode_to_vec().into(),
-        )
-        .await
-        .expect("reply");
+    let reply = status_over_nats(&client, &prefix, "toolu_nats_1").await;
     let status = proto::v1::InvocationReply::decode(reply.payload).expect("protobuf reply");
     assert_eq!(status.outcome, "completed");
     assert!(status.result.is_some());
