@@ -251,7 +251,7 @@ fn advance(state: &mut InvocationState, events: &mut Vec<Event>, new: Vec<Event>
 const RECORDING_GRACE: Duration = Duration::from_secs(5);
 /// Room kept under the store's largest event for what surrounds a captured payload: the
 /// event's other fields, its envelope and a JetStream message's headers.
-const EVENT_HEADROOM: usize = 8 * 1024;
+pub(crate) const EVENT_HEADROOM: usize = 8 * 1024;
 
 /// How long a look-up waits for the open invocations read model to reach the log's end.
 const INDEX_CATCH_UP: Duration = Duration::from_secs(5);

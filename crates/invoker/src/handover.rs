@@ -28,8 +28,8 @@ fn entry_name(key: u128) -> SecretName {
 impl Invoker {
     /// Seals the results this process holds in the vault, newest first, for the next start
     /// or another process to answer look-ups with; gives up on what is left after `within`.
-    /// A result the vault does not take (larger than a JetStream message holds, say) is
-    /// skipped and logged. Returns how many were kept. Call it once requests have stopped.
+    /// A result the vault does not take is skipped and logged. Returns how many were kept.
+    /// Call it once requests have stopped.
     pub async fn hand_over_results(&self, within: Duration) -> usize {
         let held = self
             .inner
@@ -71,9 +71,19 @@ impl Invoker {
     }
 
     async fn hand_over(&self, key: u128, result: Arc<ResultEnvelope>, ttl: Duration) -> bool {
-        let Ok(text) = serde_json::to_vec(&*result) else {
+        let render = |result: &ResultEnvelope| serde_json::to_vec(result).unwrap_or_default();
+        let mut text = render(&result);
+        // On JetStream the vault's entries are messages on the log's server: a result over
+        // one is handed over cut to fit (flagged `truncated`), not lost.
+        if let Some(max) = self.inner.log.max_event_bytes() {
+            let budget = max.saturating_sub(crate::commands::EVENT_HEADROOM);
+            if text.len() > budget {
+                text = result.render_within(budget, render).unwrap_or_default();
+            }
+        }
+        if text.is_empty() {
             return false;
-        };
+        }
         let name = entry_name(key);
         match self
             .vault()

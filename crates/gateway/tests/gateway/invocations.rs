@@ -1817,14 +1817,27 @@ async fn a_result_over_a_nats_message_is_cut_to_fit_there_and_fetched_whole_else
 #[tokio::test]
 async fn results_handed_over_at_a_stop_answer_look_ups_after_it() {
     for store in STORES {
-        let it = connected(store, settings()).await;
+        // Results up to 2 MiB: a large one is over what a JetStream message holds.
+        let settings = invoker::InvokerSettings {
+            result_limit_bytes: 2 * 1024 * 1024,
+            ..settings()
+        };
+        let it = connected(store, settings).await;
         it.set_state("search_issues", "always_allow").await;
+        it.set_state("export_all", "always_allow").await;
         let stopping = it.setup.app.state.invoker.clone();
         let context = service_kit::CommandContext::service("test");
         let request = || it.request("call_kept", "search_issues", json!({"query": "x"}));
         let made = stopping.invoke(&context, request()).await.expect("invoke");
         assert_eq!(made.outcome, invoker::Outcome::Completed);
         let made = serde_json::to_value(&*made.result.expect("result")).expect("JSON");
+        let large = stopping
+            .invoke(&context, it.request("call_large", "export_all", json!({})))
+            .await
+            .expect("invoke");
+        let large = serde_json::to_value(&*large.result.expect("result")).expect("JSON");
+        let large_text = large["content"][0]["text"].as_str().expect("text").len();
+        assert!(large_text > 1024 * 1024, "{large_text}");
 
         // Before the hand-over the next process knows the outcome only.
         let id = invocation("call_kept");
@@ -1838,7 +1851,7 @@ async fn results_handed_over_at_a_stop_answer_look_ups_after_it() {
 
         assert_eq!(
             stopping.hand_over_results(Duration::from_secs(10)).await,
-            1,
+            2,
             "{store:?}"
         );
         let next = stopping.another_instance();
@@ -1859,6 +1872,31 @@ async fn results_handed_over_at_a_stop_answer_look_ups_after_it() {
             made
         );
         assert_eq!(it.setup.handle.tool_calls("search_issues"), 1, "{store:?}");
+        // The large one whole on JSONL; on JetStream cut to fit a message, and flagged.
+        let handed_large = next
+            .status(&alice(), &invocation("call_large"), Duration::ZERO)
+            .await
+            .expect("status")
+            .result
+            .expect("the handed-over result");
+        let handed_large = serde_json::to_value(&*handed_large).expect("JSON");
+        match store {
+            Store::Jsonl => assert_eq!(handed_large, large),
+            Store::JetStream => {
+                assert_eq!(handed_large["truncated"], true);
+                let text = handed_large["content"][0]["text"].as_str().expect("text");
+                assert!(
+                    text.len() < 1024 * 1024 && text.len() > 512 * 1024,
+                    "{}",
+                    text.len()
+                );
+                assert!(
+                    large["content"][0]["text"]
+                        .as_str()
+                        .is_some_and(|whole| whole.starts_with(text))
+                );
+            }
+        }
         // Sealed: the vault's store holds no word of it in the clear.
         let vault = &it.setup.app.vault;
         let names = vault.names().await.expect("vault names");
@@ -1866,23 +1904,25 @@ async fn results_handed_over_at_a_stop_answer_look_ups_after_it() {
             .iter()
             .filter(|name| name.as_str().starts_with("handed_over_results/"))
             .collect();
-        assert_eq!(handed.len(), 1, "{names:?}");
-        let stored = vault
-            .store()
-            .get(handed[0])
-            .await
-            .expect("read")
-            .expect("stored");
+        assert_eq!(handed.len(), 2, "{names:?}");
         let clear = made["structured_content"]["issues"][0]["title"]
             .as_str()
             .expect("a title");
-        assert!(
-            !stored
-                .value
-                .windows(clear.len())
-                .any(|window| window == clear.as_bytes()),
-            "{store:?}"
-        );
+        for name in handed {
+            let stored = vault
+                .store()
+                .get(name)
+                .await
+                .expect("read")
+                .expect("stored");
+            assert!(
+                !stored
+                    .value
+                    .windows(clear.len())
+                    .any(|window| window == clear.as_bytes()),
+                "{store:?}"
+            );
+        }
     }
 }
 
