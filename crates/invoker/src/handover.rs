@@ -8,7 +8,8 @@
 //! (`handed_over_results/<32 hex of the invocation's key>`), for as long as an invocation id
 //! is remembered (the claim window), and a look-up that finds the result nowhere else reads
 //! it there. A process killed outright hands nothing over; keeping every result durable as
-//! it is made would cost every call another durable write.
+//! it is made would cost every call another durable write. On JetStream a vault entry is a
+//! message on the log's server: a result larger than one is handed over cut to fit.
 use std::{sync::Arc, time::Duration};
 
 use domain::{InvocationId, UserId, projections::invocation_key};
