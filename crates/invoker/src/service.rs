@@ -165,18 +165,30 @@ pub(crate) struct ResultCache {
 }
 
 impl ResultCache {
-    pub fn insert(&mut self, key: u128, result: Arc<ResultEnvelope>, limit: usize) {
+    /// Keeps `result` (none when `limit` is 0); returns what it replaced and what it pushed
+    /// out, for the caller to drop outside its lock (freeing a large result takes a while).
+    /// `limit` is the same at every call: one result in means at most one out.
+    pub fn insert(
+        &mut self,
+        key: u128,
+        result: Arc<ResultEnvelope>,
+        limit: usize,
+    ) -> (Option<Arc<ResultEnvelope>>, Option<Arc<ResultEnvelope>>) {
         if limit == 0 {
-            return;
+            return (Some(result), None);
         }
-        if self.entries.insert(key, result).is_none() {
+        let replaced = self.entries.insert(key, result);
+        if replaced.is_none() {
             self.order.push_back(key);
         }
-        while self.order.len() > limit {
-            if let Some(old) = self.order.pop_front() {
-                self.entries.remove(&old);
-            }
-        }
+        let evicted = if self.order.len() > limit {
+            self.order
+                .pop_front()
+                .and_then(|old| self.entries.remove(&old))
+        } else {
+            None
+        };
+        (replaced, evicted)
     }
 
     pub fn get(&self, key: u128) -> Option<Arc<ResultEnvelope>> {
@@ -364,11 +376,14 @@ impl Invoker {
 
     pub(crate) fn remember_result(&self, user: &UserId, id: &str, result: Arc<ResultEnvelope>) {
         let limit = self.inner.settings.result_cache_entries;
-        self.inner
+        let evicted = self
+            .inner
             .results
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(invocation_key(user.as_str(), id), result, limit);
+        // Freed here, not under the lock every call takes.
+        drop(evicted);
     }
 
     pub(crate) fn remembered_result(&self, user: &UserId, id: &str) -> Option<Arc<ResultEnvelope>> {
@@ -377,5 +392,52 @@ impl Invoker {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(invocation_key(user.as_str(), id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ResultServer;
+
+    fn result(tool: &str) -> Arc<ResultEnvelope> {
+        Arc::new(ResultEnvelope {
+            untrusted: true,
+            server: ResultServer {
+                id: "srv".to_owned(),
+                name: "Notion".to_owned(),
+            },
+            tool: tool.to_owned(),
+            content: vec![],
+            structured_content: None,
+            is_error: false,
+            truncated: false,
+        })
+    }
+
+    fn tools(results: &[(u128, Arc<ResultEnvelope>)]) -> Vec<&str> {
+        results.iter().map(|(_, r)| r.tool.as_str()).collect()
+    }
+
+    #[test]
+    fn the_result_cache_keeps_the_newest_and_hands_back_what_it_lets_go() {
+        let mut cache = ResultCache::default();
+        assert!(matches!(cache.insert(1, result("a"), 2), (None, None)));
+        assert!(matches!(cache.insert(2, result("b"), 2), (None, None)));
+        // Full: the oldest goes, and comes back to be freed outside the lock.
+        let (replaced, evicted) = cache.insert(3, result("c"), 2);
+        assert!(replaced.is_none());
+        assert_eq!(evicted.map(|r| r.tool.clone()).as_deref(), Some("a"));
+        assert!(cache.get(1).is_none());
+        assert_eq!(tools(&cache.newest_first()), ["c", "b"]);
+        // The same key again: the old result comes back, nothing is pushed out.
+        let (replaced, evicted) = cache.insert(3, result("c2"), 2);
+        assert_eq!(replaced.map(|r| r.tool.clone()).as_deref(), Some("c"));
+        assert!(evicted.is_none());
+        assert_eq!(tools(&cache.newest_first()), ["c2", "b"]);
+        // No room at all: nothing is kept.
+        let mut none = ResultCache::default();
+        let (kept_back, _) = none.insert(1, result("a"), 0);
+        assert!(kept_back.is_some() && none.get(1).is_none());
     }
 }
