@@ -290,15 +290,12 @@ pub fn invocation_subject(user: &UserId) -> Result<Subject, InvokerError> {
 }
 
 impl Invoker {
-    /// The most bytes of arguments taken: the setting, and no more than one event holds —
-    /// with payloads captured the request's event carries them, and awaiting approval they
-    /// are kept in the vault, on JetStream a message on the same server. (Refused up front
-    /// with the limit, rather than failing at the store after the request was checked.)
-    fn arguments_limit(&self) -> usize {
-        let setting = self.inner.settings.max_arguments_bytes;
-        self.inner.log.max_event_bytes().map_or(setting, |max| {
-            setting.min(max.saturating_sub(EVENT_HEADROOM))
-        })
+    /// The most bytes of arguments one event can capture, if the store has a limit.
+    fn captured_arguments_limit(&self) -> Option<usize> {
+        self.inner
+            .log
+            .max_event_bytes()
+            .map(|max| max.saturating_sub(EVENT_HEADROOM))
     }
 
     /// A result as its completion event captures it: whole, or, when one event cannot hold
@@ -456,11 +453,11 @@ impl Invoker {
         let deadline = self.deadline(request.deadline)?;
         let arguments_json =
             serde_json::to_string(&request.arguments).unwrap_or_else(|_| "{}".to_owned());
-        let max_arguments = self.arguments_limit();
-        if arguments_json.len() > max_arguments {
+        let arguments_size = arguments_json.len();
+        if arguments_size > settings.max_arguments_bytes {
             return Err(InvokerError::ArgumentsTooLarge {
-                size: arguments_json.len(),
-                max: max_arguments,
+                size: arguments_size,
+                max: settings.max_arguments_bytes,
             });
         }
         let id = request.invocation_id.clone();
@@ -494,6 +491,19 @@ impl Invoker {
             return self.join(&request.user, &id, duplicate, known, limit).await;
         }
         let state = InvocationState::from_events(events.iter());
+        // Captured arguments must fit the request's event: refused up front, with the
+        // limit, rather than failing at the store after the request was checked. (Kept
+        // for an approval instead, they are sealed in the vault, whose entry has no event
+        // around it; a vault that refuses them fails the invocation, `arguments_not_kept`.)
+        if settings.capture_payloads
+            && let Some(max) = self.captured_arguments_limit()
+            && arguments_size > max
+        {
+            return Err(InvokerError::ArgumentsTooLarge {
+                size: arguments_size,
+                max,
+            });
+        }
         // Allowed and resolved: called here, once the claim is ours.
         let to_call = resolved.filter(|_| matches!(state.status(), InvocationStatus::Running));
         // A call's report needs none of these events (the state holds the request; the

@@ -1448,6 +1448,37 @@ async fn captured_payloads_are_in_the_log_cut_to_fit_an_event_where_one_holds_le
     }
 }
 
+/// Without payload capture no event holds the arguments: on JetStream, arguments up to the
+/// setting that one event could not capture are taken, for a call and for an approval (the
+/// vault keeps those, with no event around them).
+#[tokio::test]
+async fn without_capture_arguments_no_event_could_hold_are_taken() {
+    let it = connected(Store::JetStream, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    it.set_state("create_issue", "needs_approval").await;
+    let caller = it.setup.app.state.invoker.clone();
+    let context = service_kit::CommandContext::service("test");
+    // Under the 1 MiB setting, over a 1 MiB message with an event around it.
+    let blob = "a".repeat(1024 * 1024 - 4 * 1024);
+    let called = caller
+        .invoke(
+            &context,
+            it.request("call_blob", "search_issues", json!({"query": blob})),
+        )
+        .await
+        .expect("taken");
+    assert_eq!(called.outcome, invoker::Outcome::Completed);
+    let waiting = caller
+        .invoke(
+            &context,
+            it.request("call_blob_wait", "create_issue", json!({"title": blob})),
+        )
+        .await
+        .expect("taken");
+    assert_eq!(waiting.outcome, invoker::Outcome::AwaitingApproval);
+    assert_eq!(it.kept_arguments().await.len(), 1);
+}
+
 #[tokio::test]
 async fn an_orchestrator_acts_for_a_named_user_and_others_may_not() {
     let it = connected(Store::Jsonl, settings()).await;
