@@ -251,7 +251,7 @@ fn advance(state: &mut InvocationState, events: &mut Vec<Event>, new: Vec<Event>
 const RECORDING_GRACE: Duration = Duration::from_secs(5);
 /// Room kept under the store's largest event for what surrounds a captured payload: the
 /// event's other fields, its envelope and a JetStream message's headers.
-pub(crate) const EVENT_HEADROOM: usize = 8 * 1024;
+const EVENT_HEADROOM: usize = 8 * 1024;
 
 /// How long a look-up waits for the open invocations read model to reach the log's end.
 const INDEX_CATCH_UP: Duration = Duration::from_secs(5);
@@ -298,10 +298,11 @@ impl Invoker {
             .map(|max| max.saturating_sub(EVENT_HEADROOM))
     }
 
-    /// A result as its completion event captures it: whole, or, when one event cannot hold
-    /// it, cut to fit (flagged `truncated`) and `true` — this process then holds the whole
-    /// result, and look-ups elsewhere ask it first.
-    fn captured_result(&self, envelope: &ResultEnvelope) -> (String, bool) {
+    /// A result's JSON as the store keeps it — captured in its completion event, or handed
+    /// over in the vault (on JetStream a message on the log's server): whole, or, when one
+    /// event or entry cannot hold it, cut to fit (flagged `truncated`) and `true`. Empty
+    /// when not even an empty envelope fits.
+    pub(crate) fn storable_result(&self, envelope: &ResultEnvelope) -> (String, bool) {
         let render =
             |envelope: &ResultEnvelope| serde_json::to_string(envelope).unwrap_or_default();
         let Some(max) = self.inner.log.max_event_bytes() else {
@@ -1157,7 +1158,9 @@ impl Invoker {
                 let (envelope, digest) = ResultEnvelope::build(server, tool_name, result, limit);
                 let envelope = Arc::new(envelope);
                 let (result_json, result_held_by) = if self.inner.settings.capture_payloads {
-                    match self.captured_result(&envelope) {
+                    // Cut, this process holds the whole result: look-ups elsewhere ask it
+                    // first.
+                    match self.storable_result(&envelope) {
                         (captured, false) => (captured, String::new()),
                         (cut, true) => (cut, self.inner.instance.clone()),
                     }

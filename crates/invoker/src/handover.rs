@@ -72,23 +72,15 @@ impl Invoker {
     }
 
     async fn hand_over(&self, key: u128, result: Arc<ResultEnvelope>, ttl: Duration) -> bool {
-        let render = |result: &ResultEnvelope| serde_json::to_vec(result).unwrap_or_default();
-        let mut text = render(&result);
-        // On JetStream the vault's entries are messages on the log's server: a result over
-        // one is handed over cut to fit (flagged `truncated`), not lost.
-        if let Some(max) = self.inner.log.max_event_bytes() {
-            let budget = max.saturating_sub(crate::commands::EVENT_HEADROOM);
-            if text.len() > budget {
-                text = result.render_within(budget, render).unwrap_or_default();
-            }
-        }
+        // A result over a vault entry is handed over cut to fit, not lost.
+        let (text, _) = self.storable_result(&result);
         if text.is_empty() {
             return false;
         }
         let name = entry_name(key);
         match self
             .vault()
-            .put_with_ttl(&name, &Secret::from_slice(&text), ttl)
+            .put_with_ttl(&name, &Secret::from_slice(text.as_bytes()), ttl)
             .await
         {
             // Handed over already (by a process that had fetched it): results never change.
