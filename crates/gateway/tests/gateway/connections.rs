@@ -616,10 +616,7 @@ async fn a_flow_started_before_a_disconnect_does_not_finish_a_later_connection()
 async fn connect_pressed_twice_connects_once_and_both_answers_say_connected() {
     let (setup, server_id, alice) = notion_for_alice().await;
     let redirect = authorize(&setup, &server_id, &alice).await;
-    let landed = setup.app.client.get(&redirect).send().await.expect("land");
-    let page = landed.text().await.expect("page");
-    let answer =
-        testkit::confirmation_answer(&redirect, &page, "connect").expect("the confirmation");
+    let answer = connect_answer(&setup, &redirect).await;
     let gate = setup.handle.pause_token_endpoint();
     let first = {
         let (client, answer) = (setup.app.client.clone(), answer.clone());
@@ -652,6 +649,14 @@ async fn connect_pressed_twice_connects_once_and_both_answers_say_connected() {
     assert_healthy(&setup, &server_id, &alice).await;
 }
 
+/// What pressing Connect on the confirmation page `redirect` lands on sends: the form's
+/// action and body.
+async fn connect_answer(setup: &WithFixture, redirect: &str) -> (url::Url, String) {
+    let landed = setup.app.client.get(redirect).send().await.expect("land");
+    let page = landed.text().await.expect("page");
+    testkit::confirmation_answer(redirect, &page, "connect").expect("the confirmation")
+}
+
 /// The callback parameters of a confirmation form's answer (its action and body).
 fn callback_params((action, body): &(url::Url, String)) -> connection::CallbackParams {
     let mut params = connection::CallbackParams {
@@ -682,10 +687,7 @@ fn callback_params((action, body): &(url::Url, String)) -> connection::CallbackP
 async fn the_same_answer_at_two_processes_says_connected_at_both() {
     let (setup, server_id, alice) = notion_for_alice().await;
     let redirect = authorize(&setup, &server_id, &alice).await;
-    let landed = setup.app.client.get(&redirect).send().await.expect("land");
-    let page = landed.text().await.expect("page");
-    let answer =
-        testkit::confirmation_answer(&redirect, &page, "connect").expect("the confirmation");
+    let answer = connect_answer(&setup, &redirect).await;
     let params = callback_params(&answer);
     assert!(
         params.code.is_some() && params.state.is_some(),

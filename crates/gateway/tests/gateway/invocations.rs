@@ -83,6 +83,20 @@ fn invocation(id: &str) -> domain::InvocationId {
     domain::InvocationId::parse(id).expect("id")
 }
 
+/// Alice's invocation `id` as `invoker` reports it now, without waiting.
+async fn report_now(invoker: &invoker::Invoker, id: &str) -> invoker::InvocationReport {
+    invoker
+        .status(&alice(), &invocation(id), Duration::ZERO)
+        .await
+        .expect("status")
+}
+
+/// The result `report` carries (`what` says where it should come from), as JSON.
+fn result_of(report: invoker::InvocationReport, what: &str) -> Value {
+    let result = report.result.unwrap_or_else(|| panic!("no result: {what}"));
+    serde_json::to_value(&*result).expect("JSON")
+}
+
 fn settings() -> invoker::InvokerSettings {
     invoker::InvokerSettings {
         sweep_interval: Duration::from_millis(50),
@@ -1400,25 +1414,18 @@ async fn captured_payloads_are_in_the_log_cut_to_fit_an_event_where_one_holds_le
 
         // Another process (no way to ask the caller) answers from the log.
         let other = caller.another_instance();
-        let look_up = |id: &str| {
-            let (other, id) = (other.clone(), invocation(id));
+        let look_up = |id: &'static str| {
+            let other = other.clone();
             async move {
-                let report = other
-                    .status(&alice(), &id, Duration::ZERO)
-                    .await
-                    .expect("status");
+                let report = report_now(&other, id).await;
                 assert_eq!(report.outcome, invoker::Outcome::Completed);
-                serde_json::to_value(&*report.result.expect("from the log")).expect("JSON")
+                result_of(report, "from the log")
             }
         };
         assert_eq!(look_up("call_small").await, small["result"], "{store:?}");
         assert_eq!(look_up("call_big").await, big_captured, "{store:?}");
         // The caller answers with the whole result.
-        let report = caller
-            .status(&alice(), &invocation("call_big"), Duration::ZERO)
-            .await
-            .expect("status");
-        let whole = serde_json::to_value(&*report.result.expect("held")).expect("JSON");
+        let whole = result_of(report_now(&caller, "call_big").await, "held");
         assert_eq!(whole, big["result"], "{store:?}");
 
         // Arguments an event cannot hold are refused up front, saying how much is taken
@@ -1678,7 +1685,7 @@ async fn a_result_only_the_calling_process_holds_reaches_a_look_up_on_another() 
     let request = || it.request("call_held", "search_issues", json!({"query": "x"}));
     let made = caller.invoke(&context, request()).await.expect("invoke");
     assert_eq!(made.outcome, invoker::Outcome::Completed);
-    let made = serde_json::to_value(&*made.result.expect("the caller's result")).expect("JSON");
+    let made = result_of(made, "the caller's");
 
     // The log names the process that holds the result, and holds no payload.
     let completed = events_of_type(&it.setup, "InvocationCompleted").await;
@@ -1688,32 +1695,18 @@ async fn a_result_only_the_calling_process_holds_reaches_a_look_up_on_another() 
     assert!(completed.get("resultJson").is_none(), "{completed}");
 
     // A look-up on another process fetches it from the caller.
-    let alice = alice();
-    let id = invocation("call_held");
-    let looked_up = other
-        .status(&alice, &id, Duration::ZERO)
-        .await
-        .expect("status");
+    let looked_up = report_now(&other, "call_held").await;
     assert_eq!(looked_up.outcome, invoker::Outcome::Completed);
-    let fetched = looked_up
-        .result
-        .expect("the result, fetched from its holder");
-    assert_eq!(serde_json::to_value(&*fetched).expect("JSON"), made);
+    assert_eq!(result_of(looked_up, "fetched from its holder"), made);
     // So does the orchestrator's retry of the request there, which calls nothing.
     let retried = other.invoke(&context, request()).await.expect("retry");
     assert_eq!(retried.outcome, invoker::Outcome::Completed);
-    assert_eq!(
-        serde_json::to_value(&*retried.result.expect("result")).expect("JSON"),
-        made
-    );
+    assert_eq!(result_of(retried, "fetched from its holder"), made);
     assert_eq!(it.setup.handle.tool_calls("search_issues"), 1);
 
     // A process with no way to ask answers the outcome without the result.
     let unconnected = caller.another_instance();
-    let bare = unconnected
-        .status(&alice, &id, Duration::ZERO)
-        .await
-        .expect("status");
+    let bare = report_now(&unconnected, "call_held").await;
     assert_eq!(bare.outcome, invoker::Outcome::Completed);
     assert!(bare.result.is_none());
     shutdown.cancel();
@@ -1820,24 +1813,14 @@ async fn a_result_over_a_nats_message_is_cut_to_fit_there_and_fetched_whole_else
 
     // Over HTTP the whole (capped) result; another process fetches all of it from the
     // caller, in parts.
-    let alice = alice();
-    let id = invocation("toolu_big");
-    let held = caller
-        .status(&alice, &id, Duration::ZERO)
-        .await
-        .expect("status")
-        .result
-        .expect("held by the caller");
-    let held = serde_json::to_value(&*held).expect("JSON");
+    let held = result_of(report_now(&caller, "toolu_big").await, "held by the caller");
     let held_text = held["content"][0]["text"].as_str().expect("text");
     assert!(held_text.len() > 3000 * 1000, "{}", held_text.len());
-    let fetched = other
-        .status(&alice, &id, Duration::ZERO)
-        .await
-        .expect("status")
-        .result
-        .expect("fetched from the caller");
-    assert_eq!(serde_json::to_value(&*fetched).expect("JSON"), held);
+    let fetched = result_of(
+        report_now(&other, "toolu_big").await,
+        "fetched from the caller",
+    );
+    assert_eq!(fetched, held);
     assert_eq!(it.setup.handle.tool_calls("export_all"), 1);
     shutdown.cancel();
 }
@@ -1861,22 +1844,18 @@ async fn results_handed_over_at_a_stop_answer_look_ups_after_it() {
         let request = || it.request("call_kept", "search_issues", json!({"query": "x"}));
         let made = stopping.invoke(&context, request()).await.expect("invoke");
         assert_eq!(made.outcome, invoker::Outcome::Completed);
-        let made = serde_json::to_value(&*made.result.expect("result")).expect("JSON");
+        let made = result_of(made, "the caller's");
         let large = stopping
             .invoke(&context, it.request("call_large", "export_all", json!({})))
             .await
             .expect("invoke");
-        let large = serde_json::to_value(&*large.result.expect("result")).expect("JSON");
+        let large = result_of(large, "the caller's");
         let large_text = large["content"][0]["text"].as_str().expect("text").len();
         assert!(large_text > 1024 * 1024, "{large_text}");
 
         // Before the hand-over the next process knows the outcome only.
-        let id = invocation("call_kept");
         let before = stopping.another_instance();
-        let bare = before
-            .status(&alice(), &id, Duration::ZERO)
-            .await
-            .expect("status");
+        let bare = report_now(&before, "call_kept").await;
         assert_eq!(bare.outcome, invoker::Outcome::Completed);
         assert!(bare.result.is_none(), "{store:?}");
 
@@ -1886,31 +1865,14 @@ async fn results_handed_over_at_a_stop_answer_look_ups_after_it() {
             "{store:?}"
         );
         let next = stopping.another_instance();
-        let looked_up = next
-            .status(&alice(), &id, Duration::ZERO)
-            .await
-            .expect("status");
-        let result = looked_up.result.expect("the handed-over result");
-        assert_eq!(
-            serde_json::to_value(&*result).expect("JSON"),
-            made,
-            "{store:?}"
-        );
+        let looked_up = report_now(&next, "call_kept").await;
+        assert_eq!(result_of(looked_up, "handed over"), made, "{store:?}");
         let repeated = next.invoke(&context, request()).await.expect("repeat");
         assert_eq!(repeated.outcome, invoker::Outcome::Completed);
-        assert_eq!(
-            serde_json::to_value(&*repeated.result.expect("result")).expect("JSON"),
-            made
-        );
+        assert_eq!(result_of(repeated, "handed over"), made);
         assert_eq!(it.setup.handle.tool_calls("search_issues"), 1, "{store:?}");
         // The large one whole on JSONL; on JetStream cut to fit a message, and flagged.
-        let handed_large = next
-            .status(&alice(), &invocation("call_large"), Duration::ZERO)
-            .await
-            .expect("status")
-            .result
-            .expect("the handed-over result");
-        let handed_large = serde_json::to_value(&*handed_large).expect("JSON");
+        let handed_large = result_of(report_now(&next, "call_large").await, "handed over");
         match store {
             Store::Jsonl => assert_eq!(handed_large, large),
             Store::JetStream => {
