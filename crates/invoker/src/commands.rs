@@ -247,6 +247,16 @@ fn advance(state: &mut InvocationState, events: &mut Vec<Event>, new: Vec<Event>
     events.extend(new);
 }
 
+/// The result a completion event captured, if payloads were captured.
+fn captured_result(completed: &proto::v1::InvocationCompleted) -> Option<Arc<ResultEnvelope>> {
+    if completed.result_json.is_empty() {
+        return None;
+    }
+    serde_json::from_str(&completed.result_json)
+        .ok()
+        .map(Arc::new)
+}
+
 /// How long a duplicate waits beyond the deadline for the owner to record the outcome.
 const RECORDING_GRACE: Duration = Duration::from_secs(5);
 /// Room kept under the store's largest event for what surrounds a captured payload: the
@@ -290,8 +300,9 @@ pub fn invocation_subject(user: &UserId) -> Result<Subject, InvokerError> {
 }
 
 impl Invoker {
-    /// The most bytes of arguments one event can capture, if the store has a limit.
-    fn captured_arguments_limit(&self) -> Option<usize> {
+    /// The most bytes of payload (captured arguments or a result) one event of the store
+    /// can carry, if it has a limit.
+    fn payload_limit(&self) -> Option<usize> {
         self.inner
             .log
             .max_event_bytes()
@@ -303,20 +314,12 @@ impl Invoker {
     /// event or entry cannot hold it, cut to fit (flagged `truncated`) and `true`. Empty
     /// when not even an empty envelope fits.
     pub(crate) fn storable_result(&self, envelope: &ResultEnvelope) -> (String, bool) {
-        let render =
-            |envelope: &ResultEnvelope| serde_json::to_string(envelope).unwrap_or_default();
-        let Some(max) = self.inner.log.max_event_bytes() else {
-            return (render(envelope), false);
-        };
-        let budget = max.saturating_sub(EVENT_HEADROOM);
-        let whole = render(envelope);
-        if whole.len() <= budget {
-            return (whole, false);
-        }
-        (
-            envelope.render_within(budget, render).unwrap_or_default(),
-            true,
-        )
+        let budget = self.payload_limit().unwrap_or(usize::MAX);
+        envelope
+            .render_within(budget, |envelope| {
+                serde_json::to_string(envelope).unwrap_or_default()
+            })
+            .unwrap_or((String::new(), true))
     }
 
     pub(crate) fn now(&self) -> std::time::SystemTime {
@@ -497,7 +500,7 @@ impl Invoker {
         // for an approval instead, they are sealed in the vault, whose entry has no event
         // around it; a vault that refuses them fails the invocation, `arguments_not_kept`.)
         if settings.capture_payloads
-            && let Some(max) = self.captured_arguments_limit()
+            && let Some(max) = self.payload_limit()
             && arguments_size > max
         {
             return Err(InvokerError::ArgumentsTooLarge {
@@ -1342,11 +1345,9 @@ impl Invoker {
                 // Captured whole. (Cut to fit the event, it names the process holding the
                 // whole result: that one is asked first.)
                 Event::InvocationCompleted(e)
-                    if !e.result_json.is_empty()
-                        && e.result_held_by.is_empty()
-                        && result.is_none() =>
+                    if e.result_held_by.is_empty() && result.is_none() =>
                 {
-                    report.result = serde_json::from_str(&e.result_json).ok().map(Arc::new);
+                    report.result = captured_result(e);
                 }
                 _ => {}
             }
@@ -1582,9 +1583,7 @@ impl Invoker {
                 Some(whole) => Some(whole),
                 // The holder gone: what the log captured of it, cut.
                 None => events.iter().rev().find_map(|event| match event {
-                    Event::InvocationCompleted(e) if !e.result_json.is_empty() => {
-                        serde_json::from_str(&e.result_json).ok().map(Arc::new)
-                    }
+                    Event::InvocationCompleted(e) => captured_result(e),
                     _ => None,
                 }),
             };

@@ -441,7 +441,7 @@ fn encode_report(
     let Some(result) = report.result.as_deref() else {
         return encode(&reply_of(report, None, user), json);
     };
-    if let Some(fits) = result.render_within(budget, |result| {
+    if let Some((fits, _)) = result.render_within(budget, |result| {
         encode(&reply_of(report, Some(result), user), json)
     }) {
         return fits;

@@ -100,19 +100,19 @@ impl ResultEnvelope {
     }
 
     /// What `render` makes of this envelope, cut until it takes at most `budget` bytes —
-    /// for a channel that holds less than the size cap (a NATS message, an event): each try
-    /// cuts in proportion to how far the last was over, and a tenth more (escapes make a
-    /// rendering grow faster than the content); the last keeps no content. `None` when not
-    /// even that fits.
+    /// for a channel that holds less than the size cap (a NATS message, an event) — and
+    /// whether it was cut: each try cuts in proportion to how far the last was over, and a
+    /// tenth more (escapes make a rendering grow faster than the content); the last keeps
+    /// no content. `None` when not even that fits.
     pub fn render_within<T: AsRef<[u8]>>(
         &self,
         budget: usize,
         render: impl Fn(&ResultEnvelope) -> T,
-    ) -> Option<T> {
+    ) -> Option<(T, bool)> {
         let whole = render(self);
         let mut rendered = whole.as_ref().len();
         if rendered <= budget {
-            return Some(whole);
+            return Some((whole, false));
         }
         let mut limit = self.content.iter().map(json_len).sum::<usize>()
             + self.structured_content.as_ref().map_or(0, json_len);
@@ -122,10 +122,12 @@ impl ResultEnvelope {
             let attempt = render(&self.cut_to(limit));
             rendered = attempt.as_ref().len();
             if rendered <= budget {
-                return Some(attempt);
+                return Some((attempt, true));
             }
         }
-        Some(render(&self.cut_to(0))).filter(|bare| bare.as_ref().len() <= budget)
+        Some(render(&self.cut_to(0)))
+            .filter(|bare| bare.as_ref().len() <= budget)
+            .map(|bare| (bare, true))
     }
 
     /// This envelope with at most `limit` bytes of content and structured content, cut as
