@@ -22,8 +22,7 @@ use crate::{Invoker, ResultEnvelope};
 const HANDOVER_WRITES: usize = 16;
 
 fn entry_name(key: u128) -> SecretName {
-    SecretName::parse(format!("handed_over_results/{key:032x}"))
-        .expect("32 hex digits make a valid entry name")
+    crate::service::vault_entry("handed_over_results", key)
 }
 
 impl Invoker {

@@ -4,14 +4,14 @@
 //! the audit log must not hold payloads nobody chose to capture — yet the user decides on
 //! the arguments, and whichever process records the approval makes the call with them. So
 //! the process that wins an invocation's claim seals them in the vault
-//! (`invocation_arguments/<digest of user and id>`) before it records that the invocation
+//! (`invocation_arguments/<32 hex of the invocation's key>`) before it records that the invocation
 //! waits, and the decision takes them out again: the approved call reads them once, a denial
 //! or an expiry deletes them. The entry's time-to-live outlasts the wait, so an entry a
 //! stopped process left behind is removed with the vault's other expired entries.
 //!
 //! What comes back is checked against the recorded digest: the call is made with the
 //! arguments the user saw and the log describes, or not at all.
-use domain::{InvocationId, UserId};
+use domain::{InvocationId, UserId, projections::invocation_key};
 use proto::v1 as pb;
 use vault::{Secret, SecretName, VaultError};
 
@@ -28,16 +28,11 @@ pub(crate) enum ArgumentsUnavailable {
     Vault(#[from] VaultError),
 }
 
-/// The vault entry of `user`'s invocation `id`: a digest of both, since an invocation id is
-/// the orchestrator's opaque text and need not fit an entry name.
 fn entry_name(user: &UserId, id: &InvocationId) -> SecretName {
-    let mut named = Vec::with_capacity(user.as_str().len() + 1 + id.as_str().len());
-    named.extend_from_slice(user.as_str().as_bytes());
-    named.push(0);
-    named.extend_from_slice(id.as_str().as_bytes());
-    let digest = sha256_hex(&named);
-    SecretName::parse(format!("invocation_arguments/{}", &digest[..32]))
-        .expect("32 hex digits make a valid entry name")
+    crate::service::vault_entry(
+        "invocation_arguments",
+        invocation_key(user.as_str(), id.as_str()),
+    )
 }
 
 /// Whether the arguments of the invocation `request` records are in the vault rather than in

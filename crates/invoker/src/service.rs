@@ -101,6 +101,14 @@ pub(crate) struct Inner {
     pub result_peers: std::sync::OnceLock<crate::nats::ResultPeers>,
 }
 
+/// The vault entry `<kind>/<32 hex digits of key>` of an invocation, by its
+/// [`invocation_key`] (of its user and id: an id is the orchestrator's opaque text and need
+/// not fit an entry name).
+pub(crate) fn vault_entry(kind: &str, key: u128) -> vault::SecretName {
+    vault::SecretName::parse(format!("{kind}/{key:032x}"))
+        .expect("a kind and 32 hex digits make a valid entry name")
+}
+
 /// A random id for this process's invoker: 16 hex digits.
 fn new_instance_id() -> String {
     use ring::rand::SecureRandom as _;

@@ -675,9 +675,8 @@ async fn a_wait_recorded_after_the_sweeper_closed_its_claim_answers_the_recorded
 async fn arguments_left_under_a_reused_id_are_replaced() {
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("create_issue", "needs_approval").await;
-    let digest = invoker::sha256_hex(format!("{ALICE}\0call_reused").as_bytes());
-    let name =
-        vault::SecretName::parse(format!("invocation_arguments/{}", &digest[..32])).expect("name");
+    let key = domain::projections::invocation_key(ALICE, "call_reused");
+    let name = vault::SecretName::parse(format!("invocation_arguments/{key:032x}")).expect("name");
     it.setup
         .app
         .vault
