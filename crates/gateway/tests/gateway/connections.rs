@@ -17,6 +17,13 @@ struct Connected {
     user_token: String,
 }
 
+impl Connected {
+    /// The connected server's id.
+    fn server(&self) -> domain::ServerId {
+        domain::ServerId::parse(&self.server_id).expect("server id")
+    }
+}
+
 fn user_id(name: &str) -> domain::UserId {
     domain::UserId::parse(name).expect("user id")
 }
@@ -833,7 +840,7 @@ async fn a_rejected_refresh_token_is_sent_once_not_once_per_waiting_caller() {
     )
     .await;
     let setup = &connected.setup;
-    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let server = connected.server();
     let alice = user_id("alice@example.com");
     let connections = &setup.app.state.connections;
     let stale = connections
@@ -882,7 +889,7 @@ async fn an_expired_access_token_is_refreshed_transparently_and_a_revoked_grant_
 ) {
     let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
-    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let server = connected.server();
     let alice = user_id("alice@example.com");
     setup.handle.expire_access_tokens();
     let outcome = setup
@@ -936,7 +943,7 @@ async fn rotated_tokens_reach_the_vault_through_failed_writes_on(store: Store) {
     )
     .await;
     let setup = &connected.setup;
-    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let server = connected.server();
     let alice = user_id("alice@example.com");
     let probe = || setup.app.state.connections.probe(server, &alice);
     setup.app.vault_faults.fail_next_writes("connection/", 2);
@@ -1061,7 +1068,7 @@ async fn a_tool_list_that_pages_in_a_circle_is_not_followed_forever() {
     )
     .await;
     let setup = &connected.setup;
-    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let server = connected.server();
     let alice = user_id("alice@example.com");
     setup.handle.page_tools_in_a_circle(true);
     let before = setup.handle.tools_list_requests();
@@ -1093,7 +1100,7 @@ async fn a_tool_list_that_pages_in_a_circle_is_not_followed_forever() {
 async fn an_unreachable_server_recovers_to_healthy_on(store: Store) {
     let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
-    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let server = connected.server();
     let alice = user_id("alice@example.com");
     setup.handle.set_mcp_down(true);
     let outcome = setup
@@ -1142,7 +1149,7 @@ async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint() {
 async fn two_refreshers_at_once_send_one_request_to_the_token_endpoint_on(store: Store) {
     let connected = connect(store, OAuthFixture::notion(), "notion", "alice@example.com").await;
     let setup = &connected.setup;
-    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let server = connected.server();
     let alice = user_id("alice@example.com");
     let stale = setup
         .app
@@ -1202,7 +1209,7 @@ async fn a_disconnect_during_a_refresh_revokes_the_refreshed_tokens() {
     )
     .await;
     let setup = &connected.setup;
-    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let server = connected.server();
     let alice = user_id("alice@example.com");
     let connections = setup.app.state.connections.clone();
     let stale = connections
@@ -1260,7 +1267,7 @@ async fn a_refresh_held_up_past_the_leases_time_to_live_keeps_its_lease() {
     )
     .await;
     let setup = &connected.setup;
-    let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+    let server = connected.server();
     let alice = user_id("alice@example.com");
     // Long enough that a busy machine never stalls the renewals (every 500 ms) past it.
     let lease = Duration::from_millis(1500);
@@ -1329,7 +1336,7 @@ async fn disconnect_revokes_at_the_provider_and_deletes_the_tokens_for_each_prov
         let healthy = status(setup, &connected.server_id, &connected.user_token).await;
         assert_eq!(healthy["status"], "healthy", "{template}: {healthy}");
         // Refresh works with this provider's client authentication.
-        let server: domain::ServerId = domain::ServerId::parse(&connected.server_id).unwrap();
+        let server = connected.server();
         let alice = user_id("alice@example.com");
         setup.handle.expire_access_tokens();
         let outcome = setup.app.state.connections.probe(server, &alice).await;
