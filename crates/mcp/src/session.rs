@@ -366,6 +366,11 @@ impl McpSession {
 
     /// Calls one tool (`tools/call`) with `arguments`. A result with `isError` is a result:
     /// the tool ran and reported a failure; only a failed exchange is an error.
+    ///
+    /// Dropping the future before the answer (an invocation's deadline) cancels the call at
+    /// the server: `rmcp` sends `notifications/cancelled`, which in the stateless era closes
+    /// the request's stream instead. Keep the call in this future for that reason: a call
+    /// spawned apart would run on at the server after its caller was told it failed.
     pub async fn call_tool(
         &self,
         name: &str,

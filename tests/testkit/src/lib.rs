@@ -17,7 +17,9 @@ mod browser;
 mod https;
 mod mcp_fixture;
 mod oauth;
-pub use mcp_fixture::{EXPORT_ALL_BYTES, FixtureTool, McpEra, TOOLS_PAGE_SIZE, ToolOutput};
+pub use mcp_fixture::{
+    EXPORT_ALL_BYTES, FixtureTool, McpEra, SlowCallEnd, TOOLS_PAGE_SIZE, ToolOutput,
+};
 pub use oauth::{
     AuthorizationRequestSeen, CODE_LIFETIME, ClientAuthMethod, DEFAULT_USER,
     FIRST_REGISTERED_CLIENT_ID, FIRST_REGISTERED_CLIENT_SECRET, FixtureHandle, McpRequestSeen,

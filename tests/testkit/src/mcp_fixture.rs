@@ -233,6 +233,34 @@ impl FixtureTool {
     }
 }
 
+/// How a call of a slow tool ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlowCallEnd {
+    /// The tool took its time and answered.
+    Answered { tool: String },
+    /// The client cancelled the call before the tool answered.
+    Abandoned { tool: String },
+}
+
+/// Records how a slow call ended when it ends, also when its future is dropped.
+struct SlowCall<'a> {
+    shared: &'a Shared,
+    tool: String,
+    answered: bool,
+}
+
+impl Drop for SlowCall<'_> {
+    fn drop(&mut self) {
+        let tool = std::mem::take(&mut self.tool);
+        let end = if self.answered {
+            SlowCallEnd::Answered { tool }
+        } else {
+            SlowCallEnd::Abandoned { tool }
+        };
+        self.shared.slow_calls_ended.send_modify(|ended| ended.push(end));
+    }
+}
+
 /// The tool-list version when the HTTP request arrived (a subscription opened by it reports
 /// changes after that).
 #[derive(Debug, Clone, Copy)]
@@ -387,7 +415,19 @@ impl ServerHandler for FixtureMcp {
             }
         }
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            // Ended by the client's cancellation: `notifications/cancelled` (sessions era)
+            // cancels the context, a closed request (stateless era) drops this future.
+            let mut ending = SlowCall {
+                shared: &self.shared,
+                tool: request.name.to_string(),
+                answered: false,
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => ending.answered = true,
+                () = context.ct.cancelled() => {
+                    return Err(McpError::internal_error("cancelled by the client", None));
+                }
+            }
         }
         let result = result.map_err(|message| McpError::invalid_params(message, None))?;
         Ok(CallToolResponse::Complete(from_json::<CallToolResult>(

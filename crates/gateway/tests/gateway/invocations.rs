@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use testkit::{FixtureTool, OAuthFixture, ToolOutput};
+use testkit::{FixtureTool, OAuthFixture, SlowCallEnd, ToolOutput};
 
 use crate::connections::{add_server, authorize, callback, events_of_type};
 use crate::support::{STORES, Store, WithFixture, app_with_fixture_clocked};
@@ -1568,6 +1568,47 @@ async fn a_call_past_its_deadline_fails_with_deadline_exceeded() {
         .await;
     assert_eq!(status, 400, "{bad}");
     assert_eq!(bad["error"]["code"], "deadline_invalid");
+}
+
+/// A call given up at its deadline is cancelled at the server, in both eras (MCP
+/// cancellation: `notifications/cancelled` in a session, the request's closed stream in the
+/// stateless era): the tool stops, instead of acting after its caller was told it failed.
+#[tokio::test]
+async fn a_call_past_its_deadline_is_cancelled_at_the_server() {
+    for (fixture, template) in [
+        (OAuthFixture::notion(), "notion"),
+        (OAuthFixture::atlassian(), "atlassian"),
+    ] {
+        let it = connected_to(Store::Jsonl, fixture, template, settings()).await;
+        it.set_state("slow_report", "always_allow").await;
+        let (status, outcome) = it
+            .post(
+                &it.alice,
+                "/api/v1/invocations",
+                &json!({"invocation_id": "call_given_up", "tool": format!("{}slow_report", it.prefix), "arguments": {}, "deadline_ms": 300}),
+            )
+            .await;
+        assert_eq!(status, 200, "{outcome}");
+        assert_eq!(outcome["outcome"], "failed", "{template}: {outcome}");
+        assert_eq!(outcome["reason"], "deadline_exceeded", "{template}");
+        // Not cancelled, the tool answers after its time: the wait ends either way.
+        let ended = tokio::time::timeout(SLOW_TOOL * 3, it.setup.handle.slow_calls_ended(1))
+            .await
+            .expect("the call ended at the server");
+        assert_eq!(
+            ended,
+            [SlowCallEnd::Abandoned {
+                tool: "slow_report".to_owned()
+            }],
+            "{template}"
+        );
+        // The session goes on serving calls.
+        it.set_state("search_issues", "always_allow").await;
+        let done = it
+            .invoke("call_after", "search_issues", json!({"query": "x"}))
+            .await;
+        assert_eq!(done["outcome"], "completed", "{template}: {done}");
+    }
 }
 
 /// The deadline asked for with a request that waits for approval holds for its call too,

@@ -308,6 +308,16 @@ impl FixtureHandle {
     pub fn sessions_opened(&self) -> usize {
         self.shared.state().sessions_opened
     }
+
+    /// How the calls of slow tools ([`crate::ToolOutput::Slow`]) ended, once `n` of them
+    /// have: answered after their time, or abandoned by the server on the client's
+    /// cancellation.
+    pub async fn slow_calls_ended(&self, n: usize) -> Vec<crate::SlowCallEnd> {
+        let mut ended = self.shared.slow_calls_ended.subscribe();
+        let _ = ended.wait_for(|ended| ended.len() >= n).await;
+        let ended = ended.borrow().clone();
+        ended
+    }
 }
 
 pub(crate) struct GateInner {

@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) gate: Mutex<Option<Arc<GateInner>>>,
     /// Bumped whenever a tool list changes (subscriptions of the stateless era listen to it).
     pub(crate) tools_changed: watch::Sender<u64>,
+    /// How each call of a slow tool ended, in order.
+    pub(crate) slow_calls_ended: watch::Sender<Vec<crate::SlowCallEnd>>,
 }
 
 /// Who a valid access token speaks for, as the MCP handler sees it.
@@ -134,6 +136,7 @@ impl Shared {
             state: Mutex::new(state),
             gate: Mutex::new(None),
             tools_changed: watch::Sender::new(0),
+            slow_calls_ended: watch::Sender::new(Vec::new()),
         }
     }
 
