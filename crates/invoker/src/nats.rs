@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 use async_nats::service::{Service, ServiceExt, endpoint::Endpoint};
 use bytes::Bytes;
 use domain::{InvocationId, UserId};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use proto::{Message as _, v1 as pb};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -91,54 +91,176 @@ impl NatsService {
         })
     }
 
-    /// Answers requests until `shutdown`, each in a task of its own (one slow tool call never
-    /// holds up the others).
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Answers requests, each in a task of its own (one slow tool call never holds up the
+    /// others), until `stop.taking_requests` is cancelled; then stops as
+    /// [`Stop`] says.
+    pub async fn run(mut self, stop: Stop) {
+        let mut handlers = tokio::task::JoinSet::new();
         loop {
             let (request, kind) = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = stop.taking_requests.cancelled() => break,
+                Some(_) = handlers.join_next(), if !handlers.is_empty() => continue,
                 outcome = self.approval_outcomes.recv() => {
-                    match outcome {
-                        Ok(outcome) => self.publish_result(outcome).await,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                            tracing::warn!(missed, "approval outcomes not published (too many at once)");
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
-                    }
+                    self.approval_outcome(outcome).await;
                     continue;
                 }
                 Some(asked) = self.result_requests.next() => {
-                    // Off the loop: a result can be a megabyte to serialise.
-                    let (invoker, client) = (self.invoker.clone(), self.client.clone());
-                    tokio::spawn(answer_result_request(invoker, client, asked, self.max_payload));
+                    self.spawn_result_answer(&mut handlers, asked);
                     continue;
                 }
                 Some(request) = self.tools.next() => (request, Kind::Tools),
                 Some(request) = self.invoke.next() => (request, Kind::Invoke),
                 Some(request) = self.status.next() => (request, Kind::Status),
-                else => return,
+                else => break,
             };
-            let (invoker, max_payload) = (self.invoker.clone(), self.max_payload);
-            tokio::spawn(async move {
-                let json = is_json(&request.message);
-                let payload = &request.message.payload;
-                let reply = match kind {
-                    Kind::Tools => tools_list(&invoker, payload, json, max_payload),
-                    Kind::Invoke => {
-                        encode_answer(invoke(&invoker, payload, json).await, json, max_payload)
-                    }
-                    Kind::Status => {
-                        encode_answer(status(&invoker, payload, json).await, json, max_payload)
-                    }
-                };
-                let mut headers = async_nats::HeaderMap::new();
-                if json {
-                    headers.insert("Content-Type", "application/json");
+            self.spawn_answer(&mut handlers, request, kind);
+        }
+        self.drain(handlers, stop).await;
+    }
+
+    /// Answers one orchestrator request in a task of its own.
+    fn spawn_answer(
+        &self,
+        handlers: &mut tokio::task::JoinSet<()>,
+        request: async_nats::service::Request,
+        kind: Kind,
+    ) {
+        let (invoker, max_payload) = (self.invoker.clone(), self.max_payload);
+        handlers.spawn(async move {
+            let json = is_json(&request.message);
+            let payload = &request.message.payload;
+            let reply = match kind {
+                Kind::Tools => tools_list(&invoker, payload, json, max_payload),
+                Kind::Invoke => {
+                    encode_answer(invoke(&invoker, payload, json).await, json, max_payload)
                 }
-                if let Err(error) = request.respond_with_headers(Ok(reply), headers).await {
-                    tracing::warn!(%error, "could not answer an orchestrator request");
+                Kind::Status => {
+                    encode_answer(status(&invoker, payload, json).await, json, max_payload)
                 }
-            });
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            if json {
+                headers.insert("Content-Type", "application/json");
+            }
+            if let Err(error) = request.respond_with_headers(Ok(reply), headers).await {
+                tracing::warn!(%error, "could not answer an orchestrator request");
+            }
+        });
+    }
+
+    /// After the service stopped taking requests: lets those in flight finish, publishes
+    /// approval outcomes and answers look-ups of the results held here until nothing else
+    /// in the process can finish an invocation, all within the grace period.
+    async fn drain(mut self, mut handlers: tokio::task::JoinSet<()>, stop: Stop) {
+        let mut pending = Vec::new();
+        for (kind, endpoint) in [
+            (Kind::Tools, &mut self.tools),
+            (Kind::Invoke, &mut self.invoke),
+            (Kind::Status, &mut self.status),
+        ] {
+            if let Err(error) = endpoint.stop().await {
+                tracing::warn!(%error, "could not unsubscribe an orchestrator endpoint");
+            }
+            // What arrived before the unsubscription is still answered here (the stream,
+            // closed, hands out what it holds and then ends).
+            while let Some(Some(request)) = endpoint.next().now_or_never() {
+                pending.push((request, kind));
+            }
+        }
+        for (request, kind) in pending {
+            self.spawn_answer(&mut handlers, request, kind);
+        }
+        // A round trip to the server (a request nobody answers) after the unsubscriptions:
+        // it handles a connection's messages in order, so from its answer on, the queue
+        // group's other members get every new request. (A request it routed here in
+        // between is lost and times out at its orchestrator: `async_nats` endpoints have no
+        // drain.)
+        let barrier = format!(
+            "{}.internal.barrier.{}",
+            self.prefix,
+            self.invoker.instance()
+        );
+        if let Err(error) = self.client.request(barrier, Bytes::new()).await
+            && error.kind() != async_nats::RequestErrorKind::NoResponders
+        {
+            tracing::warn!(%error, "could not confirm the orchestrator endpoints' unsubscription");
+        }
+        tracing::info!(
+            in_flight = handlers.len(),
+            "stopped taking orchestrator requests; letting those in flight finish"
+        );
+        let grace = tokio::time::sleep(stop.grace);
+        tokio::pin!(grace);
+        while !(handlers.is_empty() && stop.others_done.is_cancelled()) {
+            tokio::select! {
+                () = &mut grace => {
+                    tracing::warn!(
+                        cut_off = handlers.len(),
+                        grace_secs = stop.grace.as_secs(),
+                        "orchestrator requests still running after the grace period were cut off"
+                    );
+                    break;
+                }
+                () = stop.others_done.cancelled(), if !stop.others_done.is_cancelled() => {}
+                Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+                outcome = self.approval_outcomes.recv() => self.approval_outcome(outcome).await,
+                Some(asked) = self.result_requests.next() => {
+                    self.spawn_result_answer(&mut handlers, asked);
+                }
+            }
+        }
+    }
+
+    async fn approval_outcome(
+        &self,
+        outcome: Result<crate::ApprovalOutcome, tokio::sync::broadcast::error::RecvError>,
+    ) {
+        match outcome {
+            Ok(outcome) => self.publish_result(outcome).await,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "approval outcomes not published (too many at once)");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+        }
+    }
+
+    /// Off the loop: a result can be a megabyte to serialise.
+    fn spawn_result_answer(
+        &self,
+        handlers: &mut tokio::task::JoinSet<()>,
+        asked: async_nats::Message,
+    ) {
+        let (invoker, client) = (self.invoker.clone(), self.client.clone());
+        handlers.spawn(answer_result_request(
+            invoker,
+            client,
+            asked,
+            self.max_payload,
+        ));
+    }
+}
+
+/// How a [`NatsService`] stops: at `taking_requests` it unsubscribes its endpoints (new
+/// requests go to the queue group's other members) and lets the requests in flight finish;
+/// until `others_done` it also publishes approval outcomes (an approval given over HTTP
+/// may still be calling its tool) and answers look-ups of the results held here — at most
+/// for `grace` in all. A process that stopped sooner would close its log under invocations
+/// that had called their tool, leaving them open and their orchestrators without a reply.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    pub taking_requests: CancellationToken,
+    pub others_done: CancellationToken,
+    pub grace: Duration,
+}
+
+impl Stop {
+    /// Stops taking requests at `shutdown`, with nothing else to wait for, within 10 s.
+    #[must_use]
+    pub fn at(shutdown: CancellationToken) -> Stop {
+        Stop {
+            others_done: shutdown.clone(),
+            taking_requests: shutdown,
+            grace: Duration::from_secs(10),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `switchboard up`: opens the stores, starts the read models and serves the HTTP API until
-//! Ctrl-C or SIGTERM; then stops accepting, lets in-flight requests finish (bounded), ends
+//! Ctrl-C or SIGTERM; then stops accepting, lets in-flight requests finish (bounded; the
+//! orchestrator's NATS requests too), hands the results it holds over, ends
 //! live-update streams, saves checkpoints and closes the logs. SIGHUP reloads the vault's
 //! master keys and re-encrypts every entry under the current one while the process keeps
 //! serving (how `vault rotate` reaches a running embedded instance, whose vault directory only
@@ -201,6 +202,9 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     };
     // Kept to hand its results over when the process stops.
     let invoker = state.invoker.clone();
+    // Cancelled once the HTTP server has let its requests finish: until then an approval
+    // given over HTTP may finish an invocation whose outcome goes out on NATS.
+    let http_stopped = CancellationToken::new();
     // On JetStream the orchestrator's protocol is also served on NATS, in a queue group.
     let orchestrator = match &nats {
         Some(client) => {
@@ -211,8 +215,12 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
             )
             .await
             .map_err(|e| anyhow::anyhow!("starting the NATS invoker service: {e}"))?;
-            let shutdown = shutdown.clone();
-            Some(tokio::spawn(async move { service.run(shutdown).await }))
+            let stop = invoker::nats::Stop {
+                taking_requests: shutdown.clone(),
+                others_done: http_stopped.clone(),
+                grace: settings.shutdown_grace(),
+            };
+            Some(tokio::spawn(async move { service.run(stop).await }))
         }
         None => None,
     };
@@ -284,6 +292,7 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     if let Err(error) = server.await {
         tracing::error!(%error, "the HTTP server task failed");
     }
+    http_stopped.cancel();
     let _ = tokio::join!(reaction, monitor, listeners, sweeper);
     if let Some(orchestrator) = orchestrator {
         let _ = orchestrator.await;

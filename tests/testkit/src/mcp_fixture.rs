@@ -257,7 +257,9 @@ impl Drop for SlowCall<'_> {
         } else {
             SlowCallEnd::Abandoned { tool }
         };
-        self.shared.slow_calls_ended.send_modify(|ended| ended.push(end));
+        self.shared
+            .slow_calls_ended
+            .send_modify(|ended| ended.push(end));
     }
 }
 

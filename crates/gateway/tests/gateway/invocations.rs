@@ -1719,7 +1719,7 @@ async fn a_result_only_the_calling_process_holds_reaches_a_look_up_on_another() 
         let service = invoker::nats::NatsService::start(invoker.clone(), &client, &prefix)
             .await
             .expect("service");
-        tokio::spawn(service.run(shutdown.clone()));
+        tokio::spawn(service.run(invoker::nats::Stop::at(shutdown.clone())));
     }
     let context = service_kit::CommandContext::service("test");
     let request = || it.request("call_held", "search_issues", json!({"query": "x"}));
@@ -1796,7 +1796,7 @@ async fn a_result_over_a_nats_message_is_cut_to_fit_there_and_fetched_whole_else
     let service = invoker::nats::NatsService::start(caller.clone(), &client, &prefix)
         .await
         .expect("service");
-    tokio::spawn(service.run(shutdown.clone()));
+    tokio::spawn(service.run(invoker::nats::Stop::at(shutdown.clone())));
     let other_client = async_nats::connect(testkit::shared_nats().url())
         .await
         .expect("connect");
@@ -1973,7 +1973,7 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
             .await
             .expect("service");
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(service.run(shutdown.clone()));
+    tokio::spawn(service.run(invoker::nats::Stop::at(shutdown.clone())));
     let mut json_headers = async_nats::HeaderMap::new();
     json_headers.insert("Content-Type", "application/json");
     let json_request = |subject: &str, body: Value| {
@@ -2470,4 +2470,60 @@ async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it
         "{report:?}"
     );
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+}
+
+/// A NATS service that has stopped taking requests still announces the outcomes of
+/// approvals given elsewhere (here over HTTP, whose server lets its requests finish) until
+/// the rest of the process is done, and only then stops.
+#[tokio::test]
+async fn a_stopping_nats_service_announces_approval_outcomes_until_the_rest_is_done() {
+    use futures_util::StreamExt;
+    use proto::Message as _;
+    let it = connected(Store::JetStream, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let client = async_nats::connect(testkit::shared_nats().url())
+        .await
+        .expect("connect");
+    let prefix = testkit::unique_name("stopping");
+    let service =
+        invoker::nats::NatsService::start(it.setup.app.state.invoker.clone(), &client, &prefix)
+            .await
+            .expect("service");
+    let stop = invoker::nats::Stop {
+        taking_requests: tokio_util::sync::CancellationToken::new(),
+        others_done: tokio_util::sync::CancellationToken::new(),
+        grace: Duration::from_secs(60),
+    };
+    let running = tokio::spawn(service.run(stop.clone()));
+    let mut announced = client
+        .subscribe(format!("{prefix}.invoke.result.call_late"))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    it.awaiting("call_late", "create_issue", json!({"title": "late"}))
+        .await;
+
+    stop.taking_requests.cancel();
+    let (status, outcome) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_late",
+            &json!({"decision": "approve"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(outcome["outcome"], "completed", "{outcome}");
+    let message = tokio::time::timeout(Duration::from_secs(10), announced.next())
+        .await
+        .expect("announced while stopping")
+        .expect("a message");
+    let reply = proto::v1::InvocationReply::decode(message.payload).expect("protobuf");
+    assert_eq!(reply.outcome, "completed", "{reply:?}");
+    assert!(!running.is_finished(), "stopped before the rest was done");
+
+    stop.others_done.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("stopped once the rest was done")
+        .expect("the service's task");
 }

@@ -59,28 +59,44 @@ fn body_of(n: usize) -> Value {
     json!({"invocation_id": id, "tool": "crash_test__create_issue", "arguments": {"title": id}})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_invocation_ends_once_and_reaches_the_server_at_most_once_across_a_kill() {
+/// `up` on JetStream, under a prefix of its own and with `more_config` in its settings
+/// file, with alice connected to the fixture MCP
+/// server through the OAuth flow and `create_issue` always allowed.
+struct Running {
+    up: std::process::Child,
+    /// `up`'s log, to read or [`drain`].
+    lines: Lines,
+    url: String,
+    alice: String,
+    client: reqwest::Client,
+    handle: testkit::FixtureHandle,
+    prefix: String,
+    data: std::path::PathBuf,
+    config: std::path::PathBuf,
+    _fixture: testkit::FixtureServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn running(name: &str, more_config: &str) -> Running {
     let ca = testkit::TestCa::new();
     let (router, handle) = testkit::OAuthFixture::default().start();
     let fixture = testkit::serve_https(router, &ca.issue(&["localhost"])).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca.cert_pem()).expect("CA file");
-    let prefix = testkit::unique_name("kill");
+    let prefix = testkit::unique_name(name);
     let config = dir.path().join("switchboard.toml");
     std::fs::write(
         &config,
         format!(
-            "[nats]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n[outbound]\nallow_loopback = true\nextra_ca_file = \"{}\"\n\n[invocations]\nmax_deadline_ms = 2000\n",
+            "[nats]\nurl = \"{}\"\nprefix = \"{prefix}\"\n\n[outbound]\nallow_loopback = true\nextra_ca_file = \"{}\"\n\n{more_config}",
             testkit::shared_nats().url(),
             ca_file.display()
         ),
     )
     .expect("config");
     let data = dir.path().join("data");
-    let (mut up, lines, url) = start(&data, &config);
-    drain(lines);
+    let (up, lines, url) = start(&data, &config);
     let admin = token(&data, "admin@example.com", "admin");
     let alice = token(&data, USER, "analyst");
     let client = testkit::http_client()
@@ -138,6 +154,28 @@ async fn every_invocation_ends_once_and_reaches_the_server_at_most_once_across_a
         .await
         .expect("allow"))
     .await;
+
+    Running {
+        up,
+        lines,
+        url,
+        alice,
+        client,
+        handle,
+        prefix,
+        data,
+        config,
+        _fixture: fixture,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_invocation_ends_once_and_reaches_the_server_at_most_once_across_a_kill() {
+    let it = running("kill", "[invocations]\nmax_deadline_ms = 2000\n").await;
+    let (mut up, url, alice, client) = (it.up, it.url, it.alice, it.client);
+    let (handle, prefix, data, config) = (it.handle, it.prefix, it.data, it.config);
+    drain(it.lines);
 
     // 2,000 invocations, 64 at a time; SIGKILL once 500 have answered.
     let answered = Arc::new(AtomicUsize::new(0));
@@ -269,4 +307,97 @@ async fn every_invocation_ends_once_and_reaches_the_server_at_most_once_across_a
     assert_eq!(terminal.len(), INVOCATIONS, "{by_outcome:?}");
     assert!(terminal.values().all(|count| *count == 1));
     eprintln!("outcomes after the kill: {by_outcome:?}; answered before it: {before}");
+}
+
+/// A stop (SIGTERM) lets the orchestrator's NATS requests in flight finish before the log
+/// closes: new ones find no responder here (the queue group's other members take them), the
+/// one whose call is under way is answered and recorded, and then the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_answers_the_orchestrator_requests_in_flight_and_takes_no_new_ones() {
+    let it = running("stop", "").await;
+    let (mut up, mut lines) = (it.up, it.lines);
+    let nats = async_nats::ConnectOptions::new()
+        .request_timeout(Some(std::time::Duration::from_secs(60)))
+        .connect(testkit::shared_nats().url())
+        .await
+        .expect("connect");
+    let subject = format!("{}.invoke", it.prefix);
+    let invoke = |id: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        let body = json!({"invocationId": id, "userId": USER, "tool": "crash_test__create_issue", "arguments": {"title": id}});
+        let (nats, subject) = (nats.clone(), subject.clone());
+        async move {
+            nats.request_with_headers(subject, headers, body.to_string().into())
+                .await
+        }
+    };
+    // The call in flight waits at the token endpoint: its access token has expired.
+    it.handle.expire_access_tokens();
+    let gate = it.handle.pause_token_endpoint();
+    let in_flight = tokio::spawn(invoke("call_in_flight"));
+    gate.arrived(1).await;
+
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(term.success());
+    let (stopping, lines) = tokio::task::spawn_blocking(move || {
+        let seen = super::read_until(&mut lines, "stopped taking orchestrator requests");
+        (seen, lines)
+    })
+    .await
+    .expect("read the log");
+    let stopping = stopping.lines().last().unwrap_or_default().to_owned();
+    assert!(stopping.contains("in_flight=1"), "{stopping}");
+    let refused = invoke("call_too_late")
+        .await
+        .expect_err("nobody takes a request any more");
+    assert_eq!(
+        refused.kind(),
+        async_nats::RequestErrorKind::NoResponders,
+        "{refused}"
+    );
+
+    gate.release();
+    let reply = in_flight.await.expect("task").expect("the reply");
+    let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(reply["outcome"], "completed", "{reply}");
+    let rest = tokio::task::spawn_blocking(move || {
+        lines
+            .map(|line| line.expect("read stderr"))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("read the log");
+    let status = up.wait().expect("wait");
+    assert!(status.success(), "{status}: {rest:?}");
+    assert!(
+        rest.iter().all(|line| !line.contains("cut off")),
+        "{rest:?}"
+    );
+    let calls = it.handle.tool_call_arguments("create_issue");
+    assert_eq!(calls, [json!({"title": "call_in_flight"})]);
+
+    // Recorded before the log closed.
+    let log = eventlog::jetstream::JetStreamLog::connect_existing(
+        nats,
+        eventlog::jetstream::JetStreamConfig::with_prefix(&it.prefix),
+    )
+    .await
+    .expect("log");
+    let mut outcomes = Vec::new();
+    let mut stream = eventlog::EventLog::read_from(&log, eventlog::LogKind::Invocations, 0, None)
+        .await
+        .expect("read");
+    while let Some(event) = stream.next().await {
+        use proto::v1::envelope::Event as E;
+        match event.expect("event").envelope.event {
+            Some(E::InvocationCompleted(e)) => outcomes.push(("completed", e.invocation_id)),
+            Some(E::InvocationFailed(e)) => outcomes.push(("failed", e.invocation_id)),
+            _ => {}
+        }
+    }
+    assert_eq!(outcomes, [("completed", "call_in_flight".to_owned())]);
 }

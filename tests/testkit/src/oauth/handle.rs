@@ -315,8 +315,7 @@ impl FixtureHandle {
     pub async fn slow_calls_ended(&self, n: usize) -> Vec<crate::SlowCallEnd> {
         let mut ended = self.shared.slow_calls_ended.subscribe();
         let _ = ended.wait_for(|ended| ended.len() >= n).await;
-        let ended = ended.borrow().clone();
-        ended
+        ended.borrow().clone()
     }
 }
 
