@@ -1550,7 +1550,8 @@ impl Invoker {
                 || (report.outcome == Outcome::AwaitingApproval && !through_approval)
         };
         let mut report = self.report(user, id, &events);
-        if !(settled(&report) || limit.is_zero()) {
+        let stopping = &self.inner.stopping;
+        if !(settled(&report) || limit.is_zero() || stopping.is_cancelled()) {
             let until = tokio::time::Instant::now() + limit;
             let subject = invocation_subject(user)?;
             let filter = SubjectFilter::exact(&subject);
@@ -1560,7 +1561,11 @@ impl Invoker {
                 .subscribe(LogKind::Invocations, seen + 1, Some(&filter))
                 .await?;
             loop {
-                match tokio::time::timeout_at(until, stream.next()).await {
+                let next = tokio::select! {
+                    () = stopping.cancelled() => break,
+                    next = tokio::time::timeout_at(until, stream.next()) => next,
+                };
+                match next {
                     Err(_) | Ok(None) => break,
                     Ok(Some(Ok(recorded))) => {
                         if let Some(event) = recorded.envelope.event

@@ -99,6 +99,9 @@ pub(crate) struct Inner {
     /// Where results held by other processes are fetched from (the NATS adapter sets it);
     /// without it, a look-up here of another process's call answers without its result.
     pub result_peers: std::sync::OnceLock<crate::nats::ResultPeers>,
+    /// Cancelled when the process stops: waits for an outcome answer what they know at
+    /// once, instead of holding the stop up for as long as they asked to wait.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// The vault entry `<kind>/<32 hex digits of key>` of an invocation, by its
@@ -235,8 +238,16 @@ impl Invoker {
                 approval_outcomes: tokio::sync::broadcast::Sender::new(1024),
                 instance: new_instance_id(),
                 result_peers: std::sync::OnceLock::new(),
+                stopping: tokio_util::sync::CancellationToken::new(),
             }),
         }
+    }
+
+    /// The process is stopping: waits for an outcome, under way or asked for from now on,
+    /// answer with what is known at once (the orchestrator asks again, elsewhere or after
+    /// the restart).
+    pub fn stop_waiting(&self) {
+        self.inner.stopping.cancel();
     }
 
     /// Another instance over the same stores and settings, sharing nothing in memory: what a

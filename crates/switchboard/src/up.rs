@@ -289,6 +289,7 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
 
     tracing::info!("shutting down: no new requests; letting in-flight ones finish");
     shutdown.cancel();
+    invoker.stop_waiting();
     if let Err(error) = server.await {
         tracing::error!(%error, "the HTTP server task failed");
     }

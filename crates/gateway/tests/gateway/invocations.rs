@@ -2527,3 +2527,27 @@ async fn a_stopping_nats_service_announces_approval_outcomes_until_the_rest_is_d
         .expect("stopped once the rest was done")
         .expect("the service's task");
 }
+
+/// At a stop, a wait for an outcome answers what is known at once — one under way and one
+/// asked for after it — instead of holding the stop up for as long as it asked to wait.
+#[tokio::test]
+async fn a_stop_answers_waits_for_an_outcome_at_once() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    it.awaiting("call_waited", "create_issue", json!({"title": "w"}))
+        .await;
+    let path = "/api/v1/invocations/call_waited?wait=60";
+    let invoker = it.setup.app.state.invoker.clone();
+    let (answer, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(20), it.get(&it.alice, path)),
+        async { invoker.stop_waiting() }
+    );
+    let (status, report) = answer.expect("answered at once, not after its 60 s");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["outcome"], "awaiting_approval", "{report}");
+    let (status, report) = tokio::time::timeout(Duration::from_secs(20), it.get(&it.alice, path))
+        .await
+        .expect("answered at once");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["outcome"], "awaiting_approval", "{report}");
+}
