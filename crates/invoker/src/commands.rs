@@ -1036,6 +1036,33 @@ impl Invoker {
                 )
                 .await;
         };
+        // The settings in force now decide, as for any call: a tool blocked, or a
+        // connection removed, while the request waited is never called (an approval given
+        // to a stale request must not undo a block).
+        let now_state = self.inner.read_models.tool_states.read(|states| {
+            let state = states.state_of(user, server_id, &request.tool_name);
+            (state, states.is_connected(user, server_id))
+        });
+        let refused = match now_state {
+            (Some(ToolState::Blocked), _) => Some((
+                "tool_blocked",
+                "the tool was blocked before the approved call; the server was not called",
+            )),
+            (None, false) => Some((
+                "not_connected",
+                "the connection was removed before the approved call; the server was not called",
+            )),
+            (None, true) => Some((
+                "unknown_tool",
+                "the server no longer offers the tool; it was not called",
+            )),
+            (Some(_), _) => None,
+        };
+        if let Some((code, message)) = refused {
+            return self
+                .record_failure(&context, &subject, user, id, events, code, message)
+                .await;
+        }
         self.run(Run {
             context,
             subject,

@@ -2551,3 +2551,58 @@ async fn a_stop_answers_waits_for_an_outcome_at_once() {
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["outcome"], "awaiting_approval", "{report}");
 }
+
+/// An approval given to a request whose tool was blocked, or whose connection was removed,
+/// while it waited never calls the server: the settings in force at the call decide, and
+/// the invocation fails saying which.
+#[tokio::test]
+async fn an_approval_does_not_call_a_tool_blocked_or_disconnected_while_it_waited() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let approve = |id: &str| {
+        let path = format!("/api/v1/approvals/{id}");
+        let it = &it;
+        async move {
+            let (status, outcome) = it
+                .post(&it.alice, &path, &json!({"decision": "approve"}))
+                .await;
+            assert_eq!(status, 200, "{outcome}");
+            assert_eq!(outcome["outcome"], "failed", "{outcome}");
+            outcome
+        }
+    };
+
+    it.awaiting("call_then_blocked", "create_issue", json!({"title": "b"}))
+        .await;
+    it.set_state("create_issue", "blocked").await;
+    let failed = approve("call_then_blocked").await;
+    assert_eq!(failed["reason"], "tool_blocked", "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not called")),
+        "{failed}"
+    );
+
+    it.set_state("create_issue", "needs_approval").await;
+    it.awaiting("call_then_gone", "create_issue", json!({"title": "g"}))
+        .await;
+    let response = it
+        .setup
+        .app
+        .client
+        .delete(format!(
+            "{}/api/v1/servers/{}/connection",
+            it.setup.app.url, it.server_id
+        ))
+        .bearer_auth(&it.alice)
+        .send()
+        .await
+        .expect("disconnect");
+    assert!(response.status().is_success(), "{}", response.status());
+    it.settle().await;
+    let failed = approve("call_then_gone").await;
+    assert_eq!(failed["reason"], "not_connected", "{failed}");
+
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+}
