@@ -152,6 +152,7 @@ impl NatsService {
     /// approval outcomes and answers look-ups of the results held here until nothing else
     /// in the process can finish an invocation, all within the grace period.
     async fn drain(mut self, mut handlers: tokio::task::JoinSet<()>, stop: Stop) {
+        let deadline = tokio::time::Instant::now() + stop.grace;
         let mut pending = Vec::new();
         for (kind, endpoint) in [
             (Kind::Tools, &mut self.tools),
@@ -180,16 +181,20 @@ impl NatsService {
             self.prefix,
             self.invoker.instance()
         );
-        if let Err(error) = self.client.request(barrier, Bytes::new()).await
-            && error.kind() != async_nats::RequestErrorKind::NoResponders
-        {
-            tracing::warn!(%error, "could not confirm the orchestrator endpoints' unsubscription");
+        match tokio::time::timeout_at(deadline, self.client.request(barrier, Bytes::new())).await {
+            Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not confirm the orchestrator endpoints' unsubscription");
+            }
+            Ok(Ok(_)) | Err(_) => {
+                tracing::warn!("could not confirm the orchestrator endpoints' unsubscription");
+            }
         }
         tracing::info!(
             in_flight = handlers.len(),
             "stopped taking orchestrator requests; letting those in flight finish"
         );
-        let grace = tokio::time::sleep(stop.grace);
+        let grace = tokio::time::sleep_until(deadline);
         tokio::pin!(grace);
         while !(handlers.is_empty() && stop.others_done.is_cancelled()) {
             tokio::select! {
