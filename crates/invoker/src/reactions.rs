@@ -30,13 +30,25 @@ const UNSETTLED_AFTER: Duration = Duration::from_secs(30);
 type OpenKey = (String, String);
 
 impl Invoker {
-    /// Sweeps every `sweep_interval` until `shutdown`.
+    /// Sweeps every `sweep_interval`, and closes idle MCP sessions every tenth of
+    /// `session_idle` (at least every second), until `shutdown`.
     pub async fn run_sweeper(&self, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(self.inner.settings.sweep_interval);
+        let settings = &self.inner.settings;
+        let mut ticks = tokio::time::interval(settings.sweep_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle_checks =
+            tokio::time::interval((settings.session_idle / 10).max(Duration::from_secs(1)));
+        idle_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                _ = idle_checks.tick() => {
+                    let closed = self.close_idle_sessions();
+                    if closed > 0 {
+                        tracing::debug!(closed, "closed idle MCP sessions");
+                    }
+                    continue;
+                }
                 _ = ticks.tick() => {}
             }
             if let Err(error) = self.sweep_once().await {

@@ -36,6 +36,11 @@ pub struct InvokerSettings {
     /// Results kept in memory for repeated requests and status look-ups (the events hold
     /// only their digests unless payloads are captured).
     pub result_cache_entries: usize,
+    /// An MCP session no call has used this long is closed (in the sessions era the
+    /// server is told, `DELETE`): each holds a connection to its server, and in the
+    /// sessions era a notification stream and the server's session state, so sessions
+    /// kept for every user and server that ever called would add up without end.
+    pub session_idle: Duration,
 }
 
 impl Default for InvokerSettings {
@@ -49,6 +54,7 @@ impl Default for InvokerSettings {
             max_arguments_bytes: 1024 * 1024,
             sweep_interval: Duration::from_secs(1),
             result_cache_entries: 1024,
+            session_idle: Duration::from_secs(300),
         }
     }
 }
@@ -151,6 +157,8 @@ pub(crate) struct SessionEntry {
     /// clock (wall time, a seam for tests): a clock set back only keeps a token longer, and
     /// a token the server no longer takes gets its 401, then the connection service's token.
     trusted_until: SystemTime,
+    /// When a call last took the session (the invoker's clock): idle too long, it is closed.
+    last_used: SystemTime,
 }
 
 /// What a call goes out with, by where its token came from.
@@ -347,7 +355,8 @@ impl Invoker {
         url: &Url,
         token: String,
     ) -> Result<Arc<CachedSession>, McpCallError> {
-        let trusted_until = self.now() + TOKEN_REUSE;
+        let now = self.now();
+        let trusted_until = now + TOKEN_REUSE;
         {
             let mut sessions = self.lock_sessions();
             if let Some(entry) = sessions
@@ -355,6 +364,7 @@ impl Invoker {
                 .filter(|entry| entry.cached.token == token)
             {
                 entry.trusted_until = trusted_until;
+                entry.last_used = now;
                 return Ok(entry.cached.clone());
             }
         }
@@ -365,6 +375,7 @@ impl Invoker {
             SessionEntry {
                 cached: cached.clone(),
                 trusted_until,
+                last_used: now,
             },
         );
         Ok(cached)
@@ -378,9 +389,31 @@ impl Invoker {
     ) -> Option<Arc<CachedSession>> {
         let now = self.now();
         self.lock_sessions()
-            .get(&(server_id, user.clone()))
+            .get_mut(&(server_id, user.clone()))
             .filter(|entry| now < entry.trusted_until)
-            .map(|entry| entry.cached.clone())
+            .map(|entry| {
+                entry.last_used = now;
+                entry.cached.clone()
+            })
+    }
+
+    /// Closes the sessions no call has used for [`InvokerSettings::session_idle`]; returns
+    /// how many. A call still holding one keeps it until it ends; a later call opens a new
+    /// one.
+    pub fn close_idle_sessions(&self) -> usize {
+        let now = self.now();
+        let idle = self.inner.settings.session_idle;
+        let closed: Vec<SessionEntry> = self
+            .lock_sessions()
+            .extract_if(|_, entry| {
+                now.duration_since(entry.last_used)
+                    .is_ok_and(|unused| unused >= idle)
+            })
+            .map(|(_, entry)| entry)
+            .collect();
+        // Dropped outside the lock: the last reference to a session ends it (its worker
+        // sends the `DELETE` of the sessions era).
+        closed.len()
     }
 
     fn lock_sessions(

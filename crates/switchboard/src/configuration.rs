@@ -85,6 +85,9 @@ pub struct InvocationSettings {
     /// Results each process keeps in memory for a repeated request or a status look-up of a
     /// completed invocation (the events hold only digests unless payloads are captured).
     pub result_cache_entries: usize,
+    /// Seconds an MCP session may go unused before it is closed (the server told, in the
+    /// sessions era); the next call opens a new one.
+    pub mcp_session_idle_secs: u64,
 }
 
 impl Default for InvocationSettings {
@@ -99,6 +102,7 @@ impl Default for InvocationSettings {
             max_deadline_ms: u64::try_from(defaults.max_deadline.as_millis()).unwrap_or(u64::MAX),
             claim_window_secs: domain::CLAIM_WINDOW.as_secs(),
             result_cache_entries: defaults.result_cache_entries,
+            mcp_session_idle_secs: defaults.session_idle.as_secs(),
         }
     }
 }
@@ -112,6 +116,7 @@ impl InvocationSettings {
             default_deadline: Duration::from_millis(self.default_deadline_ms.max(1)),
             max_deadline: Duration::from_millis(self.max_deadline_ms.max(1)),
             result_cache_entries: self.result_cache_entries,
+            session_idle: Duration::from_secs(self.mcp_session_idle_secs.max(1)),
             ..invoker::InvokerSettings::default()
         }
     }
@@ -360,6 +365,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "SWITCHBOARD_RESULT_CACHE_ENTRIES",
         "invocations.result_cache_entries",
     ),
+    (
+        "SWITCHBOARD_MCP_SESSION_IDLE_SECS",
+        "invocations.mcp_session_idle_secs",
+    ),
     ("SWITCHBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("SWITCHBOARD_JWT_SECRET_FILE", "auth.jwt_secret_file"),
     ("SWITCHBOARD_JWKS_FILE", "auth.jwks_file"),
@@ -405,6 +414,7 @@ const NUMERIC_KEYS: &[&str] = &[
     "invocations.capture_payloads",
     "invocations.claim_window_secs",
     "invocations.result_cache_entries",
+    "invocations.mcp_session_idle_secs",
 ];
 
 /// The settings that hold secrets: never printed, never logged.

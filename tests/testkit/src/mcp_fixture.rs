@@ -615,6 +615,7 @@ async fn serve(
         session_id,
         user: caller.user.clone(),
     });
+    shared.mcp_requests_seen.send_modify(|n| *n += 1);
 
     if config.mcp_era == McpEra::Sessions {
         if method.as_deref() == Some("server/discover") {

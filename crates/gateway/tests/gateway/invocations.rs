@@ -2606,3 +2606,56 @@ async fn an_approval_does_not_call_a_tool_blocked_or_disconnected_while_it_waite
 
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
 }
+
+/// An MCP session no call has used for `session_idle` is closed — in the sessions era the
+/// server is told (`DELETE` with the session's id) — and the next call opens another.
+#[tokio::test]
+async fn an_idle_session_is_closed_and_the_next_call_opens_another() {
+    let idle = Duration::from_secs(600);
+    let clock = std::sync::Arc::new(service_kit::ManualClock::new(std::time::SystemTime::now()));
+    let it = connected_to_clocked(
+        Store::Jsonl,
+        OAuthFixture::atlassian(),
+        "atlassian",
+        invoker::InvokerSettings {
+            session_idle: idle,
+            ..settings()
+        },
+        Some(clock.clone()),
+    )
+    .await;
+    it.set_state("search_issues", "always_allow").await;
+    let done = it
+        .invoke("call_before_idle", "search_issues", json!({"query": "x"}))
+        .await;
+    assert_eq!(done["outcome"], "completed", "{done}");
+    let handle = &it.setup.handle;
+    let opened = handle.sessions_opened();
+    let session = handle
+        .mcp_requests()
+        .into_iter()
+        .rev()
+        .find(|seen| seen.method.as_deref() == Some("tools/call"))
+        .and_then(|seen| seen.session_id)
+        .expect("the call went out in a session");
+    let invoker = &it.setup.app.state.invoker;
+
+    clock.advance(idle - Duration::from_secs(1));
+    assert_eq!(invoker.close_idle_sessions(), 0, "used within the limit");
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(invoker.close_idle_sessions(), 1);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        handle.mcp_request_where(|seen| {
+            seen.http_method == "DELETE" && seen.session_id.as_deref() == Some(session.as_str())
+        }),
+    )
+    .await
+    .expect("the server was told the session ended");
+
+    let again = it
+        .invoke("call_after_idle", "search_issues", json!({"query": "y"}))
+        .await;
+    assert_eq!(again["outcome"], "completed", "{again}");
+    assert_eq!(handle.sessions_opened(), opened + 1);
+}

@@ -303,6 +303,30 @@ impl FixtureHandle {
         self.shared.state().mcp_requests.clone()
     }
 
+    /// Waits for a request to the MCP endpoint (one that passed the token check) that
+    /// `matches`, seen before or after the call, and returns it.
+    pub async fn mcp_request_where(
+        &self,
+        matches: impl Fn(&McpRequestSeen) -> bool,
+    ) -> McpRequestSeen {
+        let mut seen = self.shared.mcp_requests_seen.subscribe();
+        loop {
+            let found = self
+                .shared
+                .state()
+                .mcp_requests
+                .iter()
+                .find(|request| matches(request))
+                .cloned();
+            if let Some(found) = found {
+                return found;
+            }
+            if seen.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Sessions the MCP endpoint opened (an `initialize` answered with `Mcp-Session-Id`).
     #[must_use]
     pub fn sessions_opened(&self) -> usize {

@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub(crate) tools_changed: watch::Sender<u64>,
     /// How each call of a slow tool ended, in order.
     pub(crate) slow_calls_ended: watch::Sender<Vec<crate::SlowCallEnd>>,
+    /// Bumped whenever the MCP endpoint records a request (`State::mcp_requests`).
+    pub(crate) mcp_requests_seen: watch::Sender<usize>,
 }
 
 /// Who a valid access token speaks for, as the MCP handler sees it.
@@ -137,6 +139,7 @@ impl Shared {
             gate: Mutex::new(None),
             tools_changed: watch::Sender::new(0),
             slow_calls_ended: watch::Sender::new(Vec::new()),
+            mcp_requests_seen: watch::Sender::new(0),
         }
     }
 
