@@ -160,11 +160,18 @@ pub struct PendingApproval {
     pub expires_at: std::time::SystemTime,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Approve,
-    Deny,
+    /// With the user's reason for the AI (empty: none), at most
+    /// [`MAX_DENIAL_REASON_CHARS`] characters; the outcome's `message` carries it.
+    Deny {
+        reason: String,
+    },
 }
+
+/// The longest reason a user may give a denial, in characters.
+pub const MAX_DENIAL_REASON_CHARS: usize = 500;
 
 /// What resolving an exposed name found, beyond the domain's facts.
 struct Resolved {
@@ -865,10 +872,23 @@ impl Invoker {
         };
         let command = match decision {
             Decision::Approve => InvocationCommand::Approve { by: user.clone() },
-            Decision::Deny => InvocationCommand::Deny {
-                by: user.clone(),
-                reason: String::new(),
-            },
+            Decision::Deny { reason } => {
+                // Told to the AI as the outcome's message: text, line breaks allowed.
+                let reason = reason.trim();
+                if reason.chars().count() > MAX_DENIAL_REASON_CHARS
+                    || reason
+                        .chars()
+                        .any(|c| c.is_control() && c != '\n' && c != '\t')
+                {
+                    return Err(InvokerError::ReasonInvalid {
+                        max: MAX_DENIAL_REASON_CHARS,
+                    });
+                }
+                InvocationCommand::Deny {
+                    by: user.clone(),
+                    reason: reason.to_owned(),
+                }
+            }
         };
         let now = self.now();
         let (events, _) = self.load(user, id, known).await?;

@@ -13,6 +13,8 @@ pub enum InvokerError {
     ArgumentsTooLarge { size: usize, max: usize },
     #[error("the deadline must be between 1 ms and {max_ms} ms")]
     DeadlineInvalid { max_ms: u64 },
+    #[error("a denial's reason is at most {max} characters of text without control characters")]
+    ReasonInvalid { max: usize },
     /// The command path failed (the event store, too many conflicts).
     #[error(transparent)]
     Command(CommandError),
@@ -37,6 +39,7 @@ impl InvokerError {
             InvokerError::Domain(error) => error.code(),
             InvokerError::ArgumentsTooLarge { .. } => "arguments_too_large",
             InvokerError::DeadlineInvalid { .. } => "deadline_invalid",
+            InvokerError::ReasonInvalid { .. } => "reason_invalid",
             InvokerError::Command(_) | InvokerError::EventLog(_) => "command_failed",
         }
     }

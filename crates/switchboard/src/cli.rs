@@ -8,7 +8,8 @@ use crate::{
     configuration::{GlobalArgs, Settings},
     token, up, vault_cmd,
     walkthrough::{
-        self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, DisconnectArgs, InvokeArgs, ToolsArgs,
+        self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, DenyArgs, DisconnectArgs, InvokeArgs,
+        ToolsArgs,
     },
 };
 
@@ -64,7 +65,7 @@ pub enum Command {
     /// Approve an invocation that waits for you.
     Approve(DecideArgs),
     /// Deny an invocation that waits for you.
-    Deny(DecideArgs),
+    Deny(DenyArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -196,7 +197,10 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Allow(args) => walkthrough::allow(&args, &settings).await,
         Command::Invoke(args) => walkthrough::invoke(&args, &settings).await,
         Command::Approvals(args) => walkthrough::approvals(&args, &settings).await,
-        Command::Approve(args) => walkthrough::decide(&args, &settings, true).await,
-        Command::Deny(args) => walkthrough::decide(&args, &settings, false).await,
+        Command::Approve(args) => walkthrough::decide(&args, &settings, None).await,
+        Command::Deny(args) => {
+            let reason = args.reason.unwrap_or_default();
+            walkthrough::decide(&args.decide, &settings, Some(&reason)).await
+        }
     }
 }

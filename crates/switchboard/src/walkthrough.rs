@@ -119,6 +119,15 @@ pub struct DecideArgs {
     pub id: String,
 }
 
+#[derive(Debug, Args)]
+pub struct DenyArgs {
+    #[command(flatten)]
+    pub decide: DecideArgs,
+    /// Why, for the AI (at most 500 characters): the invocation's outcome carries it.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
 /// How long an ordinary request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -546,15 +555,14 @@ fn print_outcome(answer: &Value) {
             "awaiting approval ({id}): approve it with `switchboard approve {id}` (or deny it)"
         ),
         other => {
-            let reason = text(&answer["reason"]);
-            println!(
-                "{other} ({id}){}",
-                if reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {reason}")
+            let mut line = format!("{other} ({id})");
+            for said in [text(&answer["reason"]), text(&answer["message"])] {
+                if !said.is_empty() {
+                    line.push_str(": ");
+                    line.push_str(said);
                 }
-            );
+            }
+            println!("{line}");
         }
     }
 }
@@ -650,15 +658,24 @@ pub async fn approvals(args: &ApiArgs, settings: &Settings) -> anyhow::Result<()
 }
 
 /// `switchboard approve ID` / `switchboard deny ID`.
-pub async fn decide(args: &DecideArgs, settings: &Settings, approve: bool) -> anyhow::Result<()> {
+/// Approves (`denial` `None`) or denies, with the reason given (empty: none).
+pub async fn decide(
+    args: &DecideArgs,
+    settings: &Settings,
+    denial: Option<&str>,
+) -> anyhow::Result<()> {
     let api = Api::new(&args.api, settings)?;
-    let decision = if approve { "approve" } else { "deny" };
+    let (decision, body) = match denial {
+        None => ("approve", json!({"decision": "approve"})),
+        Some("") => ("deny", json!({"decision": "deny"})),
+        Some(reason) => ("deny", json!({"decision": "deny", "reason": reason})),
+    };
     // An approval makes the call and answers with its outcome.
     let answer = api
         .call_within(
             Method::POST,
             &api_path(&["approvals", &args.id], &[]),
-            Some(json!({"decision": decision})),
+            Some(body),
             CALL_TIMEOUT,
         )
         .await

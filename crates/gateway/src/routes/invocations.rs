@@ -68,9 +68,9 @@ impl From<invoker::InvokerError> for ApiError {
             E::Domain(error) => error.into(),
             E::EventLog(error) => error.into(),
             E::Command(error) => error.into(),
-            error @ (E::ArgumentsTooLarge { .. } | E::DeadlineInvalid { .. }) => {
-                ApiError::bad_request(error.code(), error.to_string())
-            }
+            error @ (E::ArgumentsTooLarge { .. }
+            | E::DeadlineInvalid { .. }
+            | E::ReasonInvalid { .. }) => ApiError::bad_request(error.code(), error.to_string()),
         }
     }
 }
@@ -187,6 +187,7 @@ pub struct InvocationOutcome {
     /// `unknown_tool`, `server_disabled`, `not_connected`, `auth_error`, `deadline_exceeded`, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What happened, in words: for a denial, the reason its user gave (if any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// The tool's answer, untrusted: `{untrusted: true, server: {id, name}, tool, content,
@@ -362,6 +363,9 @@ async fn list_approvals(
 pub struct ApprovalDecision {
     /// `approve` or `deny`.
     pub decision: String,
+    /// With `deny` only: why, for the AI (at most 500 characters); the invocation's outcome
+    /// carries it as its `message`.
+    pub reason: Option<String>,
 }
 
 /// Approves (the call runs now) or denies one of your invocations. Final: decided once.
@@ -370,7 +374,7 @@ pub struct ApprovalDecision {
     request_body = ApprovalDecision,
     responses(
         (status = 200, description = "The invocation's outcome after the decision", body = InvocationOutcome),
-        (status = 400, description = "The decision is not approve or deny", body = crate::ErrorBody),
+        (status = 400, description = "The decision is not approve or deny, or its reason is not valid", body = crate::ErrorBody),
         (status = 404, description = "No such invocation of yours", body = crate::ErrorBody),
         (status = 409, description = "Not waiting for approval (decided, or finished)", body = crate::ErrorBody),
         (status = 410, description = "The approval window closed", body = crate::ErrorBody),
@@ -381,9 +385,17 @@ async fn decide_approval(
     ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<ApprovalDecision>,
 ) -> Result<axum::Json<InvocationOutcome>, ApiError> {
-    let decision = match request.decision.as_str() {
-        "approve" => Decision::Approve,
-        "deny" => Decision::Deny,
+    let decision = match (request.decision.as_str(), request.reason) {
+        ("approve", None) => Decision::Approve,
+        ("approve", Some(_)) => {
+            return Err(ApiError::bad_request(
+                "reason_invalid",
+                "a reason goes with deny only",
+            ));
+        }
+        ("deny", reason) => Decision::Deny {
+            reason: reason.unwrap_or_default(),
+        },
         _ => {
             return Err(ApiError::bad_request(
                 "invalid_decision",

@@ -534,15 +534,30 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         // Denied.
         it.awaiting("call_b", "create_issue", json!({"title": "No"}))
             .await;
+        // A reason goes with a denial only, as text of at most 500 characters.
+        for (body, what) in [
+            (json!({"decision": "approve", "reason": "fine"}), "approve"),
+            (
+                json!({"decision": "deny", "reason": "x".repeat(501)}),
+                "long",
+            ),
+            (json!({"decision": "deny", "reason": "a\u{0}b"}), "control"),
+        ] {
+            let (status, refused) = it.post(&it.alice, "/api/v1/approvals/call_b", &body).await;
+            assert_eq!(status, 400, "{what}: {refused}");
+            assert_eq!(refused["error"]["code"], "reason_invalid", "{what}");
+        }
         let (status, denied) = it
             .post(
                 &it.alice,
                 "/api/v1/approvals/call_b",
-                &json!({"decision": "deny"}),
+                &json!({"decision": "deny", "reason": " Wrong project;\nuse FX. "}),
             )
             .await;
         assert_eq!(status, 200, "{denied}");
         assert_eq!(denied["outcome"], "denied");
+        assert_eq!(denied["reason"], "denied_by_user", "{denied}");
+        assert_eq!(denied["message"], "Wrong project;\nuse FX.", "{denied}");
         assert_eq!(
             it.kept_arguments().await,
             Vec::<String>::new(),
@@ -550,6 +565,10 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         );
         let (_, looked_up) = it.get(&it.alice, "/api/v1/invocations/call_b").await;
         assert_eq!(looked_up["outcome"], "denied");
+        assert_eq!(
+            looked_up["message"], "Wrong project;\nuse FX.",
+            "{looked_up}"
+        );
         assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
     }
 }
@@ -973,7 +992,14 @@ async fn decisions_sent_at_once_record_one() {
                     .0
             }
         });
-        let elsewhere = other.decide_approval(&context, &alice, &id, invoker::Decision::Deny);
+        let elsewhere = other.decide_approval(
+            &context,
+            &alice,
+            &id,
+            invoker::Decision::Deny {
+                reason: String::new(),
+            },
+        );
         let (statuses, elsewhere) = tokio::join!(join_all(over_http), elsewhere);
         for status in &statuses {
             assert!(*status == 200 || *status == 409, "{statuses:?}");

@@ -255,8 +255,16 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
     let pending = stdout_of(&walk(&data_dir, &url, &alice, &["approvals"]));
     assert!(pending.contains("walk_2"), "{pending}");
     assert!(pending.contains("walk_3"), "{pending}");
-    let denied = stdout_of(&walk(&data_dir, &url, &alice, &["deny", "walk_2"]));
-    assert!(denied.contains("denied (walk_2)"), "{denied}");
+    let denied = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["deny", "walk_2", "--reason", "wrong project"],
+    ));
+    assert!(
+        denied.contains("denied (walk_2): denied_by_user: wrong project"),
+        "{denied}"
+    );
     // Another user's tools need the orchestrator's permission: refused, not Alice's own
     // tools under Bob's name.
     let theirs = walk(
