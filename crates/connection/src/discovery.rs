@@ -100,6 +100,7 @@ impl ConnectionService {
                 error @ (McpCallError::Unreachable { .. }
                 | McpCallError::Protocol { .. }
                 | McpCallError::ErrorAnswer { .. }
+                | McpCallError::InputRequired { .. }
                 | McpCallError::Refused(_)),
             )) => {
                 self.run(

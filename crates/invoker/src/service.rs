@@ -330,11 +330,9 @@ impl Invoker {
             CallToken::Vouched(token, url) => self.session_for(&key(), &url, token).await?,
         };
         let result = cached.session.call_tool(tool, arguments).await;
-        // A JSON-RPC error answer is an exchange that worked: the session stays.
-        if result
-            .as_ref()
-            .is_err_and(|error| !matches!(error, McpCallError::ErrorAnswer { .. }))
-        {
+        // A JSON-RPC error answer, or a request for input, is an exchange that worked: the
+        // session stays.
+        if result.as_ref().is_err_and(|error| !error.is_an_answer()) {
             let key = key();
             let mut sessions = self.lock_sessions();
             if sessions

@@ -15,8 +15,8 @@ use std::{
 use rmcp::{
     ClientHandler, RoleClient,
     model::{
-        CallToolRequestParams, CallToolResult, JsonObject, PaginatedRequestParams, ProtocolVersion,
-        SubscriptionFilter, Tool,
+        CallToolRequestParams, CallToolResponse, CallToolResult, InputRequest, JsonObject,
+        PaginatedRequestParams, ProtocolVersion, SubscriptionFilter, Tool,
     },
     service::{
         ClientInitializeError, ClientLifecycleMode, ClientServiceExt, NotificationContext,
@@ -63,6 +63,14 @@ pub enum McpCallError {
          words, not Switchboard's): {message:?}"
     )]
     ErrorAnswer { code: i32, message: String },
+    /// The server asked for input before the tool can finish (the 2026-07-28 protocol's
+    /// `input_required` result: a question for the user, a completion from the model, the
+    /// client's roots), which Switchboard does not relay; `asked` names the kinds.
+    #[error(
+        "the server asked for input Switchboard does not relay ({asked}); the tool did not \
+         finish"
+    )]
+    InputRequired { asked: String },
 }
 
 impl McpCallError {
@@ -75,7 +83,17 @@ impl McpCallError {
             McpCallError::Protocol { .. } | McpCallError::ErrorAnswer { .. } => {
                 "mcp_protocol_error"
             }
+            McpCallError::InputRequired { .. } => "input_required",
         }
+    }
+
+    /// The exchange itself worked (the server answered in the protocol): the session that
+    /// carried it is still good.
+    pub fn is_an_answer(&self) -> bool {
+        matches!(
+            self,
+            McpCallError::ErrorAnswer { .. } | McpCallError::InputRequired { .. }
+        )
     }
 }
 
@@ -378,11 +396,44 @@ impl McpSession {
     ) -> Result<CallToolResult, McpCallError> {
         let mut params = CallToolRequestParams::new(name.to_owned());
         params.arguments = Some(arguments);
-        self.service
+        let response = self
+            .service
             .peer()
-            .call_tool(params)
+            .call_tool_once(params)
             .await
-            .map_err(|e| classify_service(&e))
+            .map_err(|e| classify_service(&e))?;
+        match response {
+            CallToolResponse::Complete(result) => Ok(result),
+            CallToolResponse::InputRequired(asked) => {
+                let mut kinds: Vec<&str> = asked
+                    .input_requests
+                    .iter()
+                    .flat_map(|requests| requests.values())
+                    .map(|request| match request {
+                        InputRequest::Elicitation(_) => "a question for the user",
+                        InputRequest::CreateMessage(_) => "a completion from the model",
+                        InputRequest::ListRoots(_) => "the client's roots",
+                        _ => "a kind of input this version does not know",
+                    })
+                    .collect();
+                kinds.sort_unstable();
+                kinds.dedup();
+                Err(McpCallError::InputRequired {
+                    asked: if kinds.is_empty() {
+                        "nothing named".to_owned()
+                    } else {
+                        kinds.join(", ")
+                    },
+                })
+            }
+            // Switchboard never asks for a task (SEP-2663), so one is not an answer to it.
+            CallToolResponse::Task(_) => Err(McpCallError::Protocol {
+                reason: "the server answered with a task, which was not asked for".to_owned(),
+            }),
+            _ => Err(McpCallError::Protocol {
+                reason: "the server answered tools/call with an unknown kind of result".to_owned(),
+            }),
+        }
     }
 
     /// Ends the session (a `DELETE` for the 2025-11-25 era); errors are of no interest then.

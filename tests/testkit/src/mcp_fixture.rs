@@ -78,6 +78,9 @@ pub enum ToolOutput {
     /// Answers only once `calls` calls of it are in at the same time (each waits for the
     /// others): `together`; after 10 s of waiting, `isError` with how many came.
     Together { calls: usize },
+    /// No result: the 2026-07-28 `input_required` answer, asking the user a question
+    /// (`elicitation/create`) with this message.
+    AsksTheUser(String),
 }
 
 /// A tool of the fixture server.
@@ -221,6 +224,23 @@ impl FixtureTool {
             ToolOutput::Together { .. } => {
                 json!({"content": [{"type": "text", "text": "together"}]})
             }
+            ToolOutput::AsksTheUser(question) => json!({
+                "resultType": "input_required",
+                "inputRequests": {
+                    "project": {
+                        "method": "elicitation/create",
+                        "params": {
+                            "mode": "form",
+                            "message": question,
+                            "requestedSchema": {
+                                "type": "object",
+                                "properties": {"project": {"type": "string"}},
+                            },
+                        },
+                    },
+                },
+                "requestState": "fixture-state",
+            }),
         })
     }
 
@@ -432,6 +452,9 @@ impl ServerHandler for FixtureMcp {
             }
         }
         let result = result.map_err(|message| McpError::invalid_params(message, None))?;
+        if result["resultType"] == "input_required" {
+            return Ok(CallToolResponse::InputRequired(from_json(result)?));
+        }
         Ok(CallToolResponse::Complete(from_json::<CallToolResult>(
             result,
         )?))

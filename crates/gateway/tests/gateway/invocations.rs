@@ -27,7 +27,8 @@ struct Invoking {
 }
 
 /// The fixture's standard tools plus three read-only reports: `flaky_report` answers
-/// `isError`, `picky_report` a JSON-RPC error, `slow_report` only after [`SLOW_TOOL`].
+/// `isError`, `picky_report` a JSON-RPC error, `slow_report` only after [`SLOW_TOOL`],
+/// `ask_report` asks the user a question instead (`input_required`).
 fn tools() -> Vec<FixtureTool> {
     let report = |name: &str, description: &str, output: ToolOutput| FixtureTool {
         name: name.to_owned(),
@@ -63,6 +64,11 @@ fn tools() -> Vec<FixtureTool> {
                 after: SLOW_TOOL,
                 text: "done at last".to_owned(),
             },
+        ),
+        report(
+            "ask_report",
+            "Asks the user which project before it builds the report.",
+            ToolOutput::AsksTheUser(INJECTED.to_owned()),
         ),
     ]);
     tools
@@ -2684,4 +2690,26 @@ async fn an_idle_session_is_closed_and_the_next_call_opens_another() {
         .await;
     assert_eq!(again["outcome"], "completed", "{again}");
     assert_eq!(handle.sessions_opened(), opened + 1);
+}
+
+/// A server that answers a call with a request for input (the 2026-07-28 `input_required`
+/// result, here a question for the user), which Switchboard does not relay, fails the
+/// invocation saying what it asked for — not as a broken protocol, and without the server's
+/// words — and the session goes on serving calls.
+#[tokio::test]
+async fn a_tool_that_asks_for_input_fails_saying_what_it_asked_for() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("ask_report", "always_allow").await;
+    it.set_state("search_issues", "always_allow").await;
+    let failed = it.invoke("call_asks", "ask_report", json!({})).await;
+    assert_eq!(failed["outcome"], "failed", "{failed}");
+    assert_eq!(failed["reason"], "input_required", "{failed}");
+    let message = failed["message"].as_str().unwrap_or_default();
+    assert!(message.contains("a question for the user"), "{message}");
+    assert!(!message.contains(INJECTED), "{message}");
+    assert_eq!(it.setup.handle.tool_calls("ask_report"), 1);
+    let done = it
+        .invoke("call_after_asking", "search_issues", json!({"query": "x"}))
+        .await;
+    assert_eq!(done["outcome"], "completed", "{done}");
 }
