@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use invoker::nats::Stop;
 use serde_json::{Value, json};
 use testkit::{FixtureTool, OAuthFixture, SlowCallEnd, ToolOutput};
 
@@ -101,6 +102,26 @@ async fn report_now(invoker: &invoker::Invoker, id: &str) -> invoker::Invocation
 fn result_of(report: invoker::InvocationReport, what: &str) -> Value {
     let result = report.result.unwrap_or_else(|| panic!("no result: {what}"));
     serde_json::to_value(&*result).expect("JSON")
+}
+
+/// A client of the testkit's shared nats-server.
+async fn nats_client() -> async_nats::Client {
+    async_nats::connect(testkit::shared_nats().url())
+        .await
+        .expect("connect")
+}
+
+/// `invoker`'s NATS service under `prefix`, answering until `stop` says.
+async fn serve_on_nats(
+    invoker: &invoker::Invoker,
+    client: &async_nats::Client,
+    prefix: &str,
+    stop: Stop,
+) -> tokio::task::JoinHandle<()> {
+    let service = invoker::nats::NatsService::start(invoker.clone(), client, prefix)
+        .await
+        .expect("service");
+    tokio::spawn(service.run(stop))
 }
 
 fn settings() -> invoker::InvokerSettings {
@@ -1739,19 +1760,14 @@ async fn a_users_parallel_calls_reach_the_server_together() {
 async fn a_result_only_the_calling_process_holds_reaches_a_look_up_on_another() {
     let it = connected(Store::JetStream, settings()).await;
     it.set_state("search_issues", "always_allow").await;
-    let client = async_nats::connect(testkit::shared_nats().url())
-        .await
-        .expect("connect");
+    let client = nats_client().await;
     let prefix = testkit::unique_name("peers");
     let caller = it.setup.app.state.invoker.clone();
     let other = caller.another_instance();
     assert_ne!(caller.instance(), other.instance());
     let shutdown = tokio_util::sync::CancellationToken::new();
     for invoker in [&caller, &other] {
-        let service = invoker::nats::NatsService::start(invoker.clone(), &client, &prefix)
-            .await
-            .expect("service");
-        tokio::spawn(service.run(invoker::nats::Stop::at(shutdown.clone())));
+        serve_on_nats(invoker, &client, &prefix, Stop::at(shutdown.clone())).await;
     }
     let context = service_kit::CommandContext::service("test");
     let request = || it.request("call_held", "search_issues", json!({"query": "x"}));
@@ -1816,22 +1832,15 @@ async fn a_result_over_a_nats_message_is_cut_to_fit_there_and_fetched_whole_else
     };
     let it = connected(Store::JetStream, settings).await;
     it.set_state("export_all", "always_allow").await;
-    let client = async_nats::connect(testkit::shared_nats().url())
-        .await
-        .expect("connect");
+    let client = nats_client().await;
     let max_payload = client.server_info().max_payload;
     assert!(max_payload < 3 * 1024 * 1024, "{max_payload}");
     let prefix = testkit::unique_name("large");
     let caller = it.setup.app.state.invoker.clone();
     let other = caller.another_instance();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let service = invoker::nats::NatsService::start(caller.clone(), &client, &prefix)
-        .await
-        .expect("service");
-    tokio::spawn(service.run(invoker::nats::Stop::at(shutdown.clone())));
-    let other_client = async_nats::connect(testkit::shared_nats().url())
-        .await
-        .expect("connect");
+    serve_on_nats(&caller, &client, &prefix, Stop::at(shutdown.clone())).await;
+    let other_client = nats_client().await;
     // The other process answers for its results but not in the queue group: the
     // orchestrator's requests reach the caller.
     let other_service = invoker::nats::NatsService::start(other.clone(), &other_client, &prefix)
@@ -1996,16 +2005,11 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     use proto::Message as _;
     let it = connected(Store::JetStream, settings()).await;
     it.set_state("search_issues", "always_allow").await;
-    let client = async_nats::connect(testkit::shared_nats().url())
-        .await
-        .expect("connect");
+    let client = nats_client().await;
     let prefix = testkit::unique_name("orch");
-    let service =
-        invoker::nats::NatsService::start(it.setup.app.state.invoker.clone(), &client, &prefix)
-            .await
-            .expect("service");
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(service.run(invoker::nats::Stop::at(shutdown.clone())));
+    let invoker = &it.setup.app.state.invoker;
+    serve_on_nats(invoker, &client, &prefix, Stop::at(shutdown.clone())).await;
     let mut json_headers = async_nats::HeaderMap::new();
     json_headers.insert("Content-Type", "application/json");
     let json_request = |subject: &str, body: Value| {
@@ -2513,20 +2517,15 @@ async fn a_stopping_nats_service_announces_approval_outcomes_until_the_rest_is_d
     use proto::Message as _;
     let it = connected(Store::JetStream, settings()).await;
     it.set_state("create_issue", "needs_approval").await;
-    let client = async_nats::connect(testkit::shared_nats().url())
-        .await
-        .expect("connect");
+    let client = nats_client().await;
     let prefix = testkit::unique_name("stopping");
-    let service =
-        invoker::nats::NatsService::start(it.setup.app.state.invoker.clone(), &client, &prefix)
-            .await
-            .expect("service");
-    let stop = invoker::nats::Stop {
+    let stop = Stop {
         taking_requests: tokio_util::sync::CancellationToken::new(),
         others_done: tokio_util::sync::CancellationToken::new(),
         grace: Duration::from_secs(60),
     };
-    let running = tokio::spawn(service.run(stop.clone()));
+    let invoker = &it.setup.app.state.invoker;
+    let running = serve_on_nats(invoker, &client, &prefix, stop.clone()).await;
     let mut announced = client
         .subscribe(format!("{prefix}.invoke.result.call_late"))
         .await
