@@ -1634,11 +1634,18 @@ async fn a_call_past_its_deadline_is_cancelled_at_the_server() {
     ] {
         let it = connected_to(Store::Jsonl, fixture, template, settings()).await;
         it.set_state("slow_report", "always_allow").await;
+        it.set_state("search_issues", "always_allow").await;
+        // The session open first, so that the slow call reaches the tool well within its
+        // deadline however busy the machine.
+        let done = it
+            .invoke("call_before", "search_issues", json!({"query": "x"}))
+            .await;
+        assert_eq!(done["outcome"], "completed", "{template}: {done}");
         let (status, outcome) = it
             .post(
                 &it.alice,
                 "/api/v1/invocations",
-                &json!({"invocation_id": "call_given_up", "tool": format!("{}slow_report", it.prefix), "arguments": {}, "deadline_ms": 300}),
+                &json!({"invocation_id": "call_given_up", "tool": format!("{}slow_report", it.prefix), "arguments": {}, "deadline_ms": 2000}),
             )
             .await;
         assert_eq!(status, 200, "{outcome}");
@@ -1656,7 +1663,6 @@ async fn a_call_past_its_deadline_is_cancelled_at_the_server() {
             "{template}"
         );
         // The session goes on serving calls.
-        it.set_state("search_issues", "always_allow").await;
         let done = it
             .invoke("call_after", "search_issues", json!({"query": "x"}))
             .await;
