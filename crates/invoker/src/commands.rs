@@ -173,6 +173,27 @@ pub enum Decision {
 /// The longest reason a user may give a denial, in characters.
 pub const MAX_DENIAL_REASON_CHARS: usize = 500;
 
+/// Why the settings in force refuse a call (see `Invoker::refusal_now`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The user's setting for the tool is Blocked.
+    Blocked,
+    /// The user has no connection to the server.
+    Disconnected,
+    /// The server no longer offers the user the tool.
+    NotOffered,
+}
+
+impl Refusal {
+    fn code(self) -> &'static str {
+        match self {
+            Refusal::Blocked => "tool_blocked",
+            Refusal::Disconnected => "not_connected",
+            Refusal::NotOffered => "unknown_tool",
+        }
+    }
+}
+
 /// What resolving an exposed name found, beyond the domain's facts.
 struct Resolved {
     tool: ResolvedTool,
@@ -922,6 +943,80 @@ impl Invoker {
         .await
     }
 
+    /// Why the settings in force would refuse a call of `tool` on `server` for `user` now
+    /// (the server's own state aside); `None`: they allow it.
+    fn refusal_now(&self, user: &UserId, server: ServerId, tool: &str) -> Option<Refusal> {
+        self.inner.read_models.tool_states.read(|states| {
+            match (
+                states.state_of(user, server, tool),
+                states.is_connected(user, server),
+            ) {
+                (Some(ToolState::Blocked), _) => Some(Refusal::Blocked),
+                (None, false) => Some(Refusal::Disconnected),
+                (None, true) => Some(Refusal::NotOffered),
+                (Some(_), _) => None,
+            }
+        })
+    }
+
+    /// After the user blocked tools of `server` or removed their connection to it: denies
+    /// their requests on it that wait for approval and that no approval could now let
+    /// through — the user's own doing, so recorded as their denial, with why — instead of
+    /// leaving them listed, and their orchestrators waiting, until they expire. Returns how
+    /// many it denied (one decided meanwhile stays as decided).
+    pub async fn deny_pending_now_refused(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        server: ServerId,
+    ) -> usize {
+        let server_text = server.to_string();
+        let refused: Vec<(String, Refusal)> = self
+            .inner
+            .read_models
+            .open_invocations
+            .read(|open| {
+                open.pending_approvals_of(user.as_str())
+                    .into_iter()
+                    .filter(|pending| pending.server_id == server_text)
+                    .map(|pending| (pending.invocation_id.clone(), pending.tool_name.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .into_iter()
+            .filter_map(|(id, tool)| {
+                // A tool the server withdrew is not the user's doing: left to the approval.
+                match self.refusal_now(user, server, &tool)? {
+                    Refusal::NotOffered => None,
+                    refusal => Some((id, refusal)),
+                }
+            })
+            .collect();
+        let mut denied = 0;
+        for (id, refusal) in refused {
+            let Ok(id) = InvocationId::parse(&id) else {
+                continue;
+            };
+            let reason = match refusal {
+                Refusal::Blocked => "the user blocked the tool while the request waited",
+                _ => "the user removed the connection while the request waited",
+            };
+            let decision = Decision::Deny {
+                reason: reason.to_owned(),
+            };
+            match self.decide_approval(context, user, &id, decision).await {
+                Ok(_) => denied += 1,
+                Err(InvokerError::Domain(
+                    domain::DomainError::InvocationNotAwaitingApproval
+                    | domain::DomainError::ApprovalExpired,
+                )) => {}
+                Err(error) => {
+                    tracing::warn!(%error, invocation = id.as_str(), "could not deny a request its user's settings now refuse");
+                }
+            }
+        }
+        denied
+    }
+
     async fn record_decision_and_run(
         &self,
         decision: RecordDecision,
@@ -1059,28 +1154,27 @@ impl Invoker {
         // The settings in force now decide, as for any call: a tool blocked, or a
         // connection removed, while the request waited is never called (an approval given
         // to a stale request must not undo a block).
-        let now_state = self.inner.read_models.tool_states.read(|states| {
-            let state = states.state_of(user, server_id, &request.tool_name);
-            (state, states.is_connected(user, server_id))
-        });
-        let refused = match now_state {
-            (Some(ToolState::Blocked), _) => Some((
-                "tool_blocked",
-                "the tool was blocked before the approved call; the server was not called",
-            )),
-            (None, false) => Some((
-                "not_connected",
-                "the connection was removed before the approved call; the server was not called",
-            )),
-            (None, true) => Some((
-                "unknown_tool",
-                "the server no longer offers the tool; it was not called",
-            )),
-            (Some(_), _) => None,
-        };
-        if let Some((code, message)) = refused {
+        if let Some(refusal) = self.refusal_now(user, server_id, &request.tool_name) {
+            let message = match refusal {
+                Refusal::Blocked => {
+                    "the tool was blocked before the approved call; the server was not called"
+                }
+                Refusal::Disconnected => {
+                    "the connection was removed before the approved call; the server was not \
+                     called"
+                }
+                Refusal::NotOffered => "the server no longer offers the tool; it was not called",
+            };
             return self
-                .record_failure(&context, &subject, user, id, events, code, message)
+                .record_failure(
+                    &context,
+                    &subject,
+                    user,
+                    id,
+                    events,
+                    refusal.code(),
+                    message,
+                )
                 .await;
         }
         self.run(Run {

@@ -148,6 +148,7 @@ async fn disconnect(
         )
         .await?;
     state.settle(&done.written).await;
+    super::invocations::deny_pending_now_refused(&state, &caller, id).await?;
     Ok(axum::Json(DisconnectView {
         status: "not_connected",
         tokens_revoked: done.tokens_revoked,

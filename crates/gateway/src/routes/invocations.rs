@@ -249,7 +249,27 @@ async fn invoke(
 }
 
 /// Waits (bounded) until the invocations' read model holds everything the log holds now.
-async fn settle_invocations(state: &AppState) -> Result<(), ApiError> {
+/// After the caller blocked tools of `server` or disconnected from it: their requests there
+/// that wait for approval and that no approval could let through now are denied (the
+/// caller's own doing), and leave their approvals before the answer.
+pub(crate) async fn deny_pending_now_refused(
+    state: &AppState,
+    caller: &Caller,
+    server: domain::ServerId,
+) -> Result<(), ApiError> {
+    let context = state.command_context(caller);
+    if state
+        .invoker
+        .deny_pending_now_refused(&context, &caller.user, server)
+        .await
+        > 0
+    {
+        settle_invocations(state).await?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn settle_invocations(state: &AppState) -> Result<(), ApiError> {
     let end = state.log.last_sequence(LogKind::Invocations).await?;
     if !state
         .read_models

@@ -166,6 +166,9 @@ async fn set_tool_state(
         )
         .await?;
     state.settle(&written).await;
+    if new_state == ToolState::Blocked {
+        super::invocations::deny_pending_now_refused(&state, &caller, server).await?;
+    }
     state
         .read_models
         .tool_states
@@ -216,5 +219,8 @@ async fn set_category_state(
         )
         .await?;
     state.settle(&written).await;
+    if new_state == ToolState::Blocked {
+        super::invocations::deny_pending_now_refused(&state, &caller, server).await?;
+    }
     Ok(axum::Json(tool_list(&state, &caller, server)))
 }

@@ -2591,11 +2591,16 @@ async fn a_stop_answers_waits_for_an_outcome_at_once() {
 
 /// An approval given to a request whose tool was blocked, or whose connection was removed,
 /// while it waited never calls the server: the settings in force at the call decide, and
-/// the invocation fails saying which.
+/// the invocation fails saying which. (Blocking and disconnecting over HTTP deny such
+/// requests at once, below; this is the approval that comes first — here the changes are
+/// made through the services, without that step.)
 #[tokio::test]
 async fn an_approval_does_not_call_a_tool_blocked_or_disconnected_while_it_waited() {
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("create_issue", "needs_approval").await;
+    let context = service_kit::CommandContext::service("test");
+    let server = domain::ServerId::parse(&it.server_id).expect("server id");
+    let state = &it.setup.app.state;
     let approve = |id: &str| {
         let path = format!("/api/v1/approvals/{id}");
         let it = &it;
@@ -2611,7 +2616,19 @@ async fn an_approval_does_not_call_a_tool_blocked_or_disconnected_while_it_waite
 
     it.awaiting("call_then_blocked", "create_issue", json!({"title": "b"}))
         .await;
-    it.set_state("create_issue", "blocked").await;
+    let written = state
+        .policy
+        .set_tool_state(
+            &context,
+            &alice(),
+            server,
+            "create_issue",
+            domain::ToolState::Blocked,
+            None,
+        )
+        .await
+        .expect("blocked");
+    state.settle(&written).await;
     let failed = approve("call_then_blocked").await;
     assert_eq!(failed["reason"], "tool_blocked", "{failed}");
     assert!(
@@ -2624,6 +2641,52 @@ async fn an_approval_does_not_call_a_tool_blocked_or_disconnected_while_it_waite
     it.set_state("create_issue", "needs_approval").await;
     it.awaiting("call_then_gone", "create_issue", json!({"title": "g"}))
         .await;
+    let done = state
+        .connections
+        .disconnect(&context, &alice(), server, "the test disconnected")
+        .await
+        .expect("disconnected");
+    state.settle(&done.written).await;
+    let failed = approve("call_then_gone").await;
+    assert_eq!(failed["reason"], "not_connected", "{failed}");
+
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+}
+
+/// Blocking a tool, or disconnecting from its server, denies the requests for it that wait
+/// for approval — the user's own doing, said in the message — instead of leaving them listed,
+/// and their orchestrators waiting, until they expire; a request for another tool stays.
+#[tokio::test]
+async fn blocking_a_tool_or_disconnecting_denies_its_requests_waiting_for_approval() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    it.set_state("search_issues", "needs_approval").await;
+    it.awaiting("call_to_block", "create_issue", json!({"title": "b"}))
+        .await;
+    it.awaiting("call_to_keep", "search_issues", json!({"query": "k"}))
+        .await;
+    let listed = |approvals: &Value| -> Vec<String> {
+        approvals["approvals"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|a| a["invocation_id"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    it.set_state("create_issue", "blocked").await;
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(listed(&approvals), ["call_to_keep"], "{approvals}");
+    let (_, denied) = it.get(&it.alice, "/api/v1/invocations/call_to_block").await;
+    assert_eq!(denied["outcome"], "denied", "{denied}");
+    assert_eq!(denied["reason"], "denied_by_user", "{denied}");
+    assert_eq!(
+        denied["message"],
+        "the user blocked the tool while the request waited"
+    );
+
     let response = it
         .setup
         .app
@@ -2637,11 +2700,16 @@ async fn an_approval_does_not_call_a_tool_blocked_or_disconnected_while_it_waite
         .await
         .expect("disconnect");
     assert!(response.status().is_success(), "{}", response.status());
-    it.settle().await;
-    let failed = approve("call_then_gone").await;
-    assert_eq!(failed["reason"], "not_connected", "{failed}");
-
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(listed(&approvals), Vec::<String>::new(), "{approvals}");
+    let (_, denied) = it.get(&it.alice, "/api/v1/invocations/call_to_keep").await;
+    assert_eq!(denied["outcome"], "denied", "{denied}");
+    assert_eq!(
+        denied["message"],
+        "the user removed the connection while the request waited"
+    );
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+    assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
 }
 
 /// An MCP session no call has used for `session_idle` is closed — in the sessions era the
