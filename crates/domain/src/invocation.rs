@@ -290,9 +290,12 @@ pub enum InvocationCommand {
     Approve {
         by: UserId,
     },
+    /// `by` refuses the request; `withdrawn`: the orchestrator acting for `by` no longer
+    /// wants it (the conversation moved on) — a decision all the same, made once.
     Deny {
         by: UserId,
         reason: String,
+        withdrawn: bool,
     },
     /// The approval deadline passed.
     Expire,
@@ -376,7 +379,11 @@ pub fn decide(
                 _ => Err(DomainError::InvocationNotAwaitingApproval),
             }
         }
-        InvocationCommand::Deny { by, reason } => {
+        InvocationCommand::Deny {
+            by,
+            reason,
+            withdrawn,
+        } => {
             if by.as_str() != request.user_id {
                 return Err(DomainError::ApprovalNotYours);
             }
@@ -386,6 +393,7 @@ pub fn decide(
                         invocation_id: invocation_id(),
                         denied_by: by.as_str().to_owned(),
                         reason,
+                        withdrawn,
                     })])
                 }
                 _ => Err(DomainError::InvocationNotAwaitingApproval),
@@ -935,6 +943,7 @@ mod tests {
                 InvocationCommand::Deny {
                     by: mallory,
                     reason: String::new(),
+                    withdrawn: false,
                 },
             ))
             .then_error("approval_not_yours");
@@ -965,14 +974,47 @@ mod tests {
                 InvocationCommand::Deny {
                     by: alice(),
                     reason: "not now".into(),
+                    withdrawn: false,
                 },
             ))
             .then([Event::InvocationDenied(pb::InvocationDenied {
                 invocation_id: INVOCATION.into(),
                 denied_by: "alice@example.com".into(),
                 reason: "not now".into(),
+                withdrawn: false,
             })]);
         assert_eq!(state.status(), &InvocationStatus::Denied);
+    }
+
+    #[test]
+    fn the_orchestrator_withdraws_a_request_once_and_only_while_it_waits() {
+        let withdraw = || InvocationCommand::Deny {
+            by: alice(),
+            reason: String::new(),
+            withdrawn: true,
+        };
+        let state = Scenario::<InvocationState>::given([requested(), awaiting(1_300)])
+            .when(decide_at(1_100, withdraw()))
+            .then([Event::InvocationDenied(pb::InvocationDenied {
+                invocation_id: INVOCATION.into(),
+                denied_by: "alice@example.com".into(),
+                reason: String::new(),
+                withdrawn: true,
+            })]);
+        assert_eq!(state.status(), &InvocationStatus::Denied);
+        let withdrawn = Event::InvocationDenied(pb::InvocationDenied {
+            invocation_id: INVOCATION.into(),
+            denied_by: "alice@example.com".into(),
+            reason: String::new(),
+            withdrawn: true,
+        });
+        Scenario::<InvocationState>::given([requested(), awaiting(1_300), withdrawn])
+            .when(decide_at(1_100, withdraw()))
+            .then_error("invocation_not_awaiting_approval");
+        // Nothing to withdraw from an allowed request: it is called already.
+        Scenario::<InvocationState>::given([requested()])
+            .when(decide_at(1_100, withdraw()))
+            .then_error("invocation_not_awaiting_approval");
     }
 
     #[test]
@@ -1081,6 +1123,7 @@ mod tests {
                 InvocationCommand::Deny {
                     by: alice(),
                     reason: String::new(),
+                    withdrawn: false,
                 },
             ] {
                 Scenario::<InvocationState>::given(history.clone())

@@ -168,6 +168,9 @@ pub enum Decision {
     Deny {
         reason: String,
     },
+    /// The orchestrator, acting for the user, no longer wants the call (the conversation
+    /// moved on): the request leaves the user's approvals, `denied` with `withdrawn`.
+    Withdraw,
 }
 
 /// The longest reason a user may give a denial, in characters.
@@ -908,8 +911,14 @@ impl Invoker {
                 InvocationCommand::Deny {
                     by: user.clone(),
                     reason: reason.to_owned(),
+                    withdrawn: false,
                 }
             }
+            Decision::Withdraw => InvocationCommand::Deny {
+                by: user.clone(),
+                reason: String::new(),
+                withdrawn: true,
+            },
         };
         let now = self.now();
         let (events, _) = self.load(user, id, known).await?;
@@ -1475,6 +1484,11 @@ impl Invoker {
                 Event::InvocationFailed(e) => {
                     report.reason = Some(e.error_code.clone());
                     report.message = Some(e.message.clone());
+                }
+                Event::InvocationDenied(e) if e.withdrawn => {
+                    report.reason = Some("withdrawn".to_owned());
+                    report.message =
+                        Some("the orchestrator withdrew the request before a decision".to_owned());
                 }
                 Event::InvocationDenied(e) => {
                     report.reason = Some("denied_by_user".to_owned());

@@ -1,6 +1,7 @@
 //! The NATS service adapter: the orchestrator's protocol on `<prefix>.tools.list`,
-//! `<prefix>.invoke` and `<prefix>.invoke.status`, as the `switchboard-invoker` service
-//! (discoverable through `$SRV`) in a queue group, so every running copy shares the work.
+//! `<prefix>.invoke`, `<prefix>.invoke.status` and `<prefix>.invoke.withdraw`, as the
+//! `switchboard-invoker` service (discoverable through `$SRV`) in a queue group, so every
+//! running copy shares the work.
 //! Requests are protobuf, or proto3 JSON with `Content-Type: application/json`; the reply
 //! uses the request's encoding. Each process also answers other processes' requests for the
 //! results it holds on `<prefix>.internal.result.<its instance id>` (core NATS, protobuf), and
@@ -43,6 +44,7 @@ pub struct NatsService {
     tools: Endpoint,
     invoke: Endpoint,
     status: Endpoint,
+    withdraw: Endpoint,
     /// Other processes asking for a result this one holds (`<prefix>.internal.result.<id>`).
     result_requests: async_nats::Subscriber,
 }
@@ -70,6 +72,9 @@ impl NatsService {
         let tools = service.endpoint(format!("{prefix}.tools.list")).await?;
         let invoke = service.endpoint(format!("{prefix}.invoke")).await?;
         let status = service.endpoint(format!("{prefix}.invoke.status")).await?;
+        let withdraw = service
+            .endpoint(format!("{prefix}.invoke.withdraw"))
+            .await?;
         let result_requests = client
             .subscribe(result_subject(prefix, invoker.instance()))
             .await?;
@@ -88,6 +93,7 @@ impl NatsService {
             tools,
             invoke,
             status,
+            withdraw,
         })
     }
 
@@ -111,6 +117,7 @@ impl NatsService {
                 Some(request) = self.tools.next() => (request, Kind::Tools),
                 Some(request) = self.invoke.next() => (request, Kind::Invoke),
                 Some(request) = self.status.next() => (request, Kind::Status),
+                Some(request) = self.withdraw.next() => (request, Kind::Withdraw),
                 else => break,
             };
             self.spawn_answer(&mut handlers, request, kind);
@@ -137,6 +144,9 @@ impl NatsService {
                 Kind::Status => {
                     encode_answer(status(&invoker, payload, json).await, json, max_payload)
                 }
+                Kind::Withdraw => {
+                    encode_answer(withdraw(&invoker, payload, json).await, json, max_payload)
+                }
             };
             let mut headers = async_nats::HeaderMap::new();
             if json {
@@ -158,6 +168,7 @@ impl NatsService {
             (Kind::Tools, &mut self.tools),
             (Kind::Invoke, &mut self.invoke),
             (Kind::Status, &mut self.status),
+            (Kind::Withdraw, &mut self.withdraw),
         ] {
             if let Err(error) = endpoint.stop().await {
                 tracing::warn!(%error, "could not unsubscribe an orchestrator endpoint");
@@ -303,6 +314,7 @@ enum Kind {
     Tools,
     Invoke,
     Status,
+    Withdraw,
 }
 
 fn is_json(message: &async_nats::Message) -> bool {
@@ -705,6 +717,25 @@ async fn status(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
         .map_err(|error| failed_reply(echo.clone(), error))?;
     let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
     match invoker.status(&user, &id, wait).await {
+        Ok(report) => Ok((report, user)),
+        Err(error) => Err(failed_reply(echo, refusal(&error))),
+    }
+}
+
+async fn withdraw(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
+    let request = match decode::<pb::InvokeWithdrawRequest>(payload, json) {
+        Ok(request) => request,
+        Err(error) => return Err(failed_reply(String::new(), error)),
+    };
+    let echo = request.invocation_id.clone();
+    let (user, id) = user_of(&request.user_id)
+        .and_then(|user| Ok((user, id_of(&request.invocation_id)?)))
+        .map_err(|error| failed_reply(echo.clone(), error))?;
+    let context = CommandContext::service("orchestrator");
+    match invoker
+        .decide_approval(&context, &user, &id, crate::Decision::Withdraw)
+        .await
+    {
         Ok(report) => Ok((report, user)),
         Err(error) => Err(failed_reply(echo, refusal(&error))),
     }

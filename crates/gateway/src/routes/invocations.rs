@@ -26,6 +26,11 @@ pub const ROUTES: &[RouteSpec] = &[
     RouteSpec::new(Method::GET, "/api/v1/tools", OWN_OR_FOR_USERS),
     RouteSpec::new(Method::POST, "/api/v1/invocations", OWN_OR_FOR_USERS),
     RouteSpec::new(Method::GET, "/api/v1/invocations/{id}", OWN_OR_FOR_USERS),
+    RouteSpec::new(
+        Method::POST,
+        "/api/v1/invocations/{id}/withdraw",
+        OWN_OR_FOR_USERS,
+    ),
     RouteSpec::new(Method::GET, "/api/v1/approvals", OWN),
     RouteSpec::new(Method::POST, "/api/v1/approvals/{invocation_id}", OWN),
 ];
@@ -35,6 +40,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_tools))
         .routes(routes!(invoke))
         .routes(routes!(invocation_status))
+        .routes(routes!(withdraw_invocation))
         .routes(routes!(list_approvals))
         .routes(routes!(decide_approval))
 }
@@ -317,6 +323,39 @@ async fn invocation_status(
         .invoker
         .status(&user, &invocation_id(&id)?, wait)
         .await?;
+    Ok(axum::Json(InvocationOutcome::of(report)))
+}
+
+/// Withdraws a request that waits for its user's approval, for when the orchestrator no
+/// longer wants the call (the user stopped the conversation): it leaves the user's
+/// approvals, and its outcome is `denied` with reason `withdrawn`. Final: a request decided,
+/// withdrawn or running already is refused (409).
+#[utoipa::path(post, path = "/api/v1/invocations/{id}/withdraw", tag = "invocations", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The invocation id"), UserQuery),
+    responses(
+        (status = 200, description = "The outcome: denied, withdrawn", body = InvocationOutcome),
+        (status = 404, description = "No such invocation of the user", body = crate::ErrorBody),
+        (status = 409, description = "Not waiting for approval (decided, withdrawn, or called)", body = crate::ErrorBody),
+        (status = 410, description = "The approval window closed", body = crate::ErrorBody),
+    ))]
+async fn withdraw_invocation(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<UserQuery>,
+) -> Result<axum::Json<InvocationOutcome>, ApiError> {
+    let user = user_for(&caller, query.user.as_deref())?;
+    let report = state
+        .invoker
+        .decide_approval(
+            &state.command_context(&caller),
+            &user,
+            &invocation_id(&id)?,
+            Decision::Withdraw,
+        )
+        .await?;
+    // Withdrawn, it leaves the user's approvals: a GET right after must not list it.
+    settle_invocations(&state).await?;
     Ok(axum::Json(InvocationOutcome::of(report)))
 }
 

@@ -2786,3 +2786,97 @@ async fn a_tool_that_asks_for_input_fails_saying_what_it_asked_for() {
         .await;
     assert_eq!(done["outcome"], "completed", "{done}");
 }
+
+/// The orchestrator withdraws a request that waits for approval (the user stopped the
+/// conversation): it leaves the user's approvals, ends `denied` with reason `withdrawn`, is
+/// announced, never called, and withdrawn once — over HTTP by the user's own client or, with
+/// `invoke_for_users`, for them, and over NATS.
+#[tokio::test]
+async fn an_orchestrator_withdraws_a_request_waiting_for_approval() {
+    use futures_util::StreamExt;
+    use proto::Message as _;
+    let it = connected(Store::JetStream, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let withdraw = |token: &str, id: &str, user: Option<&str>| {
+        let path = match user {
+            Some(user) => format!("/api/v1/invocations/{id}/withdraw?user={user}"),
+            None => format!("/api/v1/invocations/{id}/withdraw"),
+        };
+        let (it, token) = (&it, token.to_owned());
+        async move { it.post(&token, &path, &json!({})).await }
+    };
+
+    it.awaiting("call_withdrawn", "create_issue", json!({"title": "w"}))
+        .await;
+    let (status, withdrawn) = withdraw(&it.alice, "call_withdrawn", None).await;
+    assert_eq!(status, 200, "{withdrawn}");
+    assert_eq!(withdrawn["outcome"], "denied", "{withdrawn}");
+    assert_eq!(withdrawn["reason"], "withdrawn", "{withdrawn}");
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(approvals["approvals"], json!([]), "{approvals}");
+    let (status, again) = withdraw(&it.alice, "call_withdrawn", None).await;
+    assert_eq!(status, 409, "{again}");
+    assert_eq!(again["error"]["code"], "invocation_not_awaiting_approval");
+    let (status, late) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_withdrawn",
+            &json!({"decision": "approve"}),
+        )
+        .await;
+    assert_eq!(status, 409, "{late}");
+
+    // For another user: with `invoke_for_users` only.
+    it.awaiting("call_withdrawn_for", "create_issue", json!({"title": "f"}))
+        .await;
+    let mallory = it.setup.app.token(MALLORY, &["analyst"]);
+    let (status, refused) = withdraw(&mallory, "call_withdrawn_for", Some(ALICE)).await;
+    assert_eq!(status, 403, "{refused}");
+    let orchestrator = it
+        .setup
+        .app
+        .token("orchestrator@example.com", &["orchestrator"]);
+    let (status, withdrawn) = withdraw(&orchestrator, "call_withdrawn_for", Some(ALICE)).await;
+    assert_eq!(status, 200, "{withdrawn}");
+    assert_eq!(withdrawn["reason"], "withdrawn", "{withdrawn}");
+
+    // Over NATS, in JSON, announced on the result subject.
+    it.awaiting("call_withdrawn_nats", "create_issue", json!({"title": "n"}))
+        .await;
+    let client = nats_client().await;
+    let prefix = testkit::unique_name("withdraw");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let invoker = &it.setup.app.state.invoker;
+    serve_on_nats(invoker, &client, &prefix, Stop::at(shutdown.clone())).await;
+    let mut announced = client
+        .subscribe(format!("{prefix}.invoke.result.call_withdrawn_nats"))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let reply = client
+        .request_with_headers(
+            format!("{prefix}.invoke.withdraw"),
+            headers,
+            json!({"invocationId": "call_withdrawn_nats", "userId": ALICE})
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("reply");
+    let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(reply["outcome"], "denied", "{reply}");
+    assert_eq!(reply["reason"], "withdrawn", "{reply}");
+    let message = tokio::time::timeout(Duration::from_secs(10), announced.next())
+        .await
+        .expect("announced")
+        .expect("a message");
+    let announced = proto::v1::InvocationReply::decode(message.payload).expect("protobuf");
+    assert_eq!(announced.reason, "withdrawn", "{announced:?}");
+    shutdown.cancel();
+
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+    let withdrawals = events_of_type(&it.setup, "InvocationDenied").await;
+    assert_eq!(withdrawals.len(), 3, "{withdrawals:?}");
+}

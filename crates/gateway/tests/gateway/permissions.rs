@@ -162,8 +162,9 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
             assert_eq!(response.status(), 200, "invoking for the example");
             get(&path.replace("{id}", &id))
         }
-        ("POST", "/api/v1/approvals/{invocation_id}") => {
-            // An invocation of the callers' user waiting for approval, on a server of its own.
+        ("POST", "/api/v1/approvals/{invocation_id}" | "/api/v1/invocations/{id}/withdraw") => {
+            // An invocation of the callers' user waiting for approval, on a server of its own;
+            // denied, or withdrawn.
             let server_id = app.seed_server(&next_name("Approvals")).await;
             app.connect(
                 "caller@example.com",
@@ -202,8 +203,10 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
                 .expect("outcome");
             assert_eq!(invoked["outcome"], "awaiting_approval", "{invoked}");
             Example {
-                path: path.replace("{invocation_id}", &id),
-                body: Some(serde_json::json!({"decision": "deny"})),
+                path: path.replace("{invocation_id}", &id).replace("{id}", &id),
+                body: path
+                    .starts_with("/api/v1/approvals")
+                    .then(|| serde_json::json!({"decision": "deny"})),
                 ok: 200,
             }
         }
