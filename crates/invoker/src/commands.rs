@@ -176,6 +176,17 @@ pub enum Decision {
 /// The longest reason a user may give a denial, in characters.
 pub const MAX_DENIAL_REASON_CHARS: usize = 500;
 
+/// How long a withdrawal waits for the cancelled call's outcome to be recorded.
+pub const WITHDRAWAL_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a call ended without the server's answer.
+enum CallCut {
+    /// Its deadline passed.
+    Deadline,
+    /// The orchestrator withdrew it.
+    Withdrawn,
+}
+
 /// Why the settings in force refuse a call (see `Invoker::refusal_now`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
@@ -952,6 +963,45 @@ impl Invoker {
         .await
     }
 
+    /// The orchestrator no longer wants `user`'s invocation `id` (the user stopped the
+    /// conversation): one waiting for approval is withdrawn (`denied`, `withdrawn`, the
+    /// invocation's one decision); one whose call runs has it cancelled wherever it runs —
+    /// its future dropped, so `rmcp` cancels it at the server — and fails `withdrawn`,
+    /// unless it finished first. Answers with the outcome then (waiting up to
+    /// [`WITHDRAWAL_WAIT`] for a running call's). A finished invocation is
+    /// `invocation_finished`.
+    pub async fn withdraw(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        id: &InvocationId,
+    ) -> Result<InvocationReport, InvokerError> {
+        let now = self.status(user, id, Duration::ZERO).await?;
+        match now.outcome {
+            Outcome::AwaitingApproval => {
+                match self
+                    .decide_approval(context, user, id, Decision::Withdraw)
+                    .await
+                {
+                    // Approved meanwhile: its call runs, and is cancelled below.
+                    Err(InvokerError::Domain(
+                        domain::DomainError::InvocationNotAwaitingApproval,
+                    )) => {}
+                    decided => return decided,
+                }
+            }
+            Outcome::Running => {}
+            _ => return Err(domain::DomainError::InvocationFinished.into()),
+        }
+        let key = domain::projections::invocation_key(user.as_str(), id.as_str());
+        if !self.cancel_call(key)
+            && let Some(peers) = self.inner.result_peers.get()
+        {
+            peers.withdraw_call(user, id).await;
+        }
+        self.status(user, id, WITHDRAWAL_WAIT).await
+    }
+
     /// Why the settings in force would refuse a call of `tool` on `server` for `user` now
     /// (the server's own state aside); `None`: they allow it.
     fn refusal_now(&self, user: &UserId, server: ServerId, tool: &str) -> Option<Refusal> {
@@ -1269,13 +1319,21 @@ impl Invoker {
             _ => invocation::decide(&state, &id, InvocationCommand::Start, self.now())?,
         };
         let envelopes = self.envelopes(&context, &user, &id, started.clone());
+        // Withdrawn while it runs, the call's future is dropped: `rmcp` then cancels it at
+        // the server.
+        let running = self.running_call(domain::projections::invocation_key(
+            user.as_str(),
+            id.as_str(),
+        ));
         let began = tokio::time::Instant::now();
         let calling = async {
-            let answer = tokio::time::timeout(
-                deadline,
-                self.call(server_id, &user, &url, &tool_name, arguments),
-            )
-            .await;
+            let answer = tokio::select! {
+                answer = tokio::time::timeout(
+                    deadline,
+                    self.call(server_id, &user, &url, &tool_name, arguments),
+                ) => answer.map_err(|_| CallCut::Deadline),
+                () = running.withdrawn.cancelled() => Err(CallCut::Withdrawn),
+            };
             (answer, began.elapsed())
         };
         let appending = async {
@@ -1289,6 +1347,7 @@ impl Invoker {
                 .map(drop)
         };
         let (appended, (answer, took)) = tokio::join!(appending, calling);
+        drop(running);
         if let Err(error) = appended {
             // The call was made: its outcome is what must be recorded, with or without the
             // start before it in the log (the outcome closes the invocation either way).
@@ -1338,12 +1397,19 @@ impl Invoker {
                 message,
                 duration_ms,
             },
-            Err(_) => InvocationCommand::Fail {
+            Err(CallCut::Deadline) => InvocationCommand::Fail {
                 error_code: "deadline_exceeded".to_owned(),
                 message: format!(
                     "the tool did not answer within the deadline of {} ms",
                     deadline.as_millis()
                 ),
+                duration_ms,
+            },
+            Err(CallCut::Withdrawn) => InvocationCommand::Fail {
+                error_code: "withdrawn".to_owned(),
+                message: "the orchestrator withdrew the call while it ran; the server was told \
+                          to cancel it"
+                    .to_owned(),
                 duration_ms,
             },
         };

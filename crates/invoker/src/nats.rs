@@ -47,6 +47,8 @@ pub struct NatsService {
     withdraw: Endpoint,
     /// Other processes asking for a result this one holds (`<prefix>.internal.result.<id>`).
     result_requests: async_nats::Subscriber,
+    /// Withdrawn calls, for whichever process makes them (`<prefix>.internal.withdraw`).
+    withdrawals: async_nats::Subscriber,
 }
 
 impl std::fmt::Debug for NatsService {
@@ -78,6 +80,7 @@ impl NatsService {
         let result_requests = client
             .subscribe(result_subject(prefix, invoker.instance()))
             .await?;
+        let withdrawals = client.subscribe(withdrawal_subject(prefix)).await?;
         invoker.set_result_peers(ResultPeers {
             client: client.clone(),
             prefix: prefix.to_owned(),
@@ -85,6 +88,7 @@ impl NatsService {
         Ok(NatsService {
             max_payload: client.server_info().max_payload,
             result_requests,
+            withdrawals,
             approval_outcomes: invoker.approval_outcomes(),
             invoker,
             client: client.clone(),
@@ -112,6 +116,10 @@ impl NatsService {
                 }
                 Some(asked) = self.result_requests.next() => {
                     self.spawn_result_answer(&mut handlers, asked);
+                    continue;
+                }
+                Some(withdrawn) = self.withdrawals.next() => {
+                    self.cancel_withdrawn(&withdrawn);
                     continue;
                 }
                 Some(request) = self.tools.next() => (request, Kind::Tools),
@@ -223,6 +231,7 @@ impl NatsService {
                 Some(asked) = self.result_requests.next() => {
                     self.spawn_result_answer(&mut handlers, asked);
                 }
+                Some(withdrawn) = self.withdrawals.next() => self.cancel_withdrawn(&withdrawn),
             }
         }
     }
@@ -237,6 +246,14 @@ impl NatsService {
                 tracing::warn!(missed, "approval outcomes not published (too many at once)");
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+        }
+    }
+
+    /// Another process withdrew a call: cancelled if this one makes it.
+    fn cancel_withdrawn(&self, withdrawn: &async_nats::Message) {
+        if let Ok(request) = pb::InvokeWithdrawRequest::decode(withdrawn.payload.clone()) {
+            let key = domain::projections::invocation_key(&request.user_id, &request.invocation_id);
+            self.invoker.cancel_call(key);
         }
     }
 
@@ -370,6 +387,11 @@ fn result_subject(prefix: &str, instance: &str) -> String {
     format!("{prefix}.internal.result.{instance}")
 }
 
+/// Where withdrawn calls are announced to every process.
+fn withdrawal_subject(prefix: &str) -> String {
+    format!("{prefix}.internal.withdraw")
+}
+
 /// How long a look-up waits for the process holding a result: a live one answers from
 /// memory within milliseconds; a stopped one has no subscriber, and NATS says so at once.
 const RESULT_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -382,6 +404,23 @@ pub(crate) struct ResultPeers {
 }
 
 impl ResultPeers {
+    /// Asks every process to cancel the call of `user`'s invocation `id` if it is making
+    /// it (core NATS, to all: the one making it is not recorded until it finishes).
+    pub(crate) async fn withdraw_call(&self, user: &UserId, id: &InvocationId) {
+        let request = pb::InvokeWithdrawRequest {
+            invocation_id: id.as_str().to_owned(),
+            user_id: user.as_str().to_owned(),
+        };
+        let subject = withdrawal_subject(&self.prefix);
+        if let Err(error) = self
+            .client
+            .publish(subject, request.encode_to_vec().into())
+            .await
+        {
+            tracing::warn!(%error, "could not ask the other processes to cancel a withdrawn call");
+        }
+    }
+
     /// The result `holder` keeps for `user`'s invocation `id`, if it answers and still has it.
     pub(crate) async fn fetch(
         &self,
@@ -732,10 +771,7 @@ async fn withdraw(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
         .and_then(|user| Ok((user, id_of(&request.invocation_id)?)))
         .map_err(|error| failed_reply(echo.clone(), error))?;
     let context = CommandContext::service("orchestrator");
-    match invoker
-        .decide_approval(&context, &user, &id, crate::Decision::Withdraw)
-        .await
-    {
+    match invoker.withdraw(&context, &user, &id).await {
         Ok(report) => Ok((report, user)),
         Err(error) => Err(failed_reply(echo, refusal(&error))),
     }

@@ -108,6 +108,21 @@ pub(crate) struct Inner {
     /// Cancelled when the process stops: waits for an outcome answer what they know at
     /// once, instead of holding the stop up for as long as they asked to wait.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// The calls this process is making, by [`invocation_key`]: a withdrawal cancels one.
+    pub calls: Mutex<HashMap<u128, tokio_util::sync::CancellationToken>>,
+}
+
+/// A call registered in [`Inner::calls`] while it runs; dropped, it leaves.
+pub(crate) struct RunningCall<'a> {
+    invoker: &'a Invoker,
+    key: u128,
+    pub withdrawn: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for RunningCall<'_> {
+    fn drop(&mut self) {
+        self.invoker.lock_calls().remove(&self.key);
+    }
 }
 
 /// The vault entry `<kind>/<32 hex digits of key>` of an invocation, by its
@@ -247,8 +262,42 @@ impl Invoker {
                 instance: new_instance_id(),
                 result_peers: std::sync::OnceLock::new(),
                 stopping: tokio_util::sync::CancellationToken::new(),
+                calls: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Registers the call of the invocation `key` as running here, until the guard drops.
+    pub(crate) fn running_call(&self, key: u128) -> RunningCall<'_> {
+        let withdrawn = tokio_util::sync::CancellationToken::new();
+        self.lock_calls().insert(key, withdrawn.clone());
+        RunningCall {
+            invoker: self,
+            key,
+            withdrawn,
+        }
+    }
+
+    /// Cancels the call of the invocation `key` if this process is making it; says whether
+    /// it was.
+    pub(crate) fn cancel_call(&self, key: u128) -> bool {
+        match self.lock_calls().get(&key) {
+            Some(withdrawn) => {
+                withdrawn.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock_calls(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u128, tokio_util::sync::CancellationToken>> {
+        // A panic while holding the lock leaves the map as it was: keep using it.
+        self.inner
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The process is stopping: waits for an outcome, under way or asked for from now on,

@@ -326,16 +326,17 @@ async fn invocation_status(
     Ok(axum::Json(InvocationOutcome::of(report)))
 }
 
-/// Withdraws a request that waits for its user's approval, for when the orchestrator no
-/// longer wants the call (the user stopped the conversation): it leaves the user's
-/// approvals, and its outcome is `denied` with reason `withdrawn`. Final: a request decided,
-/// withdrawn or running already is refused (409).
+/// Withdraws an invocation the orchestrator no longer wants (the user stopped the
+/// conversation): one waiting for approval leaves the user's approvals and ends `denied`
+/// with reason `withdrawn`; one whose call runs has it cancelled, at the server too, and ends
+/// `failed` with reason `withdrawn` — unless it finished first, which the answer then says.
+/// A finished invocation is refused (409).
 #[utoipa::path(post, path = "/api/v1/invocations/{id}/withdraw", tag = "invocations", security(("bearer" = [])),
     params(("id" = String, Path, description = "The invocation id"), UserQuery),
     responses(
-        (status = 200, description = "The outcome: denied, withdrawn", body = InvocationOutcome),
+        (status = 200, description = "The outcome after the withdrawal", body = InvocationOutcome),
         (status = 404, description = "No such invocation of the user", body = crate::ErrorBody),
-        (status = 409, description = "Not waiting for approval (decided, withdrawn, or called)", body = crate::ErrorBody),
+        (status = 409, description = "Finished already", body = crate::ErrorBody),
         (status = 410, description = "The approval window closed", body = crate::ErrorBody),
     ))]
 async fn withdraw_invocation(
@@ -347,12 +348,7 @@ async fn withdraw_invocation(
     let user = user_for(&caller, query.user.as_deref())?;
     let report = state
         .invoker
-        .decide_approval(
-            &state.command_context(&caller),
-            &user,
-            &invocation_id(&id)?,
-            Decision::Withdraw,
-        )
+        .withdraw(&state.command_context(&caller), &user, &invocation_id(&id)?)
         .await?;
     // Withdrawn, it leaves the user's approvals: a GET right after must not list it.
     settle_invocations(&state).await?;

@@ -2751,7 +2751,7 @@ async fn an_idle_session_is_closed_and_the_next_call_opens_another() {
     assert_eq!(invoker.close_idle_sessions(), 1);
     tokio::time::timeout(
         Duration::from_secs(10),
-        handle.mcp_request_where(|seen| {
+        handle.mcp_requests_where(1, |seen| {
             seen.http_method == "DELETE" && seen.session_id.as_deref() == Some(session.as_str())
         }),
     )
@@ -2816,7 +2816,7 @@ async fn an_orchestrator_withdraws_a_request_waiting_for_approval() {
     assert_eq!(approvals["approvals"], json!([]), "{approvals}");
     let (status, again) = withdraw(&it.alice, "call_withdrawn", None).await;
     assert_eq!(status, 409, "{again}");
-    assert_eq!(again["error"]["code"], "invocation_not_awaiting_approval");
+    assert_eq!(again["error"]["code"], "invocation_finished");
     let (status, late) = it
         .post(
             &it.alice,
@@ -2879,4 +2879,77 @@ async fn an_orchestrator_withdraws_a_request_waiting_for_approval() {
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
     let withdrawals = events_of_type(&it.setup, "InvocationDenied").await;
     assert_eq!(withdrawals.len(), 3, "{withdrawals:?}");
+}
+
+/// A call under way is withdrawn where it runs — by this process, and by another one over
+/// NATS, which does not know where it runs — cancelled at the server too, and ends `failed`
+/// with reason `withdrawn`, for the withdrawal and for the caller waiting on it.
+#[tokio::test]
+async fn a_running_call_is_withdrawn_where_it_runs_and_cancelled_at_the_server() {
+    let it = connected(Store::JetStream, settings()).await;
+    it.set_state("slow_report", "always_allow").await;
+    let client = nats_client().await;
+    let prefix = testkit::unique_name("withdraw-running");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let here = it.setup.app.state.invoker.clone();
+    let elsewhere = here.another_instance();
+    for invoker in [&here, &elsewhere] {
+        serve_on_nats(invoker, &client, &prefix, Stop::at(shutdown.clone())).await;
+    }
+    let context = service_kit::CommandContext::service("test");
+    for (n, (id, withdrawer)) in [
+        ("call_withdrawn_here", &here),
+        ("call_withdrawn_elsewhere", &elsewhere),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let call = {
+            let (here, context) = (here.clone(), context.clone());
+            let request = it.request(id, "slow_report", json!({}));
+            tokio::spawn(async move { here.invoke(&context, request).await })
+        };
+        // At the server: the call is under way.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            it.setup
+                .handle
+                .mcp_requests_where(n + 1, |seen| seen.method.as_deref() == Some("tools/call")),
+        )
+        .await
+        .expect("the call reached the server");
+        let withdrawn = withdrawer
+            .withdraw(&context, &alice(), &invocation(id))
+            .await
+            .expect("withdrawn");
+        assert_eq!(
+            withdrawn.outcome,
+            invoker::Outcome::Failed,
+            "{id}: {withdrawn:?}"
+        );
+        assert_eq!(withdrawn.reason.as_deref(), Some("withdrawn"), "{id}");
+        let answered = call.await.expect("task").expect("the caller's answer");
+        assert_eq!(
+            answered.reason.as_deref(),
+            Some("withdrawn"),
+            "{id}: {answered:?}"
+        );
+        let ended = tokio::time::timeout(SLOW_TOOL * 3, it.setup.handle.slow_calls_ended(n + 1))
+            .await
+            .expect("the call ended at the server");
+        assert_eq!(
+            ended[n],
+            SlowCallEnd::Abandoned {
+                tool: "slow_report".to_owned()
+            },
+            "{id}"
+        );
+    }
+    // A finished one is not withdrawn again.
+    let again = here
+        .withdraw(&context, &alice(), &invocation("call_withdrawn_here"))
+        .await
+        .expect_err("finished");
+    assert_eq!(again.code(), "invocation_finished");
+    shutdown.cancel();
 }

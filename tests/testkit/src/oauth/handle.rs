@@ -303,22 +303,24 @@ impl FixtureHandle {
         self.shared.state().mcp_requests.clone()
     }
 
-    /// Waits for a request to the MCP endpoint (one that passed the token check) that
-    /// `matches`, seen before or after the call, and returns it.
-    pub async fn mcp_request_where(
+    /// Waits until `at_least` requests to the MCP endpoint (ones that passed the token
+    /// check) match `matches`, seen before or after the call, and returns them all.
+    pub async fn mcp_requests_where(
         &self,
+        at_least: usize,
         matches: impl Fn(&McpRequestSeen) -> bool,
-    ) -> McpRequestSeen {
+    ) -> Vec<McpRequestSeen> {
         let mut seen = self.shared.mcp_requests_seen.subscribe();
         loop {
-            let found = self
+            let found: Vec<McpRequestSeen> = self
                 .shared
                 .state()
                 .mcp_requests
                 .iter()
-                .find(|request| matches(request))
-                .cloned();
-            if let Some(found) = found {
+                .filter(|request| matches(request))
+                .cloned()
+                .collect();
+            if found.len() >= at_least {
                 return found;
             }
             if seen.changed().await.is_err() {
