@@ -195,8 +195,6 @@ struct Inner {
     atomic_batches: bool,
     /// `read_aggregate` by direct get (else by ordered consumer).
     direct_reads: bool,
-    /// The server's `max_payload` when the log connected: an event is one message.
-    max_payload: usize,
 }
 
 fn log_index(log: LogKind) -> usize {
@@ -321,7 +319,6 @@ impl JetStreamLog {
         };
         Ok(JetStreamLog {
             inner: Arc::new(Inner {
-                max_payload: client.server_info().max_payload,
                 client,
                 js,
                 config,
@@ -506,7 +503,9 @@ impl EventLog for JetStreamLog {
     }
 
     fn max_event_bytes(&self) -> Option<usize> {
-        Some(self.inner.max_payload)
+        // An event is one message. The server's current limit: the client updates it from
+        // each INFO, a reconnection to a server with another limit included (one atomic load).
+        Some(self.inner.client.max_payload())
     }
 }
 

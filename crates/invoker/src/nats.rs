@@ -36,9 +36,6 @@ pub struct NatsService {
     invoker: Invoker,
     client: async_nats::Client,
     prefix: String,
-    /// The largest message the server takes, as it said when this service started: a reply
-    /// over it is never delivered, so a result too large for it is cut to fit.
-    max_payload: usize,
     approval_outcomes: tokio::sync::broadcast::Receiver<crate::ApprovalOutcome>,
     _service: Service,
     tools: Endpoint,
@@ -86,7 +83,6 @@ impl NatsService {
             prefix: prefix.to_owned(),
         });
         Ok(NatsService {
-            max_payload: client.server_info().max_payload,
             result_requests,
             withdrawals,
             approval_outcomes: invoker.approval_outcomes(),
@@ -140,7 +136,10 @@ impl NatsService {
         request: async_nats::service::Request,
         kind: Kind,
     ) {
-        let (invoker, max_payload) = (self.invoker.clone(), self.max_payload);
+        // The largest message the server takes now: a reply over it is never delivered, so
+        // a result too large for it is cut to fit. (The client keeps it current, across
+        // reconnections to a server with another limit.)
+        let (invoker, max_payload) = (self.invoker.clone(), self.client.max_payload());
         handlers.spawn(async move {
             let json = is_json(&request.message);
             let payload = &request.message.payload;
@@ -268,7 +267,7 @@ impl NatsService {
             invoker,
             client,
             asked,
-            self.max_payload,
+            self.client.max_payload(),
         ));
     }
 }
@@ -319,7 +318,7 @@ impl NatsService {
             }
         };
         let subject = format!("{}.invoke.result.{token}", self.prefix);
-        let payload = encode_report(&report, &user, false, self.max_payload);
+        let payload = encode_report(&report, &user, false, self.client.max_payload());
         if let Err(error) = self.client.publish(subject, payload).await {
             tracing::warn!(%error, "could not publish an approval outcome");
         }

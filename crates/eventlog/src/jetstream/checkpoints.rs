@@ -118,11 +118,7 @@ impl CheckpointStore for KvCheckpointStore {
     async fn save(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), EventLogError> {
         self.key(name)?;
         let size = POSITION_LEN + checkpoint.snapshot.len();
-        let limit = self
-            .client
-            .server_info()
-            .max_payload
-            .min(MAX_CHECKPOINT_VALUE_SIZE);
+        let limit = self.client.max_payload().min(MAX_CHECKPOINT_VALUE_SIZE);
         // The KV put carries no headers, but leave room for the protocol's own.
         if size + 512 > limit {
             return Err(EventLogError::InvalidEvent {
