@@ -1321,10 +1321,8 @@ impl Invoker {
         let envelopes = self.envelopes(&context, &user, &id, started.clone());
         // Withdrawn while it runs, the call's future is dropped: `rmcp` then cancels it at
         // the server.
-        let running = self.running_call(domain::projections::invocation_key(
-            user.as_str(),
-            id.as_str(),
-        ));
+        let key = domain::projections::invocation_key(user.as_str(), id.as_str());
+        let running = self.running_call(key);
         let began = tokio::time::Instant::now();
         let calling = async {
             let answer = tokio::select! {
@@ -1380,7 +1378,7 @@ impl Invoker {
                     (String::new(), self.inner.instance.clone())
                 };
                 // Before the event: whoever sees `InvocationCompleted` here finds the result.
-                self.remember_result(&user, id.as_str(), envelope.clone());
+                self.remember_result(key, envelope.clone());
                 built = Some(envelope.clone());
                 InvocationCommand::Complete {
                     is_error: envelope.is_error,
@@ -1844,7 +1842,8 @@ impl Invoker {
         };
         if let Some(result) = &fetched {
             // Kept here too: the next look-up need not ask again.
-            self.remember_result(user, id.as_str(), result.clone());
+            let key = domain::projections::invocation_key(user.as_str(), id.as_str());
+            self.remember_result(key, result.clone());
         }
         fetched
     }

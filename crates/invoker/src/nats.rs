@@ -745,14 +745,11 @@ async fn invoke(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
 }
 
 async fn status(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
-    let request = match decode::<pb::InvokeStatusRequest>(payload, json) {
-        Ok(request) => request,
-        Err(error) => return Err(failed_reply(String::new(), error)),
-    };
-    let echo = request.invocation_id.clone();
-    let (user, id) = user_of(&request.user_id)
-        .and_then(|user| Ok((user, id_of(&request.invocation_id)?)))
-        .map_err(|error| failed_reply(echo.clone(), error))?;
+    let request = decode::<pb::InvokeStatusRequest>(payload, json)
+        .map_err(|error| failed_reply(String::new(), error))?;
+    let echo = request.invocation_id;
+    let (user, id) =
+        addressed(&request.user_id, &echo).map_err(|error| failed_reply(echo.clone(), error))?;
     let wait = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
     match invoker.status(&user, &id, wait).await {
         Ok(report) => Ok((report, user)),
@@ -761,19 +758,24 @@ async fn status(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
 }
 
 async fn withdraw(invoker: &Invoker, payload: &[u8], json: bool) -> Answer {
-    let request = match decode::<pb::InvokeWithdrawRequest>(payload, json) {
-        Ok(request) => request,
-        Err(error) => return Err(failed_reply(String::new(), error)),
-    };
-    let echo = request.invocation_id.clone();
-    let (user, id) = user_of(&request.user_id)
-        .and_then(|user| Ok((user, id_of(&request.invocation_id)?)))
-        .map_err(|error| failed_reply(echo.clone(), error))?;
+    let request = decode::<pb::InvokeWithdrawRequest>(payload, json)
+        .map_err(|error| failed_reply(String::new(), error))?;
+    let echo = request.invocation_id;
+    let (user, id) =
+        addressed(&request.user_id, &echo).map_err(|error| failed_reply(echo.clone(), error))?;
     let context = CommandContext::service("orchestrator");
     match invoker.withdraw(&context, &user, &id).await {
         Ok(report) => Ok((report, user)),
         Err(error) => Err(failed_reply(echo, refusal(&error))),
     }
+}
+
+/// The user and invocation a request names.
+fn addressed(
+    user_id: &str,
+    invocation_id: &str,
+) -> Result<(UserId, InvocationId), pb::OrchestratorError> {
+    Ok((user_of(user_id)?, id_of(invocation_id)?))
 }
 
 #[cfg(test)]

@@ -473,14 +473,15 @@ impl Invoker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(crate) fn remember_result(&self, user: &UserId, id: &str, result: Arc<ResultEnvelope>) {
+    /// Keeps the result of the invocation `key` ([`invocation_key`]).
+    pub(crate) fn remember_result(&self, key: u128, result: Arc<ResultEnvelope>) {
         let limit = self.inner.settings.result_cache_entries;
         let evicted = self
             .inner
             .results
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(invocation_key(user.as_str(), id), result, limit);
+            .insert(key, result, limit);
         // Freed here, not under the lock every call takes.
         drop(evicted);
     }
