@@ -124,6 +124,49 @@ async fn serve_on_nats(
     tokio::spawn(service.run(stop))
 }
 
+/// A proto3 JSON request on `subject` (`Content-Type: application/json`) and its JSON reply.
+async fn nats_json(client: &async_nats::Client, subject: String, body: &Value) -> Value {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let reply = client
+        .request_with_headers(
+            subject,
+            headers,
+            serde_json::to_vec(body).expect("json").into(),
+        )
+        .await
+        .expect("reply");
+    serde_json::from_slice(&reply.payload).expect("JSON reply")
+}
+
+/// Subscribed (and the server told) to the announcements of invocation `id`'s final outcome.
+async fn announcements(
+    client: &async_nats::Client,
+    prefix: &str,
+    id: &str,
+) -> async_nats::Subscriber {
+    let subscriber = client
+        .subscribe(format!("{prefix}.invoke.result.{id}"))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    subscriber
+}
+
+/// The next announcement on `announced` (`what` says which), within 10 s.
+async fn next_announcement(
+    announced: &mut async_nats::Subscriber,
+    what: &str,
+) -> proto::v1::InvocationReply {
+    use futures_util::StreamExt;
+    use proto::Message as _;
+    let message = tokio::time::timeout(Duration::from_secs(10), announced.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .expect("a message");
+    proto::v1::InvocationReply::decode(message.payload).expect("protobuf")
+}
+
 fn settings() -> invoker::InvokerSettings {
     invoker::InvokerSettings {
         sweep_interval: Duration::from_millis(50),
@@ -185,6 +228,24 @@ async fn connected_to_clocked(
 }
 
 impl Invoking {
+    /// Alice removes her connection (`DELETE .../connection`), and the read models follow.
+    async fn disconnect(&self) {
+        let response = self
+            .setup
+            .app
+            .client
+            .delete(format!(
+                "{}/api/v1/servers/{}/connection",
+                self.setup.app.url, self.server_id
+            ))
+            .bearer_auth(&self.alice)
+            .send()
+            .await
+            .expect("disconnect");
+        assert!(response.status().is_success(), "{}", response.status());
+        self.settle().await;
+    }
+
     async fn set_state(&self, tool: &str, state: &str) {
         let response = self
             .setup
@@ -847,20 +908,7 @@ async fn a_user_without_a_connection_is_rejected_as_not_connected_on_both_stores
         // A name no server offers is still unknown.
         let unknown = it.invoke("call_nothing", "no_such_tool", json!({})).await;
         assert_eq!(unknown["reason"], "unknown_tool", "{store:?}: {unknown}");
-        let response = it
-            .setup
-            .app
-            .client
-            .delete(format!(
-                "{}/api/v1/servers/{}/connection",
-                it.setup.app.url, it.server_id
-            ))
-            .bearer_auth(&it.alice)
-            .send()
-            .await
-            .expect("disconnect");
-        assert!(response.status().is_success(), "{}", response.status());
-        it.settle().await;
+        it.disconnect().await;
         // The setting stays (it is the user's), but there is no authorization to call with.
         let rejected = it
             .invoke("call_gone", "search_issues", json!({"query": "x"}))
@@ -2016,21 +2064,9 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let invoker = &it.setup.app.state.invoker;
     serve_on_nats(invoker, &client, &prefix, Stop::at(shutdown.clone())).await;
-    let mut json_headers = async_nats::HeaderMap::new();
-    json_headers.insert("Content-Type", "application/json");
     let json_request = |subject: &str, body: Value| {
-        let (client, headers, subject) = (client.clone(), json_headers.clone(), subject.to_owned());
-        async move {
-            let reply = client
-                .request_with_headers(
-                    subject,
-                    headers,
-                    serde_json::to_vec(&body).expect("json").into(),
-                )
-                .await
-                .expect("reply");
-            serde_json::from_slice::<Value>(&reply.payload).expect("JSON reply")
-        }
+        let (client, subject) = (client.clone(), subject.to_owned());
+        async move { nats_json(&client, subject, &body).await }
     };
 
     let tools = json_request(&format!("{prefix}.tools.list"), json!({"userId": ALICE})).await;
@@ -2519,8 +2555,6 @@ async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it
 /// the rest of the process is done, and only then stops.
 #[tokio::test]
 async fn a_stopping_nats_service_announces_approval_outcomes_until_the_rest_is_done() {
-    use futures_util::StreamExt;
-    use proto::Message as _;
     let it = connected(Store::JetStream, settings()).await;
     it.set_state("create_issue", "needs_approval").await;
     let client = nats_client().await;
@@ -2532,11 +2566,7 @@ async fn a_stopping_nats_service_announces_approval_outcomes_until_the_rest_is_d
     };
     let invoker = &it.setup.app.state.invoker;
     let running = serve_on_nats(invoker, &client, &prefix, stop.clone()).await;
-    let mut announced = client
-        .subscribe(format!("{prefix}.invoke.result.call_late"))
-        .await
-        .expect("subscribe");
-    client.flush().await.expect("flush");
+    let mut announced = announcements(&client, &prefix, "call_late").await;
     it.awaiting("call_late", "create_issue", json!({"title": "late"}))
         .await;
 
@@ -2550,11 +2580,7 @@ async fn a_stopping_nats_service_announces_approval_outcomes_until_the_rest_is_d
         .await;
     assert_eq!(status, 200, "{outcome}");
     assert_eq!(outcome["outcome"], "completed", "{outcome}");
-    let message = tokio::time::timeout(Duration::from_secs(10), announced.next())
-        .await
-        .expect("announced while stopping")
-        .expect("a message");
-    let reply = proto::v1::InvocationReply::decode(message.payload).expect("protobuf");
+    let reply = next_announcement(&mut announced, "announced while stopping").await;
     assert_eq!(reply.outcome, "completed", "{reply:?}");
     assert!(!running.is_finished(), "stopped before the rest was done");
 
@@ -2687,19 +2713,7 @@ async fn blocking_a_tool_or_disconnecting_denies_its_requests_waiting_for_approv
         "the user blocked the tool while the request waited"
     );
 
-    let response = it
-        .setup
-        .app
-        .client
-        .delete(format!(
-            "{}/api/v1/servers/{}/connection",
-            it.setup.app.url, it.server_id
-        ))
-        .bearer_auth(&it.alice)
-        .send()
-        .await
-        .expect("disconnect");
-    assert!(response.status().is_success(), "{}", response.status());
+    it.disconnect().await;
     let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
     assert_eq!(listed(&approvals), Vec::<String>::new(), "{approvals}");
     let (_, denied) = it.get(&it.alice, "/api/v1/invocations/call_to_keep").await;
@@ -2793,8 +2807,6 @@ async fn a_tool_that_asks_for_input_fails_saying_what_it_asked_for() {
 /// `invoke_for_users`, for them, and over NATS.
 #[tokio::test]
 async fn an_orchestrator_withdraws_a_request_waiting_for_approval() {
-    use futures_util::StreamExt;
-    use proto::Message as _;
     let it = connected(Store::JetStream, settings()).await;
     it.set_state("create_issue", "needs_approval").await;
     let withdraw = |token: &str, id: &str, user: Option<&str>| {
@@ -2848,31 +2860,16 @@ async fn an_orchestrator_withdraws_a_request_waiting_for_approval() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let invoker = &it.setup.app.state.invoker;
     serve_on_nats(invoker, &client, &prefix, Stop::at(shutdown.clone())).await;
-    let mut announced = client
-        .subscribe(format!("{prefix}.invoke.result.call_withdrawn_nats"))
-        .await
-        .expect("subscribe");
-    client.flush().await.expect("flush");
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", "application/json");
-    let reply = client
-        .request_with_headers(
-            format!("{prefix}.invoke.withdraw"),
-            headers,
-            json!({"invocationId": "call_withdrawn_nats", "userId": ALICE})
-                .to_string()
-                .into(),
-        )
-        .await
-        .expect("reply");
-    let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    let mut announced = announcements(&client, &prefix, "call_withdrawn_nats").await;
+    let reply = nats_json(
+        &client,
+        format!("{prefix}.invoke.withdraw"),
+        &json!({"invocationId": "call_withdrawn_nats", "userId": ALICE}),
+    )
+    .await;
     assert_eq!(reply["outcome"], "denied", "{reply}");
     assert_eq!(reply["reason"], "withdrawn", "{reply}");
-    let message = tokio::time::timeout(Duration::from_secs(10), announced.next())
-        .await
-        .expect("announced")
-        .expect("a message");
-    let announced = proto::v1::InvocationReply::decode(message.payload).expect("protobuf");
+    let announced = next_announcement(&mut announced, "announced").await;
     assert_eq!(announced.reason, "withdrawn", "{announced:?}");
     shutdown.cancel();
 
