@@ -31,12 +31,7 @@ impl Invoker {
     /// A result the vault does not take is skipped and logged. Returns how many were kept.
     /// Call it once requests have stopped.
     pub async fn hand_over_results(&self, within: Duration) -> usize {
-        let held = self
-            .inner
-            .results
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .newest_first();
+        let held = crate::service::locked(&self.inner.results).newest_first();
         if held.is_empty() {
             return 0;
         }

@@ -293,11 +293,7 @@ impl Invoker {
     fn lock_calls(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u128, tokio_util::sync::CancellationToken>> {
-        // A panic while holding the lock leaves the map as it was: keep using it.
-        self.inner
-            .calls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locked(&self.inner.calls)
     }
 
     /// The process is stopping: waits for an outcome, under way or asked for from now on,
@@ -466,33 +462,28 @@ impl Invoker {
     fn lock_sessions(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<(ServerId, UserId), SessionEntry>> {
-        // A panic while holding the lock leaves the map as it was: keep using it.
-        self.inner
-            .sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locked(&self.inner.sessions)
     }
 
     /// Keeps the result of the invocation `key` ([`invocation_key`]).
     pub(crate) fn remember_result(&self, key: u128, result: Arc<ResultEnvelope>) {
         let limit = self.inner.settings.result_cache_entries;
-        let evicted = self
-            .inner
-            .results
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, result, limit);
+        let evicted = locked(&self.inner.results).insert(key, result, limit);
         // Freed here, not under the lock every call takes.
         drop(evicted);
     }
 
     pub(crate) fn remembered_result(&self, user: &UserId, id: &str) -> Option<Arc<ResultEnvelope>> {
-        self.inner
-            .results
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(invocation_key(user.as_str(), id))
+        locked(&self.inner.results).get(invocation_key(user.as_str(), id))
     }
+}
+
+/// `mutex` locked. A panic while it was held leaves what it guards as it was (each change
+/// under these locks is one map operation): keep using it.
+pub(crate) fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
