@@ -187,9 +187,12 @@ enum CallCut {
     Withdrawn,
 }
 
-/// Why the settings in force refuse a call (see `Invoker::refusal_now`).
+/// Why the settings in force refuse a call (see `Invoker::refusal_now` and
+/// `Invoker::refusal_of_pending`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
+pub(crate) enum Refusal {
+    /// The server was disabled or deleted.
+    ServerDisabled,
     /// The user's setting for the tool is Blocked.
     Blocked,
     /// The user has no connection to the server.
@@ -199,8 +202,9 @@ enum Refusal {
 }
 
 impl Refusal {
-    fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
+            Refusal::ServerDisabled => "server_disabled",
             Refusal::Blocked => "tool_blocked",
             Refusal::Disconnected => "not_connected",
             Refusal::NotOffered => "unknown_tool",
@@ -1002,6 +1006,27 @@ impl Invoker {
         self.status(user, id, WITHDRAWAL_WAIT).await
     }
 
+    /// Why no approval could let a request of `user` to call `tool` on the server with id
+    /// `server` through now: the server disabled or deleted, or the settings in force
+    /// refuse it; `None`: an approval would call it.
+    pub(crate) fn refusal_of_pending(
+        &self,
+        user: &UserId,
+        server: &str,
+        tool: &str,
+    ) -> Option<Refusal> {
+        let enabled = ServerId::parse(server).ok().filter(|&server| {
+            self.inner
+                .read_models
+                .servers
+                .read(|d| d.get(server).is_some_and(|s| s.enabled))
+        });
+        match enabled {
+            None => Some(Refusal::ServerDisabled),
+            Some(server) => self.refusal_now(user, server, tool),
+        }
+    }
+
     /// Why the settings in force would refuse a call of `tool` on `server` for `user` now
     /// (the server's own state aside); `None`: they allow it.
     fn refusal_now(&self, user: &UserId, server: ServerId, tool: &str) -> Option<Refusal> {
@@ -1215,6 +1240,9 @@ impl Invoker {
         // to a stale request must not undo a block).
         if let Some(refusal) = self.refusal_now(user, server_id, &request.tool_name) {
             let message = match refusal {
+                Refusal::ServerDisabled => {
+                    "the server was disabled or deleted before the approved call"
+                }
                 Refusal::Blocked => {
                     "the tool was blocked before the approved call; the server was not called"
                 }

@@ -8,17 +8,20 @@
 //! Every `up` runs the sweeper; two processes closing one invocation record it once (an
 //! expiry is the invocation's one decision, an interruption its one outcome: the loser finds
 //! its competitor's event stored and does nothing).
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use domain::{
-    DomainError, Event, InvocationId, UserId,
+    DomainError, Event, InvocationId, ServerId, UserId,
     invocation::{self, InvocationCommand, InvocationState},
 };
 use eventlog::LogKind;
 use service_kit::CommandContext;
 use tokio_util::sync::CancellationToken;
 
-use crate::{InvocationReport, Invoker, InvokerError, commands::invocation_subject};
+use crate::{
+    InvocationReport, Invoker, InvokerError,
+    commands::{Refusal, invocation_subject},
+};
 
 const SERVICE: &str = "invoker";
 
@@ -26,8 +29,33 @@ const SERVICE: &str = "invoker";
 /// by the process that claimed it) before the sweeper closes it as never called.
 const UNSETTLED_AFTER: Duration = Duration::from_secs(30);
 
+/// How long a request must have waited for approval before the sweeper closes it as one
+/// no approval could let through: the server and the settings it is checked against are
+/// other logs', whose read models may be a moment behind this one's — a request made just
+/// after its tool was unblocked, or its server enabled, elsewhere must not be taken for one
+/// on a blocked tool or a disabled server.
+const REFUSED_AFTER: Duration = Duration::from_secs(10);
+
 /// An open invocation by (user id, invocation id).
 type OpenKey = (String, String);
+
+/// A request waiting for approval, as the sweeper weighs it.
+struct Pending {
+    key: OpenKey,
+    server_id: String,
+    tool_name: String,
+    waiting_since: SystemTime,
+}
+
+/// Which requests waiting for approval [`Invoker::fail_pending_refused`] weighs, and which
+/// refusals close them.
+enum PendingScope {
+    /// Every one that has waited [`REFUSED_AFTER`], for any refusal.
+    Settled,
+    /// Those on a server an administrator just disabled or deleted here (this process's
+    /// read model shows it), for that alone, however long they have waited.
+    OnServerGone(ServerId),
+}
 
 impl Invoker {
     /// Sweeps every `sweep_interval`, and closes idle MCP sessions every tenth of
@@ -103,23 +131,111 @@ impl Invoker {
                     ),
                 )
             }));
+        let sweeper = CommandContext::service(SERVICE);
         let mut closed = 0;
         for ((user, id), command) in closing {
-            if let Some((report, waited_for_approval)) = self.close(&user, &id, command).await? {
-                closed += 1;
-                if waited_for_approval && let Ok(user) = UserId::parse(&user) {
-                    self.announce_approval_outcome(&user, &report);
+            closed += usize::from(self.close_as(&sweeper, &user, &id, command).await?);
+        }
+        closed += self
+            .fail_pending_refused(&sweeper, PendingScope::Settled)
+            .await?;
+        Ok(closed)
+    }
+
+    /// After an administrator disabled or deleted `server` (and this process's read model
+    /// shows it): every user's requests on it that wait for approval, which no approval
+    /// could let through any more, fail as `server_disabled` at once — off their users'
+    /// approvals, their orchestrators told — instead of waiting until they expire. Returns
+    /// how many it closed. The sweeper closes them too, later, wherever the change was made.
+    pub async fn fail_pending_on_server_gone(
+        &self,
+        context: &CommandContext,
+        server: ServerId,
+    ) -> Result<usize, InvokerError> {
+        self.fail_pending_refused(context, PendingScope::OnServerGone(server))
+            .await
+    }
+
+    /// Closes, as failed and saying why, the requests in `scope` that wait for approval and
+    /// that no approval could let through now: server disabled or deleted, tool blocked or
+    /// no longer offered, connection removed (an approval would only record the failure; the
+    /// user would see the prompt, and the orchestrator wait, for nothing). Returns how many.
+    async fn fail_pending_refused(
+        &self,
+        context: &CommandContext,
+        scope: PendingScope,
+    ) -> Result<usize, InvokerError> {
+        let now = self.inner.envelopes.clock().now();
+        let server_text = match &scope {
+            PendingScope::OnServerGone(server) => Some(server.to_string()),
+            PendingScope::Settled => None,
+        };
+        let pending: Vec<Pending> = self.inner.read_models.open_invocations.read(|open| {
+            open.pending_approvals()
+                .filter(|o| server_text.as_ref().is_none_or(|s| *s == o.server_id))
+                .map(|o| Pending {
+                    key: (o.user_id.clone(), o.invocation_id.clone()),
+                    server_id: o.server_id.clone(),
+                    tool_name: o.tool_name.clone(),
+                    waiting_since: o.since(),
+                })
+                .collect()
+        });
+        let mut closed = 0;
+        for pending in pending {
+            let Ok(user) = UserId::parse(&pending.key.0) else {
+                continue;
+            };
+            let settled = now
+                .duration_since(pending.waiting_since)
+                .is_ok_and(|waited| waited >= REFUSED_AFTER);
+            let refusal = match (
+                &scope,
+                self.refusal_of_pending(&user, &pending.server_id, &pending.tool_name),
+            ) {
+                (_, None) => continue,
+                (PendingScope::Settled, Some(refusal)) if settled => refusal,
+                (PendingScope::OnServerGone(_), Some(Refusal::ServerDisabled)) => {
+                    Refusal::ServerDisabled
                 }
-            }
+                _ => continue,
+            };
+            let command = InvocationCommand::Fail {
+                error_code: refusal.code().to_owned(),
+                message: refused_while_waiting(refusal).to_owned(),
+                duration_ms: 0,
+            };
+            let (user, id) = pending.key;
+            closed += usize::from(self.close_as(context, &user, &id, command).await?);
         }
         Ok(closed)
     }
 
-    /// Records `command` for one open invocation; returns the invocation's report and
+    /// [`Self::close`] on behalf of `context`, announcing the outcome of an invocation that
+    /// waited for approval; whether it closed it.
+    async fn close_as(
+        &self,
+        context: &CommandContext,
+        user: &str,
+        id: &str,
+        command: InvocationCommand,
+    ) -> Result<bool, InvokerError> {
+        let Some((report, waited_for_approval)) = self.close(context, user, id, command).await?
+        else {
+            return Ok(false);
+        };
+        if waited_for_approval && let Ok(user) = UserId::parse(user) {
+            self.announce_approval_outcome(&user, &report);
+        }
+        Ok(true)
+    }
+
+    /// Records `command` for one open invocation on behalf of `context`; returns the invocation's report and
     /// whether it waited for approval, or `None` when the command no longer applies (another
     /// process decided first).
     async fn close(
         &self,
+        context: &CommandContext,
         user: &str,
         id: &str,
         command: InvocationCommand,
@@ -146,12 +262,7 @@ impl Invoker {
             ) => return Ok(None),
             Err(error) => return Err(error.into()),
         };
-        let envelopes = self.envelopes(
-            &CommandContext::service(SERVICE),
-            &user,
-            &id,
-            decided.clone(),
-        );
+        let envelopes = self.envelopes(context, &user, &id, decided.clone());
         // `None`: another process (or the owner) settled it first.
         let Some(sequence) = self.append_all(&subject, &envelopes).await? else {
             return Ok(None);
@@ -175,5 +286,27 @@ impl Invoker {
             self.report(&user, &id, &events),
             waited_for_approval,
         )))
+    }
+}
+
+/// What a request closed as refused says.
+fn refused_while_waiting(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::ServerDisabled => {
+            "the server was disabled or deleted while the request waited for approval; it was \
+             not called"
+        }
+        Refusal::Blocked => {
+            "the tool was blocked while the request waited for approval; the server was not \
+             called"
+        }
+        Refusal::Disconnected => {
+            "the connection was removed while the request waited for approval; the server was \
+             not called"
+        }
+        Refusal::NotOffered => {
+            "the server stopped offering the tool while the request waited for approval; it was \
+             not called"
+        }
     }
 }

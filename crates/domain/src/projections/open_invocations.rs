@@ -68,6 +68,11 @@ impl OpenInvocation {
         UNIX_EPOCH + Duration::from_millis(self.requested_at_ms)
     }
 
+    /// When its status last changed.
+    pub fn since(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.since_ms)
+    }
+
     pub fn approval_expires_at(&self) -> Option<SystemTime> {
         match self.status {
             OpenStatus::AwaitingApproval { expires_at_ms } => {
@@ -331,14 +336,20 @@ impl OpenInvocations {
     /// The user's invocations waiting for their approval, oldest first.
     pub fn pending_approvals_of(&self, user: &str) -> Vec<&OpenInvocation> {
         let mut pending: Vec<&OpenInvocation> = self
-            .open
-            .values()
-            .filter(|o| o.user_id == user && o.approval_expires_at().is_some())
+            .pending_approvals()
+            .filter(|o| o.user_id == user)
             .collect();
         pending.sort_by(|a, b| {
             (a.requested_at_ms, &a.invocation_id).cmp(&(b.requested_at_ms, &b.invocation_id))
         });
         pending
+    }
+
+    /// Every user's invocations waiting for their approval, in no order.
+    pub fn pending_approvals(&self) -> impl Iterator<Item = &OpenInvocation> {
+        self.open
+            .values()
+            .filter(|o| o.approval_expires_at().is_some())
     }
 
     /// Approvals whose deadline has passed at `now`.

@@ -254,7 +254,6 @@ async fn invoke(
     Ok(axum::Json(InvocationOutcome::of(report)))
 }
 
-/// Waits (bounded) until the invocations' read model holds everything the log holds now.
 /// After the caller blocked tools of `server` or disconnected from it: their requests there
 /// that wait for approval and that no approval could let through now are denied (the
 /// caller's own doing), and leave their approvals before the answer.
@@ -275,6 +274,32 @@ pub(crate) async fn deny_pending_now_refused(
     Ok(())
 }
 
+/// After an administrator disabled or deleted `server`: every user's requests on it that
+/// wait for approval fail at once (`server_disabled`), and leave their approvals before the
+/// answer. The change itself is made: if the store fails here, the answer still says so,
+/// and the sweeper closes them later.
+pub(crate) async fn fail_pending_on_server_gone(
+    state: &AppState,
+    caller: &Caller,
+    server: domain::ServerId,
+) -> Result<(), ApiError> {
+    let context = state.command_context(caller);
+    match state
+        .invoker
+        .fail_pending_on_server_gone(&context, server)
+        .await
+    {
+        Ok(0) => {}
+        Ok(_) => settle_invocations(state).await?,
+        Err(error) => tracing::warn!(
+            %error,
+            "could not close the requests waiting for approval on a server gone; the sweeper will"
+        ),
+    }
+    Ok(())
+}
+
+/// Waits (bounded) until the invocations' read model holds everything the log holds now.
 pub(crate) async fn settle_invocations(state: &AppState) -> Result<(), ApiError> {
     let end = state.log.last_sequence(LogKind::Invocations).await?;
     if !state

@@ -358,7 +358,8 @@ async fn edit_server(
     view_after(&state, id, &written).await
 }
 
-/// Deletes a server for everyone.
+/// Deletes a server for everyone. Requests waiting for approval on it fail
+/// (`server_disabled`).
 #[utoipa::path(delete, path = "/api/v1/servers/{id}", tag = "servers", security(("bearer" = [])),
     params(("id" = String, Path, description = "The server's id")),
     responses(
@@ -377,6 +378,7 @@ async fn delete_server(
         .delete_server(&state.command_context(&caller), id)
         .await?;
     state.settle(&written).await;
+    super::invocations::fail_pending_on_server_gone(&state, &caller, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -409,7 +411,8 @@ pub struct DisableServer {
     pub reason: String,
 }
 
-/// Keeps the server visible and makes its tools unavailable.
+/// Keeps the server visible and makes its tools unavailable. Requests waiting for approval
+/// on it fail (`server_disabled`).
 #[utoipa::path(post, path = "/api/v1/servers/{id}/disable", tag = "servers", security(("bearer" = [])),
     params(("id" = String, Path, description = "The server's id")),
     request_body(content = Option<DisableServer>, description = "Optional"),
@@ -441,5 +444,7 @@ async fn disable_server(
         .servers
         .disable_server(&state.command_context(&caller), id, disable.reason)
         .await?;
-    view_after(&state, id, &written).await
+    state.settle(&written).await;
+    super::invocations::fail_pending_on_server_gone(&state, &caller, id).await?;
+    Ok(axum::Json(view(&state, id)?))
 }

@@ -2691,20 +2691,10 @@ async fn blocking_a_tool_or_disconnecting_denies_its_requests_waiting_for_approv
         .await;
     it.awaiting("call_to_keep", "search_issues", json!({"query": "k"}))
         .await;
-    let listed = |approvals: &Value| -> Vec<String> {
-        approvals["approvals"]
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .map(|a| a["invocation_id"].as_str().unwrap_or_default().to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
 
     it.set_state("create_issue", "blocked").await;
     let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
-    assert_eq!(listed(&approvals), ["call_to_keep"], "{approvals}");
+    assert_eq!(approval_ids(&approvals), ["call_to_keep"], "{approvals}");
     let (_, denied) = it.get(&it.alice, "/api/v1/invocations/call_to_block").await;
     assert_eq!(denied["outcome"], "denied", "{denied}");
     assert_eq!(denied["reason"], "denied_by_user", "{denied}");
@@ -2715,12 +2705,172 @@ async fn blocking_a_tool_or_disconnecting_denies_its_requests_waiting_for_approv
 
     it.disconnect().await;
     let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
-    assert_eq!(listed(&approvals), Vec::<String>::new(), "{approvals}");
+    assert_eq!(
+        approval_ids(&approvals),
+        Vec::<String>::new(),
+        "{approvals}"
+    );
     let (_, denied) = it.get(&it.alice, "/api/v1/invocations/call_to_keep").await;
     assert_eq!(denied["outcome"], "denied", "{denied}");
     assert_eq!(
         denied["message"],
         "the user removed the connection while the request waited"
+    );
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+    assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
+}
+
+/// The ids of the invocations an approvals list shows.
+fn approval_ids(approvals: &Value) -> Vec<String> {
+    approvals["approvals"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|a| a["invocation_id"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An administrator who disables or deletes a server fails the requests on it that wait for
+/// approval, at once: they leave their users' approvals, and their orchestrators learn why,
+/// instead of both waiting until they expire for an approval that could only fail.
+#[tokio::test]
+async fn disabling_or_deleting_a_server_fails_the_requests_waiting_for_approval_on_it() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let admin = it.setup.app.token("admin@example.com", &["admin"]);
+    let server = format!("/api/v1/servers/{}", it.server_id);
+    let failed_as_disabled = |id: &'static str| {
+        let it = &it;
+        async move {
+            let (_, failed) = it
+                .get(&it.alice, &format!("/api/v1/invocations/{id}"))
+                .await;
+            assert_eq!(failed["outcome"], "failed", "{failed}");
+            assert_eq!(failed["reason"], "server_disabled", "{failed}");
+            assert_eq!(
+                failed["message"],
+                "the server was disabled or deleted while the request waited for approval; it \
+                 was not called"
+            );
+        }
+    };
+
+    it.awaiting("call_before_disable", "create_issue", json!({"title": "d"}))
+        .await;
+    let (status, body) = it
+        .post(&admin, &format!("{server}/disable"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(
+        approval_ids(&approvals),
+        Vec::<String>::new(),
+        "{approvals}"
+    );
+    failed_as_disabled("call_before_disable").await;
+
+    let (status, body) = it
+        .post(&admin, &format!("{server}/enable"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    it.awaiting("call_before_delete", "create_issue", json!({"title": "x"}))
+        .await;
+    let response = it
+        .setup
+        .app
+        .client
+        .delete(format!("{}{server}", it.setup.app.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), 204);
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(
+        approval_ids(&approvals),
+        Vec::<String>::new(),
+        "{approvals}"
+    );
+    failed_as_disabled("call_before_delete").await;
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+}
+
+/// Whatever made a request waiting for approval one no approval could let through — here
+/// changes the HTTP routes do not see: a block made through the policy service, the server
+/// no longer offering the tool — the sweeper fails it, saying why; but only once it has
+/// waited long enough for the read models of the other logs to have caught up (until then
+/// a request made just after an unblock elsewhere could look like one on a blocked tool).
+#[tokio::test]
+async fn the_sweeper_fails_requests_no_approval_could_let_through() {
+    let (clock, it) = connected_on_a_manual_clock().await;
+    for tool in ["create_issue", "search_issues", "delete_issue"] {
+        it.set_state(tool, "needs_approval").await;
+    }
+    it.awaiting("call_on_blocked", "create_issue", json!({"title": "b"}))
+        .await;
+    it.awaiting("call_on_withdrawn", "search_issues", json!({"query": "w"}))
+        .await;
+    it.awaiting("call_still_wanted", "delete_issue", json!({"key": "K-1"}))
+        .await;
+    let server = domain::ServerId::parse(&it.server_id).expect("server id");
+    let state = &it.setup.app.state;
+    let written = state
+        .policy
+        .set_tool_state(
+            &service_kit::CommandContext::service("test"),
+            &alice(),
+            server,
+            "create_issue",
+            domain::ToolState::Blocked,
+            None,
+        )
+        .await
+        .expect("blocked");
+    state.settle(&written).await;
+    let mut withdrawn = tools();
+    withdrawn.retain(|tool| tool.name != "search_issues");
+    it.setup.handle.set_tools(withdrawn);
+    state
+        .connections
+        .probe(server, &alice())
+        .await
+        .expect("probe");
+    it.settle().await;
+
+    assert_eq!(
+        state.invoker.sweep_once().await.expect("sweep"),
+        0,
+        "not before they waited long enough"
+    );
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(approval_ids(&approvals).len(), 3, "{approvals}");
+
+    clock.advance(Duration::from_secs(10));
+    let _ = state.invoker.sweep_once().await.expect("sweep");
+    it.settle().await;
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(
+        approval_ids(&approvals),
+        ["call_still_wanted"],
+        "{approvals}"
+    );
+    let (_, blocked) = it
+        .get(&it.alice, "/api/v1/invocations/call_on_blocked")
+        .await;
+    assert_eq!(blocked["outcome"], "failed", "{blocked}");
+    assert_eq!(blocked["reason"], "tool_blocked", "{blocked}");
+    let (_, withdrawn) = it
+        .get(&it.alice, "/api/v1/invocations/call_on_withdrawn")
+        .await;
+    assert_eq!(withdrawn["outcome"], "failed", "{withdrawn}");
+    assert_eq!(withdrawn["reason"], "unknown_tool", "{withdrawn}");
+    assert!(
+        withdrawn["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped offering the tool")),
+        "{withdrawn}"
     );
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
     assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
