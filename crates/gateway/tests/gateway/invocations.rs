@@ -286,6 +286,26 @@ impl Invoking {
         (status, response.json().await.expect("JSON"))
     }
 
+    /// Alice's `tool` blocked through the policy service, not the HTTP route (which would
+    /// also deny her requests waiting for approval on it), and the read models follow.
+    async fn block_without_the_routes(&self, tool: &str) {
+        let state = &self.setup.app.state;
+        let server = domain::ServerId::parse(&self.server_id).expect("server id");
+        let written = state
+            .policy
+            .set_tool_state(
+                &service_kit::CommandContext::service("test"),
+                &alice(),
+                server,
+                tool,
+                domain::ToolState::Blocked,
+                None,
+            )
+            .await
+            .expect("blocked");
+        state.settle(&written).await;
+    }
+
     /// Alice's request to call `tool`, which waits for her approval.
     async fn awaiting(&self, id: &str, tool: &str, arguments: Value) {
         let waiting = self.invoke(id, tool, arguments).await;
@@ -2642,19 +2662,7 @@ async fn an_approval_does_not_call_a_tool_blocked_or_disconnected_while_it_waite
 
     it.awaiting("call_then_blocked", "create_issue", json!({"title": "b"}))
         .await;
-    let written = state
-        .policy
-        .set_tool_state(
-            &context,
-            &alice(),
-            server,
-            "create_issue",
-            domain::ToolState::Blocked,
-            None,
-        )
-        .await
-        .expect("blocked");
-    state.settle(&written).await;
+    it.block_without_the_routes("create_issue").await;
     let failed = approve("call_then_blocked").await;
     assert_eq!(failed["reason"], "tool_blocked", "{failed}");
     assert!(
@@ -2816,19 +2824,7 @@ async fn the_sweeper_fails_requests_no_approval_could_let_through() {
         .await;
     let server = domain::ServerId::parse(&it.server_id).expect("server id");
     let state = &it.setup.app.state;
-    let written = state
-        .policy
-        .set_tool_state(
-            &service_kit::CommandContext::service("test"),
-            &alice(),
-            server,
-            "create_issue",
-            domain::ToolState::Blocked,
-            None,
-        )
-        .await
-        .expect("blocked");
-    state.settle(&written).await;
+    it.block_without_the_routes("create_issue").await;
     let mut withdrawn = tools();
     withdrawn.retain(|tool| tool.name != "search_issues");
     it.setup.handle.set_tools(withdrawn);
