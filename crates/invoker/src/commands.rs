@@ -51,8 +51,9 @@ use service_kit::CommandContext;
 use url::Url;
 
 use crate::{
-    Invoker, InvokerError, ResultEnvelope, ResultServer, pending_arguments, result::sha256_hex,
-    service::CallToken,
+    Invoker, InvokerError, ResultEnvelope, ResultServer, pending_arguments,
+    result::sha256_hex,
+    service::{CallToken, RunningCall},
 };
 
 /// What happened to an invocation. `running` is not final: the call is under way (or the
@@ -185,6 +186,8 @@ enum CallCut {
     Deadline,
     /// The orchestrator withdrew it.
     Withdrawn,
+    /// The orchestrator withdrew it before it went out (after its approval).
+    WithdrawnFirst,
 }
 
 /// Why the settings in force refuse a call (see `Invoker::refusal_now` and
@@ -237,6 +240,9 @@ struct Run {
     tool_name: String,
     arguments: JsonObject,
     deadline: Duration,
+    /// The call's registration for withdrawals, when its approval made it here (before the
+    /// approval was recorded, so that no withdrawal that sees the approval misses it).
+    withdrawal: Option<RunningCall>,
 }
 
 /// An invocation's claim and what follows it, by the process that decided it.
@@ -283,6 +289,8 @@ struct RecordDecision {
     events: Vec<Event>,
     state: InvocationState,
     decided: Vec<Event>,
+    /// An approval's call, registered for withdrawals before the approval is recorded.
+    withdrawal: Option<RunningCall>,
 }
 
 /// Records `new` events of an invocation in its `events` and folds them into its `state`.
@@ -688,6 +696,7 @@ impl Invoker {
                     tool_name: resolved.tool.tool.as_str().to_owned(),
                     arguments,
                     deadline,
+                    withdrawal: None,
                 })
                 .await?
             }
@@ -943,6 +952,15 @@ impl Invoker {
             // Decided so already: the answer is where it stands.
             return Ok(self.report(user, id, &events));
         }
+        // An approval's call is registered for withdrawals before the approval is recorded:
+        // a withdrawal that finds the invocation approved (here or over NATS from another
+        // process) then finds the call too, even before it goes out.
+        let withdrawal = matches!(command, InvocationCommand::Approve { .. }).then(|| {
+            self.running_call(domain::projections::invocation_key(
+                user.as_str(),
+                id.as_str(),
+            ))
+        });
         let decision = RecordDecision {
             context: context.clone(),
             subject,
@@ -954,6 +972,7 @@ impl Invoker {
             events,
             state,
             decided,
+            withdrawal,
         };
         // From the decision on, seen through even if the caller goes away: the approved call
         // made and its outcome recorded and announced.
@@ -1176,6 +1195,7 @@ impl Invoker {
             mut events,
             mut state,
             decided,
+            withdrawal,
         } = decision;
         let approve = matches!(command, InvocationCommand::Approve { .. });
         let (user, id) = (&user, &id);
@@ -1196,6 +1216,7 @@ impl Invoker {
                 .await;
             return Ok(self.report(user, id, &events));
         }
+        self.inner.approved_calls.pass().await;
         let arguments = match self.take_pending_arguments(user, id, &request).await {
             Ok(json) => serde_json::from_str::<JsonObject>(&json).unwrap_or_default(),
             Err(unavailable) => {
@@ -1277,6 +1298,7 @@ impl Invoker {
             tool_name: request.tool_name,
             arguments,
             deadline: self.recorded_deadline(request.deadline_ms),
+            withdrawal,
         })
         .await
     }
@@ -1335,6 +1357,7 @@ impl Invoker {
             tool_name,
             arguments,
             deadline,
+            withdrawal,
         } = run;
         // An approved invocation is started here. Its `InvocationStarted` is appended while
         // the call goes out, not before it: the right to call was settled by the approval
@@ -1342,23 +1365,32 @@ impl Invoker {
         // and waiting for the append would only add its latency to the call. `Started` still
         // precedes the outcome in the log. (An allowed invocation's request recorded its
         // start already: its claim is the one append before the call.)
+        // Withdrawn while it runs, the call's future is dropped: `rmcp` then cancels it at
+        // the server. Withdrawn between its approval and here, it is neither started nor
+        // made.
+        let key = domain::projections::invocation_key(user.as_str(), id.as_str());
+        let running = withdrawal.unwrap_or_else(|| self.running_call(key));
+        let withdrawn_first = running.withdrawn.is_cancelled();
         let started = match state.status() {
             InvocationStatus::Running => Vec::new(),
+            _ if withdrawn_first => Vec::new(),
             _ => invocation::decide(&state, &id, InvocationCommand::Start, self.now())?,
         };
         let envelopes = self.envelopes(&context, &user, &id, started.clone());
-        // Withdrawn while it runs, the call's future is dropped: `rmcp` then cancels it at
-        // the server.
-        let key = domain::projections::invocation_key(user.as_str(), id.as_str());
-        let running = self.running_call(key);
         let began = tokio::time::Instant::now();
         let calling = async {
+            if withdrawn_first {
+                return (Err(CallCut::WithdrawnFirst), Duration::ZERO);
+            }
             let answer = tokio::select! {
+                // A withdrawal already made when this is first polled wins before the call
+                // is sent.
+                biased;
+                () = running.withdrawn.cancelled() => Err(CallCut::Withdrawn),
                 answer = tokio::time::timeout(
                     deadline,
                     self.call(server_id, &user, &url, &tool_name, arguments),
                 ) => answer.map_err(|_| CallCut::Deadline),
-                () = running.withdrawn.cancelled() => Err(CallCut::Withdrawn),
             };
             (answer, began.elapsed())
         };
@@ -1435,6 +1467,13 @@ impl Invoker {
                 error_code: "withdrawn".to_owned(),
                 message: "the orchestrator withdrew the call while it ran; the server was told \
                           to cancel it"
+                    .to_owned(),
+                duration_ms,
+            },
+            Err(CallCut::WithdrawnFirst) => InvocationCommand::Fail {
+                error_code: "withdrawn".to_owned(),
+                message: "the orchestrator withdrew the call after its approval, before it went \
+                          out; the server was not called"
                     .to_owned(),
                 duration_ms,
             },

@@ -108,20 +108,47 @@ pub(crate) struct Inner {
     /// Cancelled when the process stops: waits for an outcome answer what they know at
     /// once, instead of holding the stop up for as long as they asked to wait.
     pub stopping: tokio_util::sync::CancellationToken,
-    /// The calls this process is making, by [`invocation_key`]: a withdrawal cancels one.
-    pub calls: Mutex<HashMap<u128, tokio_util::sync::CancellationToken>>,
+    /// The calls this process is making or about to make (approved here), by
+    /// [`invocation_key`], with how many registrations share each (two approvals of one
+    /// request racing on this process): a withdrawal cancels one.
+    pub calls: Mutex<HashMap<u128, (tokio_util::sync::CancellationToken, usize)>>,
+    /// A seam for tests: where an approved call waits while a test holds it.
+    pub approved_calls: ApprovedCallSeam,
 }
 
-/// A call registered in [`Inner::calls`] while it runs; dropped, it leaves.
-pub(crate) struct RunningCall<'a> {
-    invoker: &'a Invoker,
+/// A seam for tests, between an approval's record and its call (where a withdrawal may come):
+/// an approved call passes it at once, unless a test holds it
+/// ([`Invoker::hold_approved_calls`]), and says it came ([`Invoker::approved_call_arrived`]).
+#[derive(Debug, Default)]
+pub struct ApprovedCallSeam {
+    held: Arc<tokio::sync::RwLock<()>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl ApprovedCallSeam {
+    pub(crate) async fn pass(&self) {
+        self.arrived.notify_one();
+        drop(self.held.read().await);
+    }
+}
+
+/// A call registered in [`Inner::calls`] while it runs (or, approved here, until it does);
+/// dropped, it leaves.
+pub(crate) struct RunningCall {
+    invoker: Invoker,
     key: u128,
     pub withdrawn: tokio_util::sync::CancellationToken,
 }
 
-impl Drop for RunningCall<'_> {
+impl Drop for RunningCall {
     fn drop(&mut self) {
-        self.invoker.lock_calls().remove(&self.key);
+        let mut calls = self.invoker.lock_calls();
+        if let Some((_, registrations)) = calls.get_mut(&self.key) {
+            *registrations -= 1;
+            if *registrations == 0 {
+                calls.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -263,16 +290,21 @@ impl Invoker {
                 result_peers: std::sync::OnceLock::new(),
                 stopping: tokio_util::sync::CancellationToken::new(),
                 calls: Mutex::new(HashMap::new()),
+                approved_calls: ApprovedCallSeam::default(),
             }),
         }
     }
 
-    /// Registers the call of the invocation `key` as running here, until the guard drops.
-    pub(crate) fn running_call(&self, key: u128) -> RunningCall<'_> {
-        let withdrawn = tokio_util::sync::CancellationToken::new();
-        self.lock_calls().insert(key, withdrawn.clone());
+    /// Registers the call of the invocation `key` as made here, until the guard drops.
+    pub(crate) fn running_call(&self, key: u128) -> RunningCall {
+        let withdrawn = {
+            let mut calls = self.lock_calls();
+            let (withdrawn, registrations) = calls.entry(key).or_default();
+            *registrations += 1;
+            withdrawn.clone()
+        };
         RunningCall {
-            invoker: self,
+            invoker: self.clone(),
             key,
             withdrawn,
         }
@@ -282,7 +314,7 @@ impl Invoker {
     /// it was.
     pub(crate) fn cancel_call(&self, key: u128) -> bool {
         match self.lock_calls().get(&key) {
-            Some(withdrawn) => {
+            Some((withdrawn, _)) => {
                 withdrawn.cancel();
                 true
             }
@@ -292,8 +324,23 @@ impl Invoker {
 
     fn lock_calls(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u128, tokio_util::sync::CancellationToken>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<u128, (tokio_util::sync::CancellationToken, usize)>>
+    {
         locked(&self.inner.calls)
+    }
+
+    /// A seam for tests: until the guard drops, approved calls wait after their approval is
+    /// recorded, before they fetch their arguments — where a withdrawal may come.
+    #[doc(hidden)]
+    pub async fn hold_approved_calls(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.inner.approved_calls.held.clone().write_owned().await
+    }
+
+    /// A seam for tests: returns once an approved call has come to where
+    /// [`Self::hold_approved_calls`] holds it (one that came before counts, once).
+    #[doc(hidden)]
+    pub async fn approved_call_arrived(&self) {
+        self.inner.approved_calls.arrived.notified().await;
     }
 
     /// The process is stopping: waits for an outcome, under way or asked for from now on,

@@ -3024,6 +3024,67 @@ async fn an_orchestrator_withdraws_a_request_waiting_for_approval() {
     assert_eq!(withdrawals.len(), 3, "{withdrawals:?}");
 }
 
+/// The race of a withdrawal with an approval's call: withdrawn after the approval was
+/// recorded but before the call went out (the seam holds the approved call there until the
+/// withdrawal has been made), the call is never made nor started, and fails `withdrawn` —
+/// the approval registered it for withdrawals before it recorded itself, so a withdrawal that
+/// sees the invocation approved finds it.
+#[tokio::test]
+async fn a_call_withdrawn_between_its_approval_and_its_start_is_never_made() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    it.awaiting(
+        "call_withdrawn_early",
+        "create_issue",
+        json!({"title": "e"}),
+    )
+    .await;
+    let invoker = it.setup.app.state.invoker.clone();
+    let held = invoker.hold_approved_calls().await;
+    let approve = json!({"decision": "approve"});
+    let approving = it.post(
+        &it.alice,
+        "/api/v1/approvals/call_withdrawn_early",
+        &approve,
+    );
+    let withdrawing = async {
+        invoker.approved_call_arrived().await;
+        // The withdrawal's wait for the outcome answers at once: the call is held here.
+        invoker.stop_waiting();
+        let withdrawn = invoker
+            .withdraw(
+                &service_kit::CommandContext::service("test"),
+                &alice(),
+                &invocation("call_withdrawn_early"),
+            )
+            .await
+            .expect("withdrawn");
+        drop(held);
+        withdrawn
+    };
+    let ((status, approved), withdrawn) = tokio::join!(approving, withdrawing);
+    assert_eq!(
+        withdrawn.outcome,
+        invoker::Outcome::Running,
+        "approved, held: {withdrawn:?}"
+    );
+    assert_eq!(status, 200, "{approved}");
+    assert_eq!(approved["outcome"], "failed", "{approved}");
+    assert_eq!(approved["reason"], "withdrawn", "{approved}");
+    assert!(
+        approved["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the server was not called")),
+        "{approved}"
+    );
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+    assert_eq!(
+        events_of_type(&it.setup, "InvocationStarted").await,
+        Vec::<Value>::new(),
+        "never started"
+    );
+}
+
 /// A call under way is withdrawn where it runs — by this process, and by another one over
 /// NATS, which does not know where it runs — cancelled at the server too, and ends `failed`
 /// with reason `withdrawn`, for the withdrawal and for the caller waiting on it.
