@@ -182,6 +182,7 @@ impl AppState {
             parts.envelopes.clone(),
             parts.read_models.clone(),
         );
+        parts.metrics.register_invoker(&invoker);
         AppState(Arc::new(AppInner {
             servers,
             policy,

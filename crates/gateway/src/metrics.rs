@@ -1,5 +1,7 @@
 //! Prometheus metrics: requests by route and status, a latency histogram per route, events
-//! appended by type, and each read model's position and lag (set when scraped).
+//! appended by type, and each read model's position and lag (set when scraped); and the
+//! invoker's (`invoker::InvokerMetrics`): calls to MCP servers by server and how they ended,
+//! what waits (set when scraped).
 use std::{fmt, sync::Arc};
 
 use async_trait::async_trait;
@@ -49,7 +51,9 @@ type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 pub struct Metrics(Arc<Inner>);
 
 struct Inner {
-    registry: Registry,
+    /// Locked to add the metrics of the services built after it (the invoker's) and when
+    /// scraped.
+    registry: std::sync::Mutex<Registry>,
     /// Requests that reached the API, and those answered (response head produced); their
     /// difference is the in-flight gauge. Kept as plain atomics too so that shutdown can report
     /// them.
@@ -120,7 +124,7 @@ impl Metrics {
             projection_lag.clone(),
         );
         Metrics(Arc::new(Inner {
-            registry,
+            registry: std::sync::Mutex::new(registry),
             started: Counter::default(),
             answered: Counter::default(),
             in_flight,
@@ -189,8 +193,21 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn encode(&self) -> Result<String, fmt::Error> {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.0.registry)?;
+        prometheus_client::encoding::text::encode(&mut text, &self.registry())?;
         Ok(text)
+    }
+
+    /// Adds the invoker's metrics (the calls to MCP servers, what waits).
+    pub(crate) fn register_invoker(&self, invoker: &invoker::Invoker) {
+        invoker.metrics().register(&mut self.registry());
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while encoding leaves nothing half-changed to fear.
+        self.0
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The event log, counting what is appended through it.

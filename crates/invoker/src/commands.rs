@@ -28,6 +28,7 @@
 //! invocation (a duplicate, a look-up, a decision) reads its user's subject from its request
 //! on — what the user did meanwhile, not their history.
 use std::{
+    borrow::Cow,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -1417,6 +1418,17 @@ impl Invoker {
         }
         advance(&mut state, &mut events, started);
         let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        let ended: Option<Cow<'static, str>> = match &answer {
+            Ok(Ok(result)) if result.is_error == Some(true) => Some("tool_error".into()),
+            Ok(Ok(_)) => Some("completed".into()),
+            Ok(Err((code, _))) => Some(code.clone().into()),
+            Err(CallCut::Deadline) => Some("deadline_exceeded".into()),
+            Err(CallCut::Withdrawn) => Some("withdrawn".into()),
+            Err(CallCut::WithdrawnFirst) => None,
+        };
+        if let Some(ended) = ended {
+            self.inner.metrics.observe_call(server_id, ended, took);
+        }
         let mut built = None;
         let command = match answer {
             Ok(Ok(result)) => {

@@ -9,13 +9,15 @@
 //!   ([`ResultEnvelope`]), cut to the size cap;
 //! - [`Invoker::status`] → an invocation's outcome, optionally waiting for the final one;
 //! - [`Invoker::pending_approvals`], [`Invoker::decide_approval`] → the user's decisions;
-//! - [`Invoker::run_sweeper`] → expired approvals and invocations a stopped process left.
+//! - [`Invoker::run_sweeper`] → expired approvals and invocations a stopped process left;
+//! - [`Invoker::metrics`] → the calls' durations and what waits, for Prometheus.
 //!
 //! At most one call to the MCP server per invocation id, and no serialisation of one user's
 //! invocations: see `commands.rs`.
 mod commands;
 mod error;
 mod handover;
+mod metrics;
 pub mod nats;
 mod pending_arguments;
 mod reactions;
@@ -27,5 +29,6 @@ pub use commands::{
     invocation_subject,
 };
 pub use error::InvokerError;
+pub use metrics::InvokerMetrics;
 pub use result::{ResultDigest, ResultEnvelope, ResultServer, sha256_hex};
 pub use service::{ApprovalOutcome, Invoker, InvokerSettings};

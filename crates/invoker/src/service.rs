@@ -114,6 +114,7 @@ pub(crate) struct Inner {
     pub calls: Mutex<HashMap<u128, (tokio_util::sync::CancellationToken, usize)>>,
     /// A seam for tests: where an approved call waits while a test holds it.
     pub approved_calls: ApprovedCallSeam,
+    pub metrics: crate::InvokerMetrics,
 }
 
 /// A seam for tests, between an approval's record and its call (where a withdrawal may come):
@@ -291,6 +292,7 @@ impl Invoker {
                 stopping: tokio_util::sync::CancellationToken::new(),
                 calls: Mutex::new(HashMap::new()),
                 approved_calls: ApprovedCallSeam::default(),
+                metrics: crate::InvokerMetrics::default(),
             }),
         }
     }
@@ -327,6 +329,25 @@ impl Invoker {
     ) -> std::sync::MutexGuard<'_, HashMap<u128, (tokio_util::sync::CancellationToken, usize)>>
     {
         locked(&self.inner.calls)
+    }
+
+    /// The invoker's metrics, for the process's registry ([`crate::InvokerMetrics::register`]).
+    pub fn metrics(&self) -> &crate::InvokerMetrics {
+        &self.inner.metrics
+    }
+
+    /// Sets the metrics of what waits — approvals, open invocations, MCP sessions — to what
+    /// is so now (when the metrics are scraped).
+    pub fn update_metrics(&self) {
+        let (pending, open) = self
+            .inner
+            .read_models
+            .open_invocations
+            .read(|open| (open.pending_approvals().count(), open.len()));
+        self.inner.metrics.set_waiting(pending, open);
+        self.inner
+            .metrics
+            .set_sessions_open(self.lock_sessions().len());
     }
 
     /// A seam for tests: until the guard drops, approved calls wait after their approval is

@@ -122,6 +122,7 @@ async fn metrics(state: axum::extract::State<AppState>) -> Result<Response, ApiE
             );
         }
     }
+    state.invoker.update_metrics();
     let text = state.metrics.encode().map_err(ApiError::internal)?;
     let mut response = text.into_response();
     response.headers_mut().insert(

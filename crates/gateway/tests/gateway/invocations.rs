@@ -2872,6 +2872,47 @@ async fn the_sweeper_fails_requests_no_approval_could_let_through() {
     assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
 }
 
+/// `/metrics` shows each call to an MCP server by server and how it ended, and what waits:
+/// approvals, open invocations, MCP sessions.
+#[tokio::test]
+async fn the_metrics_show_calls_by_server_and_what_waits() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    it.set_state("flaky_report", "always_allow").await;
+    it.set_state("create_issue", "needs_approval").await;
+    let done = it
+        .invoke("call_counted", "search_issues", json!({"query": "x"}))
+        .await;
+    assert_eq!(done["outcome"], "completed", "{done}");
+    let flaky = it.invoke("call_flaky", "flaky_report", json!({})).await;
+    assert_eq!(flaky["result"]["is_error"], true, "{flaky}");
+    it.awaiting("call_waiting", "create_issue", json!({"title": "w"}))
+        .await;
+
+    let text = it
+        .setup
+        .app
+        .get("/metrics", None)
+        .await
+        .text()
+        .await
+        .expect("text");
+    let server = &it.server_id;
+    for line in [
+        format!(
+            "switchboard_mcp_call_duration_seconds_count{{server=\"{server}\",result=\"completed\"}} 1"
+        ),
+        format!(
+            "switchboard_mcp_call_duration_seconds_count{{server=\"{server}\",result=\"tool_error\"}} 1"
+        ),
+        "switchboard_approvals_pending 1".to_owned(),
+        "switchboard_invocations_open 1".to_owned(),
+        "switchboard_mcp_sessions_open 1".to_owned(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+}
+
 /// An MCP session no call has used for `session_idle` is closed — in the sessions era the
 /// server is told (`DELETE` with the session's id) — and the next call opens another.
 #[tokio::test]
