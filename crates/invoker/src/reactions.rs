@@ -2,8 +2,10 @@
 //! invocations a stopped process left open (`interrupted`): approved or running ones, whose
 //! call may or may not have reached the server and is never made again, after twice the
 //! longest deadline; claimed ones without what follows the claim, never called, after
-//! [`UNSETTLED_AFTER`]. The final outcome of an invocation that waited for approval is
-//! announced, as the approving process announces it.
+//! [`UNSETTLED_AFTER`]; and fails requests waiting for approval that no approval could let
+//! through any more (server disabled or deleted, tool blocked or withdrawn, connection
+//! removed) once they have waited [`REFUSED_AFTER`]. The final outcome of an invocation that
+//! waited for approval is announced, as the approving process announces it.
 //!
 //! Every `up` runs the sweeper; two processes closing one invocation record it once (an
 //! expiry is the invocation's one decision, an interruption its one outcome: the loser finds
