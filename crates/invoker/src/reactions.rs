@@ -10,7 +10,7 @@
 //! Every `up` runs the sweeper; two processes closing one invocation record it once (an
 //! expiry is the invocation's one decision, an interruption its one outcome: the loser finds
 //! its competitor's event stored and does nothing).
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use domain::{
     DomainError, Event, InvocationId, ServerId, UserId,
@@ -46,7 +46,6 @@ struct Pending {
     key: OpenKey,
     server_id: String,
     tool_name: String,
-    waiting_since: SystemTime,
 }
 
 /// Which requests waiting for approval [`Invoker::fail_pending_refused`] weighs, and which
@@ -172,14 +171,19 @@ impl Invoker {
             PendingScope::OnServerGone(server) => Some(server.to_string()),
             PendingScope::Settled => None,
         };
+        let in_scope = |o: &domain::OpenInvocation| match &server_text {
+            Some(server) => *server == o.server_id,
+            None => now
+                .duration_since(o.since())
+                .is_ok_and(|waited| waited >= REFUSED_AFTER),
+        };
         let pending: Vec<Pending> = self.inner.read_models.open_invocations.read(|open| {
             open.pending_approvals()
-                .filter(|o| server_text.as_ref().is_none_or(|s| *s == o.server_id))
+                .filter(|o| in_scope(o))
                 .map(|o| Pending {
                     key: (o.user_id.clone(), o.invocation_id.clone()),
                     server_id: o.server_id.clone(),
                     tool_name: o.tool_name.clone(),
-                    waiting_since: o.since(),
                 })
                 .collect()
         });
@@ -188,15 +192,11 @@ impl Invoker {
             let Ok(user) = UserId::parse(&pending.key.0) else {
                 continue;
             };
-            let settled = now
-                .duration_since(pending.waiting_since)
-                .is_ok_and(|waited| waited >= REFUSED_AFTER);
             let refusal = match (
                 &scope,
                 self.refusal_of_pending(&user, &pending.server_id, &pending.tool_name),
             ) {
-                (_, None) => continue,
-                (PendingScope::Settled, Some(refusal)) if settled => refusal,
+                (PendingScope::Settled, Some(refusal)) => refusal,
                 (PendingScope::OnServerGone(_), Some(Refusal::ServerDisabled)) => {
                     Refusal::ServerDisabled
                 }
