@@ -9,7 +9,7 @@ use crate::{
     token, up, vault_cmd,
     walkthrough::{
         self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, DenyArgs, DisconnectArgs, InvokeArgs,
-        ToolsArgs,
+        ToolsArgs, WithdrawArgs,
     },
 };
 
@@ -66,6 +66,9 @@ pub enum Command {
     Approve(DecideArgs),
     /// Deny an invocation that waits for you.
     Deny(DenyArgs),
+    /// Withdraw an invocation no longer wanted, as the orchestrator would: one waiting for
+    /// approval leaves the approvals; one whose call runs has it cancelled.
+    Withdraw(WithdrawArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -202,5 +205,6 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let reason = args.reason.unwrap_or_default();
             walkthrough::decide(&args.decide, &settings, Some(&reason)).await
         }
+        Command::Withdraw(args) => walkthrough::withdraw(&args, &settings).await,
     }
 }

@@ -128,6 +128,17 @@ pub struct DenyArgs {
     pub reason: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct WithdrawArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The invocation id.
+    pub id: String,
+    /// The user the invocation is for (an orchestrator token).
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
 /// How long an ordinary request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -633,6 +644,28 @@ pub async fn invoke(args: &InvokeArgs, settings: &Settings) -> anyhow::Result<()
         }
         eprint!(".");
     }
+}
+
+/// `switchboard withdraw ID`: withdraws an invocation, as its orchestrator would; prints the
+/// outcome (a running call's, once it is cancelled or finished).
+pub async fn withdraw(args: &WithdrawArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(&args.api, settings)?;
+    let query: Vec<(&str, &str)> = args
+        .user
+        .as_deref()
+        .map(|user| ("user", user))
+        .into_iter()
+        .collect();
+    let answer = api
+        .call_within(
+            Method::POST,
+            &api_path(&["invocations", &args.id, "withdraw"], &query),
+            None,
+            REQUEST_TIMEOUT,
+        )
+        .await?;
+    print_outcome(&answer);
+    Ok(())
 }
 
 /// `switchboard approvals`: the caller's pending approvals.

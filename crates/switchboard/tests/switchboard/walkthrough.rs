@@ -265,6 +265,30 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         denied.contains("denied (walk_2): denied_by_user: wrong project"),
         "{denied}"
     );
+    // The orchestrator no longer wants its request for Alice: it leaves her approvals.
+    let withdrawn = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &orchestrator,
+        &["withdraw", "walk_3", "--user", "alice@example.com"],
+    ));
+    assert!(
+        withdrawn.contains("denied (walk_3): withdrawn"),
+        "{withdrawn}"
+    );
+    let pending = stdout_of(&walk(&data_dir, &url, &alice, &["approvals"]));
+    assert!(!pending.contains("walk_3"), "{pending}");
+    let again = walk(
+        &data_dir,
+        &url,
+        &orchestrator,
+        &["withdraw", "walk_3", "--user", "alice@example.com"],
+    );
+    assert!(!again.status.success(), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("invocation_finished"),
+        "{again:?}"
+    );
     // Another user's tools need the orchestrator's permission: refused, not Alice's own
     // tools under Bob's name.
     let theirs = walk(
