@@ -232,9 +232,9 @@ impl Invoker {
         Ok(true)
     }
 
-    /// Records `command` for one open invocation on behalf of `context`; returns the invocation's report and
-    /// whether it waited for approval, or `None` when the command no longer applies (another
-    /// process decided first).
+    /// Records `command` for one open invocation on behalf of `context`; returns the
+    /// invocation's report and whether it waited for approval, or `None` when the command no
+    /// longer applies (another process decided first).
     async fn close(
         &self,
         context: &CommandContext,

@@ -114,6 +114,7 @@ pub(crate) struct Inner {
     pub calls: Mutex<HashMap<u128, (tokio_util::sync::CancellationToken, usize)>>,
     /// A seam for tests: where an approved call waits while a test holds it.
     pub approved_calls: ApprovedCallSeam,
+    /// The calls' durations and what waits, for the process's Prometheus registry.
     pub metrics: crate::InvokerMetrics,
 }
 
