@@ -37,7 +37,9 @@ pub struct NatsService {
     client: async_nats::Client,
     prefix: String,
     approval_outcomes: tokio::sync::broadcast::Receiver<crate::ApprovalOutcome>,
-    _service: Service,
+    /// Answers `$SRV` discovery (`PING`, `INFO`, `STATS`) until the service stops taking
+    /// requests.
+    service: Option<Service>,
     tools: Endpoint,
     invoke: Endpoint,
     status: Endpoint,
@@ -89,12 +91,18 @@ impl NatsService {
             invoker,
             client: client.clone(),
             prefix: prefix.to_owned(),
-            _service: service,
+            service: Some(service),
             tools,
             invoke,
             status,
             withdraw,
         })
+    }
+
+    /// This instance's id in `$SRV` discovery (`$SRV.PING.switchboard-invoker.<id>`); `None` once
+    /// it stopped taking requests.
+    pub async fn service_id(&self) -> Option<String> {
+        Some(self.service.as_ref()?.info().await.id)
     }
 
     /// Answers requests, each in a task of its own (one slow tool call never holds up the
@@ -188,6 +196,12 @@ impl NatsService {
         }
         for (request, kind) in pending {
             self.spawn_answer(&mut handlers, request, kind);
+        }
+        // Discovery no longer lists this instance: it takes no new requests.
+        if let Some(service) = self.service.take()
+            && let Err(error) = service.stop().await
+        {
+            tracing::warn!(%error, "could not stop answering service discovery");
         }
         // A round trip to the server (a request nobody answers) after the unsubscriptions:
         // it handles a connection's messages in order, so from its answer on, the queue

@@ -2585,12 +2585,39 @@ async fn a_stopping_nats_service_announces_approval_outcomes_until_the_rest_is_d
         grace: Duration::from_secs(60),
     };
     let invoker = &it.setup.app.state.invoker;
-    let running = serve_on_nats(invoker, &client, &prefix, stop.clone()).await;
+    let service = invoker::nats::NatsService::start(invoker.clone(), &client, &prefix)
+        .await
+        .expect("service");
+    let ping_subject = format!(
+        "$SRV.PING.{}.{}",
+        invoker::nats::SERVICE_NAME,
+        service.service_id().await.expect("an id")
+    );
+    let running = tokio::spawn(service.run(stop.clone()));
+    client
+        .request(ping_subject.clone(), Default::default())
+        .await
+        .expect("discovery finds the service");
     let mut announced = announcements(&client, &prefix, "call_late").await;
     it.awaiting("call_late", "create_issue", json!({"title": "late"}))
         .await;
 
     stop.taking_requests.cancel();
+    // Discovery stops listing it as it stops taking requests (its verb handler's
+    // subscriptions end a moment later; a ping caught as the handler stops goes unanswered).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let ping = async_nats::Request::new()
+                .payload(Default::default())
+                .timeout(Some(Duration::from_secs(1)));
+            match client.send_request(ping_subject.clone(), ping).await {
+                Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("no longer discovered");
     let (status, outcome) = it
         .post(
             &it.alice,
