@@ -178,6 +178,10 @@ pub enum DomainError {
     )]
     ToolBlocked,
     #[error(
+        "the user has too many requests waiting for their approval; ask again once they have decided (or the requests expired)"
+    )]
+    TooManyPendingApprovals,
+    #[error(
         "there is no such invocation (open, or finished in the last six hours); check the invocation id, or find older ones in the audit log"
     )]
     InvocationNotFound,
@@ -262,6 +266,7 @@ impl DomainError {
             DomainError::ConnectionAuthError => "auth_error",
             DomainError::UnknownTool => "unknown_tool",
             DomainError::ToolBlocked => "tool_blocked",
+            DomainError::TooManyPendingApprovals => "too_many_pending_approvals",
             DomainError::InvocationNotFound => "invocation_not_found",
             DomainError::InvocationIdReused => "invocation_id_reused",
             DomainError::InvocationNotAwaitingApproval => "invocation_not_awaiting_approval",

@@ -277,6 +277,11 @@ pub struct InvocationRequest {
     pub resolved: Option<ResolvedTool>,
     /// How long a *Needs approval* invocation waits for the user.
     pub approval_timeout: Duration,
+    /// The user already has as many requests waiting for their approval as the invoker
+    /// allows: one more that would wait is rejected (`too_many_pending_approvals`), so that a
+    /// runaway orchestrator cannot bury the user's approvals (and the vault, which keeps
+    /// their arguments) under requests.
+    pub approvals_full: bool,
     /// The call's deadline the orchestrator asked for (`None`: the default), recorded for
     /// the approved call.
     pub deadline: Option<Duration>,
@@ -535,6 +540,9 @@ fn request_invocation(
         Some(tool) if tool.connection_auth_error => Some(DomainError::ConnectionAuthError),
         Some(tool) if !tool.connected => Some(DomainError::NotConnected),
         Some(tool) if tool.tool_state == ToolState::Blocked => Some(DomainError::ToolBlocked),
+        Some(_) if needs_approval && request.approvals_full => {
+            Some(DomainError::TooManyPendingApprovals)
+        }
         Some(_) => None,
     };
     // An allowed request is called at once: it records its start too, so that the claim
@@ -622,6 +630,7 @@ mod tests {
             capture_arguments: true,
             resolved,
             approval_timeout: Duration::from_secs(300),
+            approvals_full: false,
             deadline: Some(Duration::from_secs(5)),
             conversation_id: "conv_1".into(),
         })
@@ -825,6 +834,35 @@ mod tests {
         Scenario::<InvocationState>::given(history)
             .when(decide_at(1_001, without_capture(ToolState::AlwaysAllow)))
             .then_nothing();
+    }
+
+    /// A user whose approvals are full gets no more requests to decide: one that would wait
+    /// is rejected; an allowed one is not held up by the approvals.
+    #[test]
+    fn a_request_that_would_wait_is_rejected_while_the_users_approvals_are_full() {
+        let with_approvals_full = |state| {
+            let InvocationCommand::Request(mut request) = request(state) else {
+                unreachable!("a request")
+            };
+            request.approvals_full = true;
+            InvocationCommand::Request(request)
+        };
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(
+                1_000,
+                with_approvals_full(ToolState::NeedsApproval),
+            ))
+            .then([requested(), rejected(DomainError::TooManyPendingApprovals)]);
+        let mut started = requested();
+        if let Event::InvocationRequested(requested) = &mut started {
+            requested.started = true;
+        }
+        Scenario::<InvocationState>::given([])
+            .when(decide_at(
+                1_000,
+                with_approvals_full(ToolState::AlwaysAllow),
+            ))
+            .then([started]);
     }
 
     #[test]
@@ -1222,6 +1260,7 @@ mod tests {
             capture_arguments: false,
             resolved: None,
             approval_timeout: Duration::from_secs(300),
+            approvals_full: false,
             deadline: None,
             conversation_id: "c".repeat(10_000),
         });

@@ -534,6 +534,16 @@ impl Invoker {
             capture_arguments: settings.capture_payloads,
             resolved: resolved.as_ref().map(|r| r.tool.clone()),
             approval_timeout: settings.approval_timeout,
+            // Counted only for a request that would wait (an allowed call's hot path reads
+            // no approvals); from the read model, so requests racing at the limit may pass
+            // it by a few — a bound on a flood, not an exact quota.
+            approvals_full: resolved
+                .as_ref()
+                .is_some_and(|r| r.tool.tool_state == ToolState::NeedsApproval)
+                && self.inner.read_models.open_invocations.read(|open| {
+                    open.pending_approval_count(request.user.as_str())
+                        >= settings.max_pending_approvals
+                }),
             deadline: request.deadline,
             conversation_id: request.conversation_id.clone().unwrap_or_default(),
         };

@@ -41,6 +41,10 @@ pub struct InvokerSettings {
     /// sessions era a notification stream and the server's session state, so sessions
     /// kept for every user and server that ever called would add up without end.
     pub session_idle: Duration,
+    /// Requests one user may have waiting for their approval at once; one more that would
+    /// wait is rejected (`too_many_pending_approvals`) — a runaway orchestrator must not bury
+    /// the user's approvals, or fill the vault with their arguments.
+    pub max_pending_approvals: usize,
 }
 
 impl Default for InvokerSettings {
@@ -55,6 +59,7 @@ impl Default for InvokerSettings {
             sweep_interval: Duration::from_secs(1),
             result_cache_entries: 1024,
             session_idle: Duration::from_secs(300),
+            max_pending_approvals: 100,
         }
     }
 }

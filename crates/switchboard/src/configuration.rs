@@ -88,6 +88,9 @@ pub struct InvocationSettings {
     /// Seconds an MCP session may go unused before it is closed (the server told, in the
     /// sessions era); the next call opens a new one.
     pub mcp_session_idle_secs: u64,
+    /// Requests one user may have waiting for their approval at once; one more that would
+    /// wait is rejected (`too_many_pending_approvals`).
+    pub max_pending_approvals: usize,
 }
 
 impl Default for InvocationSettings {
@@ -103,6 +106,7 @@ impl Default for InvocationSettings {
             claim_window_secs: domain::CLAIM_WINDOW.as_secs(),
             result_cache_entries: defaults.result_cache_entries,
             mcp_session_idle_secs: defaults.session_idle.as_secs(),
+            max_pending_approvals: defaults.max_pending_approvals,
         }
     }
 }
@@ -117,6 +121,7 @@ impl InvocationSettings {
             max_deadline: Duration::from_millis(self.max_deadline_ms.max(1)),
             result_cache_entries: self.result_cache_entries,
             session_idle: Duration::from_secs(self.mcp_session_idle_secs.max(1)),
+            max_pending_approvals: self.max_pending_approvals,
             ..invoker::InvokerSettings::default()
         }
     }
@@ -369,6 +374,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "SWITCHBOARD_MCP_SESSION_IDLE_SECS",
         "invocations.mcp_session_idle_secs",
     ),
+    (
+        "SWITCHBOARD_MAX_PENDING_APPROVALS",
+        "invocations.max_pending_approvals",
+    ),
     ("SWITCHBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("SWITCHBOARD_JWT_SECRET_FILE", "auth.jwt_secret_file"),
     ("SWITCHBOARD_JWKS_FILE", "auth.jwks_file"),
@@ -415,6 +424,7 @@ const NUMERIC_KEYS: &[&str] = &[
     "invocations.claim_window_secs",
     "invocations.result_cache_entries",
     "invocations.mcp_session_idle_secs",
+    "invocations.max_pending_approvals",
 ];
 
 /// The settings that hold secrets: never printed, never logged.

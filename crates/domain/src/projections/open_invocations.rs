@@ -345,6 +345,13 @@ impl OpenInvocations {
         pending
     }
 
+    /// How many of `user`'s invocations wait for their approval.
+    pub fn pending_approval_count(&self, user: &str) -> usize {
+        self.pending_approvals()
+            .filter(|o| o.user_id == user)
+            .count()
+    }
+
     /// Every user's invocations waiting for their approval, in no order.
     pub fn pending_approvals(&self) -> impl Iterator<Item = &OpenInvocation> {
         self.open

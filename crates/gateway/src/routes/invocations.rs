@@ -190,7 +190,8 @@ pub struct InvocationOutcome {
     /// `running` (not final: the call is under way).
     pub outcome: &'static str,
     /// Why it was rejected, denied, expired or failed: a stable code (`tool_blocked`,
-    /// `unknown_tool`, `server_disabled`, `not_connected`, `auth_error`, `deadline_exceeded`, …).
+    /// `unknown_tool`, `server_disabled`, `not_connected`, `auth_error`,
+    /// `too_many_pending_approvals`, `deadline_exceeded`, `withdrawn`, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// What happened, in words: for a denial, the reason its user gave (if any).

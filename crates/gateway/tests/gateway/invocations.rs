@@ -2899,6 +2899,62 @@ async fn the_sweeper_fails_requests_no_approval_could_let_through() {
     assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
 }
 
+/// A user's approvals hold at most `max_pending_approvals` requests: one more that would wait
+/// is rejected, saying why (recorded, so a retry of the id gets the same answer), while an
+/// allowed call still goes through; once the user decides one, a new request waits again.
+#[tokio::test]
+async fn a_user_with_too_many_requests_waiting_gets_no_more_until_they_decide() {
+    let it = connected(
+        Store::Jsonl,
+        invoker::InvokerSettings {
+            max_pending_approvals: 2,
+            ..settings()
+        },
+    )
+    .await;
+    it.set_state("create_issue", "needs_approval").await;
+    it.set_state("search_issues", "always_allow").await;
+    it.awaiting("call_waits_1", "create_issue", json!({"title": "1"}))
+        .await;
+    it.awaiting("call_waits_2", "create_issue", json!({"title": "2"}))
+        .await;
+
+    let full = it
+        .invoke("call_one_too_many", "create_issue", json!({"title": "3"}))
+        .await;
+    assert_eq!(full["outcome"], "rejected", "{full}");
+    assert_eq!(full["reason"], "too_many_pending_approvals", "{full}");
+    let again = it
+        .invoke("call_one_too_many", "create_issue", json!({"title": "3"}))
+        .await;
+    assert_eq!(
+        again["outcome"], "rejected",
+        "the recorded outcome: {again}"
+    );
+    let allowed = it
+        .invoke("call_allowed", "search_issues", json!({"query": "x"}))
+        .await;
+    assert_eq!(allowed["outcome"], "completed", "{allowed}");
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(
+        approval_ids(&approvals),
+        ["call_waits_1", "call_waits_2"],
+        "{approvals}"
+    );
+
+    let (status, denied) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_waits_1",
+            &json!({"decision": "deny"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{denied}");
+    it.awaiting("call_waits_3", "create_issue", json!({"title": "4"}))
+        .await;
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+}
+
 /// `/metrics` shows each call to an MCP server by server and how it ended, and what waits:
 /// approvals, open invocations, MCP sessions.
 #[tokio::test]
