@@ -2794,6 +2794,7 @@ async fn disabling_or_deleting_a_server_fails_the_requests_waiting_for_approval_
 
     it.awaiting("call_before_disable", "create_issue", json!({"title": "d"}))
         .await;
+    assert_eq!(it.kept_arguments().await.len(), 1, "kept for the approval");
     let (status, body) = it
         .post(&admin, &format!("{server}/disable"), &json!({}))
         .await;
@@ -2805,6 +2806,11 @@ async fn disabling_or_deleting_a_server_fails_the_requests_waiting_for_approval_
         "{approvals}"
     );
     failed_as_disabled("call_before_disable").await;
+    assert_eq!(
+        it.kept_arguments().await,
+        Vec::<String>::new(),
+        "its arguments leave the vault"
+    );
 
     let (status, body) = it
         .post(&admin, &format!("{server}/enable"), &json!({}))
