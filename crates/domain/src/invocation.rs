@@ -460,6 +460,60 @@ pub fn decide(
     }
 }
 
+/// Why no approval could let a request through now, and why an approved call is not made:
+/// the server, the user's setting for the tool and their connection, as they are at the
+/// call (not at the request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The server was disabled or deleted.
+    ServerDisabled,
+    /// The user's setting for the tool is Blocked.
+    Blocked,
+    /// The user has no connection to the server.
+    Disconnected,
+    /// The server no longer offers the user the tool.
+    NotOffered,
+}
+
+impl Refusal {
+    /// The outcome's reason code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::ServerDisabled => "server_disabled",
+            Refusal::Blocked => "tool_blocked",
+            Refusal::Disconnected => "not_connected",
+            Refusal::NotOffered => "unknown_tool",
+        }
+    }
+}
+
+/// What is in force for a call of one tool of one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InForce {
+    /// The server exists and is enabled.
+    pub server_enabled: bool,
+    /// The user's setting for the tool; `None`: the tool is not offered to the user (not
+    /// connected, or the server no longer lists it).
+    pub tool_state: Option<ToolState>,
+    /// The user is connected to the server.
+    pub connected: bool,
+}
+
+/// Why what is in force refuses a call a request asked for earlier (`None`: it may go
+/// ahead). A tool set to Always allow or Needs approval is callable once approved: the
+/// approval is the user's answer to Needs approval.
+pub fn refusal(in_force: InForce) -> Option<Refusal> {
+    if !in_force.server_enabled {
+        return Some(Refusal::ServerDisabled);
+    }
+    match (in_force.tool_state, in_force.connected) {
+        (Some(ToolState::Blocked), _) => Some(Refusal::Blocked),
+        (Some(_), _) => None,
+        (None, false) => Some(Refusal::Disconnected),
+        (None, true) => Some(Refusal::NotOffered),
+    }
+}
+
 /// Whether a request repeats the recorded one: same user, exposed tool name and arguments
 /// (by digest when both have one; the arguments themselves may not have been recorded) —
 /// what the caller sent. Not what the name resolved to: a retry after the server was deleted
@@ -863,6 +917,42 @@ mod tests {
                 with_approvals_full(ToolState::AlwaysAllow),
             ))
             .then([started]);
+    }
+
+    /// What is in force at the call decides, the server first.
+    #[test]
+    fn a_call_asked_for_earlier_is_refused_by_what_is_in_force_now() {
+        let in_force = |server_enabled, tool_state, connected| InForce {
+            server_enabled,
+            tool_state,
+            connected,
+        };
+        for (facts, refused) in [
+            (
+                in_force(false, Some(ToolState::AlwaysAllow), true),
+                Some(Refusal::ServerDisabled),
+            ),
+            (
+                in_force(true, Some(ToolState::Blocked), true),
+                Some(Refusal::Blocked),
+            ),
+            (in_force(true, None, false), Some(Refusal::Disconnected)),
+            (in_force(true, None, true), Some(Refusal::NotOffered)),
+            (in_force(true, Some(ToolState::NeedsApproval), true), None),
+            (in_force(true, Some(ToolState::AlwaysAllow), true), None),
+        ] {
+            assert_eq!(refusal(facts), refused, "{facts:?}");
+        }
+        assert_eq!(Refusal::Blocked.code(), DomainError::ToolBlocked.code());
+        assert_eq!(
+            Refusal::Disconnected.code(),
+            DomainError::NotConnected.code()
+        );
+        assert_eq!(Refusal::NotOffered.code(), DomainError::UnknownTool.code());
+        assert_eq!(
+            Refusal::ServerDisabled.code(),
+            DomainError::ServerDisabled.code()
+        );
     }
 
     #[test]

@@ -37,8 +37,8 @@ use domain::{Aggregate, Event};
 use domain::{
     ApiConnectionStatus, InvocationId, ServerId, ToolState, UserId,
     invocation::{
-        self, InvocationCommand, InvocationRequest, InvocationState, InvocationStatus,
-        ResolvedTool, Settles, invocation_id_of,
+        self, InForce, InvocationCommand, InvocationRequest, InvocationState, InvocationStatus,
+        Refusal, ResolvedTool, Settles, invocation_id_of,
     },
     projections::Located,
 };
@@ -189,31 +189,6 @@ enum CallCut {
     Withdrawn,
     /// The orchestrator withdrew it before it went out (after its approval).
     WithdrawnFirst,
-}
-
-/// Why the settings in force refuse a call (see `Invoker::refusal_now` and
-/// `Invoker::refusal_of_pending`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// The server was disabled or deleted.
-    ServerDisabled,
-    /// The user's setting for the tool is Blocked.
-    Blocked,
-    /// The user has no connection to the server.
-    Disconnected,
-    /// The server no longer offers the user the tool.
-    NotOffered,
-}
-
-impl Refusal {
-    pub(crate) fn code(self) -> &'static str {
-        match self {
-            Refusal::ServerDisabled => "server_disabled",
-            Refusal::Blocked => "tool_blocked",
-            Refusal::Disconnected => "not_connected",
-            Refusal::NotOffered => "unknown_tool",
-        }
-    }
 }
 
 /// What resolving an exposed name found, beyond the domain's facts.
@@ -1037,40 +1012,51 @@ impl Invoker {
     }
 
     /// Why no approval could let a request of `user` to call `tool` on the server with id
-    /// `server` through now: the server disabled or deleted, or the settings in force
-    /// refuse it; `None`: an approval would call it.
+    /// `server` through now (the domain's rule on what this process's read models hold);
+    /// `None`: an approval would call it.
     pub(crate) fn refusal_of_pending(
         &self,
         user: &UserId,
         server: &str,
         tool: &str,
     ) -> Option<Refusal> {
-        let enabled = ServerId::parse(server).ok().filter(|&server| {
-            self.inner
-                .read_models
-                .servers
-                .read(|d| d.get(server).is_some_and(|s| s.enabled))
-        });
-        match enabled {
-            None => Some(Refusal::ServerDisabled),
-            Some(server) => self.refusal_now(user, server, tool),
-        }
+        let Ok(server) = ServerId::parse(server) else {
+            return Some(Refusal::ServerDisabled);
+        };
+        let server_enabled = self
+            .inner
+            .read_models
+            .servers
+            .read(|d| d.get(server).is_some_and(|s| s.enabled));
+        invocation::refusal(self.in_force(user, server, tool, server_enabled))
     }
 
     /// Why the settings in force would refuse a call of `tool` on `server` for `user` now
-    /// (the server's own state aside); `None`: they allow it.
+    /// (the server known to be enabled); `None`: they allow it.
     fn refusal_now(&self, user: &UserId, server: ServerId, tool: &str) -> Option<Refusal> {
-        self.inner.read_models.tool_states.read(|states| {
-            match (
+        invocation::refusal(self.in_force(user, server, tool, true))
+    }
+
+    /// What this process's read models hold in force for a call of `tool` on `server` for
+    /// `user`.
+    fn in_force(
+        &self,
+        user: &UserId,
+        server: ServerId,
+        tool: &str,
+        server_enabled: bool,
+    ) -> InForce {
+        let (tool_state, connected) = self.inner.read_models.tool_states.read(|states| {
+            (
                 states.state_of(user, server, tool),
                 states.is_connected(user, server),
-            ) {
-                (Some(ToolState::Blocked), _) => Some(Refusal::Blocked),
-                (None, false) => Some(Refusal::Disconnected),
-                (None, true) => Some(Refusal::NotOffered),
-                (Some(_), _) => None,
-            }
-        })
+            )
+        });
+        InForce {
+            server_enabled,
+            tool_state,
+            connected,
+        }
     }
 
     /// After the user blocked tools of `server` or removed their connection to it: denies

@@ -14,16 +14,13 @@ use std::time::Duration;
 
 use domain::{
     DomainError, Event, InvocationId, ServerId, UserId,
-    invocation::{self, InvocationCommand, InvocationState},
+    invocation::{self, InvocationCommand, InvocationState, Refusal},
 };
 use eventlog::LogKind;
 use service_kit::CommandContext;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    InvocationReport, Invoker, InvokerError,
-    commands::{Refusal, invocation_subject},
-};
+use crate::{InvocationReport, Invoker, InvokerError, commands::invocation_subject};
 
 const SERVICE: &str = "invoker";
 
