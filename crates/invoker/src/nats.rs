@@ -99,8 +99,8 @@ impl NatsService {
         })
     }
 
-    /// This instance's id in `$SRV` discovery (`$SRV.PING.switchboard-invoker.<id>`); `None` once
-    /// it stopped taking requests.
+    /// This instance's id in `$SRV` discovery (`$SRV.PING.switchboard-invoker.<id>`);
+    /// `None` once it stopped taking requests.
     pub async fn service_id(&self) -> Option<String> {
         Some(self.service.as_ref()?.info().await.id)
     }
