@@ -155,11 +155,28 @@ pub struct PendingApproval {
     /// The exposed name the AI used.
     pub tool: String,
     pub tool_name: String,
+    /// What the user decides on beyond the name, as the server describes the tool now
+    /// (`None` once it no longer offers it).
+    pub tool_context: Option<PendingToolContext>,
     pub server: ResultServer,
     /// The arguments the user decides on.
     pub arguments: Value,
     pub requested_at: std::time::SystemTime,
     pub expires_at: std::time::SystemTime,
+}
+
+/// The tool a pending approval would call, as its server describes it now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingToolContext {
+    pub title: String,
+    pub description: String,
+    /// `read_only` or `write_delete` (from the tool's annotations; see the tool settings).
+    pub category: &'static str,
+    /// The annotations in MCP's spelling (`destructiveHint`, …): the server's hints, never a
+    /// reason to approve.
+    pub annotations: Option<Value>,
+    /// The tool's definition changed since the user last set it.
+    pub changed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -865,15 +882,31 @@ impl Invoker {
         .await;
         let mut approvals = Vec::with_capacity(pending.len());
         for (open, arguments) in pending.into_iter().zip(arguments) {
-            let server_name = ServerId::parse(&open.server_id)
-                .ok()
+            let server_id = ServerId::parse(&open.server_id).ok();
+            let server_name = server_id
                 .and_then(|server_id| {
                     models
                         .servers
                         .read(|d| d.get(server_id).map(|s| s.name.clone()))
                 })
                 .unwrap_or_default();
+            let tool_context = server_id.and_then(|server_id| {
+                models.tool_states.read(|states| {
+                    states
+                        .tool(user, server_id, &open.tool_name)
+                        .map(|view| PendingToolContext {
+                            title: view.title.to_owned(),
+                            description: view.description.to_owned(),
+                            category: view.category.as_str(),
+                            annotations: (!view.annotations_json.is_empty())
+                                .then(|| serde_json::from_str(view.annotations_json).ok())
+                                .flatten(),
+                            changed: view.changed,
+                        })
+                })
+            });
             approvals.push(PendingApproval {
+                tool_context,
                 requested_at: open.requested_at(),
                 expires_at: open.approval_expires_at().unwrap_or(open.requested_at()),
                 invocation_id: open.invocation_id,

@@ -25,8 +25,8 @@ mod result;
 mod service;
 
 pub use commands::{
-    Decision, InvocationReport, InvokeRequest, Outcome, PendingApproval, ToolListing, ToolServer,
-    invocation_subject,
+    Decision, InvocationReport, InvokeRequest, Outcome, PendingApproval, PendingToolContext,
+    ToolListing, ToolServer, invocation_subject,
 };
 pub use error::InvokerError;
 pub use metrics::InvokerMetrics;

@@ -678,8 +678,22 @@ pub async fn approvals(args: &ApiArgs, settings: &Settings) -> anyhow::Result<()
         return Ok(());
     }
     for approval in pending {
+        // The category says what the tool may do (`write_delete`); a tool changed since it
+        // was set is worth a look before approving.
+        let mut notes: Vec<&str> = Vec::new();
+        if let Some(category) = approval["category"].as_str() {
+            notes.push(category);
+        }
+        if approval["tool_changed"] == true {
+            notes.push("changed since you set it");
+        }
+        let notes = if notes.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", notes.join(", "))
+        };
         println!(
-            "{}  {}  {}\n    arguments: {}",
+            "{}  {}  {}{notes}\n    arguments: {}",
             text(&approval["invocation_id"]),
             text(&approval["tool"]),
             text(&approval["server"]["name"]),

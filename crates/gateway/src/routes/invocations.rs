@@ -389,6 +389,22 @@ pub struct ApprovalItem {
     pub tool: String,
     /// The tool's name on its server.
     pub tool_name: String,
+    /// The tool's title and description, as its server gives them now (absent once it no
+    /// longer offers the tool).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// `read_only` or `write_delete`, as in the tool settings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<&'static str>,
+    /// The server's hints (`destructiveHint`, `readOnlyHint`, …) in MCP's spelling: the
+    /// server's words, never a reason to approve.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub annotations: Option<Value>,
+    /// The tool's definition changed since you last set it: look before you approve.
+    pub tool_changed: bool,
     pub server: ToolServerRef,
     /// The arguments the AI asks to call the tool with.
     #[schema(value_type = Object)]
@@ -426,6 +442,11 @@ async fn list_approvals(
             invocation_id: p.invocation_id,
             tool: p.tool,
             tool_name: p.tool_name,
+            title: p.tool_context.as_ref().map(|t| t.title.clone()),
+            description: p.tool_context.as_ref().map(|t| t.description.clone()),
+            category: p.tool_context.as_ref().map(|t| t.category),
+            annotations: p.tool_context.as_ref().and_then(|t| t.annotations.clone()),
+            tool_changed: p.tool_context.as_ref().is_some_and(|t| t.changed),
             server: ToolServerRef {
                 id: p.server.id,
                 name: p.server.name,

@@ -586,6 +586,12 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         assert_eq!(approvals[0]["tool"], format!("{PREFIX}create_issue"));
         assert_eq!(approvals[0]["arguments"], json!({"title": "Bug"}));
         assert_eq!(approvals[0]["server"]["name"], "notion team");
+        // What the user decides on beyond the name: the tool as its server describes it.
+        assert_eq!(approvals[0]["title"], "Create an issue");
+        assert_eq!(approvals[0]["description"], "Creates an issue.");
+        assert_eq!(approvals[0]["category"], "write_delete");
+        assert_eq!(approvals[0]["annotations"]["readOnlyHint"], false);
+        assert_eq!(approvals[0]["tool_changed"], false);
 
         // Someone else cannot decide it (nor see it).
         let mallory = it.setup.app.token(MALLORY, &["analyst"]);

@@ -254,6 +254,7 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
     assert!(for_alice.contains("Still awaiting approval"), "{for_alice}");
     let pending = stdout_of(&walk(&data_dir, &url, &alice, &["approvals"]));
     assert!(pending.contains("walk_2"), "{pending}");
+    assert!(pending.contains("(write_delete)"), "{pending}");
     assert!(pending.contains("walk_3"), "{pending}");
     let denied = stdout_of(&walk(
         &data_dir,
