@@ -161,6 +161,8 @@ pub struct PendingApproval {
     pub server: ResultServer,
     /// The arguments the user decides on.
     pub arguments: Value,
+    /// The orchestrator's conversation the request came from (empty: none given).
+    pub conversation_id: String,
     pub requested_at: std::time::SystemTime,
     pub expires_at: std::time::SystemTime,
 }
@@ -869,19 +871,41 @@ impl Invoker {
                 .cloned()
                 .collect()
         });
-        // Read from the vault together, not one round trip after another.
-        let arguments = futures_util::future::join_all(pending.iter().map(|open| async move {
-            match self.read_pending_arguments(open).await {
+        // Read from the vault and the log together, not one round trip after another: the
+        // arguments, and the conversation the request names (only its event holds it).
+        let read = futures_util::future::join_all(pending.iter().map(|open| async move {
+            let arguments = match self.read_pending_arguments(open).await {
                 Ok(json) => serde_json::from_str(&json).unwrap_or(Value::Null),
                 Err(error) => {
                     tracing::warn!(%error, "a pending approval's arguments are unavailable");
                     Value::Null
                 }
-            }
+            };
+            let conversation_id = match self
+                .inner
+                .log
+                .read_event(LogKind::Invocations, open.requested_sequence)
+                .await
+            {
+                Ok(Some(stored)) => match stored.envelope.event {
+                    Some(Event::InvocationRequested(requested))
+                        if requested.invocation_id == open.invocation_id =>
+                    {
+                        requested.conversation_id
+                    }
+                    _ => String::new(),
+                },
+                Ok(None) => String::new(),
+                Err(error) => {
+                    tracing::warn!(%error, "a pending approval's request could not be read");
+                    String::new()
+                }
+            };
+            (arguments, conversation_id)
         }))
         .await;
         let mut approvals = Vec::with_capacity(pending.len());
-        for (open, arguments) in pending.into_iter().zip(arguments) {
+        for (open, (arguments, conversation_id)) in pending.into_iter().zip(read) {
             let server_id = ServerId::parse(&open.server_id).ok();
             let server_name = server_id
                 .and_then(|server_id| {
@@ -917,6 +941,7 @@ impl Invoker {
                     name: server_name,
                 },
                 arguments,
+                conversation_id,
             });
         }
         approvals

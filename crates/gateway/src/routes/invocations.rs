@@ -409,6 +409,9 @@ pub struct ApprovalItem {
     /// The arguments the AI asks to call the tool with.
     #[schema(value_type = Object)]
     pub arguments: Value,
+    /// The orchestrator's conversation the request came from, when it named one.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub conversation_id: String,
     pub requested_at: String,
     /// Unanswered by then, the invocation expires.
     pub expires_at: String,
@@ -452,6 +455,7 @@ async fn list_approvals(
                 name: p.server.name,
             },
             arguments: p.arguments,
+            conversation_id: p.conversation_id,
             requested_at: super::rfc3339(p.requested_at),
             expires_at: super::rfc3339(p.expires_at),
         })

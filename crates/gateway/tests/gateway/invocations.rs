@@ -586,6 +586,7 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         assert_eq!(approvals[0]["tool"], format!("{PREFIX}create_issue"));
         assert_eq!(approvals[0]["arguments"], json!({"title": "Bug"}));
         assert_eq!(approvals[0]["server"]["name"], "notion team");
+        assert!(approvals[0].get("conversation_id").is_none(), "none given");
         // What the user decides on beyond the name: the tool as its server describes it.
         assert_eq!(approvals[0]["title"], "Create an issue");
         assert_eq!(approvals[0]["description"], "Creates an issue.");
@@ -2962,8 +2963,22 @@ async fn a_user_with_too_many_requests_waiting_gets_no_more_until_they_decide() 
         )
         .await;
     assert_eq!(status, 200, "{denied}");
-    it.awaiting("call_waits_3", "create_issue", json!({"title": "4"}))
+    // The orchestrator's conversation, for the user to place the request.
+    let (status, waiting) = it
+        .post(
+            &it.alice,
+            "/api/v1/invocations",
+            &json!({"invocation_id": "call_waits_3", "tool": format!("{PREFIX}create_issue"), "arguments": {"title": "4"}, "conversation_id": "conv_7"}),
+        )
         .await;
+    assert_eq!(status, 200, "{waiting}");
+    assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(approvals["approvals"][1]["invocation_id"], "call_waits_3");
+    assert_eq!(
+        approvals["approvals"][1]["conversation_id"], "conv_7",
+        "{approvals}"
+    );
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
 }
 
