@@ -680,12 +680,15 @@ pub async fn approvals(args: &ApiArgs, settings: &Settings) -> anyhow::Result<()
     for approval in pending {
         // The category says what the tool may do (`write_delete`); a tool changed since it
         // was set is worth a look before approving.
-        let mut notes: Vec<&str> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
         if let Some(category) = approval["category"].as_str() {
-            notes.push(category);
+            notes.push(category.to_owned());
         }
         if approval["tool_changed"] == true {
-            notes.push("changed since you set it");
+            notes.push("changed since you set it".to_owned());
+        }
+        if let Some(conversation) = approval["conversation_id"].as_str() {
+            notes.push(format!("conversation {conversation}"));
         }
         let notes = if notes.is_empty() {
             String::new()
