@@ -179,6 +179,9 @@ pub struct PendingToolContext {
     pub annotations: Option<Value>,
     /// The tool's definition changed since the user last set it.
     pub changed: bool,
+    /// The current definition's hash: a setting sent with it (`PUT …/tools/{tool}`) applies
+    /// only to the definition the user saw.
+    pub definition_hash: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -926,6 +929,7 @@ impl Invoker {
                                 .then(|| serde_json::from_str(view.annotations_json).ok())
                                 .flatten(),
                             changed: view.changed,
+                            definition_hash: view.definition_hash.to_owned(),
                         })
                 })
             });

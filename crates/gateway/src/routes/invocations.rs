@@ -405,6 +405,11 @@ pub struct ApprovalItem {
     pub annotations: Option<Value>,
     /// The tool's definition changed since you last set it: look before you approve.
     pub tool_changed: bool,
+    /// The tool's current definition hash: send it with `PUT
+    /// /api/v1/servers/{id}/tools/{tool}` (e.g. to make it Always allow after approving) so
+    /// that the setting applies only to the definition you saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub definition_hash: Option<String>,
     pub server: ToolServerRef,
     /// The arguments the AI asks to call the tool with.
     #[schema(value_type = Object)]
@@ -450,6 +455,7 @@ async fn list_approvals(
             category: p.tool_context.as_ref().map(|t| t.category),
             annotations: p.tool_context.as_ref().and_then(|t| t.annotations.clone()),
             tool_changed: p.tool_context.as_ref().is_some_and(|t| t.changed),
+            definition_hash: p.tool_context.as_ref().map(|t| t.definition_hash.clone()),
             server: ToolServerRef {
                 id: p.server.id,
                 name: p.server.name,

@@ -593,6 +593,23 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         assert_eq!(approvals[0]["category"], "write_delete");
         assert_eq!(approvals[0]["annotations"]["readOnlyHint"], false);
         assert_eq!(approvals[0]["tool_changed"], false);
+        // The definition the user saw, for a setting that applies to it alone.
+        let (_, tools) = it
+            .get(
+                &it.alice,
+                &format!("/api/v1/servers/{}/tools", it.server_id),
+            )
+            .await;
+        let listed = tools["tools"]
+            .as_array()
+            .and_then(|tools| tools.iter().find(|t| t["name"] == "create_issue"))
+            .expect("listed");
+        assert_eq!(approvals[0]["definition_hash"], listed["definition_hash"]);
+        assert!(
+            approvals[0]["definition_hash"]
+                .as_str()
+                .is_some_and(|h| !h.is_empty())
+        );
 
         // Someone else cannot decide it (nor see it).
         let mallory = it.setup.app.token(MALLORY, &["analyst"]);
