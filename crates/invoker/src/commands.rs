@@ -1093,15 +1093,9 @@ impl Invoker {
         invocation::refusal(self.in_force(user, server, tool, server_enabled))
     }
 
-    /// Why the settings in force would refuse a call of `tool` on `server` for `user` now
-    /// (the server known to be enabled); `None`: they allow it.
-    fn refusal_now(&self, user: &UserId, server: ServerId, tool: &str) -> Option<Refusal> {
-        invocation::refusal(self.in_force(user, server, tool, true))
-    }
-
     /// What this process's read models hold in force for a call of `tool` on `server` for
     /// `user`.
-    fn in_force(
+    pub(crate) fn in_force(
         &self,
         user: &UserId,
         server: ServerId,
@@ -1119,64 +1113,6 @@ impl Invoker {
             tool_state,
             connected,
         }
-    }
-
-    /// After the user blocked tools of `server` or removed their connection to it: denies
-    /// their requests on it that wait for approval and that no approval could now let
-    /// through — the user's own doing, so recorded as their denial, with why — instead of
-    /// leaving them listed, and their orchestrators waiting, until they expire. Returns how
-    /// many it denied (one decided meanwhile stays as decided).
-    pub async fn deny_pending_now_refused(
-        &self,
-        context: &CommandContext,
-        user: &UserId,
-        server: ServerId,
-    ) -> usize {
-        let server_text = server.to_string();
-        let refused: Vec<(String, Refusal)> = self
-            .inner
-            .read_models
-            .open_invocations
-            .read(|open| {
-                open.pending_approvals_of(user.as_str())
-                    .into_iter()
-                    .filter(|pending| pending.server_id == server_text)
-                    .map(|pending| (pending.invocation_id.clone(), pending.tool_name.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .into_iter()
-            .filter_map(|(id, tool)| {
-                // A tool the server withdrew is not the user's doing: left to the approval.
-                match self.refusal_now(user, server, &tool)? {
-                    Refusal::NotOffered => None,
-                    refusal => Some((id, refusal)),
-                }
-            })
-            .collect();
-        let mut denied = 0;
-        for (id, refusal) in refused {
-            let Ok(id) = InvocationId::parse(&id) else {
-                continue;
-            };
-            let reason = match refusal {
-                Refusal::Blocked => "the user blocked the tool while the request waited",
-                _ => "the user removed the connection while the request waited",
-            };
-            let decision = Decision::Deny {
-                reason: reason.to_owned(),
-            };
-            match self.decide_approval(context, user, &id, decision).await {
-                Ok(_) => denied += 1,
-                Err(InvokerError::Domain(
-                    domain::DomainError::InvocationNotAwaitingApproval
-                    | domain::DomainError::ApprovalExpired,
-                )) => {}
-                Err(error) => {
-                    tracing::warn!(%error, invocation = id.as_str(), "could not deny a request its user's settings now refuse");
-                }
-            }
-        }
-        denied
     }
 
     async fn record_decision_and_run(
@@ -1293,6 +1229,9 @@ impl Invoker {
                     .await;
             }
         };
+        // What is in force now decides, as for any call: a server disabled or deleted, a
+        // tool blocked, or a connection removed while the request waited is never called
+        // (an approval given to a stale request must not undo a block).
         let server = ServerId::parse(&request.server_id)
             .ok()
             .and_then(|server_id| {
@@ -1301,24 +1240,14 @@ impl Invoker {
                         .map(|s| (server_id, s.enabled, s.name.clone(), s.url.clone()))
                 })
             });
-        let Some((server_id, true, server_name, url)) = server else {
-            // The server was deleted or disabled while the user decided: never called.
-            return self
-                .record_failure(
-                    &context,
-                    &subject,
-                    user,
-                    id,
-                    events,
-                    "server_disabled",
-                    "the server was disabled or deleted before the approved call",
-                )
-                .await;
+        let refusal = match &server {
+            Some((server_id, enabled, _, _)) => {
+                invocation::refusal(self.in_force(user, *server_id, &request.tool_name, *enabled))
+            }
+            None => Some(Refusal::ServerDisabled),
         };
-        // The settings in force now decide, as for any call: a tool blocked, or a
-        // connection removed, while the request waited is never called (an approval given
-        // to a stale request must not undo a block).
-        if let Some(refusal) = self.refusal_now(user, server_id, &request.tool_name) {
+        let (Some((server_id, _, server_name, url)), None) = (server, refusal) else {
+            let refusal = refusal.unwrap_or(Refusal::ServerDisabled);
             let message = match refusal {
                 Refusal::ServerDisabled => {
                     "the server was disabled or deleted before the approved call"
@@ -1343,7 +1272,7 @@ impl Invoker {
                     message,
                 )
                 .await;
-        }
+        };
         self.run(Run {
             context,
             subject,

@@ -45,14 +45,18 @@ struct Pending {
     tool_name: String,
 }
 
-/// Which requests waiting for approval [`Invoker::fail_pending_refused`] weighs, and which
-/// refusals close them.
-enum PendingScope {
-    /// Every one that has waited [`REFUSED_AFTER`], for any refusal.
+/// Which requests waiting for approval [`Invoker::close_pending_refused`] weighs, and which
+/// refusals close them how.
+enum PendingScope<'a> {
+    /// Every one that has waited [`REFUSED_AFTER`], for any refusal: failed.
     Settled,
     /// Those on a server an administrator just disabled or deleted here (this process's
-    /// read model shows it), for that alone, however long they have waited.
+    /// read model shows it), for that alone, however long they have waited: failed.
     OnServerGone(ServerId),
+    /// The user's own on a server where they just blocked tools or removed their
+    /// connection, for that: denied, as the user's own doing. (A tool the server withdrew
+    /// is not the user's doing: left to the sweeper.)
+    UserChanged { user: &'a UserId, server: ServerId },
 }
 
 impl Invoker {
@@ -135,42 +139,80 @@ impl Invoker {
             closed += usize::from(self.close_as(&sweeper, &user, &id, command).await?);
         }
         closed += self
-            .fail_pending_refused(&sweeper, PendingScope::Settled)
+            .close_pending_refused(&sweeper, PendingScope::Settled)
             .await?;
         Ok(closed)
+    }
+
+    /// After the user blocked tools of `server` or removed their connection to it: denies
+    /// their requests on it that wait for approval and that no approval could now let
+    /// through — the user's own doing, so recorded as their denial, with why — instead of
+    /// leaving them listed, and their orchestrators waiting, until they expire. Returns how
+    /// many it denied (one decided meanwhile stays as decided); a failure is logged, and the
+    /// sweeper closes what is left.
+    pub async fn deny_pending_now_refused(
+        &self,
+        context: &CommandContext,
+        user: &UserId,
+        server: ServerId,
+    ) -> usize {
+        self.close_pending_refused_or_log(context, PendingScope::UserChanged { user, server })
+            .await
     }
 
     /// After an administrator disabled or deleted `server` (and this process's read model
     /// shows it): every user's requests on it that wait for approval, which no approval
     /// could let through any more, fail as `server_disabled` at once — off their users'
     /// approvals, their orchestrators told — instead of waiting until they expire. Returns
-    /// how many it closed. The sweeper closes them too, later, wherever the change was made.
+    /// how many it closed; a failure is logged. The sweeper closes them too, later, wherever
+    /// the change was made.
     pub async fn fail_pending_on_server_gone(
         &self,
         context: &CommandContext,
         server: ServerId,
-    ) -> Result<usize, InvokerError> {
-        self.fail_pending_refused(context, PendingScope::OnServerGone(server))
+    ) -> usize {
+        self.close_pending_refused_or_log(context, PendingScope::OnServerGone(server))
             .await
     }
 
-    /// Closes, as failed and saying why, the requests in `scope` that wait for approval and
-    /// that no approval could let through now: server disabled or deleted, tool blocked or
-    /// no longer offered, connection removed (an approval would only record the failure; the
-    /// user would see the prompt, and the orchestrator wait, for nothing). Returns how many.
-    async fn fail_pending_refused(
+    /// [`Self::close_pending_refused`] after a change: what the store did not take is logged
+    /// (the change itself stands), and the sweeper closes it later.
+    async fn close_pending_refused_or_log(
         &self,
         context: &CommandContext,
-        scope: PendingScope,
+        scope: PendingScope<'_>,
+    ) -> usize {
+        match self.close_pending_refused(context, scope).await {
+            Ok(closed) => closed,
+            Err(error) => {
+                tracing::warn!(%error, "could not close the requests waiting for approval that a change refuses; the sweeper will");
+                0
+            }
+        }
+    }
+
+    /// Closes, saying why, the requests in `scope` that wait for approval and that no
+    /// approval could let through now: server disabled or deleted, tool blocked or no longer
+    /// offered, connection removed (an approval would only record the failure; the user
+    /// would see the prompt, and the orchestrator wait, for nothing). Returns how many.
+    async fn close_pending_refused(
+        &self,
+        context: &CommandContext,
+        scope: PendingScope<'_>,
     ) -> Result<usize, InvokerError> {
         let now = self.inner.envelopes.clock().now();
         let server_text = match &scope {
-            PendingScope::OnServerGone(server) => Some(server.to_string()),
+            PendingScope::OnServerGone(server) | PendingScope::UserChanged { server, .. } => {
+                Some(server.to_string())
+            }
             PendingScope::Settled => None,
         };
-        let in_scope = |o: &domain::OpenInvocation| match &server_text {
-            Some(server) => *server == o.server_id,
-            None => now
+        let in_scope = |o: &domain::OpenInvocation| match (&scope, &server_text) {
+            (PendingScope::UserChanged { user, .. }, Some(server)) => {
+                o.user_id == user.as_str() && *server == o.server_id
+            }
+            (_, Some(server)) => *server == o.server_id,
+            (_, None) => now
                 .duration_since(o.since())
                 .is_ok_and(|waited| waited >= REFUSED_AFTER),
         };
@@ -189,20 +231,27 @@ impl Invoker {
             let Ok(user) = UserId::parse(&pending.key.0) else {
                 continue;
             };
-            let refusal = match (
-                &scope,
-                self.refusal_of_pending(&user, &pending.server_id, &pending.tool_name),
-            ) {
-                (PendingScope::Settled, Some(refusal)) => refusal,
-                (PendingScope::OnServerGone(_), Some(Refusal::ServerDisabled)) => {
-                    Refusal::ServerDisabled
-                }
-                _ => continue,
+            let Some(refusal) =
+                self.refusal_of_pending(&user, &pending.server_id, &pending.tool_name)
+            else {
+                continue;
             };
-            let command = InvocationCommand::Fail {
+            let fail = |refusal: Refusal| InvocationCommand::Fail {
                 error_code: refusal.code().to_owned(),
                 message: refused_while_waiting(refusal).to_owned(),
                 duration_ms: 0,
+            };
+            let command = match (&scope, refusal) {
+                (PendingScope::Settled, refusal) => fail(refusal),
+                (PendingScope::OnServerGone(_), Refusal::ServerDisabled) => fail(refusal),
+                (PendingScope::UserChanged { .. }, Refusal::Blocked | Refusal::Disconnected) => {
+                    InvocationCommand::Deny {
+                        reason: denied_by_the_change(refusal).to_owned(),
+                        by: user,
+                        withdrawn: false,
+                    }
+                }
+                _ => continue,
             };
             let (user, id) = pending.key;
             closed += usize::from(self.close_as(context, &user, &id, command).await?);
@@ -285,6 +334,14 @@ impl Invoker {
             self.report(&user, &id, &events),
             waited_for_approval,
         )))
+    }
+}
+
+/// Why a user's own change denied their request.
+fn denied_by_the_change(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::Blocked => "the user blocked the tool while the request waited",
+        _ => "the user removed the connection while the request waited",
     }
 }
 

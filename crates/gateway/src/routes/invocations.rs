@@ -264,38 +264,34 @@ pub(crate) async fn deny_pending_now_refused(
     server: domain::ServerId,
 ) -> Result<(), ApiError> {
     let context = state.command_context(caller);
-    if state
+    let denied = state
         .invoker
         .deny_pending_now_refused(&context, &caller.user, server)
-        .await
-        > 0
-    {
-        settle_invocations(state).await?;
-    }
-    Ok(())
+        .await;
+    settle_if_closed(state, denied).await
 }
 
 /// After an administrator disabled or deleted `server`: every user's requests on it that
 /// wait for approval fail at once (`server_disabled`), and leave their approvals before the
-/// answer. The change itself is made: if the store fails here, the answer still says so,
-/// and the sweeper closes them later.
+/// answer. (Closing them is best effort: the change itself stands, and the sweeper closes
+/// what the store did not take.)
 pub(crate) async fn fail_pending_on_server_gone(
     state: &AppState,
     caller: &Caller,
     server: domain::ServerId,
 ) -> Result<(), ApiError> {
     let context = state.command_context(caller);
-    match state
+    let failed = state
         .invoker
         .fail_pending_on_server_gone(&context, server)
-        .await
-    {
-        Ok(0) => {}
-        Ok(_) => settle_invocations(state).await?,
-        Err(error) => tracing::warn!(
-            %error,
-            "could not close the requests waiting for approval on a server gone; the sweeper will"
-        ),
+        .await;
+    settle_if_closed(state, failed).await
+}
+
+/// After `closed` invocations were closed: the approvals list shows it before the answer.
+async fn settle_if_closed(state: &AppState, closed: usize) -> Result<(), ApiError> {
+    if closed > 0 {
+        settle_invocations(state).await?;
     }
     Ok(())
 }
