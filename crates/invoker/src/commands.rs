@@ -1405,17 +1405,7 @@ impl Invoker {
         }
         advance(&mut state, &mut events, started);
         let duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
-        let ended: Option<Cow<'static, str>> = match &answer {
-            Ok(Ok(result)) if result.is_error == Some(true) => Some("tool_error".into()),
-            Ok(Ok(_)) => Some("completed".into()),
-            Ok(Err((code, _))) => Some(code.clone().into()),
-            Err(CallCut::Deadline) => Some("deadline_exceeded".into()),
-            Err(CallCut::Withdrawn) => Some("withdrawn".into()),
-            Err(CallCut::WithdrawnFirst) => None,
-        };
-        if let Some(ended) = ended {
-            self.inner.metrics.observe_call(server_id, ended, took);
-        }
+        let called = !matches!(answer, Err(CallCut::WithdrawnFirst));
         let mut built = None;
         let command = match answer {
             Ok(Ok(result)) => {
@@ -1477,6 +1467,15 @@ impl Invoker {
                 duration_ms,
             },
         };
+        if called {
+            // How the call ended, as its outcome says it.
+            let ended: Cow<'static, str> = match &command {
+                InvocationCommand::Complete { is_error: true, .. } => "tool_error".into(),
+                InvocationCommand::Fail { error_code, .. } => error_code.clone().into(),
+                _ => "completed".into(),
+            };
+            self.inner.metrics.observe_call(server_id, ended, took);
+        }
         let finished = invocation::decide(&state, &id, command, self.now())?;
         let envelopes = self.envelopes(&context, &user, &id, finished.clone());
         // The outcome must be recorded: retry what the store could not take (an append is
