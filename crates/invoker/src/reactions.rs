@@ -203,18 +203,18 @@ impl Invoker {
         let now = self.inner.envelopes.clock().now();
         let server_text = match &scope {
             PendingScope::OnServerGone(server) | PendingScope::UserChanged { server, .. } => {
-                Some(server.to_string())
+                server.to_string()
             }
-            PendingScope::Settled => None,
+            PendingScope::Settled => String::new(),
         };
-        let in_scope = |o: &domain::OpenInvocation| match (&scope, &server_text) {
-            (PendingScope::UserChanged { user, .. }, Some(server)) => {
-                o.user_id == user.as_str() && *server == o.server_id
-            }
-            (_, Some(server)) => *server == o.server_id,
-            (_, None) => now
+        let in_scope = |o: &domain::OpenInvocation| match &scope {
+            PendingScope::Settled => now
                 .duration_since(o.since())
                 .is_ok_and(|waited| waited >= REFUSED_AFTER),
+            PendingScope::OnServerGone(_) => o.server_id == server_text,
+            PendingScope::UserChanged { user, .. } => {
+                o.user_id == user.as_str() && o.server_id == server_text
+            }
         };
         let pending: Vec<Pending> = self.inner.read_models.open_invocations.read(|open| {
             open.pending_approvals()
