@@ -306,6 +306,16 @@ impl Invoking {
         state.settle(&written).await;
     }
 
+    /// Alice decides (`approve` or `deny`) her invocation `id`.
+    async fn decide(&self, id: &str, decision: &str) -> (u16, Value) {
+        self.post(
+            &self.alice,
+            &format!("/api/v1/approvals/{id}"),
+            &json!({ "decision": decision }),
+        )
+        .await
+    }
+
     /// Alice's request to call `tool`, which waits for her approval.
     async fn awaiting(&self, id: &str, tool: &str, arguments: Value) {
         let waiting = self.invoke(id, tool, arguments).await;
@@ -625,13 +635,7 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
         assert_eq!(theirs["approvals"], json!([]));
 
         // The user approves: the call runs, once.
-        let (status, approved) = it
-            .post(
-                &it.alice,
-                "/api/v1/approvals/call_a",
-                &json!({"decision": "approve"}),
-            )
-            .await;
+        let (status, approved) = it.decide("call_a", "approve").await;
         assert_eq!(status, 200, "{approved}");
         assert_eq!(approved["outcome"], "completed");
         assert_eq!(approved["result"]["content"][0]["text"], "Created FX-2");
@@ -652,13 +656,7 @@ async fn approval_granted_denied_expired_and_refused_to_someone_else() {
             json!([]),
             "decided: no longer listed"
         );
-        let (status, again) = it
-            .post(
-                &it.alice,
-                "/api/v1/approvals/call_a",
-                &json!({"decision": "deny"}),
-            )
-            .await;
+        let (status, again) = it.decide("call_a", "deny").await;
         assert_eq!(status, 409, "decided once: {again}");
         let (_, status_now) = it.get(&it.alice, "/api/v1/invocations/call_a").await;
         assert_eq!(status_now["outcome"], "completed");
@@ -725,13 +723,7 @@ async fn an_unanswered_approval_expires() {
     assert_eq!(status, 200, "{expired}");
     assert_eq!(expired["outcome"], "expired", "{expired}");
     assert_eq!(expired["reason"], "approval_expired");
-    let (status, late) = it
-        .post(
-            &it.alice,
-            "/api/v1/approvals/call_late",
-            &json!({"decision": "approve"}),
-        )
-        .await;
+    let (status, late) = it.decide("call_late", "approve").await;
     assert_eq!(status, 410, "the approval window closed: {late}");
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
     assert_eq!(
@@ -756,13 +748,7 @@ async fn an_approval_whose_kept_arguments_are_gone_fails_without_a_call() {
     let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
     assert_eq!(approvals["approvals"][0]["invocation_id"], "call_lost");
     assert_eq!(approvals["approvals"][0]["arguments"], Value::Null);
-    let (status, approved) = it
-        .post(
-            &it.alice,
-            "/api/v1/approvals/call_lost",
-            &json!({"decision": "approve"}),
-        )
-        .await;
+    let (status, approved) = it.decide("call_lost", "approve").await;
     assert_eq!(status, 200, "{approved}");
     assert_eq!(approved["outcome"], "failed", "{approved}");
     assert_eq!(approved["reason"], "arguments_unavailable");
@@ -1779,13 +1765,7 @@ async fn an_approved_call_keeps_to_the_deadline_its_request_asked_for() {
     assert_eq!(waiting["outcome"], "awaiting_approval", "{waiting}");
     it.setup.handle.expire_access_tokens();
     let gate = it.setup.handle.pause_token_endpoint();
-    let (status, outcome) = it
-        .post(
-            &it.alice,
-            "/api/v1/approvals/call_slow_approved",
-            &json!({"decision": "approve"}),
-        )
-        .await;
+    let (status, outcome) = it.decide("call_slow_approved", "approve").await;
     gate.release();
     assert_eq!(status, 200, "{outcome}");
     assert_eq!(outcome["outcome"], "failed", "{outcome}");
@@ -1820,13 +1800,7 @@ async fn pending_approvals_and_outcomes_reach_the_users_live_stream() {
         seen.push(event.event);
     }
     assert!(seen.contains(&"InvocationRequested".to_owned()), "{seen:?}");
-    let (status, _) = it
-        .post(
-            &it.alice,
-            "/api/v1/approvals/call_live",
-            &json!({"decision": "approve"}),
-        )
-        .await;
+    let (status, _) = it.decide("call_live", "approve").await;
     assert_eq!(status, 200);
     loop {
         let event = stream.next().await.expect("an event");
@@ -2642,13 +2616,7 @@ async fn a_stopping_nats_service_announces_approval_outcomes_until_the_rest_is_d
     })
     .await
     .expect("no longer discovered");
-    let (status, outcome) = it
-        .post(
-            &it.alice,
-            "/api/v1/approvals/call_late",
-            &json!({"decision": "approve"}),
-        )
-        .await;
+    let (status, outcome) = it.decide("call_late", "approve").await;
     assert_eq!(status, 200, "{outcome}");
     assert_eq!(outcome["outcome"], "completed", "{outcome}");
     let reply = next_announcement(&mut announced, "announced while stopping").await;
@@ -2698,13 +2666,10 @@ async fn an_approval_does_not_call_a_tool_blocked_or_disconnected_while_it_waite
     let context = service_kit::CommandContext::service("test");
     let server = domain::ServerId::parse(&it.server_id).expect("server id");
     let state = &it.setup.app.state;
-    let approve = |id: &str| {
-        let path = format!("/api/v1/approvals/{id}");
+    let approve = |id: &'static str| {
         let it = &it;
         async move {
-            let (status, outcome) = it
-                .post(&it.alice, &path, &json!({"decision": "approve"}))
-                .await;
+            let (status, outcome) = it.decide(id, "approve").await;
             assert_eq!(status, 200, "{outcome}");
             assert_eq!(outcome["outcome"], "failed", "{outcome}");
             outcome
@@ -2972,13 +2937,7 @@ async fn a_user_with_too_many_requests_waiting_gets_no_more_until_they_decide() 
         "{approvals}"
     );
 
-    let (status, denied) = it
-        .post(
-            &it.alice,
-            "/api/v1/approvals/call_waits_1",
-            &json!({"decision": "deny"}),
-        )
-        .await;
+    let (status, denied) = it.decide("call_waits_1", "deny").await;
     assert_eq!(status, 200, "{denied}");
     // The orchestrator's conversation, for the user to place the request.
     let (status, waiting) = it
@@ -3143,13 +3102,7 @@ async fn an_orchestrator_withdraws_a_request_waiting_for_approval() {
     let (status, again) = withdraw(&it.alice, "call_withdrawn", None).await;
     assert_eq!(status, 409, "{again}");
     assert_eq!(again["error"]["code"], "invocation_finished");
-    let (status, late) = it
-        .post(
-            &it.alice,
-            "/api/v1/approvals/call_withdrawn",
-            &json!({"decision": "approve"}),
-        )
-        .await;
+    let (status, late) = it.decide("call_withdrawn", "approve").await;
     assert_eq!(status, 409, "{late}");
 
     // For another user: with `invoke_for_users` only.
