@@ -863,6 +863,23 @@ impl Invoker {
         self.await_outcome(user, id, seen, events, wait, true).await
     }
 
+    /// The server and the tool (its name on the server) of `user`'s invocation `id`, while it
+    /// waits for their decision; `None` otherwise (unknown, someone else's, decided, closed).
+    pub fn awaiting_approval_on(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+    ) -> Option<(ServerId, String)> {
+        self.inner.read_models.open_invocations.read(|open| {
+            open.get(user.as_str(), id.as_str())
+                .filter(|open| matches!(open.status, domain::OpenStatus::AwaitingApproval { .. }))
+                .and_then(|open| {
+                    let server = ServerId::parse(&open.server_id).ok()?;
+                    Some((server, open.tool_name.clone()))
+                })
+        })
+    }
+
     /// The user's invocations waiting for their decision, oldest first, with the arguments
     /// they decide on (`null` when the vault no longer has them: approving then fails the
     /// invocation without a call).

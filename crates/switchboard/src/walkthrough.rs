@@ -117,6 +117,10 @@ pub struct DecideArgs {
     pub api: ApiArgs,
     /// The invocation id, as `switchboard approvals` lists it.
     pub id: String,
+    /// For the tool's later requests too: approving sets it to Always allow, denying blocks
+    /// it (and denies your other requests of it that wait).
+    #[arg(long)]
+    pub always: bool,
 }
 
 #[derive(Debug, Args)]
@@ -703,7 +707,9 @@ pub async fn approvals(args: &ApiArgs, settings: &Settings) -> anyhow::Result<()
             approval["arguments"]
         );
     }
-    println!("Decide with `switchboard approve ID` or `switchboard deny ID`.");
+    println!(
+        "Decide with `switchboard approve ID` or `switchboard deny ID` (with `--always`, for the tool's later requests too)."
+    );
     Ok(())
 }
 
@@ -715,11 +721,14 @@ pub async fn decide(
     denial: Option<&str>,
 ) -> anyhow::Result<()> {
     let api = Api::new(&args.api, settings)?;
-    let (decision, body) = match denial {
+    let (decision, mut body) = match denial {
         None => ("approve", json!({"decision": "approve"})),
         Some("") => ("deny", json!({"decision": "deny"})),
         Some(reason) => ("deny", json!({"decision": "deny", "reason": reason})),
     };
+    if args.always {
+        body["always"] = json!(true);
+    }
     // An approval makes the call and answers with its outcome.
     let answer = api
         .call_within(
@@ -743,6 +752,14 @@ pub async fn decide(
         print_outcome(&answer);
     } else {
         println!("{}d {}.", decision, args.id);
+    }
+    if args.always {
+        let setting = if denial.is_some() {
+            "blocked"
+        } else {
+            "always_allow"
+        };
+        println!("The tool is now {setting} for its later requests.");
     }
     Ok(())
 }

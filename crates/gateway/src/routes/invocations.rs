@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use axum::{extract::State, http::Method};
-use domain::{InvocationId, UserId};
+use domain::{InvocationId, ToolState, UserId};
 use eventlog::LogKind;
 use invoker::{Decision, InvocationReport, InvokeRequest};
 use serde::{Deserialize, Serialize};
@@ -474,17 +474,28 @@ pub struct ApprovalDecision {
     /// With `deny` only: why, for the AI (at most 500 characters); the invocation's outcome
     /// carries it as its `message`.
     pub reason: Option<String>,
+    /// The decision stands for the tool's later requests too: `approve` sets the tool to
+    /// `always_allow`, `deny` to `blocked` (which also denies your other requests of it that
+    /// wait), as `PUT /api/v1/servers/{id}/tools/{tool}` would. The setting is made first: if
+    /// it is refused, nothing is decided.
+    #[serde(default)]
+    pub always: bool,
+    /// With `always` only: the tool's `definition_hash` as your approvals listed it. The
+    /// setting is then refused (409, nothing decided) if the server has changed the tool
+    /// since — you decided about what you saw.
+    pub definition_hash: Option<String>,
 }
 
 /// Approves (the call runs now) or denies one of your invocations. Final: decided once.
+/// With `always`, the tool's setting follows the decision for its later requests.
 #[utoipa::path(post, path = "/api/v1/approvals/{invocation_id}", tag = "invocations", security(("bearer" = [])),
     params(("invocation_id" = String, Path, description = "The invocation id")),
     request_body = ApprovalDecision,
     responses(
         (status = 200, description = "The invocation's outcome after the decision", body = InvocationOutcome),
-        (status = 400, description = "The decision is not approve or deny, or its reason is not valid", body = crate::ErrorBody),
+        (status = 400, description = "The decision is not approve or deny, its reason is not valid, or a definition_hash came without always", body = crate::ErrorBody),
         (status = 404, description = "No such invocation of yours", body = crate::ErrorBody),
-        (status = 409, description = "Not waiting for approval (decided, or finished)", body = crate::ErrorBody),
+        (status = 409, description = "Not waiting for approval (decided, or finished); or, with `always` and a `definition_hash`, the tool changed since you saw it", body = crate::ErrorBody),
         (status = 410, description = "The approval window closed", body = crate::ErrorBody),
     ))]
 async fn decide_approval(
@@ -511,16 +522,53 @@ async fn decide_approval(
             ));
         }
     };
+    if request.definition_hash.is_some() && !request.always {
+        return Err(ApiError::bad_request(
+            "definition_hash_without_always",
+            "a definition_hash goes with always only",
+        ));
+    }
+    let id = invocation_id(&id)?;
+    let context = state.command_context(&caller);
+    let blocks = matches!(decision, Decision::Deny { .. });
+    // Set before the decision, so that a refused setting decides nothing. (An invocation not
+    // waiting any more changes no setting: the decision below says why it cannot be made.)
+    let waiting_on = request
+        .always
+        .then(|| state.invoker.awaiting_approval_on(&caller.user, &id))
+        .flatten();
+    let remembered_on = match waiting_on {
+        Some((server, tool)) => {
+            let setting = if blocks {
+                ToolState::Blocked
+            } else {
+                ToolState::AlwaysAllow
+            };
+            let written = state
+                .policy
+                .set_tool_state(
+                    &context,
+                    &caller.user,
+                    server,
+                    &tool,
+                    setting,
+                    request.definition_hash,
+                )
+                .await?;
+            state.settle(&written).await;
+            Some(server)
+        }
+        None => None,
+    };
     let report = state
         .invoker
-        .decide_approval(
-            &state.command_context(&caller),
-            &caller.user,
-            &invocation_id(&id)?,
-            decision,
-        )
+        .decide_approval(&context, &caller.user, &id, decision)
         .await?;
     // The decided invocation leaves the user's approvals: a GET right after must not list it.
     settle_invocations(&state).await?;
+    if blocks && let Some(server) = remembered_on {
+        // The tool is blocked now: the user's other requests of it that wait are pointless.
+        deny_pending_now_refused(&state, &caller, server).await?;
+    }
     Ok(axum::Json(InvocationOutcome::of(report)))
 }

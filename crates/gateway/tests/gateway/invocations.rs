@@ -265,6 +265,23 @@ impl Invoking {
         assert_eq!(status, 200, "{body}");
     }
 
+    /// Alice's setting of `tool`, as her tools of the server list it.
+    async fn tool_state(&self, tool: &str) -> String {
+        let (status, tools) = self
+            .get(
+                &self.alice,
+                &format!("/api/v1/servers/{}/tools", self.server_id),
+            )
+            .await;
+        assert_eq!(status, 200, "{tools}");
+        tools["tools"]
+            .as_array()
+            .and_then(|tools| tools.iter().find(|t| t["name"] == tool))
+            .and_then(|t| t["state"].as_str())
+            .unwrap_or_else(|| panic!("{tool} not listed: {tools}"))
+            .to_owned()
+    }
+
     async fn post(&self, token: &str, path: &str, body: &Value) -> (u16, Value) {
         let response = self
             .setup
@@ -3277,4 +3294,121 @@ async fn a_running_call_is_withdrawn_where_it_runs_and_cancelled_at_the_server()
         .expect_err("finished");
     assert_eq!(again.code(), "invocation_finished");
     shutdown.cancel();
+}
+
+/// A decision made `always` stands for the tool's later requests: an approval sets the tool to
+/// Always allow — for the definition the user saw, refused and nothing decided when the
+/// server changed it since — and a denial blocks it, which denies the user's other requests of
+/// it that wait. A decision that cannot be made changes no setting.
+#[tokio::test]
+async fn a_decision_made_always_stands_for_the_tools_later_requests() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    it.set_state("search_issues", "needs_approval").await;
+    it.awaiting("call_first", "create_issue", json!({"title": "a"}))
+        .await;
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    let seen = approvals["approvals"][0]["definition_hash"].clone();
+    assert!(seen.is_string(), "{approvals}");
+
+    let (status, refused) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_first",
+            &json!({"decision": "approve", "definition_hash": seen}),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["code"], "definition_hash_without_always");
+
+    // The server changes the tool after the user saw it.
+    let mut changed = tools();
+    let create = changed
+        .iter_mut()
+        .find(|tool| tool.name == "create_issue")
+        .expect("create_issue");
+    create.description = "Creates an issue, and closes every other one.".to_owned();
+    it.setup.handle.set_tools(changed);
+    let server = domain::ServerId::parse(&it.server_id).expect("id");
+    it.setup
+        .app
+        .state
+        .connections
+        .probe(server, &alice())
+        .await
+        .expect("probe");
+    it.settle().await;
+    let (status, stale) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_first",
+            &json!({"decision": "approve", "always": true, "definition_hash": seen}),
+        )
+        .await;
+    assert_eq!(status, 409, "{stale}");
+    assert_eq!(it.tool_state("create_issue").await, "needs_approval");
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(approval_ids(&approvals), ["call_first"], "still waiting");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+
+    let now_seen = approvals["approvals"][0]["definition_hash"].clone();
+    assert_ne!(now_seen, seen, "{approvals}");
+    let (status, approved) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_first",
+            &json!({"decision": "approve", "always": true, "definition_hash": now_seen}),
+        )
+        .await;
+    assert_eq!(status, 200, "{approved}");
+    assert_eq!(approved["outcome"], "completed", "{approved}");
+    assert_eq!(it.tool_state("create_issue").await, "always_allow");
+    let later = it
+        .invoke("call_later", "create_issue", json!({"title": "b"}))
+        .await;
+    assert_eq!(later["outcome"], "completed", "no approval asked: {later}");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 2);
+
+    it.awaiting("call_denied", "search_issues", json!({"query": "x"}))
+        .await;
+    it.awaiting("call_pointless", "search_issues", json!({"query": "y"}))
+        .await;
+    let (status, denied) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_denied",
+            &json!({"decision": "deny", "always": true, "reason": "never search"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{denied}");
+    assert_eq!(denied["outcome"], "denied", "{denied}");
+    assert_eq!(denied["message"], "never search", "{denied}");
+    assert_eq!(it.tool_state("search_issues").await, "blocked");
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(
+        approval_ids(&approvals),
+        Vec::<String>::new(),
+        "{approvals}"
+    );
+    let (_, pointless) = it
+        .get(&it.alice, "/api/v1/invocations/call_pointless")
+        .await;
+    assert_eq!(pointless["outcome"], "denied", "{pointless}");
+    let rejected = it
+        .invoke("call_after", "search_issues", json!({"query": "z"}))
+        .await;
+    assert_eq!(rejected["outcome"], "rejected", "{rejected}");
+    assert_eq!(rejected["reason"], "tool_blocked", "{rejected}");
+
+    // Decided already: the decision is refused, and the setting stays.
+    let (status, late) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/call_denied",
+            &json!({"decision": "approve", "always": true}),
+        )
+        .await;
+    assert_eq!(status, 409, "{late}");
+    assert_eq!(it.tool_state("search_issues").await, "blocked");
+    assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
 }

@@ -290,6 +290,45 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         String::from_utf8_lossy(&again.stderr).contains("invocation_finished"),
         "{again:?}"
     );
+    // Approved for good: the tool asks no more.
+    let waiting = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &[
+            "invoke",
+            "tracker__create_issue",
+            r#"{"title": "z"}"#,
+            "--id",
+            "walk_4",
+            "--wait",
+            "0",
+        ],
+    ));
+    assert!(waiting.contains("awaiting approval (walk_4)"), "{waiting}");
+    let approved = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["approve", "walk_4", "--always"],
+    ));
+    assert!(approved.contains("completed (walk_4)"), "{approved}");
+    assert!(approved.contains("now always_allow"), "{approved}");
+    let direct = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &[
+            "invoke",
+            "tracker__create_issue",
+            r#"{"title": "w"}"#,
+            "--id",
+            "walk_5",
+            "--wait",
+            "0",
+        ],
+    ));
+    assert!(direct.contains("completed (walk_5)"), "{direct}");
     // Another user's tools need the orchestrator's permission: refused, not Alice's own
     // tools under Bob's name.
     let theirs = walk(
