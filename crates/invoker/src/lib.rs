@@ -23,6 +23,7 @@ mod pending_arguments;
 mod reactions;
 mod result;
 mod service;
+mod tools_changed;
 
 pub use commands::{
     Decision, InvocationReport, InvokeRequest, Outcome, PendingApproval, PendingToolContext,
@@ -32,3 +33,4 @@ pub use error::InvokerError;
 pub use metrics::InvokerMetrics;
 pub use result::{ResultDigest, ResultEnvelope, ResultServer, sha256_hex};
 pub use service::{ApprovalOutcome, Invoker, InvokerSettings};
+pub use tools_changed::tools_changed_subject;

@@ -48,6 +48,9 @@ pub struct NatsService {
     result_requests: async_nats::Subscriber,
     /// Withdrawn calls, for whichever process makes them (`<prefix>.internal.withdraw`).
     withdrawals: async_nats::Subscriber,
+    /// The configuration log's first position after the start: tool-list changes from there
+    /// on are announced (`<prefix>.tools.changed`).
+    announce_from: u64,
 }
 
 impl std::fmt::Debug for NatsService {
@@ -57,8 +60,8 @@ impl std::fmt::Debug for NatsService {
 }
 
 impl NatsService {
-    /// Registers the service and its three endpoints under `prefix` (the deployment's NATS
-    /// prefix, `sb` by default).
+    /// Registers the service and its endpoints under `prefix` (the deployment's NATS prefix,
+    /// `sb` by default). Tool-list changes from now on are announced once it runs.
     pub async fn start(
         invoker: Invoker,
         client: &async_nats::Client,
@@ -80,6 +83,12 @@ impl NatsService {
             .subscribe(result_subject(prefix, invoker.instance()))
             .await?;
         let withdrawals = client.subscribe(withdrawal_subject(prefix)).await?;
+        let announce_from = invoker
+            .inner
+            .log
+            .last_sequence(eventlog::LogKind::Config)
+            .await?
+            + 1;
         invoker.set_result_peers(ResultPeers {
             client: client.clone(),
             prefix: prefix.to_owned(),
@@ -96,6 +105,7 @@ impl NatsService {
             invoke,
             status,
             withdraw,
+            announce_from,
         })
     }
 
@@ -110,6 +120,14 @@ impl NatsService {
     /// [`Stop`] says.
     pub async fn run(mut self, stop: Stop) {
         let mut handlers = tokio::task::JoinSet::new();
+        // Announced while requests are taken: an orchestrator told of a change asks here.
+        let announcing = tokio::spawn(crate::tools_changed::announce(
+            self.invoker.clone(),
+            self.client.clone(),
+            self.prefix.clone(),
+            self.announce_from,
+            stop.taking_requests.clone(),
+        ));
         loop {
             let (request, kind) = tokio::select! {
                 () = stop.taking_requests.cancelled() => break,
@@ -134,6 +152,7 @@ impl NatsService {
             };
             self.spawn_answer(&mut handlers, request, kind);
         }
+        announcing.abort();
         self.drain(handlers, stop).await;
     }
 
@@ -152,7 +171,7 @@ impl NatsService {
             let json = is_json(&request.message);
             let payload = &request.message.payload;
             let reply = match kind {
-                Kind::Tools => tools_list(&invoker, payload, json, max_payload),
+                Kind::Tools => tools_list(&invoker, payload, json, max_payload).await,
                 Kind::Invoke => {
                     encode_answer(invoke(&invoker, payload, json).await, json, max_payload)
                 }
@@ -548,37 +567,69 @@ fn id_of(text: &str) -> Result<InvocationId, pb::OrchestratorError> {
     InvocationId::parse(text).map_err(|e| bad(e.code(), e.to_string()))
 }
 
-fn tools_list(invoker: &Invoker, payload: &[u8], json: bool, max_payload: usize) -> Bytes {
-    let reply =
-        match decode::<pb::ToolsListRequest>(payload, json).and_then(|r| user_of(&r.user_id)) {
-            Ok(user) => pb::ToolsListReply {
-                tools: invoker
-                    .list_tools(&user)
-                    .into_iter()
-                    .map(|t| pb::UsableTool {
-                        name: t.name,
-                        tool_name: t.tool_name,
-                        server: Some(pb::UsableToolServer {
-                            id: t.server.id,
-                            name: t.server.name,
-                            description: t.server.description,
-                        }),
-                        title: t.title,
-                        description: t.description,
-                        input_schema: to_struct(Some(t.input_schema)),
-                        output_schema: to_struct(t.output_schema),
-                        annotations: to_struct(t.annotations),
-                        state: t.state.to_owned(),
-                    })
-                    .collect(),
-                error: None,
-            },
-            Err(error) => pb::ToolsListReply {
-                tools: vec![],
-                error: Some(error),
-            },
-        };
+async fn tools_list(invoker: &Invoker, payload: &[u8], json: bool, max_payload: usize) -> Bytes {
+    let asked = match decode::<pb::ToolsListRequest>(payload, json) {
+        Ok(request) => match user_of(&request.user_id) {
+            Ok(user) => caught_up(invoker, request.after_config_position)
+                .await
+                .map(|()| user),
+            Err(error) => Err(error),
+        },
+        Err(error) => Err(error),
+    };
+    let reply = match asked {
+        Ok(user) => pb::ToolsListReply {
+            tools: invoker
+                .list_tools(&user)
+                .into_iter()
+                .map(|t| pb::UsableTool {
+                    name: t.name,
+                    tool_name: t.tool_name,
+                    server: Some(pb::UsableToolServer {
+                        id: t.server.id,
+                        name: t.server.name,
+                        description: t.server.description,
+                    }),
+                    title: t.title,
+                    description: t.description,
+                    input_schema: to_struct(Some(t.input_schema)),
+                    output_schema: to_struct(t.output_schema),
+                    annotations: to_struct(t.annotations),
+                    state: t.state.to_owned(),
+                })
+                .collect(),
+            error: None,
+        },
+        Err(error) => pb::ToolsListReply {
+            tools: vec![],
+            error: Some(error),
+        },
+    };
     encode_tools(&reply, json, max_payload)
+}
+
+/// How long a tools list waits for the read models to reach the position it was asked after.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
+/// Once the read models reflect the configuration log up to `position` (0: at once); refused
+/// if they do not within [`CATCH_UP_WAIT`].
+async fn caught_up(invoker: &Invoker, position: u64) -> Result<(), pb::OrchestratorError> {
+    if position == 0
+        || invoker
+            .inner
+            .read_models
+            .wait_for_position(eventlog::LogKind::Config, position, CATCH_UP_WAIT)
+            .await
+    {
+        return Ok(());
+    }
+    Err(bad(
+        "not_caught_up",
+        format!(
+            "this process has not caught up with configuration position {position} within {} s; ask again",
+            CATCH_UP_WAIT.as_secs()
+        ),
+    ))
 }
 
 /// The tools list, or, when it does not fit one message of at most `max_payload` bytes, a
