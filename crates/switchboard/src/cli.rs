@@ -8,8 +8,8 @@ use crate::{
     configuration::{GlobalArgs, Settings},
     token, up, vault_cmd,
     walkthrough::{
-        self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, DenyArgs, DisconnectArgs, InvokeArgs,
-        ToolsArgs, WithdrawArgs,
+        self, AllowArgs, ApiArgs, ConnectArgs, DecideArgs, DenyArgs, DisconnectArgs, HistoryArgs,
+        InvokeArgs, ToolsArgs, WithdrawArgs,
     },
 };
 
@@ -69,6 +69,9 @@ pub enum Command {
     /// Withdraw an invocation no longer wanted, as the orchestrator would: one waiting for
     /// approval leaves the approvals; one whose call runs has it cancelled.
     Withdraw(WithdrawArgs),
+    /// Your own history: your connections, settings, approvals and every invocation made as
+    /// you, with who did each (from 24 hours ago, or --since).
+    History(HistoryArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -206,5 +209,6 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             walkthrough::decide(&args.decide, &settings, Some(&reason)).await
         }
         Command::Withdraw(args) => walkthrough::withdraw(&args, &settings).await,
+        Command::History(args) => walkthrough::history(&args, &settings).await,
     }
 }

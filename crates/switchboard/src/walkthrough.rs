@@ -133,6 +133,18 @@ pub struct DenyArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// From this RFC 3339 time (default: 24 hours ago).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only these event types, comma-separated (e.g. `InvocationRequested,InvocationDenied`).
+    #[arg(long = "type")]
+    pub types: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct WithdrawArgs {
     #[command(flatten)]
     pub api: ApiArgs,
@@ -762,4 +774,107 @@ pub async fn decide(
         println!("The tool is now {setting} for its later requests.");
     }
     Ok(())
+}
+
+/// The most events `switchboard history` prints: a terminal's worth; narrow with `--since`
+/// or `--type` for more.
+const HISTORY_MAX_EVENTS: usize = 10_000;
+
+/// `switchboard history`: your own events (`GET /api/v1/me/events`), oldest first — what
+/// was done as you, and by whom.
+pub async fn history(args: &HistoryArgs, settings: &Settings) -> anyhow::Result<()> {
+    let api = Api::new(&args.api, settings)?;
+    let since = match &args.since {
+        Some(since) => since.clone(),
+        None => (chrono::Utc::now() - chrono::Duration::hours(24))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    let mut query = vec![("since", since.as_str()), ("limit", "1000")];
+    if let Some(types) = &args.types {
+        query.push(("type", types.as_str()));
+    }
+    let mut cursor: Option<String> = None;
+    let mut printed = 0;
+    loop {
+        let mut page_query = query.clone();
+        if let Some(cursor) = &cursor {
+            page_query.push(("cursor", cursor.as_str()));
+        }
+        let page = api.get(&api_path(&["me", "events"], &page_query)).await?;
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        for event in &events {
+            println!("{}", history_line(event));
+        }
+        printed += events.len();
+        let more = page["partial"] == true || events.len() == 1000;
+        if !more || printed >= HISTORY_MAX_EVENTS {
+            if more {
+                println!("… more: narrow it with --since or --type.");
+            }
+            break;
+        }
+        cursor = page["next"].as_str().map(str::to_owned);
+    }
+    if printed == 0 {
+        println!("Nothing since {since}.");
+    }
+    Ok(())
+}
+
+/// One event as a line: when, what, by whom, and the invocation or tool it is about.
+fn history_line(event: &Value) -> String {
+    let envelope = &event["envelope"];
+    let by = envelope["actor"]["userId"]
+        .as_str()
+        .or_else(|| envelope["actor"]["service"].as_str())
+        .unwrap_or("?");
+    // The envelope's one event body (its key is the type in camelCase).
+    let body = envelope
+        .as_object()
+        .and_then(|fields| {
+            fields.values().find(|v| {
+                v.get("invocationId").is_some()
+                    || v.get("toolName").is_some()
+                    || v.get("serverId").is_some()
+            })
+        })
+        .cloned()
+        .unwrap_or(Value::Null);
+    let mut about: Vec<String> = Vec::new();
+    for (field, label) in [
+        ("invocationId", "invocation"),
+        ("exposedToolName", "tool"),
+        ("toolName", "tool"),
+        ("state", "state"),
+        ("errorCode", "reason"),
+        ("reason", "reason"),
+    ] {
+        if let Some(value) = body[field].as_str().filter(|v| !v.is_empty()) {
+            if about.iter().any(|a| a.starts_with(&format!("{label} "))) {
+                continue;
+            }
+            // `TOOL_STATE_ALWAYS_ALLOW` as the API spells it: `always_allow`.
+            let value = value
+                .strip_prefix("TOOL_STATE_")
+                .map_or_else(|| value.to_owned(), str::to_ascii_lowercase);
+            about.push(format!("{label} {value}"));
+        }
+    }
+    // To the second: the lines are in the order of the log.
+    let at = chrono::DateTime::parse_from_rfc3339(text(&envelope["occurredAt"])).map_or_else(
+        |_| text(&envelope["occurredAt"]).to_owned(),
+        |at| {
+            at.with_timezone(&chrono::Utc)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        },
+    );
+    format!(
+        "{at}  {:<28} by {by}{}",
+        text(&event["type"]),
+        if about.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", about.join(", "))
+        }
+    )
 }

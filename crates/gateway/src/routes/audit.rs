@@ -9,16 +9,25 @@ use serde_json::Value;
 use service_kit::audit::{self, AuditFilter, MergedHistory, UnreadableRecords};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{Access, ApiError, ApiQuery, AppState, Permission, RouteSpec};
+use crate::{Access, ApiError, ApiQuery, AppState, Caller, Permission, RouteSpec};
 
-pub const ROUTES: &[RouteSpec] = &[RouteSpec::new(
-    Method::GET,
-    "/api/v1/audit/events",
-    Access::AnyOf(&[Permission::ReadAuditLog]),
-)];
+pub const ROUTES: &[RouteSpec] = &[
+    RouteSpec::new(
+        Method::GET,
+        "/api/v1/audit/events",
+        Access::AnyOf(&[Permission::ReadAuditLog]),
+    ),
+    RouteSpec::new(
+        Method::GET,
+        "/api/v1/me/events",
+        Access::AnyOf(&[Permission::ViewAndConnect, Permission::ReadAuditLog]),
+    ),
+];
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(audit_events))
+    OpenApiRouter::new()
+        .routes(routes!(audit_events))
+        .routes(routes!(my_events))
 }
 
 /// One stored event.
@@ -194,6 +203,41 @@ async fn audit_events(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<axum::Json<EventPage>, ApiError> {
+    event_page(&state, query).await.map(axum::Json)
+}
+
+/// Your own history: the events about you or caused by you — your connections, tool
+/// settings, approvals and every invocation made as you, with who made each change — with
+/// the audit log's filters and pages. What the AI did as you, without the audit log's
+/// permission.
+#[utoipa::path(get, path = "/api/v1/me/events", tag = "me", security(("bearer" = [])),
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "One page of your events", body = EventPage),
+        (status = 400, description = "A filter could not be read, or `user` names someone else", body = crate::ErrorBody),
+    ))]
+async fn my_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(mut query): ApiQuery<AuditQuery>,
+) -> Result<axum::Json<EventPage>, ApiError> {
+    if query
+        .user
+        .as_deref()
+        .is_some_and(|user| user != caller.user.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`user` here can only be you (leave it out); another user's events are in \
+             /api/v1/audit/events, with read_audit_log",
+        ));
+    }
+    query.user = Some(caller.user.as_str().to_owned());
+    event_page(&state, query).await.map(axum::Json)
+}
+
+/// One page of the events `query` selects.
+async fn event_page(state: &AppState, query: AuditQuery) -> Result<EventPage, ApiError> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -343,7 +387,7 @@ async fn audit_events(
             done.set(*log, done.get(*log).max(settled));
         }
     }
-    Ok(axum::Json(EventPage {
+    Ok(EventPage {
         events,
         next: done.encode(),
         partial: full || history.exhausted(),
@@ -353,5 +397,5 @@ async fn audit_events(
             .filter(|t| !proto::v1::envelope::Event::TYPE_NAMES.contains(&t.as_str()))
             .cloned()
             .collect(),
-    }))
+    })
 }

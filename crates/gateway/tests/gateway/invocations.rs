@@ -3519,3 +3519,84 @@ async fn an_orchestrator_is_told_when_a_users_tools_change() {
     assert_eq!(ahead["error"]["code"], "not_caught_up", "{ahead}");
     shutdown.cancel();
 }
+
+/// A user reads their own history — their connection, settings, and every invocation made as
+/// them, by whom — without the audit log's permission, and nobody else's.
+#[tokio::test]
+async fn a_user_reads_what_was_done_as_them_and_nobody_elses_history() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    let done = it
+        .invoke("call_mine", "search_issues", json!({"query": "x"}))
+        .await;
+    assert_eq!(done["outcome"], "completed", "{done}");
+    let orchestrator = it
+        .setup
+        .app
+        .token("orchestrator@example.com", &["orchestrator"]);
+    let (status, body) = it
+        .post(
+            &orchestrator,
+            "/api/v1/invocations",
+            &json!({"invocation_id": "call_for_alice", "user": ALICE, "tool": format!("{PREFIX}search_issues"), "arguments": {}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let types = |page: &Value| -> Vec<String> {
+        page["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|event| event["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+
+    let (status, mine) = it.get(&it.alice, "/api/v1/me/events?limit=1000").await;
+    assert_eq!(status, 200, "{mine}");
+    let seen = types(&mine);
+    for expected in [
+        "ConnectionEstablished",
+        "ToolPermissionSet",
+        "InvocationRequested",
+        "InvocationCompleted",
+    ] {
+        assert!(seen.iter().any(|t| t == expected), "{expected}: {seen:?}");
+    }
+    assert!(
+        !seen.iter().any(|t| t == "ServerClientRegistered"),
+        "the server's registration is the administrator's: {seen:?}"
+    );
+    let (_, requested) = it
+        .get(
+            &it.alice,
+            "/api/v1/me/events?log=invocations&type=InvocationRequested",
+        )
+        .await;
+    let by: Vec<&str> = requested["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|event| {
+            event["envelope"]["actor"]["userId"]
+                .as_str()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(by, [ALICE, "orchestrator@example.com"], "{requested}");
+
+    let mallory = it.setup.app.token(MALLORY, &["analyst"]);
+    let (status, theirs) = it.get(&mallory, "/api/v1/me/events?limit=1000").await;
+    assert_eq!(status, 200, "{theirs}");
+    assert!(
+        !serde_json::to_string(&theirs)
+            .expect("JSON")
+            .contains(ALICE),
+        "{theirs}"
+    );
+    let (status, refused) = it
+        .get(&mallory, &format!("/api/v1/me/events?user={ALICE}"))
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    let (status, _) = it.get(&it.alice, "/api/v1/audit/events").await;
+    assert_eq!(status, 403, "the audit log still needs read_audit_log");
+}

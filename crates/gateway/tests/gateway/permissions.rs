@@ -101,6 +101,7 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
     match (method.as_str(), path) {
         ("GET", "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/api/v1/me") => get(path),
         ("GET", "/api/v1/audit/events") => get("/api/v1/audit/events?limit=5"),
+        ("GET", "/api/v1/me/events") => get("/api/v1/me/events?limit=5"),
         ("GET", "/api/v1/stream" | "/api/v1/catalog" | "/api/v1/servers") => get(path),
         ("GET", "/api/v1/servers/{id}") => get(&server().await),
         ("PATCH", "/api/v1/servers/{id}") => Example {

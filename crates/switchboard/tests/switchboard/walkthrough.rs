@@ -329,6 +329,39 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         ],
     ));
     assert!(direct.contains("completed (walk_5)"), "{direct}");
+    // Alice's own history: what was done as her, and by whom.
+    let history = stdout_of(&walk(&data_dir, &url, &alice, &["history"]));
+    assert!(history.contains("ToolPermissionSet"), "{history}");
+    let requested = |id: &str| {
+        history
+            .lines()
+            .find(|line| {
+                line.contains("InvocationRequested") && line.contains(&format!("invocation {id}"))
+            })
+            .unwrap_or_else(|| panic!("{id} requested: {history}"))
+            .to_owned()
+    };
+    assert!(
+        requested("walk_1").contains("by alice@example.com"),
+        "{history}"
+    );
+    assert!(
+        !requested("walk_3").contains("by alice@example.com"),
+        "{history}"
+    );
+    assert!(
+        history
+            .lines()
+            .any(|line| line.contains("InvocationDenied") && line.contains("invocation walk_2")),
+        "{history}"
+    );
+    let narrowed = stdout_of(&walk(
+        &data_dir,
+        &url,
+        &alice,
+        &["history", "--type", "InvocationApproved"],
+    ));
+    assert_eq!(narrowed.lines().count(), 1, "walk_4's approval: {narrowed}");
     // Another user's tools need the orchestrator's permission: refused, not Alice's own
     // tools under Bob's name.
     let theirs = walk(
