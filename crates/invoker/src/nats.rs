@@ -568,13 +568,10 @@ fn id_of(text: &str) -> Result<InvocationId, pb::OrchestratorError> {
 }
 
 async fn tools_list(invoker: &Invoker, payload: &[u8], json: bool, max_payload: usize) -> Bytes {
-    let asked = match decode::<pb::ToolsListRequest>(payload, json) {
-        Ok(request) => match user_of(&request.user_id) {
-            Ok(user) => caught_up(invoker, request.after_config_position)
-                .await
-                .map(|()| user),
-            Err(error) => Err(error),
-        },
+    let asked = decode::<pb::ToolsListRequest>(payload, json)
+        .and_then(|request| Ok((user_of(&request.user_id)?, request.after_config_position)));
+    let asked = match asked {
+        Ok((user, after)) => caught_up(invoker, after).await.map(|()| user),
         Err(error) => Err(error),
     };
     let reply = match asked {
