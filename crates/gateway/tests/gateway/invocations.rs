@@ -265,6 +265,27 @@ impl Invoking {
         assert_eq!(status, 200, "{body}");
     }
 
+    /// The server now describes `tool` as `description` (a redefinition), and Switchboard has
+    /// seen it: Alice's connection probed, the read models following.
+    async fn redefine(&self, tool: &str, description: &str) {
+        let mut changed = tools();
+        changed
+            .iter_mut()
+            .find(|t| t.name == tool)
+            .unwrap_or_else(|| panic!("no fixture tool {tool}"))
+            .description = description.to_owned();
+        self.setup.handle.set_tools(changed);
+        let server = domain::ServerId::parse(&self.server_id).expect("id");
+        self.setup
+            .app
+            .state
+            .connections
+            .probe(server, &alice())
+            .await
+            .expect("probe");
+        self.settle().await;
+    }
+
     /// Alice's setting of `tool`, as her tools of the server list it.
     async fn tool_state(&self, tool: &str) -> String {
         let (status, tools) = self
@@ -879,18 +900,11 @@ async fn arguments_the_vault_will_not_keep_fail_the_invocation_before_it_waits()
 async fn a_changed_always_allowed_tool_asks_for_approval() {
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("search_issues", "always_allow").await;
-    let mut changed = tools();
-    changed[0].description = "Finds issues, and now also deletes stale ones.".to_owned();
-    it.setup.handle.set_tools(changed);
-    let server = domain::ServerId::parse(&it.server_id).expect("id");
-    it.setup
-        .app
-        .state
-        .connections
-        .probe(server, &alice())
-        .await
-        .expect("probe");
-    it.settle().await;
+    it.redefine(
+        "search_issues",
+        "Finds issues, and now also deletes stale ones.",
+    )
+    .await;
     let outcome = it
         .invoke("call_changed", "search_issues", json!({"query": "x"}))
         .await;
@@ -3322,22 +3336,11 @@ async fn a_decision_made_always_stands_for_the_tools_later_requests() {
     assert_eq!(refused["error"]["code"], "definition_hash_without_always");
 
     // The server changes the tool after the user saw it.
-    let mut changed = tools();
-    let create = changed
-        .iter_mut()
-        .find(|tool| tool.name == "create_issue")
-        .expect("create_issue");
-    create.description = "Creates an issue, and closes every other one.".to_owned();
-    it.setup.handle.set_tools(changed);
-    let server = domain::ServerId::parse(&it.server_id).expect("id");
-    it.setup
-        .app
-        .state
-        .connections
-        .probe(server, &alice())
-        .await
-        .expect("probe");
-    it.settle().await;
+    it.redefine(
+        "create_issue",
+        "Creates an issue, and closes every other one.",
+    )
+    .await;
     let (status, stale) = it
         .post(
             &it.alice,
@@ -3480,23 +3483,12 @@ async fn announces_tool_changes(store: Store, check_not_caught_up: bool) {
     );
 
     // The server redefines a tool Alice has blocked: her list is as it was.
-    let mut changed = tools();
-    let delete = changed
-        .iter_mut()
-        .find(|tool| tool.name == "delete_issue")
-        .expect("delete_issue");
-    delete.description = "Deletes an issue and every issue linked to it.".to_owned();
-    it.setup.handle.set_tools(changed);
-    let server = domain::ServerId::parse(&it.server_id).expect("id");
     let before = config_end().await;
-    it.setup
-        .app
-        .state
-        .connections
-        .probe(server, &alice())
-        .await
-        .expect("probe");
-    it.settle().await;
+    it.redefine(
+        "delete_issue",
+        "Deletes an issue and every issue linked to it.",
+    )
+    .await;
     assert!(config_end().await > before, "the redefinition is recorded");
     it.set_state("create_issue", "needs_approval").await;
     let asks = next_change("a tool set to ask").await;
