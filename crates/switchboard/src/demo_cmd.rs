@@ -126,7 +126,8 @@ pub fn print_next_steps(
          \x20 switchboard invoke demo__search_issues '{{\"query\": \"export\"}}'\n\
          \x20 switchboard invoke demo__delete_issue '{{\"key\": \"DEMO-1\"}}'   # waits for approval\n\
          \x20 switchboard approvals                     # in a third terminal: what waits\n\
-         \x20 switchboard approve <invocation id>\n\
+         \x20 switchboard approve <invocation id>      # --always: and from now on\n\
+         \x20 switchboard history                       # what was done as you, by whom\n\
          \x20 switchboard {} audit replay --format table\n",
         where_the_events_are(settings)
     ));
