@@ -10,6 +10,7 @@
 //! - [`Invoker::status`] → an invocation's outcome, optionally waiting for the final one;
 //! - [`Invoker::pending_approvals`], [`Invoker::decide_approval`] → the user's decisions;
 //! - [`Invoker::run_sweeper`] → expired approvals and invocations a stopped process left;
+//! - [`ToolListWatch`], [`Invoker::tool_list_changes`] → the users whose usable tools changed;
 //! - [`Invoker::metrics`] → the calls' durations and what waits, for Prometheus.
 //!
 //! At most one call to the MCP server per invocation id, and no serialisation of one user's
@@ -33,4 +34,4 @@ pub use error::InvokerError;
 pub use metrics::InvokerMetrics;
 pub use result::{ResultDigest, ResultEnvelope, ResultServer, sha256_hex};
 pub use service::{ApprovalOutcome, Invoker, InvokerSettings};
-pub use tools_changed::tools_changed_subject;
+pub use tools_changed::{ToolListChange, ToolListWatch, tools_changed_subject};

@@ -48,8 +48,9 @@ pub struct NatsService {
     result_requests: async_nats::Subscriber,
     /// Withdrawn calls, for whichever process makes them (`<prefix>.internal.withdraw`).
     withdrawals: async_nats::Subscriber,
-    /// The configuration log's first position after the start: tool-list changes from there
-    /// on are announced (`<prefix>.tools.changed`).
+    /// The users' tool lists that changed, announced on `<prefix>.tools.changed` from
+    /// `announce_from` on (the configuration log's first position after the start).
+    tool_list_changes: tokio::sync::broadcast::Receiver<crate::ToolListChange>,
     announce_from: u64,
 }
 
@@ -61,7 +62,8 @@ impl std::fmt::Debug for NatsService {
 
 impl NatsService {
     /// Registers the service and its endpoints under `prefix` (the deployment's NATS prefix,
-    /// `sb` by default). Tool-list changes from now on are announced once it runs.
+    /// `sb` by default). The tool-list changes a [`crate::ToolListWatch`] sees from now on
+    /// are announced once it runs.
     pub async fn start(
         invoker: Invoker,
         client: &async_nats::Client,
@@ -83,6 +85,7 @@ impl NatsService {
             .subscribe(result_subject(prefix, invoker.instance()))
             .await?;
         let withdrawals = client.subscribe(withdrawal_subject(prefix)).await?;
+        let tool_list_changes = invoker.tool_list_changes();
         let announce_from = invoker
             .inner
             .log
@@ -105,6 +108,7 @@ impl NatsService {
             invoke,
             status,
             withdraw,
+            tool_list_changes,
             announce_from,
         })
     }
@@ -120,20 +124,18 @@ impl NatsService {
     /// [`Stop`] says.
     pub async fn run(mut self, stop: Stop) {
         let mut handlers = tokio::task::JoinSet::new();
-        // Announced while requests are taken: an orchestrator told of a change asks here.
-        let announcing = tokio::spawn(crate::tools_changed::announce(
-            self.invoker.clone(),
-            self.client.clone(),
-            self.prefix.clone(),
-            self.announce_from,
-            stop.taking_requests.clone(),
-        ));
         loop {
             let (request, kind) = tokio::select! {
                 () = stop.taking_requests.cancelled() => break,
                 Some(_) = handlers.join_next(), if !handlers.is_empty() => continue,
                 outcome = self.approval_outcomes.recv() => {
                     self.approval_outcome(outcome).await;
+                    continue;
+                }
+                // Announced while requests are taken: an orchestrator told of a change asks
+                // here.
+                change = self.tool_list_changes.recv() => {
+                    self.announce_tool_list_change(change).await;
                     continue;
                 }
                 Some(asked) = self.result_requests.next() => {
@@ -152,7 +154,6 @@ impl NatsService {
             };
             self.spawn_answer(&mut handlers, request, kind);
         }
-        announcing.abort();
         self.drain(handlers, stop).await;
     }
 
@@ -278,6 +279,34 @@ impl NatsService {
                 tracing::warn!(missed, "approval outcomes not published (too many at once)");
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+        }
+    }
+
+    /// Announces a user's changed tool list on `<prefix>.tools.changed` (protobuf
+    /// `ToolsChanged`), if it changed since the service started.
+    async fn announce_tool_list_change(
+        &self,
+        change: Result<crate::ToolListChange, tokio::sync::broadcast::error::RecvError>,
+    ) {
+        match change {
+            Ok(change) if change.config_position >= self.announce_from => {
+                let announcement = pb::ToolsChanged {
+                    user_id: change.user.as_str().to_owned(),
+                    config_position: change.config_position,
+                };
+                let subject = crate::tools_changed_subject(&self.prefix);
+                if let Err(error) = self
+                    .client
+                    .publish(subject, announcement.encode_to_vec().into())
+                    .await
+                {
+                    tracing::warn!(%error, "could not announce a changed tool list");
+                }
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "tool-list changes not announced (too many at once)");
+            }
         }
     }
 

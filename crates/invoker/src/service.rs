@@ -104,6 +104,9 @@ pub(crate) struct Inner {
     /// Final outcomes of invocations that waited for approval, as this process records them
     /// (the NATS adapter publishes them on `<prefix>.invoke.result.<id>`).
     pub approval_outcomes: tokio::sync::broadcast::Sender<ApprovalOutcome>,
+    /// The users' tool lists that changed, as this process's [`crate::ToolListWatch`] sees
+    /// them (the NATS service announces them, the HTTP API streams them).
+    pub tool_list_changes: tokio::sync::broadcast::Sender<crate::ToolListChange>,
     /// This process's id among the invokers sharing the log (random, taken at start):
     /// recorded on the completions whose results only its memory holds.
     pub instance: String,
@@ -293,6 +296,7 @@ impl Invoker {
                 sessions: Mutex::new(HashMap::new()),
                 results: Mutex::new(ResultCache::default()),
                 approval_outcomes: tokio::sync::broadcast::Sender::new(1024),
+                tool_list_changes: tokio::sync::broadcast::Sender::new(1024),
                 instance: new_instance_id(),
                 result_peers: std::sync::OnceLock::new(),
                 stopping: tokio_util::sync::CancellationToken::new(),
@@ -401,6 +405,12 @@ impl Invoker {
     /// (approved and run, denied, expired). A receiver that falls behind loses the oldest.
     pub fn approval_outcomes(&self) -> tokio::sync::broadcast::Receiver<ApprovalOutcome> {
         self.inner.approval_outcomes.subscribe()
+    }
+
+    /// The users' tool lists that change from now on, while a [`crate::ToolListWatch`]
+    /// runs. A receiver that falls behind loses the oldest (and learns that it did).
+    pub fn tool_list_changes(&self) -> tokio::sync::broadcast::Receiver<crate::ToolListChange> {
+        self.inner.tool_list_changes.subscribe()
     }
 
     pub(crate) fn announce_approval_outcome(

@@ -1,96 +1,103 @@
-//! Announcements of changed tool lists, for orchestrators that keep a user's tools between
-//! turns: on `<prefix>.tools.changed` (protobuf `ToolsChanged`) whenever what
-//! `<prefix>.tools.list` answers for a user has changed — the MCP server's
-//! `notifications/tools/list_changed`, for Switchboard's list.
+//! Changed tool lists, for orchestrators that keep a user's tools between turns: whenever what
+//! [`Invoker::list_tools`] answers for a user has changed — the MCP server's
+//! `notifications/tools/list_changed`, for Switchboard's list. The NATS service announces
+//! them on `<prefix>.tools.changed`, the HTTP API streams them (`GET /api/v1/tools/changes`).
 //!
-//! It follows the configuration log, where every such change is an event: a setting
-//! (`policy.<user key>.<server>`), a connection (`connection.<server>.<user key>`), a server
-//! (`server.<id>`, which concerns every user connected to it). After each, once the read
-//! models reflect it, the user's list is compared with the last one this process announced or
-//! saw (by its SHA-256): only a different list is announced, so the events that change
-//! nothing a list shows (a token refreshed, a probe that found the tools as they were) cost
-//! the orchestrators nothing. Nothing is announced for the invocations log, which changes no
-//! list.
+//! One watch a process follows the configuration log, where every such change is an event: a
+//! setting (`policy.<user key>.<server>`), a connection (`connection.<server>.<user key>`), a
+//! server (`server.<id>`, which concerns every user connected to it). After each, once the
+//! read models reflect it, the user's list is compared with the last one seen (by its
+//! SHA-256): only a different list is a change, so the events that change nothing a list
+//! shows (a token refreshed, a blocked tool redefined) cost the orchestrators nothing. The
+//! invocations log changes no list.
 use std::{collections::HashMap, time::Duration};
 
 use domain::{ServerId, UserId, UserKey};
 use eventlog::{LogKind, RecordedEvent};
 use futures_util::StreamExt;
-use proto::{Message as _, v1 as pb};
 use tokio_util::sync::CancellationToken;
 
-use crate::Invoker;
+use crate::{Invoker, InvokerError};
 
-/// How long an announcement waits for the read models to reflect its event (they follow the
-/// log within milliseconds; a stalled one is reported by readiness, not here).
+/// How long a change waits for the read models to reflect its event (they follow the log
+/// within milliseconds; a stalled one is reported by readiness, not here).
 const READ_MODEL_WAIT: Duration = Duration::from_secs(5);
 /// The first pause before following the log again after it failed; doubles up to the last.
 const RETRY_PAUSES: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(30));
 
-/// The subject tool-list changes are announced on.
+/// The subject the NATS service announces tool-list changes on.
 pub fn tools_changed_subject(prefix: &str) -> String {
     format!("{prefix}.tools.changed")
 }
 
-/// Announces changed tool lists until `stop`, after the events from position `from` of the
-/// configuration log.
-pub(crate) async fn announce(
-    invoker: Invoker,
-    client: async_nats::Client,
-    prefix: String,
-    mut from: u64,
-    stop: CancellationToken,
-) {
-    let mut announcer = Announcer {
-        invoker,
-        client,
-        subject: tools_changed_subject(&prefix),
-        last_listed: HashMap::new(),
-    };
-    let log = announcer.invoker.inner.log.clone();
-    let mut pause = RETRY_PAUSES.0;
-    loop {
-        match log.subscribe(LogKind::Config, from, None).await {
-            Ok(mut events) => loop {
-                let next = tokio::select! {
-                    () = stop.cancelled() => return,
-                    next = events.next() => next,
-                };
-                match next {
-                    Some(Ok(event)) => {
-                        from = event.sequence + 1;
-                        pause = RETRY_PAUSES.0;
-                        announcer.after(&event).await;
-                    }
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "lost the configuration log; tool-list changes are announced again once it is back");
-                        break;
-                    }
-                    None => break,
-                }
-            },
-            Err(error) => {
-                tracing::warn!(%error, "cannot follow the configuration log to announce tool-list changes");
-            }
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(RETRY_PAUSES.1);
-    }
+/// `user`'s list of usable tools changed with the configuration log's event at
+/// `config_position`: a list asked after that position shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolListChange {
+    pub user: UserId,
+    pub config_position: u64,
 }
 
-struct Announcer {
+/// The process's watch over the users' tool lists (see the module); its changes reach every
+/// receiver of [`Invoker::tool_list_changes`].
+#[derive(Debug)]
+pub struct ToolListWatch {
     invoker: Invoker,
-    client: async_nats::Client,
-    subject: String,
-    /// Each user's list as last announced or seen here: its SHA-256.
+    /// The configuration log's next position to look at.
+    from: u64,
+    /// Each user's list as last seen: its SHA-256.
     last_listed: HashMap<UserId, [u8; 32]>,
 }
 
-impl Announcer {
-    /// After `event`: announces each user it concerns whose list is not what it was.
+impl ToolListWatch {
+    /// A watch of the changes after the configuration log's end as it is now.
+    pub async fn start(invoker: &Invoker) -> Result<ToolListWatch, InvokerError> {
+        let end = invoker.inner.log.last_sequence(LogKind::Config).await?;
+        Ok(ToolListWatch {
+            invoker: invoker.clone(),
+            from: end + 1,
+            last_listed: HashMap::new(),
+        })
+    }
+
+    /// Watches until `stop`, following the log again after it failed.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let log = self.invoker.inner.log.clone();
+        let mut pause = RETRY_PAUSES.0;
+        loop {
+            match log.subscribe(LogKind::Config, self.from, None).await {
+                Ok(mut events) => loop {
+                    let next = tokio::select! {
+                        () = stop.cancelled() => return,
+                        next = events.next() => next,
+                    };
+                    match next {
+                        Some(Ok(event)) => {
+                            self.from = event.sequence + 1;
+                            pause = RETRY_PAUSES.0;
+                            self.after(&event).await;
+                        }
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, "lost the configuration log; tool-list changes are seen again once it is back");
+                            break;
+                        }
+                        None => break,
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "cannot follow the configuration log to see tool-list changes");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(RETRY_PAUSES.1);
+        }
+    }
+
+    /// After `event`: a change for each user it concerns whose list is not what it was. (A
+    /// user whose list this process has not seen yet counts as changed.)
     async fn after(&mut self, event: &RecordedEvent) {
         let users = self.users_concerned(event);
         if users.is_empty() {
@@ -103,7 +110,7 @@ impl Announcer {
         {
             tracing::warn!(
                 position = event.sequence,
-                "the read models are behind the configuration log; announcing tool lists as they are"
+                "the read models are behind the configuration log; comparing tool lists as they are"
             );
         }
         for user in users {
@@ -111,21 +118,12 @@ impl Announcer {
             if self.last_listed.get(&user) == Some(&listed) {
                 continue;
             }
-            let announcement = pb::ToolsChanged {
-                user_id: user.as_str().to_owned(),
+            self.last_listed.insert(user.clone(), listed);
+            // No receiver is fine: nobody is listening.
+            let _ = self.invoker.inner.tool_list_changes.send(ToolListChange {
+                user,
                 config_position: event.sequence,
-            };
-            match self
-                .client
-                .publish(self.subject.clone(), announcement.encode_to_vec().into())
-                .await
-            {
-                Ok(()) => {
-                    self.last_listed.insert(user, listed);
-                }
-                // Not remembered: the next change of the user's list is announced.
-                Err(error) => tracing::warn!(%error, "could not announce a changed tool list"),
-            }
+            });
         }
     }
 
@@ -158,7 +156,7 @@ impl Announcer {
     }
 }
 
-/// The SHA-256 of `user`'s list as `tools.list` answers it now.
+/// The SHA-256 of `user`'s list as [`Invoker::list_tools`] answers it now.
 fn list_digest(invoker: &Invoker, user: &UserId) -> [u8; 32] {
     let listed = serde_json::to_vec(&invoker.list_tools(user)).unwrap_or_default();
     let digest = ring::digest::digest(&ring::digest::SHA256, &listed);

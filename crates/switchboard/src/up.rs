@@ -200,6 +200,14 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         let (invoker, shutdown) = (state.invoker.clone(), shutdown.clone());
         tokio::spawn(async move { invoker.run_sweeper(shutdown).await })
     };
+    // Whose usable tools change: announced on NATS, streamed over HTTP.
+    let tool_list_watch = {
+        let watch = invoker::ToolListWatch::start(&state.invoker)
+            .await
+            .map_err(|e| anyhow::anyhow!("watching the users' tool lists: {e}"))?;
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { watch.run(shutdown).await })
+    };
     // Kept to hand its results over when the process stops.
     let invoker = state.invoker.clone();
     // Cancelled once the HTTP server has let its requests finish: until then an approval
@@ -294,7 +302,7 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         tracing::error!(%error, "the HTTP server task failed");
     }
     http_stopped.cancel();
-    let _ = tokio::join!(reaction, monitor, listeners, sweeper);
+    let _ = tokio::join!(reaction, monitor, listeners, sweeper, tool_list_watch);
     if let Some(orchestrator) = orchestrator {
         let _ = orchestrator.await;
     }

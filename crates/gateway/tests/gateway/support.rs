@@ -183,6 +183,11 @@ impl TestApp {
             let shutdown = shutdown.clone();
             async move { invoker.run_sweeper(shutdown).await }
         });
+        // Whose usable tools change, as `up` watches them.
+        let watch = invoker::ToolListWatch::start(&state.invoker)
+            .await
+            .expect("tool-list watch");
+        tokio::spawn(watch.run(shutdown.clone()));
         let server = tokio::spawn(gateway::server::serve(
             listener,
             gateway::app(state.clone()),
