@@ -15,6 +15,12 @@ pub enum InvokerError {
     DeadlineInvalid { max_ms: u64 },
     #[error("a denial's reason is at most {max} characters of text without control characters")]
     ReasonInvalid { max: usize },
+    /// A list asked after a configuration position this process's read models did not reach
+    /// in time.
+    #[error(
+        "this process has not caught up with configuration position {position} within {waited_secs} s; ask again"
+    )]
+    NotCaughtUp { position: u64, waited_secs: u64 },
     /// The command path failed (the event store, too many conflicts).
     #[error(transparent)]
     Command(CommandError),
@@ -40,6 +46,7 @@ impl InvokerError {
             InvokerError::ArgumentsTooLarge { .. } => "arguments_too_large",
             InvokerError::DeadlineInvalid { .. } => "deadline_invalid",
             InvokerError::ReasonInvalid { .. } => "reason_invalid",
+            InvokerError::NotCaughtUp { .. } => "not_caught_up",
             InvokerError::Command(_) | InvokerError::EventLog(_) => "command_failed",
         }
     }

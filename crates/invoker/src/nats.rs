@@ -634,28 +634,12 @@ async fn tools_list(invoker: &Invoker, payload: &[u8], json: bool, max_payload: 
     encode_tools(&reply, json, max_payload)
 }
 
-/// How long a tools list waits for the read models to reach the position it was asked after.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
-
-/// Once the read models reflect the configuration log up to `position` (0: at once); refused
-/// if they do not within [`CATCH_UP_WAIT`].
+/// Once the read models reflect the configuration log up to `position` (0: at once).
 async fn caught_up(invoker: &Invoker, position: u64) -> Result<(), pb::OrchestratorError> {
-    if position == 0
-        || invoker
-            .inner
-            .read_models
-            .wait_for_position(eventlog::LogKind::Config, position, CATCH_UP_WAIT)
-            .await
-    {
-        return Ok(());
-    }
-    Err(bad(
-        "not_caught_up",
-        format!(
-            "this process has not caught up with configuration position {position} within {} s; ask again",
-            CATCH_UP_WAIT.as_secs()
-        ),
-    ))
+    invoker
+        .caught_up_with(position)
+        .await
+        .map_err(|error| refusal(&error))
 }
 
 /// The tools list, or, when it does not fit one message of at most `max_payload` bytes, a

@@ -25,6 +25,31 @@ const READ_MODEL_WAIT: Duration = Duration::from_secs(5);
 /// The first pause before following the log again after it failed; doubles up to the last.
 const RETRY_PAUSES: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(30));
 
+/// How long a list asked after a configuration position waits for the read models to reach
+/// it.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
+impl Invoker {
+    /// Once this process's read models reflect the configuration log up to `position` (a
+    /// [`ToolListChange::config_position`]; 0: at once), so that a list answered next shows
+    /// that change; refused if they do not within 5 s.
+    pub async fn caught_up_with(&self, position: u64) -> Result<(), InvokerError> {
+        if position == 0
+            || self
+                .inner
+                .read_models
+                .wait_for_position(LogKind::Config, position, CATCH_UP_WAIT)
+                .await
+        {
+            return Ok(());
+        }
+        Err(InvokerError::NotCaughtUp {
+            position,
+            waited_secs: CATCH_UP_WAIT.as_secs(),
+        })
+    }
+}
+
 /// The subject the NATS service announces tool-list changes on.
 pub fn tools_changed_subject(prefix: &str) -> String {
     format!("{prefix}.tools.changed")

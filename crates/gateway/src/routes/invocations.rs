@@ -50,7 +50,7 @@ const MAX_WAIT_SECS: u64 = 60;
 
 /// The user a request is for: the caller, or the named user for an `invoke_for_users`
 /// caller. Naming another user without that permission is refused.
-fn user_for(caller: &Caller, named: Option<&str>) -> Result<UserId, ApiError> {
+pub(crate) fn user_for(caller: &Caller, named: Option<&str>) -> Result<UserId, ApiError> {
     let Some(named) = named else {
         return Ok(caller.user.clone());
     };
@@ -77,6 +77,11 @@ impl From<invoker::InvokerError> for ApiError {
             error @ (E::ArgumentsTooLarge { .. }
             | E::DeadlineInvalid { .. }
             | E::ReasonInvalid { .. }) => ApiError::bad_request(error.code(), error.to_string()),
+            error @ E::NotCaughtUp { .. } => ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                error.code(),
+                error.to_string(),
+            ),
         }
     }
 }
@@ -124,20 +129,35 @@ pub struct UsableTools {
     pub tools: Vec<UsableTool>,
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ToolsQuery {
+    /// The user (only for `invoke_for_users` callers; default: the caller).
+    pub user: Option<String>,
+    /// A change's `config_position` (`GET /api/v1/tools/changes`): the list is answered once
+    /// it shows that change (waiting at most 5 s, else 503 `not_caught_up`).
+    pub after_config_position: Option<u64>,
+}
+
 /// The user's usable tools: server enabled, connection healthy, state Always allow or Needs
 /// approval.
 #[utoipa::path(get, path = "/api/v1/tools", tag = "invocations", security(("bearer" = [])),
-    params(UserQuery),
+    params(ToolsQuery),
     responses(
         (status = 200, description = "The tools the user may use now", body = UsableTools),
         (status = 403, description = "Naming another user needs invoke_for_users", body = crate::ErrorBody),
+        (status = 503, description = "This process has not caught up with `after_config_position` in time; ask again", body = crate::ErrorBody),
     ))]
 async fn list_tools(
     State(state): State<AppState>,
     caller: Caller,
-    ApiQuery(query): ApiQuery<UserQuery>,
+    ApiQuery(query): ApiQuery<ToolsQuery>,
 ) -> Result<axum::Json<UsableTools>, ApiError> {
     let user = user_for(&caller, query.user.as_deref())?;
+    state
+        .invoker
+        .caught_up_with(query.after_config_position.unwrap_or(0))
+        .await?;
     let tools = state
         .invoker
         .list_tools(&user)

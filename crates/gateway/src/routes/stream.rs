@@ -22,14 +22,23 @@ use domain::UserId;
 
 use crate::{Access, ApiError, AppState, Caller, Permission, RouteSpec};
 
-pub const ROUTES: &[RouteSpec] = &[RouteSpec::new(
-    Method::GET,
-    "/api/v1/stream",
-    Access::AnyOf(&[Permission::ViewAndConnect, Permission::ReadAuditLog]),
-)];
+pub const ROUTES: &[RouteSpec] = &[
+    RouteSpec::new(
+        Method::GET,
+        "/api/v1/stream",
+        Access::AnyOf(&[Permission::ViewAndConnect, Permission::ReadAuditLog]),
+    ),
+    RouteSpec::new(
+        Method::GET,
+        "/api/v1/tools/changes",
+        Access::AnyOf(&[Permission::ViewAndConnect, Permission::InvokeForUsers]),
+    ),
+];
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(live_updates))
+    OpenApiRouter::new()
+        .routes(routes!(live_updates))
+        .routes(routes!(tool_list_changes))
 }
 
 /// What one caller may see of the event stream.
@@ -88,15 +97,7 @@ async fn live_updates(
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let slot = state.stream_slots.take(&caller.user).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_streams",
-            format!(
-                "you have {MAX_STREAMS_PER_USER} live-update streams open already; close one first"
-            ),
-        )
-    })?;
+    let slot = take_slot(&state, &caller)?;
     let end = Positions {
         config: state.log.last_sequence(LogKind::Config).await?,
         invocations: state.log.last_sequence(LogKind::Invocations).await?,
@@ -152,14 +153,7 @@ async fn live_updates(
         )
         .await?;
     let (sender, receiver) = mpsc::channel(state.settings.stream_buffer.max(1));
-    // The stream ends when the token does: the client reconnects with a fresh one and
-    // `Last-Event-ID`, and a token that lost its roles stops seeing events.
-    let token_ends = caller.valid_until.map(|until| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        tokio::time::Instant::now() + Duration::from_secs(until.saturating_sub(now))
-    });
+    let token_ends = token_ends(&caller);
     tokio::spawn(relay(
         stream::select(config, invocations),
         visibility,
@@ -173,6 +167,122 @@ async fn live_updates(
     ));
     Ok(Sse::new(client_stream(receiver, slot))
         .keep_alive(KeepAlive::new().interval(state.settings.stream_keep_alive)))
+}
+
+/// A slot for one more of the caller's streams, or why not.
+fn take_slot(state: &AppState, caller: &Caller) -> Result<StreamSlot, ApiError> {
+    state.stream_slots.take(&caller.user).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!(
+                "you have {MAX_STREAMS_PER_USER} live-update streams open already; close one first"
+            ),
+        )
+    })
+}
+
+/// When the caller's token expires. A stream ends then: the client reconnects with a fresh
+/// one (and `Last-Event-ID`), and a token that lost its roles stops seeing events.
+fn token_ends(caller: &Caller) -> Option<tokio::time::Instant> {
+    caller.valid_until.map(|until| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        tokio::time::Instant::now() + Duration::from_secs(until.saturating_sub(now))
+    })
+}
+
+/// The user whose tool-list changes a stream carries; `None`: every user's.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ToolChangesQuery {
+    /// One user (an `invoke_for_users` caller; without it, such a caller gets every user's
+    /// changes, any other caller their own).
+    pub user: Option<String>,
+}
+
+/// A user's usable tools changed.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ToolsChangedItem {
+    pub user: String,
+    /// Pass it as `GET /api/v1/tools?after_config_position=`: the list then shows the change.
+    pub config_position: u64,
+}
+
+/// Server-sent events, one a change of what `GET /api/v1/tools` answers for a user: `event:
+/// tools_changed`, `id` = `data.config_position`, `data` = `{user, config_position}` — a
+/// tool's setting, a connection made, lost or removed, a server enabled, disabled, renamed or
+/// deleted, a server's tools changed; not what changes no list (a token refreshed, a blocked
+/// tool redefined). An orchestrator that keeps a user's tools between turns lists them again.
+/// `event: lagged` says changes were missed (the client read too slowly): list again. Starts
+/// with the next change.
+#[utoipa::path(get, path = "/api/v1/tools/changes", tag = "invocations", security(("bearer" = [])),
+    params(ToolChangesQuery),
+    responses(
+        (status = 200, description = "A stream of changes", content_type = "text/event-stream"),
+        (status = 403, description = "Naming another user needs invoke_for_users", body = crate::ErrorBody),
+        (status = 429, description = "The caller has 16 streams open already", body = crate::ErrorBody),
+    ))]
+async fn tool_list_changes(
+    State(state): State<AppState>,
+    caller: Caller,
+    crate::ApiQuery(query): crate::ApiQuery<ToolChangesQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let whose = match query.user.as_deref() {
+        Some(named) => Some(super::invocations::user_for(&caller, Some(named))?),
+        None if caller.may(Permission::InvokeForUsers) => None,
+        None => Some(caller.user.clone()),
+    };
+    let slot = take_slot(&state, &caller)?;
+    // Subscribed before the position is read: a change after it is not missed.
+    let changes = state.invoker.tool_list_changes();
+    let after = state.log.last_sequence(LogKind::Config).await?;
+    let ends = (state.shutdown.clone(), token_ends(&caller));
+    let events = stream::unfold(
+        (changes, slot, whose, ends),
+        move |(mut changes, slot, whose, ends)| async move {
+            loop {
+                let (shutdown, token_ends) = &ends;
+                let token_expired = async {
+                    match token_ends {
+                        Some(at) => tokio::time::sleep_until(*at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let change = tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = token_expired => return None,
+                    change = changes.recv() => change,
+                };
+                let event = match change {
+                    Ok(change)
+                        if change.config_position > after
+                            && whose.as_ref().is_none_or(|user| *user == change.user) =>
+                    {
+                        let item = ToolsChangedItem {
+                            user: change.user.as_str().to_owned(),
+                            config_position: change.config_position,
+                        };
+                        Event::default()
+                            .event("tools_changed")
+                            .id(change.config_position.to_string())
+                            .json_data(&item)
+                            .unwrap_or_else(|_| Event::default().event("tools_changed"))
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        Event::default()
+                            .event("lagged")
+                            .data(format!("{{\"missed\":{missed}}}"))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                };
+                return Some((Ok(event), (changes, slot, whose, ends)));
+            }
+        },
+    );
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(state.settings.stream_keep_alive)))
 }
 
 /// What the client's response sends: the relay's events. The response holds the stream's

@@ -3601,3 +3601,103 @@ async fn a_user_reads_what_was_done_as_them_and_nobody_elses_history() {
     let (status, _) = it.get(&it.alice, "/api/v1/audit/events").await;
     assert_eq!(status, 403, "the audit log still needs read_audit_log");
 }
+
+/// The same over HTTP, for orchestrators without NATS (the embedded default): a stream of the
+/// changes of users' tool lists (every user's for an orchestrator, a user's own for them), and
+/// a list asked after a change's position that shows it.
+#[tokio::test]
+async fn an_orchestrator_over_http_follows_changed_tool_lists() {
+    let it = connected(Store::Jsonl, settings()).await;
+    let orchestrator = it
+        .setup
+        .app
+        .token("orchestrator@example.com", &["orchestrator"]);
+    let open = |token: String, query: &'static str| {
+        let app = &it.setup.app;
+        async move {
+            crate::support::SseReader::new(
+                app.client
+                    .get(format!("{}/api/v1/tools/changes{query}", app.url))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .expect("stream"),
+            )
+        }
+    };
+    let mut everyones = open(orchestrator.clone(), "").await;
+    let mut hers = open(it.alice.clone(), "").await;
+
+    it.set_state("search_issues", "always_allow").await;
+    for (stream, whose) in [
+        (&mut everyones, "the orchestrator's"),
+        (&mut hers, "Alice's"),
+    ] {
+        let change = stream.next().await.expect("a change");
+        assert_eq!(change.event, "tools_changed", "{whose}: {change:?}");
+        assert_eq!(change.data["user"], ALICE, "{whose}");
+        assert_eq!(change.id, change.data["config_position"].to_string());
+    }
+    // A blocked tool redefined changes no list; the next change is the next setting's.
+    it.redefine("delete_issue", "Deletes an issue, and its links.")
+        .await;
+    it.set_state("create_issue", "needs_approval").await;
+    let change = everyones.next().await.expect("a change");
+    let position = change.data["config_position"].as_u64().expect("position");
+    let end = it
+        .setup
+        .app
+        .state
+        .log
+        .last_sequence(eventlog::LogKind::Config)
+        .await
+        .expect("end");
+    assert_eq!(position, end, "the setting's, not the redefinition's");
+    let (status, listed) = it
+        .get(
+            &orchestrator,
+            &format!("/api/v1/tools?user={ALICE}&after_config_position={position}"),
+        )
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let names: Vec<&str> = listed["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|tool| tool["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            format!("{PREFIX}create_issue"),
+            format!("{PREFIX}search_issues")
+        ],
+        "{listed}"
+    );
+
+    let (status, ahead) = it
+        .get(
+            &orchestrator,
+            &format!(
+                "/api/v1/tools?user={ALICE}&after_config_position={}",
+                end + 1_000
+            ),
+        )
+        .await;
+    assert_eq!(status, 503, "{ahead}");
+    assert_eq!(ahead["error"]["code"], "not_caught_up", "{ahead}");
+    let mallory = it.setup.app.token(MALLORY, &["analyst"]);
+    let refused = it
+        .setup
+        .app
+        .client
+        .get(format!(
+            "{}/api/v1/tools/changes?user={ALICE}",
+            it.setup.app.url
+        ))
+        .bearer_auth(&mallory)
+        .send()
+        .await
+        .expect("refused");
+    assert_eq!(refused.status(), 403, "another user's changes");
+}

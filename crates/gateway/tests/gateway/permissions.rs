@@ -102,7 +102,10 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
         ("GET", "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/api/v1/me") => get(path),
         ("GET", "/api/v1/audit/events") => get("/api/v1/audit/events?limit=5"),
         ("GET", "/api/v1/me/events") => get("/api/v1/me/events?limit=5"),
-        ("GET", "/api/v1/stream" | "/api/v1/catalog" | "/api/v1/servers") => get(path),
+        (
+            "GET",
+            "/api/v1/stream" | "/api/v1/tools/changes" | "/api/v1/catalog" | "/api/v1/servers",
+        ) => get(path),
         ("GET", "/api/v1/servers/{id}") => get(&server().await),
         ("PATCH", "/api/v1/servers/{id}") => Example {
             path: server().await,
