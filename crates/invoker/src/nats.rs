@@ -600,7 +600,10 @@ async fn tools_list(invoker: &Invoker, payload: &[u8], json: bool, max_payload: 
     let asked = decode::<pb::ToolsListRequest>(payload, json)
         .and_then(|request| Ok((user_of(&request.user_id)?, request.after_config_position)));
     let asked = match asked {
-        Ok((user, after)) => caught_up(invoker, after).await.map(|()| user),
+        Ok((user, after)) => match invoker.caught_up_with(after).await {
+            Ok(()) => Ok(user),
+            Err(error) => Err(refusal(&error)),
+        },
         Err(error) => Err(error),
     };
     let reply = match asked {
@@ -632,14 +635,6 @@ async fn tools_list(invoker: &Invoker, payload: &[u8], json: bool, max_payload: 
         },
     };
     encode_tools(&reply, json, max_payload)
-}
-
-/// Once the read models reflect the configuration log up to `position` (0: at once).
-async fn caught_up(invoker: &Invoker, position: u64) -> Result<(), pb::OrchestratorError> {
-    invoker
-        .caught_up_with(position)
-        .await
-        .map_err(|error| refusal(&error))
 }
 
 /// The tools list, or, when it does not fit one message of at most `max_payload` bytes, a

@@ -274,7 +274,7 @@ async fn tool_list_changes(
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         Event::default()
                             .event("lagged")
-                            .data(format!("{{\"missed\":{missed}}}"))
+                            .data(serde_json::json!({ "missed": missed }).to_string())
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 };
