@@ -34,4 +34,6 @@ pub use error::InvokerError;
 pub use metrics::InvokerMetrics;
 pub use result::{ResultDigest, ResultEnvelope, ResultServer, sha256_hex};
 pub use service::{ApprovalOutcome, Invoker, InvokerSettings};
-pub use tools_changed::{ToolListChange, ToolListWatch, tools_changed_subject};
+pub use tools_changed::{
+    NextToolListChange, ToolListChange, ToolListChanges, ToolListWatch, tools_changed_subject,
+};

@@ -48,10 +48,9 @@ pub struct NatsService {
     result_requests: async_nats::Subscriber,
     /// Withdrawn calls, for whichever process makes them (`<prefix>.internal.withdraw`).
     withdrawals: async_nats::Subscriber,
-    /// The users' tool lists that changed, announced on `<prefix>.tools.changed` from
-    /// `announce_from` on (the configuration log's first position after the start).
-    tool_list_changes: tokio::sync::broadcast::Receiver<crate::ToolListChange>,
-    announce_from: u64,
+    /// The users' tool lists that changed since the start, announced on
+    /// `<prefix>.tools.changed`.
+    tool_list_changes: crate::ToolListChanges,
 }
 
 impl std::fmt::Debug for NatsService {
@@ -85,13 +84,7 @@ impl NatsService {
             .subscribe(result_subject(prefix, invoker.instance()))
             .await?;
         let withdrawals = client.subscribe(withdrawal_subject(prefix)).await?;
-        let tool_list_changes = invoker.tool_list_changes();
-        let announce_from = invoker
-            .inner
-            .log
-            .last_sequence(eventlog::LogKind::Config)
-            .await?
-            + 1;
+        let tool_list_changes = invoker.tool_list_changes().await?;
         invoker.set_result_peers(ResultPeers {
             client: client.clone(),
             prefix: prefix.to_owned(),
@@ -109,7 +102,6 @@ impl NatsService {
             status,
             withdraw,
             tool_list_changes,
-            announce_from,
         })
     }
 
@@ -134,7 +126,7 @@ impl NatsService {
                 }
                 // Announced while requests are taken: an orchestrator told of a change asks
                 // here.
-                change = self.tool_list_changes.recv() => {
+                Some(change) = self.tool_list_changes.next() => {
                     self.announce_tool_list_change(change).await;
                     continue;
                 }
@@ -283,30 +275,26 @@ impl NatsService {
     }
 
     /// Announces a user's changed tool list on `<prefix>.tools.changed` (protobuf
-    /// `ToolsChanged`), if it changed since the service started.
-    async fn announce_tool_list_change(
-        &self,
-        change: Result<crate::ToolListChange, tokio::sync::broadcast::error::RecvError>,
-    ) {
-        match change {
-            Ok(change) if change.config_position >= self.announce_from => {
-                let announcement = pb::ToolsChanged {
-                    user_id: change.user.as_str().to_owned(),
-                    config_position: change.config_position,
-                };
-                let subject = crate::tools_changed_subject(&self.prefix);
-                if let Err(error) = self
-                    .client
-                    .publish(subject, announcement.encode_to_vec().into())
-                    .await
-                {
-                    tracing::warn!(%error, "could not announce a changed tool list");
-                }
-            }
-            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+    /// `ToolsChanged`).
+    async fn announce_tool_list_change(&self, change: crate::NextToolListChange) {
+        let change = match change {
+            crate::NextToolListChange::Changed(change) => change,
+            crate::NextToolListChange::Missed(missed) => {
                 tracing::warn!(missed, "tool-list changes not announced (too many at once)");
+                return;
             }
+        };
+        let announcement = pb::ToolsChanged {
+            user_id: change.user.as_str().to_owned(),
+            config_position: change.config_position,
+        };
+        let subject = crate::tools_changed_subject(&self.prefix);
+        if let Err(error) = self
+            .client
+            .publish(subject, announcement.encode_to_vec().into())
+            .await
+        {
+            tracing::warn!(%error, "could not announce a changed tool list");
         }
     }
 

@@ -407,12 +407,6 @@ impl Invoker {
         self.inner.approval_outcomes.subscribe()
     }
 
-    /// The users' tool lists that change from now on, while a [`crate::ToolListWatch`]
-    /// runs. A receiver that falls behind loses the oldest (and learns that it did).
-    pub fn tool_list_changes(&self) -> tokio::sync::broadcast::Receiver<crate::ToolListChange> {
-        self.inner.tool_list_changes.subscribe()
-    }
-
     pub(crate) fn announce_approval_outcome(
         &self,
         user: &UserId,

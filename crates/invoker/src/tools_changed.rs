@@ -63,6 +63,53 @@ pub struct ToolListChange {
     pub config_position: u64,
 }
 
+/// The tool-list changes after one position of the configuration log, in the order the
+/// watch sees them: [`Invoker::tool_list_changes`].
+#[derive(Debug)]
+pub struct ToolListChanges {
+    receiver: tokio::sync::broadcast::Receiver<ToolListChange>,
+    /// The configuration log's end when these were asked for: changes at or before it are
+    /// not "from now on" (the watch may still be working through them).
+    after: u64,
+}
+
+/// What [`ToolListChanges::next`] gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextToolListChange {
+    Changed(ToolListChange),
+    /// This many changes were missed (the receiver fell behind): list again.
+    Missed(u64),
+}
+
+impl ToolListChanges {
+    /// The next change; `None` once the invoker is gone.
+    pub async fn next(&mut self) -> Option<NextToolListChange> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match self.receiver.recv().await {
+                Ok(change) if change.config_position > self.after => {
+                    return Some(NextToolListChange::Changed(change));
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => return Some(NextToolListChange::Missed(missed)),
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl Invoker {
+    /// The users' tool lists that change from now on (after the configuration log's end as
+    /// it is now), while a [`ToolListWatch`] runs. A receiver that falls behind loses the
+    /// oldest, and learns that it did.
+    pub async fn tool_list_changes(&self) -> Result<ToolListChanges, InvokerError> {
+        // Subscribed before the end is read: no change after it is missed.
+        let receiver = self.inner.tool_list_changes.subscribe();
+        let after = self.inner.log.last_sequence(LogKind::Config).await?;
+        Ok(ToolListChanges { receiver, after })
+    }
+}
+
 /// The process's watch over the users' tool lists (see the module); its changes reach every
 /// receiver of [`Invoker::tool_list_changes`].
 #[derive(Debug)]

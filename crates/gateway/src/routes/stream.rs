@@ -19,6 +19,7 @@ use service_kit::audit::user_key_of;
 
 use super::audit::{EventItem, Positions};
 use domain::UserId;
+use invoker::NextToolListChange;
 
 use crate::{Access, ApiError, AppState, Caller, Permission, RouteSpec};
 
@@ -235,9 +236,7 @@ async fn tool_list_changes(
         None => Some(caller.user.clone()),
     };
     let slot = take_slot(&state, &caller)?;
-    // Subscribed before the position is read: a change after it is not missed.
-    let changes = state.invoker.tool_list_changes();
-    let after = state.log.last_sequence(LogKind::Config).await?;
+    let changes = state.invoker.tool_list_changes().await?;
     let ends = (state.shutdown.clone(), token_ends(&caller));
     let events = stream::unfold(
         (changes, slot, whose, ends),
@@ -253,12 +252,11 @@ async fn tool_list_changes(
                 let change = tokio::select! {
                     () = shutdown.cancelled() => return None,
                     () = token_expired => return None,
-                    change = changes.recv() => change,
+                    change = changes.next() => change?,
                 };
                 let event = match change {
-                    Ok(change)
-                        if change.config_position > after
-                            && whose.as_ref().is_none_or(|user| *user == change.user) =>
+                    NextToolListChange::Changed(change)
+                        if whose.as_ref().is_none_or(|user| *user == change.user) =>
                     {
                         let item = ToolsChangedItem {
                             user: change.user.as_str().to_owned(),
@@ -270,13 +268,10 @@ async fn tool_list_changes(
                             .json_data(&item)
                             .unwrap_or_else(|_| Event::default().event("tools_changed"))
                     }
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                        Event::default()
-                            .event("lagged")
-                            .data(serde_json::json!({ "missed": missed }).to_string())
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    NextToolListChange::Changed(_) => continue,
+                    NextToolListChange::Missed(missed) => Event::default()
+                        .event("lagged")
+                        .data(serde_json::json!({ "missed": missed }).to_string()),
                 };
                 return Some((Ok(event), (changes, slot, whose, ends)));
             }
