@@ -1265,19 +1265,7 @@ impl Invoker {
         };
         let (Some((server_id, _, server_name, url)), None) = (server, refusal) else {
             let refusal = refusal.unwrap_or(Refusal::ServerDisabled);
-            let message = match refusal {
-                Refusal::ServerDisabled => {
-                    "the server was disabled or deleted before the approved call"
-                }
-                Refusal::Blocked => {
-                    "the tool was blocked before the approved call; the server was not called"
-                }
-                Refusal::Disconnected => {
-                    "the connection was removed before the approved call; the server was not \
-                     called"
-                }
-                Refusal::NotOffered => "the server no longer offers the tool; it was not called",
-            };
+            let message = crate::reactions::refused(refusal, "before the approved call");
             return self
                 .record_failure(
                     &context,
@@ -1286,7 +1274,7 @@ impl Invoker {
                     id,
                     events,
                     refusal.code(),
-                    message,
+                    &message,
                 )
                 .await;
         };

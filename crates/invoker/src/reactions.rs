@@ -238,7 +238,7 @@ impl Invoker {
             };
             let fail = |refusal: Refusal| InvocationCommand::Fail {
                 error_code: refusal.code().to_owned(),
-                message: refused_while_waiting(refusal).to_owned(),
+                message: refused(refusal, "while the request waited for approval"),
                 duration_ms: 0,
             };
             let command = match (&scope, refusal) {
@@ -345,24 +345,14 @@ fn denied_by_the_change(refusal: Refusal) -> &'static str {
     }
 }
 
-/// What a request closed as refused says.
-fn refused_while_waiting(refusal: Refusal) -> &'static str {
-    match refusal {
-        Refusal::ServerDisabled => {
-            "the server was disabled or deleted while the request waited for approval; it was \
-             not called"
-        }
-        Refusal::Blocked => {
-            "the tool was blocked while the request waited for approval; the server was not \
-             called"
-        }
-        Refusal::Disconnected => {
-            "the connection was removed while the request waited for approval; the server was \
-             not called"
-        }
-        Refusal::NotOffered => {
-            "the server stopped offering the tool while the request waited for approval; it was \
-             not called"
-        }
-    }
+/// What a call that what is in force refused says, `when` it was refused (while the request
+/// waited for approval, once approved before its call).
+pub(crate) fn refused(refusal: Refusal, when: &str) -> String {
+    let (what, not_called) = match refusal {
+        Refusal::ServerDisabled => ("the server was disabled or deleted", "it was not called"),
+        Refusal::Blocked => ("the tool was blocked", "the server was not called"),
+        Refusal::Disconnected => ("the connection was removed", "the server was not called"),
+        Refusal::NotOffered => ("the server stopped offering the tool", "it was not called"),
+    };
+    format!("{what} {when}; {not_called}")
 }
