@@ -47,6 +47,19 @@ fn stdout_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `switchboard invoke TOOL ARGUMENTS --id ID` as `token`, with `more` flags; its output.
+fn invoke(
+    data_dir: &Path,
+    url: &str,
+    token: &str,
+    [tool, arguments, id]: [&str; 3],
+    more: &[&str],
+) -> String {
+    let mut args = vec!["invoke", tool, arguments, "--id", id];
+    args.extend_from_slice(more);
+    stdout_of(&walk(data_dir, url, token, &args))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_connects_and_sets_tools_from_the_terminal() {
     let ca = testkit::TestCa::new();
@@ -200,53 +213,32 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
     );
     // Invocations from the terminal: an allowed tool runs, a write waits for approval and
     // is denied.
-    let searched = stdout_of(&walk(
+    let searched = invoke(
         &data_dir,
         &url,
         &alice,
-        &[
-            "invoke",
-            "tracker__search_issues",
-            r#"{"query": "first"}"#,
-            "--id",
-            "walk_1",
-        ],
-    ));
+        ["tracker__search_issues", r#"{"query": "first"}"#, "walk_1"],
+        &[],
+    );
     assert!(searched.contains("completed (walk_1)"), "{searched}");
     assert!(searched.contains("\"untrusted\": true"), "{searched}");
-    let waiting = stdout_of(&walk(
+    let waiting = invoke(
         &data_dir,
         &url,
         &alice,
-        &[
-            "invoke",
-            "tracker__create_issue",
-            r#"{"title": "x"}"#,
-            "--id",
-            "walk_2",
-            "--wait",
-            "0",
-        ],
-    ));
+        ["tracker__create_issue", r#"{"title": "x"}"#, "walk_2"],
+        &["--wait", "0"],
+    );
     assert!(waiting.contains("awaiting approval (walk_2)"), "{waiting}");
     // An orchestrator's invocation for Alice waits for her decision under her name.
     let orchestrator = super::token(&data_dir, "orchestrator", "orchestrator");
-    let for_alice = stdout_of(&walk(
+    let for_alice = invoke(
         &data_dir,
         &url,
         &orchestrator,
-        &[
-            "invoke",
-            "tracker__create_issue",
-            r#"{"title": "y"}"#,
-            "--user",
-            "alice@example.com",
-            "--id",
-            "walk_3",
-            "--wait",
-            "1",
-        ],
-    ));
+        ["tracker__create_issue", r#"{"title": "y"}"#, "walk_3"],
+        &["--user", "alice@example.com", "--wait", "1"],
+    );
     assert!(
         for_alice.contains("awaiting approval (walk_3)"),
         "{for_alice}"
@@ -291,20 +283,13 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
         "{again:?}"
     );
     // Approved for good: the tool asks no more.
-    let waiting = stdout_of(&walk(
+    let waiting = invoke(
         &data_dir,
         &url,
         &alice,
-        &[
-            "invoke",
-            "tracker__create_issue",
-            r#"{"title": "z"}"#,
-            "--id",
-            "walk_4",
-            "--wait",
-            "0",
-        ],
-    ));
+        ["tracker__create_issue", r#"{"title": "z"}"#, "walk_4"],
+        &["--wait", "0"],
+    );
     assert!(waiting.contains("awaiting approval (walk_4)"), "{waiting}");
     let approved = stdout_of(&walk(
         &data_dir,
@@ -314,20 +299,13 @@ async fn a_user_connects_and_sets_tools_from_the_terminal() {
     ));
     assert!(approved.contains("completed (walk_4)"), "{approved}");
     assert!(approved.contains("now always_allow"), "{approved}");
-    let direct = stdout_of(&walk(
+    let direct = invoke(
         &data_dir,
         &url,
         &alice,
-        &[
-            "invoke",
-            "tracker__create_issue",
-            r#"{"title": "w"}"#,
-            "--id",
-            "walk_5",
-            "--wait",
-            "0",
-        ],
-    ));
+        ["tracker__create_issue", r#"{"title": "w"}"#, "walk_5"],
+        &["--wait", "0"],
+    );
     assert!(direct.contains("completed (walk_5)"), "{direct}");
     // Alice's own history: what was done as her, and by whom.
     let history = stdout_of(&walk(&data_dir, &url, &alice, &["history"]));
