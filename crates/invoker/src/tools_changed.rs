@@ -29,27 +29,6 @@ const RETRY_PAUSES: (Duration, Duration) = (Duration::from_millis(250), Duration
 /// it.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
-impl Invoker {
-    /// Once this process's read models reflect the configuration log up to `position` (a
-    /// [`ToolListChange::config_position`]; 0: at once), so that a list answered next shows
-    /// that change; refused if they do not within 5 s.
-    pub async fn caught_up_with(&self, position: u64) -> Result<(), InvokerError> {
-        if position == 0
-            || self
-                .inner
-                .read_models
-                .wait_for_position(LogKind::Config, position, CATCH_UP_WAIT)
-                .await
-        {
-            return Ok(());
-        }
-        Err(InvokerError::NotCaughtUp {
-            position,
-            waited_secs: CATCH_UP_WAIT.as_secs(),
-        })
-    }
-}
-
 /// The subject the NATS service announces tool-list changes on.
 pub fn tools_changed_subject(prefix: &str) -> String {
     format!("{prefix}.tools.changed")
@@ -107,6 +86,25 @@ impl Invoker {
         let receiver = self.inner.tool_list_changes.subscribe();
         let after = self.inner.log.last_sequence(LogKind::Config).await?;
         Ok(ToolListChanges { receiver, after })
+    }
+
+    /// Once this process's read models reflect the configuration log up to `position` (a
+    /// [`ToolListChange::config_position`]; 0: at once), so that a list answered next shows
+    /// that change; refused if they do not within 5 s.
+    pub async fn caught_up_with(&self, position: u64) -> Result<(), InvokerError> {
+        if position == 0
+            || self
+                .inner
+                .read_models
+                .wait_for_position(LogKind::Config, position, CATCH_UP_WAIT)
+                .await
+        {
+            return Ok(());
+        }
+        Err(InvokerError::NotCaughtUp {
+            position,
+            waited_secs: CATCH_UP_WAIT.as_secs(),
+        })
     }
 }
 
