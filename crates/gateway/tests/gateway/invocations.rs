@@ -354,6 +354,13 @@ impl Invoking {
         .await
     }
 
+    /// Alice's call of `tool`, which completes; its outcome.
+    async fn completed(&self, id: &str, tool: &str, arguments: Value) -> Value {
+        let done = self.invoke(id, tool, arguments).await;
+        assert_eq!(done["outcome"], "completed", "{done}");
+        done
+    }
+
     /// Alice's request to call `tool`, which waits for her approval.
     async fn awaiting(&self, id: &str, tool: &str, arguments: Value) {
         let waiting = self.invoke(id, tool, arguments).await;
@@ -567,8 +574,7 @@ async fn blocked_unknown_and_tool_error_outcomes() {
         "{refused}"
     );
     // The exchange itself went well: the session is kept for the next call.
-    let again = it.invoke("call_5", "flaky_report", json!({})).await;
-    assert_eq!(again["outcome"], "completed", "{again}");
+    it.completed("call_5", "flaky_report", json!({})).await;
     assert_eq!(openings(), opened);
 }
 
@@ -579,8 +585,9 @@ async fn a_tool_that_takes_longer_than_one_outbound_request_may_completes_within
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("slow_report", "always_allow").await;
     let began = std::time::Instant::now();
-    let done = it.invoke("call_slow_tool", "slow_report", json!({})).await;
-    assert_eq!(done["outcome"], "completed", "{done}");
+    let done = it
+        .completed("call_slow_tool", "slow_report", json!({}))
+        .await;
     assert_eq!(done["result"]["content"][0]["text"], "done at last");
     assert!(began.elapsed() >= SLOW_TOOL, "the tool took its time");
 }
@@ -1041,10 +1048,8 @@ async fn a_repeated_id_the_log_no_longer_dedupes_is_answered_from_the_read_model
         let it = connected(store, settings()).await;
         it.set_state("create_issue", "always_allow").await;
         let arguments = json!({"title": "Once"});
-        let first = it
-            .invoke("call_template", "create_issue", arguments.clone())
+        it.completed("call_template", "create_issue", arguments.clone())
             .await;
-        assert_eq!(first["outcome"], "completed", "{first}");
 
         // call_template's events, recorded again as call_past's under fresh event ids.
         let app = &it.setup.app;
@@ -2226,16 +2231,12 @@ async fn the_nats_protocol_answers_in_protobuf_and_in_json() {
 async fn a_token_refused_in_a_reused_session_is_refreshed_once_and_the_call_goes_through() {
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("create_issue", "always_allow").await;
-    let first = it
-        .invoke("call_t1", "create_issue", json!({"title": "a"}))
+    it.completed("call_t1", "create_issue", json!({"title": "a"}))
         .await;
-    assert_eq!(first["outcome"], "completed", "{first}");
     // The server now refuses the token the session holds.
     it.setup.handle.expire_access_tokens();
-    let second = it
-        .invoke("call_t2", "create_issue", json!({"title": "b"}))
+    it.completed("call_t2", "create_issue", json!({"title": "b"}))
         .await;
-    assert_eq!(second["outcome"], "completed", "{second}");
     assert_eq!(it.setup.handle.token_requests_for("refresh_token"), 1);
     // The refused attempts never ran the tool.
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 2);
@@ -2260,8 +2261,7 @@ async fn a_sessions_token_still_current_is_trusted_again_after_one_check() {
     let invoke = |id: &'static str| {
         let it = &it;
         async move {
-            let body = it.invoke(id, "create_issue", json!({"title": id})).await;
-            assert_eq!(body["outcome"], "completed", "{body}");
+            it.completed(id, "create_issue", json!({"title": id})).await;
         }
     };
     invoke("trust_1").await;
@@ -2313,8 +2313,7 @@ async fn a_servers_protocol_era_is_remembered_and_renegotiated_when_it_changed()
     let invoke = |id: &'static str| {
         let it = &it;
         async move {
-            let body = it.invoke(id, "create_issue", json!({"title": id})).await;
-            assert_eq!(body["outcome"], "completed", "{body}");
+            it.completed(id, "create_issue", json!({"title": id})).await;
         }
     };
     let discovers = || {
@@ -2957,10 +2956,8 @@ async fn a_user_with_too_many_requests_waiting_gets_no_more_until_they_decide() 
         again["outcome"], "rejected",
         "the recorded outcome: {again}"
     );
-    let allowed = it
-        .invoke("call_allowed", "search_issues", json!({"query": "x"}))
+    it.completed("call_allowed", "search_issues", json!({"query": "x"}))
         .await;
-    assert_eq!(allowed["outcome"], "completed", "{allowed}");
     let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
     assert_eq!(
         approval_ids(&approvals),
@@ -2997,10 +2994,8 @@ async fn the_metrics_show_calls_by_server_and_what_waits() {
     it.set_state("search_issues", "always_allow").await;
     it.set_state("flaky_report", "always_allow").await;
     it.set_state("create_issue", "needs_approval").await;
-    let done = it
-        .invoke("call_counted", "search_issues", json!({"query": "x"}))
+    it.completed("call_counted", "search_issues", json!({"query": "x"}))
         .await;
-    assert_eq!(done["outcome"], "completed", "{done}");
     let flaky = it.invoke("call_flaky", "flaky_report", json!({})).await;
     assert_eq!(flaky["result"]["is_error"], true, "{flaky}");
     it.awaiting("call_waiting", "create_issue", json!({"title": "w"}))
@@ -3048,10 +3043,8 @@ async fn an_idle_session_is_closed_and_the_next_call_opens_another() {
     )
     .await;
     it.set_state("search_issues", "always_allow").await;
-    let done = it
-        .invoke("call_before_idle", "search_issues", json!({"query": "x"}))
+    it.completed("call_before_idle", "search_issues", json!({"query": "x"}))
         .await;
-    assert_eq!(done["outcome"], "completed", "{done}");
     let handle = &it.setup.handle;
     let opened = handle.sessions_opened();
     let session = handle
@@ -3076,10 +3069,8 @@ async fn an_idle_session_is_closed_and_the_next_call_opens_another() {
     .await
     .expect("the server was told the session ended");
 
-    let again = it
-        .invoke("call_after_idle", "search_issues", json!({"query": "y"}))
+    it.completed("call_after_idle", "search_issues", json!({"query": "y"}))
         .await;
-    assert_eq!(again["outcome"], "completed", "{again}");
     assert_eq!(handle.sessions_opened(), opened + 1);
 }
 
@@ -3099,10 +3090,8 @@ async fn a_tool_that_asks_for_input_fails_saying_what_it_asked_for() {
     assert!(message.contains("a question for the user"), "{message}");
     assert!(!message.contains(INJECTED), "{message}");
     assert_eq!(it.setup.handle.tool_calls("ask_report"), 1);
-    let done = it
-        .invoke("call_after_asking", "search_issues", json!({"query": "x"}))
+    it.completed("call_after_asking", "search_issues", json!({"query": "x"}))
         .await;
-    assert_eq!(done["outcome"], "completed", "{done}");
 }
 
 /// The orchestrator withdraws a request that waits for approval (the user stopped the
@@ -3527,10 +3516,8 @@ async fn announces_tool_changes(store: Store, check_not_caught_up: bool) {
 async fn a_user_reads_what_was_done_as_them_and_nobody_elses_history() {
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("search_issues", "always_allow").await;
-    let done = it
-        .invoke("call_mine", "search_issues", json!({"query": "x"}))
+    it.completed("call_mine", "search_issues", json!({"query": "x"}))
         .await;
-    assert_eq!(done["outcome"], "completed", "{done}");
     let orchestrator = it
         .setup
         .app
