@@ -14,7 +14,7 @@
 //! - [`Invoker::metrics`] → the calls' durations and what waits, for Prometheus.
 //!
 //! At most one call to the MCP server per invocation id, and no serialisation of one user's
-//! invocations: see `commands.rs`.
+//! invocations: see `commands/mod.rs`.
 mod commands;
 mod error;
 mod handover;

@@ -6,7 +6,7 @@
 //! uses the request's encoding. Each process also answers other processes' requests for the
 //! results it holds on `<prefix>.internal.result.<its instance id>` (core NATS, protobuf), and
 //! asks them there (see `InvocationCompleted.result_held_by`). Nothing else lives here: the
-//! commands are `commands.rs`.
+//! commands are in `commands/`.
 use std::{sync::Arc, time::Duration};
 
 use async_nats::service::{Service, ServiceExt, endpoint::Endpoint};
