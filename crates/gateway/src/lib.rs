@@ -95,6 +95,8 @@ pub struct AppInner {
     routes: HashMap<&'static str, Vec<(Method, Access)>>,
     /// The live-update streams open, by user.
     stream_slots: Arc<routes::stream::StreamSlots>,
+    /// The MCP endpoint (`/mcp`): the callers' tools as one MCP server.
+    mcp: routes::mcp::McpService,
 }
 
 impl std::ops::Deref for AppState {
@@ -183,6 +185,7 @@ impl AppState {
             parts.read_models.clone(),
         );
         parts.metrics.register_invoker(&invoker);
+        let mcp = routes::mcp::service(invoker.clone(), &parts.shutdown, parts.settings.body_limit);
         AppState(Arc::new(AppInner {
             servers,
             policy,
@@ -198,6 +201,7 @@ impl AppState {
             shutdown: parts.shutdown,
             routes,
             stream_slots: Arc::default(),
+            mcp,
         }))
     }
 

@@ -8,6 +8,7 @@ use crate::{AppState, Permission};
 pub mod audit;
 pub mod connections;
 pub mod invocations;
+pub mod mcp;
 pub mod me;
 pub mod oauth;
 pub mod servers;
@@ -88,6 +89,7 @@ pub fn table() -> Vec<RouteSpec> {
         tools::ROUTES,
         connections::ROUTES,
         invocations::ROUTES,
+        mcp::ROUTES,
         oauth::ROUTES,
         audit::ROUTES,
         stream::ROUTES,
@@ -104,6 +106,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(tools::router())
         .merge(connections::router())
         .merge(invocations::router())
+        .merge(mcp::router())
         .merge(oauth::router())
         .merge(audit::router())
         .merge(stream::router())

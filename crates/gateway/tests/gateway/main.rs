@@ -4,6 +4,7 @@ mod audit;
 mod connections;
 mod errors;
 mod invocations;
+mod mcp;
 mod openapi;
 mod permissions;
 mod servers;

@@ -215,6 +215,16 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
             }
         }
         ("GET", "/oauth/client-metadata.json") => get(path),
+        // The MCP endpoint: an `initialize` (the loop sends the transport's `Accept`).
+        ("POST", "/mcp") => Example {
+            path: path.to_owned(),
+            body: Some(serde_json::json!({
+                "jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                           "clientInfo": {"name": "permissions", "version": "1"}},
+            })),
+            ok: 200,
+        },
         ("POST" | "GET", "/api/v1/servers/{id}/connection") => {
             let id = app.seed_registered_server(&next_name("Connectable")).await;
             get(&path.replace("{id}", &id))
@@ -312,6 +322,9 @@ async fn every_route_admits_exactly_the_callers_its_permission_names() {
             }
             if let Some(body) = &example.body {
                 request = request.json(body);
+            }
+            if route.path == "/mcp" {
+                request = request.header("accept", "application/json, text/event-stream");
             }
             let response = request.send().await.expect("request");
             let status = response.status().as_u16();

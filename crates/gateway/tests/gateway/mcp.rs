@@ -1,0 +1,414 @@
+//! Switchboard as one MCP server (`POST /mcp`), through `rmcp`'s own client of both protocol
+//! eras: the user's usable tools listed, an allowed call answered with the tool's result
+//! marked untrusted, a blocked tool refused without a call, an unknown one a protocol error,
+//! a Needs-approval call waiting (with progress) until the user approves or denies it, one
+//! call per client-given invocation id, a call the client cancels withdrawn, and the
+//! orchestrator naming the user.
+use rmcp::{
+    ClientHandler, ClientServiceExt, RoleClient, ServiceExt,
+    model::{
+        CallToolRequestParams, CallToolResult, ClientConfig, ClientRequest, NumberOrString,
+        ProgressNotificationParam, ProgressToken, ProtocolVersion, Request, RequestMetaObject,
+    },
+    service::{ClientLifecycleMode, NotificationContext, PeerRequestOptions, RunningService},
+    transport::{
+        StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
+    },
+};
+use serde_json::{Value, json};
+use testkit::SlowCallEnd;
+use tokio::sync::mpsc;
+
+use crate::invocations::{ALICE, Invoking, connected, settings};
+use crate::support::Store;
+
+/// An MCP client that passes on the progress notifications it gets.
+#[derive(Clone)]
+struct Watching {
+    progress: mpsc::UnboundedSender<ProgressNotificationParam>,
+}
+
+impl ClientHandler for Watching {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let _ = self.progress.send(params);
+    }
+
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::default()
+    }
+}
+
+type Client = RunningService<RoleClient, Watching>;
+
+/// An MCP client of `/mcp` (with `query`, if any) signed in with `token`, speaking the
+/// 2025-11-25 protocol (`initialize`) or the 2026-07-28 one (discovery, stateless).
+async fn client(
+    it: &Invoking,
+    token: &str,
+    query: &str,
+    stateless: bool,
+) -> (Client, mpsc::UnboundedReceiver<ProgressNotificationParam>) {
+    let (progress, progressed) = mpsc::unbounded_channel();
+    let transport = StreamableHttpClientTransport::with_client(
+        it.setup.app.client.clone(),
+        StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp{query}", it.setup.app.url))
+            .auth_header(token.to_owned()),
+    );
+    let handler = Watching { progress };
+    let client = if stateless {
+        handler
+            .serve_with_lifecycle(
+                transport,
+                ClientLifecycleMode::Discover {
+                    preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+                },
+            )
+            .await
+    } else {
+        handler.serve(transport).await
+    }
+    .expect("an MCP client of /mcp");
+    (client, progressed)
+}
+
+fn call(it: &Invoking, tool: &str, arguments: Value) -> CallToolRequestParams {
+    let Value::Object(arguments) = arguments else {
+        panic!("arguments are an object");
+    };
+    CallToolRequestParams::new(format!("{}{tool}", it.prefix)).with_arguments(arguments)
+}
+
+/// `params` with a progress token and the client's own invocation id in `_meta`.
+fn tracked(mut params: CallToolRequestParams, id: &str) -> CallToolRequestParams {
+    let mut meta = RequestMetaObject::with_progress_token(ProgressToken(NumberOrString::String(
+        id.to_owned().into(),
+    )));
+    meta.0
+        .insert("switchboard/invocation_id".to_owned(), json!(id));
+    params.meta = Some(meta);
+    params
+}
+
+fn meta(result: &CallToolResult, key: &str) -> Value {
+    result
+        .meta
+        .as_ref()
+        .and_then(|meta| meta.get(key))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn text(result: &CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .filter_map(|block| block.as_text().map(|text| text.text.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_mcp_client_uses_the_users_tools_under_their_settings() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    it.set_state("create_issue", "needs_approval").await;
+    let handle = &it.setup.handle;
+
+    for stateless in [false, true] {
+        let (mcp, _) = client(&it, &it.alice, "", stateless).await;
+        // Only what Alice may use: the blocked tools are not offered.
+        let tools = mcp.list_all_tools().await.expect("tools/list");
+        let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+        assert_eq!(
+            names,
+            [
+                format!("{}create_issue", it.prefix),
+                format!("{}search_issues", it.prefix)
+            ],
+            "stateless: {stateless}"
+        );
+        let search = &tools[1];
+        assert_eq!(search.title.as_deref(), Some("Search issues"));
+        assert_eq!(
+            search.description.as_deref(),
+            Some("Finds issues whose title contains the query.")
+        );
+        assert_eq!(search.input_schema["required"], json!(["query"]));
+        assert!(search.output_schema.is_some());
+        assert_eq!(
+            search
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.read_only_hint),
+            Some(true)
+        );
+        let search_meta = search.meta.as_ref().expect("_meta");
+        assert_eq!(search_meta["switchboard/state"], "always_allow");
+        assert_eq!(search_meta["switchboard/tool_name"], "search_issues");
+        assert_eq!(search_meta["switchboard/server"]["id"], it.server_id);
+        assert_eq!(search_meta["switchboard/server"]["name"], "notion team");
+        assert_eq!(
+            tools[0].meta.as_ref().expect("_meta")["switchboard/state"],
+            "needs_approval"
+        );
+
+        // Allowed: called with Alice's token, the answer as the tool gave it, untrusted.
+        let calls = handle.tool_calls("search_issues");
+        let found = mcp
+            .call_tool(call(&it, "search_issues", json!({"query": "first"})))
+            .await
+            .expect("tools/call");
+        assert_eq!(handle.tool_calls("search_issues"), calls + 1);
+        assert_ne!(found.is_error, Some(true), "{found:?}");
+        assert_eq!(
+            found.structured_content,
+            Some(json!({"issues": [{"key": "FX-1", "title": "The first issue"}]}))
+        );
+        assert_eq!(meta(&found, "switchboard/untrusted"), true);
+        assert_eq!(meta(&found, "switchboard/outcome"), "completed");
+        assert_eq!(meta(&found, "switchboard/server")["id"], it.server_id);
+        assert_eq!(meta(&found, "switchboard/tool_name"), "search_issues");
+        assert_eq!(meta(&found, "switchboard/truncated"), false);
+        let id = meta(&found, "switchboard/invocation_id");
+        assert!(
+            id.as_str().is_some_and(|id| id.starts_with("mcp-")),
+            "a fresh invocation id: {id}"
+        );
+        // The invocation is Alice's, as any other: its status over HTTP says so.
+        let (status, outcome) = it
+            .get(
+                &it.alice,
+                &format!("/api/v1/invocations/{}", id.as_str().unwrap_or_default()),
+            )
+            .await;
+        assert_eq!((status, &outcome["outcome"]), (200, &json!("completed")));
+
+        // Blocked: refused as a tool error the AI can read, and never called.
+        let deletes = handle.tool_calls("delete_issue");
+        let refused = mcp
+            .call_tool(call(&it, "delete_issue", json!({"key": "FX-1"})))
+            .await
+            .expect("tools/call");
+        assert_eq!(refused.is_error, Some(true));
+        assert_eq!(meta(&refused, "switchboard/outcome"), "rejected");
+        assert_eq!(meta(&refused, "switchboard/reason"), "tool_blocked");
+        assert!(
+            text(&refused).contains("tool_blocked"),
+            "{}",
+            text(&refused)
+        );
+        assert_eq!(handle.tool_calls("delete_issue"), deletes);
+
+        // No such tool: a protocol error.
+        let unknown = mcp
+            .call_tool(CallToolRequestParams::new("nothing__here"))
+            .await
+            .expect_err("an unknown tool");
+        assert!(
+            unknown.to_string().contains("unknown tool: nothing__here"),
+            "{unknown}"
+        );
+        mcp.cancel().await.expect("closed");
+    }
+}
+
+#[tokio::test]
+async fn an_mcp_call_that_needs_approval_waits_for_the_users_decision() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let handle = &it.setup.handle;
+    let (mcp, mut progressed) = client(&it, &it.alice, "", false).await;
+
+    // Approved: the call waits, says so in a progress notification, and then is made.
+    let waiting = {
+        let peer = mcp.peer().clone();
+        let params = tracked(
+            call(&it, "create_issue", json!({"title": "A"})),
+            "mcp-approve-1",
+        );
+        tokio::spawn(async move { peer.call_tool(params).await })
+    };
+    // (Under the token `rmcp`'s client put in for its own progress tracking.)
+    let told = progressed.recv().await.expect("a progress notification");
+    let message = told.message.unwrap_or_default();
+    assert!(
+        message.contains(ALICE) && message.contains("mcp-approve-1"),
+        "{message}"
+    );
+    // It waits among Alice's approvals, with what the AI asked.
+    let (status, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(status, 200, "{approvals}");
+    assert_eq!(approvals["approvals"][0]["invocation_id"], "mcp-approve-1");
+    assert_eq!(
+        approvals["approvals"][0]["arguments"],
+        json!({"title": "A"})
+    );
+    assert_eq!(handle.tool_calls("create_issue"), 0);
+    let (status, decided) = it.decide("mcp-approve-1", "approve").await;
+    assert_eq!(status, 200, "{decided}");
+    let created = waiting.await.expect("joined").expect("tools/call");
+    assert_ne!(created.is_error, Some(true), "{created:?}");
+    assert_eq!(text(&created), "Created FX-2");
+    assert_eq!(meta(&created, "switchboard/untrusted"), true);
+    assert_eq!(handle.tool_calls("create_issue"), 1);
+
+    // The same id again: the recorded outcome, no second call.
+    let again = mcp
+        .call_tool(tracked(
+            call(&it, "create_issue", json!({"title": "A"})),
+            "mcp-approve-1",
+        ))
+        .await
+        .expect("tools/call");
+    assert_eq!(text(&again), "Created FX-2");
+    assert_eq!(handle.tool_calls("create_issue"), 1);
+
+    // Denied, with a reason: a tool error that tells the AI the user's reason.
+    let waiting = {
+        let peer = mcp.peer().clone();
+        let params = tracked(
+            call(&it, "create_issue", json!({"title": "B"})),
+            "mcp-deny-1",
+        );
+        tokio::spawn(async move { peer.call_tool(params).await })
+    };
+    let told = progressed.recv().await.expect("a progress notification");
+    let message = told.message.unwrap_or_default();
+    assert!(message.contains("mcp-deny-1"), "{message}");
+    let (status, decided) = it
+        .post(
+            &it.alice,
+            "/api/v1/approvals/mcp-deny-1",
+            &json!({"decision": "deny", "reason": "Not in this project."}),
+        )
+        .await;
+    assert_eq!(status, 200, "{decided}");
+    let denied = waiting.await.expect("joined").expect("tools/call");
+    assert_eq!(denied.is_error, Some(true));
+    assert_eq!(meta(&denied, "switchboard/outcome"), "denied");
+    assert!(
+        text(&denied).contains("The user denied this call")
+            && text(&denied).contains("Not in this project."),
+        "{}",
+        text(&denied)
+    );
+    assert_eq!(handle.tool_calls("create_issue"), 1);
+    mcp.cancel().await.expect("closed");
+}
+
+#[tokio::test]
+async fn an_orchestrator_names_the_user_of_mcp_requests_and_nobody_else_may() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("search_issues", "always_allow").await;
+    let orchestrator = it
+        .setup
+        .app
+        .token("orchestrator@example.com", &["orchestrator"]);
+    let query = format!("?user={ALICE}");
+    let (mcp, _) = client(&it, &orchestrator, &query, false).await;
+    let tools = mcp.list_all_tools().await.expect("tools/list");
+    assert_eq!(tools.len(), 1, "Alice's one usable tool: {tools:?}");
+    let found = mcp
+        .call_tool(call(&it, "search_issues", json!({"query": "first"})))
+        .await
+        .expect("tools/call");
+    assert_eq!(meta(&found, "switchboard/outcome"), "completed");
+    mcp.cancel().await.expect("closed");
+
+    // Another user may not act as Alice; nor may anyone without a token.
+    let initialize = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "test", "version": "1"}},
+    });
+    let mallory = it.setup.app.token("mallory@example.com", &["analyst"]);
+    for (token, status) in [(Some(mallory), 403), (None, 401)] {
+        let mut request = it
+            .setup
+            .app
+            .client
+            .post(format!("{}/mcp{query}", it.setup.app.url))
+            .header("accept", "application/json, text/event-stream")
+            .json(&initialize);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status(), status);
+    }
+    // A request the transport cannot take is refused in the API's shape, saying why.
+    let response = it
+        .setup
+        .app
+        .client
+        .post(format!("{}/mcp", it.setup.app.url))
+        .bearer_auth(&it.alice)
+        .json(&initialize)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 406);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "mcp_transport_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("text/event-stream")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_call_the_mcp_client_cancels_is_withdrawn_at_the_server() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("slow_report", "always_allow").await;
+    let handle = &it.setup.handle;
+    for (n, stateless) in [false, true].into_iter().enumerate() {
+        let (mcp, _) = client(&it, &it.alice, "", stateless).await;
+        let id = format!("mcp-cancel-{stateless}");
+        let calls = handle
+            .mcp_requests_where(0, |seen| seen.method.as_deref() == Some("tools/call"))
+            .await
+            .len();
+        let request = ClientRequest::CallToolRequest(Request::new(tracked(
+            call(&it, "slow_report", json!({})),
+            &id,
+        )));
+        let running = mcp
+            .peer()
+            .send_cancellable_request(request, PeerRequestOptions::no_options())
+            .await
+            .expect("sent");
+        // The call reached the server; then the client gives up on it.
+        handle
+            .mcp_requests_where(calls + 1, |seen| {
+                seen.method.as_deref() == Some("tools/call")
+            })
+            .await;
+        running
+            .cancel(Some("the user stopped".to_owned()))
+            .await
+            .expect("cancelled");
+        let (status, outcome) = it
+            .get(&it.alice, &format!("/api/v1/invocations/{id}?wait=20"))
+            .await;
+        assert_eq!(status, 200, "{outcome}");
+        assert_eq!(
+            (&outcome["outcome"], &outcome["reason"]),
+            (&json!("failed"), &json!("withdrawn")),
+            "stateless: {stateless}: {outcome}"
+        );
+        // Cancelled at the server too, not left to run.
+        let ended = handle.slow_calls_ended(n + 1).await;
+        assert_eq!(
+            ended[n],
+            SlowCallEnd::Abandoned {
+                tool: "slow_report".to_owned()
+            }
+        );
+        mcp.cancel().await.expect("closed");
+    }
+}
