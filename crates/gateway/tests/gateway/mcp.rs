@@ -339,6 +339,26 @@ async fn an_orchestrator_names_the_user_of_mcp_requests_and_nobody_else_may() {
         let response = request.send().await.expect("request");
         assert_eq!(response.status(), status);
     }
+    // A plain `tools/list` POST, as the README shows it with curl: no initialization needed.
+    let listed: Value = it
+        .setup
+        .app
+        .client
+        .post(format!("{}/mcp", it.setup.app.url))
+        .bearer_auth(&it.alice)
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        listed["result"]["tools"][0]["name"],
+        format!("{}search_issues", it.prefix),
+        "{listed}"
+    );
     // A request the transport cannot take is refused in the API's shape, saying why.
     let response = it
         .setup
