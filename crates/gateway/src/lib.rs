@@ -185,7 +185,14 @@ impl AppState {
             parts.read_models.clone(),
         );
         parts.metrics.register_invoker(&invoker);
-        let mcp = routes::mcp::service(invoker.clone(), &parts.shutdown, parts.settings.body_limit);
+        let mcp = routes::mcp::service(routes::mcp::McpParts {
+            invoker: invoker.clone(),
+            log: parts.log.clone(),
+            read_models: parts.read_models.clone(),
+            settle_timeout: parts.settings.read_your_writes_timeout,
+            body_limit: parts.settings.body_limit,
+            shutdown: parts.shutdown.clone(),
+        });
         AppState(Arc::new(AppInner {
             servers,
             policy,

@@ -29,6 +29,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use domain::{InvocationId, UserId};
+use eventlog::EventLog;
 use invoker::{InvocationReport, InvokeRequest, Invoker, InvokerError, Outcome, ToolListing};
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
@@ -44,11 +45,11 @@ use rmcp::{
     },
 };
 use serde_json::{Map, Value, json};
-use service_kit::CommandContext;
+use service_kit::{CommandContext, ReadModels};
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::invocations::{UserQuery, user_for};
+use super::invocations::{UserQuery, settle_invocations_of, user_for};
 use crate::{Access, ApiError, ApiQuery, AppState, Caller, Permission, RouteSpec};
 
 pub const ROUTES: &[RouteSpec] = &[RouteSpec::new(
@@ -80,12 +81,21 @@ impl std::fmt::Debug for McpService {
     }
 }
 
-/// The endpoint's service over `invoker`; its requests end when `shutdown` is cancelled.
-pub(crate) fn service(
-    invoker: Invoker,
-    shutdown: &CancellationToken,
-    body_limit: usize,
-) -> McpService {
+/// What the endpoint answers with.
+pub(crate) struct McpParts {
+    pub invoker: Invoker,
+    /// The invocations log and the read models following it: a call said to wait for
+    /// approval is in the user's approvals list first.
+    pub log: Arc<dyn EventLog>,
+    pub read_models: ReadModels,
+    pub settle_timeout: Duration,
+    pub body_limit: usize,
+    /// Requests in flight end when it is cancelled.
+    pub shutdown: CancellationToken,
+}
+
+/// The endpoint's service.
+pub(crate) fn service(parts: McpParts) -> McpService {
     let mut config = StreamableHttpServerConfig::default()
         // Every request carries a bearer token, which a page rebinding its DNS to this host
         // does not have: the Host check guards against nothing more here, and would refuse
@@ -93,11 +103,14 @@ pub(crate) fn service(
         .disable_allowed_hosts()
         .with_legacy_session_mode(false)
         .with_json_response(true)
-        .with_cancellation_token(shutdown.child_token());
-    config.max_request_body_bytes = body_limit;
+        .with_cancellation_token(parts.shutdown.child_token());
+    config.max_request_body_bytes = parts.body_limit;
     let front = McpFront {
-        invoker,
-        shutdown: shutdown.clone(),
+        invoker: parts.invoker,
+        log: parts.log,
+        read_models: parts.read_models,
+        settle_timeout: parts.settle_timeout,
+        shutdown: parts.shutdown,
     };
     McpService(StreamableHttpService::new(
         move || Ok(front.clone()),
@@ -158,6 +171,9 @@ async fn mcp(
 #[derive(Clone)]
 pub struct McpFront {
     invoker: Invoker,
+    log: Arc<dyn EventLog>,
+    read_models: ReadModels,
+    settle_timeout: Duration,
     shutdown: CancellationToken,
 }
 
@@ -261,6 +277,13 @@ impl McpFront {
         mut report: InvocationReport,
         context: &RequestContext<RoleServer>,
     ) -> Result<InvocationReport, InvokerError> {
+        // Whoever is told that the call waits (the client, and through it the user) finds
+        // it among the user's approvals.
+        if let Err(error) =
+            settle_invocations_of(&*self.log, &self.read_models, self.settle_timeout).await
+        {
+            tracing::warn!(%error, "the approvals may not show a waiting MCP call yet");
+        }
         let progress_token = context.meta.get_progress_token();
         let mut told = 0u32;
         loop {
