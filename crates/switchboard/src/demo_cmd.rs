@@ -128,7 +128,9 @@ pub fn print_next_steps(
          \x20 switchboard approvals                     # in a third terminal: what waits\n\
          \x20 switchboard approve <invocation id>      # --always: and from now on\n\
          \x20 switchboard history                       # what was done as you, by whom\n\
-         \x20 switchboard {} audit replay --format table\n",
+         \x20 switchboard {} audit replay --format table\n\n\
+         Or point any MCP client (streamable HTTP) at {public_url}/mcp with the header\n\
+         \x20 Authorization: Bearer $SWITCHBOARD_TOKEN   # the same tools, settings, approvals\n",
         where_the_events_are(settings)
     ));
     print!("{out}");
