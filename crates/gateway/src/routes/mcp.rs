@@ -5,6 +5,8 @@
 //! call waits for the user's decision (with progress notifications, when the client asks
 //! for them, so that it keeps waiting), at most one upstream call per invocation id, and the
 //! tool's answer handed on as it came with `_meta` saying it is untrusted and whose it is.
+//! A client may give its own invocation id and the conversation in the call's `_meta`
+//! ([`INVOCATION_ID_META`], [`CONVERSATION_ID_META`]).
 //!
 //! **Stateless** (`rmcp`'s session mode off): every POST is answered on its own, by whichever
 //! process gets it, for the user its bearer token names (an `invoke_for_users` caller names
@@ -20,7 +22,7 @@
 //! tool is a protocol error (`-32602`), as the specification asks. A request the client
 //! cancels withdraws its invocation: a waiting one is not approved later, a running call is
 //! cancelled at its server.
-use std::{borrow::Cow, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
@@ -66,6 +68,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// call id): the same id again gets the same outcome, never a second call. Without it each
 /// call gets a fresh id.
 pub const INVOCATION_ID_META: &str = "switchboard/invocation_id";
+
+/// The `_meta` key under which a client may name the conversation a call belongs to,
+/// recorded with the invocation for the audit and shown with its approval.
+pub const CONVERSATION_ID_META: &str = "switchboard/conversation_id";
 
 /// How often a call waiting for the user's approval tells a client that asked for progress
 /// that it still waits (clients reset their request time-out on progress).
@@ -230,6 +236,7 @@ impl ServerHandler for McpFront {
     ) -> Result<CallToolResponse, McpError> {
         let acting = acting(&context)?;
         let id = invocation_id(&request, &context)?;
+        let conversation_id = meta_text(&request, &context, CONVERSATION_ID_META)?;
         let tool = request.name.into_owned();
         let invoke = InvokeRequest {
             invocation_id: id.clone(),
@@ -237,7 +244,7 @@ impl ServerHandler for McpFront {
             tool: tool.clone(),
             arguments: request.arguments.unwrap_or_default(),
             deadline: None,
-            conversation_id: None,
+            conversation_id,
         };
         let outcome = async {
             let report = self.invoker.invoke(&acting.context, invoke).await?;
@@ -318,29 +325,35 @@ impl McpFront {
     }
 }
 
+/// The text a call's `_meta` holds under `key` (`rmcp` hands the request's `_meta` to the
+/// handler in its context); a value that is not text is refused.
+fn meta_text(
+    request: &CallToolRequestParams,
+    context: &RequestContext<RoleServer>,
+    key: &str,
+) -> Result<Option<String>, McpError> {
+    let given = context
+        .meta
+        .get(key)
+        .or_else(|| request.meta.as_ref().and_then(|meta| meta.get(key)));
+    match given {
+        None => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(McpError::invalid_params(
+            format!("_meta[\"{key}\"] must be a string"),
+            None,
+        )),
+    }
+}
+
 /// The invocation id of a call: the client's own (`_meta["switchboard/invocation_id"]`), or
 /// a fresh one.
 fn invocation_id(
     request: &CallToolRequestParams,
     context: &RequestContext<RoleServer>,
 ) -> Result<InvocationId, McpError> {
-    // `rmcp` hands the request's `_meta` to the handler in its context.
-    let given = context.meta.get(INVOCATION_ID_META).or_else(|| {
-        request
-            .meta
-            .as_ref()
-            .and_then(|meta| meta.get(INVOCATION_ID_META))
-    });
-    let text: Cow<'_, str> = match given {
-        None => format!("mcp-{}", uuid::Uuid::now_v7()).into(),
-        Some(Value::String(id)) => id.as_str().into(),
-        Some(_) => {
-            return Err(McpError::invalid_params(
-                format!("_meta[\"{INVOCATION_ID_META}\"] must be a string"),
-                None,
-            ));
-        }
-    };
+    let text = meta_text(request, context, INVOCATION_ID_META)?
+        .unwrap_or_else(|| format!("mcp-{}", uuid::Uuid::now_v7()));
     InvocationId::parse(&text).map_err(|error| McpError::invalid_params(error.to_string(), None))
 }
 

@@ -82,13 +82,18 @@ fn call(it: &Invoking, tool: &str, arguments: Value) -> CallToolRequestParams {
     CallToolRequestParams::new(format!("{}{tool}", it.prefix)).with_arguments(arguments)
 }
 
-/// `params` with a progress token and the client's own invocation id in `_meta`.
+/// `params` with a progress token, the client's own invocation id and a conversation in
+/// `_meta`.
 fn tracked(mut params: CallToolRequestParams, id: &str) -> CallToolRequestParams {
     let mut meta = RequestMetaObject::with_progress_token(ProgressToken(NumberOrString::String(
         id.to_owned().into(),
     )));
     meta.0
         .insert("switchboard/invocation_id".to_owned(), json!(id));
+    meta.0.insert(
+        "switchboard/conversation_id".to_owned(),
+        json!("conversation-7"),
+    );
     params.meta = Some(meta);
     params
 }
@@ -245,6 +250,10 @@ async fn an_mcp_call_that_needs_approval_waits_for_the_users_decision() {
     assert_eq!(
         approvals["approvals"][0]["arguments"],
         json!({"title": "A"})
+    );
+    assert_eq!(
+        approvals["approvals"][0]["conversation_id"],
+        "conversation-7"
     );
     assert_eq!(handle.tool_calls("create_issue"), 0);
     let (status, decided) = it.decide("mcp-approve-1", "approve").await;
