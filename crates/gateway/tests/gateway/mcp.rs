@@ -115,6 +115,38 @@ fn text(result: &CallToolResult) -> String {
         .collect()
 }
 
+/// What a raw request to `/mcp` accepts: both answer types, as the transport requires, or
+/// only JSON.
+enum Accept {
+    Both,
+    JsonOnly,
+}
+
+/// A POST of `body` to `/mcp{query}`, as a client without `rmcp` sends it.
+async fn post(
+    it: &Invoking,
+    token: Option<&str>,
+    query: &str,
+    accept: Accept,
+    body: &Value,
+) -> reqwest::Response {
+    let accept = match accept {
+        Accept::Both => "application/json, text/event-stream",
+        Accept::JsonOnly => "application/json",
+    };
+    let mut request = it
+        .setup
+        .app
+        .client
+        .post(format!("{}/mcp{query}", it.setup.app.url))
+        .header("accept", accept)
+        .json(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.expect("request")
+}
+
 #[tokio::test]
 async fn an_mcp_client_uses_the_users_tools_under_their_settings() {
     let it = connected(Store::Jsonl, settings()).await;
@@ -334,32 +366,14 @@ async fn an_orchestrator_names_the_user_of_mcp_requests_and_nobody_else_may() {
                    "clientInfo": {"name": "test", "version": "1"}},
     });
     let mallory = it.setup.app.token("mallory@example.com", &["analyst"]);
-    for (token, status) in [(Some(mallory), 403), (None, 401)] {
-        let mut request = it
-            .setup
-            .app
-            .client
-            .post(format!("{}/mcp{query}", it.setup.app.url))
-            .header("accept", "application/json, text/event-stream")
-            .json(&initialize);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await.expect("request");
+    for (token, status) in [(Some(mallory.as_str()), 403), (None, 401)] {
+        let response = post(&it, token, &query, Accept::Both, &initialize).await;
         assert_eq!(response.status(), status);
     }
     // A plain `tools/list` POST, as the README shows it with curl: no initialization needed.
-    let listed: Value = it
-        .setup
-        .app
-        .client
-        .post(format!("{}/mcp", it.setup.app.url))
-        .bearer_auth(&it.alice)
-        .header("accept", "application/json, text/event-stream")
-        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
-        .send()
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+    let listed: Value = post(&it, Some(&it.alice), "", Accept::Both, &list)
         .await
-        .expect("request")
         .json()
         .await
         .expect("JSON");
@@ -369,16 +383,7 @@ async fn an_orchestrator_names_the_user_of_mcp_requests_and_nobody_else_may() {
         "{listed}"
     );
     // A request the transport cannot take is refused in the API's shape, saying why.
-    let response = it
-        .setup
-        .app
-        .client
-        .post(format!("{}/mcp", it.setup.app.url))
-        .bearer_auth(&it.alice)
-        .json(&initialize)
-        .send()
-        .await
-        .expect("request");
+    let response = post(&it, Some(&it.alice), "", Accept::JsonOnly, &initialize).await;
     assert_eq!(response.status(), 406);
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "mcp_transport_error", "{body}");
