@@ -526,10 +526,16 @@ fn classify(result: Result<PublishAck, PublishError>) -> Attempt {
                 let code = js_error.error_code();
                 // 503: JetStream not (yet) available, e.g. right after a restart; 10210: too many
                 // batches in flight on this stream; 10164: another write with an expected
-                // sequence on this subject is still being replicated (clustered). All pass.
+                // sequence on this subject is still being replicated (clustered); 10175 and
+                // 10176: a batch's commit reached the server without its earlier messages
+                // (sent without an answer, they were lost in a restart or a reconnection) —
+                // an atomic batch is stored whole or not at all, so nothing of it is, and the
+                // next attempt sends it whole under a new batch id. All pass.
                 if js_error.code() == 503
                     || code == ErrorCode::ATOMIC_PUBLISH_TOO_MANY_INFLIGHT
                     || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+                    || code == ErrorCode::ATOMIC_PUBLISH_MISSING_SEQ
+                    || code == ErrorCode::ATOMIC_PUBLISH_INCOMPLETE_BATCH
                 {
                     return Attempt::NoAnswer(js_error.to_string());
                 }
@@ -574,6 +580,36 @@ fn actual_sequence(description: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal as async-nats hands it over: JetStream's error under a publish error.
+    fn refusal(err_code: u64, description: &str) -> PublishError {
+        let js_error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400,
+            "err_code": err_code,
+            "description": description,
+        }))
+        .expect("a JetStream error");
+        PublishError::with_source(PublishErrorKind::Other, js_error)
+    }
+
+    #[test]
+    fn a_batch_whose_first_messages_the_server_lost_is_sent_again_not_refused() {
+        // Seen when nats-server was killed between a batch's messages and its commit.
+        for (code, text) in [
+            (10176, "atomic publish batch is incomplete"),
+            (10175, "atomic publish sequence is missing"),
+        ] {
+            assert!(
+                matches!(classify(Err(refusal(code, text))), Attempt::NoAnswer(_)),
+                "{code}"
+            );
+        }
+        // A refusal that stands is still one.
+        assert!(matches!(
+            classify(Err(refusal(10071, "wrong last sequence: 4"))),
+            Attempt::Refused(Refusal { code, .. }) if code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+        ));
+    }
 
     #[test]
     fn the_actual_version_is_read_from_the_refusal() {

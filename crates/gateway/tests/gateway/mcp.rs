@@ -1,9 +1,9 @@
 //! Switchboard as one MCP server (`POST /mcp`), through `rmcp`'s own client of both protocol
 //! eras: the user's usable tools listed, an allowed call answered with the tool's result
-//! marked untrusted, a blocked tool refused without a call, an unknown one a protocol error,
-//! a Needs-approval call waiting (with progress) until the user approves or denies it, one
-//! call per client-given invocation id, a call the client cancels withdrawn, and the
-//! orchestrator naming the user.
+//! marked untrusted, a blocked tool refused without a call, an unknown one a protocol error
+//! (and no secret of the provider's in any answer), a Needs-approval call waiting (with
+//! progress) until the user approves or denies it, one call per client-given invocation id,
+//! a call the client cancels withdrawn, and the orchestrator naming the user.
 use rmcp::{
     ClientHandler, ClientServiceExt, RoleClient, ServiceExt,
     model::{
@@ -153,11 +153,14 @@ async fn an_mcp_client_uses_the_users_tools_under_their_settings() {
     it.set_state("search_issues", "always_allow").await;
     it.set_state("create_issue", "needs_approval").await;
     let handle = &it.setup.handle;
+    // Everything the endpoint answers, searched for the provider's secrets at the end.
+    let mut answered = String::new();
 
     for stateless in [false, true] {
         let (mcp, _) = client(&it, &it.alice, "", stateless).await;
         // Only what Alice may use: the blocked tools are not offered.
         let tools = mcp.list_all_tools().await.expect("tools/list");
+        answered.push_str(&serde_json::to_string(&tools).expect("JSON"));
         let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
         assert_eq!(
             names,
@@ -198,6 +201,7 @@ async fn an_mcp_client_uses_the_users_tools_under_their_settings() {
             .call_tool(call(&it, "search_issues", json!({"query": "first"})))
             .await
             .expect("tools/call");
+        answered.push_str(&serde_json::to_string(&found).expect("JSON"));
         assert_eq!(handle.tool_calls("search_issues"), calls + 1);
         assert_ne!(found.is_error, Some(true), "{found:?}");
         assert_eq!(
@@ -229,6 +233,7 @@ async fn an_mcp_client_uses_the_users_tools_under_their_settings() {
             .call_tool(call(&it, "delete_issue", json!({"key": "FX-1"})))
             .await
             .expect("tools/call");
+        answered.push_str(&serde_json::to_string(&refused).expect("JSON"));
         assert_eq!(refused.is_error, Some(true));
         assert_eq!(meta(&refused, "switchboard/outcome"), "rejected");
         assert_eq!(meta(&refused, "switchboard/reason"), "tool_blocked");
@@ -244,11 +249,20 @@ async fn an_mcp_client_uses_the_users_tools_under_their_settings() {
             .call_tool(CallToolRequestParams::new("nothing__here"))
             .await
             .expect_err("an unknown tool");
+        answered.push_str(&unknown.to_string());
         assert!(
             unknown.to_string().contains("unknown tool: nothing__here"),
             "{unknown}"
         );
         mcp.cancel().await.expect("closed");
+    }
+    let secrets = handle.issued_secrets();
+    assert!(!secrets.is_empty(), "the fixture issued tokens");
+    for secret in &secrets {
+        assert!(
+            !answered.contains(secret.as_str()),
+            "a secret the provider issued is in an MCP answer"
+        );
     }
 }
 
