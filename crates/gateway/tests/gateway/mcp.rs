@@ -396,6 +396,9 @@ async fn an_orchestrator_names_the_user_of_mcp_requests_and_nobody_else_may() {
         format!("{}search_issues", it.prefix),
         "{listed}"
     );
+    // Stateless: no stream to open with a GET, which the transport answers with 405.
+    let streamed = it.setup.app.get("/mcp", Some(&it.alice)).await;
+    assert_eq!(streamed.status(), 405);
     // A request the transport cannot take is refused in the API's shape, saying why.
     let response = post(&it, Some(&it.alice), "", Accept::JsonOnly, &initialize).await;
     assert_eq!(response.status(), 406);
