@@ -93,7 +93,7 @@ pub struct AppInner {
     pub invoker: invoker::Invoker,
     /// The permission table by path: each method the path serves, with its access.
     routes: HashMap<&'static str, Vec<(Method, Access)>>,
-    /// The live-update streams open, by user.
+    /// The live-update streams open, by user (MCP subscriptions count too).
     stream_slots: Arc<routes::stream::StreamSlots>,
     /// The MCP endpoint (`/mcp`): the callers' tools as one MCP server.
     mcp: routes::mcp::McpService,
@@ -185,6 +185,7 @@ impl AppState {
             parts.read_models.clone(),
         );
         parts.metrics.register_invoker(&invoker);
+        let stream_slots: Arc<routes::stream::StreamSlots> = Arc::default();
         let mcp = routes::mcp::service(routes::mcp::McpParts {
             invoker: invoker.clone(),
             log: parts.log.clone(),
@@ -192,6 +193,7 @@ impl AppState {
             settle_timeout: parts.settings.read_your_writes_timeout,
             body_limit: parts.settings.body_limit,
             shutdown: parts.shutdown.clone(),
+            stream_slots: stream_slots.clone(),
         });
         AppState(Arc::new(AppInner {
             servers,
@@ -207,7 +209,7 @@ impl AppState {
             settings: parts.settings,
             shutdown: parts.shutdown,
             routes,
-            stream_slots: Arc::default(),
+            stream_slots,
             mcp,
         }))
     }

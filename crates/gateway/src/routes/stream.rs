@@ -185,7 +185,7 @@ fn take_slot(state: &AppState, caller: &Caller) -> Result<StreamSlot, ApiError> 
 
 /// When the caller's token expires. A stream ends then: the client reconnects with a fresh
 /// one (and `Last-Event-ID`), and a token that lost its roles stops seeing events.
-fn token_ends(caller: &Caller) -> Option<tokio::time::Instant> {
+pub(crate) fn token_ends(caller: &Caller) -> Option<tokio::time::Instant> {
     caller.valid_until.map(|until| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -306,7 +306,7 @@ pub struct StreamSlots(std::sync::Mutex<HashMap<UserId, usize>>);
 
 impl StreamSlots {
     /// A slot for one more stream of `user`, or `None` when they hold the most already.
-    fn take(self: &Arc<Self>, user: &UserId) -> Option<StreamSlot> {
+    pub(crate) fn take(self: &Arc<Self>, user: &UserId) -> Option<StreamSlot> {
         let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let count = open.entry(user.clone()).or_default();
         if *count >= MAX_STREAMS_PER_USER {
@@ -322,7 +322,7 @@ impl StreamSlots {
 
 /// One open stream; gives its slot back when the stream ends.
 #[derive(Debug)]
-struct StreamSlot {
+pub(crate) struct StreamSlot {
     slots: Arc<StreamSlots>,
     user: UserId,
 }

@@ -3,12 +3,14 @@
 //! marked untrusted, a blocked tool refused without a call, an unknown one a protocol error
 //! (and no secret of the provider's in any answer), a Needs-approval call waiting (with
 //! progress) until the user approves or denies it, one call per client-given invocation id,
-//! a call the client cancels withdrawn, and the orchestrator naming the user.
+//! a call the client cancels withdrawn, a listening client told of changed tools, and the
+//! orchestrator naming the user.
 use rmcp::{
     ClientHandler, ClientServiceExt, RoleClient, ServiceExt,
     model::{
         CallToolRequestParams, CallToolResult, ClientConfig, ClientRequest, NumberOrString,
         ProgressNotificationParam, ProgressToken, ProtocolVersion, Request, RequestMetaObject,
+        ServerNotification, SubscriptionFilter,
     },
     service::{ClientLifecycleMode, NotificationContext, PeerRequestOptions, RunningService},
     transport::{
@@ -462,4 +464,44 @@ async fn a_call_the_mcp_client_cancels_is_withdrawn_at_the_server() {
         );
         mcp.cancel().await.expect("closed");
     }
+}
+
+/// Whether the next notification of `listening` says the tool list changed. Bounded, so that
+/// one that never comes fails the test instead of hanging it.
+async fn told_of_a_change(listening: &mut rmcp::service::Subscription) -> bool {
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(30), listening.next()).await,
+        Ok(Ok(Some(ServerNotification::ToolListChangedNotification(_))))
+    )
+}
+
+#[tokio::test]
+async fn an_mcp_client_listening_is_told_when_the_users_tools_change() {
+    let it = connected(Store::Jsonl, settings()).await;
+    // `subscriptions/listen` is the 2026-07-28 protocol's: a stateless client.
+    let (mcp, _) = client(&it, &it.alice, "", true).await;
+    let announced = mcp
+        .peer_info()
+        .and_then(|info| info.capabilities.tools.clone())
+        .and_then(|tools| tools.list_changed);
+    assert_eq!(announced, Some(true));
+    let mut filter = SubscriptionFilter::new();
+    filter.tools_list_changed = Some(true);
+    let mut listening = mcp.peer().listen(filter).await.expect("listening");
+    assert_eq!(listening.acknowledged().tools_list_changed, Some(true));
+    // The first at once: whatever changed before the server began to follow changes.
+    assert!(told_of_a_change(&mut listening).await);
+    assert!(mcp.list_all_tools().await.expect("tools/list").is_empty());
+
+    // Alice allows a tool: told, and the list offers it.
+    it.set_state("search_issues", "always_allow").await;
+    assert!(told_of_a_change(&mut listening).await);
+    let tools = mcp.list_all_tools().await.expect("tools/list");
+    assert_eq!(tools.len(), 1, "{tools:?}");
+
+    // And blocks it again: told again.
+    it.set_state("search_issues", "blocked").await;
+    assert!(told_of_a_change(&mut listening).await);
+    assert!(mcp.list_all_tools().await.expect("tools/list").is_empty());
+    mcp.cancel().await.expect("closed");
 }
