@@ -503,5 +503,45 @@ async fn an_mcp_client_listening_is_told_when_the_users_tools_change() {
     it.set_state("search_issues", "blocked").await;
     assert!(told_of_a_change(&mut listening).await);
     assert!(mcp.list_all_tools().await.expect("tools/list").is_empty());
+
+    // A subscription is one of the caller's live-update streams: at most 16 at once.
+    let mut held = vec![listening];
+    while held.len() < gateway::routes::stream::MAX_STREAMS_PER_USER {
+        let mut filter = SubscriptionFilter::new();
+        filter.tools_list_changed = Some(true);
+        held.push(mcp.peer().listen(filter).await.expect("listening"));
+    }
+    let mut filter = SubscriptionFilter::new();
+    filter.tools_list_changed = Some(true);
+    // (`rmcp` acknowledges a subscription before the server's handler runs: the refusal
+    // ends it at once.)
+    let mut refused = mcp.peer().listen(filter).await.expect("acknowledged");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), refused.next())
+        .await
+        .expect("ended at once");
+    assert!(
+        ended.as_ref().is_err_and(|error| error
+            .to_string()
+            .contains("live-update streams open already")),
+        "{ended:?}"
+    );
+    // One the client gives up gives its slot back (once the server has seen it go: a new
+    // subscription is refused until then, so it is tried again, a bounded number of times).
+    drop(held.pop());
+    let mut listening_again = false;
+    for _ in 0..100 {
+        let mut filter = SubscriptionFilter::new();
+        filter.tools_list_changed = Some(true);
+        let mut again = mcp.peer().listen(filter).await.expect("acknowledged");
+        if told_of_a_change(&mut again).await {
+            listening_again = true;
+            held.push(again);
+            break;
+        }
+    }
+    assert!(
+        listening_again,
+        "the slot of a subscription given up came back"
+    );
     mcp.cancel().await.expect("closed");
 }
