@@ -60,7 +60,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     invocations::{UserQuery, settle_invocations_of, user_for},
-    stream::{MAX_STREAMS_PER_USER, StreamSlots, token_ends},
+    stream::{StreamSlots, token_ends, too_many_streams},
 };
 use crate::{Access, ApiError, ApiQuery, AppState, Caller, Permission, RouteSpec};
 
@@ -324,13 +324,7 @@ impl ServerHandler for McpFront {
     async fn listen(&self, subscription: SubscriptionContext) -> Result<(), McpError> {
         let acting = acting(subscription.request_context())?;
         let Some(_slot) = self.stream_slots.take(&acting.caller) else {
-            return Err(McpError::invalid_request(
-                format!(
-                    "you have {MAX_STREAMS_PER_USER} live-update streams open already; close one \
-                     first"
-                ),
-                None,
-            ));
+            return Err(McpError::invalid_request(too_many_streams(), None));
         };
         let mut changes = self.invoker.tool_list_changes().await.map_err(mcp_error)?;
         let changed = || {

@@ -176,11 +176,14 @@ fn take_slot(state: &AppState, caller: &Caller) -> Result<StreamSlot, ApiError> 
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_streams",
-            format!(
-                "you have {MAX_STREAMS_PER_USER} live-update streams open already; close one first"
-            ),
+            too_many_streams(),
         )
     })
+}
+
+/// What a caller holding [`MAX_STREAMS_PER_USER`] streams is told when asking for one more.
+pub(crate) fn too_many_streams() -> String {
+    format!("you have {MAX_STREAMS_PER_USER} live-update streams open already; close one first")
 }
 
 /// When the caller's token expires. A stream ends then: the client reconnects with a fresh
