@@ -386,6 +386,12 @@ impl Authenticator {
         }
     }
 
+    /// The issuer tokens must name (`auth.issuer`), if one is configured: the authorization
+    /// server that gives them out.
+    pub fn issuer(&self) -> Option<&str> {
+        self.settings.issuer.as_deref()
+    }
+
     /// The caller a bearer token stands for, or why it does not stand for anyone.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
         let Some(header) = authorization else {

@@ -196,7 +196,22 @@ pub(crate) async fn authorize(
                 .map_err(|_| ApiError::unauthenticated("the Authorization header is not ASCII"))
         })
         .transpose()?;
-    let caller = state.auth.authenticate(authorization)?;
+    let caller = match state.auth.authenticate(authorization) {
+        Ok(caller) => caller,
+        // An MCP client learns from the challenge where to find how to sign in.
+        Err(refused) if request.uri().path() == "/mcp" => {
+            let mut response = refused.into_response();
+            if let Ok(challenge) =
+                HeaderValue::from_str(&crate::routes::mcp::challenge(&state.settings.public_url))
+            {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, challenge);
+            }
+            return Ok(response);
+        }
+        Err(refused) => return Err(refused),
+    };
     if !required.is_empty() && !required.iter().any(|p| caller.may(*p)) {
         let needed: Vec<&str> = required.iter().map(|p| p.as_str()).collect();
         return Err(ApiError::forbidden(format!(

@@ -64,14 +64,60 @@ use super::{
 };
 use crate::{Access, ApiError, ApiQuery, AppState, Caller, Permission, RouteSpec};
 
-pub const ROUTES: &[RouteSpec] = &[RouteSpec::new(
-    Method::POST,
-    "/mcp",
-    Access::AnyOf(&[Permission::ViewAndConnect, Permission::InvokeForUsers]),
-)];
+pub const ROUTES: &[RouteSpec] = &[
+    RouteSpec::new(
+        Method::POST,
+        "/mcp",
+        Access::AnyOf(&[Permission::ViewAndConnect, Permission::InvokeForUsers]),
+    ),
+    RouteSpec::new(Method::GET, RESOURCE_METADATA_PATH, Access::Public),
+];
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(mcp))
+    OpenApiRouter::new()
+        .routes(routes!(mcp))
+        .routes(routes!(resource_metadata))
+}
+
+/// Where the endpoint's protected-resource metadata is (RFC 9728 §3.1: the well-known path
+/// with the resource's path after it).
+pub const RESOURCE_METADATA_PATH: &str = "/.well-known/oauth-protected-resource/mcp";
+
+/// The `WWW-Authenticate` challenge of a 401 from `/mcp`: where an MCP client finds how to
+/// sign in (RFC 9728 §5.1, as the MCP authorization specification asks of a server).
+pub(crate) fn challenge(public_url: &str) -> String {
+    format!(
+        "Bearer resource_metadata=\"{}{RESOURCE_METADATA_PATH}\"",
+        public_url.trim_end_matches('/')
+    )
+}
+
+/// The endpoint's protected-resource metadata (RFC 9728).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ResourceMetadata {
+    /// The endpoint's URL: `<public_url>/mcp`.
+    pub resource: String,
+    /// The issuer of Switchboard's tokens (`auth.issuer`), when one is configured: an MCP
+    /// client signs the user in there. Absent when tokens are verified with a key alone
+    /// (the embedded default): give the client a bearer token instead.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authorization_servers: Vec<String>,
+    pub bearer_methods_supported: Vec<&'static str>,
+    pub resource_name: &'static str,
+}
+
+/// How an MCP client signs in to `/mcp` (RFC 9728 protected-resource metadata): the
+/// resource and, when Switchboard's tokens come from an authorization server
+/// (`auth.issuer`), that server.
+#[utoipa::path(get, path = "/.well-known/oauth-protected-resource/mcp", tag = "mcp",
+    responses((status = 200, description = "The metadata", body = ResourceMetadata)))]
+async fn resource_metadata(State(state): State<AppState>) -> axum::Json<ResourceMetadata> {
+    axum::Json(ResourceMetadata {
+        resource: format!("{}/mcp", state.settings.public_url.trim_end_matches('/')),
+        authorization_servers: state.auth.issuer().map(str::to_owned).into_iter().collect(),
+        bearer_methods_supported: vec!["header"],
+        resource_name: "Switchboard",
+    })
 }
 
 /// The `_meta` key under which a client may give its own invocation id for a call (its tool

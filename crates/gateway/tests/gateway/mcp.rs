@@ -22,7 +22,7 @@ use testkit::SlowCallEnd;
 use tokio::sync::mpsc;
 
 use crate::invocations::{ALICE, Invoking, connected, settings};
-use crate::support::Store;
+use crate::support::{Options, Store, TestApp};
 
 /// An MCP client that passes on the progress notifications it gets.
 #[derive(Clone)]
@@ -544,4 +544,78 @@ async fn an_mcp_client_listening_is_told_when_the_users_tools_change() {
         "the slot of a subscription given up came back"
     );
     mcp.cancel().await.expect("closed");
+}
+
+#[tokio::test]
+async fn an_mcp_client_finds_how_to_sign_in() {
+    // Tokens verified with a key alone (the embedded default): the resource, no server.
+    let app = TestApp::start(Store::Jsonl).await;
+    let response = app
+        .get("/.well-known/oauth-protected-resource/mcp", None)
+        .await;
+    assert_eq!(response.status(), 200);
+    let metadata: Value = response.json().await.expect("JSON");
+    // (The test app's public URL is where it listens.)
+    let public_url = app.url.clone();
+    assert_eq!(
+        metadata["resource"],
+        format!("{public_url}/mcp"),
+        "{metadata}"
+    );
+    assert_eq!(metadata["bearer_methods_supported"], json!(["header"]));
+    assert!(
+        metadata.get("authorization_servers").is_none(),
+        "{metadata}"
+    );
+    // A request without a token is told where that metadata is (RFC 9728 §5.1).
+    let refused = app
+        .client
+        .post(format!("{}/mcp", app.url))
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused
+            .headers()
+            .get("www-authenticate")
+            .and_then(|value| value.to_str().ok()),
+        Some(
+            format!(
+                "Bearer resource_metadata=\"{public_url}/.well-known/oauth-protected-resource/mcp\""
+            )
+            .as_str()
+        )
+    );
+    // Other routes keep the plain challenge.
+    let elsewhere = app.get("/api/v1/me", None).await;
+    assert_eq!(
+        elsewhere
+            .headers()
+            .get("www-authenticate")
+            .map(|value| value.as_bytes()),
+        Some(&b"Bearer"[..])
+    );
+
+    // Tokens from an authorization server (`auth.issuer`): that server is named.
+    let app = TestApp::start_with_options(
+        Store::Jsonl,
+        Options {
+            issuer: Some("https://id.example.com".to_owned()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let metadata: Value = app
+        .get("/.well-known/oauth-protected-resource/mcp", None)
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        metadata["authorization_servers"],
+        json!(["https://id.example.com"])
+    );
 }

@@ -214,7 +214,9 @@ async fn example(app: &TestApp, method: &Method, path: &str) -> Example {
                 ok: 200,
             }
         }
-        ("GET", "/oauth/client-metadata.json") => get(path),
+        ("GET", "/oauth/client-metadata.json" | "/.well-known/oauth-protected-resource/mcp") => {
+            get(path)
+        }
         // The MCP endpoint: an `initialize` (the loop sends the transport's `Accept`).
         ("POST", "/mcp") => Example {
             path: path.to_owned(),

@@ -31,6 +31,8 @@ pub struct Options {
     pub invoker: Option<invoker::InvokerSettings>,
     /// The clock of the events and the services (default: the system's).
     pub clock: Option<Arc<dyn service_kit::Clock>>,
+    /// The issuer tokens must name (`auth.issuer`; default: none).
+    pub issuer: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +141,7 @@ impl TestApp {
         let roles = RoleTable::with_custom([("auditor", custom.as_slice())]).expect("roles");
         let auth = Authenticator::new(AuthSettings {
             keys: VerificationKeys::SharedSecret(SECRET.to_vec()),
-            issuer: None,
+            issuer: options.issuer,
             audience: None,
             roles_claim: "roles".into(),
             leeway: Duration::from_secs(5),
