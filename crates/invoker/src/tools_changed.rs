@@ -15,6 +15,7 @@ use std::{collections::HashMap, time::Duration};
 use domain::{ServerId, UserId, UserKey};
 use eventlog::{LogKind, RecordedEvent};
 use futures_util::StreamExt;
+use service_kit::audit::user_key_of;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Invoker, InvokerError};
@@ -201,28 +202,27 @@ impl ToolListWatch {
     /// concerns every user connected to it: a deleted server's users are told by their
     /// connections' removal, which follows it.
     fn users_concerned(&self, event: &RecordedEvent) -> Vec<UserId> {
-        let mut parts = event.subject.as_str().split('.');
-        let user_of = |key: Option<&str>| key.and_then(|key| UserKey::decode(key).ok());
-        match parts.next() {
-            Some("policy") => user_of(parts.next()).into_iter().collect(),
-            Some("connection") => user_of(parts.nth(1)).into_iter().collect(),
-            Some("server") => {
-                let Some(server) = parts.next().and_then(|id| ServerId::parse(id).ok()) else {
-                    return Vec::new();
-                };
-                self.invoker
-                    .inner
-                    .read_models
-                    .connections
-                    .read(|connections| {
-                        connections
-                            .of_server(server)
-                            .filter_map(|connection| UserId::parse(&connection.user_id).ok())
-                            .collect()
-                    })
-            }
-            _ => Vec::new(),
+        let subject = event.subject.as_str();
+        // A setting's or a connection's subject names its user.
+        if let Some(key) = user_key_of(subject) {
+            return UserKey::decode(key).ok().into_iter().collect();
         }
+        let Some(server) = subject
+            .strip_prefix("server.")
+            .and_then(|id| ServerId::parse(id).ok())
+        else {
+            return Vec::new();
+        };
+        self.invoker
+            .inner
+            .read_models
+            .connections
+            .read(|connections| {
+                connections
+                    .of_server(server)
+                    .filter_map(|connection| UserId::parse(&connection.user_id).ok())
+                    .collect()
+            })
     }
 }
 
