@@ -191,26 +191,33 @@ fn format_time(event: &RecordedEvent) -> String {
         .unwrap_or_else(|| "-".to_owned())
 }
 
-const ENVELOPE_FIELDS: [&str; 6] = [
+/// The envelope's fields that describe an event rather than say what happened.
+const ENVELOPE_FIELDS: [&str; 7] = [
     "eventId",
     "occurredAt",
     "actor",
     "correlationId",
     "causationId",
     "schemaVersion",
+    "writeId",
 ];
+
+/// An envelope's event as JSON (as the API and `event_json` write envelopes): its one field
+/// that is not metadata, keyed by the event's type in camelCase.
+pub(crate) fn envelope_body(envelope: &Value) -> Option<&Value> {
+    envelope
+        .as_object()?
+        .iter()
+        .find(|(key, _)| !ENVELOPE_FIELDS.contains(&key.as_str()))
+        .map(|(_, body)| body)
+}
 
 fn write_table_row(event: &RecordedEvent, out: &mut impl Write) -> std::io::Result<()> {
     let details = match &event.envelope.event {
-        // The body is the one envelope field that is not metadata.
-        Some(_) => match serde_json::to_value(&event.envelope) {
-            Ok(Value::Object(fields)) => fields
-                .into_iter()
-                .find(|(key, _)| !ENVELOPE_FIELDS.contains(&key.as_str()))
-                .map(|(_, body)| body.to_string())
-                .unwrap_or_default(),
-            _ => String::new(),
-        },
+        Some(_) => serde_json::to_value(&event.envelope)
+            .ok()
+            .and_then(|envelope| envelope_body(&envelope).map(Value::to_string))
+            .unwrap_or_default(),
         None => "(event type unknown to this version; see --format json)".to_owned(),
     };
     let log = match event.log {

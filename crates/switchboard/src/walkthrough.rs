@@ -828,18 +828,7 @@ fn history_line(event: &Value) -> String {
         .as_str()
         .or_else(|| envelope["actor"]["service"].as_str())
         .unwrap_or("?");
-    // The envelope's one event body (its key is the type in camelCase).
-    let body = envelope
-        .as_object()
-        .and_then(|fields| {
-            fields.values().find(|v| {
-                v.get("invocationId").is_some()
-                    || v.get("toolName").is_some()
-                    || v.get("serverId").is_some()
-            })
-        })
-        .cloned()
-        .unwrap_or(Value::Null);
+    let body = crate::audit::envelope_body(envelope).unwrap_or(&Value::Null);
     let mut about: Vec<String> = Vec::new();
     for (field, label) in [
         ("invocationId", "invocation"),
