@@ -35,10 +35,7 @@ use axum::{
 };
 use domain::{InvocationId, UserId};
 use eventlog::{EventLog, LogKind};
-use invoker::{
-    InvocationReport, InvokeRequest, Invoker, InvokerError, NextToolListChange, Outcome,
-    ToolListing,
-};
+use invoker::{InvocationReport, InvokeRequest, Invoker, InvokerError, Outcome, ToolListing};
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     model::{
@@ -60,7 +57,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     invocations::{UserQuery, settle_invocations_of, user_for},
-    stream::{StreamSlots, token_ends, too_many_streams},
+    stream::{StreamSlots, next_tool_list_change, token_ends, too_many_streams},
 };
 use crate::{Access, ApiError, ApiQuery, AppState, Caller, Permission, RouteSpec};
 
@@ -380,27 +377,18 @@ impl ServerHandler for McpFront {
             return Ok(());
         }
         loop {
-            let token_expired = async {
-                match acting.token_ends {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             let change = tokio::select! {
                 () = subscription.cancelled() => return Ok(()),
-                () = self.shutdown.cancelled() => return Ok(()),
-                () = token_expired => return Ok(()),
-                change = changes.next() => change,
+                change = next_tool_list_change(
+                    &mut changes,
+                    Some(&acting.user),
+                    &self.shutdown,
+                    acting.token_ends,
+                ) => change,
             };
-            match change {
-                None => return Ok(()),
-                Some(NextToolListChange::Changed(change)) if change.user != acting.user => {}
-                // The user's, or some missed (this one fell behind): list again.
-                Some(_) => {
-                    if subscription.sink().send(changed()).await.is_err() {
-                        return Ok(());
-                    }
-                }
+            // The user's change, or some missed (this one fell behind): list again.
+            if change.is_none() || subscription.sink().send(changed()).await.is_err() {
+                return Ok(());
             }
         }
     }

@@ -19,7 +19,8 @@ use service_kit::audit::user_key_of;
 
 use super::audit::{EventItem, Positions};
 use domain::UserId;
-use invoker::NextToolListChange;
+use invoker::{NextToolListChange, ToolListChanges};
+use tokio_util::sync::CancellationToken;
 
 use crate::{Access, ApiError, AppState, Caller, Permission, RouteSpec};
 
@@ -244,23 +245,12 @@ async fn tool_list_changes(
     let events = stream::unfold(
         (changes, slot, whose, ends),
         move |(mut changes, slot, whose, ends)| async move {
-            loop {
-                let (shutdown, token_ends) = &ends;
-                let token_expired = async {
-                    match token_ends {
-                        Some(at) => tokio::time::sleep_until(*at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let change = tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = token_expired => return None,
-                    change = changes.next() => change?,
-                };
-                let event = match change {
-                    NextToolListChange::Changed(change)
-                        if whose.as_ref().is_none_or(|user| *user == change.user) =>
-                    {
+            let (shutdown, token_ends) = &ends;
+            let event =
+                match next_tool_list_change(&mut changes, whose.as_ref(), shutdown, *token_ends)
+                    .await?
+                {
+                    NextToolListChange::Changed(change) => {
                         let item = ToolsChangedItem {
                             user: change.user.as_str().to_owned(),
                             config_position: change.config_position,
@@ -271,16 +261,45 @@ async fn tool_list_changes(
                             .json_data(&item)
                             .unwrap_or_else(|_| Event::default().event("tools_changed"))
                     }
-                    NextToolListChange::Changed(_) => continue,
                     NextToolListChange::Missed(missed) => Event::default()
                         .event("lagged")
                         .data(serde_json::json!({ "missed": missed }).to_string()),
                 };
-                return Some((Ok(event), (changes, slot, whose, ends)));
-            }
+            Some((Ok(event), (changes, slot, whose, ends)))
         },
     );
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(state.settings.stream_keep_alive)))
+}
+
+/// The next change a tool-list stream carries for `whose` (every user's when `None`), or
+/// that some were missed (the receiver fell behind: list again); `None` once the stream
+/// ends — Switchboard stopping, the caller's token expired (`token_ends`), the invoker gone.
+/// The SSE route and the MCP endpoint's subscriptions both follow changes through it.
+pub(crate) async fn next_tool_list_change(
+    changes: &mut ToolListChanges,
+    whose: Option<&UserId>,
+    shutdown: &CancellationToken,
+    token_ends: Option<tokio::time::Instant>,
+) -> Option<NextToolListChange> {
+    let token_expired = async {
+        match token_ends {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(token_expired);
+    loop {
+        let change = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = &mut token_expired => return None,
+            change = changes.next() => change?,
+        };
+        match change {
+            NextToolListChange::Changed(change)
+                if whose.is_some_and(|user| *user != change.user) => {}
+            change => return Some(change),
+        }
+    }
 }
 
 /// What the client's response sends: the relay's events. The response holds the stream's
