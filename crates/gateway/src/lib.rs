@@ -185,17 +185,9 @@ impl AppState {
             parts.read_models.clone(),
         );
         parts.metrics.register_invoker(&invoker);
-        let stream_slots: Arc<routes::stream::StreamSlots> = Arc::default();
-        let mcp = routes::mcp::service(routes::mcp::McpParts {
-            invoker: invoker.clone(),
-            log: parts.log.clone(),
-            read_models: parts.read_models.clone(),
-            settle_timeout: parts.settings.read_your_writes_timeout,
-            body_limit: parts.settings.body_limit,
-            shutdown: parts.shutdown.clone(),
-            stream_slots: stream_slots.clone(),
-        });
-        AppState(Arc::new(AppInner {
+        let body_limit = parts.settings.body_limit;
+        AppState(Arc::new_cyclic(|app| AppInner {
+            mcp: routes::mcp::service(app.clone(), body_limit, &parts.shutdown),
             servers,
             policy,
             connections,
@@ -209,8 +201,7 @@ impl AppState {
             settings: parts.settings,
             shutdown: parts.shutdown,
             routes,
-            stream_slots,
-            mcp,
+            stream_slots: Arc::default(),
         }))
     }
 

@@ -318,24 +318,14 @@ async fn settle_if_closed(state: &AppState, closed: usize) -> Result<(), ApiErro
 
 /// Waits (bounded) until the invocations' read model holds everything the log holds now.
 pub(crate) async fn settle_invocations(state: &AppState) -> Result<(), ApiError> {
-    settle_invocations_of(
-        &*state.log,
-        &state.read_models,
-        state.settings.read_your_writes_timeout,
-    )
-    .await
-    .map_err(ApiError::from)
-}
-
-/// [`settle_invocations`] on `log` and its `read_models`, waiting at most `timeout`.
-pub(crate) async fn settle_invocations_of(
-    log: &dyn eventlog::EventLog,
-    read_models: &service_kit::ReadModels,
-    timeout: Duration,
-) -> Result<(), eventlog::EventLogError> {
-    let end = log.last_sequence(LogKind::Invocations).await?;
-    if !read_models
-        .wait_for_position(LogKind::Invocations, end, timeout)
+    let end = state.log.last_sequence(LogKind::Invocations).await?;
+    if !state
+        .read_models
+        .wait_for_position(
+            LogKind::Invocations,
+            end,
+            state.settings.read_your_writes_timeout,
+        )
         .await
     {
         tracing::warn!(

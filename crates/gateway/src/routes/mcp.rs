@@ -25,7 +25,10 @@
 //! tool is a protocol error (`-32602`), as the specification asks. A request the client
 //! cancels withdraws its invocation: a waiting one is not approved later, a running call is
 //! cancelled at its server.
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use axum::{
     body::Body,
@@ -34,8 +37,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use domain::{InvocationId, UserId};
-use eventlog::{EventLog, LogKind};
-use invoker::{InvocationReport, InvokeRequest, Invoker, InvokerError, Outcome, ToolListing};
+use eventlog::LogKind;
+use invoker::{InvocationReport, InvokeRequest, InvokerError, Outcome, ToolListing};
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     model::{
@@ -51,15 +54,15 @@ use rmcp::{
     },
 };
 use serde_json::{Map, Value, json};
-use service_kit::{CommandContext, ReadModels};
+use service_kit::CommandContext;
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
-    invocations::{UserQuery, settle_invocations_of, user_for},
-    stream::{StreamSlots, next_tool_list_change, token_ends, too_many_streams},
+    invocations::{UserQuery, settle_invocations, user_for},
+    stream::{next_tool_list_change, token_ends, too_many_streams},
 };
-use crate::{Access, ApiError, ApiQuery, AppState, Caller, Permission, RouteSpec};
+use crate::{Access, ApiError, ApiQuery, AppInner, AppState, Caller, Permission, RouteSpec};
 
 pub const ROUTES: &[RouteSpec] = &[
     RouteSpec::new(
@@ -140,23 +143,13 @@ impl std::fmt::Debug for McpService {
     }
 }
 
-/// What the endpoint answers with.
-pub(crate) struct McpParts {
-    pub invoker: Invoker,
-    /// The invocations log and the read models following it: a call said to wait for
-    /// approval is in the user's approvals list first.
-    pub log: Arc<dyn EventLog>,
-    pub read_models: ReadModels,
-    pub settle_timeout: Duration,
-    pub body_limit: usize,
-    /// Requests in flight end when it is cancelled.
-    pub shutdown: CancellationToken,
-    /// The live-update streams open, by user: a subscription is one.
-    pub stream_slots: Arc<StreamSlots>,
-}
-
-/// The endpoint's service.
-pub(crate) fn service(parts: McpParts) -> McpService {
+/// The endpoint's service, answering through `app` (the application it is part of: held
+/// weakly, since the application holds the service).
+pub(crate) fn service(
+    app: Weak<AppInner>,
+    body_limit: usize,
+    shutdown: &CancellationToken,
+) -> McpService {
     let mut config = StreamableHttpServerConfig::default()
         // Every request carries a bearer token, which a page rebinding its DNS to this host
         // does not have: the Host check guards against nothing more here, and would refuse
@@ -164,16 +157,9 @@ pub(crate) fn service(parts: McpParts) -> McpService {
         .disable_allowed_hosts()
         .with_legacy_session_mode(false)
         .with_json_response(true)
-        .with_cancellation_token(parts.shutdown.child_token());
-    config.max_request_body_bytes = parts.body_limit;
-    let front = McpFront {
-        invoker: parts.invoker,
-        log: parts.log,
-        read_models: parts.read_models,
-        settle_timeout: parts.settle_timeout,
-        shutdown: parts.shutdown,
-        stream_slots: parts.stream_slots,
-    };
+        .with_cancellation_token(shutdown.child_token());
+    config.max_request_body_bytes = body_limit;
+    let front = McpFront { app };
     McpService(StreamableHttpService::new(
         move || Ok(front.clone()),
         Arc::new(LocalSessionManager::default()),
@@ -241,12 +227,17 @@ async fn mcp(
 /// The `rmcp` handler behind `/mcp`.
 #[derive(Clone)]
 pub struct McpFront {
-    invoker: Invoker,
-    log: Arc<dyn EventLog>,
-    read_models: ReadModels,
-    settle_timeout: Duration,
-    shutdown: CancellationToken,
-    stream_slots: Arc<StreamSlots>,
+    app: Weak<AppInner>,
+}
+
+impl McpFront {
+    /// The application, while it runs.
+    fn app(&self) -> Result<AppState, McpError> {
+        self.app
+            .upgrade()
+            .map(AppState)
+            .ok_or_else(|| McpError::internal_error("Switchboard is stopping", None))
+    }
 }
 
 impl std::fmt::Debug for McpFront {
@@ -290,16 +281,16 @@ impl ServerHandler for McpFront {
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        let acting = acting(&context)?;
+        let (state, acting) = (self.app()?, acting(&context)?);
         // Whichever process answers shows every change made before the request, on any
         // process: a client told the list changed and asking again gets the new one.
-        let end = self
+        let end = state
             .log
             .last_sequence(LogKind::Config)
             .await
             .map_err(|error| mcp_error(error.into()))?;
-        self.invoker.caught_up_with(end).await.map_err(mcp_error)?;
-        let tools = self
+        state.invoker.caught_up_with(end).await.map_err(mcp_error)?;
+        let tools = state
             .invoker
             .list_tools(&acting.user)
             .into_iter()
@@ -313,7 +304,7 @@ impl ServerHandler for McpFront {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        let acting = acting(&context)?;
+        let (state, acting) = (self.app()?, acting(&context)?);
         let id = invocation_id(&request, &context)?;
         let conversation_id = meta_text(&request, &context, CONVERSATION_ID_META)?;
         let tool = request.name.into_owned();
@@ -326,19 +317,18 @@ impl ServerHandler for McpFront {
             conversation_id,
         };
         let outcome = async {
-            let report = self.invoker.invoke(&acting.context, invoke).await?;
+            let report = state.invoker.invoke(&acting.context, invoke).await?;
             if report.outcome.is_final() {
                 return Ok(report);
             }
-            self.until_final(&acting.user, &id, &tool, report, &context)
-                .await
+            until_final(&state, &acting.user, &id, &tool, report, &context).await
         };
         let report = tokio::select! {
             report = outcome => report.map_err(mcp_error)?,
             () = context.ct.cancelled() => {
                 // The client gave up on the call: so does Switchboard, in a task of its own
                 // (this answer goes nowhere).
-                let (invoker, acting, id) = (self.invoker.clone(), acting.clone(), id.clone());
+                let (invoker, acting, id) = (state.invoker.clone(), acting.clone(), id.clone());
                 tokio::spawn(async move {
                     if let Err(error) = invoker.withdraw(&acting.context, &acting.user, &id).await {
                         tracing::debug!(%error, "a cancelled MCP call's invocation was not withdrawn");
@@ -365,11 +355,11 @@ impl ServerHandler for McpFront {
     /// at once: a change between the acknowledgment and the subscription to changes here
     /// is never missed, at the price of one listing more.
     async fn listen(&self, subscription: SubscriptionContext) -> Result<(), McpError> {
-        let acting = acting(subscription.request_context())?;
-        let Some(_slot) = self.stream_slots.take(&acting.caller) else {
+        let (state, acting) = (self.app()?, acting(subscription.request_context())?);
+        let Some(_slot) = state.stream_slots.take(&acting.caller) else {
             return Err(McpError::invalid_request(too_many_streams(), None));
         };
-        let mut changes = self.invoker.tool_list_changes().await.map_err(mcp_error)?;
+        let mut changes = state.invoker.tool_list_changes().await.map_err(mcp_error)?;
         let changed = || {
             ServerNotification::ToolListChangedNotification(ToolListChangedNotification::default())
         };
@@ -382,7 +372,7 @@ impl ServerHandler for McpFront {
                 change = next_tool_list_change(
                     &mut changes,
                     Some(&acting.user),
-                    &self.shutdown,
+                    &state.shutdown,
                     acting.token_ends,
                 ) => change,
             };
@@ -394,59 +384,54 @@ impl ServerHandler for McpFront {
     }
 }
 
-impl McpFront {
-    /// Waits for the final outcome of an invocation that waits for approval (or whose
-    /// approved call runs), telling a client that asked for progress, now and every
-    /// [`PROGRESS_EVERY`], that it still waits. Not final only when Switchboard stops first.
-    async fn until_final(
-        &self,
-        user: &UserId,
-        id: &InvocationId,
-        tool: &str,
-        mut report: InvocationReport,
-        context: &RequestContext<RoleServer>,
-    ) -> Result<InvocationReport, InvokerError> {
-        // Whoever is told that the call waits (the client, and through it the user) finds
-        // it among the user's approvals.
-        if let Err(error) =
-            settle_invocations_of(&*self.log, &self.read_models, self.settle_timeout).await
+/// Waits for the final outcome of an invocation that waits for approval (or whose
+/// approved call runs), telling a client that asked for progress, now and every
+/// [`PROGRESS_EVERY`], that it still waits. Not final only when Switchboard stops first.
+async fn until_final(
+    state: &AppState,
+    user: &UserId,
+    id: &InvocationId,
+    tool: &str,
+    mut report: InvocationReport,
+    context: &RequestContext<RoleServer>,
+) -> Result<InvocationReport, InvokerError> {
+    // Whoever is told that the call waits (the client, and through it the user) finds
+    // it among the user's approvals.
+    if let Err(error) = settle_invocations(state).await {
+        tracing::warn!(%error, "the approvals may not show a waiting MCP call yet");
+    }
+    let progress_token = context.meta.get_progress_token();
+    let mut told = 0u32;
+    loop {
+        if let Some(token) = &progress_token
+            && report.outcome == Outcome::AwaitingApproval
         {
-            tracing::warn!(%error, "the approvals may not show a waiting MCP call yet");
+            told += 1;
+            let message = format!(
+                "waiting for {user}'s approval of {tool} in Switchboard (invocation {id})",
+                user = user.as_str(),
+                id = id.as_str()
+            );
+            let notified = context
+                .peer
+                .notify_progress(
+                    ProgressNotificationParam::new(token.clone(), f64::from(told))
+                        .with_message(message),
+                )
+                .await;
+            if let Err(error) = notified {
+                tracing::debug!(%error, "a progress notification was not sent");
+            }
         }
-        let progress_token = context.meta.get_progress_token();
-        let mut told = 0u32;
-        loop {
-            if let Some(token) = &progress_token
-                && report.outcome == Outcome::AwaitingApproval
-            {
-                told += 1;
-                let message = format!(
-                    "waiting for {user}'s approval of {tool} in Switchboard (invocation {id})",
-                    user = user.as_str(),
-                    id = id.as_str()
-                );
-                let notified = context
-                    .peer
-                    .notify_progress(
-                        ProgressNotificationParam::new(token.clone(), f64::from(told))
-                            .with_message(message),
-                    )
-                    .await;
-                if let Err(error) = notified {
-                    tracing::debug!(%error, "a progress notification was not sent");
-                }
-            }
-            let asked = tokio::time::Instant::now();
-            report = self.invoker.status(user, id, PROGRESS_EVERY).await?;
-            // A wait cut short without a final outcome: the process is stopping.
-            let cut_short = asked.elapsed() < PROGRESS_EVERY;
-            if report.outcome.is_final() || cut_short || self.shutdown.is_cancelled() {
-                return Ok(report);
-            }
+        let asked = tokio::time::Instant::now();
+        report = state.invoker.status(user, id, PROGRESS_EVERY).await?;
+        // A wait cut short without a final outcome: the process is stopping.
+        let cut_short = asked.elapsed() < PROGRESS_EVERY;
+        if report.outcome.is_final() || cut_short || state.shutdown.is_cancelled() {
+            return Ok(report);
         }
     }
 }
-
 /// The text a call's `_meta` holds under `key` (`rmcp` hands the request's `_meta` to the
 /// handler in its context); a value that is not text is refused.
 fn meta_text(
