@@ -221,6 +221,9 @@ struct VerifiedTokens(RwLock<HashMap<Box<str>, Verified>>);
 #[derive(Debug, Clone)]
 struct Verified {
     caller: Caller,
+    /// Whether the token is for the MCP endpoint alone (its audience names the endpoint's
+    /// URL and not `auth.audience`).
+    mcp_endpoint_only: bool,
     /// Unix seconds: valid while `not_before - leeway <= now < expires + leeway`.
     not_before: u64,
     expires: u64,
@@ -235,12 +238,12 @@ fn unix_now() -> u64 {
 }
 
 impl VerifiedTokens {
-    fn get(&self, token: &str, leeway: u64) -> Option<Caller> {
+    fn get(&self, token: &str, leeway: u64) -> Option<(Caller, bool)> {
         let tokens = self.0.read().unwrap_or_else(|p| p.into_inner());
         let verified = tokens.get(token)?;
         let now = unix_now();
         (now + leeway >= verified.not_before && now < verified.expires.saturating_add(leeway))
-            .then(|| verified.caller.clone())
+            .then(|| (verified.caller.clone(), verified.mcp_endpoint_only))
     }
 
     fn insert(&self, token: &str, verified: Verified) {
@@ -362,28 +365,54 @@ impl VerificationKeys {
     }
 }
 
+/// Which of Switchboard's protected resources a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    /// The HTTP API (and everything but `/mcp`): tokens for `auth.audience`.
+    Api,
+    /// The MCP endpoint, `/mcp`: tokens for `auth.audience`, or for the endpoint itself. An
+    /// MCP client signing a user in names the endpoint's URL as its resource (RFC 8707, as
+    /// the MCP authorization specification asks), so the authorization server gives it a
+    /// token whose audience is that URL; such a token opens `/mcp` and nothing else.
+    McpEndpoint,
+}
+
 /// Checks bearer tokens. Cheap to clone (clones share the verified-token cache).
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     settings: Arc<AuthSettings>,
+    /// The MCP endpoint's URL (`<public_url>/mcp`), once the gateway has said where it is.
+    mcp_endpoint: Option<Arc<str>>,
     shared: Option<Arc<(DecodingKey, Validation)>>,
     verified: Arc<VerifiedTokens>,
 }
 
 impl Authenticator {
     pub fn new(settings: AuthSettings) -> Self {
+        Self::build(Arc::new(settings), None)
+    }
+
+    fn build(settings: Arc<AuthSettings>, mcp_endpoint: Option<Arc<str>>) -> Self {
         let shared = match &settings.keys {
             VerificationKeys::SharedSecret(secret) => Some(Arc::new((
                 DecodingKey::from_secret(secret),
-                validation(&settings, Algorithm::HS256),
+                validation(&settings, mcp_endpoint.as_deref(), Algorithm::HS256),
             ))),
             VerificationKeys::Jwks(_) => None,
         };
         Authenticator {
-            settings: Arc::new(settings),
+            settings,
+            mcp_endpoint,
             shared,
             verified: Arc::default(),
         }
+    }
+
+    /// The same checks, also accepting on [`Resource::McpEndpoint`] tokens whose audience is
+    /// `url`, the MCP endpoint's (when `auth.audience` is configured; without one no
+    /// audience is checked anywhere).
+    pub fn with_mcp_endpoint(self, url: &str) -> Self {
+        Self::build(self.settings, Some(url.into()))
     }
 
     /// The issuer tokens must name (`auth.issuer`), if one is configured: the authorization
@@ -392,8 +421,33 @@ impl Authenticator {
         self.settings.issuer.as_deref()
     }
 
-    /// The caller a bearer token stands for, or why it does not stand for anyone.
+    /// The caller a bearer token for the API stands for, or why it does not stand for anyone.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
+        self.authenticate_for(Resource::Api, authorization)
+    }
+
+    /// The caller a bearer token for `resource` stands for, or why it does not stand for
+    /// anyone.
+    pub fn authenticate_for(
+        &self,
+        resource: Resource,
+        authorization: Option<&str>,
+    ) -> Result<Caller, ApiError> {
+        let (caller, mcp_endpoint_only) = self.verify_bearer(authorization)?;
+        if mcp_endpoint_only && resource != Resource::McpEndpoint {
+            return Err(ApiError::unauthenticated(format!(
+                "the token is for the MCP endpoint ({}) alone; this route takes tokens for {}",
+                self.mcp_endpoint.as_deref().unwrap_or("/mcp"),
+                self.settings
+                    .audience
+                    .as_deref()
+                    .unwrap_or("Switchboard's audience"),
+            )));
+        }
+        Ok(caller)
+    }
+
+    fn verify_bearer(&self, authorization: Option<&str>) -> Result<(Caller, bool), ApiError> {
         let Some(header) = authorization else {
             return Err(ApiError::unauthenticated(
                 "sign in: send `Authorization: Bearer <token>`",
@@ -408,10 +462,15 @@ impl Authenticator {
                 ApiError::unauthenticated("the Authorization header must be `Bearer <token>`")
             })?;
         let leeway = self.settings.leeway.as_secs();
-        if let Some(caller) = self.verified.get(token, leeway) {
-            return Ok(caller);
+        if let Some(verified) = self.verified.get(token, leeway) {
+            return Ok(verified);
         }
         let claims = self.verify(token)?;
+        // The validation accepted the configured audience or the MCP endpoint's; which one?
+        let mcp_endpoint_only = match &self.settings.audience {
+            Some(audience) => !names_audience(&claims, audience),
+            None => false,
+        };
         let user = claims
             .get("sub")
             .and_then(Value::as_str)
@@ -454,12 +513,13 @@ impl Authenticator {
                 token,
                 Verified {
                     caller: caller.clone(),
+                    mcp_endpoint_only,
                     not_before: seconds("nbf").unwrap_or(0),
                     expires,
                 },
             );
         }
-        Ok(caller)
+        Ok((caller, mcp_endpoint_only))
     }
 
     fn verify(&self, token: &str) -> Result<serde_json::Map<String, Value>, ApiError> {
@@ -502,7 +562,11 @@ impl Authenticator {
         });
         let mut last = None;
         for candidate in candidates {
-            let validation = validation(&self.settings, candidate.algorithm);
+            let validation = validation(
+                &self.settings,
+                self.mcp_endpoint.as_deref(),
+                candidate.algorithm,
+            );
             match jsonwebtoken::decode(token, &candidate.key, &validation) {
                 Ok(data) => return Ok(data.claims),
                 Err(e) => last = Some(e),
@@ -514,7 +578,20 @@ impl Authenticator {
     }
 }
 
-fn validation(settings: &AuthSettings, algorithm: Algorithm) -> Validation {
+/// Whether a token's `aud` (one string or a list, RFC 7519 §4.1.3) names `audience`.
+fn names_audience(claims: &serde_json::Map<String, Value>, audience: &str) -> bool {
+    match claims.get("aud") {
+        Some(Value::String(aud)) => aud == audience,
+        Some(Value::Array(auds)) => auds.iter().any(|aud| aud.as_str() == Some(audience)),
+        _ => false,
+    }
+}
+
+fn validation(
+    settings: &AuthSettings,
+    mcp_endpoint: Option<&str>,
+    algorithm: Algorithm,
+) -> Validation {
     let mut validation = Validation::new(algorithm);
     validation.leeway = settings.leeway.as_secs();
     validation.validate_exp = true;
@@ -524,9 +601,10 @@ fn validation(settings: &AuthSettings, algorithm: Algorithm) -> Validation {
         Some(issuer) => validation.set_issuer(&[issuer]),
         None => validation.iss = None,
     }
-    match &settings.audience {
-        Some(audience) => validation.set_audience(&[audience]),
-        None => validation.validate_aud = false,
+    match (&settings.audience, mcp_endpoint) {
+        (Some(audience), Some(endpoint)) => validation.set_audience(&[audience, endpoint]),
+        (Some(audience), None) => validation.set_audience(&[audience]),
+        (None, _) => validation.validate_aud = false,
     }
     validation
 }
@@ -592,6 +670,7 @@ mod tests {
             "valid",
             Verified {
                 caller: caller(),
+                mcp_endpoint_only: false,
                 not_before: now - 10,
                 expires: now + 600,
             },
@@ -600,6 +679,7 @@ mod tests {
             "expired",
             Verified {
                 caller: caller(),
+                mcp_endpoint_only: false,
                 not_before: now - 900,
                 expires: now - 60,
             },
@@ -608,6 +688,7 @@ mod tests {
             "early",
             Verified {
                 caller: caller(),
+                mcp_endpoint_only: false,
                 not_before: now + 600,
                 expires: now + 900,
             },
@@ -616,6 +697,7 @@ mod tests {
             "in_leeway",
             Verified {
                 caller: caller(),
+                mcp_endpoint_only: false,
                 not_before: now - 900,
                 expires: now - 2,
             },
@@ -642,6 +724,7 @@ mod tests {
                 &format!("t{i}"),
                 Verified {
                     caller: caller(),
+                    mcp_endpoint_only: false,
                     not_before: 0,
                     expires: now + 60,
                 },
@@ -787,6 +870,97 @@ mod tests {
             auth.authenticate(Some(&format!("Bearer {tampered}")))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_token_for_the_mcp_endpoint_opens_that_endpoint_and_nothing_else() {
+        const ENDPOINT: &str = "https://switchboard.example.com/mcp";
+        let settings = |keys| AuthSettings {
+            keys,
+            issuer: Some("https://login.example.com/".into()),
+            audience: Some("switchboard".into()),
+            roles_claim: "groups".into(),
+            leeway: Duration::from_secs(5),
+            roles: RoleTable::defaults(),
+        };
+        let secret = b"a shared secret for this test only".to_vec();
+        let shared = Authenticator::new(settings(VerificationKeys::SharedSecret(secret.clone())));
+        let hs256 = EncodingKey::from_secret(&secret);
+        let sign_hs256 = |audience: serde_json::Value| {
+            let mut claims = claims("https://login.example.com/", "");
+            claims["aud"] = audience;
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &hs256).expect("sign")
+        };
+        let bearer = |token: &str| format!("Bearer {token}");
+        let for_endpoint = sign_hs256(serde_json::json!(ENDPOINT));
+        // Without the endpoint's URL (before the gateway names it) such a token is for
+        // another audience everywhere.
+        assert!(
+            shared
+                .authenticate_for(Resource::McpEndpoint, Some(&bearer(&for_endpoint)))
+                .is_err()
+        );
+
+        let auth = shared.with_mcp_endpoint(ENDPOINT);
+        let for_switchboard = sign_hs256(serde_json::json!("switchboard"));
+        let for_both = sign_hs256(serde_json::json!(["elsewhere", ENDPOINT, "switchboard"]));
+        let for_endpoint_among_others = sign_hs256(serde_json::json!(["elsewhere", ENDPOINT]));
+        let for_another = sign_hs256(serde_json::json!("elsewhere"));
+        // Twice each: the second answer comes from the verified-token cache.
+        for _ in 0..2 {
+            for token in [&for_switchboard, &for_both] {
+                for resource in [Resource::Api, Resource::McpEndpoint] {
+                    auth.authenticate_for(resource, Some(&bearer(token)))
+                        .expect("accepted");
+                }
+            }
+            for token in [&for_endpoint, &for_endpoint_among_others] {
+                let caller = auth
+                    .authenticate_for(Resource::McpEndpoint, Some(&bearer(token)))
+                    .expect("accepted on the endpoint");
+                assert_eq!(caller.user.as_str(), "alice@example.com");
+                let refused = auth
+                    .authenticate(Some(&bearer(token)))
+                    .expect_err("refused on the API");
+                assert!(
+                    refused.to_string().contains(&format!(
+                        "the token is for the MCP endpoint ({ENDPOINT}) alone; this route \
+                         takes tokens for switchboard"
+                    )),
+                    "{refused}"
+                );
+            }
+            for resource in [Resource::Api, Resource::McpEndpoint] {
+                let refused = auth
+                    .authenticate_for(resource, Some(&bearer(&for_another)))
+                    .expect_err("another audience");
+                assert!(
+                    refused.to_string().contains("another audience"),
+                    "{refused}"
+                );
+            }
+        }
+
+        // The same with keys from a JWKS (checked per key, not with the shared validation).
+        let modulus = include_str!("../testdata/rsa-test-key.n").trim();
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "n": modulus, "e": "AQAB"},
+        ]})
+        .to_string();
+        let auth = Authenticator::new(settings(VerificationKeys::from_jwks(&jwks).expect("JWKS")))
+            .with_mcp_endpoint(ENDPOINT);
+        let key = EncodingKey::from_rsa_der(include_bytes!("../testdata/rsa-test-key.der"));
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("rsa-1".into());
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims("https://login.example.com/", ENDPOINT),
+            &key,
+        )
+        .expect("sign");
+        auth.authenticate_for(Resource::McpEndpoint, Some(&bearer(&token)))
+            .expect("accepted on the endpoint");
+        assert!(auth.authenticate(Some(&bearer(&token))).is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use eventlog::EventLog;
 use service_kit::{EnvelopeBuilder, ReadModels};
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{Authenticator, Caller, Permission, Permissions, RoleTable};
+pub use auth::{Authenticator, Caller, Permission, Permissions, Resource, RoleTable};
 pub use error::{ApiError, ErrorBody};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
 pub use metrics::Metrics;
@@ -196,7 +196,9 @@ impl AppState {
             vault: parts.vault,
             read_models: parts.read_models,
             envelopes: parts.envelopes,
-            auth: parts.auth,
+            auth: parts
+                .auth
+                .with_mcp_endpoint(&routes::mcp::endpoint_url(&public_url)),
             metrics: parts.metrics,
             settings: parts.settings,
             shutdown: parts.shutdown,

@@ -10,7 +10,7 @@ use axum::{
 };
 use tracing::Instrument;
 
-use crate::{Access, ApiError, AppState, error::REQUEST_ID};
+use crate::{Access, ApiError, AppState, auth::Resource, error::REQUEST_ID};
 
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -196,10 +196,15 @@ pub(crate) async fn authorize(
                 .map_err(|_| ApiError::unauthenticated("the Authorization header is not ASCII"))
         })
         .transpose()?;
-    let caller = match state.auth.authenticate(authorization) {
+    let resource = if request.uri().path() == crate::routes::mcp::PATH {
+        Resource::McpEndpoint
+    } else {
+        Resource::Api
+    };
+    let caller = match state.auth.authenticate_for(resource, authorization) {
         Ok(caller) => caller,
         // An MCP client learns from the challenge where to find how to sign in.
-        Err(refused) if request.uri().path() == "/mcp" => {
+        Err(refused) if resource == Resource::McpEndpoint => {
             let mut response = refused.into_response();
             if let Ok(challenge) =
                 HeaderValue::from_str(&crate::routes::mcp::challenge(&state.settings.public_url))

@@ -67,7 +67,7 @@ use crate::{Access, ApiError, ApiQuery, AppInner, AppState, Caller, Permission, 
 pub const ROUTES: &[RouteSpec] = &[
     RouteSpec::new(
         Method::POST,
-        "/mcp",
+        PATH,
         Access::AnyOf(&[Permission::ViewAndConnect, Permission::InvokeForUsers]),
     ),
     RouteSpec::new(Method::GET, RESOURCE_METADATA_PATH, Access::Public),
@@ -77,6 +77,14 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(mcp))
         .routes(routes!(resource_metadata))
+}
+
+/// The endpoint's path.
+pub const PATH: &str = "/mcp";
+
+/// The endpoint's URL, its name as a protected resource (RFC 8707, RFC 9728).
+pub fn endpoint_url(public_url: &str) -> String {
+    format!("{}{PATH}", public_url.trim_end_matches('/'))
 }
 
 /// Where the endpoint's protected-resource metadata is (RFC 9728 §3.1: the well-known path
@@ -113,7 +121,7 @@ pub struct ResourceMetadata {
     responses((status = 200, description = "The metadata", body = ResourceMetadata)))]
 async fn resource_metadata(State(state): State<AppState>) -> axum::Json<ResourceMetadata> {
     axum::Json(ResourceMetadata {
-        resource: format!("{}/mcp", state.settings.public_url.trim_end_matches('/')),
+        resource: endpoint_url(&state.settings.public_url),
         authorization_servers: state.auth.issuer().map(str::to_owned).into_iter().collect(),
         bearer_methods_supported: vec!["header"],
         resource_name: "Switchboard",

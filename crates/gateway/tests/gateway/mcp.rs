@@ -5,6 +5,9 @@
 //! progress) until the user approves or denies it, one call per client-given invocation id,
 //! a call the client cancels withdrawn, a listening client told of changed tools, and the
 //! orchestrator naming the user.
+use std::time::Duration;
+
+use gateway::auth::{TokenRequest, mint_token};
 use rmcp::{
     ClientHandler, ClientServiceExt, RoleClient, ServiceExt,
     model::{
@@ -22,7 +25,7 @@ use testkit::SlowCallEnd;
 use tokio::sync::mpsc;
 
 use crate::invocations::{ALICE, Invoking, connected, settings};
-use crate::support::{Options, Store, TestApp};
+use crate::support::{Options, SECRET, Store, TestApp};
 
 /// An MCP client that passes on the progress notifications it gets.
 #[derive(Clone)]
@@ -617,5 +620,79 @@ async fn an_mcp_client_finds_how_to_sign_in() {
     assert_eq!(
         metadata["authorization_servers"],
         json!(["https://id.example.com"])
+    );
+
+    // What that server gives an MCP client that names the endpoint as its resource (RFC
+    // 8707): a token whose audience is the endpoint's URL. It opens `/mcp`, and only that;
+    // Switchboard's own audience opens everything.
+    let app = TestApp::start_with_options(
+        Store::Jsonl,
+        Options {
+            issuer: Some("https://id.example.com".to_owned()),
+            audience: Some("switchboard".to_owned()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let token_for = |audience: &str| {
+        mint_token(
+            SECRET,
+            &TokenRequest {
+                user: "alice@example.com",
+                roles: &["analyst".to_owned()],
+                ttl: Duration::from_secs(600),
+                issuer: Some("https://id.example.com"),
+                audience: Some(audience),
+                roles_claim: "roles",
+            },
+        )
+        .expect("token")
+    };
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+    let list_with = |token: String| {
+        app.client
+            .post(format!("{}/mcp", app.url))
+            .header("accept", "application/json, text/event-stream")
+            .bearer_auth(token)
+            .json(&list)
+            .send()
+    };
+    let for_endpoint = token_for(&format!("{}/mcp", app.url));
+    let listed = list_with(for_endpoint.clone()).await.expect("request");
+    assert_eq!(listed.status(), 200);
+    let listed: Value = listed.json().await.expect("JSON");
+    assert_eq!(listed["result"]["tools"], json!([]), "{listed}");
+    let refused = app.get("/api/v1/me", Some(&for_endpoint)).await;
+    assert_eq!(refused.status(), 401);
+    let body: Value = refused.json().await.expect("JSON");
+    assert_eq!(
+        body["error"]["message"],
+        format!(
+            "the token is for the MCP endpoint ({}/mcp) alone; this route takes tokens for \
+             switchboard",
+            app.url
+        ),
+        "{body}"
+    );
+    let for_switchboard = token_for("switchboard");
+    assert_eq!(
+        app.get("/api/v1/me", Some(&for_switchboard)).await.status(),
+        200
+    );
+    assert_eq!(
+        list_with(for_switchboard).await.expect("request").status(),
+        200
+    );
+    // A token for another resource opens neither, and the MCP client is told where to look.
+    let elsewhere = list_with(token_for("https://other.example.com/mcp"))
+        .await
+        .expect("request");
+    assert_eq!(elsewhere.status(), 401);
+    assert!(
+        elsewhere
+            .headers()
+            .get("www-authenticate")
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|challenge| challenge.contains("resource_metadata=")),
     );
 }

@@ -33,6 +33,8 @@ pub struct Options {
     pub clock: Option<Arc<dyn service_kit::Clock>>,
     /// The issuer tokens must name (`auth.issuer`; default: none).
     pub issuer: Option<String>,
+    /// The audience tokens must name (`auth.audience`; default: none, not checked).
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +144,7 @@ impl TestApp {
         let auth = Authenticator::new(AuthSettings {
             keys: VerificationKeys::SharedSecret(SECRET.to_vec()),
             issuer: options.issuer,
-            audience: None,
+            audience: options.audience,
             roles_claim: "roles".into(),
             leeway: Duration::from_secs(5),
             roles,
