@@ -52,6 +52,9 @@ pub struct GatewaySettings {
     /// The console's base URL (`console.url`): the OAuth callback sends the browser to its
     /// page for the server. `None`: the callback answers with a short page of its own.
     pub console_url: Option<String>,
+    /// Whether `/mcp` puts a call that needs approval to the user in their MCP client, when
+    /// it can show a form (`invocations.mcp_approval_prompts`).
+    pub mcp_approval_prompts: bool,
 }
 
 impl Default for GatewaySettings {
@@ -64,6 +67,7 @@ impl Default for GatewaySettings {
             stream_send_timeout: Duration::from_secs(30),
             stream_keep_alive: Duration::from_secs(15),
             console_url: None,
+            mcp_approval_prompts: true,
         }
     }
 }

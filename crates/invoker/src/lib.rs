@@ -27,8 +27,8 @@ mod service;
 mod tools_changed;
 
 pub use commands::{
-    Decision, InvocationReport, InvokeRequest, Outcome, PendingApproval, PendingToolContext,
-    ToolListing, ToolServer, invocation_subject,
+    Decision, InvocationReport, InvokeRequest, MAX_DENIAL_REASON_CHARS, Outcome, PendingApproval,
+    PendingToolContext, ToolListing, ToolServer, invocation_subject,
 };
 pub use error::InvokerError;
 pub use metrics::InvokerMetrics;

@@ -91,6 +91,12 @@ pub struct InvocationSettings {
     /// Requests one user may have waiting for their approval at once; one more that would
     /// wait is rejected (`too_many_pending_approvals`).
     pub max_pending_approvals: usize,
+    /// Ask for approvals in the user's own MCP client: a `/mcp` call that needs approval,
+    /// from a client that can show a form (2026-07-28, `elicitation`), is answered with
+    /// an approval prompt the client puts to the user. Off: such calls wait for the
+    /// user's decision in Switchboard (the API, `switchboard approve`), as for every
+    /// other client.
+    pub mcp_approval_prompts: bool,
 }
 
 impl Default for InvocationSettings {
@@ -107,6 +113,7 @@ impl Default for InvocationSettings {
             result_cache_entries: defaults.result_cache_entries,
             mcp_session_idle_secs: defaults.session_idle.as_secs(),
             max_pending_approvals: defaults.max_pending_approvals,
+            mcp_approval_prompts: gateway::GatewaySettings::default().mcp_approval_prompts,
         }
     }
 }
@@ -378,6 +385,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "SWITCHBOARD_MAX_PENDING_APPROVALS",
         "invocations.max_pending_approvals",
     ),
+    (
+        "SWITCHBOARD_MCP_APPROVAL_PROMPTS",
+        "invocations.mcp_approval_prompts",
+    ),
     ("SWITCHBOARD_JWT_SECRET", "auth.jwt_secret"),
     ("SWITCHBOARD_JWT_SECRET_FILE", "auth.jwt_secret_file"),
     ("SWITCHBOARD_JWKS_FILE", "auth.jwks_file"),
@@ -425,6 +436,7 @@ const NUMERIC_KEYS: &[&str] = &[
     "invocations.result_cache_entries",
     "invocations.mcp_session_idle_secs",
     "invocations.max_pending_approvals",
+    "invocations.mcp_approval_prompts",
 ];
 
 /// The settings that hold secrets: never printed, never logged.

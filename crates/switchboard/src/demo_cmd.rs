@@ -130,7 +130,8 @@ pub fn print_next_steps(
          \x20 switchboard history                       # what was done as you, by whom\n\
          \x20 switchboard {} audit replay --format table\n\n\
          Or point any MCP client (streamable HTTP) at {public_url}/mcp with the header\n\
-         \x20 Authorization: Bearer $SWITCHBOARD_TOKEN   # the same tools, settings, approvals\n",
+         \x20 Authorization: Bearer $SWITCHBOARD_TOKEN   # the same tools, settings, approvals\n\
+         (a client that shows forms asks you to approve right there).\n",
         where_the_events_are(settings)
     ));
     print!("{out}");

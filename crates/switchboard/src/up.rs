@@ -157,6 +157,7 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
             body_limit: settings.http.body_limit,
             stream_buffer: settings.http.stream_buffer,
             console_url: settings.console.url.clone(),
+            mcp_approval_prompts: settings.invocations.mcp_approval_prompts,
             ..GatewaySettings::default()
         },
         shutdown: shutdown.clone(),

@@ -2,8 +2,10 @@
 //! streamable HTTP transport, for AI clients that speak MCP rather than the orchestrator
 //! protocol (`/api/v1/tools`, `/api/v1/invocations`, NATS). The same invoker answers: the
 //! user's settings enforced (a Blocked tool is neither listed nor called), a Needs-approval
-//! call waits for the user's decision (with progress notifications, when the client asks
-//! for them, so that it keeps waiting), at most one upstream call per invocation id, and the
+//! call put to the user in their own client when it can show a form (see *Approval
+//! prompts*) and otherwise waiting for the user's decision in Switchboard (with progress
+//! notifications, when the client asks for them, so that it keeps waiting), at most one
+//! upstream call per invocation id, and the
 //! tool's answer handed on as it came with `_meta` saying it is untrusted and whose it is.
 //! A client may give its own invocation id and the conversation in the call's `_meta`
 //! ([`INVOCATION_ID_META`], [`CONVERSATION_ID_META`]).
@@ -17,6 +19,19 @@
 //! answer whenever the user's usable tools change (a live-update stream: it counts against
 //! the caller's streams and ends with their token); `tools/list` answers once this process
 //! shows every change made before it, on any process.
+//!
+//! **Approval prompts.** A client of the 2026-07-28 protocol that declares form elicitation
+//! gets a call that needs approval answered with `input_required`: one form
+//! ([`APPROVAL_PROMPT`]) asking the user approve or deny (and why, for the AI), with the
+//! tool, its server and the arguments, and the invocation's id as `requestState`. The client
+//! puts it to its user and calls again with the answer: approve runs the call and answers
+//! with its result; deny or decline is a denial (with the user's reason); cancel withdraws
+//! the invocation; a form without a decision is asked again. The decision is recorded as
+//! any other — once, by the invocation's own user — and the waiting call is among the
+//! user's approvals meanwhile, to decide there instead. Never for a caller acting for
+//! another user (an orchestrator with `?user=`): that call waits for the user. Off with
+//! `invocations.mcp_approval_prompts = false`, where approvals must be made outside the AI
+//! client.
 //!
 //! **Outcomes.** A completed call is the tool's own result (`isError` passed through). What
 //! Switchboard did instead of calling is a tool error whose text says so (blocked, not
@@ -38,12 +53,17 @@ use axum::{
 };
 use domain::{InvocationId, UserId};
 use eventlog::LogKind;
-use invoker::{InvocationReport, InvokeRequest, InvokerError, Outcome, ToolListing};
+use invoker::{
+    Decision, InvocationReport, InvokeRequest, InvokerError, MAX_DENIAL_REASON_CHARS, Outcome,
+    ToolListing,
+};
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     model::{
-        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-        ListToolsResult, MetaObject, PaginatedRequestParams, ProgressNotificationParam,
+        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ElicitRequest,
+        ElicitRequestParams, ElicitResult, ElicitationAction, ElicitationSchema, EnumSchema,
+        Implementation, InputRequest, InputRequests, InputRequiredResult, ListToolsResult,
+        MetaObject, PaginatedRequestParams, ProgressNotificationParam, ProtocolVersion,
         ServerCapabilities, ServerConfig, ServerNotification, SubscriptionFilter, Tool,
         ToolAnnotations, ToolListChangedNotification,
     },
@@ -136,6 +156,10 @@ pub const INVOCATION_ID_META: &str = "switchboard/invocation_id";
 /// The `_meta` key under which a client may name the conversation a call belongs to,
 /// recorded with the invocation for the audit and shown with its approval.
 pub const CONVERSATION_ID_META: &str = "switchboard/conversation_id";
+
+/// The key of Switchboard's approval prompt among the input requests of a call's
+/// `input_required` answer (and so among the input responses of the call made again).
+pub const APPROVAL_PROMPT: &str = "switchboard/approval";
 
 /// How often a call waiting for the user's approval tells a client that asked for progress
 /// that it still waits (clients reset their request time-out on progress).
@@ -313,26 +337,72 @@ impl ServerHandler for McpFront {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let (state, acting) = (self.app()?, acting(&context)?);
-        let id = invocation_id(&request, &context)?;
+        // A client answering Switchboard's approval prompt calls again with the state the
+        // prompt came with: the invocation it asked about.
+        let id = match request.request_state.as_deref() {
+            Some(asked_about) => InvocationId::parse(asked_about).map_err(|error| {
+                McpError::invalid_params(
+                    format!("requestState is not one Switchboard gave: {error}"),
+                    None,
+                )
+            })?,
+            None => invocation_id(&request, &context)?,
+        };
+        // Only the user decides their approvals: never an orchestrator acting for them.
+        let prompts = state.settings.mcp_approval_prompts
+            && acting.caller == acting.user
+            && shows_forms(&context);
+        let answered = if prompts {
+            prompt_answer(&request)
+        } else {
+            None
+        };
         let conversation_id = meta_text(&request, &context, CONVERSATION_ID_META)?;
         let tool = request.name.into_owned();
+        let arguments = request.arguments.unwrap_or_default();
+        let shown_arguments = prompts.then(|| arguments.clone());
         let invoke = InvokeRequest {
             invocation_id: id.clone(),
             user: acting.user.clone(),
             tool: tool.clone(),
-            arguments: request.arguments.unwrap_or_default(),
+            arguments,
             deadline: None,
             conversation_id,
         };
         let outcome = async {
-            let report = state.invoker.invoke(&acting.context, invoke).await?;
-            if report.outcome.is_final() {
-                return Ok(report);
+            let mut report = state.invoker.invoke(&acting.context, invoke).await?;
+            if report.outcome == Outcome::AwaitingApproval && prompts {
+                let Some(decision) = answered else {
+                    // Whoever is asked (the user, in their client) may also find the call
+                    // among their approvals in Switchboard.
+                    if let Err(error) = settle_invocations(&state).await {
+                        tracing::warn!(%error, "the approvals may not show a prompted MCP call yet");
+                    }
+                    return Ok(Answer::AskTheUser);
+                };
+                match state
+                    .invoker
+                    .decide_approval(&acting.context, &acting.user, &id, decision)
+                    .await
+                {
+                    Ok(decided) => report = decided,
+                    // Decided meanwhile (in Switchboard, or by the sweeper): the outcome
+                    // below says how.
+                    Err(InvokerError::Domain(
+                        domain::DomainError::InvocationNotAwaitingApproval,
+                    )) => {}
+                    Err(error) => return Err(error),
+                }
             }
-            until_final(&state, &acting.user, &id, &tool, report, &context).await
+            if report.outcome.is_final() {
+                return Ok(Answer::Outcome(report));
+            }
+            until_final(&state, &acting.user, &id, &tool, report, &context)
+                .await
+                .map(Answer::Outcome)
         };
-        let report = tokio::select! {
-            report = outcome => report.map_err(mcp_error)?,
+        let answer = tokio::select! {
+            answer = outcome => answer.map_err(mcp_error)?,
             () = context.ct.cancelled() => {
                 // The client gave up on the call: so does Switchboard, in a task of its own
                 // (this answer goes nowhere).
@@ -345,7 +415,23 @@ impl ServerHandler for McpFront {
                 return Err(McpError::internal_error("the client cancelled the call", None));
             }
         };
-        result_of(report, &tool).map(CallToolResponse::Complete)
+        match answer {
+            Answer::Outcome(report) => result_of(report, &tool).map(CallToolResponse::Complete),
+            Answer::AskTheUser => {
+                let listing = state
+                    .invoker
+                    .list_tools(&acting.user)
+                    .into_iter()
+                    .find(|listing| listing.name == tool);
+                Ok(CallToolResponse::InputRequired(approval_prompt(
+                    &acting.user,
+                    &id,
+                    &tool,
+                    listing.as_ref(),
+                    &shown_arguments.unwrap_or_default(),
+                )))
+            }
+        }
     }
 
     fn accepted_subscription_filter(
@@ -390,6 +476,135 @@ impl ServerHandler for McpFront {
             }
         }
     }
+}
+
+/// What a `tools/call` is answered with.
+enum Answer {
+    /// The invocation's outcome (final, unless Switchboard stops first).
+    Outcome(InvocationReport),
+    /// The user's decision, asked for in their MCP client.
+    AskTheUser,
+}
+
+/// Whether the client can put a form to its user: the 2026-07-28 protocol (a server asks
+/// by answering the call with `input_required`, the client calls again with the answer)
+/// and form elicitation among the capabilities the request names.
+fn shows_forms(context: &RequestContext<RoleServer>) -> bool {
+    let multi_round_trip = context
+        .protocol_version()
+        .is_some_and(|version| version.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
+    let forms = context
+        .meta
+        .client_capabilities()
+        .and_then(|capabilities| capabilities.elicitation)
+        // An empty `elicitation` capability means forms (the specification's default).
+        .is_some_and(|elicitation| elicitation.form.is_some() || elicitation.url.is_none());
+    multi_round_trip && forms
+}
+
+/// The user's decision in the answer to Switchboard's approval prompt, if the call carries
+/// a readable one: approve, deny (with the user's reason), decline (a denial) or cancel
+/// (the user wants no call: withdrawn). An accepted form without a decision asks again.
+fn prompt_answer(request: &CallToolRequestParams) -> Option<Decision> {
+    let answer = request.input_responses.as_ref()?.get(APPROVAL_PROMPT)?;
+    let answer: ElicitResult = serde_json::from_value(answer.clone()).ok()?;
+    match answer.action {
+        ElicitationAction::Accept => {
+            let content = answer.content?;
+            match content.get("decision")?.as_str()? {
+                "approve" => Some(Decision::Approve),
+                "deny" => Some(Decision::Deny {
+                    reason: content
+                        .get("reason")
+                        .and_then(Value::as_str)
+                        .map(denial_reason)
+                        .unwrap_or_default(),
+                }),
+                _ => None,
+            }
+        }
+        ElicitationAction::Decline => Some(Decision::Deny {
+            reason: String::new(),
+        }),
+        ElicitationAction::Cancel => Some(Decision::Withdraw),
+        _ => None,
+    }
+}
+
+/// A reason typed into a client's form, as a denial takes it: control characters (other
+/// than line breaks and tabs) as spaces, cut to the longest reason kept.
+fn denial_reason(typed: &str) -> String {
+    typed
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .take(MAX_DENIAL_REASON_CHARS)
+        .collect()
+}
+
+/// The arguments an approval prompt shows, at most this many characters of their JSON.
+const PROMPT_ARGUMENTS_CHARS: usize = 2_000;
+
+/// The approval prompt for `user`'s invocation `id` of `tool`: a form asking approve or
+/// deny (and why, for the AI), answered by the client calling again with the invocation's
+/// id as `requestState`. The decision is Switchboard's as any other: recorded once, by the
+/// invocation's own user.
+fn approval_prompt(
+    user: &UserId,
+    id: &InvocationId,
+    tool: &str,
+    listing: Option<&ToolListing>,
+    arguments: &Map<String, Value>,
+) -> InputRequiredResult {
+    let shown_tool = match listing {
+        Some(listing) if !listing.title.is_empty() => {
+            format!("{} ({tool}) on {}", listing.title, listing.server.name)
+        }
+        Some(listing) => format!("{tool} on {}", listing.server.name),
+        None => tool.to_owned(),
+    };
+    let json = serde_json::to_string_pretty(arguments).unwrap_or_default();
+    let shown_arguments = if json.chars().count() > PROMPT_ARGUMENTS_CHARS {
+        let cut: String = json.chars().take(PROMPT_ARGUMENTS_CHARS).collect();
+        format!("{cut}\n… ({} bytes in all)", json.len())
+    } else {
+        json
+    };
+    let message = format!(
+        "Switchboard asks {user}: allow {shown_tool} to run once with these arguments?\n\n\
+         {shown_arguments}\n\nYou set this tool to Needs approval. (Invocation {id}; you may \
+         also decide in Switchboard.)",
+        user = user.as_str(),
+        id = id.as_str(),
+    );
+    let decision = EnumSchema::builder(vec!["approve".to_owned(), "deny".to_owned()])
+        .title("Your decision")
+        .build();
+    let requested_schema = ElicitationSchema::builder()
+        .required_enum_schema("decision", decision)
+        .optional_string_with("reason", |reason| {
+            reason
+                .title("Why, if you deny it")
+                .description("The AI is told this reason. At most 500 characters.")
+        })
+        .build_unchecked();
+    let prompt = InputRequest::Elicitation(ElicitRequest::new(
+        ElicitRequestParams::FormElicitationParams {
+            meta: None,
+            message,
+            requested_schema,
+        },
+    ));
+    InputRequiredResult::new(
+        Some(InputRequests::from([(APPROVAL_PROMPT.to_owned(), prompt)])),
+        Some(id.as_str().to_owned()),
+    )
 }
 
 /// Waits for the final outcome of an invocation that waits for approval (or whose

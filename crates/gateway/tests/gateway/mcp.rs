@@ -5,15 +5,20 @@
 //! progress) until the user approves or denies it, one call per client-given invocation id,
 //! a call the client cancels withdrawn, a listening client told of changed tools, and the
 //! orchestrator naming the user.
-use std::time::Duration;
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use gateway::auth::{TokenRequest, mint_token};
 use rmcp::{
     ClientHandler, ClientServiceExt, RoleClient, ServiceExt,
     model::{
-        CallToolRequestParams, CallToolResult, ClientConfig, ClientRequest, NumberOrString,
-        ProgressNotificationParam, ProgressToken, ProtocolVersion, Request, RequestMetaObject,
-        ServerNotification, SubscriptionFilter,
+        CallToolRequestParams, CallToolResult, ClientConfig, ClientRequest, ElicitRequestParams,
+        ElicitResult, ElicitationAction, ElicitationCapability, FormElicitationCapability,
+        NumberOrString, ProgressNotificationParam, ProgressToken, ProtocolVersion, Request,
+        RequestMetaObject, ServerNotification, SubscriptionFilter,
     },
     service::{ClientLifecycleMode, NotificationContext, PeerRequestOptions, RunningService},
     transport::{
@@ -357,6 +362,220 @@ async fn an_mcp_call_that_needs_approval_waits_for_the_users_decision() {
     );
     assert_eq!(handle.tool_calls("create_issue"), 1);
     mcp.cancel().await.expect("closed");
+}
+
+/// An MCP client of the 2026-07-28 protocol that can put forms to its user: it hands on
+/// each approval prompt it gets and answers it with the next of `answers`.
+#[derive(Clone)]
+struct Prompting {
+    asked: mpsc::UnboundedSender<(String, Value)>,
+    answers: Arc<Mutex<VecDeque<ElicitResult>>>,
+    progress: mpsc::UnboundedSender<ProgressNotificationParam>,
+}
+
+impl ClientHandler for Prompting {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let _ = self.progress.send(params);
+    }
+
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _context: rmcp::service::RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, rmcp::ErrorData> {
+        let ElicitRequestParams::FormElicitationParams {
+            message,
+            requested_schema,
+            ..
+        } = request
+        else {
+            panic!("a form: {request:?}");
+        };
+        let schema = serde_json::to_value(&requested_schema).expect("JSON");
+        let _ = self.asked.send((message, schema));
+        let answer = self.answers.lock().expect("answers").pop_front();
+        answer.ok_or_else(|| rmcp::ErrorData::internal_error("asked unexpectedly", None))
+    }
+
+    fn get_info(&self) -> ClientConfig {
+        let mut config = ClientConfig::default();
+        config.capabilities.elicitation =
+            Some(ElicitationCapability::new().with_form(FormElicitationCapability::new()));
+        config
+    }
+}
+
+fn accepted(content: Value) -> ElicitResult {
+    let mut answer = ElicitResult::new(ElicitationAction::Accept);
+    answer.content = Some(content);
+    answer
+}
+
+#[tokio::test]
+async fn an_mcp_client_puts_the_approval_to_its_user() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let handle = &it.setup.handle;
+    let (asked, mut prompts) = mpsc::unbounded_channel();
+    let answers = Arc::new(Mutex::new(VecDeque::new()));
+    let (progress, mut progressed) = mpsc::unbounded_channel();
+    let prompting = Prompting {
+        asked,
+        answers: answers.clone(),
+        progress,
+    };
+    let transport = |token: &str, query: &str| {
+        StreamableHttpClientTransport::with_client(
+            it.setup.app.client.clone(),
+            StreamableHttpClientTransportConfig::with_uri(format!(
+                "{}/mcp{query}",
+                it.setup.app.url
+            ))
+            .auth_header(token.to_owned()),
+        )
+    };
+    let stateless = ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    };
+    let mcp = prompting
+        .clone()
+        .serve_with_lifecycle(transport(&it.alice, ""), stateless.clone())
+        .await
+        .expect("an MCP client of /mcp");
+    let answer_with = |answer: ElicitResult| answers.lock().expect("answers").push_back(answer);
+
+    // Approved in the client's form: the call is made once, and its answer is the tool's.
+    answer_with(accepted(json!({"decision": "approve"})));
+    // (Bounded: without the prompt the call would wait for a decision nobody makes.)
+    let created = tokio::time::timeout(
+        Duration::from_secs(30),
+        mcp.call_tool(tracked(
+            call(&it, "create_issue", json!({"title": "A"})),
+            "mcp-prompt-1",
+        )),
+    )
+    .await
+    .expect("the user was asked in the client, not left waiting")
+    .expect("tools/call");
+    assert_eq!(text(&created), "Created FX-2", "{created:?}");
+    assert_eq!(meta(&created, "switchboard/untrusted"), true);
+    assert_eq!(meta(&created, "switchboard/invocation_id"), "mcp-prompt-1");
+    assert_eq!(handle.tool_calls("create_issue"), 1);
+    let (message, schema) = prompts.try_recv().expect("the user was asked");
+    for shown in [
+        ALICE,
+        "create_issue",
+        "notion team",
+        "\"title\": \"A\"",
+        "mcp-prompt-1",
+    ] {
+        assert!(message.contains(shown), "{shown} in: {message}");
+    }
+    assert_eq!(schema["required"], json!(["decision"]), "{schema}");
+    assert_eq!(
+        schema["properties"]["decision"]["enum"],
+        json!(["approve", "deny"]),
+        "{schema}"
+    );
+    assert_eq!(schema["properties"]["reason"]["type"], "string", "{schema}");
+    // Recorded as the user's own decision: the invocation's status says so, and it waits
+    // among her approvals no more.
+    let (status, outcome) = it.get(&it.alice, "/api/v1/invocations/mcp-prompt-1").await;
+    assert_eq!((status, &outcome["outcome"]), (200, &json!("completed")));
+    let (_, approvals) = it.get(&it.alice, "/api/v1/approvals").await;
+    assert_eq!(approvals["approvals"], json!([]), "{approvals}");
+    // The same id again: the recorded outcome, no second call, no second question.
+    let again = mcp
+        .call_tool(tracked(
+            call(&it, "create_issue", json!({"title": "A"})),
+            "mcp-prompt-1",
+        ))
+        .await
+        .expect("tools/call");
+    assert_eq!(text(&again), "Created FX-2");
+    assert_eq!(handle.tool_calls("create_issue"), 1);
+    assert!(prompts.try_recv().is_err(), "asked again");
+
+    // A form sent back without a decision is asked again; then denied with a reason, which
+    // the AI reads.
+    answer_with(accepted(json!({})));
+    answer_with(accepted(
+        json!({"decision": "deny", "reason": "Not in\u{7}this project."}),
+    ));
+    let denied = mcp
+        .call_tool(call(&it, "create_issue", json!({"title": "B"})))
+        .await
+        .expect("tools/call");
+    assert_eq!(std::iter::from_fn(|| prompts.try_recv().ok()).count(), 2);
+    assert_eq!(denied.is_error, Some(true));
+    assert_eq!(meta(&denied, "switchboard/outcome"), "denied");
+    assert!(
+        text(&denied).contains("Not in this project."),
+        "{}",
+        text(&denied)
+    );
+    // Declined: denied. Cancelled: withdrawn. Neither calls the tool.
+    answer_with(ElicitResult::new(ElicitationAction::Decline));
+    let declined = mcp
+        .call_tool(call(&it, "create_issue", json!({"title": "C"})))
+        .await
+        .expect("tools/call");
+    assert_eq!(meta(&declined, "switchboard/outcome"), "denied");
+    assert_eq!(std::iter::from_fn(|| prompts.try_recv().ok()).count(), 1);
+    answer_with(ElicitResult::new(ElicitationAction::Cancel));
+    let cancelled = mcp
+        .call_tool(call(&it, "create_issue", json!({"title": "D"})))
+        .await
+        .expect("tools/call");
+    assert_eq!(meta(&cancelled, "switchboard/outcome"), "denied");
+    assert_eq!(meta(&cancelled, "switchboard/reason"), "withdrawn");
+    assert_eq!(std::iter::from_fn(|| prompts.try_recv().ok()).count(), 1);
+    assert_eq!(handle.tool_calls("create_issue"), 1);
+    assert!(answers.lock().expect("answers").is_empty());
+    mcp.cancel().await.expect("closed");
+
+    // An orchestrator acting for Alice is never asked: her decision is hers. Its call
+    // waits among her approvals until she makes it.
+    let orchestrator = it
+        .setup
+        .app
+        .token("orchestrator@example.com", &["orchestrator"]);
+    let acting = prompting
+        .serve_with_lifecycle(
+            transport(&orchestrator, &format!("?user={ALICE}")),
+            stateless,
+        )
+        .await
+        .expect("an MCP client of /mcp");
+    let mut waiting = {
+        let peer = acting.peer().clone();
+        let params = tracked(
+            call(&it, "create_issue", json!({"title": "E"})),
+            "mcp-prompt-orchestrated",
+        );
+        tokio::spawn(async move { peer.call_tool(params).await })
+    };
+    // (Waiting, it tells the client so.)
+    let told = tokio::select! {
+        told = progressed.recv() => told.expect("a progress notification"),
+        early = &mut waiting => panic!("answered before Alice decided: {early:?}"),
+    };
+    let message = told.message.unwrap_or_default();
+    assert!(message.contains("mcp-prompt-orchestrated"), "{message}");
+    let (status, decided) = it.decide("mcp-prompt-orchestrated", "approve").await;
+    assert_eq!(status, 200, "{decided}");
+    let created = waiting.await.expect("joined").expect("tools/call");
+    assert_eq!(meta(&created, "switchboard/outcome"), "completed");
+    assert!(
+        prompts.try_recv().is_err(),
+        "the orchestrator's client was asked"
+    );
+    assert_eq!(handle.tool_calls("create_issue"), 2);
+    acting.cancel().await.expect("closed");
 }
 
 #[tokio::test]
