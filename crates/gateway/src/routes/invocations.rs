@@ -12,6 +12,7 @@ use eventlog::LogKind;
 use invoker::{Decision, InvocationReport, InvokeRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use service_kit::CommandContext;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
@@ -550,12 +551,38 @@ async fn decide_approval(
     }
     let id = invocation_id(&id)?;
     let context = state.command_context(&caller);
+    let report = decide_as_user(
+        &state,
+        &context,
+        &caller.user,
+        &id,
+        decision,
+        request.always,
+        request.definition_hash,
+    )
+    .await?;
+    Ok(axum::Json(InvocationOutcome::of(report)))
+}
+
+/// `user`'s decision on their invocation `id`, wherever they make it (the approvals route,
+/// an approval prompt in their MCP client). With `always` the tool's setting follows the
+/// decision (`always_allow`, or `blocked`, which also denies their other requests of it that
+/// wait), set first, so that a refused setting — the tool changed since the definition
+/// `definition_hash` names — decides nothing. Answers once the approvals no longer list it.
+pub(crate) async fn decide_as_user(
+    state: &AppState,
+    context: &CommandContext,
+    user: &UserId,
+    id: &InvocationId,
+    decision: Decision,
+    always: bool,
+    definition_hash: Option<String>,
+) -> Result<InvocationReport, ApiError> {
     let blocks = matches!(decision, Decision::Deny { .. });
     // Set before the decision, so that a refused setting decides nothing. (An invocation not
     // waiting any more changes no setting: the decision below says why it cannot be made.)
-    let waiting_on = request
-        .always
-        .then(|| state.invoker.awaiting_approval_on(&caller.user, &id))
+    let waiting_on = always
+        .then(|| state.invoker.awaiting_approval_on(user, id))
         .flatten();
     let remembered_on = match waiting_on {
         Some((server, tool)) => {
@@ -566,14 +593,7 @@ async fn decide_approval(
             };
             let written = state
                 .policy
-                .set_tool_state(
-                    &context,
-                    &caller.user,
-                    server,
-                    &tool,
-                    setting,
-                    request.definition_hash,
-                )
+                .set_tool_state(context, user, server, &tool, setting, definition_hash)
                 .await?;
             state.settle(&written).await;
             Some(server)
@@ -582,13 +602,17 @@ async fn decide_approval(
     };
     let report = state
         .invoker
-        .decide_approval(&context, &caller.user, &id, decision)
+        .decide_approval(context, user, id, decision)
         .await?;
     // The decided invocation leaves the user's approvals: a GET right after must not list it.
-    settle_invocations(&state).await?;
+    settle_invocations(state).await?;
     if blocks && let Some(server) = remembered_on {
         // The tool is blocked now: the user's other requests of it that wait are pointless.
-        deny_pending_now_refused(&state, &caller, server).await?;
+        let denied = state
+            .invoker
+            .deny_pending_now_refused(context, user, server)
+            .await;
+        settle_if_closed(state, denied).await?;
     }
-    Ok(axum::Json(InvocationOutcome::of(report)))
+    Ok(report)
 }

@@ -22,13 +22,15 @@
 //!
 //! **Approval prompts.** A client of the 2026-07-28 protocol that declares form elicitation
 //! gets a call that needs approval answered with `input_required`: one form
-//! ([`APPROVAL_PROMPT`]) asking the user approve or deny (and why, for the AI), with the
-//! tool, its server and the arguments, and the invocation's id as `requestState`. The client
-//! puts it to its user and calls again with the answer: approve runs the call and answers
-//! with its result; deny or decline is a denial (with the user's reason); cancel withdraws
-//! the invocation; a form without a decision is asked again. The decision is recorded as
-//! any other — once, by the invocation's own user — and the waiting call is among the
-//! user's approvals meanwhile, to decide there instead. Never for a caller acting for
+//! ([`APPROVAL_PROMPT`]) asking the user approve or deny, why (for the AI) and whether from
+//! now on, with what their approvals show of the request, and the invocation and the
+//! tool's definition as `requestState`. The client puts it to its user and calls again
+//! with the answer: approve runs the call and answers with its result; deny or decline is
+//! a denial (with the user's reason); from now on sets the tool as the approvals route does
+//! (asked again if the tool changed since the prompt); cancel withdraws the invocation; a
+//! form without a decision is asked again. The decision is recorded as any other — once,
+//! by the invocation's own user — and the waiting call is among the user's approvals
+//! meanwhile, to decide there instead. Never for a caller acting for
 //! another user (an orchestrator with `?user=`): that call waits for the user. Off with
 //! `invocations.mcp_approval_prompts = false`, where approvals must be made outside the AI
 //! client.
@@ -55,7 +57,7 @@ use domain::{InvocationId, UserId};
 use eventlog::LogKind;
 use invoker::{
     Decision, InvocationReport, InvokeRequest, InvokerError, MAX_DENIAL_REASON_CHARS, Outcome,
-    ToolListing,
+    PendingApproval, ToolListing,
 };
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
@@ -79,7 +81,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
-    invocations::{UserQuery, settle_invocations, user_for},
+    invocations::{UserQuery, decide_as_user, settle_invocations, user_for},
     stream::{next_tool_list_change, token_ends, too_many_streams},
 };
 use crate::{Access, ApiError, ApiQuery, AppInner, AppState, Caller, Permission, RouteSpec};
@@ -338,14 +340,14 @@ impl ServerHandler for McpFront {
     ) -> Result<CallToolResponse, McpError> {
         let (state, acting) = (self.app()?, acting(&context)?);
         // A client answering Switchboard's approval prompt calls again with the state the
-        // prompt came with: the invocation it asked about.
-        let id = match request.request_state.as_deref() {
-            Some(asked_about) => InvocationId::parse(asked_about).map_err(|error| {
-                McpError::invalid_params(
-                    format!("requestState is not one Switchboard gave: {error}"),
-                    None,
-                )
-            })?,
+        // prompt came with: the invocation it asked about, and the tool's definition then.
+        let asked = request
+            .request_state
+            .as_deref()
+            .map(PromptState::read)
+            .transpose()?;
+        let id = match &asked {
+            Some(asked) => asked.invocation_id.clone(),
             None => invocation_id(&request, &context)?,
         };
         // Only the user decides their approvals: never an orchestrator acting for them.
@@ -359,39 +361,55 @@ impl ServerHandler for McpFront {
         };
         let conversation_id = meta_text(&request, &context, CONVERSATION_ID_META)?;
         let tool = request.name.into_owned();
-        let arguments = request.arguments.unwrap_or_default();
-        let shown_arguments = prompts.then(|| arguments.clone());
         let invoke = InvokeRequest {
             invocation_id: id.clone(),
             user: acting.user.clone(),
             tool: tool.clone(),
-            arguments,
+            arguments: request.arguments.unwrap_or_default(),
             deadline: None,
             conversation_id,
         };
         let outcome = async {
-            let mut report = state.invoker.invoke(&acting.context, invoke).await?;
+            let mut report = state
+                .invoker
+                .invoke(&acting.context, invoke)
+                .await
+                .map_err(mcp_error)?;
             if report.outcome == Outcome::AwaitingApproval && prompts {
-                let Some(decision) = answered else {
-                    // Whoever is asked (the user, in their client) may also find the call
-                    // among their approvals in Switchboard.
-                    if let Err(error) = settle_invocations(&state).await {
-                        tracing::warn!(%error, "the approvals may not show a prompted MCP call yet");
+                match answered {
+                    None => {
+                        if let Some(pending) = prompt_for(&state, &acting.user, &id).await {
+                            return Ok(Answer::AskTheUser(pending));
+                        }
+                        // Decided meanwhile: its outcome is waited for below.
                     }
-                    return Ok(Answer::AskTheUser);
-                };
-                match state
-                    .invoker
-                    .decide_approval(&acting.context, &acting.user, &id, decision)
-                    .await
-                {
-                    Ok(decided) => report = decided,
-                    // Decided meanwhile (in Switchboard, or by the sweeper): the outcome
-                    // below says how.
-                    Err(InvokerError::Domain(
-                        domain::DomainError::InvocationNotAwaitingApproval,
-                    )) => {}
-                    Err(error) => return Err(error),
+                    Some(PromptAnswer { decision, always }) => {
+                        let seen = asked.and_then(|asked| asked.definition_hash);
+                        let decided = decide_as_user(
+                            &state,
+                            &acting.context,
+                            &acting.user,
+                            &id,
+                            decision,
+                            always,
+                            seen,
+                        )
+                        .await;
+                        match decided {
+                            Ok(decided) => report = decided,
+                            // Decided meanwhile (in Switchboard, or by the sweeper): the
+                            // outcome below says how.
+                            Err(refused) if refused.code == NOT_AWAITING_APPROVAL => {}
+                            // The tool changed since the user saw it: they are asked again,
+                            // about what it is now.
+                            Err(refused) if refused.code == TOOL_DEFINITION_CHANGED => {
+                                if let Some(pending) = prompt_for(&state, &acting.user, &id).await {
+                                    return Ok(Answer::AskTheUser(pending));
+                                }
+                            }
+                            Err(refused) => return Err(mcp_error_of(refused)),
+                        }
+                    }
                 }
             }
             if report.outcome.is_final() {
@@ -400,9 +418,10 @@ impl ServerHandler for McpFront {
             until_final(&state, &acting.user, &id, &tool, report, &context)
                 .await
                 .map(Answer::Outcome)
+                .map_err(mcp_error)
         };
         let answer = tokio::select! {
-            answer = outcome => answer.map_err(mcp_error)?,
+            answer = outcome => answer?,
             () = context.ct.cancelled() => {
                 // The client gave up on the call: so does Switchboard, in a task of its own
                 // (this answer goes nowhere).
@@ -417,20 +436,10 @@ impl ServerHandler for McpFront {
         };
         match answer {
             Answer::Outcome(report) => result_of(report, &tool).map(CallToolResponse::Complete),
-            Answer::AskTheUser => {
-                let listing = state
-                    .invoker
-                    .list_tools(&acting.user)
-                    .into_iter()
-                    .find(|listing| listing.name == tool);
-                Ok(CallToolResponse::InputRequired(approval_prompt(
-                    &acting.user,
-                    &id,
-                    &tool,
-                    listing.as_ref(),
-                    &shown_arguments.unwrap_or_default(),
-                )))
-            }
+            Answer::AskTheUser(pending) => Ok(CallToolResponse::InputRequired(approval_prompt(
+                &acting.user,
+                &pending,
+            ))),
         }
     }
 
@@ -482,8 +491,34 @@ impl ServerHandler for McpFront {
 enum Answer {
     /// The invocation's outcome (final, unless Switchboard stops first).
     Outcome(InvocationReport),
-    /// The user's decision, asked for in their MCP client.
-    AskTheUser,
+    /// The user's decision on this waiting request, asked for in their MCP client.
+    AskTheUser(Box<PendingApproval>),
+}
+
+/// The codes of the refusals an answered prompt may meet, as the API gives them.
+const NOT_AWAITING_APPROVAL: &str = "invocation_not_awaiting_approval";
+const TOOL_DEFINITION_CHANGED: &str = "tool_definition_changed";
+
+/// What an approval prompt's `requestState` holds, echoed by the client with its answer:
+/// the invocation asked about and the tool's definition the user was shown. A handle to
+/// state held here, not a credential: the call made again is checked as any request of
+/// that invocation, and the decision is the user's own, on their own invocation.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PromptState {
+    invocation_id: InvocationId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    definition_hash: Option<String>,
+}
+
+impl PromptState {
+    fn read(text: &str) -> Result<PromptState, McpError> {
+        serde_json::from_str(text).map_err(|_| {
+            McpError::invalid_params(
+                "requestState is not one Switchboard gave; call the tool again without it",
+                None,
+            )
+        })
+    }
 }
 
 /// Whether the client can put a form to its user: the 2026-07-28 protocol (a server asks
@@ -502,31 +537,49 @@ fn shows_forms(context: &RequestContext<RoleServer>) -> bool {
     multi_round_trip && forms
 }
 
-/// The user's decision in the answer to Switchboard's approval prompt, if the call carries
-/// a readable one: approve, deny (with the user's reason), decline (a denial) or cancel
-/// (the user wants no call: withdrawn). An accepted form without a decision asks again.
-fn prompt_answer(request: &CallToolRequestParams) -> Option<Decision> {
+/// The user's answer to an approval prompt.
+struct PromptAnswer {
+    decision: Decision,
+    /// The decision stands for the tool's later requests too.
+    always: bool,
+}
+
+/// The user's answer in a call made again after Switchboard's approval prompt, if it
+/// carries a readable one: approve, deny (with the user's reason), either of them from now
+/// on; decline (a denial); cancel (the user wants no call: withdrawn). An accepted form
+/// without a decision asks again.
+fn prompt_answer(request: &CallToolRequestParams) -> Option<PromptAnswer> {
     let answer = request.input_responses.as_ref()?.get(APPROVAL_PROMPT)?;
     let answer: ElicitResult = serde_json::from_value(answer.clone()).ok()?;
+    let once = |decision| {
+        Some(PromptAnswer {
+            decision,
+            always: false,
+        })
+    };
     match answer.action {
         ElicitationAction::Accept => {
             let content = answer.content?;
-            match content.get("decision")?.as_str()? {
-                "approve" => Some(Decision::Approve),
-                "deny" => Some(Decision::Deny {
+            let decision = match content.get("decision")?.as_str()? {
+                "approve" => Decision::Approve,
+                "deny" => Decision::Deny {
                     reason: content
                         .get("reason")
                         .and_then(Value::as_str)
                         .map(denial_reason)
                         .unwrap_or_default(),
-                }),
-                _ => None,
-            }
+                },
+                _ => return None,
+            };
+            Some(PromptAnswer {
+                decision,
+                always: content.get("always").and_then(Value::as_bool) == Some(true),
+            })
         }
-        ElicitationAction::Decline => Some(Decision::Deny {
+        ElicitationAction::Decline => once(Decision::Deny {
             reason: String::new(),
         }),
-        ElicitationAction::Cancel => Some(Decision::Withdraw),
+        ElicitationAction::Cancel => once(Decision::Withdraw),
         _ => None,
     }
 }
@@ -548,41 +601,77 @@ fn denial_reason(typed: &str) -> String {
         .collect()
 }
 
-/// The arguments an approval prompt shows, at most this many characters of their JSON.
-const PROMPT_ARGUMENTS_CHARS: usize = 2_000;
-
-/// The approval prompt for `user`'s invocation `id` of `tool`: a form asking approve or
-/// deny (and why, for the AI), answered by the client calling again with the invocation's
-/// id as `requestState`. The decision is Switchboard's as any other: recorded once, by the
-/// invocation's own user.
-fn approval_prompt(
+/// `user`'s waiting request `id` as their approvals show it, to put to them; `None` once it
+/// waits no more (decided meanwhile). Settled first: the request is in their approvals
+/// before they are asked, to decide there instead if they like.
+async fn prompt_for(
+    state: &AppState,
     user: &UserId,
     id: &InvocationId,
-    tool: &str,
-    listing: Option<&ToolListing>,
-    arguments: &Map<String, Value>,
-) -> InputRequiredResult {
-    let shown_tool = match listing {
-        Some(listing) if !listing.title.is_empty() => {
-            format!("{} ({tool}) on {}", listing.title, listing.server.name)
-        }
-        Some(listing) => format!("{tool} on {}", listing.server.name),
-        None => tool.to_owned(),
+) -> Option<Box<PendingApproval>> {
+    if let Err(error) = settle_invocations(state).await {
+        tracing::warn!(%error, "the approvals may not show a prompted MCP call yet");
+    }
+    state
+        .invoker
+        .pending_approvals(user)
+        .await
+        .into_iter()
+        .find(|pending| pending.invocation_id == id.as_str())
+        .map(Box::new)
+}
+
+/// The most an approval prompt shows of the arguments' JSON and of the tool's description,
+/// in characters.
+const PROMPT_ARGUMENTS_CHARS: usize = 2_000;
+const PROMPT_DESCRIPTION_CHARS: usize = 500;
+
+/// At most `max` characters of `text`, saying so when there was more.
+fn shortened(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(max).collect();
+    format!("{cut}… ({} bytes in all)", text.len())
+}
+
+/// The approval prompt for `user`'s waiting request: what their approvals show of it (the
+/// tool, its server, what the server says it does, the arguments, the conversation) and a
+/// form asking approve or deny, why (for the AI), and whether the decision stands for the
+/// tool from now on. The client answers by calling again with the prompt's state.
+fn approval_prompt(user: &UserId, pending: &PendingApproval) -> InputRequiredResult {
+    let shown_tool = match &pending.tool_context {
+        Some(tool) if !tool.title.is_empty() => format!("{} ({})", tool.title, pending.tool),
+        _ => pending.tool.clone(),
     };
-    let json = serde_json::to_string_pretty(arguments).unwrap_or_default();
-    let shown_arguments = if json.chars().count() > PROMPT_ARGUMENTS_CHARS {
-        let cut: String = json.chars().take(PROMPT_ARGUMENTS_CHARS).collect();
-        format!("{cut}\n… ({} bytes in all)", json.len())
-    } else {
-        json
-    };
-    let message = format!(
-        "Switchboard asks {user}: allow {shown_tool} to run once with these arguments?\n\n\
-         {shown_arguments}\n\nYou set this tool to Needs approval. (Invocation {id}; you may \
-         also decide in Switchboard.)",
+    let mut message = format!(
+        "Switchboard asks {user}: allow {shown_tool} on {server} to run once with these \
+         arguments?",
         user = user.as_str(),
-        id = id.as_str(),
+        server = pending.server.name,
     );
+    if let Some(tool) = &pending.tool_context {
+        if !tool.description.is_empty() {
+            message.push_str("\n\nWhat the server says it does: ");
+            message.push_str(&shortened(&tool.description, PROMPT_DESCRIPTION_CHARS));
+        }
+        if tool.category == "write_delete" {
+            message.push_str("\nIt may change or delete data.");
+        }
+        if tool.changed {
+            message.push_str("\nThe server changed this tool since you last set it.");
+        }
+    }
+    let arguments = serde_json::to_string_pretty(&pending.arguments).unwrap_or_default();
+    message.push_str("\n\n");
+    message.push_str(&shortened(&arguments, PROMPT_ARGUMENTS_CHARS));
+    message.push_str("\n\nYou set this tool to Needs approval. (Invocation ");
+    message.push_str(&pending.invocation_id);
+    if !pending.conversation_id.is_empty() {
+        message.push_str(", conversation ");
+        message.push_str(&pending.conversation_id);
+    }
+    message.push_str("; you may also decide in Switchboard.)");
     let decision = EnumSchema::builder(vec!["approve".to_owned(), "deny".to_owned()])
         .title("Your decision")
         .build();
@@ -593,6 +682,15 @@ fn approval_prompt(
                 .title("Why, if you deny it")
                 .description("The AI is told this reason. At most 500 characters.")
         })
+        .optional_bool_with("always", |always| {
+            always
+                .title("From now on")
+                .description(
+                    "Approve: always allow this tool. Deny: block it, and deny its other \
+                     requests that wait.",
+                )
+                .with_default(false)
+        })
         .build_unchecked();
     let prompt = InputRequest::Elicitation(ElicitRequest::new(
         ElicitRequestParams::FormElicitationParams {
@@ -601,10 +699,31 @@ fn approval_prompt(
             requested_schema,
         },
     ));
+    let state = InvocationId::parse(&pending.invocation_id)
+        .ok()
+        .map(|invocation_id| PromptState {
+            invocation_id,
+            definition_hash: pending
+                .tool_context
+                .as_ref()
+                .map(|tool| tool.definition_hash.clone()),
+        })
+        .and_then(|state| serde_json::to_string(&state).ok());
     InputRequiredResult::new(
         Some(InputRequests::from([(APPROVAL_PROMPT.to_owned(), prompt)])),
-        Some(id.as_str().to_owned()),
+        state,
     )
+}
+
+/// A refusal of the API's as the MCP client is told it: the caller's mistake as invalid
+/// parameters, the rest as an internal error; with the API's code.
+fn mcp_error_of(refused: ApiError) -> McpError {
+    let data = Some(json!({"code": refused.code}));
+    if refused.status.is_client_error() {
+        McpError::invalid_params(refused.message.into_owned(), data)
+    } else {
+        McpError::internal_error(refused.message.into_owned(), data)
+    }
 }
 
 /// Waits for the final outcome of an invocation that waits for approval (or whose

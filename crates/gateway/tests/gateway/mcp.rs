@@ -15,10 +15,11 @@ use gateway::auth::{TokenRequest, mint_token};
 use rmcp::{
     ClientHandler, ClientServiceExt, RoleClient, ServiceExt,
     model::{
-        CallToolRequestParams, CallToolResult, ClientConfig, ClientRequest, ElicitRequestParams,
-        ElicitResult, ElicitationAction, ElicitationCapability, FormElicitationCapability,
-        NumberOrString, ProgressNotificationParam, ProgressToken, ProtocolVersion, Request,
-        RequestMetaObject, ServerNotification, SubscriptionFilter,
+        CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ClientRequest,
+        ElicitRequestParams, ElicitResult, ElicitationAction, ElicitationCapability,
+        FormElicitationCapability, InputResponses, NumberOrString, ProgressNotificationParam,
+        ProgressToken, ProtocolVersion, Request, RequestMetaObject, ServerNotification,
+        SubscriptionFilter,
     },
     service::{ClientLifecycleMode, NotificationContext, PeerRequestOptions, RunningService},
     transport::{
@@ -472,6 +473,7 @@ async fn an_mcp_client_puts_the_approval_to_its_user() {
         "notion team",
         "\"title\": \"A\"",
         "mcp-prompt-1",
+        "conversation-7",
     ] {
         assert!(message.contains(shown), "{shown} in: {message}");
     }
@@ -482,6 +484,10 @@ async fn an_mcp_client_puts_the_approval_to_its_user() {
         "{schema}"
     );
     assert_eq!(schema["properties"]["reason"]["type"], "string", "{schema}");
+    assert_eq!(
+        schema["properties"]["always"]["type"], "boolean",
+        "{schema}"
+    );
     // Recorded as the user's own decision: the invocation's status says so, and it waits
     // among her approvals no more.
     let (status, outcome) = it.get(&it.alice, "/api/v1/invocations/mcp-prompt-1").await;
@@ -518,6 +524,63 @@ async fn an_mcp_client_puts_the_approval_to_its_user() {
         "{}",
         text(&denied)
     );
+    // The prompt as the client gets it, with the state to call again with: the same
+    // request under it is answered; another one (other arguments) is refused as a reused
+    // id, and so is a state Switchboard did not give.
+    let first = mcp
+        .call_tool_once(call(&it, "create_issue", json!({"title": "H"})))
+        .await
+        .expect("tools/call");
+    let CallToolResponse::InputRequired(prompt) = first else {
+        panic!("a prompt: {first:?}");
+    };
+    assert_eq!(std::iter::from_fn(|| prompts.try_recv().ok()).count(), 0);
+    let asked_with = prompt.request_state.clone().expect("a requestState");
+    let requests = prompt.input_requests.expect("the prompt");
+    assert_eq!(
+        requests.keys().collect::<Vec<_>>(),
+        ["switchboard/approval"]
+    );
+    let other = mcp
+        .call_tool_once(
+            call(&it, "create_issue", json!({"title": "I"})).with_request_state(&asked_with),
+        )
+        .await
+        .expect_err("another request under the prompt's state");
+    assert!(
+        other
+            .to_string()
+            .contains("already used for a different request"),
+        "{other}"
+    );
+    let forged = mcp
+        .call_tool_once(
+            call(&it, "create_issue", json!({"title": "H"})).with_request_state("mcp-prompt-1"),
+        )
+        .await
+        .expect_err("a state Switchboard did not give");
+    assert!(
+        forged
+            .to_string()
+            .contains("requestState is not one Switchboard gave"),
+        "{forged}"
+    );
+    let declined = mcp
+        .call_tool_once(
+            call(&it, "create_issue", json!({"title": "H"}))
+                .with_request_state(&asked_with)
+                .with_input_responses(InputResponses::from([(
+                    "switchboard/approval".to_owned(),
+                    json!({"action": "decline"}),
+                )])),
+        )
+        .await
+        .expect("tools/call");
+    let CallToolResponse::Complete(declined) = declined else {
+        panic!("an outcome: {declined:?}");
+    };
+    assert_eq!(meta(&declined, "switchboard/outcome"), "denied");
+
     // Declined: denied. Cancelled: withdrawn. Neither calls the tool.
     answer_with(ElicitResult::new(ElicitationAction::Decline));
     let declined = mcp
@@ -535,8 +598,34 @@ async fn an_mcp_client_puts_the_approval_to_its_user() {
     assert_eq!(meta(&cancelled, "switchboard/reason"), "withdrawn");
     assert_eq!(std::iter::from_fn(|| prompts.try_recv().ok()).count(), 1);
     assert_eq!(handle.tool_calls("create_issue"), 1);
+
+    // Approved from now on: called, and the tool is Always allow, asked about no more.
+    answer_with(accepted(json!({"decision": "approve", "always": true})));
+    let created = mcp
+        .call_tool(call(&it, "create_issue", json!({"title": "F"})))
+        .await
+        .expect("tools/call");
+    assert_eq!(meta(&created, "switchboard/outcome"), "completed");
+    assert_eq!(std::iter::from_fn(|| prompts.try_recv().ok()).count(), 1);
+    let tools = mcp.list_all_tools().await.expect("tools/list");
+    let create = tools
+        .iter()
+        .find(|tool| tool.name.ends_with("create_issue"))
+        .expect("listed");
+    assert_eq!(
+        create.meta.as_ref().expect("_meta")["switchboard/state"],
+        "always_allow"
+    );
+    let created = mcp
+        .call_tool(call(&it, "create_issue", json!({"title": "G"})))
+        .await
+        .expect("tools/call");
+    assert_eq!(meta(&created, "switchboard/outcome"), "completed");
+    assert!(prompts.try_recv().is_err(), "asked about an allowed tool");
+    assert_eq!(handle.tool_calls("create_issue"), 3);
     assert!(answers.lock().expect("answers").is_empty());
     mcp.cancel().await.expect("closed");
+    it.set_state("create_issue", "needs_approval").await;
 
     // An orchestrator acting for Alice is never asked: her decision is hers. Its call
     // waits among her approvals until she makes it.
@@ -574,7 +663,7 @@ async fn an_mcp_client_puts_the_approval_to_its_user() {
         prompts.try_recv().is_err(),
         "the orchestrator's client was asked"
     );
-    assert_eq!(handle.tool_calls("create_issue"), 2);
+    assert_eq!(handle.tool_calls("create_issue"), 4);
     acting.cancel().await.expect("closed");
 }
 
