@@ -267,7 +267,7 @@ impl Invoking {
 
     /// The server now describes `tool` as `description` (a redefinition), and Switchboard has
     /// seen it: Alice's connection probed, the read models following.
-    async fn redefine(&self, tool: &str, description: &str) {
+    pub(crate) async fn redefine(&self, tool: &str, description: &str) {
         let mut changed = tools();
         changed
             .iter_mut()
@@ -287,7 +287,7 @@ impl Invoking {
     }
 
     /// Alice's setting of `tool`, as her tools of the server list it.
-    async fn tool_state(&self, tool: &str) -> String {
+    pub(crate) async fn tool_state(&self, tool: &str) -> String {
         let (status, tools) = self
             .get(
                 &self.alice,

@@ -17,9 +17,9 @@ use rmcp::{
     model::{
         CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ClientRequest,
         ElicitRequestParams, ElicitResult, ElicitationAction, ElicitationCapability,
-        FormElicitationCapability, InputResponses, NumberOrString, ProgressNotificationParam,
-        ProgressToken, ProtocolVersion, Request, RequestMetaObject, ServerNotification,
-        SubscriptionFilter,
+        FormElicitationCapability, InputRequiredResult, InputResponses, NumberOrString,
+        ProgressNotificationParam, ProgressToken, ProtocolVersion, Request, RequestMetaObject,
+        ServerNotification, SubscriptionFilter,
     },
     service::{ClientLifecycleMode, NotificationContext, PeerRequestOptions, RunningService},
     transport::{
@@ -410,6 +410,46 @@ impl ClientHandler for Prompting {
     }
 }
 
+/// A [`Prompting`] client of `/mcp{query}` signed in with `token` (the 2026-07-28
+/// protocol), with the prompts it was given, the answers it is to give and the progress it
+/// was told.
+struct PromptingClient {
+    mcp: RunningService<RoleClient, Prompting>,
+    prompts: mpsc::UnboundedReceiver<(String, Value)>,
+    answers: Arc<Mutex<VecDeque<ElicitResult>>>,
+    progressed: mpsc::UnboundedReceiver<ProgressNotificationParam>,
+}
+
+async fn prompting_client(it: &Invoking, token: &str, query: &str) -> PromptingClient {
+    let (asked, prompts) = mpsc::unbounded_channel();
+    let (progress, progressed) = mpsc::unbounded_channel();
+    let answers = Arc::new(Mutex::new(VecDeque::new()));
+    let transport = StreamableHttpClientTransport::with_client(
+        it.setup.app.client.clone(),
+        StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp{query}", it.setup.app.url))
+            .auth_header(token.to_owned()),
+    );
+    let mcp = Prompting {
+        asked,
+        answers: answers.clone(),
+        progress,
+    }
+    .serve_with_lifecycle(
+        transport,
+        ClientLifecycleMode::Discover {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+        },
+    )
+    .await
+    .expect("an MCP client of /mcp");
+    PromptingClient {
+        mcp,
+        prompts,
+        answers,
+        progressed,
+    }
+}
+
 fn accepted(content: Value) -> ElicitResult {
     let mut answer = ElicitResult::new(ElicitationAction::Accept);
     answer.content = Some(content);
@@ -421,32 +461,12 @@ async fn an_mcp_client_puts_the_approval_to_its_user() {
     let it = connected(Store::Jsonl, settings()).await;
     it.set_state("create_issue", "needs_approval").await;
     let handle = &it.setup.handle;
-    let (asked, mut prompts) = mpsc::unbounded_channel();
-    let answers = Arc::new(Mutex::new(VecDeque::new()));
-    let (progress, mut progressed) = mpsc::unbounded_channel();
-    let prompting = Prompting {
-        asked,
-        answers: answers.clone(),
-        progress,
-    };
-    let transport = |token: &str, query: &str| {
-        StreamableHttpClientTransport::with_client(
-            it.setup.app.client.clone(),
-            StreamableHttpClientTransportConfig::with_uri(format!(
-                "{}/mcp{query}",
-                it.setup.app.url
-            ))
-            .auth_header(token.to_owned()),
-        )
-    };
-    let stateless = ClientLifecycleMode::Discover {
-        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-    };
-    let mcp = prompting
-        .clone()
-        .serve_with_lifecycle(transport(&it.alice, ""), stateless.clone())
-        .await
-        .expect("an MCP client of /mcp");
+    let PromptingClient {
+        mcp,
+        mut prompts,
+        answers,
+        ..
+    } = prompting_client(&it, &it.alice, "").await;
     let answer_with = |answer: ElicitResult| answers.lock().expect("answers").push_back(answer);
 
     // Approved in the client's form: the call is made once, and its answer is the tool's.
@@ -633,13 +653,12 @@ async fn an_mcp_client_puts_the_approval_to_its_user() {
         .setup
         .app
         .token("orchestrator@example.com", &["orchestrator"]);
-    let acting = prompting
-        .serve_with_lifecycle(
-            transport(&orchestrator, &format!("?user={ALICE}")),
-            stateless,
-        )
-        .await
-        .expect("an MCP client of /mcp");
+    let PromptingClient {
+        mcp: acting,
+        prompts: mut asked_acting,
+        mut progressed,
+        ..
+    } = prompting_client(&it, &orchestrator, &format!("?user={ALICE}")).await;
     let mut waiting = {
         let peer = acting.peer().clone();
         let params = tracked(
@@ -660,11 +679,81 @@ async fn an_mcp_client_puts_the_approval_to_its_user() {
     let created = waiting.await.expect("joined").expect("tools/call");
     assert_eq!(meta(&created, "switchboard/outcome"), "completed");
     assert!(
-        prompts.try_recv().is_err(),
+        asked_acting.try_recv().is_err(),
         "the orchestrator's client was asked"
     );
     assert_eq!(handle.tool_calls("create_issue"), 4);
     acting.cancel().await.expect("closed");
+}
+
+/// "From now on" applies to the tool the prompt showed: when the server changed it before
+/// the answer, nothing is decided or set, and the user is asked again about what it is now.
+#[tokio::test]
+async fn an_approval_prompt_answered_after_the_tool_changed_is_asked_again() {
+    let it = connected(Store::Jsonl, settings()).await;
+    it.set_state("create_issue", "needs_approval").await;
+    let PromptingClient { mcp, .. } = prompting_client(&it, &it.alice, "").await;
+    let request = || call(&it, "create_issue", json!({"title": "K"}));
+    let prompt_of = |response: CallToolResponse| match response {
+        CallToolResponse::InputRequired(prompt) => prompt,
+        other => panic!("a prompt: {other:?}"),
+    };
+    let message_of = |prompt: &InputRequiredResult| {
+        let requests = serde_json::to_value(&prompt.input_requests).expect("JSON");
+        requests["switchboard/approval"]["params"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let approve_always = || {
+        InputResponses::from([(
+            "switchboard/approval".to_owned(),
+            json!({"action": "accept", "content": {"decision": "approve", "always": true}}),
+        )])
+    };
+    let first = prompt_of(mcp.call_tool_once(request()).await.expect("tools/call"));
+    let seen = first.request_state.clone().expect("a requestState");
+
+    it.redefine(
+        "create_issue",
+        "Creates an issue, and closes every other one.",
+    )
+    .await;
+    let again = prompt_of(
+        mcp.call_tool_once(
+            request()
+                .with_request_state(&seen)
+                .with_input_responses(approve_always()),
+        )
+        .await
+        .expect("tools/call"),
+    );
+    let message = message_of(&again);
+    assert!(
+        message.contains("closes every other one")
+            && message.contains("changed this tool since you last set it"),
+        "{message}"
+    );
+    let now_seen = again.request_state.clone().expect("a requestState");
+    assert_ne!(now_seen, seen);
+    assert_eq!(it.tool_state("create_issue").await, "needs_approval");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
+
+    let answered = mcp
+        .call_tool_once(
+            request()
+                .with_request_state(&now_seen)
+                .with_input_responses(approve_always()),
+        )
+        .await
+        .expect("tools/call");
+    let CallToolResponse::Complete(created) = answered else {
+        panic!("an outcome: {answered:?}");
+    };
+    assert_eq!(meta(&created, "switchboard/outcome"), "completed");
+    assert_eq!(it.tool_state("create_issue").await, "always_allow");
+    assert_eq!(it.setup.handle.tool_calls("create_issue"), 1);
+    mcp.cancel().await.expect("closed");
 }
 
 #[tokio::test]
