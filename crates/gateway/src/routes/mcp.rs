@@ -5,8 +5,8 @@
 //! call put to the user in their own client when it can show a form (see *Approval
 //! prompts*) and otherwise waiting for the user's decision in Switchboard (with progress
 //! notifications, when the client asks for them, so that it keeps waiting), at most one
-//! upstream call per invocation id, and the
-//! tool's answer handed on as it came with `_meta` saying it is untrusted and whose it is.
+//! upstream call per invocation id, and the tool's answer handed on as it came with
+//! `_meta` saying it is untrusted and whose it is.
 //! A client may give its own invocation id and the conversation in the call's `_meta`
 //! ([`INVOCATION_ID_META`], [`CONVERSATION_ID_META`]).
 //!
@@ -30,8 +30,8 @@
 //! (asked again if the tool changed since the prompt); cancel withdraws the invocation; a
 //! form without a decision is asked again. The decision is recorded as any other — once,
 //! by the invocation's own user — and the waiting call is among the user's approvals
-//! meanwhile, to decide there instead. Never for a caller acting for
-//! another user (an orchestrator with `?user=`): that call waits for the user. Off with
+//! meanwhile, to decide there instead. Never for a caller acting for another user (an
+//! orchestrator with `?user=`): that call waits for the user. Off with
 //! `invocations.mcp_approval_prompts = false`, where approvals must be made outside the AI
 //! client.
 //!
@@ -438,6 +438,7 @@ impl ServerHandler for McpFront {
             Answer::Outcome(report) => result_of(report, &tool).map(CallToolResponse::Complete),
             Answer::AskTheUser(pending) => Ok(CallToolResponse::InputRequired(approval_prompt(
                 &acting.user,
+                &id,
                 &pending,
             ))),
         }
@@ -639,7 +640,11 @@ fn shortened(text: &str, max: usize) -> String {
 /// tool, its server, what the server says it does, the arguments, the conversation) and a
 /// form asking approve or deny, why (for the AI), and whether the decision stands for the
 /// tool from now on. The client answers by calling again with the prompt's state.
-fn approval_prompt(user: &UserId, pending: &PendingApproval) -> InputRequiredResult {
+fn approval_prompt(
+    user: &UserId,
+    id: &InvocationId,
+    pending: &PendingApproval,
+) -> InputRequiredResult {
     let shown_tool = match &pending.tool_context {
         Some(tool) if !tool.title.is_empty() => format!("{} ({})", tool.title, pending.tool),
         _ => pending.tool.clone(),
@@ -666,7 +671,7 @@ fn approval_prompt(user: &UserId, pending: &PendingApproval) -> InputRequiredRes
     message.push_str("\n\n");
     message.push_str(&shortened(&arguments, PROMPT_ARGUMENTS_CHARS));
     message.push_str("\n\nYou set this tool to Needs approval. (Invocation ");
-    message.push_str(&pending.invocation_id);
+    message.push_str(id.as_str());
     if !pending.conversation_id.is_empty() {
         message.push_str(", conversation ");
         message.push_str(&pending.conversation_id);
@@ -678,9 +683,9 @@ fn approval_prompt(user: &UserId, pending: &PendingApproval) -> InputRequiredRes
     let requested_schema = ElicitationSchema::builder()
         .required_enum_schema("decision", decision)
         .optional_string_with("reason", |reason| {
-            reason
-                .title("Why, if you deny it")
-                .description("The AI is told this reason. At most 500 characters.")
+            reason.title("Why, if you deny it").description(format!(
+                "The AI is told this reason. At most {MAX_DENIAL_REASON_CHARS} characters."
+            ))
         })
         .optional_bool_with("always", |always| {
             always
@@ -699,19 +704,16 @@ fn approval_prompt(user: &UserId, pending: &PendingApproval) -> InputRequiredRes
             requested_schema,
         },
     ));
-    let state = InvocationId::parse(&pending.invocation_id)
-        .ok()
-        .map(|invocation_id| PromptState {
-            invocation_id,
-            definition_hash: pending
-                .tool_context
-                .as_ref()
-                .map(|tool| tool.definition_hash.clone()),
-        })
-        .and_then(|state| serde_json::to_string(&state).ok());
+    let state = PromptState {
+        invocation_id: id.clone(),
+        definition_hash: pending
+            .tool_context
+            .as_ref()
+            .map(|tool| tool.definition_hash.clone()),
+    };
     InputRequiredResult::new(
         Some(InputRequests::from([(APPROVAL_PROMPT.to_owned(), prompt)])),
-        state,
+        serde_json::to_string(&state).ok(),
     )
 }
 
