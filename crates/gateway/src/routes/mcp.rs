@@ -613,13 +613,7 @@ async fn prompt_for(
     if let Err(error) = settle_invocations(state).await {
         tracing::warn!(%error, "the approvals may not show a prompted MCP call yet");
     }
-    state
-        .invoker
-        .pending_approvals(user)
-        .await
-        .into_iter()
-        .find(|pending| pending.invocation_id == id.as_str())
-        .map(Box::new)
+    state.invoker.pending_approval(user, id).await.map(Box::new)
 }
 
 /// The most an approval prompt shows of the arguments' JSON and of the tool's description,

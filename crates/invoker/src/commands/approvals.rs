@@ -59,10 +59,30 @@ impl Invoker {
     /// they decide on (`null` when the vault no longer has them: approving then fails the
     /// invocation without a call).
     pub async fn pending_approvals(&self, user: &UserId) -> Vec<PendingApproval> {
+        self.pending_approvals_among(user, None).await
+    }
+
+    /// The user's invocation `id`, as [`Self::pending_approvals`] lists it, while it waits
+    /// for their decision (reading only its own arguments and request).
+    pub async fn pending_approval(
+        &self,
+        user: &UserId,
+        id: &InvocationId,
+    ) -> Option<PendingApproval> {
+        self.pending_approvals_among(user, Some(id)).await.pop()
+    }
+
+    /// The user's waiting invocations, or the one named `only`.
+    async fn pending_approvals_among(
+        &self,
+        user: &UserId,
+        only: Option<&InvocationId>,
+    ) -> Vec<PendingApproval> {
         let models = &self.inner.read_models;
         let pending: Vec<domain::OpenInvocation> = models.open_invocations.read(|open| {
             open.pending_approvals_of(user.as_str())
                 .into_iter()
+                .filter(|open| only.is_none_or(|id| open.invocation_id == id.as_str()))
                 .cloned()
                 .collect()
         });
