@@ -720,3 +720,15 @@ async fn a_decision_made_always_stands_for_the_tools_later_requests() {
     assert_eq!(it.tool_state("search_issues").await, "blocked");
     assert_eq!(it.setup.handle.tool_calls("search_issues"), 0);
 }
+
+/// The ids of the invocations an approvals list shows.
+fn approval_ids(approvals: &Value) -> Vec<String> {
+    approvals["approvals"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|a| a["invocation_id"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -606,3 +606,111 @@ async fn the_sweeper_closes_what_a_stopped_process_left_open_and_says_whether_it
     );
     assert_eq!(it.setup.handle.tool_calls("create_issue"), 0);
 }
+
+/// The invocations log as a store that is failing for one kind of write: appends holding an
+/// event of `event_type` fail as unavailable — after they were stored (an answer lost on its
+/// way back) when `store_first` — while `remaining` lasts; everything else goes to the real
+/// log.
+#[derive(Debug)]
+struct FaultyAppends {
+    inner: std::sync::Arc<dyn eventlog::EventLog>,
+    event_type: &'static str,
+    store_first: bool,
+    remaining: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+impl FaultyAppends {
+    fn new(
+        inner: std::sync::Arc<dyn eventlog::EventLog>,
+        event_type: &'static str,
+        store_first: bool,
+        faults: usize,
+    ) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(FaultyAppends {
+            inner,
+            event_type,
+            store_first,
+            remaining: std::sync::atomic::AtomicUsize::new(faults),
+            refused: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl eventlog::EventLog for FaultyAppends {
+    async fn append(
+        &self,
+        subject: &eventlog::Subject,
+        expected: eventlog::ExpectedVersion,
+        events: &[proto::v1::Envelope],
+    ) -> Result<eventlog::AppendOutcome, eventlog::EventLogError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let faulty = events
+            .iter()
+            .any(|e| eventlog::event_type_of(e) == Some(self.event_type))
+            && self
+                .remaining
+                .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+                .is_ok();
+        if !faulty {
+            return self.inner.append(subject, expected, events).await;
+        }
+        if self.store_first {
+            self.inner.append(subject, expected, events).await?;
+        }
+        self.refused.fetch_add(1, SeqCst);
+        Err(eventlog::EventLogError::Unavailable {
+            reason: "the store is failing (test)".to_owned(),
+        })
+    }
+
+    async fn read_aggregate(
+        &self,
+        subject: &eventlog::Subject,
+    ) -> Result<eventlog::AggregateHistory, eventlog::EventLogError> {
+        self.inner.read_aggregate(subject).await
+    }
+
+    async fn read_from(
+        &self,
+        log: eventlog::LogKind,
+        from: u64,
+        filter: Option<&eventlog::SubjectFilter>,
+    ) -> Result<eventlog::EventStream, eventlog::EventLogError> {
+        self.inner.read_from(log, from, filter).await
+    }
+
+    async fn subscribe(
+        &self,
+        log: eventlog::LogKind,
+        from: u64,
+        filter: Option<&eventlog::SubjectFilter>,
+    ) -> Result<eventlog::EventStream, eventlog::EventLogError> {
+        self.inner.subscribe(log, from, filter).await
+    }
+
+    async fn read_event(
+        &self,
+        log: eventlog::LogKind,
+        sequence: u64,
+    ) -> Result<Option<eventlog::RecordedEvent>, eventlog::EventLogError> {
+        self.inner.read_event(log, sequence).await
+    }
+
+    async fn last_sequence(&self, log: eventlog::LogKind) -> Result<u64, eventlog::EventLogError> {
+        self.inner.last_sequence(log).await
+    }
+
+    fn filters_where_stored(&self) -> bool {
+        self.inner.filters_where_stored()
+    }
+
+    fn max_event_bytes(&self) -> Option<usize> {
+        self.inner.max_event_bytes()
+    }
+}

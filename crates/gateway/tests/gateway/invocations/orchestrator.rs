@@ -675,3 +675,117 @@ async fn an_orchestrator_over_http_follows_changed_tool_lists() {
         .expect("refused");
     assert_eq!(refused.status(), 403, "another user's changes");
 }
+
+/// `<prefix>.invoke.status` for Alice's invocation `id`, in protobuf: the reply.
+async fn status_over_nats(
+    client: &async_nats::Client,
+    prefix: &str,
+    id: &str,
+) -> async_nats::Message {
+    use proto::Message as _;
+    let request = proto::v1::InvokeStatusRequest {
+        invocation_id: id.to_owned(),
+        user_id: ALICE.to_owned(),
+        wait_ms: 0,
+    };
+    client
+        .request(
+            format!("{prefix}.invoke.status"),
+            request.encode_to_vec().into(),
+        )
+        .await
+        .expect("a reply, not a time-out")
+}
+
+async fn announces_tool_changes(store: Store, check_not_caught_up: bool) {
+    use futures_util::StreamExt;
+    use proto::Message as _;
+    let it = connected(store, settings()).await;
+    let client = nats_client().await;
+    let prefix = testkit::unique_name("changes");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let invoker = &it.setup.app.state.invoker;
+    let mut changes = client
+        .subscribe(invoker::tools_changed_subject(&prefix))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    serve_on_nats(invoker, &client, &prefix, Stop::at(shutdown.clone())).await;
+    let config_end = || async {
+        it.setup
+            .app
+            .state
+            .log
+            .last_sequence(eventlog::LogKind::Config)
+            .await
+            .expect("end")
+    };
+    let mut next_change = async |what: &str| {
+        let message = tokio::time::timeout(Duration::from_secs(10), changes.next())
+            .await
+            .unwrap_or_else(|_| panic!("no announcement: {what}"))
+            .expect("a message");
+        proto::v1::ToolsChanged::decode(message.payload).expect("protobuf")
+    };
+    let listed_after = |position: u64| {
+        let client = client.clone();
+        let subject = format!("{prefix}.tools.list");
+        async move {
+            nats_json(
+                &client,
+                subject,
+                &json!({"userId": ALICE, "afterConfigPosition": position}),
+            )
+            .await
+        }
+    };
+
+    it.set_state("search_issues", "always_allow").await;
+    let allowed = next_change("a tool allowed").await;
+    assert_eq!(allowed.user_id, ALICE);
+    assert_eq!(allowed.config_position, config_end().await);
+    let listed = listed_after(allowed.config_position).await;
+    assert_eq!(
+        listed["tools"][0]["name"],
+        format!("{PREFIX}search_issues"),
+        "{listed}"
+    );
+
+    // The server redefines a tool Alice has blocked: her list is as it was.
+    let before = config_end().await;
+    it.redefine(
+        "delete_issue",
+        "Deletes an issue and every issue linked to it.",
+    )
+    .await;
+    assert!(config_end().await > before, "the redefinition is recorded");
+    it.set_state("create_issue", "needs_approval").await;
+    let asks = next_change("a tool set to ask").await;
+    assert_eq!(
+        asks.config_position,
+        config_end().await,
+        "the first announcement after the redefinition is the setting's"
+    );
+
+    let admin = it.setup.app.token("admin@example.com", &["admin"]);
+    let (status, body) = it
+        .post(
+            &admin,
+            &format!("/api/v1/servers/{}/disable", it.server_id),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let disabled = next_change("the server disabled").await;
+    assert_eq!(disabled.user_id, ALICE);
+    let listed = listed_after(disabled.config_position).await;
+    // (proto3 JSON leaves an empty list out.)
+    assert_eq!(listed, json!({}), "no tools, and no error: {listed}");
+
+    // A position this process has not reached is refused, saying so.
+    if check_not_caught_up {
+        let ahead = listed_after(config_end().await + 1_000).await;
+        assert_eq!(ahead["error"]["code"], "not_caught_up", "{ahead}");
+    }
+    shutdown.cancel();
+}
