@@ -28,7 +28,7 @@ mod tools_changed;
 
 pub use commands::{
     Decision, InvocationReport, InvokeRequest, MAX_DENIAL_REASON_CHARS, Outcome, PendingApproval,
-    PendingToolContext, ToolListing, ToolServer, invocation_subject,
+    PendingToolContext, ToolListing, ToolServer, denial_reason_from, invocation_subject,
 };
 pub use error::InvokerError;
 pub use metrics::InvokerMetrics;

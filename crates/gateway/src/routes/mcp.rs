@@ -57,7 +57,7 @@ use domain::{InvocationId, UserId};
 use eventlog::LogKind;
 use invoker::{
     Decision, InvocationReport, InvokeRequest, InvokerError, MAX_DENIAL_REASON_CHARS, Outcome,
-    PendingApproval, ToolListing,
+    PendingApproval, ToolListing, denial_reason_from,
 };
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
@@ -567,7 +567,7 @@ fn prompt_answer(request: &CallToolRequestParams) -> Option<PromptAnswer> {
                     reason: content
                         .get("reason")
                         .and_then(Value::as_str)
-                        .map(denial_reason)
+                        .map(denial_reason_from)
                         .unwrap_or_default(),
                 },
                 _ => return None,
@@ -583,23 +583,6 @@ fn prompt_answer(request: &CallToolRequestParams) -> Option<PromptAnswer> {
         ElicitationAction::Cancel => once(Decision::Withdraw),
         _ => None,
     }
-}
-
-/// A reason typed into a client's form, as a denial takes it: control characters (other
-/// than line breaks and tabs) as spaces, cut to the longest reason kept.
-fn denial_reason(typed: &str) -> String {
-    typed
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_control() && c != '\n' && c != '\t' {
-                ' '
-            } else {
-                c
-            }
-        })
-        .take(MAX_DENIAL_REASON_CHARS)
-        .collect()
 }
 
 /// `user`'s waiting request `id` as their approvals show it, to put to them; `None` once it

@@ -17,7 +17,7 @@ use service_kit::CommandContext;
 use super::{
     Decision, FinishOnDrop, InvocationReport, MAX_DENIAL_REASON_CHARS, Outcome, PendingApproval,
     PendingToolContext, Settled, WITHDRAWAL_WAIT, Whereabouts, advance, call::Run,
-    invocation_subject,
+    fits_a_denial_reason, invocation_subject,
 };
 use crate::{Invoker, InvokerError, ResultServer, service::RunningCall};
 
@@ -184,9 +184,7 @@ impl Invoker {
                 // Told to the AI as the outcome's message: text, line breaks allowed.
                 let reason = reason.trim();
                 if reason.chars().count() > MAX_DENIAL_REASON_CHARS
-                    || reason
-                        .chars()
-                        .any(|c| c.is_control() && c != '\n' && c != '\t')
+                    || !reason.chars().all(fits_a_denial_reason)
                 {
                     return Err(InvokerError::ReasonInvalid {
                         max: MAX_DENIAL_REASON_CHARS,

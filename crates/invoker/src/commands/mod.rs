@@ -200,6 +200,24 @@ pub enum Decision {
 /// The longest reason a user may give a denial, in characters.
 pub const MAX_DENIAL_REASON_CHARS: usize = 500;
 
+/// Whether `c` may stand in a denial's reason, which the AI is told as text: anything but
+/// control characters, line breaks and tabs aside.
+pub(crate) fn fits_a_denial_reason(c: char) -> bool {
+    !c.is_control() || c == '\n' || c == '\t'
+}
+
+/// What a denial keeps of a reason typed where it cannot be sent back to be corrected (a
+/// form in the user's MCP client): trimmed, other control characters as spaces, cut to
+/// [`MAX_DENIAL_REASON_CHARS`].
+pub fn denial_reason_from(typed: &str) -> String {
+    typed
+        .trim()
+        .chars()
+        .map(|c| if fits_a_denial_reason(c) { c } else { ' ' })
+        .take(MAX_DENIAL_REASON_CHARS)
+        .collect()
+}
+
 /// How long a withdrawal waits for the cancelled call's outcome to be recorded.
 pub const WITHDRAWAL_WAIT: Duration = Duration::from_secs(10);
 
@@ -296,5 +314,25 @@ impl Invoker {
             }
             Some(d) => Ok(d),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_typed_reason_keeps_its_text_and_lines_and_fits_a_denial() {
+        let typed = format!(
+            "  Not in\u{7}this project.\n\tAsk Bob.{}  ",
+            "x".repeat(600)
+        );
+        let kept = denial_reason_from(&typed);
+        assert!(
+            kept.starts_with("Not in this project.\n\tAsk Bob.x"),
+            "{kept:?}"
+        );
+        assert_eq!(kept.chars().count(), MAX_DENIAL_REASON_CHARS);
+        assert!(kept.chars().all(fits_a_denial_reason));
     }
 }
