@@ -138,17 +138,13 @@ async fn disconnect(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<DisconnectView>, ApiError> {
     let id = super::server_id(&id)?;
+    let context = state.command_context(&caller);
     let done = state
         .connections
-        .disconnect(
-            &state.command_context(&caller),
-            &caller.user,
-            id,
-            "the user disconnected",
-        )
+        .disconnect(&context, &caller.user, id, "the user disconnected")
         .await?;
     state.settle(&done.written).await;
-    super::invocations::deny_pending_now_refused(&state, &caller, id).await?;
+    super::invocations::deny_pending_now_refused(&state, &context, &caller.user, id).await?;
     Ok(axum::Json(DisconnectView {
         status: "not_connected",
         tokens_revoked: done.tokens_revoked,

@@ -281,13 +281,13 @@ async fn invoke(
 /// caller's own doing), and leave their approvals before the answer.
 pub(crate) async fn deny_pending_now_refused(
     state: &AppState,
-    caller: &Caller,
+    context: &CommandContext,
+    user: &UserId,
     server: domain::ServerId,
 ) -> Result<(), ApiError> {
-    let context = state.command_context(caller);
     let denied = state
         .invoker
-        .deny_pending_now_refused(&context, &caller.user, server)
+        .deny_pending_now_refused(context, user, server)
         .await;
     settle_if_closed(state, denied).await
 }
@@ -564,6 +564,43 @@ async fn decide_approval(
     Ok(axum::Json(InvocationOutcome::of(report)))
 }
 
+/// Why a user's decision was not made, as the part that refused it said: a caller acting
+/// on the kind of refusal (an MCP prompt asks again when the tool changed) matches
+/// [`DecisionRefused::rule`]; the API answers it as an [`ApiError`].
+#[derive(Debug)]
+pub(crate) enum DecisionRefused {
+    /// The tool's setting that `always` asked for.
+    Setting(policy::PolicyError),
+    /// The decision itself.
+    Decision(invoker::InvokerError),
+    /// What follows it: showing it in the approvals, denying what the new setting refuses.
+    After(ApiError),
+}
+
+impl DecisionRefused {
+    /// The domain's rule that refused it, if one did.
+    pub(crate) fn rule(&self) -> Option<&domain::DomainError> {
+        match self {
+            DecisionRefused::Setting(policy::PolicyError::Domain(rule))
+            | DecisionRefused::Setting(policy::PolicyError::Command(
+                service_kit::CommandError::Domain(rule),
+            ))
+            | DecisionRefused::Decision(invoker::InvokerError::Domain(rule)) => Some(rule),
+            _ => None,
+        }
+    }
+}
+
+impl From<DecisionRefused> for ApiError {
+    fn from(refused: DecisionRefused) -> Self {
+        match refused {
+            DecisionRefused::Setting(error) => error.into(),
+            DecisionRefused::Decision(error) => error.into(),
+            DecisionRefused::After(error) => error,
+        }
+    }
+}
+
 /// `user`'s decision on their invocation `id`, wherever they make it (the approvals route,
 /// an approval prompt in their MCP client). With `always` the tool's setting follows the
 /// decision (`always_allow`, or `blocked`, which also denies their other requests of it that
@@ -577,7 +614,7 @@ pub(crate) async fn decide_as_user(
     decision: Decision,
     always: bool,
     definition_hash: Option<String>,
-) -> Result<InvocationReport, ApiError> {
+) -> Result<InvocationReport, DecisionRefused> {
     let blocks = matches!(decision, Decision::Deny { .. });
     // Set before the decision, so that a refused setting decides nothing. (An invocation not
     // waiting any more changes no setting: the decision below says why it cannot be made.)
@@ -594,7 +631,8 @@ pub(crate) async fn decide_as_user(
             let written = state
                 .policy
                 .set_tool_state(context, user, server, &tool, setting, definition_hash)
-                .await?;
+                .await
+                .map_err(DecisionRefused::Setting)?;
             state.settle(&written).await;
             Some(server)
         }
@@ -603,16 +641,17 @@ pub(crate) async fn decide_as_user(
     let report = state
         .invoker
         .decide_approval(context, user, id, decision)
-        .await?;
+        .await
+        .map_err(DecisionRefused::Decision)?;
     // The decided invocation leaves the user's approvals: a GET right after must not list it.
-    settle_invocations(state).await?;
+    settle_invocations(state)
+        .await
+        .map_err(DecisionRefused::After)?;
     if blocks && let Some(server) = remembered_on {
         // The tool is blocked now: the user's other requests of it that wait are pointless.
-        let denied = state
-            .invoker
-            .deny_pending_now_refused(context, user, server)
-            .await;
-        settle_if_closed(state, denied).await?;
+        deny_pending_now_refused(state, context, user, server)
+            .await
+            .map_err(DecisionRefused::After)?;
     }
     Ok(report)
 }

@@ -53,7 +53,7 @@ use axum::{
     http::Method,
     response::{IntoResponse, Response},
 };
-use domain::{InvocationId, UserId};
+use domain::{DomainError, InvocationId, UserId};
 use eventlog::LogKind;
 use invoker::{
     Decision, InvocationReport, InvokeRequest, InvokerError, MAX_DENIAL_REASON_CHARS, Outcome,
@@ -399,15 +399,24 @@ impl ServerHandler for McpFront {
                             Ok(decided) => report = decided,
                             // Decided meanwhile (in Switchboard, or by the sweeper): the
                             // outcome below says how.
-                            Err(refused) if refused.code == NOT_AWAITING_APPROVAL => {}
+                            Err(refused)
+                                if matches!(
+                                    refused.rule(),
+                                    Some(DomainError::InvocationNotAwaitingApproval)
+                                ) => {}
                             // The tool changed since the user saw it: they are asked again,
                             // about what it is now.
-                            Err(refused) if refused.code == TOOL_DEFINITION_CHANGED => {
+                            Err(refused)
+                                if matches!(
+                                    refused.rule(),
+                                    Some(DomainError::ToolDefinitionStale { .. })
+                                ) =>
+                            {
                                 if let Some(pending) = prompt_for(&state, &acting.user, &id).await {
                                     return Ok(Answer::AskTheUser(pending));
                                 }
                             }
-                            Err(refused) => return Err(mcp_error_of(refused)),
+                            Err(refused) => return Err(mcp_error_of(refused.into())),
                         }
                     }
                 }
@@ -495,10 +504,6 @@ enum Answer {
     /// The user's decision on this waiting request, asked for in their MCP client.
     AskTheUser(Box<PendingApproval>),
 }
-
-/// The codes of the refusals an answered prompt may meet, as the API gives them.
-const NOT_AWAITING_APPROVAL: &str = "invocation_not_awaiting_approval";
-const TOOL_DEFINITION_CHANGED: &str = "tool_definition_changed";
 
 /// What an approval prompt's `requestState` holds, echoed by the client with its answer:
 /// the invocation asked about and the tool's definition the user was shown. A handle to

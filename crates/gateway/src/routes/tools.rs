@@ -154,10 +154,11 @@ async fn set_tool_state(
 ) -> Result<axum::Json<ToolItem>, ApiError> {
     let server = existing_server(&state, &id)?;
     let new_state = tool_state(&request.state)?;
+    let context = state.command_context(&caller);
     let written = state
         .policy
         .set_tool_state(
-            &state.command_context(&caller),
+            &context,
             &caller.user,
             server,
             &tool,
@@ -167,7 +168,8 @@ async fn set_tool_state(
         .await?;
     state.settle(&written).await;
     if new_state == ToolState::Blocked {
-        super::invocations::deny_pending_now_refused(&state, &caller, server).await?;
+        super::invocations::deny_pending_now_refused(&state, &context, &caller.user, server)
+            .await?;
     }
     state
         .read_models
@@ -208,19 +210,15 @@ async fn set_category_state(
         )
     })?;
     let new_state = tool_state(&request.state)?;
+    let context = state.command_context(&caller);
     let written = state
         .policy
-        .set_category_state(
-            &state.command_context(&caller),
-            &caller.user,
-            server,
-            category,
-            new_state,
-        )
+        .set_category_state(&context, &caller.user, server, category, new_state)
         .await?;
     state.settle(&written).await;
     if new_state == ToolState::Blocked {
-        super::invocations::deny_pending_now_refused(&state, &caller, server).await?;
+        super::invocations::deny_pending_now_refused(&state, &context, &caller.user, server)
+            .await?;
     }
     Ok(axum::Json(tool_list(&state, &caller, server)))
 }
