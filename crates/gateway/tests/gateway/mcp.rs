@@ -64,13 +64,24 @@ async fn client(
     stateless: bool,
 ) -> (Client, mpsc::UnboundedReceiver<ProgressNotificationParam>) {
     let (progress, progressed) = mpsc::unbounded_channel();
+    let client = connect(it, token, query, stateless, Watching { progress }).await;
+    (client, progressed)
+}
+
+/// `handler` as an MCP client of `/mcp{query}`, signed in with `token`, in either era.
+async fn connect<H: ClientHandler>(
+    it: &Invoking,
+    token: &str,
+    query: &str,
+    stateless: bool,
+    handler: H,
+) -> RunningService<RoleClient, H> {
     let transport = StreamableHttpClientTransport::with_client(
         it.setup.app.client.clone(),
         StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp{query}", it.setup.app.url))
             .auth_header(token.to_owned()),
     );
-    let handler = Watching { progress };
-    let client = if stateless {
+    if stateless {
         handler
             .serve_with_lifecycle(
                 transport,
@@ -82,8 +93,7 @@ async fn client(
     } else {
         handler.serve(transport).await
     }
-    .expect("an MCP client of /mcp");
-    (client, progressed)
+    .expect("an MCP client of /mcp")
 }
 
 fn call(it: &Invoking, tool: &str, arguments: Value) -> CallToolRequestParams {
@@ -424,24 +434,12 @@ async fn prompting_client(it: &Invoking, token: &str, query: &str) -> PromptingC
     let (asked, prompts) = mpsc::unbounded_channel();
     let (progress, progressed) = mpsc::unbounded_channel();
     let answers = Arc::new(Mutex::new(VecDeque::new()));
-    let transport = StreamableHttpClientTransport::with_client(
-        it.setup.app.client.clone(),
-        StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp{query}", it.setup.app.url))
-            .auth_header(token.to_owned()),
-    );
-    let mcp = Prompting {
+    let prompting = Prompting {
         asked,
         answers: answers.clone(),
         progress,
-    }
-    .serve_with_lifecycle(
-        transport,
-        ClientLifecycleMode::Discover {
-            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
-        },
-    )
-    .await
-    .expect("an MCP client of /mcp");
+    };
+    let mcp = connect(it, token, query, true, prompting).await;
     PromptingClient {
         mcp,
         prompts,
