@@ -64,10 +64,10 @@ use rmcp::{
     model::{
         CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ElicitRequest,
         ElicitRequestParams, ElicitResult, ElicitationAction, ElicitationSchema, EnumSchema,
-        Implementation, InputRequest, InputRequests, InputRequiredResult, ListToolsResult,
-        MetaObject, PaginatedRequestParams, ProgressNotificationParam, ProtocolVersion,
-        ServerCapabilities, ServerConfig, ServerNotification, SubscriptionFilter, Tool,
-        ToolAnnotations, ToolListChangedNotification,
+        Implementation, InputRequest, InputRequests, InputRequiredResult, InputResponses,
+        ListToolsResult, MetaObject, PaginatedRequestParams, ProgressNotificationParam,
+        ProtocolVersion, ServerCapabilities, ServerConfig, ServerNotification, SubscriptionFilter,
+        Tool, ToolAnnotations, ToolListChangedNotification,
     },
     service::{RequestContext, SubscriptionContext},
     transport::{
@@ -351,15 +351,9 @@ impl ServerHandler for McpFront {
             None => invocation_id(&request, &context)?,
         };
         // Only the user decides their approvals: never an orchestrator acting for them.
-        let prompts = state.settings.mcp_approval_prompts
-            && acting.caller == acting.user
-            && shows_forms(&context);
-        let answered = if prompts {
-            prompt_answer(&request)
-        } else {
-            None
-        };
+        let may_prompt = state.settings.mcp_approval_prompts && acting.caller == acting.user;
         let conversation_id = meta_text(&request, &context, CONVERSATION_ID_META)?;
+        let input_responses = request.input_responses;
         let tool = request.name.into_owned();
         let invoke = InvokeRequest {
             invocation_id: id.clone(),
@@ -375,8 +369,9 @@ impl ServerHandler for McpFront {
                 .invoke(&acting.context, invoke)
                 .await
                 .map_err(mcp_error)?;
-            if report.outcome == Outcome::AwaitingApproval && prompts {
-                match answered {
+            // (What the client can show and answered is read only for a call that waits.)
+            if report.outcome == Outcome::AwaitingApproval && may_prompt && shows_forms(&context) {
+                match prompt_answer(input_responses.as_ref()) {
                     None => {
                         if let Some(pending) = prompt_for(&state, &acting.user, &id).await {
                             return Ok(Answer::AskTheUser(pending));
@@ -554,8 +549,8 @@ struct PromptAnswer {
 /// carries a readable one: approve, deny (with the user's reason), either of them from now
 /// on; decline (a denial); cancel (the user wants no call: withdrawn). An accepted form
 /// without a decision asks again.
-fn prompt_answer(request: &CallToolRequestParams) -> Option<PromptAnswer> {
-    let answer = request.input_responses.as_ref()?.get(APPROVAL_PROMPT)?;
+fn prompt_answer(input_responses: Option<&InputResponses>) -> Option<PromptAnswer> {
+    let answer = input_responses?.get(APPROVAL_PROMPT)?;
     let answer: ElicitResult = serde_json::from_value(answer.clone()).ok()?;
     let once = |decision| {
         Some(PromptAnswer {
