@@ -95,8 +95,9 @@ pub struct AppInner {
     pub connections: connection::ConnectionService,
     /// The invoker service: the orchestrator's tools, invocations and the users' approvals.
     pub invoker: invoker::Invoker,
-    /// The permission table by path: each method the path serves, with its access.
-    routes: HashMap<&'static str, Vec<(Method, Access)>>,
+    /// The permission table by path: each method the path serves, with its access and the
+    /// resource it belongs to.
+    routes: HashMap<&'static str, Vec<(Method, Access, Resource)>>,
     /// The live-update streams open, by user (MCP subscriptions count too).
     stream_slots: Arc<routes::stream::StreamSlots>,
     /// The MCP endpoint (`/mcp`): the callers' tools as one MCP server.
@@ -136,12 +137,13 @@ pub struct AppParts {
 
 impl AppState {
     pub fn new(parts: AppParts) -> Self {
-        let mut routes: HashMap<&'static str, Vec<(Method, Access)>> = HashMap::new();
+        let mut routes: HashMap<&'static str, Vec<(Method, Access, Resource)>> = HashMap::new();
         for route in routes::table() {
-            routes
-                .entry(route.path)
-                .or_default()
-                .push((route.method, route.access));
+            routes.entry(route.path).or_default().push((
+                route.method,
+                route.access,
+                route.resource,
+            ));
         }
         let public_url = parts.settings.public_url.trim_end_matches('/').to_owned();
         let oauth = catalog::OAuthClientSettings {
@@ -215,7 +217,11 @@ impl AppState {
     /// know, `Ok(None)` for a method it does not declare on a path it knows. A HEAD request
     /// is a GET without the body (axum answers it with the GET handler), so it needs what
     /// the GET needs.
-    pub(crate) fn access(&self, method: &Method, path: &str) -> Result<Option<Access>, ()> {
+    pub(crate) fn access(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> Result<Option<(Access, Resource)>, ()> {
         let method = if method == Method::HEAD {
             &Method::GET
         } else {
@@ -226,8 +232,8 @@ impl AppState {
             .get(path)
             .ok_or(())?
             .iter()
-            .find(|(declared, _)| declared == method)
-            .map(|(_, access)| *access))
+            .find(|(declared, _, _)| declared == method)
+            .map(|(_, access, resource)| (*access, *resource)))
     }
 
     /// The context of a command a signed-in user sends in the request being answered.

@@ -182,10 +182,10 @@ pub(crate) async fn authorize(
                 ))
             })?,
     };
-    let required = match access {
-        None | Some(Access::Public) => return Ok(next.run(request).await),
-        Some(Access::SignedIn) => &[][..],
-        Some(Access::AnyOf(permissions)) => permissions,
+    let (required, resource) = match access {
+        None | Some((Access::Public, _)) => return Ok(next.run(request).await),
+        Some((Access::SignedIn, resource)) => (&[][..], resource),
+        Some((Access::AnyOf(permissions), resource)) => (permissions, resource),
     };
     let authorization = request
         .headers()
@@ -196,11 +196,6 @@ pub(crate) async fn authorize(
                 .map_err(|_| ApiError::unauthenticated("the Authorization header is not ASCII"))
         })
         .transpose()?;
-    let resource = if request.uri().path() == crate::routes::mcp::PATH {
-        Resource::McpEndpoint
-    } else {
-        Resource::Api
-    };
     let caller = match state.auth.authenticate_for(resource, authorization) {
         Ok(caller) => caller,
         // An MCP client learns from the challenge where to find how to sign in.

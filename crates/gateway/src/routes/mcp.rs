@@ -84,10 +84,13 @@ use super::{
     invocations::{UserQuery, decide_as_user, settle_invocations, user_for},
     stream::{next_tool_list_change, token_ends, too_many_streams},
 };
-use crate::{Access, ApiError, ApiQuery, AppInner, AppState, Caller, Permission, RouteSpec};
+use crate::{
+    Access, ApiError, ApiQuery, AppInner, AppState, Caller, Permission, Resource, RouteSpec,
+};
 
 pub const ROUTES: &[RouteSpec] = &[
-    RouteSpec::new(
+    RouteSpec::of(
+        Resource::McpEndpoint,
         Method::POST,
         PATH,
         Access::AnyOf(&[Permission::ViewAndConnect, Permission::InvokeForUsers]),

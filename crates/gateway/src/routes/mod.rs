@@ -29,20 +29,35 @@ pub enum Access {
     AnyOf(&'static [Permission]),
 }
 
-/// One route: method, path (axum syntax, as `MatchedPath` reports it) and access.
+/// One route: method, path (axum syntax, as `MatchedPath` reports it), access, and the
+/// protected resource it belongs to (which tokens open it, and how a refusal says where to
+/// sign in).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {
     pub method: Method,
     pub path: &'static str,
     pub access: Access,
+    pub resource: crate::Resource,
 }
 
 impl RouteSpec {
+    /// A route of the API.
     pub const fn new(method: Method, path: &'static str, access: Access) -> Self {
+        Self::of(crate::Resource::Api, method, path, access)
+    }
+
+    /// A route of `resource`.
+    pub const fn of(
+        resource: crate::Resource,
+        method: Method,
+        path: &'static str,
+        access: Access,
+    ) -> Self {
         RouteSpec {
             method,
             path,
             access,
+            resource,
         }
     }
 }
